@@ -1,0 +1,296 @@
+//! The first exchange on every connection: who is speaking, which protocol
+//! version, and whether they may talk to us.
+//!
+//! A handshake frame's payload is `MAGIC`, the sender's protocol version
+//! (u16, big-endian), then the encoded body. The version comes before the
+//! body so a peer of another version is told so plainly rather than failing
+//! to decode a body whose layout it does not know.
+
+use crate::PROTOCOL_VERSION;
+use crate::codec::{self, CodecError};
+use crate::frame::FrameError;
+use crate::io::Connection;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// First bytes of every handshake: tells our peers from anything else that
+/// connects to the port (a port scanner, an HTTP client, a wrong service).
+pub const MAGIC: [u8; 4] = *b"CSMO";
+/// Bytes before the body: magic and version.
+const HEADER_BYTES: usize = MAGIC.len() + 2;
+/// Default bound on the whole handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Longest node id accepted.
+pub const MAX_NODE_ID_BYTES: usize = 253;
+
+/// Which side of the protocol a peer plays.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// A GPU host's agent.
+    Agent,
+    /// The controller.
+    Controller,
+}
+
+/// A shared secret. Its `Debug` form hides the value so it never reaches a log.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token(pub String);
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl Token {
+    /// Compares in time independent of where the values differ, so the
+    /// comparison does not leak the token to a peer timing its refusals.
+    pub fn matches(&self, other: &Token) -> bool {
+        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
+        let mut diff = a.len() ^ b.len();
+        for i in 0..a.len().max(b.len()) {
+            let x = a.get(i).copied().unwrap_or(0);
+            let y = b.get(i).copied().unwrap_or(0);
+            diff |= usize::from(x ^ y);
+        }
+        diff == 0
+    }
+}
+
+/// The connecting side's opening message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// What the sender is.
+    pub role: Role,
+    /// The sender's name (an agent's host name).
+    pub node_id: String,
+    /// Shared token; may be empty where the transport authenticates (SSH).
+    pub token: Token,
+}
+
+/// The accepting side's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    /// Go ahead.
+    Accepted {
+        /// The accepting side's name.
+        node_id: String,
+    },
+    /// Closed after this reply.
+    Refused(Refusal),
+}
+
+/// Why a handshake was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    /// The two sides speak different protocol versions.
+    #[error(
+        "protocol version mismatch: controller speaks v{controller}, agent speaks v{agent}; run the same cosmos release on both"
+    )]
+    VersionMismatch {
+        /// The controller's version.
+        controller: u16,
+        /// The agent's version.
+        agent: u16,
+    },
+    /// The token does not match.
+    #[error(
+        "token refused: the agent's token file does not match the controller's agent token (see the controller's data directory)"
+    )]
+    BadToken,
+    /// The peer is not of the role expected on this port.
+    #[error("expected a {expected:?} on this port, got a {got:?}")]
+    WrongRole {
+        /// The role this port serves.
+        expected: Role,
+        /// The role that connected.
+        got: Role,
+    },
+    /// The node id is empty, too long or not printable.
+    #[error("node id `{0}` is not acceptable: use 1 to 253 printable characters without spaces")]
+    BadNodeId(String),
+    /// Any other reason, in words.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The handshake did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The peer does not speak this protocol at all.
+    #[error("peer does not speak the cosmos protocol (bad magic bytes); is this the controller's agent port?")]
+    BadMagic,
+    /// The peer speaks another version.
+    #[error("peer speaks protocol v{theirs}, this build speaks v{ours}; run the same cosmos release on both")]
+    VersionMismatch {
+        /// Our version.
+        ours: u16,
+        /// Theirs.
+        theirs: u16,
+    },
+    /// The handshake frame was shorter than its header.
+    #[error("handshake truncated: {len} bytes, need at least {HEADER_BYTES}")]
+    Truncated {
+        /// Bytes received.
+        len: usize,
+    },
+    /// The other side refused us.
+    #[error("refused by peer: {0}")]
+    Refused(Refusal),
+    /// We refused the other side (and told it why).
+    #[error("refused peer: {0}")]
+    RefusedPeer(Refusal),
+    /// The body did not decode.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// Framing or transport failed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The peer closed before the handshake finished.
+    #[error("peer closed the connection during the handshake")]
+    Closed,
+    /// The handshake took longer than allowed.
+    #[error("handshake timed out after {timeout_ms} ms")]
+    Timeout {
+        /// The bound in force.
+        timeout_ms: u64,
+    },
+}
+
+impl HandshakeError {
+    /// Whether trying again later may succeed without someone changing a configuration.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            HandshakeError::Frame(e) => e.is_retryable(),
+            HandshakeError::Closed | HandshakeError::Timeout { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Encodes a handshake payload: magic, our version, body.
+pub fn encode_payload<T: Serialize>(body: &T) -> Result<Vec<u8>, CodecError> {
+    encode_payload_with_version(body, PROTOCOL_VERSION)
+}
+
+/// Like [`encode_payload`] with a chosen version, to test how a peer of another release is treated.
+pub fn encode_payload_with_version<T: Serialize>(body: &T, version: u16) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&version.to_be_bytes());
+    codec::encode_into(body, &mut out)?;
+    Ok(out)
+}
+
+/// Checks magic and version, then decodes the body.
+pub fn decode_payload<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, HandshakeError> {
+    if payload.len() < HEADER_BYTES {
+        return Err(if payload.len() >= MAGIC.len() && payload[..MAGIC.len()] != MAGIC {
+            HandshakeError::BadMagic
+        } else {
+            HandshakeError::Truncated { len: payload.len() }
+        });
+    }
+    if payload[..MAGIC.len()] != MAGIC {
+        return Err(HandshakeError::BadMagic);
+    }
+    let theirs = u16::from_be_bytes([payload[4], payload[5]]);
+    if theirs != PROTOCOL_VERSION {
+        return Err(HandshakeError::VersionMismatch { ours: PROTOCOL_VERSION, theirs });
+    }
+    Ok(codec::decode(&payload[HEADER_BYTES..])?)
+}
+
+/// The accepting side's decision on a hello, with no I/O.
+pub fn check_hello(hello: &Hello, expected_role: Role, expected_token: &Token) -> Result<(), Refusal> {
+    if hello.role != expected_role {
+        return Err(Refusal::WrongRole { expected: expected_role, got: hello.role });
+    }
+    let id = &hello.node_id;
+    if id.is_empty() || id.len() > MAX_NODE_ID_BYTES || !id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(Refusal::BadNodeId(id.chars().take(64).collect()));
+    }
+    if !expected_token.matches(&hello.token) {
+        return Err(Refusal::BadToken);
+    }
+    Ok(())
+}
+
+/// Runs the connecting side: sends `hello`, returns the peer's node id once accepted.
+pub async fn connect<T: AsyncRead + AsyncWrite>(
+    conn: &mut Connection<T>,
+    hello: &Hello,
+    timeout_ms: u64,
+) -> Result<String, HandshakeError> {
+    with_timeout(timeout_ms, async {
+        conn.writer.write_frame(&encode_payload(hello)?).await?;
+        let payload = read_handshake_frame(conn).await?;
+        match decode_payload::<HelloReply>(&payload)? {
+            HelloReply::Accepted { node_id } => Ok(node_id),
+            HelloReply::Refused(refusal) => Err(HandshakeError::Refused(refusal)),
+        }
+    })
+    .await
+}
+
+/// Runs the accepting side: reads a hello, answers it, returns it once accepted.
+///
+/// A refused peer is told why before the error is returned, including a peer
+/// of another version (the reply's header carries our version, which that
+/// peer can read whatever its body layout).
+pub async fn accept<T: AsyncRead + AsyncWrite>(
+    conn: &mut Connection<T>,
+    our_node_id: &str,
+    expected_role: Role,
+    expected_token: &Token,
+    timeout_ms: u64,
+) -> Result<Hello, HandshakeError> {
+    with_timeout(timeout_ms, async {
+        let payload = read_handshake_frame(conn).await?;
+        let refusal = match decode_payload::<Hello>(&payload) {
+            Ok(hello) => match check_hello(&hello, expected_role, expected_token) {
+                Ok(()) => {
+                    let reply = HelloReply::Accepted { node_id: our_node_id.to_string() };
+                    conn.writer.write_frame(&encode_payload(&reply)?).await?;
+                    return Ok(hello);
+                }
+                Err(refusal) => refusal,
+            },
+            Err(HandshakeError::VersionMismatch { ours, theirs }) => {
+                // The roles are fixed by who accepts: the controller accepts agents.
+                let (controller, agent) = if expected_role == Role::Agent { (ours, theirs) } else { (theirs, ours) };
+                Refusal::VersionMismatch { controller, agent }
+            }
+            Err(other) => return Err(other),
+        };
+        let reply = HelloReply::Refused(refusal.clone());
+        // Best effort: the peer may already be gone, and we refuse it either way.
+        let _ = conn.writer.write_frame(&encode_payload(&reply)?).await;
+        Err(HandshakeError::RefusedPeer(refusal))
+    })
+    .await
+}
+
+/// A first frame too large to be a hello means the peer speaks something
+/// else (an HTTP request's `GET ` reads as a 1.2 GB length).
+async fn read_handshake_frame<T: AsyncRead + AsyncWrite>(
+    conn: &mut Connection<T>,
+) -> Result<bytes::Bytes, HandshakeError> {
+    match conn.reader.read_frame().await {
+        Ok(Some(payload)) => Ok(payload),
+        Ok(None) => Err(HandshakeError::Closed),
+        Err(FrameError::Oversized { .. }) => Err(HandshakeError::BadMagic),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn with_timeout<T>(
+    timeout_ms: u64,
+    fut: impl Future<Output = Result<T, HandshakeError>>,
+) -> Result<T, HandshakeError> {
+    tokio::time::timeout(Duration::from_millis(timeout_ms), fut)
+        .await
+        .unwrap_or(Err(HandshakeError::Timeout { timeout_ms }))
+}

@@ -1,0 +1,29 @@
+//! Wire protocol between the Cosmos controller and its agents.
+//!
+//! The crate is split so that protocol logic does no I/O (in the manner of
+//! quinn-proto): [`frame`] turns bytes into frames, [`codec`] turns frames into
+//! messages, [`handshake`] decides whether a peer may talk to us. Only [`io`]
+//! touches a transport, and it works over any `AsyncRead + AsyncWrite`, so the
+//! same code serves in-memory pipes, TCP and SSH channels.
+
+pub mod codec;
+pub mod frame;
+pub mod handshake;
+pub mod ids;
+pub mod io;
+pub mod msg;
+pub mod spec;
+
+pub use codec::CodecError;
+pub use frame::{FrameDecoder, FrameError};
+pub use handshake::{HandshakeError, Hello, HelloReply, Refusal, Role, Token};
+pub use ids::{AttemptId, Epoch, JobId, Sha256};
+pub use io::{Connection, FrameReader, FrameWriter, RecvError, SendError};
+pub use msg::*;
+pub use spec::{JobSpec, SpecError};
+
+/// Version of the protocol this build speaks; peers must match exactly.
+///
+/// Bump it on any change to a message's encoding: bincode is not
+/// self-describing, so there is no partial compatibility to rely on.
+pub const PROTOCOL_VERSION: u16 = 1;

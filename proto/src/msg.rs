@@ -1,0 +1,288 @@
+//! Messages exchanged after the handshake.
+//!
+//! Timestamps never cross the wire: hosts' clocks drift apart, so no
+//! correctness decision may compare times taken on two machines. Durations
+//! (`*_ms`) measured on one host are fine.
+
+use crate::ids::{AttemptId, Epoch, JobId};
+use crate::spec::{ArtifactRef, JobSpec};
+use serde::{Deserialize, Serialize};
+
+/// Largest log chunk an agent sends; longer output is split.
+pub const MAX_LOG_CHUNK_BYTES: usize = 64 * 1024;
+
+/// What an agent says to the controller.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum AgentMsg {
+    /// First message after the handshake: inventory and what is running.
+    Hello(AgentHello),
+    /// Periodic liveness and usage report.
+    Heartbeat(Heartbeat),
+    /// The attempt's container or process is running.
+    AttemptStarted {
+        /// Which attempt.
+        attempt_id: AttemptId,
+        /// Runtime-specific handle (container id, process group id).
+        handle: String,
+    },
+    /// Progress of an attempt, from tqdm-style `n/m` output.
+    Progress {
+        /// Which attempt.
+        attempt_id: AttemptId,
+        /// Steps done.
+        step: u32,
+        /// Steps in all.
+        total: u32,
+    },
+    /// A piece of an attempt's output.
+    LogChunk(LogChunk),
+    /// The attempt ended. Resent after reconnects until acknowledged.
+    AttemptFinished {
+        /// Which attempt.
+        attempt_id: AttemptId,
+        /// How it ended.
+        outcome: AttemptOutcome,
+    },
+    /// A GPU misbehaves and should get no new work.
+    GpuFault {
+        /// Which GPU.
+        gpu_uuid: String,
+        /// What is wrong.
+        fault: GpuFault,
+    },
+    /// A GPU reported faulty is healthy again.
+    GpuRecovered {
+        /// Which GPU.
+        gpu_uuid: String,
+    },
+}
+
+/// What the controller says to an agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ControllerMsg {
+    /// Answer to [`AgentMsg::Hello`].
+    Welcome {
+        /// The controller's current epoch; older ones must be refused from now on.
+        epoch: Epoch,
+        /// How often the agent should send heartbeats.
+        heartbeat_interval_ms: u64,
+    },
+    /// Run an attempt.
+    Assign(Box<Assign>),
+    /// Stop an attempt: graceful signal, then kill after `grace_ms`.
+    Cancel {
+        /// Which attempt.
+        attempt_id: AttemptId,
+        /// Time between the graceful stop and the kill.
+        grace_ms: u64,
+    },
+    /// The host is (or no longer is) draining: it gets no new work.
+    Drain {
+        /// True while draining.
+        draining: bool,
+    },
+    /// After a (re)connection: keep these attempts, stop every other one.
+    Reconcile {
+        /// The epoch this decision was made in.
+        epoch: Epoch,
+        /// Attempts the controller still considers live on this agent.
+        keep: Vec<AttemptId>,
+    },
+    /// These finished attempts are durably recorded; the agent may forget them.
+    AckFinished {
+        /// Which attempts.
+        attempt_ids: Vec<AttemptId>,
+    },
+    /// Answer to a heartbeat, so the agent can tell a dead link from a quiet one.
+    HeartbeatAck {
+        /// The heartbeat's sequence number.
+        seq: u64,
+    },
+}
+
+/// An order to run one attempt.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Assign {
+    /// Epoch of the controller that made the decision.
+    pub epoch: Epoch,
+    /// The attempt to run.
+    pub attempt_id: AttemptId,
+    /// The job it belongs to.
+    pub job_id: JobId,
+    /// What to run.
+    pub spec: JobSpec,
+    /// Exactly the GPUs to use.
+    pub gpu_uuids: Vec<String>,
+    /// W3C trace context, so the agent's spans join the job's trace.
+    pub trace: TraceContext,
+}
+
+/// W3C trace-context headers carried across the wire.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// `traceparent` header value; empty when not traced.
+    pub traceparent: String,
+    /// `tracestate` header value.
+    pub tracestate: String,
+}
+
+/// An agent's inventory and state, sent once per connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentHello {
+    /// GPUs on this host.
+    pub gpus: Vec<GpuInfo>,
+    /// True when the GPUs are simulated rather than read through NVML.
+    pub gpus_simulated: bool,
+    /// Name of the container runtime (`docker`, `process`, `simulated`).
+    pub runtime: String,
+    /// Attempts the agent is running or has finished without acknowledgement.
+    pub attempts: Vec<AttemptReport>,
+    /// Changes at every agent process start, so the controller can tell a
+    /// reconnect from a restart.
+    pub incarnation: u64,
+}
+
+/// A GPU as discovered on the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    /// Index as the driver numbers it.
+    pub index: u32,
+    /// Stable identity (`GPU-…`).
+    pub uuid: String,
+    /// Marketing name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub name: String,
+    /// Total memory.
+    pub total_vram_bytes: u64,
+}
+
+/// Periodic report of a host's live state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Increments with every heartbeat on a connection.
+    pub seq: u64,
+    /// Usage of every GPU.
+    pub gpus: Vec<GpuUsage>,
+    /// State of every attempt the agent knows.
+    pub attempts: Vec<AttemptReport>,
+}
+
+/// Live usage of one GPU.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuUsage {
+    /// Which GPU.
+    pub uuid: String,
+    /// Memory in use, by anyone.
+    pub used_vram_bytes: u64,
+    /// Memory free, by the driver's account.
+    pub free_vram_bytes: u64,
+    /// Part of `used_vram_bytes` held by processes the orchestrator did not start.
+    pub foreign_vram_bytes: u64,
+    /// Utilisation in percent, when known.
+    pub utilization_pct: Option<u8>,
+    /// Temperature in degrees Celsius, when known.
+    pub temperature_c: Option<i16>,
+    /// False while the GPU is faulty and must get no work.
+    pub healthy: bool,
+}
+
+/// What an agent knows of one attempt.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttemptReport {
+    /// Which attempt.
+    pub attempt_id: AttemptId,
+    /// Where it stands.
+    pub phase: AttemptPhase,
+    /// GPUs it holds.
+    pub gpu_uuids: Vec<String>,
+}
+
+/// Where an attempt stands on its agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum AttemptPhase {
+    /// Accepted, staging inputs or starting.
+    Starting,
+    /// Running, with progress when known.
+    Running {
+        /// Steps done.
+        step: u32,
+        /// Steps in all; zero when unknown.
+        total: u32,
+    },
+    /// Being stopped.
+    Stopping,
+    /// Ended; not yet acknowledged by the controller.
+    Finished(AttemptOutcome),
+}
+
+/// How an attempt ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum AttemptOutcome {
+    /// Exit code 0 and every required output present.
+    Succeeded {
+        /// What it produced.
+        outputs: Vec<ArtifactRef>,
+    },
+    /// It ran and failed.
+    Failed {
+        /// Exit code, when it exited rather than being killed.
+        exit_code: Option<i32>,
+        /// What happened, in words a user understands.
+        reason: String,
+        /// Whether another attempt could succeed (OOM, lost device) or not (bad arguments).
+        retryable: bool,
+    },
+    /// It was stopped on the controller's order.
+    Cancelled,
+    /// The agent refused the assign (stale epoch, GPU busy or unknown); it never ran.
+    Rejected {
+        /// Why, in words.
+        reason: String,
+    },
+    /// The agent lost track of it (e.g. the container vanished).
+    Lost {
+        /// What is known.
+        reason: String,
+    },
+}
+
+/// Which output stream a log chunk comes from.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A piece of an attempt's output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChunk {
+    /// Which attempt.
+    pub attempt_id: AttemptId,
+    /// Which stream.
+    pub stream: LogStream,
+    /// Byte offset of this chunk within its stream, so resends are harmless.
+    pub offset: u64,
+    /// The bytes, at most [`MAX_LOG_CHUNK_BYTES`].
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// What is wrong with a GPU.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GpuFault {
+    /// After an attempt ended, memory did not return to its baseline in time.
+    VramNotReleased {
+        /// The attempt that last used the GPU.
+        attempt_id: AttemptId,
+        /// Memory used before the attempt started.
+        baseline_bytes: u64,
+        /// Memory still used when the bound ran out.
+        held_bytes: u64,
+    },
+    /// The driver reports an error (XID, ECC, fallen off the bus).
+    Hardware {
+        /// The driver's words.
+        detail: String,
+    },
+}

@@ -1,0 +1,353 @@
+//! The generic job spec every job compiles into, and its validation.
+//!
+//! A spec is what the controller schedules and what an agent runs. It names
+//! no host paths: mounts refer to volumes the agent's own configuration maps
+//! to directories, and artifact paths are relative to the attempt's work
+//! directory, so a spec cannot reach outside the roots an operator allowed.
+
+use crate::ids::Sha256;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Longest job name accepted.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Most argv entries in a command.
+pub const MAX_COMMAND_ARGS: usize = 4096;
+/// Most bytes in all of argv together.
+pub const MAX_COMMAND_BYTES: usize = 256 * 1024;
+/// Most environment variables.
+pub const MAX_ENV_VARS: usize = 1024;
+/// Most bytes in one environment value.
+pub const MAX_ENV_VALUE_BYTES: usize = 64 * 1024;
+/// Most mounts, inputs, outputs or labels (each).
+pub const MAX_LIST_ITEMS: usize = 1024;
+/// Longest relative path in a mount target or artifact.
+pub const MAX_PATH_BYTES: usize = 1024;
+/// Most GPUs one job may ask for (one host).
+pub const MAX_GPUS: u32 = 64;
+/// Most attempts a job may be given.
+pub const MAX_ATTEMPTS: u32 = 100;
+/// Longest timeout: one week.
+pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Default timeout when a submission names none: one day.
+pub const DEFAULT_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+/// Default attempts when a submission names none.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// Everything needed to run one job anywhere in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Human name, shown in listings; need not be unique.
+    pub name: String,
+    /// Container image to run the command in; `None` runs the command directly
+    /// (the process runtime).
+    pub image: Option<String>,
+    /// Program and arguments, passed as argv, never through a shell.
+    pub command: Vec<String>,
+    /// Extra environment; the agent adds `CUDA_VISIBLE_DEVICES` itself.
+    pub env: BTreeMap<String, String>,
+    /// Volumes from the agent's configuration to mount into the container.
+    pub mounts: Vec<Mount>,
+    /// Content-addressed files placed in the work directory before start.
+    pub inputs: Vec<InputArtifact>,
+    /// Files collected from the work directory after a successful exit.
+    pub outputs: Vec<OutputArtifact>,
+    /// GPUs needed, all on one host.
+    pub gpus: u32,
+    /// Free VRAM each of those GPUs must have before the job is placed.
+    pub min_free_vram_bytes: u64,
+    /// Wall time one attempt may run before it is stopped and counted failed.
+    pub timeout_ms: u64,
+    /// Attempts in all, the first included (retry budget + 1).
+    pub max_attempts: u32,
+    /// Higher runs first; ties go by submission order.
+    pub priority: i32,
+    /// Shared-memory size for the container (`/dev/shm`); `None` keeps the runtime's default.
+    pub shm_bytes: Option<u64>,
+    /// Share the host's IPC namespace (what `--ipc=host` does), as NCCL often wants.
+    pub ipc_host: bool,
+    /// Free-form labels, carried to the container and shown in listings.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl JobSpec {
+    /// A spec that runs `command` with defaults for everything else.
+    pub fn command<I, S>(name: &str, command: I) -> JobSpec
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        JobSpec {
+            name: name.to_string(),
+            image: None,
+            command: command.into_iter().map(Into::into).collect(),
+            env: BTreeMap::new(),
+            mounts: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            gpus: 1,
+            min_free_vram_bytes: 0,
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            priority: 0,
+            shm_bytes: None,
+            ipc_host: false,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// Checks every limit and confinement rule; the error names the field and the fix.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_len("name", &self.name, MAX_NAME_BYTES)?;
+        if let Some(image) = &self.image {
+            if image.is_empty() || image.len() > MAX_NAME_BYTES || image.contains(char::is_whitespace) {
+                return Err(SpecError::new("image", "must be a non-empty image reference without spaces"));
+            }
+        }
+        if self.command.is_empty() || self.command[0].is_empty() {
+            return Err(SpecError::new("command", "must name a program: give at least one non-empty argv entry"));
+        }
+        if self.command.len() > MAX_COMMAND_ARGS {
+            return Err(SpecError::new(
+                "command",
+                format!("has {} entries; at most {MAX_COMMAND_ARGS} are allowed", self.command.len()),
+            ));
+        }
+        let argv_bytes: usize = self.command.iter().map(String::len).sum();
+        if argv_bytes > MAX_COMMAND_BYTES {
+            return Err(SpecError::new(
+                "command",
+                format!(
+                    "is {argv_bytes} bytes; at most {MAX_COMMAND_BYTES} are allowed (pass large data as an input artifact)"
+                ),
+            ));
+        }
+        if self.command.iter().any(|a| a.contains('\0')) {
+            return Err(SpecError::new("command", "contains a NUL byte"));
+        }
+        if self.env.len() > MAX_ENV_VARS {
+            return Err(SpecError::new("env", format!("has {} variables; at most {MAX_ENV_VARS}", self.env.len())));
+        }
+        for (key, value) in &self.env {
+            let valid_key = !key.is_empty()
+                && !key.starts_with(|c: char| c.is_ascii_digit())
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid_key {
+                return Err(SpecError::new(
+                    "env",
+                    format!(
+                        "key `{key}` is not a valid variable name (letters, digits, `_`, not starting with a digit)"
+                    ),
+                ));
+            }
+            if key == "CUDA_VISIBLE_DEVICES" || key == "NVIDIA_VISIBLE_DEVICES" {
+                return Err(SpecError::new(
+                    "env",
+                    format!("`{key}` is set by the agent from the GPUs it assigns; remove it and use `gpus`"),
+                ));
+            }
+            if value.len() > MAX_ENV_VALUE_BYTES || value.contains('\0') {
+                return Err(SpecError::new(
+                    "env",
+                    format!("value of `{key}` is over {MAX_ENV_VALUE_BYTES} bytes or contains NUL"),
+                ));
+            }
+        }
+        check_count("mounts", self.mounts.len())?;
+        for mount in &self.mounts {
+            if mount.volume.is_empty()
+                || !mount.volume.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(SpecError::new(
+                    "mounts",
+                    format!(
+                        "volume `{}` must be the name of a volume in the agent's configuration ([A-Za-z0-9_-])",
+                        mount.volume
+                    ),
+                ));
+            }
+            if !mount.target.starts_with('/')
+                || mount.target.split('/').any(|p| p == "..")
+                || mount.target.len() > MAX_PATH_BYTES
+            {
+                return Err(SpecError::new(
+                    "mounts",
+                    format!("target `{}` must be an absolute container path without `..`", mount.target),
+                ));
+            }
+        }
+        check_count("inputs", self.inputs.len())?;
+        for input in &self.inputs {
+            check_relative_path("inputs", &input.path)?;
+        }
+        check_count("outputs", self.outputs.len())?;
+        for output in &self.outputs {
+            check_relative_path("outputs", &output.path)?;
+        }
+        if self.gpus > MAX_GPUS {
+            return Err(SpecError::new(
+                "gpus",
+                format!("is {}; one job runs on one host, at most {MAX_GPUS} GPUs", self.gpus),
+            ));
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT_MS {
+            return Err(SpecError::new("timeout", format!("must be between 1 ms and {} s", MAX_TIMEOUT_MS / 1000)));
+        }
+        if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS {
+            return Err(SpecError::new("max_attempts", format!("must be between 1 and {MAX_ATTEMPTS}")));
+        }
+        check_count("labels", self.labels.len())?;
+        for (key, value) in &self.labels {
+            check_len("labels", key, MAX_NAME_BYTES)?;
+            check_len("labels", value, MAX_PATH_BYTES)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), SpecError> {
+    if value.len() > max {
+        return Err(SpecError::new(field, format!("is {} bytes; at most {max} are allowed", value.len())));
+    }
+    Ok(())
+}
+
+fn check_count(field: &'static str, count: usize) -> Result<(), SpecError> {
+    if count > MAX_LIST_ITEMS {
+        return Err(SpecError::new(field, format!("has {count} entries; at most {MAX_LIST_ITEMS} are allowed")));
+    }
+    Ok(())
+}
+
+/// Artifact paths live inside the attempt's work directory: relative, no `..`.
+fn check_relative_path(field: &'static str, path: &str) -> Result<(), SpecError> {
+    let confined = !path.is_empty()
+        && !path.starts_with('/')
+        && path.len() <= MAX_PATH_BYTES
+        && !path.contains('\0')
+        && path.split('/').all(|p| !p.is_empty() && p != ".." && p != ".");
+    if !confined {
+        return Err(SpecError::new(
+            field,
+            format!("path `{path}` must be relative to the work directory, without `..`, `.` or empty parts"),
+        ));
+    }
+    Ok(())
+}
+
+/// A spec field broke a rule.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid job spec: `{field}` {problem}")]
+pub struct SpecError {
+    /// The offending field, as named in submissions.
+    pub field: &'static str,
+    /// What is wrong and how to fix it.
+    pub problem: String,
+}
+
+impl SpecError {
+    fn new(field: &'static str, problem: impl Into<String>) -> SpecError {
+        SpecError { field, problem: problem.into() }
+    }
+}
+
+/// A volume from the agent's configuration, mounted into the job's container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// Name of the volume in the agent's configuration (e.g. `checkpoints`).
+    pub volume: String,
+    /// Absolute path inside the container.
+    pub target: String,
+    /// Mount read-only.
+    pub read_only: bool,
+}
+
+/// A content-addressed input placed in the work directory before the job starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputArtifact {
+    /// Digest of the content; the agent verifies it before use.
+    pub sha256: Sha256,
+    /// Size, so the agent can reserve space and report progress.
+    pub size_bytes: u64,
+    /// Where to put it, relative to the work directory.
+    pub path: String,
+}
+
+/// A file the job is expected to produce, relative to the work directory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputArtifact {
+    /// Relative path of the file.
+    pub path: String,
+    /// A missing required output turns a zero exit into a failure.
+    pub required: bool,
+}
+
+/// A produced output, reported when an attempt succeeds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRef {
+    /// Relative path in the work directory.
+    pub path: String,
+    /// Digest of the content.
+    pub sha256: Sha256,
+    /// Size of the content.
+    pub size_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_command_spec_is_valid() {
+        assert_eq!(JobSpec::command("j", ["true"]).validate(), Ok(()));
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let base = JobSpec::command("j", ["true"]);
+        let cases: Vec<(&str, Box<dyn Fn(&mut JobSpec)>)> = vec![
+            ("command", Box::new(|s| s.command.clear())),
+            (
+                "env",
+                Box::new(|s| {
+                    s.env.insert("1BAD".into(), "x".into());
+                }),
+            ),
+            (
+                "env",
+                Box::new(|s| {
+                    s.env.insert("CUDA_VISIBLE_DEVICES".into(), "0".into());
+                }),
+            ),
+            (
+                "mounts",
+                Box::new(|s| s.mounts.push(Mount { volume: "../etc".into(), target: "/x".into(), read_only: true })),
+            ),
+            (
+                "mounts",
+                Box::new(|s| s.mounts.push(Mount { volume: "ckpt".into(), target: "/a/../b".into(), read_only: true })),
+            ),
+            (
+                "inputs",
+                Box::new(|s| {
+                    s.inputs.push(InputArtifact {
+                        sha256: Sha256([0; 32]),
+                        size_bytes: 1,
+                        path: "../../etc/passwd".into(),
+                    })
+                }),
+            ),
+            ("outputs", Box::new(|s| s.outputs.push(OutputArtifact { path: "/abs".into(), required: true }))),
+            ("gpus", Box::new(|s| s.gpus = MAX_GPUS + 1)),
+            ("timeout", Box::new(|s| s.timeout_ms = 0)),
+            ("max_attempts", Box::new(|s| s.max_attempts = 0)),
+            ("image", Box::new(|s| s.image = Some("has space".into()))),
+        ];
+        for (field, breaks) in cases {
+            let mut spec = base.clone();
+            breaks(&mut spec);
+            let err = spec.validate().expect_err(field);
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
+}
