@@ -1,1 +1,3 @@
-//! cosmos-agent
+//! The agent: runs attempts on a GPU host.
+
+pub mod core;

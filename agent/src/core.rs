@@ -1,0 +1,652 @@
+//! The agent's logic as a synchronous state machine with no I/O.
+//!
+//! The shell feeds in controller messages, runtime events (container started,
+//! exited), GPU samples from the monitor and clock ticks; the core answers with
+//! messages to send and containers to start or stop. `now_ms` is the agent's
+//! own clock and is never compared with the controller's.
+
+use cosmos_proto::spec::ArtifactRef;
+use cosmos_proto::{
+    AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, AttemptReport, ControllerMsg, Epoch,
+    GpuFault, GpuInfo, GpuUsage, Heartbeat, JobId, JobSpec, LogChunk, LogStream,
+};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Tunables, with units in their names.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Heartbeat period until the controller's welcome says otherwise.
+    pub heartbeat_interval_ms: u64,
+    /// No heartbeat acknowledged for this long: the link is dead, reconnect.
+    pub ack_timeout_ms: u64,
+    /// After an attempt ends, its GPUs must be back to baseline within this bound.
+    pub vram_release_bound_ms: u64,
+    /// Memory above baseline that still counts as released (driver noise).
+    pub vram_tolerance_bytes: u64,
+    /// Grace for attempts stopped by reconciliation or timeout.
+    pub stop_grace_ms: u64,
+    /// Extra wait after a grace period before a stop is forced again.
+    pub kill_slack_ms: u64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            heartbeat_interval_ms: 1_000,
+            ack_timeout_ms: 5_000,
+            vram_release_bound_ms: 30_000,
+            vram_tolerance_bytes: 256 << 20,
+            stop_grace_ms: 10_000,
+            kill_slack_ms: 5_000,
+        }
+    }
+}
+
+/// How a container or process ended, as the runtime saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code, when it exited rather than being killed.
+    pub code: Option<i32>,
+    /// Signal that killed it, when one did.
+    pub signal: Option<i32>,
+    /// The kernel's OOM killer ended it.
+    pub oom_killed: bool,
+}
+
+/// What the runtime tells the core.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RuntimeEvent {
+    /// The container runs.
+    Started {
+        /// Which attempt.
+        attempt_id: AttemptId,
+        /// Container id or process group.
+        handle: String,
+    },
+    /// The container could not be started.
+    StartFailed {
+        /// Which attempt.
+        attempt_id: AttemptId,
+        /// What went wrong and what to do.
+        reason: String,
+        /// Whether another try may work (daemon hiccup) or not (image missing).
+        retryable: bool,
+    },
+    /// Progress parsed from the output.
+    Progress {
+        /// Which attempt.
+        attempt_id: AttemptId,
+        /// Steps done.
+        step: u32,
+        /// Steps in all.
+        total: u32,
+    },
+    /// Output bytes.
+    Log {
+        /// Which attempt.
+        attempt_id: AttemptId,
+        /// Which stream.
+        stream: LogStream,
+        /// Offset in that stream.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// The container ended and was removed.
+    Exited {
+        /// Which attempt.
+        attempt_id: AttemptId,
+        /// How.
+        status: ExitStatus,
+        /// Files it produced, with digests.
+        outputs: Vec<ArtifactRef>,
+    },
+}
+
+/// A container found at start-up carrying this agent's labels.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recovered {
+    /// Its attempt.
+    pub attempt_id: AttemptId,
+    /// Its job.
+    pub job_id: JobId,
+    /// Its GPUs.
+    pub gpu_uuids: Vec<String>,
+    /// `None` while it runs; how it ended otherwise.
+    pub exited: Option<ExitStatus>,
+    /// Time left before its timeout, from the labels and start time the runtime keeps.
+    pub remaining_ms: Option<u64>,
+}
+
+/// What the shell must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// Send to the controller (dropped by the shell when not connected).
+    Send(AgentMsg),
+    /// Start a container for an attempt.
+    Start {
+        /// Which attempt.
+        attempt_id: AttemptId,
+        /// Its job.
+        job_id: JobId,
+        /// The controller epoch that ordered it (for the container's labels).
+        epoch: Epoch,
+        /// What to run.
+        spec: Box<JobSpec>,
+        /// Exactly these GPUs.
+        gpu_uuids: Vec<String>,
+    },
+    /// Stop a container: graceful signal, kill after `grace_ms`, then remove.
+    Stop {
+        /// Which attempt.
+        attempt_id: AttemptId,
+        /// Between the two signals.
+        grace_ms: u64,
+    },
+    /// The link looks dead: drop the connection and dial again.
+    Reconnect,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum StopReason {
+    Cancel,
+    Timeout,
+    Fenced,
+}
+
+#[derive(Clone, Debug)]
+struct Attempt {
+    /// Carried for the reports of adopted attempts and for logs.
+    #[allow(dead_code)]
+    job_id: JobId,
+    gpu_uuids: Vec<String>,
+    required_outputs: Vec<String>,
+    started: bool,
+    progress: (u32, u32),
+    deadline_ms: Option<u64>,
+    timeout_ms: u64,
+    stop: Option<(StopReason, u64)>,
+    /// Memory in use on each GPU before the attempt, to check its release.
+    baselines: Vec<(String, u64)>,
+}
+
+#[derive(Clone, Debug)]
+struct PendingRelease {
+    baseline_bytes: u64,
+    deadline_ms: u64,
+    attempt_id: AttemptId,
+}
+
+/// One GPU host's agent.
+pub struct AgentCore {
+    config: AgentConfig,
+    gpus: Vec<GpuInfo>,
+    gpus_simulated: bool,
+    runtime_name: String,
+    incarnation: u64,
+    usage: BTreeMap<String, GpuUsage>,
+    known_epoch: Epoch,
+    draining: bool,
+    attempts: BTreeMap<AttemptId, Attempt>,
+    finished: BTreeMap<AttemptId, (AttemptOutcome, Vec<String>)>,
+    pending_release: BTreeMap<String, PendingRelease>,
+    /// Faulty GPUs and the memory level that counts as recovered.
+    faulty: BTreeMap<String, Option<u64>>,
+    connected: bool,
+    heartbeat_seq: u64,
+    last_heartbeat_ms: u64,
+    last_ack_ms: u64,
+}
+
+impl AgentCore {
+    /// An agent with these GPUs, adopting the containers found at start-up.
+    /// `now_ms` is this process's clock at start-up; adopted attempts' timeouts count from it.
+    pub fn new(
+        now_ms: u64,
+        config: AgentConfig,
+        gpus: Vec<GpuInfo>,
+        gpus_simulated: bool,
+        runtime_name: &str,
+        incarnation: u64,
+        recovered: Vec<Recovered>,
+    ) -> AgentCore {
+        let mut core = AgentCore {
+            config,
+            gpus,
+            gpus_simulated,
+            runtime_name: runtime_name.to_string(),
+            incarnation,
+            usage: BTreeMap::new(),
+            known_epoch: Epoch(0),
+            draining: false,
+            attempts: BTreeMap::new(),
+            finished: BTreeMap::new(),
+            pending_release: BTreeMap::new(),
+            faulty: BTreeMap::new(),
+            connected: false,
+            heartbeat_seq: 0,
+            last_heartbeat_ms: 0,
+            last_ack_ms: 0,
+        };
+        for r in recovered {
+            match r.exited {
+                None => {
+                    core.attempts.insert(
+                        r.attempt_id,
+                        Attempt {
+                            job_id: r.job_id,
+                            gpu_uuids: r.gpu_uuids,
+                            required_outputs: Vec::new(),
+                            started: true,
+                            progress: (0, 0),
+                            // Relative to this process's clock: the runtime measured it on the same host.
+                            deadline_ms: r.remaining_ms.map(|left| now_ms.saturating_add(left)),
+                            timeout_ms: r.remaining_ms.unwrap_or(0),
+                            stop: None,
+                            baselines: Vec::new(),
+                        },
+                    );
+                }
+                Some(status) => {
+                    let outcome = outcome_of(&status, None, Vec::new(), &[]);
+                    core.finished.insert(r.attempt_id, (outcome, r.gpu_uuids));
+                }
+            }
+        }
+        core
+    }
+
+    /// A connection to the controller is up (handshake done): say hello.
+    pub fn connected(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        self.connected = true;
+        self.last_ack_ms = now_ms;
+        self.last_heartbeat_ms = now_ms;
+        out.push(Output::Send(AgentMsg::Hello(AgentHello {
+            gpus: self.gpus.clone(),
+            gpus_simulated: self.gpus_simulated,
+            runtime: self.runtime_name.clone(),
+            attempts: self.reports(),
+            incarnation: self.incarnation,
+        })));
+    }
+
+    /// The connection is gone; attempts keep running while we reconnect.
+    pub fn disconnected(&mut self) {
+        self.connected = false;
+    }
+
+    /// Whether a connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// A message from the controller.
+    pub fn on_message(&mut self, now_ms: u64, msg: ControllerMsg, out: &mut Vec<Output>) {
+        match msg {
+            ControllerMsg::Welcome { epoch, heartbeat_interval_ms } => {
+                self.known_epoch = self.known_epoch.max(epoch);
+                self.config.heartbeat_interval_ms = heartbeat_interval_ms.max(1);
+            }
+            ControllerMsg::Assign(assign) => self.assign(now_ms, *assign, out),
+            ControllerMsg::Cancel { attempt_id, grace_ms } => {
+                if self.attempts.contains_key(&attempt_id) {
+                    self.stop(now_ms, attempt_id, StopReason::Cancel, grace_ms, out);
+                } else if let Some((outcome, _)) = self.finished.get(&attempt_id) {
+                    out.push(Output::Send(AgentMsg::AttemptFinished { attempt_id, outcome: outcome.clone() }));
+                } else {
+                    let outcome = AttemptOutcome::Lost { reason: "the agent does not know this attempt".into() };
+                    out.push(Output::Send(AgentMsg::AttemptFinished { attempt_id, outcome }));
+                }
+            }
+            ControllerMsg::Drain { draining } => self.draining = draining,
+            ControllerMsg::Reconcile { epoch, keep } => {
+                if epoch < self.known_epoch {
+                    return; // From a controller that has since restarted.
+                }
+                self.known_epoch = epoch;
+                let keep: BTreeSet<AttemptId> = keep.into_iter().collect();
+                let fenced: Vec<AttemptId> = self.attempts.keys().filter(|a| !keep.contains(a)).copied().collect();
+                for attempt_id in fenced {
+                    self.stop(now_ms, attempt_id, StopReason::Fenced, self.config.stop_grace_ms, out);
+                }
+            }
+            ControllerMsg::AckFinished { attempt_ids } => {
+                for id in attempt_ids {
+                    self.finished.remove(&id);
+                }
+            }
+            ControllerMsg::HeartbeatAck { .. } => self.last_ack_ms = now_ms,
+        }
+    }
+
+    fn assign(&mut self, now_ms: u64, a: Assign, out: &mut Vec<Output>) {
+        if self.attempts.contains_key(&a.attempt_id) || self.finished.contains_key(&a.attempt_id) {
+            return; // A resend: the first copy is being handled.
+        }
+        if let Some(reason) = self.refusal(&a) {
+            let outcome = AttemptOutcome::Rejected { reason };
+            out.push(Output::Send(AgentMsg::AttemptFinished { attempt_id: a.attempt_id, outcome }));
+            return;
+        }
+        self.known_epoch = a.epoch;
+        let baselines = a
+            .gpu_uuids
+            .iter()
+            .map(|u| {
+                // Memory still draining from the previous attempt belongs to its baseline.
+                let base = match self.pending_release.remove(u) {
+                    Some(p) => p.baseline_bytes,
+                    None => self.usage.get(u).map_or(0, |g| g.used_vram_bytes),
+                };
+                (u.clone(), base)
+            })
+            .collect();
+        self.attempts.insert(
+            a.attempt_id,
+            Attempt {
+                job_id: a.job_id,
+                gpu_uuids: a.gpu_uuids.clone(),
+                required_outputs: a.spec.outputs.iter().filter(|o| o.required).map(|o| o.path.clone()).collect(),
+                started: false,
+                progress: (0, 0),
+                deadline_ms: Some(now_ms.saturating_add(a.spec.timeout_ms)),
+                timeout_ms: a.spec.timeout_ms,
+                stop: None,
+                baselines,
+            },
+        );
+        out.push(Output::Start {
+            attempt_id: a.attempt_id,
+            job_id: a.job_id,
+            epoch: a.epoch,
+            spec: Box::new(a.spec),
+            gpu_uuids: a.gpu_uuids,
+        });
+    }
+
+    fn refusal(&self, a: &Assign) -> Option<String> {
+        if a.epoch < self.known_epoch {
+            return Some(format!("stale order from controller epoch {}, current is {}", a.epoch.0, self.known_epoch.0));
+        }
+        if self.draining {
+            return Some("agent is draining".into());
+        }
+        for uuid in &a.gpu_uuids {
+            if !self.gpus.iter().any(|g| &g.uuid == uuid) {
+                return Some(format!("GPU {uuid} is not on this host"));
+            }
+            if self.faulty.contains_key(uuid) {
+                return Some(format!("GPU {uuid} is faulty"));
+            }
+            if let Some((id, _)) = self.attempts.iter().find(|(_, att)| att.gpu_uuids.contains(uuid)) {
+                return Some(format!("GPU {uuid} is in use by {id}"));
+            }
+        }
+        if a.gpu_uuids.len() != a.spec.gpus as usize {
+            return Some(format!("job asks for {} GPUs but {} were given", a.spec.gpus, a.gpu_uuids.len()));
+        }
+        None
+    }
+
+    fn stop(&mut self, now_ms: u64, attempt_id: AttemptId, reason: StopReason, grace_ms: u64, out: &mut Vec<Output>) {
+        let Some(att) = self.attempts.get_mut(&attempt_id) else { return };
+        if att.stop.is_some() {
+            return; // Already stopping; the first stop's grace holds.
+        }
+        att.stop = Some((reason, now_ms.saturating_add(grace_ms).saturating_add(self.config.kill_slack_ms)));
+        out.push(Output::Stop { attempt_id, grace_ms });
+    }
+
+    /// An event from the container runtime.
+    pub fn on_runtime(&mut self, now_ms: u64, event: RuntimeEvent, out: &mut Vec<Output>) {
+        match event {
+            RuntimeEvent::Started { attempt_id, handle } => {
+                if let Some(att) = self.attempts.get_mut(&attempt_id) {
+                    att.started = true;
+                    out.push(Output::Send(AgentMsg::AttemptStarted { attempt_id, handle }));
+                }
+            }
+            RuntimeEvent::StartFailed { attempt_id, reason, retryable } => {
+                let outcome = AttemptOutcome::Failed { exit_code: None, reason, retryable };
+                self.ended(now_ms, attempt_id, outcome, out);
+            }
+            RuntimeEvent::Progress { attempt_id, step, total } => {
+                if let Some(att) = self.attempts.get_mut(&attempt_id) {
+                    att.progress = (step, total);
+                    out.push(Output::Send(AgentMsg::Progress { attempt_id, step, total }));
+                }
+            }
+            RuntimeEvent::Log { attempt_id, stream, offset, data } => {
+                if self.attempts.contains_key(&attempt_id) {
+                    out.push(Output::Send(AgentMsg::LogChunk(LogChunk { attempt_id, stream, offset, data })));
+                }
+            }
+            RuntimeEvent::Exited { attempt_id, status, outputs } => {
+                let Some(att) = self.attempts.get(&attempt_id) else { return };
+                let stop = att.stop.map(|(reason, _)| (reason, att.timeout_ms));
+                let outcome = outcome_of(&status, stop, outputs, &att.required_outputs);
+                self.ended(now_ms, attempt_id, outcome, out);
+            }
+        }
+    }
+
+    fn ended(&mut self, now_ms: u64, attempt_id: AttemptId, outcome: AttemptOutcome, out: &mut Vec<Output>) {
+        let Some(att) = self.attempts.remove(&attempt_id) else { return };
+        for (uuid, baseline_bytes) in att.baselines {
+            let deadline_ms = now_ms.saturating_add(self.config.vram_release_bound_ms);
+            self.pending_release.insert(uuid, PendingRelease { baseline_bytes, deadline_ms, attempt_id });
+        }
+        self.finished.insert(attempt_id, (outcome.clone(), att.gpu_uuids));
+        out.push(Output::Send(AgentMsg::AttemptFinished { attempt_id, outcome }));
+    }
+
+    /// A fresh reading of every GPU from the monitor (NVML or simulated).
+    pub fn on_gpu_sample(&mut self, now_ms: u64, samples: Vec<GpuUsage>, out: &mut Vec<Output>) {
+        for s in samples {
+            self.usage.insert(s.uuid.clone(), s);
+        }
+        self.check_vram(now_ms, out);
+    }
+
+    /// The driver reported a hardware error on a GPU.
+    pub fn on_gpu_error(&mut self, uuid: &str, detail: String, out: &mut Vec<Output>) {
+        // Hardware faults do not clear by themselves: an operator restarts the agent.
+        self.faulty.insert(uuid.to_string(), None);
+        out.push(Output::Send(AgentMsg::GpuFault { gpu_uuid: uuid.to_string(), fault: GpuFault::Hardware { detail } }));
+    }
+
+    fn check_vram(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        let tolerance = self.config.vram_tolerance_bytes;
+        let mut released = Vec::new();
+        for (uuid, p) in &self.pending_release {
+            let used = self.usage.get(uuid).map_or(0, |g| g.used_vram_bytes);
+            if used <= p.baseline_bytes.saturating_add(tolerance) {
+                released.push(uuid.clone());
+            } else if now_ms >= p.deadline_ms {
+                released.push(uuid.clone());
+                self.faulty.insert(uuid.clone(), Some(p.baseline_bytes));
+                let fault = GpuFault::VramNotReleased {
+                    attempt_id: p.attempt_id,
+                    baseline_bytes: p.baseline_bytes,
+                    held_bytes: used,
+                };
+                out.push(Output::Send(AgentMsg::GpuFault { gpu_uuid: uuid.clone(), fault }));
+            }
+        }
+        for uuid in released {
+            self.pending_release.remove(&uuid);
+        }
+        let recovered: Vec<String> = self
+            .faulty
+            .iter()
+            .filter(|(uuid, level)| {
+                level.is_some_and(|base| {
+                    self.usage.get(*uuid).is_some_and(|g| g.used_vram_bytes <= base.saturating_add(tolerance))
+                })
+            })
+            .map(|(uuid, _)| uuid.clone())
+            .collect();
+        for uuid in recovered {
+            self.faulty.remove(&uuid);
+            out.push(Output::Send(AgentMsg::GpuRecovered { gpu_uuid: uuid }));
+        }
+    }
+
+    /// Time passed: heartbeats, the link's liveness, timeouts, forced kills, VRAM bounds.
+    pub fn tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        if self.connected {
+            if now_ms.saturating_sub(self.last_ack_ms) >= self.config.ack_timeout_ms {
+                self.connected = false;
+                out.push(Output::Reconnect);
+            } else if now_ms.saturating_sub(self.last_heartbeat_ms) >= self.config.heartbeat_interval_ms {
+                self.last_heartbeat_ms = now_ms;
+                self.heartbeat_seq += 1;
+                out.push(Output::Send(AgentMsg::Heartbeat(Heartbeat {
+                    seq: self.heartbeat_seq,
+                    gpus: self.gpu_usage(),
+                    attempts: self.reports(),
+                })));
+            }
+        }
+        let mut timed_out = Vec::new();
+        let mut force = Vec::new();
+        for (&id, att) in &self.attempts {
+            match att.stop {
+                None if att.deadline_ms.is_some_and(|d| now_ms >= d) => timed_out.push(id),
+                Some((_, kill_at)) if now_ms >= kill_at => force.push(id),
+                _ => {}
+            }
+        }
+        for id in timed_out {
+            self.stop(now_ms, id, StopReason::Timeout, self.config.stop_grace_ms, out);
+        }
+        for id in force {
+            // The runtime did not confirm the stop: ask again, with no grace.
+            if let Some(att) = self.attempts.get_mut(&id) {
+                let reason = att.stop.map_or(StopReason::Cancel, |(r, _)| r);
+                att.stop = Some((reason, now_ms.saturating_add(self.config.kill_slack_ms)));
+                out.push(Output::Stop { attempt_id: id, grace_ms: 0 });
+            }
+        }
+        self.check_vram(now_ms, out);
+    }
+
+    fn gpu_usage(&self) -> Vec<GpuUsage> {
+        self.gpus
+            .iter()
+            .map(|g| {
+                let mut u = self.usage.get(&g.uuid).cloned().unwrap_or(GpuUsage {
+                    uuid: g.uuid.clone(),
+                    used_vram_bytes: 0,
+                    free_vram_bytes: g.total_vram_bytes,
+                    foreign_vram_bytes: 0,
+                    utilization_pct: None,
+                    temperature_c: None,
+                    healthy: true,
+                });
+                u.healthy = !self.faulty.contains_key(&g.uuid);
+                u
+            })
+            .collect()
+    }
+
+    fn reports(&self) -> Vec<AttemptReport> {
+        let live = self.attempts.iter().map(|(&attempt_id, att)| AttemptReport {
+            attempt_id,
+            phase: match (att.stop, att.started) {
+                (Some(_), _) => AttemptPhase::Stopping,
+                (None, true) => AttemptPhase::Running { step: att.progress.0, total: att.progress.1 },
+                (None, false) => AttemptPhase::Starting,
+            },
+            gpu_uuids: att.gpu_uuids.clone(),
+        });
+        let done = self.finished.iter().map(|(&attempt_id, (outcome, gpus))| AttemptReport {
+            attempt_id,
+            phase: AttemptPhase::Finished(outcome.clone()),
+            gpu_uuids: gpus.clone(),
+        });
+        live.chain(done).collect()
+    }
+
+    /// Attempts holding GPUs (starting, running or stopping), with their GPUs.
+    pub fn live_attempts(&self) -> impl Iterator<Item = (AttemptId, &[String])> {
+        self.attempts.iter().map(|(&id, a)| (id, a.gpu_uuids.as_slice()))
+    }
+
+    /// Whether an attempt is being stopped.
+    pub fn is_stopping(&self, id: AttemptId) -> bool {
+        self.attempts.get(&id).is_some_and(|a| a.stop.is_some())
+    }
+
+    /// GPUs currently out of scheduling.
+    pub fn faulty_gpus(&self) -> impl Iterator<Item = &str> {
+        self.faulty.keys().map(String::as_str)
+    }
+
+    /// The highest controller epoch seen.
+    pub fn known_epoch(&self) -> Epoch {
+        self.known_epoch
+    }
+}
+
+/// Exit codes that mean the command itself is wrong, so retrying cannot help:
+/// sysexits' usage and configuration errors, and "cannot execute"/"not found".
+fn is_terminal_exit(code: i32) -> bool {
+    (64..=78).contains(&code) || code == 126 || code == 127
+}
+
+fn outcome_of(
+    status: &ExitStatus,
+    stop: Option<(StopReason, u64)>,
+    outputs: Vec<ArtifactRef>,
+    required: &[String],
+) -> AttemptOutcome {
+    match stop {
+        Some((StopReason::Cancel | StopReason::Fenced, _)) => return AttemptOutcome::Cancelled,
+        Some((StopReason::Timeout, timeout_ms)) => {
+            return AttemptOutcome::Failed {
+                exit_code: status.code,
+                reason: format!(
+                    "timed out after {timeout_ms} ms and was stopped; raise `timeout_s` if it needs longer"
+                ),
+                retryable: true,
+            };
+        }
+        None => {}
+    }
+    if status.oom_killed {
+        return AttemptOutcome::Failed {
+            exit_code: status.code,
+            reason: "killed by the out-of-memory killer; ask for fewer parallel steps or a host with more memory"
+                .into(),
+            retryable: true,
+        };
+    }
+    match (status.code, status.signal) {
+        (Some(0), _) => {
+            let missing: Vec<&String> = required.iter().filter(|p| !outputs.iter().any(|o| &o.path == *p)).collect();
+            if missing.is_empty() {
+                AttemptOutcome::Succeeded { outputs }
+            } else {
+                AttemptOutcome::Failed {
+                    exit_code: Some(0),
+                    reason: format!("exited 0 but did not write required output {missing:?}"),
+                    retryable: false,
+                }
+            }
+        }
+        (Some(code), _) => AttemptOutcome::Failed {
+            exit_code: Some(code),
+            reason: if is_terminal_exit(code) {
+                format!("exited with code {code}: the command is wrong or missing; fix it and resubmit")
+            } else {
+                format!("exited with code {code}; see its logs")
+            },
+            retryable: !is_terminal_exit(code),
+        },
+        (None, Some(sig)) => {
+            AttemptOutcome::Failed { exit_code: None, reason: format!("killed by signal {sig}"), retryable: true }
+        }
+        (None, None) => AttemptOutcome::Lost { reason: "the runtime lost track of the container".into() },
+    }
+}

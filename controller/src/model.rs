@@ -1,0 +1,236 @@
+//! The controller's records: what the store persists and the core rebuilds from.
+
+use cosmos_proto::spec::ArtifactRef;
+use cosmos_proto::{AttemptId, Epoch, GpuInfo, JobId, JobSpec};
+use serde::{Deserialize, Serialize};
+
+/// Where a job stands, as users see it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for GPUs.
+    Queued,
+    /// An attempt was sent to an agent, not yet started.
+    Assigned,
+    /// An attempt is running.
+    Running,
+    /// An attempt failed; waiting out the backoff before the next.
+    Retrying,
+    /// An attempt succeeded. Final.
+    Succeeded,
+    /// Out of attempts, or a terminal failure. Final.
+    Failed,
+    /// Cancelled by a user. Final.
+    Cancelled,
+}
+
+impl JobState {
+    /// Final states never change again.
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+
+    /// The stable lower-case name used in the store, the API and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Assigned => "assigned",
+            JobState::Running => "running",
+            JobState::Retrying => "retrying",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses [`JobState::as_str`]'s names.
+    pub fn parse(s: &str) -> Option<JobState> {
+        ALL_JOB_STATES.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// Every job state, in lifecycle order.
+pub const ALL_JOB_STATES: [JobState; 7] = [
+    JobState::Queued,
+    JobState::Assigned,
+    JobState::Running,
+    JobState::Retrying,
+    JobState::Succeeded,
+    JobState::Failed,
+    JobState::Cancelled,
+];
+
+/// A job and everything a user can see about it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Unique, increasing with submission order.
+    pub id: JobId,
+    /// What to run.
+    pub spec: JobSpec,
+    /// Where it stands.
+    pub state: JobState,
+    /// Attempts that counted against the budget (host losses and refusals do not).
+    pub attempts_used: u32,
+    /// Attempts lost with their host; bounded separately.
+    pub attempts_lost: u32,
+    /// A user asked to cancel it.
+    pub cancel_requested: bool,
+    /// Earliest time (controller clock) the next attempt may start.
+    pub not_before_ms: u64,
+    /// Exit code of the deciding attempt, when it exited.
+    pub exit_code: Option<i32>,
+    /// Why it failed or was cancelled, in words.
+    pub error: Option<String>,
+    /// What the succeeding attempt produced.
+    pub outputs: Vec<ArtifactRef>,
+    /// Agent of the latest attempt.
+    pub agent: Option<String>,
+    /// When it was accepted (controller clock).
+    pub submitted_ms: u64,
+    /// When it reached a final state.
+    pub finished_ms: Option<u64>,
+}
+
+/// Where an attempt stands.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptState {
+    /// Sent to the agent.
+    Assigned,
+    /// The agent started it.
+    Running,
+    /// A stop was sent; waiting for the agent to confirm.
+    Stopping,
+    /// Exited successfully.
+    Succeeded,
+    /// Ran and failed.
+    Failed,
+    /// Stopped on request.
+    Cancelled,
+    /// Its host was lost, or the agent no longer knew it.
+    Lost,
+    /// The agent refused it; it never ran.
+    Rejected,
+}
+
+impl AttemptState {
+    /// Live attempts hold their GPUs.
+    pub fn is_live(self) -> bool {
+        matches!(self, AttemptState::Assigned | AttemptState::Running | AttemptState::Stopping)
+    }
+
+    /// The stable lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptState::Assigned => "assigned",
+            AttemptState::Running => "running",
+            AttemptState::Stopping => "stopping",
+            AttemptState::Succeeded => "succeeded",
+            AttemptState::Failed => "failed",
+            AttemptState::Cancelled => "cancelled",
+            AttemptState::Lost => "lost",
+            AttemptState::Rejected => "rejected",
+        }
+    }
+
+    /// Parses [`AttemptState::as_str`]'s names.
+    pub fn parse(s: &str) -> Option<AttemptState> {
+        [
+            AttemptState::Assigned,
+            AttemptState::Running,
+            AttemptState::Stopping,
+            AttemptState::Succeeded,
+            AttemptState::Failed,
+            AttemptState::Cancelled,
+            AttemptState::Lost,
+            AttemptState::Rejected,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+}
+
+/// One try of a job on one agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// Unique, never reused.
+    pub id: AttemptId,
+    /// The job it tries.
+    pub job_id: JobId,
+    /// The agent it was given to.
+    pub agent: String,
+    /// The GPUs it was given.
+    pub gpu_uuids: Vec<String>,
+    /// The controller epoch that made the decision.
+    pub epoch: Epoch,
+    /// Where it stands.
+    pub state: AttemptState,
+    /// When it was assigned (controller clock).
+    pub assigned_ms: u64,
+    /// When the agent reported it started (controller clock, on receipt).
+    pub started_ms: Option<u64>,
+    /// When it ended (controller clock, on receipt).
+    pub ended_ms: Option<u64>,
+    /// Exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// Why it ended the way it did.
+    pub reason: Option<String>,
+}
+
+/// What the controller remembers of an agent across restarts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    /// The agent's node id.
+    pub name: String,
+    /// An operator drained it: no new work.
+    pub draining: bool,
+    /// GPUs it last reported.
+    pub gpus: Vec<GpuInfo>,
+    /// Whether those GPUs are simulated.
+    pub gpus_simulated: bool,
+}
+
+/// An entry in the append-only event log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// When (controller clock).
+    pub at_ms: u64,
+    /// The job concerned, if any.
+    pub job_id: Option<JobId>,
+    /// The attempt concerned, if any.
+    pub attempt_id: Option<AttemptId>,
+    /// The agent concerned, if any.
+    pub agent: Option<String>,
+    /// Short machine-readable kind (`submitted`, `assigned`, `agent_lost`, …).
+    pub kind: String,
+    /// Words for a person.
+    pub detail: String,
+}
+
+/// One change to persist. The core emits these before acting on them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreOp {
+    /// Insert or replace a job.
+    PutJob(Box<JobRecord>),
+    /// Insert or replace an attempt.
+    PutAttempt(AttemptRecord),
+    /// Insert or replace an agent.
+    PutAgent(AgentRecord),
+    /// Append an event.
+    Event(EventRecord),
+}
+
+/// Everything the core needs to rebuild itself after a restart.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    /// The epoch of this start (already incremented and persisted).
+    pub epoch: Epoch,
+    /// All jobs, by id.
+    pub jobs: Vec<JobRecord>,
+    /// All attempts that are still live (finished ones are history).
+    pub live_attempts: Vec<AttemptRecord>,
+    /// Highest attempt id ever allocated, so ids are never reused.
+    pub max_attempt_id: Option<AttemptId>,
+    /// All agents ever seen.
+    pub agents: Vec<AgentRecord>,
+}

@@ -1,0 +1,410 @@
+//! The durable store: the controller's records in SQLite.
+//!
+//! The JSON in each `record` column is the source of truth, so a record
+//! round-trips exactly whatever fields it grows; the other columns copy the
+//! fields that queries filter or sort on. Every [`Store::apply`] is one
+//! transaction: the caller batches many transitions into it (group commit),
+//! so one fsync makes all of them durable together.
+
+use crate::model::{ALL_JOB_STATES, AgentRecord, AttemptRecord, EventRecord, JobRecord, JobState, Snapshot, StoreOp};
+use cosmos_proto::{AttemptId, Epoch, JobId};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long a statement waits for another connection's lock before failing with a retryable error.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema, one migration per entry, applied in order; `PRAGMA user_version` counts those applied.
+///
+/// Never edit an entry once released: append a new one, since stores in the
+/// field already ran the old ones.
+const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    "
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value ANY NOT NULL
+    ) STRICT;
+
+    CREATE TABLE jobs (
+        id           INTEGER PRIMARY KEY,
+        name         TEXT NOT NULL,
+        state        TEXT NOT NULL,
+        priority     INTEGER NOT NULL,
+        submitted_ms INTEGER NOT NULL,
+        record       TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX jobs_by_state ON jobs (state);
+
+    -- Deferred, so a batch may name an attempt before its job as long as the job is there at commit.
+    CREATE TABLE attempts (
+        id          INTEGER PRIMARY KEY,
+        job_id      INTEGER NOT NULL REFERENCES jobs (id) DEFERRABLE INITIALLY DEFERRED,
+        agent       TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        assigned_ms INTEGER NOT NULL,
+        record      TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX attempts_by_job ON attempts (job_id);
+    CREATE INDEX attempts_by_state ON attempts (state);
+
+    CREATE TABLE agents (
+        name   TEXT PRIMARY KEY,
+        record TEXT NOT NULL
+    ) STRICT;
+
+    -- AUTOINCREMENT so a sequence number is never reused, even if old events are pruned.
+    CREATE TABLE events (
+        seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms      INTEGER NOT NULL,
+        job_id     INTEGER,
+        attempt_id INTEGER,
+        agent      TEXT,
+        kind       TEXT NOT NULL,
+        detail     TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX events_by_job ON events (job_id);
+    ",
+];
+
+/// Upserts rather than `INSERT OR REPLACE`: a replace deletes the row first,
+/// which would trip the foreign key from attempts to their job.
+const PUT_JOB: &str =
+    "INSERT INTO jobs (id, name, state, priority, submitted_ms, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+     ON CONFLICT (id) DO UPDATE SET name = excluded.name, state = excluded.state, priority = excluded.priority,
+         submitted_ms = excluded.submitted_ms, record = excluded.record";
+const PUT_ATTEMPT: &str =
+    "INSERT INTO attempts (id, job_id, agent, state, assigned_ms, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+     ON CONFLICT (id) DO UPDATE SET job_id = excluded.job_id, agent = excluded.agent, state = excluded.state,
+         assigned_ms = excluded.assigned_ms, record = excluded.record";
+const PUT_AGENT: &str = "INSERT INTO agents (name, record) VALUES (?1, ?2)
+     ON CONFLICT (name) DO UPDATE SET record = excluded.record";
+const APPEND_EVENT: &str =
+    "INSERT INTO events (at_ms, job_id, attempt_id, agent, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+const EPOCH_KEY: &str = "epoch";
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused or failed the operation.
+    #[error(
+        "the controller's database failed: {0}. If it is busy or locked, retry; \
+         if the disk is full or read-only, free space or fix permissions and restart the controller"
+    )]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored row does not decode into a record.
+    #[error(
+        "the controller's database holds a row that does not decode ({what}). Restore the database \
+         from a backup, or run the controller version that wrote it"
+    )]
+    Corrupt {
+        /// Which row, and what was wrong with it.
+        what: String,
+    },
+    /// The file system refused write-ahead logging, which durability and concurrent readers rely on.
+    #[error(
+        "could not switch the controller's database {} to WAL journaling (it stayed in `{mode}` mode). \
+         Put it on a local file system (not NFS or a read-only mount)",
+        path.display()
+    )]
+    NoWal {
+        /// The database file.
+        path: PathBuf,
+        /// The journal mode SQLite kept.
+        mode: String,
+    },
+    /// A record could not be turned into its stored form.
+    #[error("could not encode {what} for the controller's database; this is a bug, please report it")]
+    Encode {
+        /// Which record, and why.
+        what: String,
+    },
+    /// The database was written by a newer controller with a schema this one does not know.
+    #[error(
+        "the controller's database has schema version {found}, but this controller knows only up to \
+         version {known}. Run a controller at least as new as the one that last opened it"
+    )]
+    SchemaTooNew {
+        /// Version found in the database.
+        found: i64,
+        /// Newest version this build knows.
+        known: i64,
+    },
+}
+
+impl StoreError {
+    /// Whether retrying the same operation later may succeed (another connection held a lock).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Sqlite(e) => {
+                matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+            }
+            StoreError::Corrupt { .. }
+            | StoreError::NoWal { .. }
+            | StoreError::Encode { .. }
+            | StoreError::SchemaTooNew { .. } => false,
+        }
+    }
+}
+
+/// Shorthand for this module's results.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The controller's durable state in one SQLite database; one writer, the controller.
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Opens (creating if absent) and migrates the database file at `path`, durable across power loss.
+    pub fn open(path: &Path) -> Result<Store> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // WAL lets readers (an API, an operator's sqlite3) run beside the writer;
+        // FULL fsyncs the WAL at every commit, so an acknowledged commit survives
+        // power loss (NORMAL in WAL mode does not).
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::NoWal { path: path.to_path_buf(), mode });
+        }
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        Store::init(conn)
+    }
+
+    /// Opens a fresh private in-memory database: no fsync, so the simulator can run thousands of seeds.
+    pub fn open_in_memory() -> Result<Store> {
+        Store::init(Connection::open_in_memory()?)
+    }
+
+    /// Sets how long a statement waits for another connection's lock before failing retryably.
+    pub fn set_busy_timeout(&mut self, timeout: Duration) -> Result<()> {
+        Ok(self.conn.busy_timeout(timeout)?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Store> {
+        // Off by default in SQLite, per connection: the attempts → jobs reference needs it.
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrate(&mut conn)?;
+        Ok(Store { conn })
+    }
+
+    /// Persists every op in one transaction: all of them or, on error, none.
+    pub fn apply(&mut self, ops: &[StoreOp]) -> Result<()> {
+        // IMMEDIATE takes the write lock up front, so contention shows as a
+        // wait (busy timeout) rather than a failed lock upgrade mid-batch.
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for op in ops {
+            match op {
+                StoreOp::PutJob(job) => {
+                    tx.prepare_cached(PUT_JOB)?.execute(params![
+                        job.id.0,
+                        job.spec.name,
+                        job.state.as_str(),
+                        job.spec.priority,
+                        job.submitted_ms,
+                        encode(&**job, || format!("job {}", job.id))?,
+                    ])?;
+                }
+                StoreOp::PutAttempt(att) => {
+                    tx.prepare_cached(PUT_ATTEMPT)?.execute(params![
+                        att.id.0,
+                        att.job_id.0,
+                        att.agent,
+                        att.state.as_str(),
+                        att.assigned_ms,
+                        encode(att, || format!("attempt {}", att.id))?,
+                    ])?;
+                }
+                StoreOp::PutAgent(agent) => {
+                    tx.prepare_cached(PUT_AGENT)?
+                        .execute(params![agent.name, encode(agent, || format!("agent `{}`", agent.name))?])?;
+                }
+                StoreOp::Event(ev) => {
+                    tx.prepare_cached(APPEND_EVENT)?.execute(params![
+                        ev.at_ms,
+                        ev.job_id.map(|j| j.0),
+                        ev.attempt_id.map(|a| a.0),
+                        ev.agent,
+                        ev.kind,
+                        ev.detail,
+                    ])?;
+                }
+            }
+        }
+        // A deferred foreign-key violation fails here; dropping `tx` then rolls the batch back.
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Increments and persists the controller epoch, returning the new one (`Epoch(1)` on a new store).
+    pub fn begin_epoch(&mut self) -> Result<Epoch> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let old: Option<u64> =
+            tx.query_row("SELECT value FROM meta WHERE key = ?1", [EPOCH_KEY], |r| r.get(0)).optional()?;
+        let new = old.unwrap_or(0).checked_add(1).ok_or_else(|| StoreError::Corrupt {
+            what: "meta.epoch is at its maximum and cannot be incremented".to_string(),
+        })?;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![EPOCH_KEY, new],
+        )?;
+        // Agents fence on the epoch, so it must be durable before anyone is told it.
+        tx.commit()?;
+        Ok(Epoch(new))
+    }
+
+    /// Starts a new epoch and reads everything the core rebuilds from (jobs and attempts by id, agents by name).
+    pub fn load(&mut self) -> Result<Snapshot> {
+        let epoch = self.begin_epoch()?;
+        // One read transaction, so the pieces are from the same moment.
+        let tx = self.conn.transaction()?;
+        let jobs = {
+            let mut stmt = tx.prepare_cached("SELECT id, record FROM jobs ORDER BY id")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+            rows.map(|row| {
+                let (id, json) = row?;
+                decode::<JobRecord>(&json, || format!("job {id}"))
+            })
+            .collect::<Result<Vec<_>>>()?
+        };
+        let live_attempts = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT id, record FROM attempts WHERE state IN ('assigned', 'running', 'stopping') ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+            let attempts = rows
+                .map(|row| {
+                    let (id, json) = row?;
+                    decode::<AttemptRecord>(&json, || format!("attempt {id}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // The SQL names the live states; this catches the list drifting from `is_live`.
+            if let Some(bad) = attempts.iter().find(|a| !a.state.is_live()) {
+                return Err(StoreError::Corrupt {
+                    what: format!("attempt {}: state column says live, record says {}", bad.id, bad.state.as_str()),
+                });
+            }
+            attempts
+        };
+        let max_attempt_id: Option<u64> = tx.query_row("SELECT MAX(id) FROM attempts", [], |r| r.get(0))?;
+        let agents = {
+            let mut stmt = tx.prepare_cached("SELECT name, record FROM agents ORDER BY name")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            rows.map(|row| {
+                let (name, json) = row?;
+                decode::<AgentRecord>(&json, || format!("agent `{name}`"))
+            })
+            .collect::<Result<Vec<_>>>()?
+        };
+        tx.commit()?;
+        Ok(Snapshot { epoch, jobs, live_attempts, max_attempt_id: max_attempt_id.map(AttemptId), agents })
+    }
+
+    /// One job, if it exists.
+    pub fn job(&self, id: JobId) -> Result<Option<JobRecord>> {
+        let json: Option<String> = self
+            .conn
+            .prepare_cached("SELECT record FROM jobs WHERE id = ?1")?
+            .query_row([id.0], |r| r.get(0))
+            .optional()?;
+        json.map(|j| decode(&j, || format!("job {id}"))).transpose()
+    }
+
+    /// Every attempt of a job, finished ones included, oldest first.
+    pub fn attempts_of(&self, job: JobId) -> Result<Vec<AttemptRecord>> {
+        let mut stmt = self.conn.prepare_cached("SELECT id, record FROM attempts WHERE job_id = ?1 ORDER BY id")?;
+        let rows = stmt.query_map([job.0], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        rows.map(|row| {
+            let (id, json) = row?;
+            decode(&json, || format!("attempt {id}"))
+        })
+        .collect()
+    }
+
+    /// Every event about a job, in the order they were appended.
+    pub fn events_of(&self, job: JobId) -> Result<Vec<EventRecord>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, at_ms, job_id, attempt_id, agent, kind, detail FROM events WHERE job_id = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([job.0], |r| {
+            Ok(EventRecord {
+                at_ms: r.get(1)?,
+                job_id: r.get::<_, Option<u64>>(2)?.map(JobId),
+                attempt_id: r.get::<_, Option<u64>>(3)?.map(AttemptId),
+                agent: r.get(4)?,
+                kind: r.get(5)?,
+                detail: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// How many jobs are in each state: every state, in lifecycle order, zeros included.
+    pub fn count_jobs_by_state(&self) -> Result<Vec<(JobState, u64)>> {
+        let mut counts: Vec<(JobState, u64)> = ALL_JOB_STATES.iter().map(|&s| (s, 0)).collect();
+        let mut stmt = self.conn.prepare_cached("SELECT state, COUNT(*) FROM jobs GROUP BY state")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let name: String = row.get(0)?;
+            let n: u64 = row.get(1)?;
+            let state = JobState::parse(&name)
+                .ok_or_else(|| StoreError::Corrupt { what: format!("{n} job(s) in unknown state `{name}`") })?;
+            if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == state) {
+                slot.1 = n;
+            }
+        }
+        Ok(counts)
+    }
+}
+
+/// Brings the schema up to date, refusing databases from a newer build.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if found > known {
+        return Err(StoreError::SchemaTooNew { found, known });
+    }
+    if found == known {
+        return Ok(());
+    }
+    // One transaction, so a crash mid-migration leaves the old schema intact.
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found.max(0) as usize) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn encode<T: serde::Serialize>(record: &T, what: impl FnOnce() -> String) -> Result<String> {
+    serde_json::to_string(record).map_err(|e| StoreError::Encode { what: format!("{}: {e}", what()) })
+}
+
+fn decode<T: serde::de::DeserializeOwned>(json: &str, what: impl FnOnce() -> String) -> Result<T> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt { what: format!("{}: {e}", what()) })
+}
+
+/// Keeps the SQL's list of live states in step with [`AttemptState::is_live`].
+#[cfg(test)]
+mod tests {
+    use crate::model::AttemptState;
+
+    #[test]
+    fn the_live_state_list_in_sql_matches_is_live() {
+        let all = [
+            AttemptState::Assigned,
+            AttemptState::Running,
+            AttemptState::Stopping,
+            AttemptState::Succeeded,
+            AttemptState::Failed,
+            AttemptState::Cancelled,
+            AttemptState::Lost,
+            AttemptState::Rejected,
+        ];
+        let live: Vec<&str> = all.into_iter().filter(|s| s.is_live()).map(AttemptState::as_str).collect();
+        assert_eq!(live, ["assigned", "running", "stopping"]);
+    }
+}

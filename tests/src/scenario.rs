@@ -1,0 +1,80 @@
+//! What a simulation run sets up: cluster size, workload and the faults allowed.
+
+use cosmos_controller::core::CoreConfig;
+
+/// Which kinds of fault a run may inject.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Broken connections, silent partitions, one-way partitions.
+    pub network: bool,
+    /// Agent processes crash (their containers survive or die with the host).
+    pub agent_crash: bool,
+    /// The controller crashes, also between persisting and sending.
+    pub controller_crash: bool,
+    /// Containers fail, hang, exit slowly, fail to start.
+    pub containers: bool,
+    /// Foreign processes take VRAM; jobs leak VRAM after they exit.
+    pub gpus: bool,
+}
+
+impl Faults {
+    /// Every kind.
+    pub fn all() -> Faults {
+        Faults { network: true, agent_crash: true, controller_crash: true, containers: true, gpus: true }
+    }
+
+    /// Whether any kind is on.
+    pub fn any(&self) -> bool {
+        self.network || self.agent_crash || self.controller_crash || self.containers || self.gpus
+    }
+}
+
+/// One simulated workload on one simulated cluster.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    /// GPU hosts.
+    pub agents: usize,
+    /// GPUs on each host.
+    pub gpus_per_agent: u32,
+    /// Jobs submitted at the start, as one batch.
+    pub jobs: usize,
+    /// Faults allowed.
+    pub faults: Faults,
+    /// Faults happen only before this virtual time.
+    pub fault_window_ms: u64,
+    /// Mean-ish gap between faults.
+    pub fault_gap_ms: u64,
+    /// After the fault window, every job must be final within this.
+    pub liveness_bound_ms: u64,
+    /// After the last job ended, time allowed for stray containers to be stopped.
+    pub settle_ms: u64,
+    /// The controller's tunables (shorter than production, to keep runs short).
+    pub core: CoreConfig,
+}
+
+impl Scenario {
+    /// The CI scenario: several agents, hundreds of jobs, every fault kind.
+    pub fn ci() -> Scenario {
+        Scenario {
+            agents: 5,
+            gpus_per_agent: 4,
+            jobs: 200,
+            faults: Faults::all(),
+            fault_window_ms: 60_000,
+            fault_gap_ms: 3_000,
+            liveness_bound_ms: 600_000,
+            settle_ms: 60_000,
+            core: CoreConfig { lost_after_ms: 10_000, ..CoreConfig::default() },
+        }
+    }
+
+    /// No faults at all: the happy path.
+    pub fn calm() -> Scenario {
+        Scenario { faults: Faults::default(), ..Scenario::ci() }
+    }
+
+    /// The controller's configuration for this run.
+    pub fn core_config(&self) -> CoreConfig {
+        self.core.clone()
+    }
+}
