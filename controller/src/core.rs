@@ -73,7 +73,7 @@ pub enum Sabotage {
     ForgetLostAttempts,
     /// A reconnecting host keeps every attempt it reports (no fencing).
     NoFencing,
-    /// A late success report decides the job again.
+    /// A success is mistaken for a reason to run the job again.
     SucceedTwice,
 }
 
@@ -608,7 +608,6 @@ impl Core {
                 if self.agents[idx].attempts.contains(&attempt_id) {
                     self.attempt_ended(now_ms, attempt_id, outcome);
                 } else {
-                    self.late_outcome(now_ms, attempt_id, outcome);
                     if self.agents[idx].zombies.contains_key(&attempt_id) {
                         self.release_zombie(idx, attempt_id);
                         self.reindex(idx);
@@ -707,6 +706,12 @@ impl Core {
             self.ready.insert((Reverse(prio), id));
             self.dirty = true;
         }
+        self.finish(now_ms, out);
+    }
+
+    /// Runs a scheduling pass even if nothing changed (benchmarks, operator nudges).
+    pub fn reschedule(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+        self.dirty = true;
         self.finish(now_ms, out);
     }
 
@@ -935,6 +940,18 @@ impl Core {
         if job.rec.state.is_final() {
             return;
         }
+        #[cfg(feature = "sabotage")]
+        if self.config.sabotage == Sabotage::SucceedTwice
+            && matches!(outcome, AttemptOutcome::Succeeded { .. })
+            && job.rec.exit_code != Some(0)
+        {
+            // The broken version: a success is mistaken for a reason to run again.
+            job.rec.exit_code = Some(0);
+            job.rec.state = JobState::Queued;
+            self.put_job(job_id);
+            self.enqueue_or_wait(job_id);
+            return;
+        }
         match outcome {
             AttemptOutcome::Succeeded { outputs } => {
                 job.rec.outputs = outputs;
@@ -985,23 +1002,6 @@ impl Core {
                 }
             }
         }
-    }
-
-    /// An outcome for an attempt that is no longer live (a resend, or a fenced attempt).
-    fn late_outcome(&mut self, now_ms: u64, att_id: AttemptId, outcome: AttemptOutcome) {
-        #[cfg(feature = "sabotage")]
-        if self.config.sabotage == Sabotage::SucceedTwice {
-            if let AttemptOutcome::Succeeded { outputs } = outcome {
-                // The broken version: trust whatever succeeded, whenever.
-                if let Some(job) = self.jobs.values_mut().find(|j| j.rec.state == JobState::Succeeded) {
-                    let id = job.rec.id;
-                    job.rec.outputs = outputs;
-                    self.conclude(now_ms, id, JobState::Succeeded, Some(0), None);
-                }
-                return;
-            }
-        }
-        let _ = (now_ms, att_id, outcome);
     }
 
     fn conclude(&mut self, now_ms: u64, job_id: JobId, state: JobState, exit_code: Option<i32>, error: Option<String>) {
@@ -1207,6 +1207,11 @@ impl Core {
         }
         for job in self.jobs.values() {
             let id = job.rec.id;
+            if let Some(att) = job.live {
+                if !self.live.contains_key(&att) {
+                    return Err(format!("job {id} is lost: it waits on attempt {att}, which nothing tracks any more"));
+                }
+            }
             let queued = self.ready.contains(&(Reverse(job.rec.spec.priority), id))
                 || self.backoff.contains(&(job.rec.not_before_ms, id));
             match (job.rec.state.is_final(), job.live, queued) {

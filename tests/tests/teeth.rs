@@ -1,0 +1,57 @@
+//! The simulator has teeth: each deliberately broken controller is caught by
+//! the invariant meant for it, within a bounded number of seeds.
+//!
+//! `cargo test -p cosmos-sim --features sabotage --test teeth -- --nocapture`
+//! prints how many seeds each took.
+
+use cosmos_controller::core::Sabotage;
+use cosmos_sim::{Scenario, run_seed};
+
+/// Seeds tried before declaring the simulator blind to a sabotage.
+const MAX_SEEDS: u64 = 300;
+
+fn caught_within(sabotage: Sabotage, expected: &[&str]) {
+    let mut scenario = Scenario::ci();
+    scenario.core.sabotage = sabotage;
+    for seed in 0..MAX_SEEDS {
+        if let Some(v) = run_seed(&scenario, seed).violation {
+            println!("{sabotage:?}: caught at seed {seed} ({} seeds run), {v}", seed + 1);
+            assert!(
+                expected.iter().any(|e| v.what.contains(e)),
+                "{sabotage:?} was caught, but by another check than expected ({expected:?}): {v}"
+            );
+            return;
+        }
+    }
+    panic!("{sabotage:?} went unnoticed for {MAX_SEEDS} seeds: the simulator is blind to it");
+}
+
+#[test]
+fn double_booked_gpus_are_caught() {
+    caught_within(Sabotage::DoubleBookGpus, &["given to live attempts", "runs two attempts at once"]);
+}
+
+#[test]
+fn forgotten_attempts_of_a_lost_host_are_caught() {
+    caught_within(Sabotage::ForgetLostAttempts, &["is lost", "liveness"]);
+}
+
+#[test]
+fn missing_fencing_is_caught() {
+    caught_within(Sabotage::NoFencing, &["fencing", "succeeded twice"]);
+}
+
+#[test]
+fn a_second_success_is_caught() {
+    caught_within(Sabotage::SucceedTwice, &["written again", "succeeded twice"]);
+}
+
+#[test]
+fn the_sound_core_passes_the_same_seeds() {
+    // The control: without sabotage, the seeds the others are judged on pass.
+    let scenario = Scenario::ci();
+    for seed in 0..20 {
+        let report = run_seed(&scenario, seed);
+        assert!(report.violation.is_none(), "seed {seed}: {:?}", report.violation);
+    }
+}
