@@ -187,6 +187,10 @@ impl FakeGpu {
 
 struct AgentNode {
     name: String,
+    /// This host's clock: far off the controller's and running at its own rate,
+    /// so any decision that compared timestamps across hosts would go wrong.
+    clock_offset_ms: u64,
+    clock_rate_ppm: i64,
     core: Option<AgentCore>,
     incarnation: u64,
     conn: Option<ConnId>,
@@ -262,6 +266,8 @@ impl Sim {
                     .collect();
                 AgentNode {
                     name: format!("host-{i:02}"),
+                    clock_offset_ms: rng.random_range(0..1_000_000_000),
+                    clock_rate_ppm: rng.random_range(-20_000..20_000),
                     core: None,
                     incarnation: 0,
                     conn: None,
@@ -378,6 +384,13 @@ impl Sim {
         }
     }
 
+    /// Agent `i`'s reading of the clock now.
+    fn agent_clock(&self, i: usize) -> u64 {
+        let node = &self.agents[i];
+        let drift = (self.now_ms as i128 * node.clock_rate_ppm as i128 / 1_000_000) as i64;
+        (node.clock_offset_ms as i64 + self.now_ms as i64 + drift) as u64
+    }
+
     fn faults_on(&self) -> bool {
         self.now_ms < self.scenario.fault_window_ms
     }
@@ -427,6 +440,7 @@ impl Sim {
 
     fn start_agent(&mut self, i: usize) {
         let now = self.now_ms;
+        let agent_now = self.agent_clock(i);
         let node = &mut self.agents[i];
         node.incarnation += 1;
         let recovered = node
@@ -478,9 +492,10 @@ impl Sim {
                 }
                 let samples = self.gpu_samples(i);
                 let mut out = Vec::new();
+                let now = self.agent_clock(i);
                 let core = self.agents[i].core.as_mut().unwrap();
-                core.on_gpu_sample(self.now_ms, samples, &mut out);
-                core.tick(self.now_ms, &mut out);
+                core.on_gpu_sample(now, samples, &mut out);
+                core.tick(now, &mut out);
                 self.agent_outputs(i, out);
                 self.at(TICK_MS, Event::AgentTick(i));
             }
@@ -666,7 +681,8 @@ impl Sim {
         );
         self.agents[i].conn = Some(id);
         let mut out = Vec::new();
-        self.agents[i].core.as_mut().unwrap().connected(self.now_ms, &mut out);
+        let now = self.agent_clock(i);
+        self.agents[i].core.as_mut().unwrap().connected(now, &mut out);
         self.agent_outputs(i, out);
     }
 
@@ -799,8 +815,9 @@ impl Sim {
 
     fn runtime_event(&mut self, i: usize, event: RuntimeEvent) {
         let mut out = Vec::new();
+        let now = self.agent_clock(i);
         if let Some(core) = self.agents[i].core.as_mut() {
-            core.on_runtime(self.now_ms, event, &mut out);
+            core.on_runtime(now, event, &mut out);
         }
         self.agent_outputs(i, out);
     }
@@ -877,8 +894,9 @@ impl Sim {
                 }
                 let reconcile = matches!(msg, ControllerMsg::Reconcile { .. });
                 let mut out = Vec::new();
+                let now = self.agent_clock(agent);
                 let Some(core) = self.agents[agent].core.as_mut() else { return };
-                core.on_message(self.now_ms, msg, &mut out);
+                core.on_message(now, msg, &mut out);
                 self.agent_outputs(agent, out);
                 if reconcile {
                     let node = &mut self.agents[agent];
