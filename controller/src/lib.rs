@@ -1,5 +1,7 @@
 //! The controller: scheduling core (no I/O), durable store.
 
+pub mod api;
 pub mod core;
+pub mod daemon;
 pub mod model;
 pub mod store;

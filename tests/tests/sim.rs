@@ -35,7 +35,9 @@ fn invariants_hold_under_all_faults() {
 #[test]
 fn the_same_seed_replays_the_same_run() {
     let scenario = Scenario::ci();
-    for seed in seeds::from_env(5) {
+    // Replays are checked on a few seeds (or the one asked for), not on every CI seed.
+    let seeds = if std::env::var("COSMOS_SIM_SEED").is_ok() { seeds::from_env(1) } else { vec![0, 1, 2, 3, 4] };
+    for seed in seeds {
         let (a, b) = (run_seed(&scenario, seed), run_seed(&scenario, seed));
         println!("seed {seed}: trace hash {:016x}", a.trace_hash);
         assert_eq!(a.trace_hash, b.trace_hash, "seed {seed} did not replay identically");

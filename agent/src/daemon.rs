@@ -1,0 +1,571 @@
+//! The agent's shell: connects to the controller, feeds the [`AgentCore`]
+//! with messages, runtime events and clock ticks, and performs its outputs.
+//!
+//! Tasks: one reads frames from the controller, one writes them (writes are
+//! not cancel-safe, so they happen in one place only), one dials; the main
+//! loop owns the core and the runtime. Attempts outlive the connection and
+//! the agent itself: on shutdown they keep running and the next agent
+//! process adopts them.
+
+use crate::core::{AgentConfig, AgentCore, Output};
+use crate::process::ProcessRuntime;
+use crate::runtime::{EVENT_QUEUE_LEN, Runtime, StartRequest};
+use cosmos_proto::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT_MS, HandshakeError, Hello, Refusal, Role, Token};
+use cosmos_proto::{AgentMsg, Connection, ControllerMsg, GpuInfo, GpuUsage, RecvError};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::pin::pin;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// How often the core's clock advances (heartbeats, timeouts) and simulated GPUs are sampled.
+const TICK_MS: u64 = 100;
+/// Bound on a TCP connect; the handshake has its own.
+const CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// Messages waiting for the writer before runtime events are held back (log readers then wait).
+const OUTBOX_LEN: usize = 64;
+/// Messages handed to the writer task ahead of the socket.
+const WRITER_QUEUE_LEN: usize = 16;
+/// Messages read ahead from the controller.
+const READER_QUEUE_LEN: usize = 64;
+/// How long shutdown waits for queued messages to reach the socket.
+const CLOSE_TIMEOUT_MS: u64 = 2_000;
+
+/// How to run an agent.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// The controller's agent port, `host:port`.
+    pub controller_addr: String,
+    /// Shared token presented in the handshake.
+    pub token: Token,
+    /// This agent's name (its node id), usually the host name.
+    pub name: String,
+    /// Where attempts' directories (records, logs, outputs) live.
+    pub work_dir: PathBuf,
+    /// GPUs offered.
+    pub gpus: Vec<GpuInfo>,
+    /// The GPUs are simulated (no NVML): usage is reported as all free.
+    pub gpus_simulated: bool,
+    /// Largest frame sent or accepted.
+    pub max_frame_bytes: u32,
+    /// The core's tunables.
+    pub config: AgentConfig,
+    /// First wait before redialling the controller.
+    pub reconnect_min_ms: u64,
+    /// Longest wait between dials.
+    pub reconnect_max_ms: u64,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The controller refused this agent for good (token, version, name).
+    #[error("the controller at {addr} refused this agent: {refusal}")]
+    Refused {
+        /// The controller's address.
+        addr: String,
+        /// Its reason.
+        refusal: Refusal,
+    },
+    /// Whatever listens at the address does not speak this agent's protocol.
+    #[error("cannot talk to the controller at {addr}: {source}")]
+    Protocol {
+        /// The controller's address.
+        addr: String,
+        /// What went wrong.
+        #[source]
+        source: HandshakeError,
+    },
+    /// The controller address is not `host:port`.
+    #[error("controller address `{addr}` is not HOST:PORT (e.g. controller.example:7070)")]
+    BadAddress {
+        /// What was given.
+        addr: String,
+    },
+    /// The work directory cannot be used.
+    #[error("cannot use the agent's work directory {path}: {source}")]
+    WorkDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs the agent until `shutdown` resolves (then returns `Ok`, leaving
+/// attempts running) or the controller refuses it for good.
+pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let valid_addr = opts
+        .controller_addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+    if !valid_addr {
+        return Err(AgentError::BadAddress { addr: opts.controller_addr.clone() });
+    }
+    std::fs::create_dir_all(&opts.work_dir)
+        .map_err(|source| AgentError::WorkDir { path: opts.work_dir.clone(), source })?;
+    let mut gpus = opts.gpus.clone();
+    if opts.gpus_simulated {
+        qualify_simulated_uuids(&opts.name, &mut gpus);
+    }
+    let clock = std::time::Instant::now();
+    let incarnation = incarnation();
+    let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE_LEN);
+    let mut runtime = ProcessRuntime::new(opts.work_dir.clone(), event_tx);
+    let recovered = runtime.recover();
+    let adopted = recovered.iter().filter(|r| r.exited.is_none()).count();
+    tracing::info!(
+        agent = opts.name,
+        controller = opts.controller_addr,
+        gpus = gpus.len(),
+        adopted,
+        ended_while_away = recovered.len() - adopted,
+        "agent starting"
+    );
+    let core = AgentCore::new(
+        clock.elapsed().as_millis() as u64,
+        opts.config.clone(),
+        gpus.clone(),
+        opts.gpus_simulated,
+        runtime.name(),
+        incarnation,
+        recovered,
+    );
+    let backoff = Backoff::new(opts.reconnect_min_ms, opts.reconnect_max_ms, incarnation);
+    let shell = Shell { opts, gpus, clock, core, runtime, link: None, outbox: VecDeque::new(), backoff };
+    shell.run(event_rx, shutdown).await
+}
+
+/// Parses `--simulated-gpus COUNTxSIZE`, e.g. `8x80GiB` or `2x24GB`.
+///
+/// Units: `GiB`, `MiB`, `TiB` (powers of 1024) and `GB`, `MB`, `TB` (powers
+/// of 1000), in any case. The GPUs get uuids `GPU-sim-<index>`; the agent
+/// adds its name to them (`GPU-sim-<name>-<index>`) when it starts.
+pub fn parse_simulated_gpus(s: &str) -> Result<Vec<GpuInfo>, String> {
+    let form = "expected COUNTxSIZE, such as 8x80GiB (units GiB, MiB, TiB, GB, MB, TB)";
+    let s = s.trim();
+    let Some((count, size)) = s.split_once(['x', 'X']) else {
+        return Err(format!("`{s}`: {form}"));
+    };
+    let count: u32 =
+        count.trim().parse().ok().filter(|c| (1..=cosmos_proto::spec::MAX_GPUS).contains(c)).ok_or_else(|| {
+            format!("GPU count `{count}` must be a whole number from 1 to {}", cosmos_proto::spec::MAX_GPUS)
+        })?;
+    let size = size.trim();
+    let split = size.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(size.len());
+    let (number, unit) = (&size[..split], size[split..].trim());
+    let (unit, factor): (&str, f64) = match unit.to_ascii_lowercase().as_str() {
+        "gib" => ("GiB", (1u64 << 30) as f64),
+        "mib" => ("MiB", (1u64 << 20) as f64),
+        "tib" => ("TiB", (1u64 << 40) as f64),
+        "gb" => ("GB", 1e9),
+        "mb" => ("MB", 1e6),
+        "tb" => ("TB", 1e12),
+        "" => return Err(format!("size `{size}` has no unit: {form}")),
+        other => return Err(format!("unknown unit `{other}` in `{size}`: {form}")),
+    };
+    let value: f64 =
+        number.parse().ok().filter(|v: &f64| v.is_finite()).ok_or_else(|| format!("size `{size}`: {form}"))?;
+    let bytes = (value * factor).round();
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("size `{size}` must be more than 0 bytes and less than 16 EiB"));
+    }
+    Ok((0..count)
+        .map(|index| GpuInfo {
+            index,
+            uuid: format!("GPU-sim-{index}"),
+            name: format!("Simulated GPU ({number} {unit})"),
+            total_vram_bytes: bytes as u64,
+        })
+        .collect())
+}
+
+/// `GPU-sim-<index>` becomes `GPU-sim-<name>-<index>`, so simulated GPUs are
+/// told apart across hosts in logs and listings.
+fn qualify_simulated_uuids(name: &str, gpus: &mut [GpuInfo]) {
+    for g in gpus {
+        if let Some(rest) = g.uuid.strip_prefix("GPU-sim-") {
+            if !rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit()) {
+                g.uuid = format!("GPU-sim-{name}-{rest}");
+            }
+        }
+    }
+}
+
+/// A live connection, as the main loop holds it (the receiving side is kept apart, see [`Link::open`]).
+struct Link {
+    /// Messages to the writer task; closed: the connection is gone.
+    tx: mpsc::Sender<AgentMsg>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+/// Messages from the reader task; an `Err` or the end: the connection is gone.
+type Incoming = mpsc::Receiver<Result<ControllerMsg, RecvError>>;
+
+impl Link {
+    fn open(conn: Connection<TcpStream>) -> (Link, Incoming) {
+        let (mut reader, mut writer) = conn.split();
+        let (in_tx, rx) = mpsc::channel(READER_QUEUE_LEN);
+        let reader = tokio::spawn(async move {
+            loop {
+                let (msg, last) = match reader.recv::<ControllerMsg>().await {
+                    Ok(Some(msg)) => (Ok(msg), false),
+                    Ok(None) => return,
+                    Err(e) => (Err(e), true),
+                };
+                if in_tx.send(msg).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        let (tx, mut out_rx) = mpsc::channel::<AgentMsg>(WRITER_QUEUE_LEN);
+        let writer = tokio::spawn(async move {
+            while let Some(msg) = out_rx.recv().await {
+                if let Err(e) = writer.send(&msg).await {
+                    tracing::warn!(error = %e, "sending to the controller failed");
+                    return;
+                }
+            }
+            let _ = writer.shutdown().await;
+        });
+        (Link { tx, reader, writer }, rx)
+    }
+
+    /// Drops the connection at once.
+    fn abort(self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
+
+    /// Lets the writer send what it holds and close the connection.
+    async fn close(self) {
+        self.reader.abort();
+        drop(self.tx);
+        let mut writer = self.writer;
+        if tokio::time::timeout(Duration::from_millis(CLOSE_TIMEOUT_MS), &mut writer).await.is_err() {
+            writer.abort();
+        }
+    }
+}
+
+/// Jittered exponential backoff between two bounds.
+struct Backoff {
+    min_ms: u64,
+    max_ms: u64,
+    failures: u32,
+    rng: u64,
+}
+
+impl Backoff {
+    fn new(min_ms: u64, max_ms: u64, seed: u64) -> Backoff {
+        let min_ms = min_ms.max(1);
+        Backoff { min_ms, max_ms: max_ms.max(min_ms), failures: 0, rng: seed | 1 }
+    }
+
+    /// The wait before the next dial: up to `min * 2^failures`, at least half of it, within the bounds.
+    fn next_delay(&mut self) -> Duration {
+        let ceiling = self.min_ms.saturating_mul(1u64 << self.failures.min(32)).min(self.max_ms);
+        self.failures = self.failures.saturating_add(1);
+        let floor = (ceiling / 2).max(self.min_ms).min(ceiling);
+        // xorshift64: jitter only, so agents that lost the controller together do not redial together.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        Duration::from_millis(floor + self.rng % (ceiling - floor + 1))
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// Why a dial failed.
+#[derive(Debug, thiserror::Error)]
+enum DialError {
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("connecting timed out after {CONNECT_TIMEOUT_MS} ms")]
+    ConnectTimeout,
+    #[error("handshake failed: {0}")]
+    Handshake(HandshakeError),
+}
+
+async fn dial(addr: String, hello: Hello, max_frame_bytes: u32) -> Result<Connection<TcpStream>, DialError> {
+    let stream = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), TcpStream::connect(&addr))
+        .await
+        .map_err(|_| DialError::ConnectTimeout)?
+        .map_err(DialError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    let mut conn = Connection::new(stream, max_frame_bytes);
+    handshake::connect(&mut conn, &hello, DEFAULT_HANDSHAKE_TIMEOUT_MS).await.map_err(DialError::Handshake)?;
+    Ok(conn)
+}
+
+/// The main loop's state.
+struct Shell {
+    opts: AgentOptions,
+    gpus: Vec<GpuInfo>,
+    clock: std::time::Instant,
+    core: AgentCore,
+    runtime: ProcessRuntime,
+    link: Option<Link>,
+    /// Messages for the controller, in order, waiting for room in the writer's queue.
+    outbox: VecDeque<AgentMsg>,
+    backoff: Backoff,
+}
+
+impl Shell {
+    /// Milliseconds since the agent started: the core's clock, never the wall clock.
+    fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<crate::core::RuntimeEvent>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), AgentError> {
+        let mut shutdown = pin!(shutdown);
+        let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let hello = Hello { role: Role::Agent, node_id: self.opts.name.clone(), token: self.opts.token.clone() };
+        let mut dialing: Option<JoinHandle<Result<Connection<TcpStream>, DialError>>> = None;
+        let mut next_dial = Instant::now();
+        // The last dial failure, so a controller that stays down is logged once, not at every retry.
+        let mut last_failure: Option<String> = None;
+        let mut failures = 0u32;
+        let mut incoming: Option<Incoming> = None;
+        loop {
+            let mut out = Vec::new();
+            let mut lost: Option<String> = None;
+            // The futures below borrow only locals, so their handlers may use `self` freely.
+            let writer_tx = if self.outbox.is_empty() { None } else { self.link.as_ref().map(|l| l.tx.clone()) };
+            let events_open = self.outbox.len() < OUTBOX_LEN;
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                _ = tick.tick() => {
+                    let now = self.now_ms();
+                    self.core.tick(now, &mut out);
+                    if self.opts.gpus_simulated {
+                        let samples = self.gpus.iter().map(|g| GpuUsage {
+                            uuid: g.uuid.clone(),
+                            used_vram_bytes: 0,
+                            free_vram_bytes: g.total_vram_bytes,
+                            foreign_vram_bytes: 0,
+                            utilization_pct: None,
+                            temperature_c: None,
+                            healthy: true,
+                        }).collect();
+                        self.core.on_gpu_sample(now, samples, &mut out);
+                    }
+                }
+                joined = async { dialing.as_mut().expect("guarded").await }, if dialing.is_some() => {
+                    dialing = None;
+                    let result = joined.unwrap_or_else(|e| {
+                        Err(DialError::Connect(std::io::Error::other(format!("dial task failed: {e}"))))
+                    });
+                    match result {
+                        Ok(conn) => {
+                            tracing::info!(controller = self.opts.controller_addr, failed_dials = failures, "connected to the controller");
+                            failures = 0;
+                            last_failure = None;
+                            self.backoff.reset();
+                            let (link, rx) = Link::open(conn);
+                            self.link = Some(link);
+                            incoming = Some(rx);
+                            self.outbox.clear();
+                            let now = self.now_ms();
+                            self.core.connected(now, &mut out);
+                        }
+                        Err(DialError::Handshake(HandshakeError::Refused(refusal)))
+                            if !matches!(refusal, Refusal::Other(_)) =>
+                        {
+                            return Err(AgentError::Refused { addr: self.opts.controller_addr.clone(), refusal });
+                        }
+                        Err(DialError::Handshake(e)) if !e.is_retryable() && !matches!(e, HandshakeError::Refused(_)) => {
+                            return Err(AgentError::Protocol { addr: self.opts.controller_addr.clone(), source: e });
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            let delay = self.backoff.next_delay();
+                            let message = e.to_string();
+                            if last_failure.as_deref() != Some(message.as_str()) {
+                                tracing::warn!(
+                                    controller = self.opts.controller_addr,
+                                    error = %message,
+                                    retry_max_ms = self.backoff.max_ms,
+                                    "cannot reach the controller; retrying with backoff (repeats of this error are not logged)"
+                                );
+                                last_failure = Some(message);
+                            } else {
+                                tracing::debug!(controller = self.opts.controller_addr, error = %message, "dial failed again");
+                            }
+                            next_dial = Instant::now() + delay;
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(next_dial), if dialing.is_none() && incoming.is_none() => {
+                    let addr = self.opts.controller_addr.clone();
+                    dialing = Some(tokio::spawn(dial(addr, hello.clone(), self.opts.max_frame_bytes)));
+                }
+                msg = async { incoming.as_mut().expect("guarded").recv().await }, if incoming.is_some() => {
+                    match msg {
+                        Some(Ok(msg)) => {
+                            if let ControllerMsg::AckFinished { attempt_ids } = &msg {
+                                for &id in attempt_ids {
+                                    self.runtime.acknowledged(id);
+                                }
+                            }
+                            let now = self.now_ms();
+                            self.core.on_message(now, msg, &mut out);
+                        }
+                        Some(Err(e)) => lost = Some(format!("reading from the controller failed: {e}")),
+                        None => lost = Some("the controller closed the connection".into()),
+                    }
+                }
+                permit = async { writer_tx.expect("guarded").reserve_owned().await }, if writer_tx.is_some() => {
+                    match permit {
+                        Ok(permit) => {
+                            if let Some(msg) = self.outbox.pop_front() {
+                                permit.send(msg);
+                            }
+                        }
+                        Err(_) => lost = Some("sending to the controller failed".into()),
+                    }
+                }
+                Some(event) = events.recv(), if events_open => {
+                    let now = self.now_ms();
+                    self.core.on_runtime(now, event, &mut out);
+                }
+            }
+            if let Some(reason) = self.perform(out) {
+                lost = Some(reason);
+            }
+            if let Some(reason) = lost {
+                incoming = None;
+                if let Some(link) = self.link.take() {
+                    tracing::warn!(controller = self.opts.controller_addr, %reason, "lost the controller; reconnecting");
+                    link.abort();
+                    self.core.disconnected();
+                    self.outbox.clear();
+                    next_dial = Instant::now() + self.backoff.next_delay();
+                }
+            }
+        }
+        tracing::info!("agent shutting down; running attempts keep running and are adopted at the next start");
+        if let Some(task) = dialing {
+            task.abort();
+        }
+        if let Some(link) = self.link.take() {
+            self.core.disconnected();
+            link.close().await;
+        }
+        Ok(())
+    }
+
+    /// Carries out the core's outputs; returns why the link must be dropped, if it must.
+    fn perform(&mut self, out: Vec<Output>) -> Option<String> {
+        let mut lost = None;
+        for o in out {
+            match o {
+                Output::Send(msg) => {
+                    // Not connected: the core re-reports what matters in its next hello.
+                    if self.link.is_some() {
+                        self.outbox.push_back(msg);
+                    }
+                }
+                Output::Start { attempt_id, job_id, epoch, spec, gpu_uuids } => {
+                    let gpu_indices = gpu_uuids
+                        .iter()
+                        .filter_map(|u| self.gpus.iter().find(|g| &g.uuid == u).map(|g| g.index))
+                        .collect();
+                    let work_dir = self.runtime.attempt_dir(attempt_id);
+                    tracing::info!(attempt = %attempt_id, job = %job_id, gpus = ?gpu_uuids, "starting attempt");
+                    self.runtime.start(StartRequest {
+                        attempt_id,
+                        job_id,
+                        epoch,
+                        spec: *spec,
+                        gpu_uuids,
+                        gpu_indices,
+                        work_dir,
+                    });
+                }
+                Output::Stop { attempt_id, grace_ms } => {
+                    tracing::info!(attempt = %attempt_id, grace_ms, "stopping attempt");
+                    self.runtime.stop(attempt_id, grace_ms);
+                }
+                Output::Reconnect => {
+                    lost = Some(format!("no heartbeat acknowledged for {} ms", self.opts.config.ack_timeout_ms));
+                }
+            }
+        }
+        lost
+    }
+}
+
+/// Differs at every agent start, so the controller tells a restart from a reconnect.
+fn incarnation() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 40)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simulated_gpus_parse_with_their_units() {
+        let gpus = parse_simulated_gpus("8x80GiB").unwrap();
+        assert_eq!(gpus.len(), 8);
+        assert_eq!(gpus[7].index, 7);
+        assert_eq!(gpus[7].uuid, "GPU-sim-7");
+        assert_eq!(gpus[0].name, "Simulated GPU (80 GiB)");
+        assert_eq!(gpus[0].total_vram_bytes, 80 << 30);
+        assert_eq!(parse_simulated_gpus("2x24GB").unwrap()[1].total_vram_bytes, 24_000_000_000);
+        assert_eq!(parse_simulated_gpus(" 1 x 512mib ").unwrap()[0].total_vram_bytes, 512 << 20);
+        assert_eq!(parse_simulated_gpus("1x0.5GiB").unwrap()[0].total_vram_bytes, 512 << 20);
+    }
+
+    #[test]
+    fn bad_simulated_gpus_say_what_is_wrong() {
+        for (input, says) in [
+            ("8", "COUNTxSIZE"),
+            ("0x80GiB", "count"),
+            ("65x80GiB", "count"),
+            ("ax80GiB", "count"),
+            ("8x80", "no unit"),
+            ("8x80PB", "unknown unit"),
+            ("8xGiB", "8x80GiB"),
+            ("8x0GiB", "more than 0"),
+        ] {
+            let err = parse_simulated_gpus(input).expect_err(input);
+            assert!(err.contains(says), "{input}: {err}");
+        }
+    }
+
+    #[test]
+    fn simulated_uuids_carry_the_agent_name() {
+        let mut gpus = parse_simulated_gpus("2x1GiB").unwrap();
+        gpus.push(GpuInfo { index: 2, uuid: "GPU-1234".into(), name: "real".into(), total_vram_bytes: 1 });
+        qualify_simulated_uuids("host-a", &mut gpus);
+        let uuids: Vec<&str> = gpus.iter().map(|g| g.uuid.as_str()).collect();
+        assert_eq!(uuids, ["GPU-sim-host-a-0", "GPU-sim-host-a-1", "GPU-1234"]);
+    }
+
+    #[test]
+    fn backoff_grows_within_its_bounds_and_resets() {
+        let mut b = Backoff::new(100, 1_000, 42);
+        let delays: Vec<u64> = (0..10).map(|_| b.next_delay().as_millis() as u64).collect();
+        assert!(delays.iter().all(|&d| (100..=1_000).contains(&d)), "{delays:?}");
+        assert!(delays[6..].iter().all(|&d| d >= 500), "{delays:?}");
+        b.reset();
+        assert!(b.next_delay().as_millis() <= 100);
+    }
+}

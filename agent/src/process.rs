@@ -1,0 +1,718 @@
+//! The process runtime: each attempt is a plain child process in its own
+//! process group, with no container around it.
+//!
+//! Layout on disk, under the agent's work directory:
+//!
+//! ```text
+//! attempts/<attempt id>/attempt.json   what was started (written before `Started` is reported)
+//! attempts/<attempt id>/stdout.log     the child's standard output, as it wrote it
+//! attempts/<attempt id>/stderr.log     its standard error
+//! attempts/<attempt id>/exit.json      how it ended (written before `Exited` is reported)
+//! attempts/<attempt id>/acknowledged   the controller has recorded the outcome
+//! ```
+//!
+//! The child writes its output straight into the log files, not into pipes
+//! held by the agent: a pipe would break when the agent restarts, and the
+//! child's next write would kill it with `SIGPIPE`. The agent tails the files
+//! instead, so an attempt survives an agent restart, and the restarted agent
+//! finds it again from `attempt.json` (see [`ProcessRuntime::recover`]).
+//!
+//! Like a container's processes when its first process exits, whatever is
+//! left in an attempt's process group when its leader exits is killed.
+
+use crate::core::{ExitStatus, Recovered, RuntimeEvent};
+use crate::runtime::{EventSender, Runtime, StartRequest};
+use cosmos_proto::spec::ArtifactRef;
+use cosmos_proto::{AttemptId, Epoch, JobId, LogStream, MAX_LOG_CHUNK_BYTES, Sha256};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+/// The record of a started attempt, in its directory.
+pub const RECORD_FILE: &str = "attempt.json";
+/// How an attempt ended, in its directory.
+pub const EXIT_FILE: &str = "exit.json";
+/// Marks an attempt whose outcome the controller has recorded.
+pub const ACK_FILE: &str = "acknowledged";
+/// The child's standard output.
+pub const STDOUT_FILE: &str = "stdout.log";
+/// The child's standard error.
+pub const STDERR_FILE: &str = "stderr.log";
+
+/// How often a log file is checked for new output while its writer is quiet.
+const LOG_POLL_MS: u64 = 50;
+/// How often an adopted attempt's process group is checked.
+const ADOPTED_POLL_MS: u64 = 500;
+/// Longest output line kept for progress parsing; longer ones keep their tail.
+const MAX_PROGRESS_LINE_BYTES: usize = 4096;
+/// Variables of the agent's own environment that a job inherits; the rest
+/// (tokens among them) stay with the agent.
+const INHERITED_ENV: &[&str] =
+    &["PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "LD_LIBRARY_PATH"];
+/// Why an image cannot run here, and what to do.
+const NO_IMAGES: &str = "this agent runs the process runtime, which cannot run container images; \
+                         start the agent with the Docker runtime or remove `image`";
+
+/// What `attempt.json` holds: enough for a restarted agent to find and judge
+/// what it left behind.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// The attempt.
+    pub attempt_id: AttemptId,
+    /// Its job.
+    pub job_id: JobId,
+    /// The controller epoch that ordered it.
+    pub epoch: Epoch,
+    /// Its GPUs.
+    pub gpu_uuids: Vec<String>,
+    /// The child's process id.
+    pub pid: u32,
+    /// Its process group (equal to `pid`: the child leads its own group).
+    pub pgid: i32,
+    /// Wall-clock start, in milliseconds since the Unix epoch (host-local use only).
+    pub started_unix_ms: u64,
+    /// The attempt's time limit.
+    pub timeout_ms: u64,
+    /// The job's working directory.
+    pub work_dir: PathBuf,
+    /// Outputs the spec expects, relative to `work_dir`.
+    pub outputs: Vec<String>,
+    /// The kernel's boot id at start: a group id from another boot is not ours.
+    pub boot_id: Option<String>,
+    /// The leader's start time in clock ticks since boot: tells our leader from a reused pid.
+    pub start_ticks: Option<u64>,
+}
+
+/// What `exit.json` holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct ExitRecord {
+    code: Option<i32>,
+    signal: Option<i32>,
+}
+
+impl ExitRecord {
+    fn status(&self) -> ExitStatus {
+        ExitStatus { code: self.code, signal: self.signal, oom_killed: false }
+    }
+}
+
+/// An attempt this runtime is watching.
+#[derive(Clone, Copy, Debug)]
+struct Live {
+    pgid: i32,
+    /// Its leader (or, when adopted, its whole group) is gone; `Exited` is on its way.
+    exited: bool,
+}
+
+type LiveMap = Arc<Mutex<HashMap<AttemptId, Live>>>;
+
+/// Runs attempts as local processes, each in its own process group.
+pub struct ProcessRuntime {
+    root_dir: PathBuf,
+    events: EventSender,
+    live: LiveMap,
+    tasks: Vec<AbortHandle>,
+}
+
+impl ProcessRuntime {
+    /// A runtime keeping its attempts under `root_dir/attempts/`, reporting on `events`.
+    pub fn new(root_dir: PathBuf, events: EventSender) -> ProcessRuntime {
+        ProcessRuntime { root_dir, events, live: Arc::new(Mutex::new(HashMap::new())), tasks: Vec::new() }
+    }
+
+    /// The directory of one attempt: its record, logs and (as the job's working directory) its files.
+    pub fn attempt_dir(&self, attempt_id: AttemptId) -> PathBuf {
+        self.root_dir.join("attempts").join(attempt_id.to_string())
+    }
+
+    /// Attempts currently watched (running, or exited with `Exited` not yet sent).
+    pub fn live_attempts(&self) -> Vec<AttemptId> {
+        let mut ids: Vec<AttemptId> = lock(&self.live).keys().copied().collect();
+        ids.sort();
+        ids
+    }
+
+    fn spawn_task(&mut self, fut: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.retain(|t| !t.is_finished());
+        self.tasks.push(tokio::spawn(fut).abort_handle());
+    }
+
+    fn send_later(&mut self, event: RuntimeEvent) {
+        let events = self.events.clone();
+        self.spawn_task(async move {
+            let _ = events.send(event).await;
+        });
+    }
+
+    fn try_start(&mut self, req: &StartRequest) -> Result<(), (String, bool)> {
+        if req.spec.image.is_some() {
+            return Err((NO_IMAGES.to_string(), false));
+        }
+        let Some(program) = req.spec.command.first().filter(|p| !p.is_empty()) else {
+            return Err(("the job's `command` is empty: give a program to run".into(), false));
+        };
+        let dir = self.attempt_dir(req.attempt_id);
+        for d in [&dir, &req.work_dir] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| (format!("cannot create the attempt directory {}: {e}", d.display()), true))?;
+        }
+        if dir.join(RECORD_FILE).exists() {
+            return Err((
+                format!("attempt {} was already started on this host (see {})", req.attempt_id, dir.display()),
+                false,
+            ));
+        }
+        let log = |name: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(name))
+                .map_err(|e| (format!("cannot create {}: {e}", dir.join(name).display()), true))
+        };
+        let (stdout, stderr) = (log(STDOUT_FILE)?, log(STDERR_FILE)?);
+
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(&req.spec.command[1..])
+            .current_dir(&req.work_dir)
+            .env_clear()
+            .envs(INHERITED_ENV.iter().filter_map(|k| std::env::var_os(k).map(|v| (*k, v))))
+            // CUDA's own numbering then agrees with the driver's (NVML's, nvidia-smi's).
+            .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+            .envs(&req.spec.env)
+            .env("CUDA_VISIBLE_DEVICES", req.gpu_indices.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+            .env("COSMOS_ATTEMPT_ID", req.attempt_id.to_string())
+            .env("COSMOS_JOB_ID", req.job_id.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr))
+            .process_group(0)
+            .kill_on_drop(false);
+        let child = cmd.spawn().map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => (
+                format!(
+                    "cannot start `{program}`: program not found; install it on the agent host or give its full path"
+                ),
+                false,
+            ),
+            io::ErrorKind::PermissionDenied => {
+                (format!("cannot start `{program}`: permission denied; make it executable by the agent's user"), false)
+            }
+            _ => (format!("cannot start `{program}`: {e}"), true),
+        })?;
+        let Some(pid) = child.id() else {
+            return Err((format!("`{program}` exited before it could be tracked"), true));
+        };
+        let pgid = pid as i32;
+        let record = AttemptRecord {
+            attempt_id: req.attempt_id,
+            job_id: req.job_id,
+            epoch: req.epoch,
+            gpu_uuids: req.gpu_uuids.clone(),
+            pid,
+            pgid,
+            started_unix_ms: unix_ms(),
+            timeout_ms: req.spec.timeout_ms,
+            work_dir: req.work_dir.clone(),
+            outputs: req.spec.outputs.iter().map(|o| o.path.clone()).collect(),
+            boot_id: boot_id(),
+            start_ticks: start_ticks(pid),
+        };
+        if let Err(e) = write_json(&dir.join(RECORD_FILE), &record) {
+            // Untracked, it could not be found again after a restart: do not let it run.
+            signal_group(pgid, libc::SIGKILL);
+            return Err((format!("cannot write {}: {e}", dir.join(RECORD_FILE).display()), true));
+        }
+        lock(&self.live).insert(req.attempt_id, Live { pgid, exited: false });
+        let watch = Watch { record, dir, events: self.events.clone(), live: self.live.clone() };
+        self.spawn_task(async move {
+            let handle = format!("pgid:{pgid}");
+            if watch.events.send(RuntimeEvent::Started { attempt_id: watch.record.attempt_id, handle }).await.is_ok() {
+                watch.run(Leader::Child(child)).await;
+            }
+        });
+        Ok(())
+    }
+
+    fn recover_one(&mut self, dir: &Path) -> Option<Recovered> {
+        let record_path = dir.join(RECORD_FILE);
+        let text = std::fs::read(&record_path).ok()?;
+        let record: AttemptRecord = match serde_json::from_slice(&text) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(path = %record_path.display(), error = %e, "ignoring an unreadable attempt record");
+                return None;
+            }
+        };
+        if dir.join(ACK_FILE).exists() || lock(&self.live).contains_key(&record.attempt_id) {
+            return None;
+        }
+        let recovered = |exited, remaining_ms| Recovered {
+            attempt_id: record.attempt_id,
+            job_id: record.job_id,
+            gpu_uuids: record.gpu_uuids.clone(),
+            exited,
+            remaining_ms,
+        };
+        if let Ok(text) = std::fs::read(dir.join(EXIT_FILE)) {
+            if let Ok(exit) = serde_json::from_slice::<ExitRecord>(&text) {
+                return Some(recovered(Some(exit.status()), None));
+            }
+        }
+        if !is_ours(&record) {
+            // It ended while no agent watched it: how is not known.
+            let exit = ExitRecord { code: None, signal: None };
+            if let Err(e) = write_json(&dir.join(EXIT_FILE), &exit) {
+                tracing::warn!(attempt = %record.attempt_id, error = %e, "cannot record the exit of an attempt");
+            }
+            return Some(recovered(Some(exit.status()), None));
+        }
+        let elapsed_ms = unix_ms().saturating_sub(record.started_unix_ms);
+        let remaining_ms = record.timeout_ms.saturating_sub(elapsed_ms);
+        tracing::info!(attempt = %record.attempt_id, pgid = record.pgid, remaining_ms, "adopting a running attempt");
+        lock(&self.live).insert(record.attempt_id, Live { pgid: record.pgid, exited: false });
+        let result = recovered(None, Some(remaining_ms));
+        let watch = Watch { record, dir: dir.to_path_buf(), events: self.events.clone(), live: self.live.clone() };
+        self.spawn_task(watch.run(Leader::Adopted));
+        Some(result)
+    }
+
+    /// The controller has durably recorded how this attempt ended: a restarted
+    /// agent need not report it again. Its directory (logs, outputs) stays.
+    pub fn acknowledge(&mut self, attempt_id: AttemptId) {
+        let dir = self.attempt_dir(attempt_id);
+        if dir.join(RECORD_FILE).exists() {
+            if let Err(e) = std::fs::write(dir.join(ACK_FILE), b"") {
+                tracing::warn!(attempt = %attempt_id, error = %e, "cannot mark an attempt acknowledged");
+            }
+        }
+    }
+}
+
+impl Runtime for ProcessRuntime {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn start(&mut self, req: StartRequest) {
+        if let Err((reason, retryable)) = self.try_start(&req) {
+            tracing::warn!(attempt = %req.attempt_id, %reason, "attempt did not start");
+            self.send_later(RuntimeEvent::StartFailed { attempt_id: req.attempt_id, reason, retryable });
+        }
+    }
+
+    fn stop(&mut self, attempt_id: AttemptId, grace_ms: u64) {
+        let live = lock(&self.live).get(&attempt_id).copied();
+        match live {
+            None => {
+                // Nothing runs under this id: it is as good as killed.
+                let status = ExitStatus { code: None, signal: Some(libc::SIGKILL), oom_killed: false };
+                self.send_later(RuntimeEvent::Exited { attempt_id, status, outputs: Vec::new() });
+            }
+            Some(Live { exited: true, .. }) => {} // Its `Exited` is on its way.
+            Some(Live { pgid, exited: false }) if grace_ms == 0 => signal_group(pgid, libc::SIGKILL),
+            Some(Live { pgid, exited: false }) => {
+                signal_group(pgid, libc::SIGTERM);
+                let live = self.live.clone();
+                self.spawn_task(async move {
+                    tokio::time::sleep(Duration::from_millis(grace_ms)).await;
+                    let still_running = lock(&live).get(&attempt_id).is_some_and(|l| !l.exited && l.pgid == pgid);
+                    if still_running && group_exists(pgid) {
+                        tracing::info!(attempt = %attempt_id, pgid, grace_ms, "attempt outlived its grace; killing");
+                        signal_group(pgid, libc::SIGKILL);
+                    }
+                });
+            }
+        }
+    }
+
+    /// Finds what a previous agent process left: attempts whose process group
+    /// still runs are adopted (watched until the group is gone, then reported
+    /// with an unknown exit code); attempts that ended are reported with the
+    /// status in their `exit.json`, or as unknown when none was written.
+    fn recover(&mut self) -> Vec<Recovered> {
+        let Ok(entries) = std::fs::read_dir(self.root_dir.join("attempts")) else { return Vec::new() };
+        let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        dirs.sort();
+        dirs.iter().filter_map(|d| self.recover_one(d)).collect()
+    }
+
+    fn acknowledged(&mut self, attempt_id: AttemptId) {
+        self.acknowledge(attempt_id);
+    }
+}
+
+impl Drop for ProcessRuntime {
+    /// Stops watching; the attempts themselves keep running, for the next agent to adopt.
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// How the end of an attempt is observed.
+enum Leader {
+    /// Our own child: its exit status is known.
+    Child(tokio::process::Child),
+    /// Left by a previous agent: only the group's disappearance is seen.
+    Adopted,
+}
+
+/// Watches one attempt: tails its logs, waits for its end, reports it.
+struct Watch {
+    record: AttemptRecord,
+    dir: PathBuf,
+    events: EventSender,
+    live: LiveMap,
+}
+
+impl Watch {
+    async fn run(self, leader: Leader) {
+        let id = self.record.attempt_id;
+        let pgid = self.record.pgid;
+        let (done_tx, done_rx) = watch::channel(false);
+        let progress = Arc::new(Mutex::new(None));
+        let wait = async {
+            let status = match leader {
+                Leader::Child(mut child) => match child.wait().await {
+                    Ok(s) => ExitStatus { code: s.code(), signal: s.signal(), oom_killed: false },
+                    Err(e) => {
+                        tracing::warn!(attempt = %id, error = %e, "cannot wait for an attempt's process");
+                        ExitStatus { code: None, signal: None, oom_killed: false }
+                    }
+                },
+                Leader::Adopted => {
+                    while group_exists(pgid) {
+                        tokio::time::sleep(Duration::from_millis(ADOPTED_POLL_MS)).await;
+                    }
+                    ExitStatus { code: None, signal: None, oom_killed: false }
+                }
+            };
+            if let Some(l) = lock(&self.live).get_mut(&id) {
+                l.exited = true;
+            }
+            // What the leader left behind dies with it, as in a container.
+            if group_exists(pgid) {
+                signal_group(pgid, libc::SIGKILL);
+            }
+            let _ = done_tx.send(true);
+            status
+        };
+        let out = tail(id, self.dir.join(STDOUT_FILE), LogStream::Stdout, &self.events, &progress, done_rx.clone());
+        let err = tail(id, self.dir.join(STDERR_FILE), LogStream::Stderr, &self.events, &progress, done_rx);
+        let (status, (), ()) = tokio::join!(wait, out, err);
+
+        let exit = ExitRecord { code: status.code, signal: status.signal };
+        if let Err(e) = write_json(&self.dir.join(EXIT_FILE), &exit) {
+            tracing::warn!(attempt = %id, error = %e, "cannot record an attempt's exit");
+        }
+        let (work_dir, wanted) = (self.record.work_dir.clone(), self.record.outputs.clone());
+        let outputs =
+            tokio::task::spawn_blocking(move || collect_outputs(&work_dir, &wanted)).await.unwrap_or_default();
+        let _ = self.events.send(RuntimeEvent::Exited { attempt_id: id, status, outputs }).await;
+        lock(&self.live).remove(&id);
+    }
+}
+
+/// Follows one log file from its start, sending what is written as `Log`
+/// events, until `done` is set and everything written before it was read.
+async fn tail(
+    attempt_id: AttemptId,
+    path: PathBuf,
+    stream: LogStream,
+    events: &EventSender,
+    last_progress: &Mutex<Option<(u32, u32)>>,
+    mut done: watch::Receiver<bool>,
+) {
+    let mut file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(attempt = %attempt_id, path = %path.display(), error = %e, "cannot read an attempt's log");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; MAX_LOG_CHUNK_BYTES];
+    let mut offset = 0u64;
+    let mut parser = ProgressParser::default();
+    loop {
+        // Read after seeing `done`: then everything the process wrote is in the file.
+        let finishing = *done.borrow_and_update();
+        let n = match file.read(&mut buf).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(attempt = %attempt_id, path = %path.display(), error = %e, "cannot read an attempt's log");
+                return;
+            }
+        };
+        if n > 0 {
+            let data = buf[..n].to_vec();
+            let mut step = parser.feed(&data);
+            if n < buf.len() {
+                // Caught up with the writer: a pending tqdm-style `\r` update is complete.
+                step = parser.pending().or(step);
+            }
+            let event = RuntimeEvent::Log { attempt_id, stream, offset, data };
+            if events.send(event).await.is_err() {
+                return;
+            }
+            offset += n as u64;
+            if let Some((step, total)) = step {
+                let changed = lock(last_progress).replace((step, total)) != Some((step, total));
+                if changed && events.send(RuntimeEvent::Progress { attempt_id, step, total }).await.is_err() {
+                    return;
+                }
+            }
+            continue;
+        }
+        if finishing {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(LOG_POLL_MS)) => {}
+            _ = done.changed() => {}
+        }
+    }
+}
+
+/// Finds tqdm-style progress (`12/35`) in output: the last `n/m` of each line,
+/// where a line ends at `\n` or `\r` (tqdm redraws its bar after a `\r`).
+#[derive(Debug, Default)]
+pub struct ProgressParser {
+    line: Vec<u8>,
+}
+
+impl ProgressParser {
+    /// Feeds output; returns the progress of the last completed line that had one.
+    pub fn feed(&mut self, data: &[u8]) -> Option<(u32, u32)> {
+        let mut found = None;
+        for &b in data {
+            if b == b'\n' || b == b'\r' {
+                if let Some(p) = last_fraction(&self.line, true) {
+                    found = Some(p);
+                }
+                self.line.clear();
+            } else {
+                if self.line.len() >= MAX_PROGRESS_LINE_BYTES {
+                    self.line.drain(..MAX_PROGRESS_LINE_BYTES / 2);
+                }
+                self.line.push(b);
+            }
+        }
+        found
+    }
+
+    /// Progress in the line not yet ended, when its last `n/m` is followed by
+    /// more text (so the numbers themselves are complete).
+    pub fn pending(&self) -> Option<(u32, u32)> {
+        last_fraction(&self.line, false)
+    }
+}
+
+/// The last `n/m` in `line`, if it is a sensible progress (m > 0, n <= m).
+fn last_fraction(line: &[u8], may_end_line: bool) -> Option<(u32, u32)> {
+    let digits = |range: &[u8]| -> Option<u32> {
+        if range.is_empty() || range.len() > 10 {
+            return None;
+        }
+        std::str::from_utf8(range).ok()?.parse().ok()
+    };
+    let mut i = line.len();
+    while i > 0 {
+        i -= 1;
+        if line[i] != b'/' {
+            continue;
+        }
+        let end = line[i + 1..].iter().position(|b| !b.is_ascii_digit()).map_or(line.len(), |p| i + 1 + p);
+        let start = line[..i].iter().rposition(|b| !b.is_ascii_digit()).map_or(0, |p| p + 1);
+        if end == i + 1 || start == i {
+            continue; // Not digits on both sides.
+        }
+        if end == line.len() && !may_end_line {
+            return None; // The denominator may still be arriving.
+        }
+        let (n, m) = (digits(&line[start..i])?, digits(&line[i + 1..end])?);
+        return (m > 0 && n <= m).then_some((n, m));
+    }
+    None
+}
+
+/// The expected outputs that exist as regular files inside `work_dir`, with digests.
+fn collect_outputs(work_dir: &Path, wanted: &[String]) -> Vec<ArtifactRef> {
+    let Ok(root) = work_dir.canonicalize() else { return Vec::new() };
+    let mut found = Vec::new();
+    for rel in wanted {
+        let path = work_dir.join(rel);
+        let is_file = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file());
+        // A symlinked directory on the way could lead outside the work directory.
+        let inside = path.canonicalize().is_ok_and(|p| p.starts_with(&root));
+        if !(is_file && inside) {
+            continue;
+        }
+        match hash_file(&path) {
+            Ok((sha256, size_bytes)) => found.push(ArtifactRef { path: rel.clone(), sha256, size_bytes }),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read an output"),
+        }
+    }
+    found
+}
+
+/// SHA-256 and size of a file's content.
+pub fn hash_file(path: &Path) -> io::Result<(Sha256, u64)> {
+    use sha2::Digest;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((Sha256(hasher.finalize().into()), size))
+}
+
+/// Whether the record's process group is still the one this record started:
+/// it exists, on the same boot, and its leader (if alive) is the same process.
+fn is_ours(record: &AttemptRecord) -> bool {
+    if !group_exists(record.pgid) {
+        return false;
+    }
+    if let (Some(then), Some(now)) = (&record.boot_id, boot_id()) {
+        if *then != now {
+            return false;
+        }
+    }
+    // While any member of the group lives, its id cannot go to a new process;
+    // a live process with that id is then our leader, unless the group died and the id was reused.
+    match (record.start_ticks, start_ticks(record.pid)) {
+        (Some(then), Some(now)) => then == now,
+        _ => true,
+    }
+}
+
+/// Whether any live (not zombie) process is in group `pgid`.
+///
+/// Zombies count as gone: a process killed while reparented to an init that
+/// is slow to reap (or never reaps, in some containers) no longer runs.
+pub fn group_exists(pgid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks; `pgid > 1` keeps it off our own group and off every process.
+    if pgid <= 1 || unsafe { libc::kill(-pgid, 0) } != 0 {
+        return false;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else { return true };
+    let mut any_member = false;
+    for entry in procs.filter_map(|e| e.ok()) {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        if let Some((state, pgrp)) = proc_state(pid) {
+            if pgrp == pgid {
+                any_member = true;
+                if state != 'Z' {
+                    return true;
+                }
+            }
+        }
+    }
+    // Members but all zombies: gone. No member seen at all: /proc hides them (hidepid), trust kill.
+    !any_member
+}
+
+/// State letter and process group of a process, from `/proc/<pid>/stat`.
+fn proc_state(pid: u32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let pgrp = fields.nth(1)?.parse().ok()?;
+    Some((state, pgrp))
+}
+
+fn signal_group(pgid: i32, signal: i32) {
+    if pgid <= 1 {
+        return; // 0 is our own group, 1 (as -1) every process we may signal.
+    }
+    // SAFETY: plain syscall on a validated group id.
+    if unsafe { libc::killpg(pgid, signal) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            tracing::warn!(pgid, signal, error = %e, "cannot signal an attempt's process group");
+        }
+    }
+}
+
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string())
+}
+
+/// Field 22 of `/proc/<pid>/stat`: when the process started, in ticks since boot.
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from its closing one.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Writes JSON so that a crash leaves either the old file or the new one.
+fn write_json<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&text)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Option<(u32, u32)> {
+        ProgressParser::default().feed(s.as_bytes())
+    }
+
+    #[test]
+    fn progress_is_the_last_fraction_of_a_line() {
+        assert_eq!(parse(" 34%|███▍      | 12/35 [00:01<00:02, 3.50it/s]\n"), Some((12, 35)));
+        assert_eq!(parse("Step 3/10\n"), Some((3, 10)));
+        assert_eq!(parse("1/3\n2/3\n3/3\n"), Some((3, 3)));
+        assert_eq!(parse("\r 1/5 a\r 2/5 a\r"), Some((2, 5)));
+        assert_eq!(parse("loading 2/4 then 7/9\n"), Some((7, 9)));
+        assert_eq!(parse("no progress here\n"), None);
+        assert_eq!(parse("5/0\n"), None);
+        assert_eq!(parse("6/5\n"), None);
+        assert_eq!(parse("a/5 5/b /\n"), None);
+        assert_eq!(parse("99999999999/99999999999\n"), None);
+    }
+
+    #[test]
+    fn an_unended_line_counts_only_when_its_numbers_are_complete() {
+        let mut p = ProgressParser::default();
+        assert_eq!(p.feed(b"\r 3/1"), None);
+        assert_eq!(p.pending(), None);
+        assert_eq!(p.feed(b"0 [00:01]"), None);
+        assert_eq!(p.pending(), Some((3, 10)));
+        assert_eq!(p.feed(b"\r 4/10 [00:02]\n"), Some((4, 10)));
+        assert_eq!(p.pending(), None);
+    }
+}

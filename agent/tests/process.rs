@@ -1,0 +1,360 @@
+//! The process runtime against real processes, each test in its own temp dir.
+
+use cosmos_agent::core::{ExitStatus, Recovered, RuntimeEvent};
+use cosmos_agent::process::{ProcessRuntime, group_exists};
+use cosmos_agent::runtime::{EVENT_QUEUE_LEN, Runtime, StartRequest};
+use cosmos_proto::spec::{ArtifactRef, OutputArtifact};
+use cosmos_proto::{AttemptId, Epoch, JobId, JobSpec, LogStream, MAX_LOG_CHUNK_BYTES, Sha256};
+use sha2::Digest;
+use std::path::Path;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Guards every wait, so a broken runtime fails the test instead of hanging it.
+const WAIT: Duration = Duration::from_secs(30);
+
+fn runtime(root: &Path) -> (ProcessRuntime, mpsc::Receiver<RuntimeEvent>) {
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE_LEN);
+    (ProcessRuntime::new(root.to_path_buf(), tx), rx)
+}
+
+fn request(rt: &ProcessRuntime, id: u64, command: &[&str]) -> StartRequest {
+    let attempt_id = AttemptId(id);
+    StartRequest {
+        attempt_id,
+        job_id: JobId(1000 + id),
+        epoch: Epoch(1),
+        spec: JobSpec::command("test", command.iter().copied()),
+        gpu_uuids: vec!["GPU-test-0".into()],
+        gpu_indices: vec![0],
+        work_dir: rt.attempt_dir(attempt_id),
+    }
+}
+
+/// Everything one attempt reported, up to and including its end.
+#[derive(Debug, Default)]
+struct Seen {
+    started: Option<String>,
+    start_failed: Option<(String, bool)>,
+    logs: Vec<(LogStream, u64, Vec<u8>)>,
+    progress: Vec<(u32, u32)>,
+    exit: Option<(ExitStatus, Vec<ArtifactRef>)>,
+}
+
+impl Seen {
+    fn stream(&self, stream: LogStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (s, offset, data) in &self.logs {
+            if *s == stream {
+                assert_eq!(*offset, out.len() as u64, "offsets count the bytes of each stream");
+                assert!(data.len() <= MAX_LOG_CHUNK_BYTES);
+                out.extend_from_slice(data);
+            }
+        }
+        out
+    }
+
+    fn status(&self) -> &ExitStatus {
+        &self.exit.as_ref().expect("exited").0
+    }
+}
+
+/// Collects events for `id` until it exits or fails to start (or `until` says stop).
+async fn watch_until(
+    rx: &mut mpsc::Receiver<RuntimeEvent>,
+    id: AttemptId,
+    seen: &mut Seen,
+    until: impl Fn(&Seen) -> bool,
+) {
+    while !until(seen) {
+        let event = tokio::time::timeout(WAIT, rx.recv()).await.expect("an event in time").expect("channel open");
+        match event {
+            RuntimeEvent::Started { attempt_id, handle } if attempt_id == id => seen.started = Some(handle),
+            RuntimeEvent::StartFailed { attempt_id, reason, retryable } if attempt_id == id => {
+                seen.start_failed = Some((reason, retryable))
+            }
+            RuntimeEvent::Log { attempt_id, stream, offset, data } if attempt_id == id => {
+                assert!(seen.exit.is_none(), "a log after the exit");
+                seen.logs.push((stream, offset, data))
+            }
+            RuntimeEvent::Progress { attempt_id, step, total } if attempt_id == id => seen.progress.push((step, total)),
+            RuntimeEvent::Exited { attempt_id, status, outputs } if attempt_id == id => {
+                seen.exit = Some((status, outputs))
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn run_to_end(rx: &mut mpsc::Receiver<RuntimeEvent>, id: AttemptId) -> Seen {
+    let mut seen = Seen::default();
+    watch_until(rx, id, &mut seen, |s| s.exit.is_some() || s.start_failed.is_some()).await;
+    seen
+}
+
+/// Waits until the attempt has printed `text` on stdout.
+async fn wait_for_output(rx: &mut mpsc::Receiver<RuntimeEvent>, id: AttemptId, seen: &mut Seen, text: &str) {
+    let text = text.as_bytes().to_vec();
+    watch_until(rx, id, seen, |s| s.stream(LogStream::Stdout).windows(text.len()).any(|w| w == text.as_slice())).await;
+}
+
+fn pgid_of(handle: &str) -> i32 {
+    handle.strip_prefix("pgid:").and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("handle {handle}"))
+}
+
+/// Whether a process runs (a zombie does not).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat[stat.rfind(')').unwrap() + 1..].trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Kills a process group when the test ends, however it ends.
+struct KillOnDrop(i32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.0 > 1 {
+            unsafe { libc::killpg(self.0, libc::SIGKILL) };
+        }
+    }
+}
+
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn exit_codes_are_reported_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rt, mut rx) = runtime(dir.path());
+    rt.start(request(&rt, 1, &["sh", "-c", "exit 0"]));
+    rt.start(request(&rt, 2, &["sh", "-c", "exit 3"]));
+    let ok = run_to_end(&mut rx, AttemptId(1)).await;
+    assert!(ok.started.as_deref().is_some_and(|h| h.starts_with("pgid:")), "{ok:?}");
+    assert_eq!(ok.status(), &ExitStatus { code: Some(0), signal: None, oom_killed: false });
+    // Attempt 2's events may have been consumed above; its record on disk says how it ended.
+    let attempt2 = rt.attempt_dir(AttemptId(2));
+    eventually("attempt 2 exits", || attempt2.join("exit.json").exists()).await;
+    let exit: serde_json::Value = serde_json::from_slice(&std::fs::read(attempt2.join("exit.json")).unwrap()).unwrap();
+    assert_eq!(exit["code"], 3);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(attempt2.join("attempt.json")).unwrap()).unwrap();
+    assert_eq!(record["attempt_id"], 2);
+    assert_eq!(record["job_id"], 1002);
+    assert_eq!(record["timeout_ms"], cosmos_proto::spec::DEFAULT_TIMEOUT_MS);
+    assert!(record["pgid"].as_i64().unwrap() > 1);
+
+    rt.start(request(&rt, 3, &["sh", "-c", "exit 3"]));
+    let failed = run_to_end(&mut rx, AttemptId(3)).await;
+    assert_eq!(failed.status().code, Some(3));
+}
+
+#[tokio::test]
+async fn output_is_streamed_in_order_with_offsets_and_kept_in_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rt, mut rx) = runtime(dir.path());
+    let script = "echo out1; echo err1 >&2; echo out2; printf err2 >&2; head -c 200000 /dev/zero | tr '\\0' a";
+    rt.start(request(&rt, 1, &["sh", "-c", script]));
+    let seen = run_to_end(&mut rx, AttemptId(1)).await;
+    assert_eq!(seen.status().code, Some(0));
+    let stdout = seen.stream(LogStream::Stdout);
+    let stderr = seen.stream(LogStream::Stderr);
+    let mut expected = b"out1\nout2\n".to_vec();
+    expected.extend(std::iter::repeat_n(b'a', 200_000));
+    assert_eq!(stdout, expected, "all of stdout, in order, before the exit");
+    assert_eq!(stderr, b"err1\nerr2");
+    assert!(seen.logs.iter().filter(|l| l.0 == LogStream::Stdout).count() >= 4, "200 kB comes in several chunks");
+    let attempt = rt.attempt_dir(AttemptId(1));
+    assert_eq!(std::fs::read(attempt.join("stdout.log")).unwrap(), expected);
+    assert_eq!(std::fs::read(attempt.join("stderr.log")).unwrap(), b"err1\nerr2");
+}
+
+#[tokio::test]
+async fn progress_is_parsed_from_the_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rt, mut rx) = runtime(dir.path());
+    rt.start(request(&rt, 1, &["sh", "-c", "printf '1/3\\n'; sleep 0.3; printf '2/3\\n'; sleep 0.3; printf '3/3\\n'"]));
+    let seen = run_to_end(&mut rx, AttemptId(1)).await;
+    assert_eq!(seen.progress, [(1, 3), (2, 3), (3, 3)]);
+
+    // tqdm redraws after `\r`, on stderr; a burst read at once reports its latest state.
+    rt.start(request(
+        &rt,
+        2,
+        &["sh", "-c", "printf '\\r 10%%|#  | 1/10 [00:01<00:09]\\r 20%%|## | 2/10 [00:02<00:08]' >&2"],
+    ));
+    let seen = run_to_end(&mut rx, AttemptId(2)).await;
+    assert_eq!(seen.progress.last(), Some(&(2, 10)));
+}
+
+#[tokio::test]
+async fn the_job_sees_exactly_its_gpus_and_its_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rt, mut rx) = runtime(dir.path());
+    let mut req = request(
+        &rt,
+        7,
+        &[
+            "sh",
+            "-c",
+            "printf '%s|%s|%s|%s|%s' \"$CUDA_VISIBLE_DEVICES\" \"$COSMOS_ATTEMPT_ID\" \"$COSMOS_JOB_ID\" \"$EXTRA\" \"$(pwd)\"",
+        ],
+    );
+    req.gpu_indices = vec![3, 1];
+    req.gpu_uuids = vec!["GPU-c".into(), "GPU-a".into()];
+    req.spec.gpus = 2;
+    req.spec.env.insert("EXTRA".into(), "from the spec".into());
+    let work_dir = req.work_dir.canonicalize().unwrap_or(req.work_dir.clone());
+    rt.start(req);
+    let seen = run_to_end(&mut rx, AttemptId(7)).await;
+    let out = String::from_utf8(seen.stream(LogStream::Stdout)).unwrap();
+    let work_dir = work_dir.canonicalize().unwrap();
+    assert_eq!(out, format!("3,1|att-7|job-1007|from the spec|{}", work_dir.display()));
+}
+
+#[tokio::test]
+async fn a_child_that_handles_sigterm_is_stopped_within_its_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rt, mut rx) = runtime(dir.path());
+    rt.start(request(&rt, 1, &["sh", "-c", "trap 'echo bye; exit 7' TERM; echo ready; while :; do sleep 0.1; done"]));
+    let mut seen = Seen::default();
+    wait_for_output(&mut rx, AttemptId(1), &mut seen, "ready").await;
+    let _guard = KillOnDrop(pgid_of(seen.started.as_deref().unwrap()));
+    rt.stop(AttemptId(1), 60_000);
+    watch_until(&mut rx, AttemptId(1), &mut seen, |s| s.exit.is_some()).await;
+    // Exit code 7 is the trap's: it ended on SIGTERM, not on the kill after the grace.
+    assert_eq!(seen.status(), &ExitStatus { code: Some(7), signal: None, oom_killed: false });
+    assert!(String::from_utf8_lossy(&seen.stream(LogStream::Stdout)).ends_with("bye\n"));
+}
+
+#[tokio::test]
+async fn a_child_that_ignores_sigterm_is_killed_with_its_whole_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rt, mut rx) = runtime(dir.path());
+    rt.start(request(&rt, 1, &["sh", "-c", "trap '' TERM; sleep 60 & echo \"grandchild $!\"; wait; wait; wait"]));
+    let mut seen = Seen::default();
+    wait_for_output(&mut rx, AttemptId(1), &mut seen, "\n").await;
+    let pgid = pgid_of(seen.started.as_deref().unwrap());
+    let _guard = KillOnDrop(pgid);
+    let out = String::from_utf8(seen.stream(LogStream::Stdout)).unwrap();
+    let grandchild: i32 = out.trim().strip_prefix("grandchild ").unwrap().parse().unwrap();
+    assert!(alive(grandchild));
+
+    rt.stop(AttemptId(1), 300);
+    watch_until(&mut rx, AttemptId(1), &mut seen, |s| s.exit.is_some()).await;
+    assert_eq!(seen.status(), &ExitStatus { code: None, signal: Some(libc::SIGKILL), oom_killed: false });
+    eventually("the grandchild is gone", || !alive(grandchild)).await;
+    eventually("no process of the group is left", || !group_exists(pgid)).await;
+}
+
+#[tokio::test]
+async fn stopping_an_unknown_attempt_reports_it_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rt, mut rx) = runtime(dir.path());
+    rt.stop(AttemptId(99), 1_000);
+    let seen = run_to_end(&mut rx, AttemptId(99)).await;
+    assert_eq!(seen.status().signal, Some(libc::SIGKILL));
+}
+
+#[tokio::test]
+async fn outputs_are_reported_with_their_digests() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rt, mut rx) = runtime(dir.path());
+    let script = "printf hello > out.txt; mkdir sub; printf world > sub/b.bin; ln -s /etc/hostname leak.txt";
+    let mut req = request(&rt, 1, &["sh", "-c", script]);
+    for (path, required) in [("out.txt", true), ("sub/b.bin", false), ("missing.txt", false), ("leak.txt", false)] {
+        req.spec.outputs.push(OutputArtifact { path: path.into(), required });
+    }
+    rt.start(req);
+    let seen = run_to_end(&mut rx, AttemptId(1)).await;
+    let digest = |data: &[u8]| Sha256(sha2::Sha256::digest(data).into());
+    let expected = vec![
+        ArtifactRef { path: "out.txt".into(), sha256: digest(b"hello"), size_bytes: 5 },
+        ArtifactRef { path: "sub/b.bin".into(), sha256: digest(b"world"), size_bytes: 5 },
+    ];
+    assert_eq!(seen.exit.as_ref().unwrap().1, expected, "present files only; no symlink out of the work dir");
+    assert_eq!(
+        digest(b"hello").to_string(),
+        "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
+        "the digest is plain SHA-256"
+    );
+}
+
+#[tokio::test]
+async fn a_missing_program_fails_to_start_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rt, mut rx) = runtime(dir.path());
+    rt.start(request(&rt, 1, &["/nonexistent/cosmos-no-such-program", "--flag"]));
+    let seen = run_to_end(&mut rx, AttemptId(1)).await;
+    let (reason, retryable) = seen.start_failed.expect("start failed");
+    assert!(!retryable);
+    assert!(reason.contains("/nonexistent/cosmos-no-such-program"), "{reason}");
+    assert!(reason.contains("not found"), "{reason}");
+
+    let mut req = request(&rt, 2, &["true"]);
+    req.spec.image = Some("nvcr.io/nvidia/cosmos:latest".into());
+    rt.start(req);
+    let seen = run_to_end(&mut rx, AttemptId(2)).await;
+    let (reason, retryable) = seen.start_failed.expect("start failed");
+    assert!(!retryable);
+    assert!(reason.contains("cannot run container images"), "{reason}");
+}
+
+#[tokio::test]
+async fn a_restarted_runtime_adopts_running_attempts_and_reports_finished_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, mut rx) = runtime(dir.path());
+    let mut long = request(&first, 1, &["sleep", "60"]);
+    long.spec.timeout_ms = 3_600_000;
+    first.start(long);
+    first.start(request(&first, 2, &["sh", "-c", "echo done; exit 3"]));
+    let running = run_to_end(&mut rx, AttemptId(2)).await;
+    assert_eq!(running.status().code, Some(3));
+    let mut seen_long = Seen::default();
+    // Attempt 1's start may have been consumed above; its record holds the group.
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(first.attempt_dir(AttemptId(1)).join("attempt.json")).unwrap()).unwrap();
+    let pgid = record["pgid"].as_i64().unwrap() as i32;
+    let _guard = KillOnDrop(pgid);
+    drop(first); // The agent "restarts": the processes stay.
+    drop(rx);
+    assert!(group_exists(pgid));
+
+    let (mut second, mut rx) = runtime(dir.path());
+    let mut recovered = second.recover();
+    recovered.sort_by_key(|r| r.attempt_id);
+    assert_eq!(recovered.len(), 2, "{recovered:?}");
+    let Recovered { attempt_id, job_id, ref gpu_uuids, exited: None, remaining_ms: Some(left) } = recovered[0] else {
+        panic!("attempt 1 is adopted while it runs: {recovered:?}");
+    };
+    assert_eq!(
+        (attempt_id, job_id, gpu_uuids.as_slice()),
+        (AttemptId(1), JobId(1001), &["GPU-test-0".to_string()][..])
+    );
+    assert!(left <= 3_600_000 && left > 3_600_000 - 60_000, "{left}");
+    assert_eq!(recovered[1].attempt_id, AttemptId(2));
+    assert_eq!(recovered[1].exited, Some(ExitStatus { code: Some(3), signal: None, oom_killed: false }));
+    assert_eq!(second.live_attempts(), [AttemptId(1)]);
+
+    // The adopted attempt is stopped like any other; its exit code is not known.
+    second.stop(AttemptId(1), 200);
+    watch_until(&mut rx, AttemptId(1), &mut seen_long, |s| s.exit.is_some()).await;
+    assert_eq!(seen_long.status(), &ExitStatus { code: None, signal: None, oom_killed: false });
+    assert!(!group_exists(pgid));
+
+    // Acknowledged attempts are not reported again; the others are, now as ended.
+    second.acknowledge(AttemptId(2));
+    drop(second);
+    let (mut third, _rx) = runtime(dir.path());
+    let recovered = third.recover();
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    assert_eq!(recovered[0].attempt_id, AttemptId(1));
+    assert_eq!(recovered[0].exited, Some(ExitStatus { code: None, signal: None, oom_killed: false }));
+    assert!(dir.path().join("attempts/att-2/stdout.log").exists(), "logs stay on disk");
+}

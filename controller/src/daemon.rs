@@ -1,0 +1,592 @@
+//! The controller process: the core in an actix actor, a store-writer thread
+//! behind a group-commit queue, the agents' TCP listener and the HTTP API.
+//!
+//! The shells only feed inputs to the core and perform its outputs. Sends,
+//! closes and API replies that follow a persist wait until the writer thread
+//! reports that persist durable, in order, so nobody observes a decision the
+//! store could still lose.
+
+use crate::api;
+use crate::core::{AgentView, CommandError, ConnId, Core, CoreConfig, Output, SubmitError};
+use crate::model::{JobRecord, StoreOp};
+use crate::store::Store;
+use actix::prelude::*;
+use cosmos_proto::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT_MS, Role, Token};
+use cosmos_proto::{AgentMsg, AttemptId, Connection, ControllerMsg, JobId, JobSpec, LogStream};
+use cosmos_sync::{CommitQueue, Ticket};
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+
+/// Messages waiting for one agent connection's writer before it is deemed stuck.
+pub const CONN_QUEUE_LEN: usize = 4096;
+/// Store operations waiting for the writer before the core waits (backpressure).
+pub const MAX_PENDING_STORE_OPS: usize = 1_000_000;
+/// How often the core's clock-driven work runs.
+pub const TICK_MS: u64 = 100;
+
+/// How to run a controller.
+#[derive(Clone, Debug)]
+pub struct ControllerOptions {
+    /// Holds the store, the tokens and the logs.
+    pub data_dir: PathBuf,
+    /// Where the HTTP API listens.
+    pub api_listen: SocketAddr,
+    /// Where agents connect.
+    pub agent_listen: SocketAddr,
+    /// Largest frame accepted from an agent.
+    pub max_frame_bytes: u32,
+    /// The core's tunables.
+    pub core: CoreConfig,
+}
+
+/// The controller could not start or stopped on an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The data directory or a file in it could not be used.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source} (is another controller running? pick another port)")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Paths of the files in a data directory.
+pub struct DataDir {
+    /// The directory.
+    pub root: PathBuf,
+}
+
+impl DataDir {
+    /// The SQLite store.
+    pub fn store(&self) -> PathBuf {
+        self.root.join("store.sqlite")
+    }
+    /// Token clients present to the API.
+    pub fn api_token(&self) -> PathBuf {
+        self.root.join("api.token")
+    }
+    /// Token agents present in their handshake.
+    pub fn agent_token(&self) -> PathBuf {
+        self.root.join("agent.token")
+    }
+    /// Attempt logs.
+    pub fn logs(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+    /// The log file of one attempt's stream.
+    pub fn log_file(&self, attempt: AttemptId, stream: LogStream) -> PathBuf {
+        let ext = if stream == LogStream::Stdout { "stdout" } else { "stderr" };
+        self.logs().join(format!("{attempt}.{ext}"))
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
+    move |source| DaemonError::DataDir { path: path.to_path_buf(), source }
+}
+
+/// Reads a token file, creating it (readable by its owner only) with a random token if absent.
+pub fn ensure_token(path: &Path) -> Result<Token, DaemonError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(t) => return Ok(Token(t.trim().to_string())),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(path)(e)),
+        Err(_) => {}
+    }
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .map_err(io_err(path))?;
+    let token = hex_string(&bytes);
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io_err(path))?;
+    writeln!(f, "{token}").map_err(io_err(path))?;
+    Ok(Token(token))
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Milliseconds since the Unix epoch: the controller's clock, persisted in
+/// records, so it must keep counting across restarts (unlike an Instant).
+pub fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs a controller until `shutdown` resolves. Must run inside an actix system.
+pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let dir = DataDir { root: opts.data_dir.clone() };
+    std::fs::create_dir_all(dir.logs()).map_err(io_err(&dir.root))?;
+    let api_token = ensure_token(&dir.api_token())?;
+    let agent_token = ensure_token(&dir.agent_token())?;
+    let mut store = Store::open(&dir.store())?;
+    let snapshot = store.load()?;
+    let reader = Store::open(&dir.store())?;
+    let core = Core::recover(opts.core.clone(), snapshot, wall_ms());
+    tracing::info!(epoch = core.epoch().0, data_dir = %dir.root.display(), "controller starting");
+
+    let queue = Arc::new(CommitQueue::new(MAX_PENDING_STORE_OPS));
+    let (durable_tx, durable_rx) = mpsc::unbounded_channel();
+    let writer = spawn_writer(store, queue.clone(), durable_tx);
+    let addr =
+        CoreActor { core, queue: queue.clone(), gated: VecDeque::new(), conns: HashMap::new(), last_ticket: None }
+            .start();
+    actix::spawn(forward_durable(durable_rx, addr.clone()));
+
+    let agent_listener = tokio::net::TcpListener::bind(opts.agent_listen)
+        .await
+        .map_err(|source| DaemonError::Bind { addr: opts.agent_listen, source })?;
+    let agent_addr =
+        agent_listener.local_addr().map_err(|source| DaemonError::Bind { addr: opts.agent_listen, source })?;
+    let shared = Arc::new(Shared { dir, api_token, reader: std::sync::Mutex::new(reader) });
+    actix::spawn(accept_agents(agent_listener, addr.clone(), agent_token, opts.max_frame_bytes, shared.clone()));
+
+    let (server, api_addr) = api::server(opts.api_listen, addr.clone(), shared.clone())
+        .map_err(|source| DaemonError::Bind { addr: opts.api_listen, source })?;
+    println!("cosmos controller: API on http://{api_addr}, agents on {agent_addr}");
+    println!("  API token:   {}", shared.dir.api_token().display());
+    println!("  agent token: {}", shared.dir.agent_token().display());
+    let handle = server.handle();
+    actix::spawn(server);
+    shutdown.await;
+    handle.stop(true).await;
+    queue.close();
+    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    tracing::info!("controller stopped");
+    Ok(())
+}
+
+/// What the API handlers share.
+pub struct Shared {
+    /// The data directory.
+    pub dir: DataDir,
+    /// The API's bearer token.
+    pub api_token: Token,
+    /// A read-only connection for history queries (WAL lets it read beside the writer).
+    pub reader: std::sync::Mutex<Store>,
+}
+
+fn spawn_writer(
+    mut store: Store,
+    queue: Arc<CommitQueue<StoreOp>>,
+    durable: mpsc::UnboundedSender<Ticket>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("store-writer".into())
+        .spawn(move || {
+            // Everything pending goes into one transaction: one fsync for many transitions.
+            while let Some(batch) = queue.take_batch() {
+                match store.apply(&batch.items) {
+                    Ok(()) => {
+                        queue.mark_durable(batch.upto);
+                        let _ = durable.send(batch.upto);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "store write failed; the controller stops acting on decisions");
+                        queue.fail(e.to_string());
+                        return;
+                    }
+                }
+            }
+        })
+        .expect("spawning a thread succeeds")
+}
+
+async fn forward_durable(mut rx: mpsc::UnboundedReceiver<Ticket>, addr: Addr<CoreActor>) {
+    while let Some(t) = rx.recv().await {
+        addr.do_send(Durable(t));
+    }
+}
+
+// ---- the core actor ----
+
+enum Action {
+    Send(ConnId, ControllerMsg),
+    Close(ConnId),
+    Reply(Box<dyn FnOnce() + Send>),
+}
+
+/// Owns the core; every input goes through it, one at a time.
+pub struct CoreActor {
+    core: Core,
+    queue: Arc<CommitQueue<StoreOp>>,
+    /// Actions waiting for their persist to be durable, in order.
+    gated: VecDeque<(Ticket, Action)>,
+    conns: HashMap<ConnId, mpsc::Sender<ControllerMsg>>,
+    last_ticket: Option<Ticket>,
+}
+
+impl Actor for CoreActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(Duration::from_millis(TICK_MS), |actor, _| {
+            let mut out = Vec::new();
+            actor.core.tick(wall_ms(), &mut out);
+            actor.perform(out, None);
+        });
+    }
+}
+
+impl CoreActor {
+    /// Performs the core's outputs; `reply` runs once everything before it is durable.
+    fn perform(&mut self, out: Vec<Output>, reply: Option<Box<dyn FnOnce() + Send>>) {
+        let mut actions = Vec::new();
+        for o in out {
+            match o {
+                Output::Persist(ops) => match self.queue.push(ops) {
+                    Ok(t) => self.last_ticket = Some(t),
+                    Err(_) => tracing::error!("store writer has stopped; decisions are not persisted"),
+                },
+                Output::Send { conn, msg } => actions.push(Action::Send(conn, msg)),
+                Output::Close { conn } => actions.push(Action::Close(conn)),
+            }
+        }
+        actions.extend(reply.map(Action::Reply));
+        // Actions wait for the latest persist, and for every action gated before them,
+        // so messages on one connection keep their order.
+        let durable = self.queue.durable();
+        for action in actions {
+            match self.last_ticket {
+                Some(t) if t > durable || !self.gated.is_empty() => self.gated.push_back((t, action)),
+                _ => self.act(action),
+            }
+        }
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Send(conn, msg) => {
+                if let Some(tx) = self.conns.get(&conn) {
+                    if tx.try_send(msg).is_err() {
+                        // A full queue means the agent stopped reading: drop it, it will reconnect.
+                        tracing::warn!(conn, "agent connection is not keeping up; closing it");
+                        self.conns.remove(&conn);
+                    }
+                }
+            }
+            Action::Close(conn) => {
+                self.conns.remove(&conn);
+            }
+            Action::Reply(f) => f(),
+        }
+    }
+}
+
+struct Durable(Ticket);
+impl Message for Durable {
+    type Result = ();
+}
+impl Handler<Durable> for CoreActor {
+    type Result = ();
+    fn handle(&mut self, Durable(t): Durable, _: &mut Context<Self>) {
+        while self.gated.front().is_some_and(|(gate, _)| *gate <= t) {
+            let (_, action) = self.gated.pop_front().unwrap();
+            self.act(action);
+        }
+    }
+}
+
+/// Submit a batch; answers once it is durable.
+pub struct Submit(pub Vec<JobSpec>);
+impl Message for Submit {
+    type Result = Result<oneshot::Receiver<Result<Vec<JobId>, SubmitError>>, SubmitError>;
+}
+impl Handler<Submit> for CoreActor {
+    type Result = Result<oneshot::Receiver<Result<Vec<JobId>, SubmitError>>, SubmitError>;
+    fn handle(&mut self, Submit(specs): Submit, _: &mut Context<Self>) -> Self::Result {
+        let mut out = Vec::new();
+        let ids = self.core.submit(wall_ms(), specs, &mut out)?;
+        let (tx, rx) = oneshot::channel();
+        self.perform(out, Some(Box::new(move || drop(tx.send(Ok(ids))))));
+        Ok(rx)
+    }
+}
+
+/// Cancel a job; answers once the decision is durable.
+pub struct Cancel(pub JobId);
+impl Message for Cancel {
+    type Result = Result<oneshot::Receiver<()>, CommandError>;
+}
+impl Handler<Cancel> for CoreActor {
+    type Result = Result<oneshot::Receiver<()>, CommandError>;
+    fn handle(&mut self, Cancel(id): Cancel, _: &mut Context<Self>) -> Self::Result {
+        let mut out = Vec::new();
+        self.core.cancel(wall_ms(), id, &mut out)?;
+        let (tx, rx) = oneshot::channel();
+        self.perform(
+            out,
+            Some(Box::new(move || {
+                let _ = tx.send(());
+            })),
+        );
+        Ok(rx)
+    }
+}
+
+/// Drain or undrain an agent.
+pub struct SetDraining(pub String, pub bool);
+impl Message for SetDraining {
+    type Result = Result<oneshot::Receiver<()>, CommandError>;
+}
+impl Handler<SetDraining> for CoreActor {
+    type Result = Result<oneshot::Receiver<()>, CommandError>;
+    fn handle(&mut self, SetDraining(name, on): SetDraining, _: &mut Context<Self>) -> Self::Result {
+        let mut out = Vec::new();
+        self.core.set_draining(wall_ms(), &name, on, &mut out)?;
+        let (tx, rx) = oneshot::channel();
+        self.perform(
+            out,
+            Some(Box::new(move || {
+                let _ = tx.send(());
+            })),
+        );
+        Ok(rx)
+    }
+}
+
+/// A job as listings show it.
+#[derive(Clone, Debug)]
+pub struct JobSummary {
+    /// The record.
+    pub record: JobRecord,
+    /// Progress of the live attempt.
+    pub progress: Option<(u32, u32)>,
+    /// GPUs of the live attempt.
+    pub gpus: Vec<String>,
+}
+
+/// List jobs (all, or one).
+pub struct ListJobs(pub Option<JobId>);
+impl Message for ListJobs {
+    type Result = Vec<JobSummary>;
+}
+impl Handler<ListJobs> for CoreActor {
+    type Result = MessageResult<ListJobs>;
+    fn handle(&mut self, ListJobs(one): ListJobs, _: &mut Context<Self>) -> Self::Result {
+        let summary = |core: &Core, id: JobId| {
+            core.job(id).map(|(rec, progress, att)| JobSummary {
+                record: rec.clone(),
+                progress,
+                gpus: att.map(|a| a.gpu_uuids.clone()).unwrap_or_default(),
+            })
+        };
+        MessageResult(match one {
+            Some(id) => summary(&self.core, id).into_iter().collect(),
+            None => self
+                .core
+                .jobs()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .filter_map(|id| summary(&self.core, id))
+                .collect(),
+        })
+    }
+}
+
+/// Cluster status.
+pub struct Status;
+/// What [`Status`] answers.
+#[derive(Clone, Debug)]
+pub struct StatusView {
+    /// The controller's epoch.
+    pub epoch: u64,
+    /// Jobs waiting.
+    pub queue_depth: usize,
+    /// Agents.
+    pub agents: Vec<AgentView>,
+}
+impl Message for Status {
+    type Result = StatusView;
+}
+impl Handler<Status> for CoreActor {
+    type Result = MessageResult<Status>;
+    fn handle(&mut self, _: Status, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(StatusView {
+            epoch: self.core.epoch().0,
+            queue_depth: self.core.queue_depth(),
+            agents: self.core.agents(),
+        })
+    }
+}
+
+struct AgentConnected {
+    conn: ConnId,
+    name: String,
+    hello: cosmos_proto::AgentHello,
+    tx: mpsc::Sender<ControllerMsg>,
+}
+impl Message for AgentConnected {
+    type Result = ();
+}
+impl Handler<AgentConnected> for CoreActor {
+    type Result = ();
+    fn handle(&mut self, m: AgentConnected, _: &mut Context<Self>) {
+        self.conns.insert(m.conn, m.tx);
+        let mut out = Vec::new();
+        self.core.on_connect(wall_ms(), m.conn, &m.name, m.hello, &mut out);
+        self.perform(out, None);
+    }
+}
+
+struct AgentMessage(ConnId, AgentMsg);
+impl Message for AgentMessage {
+    type Result = ();
+}
+impl Handler<AgentMessage> for CoreActor {
+    type Result = ();
+    fn handle(&mut self, AgentMessage(conn, msg): AgentMessage, _: &mut Context<Self>) {
+        let mut out = Vec::new();
+        self.core.on_message(wall_ms(), conn, msg, &mut out);
+        self.perform(out, None);
+    }
+}
+
+struct AgentGone(ConnId);
+impl Message for AgentGone {
+    type Result = ();
+}
+impl Handler<AgentGone> for CoreActor {
+    type Result = ();
+    fn handle(&mut self, AgentGone(conn): AgentGone, _: &mut Context<Self>) {
+        self.conns.remove(&conn);
+        let mut out = Vec::new();
+        self.core.on_disconnect(wall_ms(), conn, &mut out);
+        self.perform(out, None);
+    }
+}
+
+// ---- agent connections ----
+
+async fn accept_agents(
+    listener: tokio::net::TcpListener,
+    core: Addr<CoreActor>,
+    token: Token,
+    max_frame_bytes: u32,
+    shared: Arc<Shared>,
+) {
+    let mut next_conn: ConnId = 1;
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting an agent connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let conn = next_conn;
+        next_conn += 1;
+        actix::spawn(serve_agent(conn, socket, peer, core.clone(), token.clone(), max_frame_bytes, shared.clone()));
+    }
+}
+
+async fn serve_agent(
+    conn: ConnId,
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+    core: Addr<CoreActor>,
+    token: Token,
+    max_frame_bytes: u32,
+    shared: Arc<Shared>,
+) {
+    let mut c = Connection::new(socket, max_frame_bytes);
+    let hello = match handshake::accept(&mut c, "controller", Role::Agent, &token, DEFAULT_HANDSHAKE_TIMEOUT_MS).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "refused an agent connection");
+            return;
+        }
+    };
+    let (mut reader, mut writer) = c.split();
+    let agent_hello = match reader.recv::<AgentMsg>().await {
+        Ok(Some(AgentMsg::Hello(h))) => h,
+        other => {
+            tracing::warn!(%peer, agent = hello.node_id, "agent did not open with a hello: {other:?}");
+            return;
+        }
+    };
+    tracing::info!(%peer, agent = hello.node_id, gpus = agent_hello.gpus.len(), "agent connected");
+    let (tx, mut rx) = mpsc::channel::<ControllerMsg>(CONN_QUEUE_LEN);
+    core.do_send(AgentConnected { conn, name: hello.node_id.clone(), hello: agent_hello, tx });
+    let write = async move {
+        while let Some(msg) = rx.recv().await {
+            if let Err(e) = writer.send(&msg).await {
+                return Err(e.to_string());
+            }
+        }
+        // The core dropped us (superseded, lost, or stuck): close.
+        let _ = writer.shutdown().await;
+        Ok(())
+    };
+    let read = async {
+        let mut logs = LogFiles::default();
+        loop {
+            match reader.recv::<AgentMsg>().await {
+                Ok(Some(AgentMsg::LogChunk(chunk))) => logs.append(&shared.dir, &chunk),
+                Ok(Some(msg)) => core.do_send(AgentMessage(conn, msg)),
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    let result = tokio::select! { r = write => r, r = read => r };
+    if let Err(e) = result {
+        tracing::warn!(agent = hello.node_id, error = %e, "agent connection failed");
+    }
+    core.do_send(AgentGone(conn));
+}
+
+/// Open log files of one connection's attempts, appended at the chunk's offset
+/// so a chunk resent after a reconnect is written once.
+#[derive(Default)]
+struct LogFiles {
+    open: HashMap<(AttemptId, bool), std::fs::File>,
+}
+
+impl LogFiles {
+    fn append(&mut self, dir: &DataDir, chunk: &cosmos_proto::LogChunk) {
+        use std::os::unix::fs::FileExt;
+        let key = (chunk.attempt_id, chunk.stream == LogStream::Stdout);
+        if !self.open.contains_key(&key) {
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(false)
+                .open(dir.log_file(chunk.attempt_id, chunk.stream))
+            {
+                Ok(f) => {
+                    // Bounded: a connection with many attempts keeps only recent files open.
+                    if self.open.len() >= 256 {
+                        self.open.clear();
+                    }
+                    self.open.insert(key, f);
+                }
+                Err(e) => return tracing::warn!(error = %e, "cannot write attempt log"),
+            }
+        }
+        if let Err(e) = self.open[&key].write_all_at(&chunk.data, chunk.offset) {
+            tracing::warn!(error = %e, "cannot write attempt log");
+        }
+    }
+}

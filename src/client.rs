@@ -1,0 +1,146 @@
+//! The HTTP client side of the CLI: finding the controller and its token,
+//! calling the API, and turning its answers into clear errors.
+
+use anyhow::{Context, anyhow, bail};
+use cosmos_controller::api::ErrorBody;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Largest API answer read (a listing of very many jobs).
+const MAX_RESPONSE_BYTES: u64 = 512 * 1024 * 1024;
+/// Bound on any one call, but log streams.
+const CALL_TIMEOUT_S: u64 = 60;
+
+/// Where the controller is and how to authenticate.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Controller API URL, e.g. http://127.0.0.1:7700.
+    #[arg(long, env = "COSMOS_CONTROLLER", global = true)]
+    pub controller: Option<String>,
+    /// API token (else read from --data-dir).
+    #[arg(long, env = "COSMOS_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// A local controller's data directory, to read its token (and find it on the default port).
+    #[arg(long, env = "COSMOS_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// A connected API client.
+pub struct Client {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// Resolves the controller URL and token from flags, environment and data directory.
+    pub fn new(args: &ClientArgs) -> anyhow::Result<Client> {
+        let base = args.controller.clone().unwrap_or_else(|| "http://127.0.0.1:7700".to_string());
+        let base = base.trim_end_matches('/').to_string();
+        let token = match (&args.token, &args.data_dir) {
+            (Some(t), _) => t.clone(),
+            (None, Some(dir)) => {
+                let path = dir.join("api.token");
+                std::fs::read_to_string(&path)
+                    .with_context(|| {
+                        format!(
+                            "cannot read the API token at {}: is this the controller's data directory?",
+                            path.display()
+                        )
+                    })?
+                    .trim()
+                    .to_string()
+            }
+            (None, None) => bail!("no API token: pass --token or COSMOS_TOKEN, or --data-dir of a local controller"),
+        };
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(CALL_TIMEOUT_S)))
+            .build()
+            .new_agent();
+        Ok(Client { base, token, agent })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn check(
+        &self,
+        resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
+        let mut resp = resp.map_err(|e| {
+            anyhow!(
+                "cannot reach the controller at {}: {e}; is it running? (--controller / COSMOS_CONTROLLER)",
+                self.base
+            )
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(e) => Err(ApiError { status: status.as_u16(), body: e }.into()),
+            Err(_) => bail!("controller answered {status}: {text}"),
+        }
+    }
+
+    /// GET a JSON answer.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let resp = self.agent.get(self.url(path)).header("Authorization", format!("Bearer {}", self.token)).call();
+        let mut resp = self.check(resp)?;
+        resp.body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE_BYTES)
+            .read_json()
+            .context("the controller's answer is not the expected JSON")
+    }
+
+    /// POST JSON, read a JSON answer.
+    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
+        let resp =
+            self.agent.post(self.url(path)).header("Authorization", format!("Bearer {}", self.token)).send_json(body);
+        let mut resp = self.check(resp)?;
+        resp.body_mut()
+            .with_config()
+            .limit(MAX_RESPONSE_BYTES)
+            .read_json()
+            .context("the controller's answer is not the expected JSON")
+    }
+
+    /// GET a stream (server-sent events), without the call timeout.
+    pub fn stream(&self, path: &str) -> anyhow::Result<Box<dyn std::io::Read + Send>> {
+        let resp = self
+            .agent
+            .get(self.url(path))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .config()
+            .timeout_global(None)
+            .build()
+            .call();
+        Ok(Box::new(self.check(resp)?.into_body().into_reader()))
+    }
+}
+
+/// The controller refused a request, with its reason.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: u16,
+    /// The controller's explanation.
+    pub body: ErrorBody,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.body.error)
+    }
+}
+
+impl std::error::Error for ApiError {}

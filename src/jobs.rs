@@ -1,0 +1,291 @@
+//! `cosmos jobs …`, `cosmos agents …` and `cosmos status`: the client commands.
+
+use crate::client::{ApiError, Client, ClientArgs};
+use anyhow::{Context, bail};
+use cosmos_controller::api::{AgentInfo, JobLine, JobView, StatusBody, SubmitRequest};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, IsTerminal};
+use std::path::Path;
+use std::time::Duration;
+
+/// How often `wait` polls the controller.
+const WAIT_POLL_MS: u64 = 250;
+/// Running jobs shown with their own bar at once; the rest are counted in the batch bar.
+const MAX_JOB_BARS: usize = 12;
+
+/// Reads a JSONL batch: one job per line; blank lines and `#` comments skipped.
+/// Any bad line rejects the whole file, naming the line and what is wrong.
+pub fn read_batch(path: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut jobs = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("cannot read {}", path.display()))?;
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let value: serde_json::Value = serde_json::from_str(trimmed)
+            .with_context(|| format!("{}:{}: not valid JSON; nothing was submitted", path.display(), i + 1))?;
+        // Checked here too, so a typo is named before anything reaches the controller.
+        let job: JobLine = serde_json::from_value(value.clone())
+            .with_context(|| format!("{}:{}: not a valid job line; nothing was submitted", path.display(), i + 1))?;
+        job.into_spec().validate().with_context(|| format!("{}:{}: nothing was submitted", path.display(), i + 1))?;
+        jobs.push(value);
+    }
+    if jobs.is_empty() {
+        bail!("{} holds no job lines", path.display());
+    }
+    Ok(jobs)
+}
+
+/// Submits a batch; prints the ids; with `wait`, follows it to the end.
+pub fn submit(args: &ClientArgs, file: &Path, wait_for_end: bool) -> anyhow::Result<bool> {
+    let jobs = read_batch(file)?;
+    let client = Client::new(args)?;
+    let n = jobs.len();
+    let answer: serde_json::Value =
+        client.post("/v1/jobs", &SubmitRequest { jobs }).map_err(|e| match e.downcast::<ApiError>() {
+            Ok(api) => match api.body.line {
+                Some(line) => anyhow::anyhow!(
+                    "{}: job {line} (counting job lines): {}; nothing was submitted",
+                    file.display(),
+                    api.body.error
+                ),
+                None => anyhow::anyhow!("{}; nothing was submitted", api.body.error),
+            },
+            Err(e) => e,
+        })?;
+    let ids: Vec<String> =
+        serde_json::from_value(answer["ids"].clone()).context("unexpected answer to a submission")?;
+    if args.json {
+        println!("{}", serde_json::to_string(&ids)?);
+    } else {
+        println!("submitted {n} jobs: {} … {}", ids.first().map_or("", |s| s), ids.last().map_or("", |s| s));
+    }
+    if wait_for_end { wait(args, &client, &ids) } else { Ok(true) }
+}
+
+/// Waits until every job in `ids` is final, showing progress; true when all succeeded.
+pub fn wait(args: &ClientArgs, client: &Client, ids: &[String]) -> anyhow::Result<bool> {
+    let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+    let interactive = std::io::stderr().is_terminal() && !args.json;
+    let multi = MultiProgress::with_draw_target(if interactive {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let batch = multi.add(ProgressBar::new(ids.len() as u64));
+    batch.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} done  {msg}").unwrap().progress_chars("=> "),
+    );
+    batch.set_prefix("batch");
+    let job_style =
+        ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} {msg}").unwrap().progress_chars("=> ");
+    let mut bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
+    let mut last_state: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let jobs: Vec<JobView> = client.get("/v1/jobs")?;
+        let mine: Vec<&JobView> = jobs.iter().filter(|j| wanted.contains(j.id.as_str())).collect();
+        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+        for j in &mine {
+            *counts.entry(j.state.as_str()).or_insert(0) += 1;
+            let final_ = matches!(j.state.as_str(), "succeeded" | "failed" | "cancelled");
+            if last_state.get(&j.id) != Some(&j.state) {
+                if !interactive && !args.json {
+                    let extra = j.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
+                    println!("{} {} {}{extra}", j.id, j.name, j.state);
+                }
+                last_state.insert(j.id.clone(), j.state.clone());
+            }
+            if interactive {
+                match (bars.get(&j.id), final_, j.state.as_str()) {
+                    (Some(bar), true, _) => {
+                        bar.finish_and_clear();
+                        multi.remove(bar);
+                        bars.remove(&j.id);
+                    }
+                    (Some(bar), false, _) => {
+                        if let Some((step, total)) = j.progress {
+                            bar.set_length(u64::from(total.max(1)));
+                            bar.set_position(u64::from(step));
+                        }
+                        bar.set_message(format!("{} on {}", j.state, j.agent.as_deref().unwrap_or("-")));
+                    }
+                    (None, false, "running") if bars.len() < MAX_JOB_BARS => {
+                        let bar = multi.add(ProgressBar::new(1));
+                        bar.set_style(job_style.clone());
+                        bar.set_prefix(j.id.clone());
+                        bars.insert(j.id.clone(), bar);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let done =
+            ["succeeded", "failed", "cancelled"].iter().map(|s| counts.get(s).copied().unwrap_or(0)).sum::<usize>();
+        batch.set_position(done as u64);
+        batch.set_message(counts.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", "));
+        if done == ids.len() && mine.len() == ids.len() {
+            batch.finish();
+            let failed: Vec<&&JobView> = mine.iter().filter(|j| j.state != "succeeded").collect();
+            if args.json {
+                println!("{}", serde_json::to_string(&mine)?);
+            } else {
+                println!("{} of {} jobs succeeded", ids.len() - failed.len(), ids.len());
+                for j in &failed {
+                    println!("  {} {} {}: {}", j.id, j.name, j.state, j.error.as_deref().unwrap_or("-"));
+                }
+                if !failed.is_empty() {
+                    println!("  logs: cosmos jobs logs <id>");
+                }
+            }
+            return Ok(failed.is_empty());
+        }
+        std::thread::sleep(Duration::from_millis(WAIT_POLL_MS));
+    }
+}
+
+/// `cosmos jobs list`.
+pub fn list(args: &ClientArgs, state: Option<&str>) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let path = match state {
+        Some(s) => format!("/v1/jobs?state={s}"),
+        None => "/v1/jobs".to_string(),
+    };
+    let jobs: Vec<JobView> = client.get(&path)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&jobs)?);
+        return Ok(());
+    }
+    println!("{:<12} {:<24} {:<10} {:>8} {:<14} {:>5}  ERROR", "ID", "NAME", "STATE", "ATTEMPTS", "AGENT", "EXIT");
+    for j in jobs {
+        println!(
+            "{:<12} {:<24} {:<10} {:>8} {:<14} {:>5}  {}",
+            j.id,
+            truncate(&j.name, 24),
+            j.state,
+            j.attempts,
+            j.agent.as_deref().unwrap_or("-"),
+            j.exit_code.map_or("-".to_string(), |c| c.to_string()),
+            j.error.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n { s.to_string() } else { s.chars().take(n - 1).collect::<String>() + "…" }
+}
+
+/// `cosmos jobs show`.
+pub fn show(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let j: JobView = client.get(&format!("/v1/jobs/{id}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+        return Ok(());
+    }
+    println!(
+        "{} {}  state {}  attempts {}  priority {}  gpus {}",
+        j.id, j.name, j.state, j.attempts, j.priority, j.gpus_requested
+    );
+    if let Some((step, total)) = j.progress {
+        println!("progress {step}/{total}");
+    }
+    if let Some(e) = &j.error {
+        println!("error: {e}");
+    }
+    for a in &j.attempt_history {
+        println!(
+            "  {} on {} [{}] {}  exit {}  {}",
+            a.id,
+            a.agent,
+            a.gpus.join(","),
+            a.state,
+            a.exit_code.map_or("-".to_string(), |c| c.to_string()),
+            a.reason.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+/// `cosmos jobs cancel`.
+pub fn cancel(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let _: serde_json::Value = client.post(&format!("/v1/jobs/{id}/cancel"), &serde_json::json!({}))?;
+    println!("cancel of {id} recorded");
+    Ok(())
+}
+
+/// `cosmos jobs logs [-f]`: prints the job's output lines.
+pub fn logs(args: &ClientArgs, id: &str, follow: bool) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let reader = client.stream(&format!("/v1/jobs/{id}/logs?follow={follow}"))?;
+    for line in std::io::BufReader::new(reader).lines() {
+        let line = line.context("log stream broke")?;
+        if let Some(data) = line.strip_prefix("data: ") {
+            println!("{data}");
+        }
+    }
+    Ok(())
+}
+
+/// `cosmos agents list`.
+pub fn agents(args: &ClientArgs) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let agents: Vec<AgentInfo> = client.get("/v1/agents")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&agents)?);
+        return Ok(());
+    }
+    print_agents(&agents);
+    Ok(())
+}
+
+fn print_agents(agents: &[AgentInfo]) {
+    println!("{:<16} {:<8} {:<9} {:>5} {:>5}  GPUS", "AGENT", "STATE", "DRAINING", "BUSY", "TOTAL");
+    for a in agents {
+        let busy = a.gpus.iter().filter(|g| g.attempt.is_some()).count();
+        let sim = if a.gpus_simulated { " (simulated GPUs)" } else { "" };
+        let free: Vec<String> = a
+            .gpus
+            .iter()
+            .map(|g| format!("{}:{}MiB{}", g.index, g.free_vram_mib, if g.healthy { "" } else { "!" }))
+            .collect();
+        println!(
+            "{:<16} {:<8} {:<9} {:>5} {:>5}  {}{sim}",
+            a.name,
+            a.state,
+            a.draining,
+            busy,
+            a.gpus.len(),
+            free.join(" ")
+        );
+    }
+}
+
+/// `cosmos agents drain|undrain`.
+pub fn drain(args: &ClientArgs, name: &str, on: bool) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let verb = if on { "drain" } else { "undrain" };
+    let _: serde_json::Value = client.post(&format!("/v1/agents/{name}/{verb}"), &serde_json::json!({}))?;
+    println!("{name}: {verb}ed");
+    Ok(())
+}
+
+/// `cosmos status`.
+pub fn status(args: &ClientArgs) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let s: StatusBody = client.get("/v1/status")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let gpus: usize = s.agents.iter().map(|a| a.gpus.len()).sum();
+    let busy: usize = s.agents.iter().flat_map(|a| &a.gpus).filter(|g| g.attempt.is_some()).count();
+    println!("controller epoch {}  queue {}  GPUs busy {busy}/{gpus}", s.epoch, s.queue_depth);
+    println!("jobs: {}", s.jobs.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
+    print_agents(&s.agents);
+    Ok(())
+}

@@ -1,0 +1,212 @@
+//! `cosmos agent` and `cosmos up`: running an agent, and a whole local cluster.
+
+use crate::client::{Client, ClientArgs};
+use anyhow::{Context, bail};
+use cosmos_controller::api::AgentInfo;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long `up` waits for its controller and agents to come up.
+const STARTUP_TIMEOUT_MS: u64 = 30_000;
+/// How long a stopping child gets before it is killed.
+const STOP_GRACE_MS: u64 = 10_000;
+
+/// Runs an agent until SIGTERM or Ctrl-C.
+pub fn run_agent(
+    controller: String,
+    token_file: PathBuf,
+    work_dir: PathBuf,
+    simulated: Option<String>,
+    name: Option<String>,
+) -> anyhow::Result<()> {
+    let token = std::fs::read_to_string(&token_file).with_context(|| {
+        format!(
+            "cannot read the agent token at {}; copy agent.token from the controller's data directory",
+            token_file.display()
+        )
+    })?;
+    let Some(spec) = simulated else {
+        bail!(
+            "no GPUs to offer: NVML discovery is not built yet, so pass --simulated-gpus COUNTxSIZE (e.g. 8x80GiB) to run with simulated GPUs"
+        );
+    };
+    let gpus = cosmos_agent::daemon::parse_simulated_gpus(&spec)
+        .map_err(|e| anyhow::anyhow!("--simulated-gpus {spec}: {e}"))?;
+    let name = name.unwrap_or_else(hostname);
+    tracing::warn!(
+        agent = name,
+        gpus = gpus.len(),
+        "GPUs are SIMULATED (--simulated-gpus): jobs see CUDA_VISIBLE_DEVICES but no real device"
+    );
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("cannot create the work directory {}", work_dir.display()))?;
+    let opts = cosmos_agent::daemon::AgentOptions {
+        controller_addr: controller,
+        token: cosmos_proto::Token(token.trim().to_string()),
+        name,
+        work_dir,
+        gpus,
+        gpus_simulated: true,
+        max_frame_bytes: cosmos_proto::frame::DEFAULT_MAX_FRAME_BYTES,
+        config: cosmos_agent::core::AgentConfig::default(),
+        reconnect_min_ms: 100,
+        reconnect_max_ms: 5_000,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(cosmos_agent::daemon::run(opts, crate::shutdown_signal()))?;
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "agent".into())
+}
+
+/// Children of `up`, stopped (agents first) when it ends, however it ends.
+struct Cluster {
+    controller: Option<Child>,
+    agents: Vec<Child>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let agents = std::mem::take(&mut self.agents);
+        stop_all(agents);
+        stop_all(self.controller.take().into_iter().collect());
+    }
+}
+
+fn stop_all(mut children: Vec<Child>) {
+    for c in &children {
+        // SAFETY: kill(2) on a child pid we own; no memory is involved.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_millis(STOP_GRACE_MS);
+    for c in &mut children {
+        while Instant::now() < deadline {
+            if matches!(c.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Starts a controller and `agents` agents; runs `client_command` against them, or waits for Ctrl-C.
+pub fn up(data_dir: Option<PathBuf>, agents: usize, gpus: &str, client_command: Vec<String>) -> anyhow::Result<bool> {
+    let dir = match data_dir {
+        Some(d) => d,
+        None => {
+            let d = std::env::temp_dir().join(format!("cosmos-up-{}", std::process::id()));
+            std::fs::create_dir_all(&d)?;
+            d
+        }
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let exe = std::env::current_exe().context("cannot find the cosmos binary itself")?;
+    let mut cluster = Cluster { controller: None, agents: Vec::new() };
+
+    let mut controller = Command::new(&exe)
+        .args(["controller", "--data-dir"])
+        .arg(dir.join("controller"))
+        .args(["--api-listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(log_file(&dir, "controller.log")?)
+        .spawn()
+        .context("cannot start the controller")?;
+    let stdout = controller.stdout.take().expect("piped");
+    cluster.controller = Some(controller);
+    let (api, agent_addr) = read_addresses(stdout)
+        .with_context(|| format!("the controller did not start; see {}", dir.join("controller.log").display()))?;
+
+    let token_file = dir.join("controller").join("agent.token");
+    for i in 0..agents {
+        let name = format!("local-{i}");
+        let child = Command::new(&exe)
+            .args(["agent", "--controller", &agent_addr, "--token-file"])
+            .arg(&token_file)
+            .arg("--work-dir")
+            .arg(dir.join(&name))
+            .args(["--simulated-gpus", gpus, "--name", &name])
+            .stdout(log_file(&dir, &format!("{name}.log"))?)
+            .stderr(log_file(&dir, &format!("{name}.log"))?)
+            .spawn()
+            .with_context(|| format!("cannot start agent {name}"))?;
+        cluster.agents.push(child);
+    }
+    let args =
+        ClientArgs { controller: Some(api.clone()), token: None, data_dir: Some(dir.join("controller")), json: false };
+    let client = Client::new(&args)?;
+    wait_for_agents(&client, agents)?;
+
+    eprintln!("local cluster up: controller {api}, {agents} agents with simulated GPUs {gpus}");
+    eprintln!("  data, logs and job outputs: {}", dir.display());
+    if client_command.is_empty() {
+        eprintln!("  point the CLI at it:");
+        eprintln!("    export COSMOS_CONTROLLER={api} COSMOS_DATA_DIR={}", dir.join("controller").display());
+        eprintln!("    cosmos status");
+        eprintln!("  Ctrl-C stops it.");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        rt.block_on(crate::shutdown_signal());
+        eprintln!("stopping the local cluster");
+        return Ok(true);
+    }
+    // The client command sees this cluster through the same variables a user would set.
+    // SAFETY: set before any other thread of this process reads the environment.
+    unsafe {
+        std::env::set_var("COSMOS_CONTROLLER", &api);
+        std::env::set_var("COSMOS_DATA_DIR", dir.join("controller"));
+    }
+    let cli = <crate::Cli as clap::Parser>::try_parse_from(std::iter::once("cosmos".to_string()).chain(client_command))
+        .map_err(|e| anyhow::anyhow!("the command after `--` is not a cosmos client command:\n{e}"))?;
+    let ok = crate::run(cli)?;
+    eprintln!(
+        "job logs: cosmos jobs logs <id> --data-dir {} --controller {api} (while up), or files in {}",
+        dir.join("controller").display(),
+        dir.join("controller/logs").display()
+    );
+    Ok(ok)
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(name))
+        .with_context(|| format!("cannot open {}", dir.join(name).display()))
+}
+
+/// Reads the controller's start-up lines for its API URL and agent address.
+fn read_addresses(stdout: std::process::ChildStdout) -> anyhow::Result<(String, String)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("cosmos controller: API on ") {
+                if let Some((api, agents)) = rest.split_once(", agents on ") {
+                    let _ = tx.send((api.to_string(), agents.to_string()));
+                }
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_millis(STARTUP_TIMEOUT_MS)).context("timed out waiting for the controller's address")
+}
+
+fn wait_for_agents(client: &Client, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(STARTUP_TIMEOUT_MS);
+    loop {
+        let connected =
+            client.get::<Vec<AgentInfo>>("/v1/agents").map(|a| a.iter().filter(|a| a.connected).count()).unwrap_or(0);
+        if connected >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {connected} of {n} agents connected within {} s; see their logs", STARTUP_TIMEOUT_MS / 1000);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,326 @@
+//! End to end through the real `cosmos` binary: a controller and agents on
+//! loopback, real processes, `kill -9`, restarts. Outcomes are checked from
+//! what the jobs themselves recorded and from the CLI's JSON.
+
+use serde_json::Value;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cosmos");
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    api: String,
+    agent_addr: String,
+    controller: Option<Proc>,
+    agents: Vec<Option<Proc>>,
+    lost_after_ms: u64,
+}
+
+impl Cluster {
+    fn start(agents: usize, lost_after_ms: u64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Cluster {
+            dir,
+            api: String::new(),
+            agent_addr: String::new(),
+            controller: None,
+            agents: Vec::new(),
+            lost_after_ms,
+        };
+        c.start_controller("127.0.0.1:0", "127.0.0.1:0");
+        for i in 0..agents {
+            let a = c.spawn_agent(i);
+            c.agents.push(Some(a));
+        }
+        c.wait_agents(agents);
+        c
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("ctl")
+    }
+
+    fn start_controller(&mut self, api: &str, agents: &str) {
+        let mut child = Command::new(BIN)
+            .args(["controller", "--data-dir"])
+            .arg(self.data())
+            .args(["--api-listen", api, "--agent-listen", agents, "--lost-after-ms", &self.lost_after_ms.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(
+                std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("ctl.log")).unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let line =
+            lines.find_map(|l| l.ok().filter(|l| l.contains("API on"))).expect("controller prints its addresses");
+        let rest = line.split("API on ").nth(1).unwrap();
+        let (api, agents) = rest.split_once(", agents on ").unwrap();
+        self.api = api.to_string();
+        self.agent_addr = agents.to_string();
+        // Keep draining its stdout so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.controller = Some(Proc(child));
+    }
+
+    fn spawn_agent(&self, i: usize) -> Proc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("agent-{i}.log")))
+            .unwrap();
+        Proc(
+            Command::new(BIN)
+                .args(["agent", "--controller", &self.agent_addr, "--token-file"])
+                .arg(self.data().join("agent.token"))
+                .arg("--work-dir")
+                .arg(self.dir.path().join(format!("agent-{i}")))
+                .args(["--simulated-gpus", "8x80GiB", "--name", &format!("agent-{i}")])
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("COSMOS_CONTROLLER", &self.api)
+            .env("COSMOS_DATA_DIR", self.data())
+            .output()
+            .unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(out.status.success(), "cosmos {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("cosmos {args:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout))
+        })
+    }
+
+    fn wait_agents(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.cli(&["agents", "list", "--json"]);
+            if out.status.success() {
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                if v.as_array().unwrap().iter().filter(|a| a["connected"] == true).count() >= n {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "agents did not connect; logs in {}", self.dir.path().display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn kill9(p: &mut Option<Proc>) {
+        if let Some(mut p) = p.take() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(p.0.id() as i32, libc::SIGKILL) };
+            let _ = p.0.wait();
+        }
+    }
+
+    fn states(&self) -> Vec<String> {
+        self.json(&["jobs", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["state"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn wait_until(&self, what: &str, timeout: Duration, mut done: impl FnMut(&[String]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.cli(&["jobs", "list", "--json"]);
+            if out.status.success() {
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                let states: Vec<String> =
+                    v.as_array().unwrap().iter().map(|j| j["state"].as_str().unwrap().to_string()).collect();
+                if done(&states) {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; logs in {}", self.dir.path().display());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn write_batch(dir: &Path, n: usize, record: &Path, marker: &str) -> PathBuf {
+    let path = dir.join("batch.jsonl");
+    let mut text = String::new();
+    for i in 0..n {
+        // Each attempt records its own start and end; the marker finds leftovers.
+        let script = format!(
+            "echo \"$COSMOS_JOB_ID $COSMOS_ATTEMPT_ID start $(date +%s%N)\" >> {rec}; sleep 0.3; echo \"$COSMOS_JOB_ID $COSMOS_ATTEMPT_ID end $(date +%s%N)\" >> {rec} # {marker}",
+            rec = record.display()
+        );
+        text.push_str(
+            &serde_json::json!({ "name": format!("j{i}"), "command": ["sh", "-c", script], "max_attempts": 5 })
+                .to_string(),
+        );
+        text.push('\n');
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Parses the records: per job, the (start, end) of every attempt that ran to its end.
+fn runs(record: &Path) -> std::collections::BTreeMap<String, Vec<(u128, u128)>> {
+    let mut starts = std::collections::HashMap::new();
+    let mut by_job: std::collections::BTreeMap<String, Vec<(u128, u128)>> = Default::default();
+    for line in std::fs::read_to_string(record).unwrap_or_default().lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() != 4 {
+            continue;
+        }
+        let t: u128 = f[3].parse().unwrap();
+        match f[2] {
+            "start" => {
+                starts.insert((f[0].to_string(), f[1].to_string()), t);
+            }
+            _ => {
+                let s = starts.get(&(f[0].to_string(), f[1].to_string())).copied().unwrap_or(t);
+                by_job.entry(f[0].to_string()).or_default().push((s, t));
+            }
+        }
+    }
+    by_job
+}
+
+fn leftovers(marker: &str) -> usize {
+    let out = Command::new("pgrep").args(["-f", marker]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn a_batch_survives_kill_9_of_an_agent_and_of_the_controller() {
+    let mut c = Cluster::start(2, 3_000);
+    let record = c.dir.path().join("record.txt");
+    let marker = format!("cosmos-e2e-{}", std::process::id());
+    let batch = write_batch(c.dir.path(), 200, &record, &marker);
+    let out = c.cli(&["jobs", "submit", batch.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Mid-batch: the first agent dies without a word.
+    c.wait_until("some jobs done", Duration::from_secs(60), |s| s.iter().filter(|s| *s == "succeeded").count() >= 30);
+    Cluster::kill9(&mut c.agents[0]);
+
+    // Later: the controller dies too, and comes back on the same data directory and ports.
+    c.wait_until("more jobs done", Duration::from_secs(120), |s| s.iter().filter(|s| *s == "succeeded").count() >= 80);
+    Cluster::kill9(&mut c.controller);
+    let (api, agents) = (c.api.trim_start_matches("http://").to_string(), c.agent_addr.clone());
+    c.start_controller(&api, &agents);
+
+    c.wait_until("every job final", Duration::from_secs(300), |s| {
+        s.len() == 200 && s.iter().all(|s| s == "succeeded" || s == "failed" || s == "cancelled")
+    });
+    let states = c.states();
+    assert!(states.iter().all(|s| s == "succeeded"), "not all succeeded: {states:?}");
+
+    // Every job ran to its end at least once, and no two of its attempts overlapped in time.
+    let runs = runs(&record);
+    assert_eq!(runs.len(), 200, "jobs that recorded a complete run");
+    for (job, mut spans) in runs {
+        spans.sort();
+        for w in spans.windows(2) {
+            assert!(w[0].1 <= w[1].0, "{job}: attempts overlapped: {spans:?}");
+        }
+    }
+    drop(c);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(leftovers(&marker), 0, "job processes were left behind");
+}
+
+#[test]
+fn bad_input_is_refused_with_a_clear_error() {
+    let c = Cluster::start(1, 10_000);
+    let dir = c.dir.path();
+    let cases: Vec<(&str, &str, &str)> = vec![
+        ("malformed.jsonl", "{\"command\": [\"true\"]}\n{not json\n", ":2: not valid JSON"),
+        ("unknown.jsonl", "{\"command\": [\"true\"], \"gpu\": 1}\n", "unknown field `gpu`"),
+        ("nocommand.jsonl", "{\"name\": \"x\"}\n", "missing field `command`"),
+        (
+            "toolarge.jsonl",
+            "{\"command\": [\"true\"]}\n{\"command\": [\"true\"], \"gpus\": 9}\n",
+            "needs 9 GPUs on one host, but the largest host has 8",
+        ),
+    ];
+    for (file, text, expected) in cases {
+        let path = dir.join(file);
+        std::fs::write(&path, text).unwrap();
+        let out = c.cli(&["jobs", "submit", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{file} was accepted");
+        assert!(err.contains(expected), "{file}: expected `{expected}` in: {err}");
+        assert!(err.contains("nothing was submitted"), "{file}: {err}");
+    }
+    assert_eq!(c.json(&["jobs", "list", "--json"]).as_array().unwrap().len(), 0, "a rejected batch left jobs behind");
+
+    let wrong = Command::new(BIN).args(["status", "--controller", &c.api, "--token", "wrong"]).output().unwrap();
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("token refused"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+
+    let unreachable =
+        Command::new(BIN).args(["status", "--controller", "http://127.0.0.1:9", "--token", "x"]).output().unwrap();
+    assert!(!unreachable.status.success());
+    assert!(
+        String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach the controller"),
+        "{}",
+        String::from_utf8_lossy(&unreachable.stderr)
+    );
+}
+
+#[test]
+fn an_agent_with_a_wrong_token_is_refused_and_says_why() {
+    let c = Cluster::start(0, 10_000);
+    let bad = c.dir.path().join("bad.token");
+    std::fs::write(&bad, "not-the-token\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["agent", "--controller", &c.agent_addr, "--token-file", bad.to_str().unwrap(), "--work-dir"])
+        .arg(c.dir.path().join("w"))
+        .args(["--simulated-gpus", "1x16GiB"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("token"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn an_agent_without_gpus_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("t");
+    std::fs::write(&token, "x").unwrap();
+    let out = Command::new(BIN)
+        .args(["agent", "--controller", "127.0.0.1:9", "--token-file", token.to_str().unwrap(), "--work-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--simulated-gpus"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
