@@ -106,7 +106,9 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     if !valid_addr {
         return Err(AgentError::BadAddress { addr: opts.controller_addr.clone() });
     }
-    std::fs::create_dir_all(&opts.work_dir)
+    // Absolute, so attempts' records stay valid whatever directory the next agent starts in.
+    let work_dir = std::fs::create_dir_all(&opts.work_dir)
+        .and_then(|()| opts.work_dir.canonicalize())
         .map_err(|source| AgentError::WorkDir { path: opts.work_dir.clone(), source })?;
     let mut gpus = opts.gpus.clone();
     if opts.gpus_simulated {
@@ -115,7 +117,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let clock = std::time::Instant::now();
     let incarnation = incarnation();
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE_LEN);
-    let mut runtime = ProcessRuntime::new(opts.work_dir.clone(), event_tx);
+    let mut runtime = ProcessRuntime::new(work_dir, event_tx);
     let recovered = runtime.recover();
     let adopted = recovered.iter().filter(|r| r.exited.is_none()).count();
     tracing::info!(

@@ -279,7 +279,9 @@ async fn submit(req: HttpRequest, state: web::Data<State>, body: web::Json<Submi
         },
         Ok(Err(e)) => {
             let line = match &e {
-                SubmitError::InvalidSpec { index, .. } | SubmitError::Unplaceable { index, .. } => Some(index + 1),
+                SubmitError::InvalidSpec { index, .. }
+                | SubmitError::Unplaceable { index, .. }
+                | SubmitError::TooMuchVram { index, .. } => Some(index + 1),
                 _ => None,
             };
             let status = if e.is_retryable() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_REQUEST };

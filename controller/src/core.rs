@@ -139,6 +139,16 @@ pub enum SubmitError {
         /// GPUs of the largest known host.
         largest: u32,
     },
+    /// No host has enough GPUs with that much memory.
+    #[error("job {index} (line {}) needs {gpus} GPUs with {mib} MiB free each, but no host has GPUs that large; lower `min_vram_mib`", index + 1)]
+    TooMuchVram {
+        /// Zero-based position in the batch.
+        index: usize,
+        /// GPUs asked for.
+        gpus: u32,
+        /// VRAM asked for per GPU.
+        mib: u64,
+    },
     /// The batch is empty or too large.
     #[error("a batch holds 1 to {max} jobs; this one has {got}")]
     BatchSize {
@@ -368,6 +378,16 @@ impl Core {
                 if spec.gpus > largest {
                     return Err(SubmitError::Unplaceable { index, gpus: spec.gpus, largest });
                 }
+                let fits = (0..self.agents.len()).any(|i| {
+                    self.agents[i].health != Health::Lost && self.could_hold(i, spec.gpus, spec.min_free_vram_bytes)
+                });
+                if !fits {
+                    return Err(SubmitError::TooMuchVram {
+                        index,
+                        gpus: spec.gpus,
+                        mib: spec.min_free_vram_bytes >> 20,
+                    });
+                }
             }
         }
         let mut ids = Vec::with_capacity(specs.len());
@@ -412,6 +432,8 @@ impl Core {
                 self.ready.remove(&(Reverse(job.rec.spec.priority), id));
                 self.backoff.remove(&(job.rec.not_before_ms, id));
                 self.conclude(now_ms, id, JobState::Cancelled, None, Some("cancelled by user".into()));
+                // It may have been the job a host was held for.
+                self.dirty = true;
             }
             Some(att_id) => {
                 self.put_job(id);
@@ -729,9 +751,18 @@ impl Core {
     // ---- scheduling ----
 
     fn schedule(&mut self, now_ms: u64) {
-        if let Some((job_id, _)) = self.reservation {
-            let still_waiting = self.jobs.get(&job_id).is_some_and(|j| j.live.is_none() && !j.rec.state.is_final());
-            if !still_waiting {
+        // A job that finds no room reserves the host closest to fitting it, and
+        // other jobs may not use that host: as its attempts end it drains towards
+        // the waiting job while the rest of the cluster keeps backfilling. The
+        // reservation is dropped when its job runs or ends, or its host can no
+        // longer serve it (drained, lost, GPUs gone), so nobody waits on a host for nothing.
+        if let Some((holder, host)) = self.reservation {
+            let waiting = self.jobs.get(&holder).is_some_and(|j| j.live.is_none() && !j.rec.state.is_final());
+            let spec = &self.jobs[&holder].rec.spec;
+            if !waiting
+                || !self.agents[host].schedulable()
+                || !self.could_hold(host, spec.gpus, spec.min_free_vram_bytes)
+            {
                 self.reservation = None;
             }
         }
@@ -739,6 +770,7 @@ impl Core {
         // demanding is skipped without searching, which keeps a pass cheap when
         // the queue is long and the cluster full.
         let mut failed: Vec<(u32, u64)> = Vec::new();
+        let mut holder_tried = false;
         let mut cursor = self.ready.first().copied();
         while let Some(key) = cursor {
             cursor = self.ready.range((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)).next().copied();
@@ -748,29 +780,43 @@ impl Core {
             let job_id = key.1;
             let spec = &self.jobs[&job_id].rec.spec;
             let shape = (spec.gpus, spec.min_free_vram_bytes);
-            if failed.iter().any(|&(g, v)| shape.0 >= g && shape.1 >= v) {
+            let is_holder = self.reservation.is_some_and(|(h, _)| h == job_id);
+            if !is_holder && failed.iter().any(|&(g, v)| shape.0 >= g && shape.1 >= v) {
                 continue;
             }
-            let reserved_host = match self.reservation {
-                Some((holder, host)) if holder != job_id => Some(host),
-                _ => None,
-            };
-            match self.find_host(shape.0, shape.1, reserved_host) {
+            let exclude = self.reservation.filter(|_| !is_holder).map(|(_, host)| host);
+            match self.find_host(shape.0, shape.1, exclude) {
                 Some((idx, gpus)) => {
                     self.ready.remove(&key);
+                    if is_holder {
+                        self.reservation = None;
+                    }
                     self.assign(now_ms, job_id, idx, gpus);
                 }
                 None => {
-                    failed.push(shape);
-                    if self.reservation.is_none() {
-                        self.reservation = self.reserve_for(shape.0).map(|host| (job_id, host));
+                    if is_holder {
+                        holder_tried = true;
+                    } else {
+                        failed.push(shape);
                     }
-                    if shape == (1, 0) || shape.0 == 0 {
+                    if self.reservation.is_none() {
+                        // Tried without exclusions: this job is the one to wait for.
+                        self.reservation = self.reserve_for(shape.0, shape.1).map(|host| (job_id, host));
+                        holder_tried = true;
+                    }
+                    // Nothing smaller exists; stop, unless the holder is still to come.
+                    if (shape.0 == 0 || shape == (1, 0)) && holder_tried {
                         break;
                     }
                 }
             }
         }
+    }
+
+    /// Whether a host could run a job of this shape once its GPUs are free.
+    fn could_hold(&self, idx: usize, gpus: u32, min_vram: u64) -> bool {
+        let capable = self.agents[idx].gpus.iter().filter(|g| g.healthy && g.info.total_vram_bytes >= min_vram).count();
+        capable as u32 >= gpus
     }
 
     /// Best fit: the schedulable host with the fewest free GPUs that still has
@@ -803,9 +849,11 @@ impl Core {
         None
     }
 
-    /// The host a blocked job should wait for: the schedulable one closest to fitting it.
-    fn reserve_for(&self, gpus: u32) -> Option<usize> {
-        self.free_index.iter().rev().map(|&(_, idx)| idx).find(|&idx| self.agents[idx].gpus.len() as u32 >= gpus)
+    /// The host a blocked job should wait for: among schedulable hosts that
+    /// could hold it once empty, the one with most free GPUs. None if no host
+    /// ever could (its VRAM need is beyond every GPU): reserving would idle a host for nothing.
+    fn reserve_for(&self, gpus: u32, min_vram: u64) -> Option<usize> {
+        self.free_index.iter().rev().map(|&(_, idx)| idx).find(|&idx| self.could_hold(idx, gpus, min_vram))
     }
 
     fn assign(&mut self, now_ms: u64, job_id: JobId, idx: usize, gpus: Vec<usize>) {
@@ -820,9 +868,6 @@ impl Core {
         let conn = agent.conn.expect("schedulable agents are connected");
         let agent_name = agent.name.clone();
         self.reindex(idx);
-        if self.reservation.is_some_and(|(holder, _)| holder == job_id) {
-            self.reservation = None;
-        }
         let att = AttemptRecord {
             id: att_id,
             job_id,
