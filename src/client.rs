@@ -86,7 +86,7 @@ impl Client {
         let status = resp.status();
         let text = resp.body_mut().read_to_string().unwrap_or_default();
         match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(e) => Err(ApiError { status: status.as_u16(), body: e }.into()),
+            Ok(e) => Err(ApiError { body: e }.into()),
             Err(_) => bail!("controller answered {status}: {text}"),
         }
     }
@@ -131,8 +131,6 @@ impl Client {
 /// The controller refused a request, with its reason.
 #[derive(Debug)]
 pub struct ApiError {
-    /// HTTP status.
-    pub status: u16,
     /// The controller's explanation.
     pub body: ErrorBody,
 }
