@@ -38,13 +38,17 @@ pub struct Client {
 }
 
 impl Client {
-    /// Resolves the controller URL and token from flags, environment and data directory.
+    /// Resolves the controller URL and token: flags and environment first, then
+    /// the data directory's token file, then the config file
+    /// (`$XDG_CONFIG_HOME/cosmos/client.json`, else `~/.config/cosmos/client.json`,
+    /// holding any of `controller`, `token`, `data_dir`).
     pub fn new(args: &ClientArgs) -> anyhow::Result<Client> {
-        let base = args.controller.clone().unwrap_or_else(|| "http://127.0.0.1:7700".to_string());
+        let file = ConfigFile::load()?;
+        let base = args.controller.clone().or(file.controller).unwrap_or_else(|| "http://127.0.0.1:7700".to_string());
         let base = base.trim_end_matches('/').to_string();
-        let token = match (&args.token, &args.data_dir) {
-            (Some(t), _) => t.clone(),
-            (None, Some(dir)) => {
+        let token = match (&args.token, args.data_dir.as_ref().or(file.data_dir.as_ref()), file.token) {
+            (Some(t), _, _) => t.clone(),
+            (None, Some(dir), _) => {
                 let path = dir.join("api.token");
                 std::fs::read_to_string(&path)
                     .with_context(|| {
@@ -56,7 +60,11 @@ impl Client {
                     .trim()
                     .to_string()
             }
-            (None, None) => bail!("no API token: pass --token or COSMOS_TOKEN, or --data-dir of a local controller"),
+            (None, None, Some(t)) => t,
+            (None, None, None) => bail!(
+                "no API token: pass --token or COSMOS_TOKEN, or --data-dir of a local controller, or put them in {}",
+                ConfigFile::path().map_or("the config file".into(), |p| p.display().to_string())
+            ),
         };
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -142,3 +150,32 @@ impl std::fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
+
+/// The client's optional config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    controller: Option<String>,
+    token: Option<String>,
+    data_dir: Option<PathBuf>,
+}
+
+impl ConfigFile {
+    fn path() -> Option<PathBuf> {
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+        Some(base.join("cosmos").join("client.json"))
+    }
+
+    fn load() -> anyhow::Result<ConfigFile> {
+        let Some(path) = ConfigFile::path() else { return Ok(ConfigFile::default()) };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                serde_json::from_str(&text).with_context(|| format!("{} is not a valid client config", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ConfigFile::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+}

@@ -518,7 +518,7 @@ async fn serve_agent(
             return;
         }
     };
-    let (mut reader, mut writer) = c.split();
+    let (mut reader, writer) = c.split();
     let agent_hello = match reader.recv::<AgentMsg>().await {
         Ok(Some(AgentMsg::Hello(h))) => h,
         other => {
@@ -527,34 +527,88 @@ async fn serve_agent(
         }
     };
     tracing::info!(%peer, agent = hello.node_id, gpus = agent_hello.gpus.len(), "agent connected");
-    let (tx, mut rx) = mpsc::channel::<ControllerMsg>(CONN_QUEUE_LEN);
+    let (tx, rx) = mpsc::channel::<ControllerMsg>(CONN_QUEUE_LEN);
     core.do_send(AgentConnected { conn, name: hello.node_id.clone(), hello: agent_hello, tx });
-    let write = async move {
-        while let Some(msg) = rx.recv().await {
-            if let Err(e) = writer.send(&msg).await {
-                return Err(e.to_string());
-            }
+    let incoming = futures::stream::unfold(Some(reader), |reader| async move {
+        let mut reader = reader?;
+        match reader.recv::<AgentMsg>().await {
+            Ok(Some(msg)) => Some((Ok(msg), Some(reader))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e.to_string()), None)),
         }
-        // The core dropped us (superseded, lost, or stuck): close.
-        let _ = writer.shutdown().await;
-        Ok(())
-    };
-    let read = async {
-        let mut logs = LogFiles::default();
-        loop {
-            match reader.recv::<AgentMsg>().await {
-                Ok(Some(AgentMsg::LogChunk(chunk))) => logs.append(&shared.dir, &chunk),
-                Ok(Some(msg)) => core.do_send(AgentMessage(conn, msg)),
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(e.to_string()),
-            }
-        }
-    };
-    let result = tokio::select! { r = write => r, r = read => r };
-    if let Err(e) = result {
-        tracing::warn!(agent = hello.node_id, error = %e, "agent connection failed");
+    });
+    AgentConnection::create(move |ctx| {
+        ctx.add_stream(incoming);
+        let me = ctx.address();
+        actix::spawn(async move {
+            let result = write_frames(writer, rx).await;
+            me.do_send(WriterDone(result));
+        });
+        AgentConnection { conn, name: hello.node_id, core, shared, logs: LogFiles::default() }
+    });
+}
+
+/// Writes what the core sends until it drops the channel (superseded, lost or
+/// stuck agent) or the socket fails. Writes are not cancel-safe, so this one
+/// task does them all, in order.
+async fn write_frames(
+    mut writer: cosmos_proto::FrameWriter<tokio::io::WriteHalf<tokio::net::TcpStream>>,
+    mut rx: mpsc::Receiver<ControllerMsg>,
+) -> Result<(), String> {
+    while let Some(msg) = rx.recv().await {
+        writer.send(&msg).await.map_err(|e| e.to_string())?;
     }
-    core.do_send(AgentGone(conn));
+    let _ = writer.shutdown().await;
+    Ok(())
+}
+
+/// One agent connection, as an actor: it feeds what the agent says to the core
+/// (logs straight to their files) and lives as long as both directions do.
+struct AgentConnection {
+    conn: ConnId,
+    name: String,
+    core: Addr<CoreActor>,
+    shared: Arc<Shared>,
+    logs: LogFiles,
+}
+
+impl Actor for AgentConnection {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.core.do_send(AgentGone(self.conn));
+    }
+}
+
+impl StreamHandler<Result<AgentMsg, String>> for AgentConnection {
+    fn handle(&mut self, item: Result<AgentMsg, String>, ctx: &mut Self::Context) {
+        match item {
+            Ok(AgentMsg::LogChunk(chunk)) => self.logs.append(&self.shared.dir, &chunk),
+            Ok(msg) => self.core.do_send(AgentMessage(self.conn, msg)),
+            Err(e) => {
+                tracing::warn!(agent = self.name, error = %e, "agent connection failed");
+                ctx.stop();
+            }
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
+struct WriterDone(Result<(), String>);
+impl Message for WriterDone {
+    type Result = ();
+}
+impl Handler<WriterDone> for AgentConnection {
+    type Result = ();
+    fn handle(&mut self, WriterDone(result): WriterDone, ctx: &mut Self::Context) {
+        if let Err(e) = result {
+            tracing::warn!(agent = self.name, error = %e, "writing to the agent failed");
+        }
+        ctx.stop();
+    }
 }
 
 /// Open log files of one connection's attempts, appended at the chunk's offset

@@ -324,3 +324,25 @@ fn an_agent_without_gpus_refuses_to_start() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_client_finds_controller_and_token_in_its_config_file() {
+    let c = Cluster::start(1, 10_000);
+    let config = c.dir.path().join("xdg");
+    std::fs::create_dir_all(config.join("cosmos")).unwrap();
+    let token = std::fs::read_to_string(c.data().join("api.token")).unwrap();
+    let text = serde_json::json!({ "controller": c.api, "token": token.trim() }).to_string();
+    std::fs::write(config.join("cosmos/client.json"), text).unwrap();
+    let out = Command::new(BIN)
+        .args(["agents", "list", "--json"])
+        .env("XDG_CONFIG_HOME", &config)
+        .env_remove("COSMOS_CONTROLLER")
+        .env_remove("COSMOS_TOKEN")
+        .env_remove("COSMOS_DATA_DIR")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let agents: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(agents[0]["name"], "agent-0");
+    assert_eq!(agents[0]["gpus_simulated"], true);
+}
