@@ -535,15 +535,7 @@ impl AgentCore {
         self.gpus
             .iter()
             .map(|g| {
-                let mut u = self.usage.get(&g.uuid).cloned().unwrap_or(GpuUsage {
-                    uuid: g.uuid.clone(),
-                    used_vram_bytes: 0,
-                    free_vram_bytes: g.total_vram_bytes,
-                    foreign_vram_bytes: 0,
-                    utilization_pct: None,
-                    temperature_c: None,
-                    healthy: true,
-                });
+                let mut u = self.usage.get(&g.uuid).cloned().unwrap_or_else(|| GpuUsage::idle(g));
                 u.healthy = !self.faulty.contains_key(&g.uuid);
                 u
             })

@@ -355,15 +355,7 @@ impl Shell {
                     let now = self.now_ms();
                     self.core.tick(now, &mut out);
                     if self.opts.gpus_simulated {
-                        let samples = self.gpus.iter().map(|g| GpuUsage {
-                            uuid: g.uuid.clone(),
-                            used_vram_bytes: 0,
-                            free_vram_bytes: g.total_vram_bytes,
-                            foreign_vram_bytes: 0,
-                            utilization_pct: None,
-                            temperature_c: None,
-                            healthy: true,
-                        }).collect();
+                        let samples = self.gpus.iter().map(GpuUsage::idle).collect();
                         self.core.on_gpu_sample(now, samples, &mut out);
                     }
                 }

@@ -271,7 +271,7 @@ pub struct Core {
     next_attempt_id: u64,
     jobs: BTreeMap<JobId, Job>,
     /// Jobs waiting for GPUs, by priority then submission order.
-    ready: BTreeSet<(Reverse<i32>, JobId)>,
+    ready: ReadyQueue,
     /// Jobs waiting out a retry backoff.
     backoff: BTreeSet<(u64, JobId)>,
     live: BTreeMap<AttemptId, AttemptRecord>,
@@ -297,7 +297,7 @@ impl Core {
             next_job_id: snapshot.jobs.iter().map(|j| j.id.0 + 1).max().unwrap_or(1),
             next_attempt_id: snapshot.max_attempt_id.map_or(1, |a| a.0 + 1),
             jobs: BTreeMap::new(),
-            ready: BTreeSet::new(),
+            ready: ReadyQueue::default(),
             backoff: BTreeSet::new(),
             live: BTreeMap::new(),
             agents: Vec::new(),
@@ -337,7 +337,7 @@ impl Core {
             let Some(job) = core.jobs.get_mut(&att.job_id) else { continue };
             job.live = Some(att.id);
             job.rec.state = if att.state == AttemptState::Assigned { JobState::Assigned } else { JobState::Running };
-            core.ready.remove(&(Reverse(job.rec.spec.priority), att.job_id));
+            core.ready.remove(&job.rec.spec, att.job_id);
             core.backoff.remove(&(job.rec.not_before_ms, att.job_id));
             let agent = &mut core.agents[idx];
             agent.attempts.insert(att.id);
@@ -410,7 +410,7 @@ impl Core {
                 finished_ms: None,
             };
             self.ops.push(StoreOp::PutJob(Box::new(rec.clone())));
-            self.ready.insert((Reverse(rec.spec.priority), id));
+            self.ready.insert(&rec.spec, id);
             self.jobs.insert(id, Job { rec, live: None, progress: None });
             ids.push(id);
         }
@@ -429,7 +429,7 @@ impl Core {
         job.rec.cancel_requested = true;
         match job.live {
             None => {
-                self.ready.remove(&(Reverse(job.rec.spec.priority), id));
+                self.ready.remove(&job.rec.spec, id);
                 self.backoff.remove(&(job.rec.not_before_ms, id));
                 self.conclude(now_ms, id, JobState::Cancelled, None, Some("cancelled by user".into()));
                 // It may have been the job a host was held for.
@@ -724,8 +724,7 @@ impl Core {
                 break;
             }
             self.backoff.remove(&(at, id));
-            let prio = self.jobs[&id].rec.spec.priority;
-            self.ready.insert((Reverse(prio), id));
+            self.ready.insert(&self.jobs[&id].rec.spec, id);
             self.dirty = true;
         }
         self.finish(now_ms, out);
@@ -771,9 +770,9 @@ impl Core {
         // the queue is long and the cluster full.
         let mut failed: Vec<(u32, u64)> = Vec::new();
         let mut holder_tried = false;
-        let mut cursor = self.ready.first().copied();
+        let mut cursor = self.ready.first();
         while let Some(key) = cursor {
-            cursor = self.ready.range((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)).next().copied();
+            cursor = self.ready.after(key);
             if self.free_index.last().is_none_or(|&(free, _)| free == 0) {
                 break;
             }
@@ -787,7 +786,7 @@ impl Core {
             let exclude = self.reservation.filter(|_| !is_holder).map(|(_, host)| host);
             match self.find_host(shape.0, shape.1, exclude) {
                 Some((idx, gpus)) => {
-                    self.ready.remove(&key);
+                    self.ready.remove(&self.jobs[&job_id].rec.spec, job_id);
                     if is_holder {
                         self.reservation = None;
                     }
@@ -798,6 +797,14 @@ impl Core {
                         holder_tried = true;
                     } else {
                         failed.push(shape);
+                    }
+                    // Every shape still queued is at least as demanding as one that
+                    // just failed: nothing further can be placed (a long queue of
+                    // VRAM-blocked jobs would otherwise be walked in full).
+                    let hopeless =
+                        self.ready.shapes.keys().all(|&(g, v)| failed.iter().any(|&(fg, fv)| g >= fg && v >= fv));
+                    if hopeless && (self.reservation.is_none() || holder_tried) {
+                        break;
                     }
                     if self.reservation.is_none() {
                         // Tried without exclusions: this job is the one to wait for.
@@ -1064,7 +1071,7 @@ impl Core {
         if rec.not_before_ms > 0 && rec.state == JobState::Retrying {
             self.backoff.insert((rec.not_before_ms, job_id));
         } else {
-            self.ready.insert((Reverse(rec.spec.priority), job_id));
+            self.ready.insert(&rec.spec, job_id);
         }
         self.dirty = true;
     }
@@ -1257,14 +1264,21 @@ impl Core {
                     return Err(format!("job {id} is lost: it waits on attempt {att}, which nothing tracks any more"));
                 }
             }
-            let queued = self.ready.contains(&(Reverse(job.rec.spec.priority), id))
-                || self.backoff.contains(&(job.rec.not_before_ms, id));
+            let queued = self.ready.contains(&job.rec.spec, id) || self.backoff.contains(&(job.rec.not_before_ms, id));
             match (job.rec.state.is_final(), job.live, queued) {
                 (true, None, false) | (false, Some(_), false) | (false, None, true) => {}
                 other => {
                     return Err(format!("job {id} in state {:?} has (final, live, queued) = {other:?}", job.rec.state));
                 }
             }
+        }
+        let mut shapes: BTreeMap<(u32, u64), usize> = BTreeMap::new();
+        for &(_, id) in &self.ready.order {
+            let spec = &self.jobs[&id].rec.spec;
+            *shapes.entry((spec.gpus, spec.min_free_vram_bytes)).or_insert(0) += 1;
+        }
+        if shapes != self.ready.shapes {
+            return Err(format!("ready queue shape counts {:?} do not match its jobs {shapes:?}", self.ready.shapes));
         }
         for (idx, agent) in self.agents.iter().enumerate() {
             let indexed: Vec<u32> = self.free_index.iter().filter(|&&(_, i)| i == idx).map(|&(f, _)| f).collect();
@@ -1274,6 +1288,50 @@ impl Core {
             }
         }
         Ok(())
+    }
+}
+
+/// Jobs waiting for GPUs, by priority then submission order, with a count of
+/// each (GPUs, VRAM) shape among them so a pass knows when nothing can fit.
+#[derive(Default)]
+struct ReadyQueue {
+    order: BTreeSet<(Reverse<i32>, JobId)>,
+    shapes: BTreeMap<(u32, u64), usize>,
+}
+
+impl ReadyQueue {
+    fn insert(&mut self, spec: &JobSpec, id: JobId) {
+        if self.order.insert((Reverse(spec.priority), id)) {
+            *self.shapes.entry((spec.gpus, spec.min_free_vram_bytes)).or_insert(0) += 1;
+        }
+    }
+
+    fn remove(&mut self, spec: &JobSpec, id: JobId) {
+        if self.order.remove(&(Reverse(spec.priority), id)) {
+            let shape = (spec.gpus, spec.min_free_vram_bytes);
+            if let Some(n) = self.shapes.get_mut(&shape) {
+                *n -= 1;
+                if *n == 0 {
+                    self.shapes.remove(&shape);
+                }
+            }
+        }
+    }
+
+    fn contains(&self, spec: &JobSpec, id: JobId) -> bool {
+        self.order.contains(&(Reverse(spec.priority), id))
+    }
+
+    fn first(&self) -> Option<(Reverse<i32>, JobId)> {
+        self.order.first().copied()
+    }
+
+    fn after(&self, key: (Reverse<i32>, JobId)) -> Option<(Reverse<i32>, JobId)> {
+        self.order.range((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)).next().copied()
+    }
+
+    fn len(&self) -> usize {
+        self.order.len()
     }
 }
 

@@ -272,6 +272,23 @@ impl CoreActor {
         }
     }
 
+    /// Runs an operator command; the receiver fires once its effects are durable.
+    fn command(
+        &mut self,
+        f: impl FnOnce(&mut Core, &mut Vec<Output>) -> Result<(), CommandError>,
+    ) -> Result<oneshot::Receiver<()>, CommandError> {
+        let mut out = Vec::new();
+        f(&mut self.core, &mut out)?;
+        let (tx, rx) = oneshot::channel();
+        self.perform(
+            out,
+            Some(Box::new(move || {
+                let _ = tx.send(());
+            })),
+        );
+        Ok(rx)
+    }
+
     fn act(&mut self, action: Action) {
         match action {
             Action::Send(conn, msg) => {
@@ -329,16 +346,7 @@ impl Message for Cancel {
 impl Handler<Cancel> for CoreActor {
     type Result = Result<oneshot::Receiver<()>, CommandError>;
     fn handle(&mut self, Cancel(id): Cancel, _: &mut Context<Self>) -> Self::Result {
-        let mut out = Vec::new();
-        self.core.cancel(wall_ms(), id, &mut out)?;
-        let (tx, rx) = oneshot::channel();
-        self.perform(
-            out,
-            Some(Box::new(move || {
-                let _ = tx.send(());
-            })),
-        );
-        Ok(rx)
+        self.command(|core, out| core.cancel(wall_ms(), id, out))
     }
 }
 
@@ -350,16 +358,7 @@ impl Message for SetDraining {
 impl Handler<SetDraining> for CoreActor {
     type Result = Result<oneshot::Receiver<()>, CommandError>;
     fn handle(&mut self, SetDraining(name, on): SetDraining, _: &mut Context<Self>) -> Self::Result {
-        let mut out = Vec::new();
-        self.core.set_draining(wall_ms(), &name, on, &mut out)?;
-        let (tx, rx) = oneshot::channel();
-        self.perform(
-            out,
-            Some(Box::new(move || {
-                let _ = tx.send(());
-            })),
-        );
-        Ok(rx)
+        self.command(|core, out| core.set_draining(wall_ms(), &name, on, out))
     }
 }
 

@@ -135,20 +135,21 @@ impl AttemptState {
 
     /// Parses [`AttemptState::as_str`]'s names.
     pub fn parse(s: &str) -> Option<AttemptState> {
-        [
-            AttemptState::Assigned,
-            AttemptState::Running,
-            AttemptState::Stopping,
-            AttemptState::Succeeded,
-            AttemptState::Failed,
-            AttemptState::Cancelled,
-            AttemptState::Lost,
-            AttemptState::Rejected,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
+        ALL_ATTEMPT_STATES.into_iter().find(|st| st.as_str() == s)
     }
 }
+
+/// Every attempt state, in lifecycle order.
+pub const ALL_ATTEMPT_STATES: [AttemptState; 8] = [
+    AttemptState::Assigned,
+    AttemptState::Running,
+    AttemptState::Stopping,
+    AttemptState::Succeeded,
+    AttemptState::Failed,
+    AttemptState::Cancelled,
+    AttemptState::Lost,
+    AttemptState::Rejected,
+];
 
 /// One try of a job on one agent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -394,17 +394,8 @@ mod tests {
 
     #[test]
     fn the_live_state_list_in_sql_matches_is_live() {
-        let all = [
-            AttemptState::Assigned,
-            AttemptState::Running,
-            AttemptState::Stopping,
-            AttemptState::Succeeded,
-            AttemptState::Failed,
-            AttemptState::Cancelled,
-            AttemptState::Lost,
-            AttemptState::Rejected,
-        ];
-        let live: Vec<&str> = all.into_iter().filter(|s| s.is_live()).map(AttemptState::as_str).collect();
+        let live: Vec<&str> =
+            crate::model::ALL_ATTEMPT_STATES.into_iter().filter(|s| s.is_live()).map(AttemptState::as_str).collect();
         assert_eq!(live, ["assigned", "running", "stopping"]);
     }
 }

@@ -185,6 +185,21 @@ pub struct GpuUsage {
     pub healthy: bool,
 }
 
+impl GpuUsage {
+    /// A GPU with nothing on it: all memory free, healthy, nothing known of load or heat.
+    pub fn idle(gpu: &GpuInfo) -> GpuUsage {
+        GpuUsage {
+            uuid: gpu.uuid.clone(),
+            used_vram_bytes: 0,
+            free_vram_bytes: gpu.total_vram_bytes,
+            foreign_vram_bytes: 0,
+            utilization_pct: None,
+            temperature_c: None,
+            healthy: true,
+        }
+    }
+}
+
 /// What an agent knows of one attempt.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttemptReport {

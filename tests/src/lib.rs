@@ -456,7 +456,7 @@ impl Sim {
             .collect();
         let config = AgentConfig { stop_grace_ms: 5_000, vram_release_bound_ms: 10_000, ..AgentConfig::default() };
         node.core = Some(AgentCore::new(
-            now,
+            agent_now,
             config,
             node.gpus.iter().map(|g| g.info.clone()).collect(),
             true,
