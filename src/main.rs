@@ -53,6 +53,15 @@ enum Command {
         /// This host's name in the cluster (default: the host name).
         #[arg(long)]
         name: Option<String>,
+        /// How jobs run: `process` (a process group each, no images) or `docker` (a container each).
+        #[arg(long, default_value = "process", value_parser = ["process", "docker"])]
+        runtime: String,
+        /// Docker runtime: a volume jobs' `mounts` may name, as NAME=HOST_DIR (repeatable).
+        #[arg(long = "volume", value_name = "NAME=HOST_DIR")]
+        volumes: Vec<String>,
+        /// Docker runtime: the network job containers join (default: the engine's bridge).
+        #[arg(long)]
+        docker_network: Option<String>,
     },
     /// Start a local controller and agents; with `-- COMMAND`, run that client command against them and exit.
     Up {
@@ -198,8 +207,9 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             actix::System::new().block_on(cosmos_controller::daemon::run(opts, shutdown_signal()))?;
             Ok(true)
         }
-        Command::Agent { controller, token_file, work_dir, simulated_gpus, name } => {
-            up::run_agent(controller, token_file, work_dir, simulated_gpus, name)?;
+        Command::Agent { controller, token_file, work_dir, simulated_gpus, name, runtime, volumes, docker_network } => {
+            let runtime = up::runtime_kind(&runtime, &work_dir, &volumes, docker_network)?;
+            up::run_agent(controller, token_file, work_dir, simulated_gpus, name, runtime)?;
             Ok(true)
         }
         Command::Up { data_dir, agents, gpus, client_command } => up::up(data_dir, agents, &gpus, client_command),

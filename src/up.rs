@@ -20,6 +20,7 @@ pub fn run_agent(
     work_dir: PathBuf,
     simulated: Option<String>,
     name: Option<String>,
+    runtime: cosmos_agent::daemon::RuntimeKind,
 ) -> anyhow::Result<()> {
     let token = std::fs::read_to_string(&token_file).with_context(|| {
         format!(
@@ -53,10 +54,34 @@ pub fn run_agent(
         config: cosmos_agent::core::AgentConfig::default(),
         reconnect_min_ms: 100,
         reconnect_max_ms: 5_000,
+        runtime,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(cosmos_agent::daemon::run(opts, crate::shutdown_signal()))?;
     Ok(())
+}
+
+/// The runtime the agent's flags ask for.
+pub fn runtime_kind(
+    name: &str,
+    work_dir: &Path,
+    volumes: &[String],
+    network: Option<String>,
+) -> anyhow::Result<cosmos_agent::daemon::RuntimeKind> {
+    if name == "process" {
+        if !volumes.is_empty() || network.is_some() {
+            bail!("--volume and --docker-network apply to the Docker runtime only: add --runtime docker");
+        }
+        return Ok(cosmos_agent::daemon::RuntimeKind::Process);
+    }
+    // The daemon fills in the agent's name and whether its GPUs are simulated.
+    let mut config = cosmos_agent::docker::DockerConfig::new(String::new(), work_dir);
+    for v in volumes {
+        let (name, dir) = v.split_once('=').with_context(|| format!("--volume {v}: expected NAME=HOST_DIR"))?;
+        config.volumes.insert(name.to_string(), PathBuf::from(dir));
+    }
+    config.network = network;
+    Ok(cosmos_agent::daemon::RuntimeKind::Docker(config))
 }
 
 fn hostname() -> String {

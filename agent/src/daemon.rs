@@ -8,6 +8,7 @@
 //! process adopts them.
 
 use crate::core::{AgentConfig, AgentCore, Output};
+use crate::docker::{DockerConfig, DockerRuntime};
 use crate::process::ProcessRuntime;
 use crate::runtime::{EVENT_QUEUE_LEN, Runtime, StartRequest};
 use cosmos_proto::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT_MS, HandshakeError, Hello, Refusal, Role, Token};
@@ -33,6 +34,37 @@ const WRITER_QUEUE_LEN: usize = 16;
 const READER_QUEUE_LEN: usize = 64;
 /// How long shutdown waits for queued messages to reach the socket.
 const CLOSE_TIMEOUT_MS: u64 = 2_000;
+/// How often the Docker runtime's reaper looks for containers no attempt claims (also after each reconcile).
+const REAP_INTERVAL_MS: u64 = 60_000;
+/// How often the Docker daemon is pinged, so that losing it (and getting it back) is logged.
+const PING_INTERVAL_MS: u64 = 10_000;
+
+/// Which runtime runs the attempts.
+#[derive(Clone, Debug, Default)]
+pub enum RuntimeKind {
+    /// Plain local processes, each in its own process group (no images).
+    #[default]
+    Process,
+    /// Docker containers through the Engine API. The daemon fills the
+    /// configuration's `agent_name` and `gpus_simulated` from the
+    /// [`AgentOptions`], and its `work_dir_root` too when that is empty.
+    Docker(DockerConfig),
+}
+
+/// The runtime the shell drives.
+enum AgentRuntime {
+    Process(ProcessRuntime),
+    Docker(DockerRuntime),
+}
+
+impl AgentRuntime {
+    fn as_dyn(&mut self) -> &mut dyn Runtime {
+        match self {
+            AgentRuntime::Process(r) => r,
+            AgentRuntime::Docker(r) => r,
+        }
+    }
+}
 
 /// How to run an agent.
 #[derive(Clone, Debug)]
@@ -57,6 +89,8 @@ pub struct AgentOptions {
     pub reconnect_min_ms: u64,
     /// Longest wait between dials.
     pub reconnect_max_ms: u64,
+    /// Which runtime runs the attempts.
+    pub runtime: RuntimeKind,
 }
 
 /// Why the agent stopped.
@@ -117,8 +151,35 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let clock = std::time::Instant::now();
     let incarnation = incarnation();
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE_LEN);
-    let mut runtime = ProcessRuntime::new(work_dir, event_tx);
-    let recovered = runtime.recover();
+    let (mut runtime, attempts_root) = match &opts.runtime {
+        RuntimeKind::Process => (AgentRuntime::Process(ProcessRuntime::new(work_dir.clone(), event_tx)), work_dir),
+        RuntimeKind::Docker(config) => {
+            let mut config = config.clone();
+            config.agent_name = opts.name.clone();
+            config.gpus_simulated = opts.gpus_simulated;
+            if config.work_dir_root.as_os_str().is_empty() {
+                config.work_dir_root = work_dir;
+            } else {
+                let root = config.work_dir_root.clone();
+                config.work_dir_root = std::fs::create_dir_all(&root)
+                    .and_then(|()| root.canonicalize())
+                    .map_err(|source| AgentError::WorkDir { path: root, source })?;
+            }
+            if config.gpus_simulated {
+                tracing::warn!(
+                    agent = opts.name,
+                    "GPUs are simulated: containers get their GPU assignment in CUDA_VISIBLE_DEVICES only, with no device request"
+                );
+            }
+            let root = config.work_dir_root.clone();
+            let docker = DockerRuntime::new(config, event_tx);
+            if let Err(e) = docker.ping().await {
+                tracing::error!(error = %e, "the Docker daemon does not answer: attempts fail to start (retryably) until it does");
+            }
+            (AgentRuntime::Docker(docker), root)
+        }
+    };
+    let recovered = runtime.as_dyn().recover();
     let adopted = recovered.iter().filter(|r| r.exited.is_none()).count();
     tracing::info!(
         agent = opts.name,
@@ -133,12 +194,24 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         opts.config.clone(),
         gpus.clone(),
         opts.gpus_simulated,
-        runtime.name(),
+        runtime.as_dyn().name(),
         incarnation,
         recovered,
     );
     let backoff = Backoff::new(opts.reconnect_min_ms, opts.reconnect_max_ms, incarnation);
-    let shell = Shell { opts, gpus, clock, core, runtime, link: None, outbox: VecDeque::new(), backoff };
+    let shell = Shell {
+        opts,
+        gpus,
+        clock,
+        core,
+        runtime,
+        attempts_root,
+        link: None,
+        outbox: VecDeque::new(),
+        backoff,
+        reaping: None,
+        docker_healthy: None,
+    };
     shell.run(event_rx, shutdown).await
 }
 
@@ -314,17 +387,42 @@ struct Shell {
     gpus: Vec<GpuInfo>,
     clock: std::time::Instant,
     core: AgentCore,
-    runtime: ProcessRuntime,
+    runtime: AgentRuntime,
+    /// Where attempts' directories live (`attempts/<id>` under it).
+    attempts_root: PathBuf,
     link: Option<Link>,
     /// Messages for the controller, in order, waiting for room in the writer's queue.
     outbox: VecDeque<AgentMsg>,
     backoff: Backoff,
+    /// The Docker reaper's run in progress, if any.
+    reaping: Option<JoinHandle<()>>,
+    /// Whether the Docker daemon answered the last ping (`None`: none answered yet).
+    docker_healthy: Option<bool>,
 }
 
 impl Shell {
     /// Milliseconds since the agent started: the core's clock, never the wall clock.
     fn now_ms(&self) -> u64 {
         self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Docker: removes containers of this agent that no live attempt claims, in the background.
+    fn reap(&mut self) {
+        let AgentRuntime::Docker(docker) = &self.runtime else { return };
+        if self.reaping.as_ref().is_some_and(|r| !r.is_finished()) {
+            return;
+        }
+        let live: Vec<_> = self.core.live_attempts().map(|(id, _)| id).collect();
+        let reap = docker.reap(&live);
+        self.reaping = Some(tokio::spawn(async move {
+            match reap.await {
+                Ok(removed) if !removed.is_empty() => {
+                    tracing::warn!(?removed, "removed containers that no attempt claims")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "the reaper cannot list this agent's containers"),
+            }
+        }));
     }
 
     async fn run(
@@ -342,6 +440,10 @@ impl Shell {
         let mut last_failure: Option<String> = None;
         let mut failures = 0u32;
         let mut incoming: Option<Incoming> = None;
+        let docker = matches!(self.runtime, AgentRuntime::Docker(_));
+        let mut reap_timer = tokio::time::interval(Duration::from_millis(REAP_INTERVAL_MS));
+        let mut ping_timer = tokio::time::interval(Duration::from_millis(PING_INTERVAL_MS));
+        let (ping_tx, mut ping_rx) = mpsc::channel::<Result<(), String>>(1);
         loop {
             let mut out = Vec::new();
             let mut lost: Option<String> = None;
@@ -413,11 +515,15 @@ impl Shell {
                         Some(Ok(msg)) => {
                             if let ControllerMsg::AckFinished { attempt_ids } = &msg {
                                 for &id in attempt_ids {
-                                    self.runtime.acknowledged(id);
+                                    self.runtime.as_dyn().acknowledged(id);
                                 }
                             }
+                            let reconcile = matches!(msg, ControllerMsg::Reconcile { .. });
                             let now = self.now_ms();
                             self.core.on_message(now, msg, &mut out);
+                            if reconcile {
+                                self.reap();
+                            }
                         }
                         Some(Err(e)) => lost = Some(format!("reading from the controller failed: {e}")),
                         None => lost = Some("the controller closed the connection".into()),
@@ -437,6 +543,26 @@ impl Shell {
                     let now = self.now_ms();
                     self.core.on_runtime(now, event, &mut out);
                 }
+                _ = reap_timer.tick(), if docker => self.reap(),
+                _ = ping_timer.tick(), if docker => {
+                    if let AgentRuntime::Docker(rt) = &self.runtime {
+                        let (ping, tx) = (rt.ping(), ping_tx.clone());
+                        tokio::spawn(async move {
+                            let _ = tx.try_send(ping.await.map_err(|e| e.to_string()));
+                        });
+                    }
+                }
+                Some(result) = ping_rx.recv() => {
+                    let healthy = result.is_ok();
+                    if self.docker_healthy != Some(healthy) {
+                        match result {
+                            Ok(()) => tracing::info!("the Docker daemon answers"),
+                            // No message reports an agent's own health yet: starts fail retryably meanwhile.
+                            Err(e) => tracing::error!(error = %e, "this agent cannot run containers until the Docker daemon answers"),
+                        }
+                        self.docker_healthy = Some(healthy);
+                    }
+                }
             }
             if let Some(reason) = self.perform(out) {
                 lost = Some(reason);
@@ -454,6 +580,9 @@ impl Shell {
         }
         tracing::info!("agent shutting down; running attempts keep running and are adopted at the next start");
         if let Some(task) = dialing {
+            task.abort();
+        }
+        if let Some(task) = self.reaping.take() {
             task.abort();
         }
         if let Some(link) = self.link.take() {
@@ -479,9 +608,9 @@ impl Shell {
                         .iter()
                         .filter_map(|u| self.gpus.iter().find(|g| &g.uuid == u).map(|g| g.index))
                         .collect();
-                    let work_dir = self.runtime.attempt_dir(attempt_id);
+                    let work_dir = crate::runtime::attempt_dir(&self.attempts_root, attempt_id);
                     tracing::info!(attempt = %attempt_id, job = %job_id, gpus = ?gpu_uuids, "starting attempt");
-                    self.runtime.start(StartRequest {
+                    self.runtime.as_dyn().start(StartRequest {
                         attempt_id,
                         job_id,
                         epoch,
@@ -493,7 +622,7 @@ impl Shell {
                 }
                 Output::Stop { attempt_id, grace_ms } => {
                     tracing::info!(attempt = %attempt_id, grace_ms, "stopping attempt");
-                    self.runtime.stop(attempt_id, grace_ms);
+                    self.runtime.as_dyn().stop(attempt_id, grace_ms);
                 }
                 Output::Reconnect => {
                     lost = Some(format!("no heartbeat acknowledged for {} ms", self.opts.config.ack_timeout_ms));

@@ -2,5 +2,7 @@
 
 pub mod core;
 pub mod daemon;
+pub mod docker;
 pub mod process;
 pub mod runtime;
+pub mod simulated;

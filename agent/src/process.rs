@@ -545,7 +545,7 @@ fn last_fraction(line: &[u8], may_end_line: bool) -> Option<(u32, u32)> {
 }
 
 /// The expected outputs that exist as regular files inside `work_dir`, with digests.
-fn collect_outputs(work_dir: &Path, wanted: &[String]) -> Vec<ArtifactRef> {
+pub(crate) fn collect_outputs(work_dir: &Path, wanted: &[String]) -> Vec<ArtifactRef> {
     let Ok(root) = work_dir.canonicalize() else { return Vec::new() };
     let mut found = Vec::new();
     for rel in wanted {

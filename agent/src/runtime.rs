@@ -1,8 +1,9 @@
 //! The container-runtime boundary: what the agent's shell asks of a runtime.
 //!
 //! Implementations: the process runtime (children in their own process
-//! groups), the Docker runtime (to come) and the simulator's fake. All are
-//! held to the same contract.
+//! groups), the Docker runtime (containers through the Engine API) and the
+//! simulated runtime (timers). All are held to the same contract, by one
+//! suite run against each (`agent/tests/contract.rs`).
 
 use crate::core::{Recovered, RuntimeEvent};
 use cosmos_proto::{AttemptId, Epoch, JobId, JobSpec};
@@ -50,3 +51,28 @@ pub trait Runtime: Send {
 
 /// The sending side of the event channel, as runtimes hold it.
 pub type EventSender = mpsc::Sender<RuntimeEvent>;
+
+/// Where a runtime rooted at `root` keeps one attempt's directory (its records,
+/// logs and, as the job's working directory, its files): `root/attempts/<id>`.
+/// The same layout for every runtime.
+pub fn attempt_dir(root: &std::path::Path, attempt_id: AttemptId) -> PathBuf {
+    root.join("attempts").join(attempt_id.to_string())
+}
+
+/// Wall-clock milliseconds since the Unix epoch (host-local records only).
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Writes JSON so that a crash leaves either the old file or the new one (see `process::write_json`).
+pub(crate) fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Locks, ignoring poisoning: the data behind these locks stays consistent between statements.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -31,6 +31,7 @@ fn options(addr: String, token: &str, work_dir: &Path) -> AgentOptions {
         config: AgentConfig { heartbeat_interval_ms: 100, ..AgentConfig::default() },
         reconnect_min_ms: 50,
         reconnect_max_ms: 500,
+        runtime: daemon::RuntimeKind::Process,
     }
 }
 
