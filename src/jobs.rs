@@ -248,6 +248,10 @@ fn print_agents(agents: &[AgentInfo]) {
     for a in agents {
         let busy = a.gpus.iter().filter(|g| g.attempt.is_some()).count();
         let sim = if a.gpus_simulated { " (simulated GPUs)" } else { "" };
+        let sim = match &a.unhealthy {
+            Some(why) => format!("{sim}  UNHEALTHY: {why}"),
+            None => sim.to_string(),
+        };
         let free: Vec<String> = a
             .gpus
             .iter()

@@ -193,6 +193,8 @@ pub struct AgentCore {
     /// Faulty GPUs and the memory level that counts as recovered.
     faulty: BTreeMap<String, Option<u64>>,
     connected: bool,
+    /// Why the runtime cannot start work now, as the shell last found.
+    unhealthy: Option<String>,
     heartbeat_seq: u64,
     last_heartbeat_ms: u64,
     last_ack_ms: u64,
@@ -224,6 +226,7 @@ impl AgentCore {
             pending_release: BTreeMap::new(),
             faulty: BTreeMap::new(),
             connected: false,
+            unhealthy: None,
             heartbeat_seq: 0,
             last_heartbeat_ms: 0,
             last_ack_ms: 0,
@@ -273,6 +276,12 @@ impl AgentCore {
     /// The connection is gone; attempts keep running while we reconnect.
     pub fn disconnected(&mut self) {
         self.connected = false;
+    }
+
+    /// The shell's finding on the runtime: `Some(reason)` while it cannot start
+    /// work (sent with every heartbeat, so the controller stops placing work here).
+    pub fn set_unhealthy(&mut self, reason: Option<String>) {
+        self.unhealthy = reason;
     }
 
     /// Whether a connection is up.
@@ -505,6 +514,7 @@ impl AgentCore {
                     seq: self.heartbeat_seq,
                     gpus: self.gpu_usage(),
                     attempts: self.reports(),
+                    unhealthy: self.unhealthy.clone(),
                 })));
             }
         }

@@ -554,10 +554,11 @@ impl Shell {
                 }
                 Some(result) = ping_rx.recv() => {
                     let healthy = result.is_ok();
+                    self.core.set_unhealthy(result.as_ref().err().map(|e| format!("the Docker daemon does not answer: {e}")));
                     if self.docker_healthy != Some(healthy) {
                         match result {
                             Ok(()) => tracing::info!("the Docker daemon answers"),
-                            // No message reports an agent's own health yet: starts fail retryably meanwhile.
+                            // Heartbeats say so from now on: the controller places no work here meanwhile.
                             Err(e) => tracing::error!(error = %e, "this agent cannot run containers until the Docker daemon answers"),
                         }
                         self.docker_healthy = Some(healthy);

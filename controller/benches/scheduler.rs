@@ -226,7 +226,7 @@ fn passes(c: &mut Criterion) {
     core.on_message(
         NOW_MS,
         conn(host),
-        AgentMsg::Heartbeat(Heartbeat { seq: 1, gpus: vec![usage], attempts: Vec::new() }),
+        AgentMsg::Heartbeat(Heartbeat { seq: 1, gpus: vec![usage], attempts: Vec::new(), unhealthy: None }),
         &mut out,
     );
     out.clear();

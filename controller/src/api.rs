@@ -166,6 +166,9 @@ pub struct AgentInfo {
     pub connected: bool,
     /// GPUs are simulated, not real.
     pub gpus_simulated: bool,
+    /// Why it takes no new work, when its runtime is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy: Option<String>,
     /// Its GPUs.
     pub gpus: Vec<GpuView>,
 }
@@ -436,6 +439,7 @@ fn agent_infos(agents: Vec<crate::core::AgentView>) -> Vec<AgentInfo> {
             draining: a.draining,
             connected: a.connected,
             gpus_simulated: a.gpus_simulated,
+            unhealthy: a.unhealthy,
             gpus: a
                 .gpus
                 .into_iter()

@@ -218,6 +218,8 @@ struct Agent {
     attempts: BTreeSet<AttemptId>,
     /// The free-GPU count under which it sits in the free index, if it does.
     indexed_free: Option<u32>,
+    /// Why it says it cannot start work (its container runtime is down, say).
+    unhealthy: Option<String>,
 }
 
 impl Agent {
@@ -226,7 +228,7 @@ impl Agent {
     }
 
     fn schedulable(&self) -> bool {
-        self.health == Health::Up && self.conn.is_some() && !self.draining
+        self.health == Health::Up && self.conn.is_some() && !self.draining && self.unhealthy.is_none()
     }
 
     fn record(&self) -> AgentRecord {
@@ -261,6 +263,8 @@ pub struct AgentView {
     pub gpus_simulated: bool,
     /// Per GPU: info, free VRAM, healthy, holding attempt.
     pub gpus: Vec<(GpuInfo, u64, bool, Option<AttemptId>)>,
+    /// Why it takes no new work, when it says it cannot.
+    pub unhealthy: Option<String>,
 }
 
 /// The scheduler and bookkeeper of the whole cluster.
@@ -580,6 +584,16 @@ impl Core {
             AgentMsg::Hello(_) => {} // Only valid as a connection's first message, which the shell routes to on_connect.
             AgentMsg::Heartbeat(hb) => {
                 self.sends.push(Output::Send { conn, msg: ControllerMsg::HeartbeatAck { seq: hb.seq } });
+                if self.agents[idx].unhealthy != hb.unhealthy {
+                    let name = self.agents[idx].name.clone();
+                    let (kind, detail) = match &hb.unhealthy {
+                        Some(why) => ("agent_unhealthy", format!("agent {name} takes no new work: {why}")),
+                        None => ("agent_healthy", format!("agent {name} can take work again")),
+                    };
+                    self.event(now_ms, None, None, Some(name), kind, detail);
+                    self.agents[idx].unhealthy = hb.unhealthy.clone();
+                    self.dirty = true;
+                }
                 let agent = &mut self.agents[idx];
                 for usage in &hb.gpus {
                     if let Some(g) = agent.gpus.iter_mut().find(|g| g.info.uuid == usage.uuid) {
@@ -1171,6 +1185,7 @@ impl Core {
             zombies: BTreeMap::new(),
             attempts: BTreeSet::new(),
             indexed_free: None,
+            unhealthy: None,
         });
         self.agent_by_name.insert(name.to_string(), idx);
         idx
@@ -1239,6 +1254,7 @@ impl Core {
                 connected: a.conn.is_some(),
                 gpus_simulated: a.gpus_simulated,
                 gpus: a.gpus.iter().map(|g| (g.info.clone(), g.free_vram_bytes, g.healthy, g.holder)).collect(),
+                unhealthy: a.unhealthy.clone(),
             })
             .collect()
     }

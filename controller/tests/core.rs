@@ -301,7 +301,7 @@ impl Cluster {
             })
             .collect();
         let seq = self.seq;
-        self.send(name, AgentMsg::Heartbeat(Heartbeat { seq, gpus, attempts }))
+        self.send(name, AgentMsg::Heartbeat(Heartbeat { seq, gpus, attempts, unhealthy: None }))
     }
 
     /// A heartbeat with every GPU fully free and no attempts listed.
@@ -1432,4 +1432,28 @@ fn a_retrying_job_keeps_its_backoff_across_a_restart() {
     let (_, b) = one_assign(&c, &out);
     assert_eq!(b.job_id, ids[0]);
     assert!(b.attempt_id > a.attempt_id);
+}
+
+// ---- agent health ----
+
+#[test]
+fn an_agent_whose_runtime_is_down_gets_no_work_until_it_recovers() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 2, 80);
+    let hb = |unhealthy: Option<&str>| {
+        AgentMsg::Heartbeat(Heartbeat {
+            seq: 1,
+            gpus: Vec::new(),
+            attempts: Vec::new(),
+            unhealthy: unhealthy.map(String::from),
+        })
+    };
+    c.send("a", hb(Some("the Docker daemon does not answer")));
+    assert_eq!(c.core.agents()[0].unhealthy.as_deref(), Some("the Docker daemon does not answer"));
+    let (waiting, out) = c.submit_ok(vec![spec("one")]);
+    assert!(assigns(&c, &out).is_empty(), "work was placed on an agent that cannot start it");
+    let out = c.send("a", hb(None));
+    let (_, a) = one_assign(&c, &out);
+    assert_eq!(a.job_id, waiting[0]);
+    assert_eq!(c.core.agents()[0].unhealthy, None);
 }

@@ -33,6 +33,7 @@ fn heartbeat() -> AgentMsg {
                 gpu_uuids: vec![format!("GPU-8f3c2a4e-1b7d-4c55-9e0a-00000000000{}", i * 2)],
             })
             .collect(),
+        unhealthy: None,
     })
 }
 

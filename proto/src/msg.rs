@@ -164,6 +164,9 @@ pub struct Heartbeat {
     pub gpus: Vec<GpuUsage>,
     /// State of every attempt the agent knows.
     pub attempts: Vec<AttemptReport>,
+    /// Why the agent cannot start work now (e.g. its container runtime does
+    /// not answer); `None` while it can. The controller gives it no new work meanwhile.
+    pub unhealthy: Option<String>,
 }
 
 /// Live usage of one GPU.

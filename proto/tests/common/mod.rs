@@ -146,8 +146,9 @@ pub fn agent_msg() -> impl Strategy<Value = AgentMsg> {
                 incarnation
             })
         ),
-        (any::<u64>(), vec(gpu_usage(), 0..8), vec(report(), 0..4))
-            .prop_map(|(seq, gpus, attempts)| AgentMsg::Heartbeat(Heartbeat { seq, gpus, attempts })),
+        (any::<u64>(), vec(gpu_usage(), 0..8), vec(report(), 0..4), option::of(text())).prop_map(
+            |(seq, gpus, attempts, unhealthy)| AgentMsg::Heartbeat(Heartbeat { seq, gpus, attempts, unhealthy })
+        ),
         (attempt_id(), text()).prop_map(|(attempt_id, handle)| AgentMsg::AttemptStarted { attempt_id, handle }),
         (attempt_id(), any::<u32>(), any::<u32>()).prop_map(|(attempt_id, step, total)| AgentMsg::Progress {
             attempt_id,
