@@ -54,7 +54,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio::task::AbortHandle;
 
 /// Label: the agent that started the container (its name).
 pub const LABEL_AGENT: &str = "cosmos.agent";
@@ -1012,7 +1011,7 @@ impl Shared {
 pub struct DockerRuntime {
     shared: Arc<Shared>,
     events: EventSender,
-    tasks: Vec<AbortHandle>,
+    tasks: crate::runtime::Watchers,
 }
 
 impl DockerRuntime {
@@ -1020,7 +1019,7 @@ impl DockerRuntime {
     /// an unreachable daemon shows in [`ping`](Self::ping) and in retryable start failures.
     pub fn new(config: DockerConfig, events: EventSender) -> DockerRuntime {
         let shared = Shared { config, client: tokio::sync::OnceCell::new(), live: Mutex::new(HashMap::new()) };
-        DockerRuntime { shared: Arc::new(shared), events, tasks: Vec::new() }
+        DockerRuntime { shared: Arc::new(shared), events, tasks: crate::runtime::Watchers::default() }
     }
 
     /// The configuration.
@@ -1089,15 +1088,11 @@ impl DockerRuntime {
     }
 
     fn spawn_task(&mut self, fut: impl Future<Output = ()> + Send + 'static) {
-        self.tasks.retain(|t| !t.is_finished());
-        self.tasks.push(tokio::spawn(fut).abort_handle());
+        self.tasks.spawn(fut);
     }
 
     fn send_later(&mut self, event: RuntimeEvent) {
-        let events = self.events.clone();
-        self.spawn_task(async move {
-            let _ = events.send(event).await;
-        });
+        self.tasks.send_later(&self.events, event);
     }
 
     /// Checks, records and registers an attempt; the engine's part runs in [`run_attempt`].
@@ -1305,15 +1300,6 @@ impl Runtime for DockerRuntime {
 
     fn acknowledged(&mut self, attempt_id: AttemptId) {
         self.acknowledge(attempt_id);
-    }
-}
-
-impl Drop for DockerRuntime {
-    /// Stops watching; the containers keep running, for the next agent to adopt.
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
     }
 }
 

@@ -34,7 +34,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
-use tokio::task::AbortHandle;
 
 /// The record of a started attempt, in its directory.
 pub const RECORD_FILE: &str = "attempt.json";
@@ -119,13 +118,18 @@ pub struct ProcessRuntime {
     root_dir: PathBuf,
     events: EventSender,
     live: LiveMap,
-    tasks: Vec<AbortHandle>,
+    tasks: crate::runtime::Watchers,
 }
 
 impl ProcessRuntime {
     /// A runtime keeping its attempts under `root_dir/attempts/`, reporting on `events`.
     pub fn new(root_dir: PathBuf, events: EventSender) -> ProcessRuntime {
-        ProcessRuntime { root_dir, events, live: Arc::new(Mutex::new(HashMap::new())), tasks: Vec::new() }
+        ProcessRuntime {
+            root_dir,
+            events,
+            live: Arc::new(Mutex::new(HashMap::new())),
+            tasks: crate::runtime::Watchers::default(),
+        }
     }
 
     /// The directory of one attempt: its record, logs and (as the job's working directory) its files.
@@ -141,15 +145,11 @@ impl ProcessRuntime {
     }
 
     fn spawn_task(&mut self, fut: impl Future<Output = ()> + Send + 'static) {
-        self.tasks.retain(|t| !t.is_finished());
-        self.tasks.push(tokio::spawn(fut).abort_handle());
+        self.tasks.spawn(fut);
     }
 
     fn send_later(&mut self, event: RuntimeEvent) {
-        let events = self.events.clone();
-        self.spawn_task(async move {
-            let _ = events.send(event).await;
-        });
+        self.tasks.send_later(&self.events, event);
     }
 
     fn try_start(&mut self, req: &StartRequest) -> Result<(), (String, bool)> {
@@ -346,15 +346,6 @@ impl Runtime for ProcessRuntime {
 
     fn acknowledged(&mut self, attempt_id: AttemptId) {
         self.acknowledge(attempt_id);
-    }
-}
-
-impl Drop for ProcessRuntime {
-    /// Stops watching; the attempts themselves keep running, for the next agent to adopt.
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
     }
 }
 

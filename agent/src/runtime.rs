@@ -76,3 +76,32 @@ pub(crate) fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T)
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// The watcher tasks a runtime started. Dropping the runtime aborts them, while
+/// what they watch (processes, containers) keeps running for the next agent to adopt.
+#[derive(Default)]
+pub(crate) struct Watchers(Vec<tokio::task::AbortHandle>);
+
+impl Watchers {
+    /// Runs `fut` in the background until it ends or the runtime is dropped.
+    pub(crate) fn spawn(&mut self, fut: impl Future<Output = ()> + Send + 'static) {
+        self.0.retain(|t| !t.is_finished());
+        self.0.push(tokio::spawn(fut).abort_handle());
+    }
+
+    /// Sends `event` without waiting for room in the channel.
+    pub(crate) fn send_later(&mut self, events: &EventSender, event: RuntimeEvent) {
+        let events = events.clone();
+        self.spawn(async move {
+            let _ = events.send(event).await;
+        });
+    }
+}
+
+impl Drop for Watchers {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}

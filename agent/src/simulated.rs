@@ -234,13 +234,13 @@ pub struct SimulatedRuntime {
     events: EventSender,
     /// Attempts this runtime watches.
     watched: Arc<Mutex<HashSet<AttemptId>>>,
-    tasks: Vec<AbortHandle>,
+    tasks: crate::runtime::Watchers,
 }
 
 impl SimulatedRuntime {
     /// A runtime on `host`, keeping attempts' directories under `root_dir/attempts/`, reporting on `events`.
     pub fn new(host: SimulatedHost, root_dir: PathBuf, events: EventSender) -> SimulatedRuntime {
-        SimulatedRuntime { host, root_dir, events, watched: Arc::default(), tasks: Vec::new() }
+        SimulatedRuntime { host, root_dir, events, watched: Arc::default(), tasks: crate::runtime::Watchers::default() }
     }
 
     /// The host it runs on.
@@ -254,15 +254,11 @@ impl SimulatedRuntime {
     }
 
     fn spawn_task(&mut self, fut: impl Future<Output = ()> + Send + 'static) {
-        self.tasks.retain(|t| !t.is_finished());
-        self.tasks.push(tokio::spawn(fut).abort_handle());
+        self.tasks.spawn(fut);
     }
 
     fn send_later(&mut self, event: RuntimeEvent) {
-        let events = self.events.clone();
-        self.spawn_task(async move {
-            let _ = events.send(event).await;
-        });
+        self.tasks.send_later(&self.events, event);
     }
 
     fn try_start(&mut self, req: &StartRequest) -> Result<(), (String, bool)> {
@@ -423,15 +419,6 @@ impl Runtime for SimulatedRuntime {
 
     fn acknowledged(&mut self, attempt_id: AttemptId) {
         lock(&self.host.state).ended.remove(&attempt_id);
-    }
-}
-
-impl Drop for SimulatedRuntime {
-    /// Stops watching; the jobs keep running on the host, for the next runtime to adopt.
-    fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
     }
 }
 
