@@ -4,7 +4,7 @@
 //! data directory: anyone who can call this API can run commands on every GPU
 //! host. Field names here are an interface scripts rely on; keep them stable.
 
-use crate::core::{CommandError, Health, SubmitError};
+use crate::core::{CommandError, SubmitError};
 use crate::daemon::{Cancel, CoreActor, JobSummary, ListJobs, SetDraining, Shared, Status, Submit};
 use crate::model::JobState;
 use actix::Addr;
@@ -430,12 +430,7 @@ fn agent_infos(agents: Vec<crate::core::AgentView>) -> Vec<AgentInfo> {
         .into_iter()
         .map(|a| AgentInfo {
             name: a.name,
-            state: match a.health {
-                Health::Up => "up",
-                Health::Suspect => "suspect",
-                Health::Lost => "lost",
-            }
-            .to_string(),
+            state: a.health.as_str().to_string(),
             draining: a.draining,
             connected: a.connected,
             gpus_simulated: a.gpus_simulated,
