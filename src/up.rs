@@ -191,9 +191,8 @@ pub fn up(data_dir: Option<PathBuf>, agents: usize, gpus: &str, client_command: 
         .map_err(|e| anyhow::anyhow!("the command after `--` is not a cosmos client command:\n{e}"))?;
     let ok = crate::run(cli)?;
     eprintln!(
-        "job logs: cosmos jobs logs <id> --data-dir {} --controller {api} (while up), or files in {}",
-        dir.join("controller").display(),
-        dir.join("controller/logs").display()
+        "the local cluster stops now; its data stays in {}: job logs in controller/logs/att-N.{{stdout,stderr}}, each attempt's files in local-N/attempts/att-N/",
+        dir.display()
     );
     Ok(ok)
 }
