@@ -179,7 +179,19 @@ impl ProcessRuntime {
         };
         let (stdout, stderr) = (log(STDOUT_FILE)?, log(STDERR_FILE)?);
 
-        let mut cmd = tokio::process::Command::new(program);
+        // Resolved here, on the PATH the job will see: given a bare name with a
+        // PATH in the child's environment, std falls back from posix_spawn to
+        // fork, which copies the agent's page tables for every job.
+        let path_var = req.spec.env.get("PATH").cloned().or_else(|| std::env::var("PATH").ok()).unwrap_or_default();
+        let resolved = resolve_program(program, &path_var).ok_or_else(|| {
+            (
+                format!(
+                    "cannot start `{program}`: program not found; install it on the agent host or give its full path"
+                ),
+                false,
+            )
+        })?;
+        let mut cmd = tokio::process::Command::new(&resolved);
         cmd.args(&req.spec.command[1..])
             .current_dir(&req.work_dir)
             .env_clear()
@@ -651,6 +663,18 @@ fn start_ticks(pid: u32) -> Option<u64> {
     // The command name (field 2) may hold spaces and parentheses: count from its closing one.
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Finds `program` the way `execvp` would: as given when it holds a `/`, else
+/// the first executable file of that name in `path_var`'s directories.
+fn resolve_program(program: &str, path_var: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    path_var.split(':').map(|dir| Path::new(if dir.is_empty() { "." } else { dir }).join(program)).find(|candidate| {
+        std::fs::metadata(candidate).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
 }
 
 fn unix_ms() -> u64 {
