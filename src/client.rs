@@ -102,18 +102,20 @@ impl Client {
     /// GET a JSON answer.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let resp = self.agent.get(self.url(path)).header("Authorization", format!("Bearer {}", self.token)).call();
-        let mut resp = self.check(resp)?;
-        resp.body_mut()
-            .with_config()
-            .limit(MAX_RESPONSE_BYTES)
-            .read_json()
-            .context("the controller's answer is not the expected JSON")
+        self.json(resp)
     }
 
     /// POST JSON, read a JSON answer.
     pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
         let resp =
             self.agent.post(self.url(path)).header("Authorization", format!("Bearer {}", self.token)).send_json(body);
+        self.json(resp)
+    }
+
+    fn json<T: DeserializeOwned>(
+        &self,
+        resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> anyhow::Result<T> {
         let mut resp = self.check(resp)?;
         resp.body_mut()
             .with_config()

@@ -15,15 +15,16 @@ use cosmos_agent::process::{ProcessRuntime, group_exists};
 use cosmos_agent::runtime::{EVENT_QUEUE_LEN, EventSender, Runtime, StartRequest, attempt_dir};
 use cosmos_agent::simulated::{SimulatedHost, SimulatedRuntime};
 use cosmos_proto::spec::{ArtifactRef, OutputArtifact};
-use cosmos_proto::{AttemptId, Epoch, JobId, JobSpec, LogStream, MAX_LOG_CHUNK_BYTES, Sha256};
+use cosmos_proto::{AttemptId, Epoch, JobId, JobSpec, LogStream, Sha256};
 use sha2::Digest;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Guards every wait, so a broken runtime fails the test instead of hanging it.
-const WAIT: Duration = Duration::from_secs(60);
+mod common;
+use common::*;
+
 /// The image the Docker cases run.
 const IMAGE: &str = "cosmos-testjob:dev";
 /// Its label recording the sources it was built from (scripts/build-images).
@@ -335,81 +336,6 @@ fn request<H: Harness>(h: &H, id: u64, spec: JobSpec) -> StartRequest {
 
 fn channel() -> (EventSender, mpsc::Receiver<RuntimeEvent>) {
     mpsc::channel(EVENT_QUEUE_LEN)
-}
-
-/// Everything one attempt reported, up to and including its end.
-#[derive(Debug, Default)]
-struct Seen {
-    started: Option<String>,
-    start_failed: Option<(String, bool)>,
-    logs: Vec<(LogStream, u64, Vec<u8>)>,
-    progress: Vec<(u32, u32)>,
-    exit: Option<(ExitStatus, Vec<ArtifactRef>)>,
-}
-
-impl Seen {
-    /// A stream's bytes; checks that chunks are bounded and their offsets count the stream's bytes.
-    fn stream(&self, stream: LogStream) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (s, offset, data) in &self.logs {
-            if *s == stream {
-                assert_eq!(*offset, out.len() as u64, "offsets count the bytes of each stream");
-                assert!(data.len() <= MAX_LOG_CHUNK_BYTES && !data.is_empty(), "chunk of {} bytes", data.len());
-                out.extend_from_slice(data);
-            }
-        }
-        out
-    }
-
-    fn text(&self, stream: LogStream) -> String {
-        String::from_utf8(self.stream(stream)).expect("the job prints text")
-    }
-
-    fn status(&self) -> &ExitStatus {
-        &self.exit.as_ref().unwrap_or_else(|| panic!("exited: {self:?}")).0
-    }
-}
-
-async fn watch_until(
-    rx: &mut mpsc::Receiver<RuntimeEvent>,
-    id: AttemptId,
-    seen: &mut Seen,
-    until: impl Fn(&Seen) -> bool,
-) {
-    while !until(seen) {
-        let event = tokio::time::timeout(WAIT, rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("no event for {id} in {WAIT:?}; so far: {seen:?}"))
-            .expect("channel open");
-        match event {
-            RuntimeEvent::Started { attempt_id, handle } if attempt_id == id => {
-                assert!(seen.started.is_none(), "started twice");
-                seen.started = Some(handle)
-            }
-            RuntimeEvent::StartFailed { attempt_id, reason, retryable } if attempt_id == id => {
-                seen.start_failed = Some((reason, retryable))
-            }
-            RuntimeEvent::Log { attempt_id, stream, offset, data } if attempt_id == id => {
-                assert!(seen.exit.is_none(), "a log after the exit");
-                seen.logs.push((stream, offset, data))
-            }
-            RuntimeEvent::Progress { attempt_id, step, total } if attempt_id == id => {
-                assert!(seen.exit.is_none(), "progress after the exit");
-                seen.progress.push((step, total))
-            }
-            RuntimeEvent::Exited { attempt_id, status, outputs } if attempt_id == id => {
-                assert!(seen.exit.is_none(), "exited twice");
-                seen.exit = Some((status, outputs))
-            }
-            _ => {}
-        }
-    }
-}
-
-async fn run_to_end(rx: &mut mpsc::Receiver<RuntimeEvent>, id: AttemptId) -> Seen {
-    let mut seen = Seen::default();
-    watch_until(rx, id, &mut seen, |s| s.exit.is_some() || s.start_failed.is_some()).await;
-    seen
 }
 
 /// Waits until the attempt has printed `text` on `stream`.

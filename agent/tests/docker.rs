@@ -13,13 +13,15 @@ use cosmos_agent::docker::{
 };
 use cosmos_agent::runtime::{EVENT_QUEUE_LEN, Runtime, StartRequest, attempt_dir};
 use cosmos_proto::spec::Mount;
-use cosmos_proto::{AttemptId, Epoch, JobId, JobSpec, LogStream};
+use cosmos_proto::{AttemptId, Epoch, JobId, JobSpec};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-const WAIT: Duration = Duration::from_secs(60);
+mod common;
+use common::*;
+
 const IMAGE: &str = "cosmos-testjob:dev";
 
 async fn docker_client() -> bollard::Docker {
@@ -116,45 +118,6 @@ fn remove_labelled(agent: &str) {
     .join();
 }
 
-#[derive(Debug, Default)]
-struct Seen {
-    started: Option<String>,
-    start_failed: Option<(String, bool)>,
-    stderr: Vec<u8>,
-    exit: Option<ExitStatus>,
-}
-
-async fn watch_until(
-    rx: &mut mpsc::Receiver<RuntimeEvent>,
-    id: AttemptId,
-    seen: &mut Seen,
-    until: impl Fn(&Seen) -> bool,
-) {
-    while !until(seen) {
-        let event = tokio::time::timeout(WAIT, rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("no event for {id}; so far {seen:?}"))
-            .expect("channel open");
-        match event {
-            RuntimeEvent::Started { attempt_id, handle } if attempt_id == id => seen.started = Some(handle),
-            RuntimeEvent::StartFailed { attempt_id, reason, retryable } if attempt_id == id => {
-                seen.start_failed = Some((reason, retryable))
-            }
-            RuntimeEvent::Log { attempt_id, stream: LogStream::Stderr, data, .. } if attempt_id == id => {
-                seen.stderr.extend(data)
-            }
-            RuntimeEvent::Exited { attempt_id, status, .. } if attempt_id == id => seen.exit = Some(status),
-            _ => {}
-        }
-    }
-}
-
-async fn run_to_end(rx: &mut mpsc::Receiver<RuntimeEvent>, id: AttemptId) -> Seen {
-    let mut seen = Seen::default();
-    watch_until(rx, id, &mut seen, |s| s.exit.is_some() || s.start_failed.is_some()).await;
-    seen
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_container_is_labelled_named_mounted_and_unprivileged_as_configured() {
     let docker = docker_client().await;
@@ -235,7 +198,7 @@ async fn the_container_is_labelled_named_mounted_and_unprivileged_as_configured(
     rt2.stop(AttemptId(5), 0);
     watch_until(&mut rx, AttemptId(5), &mut seen, |s| s.exit.is_some()).await;
     watch_until(&mut rx2, AttemptId(5), &mut seen2, |s| s.exit.is_some()).await;
-    assert_eq!(seen.exit, Some(ExitStatus { code: None, signal: Some(9), oom_killed: false }));
+    assert_eq!(seen.status(), &ExitStatus { code: None, signal: Some(9), oom_killed: false });
     assert!(agent.containers(&docker).await.is_empty(), "removed once Exited is reported");
     assert!(other.containers(&docker).await.is_empty());
 }
@@ -385,7 +348,7 @@ async fn the_reaper_removes_containers_no_attempt_claims() {
     // Stopping what this runtime does not watch removes it at once and reports it killed.
     second.stop(AttemptId(1), 10_000);
     let seen = run_to_end(&mut rx, AttemptId(1)).await;
-    assert_eq!(seen.exit, Some(ExitStatus { code: None, signal: Some(9), oom_killed: false }));
+    assert_eq!(seen.status(), &ExitStatus { code: None, signal: Some(9), oom_killed: false });
     assert!(agent.containers(&docker).await.is_empty());
     other.stop(AttemptId(1), 0);
     let seen = run_to_end(&mut brx, AttemptId(1)).await;

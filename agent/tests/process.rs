@@ -4,14 +4,14 @@ use cosmos_agent::core::{ExitStatus, Recovered, RuntimeEvent};
 use cosmos_agent::process::{ProcessRuntime, group_exists};
 use cosmos_agent::runtime::{EVENT_QUEUE_LEN, Runtime, StartRequest};
 use cosmos_proto::spec::{ArtifactRef, OutputArtifact};
-use cosmos_proto::{AttemptId, Epoch, JobId, JobSpec, LogStream, MAX_LOG_CHUNK_BYTES, Sha256};
+use cosmos_proto::{AttemptId, Epoch, JobId, JobSpec, LogStream, Sha256};
 use sha2::Digest;
 use std::path::Path;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Guards every wait, so a broken runtime fails the test instead of hanging it.
-const WAIT: Duration = Duration::from_secs(30);
+mod common;
+use common::*;
 
 fn runtime(root: &Path) -> (ProcessRuntime, mpsc::Receiver<RuntimeEvent>) {
     let (tx, rx) = mpsc::channel(EVENT_QUEUE_LEN);
@@ -29,67 +29,6 @@ fn request(rt: &ProcessRuntime, id: u64, command: &[&str]) -> StartRequest {
         gpu_indices: vec![0],
         work_dir: rt.attempt_dir(attempt_id),
     }
-}
-
-/// Everything one attempt reported, up to and including its end.
-#[derive(Debug, Default)]
-struct Seen {
-    started: Option<String>,
-    start_failed: Option<(String, bool)>,
-    logs: Vec<(LogStream, u64, Vec<u8>)>,
-    progress: Vec<(u32, u32)>,
-    exit: Option<(ExitStatus, Vec<ArtifactRef>)>,
-}
-
-impl Seen {
-    fn stream(&self, stream: LogStream) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (s, offset, data) in &self.logs {
-            if *s == stream {
-                assert_eq!(*offset, out.len() as u64, "offsets count the bytes of each stream");
-                assert!(data.len() <= MAX_LOG_CHUNK_BYTES);
-                out.extend_from_slice(data);
-            }
-        }
-        out
-    }
-
-    fn status(&self) -> &ExitStatus {
-        &self.exit.as_ref().expect("exited").0
-    }
-}
-
-/// Collects events for `id` until it exits or fails to start (or `until` says stop).
-async fn watch_until(
-    rx: &mut mpsc::Receiver<RuntimeEvent>,
-    id: AttemptId,
-    seen: &mut Seen,
-    until: impl Fn(&Seen) -> bool,
-) {
-    while !until(seen) {
-        let event = tokio::time::timeout(WAIT, rx.recv()).await.expect("an event in time").expect("channel open");
-        match event {
-            RuntimeEvent::Started { attempt_id, handle } if attempt_id == id => seen.started = Some(handle),
-            RuntimeEvent::StartFailed { attempt_id, reason, retryable } if attempt_id == id => {
-                seen.start_failed = Some((reason, retryable))
-            }
-            RuntimeEvent::Log { attempt_id, stream, offset, data } if attempt_id == id => {
-                assert!(seen.exit.is_none(), "a log after the exit");
-                seen.logs.push((stream, offset, data))
-            }
-            RuntimeEvent::Progress { attempt_id, step, total } if attempt_id == id => seen.progress.push((step, total)),
-            RuntimeEvent::Exited { attempt_id, status, outputs } if attempt_id == id => {
-                seen.exit = Some((status, outputs))
-            }
-            _ => {}
-        }
-    }
-}
-
-async fn run_to_end(rx: &mut mpsc::Receiver<RuntimeEvent>, id: AttemptId) -> Seen {
-    let mut seen = Seen::default();
-    watch_until(rx, id, &mut seen, |s| s.exit.is_some() || s.start_failed.is_some()).await;
-    seen
 }
 
 /// Waits until the attempt has printed `text` on stdout.
