@@ -203,6 +203,7 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
                 agent_listen,
                 max_frame_bytes: cosmos_proto::frame::DEFAULT_MAX_FRAME_BYTES,
                 core,
+                transfer: cosmos_controller::transfer::TransferConfig::default(),
             };
             actix::System::new().block_on(cosmos_controller::daemon::run(opts, shutdown_signal()))?;
             Ok(true)

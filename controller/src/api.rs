@@ -54,6 +54,12 @@ pub struct JobLine {
     /// Free-form labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Files from the controller's blob store placed in the work directory before start.
+    #[serde(default)]
+    pub inputs: Vec<cosmos_proto::InputArtifact>,
+    /// Files collected from the work directory after a successful exit.
+    #[serde(default)]
+    pub outputs: Vec<cosmos_proto::OutputArtifact>,
 }
 
 impl JobLine {
@@ -72,6 +78,8 @@ impl JobLine {
         }
         spec.priority = self.priority.unwrap_or(0);
         spec.labels = self.labels;
+        spec.inputs = self.inputs;
+        spec.outputs = self.outputs;
         spec
     }
 }

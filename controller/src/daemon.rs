@@ -42,6 +42,8 @@ pub struct ControllerOptions {
     pub max_frame_bytes: u32,
     /// The core's tunables.
     pub core: CoreConfig,
+    /// How Cosmos Transfer runs compile into jobs (image, mounts, defaults).
+    pub transfer: crate::transfer::TransferConfig,
 }
 
 /// The controller could not start or stopped on an error.
@@ -90,6 +92,10 @@ impl DataDir {
     /// Attempt logs.
     pub fn logs(&self) -> PathBuf {
         self.root.join("logs")
+    }
+    /// The content-addressed store of input videos and run outputs.
+    pub fn blobs(&self) -> PathBuf {
+        self.root.join("blobs")
     }
     /// The log file of one attempt's stream.
     pub fn log_file(&self, attempt: AttemptId, stream: LogStream) -> PathBuf {
@@ -156,7 +162,17 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         .map_err(|source| DaemonError::Bind { addr: opts.agent_listen, source })?;
     let agent_addr =
         agent_listener.local_addr().map_err(|source| DaemonError::Bind { addr: opts.agent_listen, source })?;
-    let shared = Arc::new(Shared { dir, api_token, reader: std::sync::Mutex::new(reader) });
+    let blobs = Arc::new(
+        cosmos_cas::Store::open(dir.blobs())
+            .map_err(|e| DaemonError::DataDir { path: dir.blobs(), source: std::io::Error::other(e.to_string()) })?,
+    );
+    let shared = Arc::new(Shared {
+        dir,
+        api_token,
+        reader: std::sync::Mutex::new(reader),
+        blobs,
+        transfer: opts.transfer.clone(),
+    });
     actix::spawn(accept_agents(agent_listener, addr.clone(), agent_token, opts.max_frame_bytes, shared.clone()));
 
     let (server, api_addr) = api::server(opts.api_listen, addr.clone(), shared.clone())
@@ -182,6 +198,10 @@ pub struct Shared {
     pub api_token: Token,
     /// A read-only connection for history queries (WAL lets it read beside the writer).
     pub reader: std::sync::Mutex<Store>,
+    /// Input videos and run outputs, by sha256 (shared with the agent connections).
+    pub blobs: Arc<cosmos_cas::Store>,
+    /// How Cosmos Transfer runs compile into jobs.
+    pub transfer: crate::transfer::TransferConfig,
 }
 
 fn spawn_writer(

@@ -5,3 +5,4 @@ pub mod core;
 pub mod daemon;
 pub mod model;
 pub mod store;
+pub mod transfer;

@@ -20,7 +20,7 @@ pub use handshake::{HandshakeError, Hello, HelloReply, Refusal, Role, Token};
 pub use ids::{AttemptId, Epoch, JobId, Sha256};
 pub use io::{Connection, FrameReader, FrameWriter, RecvError, SendError};
 pub use msg::*;
-pub use spec::{JobSpec, SpecError};
+pub use spec::{ArtifactRef, InputArtifact, JobSpec, Mount, OutputArtifact, SpecError};
 
 /// Version of the protocol this build speaks; peers must match exactly.
 ///

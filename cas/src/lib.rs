@@ -1,0 +1,346 @@
+//! A content-addressed file store: every blob lives under its sha256.
+//!
+//! The controller keeps prompts' videos and runs' outputs in one; every agent
+//! keeps one as its per-host cache. Blobs enter only through a temporary or
+//! partial file that is hashed and verified before it is renamed into place,
+//! so a blob's path always holds exactly the bytes its name promises (unless
+//! someone writes to it behind the store's back: [`Store::verify`] checks).
+//!
+//! Layout under the root: `sha256/<first two hex>/<hex>` (final blobs, mode
+//! 0444), `partial/<hex>` (transfers in progress, resumable by length),
+//! `tmp/` (uploads of unknown digest).
+
+use cosmos_proto::Sha256;
+use sha2::Digest;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Buffer size for streaming copies and hashing.
+pub const COPY_BUFFER_BYTES: usize = 1 << 20;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CasError {
+    /// The filesystem refused (full disk, permissions).
+    #[error("{context} {path}: {source}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// Which file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The bytes do not hash to the digest they were announced as.
+    #[error("content does not match its digest: expected {expected}, got {actual} ({size_bytes} bytes)")]
+    DigestMismatch {
+        /// The digest promised.
+        expected: Sha256,
+        /// The digest of what arrived.
+        actual: Sha256,
+        /// Bytes that arrived.
+        size_bytes: u64,
+    },
+    /// A partial transfer grew past the size it was announced with.
+    #[error("blob {sha256} is announced as {expected_bytes} bytes but {actual_bytes} arrived")]
+    SizeMismatch {
+        /// Which blob.
+        sha256: Sha256,
+        /// Announced size.
+        expected_bytes: u64,
+        /// What is on disk.
+        actual_bytes: u64,
+    },
+}
+
+impl CasError {
+    /// Whether trying again could succeed: a mismatch means the data must be fetched again
+    /// (retryable too), an I/O error may be a full disk that an operator frees.
+    pub fn is_retryable(&self) -> bool {
+        true
+    }
+}
+
+type Result<T> = std::result::Result<T, CasError>;
+
+fn io_err<'a>(context: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CasError + 'a {
+    move |source| CasError::Io { context, path: path.to_path_buf(), source }
+}
+
+/// A content-addressed store rooted at one directory.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    /// Makes temporary names unique within this process.
+    tmp_seq: AtomicU64,
+}
+
+impl Store {
+    /// Opens (creating) the store at `root`.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
+        let root = root.into();
+        for sub in ["sha256", "partial", "tmp"] {
+            let dir = root.join(sub);
+            fs::create_dir_all(&dir).map_err(io_err("cannot create", &dir))?;
+        }
+        // Temporary files of a previous process are never resumed: their digest is unknown.
+        if let Ok(entries) = fs::read_dir(root.join("tmp")) {
+            for e in entries.flatten() {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        Ok(Store { root, tmp_seq: AtomicU64::new(0) })
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the blob lives once complete (whether or not it is there).
+    pub fn path(&self, sha256: &Sha256) -> PathBuf {
+        let hex = sha256.to_string();
+        self.root.join("sha256").join(&hex[..2]).join(hex)
+    }
+
+    /// Where a transfer of the blob in progress accumulates.
+    pub fn partial_path(&self, sha256: &Sha256) -> PathBuf {
+        self.root.join("partial").join(sha256.to_string())
+    }
+
+    /// The blob's size, when the store holds it complete.
+    pub fn size(&self, sha256: &Sha256) -> Option<u64> {
+        fs::metadata(self.path(sha256)).ok().filter(|m| m.is_file()).map(|m| m.len())
+    }
+
+    /// Bytes of a partial transfer already on disk (0 when none), so a transfer resumes there.
+    pub fn partial_len(&self, sha256: &Sha256) -> u64 {
+        fs::metadata(self.partial_path(sha256)).map_or(0, |m| m.len())
+    }
+
+    /// Appends `data` at `offset` of the blob's partial file. Only appends at
+    /// the current end are accepted; anything else returns the current length
+    /// unchanged, which is where the sender must resume.
+    pub fn append_partial(&self, sha256: &Sha256, offset: u64, data: &[u8]) -> Result<u64> {
+        let path = self.partial_path(sha256);
+        let mut file =
+            OpenOptions::new().create(true).append(true).open(&path).map_err(io_err("cannot open", &path))?;
+        let len = file.metadata().map_err(io_err("cannot stat", &path))?.len();
+        if offset != len {
+            return Ok(len);
+        }
+        file.write_all(data).map_err(io_err("cannot write", &path))?;
+        Ok(len + data.len() as u64)
+    }
+
+    /// Drops a partial transfer (e.g. after its content failed verification).
+    pub fn discard_partial(&self, sha256: &Sha256) {
+        let _ = fs::remove_file(self.partial_path(sha256));
+    }
+
+    /// Verifies the complete partial file against its digest and moves it into
+    /// place. On a mismatch the partial file is removed, so the next try starts over.
+    pub fn commit_partial(&self, sha256: &Sha256, size_bytes: u64) -> Result<PathBuf> {
+        let partial = self.partial_path(sha256);
+        let len = fs::metadata(&partial).map_err(io_err("cannot stat", &partial))?.len();
+        if len != size_bytes {
+            if len > size_bytes {
+                self.discard_partial(sha256);
+            }
+            return Err(CasError::SizeMismatch { sha256: *sha256, expected_bytes: size_bytes, actual_bytes: len });
+        }
+        let (actual, _) = hash_file(&partial).map_err(io_err("cannot read", &partial))?;
+        if actual != *sha256 {
+            self.discard_partial(sha256);
+            return Err(CasError::DigestMismatch { expected: *sha256, actual, size_bytes: len });
+        }
+        self.install(&partial, sha256)
+    }
+
+    /// Stores everything `reader` yields; when `expected` is given the content
+    /// must hash to it, else nothing is stored.
+    pub fn put_reader(&self, mut reader: impl Read, expected: Option<&Sha256>) -> Result<(Sha256, u64)> {
+        let seq = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.root.join("tmp").join(format!("{}-{seq}", std::process::id()));
+        let result = (|| {
+            let mut file = File::create(&tmp).map_err(io_err("cannot create", &tmp))?;
+            let mut hasher = sha2::Sha256::new();
+            let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+            let mut size = 0u64;
+            loop {
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        return Err(CasError::Io {
+                            context: "cannot read the upload for",
+                            path: tmp.clone(),
+                            source: e,
+                        });
+                    }
+                };
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n]).map_err(io_err("cannot write", &tmp))?;
+                size += n as u64;
+            }
+            let actual = Sha256(hasher.finalize().into());
+            if let Some(expected) = expected {
+                if *expected != actual {
+                    return Err(CasError::DigestMismatch { expected: *expected, actual, size_bytes: size });
+                }
+            }
+            self.install(&tmp, &actual)?;
+            Ok((actual, size))
+        })();
+        let _ = fs::remove_file(&tmp);
+        result
+    }
+
+    /// Stores a byte string.
+    pub fn put_bytes(&self, data: &[u8]) -> Result<(Sha256, u64)> {
+        self.put_reader(data, None)
+    }
+
+    /// Re-hashes a stored blob; a blob changed behind the store's back is removed.
+    pub fn verify(&self, sha256: &Sha256) -> Result<bool> {
+        let path = self.path(sha256);
+        match hash_file(&path) {
+            Ok((actual, _)) if actual == *sha256 => Ok(true),
+            Ok(_) => {
+                let _ = fs::remove_file(&path);
+                Ok(false)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(CasError::Io { context: "cannot read", path, source: e }),
+        }
+    }
+
+    /// Makes the blob appear at `dest` (a hard link when possible, else a copy),
+    /// creating parent directories. Links share the inode: the blob is read-only,
+    /// and [`Store::verify`] catches a job that wrote through it anyway.
+    pub fn place(&self, sha256: &Sha256, dest: &Path) -> Result<()> {
+        let src = self.path(sha256);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
+        }
+        let _ = fs::remove_file(dest);
+        if fs::hard_link(&src, dest).is_ok() {
+            return Ok(());
+        }
+        fs::copy(&src, dest).map_err(io_err("cannot copy into", dest))?;
+        Ok(())
+    }
+
+    /// Moves a verified file into its final place, read-only.
+    fn install(&self, from: &Path, sha256: &Sha256) -> Result<PathBuf> {
+        let dest = self.path(sha256);
+        let parent = dest.parent().expect("blob paths have a parent");
+        fs::create_dir_all(parent).map_err(io_err("cannot create", parent))?;
+        let _ = fs::set_permissions(from, fs::Permissions::from_mode(0o444));
+        // A concurrent store of the same content wins harmlessly: both are the same bytes.
+        fs::rename(from, &dest).map_err(io_err("cannot move into the store", &dest))?;
+        Ok(dest)
+    }
+}
+
+/// SHA-256 and size of a file, read in large blocks.
+pub fn hash_file(path: &Path) -> io::Result<(Sha256, u64)> {
+    let mut file = File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+    let mut size = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((Sha256(hasher.finalize().into()), size))
+}
+
+/// SHA-256 of a byte string.
+pub fn digest(data: &[u8]) -> Sha256 {
+    Sha256(sha2::Sha256::digest(data).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_blob_is_stored_under_its_digest_and_read_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (sha, size) = store.put_bytes(b"hello").unwrap();
+        assert_eq!(sha, digest(b"hello"));
+        assert_eq!(size, 5);
+        assert_eq!(store.size(&sha), Some(5));
+        assert_eq!(fs::read(store.path(&sha)).unwrap(), b"hello");
+        assert_eq!(fs::metadata(store.path(&sha)).unwrap().permissions().mode() & 0o777, 0o444);
+    }
+
+    #[test]
+    fn a_wrong_digest_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let wrong = digest(b"other");
+        let err = store.put_reader(&b"hello"[..], Some(&wrong)).unwrap_err();
+        assert!(matches!(err, CasError::DigestMismatch { .. }), "{err}");
+        assert_eq!(store.size(&wrong), None);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn partial_transfers_append_only_at_their_end_and_verify_on_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = b"0123456789";
+        let sha = digest(data);
+        assert_eq!(store.append_partial(&sha, 0, &data[..4]).unwrap(), 4);
+        // A resend of an old chunk or a gap changes nothing and says where to resume.
+        assert_eq!(store.append_partial(&sha, 0, &data[..4]).unwrap(), 4);
+        assert_eq!(store.append_partial(&sha, 6, &data[6..]).unwrap(), 4);
+        assert_eq!(store.partial_len(&sha), 4);
+        assert!(matches!(store.commit_partial(&sha, 10), Err(CasError::SizeMismatch { .. })));
+        assert_eq!(store.append_partial(&sha, 4, &data[4..]).unwrap(), 10);
+        let path = store.commit_partial(&sha, 10).unwrap();
+        assert_eq!(fs::read(path).unwrap(), data);
+        assert_eq!(store.partial_len(&sha), 0);
+    }
+
+    #[test]
+    fn corrupt_partial_content_is_discarded_at_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let sha = digest(b"good");
+        store.append_partial(&sha, 0, b"evil").unwrap();
+        assert!(matches!(store.commit_partial(&sha, 4), Err(CasError::DigestMismatch { .. })));
+        assert_eq!(store.partial_len(&sha), 0);
+        assert_eq!(store.size(&sha), None);
+    }
+
+    #[test]
+    fn placing_links_the_blob_and_verify_catches_tampering() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("cas")).unwrap();
+        let (sha, _) = store.put_bytes(b"video").unwrap();
+        let dest = dir.path().join("work/inputs/color.mp4");
+        store.place(&sha, &dest).unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), b"video");
+        assert!(store.verify(&sha).unwrap());
+        // Root ignores 0444; a job writing through its link must not poison the cache.
+        fs::set_permissions(&dest, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&dest, b"VIDEO").unwrap();
+        assert!(!store.verify(&sha).unwrap());
+        assert_eq!(store.size(&sha), None);
+    }
+}

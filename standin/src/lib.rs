@@ -1,0 +1,1 @@
+//! A stand-in for the Cosmos Transfer model container (being built).
