@@ -5,7 +5,7 @@
 //! messages to send and containers to start or stop. `now_ms` is the agent's
 //! own clock and is never compared with the controller's.
 
-use cosmos_proto::spec::ArtifactRef;
+use cosmos_proto::spec::{ArtifactRef, InputArtifact};
 use cosmos_proto::{
     AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, AttemptReport, ControllerMsg, Epoch,
     GpuFault, GpuInfo, GpuUsage, Heartbeat, JobId, JobSpec, LogChunk, LogStream,
@@ -27,6 +27,8 @@ pub struct AgentConfig {
     pub stop_grace_ms: u64,
     /// Extra wait after a grace period before a stop is forced again.
     pub kill_slack_ms: u64,
+    /// Longest wait for a finished attempt's outputs to reach the controller before it counts as failed.
+    pub upload_timeout_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -38,6 +40,7 @@ impl Default for AgentConfig {
             vram_tolerance_bytes: 256 << 20,
             stop_grace_ms: 10_000,
             kill_slack_ms: 5_000,
+            upload_timeout_ms: 30 * 60 * 1_000,
         }
     }
 }
@@ -145,6 +148,39 @@ pub enum Output {
     },
     /// The link looks dead: drop the connection and dial again.
     Reconnect,
+    /// Fetch these inputs into the host cache and place them in the attempt's work directory; answer with [`AgentCore::on_staged`].
+    Stage {
+        /// Which attempt.
+        attempt_id: AttemptId,
+        /// What to fetch, and where to put it.
+        inputs: Vec<InputArtifact>,
+    },
+    /// Stop staging this attempt (cancelled, timed out, fenced); no answer is expected and a late one is ignored.
+    AbortStage {
+        /// Which attempt.
+        attempt_id: AttemptId,
+    },
+    /// Deliver these outputs to the controller; answer with [`AgentCore::on_uploaded`].
+    Upload {
+        /// Which attempt.
+        attempt_id: AttemptId,
+        /// Files in its work directory, with the digests the runtime computed.
+        outputs: Vec<ArtifactRef>,
+    },
+    /// Stop delivering this attempt's outputs; no answer is expected and a late one is ignored.
+    AbortUpload {
+        /// Which attempt.
+        attempt_id: AttemptId,
+    },
+}
+
+/// Why staging failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StageFailure {
+    /// What went wrong and what to do.
+    pub reason: String,
+    /// Whether another attempt may succeed (controller unreachable) or not (digest mismatch at the source).
+    pub retryable: bool,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -152,6 +188,15 @@ enum StopReason {
     Cancel,
     Timeout,
     Fenced,
+}
+
+/// An attempt's files in flight, around the container's life.
+#[derive(Clone, Debug)]
+enum Transfer {
+    /// Inputs are being fetched; the container starts once they are in place.
+    Staging { epoch: Epoch, spec: Box<JobSpec> },
+    /// The container exited cleanly; success is reported once the outputs are safe at the controller.
+    Uploading { outputs: Vec<ArtifactRef>, deadline_ms: u64 },
 }
 
 #[derive(Clone, Debug)]
@@ -166,6 +211,7 @@ struct Attempt {
     deadline_ms: Option<u64>,
     timeout_ms: u64,
     stop: Option<(StopReason, u64)>,
+    transfer: Option<Transfer>,
     /// Memory in use on each GPU before the attempt, to check its release.
     baselines: Vec<(String, u64)>,
 }
@@ -246,6 +292,7 @@ impl AgentCore {
                             deadline_ms: r.remaining_ms.map(|left| now_ms.saturating_add(left)),
                             timeout_ms: r.remaining_ms.unwrap_or(0),
                             stop: None,
+                            transfer: None,
                             baselines: Vec::new(),
                         },
                     );
@@ -350,20 +397,27 @@ impl AgentCore {
                 (u.clone(), base)
             })
             .collect();
-        self.attempts.insert(
-            a.attempt_id,
-            Attempt {
-                job_id: a.job_id,
-                gpu_uuids: a.gpu_uuids.clone(),
-                required_outputs: a.spec.outputs.iter().filter(|o| o.required).map(|o| o.path.clone()).collect(),
-                started: false,
-                progress: (0, 0),
-                deadline_ms: Some(now_ms.saturating_add(a.spec.timeout_ms)),
-                timeout_ms: a.spec.timeout_ms,
-                stop: None,
-                baselines,
-            },
-        );
+        let mut att = Attempt {
+            job_id: a.job_id,
+            gpu_uuids: a.gpu_uuids.clone(),
+            required_outputs: a.spec.outputs.iter().filter(|o| o.required).map(|o| o.path.clone()).collect(),
+            started: false,
+            progress: (0, 0),
+            // From acceptance, so slow staging cannot stretch an attempt past its bound.
+            deadline_ms: Some(now_ms.saturating_add(a.spec.timeout_ms)),
+            timeout_ms: a.spec.timeout_ms,
+            stop: None,
+            transfer: None,
+            baselines,
+        };
+        if !a.spec.inputs.is_empty() {
+            let inputs = a.spec.inputs.clone();
+            att.transfer = Some(Transfer::Staging { epoch: a.epoch, spec: Box::new(a.spec) });
+            self.attempts.insert(a.attempt_id, att);
+            out.push(Output::Stage { attempt_id: a.attempt_id, inputs });
+            return;
+        }
+        self.attempts.insert(a.attempt_id, att);
         out.push(Output::Start {
             attempt_id: a.attempt_id,
             job_id: a.job_id,
@@ -402,8 +456,83 @@ impl AgentCore {
         if att.stop.is_some() {
             return; // Already stopping; the first stop's grace holds.
         }
+        // Nothing runs while files are in flight: abort the transfer and finish now, no runtime stop.
+        match &att.transfer {
+            Some(Transfer::Staging { .. }) => {
+                out.push(Output::AbortStage { attempt_id });
+                let outcome = match reason {
+                    StopReason::Cancel | StopReason::Fenced => AttemptOutcome::Cancelled,
+                    StopReason::Timeout => AttemptOutcome::Failed {
+                        exit_code: None,
+                        reason: format!(
+                            "timed out while staging inputs after {} ms; raise `timeout_s` if they need longer",
+                            att.timeout_ms
+                        ),
+                        retryable: true,
+                    },
+                };
+                self.ended(now_ms, attempt_id, outcome, out);
+                return;
+            }
+            Some(Transfer::Uploading { .. }) => {
+                out.push(Output::AbortUpload { attempt_id });
+                self.ended(now_ms, attempt_id, AttemptOutcome::Cancelled, out);
+                return;
+            }
+            None => {}
+        }
         att.stop = Some((reason, now_ms.saturating_add(grace_ms).saturating_add(self.config.kill_slack_ms)));
         out.push(Output::Stop { attempt_id, grace_ms });
+    }
+
+    /// Staging ended: start the attempt, or finish it failed.
+    pub fn on_staged(
+        &mut self,
+        now_ms: u64,
+        attempt_id: AttemptId,
+        result: Result<(), StageFailure>,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(att) = self.attempts.get_mut(&attempt_id) else { return };
+        if !matches!(att.transfer, Some(Transfer::Staging { .. })) {
+            return; // A late or duplicate answer.
+        }
+        match result {
+            Ok(()) => {
+                let Some(Transfer::Staging { epoch, spec }) = att.transfer.take() else { return };
+                out.push(Output::Start {
+                    attempt_id,
+                    job_id: att.job_id,
+                    epoch,
+                    spec,
+                    gpu_uuids: att.gpu_uuids.clone(),
+                });
+            }
+            Err(StageFailure { reason, retryable }) => {
+                let reason = format!("staging inputs failed: {reason}");
+                self.ended(now_ms, attempt_id, AttemptOutcome::Failed { exit_code: None, reason, retryable }, out);
+            }
+        }
+    }
+
+    /// Delivery of the outputs ended: report the success, or a retryable failure.
+    pub fn on_uploaded(
+        &mut self,
+        now_ms: u64,
+        attempt_id: AttemptId,
+        result: Result<(), String>,
+        out: &mut Vec<Output>,
+    ) {
+        let Some(att) = self.attempts.get_mut(&attempt_id) else { return };
+        if !matches!(att.transfer, Some(Transfer::Uploading { .. })) {
+            return; // A late or duplicate answer.
+        }
+        let Some(Transfer::Uploading { outputs, .. }) = att.transfer.take() else { return };
+        let outcome = match result {
+            Ok(()) => AttemptOutcome::Succeeded { outputs },
+            Err(e) => undelivered(&e),
+        };
+        self.ended(now_ms, attempt_id, outcome, out);
     }
 
     /// An event from the container runtime.
@@ -416,6 +545,9 @@ impl AgentCore {
                 }
             }
             RuntimeEvent::StartFailed { attempt_id, reason, retryable } => {
+                if self.attempts.get(&attempt_id).is_some_and(|a| a.transfer.is_some()) {
+                    return; // Nothing was started for it, or it already ended: not this attempt's news.
+                }
                 let outcome = AttemptOutcome::Failed { exit_code: None, reason, retryable };
                 self.ended(now_ms, attempt_id, outcome, out);
             }
@@ -431,10 +563,27 @@ impl AgentCore {
                 }
             }
             RuntimeEvent::Exited { attempt_id, status, outputs } => {
-                let Some(att) = self.attempts.get(&attempt_id) else { return };
+                let Some(att) = self.attempts.get_mut(&attempt_id) else { return };
+                if att.transfer.is_some() {
+                    return; // Not running: a duplicate exit, or news for a container it never had.
+                }
                 let stop = att.stop.map(|(reason, _)| (reason, att.timeout_ms));
-                let outcome = outcome_of(&status, stop, outputs, &att.required_outputs);
-                self.ended(now_ms, attempt_id, outcome, out);
+                match outcome_of(&status, stop, outputs, &att.required_outputs) {
+                    AttemptOutcome::Succeeded { outputs } if !outputs.is_empty() => {
+                        // The process is gone, so its memory must drain now, but the GPUs stay
+                        // claimed by the attempt until the controller hears how it ended.
+                        for (uuid, baseline_bytes) in std::mem::take(&mut att.baselines) {
+                            let deadline_ms = now_ms.saturating_add(self.config.vram_release_bound_ms);
+                            self.pending_release
+                                .insert(uuid, PendingRelease { baseline_bytes, deadline_ms, attempt_id });
+                        }
+                        att.progress.0 = att.progress.1;
+                        let deadline_ms = now_ms.saturating_add(self.config.upload_timeout_ms);
+                        att.transfer = Some(Transfer::Uploading { outputs: outputs.clone(), deadline_ms });
+                        out.push(Output::Upload { attempt_id, outputs });
+                    }
+                    outcome => self.ended(now_ms, attempt_id, outcome, out),
+                }
             }
         }
     }
@@ -520,12 +669,25 @@ impl AgentCore {
         }
         let mut timed_out = Vec::new();
         let mut force = Vec::new();
+        let mut undelivered_ids = Vec::new();
         for (&id, att) in &self.attempts {
+            if let Some(Transfer::Uploading { deadline_ms, .. }) = att.transfer {
+                // The job's own timeout no longer applies: it finished; only the delivery is bounded.
+                if now_ms >= deadline_ms {
+                    undelivered_ids.push(id);
+                }
+                continue;
+            }
             match att.stop {
                 None if att.deadline_ms.is_some_and(|d| now_ms >= d) => timed_out.push(id),
                 Some((_, kill_at)) if now_ms >= kill_at => force.push(id),
                 _ => {}
             }
+        }
+        for id in undelivered_ids {
+            out.push(Output::AbortUpload { attempt_id: id });
+            let e = format!("no confirmation within {} ms", self.config.upload_timeout_ms);
+            self.ended(now_ms, id, undelivered(&e), out);
         }
         for id in timed_out {
             self.stop(now_ms, id, StopReason::Timeout, self.config.stop_grace_ms, out);
@@ -556,6 +718,11 @@ impl AgentCore {
         let live = self.attempts.iter().map(|(&attempt_id, att)| AttemptReport {
             attempt_id,
             phase: match (att.stop, att.started) {
+                _ if matches!(att.transfer, Some(Transfer::Staging { .. })) => AttemptPhase::Starting,
+                // Still live so the controller keeps it, and shown as done running.
+                _ if matches!(att.transfer, Some(Transfer::Uploading { .. })) => {
+                    AttemptPhase::Running { step: att.progress.1, total: att.progress.1 }
+                }
                 (Some(_), _) => AttemptPhase::Stopping,
                 (None, true) => AttemptPhase::Running { step: att.progress.0, total: att.progress.1 },
                 (None, false) => AttemptPhase::Starting,
@@ -570,7 +737,7 @@ impl AgentCore {
         live.chain(done).collect()
     }
 
-    /// Attempts holding GPUs (starting, running or stopping), with their GPUs.
+    /// Attempts holding GPUs (staging, starting, running, stopping or uploading), with their GPUs.
     pub fn live_attempts(&self) -> impl Iterator<Item = (AttemptId, &[String])> {
         self.attempts.iter().map(|(&id, a)| (id, a.gpu_uuids.as_slice()))
     }
@@ -588,6 +755,15 @@ impl AgentCore {
     /// The highest controller epoch seen.
     pub fn known_epoch(&self) -> Epoch {
         self.known_epoch
+    }
+}
+
+/// A clean exit whose outputs never reached the controller: worth another attempt.
+fn undelivered(e: &str) -> AttemptOutcome {
+    AttemptOutcome::Failed {
+        exit_code: Some(0),
+        reason: format!("the job succeeded but its outputs could not be delivered to the controller: {e}"),
+        retryable: true,
     }
 }
 
