@@ -828,3 +828,318 @@ fn outcome_of(
         (None, None) => AttemptOutcome::Lost { reason: "the runtime lost track of the container".into() },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cosmos_proto::spec::OutputArtifact;
+    use cosmos_proto::{Sha256, TraceContext};
+
+    const GPU: &str = "GPU-0";
+    const ATT: AttemptId = AttemptId(7);
+
+    fn core() -> AgentCore {
+        let gpu = GpuInfo { index: 0, uuid: GPU.into(), name: "fake".into(), total_vram_bytes: 80 << 30 };
+        let config = AgentConfig { upload_timeout_ms: 60_000, ..AgentConfig::default() };
+        let mut core = AgentCore::new(0, config, vec![gpu], true, "sim", 1, Vec::new());
+        core.connected(0, &mut Vec::new());
+        core
+    }
+
+    fn spec(inputs: usize) -> JobSpec {
+        let mut spec = JobSpec::command("t", ["true"]);
+        spec.gpus = 1;
+        spec.timeout_ms = 10_000;
+        spec.inputs = (0..inputs)
+            .map(|i| InputArtifact { sha256: Sha256([i as u8; 32]), size_bytes: 3, path: format!("in/{i}") })
+            .collect();
+        spec.outputs = vec![OutputArtifact { path: "out/model".into(), required: true }];
+        spec
+    }
+
+    fn assign(core: &mut AgentCore, now_ms: u64, spec: JobSpec) -> Vec<Output> {
+        let mut out = Vec::new();
+        let msg = ControllerMsg::Assign(Box::new(Assign {
+            epoch: Epoch(1),
+            attempt_id: ATT,
+            job_id: JobId(1),
+            spec,
+            gpu_uuids: vec![GPU.into()],
+            trace: TraceContext::default(),
+        }));
+        core.on_message(now_ms, msg, &mut out);
+        out
+    }
+
+    fn artifact() -> ArtifactRef {
+        ArtifactRef { path: "out/model".into(), sha256: Sha256([9; 32]), size_bytes: 5 }
+    }
+
+    fn clean_exit(core: &mut AgentCore, now_ms: u64, outputs: Vec<ArtifactRef>) -> Vec<Output> {
+        let mut out = Vec::new();
+        let status = ExitStatus { code: Some(0), signal: None, oom_killed: false };
+        core.on_runtime(now_ms, RuntimeEvent::Exited { attempt_id: ATT, status, outputs }, &mut out);
+        out
+    }
+
+    fn finished(out: &[Output]) -> Option<AttemptOutcome> {
+        out.iter().find_map(|o| match o {
+            Output::Send(AgentMsg::AttemptFinished { attempt_id, outcome }) if *attempt_id == ATT => {
+                Some(outcome.clone())
+            }
+            _ => None,
+        })
+    }
+
+    fn phase(core: &AgentCore) -> Option<AttemptPhase> {
+        core.reports().into_iter().find(|r| r.attempt_id == ATT).map(|r| r.phase)
+    }
+
+    /// A running attempt whose container exited cleanly with an output, now uploading.
+    fn uploading(core: &mut AgentCore) -> Vec<Output> {
+        assign(core, 0, spec(0));
+        let mut out = Vec::new();
+        core.on_runtime(1, RuntimeEvent::Started { attempt_id: ATT, handle: "h".into() }, &mut out);
+        core.on_runtime(2, RuntimeEvent::Progress { attempt_id: ATT, step: 3, total: 10 }, &mut out);
+        clean_exit(core, 100, vec![artifact()])
+    }
+
+    #[test]
+    fn without_inputs_it_starts_at_once() {
+        let mut core = core();
+        let out = assign(&mut core, 0, spec(0));
+        assert!(matches!(out.as_slice(), [Output::Start { attempt_id: ATT, .. }]), "{out:?}");
+    }
+
+    #[test]
+    fn with_inputs_it_stages_first_and_starts_once_staged() {
+        let mut core = core();
+        let out = assign(&mut core, 0, spec(2));
+        assert!(matches!(out.as_slice(), [Output::Stage { attempt_id: ATT, inputs }] if inputs.len() == 2), "{out:?}");
+        assert_eq!(phase(&core), Some(AttemptPhase::Starting));
+        assert!(core.live_attempts().any(|(id, gpus)| id == ATT && gpus == [GPU.to_string()]));
+        let mut out = Vec::new();
+        core.on_staged(5, ATT, Ok(()), &mut out);
+        assert!(matches!(out.as_slice(), [Output::Start { attempt_id: ATT, gpu_uuids, .. }] if gpus_ok(gpu_uuids)));
+        // A duplicate answer changes nothing.
+        let mut out = Vec::new();
+        core.on_staged(6, ATT, Ok(()), &mut out);
+        assert!(out.is_empty());
+    }
+
+    fn gpus_ok(gpus: &[String]) -> bool {
+        gpus == [GPU.to_string()]
+    }
+
+    #[test]
+    fn the_gpus_stay_claimed_while_staging() {
+        let mut core = core();
+        assign(&mut core, 0, spec(1));
+        let mut out = Vec::new();
+        let msg = ControllerMsg::Assign(Box::new(Assign {
+            epoch: Epoch(1),
+            attempt_id: AttemptId(8),
+            job_id: JobId(2),
+            spec: spec(0),
+            gpu_uuids: vec![GPU.into()],
+            trace: TraceContext::default(),
+        }));
+        core.on_message(1, msg, &mut out);
+        assert!(matches!(
+            out.as_slice(),
+            [Output::Send(AgentMsg::AttemptFinished { outcome: AttemptOutcome::Rejected { .. }, .. })]
+        ));
+    }
+
+    #[test]
+    fn failed_staging_finishes_the_attempt_with_its_retryability() {
+        for retryable in [true, false] {
+            let mut core = core();
+            assign(&mut core, 0, spec(1));
+            let mut out = Vec::new();
+            core.on_staged(5, ATT, Err(StageFailure { reason: "digest mismatch".into(), retryable }), &mut out);
+            let Some(AttemptOutcome::Failed { exit_code: None, reason, retryable: r }) = finished(&out) else {
+                panic!("{out:?}")
+            };
+            assert!(reason.starts_with("staging inputs failed: digest mismatch"), "{reason}");
+            assert_eq!(r, retryable);
+            assert!(!out.iter().any(|o| matches!(o, Output::Start { .. })));
+            assert_eq!(core.live_attempts().count(), 0);
+            assert!(matches!(phase(&core), Some(AttemptPhase::Finished(_))), "kept until acknowledged");
+        }
+    }
+
+    #[test]
+    fn cancel_while_staging_aborts_it_and_finishes_cancelled_without_a_stop() {
+        let mut core = core();
+        assign(&mut core, 0, spec(1));
+        let mut out = Vec::new();
+        core.on_message(3, ControllerMsg::Cancel { attempt_id: ATT, grace_ms: 1_000 }, &mut out);
+        assert!(out.contains(&Output::AbortStage { attempt_id: ATT }));
+        assert!(!out.iter().any(|o| matches!(o, Output::Stop { .. })));
+        assert_eq!(finished(&out), Some(AttemptOutcome::Cancelled));
+        // The transfer engine's late answer is ignored.
+        let mut out = Vec::new();
+        core.on_staged(4, ATT, Ok(()), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn staging_counts_toward_the_timeout() {
+        let mut core = core();
+        assign(&mut core, 0, spec(1));
+        let mut out = Vec::new();
+        core.tick(9_999, &mut out);
+        assert!(finished(&out).is_none());
+        let mut out = Vec::new();
+        core.tick(10_000, &mut out);
+        assert!(out.contains(&Output::AbortStage { attempt_id: ATT }));
+        let Some(AttemptOutcome::Failed { reason, retryable: true, .. }) = finished(&out) else { panic!("{out:?}") };
+        assert!(reason.contains("timed out while staging inputs"), "{reason}");
+    }
+
+    #[test]
+    fn fencing_while_staging_aborts_it() {
+        let mut core = core();
+        assign(&mut core, 0, spec(1));
+        let mut out = Vec::new();
+        core.on_message(3, ControllerMsg::Reconcile { epoch: Epoch(1), keep: Vec::new() }, &mut out);
+        assert!(out.contains(&Output::AbortStage { attempt_id: ATT }));
+        assert_eq!(finished(&out), Some(AttemptOutcome::Cancelled));
+        assert_eq!(core.live_attempts().count(), 0);
+    }
+
+    #[test]
+    fn a_clean_exit_with_outputs_waits_for_their_delivery() {
+        let mut core = core();
+        let out = uploading(&mut core);
+        assert_eq!(out, vec![Output::Upload { attempt_id: ATT, outputs: vec![artifact()] }]);
+        assert_eq!(phase(&core), Some(AttemptPhase::Running { step: 10, total: 10 }));
+        assert!(core.live_attempts().any(|(id, _)| id == ATT), "GPUs held until the controller hears the outcome");
+        // Duplicate exit news changes nothing.
+        assert!(clean_exit(&mut core, 101, vec![artifact()]).is_empty());
+        let mut out = Vec::new();
+        core.on_uploaded(200, ATT, Ok(()), &mut out);
+        assert_eq!(finished(&out), Some(AttemptOutcome::Succeeded { outputs: vec![artifact()] }));
+        assert_eq!(core.live_attempts().count(), 0);
+        let mut out = Vec::new();
+        core.on_uploaded(201, ATT, Ok(()), &mut out);
+        assert!(out.is_empty(), "a late answer is ignored");
+    }
+
+    #[test]
+    fn a_clean_exit_without_outputs_succeeds_at_once() {
+        let mut core = core();
+        let mut s = spec(0);
+        s.outputs.clear();
+        assign(&mut core, 0, s);
+        let out = clean_exit(&mut core, 5, Vec::new());
+        assert_eq!(finished(&out), Some(AttemptOutcome::Succeeded { outputs: Vec::new() }));
+    }
+
+    #[test]
+    fn a_missing_required_output_fails_without_uploading() {
+        let mut core = core();
+        assign(&mut core, 0, spec(0));
+        let other = ArtifactRef { path: "out/other".into(), ..artifact() };
+        let out = clean_exit(&mut core, 5, vec![other]);
+        assert!(!out.iter().any(|o| matches!(o, Output::Upload { .. })));
+        assert!(matches!(finished(&out), Some(AttemptOutcome::Failed { retryable: false, .. })));
+    }
+
+    #[test]
+    fn an_undelivered_output_fails_the_attempt_retryably() {
+        let mut core = core();
+        uploading(&mut core);
+        let mut out = Vec::new();
+        core.on_uploaded(200, ATT, Err("controller refused: disk full".into()), &mut out);
+        let Some(AttemptOutcome::Failed { exit_code: Some(0), reason, retryable: true }) = finished(&out) else {
+            panic!("{out:?}")
+        };
+        assert!(reason.contains("could not be delivered to the controller: controller refused"), "{reason}");
+    }
+
+    #[test]
+    fn cancel_while_uploading_aborts_it_and_finishes_cancelled() {
+        let mut core = core();
+        uploading(&mut core);
+        let mut out = Vec::new();
+        core.on_message(150, ControllerMsg::Cancel { attempt_id: ATT, grace_ms: 1_000 }, &mut out);
+        assert!(out.contains(&Output::AbortUpload { attempt_id: ATT }));
+        assert!(!out.iter().any(|o| matches!(o, Output::Stop { .. })));
+        assert_eq!(finished(&out), Some(AttemptOutcome::Cancelled));
+    }
+
+    #[test]
+    fn fencing_while_uploading_aborts_it() {
+        let mut core = core();
+        uploading(&mut core);
+        let mut out = Vec::new();
+        core.on_message(150, ControllerMsg::Reconcile { epoch: Epoch(1), keep: Vec::new() }, &mut out);
+        assert!(out.contains(&Output::AbortUpload { attempt_id: ATT }));
+        assert_eq!(finished(&out), Some(AttemptOutcome::Cancelled));
+    }
+
+    #[test]
+    fn the_job_timeout_does_not_apply_while_uploading_but_the_upload_bound_does() {
+        let mut core = core();
+        uploading(&mut core);
+        let mut out = Vec::new();
+        core.tick(20_000, &mut out);
+        assert!(finished(&out).is_none(), "past the job's 10 s timeout: {out:?}");
+        assert!(!out.iter().any(|o| matches!(o, Output::Stop { .. } | Output::AbortUpload { .. })));
+        let mut out = Vec::new();
+        core.tick(100 + 60_000, &mut out);
+        assert!(out.contains(&Output::AbortUpload { attempt_id: ATT }));
+        assert!(matches!(finished(&out), Some(AttemptOutcome::Failed { exit_code: Some(0), retryable: true, .. })));
+    }
+
+    #[test]
+    fn transfers_survive_a_reconnect_and_nothing_is_reissued() {
+        let mut core = core();
+        assign(&mut core, 0, spec(1));
+        core.disconnected();
+        let mut out = Vec::new();
+        core.connected(50, &mut out);
+        let [Output::Send(AgentMsg::Hello(hello))] = out.as_slice() else { panic!("{out:?}") };
+        assert_eq!(hello.attempts.len(), 1);
+        assert_eq!(hello.attempts[0].phase, AttemptPhase::Starting);
+        let mut out = Vec::new();
+        core.on_staged(60, ATT, Ok(()), &mut out);
+        assert!(matches!(out.as_slice(), [Output::Start { .. }]));
+
+        let mut core = self::core();
+        uploading(&mut core);
+        core.disconnected();
+        let mut out = Vec::new();
+        core.connected(150, &mut out);
+        let [Output::Send(AgentMsg::Hello(hello))] = out.as_slice() else { panic!("{out:?}") };
+        assert_eq!(hello.attempts[0].phase, AttemptPhase::Running { step: 10, total: 10 });
+    }
+
+    #[test]
+    fn memory_must_drain_from_the_exit_not_from_the_delivery() {
+        let mut core = core();
+        let sample = |used| {
+            vec![GpuUsage {
+                used_vram_bytes: used,
+                ..GpuUsage::idle(&GpuInfo {
+                    index: 0,
+                    uuid: GPU.into(),
+                    name: "fake".into(),
+                    total_vram_bytes: 80 << 30,
+                })
+            }]
+        };
+        core.on_gpu_sample(0, sample(0), &mut Vec::new());
+        uploading(&mut core);
+        let bound = core.config.vram_release_bound_ms;
+        let mut out = Vec::new();
+        core.on_gpu_sample(100 + bound, sample(10 << 30), &mut out);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Send(AgentMsg::GpuFault { fault: GpuFault::VramNotReleased { .. }, .. }))),
+            "{out:?}"
+        );
+    }
+}
