@@ -4,7 +4,8 @@
 //! correctness decision may compare times taken on two machines. Durations
 //! (`*_ms`) measured on one host are fine.
 
-use crate::ids::{AttemptId, Epoch, JobId};
+use crate::codec::{self, CodecError};
+use crate::ids::{AttemptId, Epoch, JobId, Sha256};
 use crate::spec::{ArtifactRef, JobSpec};
 use serde::{Deserialize, Serialize};
 
@@ -303,4 +304,178 @@ pub enum GpuFault {
         /// The driver's words.
         detail: String,
     },
+}
+
+// ---- blobs: inputs and outputs moved in bounded chunks ----
+//
+// Blob frames travel beside the messages above without changing their
+// encoding: a blob frame's payload starts with [`BLOB_FRAME_TAG`], a byte no
+// message can start with (bincode writes an enum's variant index first, and
+// both message enums have far fewer than 0xB1 variants). Receivers look at
+// that byte to tell the two apart (see [`AgentFrame::decode`] and
+// [`ControllerFrame::decode`]), so the cores never see blob traffic.
+
+/// First payload byte of every blob frame.
+pub const BLOB_FRAME_TAG: u8 = 0xB1;
+/// Largest piece of a blob in one frame: small enough that a control message
+/// queued behind one waits at most one chunk's transmission time.
+pub const BLOB_CHUNK_BYTES: u32 = 256 * 1024;
+
+/// Blob traffic from an agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentBlob {
+    /// Send bytes `offset .. offset + len_bytes` of a blob (a download).
+    Request {
+        /// Which blob.
+        sha256: Sha256,
+        /// Where the range starts.
+        offset: u64,
+        /// How many bytes, at most [`BLOB_CHUNK_BYTES`].
+        len_bytes: u32,
+    },
+    /// The agent is about to upload a blob: answered with [`ControllerBlob::Resume`] (where
+    /// to start) or [`ControllerBlob::Stored`] (already there).
+    Offer {
+        /// Which blob.
+        sha256: Sha256,
+        /// Its whole size.
+        size_bytes: u64,
+    },
+    /// A piece of an upload.
+    Chunk(BlobChunk),
+}
+
+/// Blob traffic from the controller.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControllerBlob {
+    /// A piece of a download, answering [`AgentBlob::Request`].
+    Chunk(BlobChunk),
+    /// The controller does not hold the blob (or not that range): the attempt cannot run.
+    Missing {
+        /// Which blob.
+        sha256: Sha256,
+        /// Why, in words.
+        reason: String,
+    },
+    /// Upload: the controller holds this many bytes; send from there on. Answers an offer,
+    /// and a chunk that failed its checksum.
+    Resume {
+        /// Which blob.
+        sha256: Sha256,
+        /// Bytes held.
+        have_bytes: u64,
+    },
+    /// Upload: a chunk was written; the controller now holds this many bytes.
+    Ack {
+        /// Which blob.
+        sha256: Sha256,
+        /// Bytes held.
+        have_bytes: u64,
+    },
+    /// Upload: the blob is verified against its digest and in the controller's store.
+    Stored {
+        /// Which blob.
+        sha256: Sha256,
+    },
+    /// Upload: the controller cannot take the blob.
+    Refused {
+        /// Which blob.
+        sha256: Sha256,
+        /// Why, in words.
+        reason: String,
+        /// Whether offering it again may work (the content did not match its digest) or not.
+        retryable: bool,
+    },
+}
+
+/// A piece of a blob, with a checksum so a corrupted piece is refetched
+/// rather than found only when the whole blob fails its digest.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobChunk {
+    /// Which blob.
+    pub sha256: Sha256,
+    /// Where the piece starts.
+    pub offset: u64,
+    /// CRC-32 (IEEE) of `data`.
+    pub crc32: u32,
+    /// The bytes, at most [`BLOB_CHUNK_BYTES`].
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for BlobChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the bytes: a chunk is up to a quarter of a megabyte.
+        f.debug_struct("BlobChunk")
+            .field("sha256", &self.sha256)
+            .field("offset", &self.offset)
+            .field("crc32", &self.crc32)
+            .field("len_bytes", &self.data.len())
+            .finish()
+    }
+}
+
+impl BlobChunk {
+    /// A chunk of `data` at `offset`, with its checksum.
+    pub fn new(sha256: Sha256, offset: u64, data: Vec<u8>) -> BlobChunk {
+        BlobChunk { sha256, offset, crc32: crc32fast::hash(&data), data }
+    }
+
+    /// Whether the data still matches its checksum.
+    pub fn is_intact(&self) -> bool {
+        crc32fast::hash(&self.data) == self.crc32
+    }
+}
+
+/// Encodes a blob message as a tagged frame payload.
+pub fn encode_blob<B: Serialize>(blob: &B) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(64);
+    out.push(BLOB_FRAME_TAG);
+    codec::encode_into(blob, &mut out)?;
+    Ok(out)
+}
+
+/// Appends a blob chunk's tagged payload to `out`, reserving its size first,
+/// so a chunk is copied once on its way to the socket.
+pub fn encode_blob_chunk_into<B: Serialize>(blob: &B, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    out.push(BLOB_FRAME_TAG);
+    codec::encode_into(blob, out)
+}
+
+/// One frame from an agent: a message for the core or blob traffic.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AgentFrame {
+    /// A message.
+    Msg(AgentMsg),
+    /// Blob traffic.
+    Blob(AgentBlob),
+}
+
+impl AgentFrame {
+    /// Decodes a frame's payload.
+    pub fn decode(payload: &[u8]) -> Result<AgentFrame, CodecError> {
+        match payload.split_first() {
+            Some((&BLOB_FRAME_TAG, rest)) => Ok(AgentFrame::Blob(codec::decode(rest)?)),
+            _ => Ok(AgentFrame::Msg(codec::decode(payload)?)),
+        }
+    }
+}
+
+/// One frame from the controller: a message for the core or blob traffic.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ControllerFrame {
+    /// A message.
+    Msg(ControllerMsg),
+    /// Blob traffic.
+    Blob(ControllerBlob),
+}
+
+impl ControllerFrame {
+    /// Decodes a frame's payload.
+    pub fn decode(payload: &[u8]) -> Result<ControllerFrame, CodecError> {
+        match payload.split_first() {
+            Some((&BLOB_FRAME_TAG, rest)) => Ok(ControllerFrame::Blob(codec::decode(rest)?)),
+            _ => Ok(ControllerFrame::Msg(codec::decode(payload)?)),
+        }
+    }
 }

@@ -210,3 +210,46 @@ pub fn hello_reply() -> impl Strategy<Value = HelloReply> {
         text().prop_map(|s| HelloReply::Refused(Refusal::Other(s))),
     ]
 }
+
+fn blob_chunk() -> impl Strategy<Value = cosmos_proto::BlobChunk> {
+    (sha(), any::<u64>(), prop::collection::vec(any::<u8>(), 0..512), any::<bool>()).prop_map(
+        |(sha256, offset, data, intact)| {
+            let mut chunk = cosmos_proto::BlobChunk::new(sha256, offset, data);
+            if !intact {
+                chunk.crc32 ^= 1;
+            }
+            chunk
+        },
+    )
+}
+
+/// Any blob message an agent may send.
+pub fn agent_blob() -> impl Strategy<Value = cosmos_proto::AgentBlob> {
+    use cosmos_proto::AgentBlob;
+    prop_oneof![
+        (sha(), any::<u64>(), any::<u32>()).prop_map(|(sha256, offset, len_bytes)| AgentBlob::Request {
+            sha256,
+            offset,
+            len_bytes
+        }),
+        (sha(), any::<u64>()).prop_map(|(sha256, size_bytes)| AgentBlob::Offer { sha256, size_bytes }),
+        blob_chunk().prop_map(AgentBlob::Chunk),
+    ]
+}
+
+/// Any blob message the controller may send.
+pub fn controller_blob() -> impl Strategy<Value = cosmos_proto::ControllerBlob> {
+    use cosmos_proto::ControllerBlob;
+    prop_oneof![
+        blob_chunk().prop_map(ControllerBlob::Chunk),
+        (sha(), text()).prop_map(|(sha256, reason)| ControllerBlob::Missing { sha256, reason }),
+        (sha(), any::<u64>()).prop_map(|(sha256, have_bytes)| ControllerBlob::Resume { sha256, have_bytes }),
+        (sha(), any::<u64>()).prop_map(|(sha256, have_bytes)| ControllerBlob::Ack { sha256, have_bytes }),
+        sha().prop_map(|sha256| ControllerBlob::Stored { sha256 }),
+        (sha(), text(), any::<bool>()).prop_map(|(sha256, reason, retryable)| ControllerBlob::Refused {
+            sha256,
+            reason,
+            retryable
+        }),
+    ]
+}
