@@ -126,15 +126,29 @@ impl Store {
     /// the current end are accepted; anything else returns the current length
     /// unchanged, which is where the sender must resume.
     pub fn append_partial(&self, sha256: &Sha256, offset: u64, data: &[u8]) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
         let path = self.partial_path(sha256);
-        let mut file =
-            OpenOptions::new().create(true).append(true).open(&path).map_err(io_err("cannot open", &path))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err("cannot open", &path))?;
         let len = file.metadata().map_err(io_err("cannot stat", &path))?.len();
         if offset != len {
             return Ok(len);
         }
-        file.write_all(data).map_err(io_err("cannot write", &path))?;
+        // Positional, not O_APPEND: two receivers of the same blob (two connections) that both
+        // saw this length write the same bytes at the same place instead of appending them twice.
+        file.write_all_at(data, offset).map_err(io_err("cannot write", &path))?;
         Ok(len + data.len() as u64)
+    }
+
+    /// Reads `len_bytes` at `offset` of a complete blob (fewer at its end).
+    pub fn read_at(&self, sha256: &Sha256, offset: u64, len_bytes: usize) -> Result<Vec<u8>> {
+        let path = self.path(sha256);
+        let file = File::open(&path).map_err(io_err("cannot open", &path))?;
+        read_range(&file, offset, len_bytes).map_err(io_err("cannot read", &path))
     }
 
     /// Drops a partial transfer (e.g. after its content failed verification).
@@ -267,6 +281,24 @@ pub fn hash_file(path: &Path) -> io::Result<(Sha256, u64)> {
     Ok((Sha256(hasher.finalize().into()), size))
 }
 
+/// Reads up to `len_bytes` at `offset` of an open file (fewer at its end), by position,
+/// so one open file serves any number of ranges without seeking.
+pub fn read_range(file: &File, offset: u64, len_bytes: usize) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len_bytes];
+    let mut filled = 0;
+    while filled < len_bytes {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
 /// SHA-256 of a byte string.
 pub fn digest(data: &[u8]) -> Sha256 {
     Sha256(sha2::Sha256::digest(data).into())
@@ -315,6 +347,7 @@ mod tests {
         let path = store.commit_partial(&sha, 10).unwrap();
         assert_eq!(fs::read(path).unwrap(), data);
         assert_eq!(store.partial_len(&sha), 0);
+        assert_eq!(store.read_at(&sha, 8, 100).unwrap(), b"89");
     }
 
     #[test]
