@@ -213,11 +213,11 @@ pub struct StatusBody {
     pub agents: Vec<AgentInfo>,
 }
 
-fn error(status: StatusCode, error: String, line: Option<usize>, retryable: bool) -> HttpResponse {
+pub(crate) fn error(status: StatusCode, error: String, line: Option<usize>, retryable: bool) -> HttpResponse {
     HttpResponse::build(status).json(ErrorBody { error, line, retryable })
 }
 
-fn authorize(req: &HttpRequest, shared: &Shared) -> Result<(), HttpResponse> {
+pub(crate) fn authorize(req: &HttpRequest, shared: &Shared) -> Result<(), HttpResponse> {
     let given =
         req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
@@ -237,13 +237,14 @@ fn authorize(req: &HttpRequest, shared: &Shared) -> Result<(), HttpResponse> {
     }
 }
 
-fn unavailable() -> HttpResponse {
+pub(crate) fn unavailable() -> HttpResponse {
     error(StatusCode::SERVICE_UNAVAILABLE, "the controller is shutting down; retry".into(), None, true)
 }
 
-struct State {
-    core: Addr<CoreActor>,
-    shared: Arc<Shared>,
+/// What every handler gets.
+pub(crate) struct State {
+    pub(crate) core: Addr<CoreActor>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 /// Binds the API server and starts serving; returns it with the address it bound.
@@ -262,6 +263,7 @@ pub fn server(listen: SocketAddr, core: Addr<CoreActor>, shared: Arc<Shared>) ->
             .route("/v1/agents/{name}/drain", web::post().to(drain))
             .route("/v1/agents/{name}/undrain", web::post().to(undrain))
             .route("/v1/status", web::get().to(status))
+            .configure(crate::api_transfer::routes)
     })
     .workers(2)
     .disable_signals()
@@ -302,7 +304,7 @@ async fn submit(req: HttpRequest, state: web::Data<State>, body: web::Json<Submi
     }
 }
 
-fn view(s: &JobSummary) -> JobView {
+pub(crate) fn view(s: &JobSummary) -> JobView {
     let r = &s.record;
     let live = u32::from(matches!(r.state, JobState::Assigned | JobState::Running));
     JobView {

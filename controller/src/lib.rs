@@ -1,6 +1,7 @@
 //! The controller: scheduling core (no I/O), durable store.
 
 pub mod api;
+pub mod api_transfer;
 pub mod core;
 pub mod daemon;
 pub mod model;

@@ -7,6 +7,7 @@
 //! so one fsync makes all of them durable together.
 
 use crate::model::{ALL_JOB_STATES, AgentRecord, AttemptRecord, EventRecord, JobRecord, JobState, Snapshot, StoreOp};
+use crate::transfer::Prompt;
 use cosmos_proto::{AttemptId, Epoch, JobId};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use std::path::{Path, PathBuf};
@@ -65,6 +66,16 @@ const MIGRATIONS: &[&str] = &[
         detail     TEXT NOT NULL
     ) STRICT;
     CREATE INDEX events_by_job ON events (job_id);
+    ",
+    // 2: Cosmos Transfer prompts (runs are jobs carrying `cosmos.*` labels).
+    "
+    CREATE TABLE prompts (
+        id         TEXT PRIMARY KEY,
+        name       TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        record     TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX prompts_by_name ON prompts (name);
     ",
 ];
 
@@ -360,6 +371,52 @@ impl Store {
 }
 
 /// Brings the schema up to date, refusing databases from a newer build.
+impl Store {
+    /// Stores prompts (new or changed) in one transaction: all or none.
+    pub fn put_prompts(&mut self, prompts: &[Prompt]) -> Result<()> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for p in prompts {
+            let record = encode(p, || format!("prompt {}", p.id))?;
+            tx.execute(
+                "INSERT INTO prompts (id, name, created_ms, record) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, record = excluded.record",
+                params![p.id, p.name, p.created_ms as i64, record],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// One prompt.
+    pub fn prompt(&self, id: &str) -> Result<Option<Prompt>> {
+        let json: Option<String> =
+            self.conn.query_row("SELECT record FROM prompts WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+        json.map(|j| decode(&j, || format!("prompt {id}"))).transpose()
+    }
+
+    /// Every prompt, oldest first.
+    pub fn prompts(&self) -> Result<Vec<Prompt>> {
+        let mut stmt = self.conn.prepare("SELECT id, record FROM prompts ORDER BY created_ms, id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, json) = row?;
+            out.push(decode(&json, || format!("prompt {id}"))?);
+        }
+        Ok(out)
+    }
+
+    /// Removes prompts; true for each that existed.
+    pub fn delete_prompts(&mut self, ids: &[String]) -> Result<()> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for id in ids {
+            tx.execute("DELETE FROM prompts WHERE id = ?1", [id])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
 fn migrate(conn: &mut Connection) -> Result<()> {
     let known = MIGRATIONS.len() as i64;
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;

@@ -1,0 +1,809 @@
+//! The Cosmos Transfer part of the HTTP API: blobs, prompts and runs.
+//!
+//! A run is a job carrying `cosmos.*` labels (see [`crate::transfer::labels`]),
+//! so it is scheduled, retried, cancelled and persisted exactly as any job, and
+//! a batch of runs is one atomic job submission. Prompts live in the store's
+//! `prompts` table; videos and outputs in the blob store, by sha256.
+
+use crate::api::{State, authorize, error, unavailable, view};
+use crate::daemon::{Cancel, JobSummary, ListJobs, Submit};
+use crate::model::JobState;
+use crate::transfer::{
+    self, BlobRef, ENHANCE_RESULT, NewPrompt, OUTPUT_VIDEO, Prompt, RunKind, TransferParams, UpscaleParams, labels,
+};
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, HttpResponse, web};
+use cosmos_proto::{JobId, JobSpec, Sha256};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+
+/// Largest blob accepted by upload.
+pub const MAX_BLOB_BYTES: u64 = 64 << 30;
+/// Chunks of an upload buffered between the network and the disk writer.
+const UPLOAD_QUEUE_CHUNKS: usize = 16;
+/// Read size when streaming a blob out.
+const DOWNLOAD_CHUNK_BYTES: usize = 256 * 1024;
+/// Largest enhancement result read back.
+const MAX_ENHANCE_RESULT_BYTES: u64 = 1 << 20;
+
+/// Registers the routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/blobs/{sha256}", web::put().to(put_blob))
+        .route("/v1/blobs/{sha256}", web::get().to(get_blob))
+        .route("/v1/blobs/{sha256}", web::head().to(head_blob))
+        .route("/v1/prompts", web::post().to(create_prompt))
+        .route("/v1/prompts", web::get().to(list_prompts))
+        .route("/v1/prompts/{id}", web::get().to(show_prompt))
+        .route("/v1/prompts/{id}", web::delete().to(delete_prompt))
+        .route("/v1/prompts/{id}/enhance", web::post().to(enhance))
+        .route("/v1/runs", web::post().to(create_runs))
+        .route("/v1/runs", web::get().to(list_runs))
+        .route("/v1/runs/{id}", web::get().to(show_run))
+        .route("/v1/runs/{id}/cancel", web::post().to(cancel_run))
+        .route("/v1/runs/{id}/upscale", web::post().to(upscale))
+        .route("/v1/runs/{id}/enhanced", web::post().to(apply_enhancement));
+}
+
+/// A blob as the API reports it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BlobView {
+    /// Its digest.
+    pub sha256: Sha256,
+    /// Its size.
+    pub size_bytes: u64,
+}
+
+/// A run as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RunView {
+    /// `rs_…`.
+    pub id: String,
+    /// `transfer`, `upscale` or `enhance`.
+    pub kind: String,
+    /// The prompt it runs.
+    pub prompt_id: String,
+    /// That prompt's name, when it still exists.
+    pub prompt_name: Option<String>,
+    /// The run it upscales, for an upscale.
+    pub parent_run: Option<String>,
+    /// The job that runs it.
+    pub job: crate::api::JobView,
+    /// Its parameters.
+    pub params: serde_json::Value,
+    /// What it produced, once succeeded.
+    pub outputs: Vec<cosmos_proto::ArtifactRef>,
+}
+
+/// One run to create: an existing prompt, or a new one created with it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunLine {
+    /// An existing prompt.
+    #[serde(default)]
+    pub prompt_id: Option<String>,
+    /// A prompt to create (its videos already uploaded).
+    #[serde(default)]
+    pub prompt: Option<NewPrompt>,
+    /// The run's parameters (defaults for the missing ones).
+    #[serde(default)]
+    pub params: TransferParams,
+}
+
+/// Runs to create together: all or none.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct CreateRuns {
+    /// One run per line.
+    pub runs: Vec<RunLine>,
+}
+
+/// A created run.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreatedRun {
+    /// `rs_…`.
+    pub run_id: String,
+    /// Its job.
+    pub job_id: String,
+    /// Its prompt.
+    pub prompt_id: String,
+}
+
+/// Answer to [`CreateRuns`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CreatedRuns {
+    /// In line order.
+    pub runs: Vec<CreatedRun>,
+    /// Prompts created on the way, in line order.
+    pub prompts: Vec<Prompt>,
+}
+
+fn bad(msg: impl Into<String>) -> HttpResponse {
+    error(StatusCode::BAD_REQUEST, msg.into(), None, false)
+}
+
+fn bad_line(line: usize, msg: impl std::fmt::Display) -> HttpResponse {
+    error(StatusCode::BAD_REQUEST, format!("line {line}: {msg}"), Some(line), false)
+}
+
+fn not_found(msg: impl Into<String>) -> HttpResponse {
+    error(StatusCode::NOT_FOUND, msg.into(), None, false)
+}
+
+fn internal(msg: impl std::fmt::Display) -> HttpResponse {
+    error(StatusCode::INTERNAL_SERVER_ERROR, msg.to_string(), None, true)
+}
+
+fn parse_sha(s: &str) -> Result<Sha256, HttpResponse> {
+    s.parse().map_err(|_| bad(format!("`{s}` is not a sha256 digest (64 hex digits)")))
+}
+
+// ---- blobs ----
+
+/// A `Read` over upload chunks handed across from the async side.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<web::Bytes>,
+    current: web::Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.recv() {
+                Ok(b) => self.current = b,
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current.split_to(n));
+        Ok(n)
+    }
+}
+
+/// Stores the body under its digest; the digest in the path must match the content.
+async fn put_blob(
+    req: HttpRequest,
+    state: web::Data<State>,
+    sha: web::Path<String>,
+    mut body: web::Payload,
+) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state.shared) {
+        return r;
+    }
+    let sha = match parse_sha(&sha) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    if let Some(size_bytes) = state.shared.blobs.size(&sha) {
+        return HttpResponse::Ok().json(BlobView { sha256: sha, size_bytes });
+    }
+    // Hashing and writing happen on a blocking thread, fed chunk by chunk: a
+    // large video is never held in memory.
+    let (tx, rx) = std::sync::mpsc::sync_channel(UPLOAD_QUEUE_CHUNKS);
+    let blobs = state.shared.blobs.clone();
+    let writer = tokio::task::spawn_blocking(move || {
+        blobs.put_reader(ChannelReader { rx, current: web::Bytes::new() }, Some(&sha))
+    });
+    let mut received = 0u64;
+    let mut failure = None;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(bytes) => {
+                received += bytes.len() as u64;
+                if received > MAX_BLOB_BYTES {
+                    failure = Some(error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("blobs are limited to {MAX_BLOB_BYTES} bytes"),
+                        None,
+                        false,
+                    ));
+                    break;
+                }
+                // The blocking side only stops early on a disk error, reported below.
+                let tx = tx.clone();
+                if tokio::task::spawn_blocking(move || tx.send(bytes)).await.map_or(true, |r| r.is_err()) {
+                    break;
+                }
+            }
+            Err(e) => {
+                failure = Some(bad(format!("the upload broke off after {received} bytes: {e}; upload again")));
+                break;
+            }
+        }
+    }
+    if failure.is_some() {
+        // A truncated body must not be stored: make the writer fail its digest check.
+        let _ = tx.send(web::Bytes::from_static(b"\0truncated"));
+    }
+    drop(tx);
+    let stored = writer.await;
+    if let Some(f) = failure {
+        return f;
+    }
+    match stored {
+        Ok(Ok((sha256, size_bytes))) => HttpResponse::Created().json(BlobView { sha256, size_bytes }),
+        Ok(Err(cosmos_cas::CasError::DigestMismatch { actual, size_bytes, .. })) => bad(format!(
+            "the {size_bytes} bytes uploaded hash to {actual}, not to {sha} as the URL says; upload the file again"
+        )),
+        Ok(Err(e)) => internal(format!("cannot store the blob: {e}")),
+        Err(e) => internal(format!("the blob writer failed: {e}")),
+    }
+}
+
+async fn head_blob(req: HttpRequest, state: web::Data<State>, sha: web::Path<String>) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state.shared) {
+        return r;
+    }
+    let sha = match parse_sha(&sha) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    match state.shared.blobs.size(&sha) {
+        Some(size) => HttpResponse::Ok().insert_header(("x-cosmos-size-bytes", size.to_string())).finish(),
+        None => HttpResponse::NotFound().finish(),
+    }
+}
+
+async fn get_blob(req: HttpRequest, state: web::Data<State>, sha: web::Path<String>) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state.shared) {
+        return r;
+    }
+    let sha = match parse_sha(&sha) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
+    let path = state.shared.blobs.path(&sha);
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(_) => return not_found(format!("no blob {sha} on the controller")),
+    };
+    let size = match file.metadata().await {
+        Ok(m) => m.len(),
+        Err(e) => return internal(e),
+    };
+    let stream = futures::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; DOWNLOAD_CHUNK_BYTES];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(web::Bytes::from(buf)), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    });
+    HttpResponse::Ok().content_type("application/octet-stream").no_chunking(size).streaming(stream)
+}
+
+// ---- prompts ----
+
+/// Reads the store on a blocking thread.
+async fn with_store<T: Send + 'static>(
+    state: &web::Data<State>,
+    f: impl FnOnce(&mut crate::store::Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, HttpResponse> {
+    let shared = state.shared.clone();
+    match web::block(move || {
+        let mut store = shared.reader.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut store)
+    })
+    .await
+    {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), None, e.is_retryable())),
+        Err(_) => Err(unavailable()),
+    }
+}
+
+/// Checks a new prompt and turns it into a record; its videos must be in the blob store.
+fn build_prompt(shared: &crate::daemon::Shared, new: NewPrompt) -> Result<Prompt, String> {
+    new.validate().map_err(|e| e.to_string())?;
+    let videos = new.videos.expect("validated");
+    for (what, blob) in [
+        ("color.mp4", Some(&videos.color)),
+        ("depth.mp4", videos.depth.as_ref()),
+        ("segmentation.mp4", videos.seg.as_ref()),
+    ] {
+        if let Some(b) = blob {
+            match shared.blobs.size(&b.sha256) {
+                Some(size) if size == b.size_bytes => {}
+                Some(size) => {
+                    return Err(format!(
+                        "{what} ({}) is {size} bytes on the controller, not {}",
+                        b.sha256, b.size_bytes
+                    ));
+                }
+                None => {
+                    return Err(format!(
+                        "{what} ({}) is not on the controller: upload it first (PUT /v1/blobs/{})",
+                        b.sha256, b.sha256
+                    ));
+                }
+            }
+        }
+    }
+    let name = new.name.unwrap_or_else(|| transfer::derive_name(&new.text));
+    Ok(Prompt {
+        id: transfer::new_id("ps"),
+        name,
+        negative_prompt: new.negative_prompt.unwrap_or_else(|| shared.transfer.default_negative_prompt.clone()),
+        text: new.text,
+        videos,
+        parent: new.parent,
+        created_ms: crate::daemon::wall_ms(),
+    })
+}
+
+async fn create_prompt(req: HttpRequest, state: web::Data<State>, body: web::Json<NewPrompt>) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state.shared) {
+        return r;
+    }
+    let new = body.into_inner();
+    if let Some(parent) = &new.parent {
+        let parent = parent.clone();
+        match with_store(&state, move |s| s.prompt(&parent)).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return not_found(format!("no prompt {}: the parent must exist", new.parent.unwrap())),
+            Err(r) => return r,
+        }
+    }
+    let prompt = match build_prompt(&state.shared, new) {
+        Ok(p) => p,
+        Err(e) => return bad(e),
+    };
+    let stored = prompt.clone();
+    match with_store(&state, move |s| s.put_prompts(&[stored])).await {
+        Ok(()) => HttpResponse::Created().json(prompt),
+        Err(r) => r,
+    }
+}
+
+async fn list_prompts(req: HttpRequest, state: web::Data<State>) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state.shared) {
+        return r;
+    }
+    match with_store(&state, |s| s.prompts()).await {
+        Ok(p) => HttpResponse::Ok().json(p),
+        Err(r) => r,
+    }
+}
+
+async fn find_prompt(state: &web::Data<State>, id: &str) -> Result<Prompt, HttpResponse> {
+    let key = id.to_string();
+    match with_store(state, move |s| s.prompt(&key)).await? {
+        Some(p) => Ok(p),
+        None => Err(not_found(format!("no prompt {id}; `cosmos prompts list` shows the ids"))),
+    }
+}
+
+async fn show_prompt(req: HttpRequest, state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state.shared) {
+        return r;
+    }
+    match find_prompt(&state, &id).await {
+        Ok(p) => HttpResponse::Ok().json(p),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    delete_outputs: bool,
+}
+
+async fn delete_prompt(
+    req: HttpRequest,
+    state: web::Data<State>,
+    id: web::Path<String>,
+    q: web::Query<DeleteQuery>,
+) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state.shared) {
+        return r;
+    }
+    let prompt = match find_prompt(&state, &id).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let Ok(jobs) = state.core.send(ListJobs(None)).await else { return unavailable() };
+    let runs: Vec<&JobSummary> = jobs.iter().filter(|j| label(j, labels::PROMPT) == Some(&prompt.id)).collect();
+    let active: Vec<&str> = runs
+        .iter()
+        .filter(|j| !j.record.state.is_final())
+        .filter_map(|j| label(j, labels::RUN).map(String::as_str))
+        .collect();
+    if !active.is_empty() {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "prompt {} has runs still active ({}); cancel them first (`cosmos runs cancel RUN_ID`) or wait for them",
+                prompt.id,
+                active.join(", ")
+            ),
+            None,
+            false,
+        );
+    }
+    let mut removed_outputs = 0usize;
+    if q.delete_outputs {
+        // Content-addressed: keep a blob another prompt's run or any prompt's video still uses.
+        let mine: std::collections::BTreeSet<Sha256> =
+            runs.iter().flat_map(|j| j.record.outputs.iter().map(|o| o.sha256)).collect();
+        let others: std::collections::BTreeSet<Sha256> = jobs
+            .iter()
+            .filter(|j| label(j, labels::PROMPT) != Some(&prompt.id))
+            .flat_map(|j| {
+                j.record.outputs.iter().map(|o| o.sha256).chain(j.record.spec.inputs.iter().map(|i| i.sha256))
+            })
+            .collect();
+        for sha in mine.difference(&others) {
+            if std::fs::remove_file(state.shared.blobs.path(sha)).is_ok() {
+                removed_outputs += 1;
+            }
+        }
+    }
+    let key = prompt.id.clone();
+    match with_store(&state, move |s| s.delete_prompts(&[key])).await {
+        Ok(()) => HttpResponse::Ok().json(serde_json::json!({
+            "deleted": prompt.id,
+            "runs": runs.len(),
+            "outputs_deleted": removed_outputs,
+        })),
+        Err(r) => r,
+    }
+}
+
+// ---- runs ----
+
+fn label<'a>(j: &'a JobSummary, key: &str) -> Option<&'a String> {
+    j.record.spec.labels.get(key)
+}
+
+fn run_view(j: &JobSummary, prompts: &[Prompt]) -> Option<RunView> {
+    let id = label(j, labels::RUN)?.clone();
+    let prompt_id = label(j, labels::PROMPT).cloned().unwrap_or_default();
+    Some(RunView {
+        id,
+        kind: label(j, labels::KIND).cloned().unwrap_or_default(),
+        prompt_name: prompts.iter().find(|p| p.id == prompt_id).map(|p| p.name.clone()),
+        prompt_id,
+        parent_run: label(j, labels::PARENT_RUN).cloned(),
+        job: view(j),
+        params: label(j, labels::PARAMS).and_then(|p| serde_json::from_str(p).ok()).unwrap_or_default(),
+        outputs: j.record.outputs.clone(),
+    })
+}
+
+/// Stores generated files, then submits the specs as one batch; the error names the 1-based line.
+async fn submit_compiled(
+    state: &web::Data<State>,
+    compiled: Vec<transfer::Compiled>,
+) -> Result<Vec<JobId>, HttpResponse> {
+    let blobs = state.shared.blobs.clone();
+    let files: Vec<Vec<u8>> = compiled.iter().flat_map(|c| c.files.iter().map(|f| f.bytes.clone())).collect();
+    match web::block(move || files.iter().try_for_each(|f| blobs.put_bytes(f).map(|_| ()))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(internal(format!("cannot store a run's spec file: {e}"))),
+        Err(_) => return Err(unavailable()),
+    }
+    let specs: Vec<JobSpec> = compiled.into_iter().map(|c| c.spec).collect();
+    match state.core.send(Submit(specs)).await {
+        Ok(Ok(rx)) => match rx.await {
+            Ok(Ok(ids)) => Ok(ids),
+            _ => Err(unavailable()),
+        },
+        Ok(Err(e)) => {
+            let line = match &e {
+                crate::core::SubmitError::InvalidSpec { index, .. }
+                | crate::core::SubmitError::Unplaceable { index, .. }
+                | crate::core::SubmitError::TooMuchVram { index, .. } => Some(index + 1),
+                _ => None,
+            };
+            let status = if e.is_retryable() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_REQUEST };
+            let msg = match line {
+                Some(l) => format!("line {l}: {e}"),
+                None => e.to_string(),
+            };
+            Err(error(status, msg, line, e.is_retryable()))
+        }
+        Err(_) => Err(unavailable()),
+    }
+}
+
+async fn create_runs(req: HttpRequest, state: web::Data<State>, body: web::Json<CreateRuns>) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state.shared) {
+        return r;
+    }
+    let lines = body.into_inner().runs;
+    if lines.is_empty() {
+        return bad("no runs given");
+    }
+    if lines.len() > transfer::MAX_RUNS_PER_REQUEST {
+        return bad(format!("{} runs in one request; at most {}", lines.len(), transfer::MAX_RUNS_PER_REQUEST));
+    }
+    // Everything is checked before anything is written: one bad line rejects the batch.
+    let existing = match with_store(&state, |s| s.prompts()).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let mut new_prompts = Vec::new();
+    let mut compiled = Vec::with_capacity(lines.len());
+    let mut created = Vec::with_capacity(lines.len());
+    for (i, line) in lines.into_iter().enumerate() {
+        let n = i + 1;
+        if let Err(e) = line.params.validate() {
+            return bad_line(n, e);
+        }
+        let prompt = match (line.prompt_id, line.prompt) {
+            (Some(id), None) => match existing.iter().find(|p| p.id == id) {
+                Some(p) => p.clone(),
+                None => return bad_line(n, format!("no prompt {id}; `cosmos prompts list` shows the ids")),
+            },
+            (None, Some(new)) => match build_prompt(&state.shared, new) {
+                Ok(p) => {
+                    new_prompts.push(p.clone());
+                    p
+                }
+                Err(e) => return bad_line(n, e),
+            },
+            _ => return bad_line(n, "give either `prompt_id` or `prompt`, not both or neither"),
+        };
+        let run_id = transfer::new_id("rs");
+        compiled.push(state.shared.transfer.compile_transfer(&run_id, &prompt, &line.params));
+        created.push((run_id, prompt.id.clone()));
+    }
+    // Prompts first, so a run never names a prompt that is not stored; if the
+    // submission is then refused, they are removed again.
+    if !new_prompts.is_empty() {
+        let stored = new_prompts.clone();
+        if let Err(r) = with_store(&state, move |s| s.put_prompts(&stored)).await {
+            return r;
+        }
+    }
+    match submit_compiled(&state, compiled).await {
+        Ok(ids) => HttpResponse::Created().json(CreatedRuns {
+            runs: created
+                .into_iter()
+                .zip(ids)
+                .map(|((run_id, prompt_id), job)| CreatedRun { run_id, job_id: job.to_string(), prompt_id })
+                .collect(),
+            prompts: new_prompts,
+        }),
+        Err(r) => {
+            let ids: Vec<String> = new_prompts.iter().map(|p| p.id.clone()).collect();
+            let _ = with_store(&state, move |s| s.delete_prompts(&ids)).await;
+            r
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RunQuery {
+    /// Only runs of this prompt.
+    prompt: Option<String>,
+    /// Only runs in this job state.
+    state: Option<String>,
+    /// Words that must all appear in the run id, kind, prompt id, name or text.
+    q: Option<String>,
+}
+
+async fn all_runs(state: &web::Data<State>) -> Result<(Vec<JobSummary>, Vec<Prompt>), HttpResponse> {
+    let prompts = with_store(state, |s| s.prompts()).await?;
+    let jobs = state.core.send(ListJobs(None)).await.map_err(|_| unavailable())?;
+    Ok((jobs.into_iter().filter(|j| label(j, labels::RUN).is_some()).collect(), prompts))
+}
+
+async fn list_runs(req: HttpRequest, state: web::Data<State>, q: web::Query<RunQuery>) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state.shared) {
+        return r;
+    }
+    let (jobs, prompts) = match all_runs(&state).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let wanted_state = match q.state.as_deref().map(|s| JobState::parse(s).ok_or(s)) {
+        Some(Err(s)) => {
+            return bad(format!(
+                "unknown state `{s}`: use queued, assigned, running, retrying, succeeded, failed or cancelled"
+            ));
+        }
+        Some(Ok(st)) => Some(st),
+        None => None,
+    };
+    let words: Vec<String> = q.q.as_deref().unwrap_or("").split_whitespace().map(|w| w.to_lowercase()).collect();
+    let views: Vec<RunView> = jobs
+        .iter()
+        .filter(|j| wanted_state.is_none_or(|s| j.record.state == s))
+        .filter(|j| q.prompt.as_ref().is_none_or(|p| label(j, labels::PROMPT) == Some(p)))
+        .filter_map(|j| run_view(j, &prompts))
+        .filter(|v| {
+            if words.is_empty() {
+                return true;
+            }
+            let text = prompts.iter().find(|p| p.id == v.prompt_id).map_or("", |p| p.text.as_str());
+            let hay =
+                format!("{} {} {} {} {}", v.id, v.kind, v.prompt_id, v.prompt_name.as_deref().unwrap_or(""), text)
+                    .to_lowercase();
+            words.iter().all(|w| hay.contains(w.as_str()))
+        })
+        .collect();
+    HttpResponse::Ok().json(views)
+}
+
+async fn find_run(state: &web::Data<State>, id: &str) -> Result<(JobSummary, Vec<Prompt>), HttpResponse> {
+    let (jobs, prompts) = all_runs(state).await?;
+    match jobs.into_iter().find(|j| label(j, labels::RUN).is_some_and(|r| r == id)) {
+        Some(j) => Ok((j, prompts)),
+        None => Err(not_found(format!("no run {id}; `cosmos runs list` shows the ids"))),
+    }
+}
+
+async fn show_run(req: HttpRequest, state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state.shared) {
+        return r;
+    }
+    match find_run(&state, &id).await {
+        Ok((j, prompts)) => HttpResponse::Ok().json(run_view(&j, &prompts)),
+        Err(r) => r,
+    }
+}
+
+async fn cancel_run(req: HttpRequest, state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state.shared) {
+        return r;
+    }
+    let job = match find_run(&state, &id).await {
+        Ok((j, _)) => j.record.id,
+        Err(r) => return r,
+    };
+    match state.core.send(Cancel(job)).await {
+        Ok(Ok(rx)) => match rx.await {
+            Ok(()) => HttpResponse::Ok().json(serde_json::json!({ "ok": true })),
+            Err(_) => unavailable(),
+        },
+        Ok(Err(e)) => error(StatusCode::CONFLICT, e.to_string(), None, false),
+        Err(_) => unavailable(),
+    }
+}
+
+async fn upscale(
+    req: HttpRequest,
+    state: web::Data<State>,
+    id: web::Path<String>,
+    body: web::Json<UpscaleParams>,
+) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state.shared) {
+        return r;
+    }
+    let params = body.into_inner();
+    if let Err(e) = params.validate() {
+        return bad(e.to_string());
+    }
+    let (job, _) = match find_run(&state, &id).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if label(&job, labels::KIND).map(String::as_str) != Some(RunKind::Transfer.as_str()) {
+        return bad(format!("run {id} is not a transfer run; only a transfer's video can be upscaled"));
+    }
+    if job.record.state != JobState::Succeeded {
+        return error(
+            StatusCode::CONFLICT,
+            format!("run {id} is {}; only a succeeded transfer run can be upscaled", job.record.state.as_str()),
+            None,
+            false,
+        );
+    }
+    let Some(video) = job.record.outputs.iter().find(|o| o.path == OUTPUT_VIDEO) else {
+        return error(StatusCode::CONFLICT, format!("run {id} has no {OUTPUT_VIDEO}"), None, false);
+    };
+    let video = BlobRef { sha256: video.sha256, size_bytes: video.size_bytes };
+    let run_id = transfer::new_id("rs");
+    let prompt_id = label(&job, labels::PROMPT).cloned().unwrap_or_default();
+    let compiled = state.shared.transfer.compile_upscale(&run_id, &id, &prompt_id, &video, &params);
+    match submit_compiled(&state, vec![compiled]).await {
+        Ok(ids) => HttpResponse::Created().json(CreatedRun { run_id, job_id: ids[0].to_string(), prompt_id }),
+        Err(r) => r,
+    }
+}
+
+async fn enhance(req: HttpRequest, state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state.shared) {
+        return r;
+    }
+    let prompt = match find_prompt(&state, &id).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let run_id = transfer::new_id("rs");
+    let compiled = state.shared.transfer.compile_enhance(&run_id, &prompt);
+    match submit_compiled(&state, vec![compiled]).await {
+        Ok(ids) => {
+            HttpResponse::Created().json(CreatedRun { run_id, job_id: ids[0].to_string(), prompt_id: prompt.id })
+        }
+        Err(r) => r,
+    }
+}
+
+/// How to apply an enhancement's result.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ApplyEnhancement {
+    /// Replace the prompt's text in place instead of creating `<name>_enhanced`.
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+#[derive(Deserialize)]
+struct EnhanceItem {
+    upsampled_prompt: String,
+}
+
+async fn apply_enhancement(
+    req: HttpRequest,
+    state: web::Data<State>,
+    id: web::Path<String>,
+    body: web::Json<ApplyEnhancement>,
+) -> HttpResponse {
+    if let Err(r) = authorize(&req, &state.shared) {
+        return r;
+    }
+    let (job, _) = match find_run(&state, &id).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    if label(&job, labels::KIND).map(String::as_str) != Some(RunKind::Enhance.as_str()) {
+        return bad(format!("run {id} is not a prompt enhancement"));
+    }
+    if job.record.state != JobState::Succeeded {
+        return error(
+            StatusCode::CONFLICT,
+            format!("run {id} is {}; wait until it succeeds (`cosmos runs show {id}`)", job.record.state.as_str()),
+            None,
+            false,
+        );
+    }
+    let Some(result) = job.record.outputs.iter().find(|o| o.path == ENHANCE_RESULT) else {
+        return error(StatusCode::CONFLICT, format!("run {id} has no {ENHANCE_RESULT}"), None, false);
+    };
+    if result.size_bytes > MAX_ENHANCE_RESULT_BYTES {
+        return internal(format!(
+            "the enhancement result is {} bytes, over {MAX_ENHANCE_RESULT_BYTES}",
+            result.size_bytes
+        ));
+    }
+    let text = match std::fs::read(state.shared.blobs.path(&result.sha256)) {
+        Ok(b) => b,
+        Err(e) => return internal(format!("cannot read the enhancement result {}: {e}", result.sha256)),
+    };
+    let upsampled = match serde_json::from_slice::<Vec<EnhanceItem>>(&text) {
+        Ok(items) if !items.is_empty() && !items[0].upsampled_prompt.trim().is_empty() => {
+            items[0].upsampled_prompt.clone()
+        }
+        Ok(_) => return internal("the enhancement result holds no upsampled prompt"),
+        Err(e) => return internal(format!("the enhancement result is not the upsampler's JSON: {e}")),
+    };
+    let prompt_id = label(&job, labels::PROMPT).cloned().unwrap_or_default();
+    let parent = match find_prompt(&state, &prompt_id).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let updated = if body.overwrite {
+        Prompt { text: upsampled, ..parent }
+    } else {
+        let mut name = format!("{}_enhanced", parent.name);
+        name.truncate(transfer::MAX_PROMPT_NAME_BYTES);
+        Prompt {
+            id: transfer::new_id("ps"),
+            name,
+            text: upsampled,
+            parent: Some(parent.id.clone()),
+            created_ms: crate::daemon::wall_ms(),
+            ..parent
+        }
+    };
+    let stored = updated.clone();
+    match with_store(&state, move |s| s.put_prompts(&[stored])).await {
+        Ok(()) => HttpResponse::Ok().json(updated),
+        Err(r) => r,
+    }
+}
