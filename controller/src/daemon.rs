@@ -12,7 +12,7 @@ use crate::model::{JobRecord, StoreOp};
 use crate::store::Store;
 use actix::prelude::*;
 use cosmos_proto::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT_MS, Role, Token};
-use cosmos_proto::{AgentMsg, AttemptId, Connection, ControllerMsg, JobId, JobSpec, LogStream};
+use cosmos_proto::{AgentFrame, AgentMsg, AttemptId, Connection, ControllerMsg, JobId, JobSpec, LogStream};
 use cosmos_sync::{CommitQueue, Ticket};
 use std::collections::{HashMap, VecDeque};
 use std::io::Write;
@@ -538,44 +538,72 @@ async fn serve_agent(
         }
     };
     let (mut reader, writer) = c.split();
-    let agent_hello = match reader.recv::<AgentMsg>().await {
-        Ok(Some(AgentMsg::Hello(h))) => h,
+    let mut agent_hello = match recv_frame(&mut reader).await {
+        Ok(Some(AgentFrame::Msg(AgentMsg::Hello(h)))) => h,
         other => {
             tracing::warn!(%peer, agent = hello.node_id, "agent did not open with a hello: {other:?}");
             return;
         }
     };
+    crate::blobs::guard_reports(&shared.blobs, &mut agent_hello.attempts);
     tracing::info!(%peer, agent = hello.node_id, gpus = agent_hello.gpus.len(), "agent connected");
     let (tx, rx) = mpsc::channel::<ControllerMsg>(CONN_QUEUE_LEN);
     core.do_send(AgentConnected { conn, name: hello.node_id.clone(), hello: agent_hello, tx });
     let incoming = futures::stream::unfold(Some(reader), |reader| async move {
         let mut reader = reader?;
-        match reader.recv::<AgentMsg>().await {
-            Ok(Some(msg)) => Some((Ok(msg), Some(reader))),
+        match recv_frame(&mut reader).await {
+            Ok(Some(frame)) => Some((Ok(frame), Some(reader))),
             Ok(None) => None,
-            Err(e) => Some((Err(e.to_string()), None)),
+            Err(e) => Some((Err(e), None)),
         }
     });
+    let (blob_tx, blob_rx) = mpsc::channel(crate::blobs::BLOB_INBOX_LEN);
+    let (bulk_tx, bulk_rx) = mpsc::channel(crate::blobs::BULK_QUEUE_LEN);
+    actix::spawn(crate::blobs::serve(shared.blobs.clone(), blob_rx, bulk_tx, hello.node_id.clone()));
     AgentConnection::create(move |ctx| {
         ctx.add_stream(incoming);
         let me = ctx.address();
         actix::spawn(async move {
-            let result = write_frames(writer, rx).await;
+            let result = write_frames(writer, rx, bulk_rx).await;
             me.do_send(WriterDone(result));
         });
-        AgentConnection { conn, name: hello.node_id, core, shared, logs: LogFiles::default() }
+        AgentConnection { conn, name: hello.node_id, core, shared, logs: LogFiles::default(), blobs: blob_tx }
     });
+}
+
+/// The next frame from an agent, told apart into message or blob traffic.
+async fn recv_frame(
+    reader: &mut cosmos_proto::FrameReader<tokio::io::ReadHalf<tokio::net::TcpStream>>,
+) -> Result<Option<AgentFrame>, String> {
+    match reader.read_frame().await {
+        Ok(Some(payload)) => AgentFrame::decode(&payload).map(Some).map_err(|e| e.to_string()),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Writes what the core sends until it drops the channel (superseded, lost or
 /// stuck agent) or the socket fails. Writes are not cancel-safe, so this one
-/// task does them all, in order.
+/// task does them all. Control messages go first: a blob chunk is sent only
+/// when none waits, so a cancel or heartbeat ack waits for one chunk at most.
 async fn write_frames(
     mut writer: cosmos_proto::FrameWriter<tokio::io::WriteHalf<tokio::net::TcpStream>>,
     mut rx: mpsc::Receiver<ControllerMsg>,
+    mut bulk: mpsc::Receiver<Vec<u8>>,
 ) -> Result<(), String> {
-    while let Some(msg) = rx.recv().await {
-        writer.send(&msg).await.map_err(|e| e.to_string())?;
+    let mut bulk_open = true;
+    loop {
+        tokio::select! {
+            biased;
+            msg = rx.recv() => match msg {
+                Some(msg) => writer.send(&msg).await.map_err(|e| e.to_string())?,
+                None => break,
+            },
+            payload = bulk.recv(), if bulk_open => match payload {
+                Some(payload) => writer.write_frame(&payload).await.map_err(|e| e.to_string())?,
+                None => bulk_open = false,
+            },
+        }
     }
     let _ = writer.shutdown().await;
     Ok(())
@@ -589,6 +617,8 @@ struct AgentConnection {
     core: Addr<CoreActor>,
     shared: Arc<Shared>,
     logs: LogFiles,
+    /// The connection's blob task (see [`crate::blobs`]).
+    blobs: mpsc::Sender<cosmos_proto::AgentBlob>,
 }
 
 impl Actor for AgentConnection {
@@ -599,11 +629,30 @@ impl Actor for AgentConnection {
     }
 }
 
-impl StreamHandler<Result<AgentMsg, String>> for AgentConnection {
-    fn handle(&mut self, item: Result<AgentMsg, String>, ctx: &mut Self::Context) {
+impl StreamHandler<Result<AgentFrame, String>> for AgentConnection {
+    fn handle(&mut self, item: Result<AgentFrame, String>, ctx: &mut Self::Context) {
         match item {
-            Ok(AgentMsg::LogChunk(chunk)) => self.logs.append(&self.shared.dir, &chunk),
-            Ok(msg) => self.core.do_send(AgentMessage(self.conn, msg)),
+            Ok(AgentFrame::Blob(blob)) => {
+                if self.blobs.try_send(blob).is_err() {
+                    tracing::warn!(
+                        agent = self.name,
+                        "agent has more blob frames unanswered than the protocol allows; closing its connection"
+                    );
+                    ctx.stop();
+                }
+            }
+            Ok(AgentFrame::Msg(AgentMsg::LogChunk(chunk))) => self.logs.append(&self.shared.dir, &chunk),
+            Ok(AgentFrame::Msg(mut msg)) => {
+                // A success counts only once its outputs are here: the agent uploads before it reports.
+                match &mut msg {
+                    AgentMsg::AttemptFinished { outcome, .. } => {
+                        crate::blobs::guard_outcome(&self.shared.blobs, outcome)
+                    }
+                    AgentMsg::Heartbeat(hb) => crate::blobs::guard_reports(&self.shared.blobs, &mut hb.attempts),
+                    _ => {}
+                }
+                self.core.do_send(AgentMessage(self.conn, msg))
+            }
             Err(e) => {
                 tracing::warn!(agent = self.name, error = %e, "agent connection failed");
                 ctx.stop();

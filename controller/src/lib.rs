@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod api_transfer;
+pub mod blobs;
 pub mod core;
 pub mod daemon;
 pub mod model;

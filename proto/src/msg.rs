@@ -321,6 +321,13 @@ pub const BLOB_FRAME_TAG: u8 = 0xB1;
 /// queued behind one waits at most one chunk's transmission time.
 pub const BLOB_CHUNK_BYTES: u32 = 256 * 1024;
 
+/// Most blob frames an agent keeps unanswered on one connection (requests for
+/// downloads plus chunks of uploads not yet acknowledged). The controller drops
+/// a connection that exceeds a multiple of it, so its queue for blob work stays bounded.
+pub const MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN: usize = 32;
+/// Most blob frames an agent keeps unanswered for one blob.
+pub const MAX_BLOB_FRAMES_IN_FLIGHT_PER_BLOB: usize = 16;
+
 /// Blob traffic from an agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentBlob {
