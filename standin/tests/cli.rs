@@ -72,11 +72,11 @@ fn basic_spec() -> Value {
 fn progress(stderr: &str) -> Vec<(u32, u32)> {
     let mut found = Vec::new();
     for line in stderr.split(['\n', '\r']) {
-        let last = line.split(|c: char| !c.is_ascii_digit() && c != '/').filter_map(|tok| {
+        let mut last = line.split(|c: char| !c.is_ascii_digit() && c != '/').filter_map(|tok| {
             let (n, m) = tok.split_once('/')?;
             Some((n.parse().ok()?, m.parse().ok()?))
         });
-        if let Some(p) = last.last() {
+        if let Some(p) = last.next_back() {
             found.push(p);
         }
     }
