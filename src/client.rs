@@ -124,6 +124,61 @@ impl Client {
             .context("the controller's answer is not the expected JSON")
     }
 
+    /// DELETE, read a JSON answer.
+    pub fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let resp = self.agent.delete(self.url(path)).header("Authorization", format!("Bearer {}", self.token)).call();
+        self.json(resp)
+    }
+
+    /// Whether the controller's blob store holds `sha256`.
+    pub fn has_blob(&self, sha256: &str) -> anyhow::Result<bool> {
+        let resp = self
+            .agent
+            .head(self.url(&format!("/v1/blobs/{sha256}")))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call()
+            .map_err(|e| anyhow!("cannot reach the controller at {}: {e}", self.base))?;
+        match resp.status().as_u16() {
+            200 => Ok(true),
+            404 => Ok(false),
+            s => bail!("controller answered {s} when asked for blob {sha256}"),
+        }
+    }
+
+    /// Uploads a file as blob `sha256`, streaming it, without the call timeout (videos are large).
+    pub fn put_blob(&self, sha256: &str, file: &std::path::Path) -> anyhow::Result<()> {
+        let f = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let resp = self
+            .agent
+            .put(self.url(&format!("/v1/blobs/{sha256}")))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Content-Type", "application/octet-stream")
+            .config()
+            .timeout_global(None)
+            .build()
+            .send(f);
+        self.check(resp).map(|_| ())
+    }
+
+    /// Downloads blob `sha256` into `dest` (through a temporary file, so a broken download leaves nothing behind).
+    pub fn get_blob(&self, sha256: &str, dest: &std::path::Path) -> anyhow::Result<u64> {
+        let resp = self
+            .agent
+            .get(self.url(&format!("/v1/blobs/{sha256}")))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .config()
+            .timeout_global(None)
+            .build()
+            .call();
+        let resp = self.check(resp)?;
+        let tmp = dest.with_extension("part");
+        let mut out = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut body = resp.into_body().into_reader();
+        let n = std::io::copy(&mut body, &mut out).with_context(|| format!("download of {sha256} broke off"))?;
+        std::fs::rename(&tmp, dest).with_context(|| format!("cannot write {}", dest.display()))?;
+        Ok(n)
+    }
+
     /// GET a stream (server-sent events), without the call timeout.
     pub fn stream(&self, path: &str) -> anyhow::Result<Box<dyn std::io::Read + Send>> {
         let resp = self

@@ -2,6 +2,7 @@
 
 mod client;
 mod jobs;
+mod transfer;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -89,6 +90,173 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Create a prompt: `cosmos create prompt TEXT VIDEO_DIR`.
+    #[command(subcommand)]
+    Create(CreateCommand),
+    /// Run Cosmos Transfer on prompts: one run per prompt, submitted together.
+    Inference {
+        /// Prompt ids (`ps_…`).
+        #[arg(required = true)]
+        prompt_ids: Vec<String>,
+        #[command(flatten)]
+        params: transfer::ParamArgs,
+        /// Follow the runs to their end with progress bars; exit 1 if any did not succeed.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Submit a JSONL file of runs, one per line; one bad line rejects the file.
+    Batch {
+        /// The batch file: lines of {"prompt": TEXT, "video_dir": DIR, …} or {"prompt_id": "ps_…", …}.
+        file: PathBuf,
+        /// Follow the runs to their end with progress bars; exit 1 if any did not succeed.
+        #[arg(long)]
+        wait: bool,
+        /// Wait, then download every run's outputs into DIR/RUN_ID/.
+        #[arg(long, value_name = "DIR")]
+        download: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Upscale a succeeded transfer run's video to 4K.
+    Upscale {
+        /// The transfer run (`rs_…`).
+        run_id: String,
+        /// Weight of the upscale control, 0–1 [default 0.5].
+        #[arg(long)]
+        weight: Option<f64>,
+        /// A prompt to guide the upscale.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// GPUs for the run [default 1].
+        #[arg(long)]
+        gpus: Option<u32>,
+        /// Follow the run to its end.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Enhance a prompt's text with the upsampler: creates `<name>_enhanced`, linked to it.
+    PromptEnhance {
+        /// The prompt (`ps_…`).
+        prompt_id: String,
+        /// Replace the prompt's text in place (asks first).
+        #[arg(long)]
+        overwrite: bool,
+        /// Do not ask before overwriting.
+        #[arg(long, short)]
+        yes: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List, show, search and cancel runs.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+    /// List, show and delete prompts.
+    #[command(subcommand)]
+    Prompts(PromptsCommand),
+    /// Download a succeeded run's outputs into DIR/RUN_ID/.
+    Download {
+        /// The run (`rs_…`).
+        run_id: String,
+        /// Where to put them.
+        #[arg(long, default_value = "outputs")]
+        to: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The shipped example: a small batch of transfer runs, an upscale of the first, all downloaded.
+    Demo {
+        /// Where the example inputs and the downloaded videos go.
+        #[arg(long, default_value = "outputs")]
+        to: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CreateCommand {
+    /// A prompt from its text and a directory with color.mp4 (and optional depth.mp4, segmentation.mp4).
+    Prompt {
+        /// What the generated video should show.
+        text: String,
+        /// Directory holding color.mp4 and optionally depth.mp4 and segmentation.mp4.
+        video_dir: PathBuf,
+        /// Short name (a-z, 0-9, _); derived from the text when absent.
+        #[arg(long)]
+        name: Option<String>,
+        /// Negative prompt; the controller's default when absent.
+        #[arg(long)]
+        negative: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RunsCommand {
+    /// List runs.
+    List {
+        /// Only runs of this prompt.
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Only runs in this state (queued, running, succeeded, failed, …).
+        #[arg(long)]
+        state: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one run: parameters, state, outputs.
+    Show {
+        /// The run (`rs_…`).
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Runs whose id, kind, prompt id, name or text contain all these words.
+    Search {
+        /// Words to look for (case-insensitive).
+        #[arg(required = true)]
+        words: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a run.
+    Cancel {
+        /// The run (`rs_…`).
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PromptsCommand {
+    /// List prompts.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show one prompt.
+    Show {
+        /// The prompt (`ps_…`).
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a prompt (refused while its runs are active); its runs' outputs stay unless asked.
+    Delete {
+        /// The prompt (`ps_…`).
+        id: String,
+        /// Also delete the output files of its runs.
+        #[arg(long)]
+        delete_outputs: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -169,6 +337,14 @@ enum AgentsCommand {
 }
 
 fn main() -> std::process::ExitCode {
+    // Called as `torchrun` (a link `cosmos up` puts on its agents' PATH), this
+    // binary is the stand-in for the Cosmos Transfer container, so the local
+    // cluster needs nothing else built.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name().is_some_and(|n| n == "torchrun") {
+        let code = cosmos_standin::run(std::env::args_os().collect());
+        return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     init_tracing();
     match run(Cli::parse()) {
         Ok(true) => std::process::ExitCode::SUCCESS,
@@ -228,6 +404,46 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             AgentsCommand::Undrain { name, client } => jobs::drain(&client, &name, false).map(|()| true),
         },
         Command::Status { client } => jobs::status(&client).map(|()| true),
+        Command::Create(CreateCommand::Prompt { text, video_dir, name, negative, client }) => {
+            transfer::create_prompt(&client, &text, &video_dir, name, negative).map(|()| true)
+        }
+        Command::Inference { prompt_ids, params, wait, client } => {
+            transfer::inference(&client, &prompt_ids, &params, wait)
+        }
+        Command::Batch { file, wait, download, client } => {
+            let (ok, runs) = transfer::batch(&client, &file, wait || download.is_some())?;
+            if let Some(dir) = download {
+                for r in &runs {
+                    if let Ok(paths) = transfer::download(&client, &r.run_id, &dir) {
+                        paths.iter().for_each(|p| println!("{}", p.display()));
+                    }
+                }
+            }
+            Ok(ok)
+        }
+        Command::Upscale { run_id, weight, prompt, gpus, wait, client } => {
+            transfer::upscale(&client, &run_id, weight, prompt, gpus, wait).map(|(ok, _)| ok)
+        }
+        Command::PromptEnhance { prompt_id, overwrite, yes, client } => {
+            transfer::prompt_enhance(&client, &prompt_id, overwrite, yes)
+        }
+        Command::Runs(cmd) => match cmd {
+            RunsCommand::List { prompt, state, client } => {
+                transfer::list_runs(&client, prompt.as_deref(), state.as_deref(), &[]).map(|()| true)
+            }
+            RunsCommand::Show { id, client } => transfer::show_run(&client, &id).map(|()| true),
+            RunsCommand::Search { words, client } => transfer::list_runs(&client, None, None, &words).map(|()| true),
+            RunsCommand::Cancel { id, client } => transfer::cancel_run(&client, &id).map(|()| true),
+        },
+        Command::Prompts(cmd) => match cmd {
+            PromptsCommand::List { client } => transfer::list_prompts(&client).map(|()| true),
+            PromptsCommand::Show { id, client } => transfer::show_prompt(&client, &id).map(|()| true),
+            PromptsCommand::Delete { id, delete_outputs, client } => {
+                transfer::delete_prompt(&client, &id, delete_outputs).map(|()| true)
+            }
+        },
+        Command::Download { run_id, to, client } => transfer::download_cmd(&client, &run_id, &to).map(|()| true),
+        Command::Demo { to, client } => transfer::demo(&client, &to),
     }
 }
 

@@ -150,6 +150,18 @@ pub fn up(data_dir: Option<PathBuf>, agents: usize, gpus: &str, client_command: 
         .with_context(|| format!("the controller did not start; see {}", dir.join("controller.log").display()))?;
 
     let token_file = dir.join("controller").join("agent.token");
+    // Runs compile to `torchrun …`: under this name the cosmos binary is the
+    // stand-in for the Cosmos Transfer container (see README, "The stand-in").
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).with_context(|| format!("cannot create {}", bin.display()))?;
+    let torchrun = bin.join("torchrun");
+    let _ = std::fs::remove_file(&torchrun);
+    std::os::unix::fs::symlink(&exe, &torchrun)
+        .with_context(|| format!("cannot link {} to {}", torchrun.display(), exe.display()))?;
+    let path = match std::env::var_os("PATH") {
+        Some(p) => std::env::join_paths(std::iter::once(bin.clone()).chain(std::env::split_paths(&p)))?,
+        None => bin.clone().into_os_string(),
+    };
     for i in 0..agents {
         let name = format!("local-{i}");
         let child = Command::new(&exe)
@@ -158,6 +170,7 @@ pub fn up(data_dir: Option<PathBuf>, agents: usize, gpus: &str, client_command: 
             .arg("--work-dir")
             .arg(dir.join(&name))
             .args(["--simulated-gpus", gpus, "--name", &name])
+            .env("PATH", &path)
             .stdout(log_file(&dir, &format!("{name}.log"))?)
             .stderr(log_file(&dir, &format!("{name}.log"))?)
             .spawn()
@@ -169,7 +182,11 @@ pub fn up(data_dir: Option<PathBuf>, agents: usize, gpus: &str, client_command: 
     let client = Client::new(&args)?;
     wait_for_agents(&client, agents)?;
 
-    eprintln!("local cluster up: controller {api}, {agents} agents with simulated GPUs {gpus}");
+    eprintln!(
+        "local cluster up: controller {api}, {agents} agents with simulated GPUs {gpus}; \
+         Cosmos runs use the stand-in model ({})",
+        torchrun.display()
+    );
     eprintln!("  data, logs and job outputs: {}", dir.display());
     if client_command.is_empty() {
         eprintln!("  point the CLI at it:");

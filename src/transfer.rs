@@ -1,0 +1,607 @@
+//! The Cosmos Transfer commands: prompts, runs, batches, upscale, enhance, download.
+//!
+//! Videos are hashed here and uploaded to the controller's blob store only
+//! when it does not hold them yet; everything a command sends is checked
+//! first, so a bad batch line is reported before a single byte moves.
+
+use crate::client::{ApiError, Client, ClientArgs};
+use anyhow::{Context, bail};
+use cosmos_controller::api_transfer::{ApplyEnhancement, CreateRuns, CreatedRun, CreatedRuns, RunLine, RunView};
+use cosmos_controller::transfer::{
+    BlobRef, NewPrompt, Prompt, PromptVideos, Strength, TransferParams, UpscaleParams, Weights,
+};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+/// The input video every prompt needs.
+pub const COLOR_VIDEO: &str = "color.mp4";
+/// Optional control videos, with the control they feed.
+pub const CONTROL_VIDEOS: [(&str, &str); 2] = [("depth.mp4", "depth"), ("segmentation.mp4", "seg")];
+/// Most lines in a batch file.
+pub const MAX_BATCH_LINES: usize = 10_000;
+
+/// Parameters from the command line; unset ones keep the contract's defaults.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ParamArgs {
+    /// Control weights, each 0–1 (0 leaves a control out).
+    #[arg(long, num_args = 4, value_names = ["VIS", "EDGE", "DEPTH", "SEG"])]
+    pub weights: Option<Vec<f64>>,
+    /// Diffusion steps, 1–100 [default 35].
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// Guidance, 1–20 [default 5.0].
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Initial noise, 0–80 [default 70].
+    #[arg(long)]
+    pub sigma_max: Option<f64>,
+    /// Blur of the vis control: very_low, low, medium, high, very_high [default medium].
+    #[arg(long)]
+    pub blur_strength: Option<Strength>,
+    /// Canny threshold of the edge control: very_low … very_high [default medium].
+    #[arg(long)]
+    pub canny_threshold: Option<Strength>,
+    /// Output frames per second, 1–60 [default 24].
+    #[arg(long)]
+    pub fps: Option<u32>,
+    /// Random seed, 1–4294967295 [default 1].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// GPUs per run, on one host [default 1].
+    #[arg(long)]
+    pub gpus: Option<u32>,
+    /// Higher runs first [default 0].
+    #[arg(long)]
+    pub priority: Option<i32>,
+}
+
+impl ParamArgs {
+    /// The parameters these flags give, checked against the contract's ranges.
+    pub fn params(&self) -> anyhow::Result<TransferParams> {
+        let d = TransferParams::default();
+        let weights = match self.weights.as_deref() {
+            Some([vis, edge, depth, seg]) => Weights { vis: *vis, edge: *edge, depth: *depth, seg: *seg },
+            Some(_) => bail!("--weights takes four numbers: VIS EDGE DEPTH SEG"),
+            None => d.weights,
+        };
+        let p = TransferParams {
+            weights,
+            steps: self.steps.unwrap_or(d.steps),
+            guidance: self.guidance.unwrap_or(d.guidance),
+            sigma_max: self.sigma_max.unwrap_or(d.sigma_max),
+            blur_strength: self.blur_strength.unwrap_or(d.blur_strength),
+            canny_threshold: self.canny_threshold.unwrap_or(d.canny_threshold),
+            fps: self.fps.unwrap_or(d.fps),
+            seed: self.seed.unwrap_or(d.seed),
+            gpus: self.gpus.unwrap_or(d.gpus),
+            priority: self.priority.unwrap_or(d.priority),
+        };
+        p.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
+        Ok(p)
+    }
+}
+
+/// A video directory's files, checked and hashed (not yet uploaded).
+struct LocalVideos {
+    dir: PathBuf,
+    /// (file name, sha256 hex, size, path)
+    files: Vec<(&'static str, String, u64, PathBuf)>,
+}
+
+/// Finds and hashes `color.mp4` and the optional control videos of `dir`.
+fn scan_video_dir(dir: &Path) -> anyhow::Result<LocalVideos> {
+    if !dir.is_dir() {
+        bail!("video directory {} does not exist or is not a directory", dir.display());
+    }
+    let mut files = Vec::new();
+    for name in std::iter::once(COLOR_VIDEO).chain(CONTROL_VIDEOS.iter().map(|(f, _)| *f)) {
+        let path = dir.join(name);
+        if !path.is_file() {
+            if name == COLOR_VIDEO {
+                bail!(
+                    "video directory {} has no {COLOR_VIDEO}: a prompt needs its input video there \
+                     (depth.mp4 and segmentation.mp4 are optional)",
+                    dir.display()
+                );
+            }
+            continue;
+        }
+        let (sha, size) = cosmos_cas::hash_file(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        files.push((name, sha.to_string(), size, path));
+    }
+    Ok(LocalVideos { dir: dir.to_path_buf(), files })
+}
+
+impl LocalVideos {
+    /// Uploads what the controller lacks; returns the blob references.
+    fn upload(&self, client: &Client) -> anyhow::Result<PromptVideos> {
+        let mut refs: BTreeMap<&str, BlobRef> = BTreeMap::new();
+        for (name, sha, size, path) in &self.files {
+            if !client.has_blob(sha)? {
+                client.put_blob(sha, path).with_context(|| format!("uploading {}", path.display()))?;
+            }
+            refs.insert(name, BlobRef { sha256: sha.parse().expect("hash_file gives hex"), size_bytes: *size });
+        }
+        Ok(PromptVideos {
+            color: refs[COLOR_VIDEO],
+            depth: refs.get("depth.mp4").copied(),
+            seg: refs.get("segmentation.mp4").copied(),
+        })
+    }
+}
+
+/// `cosmos create prompt TEXT VIDEO_DIR`.
+pub fn create_prompt(
+    args: &ClientArgs,
+    text: &str,
+    video_dir: &Path,
+    name: Option<String>,
+    negative: Option<String>,
+) -> anyhow::Result<()> {
+    let local = scan_video_dir(video_dir)?;
+    let new = NewPrompt { text: text.to_string(), name, negative_prompt: negative, videos: None, parent: None };
+    // Checked before the upload, so a bad name costs no transfer.
+    if let Err(e) = (NewPrompt { videos: Some(placeholder_videos()), ..new.clone() }).validate() {
+        bail!("{e}");
+    }
+    let client = Client::new(args)?;
+    let videos = local.upload(&client)?;
+    let prompt: Prompt = client.post("/v1/prompts", &NewPrompt { videos: Some(videos), ..new })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&prompt)?);
+    } else {
+        println!("{} {}  ({} videos from {})", prompt.id, prompt.name, local.files.len(), local.dir.display());
+    }
+    Ok(())
+}
+
+fn placeholder_videos() -> PromptVideos {
+    PromptVideos { color: BlobRef { sha256: cosmos_proto::Sha256([0; 32]), size_bytes: 0 }, depth: None, seg: None }
+}
+
+/// `cosmos inference PROMPT_ID…`: one run per prompt, submitted together.
+pub fn inference(args: &ClientArgs, prompt_ids: &[String], params: &ParamArgs, wait: bool) -> anyhow::Result<bool> {
+    let params = params.params()?;
+    let runs = prompt_ids
+        .iter()
+        .map(|id| RunLine { prompt_id: Some(id.clone()), prompt: None, params: params.clone() })
+        .collect();
+    let client = Client::new(args)?;
+    let created: CreatedRuns = client.post("/v1/runs", &CreateRuns { runs })?;
+    report_created(args, &created.runs);
+    if wait { wait_runs(args, &client, &created.runs) } else { Ok(true) }
+}
+
+/// One line of a batch file: a prompt (by id, or text and video directory) and its parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchLine {
+    /// An existing prompt.
+    #[serde(default)]
+    prompt_id: Option<String>,
+    /// Text of a new prompt.
+    #[serde(default)]
+    prompt: Option<String>,
+    /// Its video directory (relative paths start at the batch file's directory).
+    #[serde(default)]
+    video_dir: Option<PathBuf>,
+    /// Its name.
+    #[serde(default)]
+    name: Option<String>,
+    /// Its negative prompt.
+    #[serde(default)]
+    negative: Option<String>,
+    #[serde(default)]
+    weights: Option<[f64; 4]>,
+    #[serde(default)]
+    steps: Option<u32>,
+    #[serde(default)]
+    guidance: Option<f64>,
+    #[serde(default)]
+    sigma_max: Option<f64>,
+    #[serde(default)]
+    blur_strength: Option<Strength>,
+    #[serde(default)]
+    canny_threshold: Option<Strength>,
+    #[serde(default)]
+    fps: Option<u32>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    gpus: Option<u32>,
+    #[serde(default)]
+    priority: Option<i32>,
+}
+
+/// A checked batch line: its line number, the run to ask for and the videos to upload.
+struct PreparedLine {
+    line: usize,
+    run: RunLine,
+    videos: Option<LocalVideos>,
+}
+
+/// Reads and checks every line of a batch file; the first bad line fails the whole file.
+fn prepare_batch(file: &Path) -> anyhow::Result<Vec<PreparedLine>> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        let raw = raw.trim();
+        if raw.is_empty() || raw.starts_with('#') {
+            continue;
+        }
+        if out.len() == MAX_BATCH_LINES {
+            bail!("{}: more than {MAX_BATCH_LINES} runs; split the batch", file.display());
+        }
+        let at = |msg: String| anyhow::anyhow!("{}:{n}: {msg}; nothing was submitted", file.display());
+        let line: BatchLine = serde_json::from_str(raw).map_err(|e| at(format!("not a valid run line: {e}")))?;
+        let args = ParamArgs {
+            weights: line.weights.map(|w| w.to_vec()),
+            steps: line.steps,
+            guidance: line.guidance,
+            sigma_max: line.sigma_max,
+            blur_strength: line.blur_strength,
+            canny_threshold: line.canny_threshold,
+            fps: line.fps,
+            seed: line.seed,
+            gpus: line.gpus,
+            priority: line.priority,
+        };
+        let params = args.params().map_err(|e| at(e.to_string().trim_start_matches("--").to_string()))?;
+        let (run, videos) = match (line.prompt_id, line.prompt, line.video_dir) {
+            (Some(id), None, None) => {
+                if line.name.is_some() || line.negative.is_some() {
+                    return Err(at("`name` and `negative` apply to a new prompt, not to `prompt_id`".into()));
+                }
+                (RunLine { prompt_id: Some(id), prompt: None, params }, None)
+            }
+            (None, Some(text), Some(dir)) => {
+                let dir = if dir.is_absolute() { dir } else { base.join(dir) };
+                let videos = scan_video_dir(&dir).map_err(|e| at(e.to_string()))?;
+                let new =
+                    NewPrompt { text, name: line.name, negative_prompt: line.negative, videos: None, parent: None };
+                (NewPrompt { videos: Some(placeholder_videos()), ..new.clone() })
+                    .validate()
+                    .map_err(|e| at(e.to_string()))?;
+                (RunLine { prompt_id: None, prompt: Some(new), params }, Some(videos))
+            }
+            _ => {
+                return Err(at(
+                    "give either `prompt_id`, or `prompt` with `video_dir` (a directory holding color.mp4)".into(),
+                ));
+            }
+        };
+        out.push(PreparedLine { line: n, run, videos });
+    }
+    if out.is_empty() {
+        bail!("{}: no runs in the file", file.display());
+    }
+    Ok(out)
+}
+
+/// `cosmos batch FILE.jsonl`: every line checked, then videos uploaded, then all runs submitted at once.
+pub fn batch(args: &ClientArgs, file: &Path, wait: bool) -> anyhow::Result<(bool, Vec<CreatedRun>)> {
+    let mut lines = prepare_batch(file)?;
+    let client = Client::new(args)?;
+    for l in &mut lines {
+        if let Some(v) = &l.videos {
+            let videos = v.upload(&client).with_context(|| format!("{}:{}", file.display(), l.line))?;
+            l.run.prompt.as_mut().expect("new prompts have videos").videos = Some(videos);
+        }
+    }
+    let numbers: Vec<usize> = lines.iter().map(|l| l.line).collect();
+    let runs = lines.into_iter().map(|l| l.run).collect();
+    let created: CreatedRuns =
+        client.post("/v1/runs", &CreateRuns { runs }).map_err(|e| match e.downcast::<ApiError>() {
+            // The controller counts runs; the user counts lines of the file.
+            Ok(api) => match api.body.line.and_then(|l| numbers.get(l - 1)) {
+                Some(n) => anyhow::anyhow!(
+                    "{}:{n}: {}; nothing was submitted",
+                    file.display(),
+                    api.body.error.split_once(": ").map_or(api.body.error.as_str(), |(_, rest)| rest)
+                ),
+                None => anyhow::anyhow!("{}; nothing was submitted", api.body.error),
+            },
+            Err(e) => e,
+        })?;
+    report_created(args, &created.runs);
+    let ok = if wait { wait_runs(args, &client, &created.runs)? } else { true };
+    Ok((ok, created.runs))
+}
+
+fn report_created(args: &ClientArgs, runs: &[CreatedRun]) {
+    if args.json {
+        return;
+    }
+    for r in runs {
+        println!("{} prompt {} (job {})", r.run_id, r.prompt_id, r.job_id);
+    }
+}
+
+/// Follows runs to their end with progress bars; true when all succeeded.
+fn wait_runs(args: &ClientArgs, client: &Client, runs: &[CreatedRun]) -> anyhow::Result<bool> {
+    let jobs: Vec<String> = runs.iter().map(|r| r.job_id.clone()).collect();
+    crate::jobs::wait(args, client, &jobs)
+}
+
+/// `cosmos upscale RUN_ID`.
+pub fn upscale(
+    args: &ClientArgs,
+    run_id: &str,
+    weight: Option<f64>,
+    prompt: Option<String>,
+    gpus: Option<u32>,
+    wait: bool,
+) -> anyhow::Result<(bool, CreatedRun)> {
+    let d = UpscaleParams::default();
+    let params = UpscaleParams {
+        weight: weight.unwrap_or(d.weight),
+        prompt,
+        gpus: gpus.unwrap_or(d.gpus),
+        priority: d.priority,
+    };
+    params.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
+    let client = Client::new(args)?;
+    let run: CreatedRun = client.post(&format!("/v1/runs/{run_id}/upscale"), &params)?;
+    report_created(args, std::slice::from_ref(&run));
+    let ok = if wait { wait_runs(args, &client, std::slice::from_ref(&run))? } else { true };
+    Ok((ok, run))
+}
+
+/// `cosmos prompt-enhance PROMPT_ID`: runs the upsampler, then creates `<name>_enhanced` (or overwrites).
+pub fn prompt_enhance(args: &ClientArgs, prompt_id: &str, overwrite: bool, yes: bool) -> anyhow::Result<bool> {
+    let client = Client::new(args)?;
+    let original: Prompt = client.get(&format!("/v1/prompts/{prompt_id}"))?;
+    let run: CreatedRun = client.post(&format!("/v1/prompts/{prompt_id}/enhance"), &serde_json::json!({}))?;
+    if !args.json {
+        println!("enhancing {} {} with run {}", original.id, original.name, run.run_id);
+    }
+    if !wait_runs(args, &client, std::slice::from_ref(&run))? {
+        bail!("the enhancement run {} did not succeed: `cosmos runs show {}`", run.run_id, run.run_id);
+    }
+    if overwrite && !yes {
+        if !std::io::stdin().is_terminal() {
+            bail!(
+                "--overwrite replaces the text of {} in place: confirm with --yes when not at a terminal \
+                 (or apply it later: run {} holds the result)",
+                original.id,
+                run.run_id
+            );
+        }
+        eprint!("Replace the text of {} ({}) with the enhanced prompt? [y/N] ", original.id, original.name);
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("left {} unchanged; the enhancement stays in run {}", original.id, run.run_id);
+            return Ok(true);
+        }
+    }
+    let prompt: Prompt = client.post(&format!("/v1/runs/{}/enhanced", run.run_id), &ApplyEnhancement { overwrite })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&prompt)?);
+    } else {
+        let verb = if overwrite { "updated" } else { "created" };
+        println!("{verb} {} {} (from {}):\n  {}", prompt.id, prompt.name, original.id, prompt.text);
+    }
+    Ok(true)
+}
+
+/// `cosmos runs list|search`.
+pub fn list_runs(args: &ClientArgs, prompt: Option<&str>, state: Option<&str>, words: &[String]) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let mut query = Vec::new();
+    if let Some(p) = prompt {
+        query.push(format!("prompt={}", url_escape(p)));
+    }
+    if let Some(s) = state {
+        query.push(format!("state={}", url_escape(s)));
+    }
+    if !words.is_empty() {
+        query.push(format!("q={}", url_escape(&words.join(" "))));
+    }
+    let path = if query.is_empty() { "/v1/runs".to_string() } else { format!("/v1/runs?{}", query.join("&")) };
+    let runs: Vec<RunView> = client.get(&path)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&runs)?);
+        return Ok(());
+    }
+    println!("{:<16} {:<9} {:<16} {:<22} {:<10} {:>9}  ERROR", "RUN", "KIND", "PROMPT", "NAME", "STATE", "PROGRESS");
+    for r in runs {
+        let progress = r.job.progress.map_or("-".to_string(), |(s, t)| format!("{s}/{t}"));
+        println!(
+            "{:<16} {:<9} {:<16} {:<22} {:<10} {:>9}  {}",
+            r.id,
+            r.kind,
+            r.prompt_id,
+            r.prompt_name.as_deref().unwrap_or("(deleted)"),
+            r.job.state,
+            progress,
+            r.job.error.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}
+
+fn url_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `cosmos runs show`.
+pub fn show_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let r: RunView = client.get(&format!("/v1/runs/{id}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    println!("{} {}  prompt {} {}", r.id, r.kind, r.prompt_id, r.prompt_name.as_deref().unwrap_or("(deleted)"));
+    if let Some(p) = &r.parent_run {
+        println!("upscales {p}");
+    }
+    println!("job {}  state {}  attempts {}", r.job.id, r.job.state, r.job.attempts);
+    if let Some((s, t)) = r.job.progress {
+        println!("progress {s}/{t}");
+    }
+    if let Some(e) = &r.job.error {
+        println!("error: {e}");
+    }
+    println!("params {}", r.params);
+    for o in &r.outputs {
+        println!("  output {} ({} bytes, sha256 {})", o.path, o.size_bytes, o.sha256);
+    }
+    Ok(())
+}
+
+/// `cosmos runs cancel`.
+pub fn cancel_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let _: serde_json::Value = client.post(&format!("/v1/runs/{id}/cancel"), &serde_json::json!({}))?;
+    println!("cancel of {id} recorded");
+    Ok(())
+}
+
+/// `cosmos prompts list`.
+pub fn list_prompts(args: &ClientArgs) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let prompts: Vec<Prompt> = client.get("/v1/prompts")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&prompts)?);
+        return Ok(());
+    }
+    println!("{:<16} {:<28} {:<16} TEXT", "PROMPT", "NAME", "PARENT");
+    for p in prompts {
+        let text: String = p.text.chars().take(60).collect();
+        println!("{:<16} {:<28} {:<16} {text}", p.id, p.name, p.parent.as_deref().unwrap_or("-"));
+    }
+    Ok(())
+}
+
+/// `cosmos prompts show`.
+pub fn show_prompt(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let p: Prompt = client.get(&format!("/v1/prompts/{id}"))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+        return Ok(());
+    }
+    println!("{} {}", p.id, p.name);
+    if let Some(parent) = &p.parent {
+        println!("enhanced from {parent}");
+    }
+    println!("prompt:   {}", p.text);
+    println!("negative: {}", p.negative_prompt);
+    println!("color.mp4 {} ({} bytes)", p.videos.color.sha256, p.videos.color.size_bytes);
+    for (name, v) in [("depth.mp4", &p.videos.depth), ("segmentation.mp4", &p.videos.seg)] {
+        if let Some(v) = v {
+            println!("{name} {} ({} bytes)", v.sha256, v.size_bytes);
+        }
+    }
+    Ok(())
+}
+
+/// `cosmos prompts delete`.
+pub fn delete_prompt(args: &ClientArgs, id: &str, delete_outputs: bool) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let answer: serde_json::Value = client.delete(&format!("/v1/prompts/{id}?delete_outputs={delete_outputs}"))?;
+    if args.json {
+        println!("{answer}");
+    } else if delete_outputs {
+        println!("deleted {id}; {} output files of its {} runs removed", answer["outputs_deleted"], answer["runs"]);
+    } else {
+        println!("deleted {id}; the outputs of its {} runs stay (`cosmos download RUN_ID`)", answer["runs"]);
+    }
+    Ok(())
+}
+
+/// `cosmos download RUN_ID [--to DIR]`: the run's outputs into `DIR/RUN_ID/`; returns their paths.
+pub fn download(args: &ClientArgs, run_id: &str, to: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let client = Client::new(args)?;
+    let r: RunView = client.get(&format!("/v1/runs/{run_id}"))?;
+    if r.job.state != "succeeded" {
+        bail!("run {run_id} is {}; only a succeeded run has outputs to download", r.job.state);
+    }
+    let dir = to.join(run_id);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut paths = Vec::new();
+    for o in &r.outputs {
+        let name = Path::new(&o.path).file_name().map_or_else(|| o.path.clone(), |n| n.to_string_lossy().into_owned());
+        let dest = dir.join(name);
+        let sha = o.sha256.to_string();
+        let fresh = cosmos_cas::hash_file(&dest).is_ok_and(|(have, _)| have == o.sha256);
+        if !fresh {
+            client.get_blob(&sha, &dest)?;
+            let (got, _) = cosmos_cas::hash_file(&dest)?;
+            if got != o.sha256 {
+                let _ = std::fs::remove_file(&dest);
+                bail!("download of {} arrived corrupted (sha256 {got}, expected {sha}); download again", o.path);
+            }
+        }
+        paths.push(dest);
+    }
+    Ok(paths)
+}
+
+/// `cosmos download` as a command: prints the paths.
+pub fn download_cmd(args: &ClientArgs, run_id: &str, to: &Path) -> anyhow::Result<()> {
+    let paths = download(args, run_id, to)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&paths)?);
+    } else {
+        for p in paths {
+            println!("{}", p.display());
+        }
+    }
+    Ok(())
+}
+
+/// The example shipped in `examples/`, built in so `cosmos demo` runs from any directory.
+const EXAMPLE_FILES: [(&str, &[u8]); 5] = [
+    ("transfer.jsonl", include_bytes!("../examples/transfer.jsonl")),
+    ("videos/warehouse/color.mp4", include_bytes!("../examples/videos/warehouse/color.mp4")),
+    ("videos/warehouse/depth.mp4", include_bytes!("../examples/videos/warehouse/depth.mp4")),
+    ("videos/street/color.mp4", include_bytes!("../examples/videos/street/color.mp4")),
+    ("videos/street/segmentation.mp4", include_bytes!("../examples/videos/street/segmentation.mp4")),
+];
+
+/// `cosmos demo`: the example batch, an upscale of its first run, and every video downloaded.
+pub fn demo(args: &ClientArgs, to: &Path) -> anyhow::Result<bool> {
+    let inputs = to.join("example-inputs");
+    for (path, bytes) in EXAMPLE_FILES {
+        let dest = inputs.join(path);
+        std::fs::create_dir_all(dest.parent().expect("relative paths have parents"))?;
+        std::fs::write(&dest, bytes).with_context(|| format!("cannot write {}", dest.display()))?;
+    }
+    eprintln!("example batch: {}", inputs.join("transfer.jsonl").display());
+    let (ok, runs) = batch(args, &inputs.join("transfer.jsonl"), true)?;
+    if !ok {
+        bail!("not every example run succeeded: `cosmos runs list` and `cosmos jobs logs JOB` say why");
+    }
+    eprintln!("upscaling {} to 4K", runs[0].run_id);
+    let (ok, up) = upscale(args, &runs[0].run_id, None, None, None, true)?;
+    if !ok {
+        bail!("the upscale {} did not succeed: `cosmos runs show {}`", up.run_id, up.run_id);
+    }
+    let mut videos = Vec::new();
+    for r in runs.iter().chain(std::iter::once(&up)) {
+        videos.extend(download(args, &r.run_id, to)?.into_iter().map(|p| (r.run_id.clone(), p)));
+    }
+    if args.json {
+        let list: Vec<_> = videos.iter().map(|(r, p)| serde_json::json!({ "run": r, "path": p })).collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        println!("generated videos:");
+        for (run, path) in &videos {
+            println!("  {run}  {}", path.display());
+        }
+    }
+    Ok(true)
+}
