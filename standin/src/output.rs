@@ -18,35 +18,53 @@ const MAX_HEADER_BYTES: usize = 4 * 1024 * 1024;
 /// order: a struct keeps it whatever serde_json features the workspace enables.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub(crate) struct Header {
+    /// `transfer` or `upscale`.
     pub mode: &'static str,
+    /// The effective prompt (upsampled under `--upsample_prompt`).
     pub prompt: String,
+    /// The effective negative prompt.
     pub negative_prompt: String,
+    /// Diffusion steps.
     pub num_steps: i64,
+    /// Classifier-free guidance scale.
     pub guidance: f64,
+    /// Largest noise level.
     pub sigma_max: f64,
+    /// Sampling seed.
     pub seed: i64,
+    /// Output frame rate.
     pub fps: i64,
+    /// `--num_gpus`.
     pub num_gpus: i64,
+    /// Hex SHA-256 of the input video's bytes.
     pub input_video_sha256: String,
+    /// Control name → its settings.
     pub controls: BTreeMap<String, ControlHeader>,
 }
 
 /// One control in a [`Header`].
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub(crate) struct ControlHeader {
+    /// Weight in \[0, 1\].
     pub control_weight: f64,
+    /// Hex SHA-256 of the given control video; `None` when the model derives it.
     pub input_control_sha256: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// vis only: one of [`crate::STRENGTHS`].
     pub blur_strength: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// edge only: one of [`crate::STRENGTHS`].
     pub canny_threshold: Option<String>,
 }
 
 /// The header of a control the model derived from the input video.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub(crate) struct DerivedHeader {
+    /// `derived_control`.
     pub mode: &'static str,
+    /// The control's name (depth or seg).
     pub control: String,
+    /// Hex SHA-256 of the input video it was derived from.
     pub input_video_sha256: String,
 }
 

@@ -10,6 +10,9 @@ pub(crate) const EXIT_EXCEPTION: i32 = 1;
 const USAGE: &str = "usage: torchrun [-h] [--nnodes NNODES] [--nproc_per_node NPROC_PER_NODE] [--node_rank NODE_RANK] \
 [--master_addr MASTER_ADDR] [--master_port MASTER_PORT] [--standalone] training_script ...";
 
+/// What [`parse`] answers for `-h`: the usage goes to stdout with exit 0, as argparse does.
+const HELP: &str = "-h";
+
 /// torchrun's launch settings that the stand-in reads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Launch {
@@ -25,6 +28,10 @@ pub(crate) struct Launch {
 pub(crate) fn main(args: &[String], env: &Env, io: &mut Io<'_>) -> i32 {
     let launch = match parse(args, env) {
         Ok(l) => l,
+        Err(msg) if msg == HELP => {
+            let _ = writeln!(io.out, "{USAGE}");
+            return 0;
+        }
         Err(msg) => {
             let _ = write!(io.err, "{USAGE}\ntorchrun: error: {msg}\n");
             return EXIT_USAGE;
@@ -67,7 +74,7 @@ pub(crate) fn parse(args: &[String], env: &Env) -> Result<Launch, String> {
         let arg = &args[i];
         i += 1;
         if arg == "-h" || arg == "--help" {
-            return Err("help is not available in the stand-in; see the usage line".into());
+            return Err(HELP.into());
         }
         let (raw_name, inline) = match arg.split_once('=') {
             Some((n, v)) => (n, Some(v.to_string())),
@@ -183,6 +190,13 @@ mod tests {
         assert!(
             err.starts_with("usage: torchrun ") && err.contains("torchrun: error: unrecognized arguments: --bogus")
         );
+    }
+
+    #[test]
+    fn help_is_the_usage_on_stdout() {
+        let (code, out, err) = run_args(&["-h"], &one_gpu());
+        assert_eq!((code, err.as_str()), (0, ""));
+        assert!(out.starts_with("usage: torchrun "));
     }
 
     #[test]
