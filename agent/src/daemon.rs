@@ -12,7 +12,7 @@ use crate::docker::{DockerConfig, DockerRuntime};
 use crate::process::ProcessRuntime;
 use crate::runtime::{EVENT_QUEUE_LEN, Runtime, StartRequest};
 use cosmos_proto::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT_MS, HandshakeError, Hello, Refusal, Role, Token};
-use cosmos_proto::{AgentMsg, Connection, ControllerMsg, GpuInfo, GpuUsage, RecvError};
+use cosmos_proto::{AgentMsg, Connection, ControllerFrame, ControllerMsg, GpuInfo, GpuUsage, RecvError};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::pin::pin;
@@ -32,6 +32,8 @@ const OUTBOX_LEN: usize = 64;
 const WRITER_QUEUE_LEN: usize = 16;
 /// Messages read ahead from the controller.
 const READER_QUEUE_LEN: usize = 64;
+/// Encoded blob frames handed to the writer task; it sends them only when no message waits.
+const BULK_QUEUE_LEN: usize = 4;
 /// How long shutdown waits for queued messages to reach the socket.
 const CLOSE_TIMEOUT_MS: u64 = 2_000;
 /// How often the Docker runtime's reaper looks for containers no attempt claims (also after each reconcile).
@@ -179,6 +181,11 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
             (AgentRuntime::Docker(docker), root)
         }
     };
+    let cache_dir = attempts_root.join("cache");
+    let cache = cosmos_cas::Store::open(&cache_dir)
+        .map_err(|e| AgentError::WorkDir { path: cache_dir.clone(), source: std::io::Error::other(e.to_string()) })?;
+    let (transfers, transfers_done) =
+        crate::transfer::spawn(std::sync::Arc::new(cache), crate::transfer::DEFAULT_CACHE_MAX_BYTES);
     let recovered = runtime.as_dyn().recover();
     let adopted = recovered.iter().filter(|r| r.exited.is_none()).count();
     tracing::info!(
@@ -211,8 +218,9 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         backoff,
         reaping: None,
         docker_healthy: None,
+        transfers,
     };
-    shell.run(event_rx, shutdown).await
+    shell.run(event_rx, transfers_done, shutdown).await
 }
 
 /// Parses `--simulated-gpus COUNTxSIZE`, e.g. `8x80GiB` or `2x24GB`.
@@ -283,15 +291,33 @@ struct Link {
 type Incoming = mpsc::Receiver<Result<ControllerMsg, RecvError>>;
 
 impl Link {
-    fn open(conn: Connection<TcpStream>) -> (Link, Incoming) {
+    /// Blob frames from the controller go straight to the transfer engine's
+    /// `wire`, never through the main loop; the returned sender is the writer's bulk queue.
+    fn open(
+        conn: Connection<TcpStream>,
+        wire: mpsc::Sender<cosmos_proto::ControllerBlob>,
+    ) -> (Link, Incoming, mpsc::Sender<Vec<u8>>) {
         let (mut reader, mut writer) = conn.split();
         let (in_tx, rx) = mpsc::channel(READER_QUEUE_LEN);
         let reader = tokio::spawn(async move {
             loop {
-                let (msg, last) = match reader.recv::<ControllerMsg>().await {
-                    Ok(Some(msg)) => (Ok(msg), false),
+                let (msg, last) = match reader.read_frame().await {
+                    Ok(Some(payload)) => match ControllerFrame::decode(&payload) {
+                        Ok(ControllerFrame::Msg(msg)) => (Ok(msg), false),
+                        Ok(ControllerFrame::Blob(blob)) => {
+                            // Never wait here: messages behind this frame (a cancel) must not queue behind blob work.
+                            if wire.try_send(blob).is_err() {
+                                tracing::warn!(
+                                    "the controller sent more blob frames than were asked for; reconnecting"
+                                );
+                                return;
+                            }
+                            continue;
+                        }
+                        Err(e) => (Err(RecvError::Codec(e)), true),
+                    },
                     Ok(None) => return,
-                    Err(e) => (Err(e), true),
+                    Err(e) => (Err(RecvError::Frame(e)), true),
                 };
                 if in_tx.send(msg).await.is_err() || last {
                     return;
@@ -299,16 +325,26 @@ impl Link {
             }
         });
         let (tx, mut out_rx) = mpsc::channel::<AgentMsg>(WRITER_QUEUE_LEN);
+        let (bulk_tx, mut bulk_rx) = mpsc::channel::<Vec<u8>>(BULK_QUEUE_LEN);
         let writer = tokio::spawn(async move {
-            while let Some(msg) = out_rx.recv().await {
-                if let Err(e) = writer.send(&msg).await {
+            // Messages first: a heartbeat or a finish waits for one blob chunk at most.
+            loop {
+                let sent = tokio::select! {
+                    biased;
+                    msg = out_rx.recv() => match msg {
+                        Some(msg) => writer.send(&msg).await.map_err(|e| e.to_string()),
+                        None => break,
+                    },
+                    Some(payload) = bulk_rx.recv() => writer.write_frame(&payload).await.map_err(|e| e.to_string()),
+                };
+                if let Err(e) = sent {
                     tracing::warn!(error = %e, "sending to the controller failed");
                     return;
                 }
             }
             let _ = writer.shutdown().await;
         });
-        (Link { tx, reader, writer }, rx)
+        (Link { tx, reader, writer }, rx, bulk_tx)
     }
 
     /// Drops the connection at once.
@@ -398,6 +434,8 @@ struct Shell {
     reaping: Option<JoinHandle<()>>,
     /// Whether the Docker daemon answered the last ping (`None`: none answered yet).
     docker_healthy: Option<bool>,
+    /// The transfer engine (inputs in, outputs out).
+    transfers: crate::transfer::Handle,
 }
 
 impl Shell {
@@ -428,6 +466,7 @@ impl Shell {
     async fn run(
         mut self,
         mut events: mpsc::Receiver<crate::core::RuntimeEvent>,
+        mut transfers_done: mpsc::UnboundedReceiver<crate::transfer::Done>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AgentError> {
         let mut shutdown = pin!(shutdown);
@@ -472,7 +511,8 @@ impl Shell {
                             failures = 0;
                             last_failure = None;
                             self.backoff.reset();
-                            let (link, rx) = Link::open(conn);
+                            let (link, rx, bulk) = Link::open(conn, self.transfers.wire.clone());
+                            let _ = self.transfers.commands.send(crate::transfer::Command::LinkUp { bulk });
                             self.link = Some(link);
                             incoming = Some(rx);
                             self.outbox.clear();
@@ -539,6 +579,17 @@ impl Shell {
                         Err(_) => lost = Some("sending to the controller failed".into()),
                     }
                 }
+                Some(done) = transfers_done.recv() => {
+                    let now = self.now_ms();
+                    match done {
+                        crate::transfer::Done::Staged { attempt_id, result } => {
+                            self.core.on_staged(now, attempt_id, result, &mut out)
+                        }
+                        crate::transfer::Done::Uploaded { attempt_id, result } => {
+                            self.core.on_uploaded(now, attempt_id, result, &mut out)
+                        }
+                    }
+                }
                 Some(event) = events.recv(), if events_open => {
                     let now = self.now_ms();
                     self.core.on_runtime(now, event, &mut out);
@@ -573,6 +624,7 @@ impl Shell {
                 if let Some(link) = self.link.take() {
                     tracing::warn!(controller = self.opts.controller_addr, %reason, "lost the controller; reconnecting");
                     link.abort();
+                    let _ = self.transfers.commands.send(crate::transfer::Command::LinkDown);
                     self.core.disconnected();
                     self.outbox.clear();
                     next_dial = Instant::now() + self.backoff.next_delay();
@@ -628,18 +680,27 @@ impl Shell {
                 Output::Reconnect => {
                     lost = Some(format!("no heartbeat acknowledged for {} ms", self.opts.config.ack_timeout_ms));
                 }
-                // placeholder until the transfer engine lands: every transfer succeeds at once.
-                Output::Stage { attempt_id, .. } => {
-                    let (now, mut o) = (self.now_ms(), Vec::new());
-                    self.core.on_staged(now, attempt_id, Ok(()), &mut o);
-                    lost = self.perform(o).or(lost);
+                Output::Stage { attempt_id, inputs } => {
+                    let work_dir = crate::runtime::attempt_dir(&self.attempts_root, attempt_id);
+                    tracing::info!(attempt = %attempt_id, inputs = inputs.len(), "staging inputs");
+                    let _ =
+                        self.transfers.commands.send(crate::transfer::Command::Stage { attempt_id, work_dir, inputs });
                 }
-                Output::Upload { attempt_id, .. } => {
-                    let (now, mut o) = (self.now_ms(), Vec::new());
-                    self.core.on_uploaded(now, attempt_id, Ok(()), &mut o);
-                    lost = self.perform(o).or(lost);
+                Output::AbortStage { attempt_id } => {
+                    let _ = self.transfers.commands.send(crate::transfer::Command::AbortStage { attempt_id });
                 }
-                Output::AbortStage { .. } | Output::AbortUpload { .. } => {}
+                Output::Upload { attempt_id, outputs } => {
+                    let work_dir = crate::runtime::attempt_dir(&self.attempts_root, attempt_id);
+                    tracing::info!(attempt = %attempt_id, outputs = outputs.len(), "delivering outputs");
+                    let _ = self.transfers.commands.send(crate::transfer::Command::Upload {
+                        attempt_id,
+                        work_dir,
+                        outputs,
+                    });
+                }
+                Output::AbortUpload { attempt_id } => {
+                    let _ = self.transfers.commands.send(crate::transfer::Command::AbortUpload { attempt_id });
+                }
             }
         }
         lost
