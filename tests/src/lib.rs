@@ -10,11 +10,14 @@
 //! between persisting a decision and sending it. After every step the
 //! invariants of DESIGN.md §5 are checked; once faults stop, every job must end.
 
-use cosmos_agent::core::{AgentConfig, AgentCore, ExitStatus, Output as AgentOut, Recovered, RuntimeEvent};
+use cosmos_agent::core::{
+    AgentConfig, AgentCore, ExitStatus, Output as AgentOut, Recovered, RuntimeEvent, StageFailure,
+};
 use cosmos_controller::core::{ConnId, Core, Output as CtlOut};
 use cosmos_controller::model::{AttemptState, JobState, StoreOp};
 use cosmos_controller::store::Store;
-use cosmos_proto::{AgentMsg, AttemptId, ControllerMsg, GpuInfo, GpuUsage, JobId, JobSpec};
+use cosmos_proto::spec::{ArtifactRef, InputArtifact, OutputArtifact};
+use cosmos_proto::{AgentMsg, AttemptId, ControllerMsg, GpuInfo, GpuUsage, JobId, JobSpec, Sha256};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Reverse;
@@ -100,6 +103,8 @@ pub struct Report {
     pub final_states: BTreeMap<&'static str, usize>,
     /// Faults injected, by kind.
     pub faults: BTreeMap<&'static str, u32>,
+    /// Transfers the agents asked for or aborted, by kind.
+    pub transfers: BTreeMap<&'static str, u32>,
     /// The first violation, if any.
     pub violation: Option<Violation>,
 }
@@ -123,6 +128,8 @@ enum Event {
     ContainerStarted(usize, AttemptId, u64),
     ContainerExit(usize, AttemptId, u64),
     LeakCleared(usize, String, u64),
+    /// The transfer engine answers: the inputs are staged, or the outputs delivered (or not).
+    TransferDone(usize, AttemptId, u64),
     HealPartition(usize),
     Fault,
 }
@@ -169,6 +176,15 @@ struct Container {
     vram_bytes: u64,
     /// Virtual time its timeout runs out, as a label on a real container would say.
     deadline_ms: u64,
+    /// Files it writes when it succeeds.
+    outputs: Vec<String>,
+}
+
+/// What the simulated transfer engine will answer for an attempt, once its delay is over.
+#[derive(Debug)]
+enum Transfer {
+    Stage { token: u64, result: Result<(), StageFailure> },
+    Upload { token: u64, outputs: Vec<ArtifactRef>, result: Result<(), String> },
 }
 
 #[derive(Debug)]
@@ -204,6 +220,8 @@ struct AgentNode {
     fenced: BTreeSet<AttemptId>,
     /// Fenced attempts whose reconcile has reached this agent.
     reconciled_fenced: BTreeSet<AttemptId>,
+    /// Transfers the agent asked for and not yet answered; they die with the agent process.
+    transfers: BTreeMap<AttemptId, Transfer>,
 }
 
 /// One simulated cluster, run from one seed.
@@ -224,11 +242,19 @@ pub struct Sim {
     trace: DefaultHasher,
     events: u64,
     faults: BTreeMap<&'static str, u32>,
+    transfers: BTreeMap<&'static str, u32>,
     violation: Option<Violation>,
     leak_seq: u64,
     /// `COSMOS_SIM_TRACE_JOB=N` prints what happens to job N, for debugging a failing seed.
     trace_job: Option<JobId>,
     trace_attempts: BTreeSet<AttemptId>,
+    /// Attempts whose outputs the simulated controller received, with what it received.
+    delivered: HashMap<AttemptId, Vec<ArtifactRef>>,
+    /// Attempts that exited cleanly while their agent was down: reported from what the
+    /// runtime kept, which has no outputs (a known gap), so they are not held to delivery.
+    recovered_exits: BTreeSet<AttemptId>,
+    /// Answers to transfers, so a stale one (aborted, or from before a restart) is told apart.
+    transfer_seq: u64,
 }
 
 impl Sim {
@@ -278,6 +304,7 @@ impl Sim {
                     cut_to_agent: false,
                     fenced: BTreeSet::new(),
                     reconciled_fenced: BTreeSet::new(),
+                    transfers: BTreeMap::new(),
                 }
             })
             .collect();
@@ -299,10 +326,14 @@ impl Sim {
             trace: DefaultHasher::new(),
             events: 0,
             faults: BTreeMap::new(),
+            transfers: BTreeMap::new(),
             violation: None,
             leak_seq: 0,
             trace_job: std::env::var("COSMOS_SIM_TRACE_JOB").ok().and_then(|v| v.parse().ok()).map(JobId),
             trace_attempts: BTreeSet::new(),
+            delivered: HashMap::new(),
+            recovered_exits: BTreeSet::new(),
+            transfer_seq: 0,
         };
         sim.start_controller();
         for i in 0..sim.agents.len() {
@@ -369,6 +400,7 @@ impl Sim {
             events: self.events,
             final_states,
             faults: self.faults,
+            transfers: self.transfers,
             violation: self.violation,
         }
     }
@@ -421,6 +453,21 @@ impl Sim {
             spec.priority = self.rng.random_range(0..3);
             spec.max_attempts = 4;
             spec.timeout_ms = if behaviour == Behaviour::Hang { 20_000 } else { 60_000 };
+            if self.rng.random_bool(0.3) {
+                spec.inputs = (0..self.rng.random_range(1..=3))
+                    .map(|n| InputArtifact {
+                        sha256: Sha256([n as u8 + 1; 32]),
+                        size_bytes: self.rng.random_range(1..1 << 30),
+                        path: format!("data/shard-{n}"),
+                    })
+                    .collect();
+            }
+            if self.rng.random_bool(0.3) {
+                spec.outputs = vec![
+                    OutputArtifact { path: "out/model.bin".into(), required: true },
+                    OutputArtifact { path: "out/metrics.json".into(), required: self.rng.random_bool(0.5) },
+                ];
+            }
             specs.push(spec);
         }
         let mut out = Vec::new();
@@ -443,6 +490,13 @@ impl Sim {
         let agent_now = self.agent_clock(i);
         let node = &mut self.agents[i];
         node.incarnation += 1;
+        // The old process's transfers died with it.
+        node.transfers.clear();
+        for (&attempt_id, c) in &node.containers {
+            if c.exited.as_ref().is_some_and(|e| e.code == Some(0)) {
+                self.recovered_exits.insert(attempt_id);
+            }
+        }
         let recovered = node
             .containers
             .iter()
@@ -454,7 +508,12 @@ impl Sim {
                 remaining_ms: Some(c.deadline_ms.saturating_sub(now)),
             })
             .collect();
-        let config = AgentConfig { stop_grace_ms: 5_000, vram_release_bound_ms: 10_000, ..AgentConfig::default() };
+        let config = AgentConfig {
+            stop_grace_ms: 5_000,
+            vram_release_bound_ms: 10_000,
+            upload_timeout_ms: 30_000,
+            ..AgentConfig::default()
+        };
         node.core = Some(AgentCore::new(
             agent_now,
             config,
@@ -510,6 +569,7 @@ impl Sim {
                     g.leaked.remove(&id);
                 }
             }
+            Event::TransferDone(i, att, token) => self.transfer_done(i, att, token),
             Event::HealPartition(i) => self.heal(i),
             Event::Fault => {
                 if self.faults_on() {
@@ -587,6 +647,9 @@ impl Sim {
             }
             match op {
                 StoreOp::PutJob(job) => {
+                    if job.state == JobState::Succeeded && !job.spec.outputs.is_empty() {
+                        self.check_delivered(job, ops);
+                    }
                     if let Some(prev) = self.final_jobs.get(&job.id) {
                         self.fail(format!(
                             "job {} was final ({prev:?}) and was written again as {:?}",
@@ -615,6 +678,28 @@ impl Sim {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// A job is succeeded only once its outputs are safe at the controller.
+    fn check_delivered(&mut self, job: &cosmos_controller::model::JobRecord, ops: &[StoreOp]) {
+        // The succeeding attempt is written in the same batch, before or after the job.
+        let in_batch = ops.iter().find_map(|op| match op {
+            StoreOp::PutAttempt(a) if a.job_id == job.id && a.state == AttemptState::Succeeded => Some(a.id),
+            _ => None,
+        });
+        let Some(att) = in_batch.or_else(|| self.succeeded_attempt.get(&job.id).copied()) else {
+            return self.fail(format!("outputs: job {} succeeded with no succeeded attempt", job.id));
+        };
+        if self.recovered_exits.contains(&att) {
+            return;
+        }
+        match self.delivered.get(&att) {
+            None => self.fail(format!("outputs: job {} succeeded by {att} before its outputs were delivered", job.id)),
+            Some(d) if *d != job.outputs => {
+                self.fail(format!("outputs: job {} records {:?} but {att} delivered {d:?}", job.id, job.outputs))
+            }
+            Some(_) => {}
         }
     }
 
@@ -651,8 +736,98 @@ impl Sim {
                     }
                     self.schedule_dial(i);
                 }
+                AgentOut::Stage { attempt_id, inputs } => self.stage(i, attempt_id, &inputs),
+                AgentOut::Upload { attempt_id, outputs } => self.upload(i, attempt_id, outputs),
+                AgentOut::AbortStage { attempt_id } | AgentOut::AbortUpload { attempt_id } => {
+                    let kind =
+                        if matches!(o, AgentOut::AbortStage { .. }) { "stage aborted" } else { "upload aborted" };
+                    *self.transfers.entry(kind).or_insert(0) += 1;
+                    self.agents[i].transfers.remove(&attempt_id);
+                }
             }
         }
+    }
+
+    fn stage(&mut self, i: usize, att: AttemptId, inputs: &[InputArtifact]) {
+        self.transfer_seq += 1;
+        let token = self.transfer_seq;
+        *self.transfers.entry("stage").or_insert(0) += 1;
+        let roll = self.rng.random_range(0..1000);
+        let result = match roll {
+            0..=59 if self.scenario.faults.transfers => {
+                Err(StageFailure { reason: "simulated: the controller stopped answering".into(), retryable: true })
+            }
+            60..=64 if self.scenario.faults.transfers => Err(StageFailure {
+                reason: format!("simulated: {} does not match its digest at the source", inputs[0].path),
+                retryable: false,
+            }),
+            _ => Ok(()),
+        };
+        if result.is_err() {
+            *self.faults.entry("staging failure").or_insert(0) += 1;
+        }
+        // Big inputs take longer; a cache hit is quick.
+        let bytes: u64 = inputs.iter().map(|a| a.size_bytes).sum();
+        let mut delay = self.rng.random_range(5..200) + bytes / (1 << 20);
+        if self.scenario.faults.transfers && self.rng.random_bool(0.03) {
+            // A fetch that hangs: some outlast the attempt's timeout.
+            *self.faults.entry("transfer stall").or_insert(0) += 1;
+            delay += self.rng.random_range(30_000..90_000);
+        }
+        self.agents[i].transfers.insert(att, Transfer::Stage { token, result });
+        self.at(delay, Event::TransferDone(i, att, token));
+    }
+
+    fn upload(&mut self, i: usize, att: AttemptId, outputs: Vec<ArtifactRef>) {
+        self.transfer_seq += 1;
+        let token = self.transfer_seq;
+        *self.transfers.entry("upload").or_insert(0) += 1;
+        let result = if self.scenario.faults.transfers && self.rng.random_bool(0.06) {
+            *self.faults.entry("delivery failure").or_insert(0) += 1;
+            Err("simulated: the controller's store is full".into())
+        } else {
+            Ok(())
+        };
+        let mut delay = self.rng.random_range(5..3_000);
+        if self.scenario.faults.transfers && self.rng.random_bool(0.03) {
+            // A delivery that hangs: some outlast the agent's bound on it.
+            *self.faults.entry("transfer stall").or_insert(0) += 1;
+            delay += self.rng.random_range(10_000..40_000);
+        }
+        self.agents[i].transfers.insert(att, Transfer::Upload { token, outputs, result });
+        self.at(delay, Event::TransferDone(i, att, token));
+    }
+
+    fn transfer_done(&mut self, i: usize, att: AttemptId, token: u64) {
+        let node = &mut self.agents[i];
+        let current = match node.transfers.get(&att) {
+            Some(Transfer::Stage { token: t, .. } | Transfer::Upload { token: t, .. }) => *t == token,
+            None => false,
+        };
+        if !current || node.core.is_none() {
+            return; // Aborted, or asked for by a process that has since died.
+        }
+        if node.cut_to_controller || node.cut_to_agent || self.controller.is_none() {
+            // Files travel to and from the controller: the engine keeps retrying until it is reachable.
+            let retry = self.rng.random_range(200..2_000);
+            self.at(retry, Event::TransferDone(i, att, token));
+            return;
+        }
+        let transfer = node.transfers.remove(&att).expect("checked above");
+        let now = self.agent_clock(i);
+        let mut out = Vec::new();
+        let core = self.agents[i].core.as_mut().expect("checked above");
+        match transfer {
+            Transfer::Stage { result, .. } => core.on_staged(now, att, result, &mut out),
+            Transfer::Upload { outputs, result, .. } => {
+                if result.is_ok() {
+                    // The bytes are at the controller before the agent hears so.
+                    self.delivered.insert(att, outputs);
+                }
+                core.on_uploaded(now, att, result, &mut out);
+            }
+        }
+        self.agent_outputs(i, out);
     }
 
     fn schedule_dial(&mut self, i: usize) {
@@ -706,6 +881,7 @@ impl Sim {
                 exited: None,
                 vram_bytes: vram,
                 deadline_ms,
+                outputs: spec.outputs.iter().map(|o| o.path.clone()).collect(),
             },
         );
         let delay = self.rng.random_range(20..500);
@@ -809,8 +985,15 @@ impl Sim {
             self.agents[i].containers.get_mut(&att).unwrap().exited = Some(status);
             return;
         }
-        self.agents[i].containers.remove(&att);
-        self.runtime_event(i, RuntimeEvent::Exited { attempt_id: att, status, outputs: vec![] });
+        let c = self.agents[i].containers.remove(&att).expect("looked up above");
+        let outputs = if status.code == Some(0) {
+            // A digest that differs per attempt, so a mix-up between attempts would show.
+            let digest = Sha256(std::array::from_fn(|n| (att.0 >> (8 * (n % 8))) as u8));
+            c.outputs.into_iter().map(|path| ArtifactRef { path, sha256: digest, size_bytes: 1 << 20 }).collect()
+        } else {
+            Vec::new()
+        };
+        self.runtime_event(i, RuntimeEvent::Exited { attempt_id: att, status, outputs });
     }
 
     fn runtime_event(&mut self, i: usize, event: RuntimeEvent) {

@@ -15,17 +15,26 @@ pub struct Faults {
     pub containers: bool,
     /// Foreign processes take VRAM; jobs leak VRAM after they exit.
     pub gpus: bool,
+    /// Fetching inputs and delivering outputs fails, mostly in ways worth retrying.
+    pub transfers: bool,
 }
 
 impl Faults {
     /// Every kind.
     pub fn all() -> Faults {
-        Faults { network: true, agent_crash: true, controller_crash: true, containers: true, gpus: true }
+        Faults {
+            network: true,
+            agent_crash: true,
+            controller_crash: true,
+            containers: true,
+            gpus: true,
+            transfers: true,
+        }
     }
 
     /// Whether any kind is on.
     pub fn any(&self) -> bool {
-        self.network || self.agent_crash || self.controller_crash || self.containers || self.gpus
+        self.network || self.agent_crash || self.controller_crash || self.containers || self.gpus || self.transfers
     }
 }
 

@@ -10,6 +10,9 @@ fn without_faults_every_job_succeeds() {
     let scenario = Scenario::calm();
     for report in seeds::run_all("calm", "without_faults_every_job_succeeds", &scenario, &seeds::from_env(20)) {
         assert_eq!(report.final_states.get("succeeded"), Some(&scenario.jobs), "{:?}", report.final_states);
+        for kind in ["stage", "upload"] {
+            assert!(report.transfers.get(kind).is_some_and(|&n| n > 0), "no `{kind}`: {:?}", report.transfers);
+        }
     }
 }
 
@@ -19,8 +22,10 @@ fn invariants_hold_under_all_faults() {
     let reports = seeds::run_all("all-faults", "invariants_hold_under_all_faults", &scenario, &seeds::from_env(100));
     // The scenario must really exercise what it claims to: every fault kind fired somewhere.
     let mut kinds = std::collections::BTreeSet::new();
+    let mut transfers = std::collections::BTreeSet::new();
     for r in &reports {
         kinds.extend(r.faults.keys().copied());
+        transfers.extend(r.transfers.keys().copied());
         assert_eq!(r.final_states.values().sum::<usize>(), scenario.jobs);
     }
     if reports.len() >= 20 {
@@ -28,6 +33,12 @@ fn invariants_hold_under_all_faults() {
             ["break connection", "partition", "one-way partition", "agent crash", "controller crash", "foreign VRAM"]
         {
             assert!(kinds.contains(kind), "no run injected `{kind}`: {kinds:?}");
+        }
+        for kind in ["staging failure", "delivery failure"] {
+            assert!(kinds.contains(kind), "no run injected `{kind}`: {kinds:?}");
+        }
+        for kind in ["stage", "upload", "stage aborted", "upload aborted"] {
+            assert!(transfers.contains(kind), "no run saw `{kind}`: {transfers:?}");
         }
     }
 }
