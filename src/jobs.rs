@@ -68,6 +68,12 @@ pub fn submit(args: &ClientArgs, file: &Path, wait_for_end: bool) -> anyhow::Res
 
 /// Waits until every job in `ids` is final, showing progress; true when all succeeded.
 pub fn wait(args: &ClientArgs, client: &Client, ids: &[String]) -> anyhow::Result<bool> {
+    wait_for(args, client, ids, true)
+}
+
+/// [`wait`], printing the final summary (or, with `--json`, the jobs) only when `summary` is set:
+/// commands that wait on the way to their own answer print that instead.
+pub fn wait_for(args: &ClientArgs, client: &Client, ids: &[String], summary: bool) -> anyhow::Result<bool> {
     let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
     let interactive = std::io::stderr().is_terminal() && !args.json;
     let multi = MultiProgress::with_draw_target(if interactive {
@@ -129,7 +135,8 @@ pub fn wait(args: &ClientArgs, client: &Client, ids: &[String]) -> anyhow::Resul
         if done == ids.len() && mine.len() == ids.len() {
             batch.finish();
             let failed: Vec<&&JobView> = mine.iter().filter(|j| j.state != "succeeded").collect();
-            if args.json {
+            if !summary {
+            } else if args.json {
                 println!("{}", serde_json::to_string(&mine)?);
             } else {
                 println!("{} of {} jobs succeeded", ids.len() - failed.len(), ids.len());

@@ -26,34 +26,34 @@ pub const MAX_BATCH_LINES: usize = 10_000;
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ParamArgs {
     /// Control weights, each 0–1 (0 leaves a control out).
-    #[arg(long, num_args = 4, value_names = ["VIS", "EDGE", "DEPTH", "SEG"])]
+    #[arg(long, num_args = 4, allow_negative_numbers = true, value_names = ["VIS", "EDGE", "DEPTH", "SEG"])]
     pub weights: Option<Vec<f64>>,
     /// Diffusion steps, 1–100 [default 35].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub steps: Option<u32>,
     /// Guidance, 1–20 [default 5.0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub guidance: Option<f64>,
     /// Initial noise, 0–80 [default 70].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub sigma_max: Option<f64>,
     /// Blur of the vis control: very_low, low, medium, high, very_high [default medium].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub blur_strength: Option<Strength>,
     /// Canny threshold of the edge control: very_low … very_high [default medium].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub canny_threshold: Option<Strength>,
     /// Output frames per second, 1–60 [default 24].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub fps: Option<u32>,
     /// Random seed, 1–4294967295 [default 1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// GPUs per run, on one host [default 1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub gpus: Option<u32>,
     /// Higher runs first [default 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i32>,
 }
 
@@ -314,6 +314,7 @@ pub fn batch(args: &ClientArgs, file: &Path, wait: bool) -> anyhow::Result<(bool
 
 fn report_created(args: &ClientArgs, runs: &[CreatedRun]) {
     if args.json {
+        println!("{}", serde_json::to_string_pretty(runs).unwrap_or_default());
         return;
     }
     for r in runs {
@@ -324,7 +325,7 @@ fn report_created(args: &ClientArgs, runs: &[CreatedRun]) {
 /// Follows runs to their end with progress bars; true when all succeeded.
 fn wait_runs(args: &ClientArgs, client: &Client, runs: &[CreatedRun]) -> anyhow::Result<bool> {
     let jobs: Vec<String> = runs.iter().map(|r| r.job_id.clone()).collect();
-    crate::jobs::wait(args, client, &jobs)
+    crate::jobs::wait_for(args, client, &jobs, !args.json)
 }
 
 /// `cosmos upscale RUN_ID`.

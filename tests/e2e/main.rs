@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod artifacts;
+mod transfer;
+
 const BIN: &str = env!("CARGO_BIN_EXE_cosmos");
 
 struct Proc(Child);
@@ -76,7 +79,18 @@ impl Cluster {
         self.controller = Some(Proc(child));
     }
 
+    /// A directory holding `torchrun` (the stand-in: this binary under that name), for agents' PATH.
+    fn standin_bin(&self) -> PathBuf {
+        let bin = self.dir.path().join("bin");
+        if !bin.join("torchrun").exists() {
+            std::fs::create_dir_all(&bin).unwrap();
+            std::os::unix::fs::symlink(BIN, bin.join("torchrun")).unwrap();
+        }
+        bin
+    }
+
     fn spawn_agent(&self, i: usize) -> Proc {
+        let path = format!("{}:{}", self.standin_bin().display(), std::env::var("PATH").unwrap_or_default());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -89,6 +103,7 @@ impl Cluster {
                 .arg("--work-dir")
                 .arg(self.dir.path().join(format!("agent-{i}")))
                 .args(["--simulated-gpus", "8x80GiB", "--name", &format!("agent-{i}")])
+                .env("PATH", &path)
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()

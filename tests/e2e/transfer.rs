@@ -1,0 +1,341 @@
+//! Cosmos Transfer end to end: prompts, runs, batches, upscale, enhance and
+//! downloads through the binary, with the stand-in model as `torchrun`. Outputs
+//! are checked against the bytes of the inputs that went in.
+
+use super::{BIN, Cluster};
+use serde_json::Value;
+use sha2::Digest;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A video directory with `color.mp4` (and optionally `depth.mp4`) whose bytes name `tag`.
+fn video_dir(root: &Path, tag: &str, depth: bool) -> PathBuf {
+    let dir = root.join(tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("color.mp4"), format!("color video of {tag}").repeat(100)).unwrap();
+    if depth {
+        std::fs::write(dir.join("depth.mp4"), format!("depth video of {tag}").repeat(50)).unwrap();
+    }
+    dir
+}
+
+fn file_sha(path: &Path) -> String {
+    sha256_hex(&std::fs::read(path).unwrap())
+}
+
+fn header(path: &Path) -> Value {
+    let bytes = std::fs::read(path).unwrap();
+    cosmos_standin::parse_output(&bytes).unwrap_or_else(|| panic!("{} is not a stand-in output", path.display()))
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+impl Cluster {
+    fn run_state(&self, run: &str) -> String {
+        self.json(&["runs", "show", run, "--json"])["job"]["state"].as_str().unwrap().to_string()
+    }
+
+    fn wait_run(&self, run: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let state = self.run_state(run);
+            if matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
+                return state;
+            }
+            assert!(std::time::Instant::now() < deadline, "run {run} stuck in {state}; logs in {:?}", self.dir.path());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn a_prompt_runs_upscales_and_downloads_outputs_made_from_its_inputs() {
+    let c = Cluster::start(2, 15_000);
+    let videos = video_dir(c.dir.path(), "warehouse", true);
+    let prompt = c.json(&[
+        "create",
+        "prompt",
+        "A robot arm picks up a red cube in a warehouse",
+        videos.to_str().unwrap(),
+        "--json",
+    ]);
+    let ps = prompt["id"].as_str().unwrap().to_string();
+    assert!(ps.starts_with("ps_"), "{prompt}");
+    assert_eq!(prompt["name"], "robot_arm_picks", "named from the text's keywords");
+    assert!(!prompt["negative_prompt"].as_str().unwrap().is_empty(), "the default negative prompt applies");
+
+    let out = c.cli(&[
+        "inference",
+        &ps,
+        "--steps",
+        "7",
+        "--guidance",
+        "6.5",
+        "--seed",
+        "42",
+        "--weights",
+        "0.5",
+        "0",
+        "0.4",
+        "0.3",
+        "--blur-strength",
+        "high",
+        "--gpus",
+        "2",
+        "--wait",
+    ]);
+    assert!(out.status.success(), "inference failed: {}\n{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
+    let runs = c.json(&["runs", "list", "--json"]);
+    let run = runs[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(runs[0]["job"]["state"], "succeeded", "{runs}");
+
+    let to = c.dir.path().join("downloads");
+    let out = c.cli(&["download", &run, "--to", to.to_str().unwrap()]);
+    assert!(out.status.success(), "download failed: {}", stderr(&out));
+    let video = to.join(&run).join("output.mp4");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(video.to_str().unwrap()), "prints the path");
+    let h = header(&video);
+    assert_eq!(h["mode"], "transfer");
+    assert_eq!(h["input_video_sha256"], file_sha(&videos.join("color.mp4")), "the prompt's own color video went in");
+    assert_eq!(h["controls"]["depth"]["input_control_sha256"], file_sha(&videos.join("depth.mp4")));
+    assert!(h["controls"]["seg"]["input_control_sha256"].is_null(), "no segmentation.mp4: the model derives it");
+    assert!(h["controls"].get("edge").is_none(), "weight 0 leaves the control out");
+    assert_eq!(h["controls"]["vis"]["blur_strength"], "high");
+    assert_eq!((h["num_steps"].as_i64(), h["seed"].as_i64(), h["num_gpus"].as_i64()), (Some(7), Some(42), Some(2)));
+    assert_eq!(h["guidance"].as_f64(), Some(6.5));
+    assert_eq!(h["prompt"], "A robot arm picks up a red cube in a warehouse");
+    // The derived segmentation came back too, kept with the run.
+    assert!(to.join(&run).join("seg_input_control.mp4").exists());
+
+    // Upscale the finished run: the 4K pass reads exactly the transfer's output.
+    let out = c.cli(&["upscale", &run, "--weight", "0.8", "--wait", "--json"]);
+    assert!(out.status.success(), "upscale failed: {}", stderr(&out));
+    let upscales = c.json(&["runs", "list", "--json"]);
+    let up = upscales.as_array().unwrap().iter().find(|r| r["kind"] == "upscale").expect("an upscale run");
+    assert_eq!(up["parent_run"], run.as_str());
+    let up_id = up["id"].as_str().unwrap();
+    let out = c.cli(&["download", up_id, "--to", to.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let h = header(&to.join(up_id).join("output.mp4"));
+    assert_eq!(h["mode"], "upscale");
+    assert_eq!(h["input_video_sha256"], file_sha(&video));
+    assert_eq!(h["controls"]["upscale"]["control_weight"].as_f64(), Some(0.8));
+    assert_eq!(h["num_steps"].as_i64(), Some(10), "the contract fixes 10 steps for an upscale");
+
+    // An upscale only starts from a succeeded transfer.
+    let out = c.cli(&["upscale", up_id]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("not a transfer run"), "{}", stderr(&out));
+    let out = c.cli(&["upscale", "rs_000000000000"]);
+    assert!(stderr(&out).contains("no run rs_000000000000"), "{}", stderr(&out));
+
+    // Search finds runs by the prompt's words; show tells the parameters.
+    let found = c.json(&["runs", "search", "ROBOT", "cube", "--json"]);
+    assert_eq!(found.as_array().unwrap().len(), 2, "{found}");
+    assert!(c.json(&["runs", "search", "zebra", "--json"]).as_array().unwrap().is_empty());
+    let shown = c.json(&["runs", "show", &run, "--json"]);
+    assert_eq!(shown["params"]["steps"], 7);
+    assert_eq!(shown["params"]["weights"]["edge"].as_f64(), Some(0.0));
+
+    // Deleting the prompt keeps its runs' outputs unless asked.
+    let out = c.cli(&["prompts", "delete", &ps]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let again = c.dir.path().join("again");
+    let out = c.cli(&["download", &run, "--to", again.to_str().unwrap()]);
+    assert!(out.status.success(), "outputs stay after the prompt is deleted: {}", stderr(&out));
+}
+
+#[test]
+fn a_prompt_with_active_runs_cannot_be_deleted_and_outputs_go_when_asked() {
+    let c = Cluster::start(1, 15_000);
+    let videos = video_dir(c.dir.path(), "street", false);
+    let ps = c.json(&["create", "prompt", "A rainy street at night", videos.to_str().unwrap(), "--json"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // 100 steps at the stand-in's pace keep the run active for a while.
+    let out = c.cli(&["inference", &ps, "--steps", "100"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let run = c.json(&["runs", "list", "--json"])[0]["id"].as_str().unwrap().to_string();
+    let out = c.cli(&["prompts", "delete", &ps]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("still active") && stderr(&out).contains(&run), "{}", stderr(&out));
+    assert_eq!(c.wait_run(&run), "succeeded");
+    let out = c.cli(&["prompts", "delete", &ps, "--delete-outputs"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = c.cli(&["download", &run, "--to", c.dir.path().join("d").to_str().unwrap()]);
+    assert!(!out.status.success(), "its outputs are gone");
+    assert!(c.json(&["prompts", "list", "--json"]).as_array().unwrap().is_empty());
+}
+
+#[test]
+fn a_batch_with_a_bad_line_is_rejected_whole_naming_the_line() {
+    let c = Cluster::start(1, 15_000);
+    let root = c.dir.path();
+    video_dir(root, "a", false);
+    video_dir(root, "b", true);
+    std::fs::create_dir_all(root.join("empty")).unwrap();
+    let cases = [
+        (r#"{"prompt": "fine", "video_dir": "b", "steps": 500}"#, ":2:", "steps"),
+        (r#"{"prompt": "fine", "video_dir": "empty"}"#, ":2:", "color.mp4"),
+        (r#"{"prompt": "fine", "video_dir": "b", "blur_strength": "extreme"}"#, ":2:", "extreme"),
+        (r#"{"prompt_id": "ps_0123456789ab"}"#, ":2:", "no prompt ps_0123456789ab"),
+        (r#"{"prompt": "no video dir"}"#, ":2:", "video_dir"),
+        (r#"{"prompt": "fine", "video_dir": "b", "colour": 1}"#, ":2:", "colour"),
+    ];
+    for (bad, line, says) in cases {
+        let file = root.join("batch.jsonl");
+        std::fs::write(
+            &file,
+            format!(
+                "{}\n{bad}\n{}\n",
+                r#"{"prompt": "ok one", "video_dir": "a"}"#, r#"{"prompt": "ok two", "video_dir": "b"}"#
+            ),
+        )
+        .unwrap();
+        let out = c.cli(&["batch", file.to_str().unwrap()]);
+        assert!(!out.status.success(), "{bad} was accepted");
+        let err = stderr(&out);
+        assert!(err.contains(line) && err.contains(says) && err.contains("nothing was submitted"), "{bad}: {err}");
+    }
+    assert!(c.json(&["runs", "list", "--json"]).as_array().unwrap().is_empty(), "no run from a rejected batch");
+    assert!(c.json(&["prompts", "list", "--json"]).as_array().unwrap().is_empty(), "no prompt either");
+
+    // The same file without the bad line goes through whole, each run with its own parameters.
+    let file = root.join("good.jsonl");
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n# a comment\n\n{}\n",
+            r#"{"prompt": "ok one", "video_dir": "a", "steps": 3, "fps": 12}"#,
+            r#"{"prompt": "ok two", "video_dir": "b", "steps": 4, "sigma_max": 10, "negative": "fog"}"#
+        ),
+    )
+    .unwrap();
+    let to = root.join("out");
+    let out = c.cli(&["batch", file.to_str().unwrap(), "--download", to.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let runs = c.json(&["runs", "list", "--json"]);
+    assert_eq!(runs.as_array().unwrap().len(), 2);
+    for r in runs.as_array().unwrap() {
+        let h = header(&to.join(r["id"].as_str().unwrap()).join("output.mp4"));
+        let prompt = c.json(&["prompts", "show", r["prompt_id"].as_str().unwrap(), "--json"]);
+        assert_eq!(h["prompt"], prompt["text"]);
+        if h["prompt"] == "ok one" {
+            assert_eq!((h["num_steps"].as_i64(), h["fps"].as_i64()), (Some(3), Some(12)));
+            assert_eq!(h["input_video_sha256"], file_sha(&root.join("a/color.mp4")));
+        } else {
+            assert_eq!((h["num_steps"].as_i64(), h["sigma_max"].as_f64()), (Some(4), Some(10.0)));
+            assert_eq!(h["negative_prompt"], "fog", "per-run negative prompts survive the batch path");
+            assert_eq!(h["input_video_sha256"], file_sha(&root.join("b/color.mp4")));
+        }
+    }
+}
+
+#[test]
+fn every_parameter_range_is_rejected_with_a_clear_message() {
+    let c = Cluster::start(1, 15_000);
+    let videos = video_dir(c.dir.path(), "v", false);
+    let ps = c.json(&["create", "prompt", "A quiet lake", videos.to_str().unwrap(), "--json"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--steps", "0"], "between 1 and 100"),
+        (&["--steps", "101"], "between 1 and 100"),
+        (&["--guidance", "0.9"], "between 1 and 20"),
+        (&["--guidance", "21"], "between 1 and 20"),
+        (&["--sigma-max", "-1"], "between 0 and 80"),
+        (&["--sigma-max", "80.5"], "between 0 and 80"),
+        (&["--fps", "0"], "between 1 and 60"),
+        (&["--fps", "61"], "between 1 and 60"),
+        (&["--seed", "0"], "between 1 and 4294967295"),
+        (&["--seed", "4294967296"], "between 1 and 4294967295"),
+        (&["--weights", "1.1", "0", "0", "0"], "between 0 and 1"),
+        (&["--weights", "0", "0", "0", "-0.5"], "between 0 and 1"),
+        (&["--weights", "0", "0", "0", "0"], "at least one control"),
+        (&["--gpus", "0"], "between 1 and 8"),
+        (&["--canny-threshold", "huge"], "very_low, low, medium, high, very_high"),
+    ];
+    for (flags, says) in cases {
+        let mut args = vec!["inference", ps.as_str()];
+        args.extend_from_slice(flags);
+        let out = c.cli(&args);
+        assert!(!out.status.success(), "{flags:?} was accepted");
+        let err = stderr(&out);
+        let flag = flags[0].trim_start_matches("--");
+        assert!(err.contains(says) && err.contains(flag), "{flags:?}: {err}");
+    }
+    let out = c.cli(&["upscale", "rs_0123456789ab", "--weight", "1.5"]);
+    assert!(stderr(&out).contains("weight") && stderr(&out).contains("between 0 and 1"), "{}", stderr(&out));
+    assert!(c.json(&["runs", "list", "--json"]).as_array().unwrap().is_empty(), "nothing was submitted");
+}
+
+#[test]
+fn a_prompt_without_color_mp4_is_rejected_at_creation() {
+    let c = Cluster::start(1, 15_000);
+    let dir = c.dir.path().join("only-depth");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("depth.mp4"), b"depth").unwrap();
+    let out = c.cli(&["create", "prompt", "A forest", dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("has no color.mp4"), "{}", stderr(&out));
+    let out = c.cli(&["create", "prompt", "A forest", c.dir.path().join("missing").to_str().unwrap()]);
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    let videos = video_dir(c.dir.path(), "ok", false);
+    let out = c.cli(&["create", "prompt", "A forest", videos.to_str().unwrap(), "--name", "Bad Name"]);
+    assert!(stderr(&out).contains("a-z, 0-9 and _"), "{}", stderr(&out));
+    assert!(c.json(&["prompts", "list", "--json"]).as_array().unwrap().is_empty());
+}
+
+#[test]
+fn enhancing_a_prompt_creates_a_linked_prompt_from_its_video() {
+    let c = Cluster::start(1, 15_000);
+    let videos = video_dir(c.dir.path(), "harbor", false);
+    let original =
+        c.json(&["create", "prompt", "boats in a harbor", videos.to_str().unwrap(), "--name", "harbor", "--json"]);
+    let ps = original["id"].as_str().unwrap();
+    let enhanced = c.json(&["prompt-enhance", ps, "--json"]);
+    assert_eq!(enhanced["name"], "harbor_enhanced");
+    assert_eq!(enhanced["parent"], ps);
+    assert_ne!(enhanced["id"], ps);
+    let text = enhanced["text"].as_str().unwrap();
+    let sha = file_sha(&videos.join("color.mp4"));
+    assert!(text.starts_with("boats in a harbor.") && text.contains(&sha[..8]), "derived from the video: {text}");
+    assert_eq!(enhanced["videos"], original["videos"], "same videos");
+    let listed = c.json(&["prompts", "list", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    // Overwriting asks first; --yes confirms for scripts.
+    let out = c.cli(&["prompt-enhance", ps, "--overwrite"]);
+    assert!(!out.status.success() && stderr(&out).contains("--yes"), "{}", stderr(&out));
+    let updated = c.json(&["prompt-enhance", ps, "--overwrite", "--yes", "--json"]);
+    assert_eq!(updated["id"], ps);
+    assert_eq!(updated["text"], text);
+}
+
+#[test]
+fn the_main_command_runs_the_example_batch_and_an_upscale_on_a_local_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("videos");
+    let out = std::process::Command::new(BIN)
+        .args(["up", "--agents", "2", "--gpus", "2x80GiB", "--data-dir"])
+        .arg(dir.path().join("cluster"))
+        .args(["--", "demo", "--to"])
+        .arg(&to)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "cosmos up -- demo failed:\n{stdout}\n{}", stderr(&out));
+    let paths: Vec<&str> = stdout.lines().filter_map(|l| l.trim().split_whitespace().nth(1)).collect();
+    let videos: Vec<&&str> = paths.iter().filter(|p| p.ends_with("output.mp4")).collect();
+    assert_eq!(videos.len(), 4, "three transfers and one upscale: {stdout}");
+    let modes: Vec<String> =
+        videos.iter().map(|p| header(Path::new(p))["mode"].as_str().unwrap().to_string()).collect();
+    assert_eq!(modes.iter().filter(|m| *m == "upscale").count(), 1, "{modes:?}");
+}
