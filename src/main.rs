@@ -36,6 +36,8 @@ enum Command {
         /// Silence after which a host's attempts are re-queued elsewhere.
         #[arg(long, default_value_t = 15_000)]
         lost_after_ms: u64,
+        #[command(flatten)]
+        cosmos: CosmosArgs,
     },
     /// Run a GPU host's agent daemon.
     Agent {
@@ -175,6 +177,53 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+/// How Cosmos Transfer runs compile into jobs (controller flags).
+#[derive(clap::Args, Debug)]
+struct CosmosArgs {
+    /// Image holding the cosmos-transfer1 checkout; without it runs call `torchrun` from the
+    /// agents' PATH as plain processes (the stand-in under `cosmos up`).
+    #[arg(long, value_name = "IMAGE")]
+    cosmos_image: Option<String>,
+    /// The checkout root inside the image.
+    #[arg(long, default_value = "/workspace")]
+    cosmos_checkout_dir: String,
+    /// Agent volume (`--volume NAME=DIR` on the agents) mounted read-only as `<checkout>/checkpoints`; empty: none.
+    #[arg(long, default_value = "checkpoints")]
+    cosmos_checkpoint_volume: String,
+    /// Agent volume mounted as the Hugging Face cache; empty: none.
+    #[arg(long, default_value = "hf_cache")]
+    cosmos_hf_cache_volume: String,
+    /// Shared memory for a run's container, in GiB.
+    #[arg(long, default_value_t = 8)]
+    cosmos_shm_gib: u64,
+    /// Negative prompt for prompts created without one (default: the predecessor's).
+    #[arg(long)]
+    default_negative_prompt: Option<String>,
+    /// Time limit of one attempt of a run, in seconds.
+    #[arg(long, default_value_t = 4 * 3600)]
+    run_timeout_s: u64,
+    /// Attempts per run, the first included.
+    #[arg(long, default_value_t = 3)]
+    run_max_attempts: u32,
+}
+
+impl CosmosArgs {
+    fn config(self) -> cosmos_controller::transfer::TransferConfig {
+        let d = cosmos_controller::transfer::TransferConfig::default();
+        let volume = |v: String| (!v.is_empty()).then_some(v);
+        cosmos_controller::transfer::TransferConfig {
+            image: self.cosmos_image,
+            checkout_dir: self.cosmos_checkout_dir,
+            checkpoint_volume: volume(self.cosmos_checkpoint_volume),
+            hf_cache_volume: volume(self.cosmos_hf_cache_volume),
+            shm_bytes: self.cosmos_shm_gib << 30,
+            default_negative_prompt: self.default_negative_prompt.unwrap_or(d.default_negative_prompt),
+            timeout_ms: self.run_timeout_s.saturating_mul(1000),
+            max_attempts: self.run_max_attempts,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -371,7 +420,7 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             println!("cosmos {} (protocol v{})", env!("CARGO_PKG_VERSION"), cosmos_proto::PROTOCOL_VERSION);
             Ok(true)
         }
-        Command::Controller { data_dir, api_listen, agent_listen, lost_after_ms } => {
+        Command::Controller { data_dir, api_listen, agent_listen, lost_after_ms, cosmos } => {
             let core = cosmos_controller::core::CoreConfig { lost_after_ms, ..Default::default() };
             let opts = cosmos_controller::daemon::ControllerOptions {
                 data_dir,
@@ -379,8 +428,11 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
                 agent_listen,
                 max_frame_bytes: cosmos_proto::frame::DEFAULT_MAX_FRAME_BYTES,
                 core,
-                transfer: cosmos_controller::transfer::TransferConfig::default(),
+                transfer: cosmos.config(),
             };
+            opts.transfer
+                .validate()
+                .map_err(|e| anyhow::anyhow!("the Cosmos run settings (--cosmos-*, --run-*): {e}"))?;
             actix::System::new().block_on(cosmos_controller::daemon::run(opts, shutdown_signal()))?;
             Ok(true)
         }

@@ -601,7 +601,7 @@ pub fn demo(args: &ClientArgs, to: &Path) -> anyhow::Result<bool> {
     } else {
         println!("generated videos:");
         for (run, path) in &videos {
-            println!("  {run}  {}", path.display());
+            println!("  {run}  {}", std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()).display());
         }
     }
     Ok(true)

@@ -480,6 +480,28 @@ pub struct Compiled {
 }
 
 impl TransferConfig {
+    /// Checks the configuration by compiling a sample run: a bad image name or
+    /// limit is reported at start-up, not at every submission.
+    pub fn validate(&self) -> Result<(), cosmos_proto::SpecError> {
+        if !self.checkout_dir.starts_with('/') {
+            return Err(cosmos_proto::SpecError {
+                field: "checkout_dir",
+                problem: format!("`{}` must be an absolute path inside the image", self.checkout_dir),
+            });
+        }
+        let blob = BlobRef { sha256: Sha256([0; 32]), size_bytes: 1 };
+        let prompt = Prompt {
+            id: "ps_000000000000".into(),
+            name: "sample".into(),
+            text: "sample".into(),
+            negative_prompt: self.default_negative_prompt.clone(),
+            videos: PromptVideos { color: blob, depth: Some(blob), seg: Some(blob) },
+            parent: None,
+            created_ms: 0,
+        };
+        self.compile_transfer("rs_000000000000", &prompt, &TransferParams::default()).spec.validate()
+    }
+
     fn script(&self, script: &str) -> String {
         format!("{}/{script}", self.checkout_dir.trim_end_matches('/'))
     }
