@@ -340,6 +340,11 @@ impl Engine {
             }
             Command::LinkUp { bulk } => {
                 self.bulk = Some(bulk);
+                for (sha256, d) in &self.downloads {
+                    if d.end > 0 && !d.committing {
+                        tracing::info!(%sha256, resume_at_bytes = d.end, size_bytes = d.size, "resuming an input download");
+                    }
+                }
                 let offers: Vec<(Sha256, u64)> = self.uploads.iter().map(|(s, u)| (*s, u.size)).collect();
                 for (sha256, size_bytes) in offers {
                     self.send(&AgentBlob::Offer { sha256, size_bytes }).await;

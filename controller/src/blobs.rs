@@ -7,7 +7,8 @@
 //! message waits. File reads, writes and hashing happen on the blocking pool:
 //! the controller's actix system is single-threaded and the core lives there.
 
-use cosmos_cas::{CasError, Store};
+/// The store blobs live in, for callers that fill the controller's store directly (tests, tools).
+pub use cosmos_cas::{CasError, Store};
 use cosmos_proto::{
     AgentBlob, AttemptOutcome, AttemptPhase, AttemptReport, BLOB_CHUNK_BYTES, BlobChunk, ControllerBlob,
     MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN, Sha256, encode_blob, encode_blob_chunk_into,
@@ -115,6 +116,13 @@ impl BlobConn {
     fn offer(&mut self, sha256: Sha256, size_bytes: u64) -> Option<Vec<u8>> {
         if self.store.size(&sha256) == Some(size_bytes) {
             return encoded(&ControllerBlob::Stored { sha256 });
+        }
+        if size_bytes == 0 {
+            // No chunk will follow an empty blob: store it now.
+            return match self.store.put_reader(&[][..], Some(&sha256)) {
+                Ok(_) => encoded(&ControllerBlob::Stored { sha256 }),
+                Err(e) => encoded(&ControllerBlob::Refused { sha256, reason: e.to_string(), retryable: false }),
+            };
         }
         if !self.uploads.contains_key(&sha256) && self.uploads.len() >= UPLOADS_MAX {
             return encoded(&ControllerBlob::Refused {

@@ -1,0 +1,278 @@
+//! Inputs and outputs over the agent link, through the real binary: staged
+//! from the controller's blob store, cached per host, resumed after a cut,
+//! refetched after corruption, delivered back; and a large transfer that
+//! leaves heartbeats and cancels on time.
+
+use super::Cluster;
+use cosmos_controller::blobs::Store;
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Deterministic bytes that do not repeat within a chunk.
+fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn controller_store(c: &Cluster) -> Store {
+    Store::open(c.data().join("blobs")).unwrap()
+}
+
+/// Submits one job line; returns its id.
+fn submit(c: &Cluster, line: Value) -> String {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let path = c.dir.path().join(format!("job-{}.jsonl", SEQ.fetch_add(1, Ordering::SeqCst)));
+    std::fs::write(&path, format!("{line}\n")).unwrap();
+    let v = c.json(&["jobs", "submit", path.to_str().unwrap(), "--json"]);
+    v[0].as_str().unwrap_or_else(|| panic!("no id in {v}")).to_string()
+}
+
+fn job(c: &Cluster, id: &str) -> Value {
+    c.json(&["jobs", "show", id, "--json"])
+}
+
+fn wait_state(c: &Cluster, id: &str, want: &[&str], timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let j = job(c, id);
+        if want.contains(&j["state"].as_str().unwrap_or("")) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "{id} never reached {want:?}: {j}; logs in {}", c.dir.path().display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn input_line(name: &str, command: &[&str], sha: &cosmos_proto::Sha256, size: usize) -> Value {
+    json!({
+        "name": name,
+        "command": command,
+        "inputs": [{ "sha256": sha.to_string(), "size_bytes": size, "path": "inputs/x.bin" }],
+        "max_attempts": 3,
+    })
+}
+
+fn agent_log(c: &Cluster, i: usize) -> String {
+    std::fs::read_to_string(c.dir.path().join(format!("agent-{i}.log"))).unwrap_or_default()
+}
+
+#[test]
+fn inputs_are_staged_outputs_are_stored_and_a_second_job_uses_the_cache() {
+    let c = Cluster::start(1, 10_000);
+    let data = pattern(8 << 20, 1);
+    let store = controller_store(&c);
+    let (sha, size) = store.put_bytes(&data).unwrap();
+
+    let mut line = input_line("first", &["sh", "-c", "cat inputs/x.bin inputs/x.bin > out.bin"], &sha, data.len());
+    line["outputs"] = json!([{ "path": "out.bin", "required": true }]);
+    let first = submit(&c, line);
+    let j = wait_state(&c, &first, &["succeeded", "failed"], Duration::from_secs(60));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let doubled = [data.as_slice(), data.as_slice()].concat();
+    let out_sha = cosmos_cas_digest(&doubled);
+    assert_eq!(store.size(&out_sha), Some(2 * size), "the output is in the controller's store");
+    assert!(store.verify(&out_sha).unwrap(), "the stored output matches its digest");
+
+    // With the controller's copy gone, only the agent's cache can serve the second job.
+    std::fs::remove_file(store.path(&sha)).unwrap();
+    let second = submit(&c, input_line("second", &["sh", "-c", "test -s inputs/x.bin"], &sha, data.len()));
+    let j = wait_state(&c, &second, &["succeeded", "failed"], Duration::from_secs(60));
+    assert_eq!(j["state"], "succeeded", "the second job did not use the cache: {j}");
+}
+
+fn cosmos_cas_digest(data: &[u8]) -> cosmos_proto::Sha256 {
+    let dir = tempfile::tempdir().unwrap();
+    Store::open(dir.path()).unwrap().put_bytes(data).unwrap().0
+}
+
+#[test]
+fn an_input_the_controller_lacks_fails_the_job_without_retries() {
+    let c = Cluster::start(1, 10_000);
+    let absent = cosmos_cas_digest(b"never uploaded");
+    let id = submit(&c, input_line("absent", &["true"], &absent, 14));
+    let j = wait_state(&c, &id, &["failed", "succeeded"], Duration::from_secs(60));
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["attempts"], 1, "a missing input is terminal: {j}");
+    assert!(j.to_string().contains("not available from the controller"), "{j}");
+}
+
+/// A frame-aware TCP proxy: controller-to-agent frames are counted, one large
+/// frame after `corrupt_after` bytes gets its last byte (blob data) flipped,
+/// and every connection is cut once `cut_after` bytes went through.
+struct Proxy {
+    addr: String,
+    downstream_bytes: Arc<AtomicU64>,
+}
+
+impl Proxy {
+    fn start(upstream: String, corrupt_after: u64, cut_after: u64) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let downstream_bytes = Arc::new(AtomicU64::new(0));
+        let (count, corrupted, cut) =
+            (downstream_bytes.clone(), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        std::thread::spawn(move || {
+            for agent in listener.incoming().flatten() {
+                let Ok(ctl) = TcpStream::connect(&upstream) else { continue };
+                let (a2, c2) = (agent.try_clone().unwrap(), ctl.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut &a2, &mut &c2);
+                    let _ = c2.shutdown(Shutdown::Write);
+                });
+                let (count, corrupted, cut) = (count.clone(), corrupted.clone(), cut.clone());
+                std::thread::spawn(move || {
+                    let (mut from, mut to) = (ctl, agent);
+                    let mut header = [0u8; 4];
+                    while from.read_exact(&mut header).is_ok() {
+                        let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
+                        if from.read_exact(&mut payload).is_err() {
+                            break;
+                        }
+                        let total = count.fetch_add(4 + payload.len() as u64, Ordering::SeqCst);
+                        if total >= corrupt_after && payload.len() > 200_000 && !corrupted.swap(true, Ordering::SeqCst)
+                        {
+                            *payload.last_mut().unwrap() ^= 0xFF;
+                        }
+                        if to.write_all(&header).and_then(|()| to.write_all(&payload)).is_err() {
+                            break;
+                        }
+                        if total >= cut_after && !cut.swap(true, Ordering::SeqCst) {
+                            let _ = to.shutdown(Shutdown::Both);
+                            let _ = from.shutdown(Shutdown::Both);
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Proxy { addr, downstream_bytes }
+    }
+}
+
+#[test]
+fn a_cut_transfer_resumes_and_a_corrupted_chunk_is_fetched_again() {
+    let mut c = Cluster::start(0, 10_000);
+    let size = 96usize << 20;
+    let data = pattern(size, 2);
+    let (sha, _) = controller_store(&c).put_bytes(&data).unwrap();
+    let proxy = Proxy::start(c.agent_addr.clone(), 8 << 20, 48 << 20);
+    c.agent_addr = proxy.addr.clone();
+    let a = c.spawn_agent(0);
+    c.agents.push(Some(a));
+    c.wait_agents(1);
+
+    let id = submit(&c, input_line("big", &["sh", "-c", "test -s inputs/x.bin"], &sha, size));
+    let j = wait_state(&c, &id, &["succeeded", "failed"], Duration::from_secs(180));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let moved = proxy.downstream_bytes.load(Ordering::SeqCst);
+    println!("moved {moved} bytes to deliver a {size}-byte input across one cut and one corrupted chunk");
+    assert!(moved < size as u64 + size as u64 / 4, "resent too much: {moved} bytes for {size}");
+    let log = agent_log(&c, 0);
+    assert!(log.contains("failed its checksum"), "the corrupted chunk was not caught; agent log:\n{log}");
+    assert!(log.contains("resuming an input download"), "the transfer did not resume; agent log:\n{log}");
+    let placed = c.dir.path().join("agent-0/attempts").read_dir().unwrap().flatten().next().unwrap().path();
+    assert_eq!(cosmos_cas_digest(&std::fs::read(placed.join("inputs/x.bin")).unwrap()), sha);
+}
+
+#[test]
+fn a_large_transfer_does_not_make_the_agent_suspect_nor_delay_a_cancel() {
+    let c = Cluster::start(1, 10_000);
+    let size: usize = std::env::var("COSMOS_E2E_LARGE_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(1 << 30);
+    let (sha, _) = {
+        let store = controller_store(&c);
+        let block = pattern(4 << 20, 3);
+        // Blocks of the pattern, each stamped with its index, so no two chunks are alike.
+        let blocks = (0..size / block.len()).map(move |i| {
+            let mut b = block.clone();
+            b[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            b
+        });
+        store.put_reader(IterReader { blocks: Box::new(blocks), current: Vec::new(), pos: 0 }, None).unwrap()
+    };
+    let size = size / (4 << 20) * (4 << 20);
+
+    let sleeper = submit(&c, json!({ "name": "sleeper", "command": ["sleep", "120"] }));
+    wait_state(&c, &sleeper, &["running"], Duration::from_secs(30));
+    let big = submit(&c, input_line("big", &["true"], &sha, size));
+
+    // Watch the agent's state all along, from another thread.
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (done, api, data) = (done.clone(), c.api.clone(), c.data());
+        std::thread::spawn(move || {
+            let mut states = std::collections::BTreeSet::new();
+            while !done.load(Ordering::SeqCst) {
+                let out = std::process::Command::new(super::BIN)
+                    .args(["agents", "list", "--json"])
+                    .env("COSMOS_CONTROLLER", &api)
+                    .env("COSMOS_DATA_DIR", &data)
+                    .output()
+                    .unwrap();
+                if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) {
+                    states.insert(v[0]["state"].as_str().unwrap_or("?").to_string());
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            states
+        })
+    };
+
+    let partial = c.dir.path().join("agent-0/cache/partial").join(sha.to_string());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) < (size as u64) / 8 {
+        assert!(Instant::now() < deadline, "the transfer never got going");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t0 = Instant::now();
+    let out = c.cli(&["jobs", "cancel", &sleeper]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_state(&c, &sleeper, &["cancelled"], Duration::from_secs(30));
+    let cancel_ms = t0.elapsed().as_millis();
+    let still_moving = std::fs::metadata(&partial).is_ok_and(|m| m.len() < size as u64);
+
+    let t1 = Instant::now();
+    let j = wait_state(&c, &big, &["succeeded", "failed"], Duration::from_secs(600));
+    done.store(true, Ordering::SeqCst);
+    let states = watcher.join().unwrap();
+    println!(
+        "cancel took {cancel_ms} ms during a {size}-byte transfer (still in flight when it landed: {still_moving}); \
+         transfer finished {} ms later; agent states seen: {states:?}",
+        t1.elapsed().as_millis()
+    );
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert!(cancel_ms <= 3_000, "a cancel took {cancel_ms} ms behind a large transfer");
+    assert_eq!(states.into_iter().collect::<Vec<_>>(), ["up"], "the agent looked unwell during the transfer");
+    assert!(!agent_log(&c, 0).contains("lost the controller"), "the link was dropped during the transfer");
+}
+
+struct IterReader {
+    blocks: Box<dyn Iterator<Item = Vec<u8>>>,
+    current: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for IterReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.current.len() {
+            match self.blocks.next() {
+                Some(b) => (self.current, self.pos) = (b, 0),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
