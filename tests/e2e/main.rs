@@ -29,11 +29,24 @@ struct Cluster {
     controller: Option<Proc>,
     agents: Vec<Option<Proc>>,
     lost_after_ms: u64,
+    /// Extra flags for the controller and for every agent.
+    extra: (Vec<String>, Vec<String>),
 }
 
 impl Cluster {
     fn start(agents: usize, lost_after_ms: u64) -> Cluster {
+        Cluster::start_with(agents, lost_after_ms, Vec::new(), |_| Vec::new())
+    }
+
+    /// A cluster whose controller and agents get extra flags (the agents' from the test directory).
+    fn start_with(
+        agents: usize,
+        lost_after_ms: u64,
+        controller_args: Vec<String>,
+        agent_args: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let extra = (controller_args, agent_args(dir.path()));
         let mut c = Cluster {
             dir,
             api: String::new(),
@@ -41,6 +54,7 @@ impl Cluster {
             controller: None,
             agents: Vec::new(),
             lost_after_ms,
+            extra,
         };
         c.start_controller("127.0.0.1:0", "127.0.0.1:0");
         for i in 0..agents {
@@ -60,6 +74,7 @@ impl Cluster {
             .args(["controller", "--data-dir"])
             .arg(self.data())
             .args(["--api-listen", api, "--agent-listen", agents, "--lost-after-ms", &self.lost_after_ms.to_string()])
+            .args(&self.extra.0)
             .stdout(Stdio::piped())
             .stderr(
                 std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("ctl.log")).unwrap(),
@@ -103,6 +118,7 @@ impl Cluster {
                 .arg("--work-dir")
                 .arg(self.dir.path().join(format!("agent-{i}")))
                 .args(["--simulated-gpus", "8x80GiB", "--name", &format!("agent-{i}")])
+                .args(&self.extra.1)
                 .env("PATH", &path)
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)

@@ -339,3 +339,49 @@ fn the_main_command_runs_the_example_batch_and_an_upscale_on_a_local_cluster() {
         videos.iter().map(|p| header(Path::new(p))["mode"].as_str().unwrap().to_string()).collect();
     assert_eq!(modes.iter().filter(|m| *m == "upscale").count(), 1, "{modes:?}");
 }
+
+/// The production path: runs compile to the image's `torchrun`, with the
+/// checkpoint and cache volumes mounted, and run as Docker containers (the
+/// stand-in image in place of the model's). Needs Docker and
+/// `cosmos-transfer-standin:dev` (`scripts/build-images`); fails loudly without them.
+#[test]
+fn runs_as_containers_of_the_model_image_with_its_volumes() {
+    let image = "cosmos-transfer-standin:dev";
+    let inspect = std::process::Command::new("docker").args(["image", "inspect", image]).output();
+    assert!(
+        inspect.as_ref().is_ok_and(|o| o.status.success()),
+        "Docker with the image {image} is needed: run scripts/build-images (CI runs it through scripts/setup)"
+    );
+    let controller = vec!["--cosmos-image".to_string(), image.to_string()];
+    let c = Cluster::start_with(1, 15_000, controller, |dir| {
+        let mut args = vec!["--runtime".to_string(), "docker".to_string()];
+        for volume in ["checkpoints", "hf_cache"] {
+            std::fs::create_dir_all(dir.join(volume)).unwrap();
+            args.extend(["--volume".to_string(), format!("{volume}={}", dir.join(volume).display())]);
+        }
+        args
+    });
+    let videos = video_dir(c.dir.path(), "dock", true);
+    let ps = c.json(&["create", "prompt", "cranes at a container port", videos.to_str().unwrap(), "--json"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = c.cli(&["inference", &ps, "--steps", "3", "--gpus", "2", "--wait"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
+    let run = c.json(&["runs", "list", "--json"])[0]["id"].as_str().unwrap().to_string();
+    let to = c.dir.path().join("out");
+    let out = c.cli(&["download", &run, "--to", to.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let h = header(&to.join(&run).join("output.mp4"));
+    assert_eq!(h["input_video_sha256"], file_sha(&videos.join("color.mp4")));
+    assert_eq!(
+        h["num_gpus"].as_i64(),
+        Some(2),
+        "torchrun, --num_gpus and CUDA_VISIBLE_DEVICES agreed in the container"
+    );
+    let leftover = std::process::Command::new("docker")
+        .args(["ps", "-aq", "--filter", "label=cosmos.agent=agent-0", "--filter", &format!("label=cosmos.job")])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&leftover.stdout).trim().is_empty(), "no container left behind");
+}
