@@ -967,6 +967,34 @@ impl Core {
     /// A live attempt ended: free its GPUs and decide what becomes of its job.
     fn attempt_ended(&mut self, now_ms: u64, att_id: AttemptId, outcome: AttemptOutcome) {
         let Some(mut att) = self.live.remove(&att_id) else { return };
+        // A success that does not carry every required output (e.g. reported by an
+        // agent restarted after the job ended, which no longer knows what it made)
+        // would leave the user nothing to download: run it again instead.
+        let outcome = match (outcome, self.jobs.get(&att.job_id)) {
+            (AttemptOutcome::Succeeded { outputs }, Some(job)) => {
+                let missing: Vec<&str> = job
+                    .rec
+                    .spec
+                    .outputs
+                    .iter()
+                    .filter(|o| o.required && !outputs.iter().any(|r| r.path == o.path))
+                    .map(|o| o.path.as_str())
+                    .collect();
+                if missing.is_empty() {
+                    AttemptOutcome::Succeeded { outputs }
+                } else {
+                    AttemptOutcome::Failed {
+                        exit_code: Some(0),
+                        reason: format!(
+                            "exited 0 but its required outputs did not reach the controller: {}",
+                            missing.join(", ")
+                        ),
+                        retryable: true,
+                    }
+                }
+            }
+            (outcome, _) => outcome,
+        };
         if let Some(&idx) = self.agent_by_name.get(&att.agent) {
             let agent = &mut self.agents[idx];
             agent.attempts.remove(&att_id);

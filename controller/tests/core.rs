@@ -449,6 +449,34 @@ fn a_job_runs_through_assigned_running_succeeded() {
     assert_eq!(c.core.live_attempts().count(), 0);
 }
 
+#[test]
+fn a_success_without_its_required_outputs_is_run_again() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 1, 80);
+    let mut job = spec("video");
+    job.outputs = vec![cosmos_proto::OutputArtifact { path: "outputs/output.mp4".into(), required: true }];
+    let (ids, out) = c.submit_ok(vec![job]);
+    let (_, a) = one_assign(&c, &out);
+    c.started("a", a.attempt_id);
+    c.finished("a", a.attempt_id, succeeded());
+    let rec = c.record(ids[0]);
+    assert_eq!(rec.state, JobState::Retrying, "nothing to download is not a success");
+    assert!(rec.error.as_deref().unwrap_or("").contains("outputs/output.mp4"), "{:?}", rec.error);
+    let later = c.now + 120_000;
+    let out = c.tick_at(later);
+    let (_, again) = one_assign(&c, &out);
+    c.started("a", again.attempt_id);
+    let output = cosmos_proto::ArtifactRef {
+        path: "outputs/output.mp4".into(),
+        sha256: cosmos_proto::Sha256([7; 32]),
+        size_bytes: 10,
+    };
+    c.finished("a", again.attempt_id, AttemptOutcome::Succeeded { outputs: vec![output.clone()] });
+    let rec = c.record(ids[0]);
+    assert_eq!(rec.state, JobState::Succeeded);
+    assert_eq!(rec.outputs, vec![output]);
+}
+
 // ---- placement ----
 
 #[test]
