@@ -65,6 +65,9 @@ enum Command {
         /// Docker runtime: the network job containers join (default: the engine's bridge).
         #[arg(long)]
         docker_network: Option<String>,
+        /// Bound on the cache of job inputs (`WORK_DIR/cache`), in GiB; least recently used inputs go first.
+        #[arg(long, default_value_t = 256)]
+        cache_max_gib: u64,
     },
     /// Start a local controller and agents; with `-- COMMAND`, run that client command against them and exit.
     Up {
@@ -436,9 +439,19 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             actix::System::new().block_on(cosmos_controller::daemon::run(opts, shutdown_signal()))?;
             Ok(true)
         }
-        Command::Agent { controller, token_file, work_dir, simulated_gpus, name, runtime, volumes, docker_network } => {
+        Command::Agent {
+            controller,
+            token_file,
+            work_dir,
+            simulated_gpus,
+            name,
+            runtime,
+            volumes,
+            docker_network,
+            cache_max_gib,
+        } => {
             let runtime = up::runtime_kind(&runtime, &work_dir, &volumes, docker_network)?;
-            up::run_agent(controller, token_file, work_dir, simulated_gpus, name, runtime)?;
+            up::run_agent(controller, token_file, work_dir, simulated_gpus, name, runtime, cache_max_gib)?;
             Ok(true)
         }
         Command::Up { data_dir, agents, gpus, client_command } => up::up(data_dir, agents, &gpus, client_command),

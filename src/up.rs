@@ -21,6 +21,7 @@ pub fn run_agent(
     simulated: Option<String>,
     name: Option<String>,
     runtime: cosmos_agent::daemon::RuntimeKind,
+    cache_max_gib: u64,
 ) -> anyhow::Result<()> {
     let token = std::fs::read_to_string(&token_file).with_context(|| {
         format!(
@@ -55,6 +56,7 @@ pub fn run_agent(
         reconnect_min_ms: 100,
         reconnect_max_ms: 5_000,
         runtime,
+        cache_max_bytes: cache_max_gib.saturating_mul(1 << 30),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(cosmos_agent::daemon::run(opts, crate::shutdown_signal()))?;

@@ -93,6 +93,8 @@ pub struct AgentOptions {
     pub reconnect_max_ms: u64,
     /// Which runtime runs the attempts.
     pub runtime: RuntimeKind,
+    /// Bound on the input cache (`<work_dir>/cache`); least recently used blobs no attempt needs go first.
+    pub cache_max_bytes: u64,
 }
 
 /// Why the agent stopped.
@@ -185,7 +187,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let cache = cosmos_cas::Store::open(&cache_dir)
         .map_err(|e| AgentError::WorkDir { path: cache_dir.clone(), source: std::io::Error::other(e.to_string()) })?;
     let (transfers, transfers_done) =
-        crate::transfer::spawn(std::sync::Arc::new(cache), crate::transfer::DEFAULT_CACHE_MAX_BYTES);
+        crate::transfer::spawn(std::sync::Arc::new(cache), opts.cache_max_bytes);
     let recovered = runtime.as_dyn().recover();
     let adopted = recovered.iter().filter(|r| r.exited.is_none()).count();
     tracing::info!(
