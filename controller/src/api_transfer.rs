@@ -666,6 +666,36 @@ async fn cancel_run(req: HttpRequest, state: web::Data<State>, id: web::Path<Str
     }
 }
 
+/// A run of `kind` that succeeded, and its output at `path`.
+async fn succeeded_output(
+    state: &web::Data<State>,
+    id: &str,
+    kind: RunKind,
+    wrong_kind: &str,
+    path: &str,
+) -> Result<(JobSummary, BlobRef), HttpResponse> {
+    let (job, _) = find_run(state, id).await?;
+    if label(&job, labels::KIND).map(String::as_str) != Some(kind.as_str()) {
+        return Err(bad(format!("run {id} {wrong_kind}")));
+    }
+    if job.record.state != JobState::Succeeded {
+        return Err(error(
+            StatusCode::CONFLICT,
+            format!(
+                "run {id} is {}; only a succeeded run has its output (`cosmos runs show {id}`)",
+                job.record.state.as_str()
+            ),
+            None,
+            false,
+        ));
+    }
+    let Some(out) = job.record.outputs.iter().find(|o| o.path == path) else {
+        return Err(error(StatusCode::CONFLICT, format!("run {id} has no {path}"), None, false));
+    };
+    let blob = BlobRef { sha256: out.sha256, size_bytes: out.size_bytes };
+    Ok((job, blob))
+}
+
 async fn upscale(
     req: HttpRequest,
     state: web::Data<State>,
@@ -679,25 +709,11 @@ async fn upscale(
     if let Err(e) = params.validate() {
         return bad(e.to_string());
     }
-    let (job, _) = match find_run(&state, &id).await {
+    let wrong_kind = "is not a transfer run; only a transfer's video can be upscaled";
+    let (job, video) = match succeeded_output(&state, &id, RunKind::Transfer, wrong_kind, OUTPUT_VIDEO).await {
         Ok(x) => x,
         Err(r) => return r,
     };
-    if label(&job, labels::KIND).map(String::as_str) != Some(RunKind::Transfer.as_str()) {
-        return bad(format!("run {id} is not a transfer run; only a transfer's video can be upscaled"));
-    }
-    if job.record.state != JobState::Succeeded {
-        return error(
-            StatusCode::CONFLICT,
-            format!("run {id} is {}; only a succeeded transfer run can be upscaled", job.record.state.as_str()),
-            None,
-            false,
-        );
-    }
-    let Some(video) = job.record.outputs.iter().find(|o| o.path == OUTPUT_VIDEO) else {
-        return error(StatusCode::CONFLICT, format!("run {id} has no {OUTPUT_VIDEO}"), None, false);
-    };
-    let video = BlobRef { sha256: video.sha256, size_bytes: video.size_bytes };
     let run_id = transfer::new_id("rs");
     let prompt_id = label(&job, labels::PROMPT).cloned().unwrap_or_default();
     let compiled = state.shared.transfer.compile_upscale(&run_id, &id, &prompt_id, &video, &params);
@@ -747,24 +763,11 @@ async fn apply_enhancement(
     if let Err(r) = authorize(&req, &state.shared) {
         return r;
     }
-    let (job, _) = match find_run(&state, &id).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
-    if label(&job, labels::KIND).map(String::as_str) != Some(RunKind::Enhance.as_str()) {
-        return bad(format!("run {id} is not a prompt enhancement"));
-    }
-    if job.record.state != JobState::Succeeded {
-        return error(
-            StatusCode::CONFLICT,
-            format!("run {id} is {}; wait until it succeeds (`cosmos runs show {id}`)", job.record.state.as_str()),
-            None,
-            false,
-        );
-    }
-    let Some(result) = job.record.outputs.iter().find(|o| o.path == ENHANCE_RESULT) else {
-        return error(StatusCode::CONFLICT, format!("run {id} has no {ENHANCE_RESULT}"), None, false);
-    };
+    let (job, result) =
+        match succeeded_output(&state, &id, RunKind::Enhance, "is not a prompt enhancement", ENHANCE_RESULT).await {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
     if result.size_bytes > MAX_ENHANCE_RESULT_BYTES {
         return internal(format!(
             "the enhancement result is {} bytes, over {MAX_ENHANCE_RESULT_BYTES}",

@@ -547,6 +547,22 @@ impl TransferConfig {
         spec
     }
 
+    /// `transfer.py` with one process per GPU, reading `inputs/spec.json` and writing into `outputs/`.
+    fn transfer_command(&self, gpus: u32) -> Vec<String> {
+        let mut command = self.torchrun(gpus, TRANSFER_SCRIPT);
+        command.extend([
+            "--checkpoint_dir".into(),
+            self.checkpoint_dir(),
+            "--video_save_folder".into(),
+            "outputs".into(),
+            "--controlnet_specs".into(),
+            "inputs/spec.json".into(),
+            "--num_gpus".into(),
+            gpus.to_string(),
+        ]);
+        command
+    }
+
     fn checkpoint_dir(&self) -> String {
         format!("{}/checkpoints", self.checkout_dir.trim_end_matches('/'))
     }
@@ -604,16 +620,8 @@ impl TransferConfig {
             doc[k] = v;
         }
         let spec_json = serde_json::to_vec_pretty(&doc).expect("JSON values serialise");
-        let mut command = self.torchrun(params.gpus, TRANSFER_SCRIPT);
+        let mut command = self.transfer_command(params.gpus);
         command.extend([
-            "--checkpoint_dir".into(),
-            self.checkpoint_dir(),
-            "--video_save_folder".into(),
-            "outputs".into(),
-            "--controlnet_specs".into(),
-            "inputs/spec.json".into(),
-            "--num_gpus".into(),
-            params.gpus.to_string(),
             "--offload_text_encoder_model".into(),
             "--offload_guardrail_models".into(),
             "--guidance".into(),
@@ -647,16 +655,8 @@ impl TransferConfig {
             doc["prompt"] = serde_json::Value::String(p.clone());
         }
         let spec_json = serde_json::to_vec_pretty(&doc).expect("JSON values serialise");
-        let mut command = self.torchrun(params.gpus, TRANSFER_SCRIPT);
+        let mut command = self.transfer_command(params.gpus);
         command.extend([
-            "--checkpoint_dir".into(),
-            self.checkpoint_dir(),
-            "--video_save_folder".into(),
-            "outputs".into(),
-            "--controlnet_specs".into(),
-            "inputs/spec.json".into(),
-            "--num_gpus".into(),
-            params.gpus.to_string(),
             "--num_steps".into(),
             UPSCALE_STEPS.to_string(),
             "--batch_size".into(),
