@@ -141,16 +141,16 @@ fn parse_sha(s: &str) -> Result<Sha256, HttpResponse> {
 
 /// A `Read` over upload chunks handed across from the async side.
 struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<web::Bytes>,
+    rx: tokio::sync::mpsc::Receiver<web::Bytes>,
     current: web::Bytes,
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() {
-            match self.rx.recv() {
-                Ok(b) => self.current = b,
-                Err(_) => return Ok(0),
+            match self.rx.blocking_recv() {
+                Some(b) => self.current = b,
+                None => return Ok(0),
             }
         }
         let n = buf.len().min(self.current.len());
@@ -178,7 +178,7 @@ async fn put_blob(
     }
     // Hashing and writing happen on a blocking thread, fed chunk by chunk: a
     // large video is never held in memory.
-    let (tx, rx) = std::sync::mpsc::sync_channel(UPLOAD_QUEUE_CHUNKS);
+    let (tx, rx) = tokio::sync::mpsc::channel(UPLOAD_QUEUE_CHUNKS);
     let blobs = state.shared.blobs.clone();
     let writer = tokio::task::spawn_blocking(move || {
         blobs.put_reader(ChannelReader { rx, current: web::Bytes::new() }, Some(&sha))
@@ -199,8 +199,7 @@ async fn put_blob(
                     break;
                 }
                 // The blocking side only stops early on a disk error, reported below.
-                let tx = tx.clone();
-                if tokio::task::spawn_blocking(move || tx.send(bytes)).await.map_or(true, |r| r.is_err()) {
+                if tx.send(bytes).await.is_err() {
                     break;
                 }
             }
@@ -212,7 +211,7 @@ async fn put_blob(
     }
     if failure.is_some() {
         // A truncated body must not be stored: make the writer fail its digest check.
-        let _ = tx.send(web::Bytes::from_static(b"\0truncated"));
+        let _ = tx.send(web::Bytes::from_static(b"\0truncated")).await;
     }
     drop(tx);
     let stored = writer.await;
