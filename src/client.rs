@@ -10,6 +10,8 @@ use std::time::Duration;
 
 /// Largest API answer read (a listing of very many jobs).
 const MAX_RESPONSE_BYTES: u64 = 512 * 1024 * 1024;
+/// Tries of one blob upload, each resuming where the last broke off.
+const UPLOAD_TRIES: u32 = 5;
 /// Bound on any one call, but log streams.
 const CALL_TIMEOUT_S: u64 = 60;
 
@@ -130,34 +132,60 @@ impl Client {
         self.json(resp)
     }
 
-    /// Whether the controller's blob store holds `sha256`.
-    pub fn has_blob(&self, sha256: &str) -> anyhow::Result<bool> {
+    /// What the controller holds of blob `sha256`.
+    pub fn blob_state(&self, sha256: &str) -> anyhow::Result<BlobState> {
         let resp = self
             .agent
             .head(self.url(&format!("/v1/blobs/{sha256}")))
             .header("Authorization", format!("Bearer {}", self.token))
             .call()
             .map_err(|e| anyhow!("cannot reach the controller at {}: {e}", self.base))?;
+        let header = |name: &str| {
+            resp.headers().get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        };
         match resp.status().as_u16() {
-            200 => Ok(true),
-            404 => Ok(false),
+            200 => Ok(BlobState::Complete),
+            404 => Ok(BlobState::Partial(header("x-cosmos-partial-bytes"))),
             s => bail!("controller answered {s} when asked for blob {sha256}"),
         }
     }
 
-    /// Uploads a file as blob `sha256`, streaming it, without the call timeout (videos are large).
-    pub fn put_blob(&self, sha256: &str, file: &std::path::Path) -> anyhow::Result<()> {
-        let f = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
-        let resp = self
-            .agent
-            .put(self.url(&format!("/v1/blobs/{sha256}")))
-            .header("Authorization", format!("Bearer {}", self.token))
-            .header("Content-Type", "application/octet-stream")
-            .config()
-            .timeout_global(None)
-            .build()
-            .send(f);
-        self.check(resp).map(|_| ())
+    /// Uploads a file as blob `sha256` unless the controller holds it, resuming
+    /// where an earlier upload broke off, without the call timeout (videos are large).
+    pub fn put_blob(&self, sha256: &str, file: &std::path::Path, size: u64) -> anyhow::Result<()> {
+        use std::io::{Read, Seek};
+        let mut last_error = None;
+        for _ in 0..UPLOAD_TRIES {
+            let offset = match self.blob_state(sha256)? {
+                BlobState::Complete => return Ok(()),
+                BlobState::Partial(have) if have <= size => have,
+                BlobState::Partial(_) => 0,
+            };
+            let mut f = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+            f.seek(std::io::SeekFrom::Start(offset)).with_context(|| format!("cannot read {}", file.display()))?;
+            let resp = self
+                .agent
+                .put(self.url(&format!("/v1/blobs/{sha256}?offset={offset}&size={size}")))
+                .header("Authorization", format!("Bearer {}", self.token))
+                .header("Content-Type", "application/octet-stream")
+                .header("Content-Length", (size - offset).to_string())
+                .config()
+                .timeout_global(None)
+                .build()
+                .send(ureq::SendBody::from_owned_reader(f.take(size - offset)));
+            match resp {
+                Ok(r) if r.status().as_u16() == 201 || r.status().as_u16() == 200 => return Ok(()),
+                // Accepted but incomplete, or a network error: ask where to resume.
+                Ok(r) if r.status().as_u16() == 202 || r.status().as_u16() == 409 => {}
+                Ok(r) => return self.check(Ok(r)).map(|_| ()),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        bail!(
+            "uploading {} did not complete in {UPLOAD_TRIES} tries{}; run the command again to resume",
+            file.display(),
+            last_error.map(|e| format!(" (last error: {e})")).unwrap_or_default()
+        )
     }
 
     /// Downloads blob `sha256` into `dest` (through a temporary file, so a broken download leaves nothing behind).
@@ -191,6 +219,15 @@ impl Client {
             .call();
         Ok(Box::new(self.check(resp)?.into_body().into_reader()))
     }
+}
+
+/// What the controller holds of a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlobState {
+    /// All of it, verified.
+    Complete,
+    /// This many bytes of an upload that broke off (0: nothing).
+    Partial(u64),
 }
 
 /// The controller refused a request, with its reason.

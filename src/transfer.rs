@@ -119,9 +119,7 @@ impl LocalVideos {
     fn upload(&self, client: &Client) -> anyhow::Result<PromptVideos> {
         let mut refs: BTreeMap<&str, BlobRef> = BTreeMap::new();
         for (name, sha, size, path) in &self.files {
-            if !client.has_blob(sha)? {
-                client.put_blob(sha, path).with_context(|| format!("uploading {}", path.display()))?;
-            }
+            client.put_blob(sha, path, *size).with_context(|| format!("uploading {}", path.display()))?;
             refs.insert(name, BlobRef { sha256: sha.parse().expect("hash_file gives hex"), size_bytes: *size });
         }
         Ok(PromptVideos {

@@ -159,11 +159,53 @@ impl Read for ChannelReader {
     }
 }
 
+/// Query of a resumable upload: where this body starts in the blob, and the blob's size.
+#[derive(Deserialize)]
+struct PutQuery {
+    offset: Option<u64>,
+    size: Option<u64>,
+}
+
+/// Feeds the request body to the disk writer; the error answer when the body broke off or is too large.
+async fn pump(body: &mut web::Payload, tx: tokio::sync::mpsc::Sender<web::Bytes>, limit: u64) -> Option<HttpResponse> {
+    let mut received = 0u64;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(bytes) => {
+                received += bytes.len() as u64;
+                if received > limit {
+                    return Some(error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "the body is longer than the {limit} bytes announced (blobs are at most {MAX_BLOB_BYTES})"
+                        ),
+                        None,
+                        false,
+                    ));
+                }
+                // The writer only stops early on a disk error, reported by the caller.
+                if tx.send(bytes).await.is_err() {
+                    return None;
+                }
+            }
+            Err(e) => {
+                return Some(bad(format!("the upload broke off after {received} bytes: {e}; upload again to resume")));
+            }
+        }
+    }
+    None
+}
+
 /// Stores the body under its digest; the digest in the path must match the content.
+///
+/// With `?offset=N&size=S` the upload is resumable: the body continues the
+/// blob at byte N, what arrives is kept even if the connection breaks (`HEAD`
+/// then says how much), and the blob is verified and stored once S bytes are in.
 async fn put_blob(
     req: HttpRequest,
     state: web::Data<State>,
     sha: web::Path<String>,
+    q: web::Query<PutQuery>,
     mut body: web::Payload,
 ) -> HttpResponse {
     if let Err(r) = authorize(&req, &state.shared) {
@@ -180,51 +222,75 @@ async fn put_blob(
     // large video is never held in memory.
     let (tx, rx) = tokio::sync::mpsc::channel(UPLOAD_QUEUE_CHUNKS);
     let blobs = state.shared.blobs.clone();
-    let writer = tokio::task::spawn_blocking(move || {
-        blobs.put_reader(ChannelReader { rx, current: web::Bytes::new() }, Some(&sha))
-    });
-    let mut received = 0u64;
-    let mut failure = None;
-    while let Some(chunk) = body.next().await {
-        match chunk {
-            Ok(bytes) => {
-                received += bytes.len() as u64;
-                if received > MAX_BLOB_BYTES {
-                    failure = Some(error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!("blobs are limited to {MAX_BLOB_BYTES} bytes"),
-                        None,
-                        false,
-                    ));
-                    break;
-                }
-                // The blocking side only stops early on a disk error, reported below.
-                if tx.send(bytes).await.is_err() {
-                    break;
-                }
+    let reader = ChannelReader { rx, current: web::Bytes::new() };
+    let (offset, size) = match (q.offset, q.size) {
+        (None, None) => {
+            let writer = tokio::task::spawn_blocking(move || blobs.put_reader(reader, Some(&sha)));
+            let failure = pump(&mut body, tx.clone(), MAX_BLOB_BYTES).await;
+            if failure.is_some() {
+                // A truncated body must not be stored: make the writer fail its digest check.
+                let _ = tx.send(web::Bytes::from_static(b"\0truncated")).await;
             }
-            Err(e) => {
-                failure = Some(bad(format!("the upload broke off after {received} bytes: {e}; upload again")));
-                break;
+            drop(tx);
+            let stored = writer.await;
+            if let Some(f) = failure {
+                return f;
             }
+            return match stored {
+                Ok(Ok((sha256, size_bytes))) => HttpResponse::Created().json(BlobView { sha256, size_bytes }),
+                Ok(Err(e)) => stored_error(&sha, e),
+                Err(e) => internal(format!("the blob writer failed: {e}")),
+            };
         }
+        (Some(offset), Some(size)) => (offset, size),
+        _ => return bad("give both `offset` and `size` (a resumable upload) or neither"),
+    };
+    if size > MAX_BLOB_BYTES || offset > size {
+        return bad(format!("offset {offset} and size {size} must satisfy offset <= size <= {MAX_BLOB_BYTES}"));
     }
-    if failure.is_some() {
-        // A truncated body must not be stored: make the writer fail its digest check.
-        let _ = tx.send(web::Bytes::from_static(b"\0truncated")).await;
+    let have = blobs.partial_len(&sha);
+    if have != offset {
+        return error(
+            StatusCode::CONFLICT,
+            format!("the controller holds {have} bytes of {sha}: resume at offset {have}"),
+            None,
+            true,
+        );
     }
-    drop(tx);
+    if offset > 0 {
+        tracing::info!(%sha, offset, size, "resuming an upload");
+    }
+    let writer = tokio::task::spawn_blocking(move || -> Result<Option<u64>, cosmos_cas::CasError> {
+        let path = blobs.partial_path(&sha);
+        let io = |source| cosmos_cas::CasError::Io { context: "cannot write", path: path.clone(), source };
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
+        let mut reader = reader;
+        std::io::copy(&mut reader, &mut file).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        if len < size {
+            return Ok(None);
+        }
+        blobs.commit_partial(&sha, size)?;
+        Ok(Some(size))
+    });
+    let failure = pump(&mut body, tx, size - offset).await;
     let stored = writer.await;
-    if let Some(f) = failure {
-        return f;
+    match (stored, failure) {
+        (Ok(Ok(Some(size_bytes))), _) => HttpResponse::Created().json(BlobView { sha256: sha, size_bytes }),
+        (Ok(Err(e)), _) => stored_error(&sha, e),
+        (Err(e), _) => internal(format!("the blob writer failed: {e}")),
+        (Ok(Ok(None)), Some(f)) => f,
+        (Ok(Ok(None)), None) => HttpResponse::Accepted()
+            .json(serde_json::json!({ "sha256": sha, "have_bytes": state.shared.blobs.partial_len(&sha) })),
     }
-    match stored {
-        Ok(Ok((sha256, size_bytes))) => HttpResponse::Created().json(BlobView { sha256, size_bytes }),
-        Ok(Err(cosmos_cas::CasError::DigestMismatch { actual, size_bytes, .. })) => bad(format!(
+}
+
+fn stored_error(sha: &Sha256, e: cosmos_cas::CasError) -> HttpResponse {
+    match e {
+        cosmos_cas::CasError::DigestMismatch { actual, size_bytes, .. } => bad(format!(
             "the {size_bytes} bytes uploaded hash to {actual}, not to {sha} as the URL says; upload the file again"
         )),
-        Ok(Err(e)) => internal(format!("cannot store the blob: {e}")),
-        Err(e) => internal(format!("the blob writer failed: {e}")),
+        e => internal(format!("cannot store the blob: {e}")),
     }
 }
 
@@ -238,7 +304,10 @@ async fn head_blob(req: HttpRequest, state: web::Data<State>, sha: web::Path<Str
     };
     match state.shared.blobs.size(&sha) {
         Some(size) => HttpResponse::Ok().insert_header(("x-cosmos-size-bytes", size.to_string())).finish(),
-        None => HttpResponse::NotFound().finish(),
+        // What a resumable upload left: the next one continues there.
+        None => HttpResponse::NotFound()
+            .insert_header(("x-cosmos-partial-bytes", state.shared.blobs.partial_len(&sha).to_string()))
+            .finish(),
     }
 }
 

@@ -385,3 +385,39 @@ fn runs_as_containers_of_the_model_image_with_its_volumes() {
         .unwrap();
     assert!(String::from_utf8_lossy(&leftover.stdout).trim().is_empty(), "no container left behind");
 }
+
+#[test]
+fn an_interrupted_video_upload_resumes_where_it_broke_off() {
+    use std::io::Write;
+    let c = Cluster::start(1, 15_000);
+    let dir = c.dir.path().join("big");
+    std::fs::create_dir_all(&dir).unwrap();
+    let video: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(dir.join("color.mp4"), &video).unwrap();
+    let (sha, size, half) = (sha256_hex(&video), video.len(), video.len() / 2);
+    let token = std::fs::read_to_string(c.data().join("api.token")).unwrap();
+    // A client that dies half way through its upload.
+    let mut conn = std::net::TcpStream::connect(c.api.trim_start_matches("http://")).unwrap();
+    write!(
+        conn,
+        "PUT /v1/blobs/{sha}?offset=0&size={size} HTTP/1.1\r\nHost: cosmos\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: {size}\r\n\r\n",
+        token.trim()
+    )
+    .unwrap();
+    conn.write_all(&video[..half]).unwrap();
+    let partial = c.data().join("blobs/partial").join(&sha);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) < half as u64 {
+        assert!(std::time::Instant::now() < deadline, "the controller did not keep the bytes it received");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(conn);
+
+    let prompt = c.json(&["create", "prompt", "a resumed upload", dir.to_str().unwrap(), "--json"]);
+    assert_eq!(prompt["videos"]["color"]["sha256"], sha.as_str());
+    let log = std::fs::read_to_string(c.dir.path().join("ctl.log")).unwrap();
+    assert!(log.contains("resuming an upload") && log.contains(&format!("offset={half}")), "{log}");
+    assert!(!partial.exists(), "the finished blob left no partial file");
+    assert_eq!(file_sha(&c.data().join("blobs/sha256").join(&sha[..2]).join(&sha)), sha);
+}
