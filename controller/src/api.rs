@@ -291,16 +291,21 @@ async fn submit(req: HttpRequest, state: web::Data<State>, body: web::Json<Submi
             _ => unavailable(),
         },
         Ok(Err(e)) => {
-            let line = match &e {
-                SubmitError::InvalidSpec { index, .. }
-                | SubmitError::Unplaceable { index, .. }
-                | SubmitError::TooMuchVram { index, .. } => Some(index + 1),
-                _ => None,
-            };
+            let line = submit_error_line(&e);
             let status = if e.is_retryable() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_REQUEST };
             error(status, e.to_string(), line, e.is_retryable())
         }
         Err(_) => unavailable(),
+    }
+}
+
+/// The 1-based line of the batch a refused submission blames, if one.
+pub(crate) fn submit_error_line(e: &SubmitError) -> Option<usize> {
+    match e {
+        SubmitError::InvalidSpec { index, .. }
+        | SubmitError::Unplaceable { index, .. }
+        | SubmitError::TooMuchVram { index, .. } => Some(index + 1),
+        _ => None,
     }
 }
 

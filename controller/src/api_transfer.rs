@@ -561,12 +561,7 @@ async fn submit_compiled(
             _ => Err(unavailable()),
         },
         Ok(Err(e)) => {
-            let line = match &e {
-                crate::core::SubmitError::InvalidSpec { index, .. }
-                | crate::core::SubmitError::Unplaceable { index, .. }
-                | crate::core::SubmitError::TooMuchVram { index, .. } => Some(index + 1),
-                _ => None,
-            };
+            let line = crate::api::submit_error_line(&e);
             let status = if e.is_retryable() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_REQUEST };
             let msg = match line {
                 Some(l) => format!("line {l}: {e}"),
