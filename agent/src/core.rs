@@ -119,6 +119,8 @@ pub struct Recovered {
     pub exited: Option<ExitStatus>,
     /// Time left before its timeout, from the labels and start time the runtime keeps.
     pub remaining_ms: Option<u64>,
+    /// For a clean exit: the expected outputs found in its work directory, with digests.
+    pub outputs: Vec<ArtifactRef>,
 }
 
 /// What the shell must do.
@@ -244,6 +246,8 @@ pub struct AgentCore {
     heartbeat_seq: u64,
     last_heartbeat_ms: u64,
     last_ack_ms: u64,
+    /// Outputs of attempts that exited cleanly while no agent ran, to deliver once connected.
+    recovered_uploads: Vec<(AttemptId, Vec<ArtifactRef>)>,
 }
 
 impl AgentCore {
@@ -276,6 +280,7 @@ impl AgentCore {
             heartbeat_seq: 0,
             last_heartbeat_ms: 0,
             last_ack_ms: 0,
+            recovered_uploads: Vec::new(),
         };
         for r in recovered {
             match r.exited {
@@ -297,10 +302,32 @@ impl AgentCore {
                         },
                     );
                 }
-                Some(status) => {
-                    let outcome = outcome_of(&status, None, Vec::new(), &[]);
-                    core.finished.insert(r.attempt_id, (outcome, r.gpu_uuids));
-                }
+                Some(status) => match outcome_of(&status, None, r.outputs, &[]) {
+                    // Its outputs are still in its directory: deliver them as if it had
+                    // just exited, rather than report a success with nothing to download.
+                    AttemptOutcome::Succeeded { outputs } if !outputs.is_empty() => {
+                        let deadline_ms = now_ms.saturating_add(core.config.upload_timeout_ms);
+                        core.attempts.insert(
+                            r.attempt_id,
+                            Attempt {
+                                job_id: r.job_id,
+                                gpu_uuids: r.gpu_uuids,
+                                required_outputs: Vec::new(),
+                                started: true,
+                                progress: (0, 0),
+                                deadline_ms: None,
+                                timeout_ms: 0,
+                                stop: None,
+                                transfer: Some(Transfer::Uploading { outputs: outputs.clone(), deadline_ms }),
+                                baselines: Vec::new(),
+                            },
+                        );
+                        core.recovered_uploads.push((r.attempt_id, outputs));
+                    }
+                    outcome => {
+                        core.finished.insert(r.attempt_id, (outcome, r.gpu_uuids));
+                    }
+                },
             }
         }
         core
@@ -318,6 +345,12 @@ impl AgentCore {
             attempts: self.reports(),
             incarnation: self.incarnation,
         })));
+        // Delivery needs the link; the transfer engine keeps retrying across later reconnects itself.
+        for (attempt_id, outputs) in std::mem::take(&mut self.recovered_uploads) {
+            if self.attempts.get(&attempt_id).is_some_and(|a| matches!(a.transfer, Some(Transfer::Uploading { .. }))) {
+                out.push(Output::Upload { attempt_id, outputs });
+            }
+        }
     }
 
     /// The connection is gone; attempts keep running while we reconnect.
@@ -893,6 +926,35 @@ mod tests {
 
     fn phase(core: &AgentCore) -> Option<AttemptPhase> {
         core.reports().into_iter().find(|r| r.attempt_id == ATT).map(|r| r.phase)
+    }
+
+    #[test]
+    fn outputs_of_an_attempt_that_ended_while_no_agent_ran_are_delivered_before_success() {
+        let gpu = GpuInfo { index: 0, uuid: GPU.into(), name: "fake".into(), total_vram_bytes: 80 << 30 };
+        let recovered = Recovered {
+            attempt_id: ATT,
+            job_id: JobId(1),
+            gpu_uuids: vec![GPU.into()],
+            exited: Some(ExitStatus { code: Some(0), signal: None, oom_killed: false }),
+            remaining_ms: None,
+            outputs: vec![artifact()],
+        };
+        let mut core = AgentCore::new(0, AgentConfig::default(), vec![gpu], true, "sim", 1, vec![recovered]);
+        let mut out = Vec::new();
+        core.connected(0, &mut out);
+        let hello = out.iter().position(|o| matches!(o, Output::Send(AgentMsg::Hello(_))));
+        let upload = out.iter().position(|o| matches!(o, Output::Upload { attempt_id: ATT, .. }));
+        assert!(hello.is_some() && upload > hello, "hello first, then the delivery: {out:?}");
+        assert!(matches!(phase(&core), Some(AttemptPhase::Running { .. })), "not finished until delivered");
+        assert_eq!(finished(&out), None);
+        // A later reconnect does not start a second delivery: the engine retries the first.
+        core.disconnected();
+        let mut again = Vec::new();
+        core.connected(10, &mut again);
+        assert!(!again.iter().any(|o| matches!(o, Output::Upload { .. })), "{again:?}");
+        let mut out = Vec::new();
+        core.on_uploaded(20, ATT, Ok(()), &mut out);
+        assert_eq!(finished(&out), Some(AttemptOutcome::Succeeded { outputs: vec![artifact()] }));
     }
 
     /// A running attempt whose container exited cleanly with an output, now uploading.

@@ -35,7 +35,9 @@
 //! signal.
 
 use crate::core::{ExitStatus, Recovered, RuntimeEvent};
-use crate::process::{ACK_FILE, EXIT_FILE, ProgressParser, RECORD_FILE, STDERR_FILE, STDOUT_FILE, collect_outputs};
+use crate::process::{
+    ACK_FILE, EXIT_FILE, ProgressParser, RECORD_FILE, STDERR_FILE, STDOUT_FILE, collect_outputs, recovered_outputs,
+};
 use crate::runtime::{EventSender, Runtime, StartRequest, lock, unix_ms, write_json};
 use bollard::Docker;
 use bollard::container::LogOutput;
@@ -1149,6 +1151,7 @@ impl DockerRuntime {
             gpu_uuids: f.gpu_uuids.clone(),
             exited: None,
             remaining_ms: Some(remaining_ms),
+            outputs: Vec::new(),
         }
     }
 
@@ -1181,6 +1184,7 @@ impl DockerRuntime {
             out.push(Recovered {
                 attempt_id: record.attempt_id,
                 job_id: record.job_id,
+                outputs: recovered_outputs(Some(&status), &record.work_dir, &record.outputs),
                 gpu_uuids: record.gpu_uuids,
                 exited: Some(status),
                 remaining_ms: None,
@@ -1283,13 +1287,22 @@ impl Runtime for DockerRuntime {
             }
             match &f.exited {
                 None => recovered.push(self.adopt(f)),
-                Some(status) => recovered.push(Recovered {
-                    attempt_id: f.attempt_id,
-                    job_id: f.job_id,
-                    gpu_uuids: f.gpu_uuids.clone(),
-                    exited: Some(status.clone()),
-                    remaining_ms: None,
-                }),
+                Some(status) => {
+                    // The container kept its labels; the attempt's directory keeps what it was to produce.
+                    let dir = self.shared.attempt_dir(f.attempt_id);
+                    let on_disk: Option<DockerRecord> =
+                        std::fs::read(dir.join(RECORD_FILE)).ok().and_then(|t| serde_json::from_slice(&t).ok());
+                    let outputs =
+                        on_disk.map(|r| recovered_outputs(Some(status), &r.work_dir, &r.outputs)).unwrap_or_default();
+                    recovered.push(Recovered {
+                        attempt_id: f.attempt_id,
+                        job_id: f.job_id,
+                        gpu_uuids: f.gpu_uuids.clone(),
+                        exited: Some(status.clone()),
+                        remaining_ms: None,
+                        outputs,
+                    })
+                }
             }
         }
         recovered.extend(self.recover_dirs(&seen, engine_answered));

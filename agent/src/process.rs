@@ -266,10 +266,11 @@ impl ProcessRuntime {
         if dir.join(ACK_FILE).exists() || lock(&self.live).contains_key(&record.attempt_id) {
             return None;
         }
-        let recovered = |exited, remaining_ms| Recovered {
+        let recovered = |exited: Option<ExitStatus>, remaining_ms| Recovered {
             attempt_id: record.attempt_id,
             job_id: record.job_id,
             gpu_uuids: record.gpu_uuids.clone(),
+            outputs: recovered_outputs(exited.as_ref(), &record.work_dir, &record.outputs),
             exited,
             remaining_ms,
         };
@@ -545,6 +546,14 @@ fn last_fraction(line: &[u8], may_end_line: bool) -> Option<(u32, u32)> {
         return (m > 0 && n <= m).then_some((n, m));
     }
     None
+}
+
+/// What an attempt found ended at start-up produced: its expected outputs after a clean exit, else nothing.
+pub(crate) fn recovered_outputs(exited: Option<&ExitStatus>, work_dir: &Path, wanted: &[String]) -> Vec<ArtifactRef> {
+    match exited {
+        Some(status) if status.code == Some(0) => collect_outputs(work_dir, wanted),
+        _ => Vec::new(),
+    }
 }
 
 /// The expected outputs that exist as regular files inside `work_dir`, with digests.

@@ -13,7 +13,7 @@
 //! pause and advance it.
 
 use crate::core::{ExitStatus, Recovered, RuntimeEvent};
-use crate::process::{ProgressParser, STDERR_FILE, STDOUT_FILE, collect_outputs};
+use crate::process::{ProgressParser, STDERR_FILE, STDOUT_FILE, collect_outputs, recovered_outputs};
 use crate::runtime::{EventSender, Runtime, StartRequest, lock};
 use cosmos_proto::{AttemptId, JobId, LogStream, MAX_LOG_CHUNK_BYTES};
 use cosmos_testjob::Args;
@@ -55,6 +55,9 @@ struct Ended {
     job_id: JobId,
     gpu_uuids: Vec<String>,
     status: ExitStatus,
+    /// Where it ran and what it was to produce, to find its outputs after a restart.
+    work_dir: PathBuf,
+    outputs: Vec<String>,
 }
 
 #[derive(Default)]
@@ -134,7 +137,14 @@ impl SimulatedHost {
                 t.abort();
             }
             let status = job.exit.unwrap_or(KILLED);
-            state.ended.insert(attempt_id, Ended { job_id: job.job_id, gpu_uuids: job.gpu_uuids, status });
+            let ended = Ended {
+                job_id: job.job_id,
+                gpu_uuids: job.gpu_uuids,
+                status,
+                work_dir: job.work_dir,
+                outputs: job.outputs,
+            };
+            state.ended.insert(attempt_id, ended);
         }
     }
 }
@@ -380,6 +390,7 @@ impl Runtime for SimulatedRuntime {
                             gpu_uuids: job.gpu_uuids.clone(),
                             exited: None,
                             remaining_ms: Some(remaining_ms),
+                            outputs: Vec::new(),
                         });
                         adopt.push(id);
                     }
@@ -398,6 +409,7 @@ impl Runtime for SimulatedRuntime {
                     gpu_uuids: ended.gpu_uuids.clone(),
                     exited: Some(ended.status.clone()),
                     remaining_ms: None,
+                    outputs: recovered_outputs(Some(&ended.status), &ended.work_dir, &ended.outputs),
                 });
             }
         }

@@ -585,7 +585,8 @@ async fn a_restarted_runtime_adopts_a_running_job<H: Harness>(test: &str) {
     let mut second = h.runtime(tx);
     let recovered = second.recover();
     assert_eq!(recovered.len(), 1, "{recovered:?}");
-    let Recovered { attempt_id, job_id, ref gpu_uuids, exited: None, remaining_ms: Some(left) } = recovered[0] else {
+    let Recovered { attempt_id, job_id, ref gpu_uuids, exited: None, remaining_ms: Some(left), .. } = recovered[0]
+    else {
         panic!("adopted while it runs: {recovered:?}");
     };
     assert_eq!(
@@ -631,6 +632,37 @@ async fn an_adopted_job_can_be_stopped<H: Harness>(test: &str) {
     } else {
         assert_eq!(seen.status(), &UNKNOWN);
     }
+    assert_no_leftovers(&h).await;
+}
+
+async fn the_outputs_of_a_job_that_ended_unwatched_are_recovered<H: Harness>(test: &str) {
+    let h = H::new(test).await;
+    let (tx, mut rx) = channel();
+    let mut first = h.runtime(tx);
+    let mut spec = h.spec(&["--sleep-ms", "300", "--write", "video.mp4=frames"]);
+    spec.outputs.push(OutputArtifact { path: "video.mp4".into(), required: true });
+    first.start(request(&h, 1, spec));
+    let mut before = Seen::default();
+    watch_until(&mut rx, AttemptId(1), &mut before, |s| s.started.is_some()).await;
+    drop(first);
+    drop(rx);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while h.is_running(AttemptId(1)).await {
+        assert!(tokio::time::Instant::now() < deadline, "the job ends");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (tx, _rx) = channel();
+    let mut second = h.runtime(tx);
+    let recovered = second.recover();
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    if H::KNOWS_UNWATCHED_EXIT {
+        // A clean exit seen after the fact still yields what it made, so the agent can deliver it.
+        let digest = Sha256(sha2::Sha256::digest(b"frames\n").into());
+        assert_eq!(recovered[0].outputs, vec![ArtifactRef { path: "video.mp4".into(), sha256: digest, size_bytes: 7 }]);
+    } else {
+        assert_eq!(recovered[0].outputs, vec![], "an exit of unknown status claims no outputs");
+    }
+    drop(second);
     assert_no_leftovers(&h).await;
 }
 
@@ -711,4 +743,5 @@ contract!(
     a_restarted_runtime_adopts_a_running_job,
     an_adopted_job_can_be_stopped,
     a_job_that_ended_unwatched_is_reported_until_acknowledged,
+    the_outputs_of_a_job_that_ended_unwatched_are_recovered,
 );

@@ -250,9 +250,6 @@ pub struct Sim {
     trace_attempts: BTreeSet<AttemptId>,
     /// Attempts whose outputs the simulated controller received, with what it received.
     delivered: HashMap<AttemptId, Vec<ArtifactRef>>,
-    /// Attempts that exited cleanly while their agent was down: reported from what the
-    /// runtime kept, which has no outputs (a known gap), so they are not held to delivery.
-    recovered_exits: BTreeSet<AttemptId>,
     /// Answers to transfers, so a stale one (aborted, or from before a restart) is told apart.
     transfer_seq: u64,
 }
@@ -332,7 +329,6 @@ impl Sim {
             trace_job: std::env::var("COSMOS_SIM_TRACE_JOB").ok().and_then(|v| v.parse().ok()).map(JobId),
             trace_attempts: BTreeSet::new(),
             delivered: HashMap::new(),
-            recovered_exits: BTreeSet::new(),
             transfer_seq: 0,
         };
         sim.start_controller();
@@ -492,11 +488,6 @@ impl Sim {
         node.incarnation += 1;
         // The old process's transfers died with it.
         node.transfers.clear();
-        for (&attempt_id, c) in &node.containers {
-            if c.exited.as_ref().is_some_and(|e| e.code == Some(0)) {
-                self.recovered_exits.insert(attempt_id);
-            }
-        }
         let recovered = node
             .containers
             .iter()
@@ -504,6 +495,10 @@ impl Sim {
                 attempt_id,
                 job_id: c.job_id,
                 gpu_uuids: c.gpus.clone(),
+                outputs: match &c.exited {
+                    Some(status) if status.code == Some(0) => sim_outputs(attempt_id, &c.outputs),
+                    _ => Vec::new(),
+                },
                 exited: c.exited.clone(),
                 remaining_ms: Some(c.deadline_ms.saturating_sub(now)),
             })
@@ -691,9 +686,6 @@ impl Sim {
         let Some(att) = in_batch.or_else(|| self.succeeded_attempt.get(&job.id).copied()) else {
             return self.fail(format!("outputs: job {} succeeded with no succeeded attempt", job.id));
         };
-        if self.recovered_exits.contains(&att) {
-            return;
-        }
         match self.delivered.get(&att) {
             None => self.fail(format!("outputs: job {} succeeded by {att} before its outputs were delivered", job.id)),
             Some(d) if *d != job.outputs => {
@@ -986,13 +978,7 @@ impl Sim {
             return;
         }
         let c = self.agents[i].containers.remove(&att).expect("looked up above");
-        let outputs = if status.code == Some(0) {
-            // A digest that differs per attempt, so a mix-up between attempts would show.
-            let digest = Sha256(std::array::from_fn(|n| (att.0 >> (8 * (n % 8))) as u8));
-            c.outputs.into_iter().map(|path| ArtifactRef { path, sha256: digest, size_bytes: 1 << 20 }).collect()
-        } else {
-            Vec::new()
-        };
+        let outputs = if status.code == Some(0) { sim_outputs(att, &c.outputs) } else { Vec::new() };
         self.runtime_event(i, RuntimeEvent::Exited { attempt_id: att, status, outputs });
     }
 
@@ -1321,4 +1307,11 @@ impl Sim {
 /// Runs one seed and returns its report.
 pub fn run_seed(scenario: &Scenario, seed: u64) -> Report {
     Sim::new(scenario.clone(), seed).run()
+}
+
+/// What a fake container that exited 0 produced: its expected outputs, with a
+/// digest that differs per attempt, so a mix-up between attempts would show.
+fn sim_outputs(att: AttemptId, paths: &[String]) -> Vec<ArtifactRef> {
+    let digest = Sha256(std::array::from_fn(|n| (att.0 >> (8 * (n % 8))) as u8));
+    paths.iter().map(|path| ArtifactRef { path: path.clone(), sha256: digest, size_bytes: 1 << 20 }).collect()
 }
