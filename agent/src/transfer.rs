@@ -12,6 +12,13 @@
 //! in flight: [`MAX_BLOB_FRAMES_IN_FLIGHT_PER_BLOB`] chunks per blob and
 //! [`MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN`] on the connection.
 //!
+//! Each download has a writer on the blocking pool: the engine checks a chunk's
+//! checksum and order and hands its bytes over; the writer appends them to the
+//! cache's partial file and feeds them to the blob's sha256 as it goes, so the
+//! digest is known when the last byte lands (a resumed download hashes what is
+//! already on disk first). The window counts bytes asked for and not yet
+//! written, so a slow disk holds back requests and memory stays bounded.
+//!
 //! Failures: a chunk that fails its checksum is requested again from where the
 //! good bytes end; a dropped link resumes every transfer from what is on disk
 //! (the cache's partial file, the controller's partial length); a whole blob is
@@ -49,6 +56,8 @@ const STALL_CHECK_MS: u64 = 1_000;
 const CHUNK: u64 = BLOB_CHUNK_BYTES as u64;
 const BLOB_WINDOW_BYTES: u64 = MAX_BLOB_FRAMES_IN_FLIGHT_PER_BLOB as u64 * CHUNK;
 const CONN_WINDOW_BYTES: u64 = MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN as u64 * CHUNK;
+/// Written chunks a download's hasher may lag behind its writer.
+const HASH_QUEUE_LEN: usize = MAX_BLOB_FRAMES_IN_FLIGHT_PER_BLOB;
 
 /// What the main loop asks of the engine.
 #[derive(Debug)]
@@ -183,6 +192,7 @@ pub fn spawn(cache: Arc<Store>, cache_max_bytes: u64) -> (Handle, mpsc::Unbounde
         done,
         bg,
         downloads: BTreeMap::new(),
+        writers: 0,
         verifying: BTreeSet::new(),
         verified: HashMap::new(),
         stages: HashMap::new(),
@@ -195,11 +205,19 @@ pub fn spawn(cache: Arc<Store>, cache_max_bytes: u64) -> (Handle, mpsc::Unbounde
 
 struct Download {
     size: u64,
-    /// Verified bytes on disk (the partial file's length).
+    /// Bytes accepted in order with good checksums, handed to the writer.
     end: u64,
-    /// Bytes asked for; `requested - end` are in flight.
+    /// Bytes the writer has on disk and hashed; `end - written` wait for it.
+    written: u64,
+    /// Bytes asked for; `requested - end` are in flight, `requested - written` held in memory at most.
     requested: u64,
+    /// Every byte is accepted: the writer finishes, checks the digest and installs the blob.
     committing: bool,
+    /// Which writer's reports count (a refetch after a digest failure starts another).
+    writer_id: u64,
+    /// The writer's queue; dropped once every byte is accepted (the writer then commits) or
+    /// with the download (the writer then stops, leaving the partial file to resume from).
+    writer: Option<mpsc::UnboundedSender<Vec<u8>>>,
     digest_failures: u32,
     last_progress: Instant,
     /// Bytes received in this process, resends included (for the log).
@@ -228,7 +246,10 @@ struct Upload {
 
 /// Results of blocking work.
 enum Bg {
-    Committed(Sha256, Result<(), CasError>),
+    /// A download's writer has this many bytes on disk.
+    Wrote(Sha256, u64, u64),
+    /// A download's writer finished: the blob is in the cache, or why not.
+    Committed(Sha256, u64, Result<(), CasError>),
     Verified(Sha256, Option<SystemTime>),
     Placed(AttemptId, Result<(), CasError>),
 }
@@ -240,6 +261,8 @@ struct Engine {
     done: mpsc::UnboundedSender<Done>,
     bg: mpsc::UnboundedSender<Bg>,
     downloads: BTreeMap<Sha256, Download>,
+    /// Writers started so far (names the next one).
+    writers: u64,
     /// Cached blobs being re-hashed before use.
     verifying: BTreeSet<Sha256>,
     /// Cached blobs known good, with the modification time they had then: a
@@ -404,13 +427,18 @@ impl Engine {
             tracing::info!(%sha256, resume_at_bytes = end, size_bytes = size, "resuming an input download");
         }
         let now = Instant::now();
+        let (writer_id, writer) = self.start_writer(sha256, end, size);
         self.downloads.insert(
             sha256,
             Download {
                 size,
                 end,
+                written: end,
                 requested: end,
-                committing: false,
+                // All there already: the writer only hashes it and commits.
+                committing: end == size,
+                writer_id,
+                writer: (end < size).then_some(writer),
                 digest_failures: 0,
                 last_progress: now,
                 received_bytes: 0,
@@ -418,13 +446,72 @@ impl Engine {
                 started: now,
             },
         );
-        if end == size {
-            self.commit(sha256);
-        }
+    }
+
+    /// Starts the writer of a download whose partial file holds `start` bytes:
+    /// it hashes those, then appends and hashes what it is sent; when its queue
+    /// closes with all `size` bytes written it checks the digest and installs
+    /// the blob, otherwise it just stops (the partial file stays for a resume).
+    fn start_writer(&mut self, sha256: Sha256, start: u64, size: u64) -> (u64, mpsc::UnboundedSender<Vec<u8>>) {
+        self.writers += 1;
+        let id = self.writers;
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+        let (cache, bg) = (self.cache.clone(), self.bg.clone());
+        tokio::task::spawn_blocking(move || {
+            let result = (|| -> Result<bool, CasError> {
+                let (mut w, mut h) = cache.partial_writer(&sha256, start)?;
+                // Hashing runs beside writing, a few chunks behind at most.
+                let (to_hasher, hashing) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(HASH_QUEUE_LEN);
+                let hasher = std::thread::Builder::new()
+                    .name("blob-hasher".into())
+                    .spawn(move || {
+                        for data in hashing {
+                            h.update(&data);
+                        }
+                        h
+                    })
+                    .map_err(|source| CasError::Io {
+                        context: "cannot start hashing",
+                        path: cache.partial_path(&sha256),
+                        source,
+                    })?;
+                let mut failed = None;
+                while let Some(data) = rx.blocking_recv() {
+                    let data = Arc::new(data);
+                    let _ = to_hasher.send(data.clone());
+                    match w.append(&data) {
+                        Ok(len) => drop(bg.send(Bg::Wrote(sha256, id, len))),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                drop(to_hasher);
+                let h = hasher.join().map_err(|_| CasError::Io {
+                    context: "hashing failed for",
+                    path: cache.partial_path(&sha256),
+                    source: std::io::Error::other("the hashing thread panicked"),
+                })?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                if w.len() < size {
+                    return Ok(false);
+                }
+                cache.commit_written(w, h, size).map(|_| true)
+            })();
+            match result {
+                Ok(false) => {}
+                Ok(true) => drop(bg.send(Bg::Committed(sha256, id, Ok(())))),
+                Err(e) => drop(bg.send(Bg::Committed(sha256, id, Err(e)))),
+            }
+        });
+        (id, tx)
     }
 
     fn in_flight_bytes(&self) -> u64 {
-        let down: u64 = self.downloads.values().map(|d| d.requested - d.end).sum();
+        let down: u64 = self.downloads.values().map(|d| d.requested - d.written).sum();
         let up: u64 = self.uploads.values().map(|u| u.sent - u.acked).sum();
         down + up
     }
@@ -439,7 +526,7 @@ impl Engine {
         for (sha256, d) in self.downloads.iter_mut() {
             while !d.committing
                 && d.requested < d.size
-                && d.requested - d.end < BLOB_WINDOW_BYTES
+                && d.requested - d.written < BLOB_WINDOW_BYTES
                 && in_flight < CONN_WINDOW_BYTES
             {
                 let len = CHUNK.min(d.size - d.requested);
@@ -462,7 +549,7 @@ impl Engine {
                 && in_flight < CONN_WINDOW_BYTES
             {
                 let len = CHUNK.min(u.size - u.sent) as usize;
-                // A quarter megabyte from the page cache: cheap enough to read here.
+                // A megabyte at most, from the page cache: cheap enough to read here.
                 let data = match cosmos_cas::read_range(&u.file, u.sent, len) {
                     Ok(data) if data.len() == len => data,
                     Ok(_) | Err(_) => {
@@ -589,38 +676,30 @@ impl Engine {
             self.pump().await;
             return;
         }
-        match self.cache.append_partial(&sha256, chunk.offset, &chunk.data) {
-            Ok(end) => {
-                d.end = end;
-                d.requested = d.requested.max(end);
-                d.last_progress = Instant::now();
-            }
-            Err(e) => {
-                self.downloads.remove(&sha256);
-                self.fail(sha256, TransferError::Cache(e));
-                return;
-            }
+        let len = chunk.data.len() as u64;
+        // A writer that is gone failed: its report (on its way) fails the download.
+        if !d.writer.as_ref().is_some_and(|w| w.send(chunk.data).is_ok()) {
+            return;
         }
+        d.end += len;
+        d.requested = d.requested.max(d.end);
+        d.last_progress = Instant::now();
         if d.end == d.size {
-            self.commit(sha256);
+            // Closing the queue tells the writer that all is there: it verifies and installs.
+            d.committing = true;
+            d.writer = None;
         }
-        self.pump().await;
-    }
-
-    fn commit(&mut self, sha256: Sha256) {
-        let Some(d) = self.downloads.get_mut(&sha256) else { return };
-        d.committing = true;
-        let (cache, bg, size) = (self.cache.clone(), self.bg.clone(), d.size);
-        tokio::task::spawn_blocking(move || {
-            let result = cache.commit_partial(&sha256, size).map(|_| ());
-            let _ = bg.send(Bg::Committed(sha256, result));
-        });
     }
 
     async fn background(&mut self, result: Bg) {
         match result {
-            Bg::Committed(sha256, result) => {
-                let Some(d) = self.downloads.get_mut(&sha256) else { return };
+            Bg::Wrote(sha256, id, len) => {
+                let Some(d) = self.downloads.get_mut(&sha256).filter(|d| d.writer_id == id) else { return };
+                d.written = len;
+                self.pump().await;
+            }
+            Bg::Committed(sha256, id, result) => {
+                let Some(d) = self.downloads.get_mut(&sha256).filter(|d| d.writer_id == id) else { return };
                 match result {
                     Ok(()) => {
                         let secs = d.started.elapsed().as_secs_f64().max(1e-6);
@@ -644,7 +723,15 @@ impl Engine {
                         d.digest_failures += 1;
                         d.committing = false;
                         d.end = 0;
+                        d.written = 0;
                         d.requested = 0;
+                        // The writer removed the partial file: the next one starts from nothing.
+                        let size = d.size;
+                        let (writer_id, writer) = self.start_writer(sha256, 0, size);
+                        if let Some(d) = self.downloads.get_mut(&sha256) {
+                            d.writer_id = writer_id;
+                            d.writer = Some(writer);
+                        }
                     }
                     Err(CasError::DigestMismatch { .. }) => {
                         let tries = d.digest_failures + 1;

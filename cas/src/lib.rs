@@ -175,6 +175,49 @@ impl Store {
         self.install(&partial, sha256)
     }
 
+    /// Opens the blob's partial file for sequential appends from byte `start`,
+    /// with the blob's running digest over its first `start` bytes (read now),
+    /// so the whole-blob digest is known the moment the last byte is written:
+    /// no second read of the file. The hasher may be fed on another thread than
+    /// the writer. Fails when the partial file holds fewer than `start` bytes.
+    pub fn partial_writer(&self, sha256: &Sha256, start: u64) -> Result<(PartialWriter, BlobHasher)> {
+        let path = self.partial_path(sha256);
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err("cannot open", &path))?;
+        let mut hasher = BlobHasher { hasher: sha2::Sha256::new(), len: 0 };
+        hasher.len = hash_prefix(&file, start, &mut hasher.hasher).map_err(io_err("cannot read", &path))?;
+        if hasher.len != start {
+            return Err(CasError::SizeMismatch { sha256: *sha256, expected_bytes: start, actual_bytes: hasher.len });
+        }
+        Ok((PartialWriter { sha256: *sha256, path, file, len: start }, hasher))
+    }
+
+    /// Checks a finished partial file (`size_bytes` written, hashing to its
+    /// digest) and moves it into the store. On a digest mismatch the partial
+    /// file is removed, so the next try starts over.
+    pub fn commit_written(&self, writer: PartialWriter, hasher: BlobHasher, size_bytes: u64) -> Result<PathBuf> {
+        let PartialWriter { sha256, path, file, len } = writer;
+        let on_disk = file.metadata().map_err(io_err("cannot stat", &path))?.len();
+        drop(file);
+        if let Some(actual_bytes) = [len, hasher.len, on_disk].into_iter().find(|&n| n != size_bytes) {
+            if on_disk > size_bytes {
+                self.discard_partial(&sha256);
+            }
+            return Err(CasError::SizeMismatch { sha256, expected_bytes: size_bytes, actual_bytes });
+        }
+        let actual = hasher.finish();
+        if actual != sha256 {
+            self.discard_partial(&sha256);
+            return Err(CasError::DigestMismatch { expected: sha256, actual, size_bytes });
+        }
+        self.install(&path, &sha256)
+    }
+
     /// Stores everything `reader` yields; when `expected` is given the content
     /// must hash to it, else nothing is stored.
     pub fn put_reader(&self, mut reader: impl Read, expected: Option<&Sha256>) -> Result<(Sha256, u64)> {
@@ -260,6 +303,87 @@ impl Store {
         fs::rename(from, &dest).map_err(io_err("cannot move into the store", &dest))?;
         Ok(dest)
     }
+}
+
+/// A partial transfer being appended to in order (see [`Store::partial_writer`]).
+/// The file stays open between appends.
+#[derive(Debug)]
+pub struct PartialWriter {
+    sha256: Sha256,
+    path: PathBuf,
+    file: File,
+    len: u64,
+}
+
+impl PartialWriter {
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing is written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `data` at the current end; returns the new length.
+    pub fn append(&mut self, data: &[u8]) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
+        // Positional: a stale writer of the same blob (an aborted download still
+        // draining) can only write the same bytes at the same places.
+        self.file.write_all_at(data, self.len).map_err(io_err("cannot write", &self.path))?;
+        self.len += data.len() as u64;
+        Ok(self.len)
+    }
+}
+
+/// A blob's running sha256, fed in order with what is appended to its partial file.
+#[derive(Clone, Debug)]
+pub struct BlobHasher {
+    hasher: sha2::Sha256,
+    len: u64,
+}
+
+impl BlobHasher {
+    /// Hashes the next bytes.
+    pub fn update(&mut self, data: &[u8]) {
+        self.hasher.update(data);
+        self.len += data.len() as u64;
+    }
+
+    /// Bytes hashed so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing is hashed yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn finish(self) -> Sha256 {
+        Sha256(self.hasher.finalize().into())
+    }
+}
+
+/// Feeds the first `len` bytes of `file` to `hasher`; returns how many there were.
+fn hash_prefix(file: &File, len: u64, hasher: &mut sha2::Sha256) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; COPY_BUFFER_BYTES.min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let want = buf.len().min((len - done) as usize);
+        match file.read_at(&mut buf[..want], done) {
+            Ok(0) => break,
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                done += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// SHA-256 and size of a file, read in large blocks.
@@ -348,6 +472,39 @@ mod tests {
         assert_eq!(fs::read(path).unwrap(), data);
         assert_eq!(store.partial_len(&sha), 0);
         assert_eq!(store.read_at(&sha, 8, 100).unwrap(), b"89");
+    }
+
+    #[test]
+    fn a_partial_writer_resumes_hashing_what_is_there_and_commits_without_rereading() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = b"0123456789";
+        let sha = digest(data);
+        let (mut w, _) = store.partial_writer(&sha, 0).unwrap();
+        assert_eq!(w.append(&data[..3]).unwrap(), 3);
+        drop(w);
+        assert!(matches!(store.partial_writer(&sha, 4), Err(CasError::SizeMismatch { .. })));
+        let (mut w, mut h) = store.partial_writer(&sha, 3).unwrap();
+        assert_eq!(h.len(), 3);
+        assert_eq!(w.append(&data[3..7]).unwrap(), 7);
+        h.update(&data[3..7]);
+        assert_eq!(store.partial_len(&sha), 7);
+        assert!(matches!(store.commit_written(w, h.clone(), 10), Err(CasError::SizeMismatch { .. })));
+        let (mut w, mut h) = store.partial_writer(&sha, 7).unwrap();
+        assert_eq!(w.append(&data[7..]).unwrap(), 10);
+        h.update(&data[7..]);
+        let path = store.commit_written(w, h, 10).unwrap();
+        assert_eq!(fs::read(path).unwrap(), data);
+        assert_eq!(store.partial_len(&sha), 0);
+
+        // Bad bytes are caught at commit and the partial file goes.
+        let other = digest(b"good");
+        let (mut w, mut h) = store.partial_writer(&other, 0).unwrap();
+        w.append(b"evil").unwrap();
+        h.update(b"evil");
+        assert!(matches!(store.commit_written(w, h, 4), Err(CasError::DigestMismatch { .. })));
+        assert_eq!(store.partial_len(&other), 0);
+        assert_eq!(store.size(&other), None);
     }
 
     #[test]

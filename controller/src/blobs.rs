@@ -4,14 +4,17 @@
 //! One task per connection handles the agent's blob frames in order (appends
 //! to a partial file must be sequential) and hands its answers to the
 //! connection's bulk queue, which the writer sends only when no control
-//! message waits. File reads, writes and hashing happen on the blocking pool:
-//! the controller's actix system is single-threaded and the core lives there.
+//! message waits. File reads, writes and hashing happen off the actix system
+//! (it is single-threaded and the core lives there): uploads on the blocking
+//! pool, downloads on one reader thread per connection that reads, checksums
+//! and encodes the requested chunks one after the other into the bulk queue, so
+//! the next chunk is read while the writer sends the last one.
 
 /// The store blobs live in, for callers that fill the controller's store directly (tests, tools).
 pub use cosmos_cas::{CasError, Store};
 use cosmos_proto::{
     AgentBlob, AttemptOutcome, AttemptPhase, AttemptReport, BLOB_CHUNK_BYTES, BlobChunk, ControllerBlob,
-    MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN, Sha256, encode_blob, encode_blob_chunk_into,
+    MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN, Sha256, encode_blob, encode_controller_chunk_into,
 };
 use std::collections::HashMap;
 use std::fs::File;
@@ -28,6 +31,8 @@ pub const BULK_QUEUE_LEN: usize = 4;
 const OPEN_FILES_MAX: usize = 16;
 /// Uploads one connection may have announced and not finished.
 const UPLOADS_MAX: usize = 256;
+/// Download requests waiting for the connection's reader thread.
+const READ_QUEUE_LEN: usize = BLOB_INBOX_LEN;
 
 /// Serves one connection's blob frames until the connection goes (its inbox or bulk queue closes).
 pub async fn serve(
@@ -36,10 +41,27 @@ pub async fn serve(
     bulk: mpsc::Sender<Vec<u8>>,
     agent: String,
 ) {
-    let mut conn = BlobConn { store, agent, files: HashMap::new(), uploads: HashMap::new() };
+    let (reads, reads_rx) = mpsc::channel(READ_QUEUE_LEN);
+    {
+        let (store, bulk, agent) = (store.clone(), bulk.clone(), agent.clone());
+        let spawned = std::thread::Builder::new()
+            .name("blob-reader".into())
+            .spawn(move || Reader { store, agent, files: HashMap::new(), buf: Vec::new() }.run(reads_rx, bulk));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a blob reader thread; dropping the agent's blob traffic");
+            return;
+        }
+    }
+    let mut conn = BlobConn { store, agent, uploads: HashMap::new() };
     while let Some(blob) = inbox.recv().await {
         let reply = match blob {
-            AgentBlob::Request { sha256, offset, len_bytes } => conn.read(sha256, offset, len_bytes).await,
+            AgentBlob::Request { sha256, offset, len_bytes } => {
+                // Bounded by the agent's window; the inbox in front bounds it too.
+                if reads.send((sha256, offset, len_bytes)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             AgentBlob::Offer { sha256, size_bytes } => conn.offer(sha256, size_bytes),
             AgentBlob::Chunk(chunk) => conn.receive(chunk).await,
         };
@@ -53,9 +75,88 @@ pub async fn serve(
 struct BlobConn {
     store: Arc<Store>,
     agent: String,
-    files: HashMap<Sha256, Arc<File>>,
     /// Announced uploads: digest → size.
     uploads: HashMap<Sha256, u64>,
+}
+
+/// Serves one connection's download requests, in order, on its own thread.
+struct Reader {
+    store: Arc<Store>,
+    agent: String,
+    files: HashMap<Sha256, File>,
+    /// Chunks are read here, then checksummed and encoded into their frame.
+    buf: Vec<u8>,
+}
+
+impl Reader {
+    /// Until the connection's blob task or its writer goes.
+    fn run(mut self, mut requests: mpsc::Receiver<(Sha256, u64, u32)>, bulk: mpsc::Sender<Vec<u8>>) {
+        while let Some((sha256, offset, len_bytes)) = requests.blocking_recv() {
+            let Some(payload) = self.read(sha256, offset, len_bytes) else { continue };
+            // Waits while the writer has its queue full: that is the back-pressure.
+            if bulk.blocking_send(payload).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn file(&mut self, sha256: &Sha256) -> Option<&File> {
+        if !self.files.contains_key(sha256) {
+            let file = File::open(self.store.path(sha256)).ok()?;
+            if self.files.len() >= OPEN_FILES_MAX {
+                self.files.clear();
+            }
+            self.files.insert(*sha256, file);
+        }
+        self.files.get(sha256)
+    }
+
+    fn read(&mut self, sha256: Sha256, offset: u64, len_bytes: u32) -> Option<Vec<u8>> {
+        let len = len_bytes.min(BLOB_CHUNK_BYTES) as usize;
+        let mut buf = std::mem::take(&mut self.buf);
+        let Some(file) = self.file(&sha256) else {
+            self.buf = buf;
+            return missing(sha256, "the controller's blob store does not hold it; upload it to the controller first");
+        };
+        let read = read_range_into(file, offset, len, &mut buf);
+        let reply = match read {
+            Ok(()) if buf.is_empty() && len > 0 => missing(sha256, &format!("the blob ends before byte {offset}")),
+            Ok(()) => {
+                let mut payload = Vec::new();
+                match encode_controller_chunk_into(sha256, offset, &buf, &mut payload) {
+                    Ok(()) => Some(payload),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode a blob frame");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(agent = self.agent, %sha256, error = %e, "cannot read a blob for an agent");
+                self.files.remove(&sha256);
+                missing(sha256, &format!("the controller cannot read it: {e}"))
+            }
+        };
+        self.buf = buf;
+        reply
+    }
+}
+
+/// Reads up to `len` bytes at `offset` into `buf` (fewer at the file's end), reusing its allocation.
+fn read_range_into(file: &File, offset: u64, len: usize, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    buf.resize(len, 0);
+    let mut filled = 0;
+    while filled < len {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(())
 }
 
 fn encoded(blob: &ControllerBlob) -> Option<Vec<u8>> {
@@ -73,46 +174,6 @@ fn missing(sha256: Sha256, reason: &str) -> Option<Vec<u8>> {
 }
 
 impl BlobConn {
-    fn file(&mut self, sha256: &Sha256) -> Option<Arc<File>> {
-        if let Some(f) = self.files.get(sha256) {
-            return Some(f.clone());
-        }
-        let file = Arc::new(File::open(self.store.path(sha256)).ok()?);
-        if self.files.len() >= OPEN_FILES_MAX {
-            self.files.clear();
-        }
-        self.files.insert(*sha256, file.clone());
-        Some(file)
-    }
-
-    async fn read(&mut self, sha256: Sha256, offset: u64, len_bytes: u32) -> Option<Vec<u8>> {
-        let Some(file) = self.file(&sha256) else {
-            return missing(sha256, "the controller's blob store does not hold it; upload it to the controller first");
-        };
-        let len = len_bytes.min(BLOB_CHUNK_BYTES) as usize;
-        let read = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Vec<u8>>> {
-            let data = cosmos_cas::read_range(&file, offset, len)?;
-            if data.is_empty() && len > 0 {
-                return Ok(None);
-            }
-            let mut payload = Vec::with_capacity(data.len() + 64);
-            let chunk = ControllerBlob::Chunk(BlobChunk::new(sha256, offset, data));
-            encode_blob_chunk_into(&chunk, &mut payload).map_err(std::io::Error::other)?;
-            Ok(Some(payload))
-        })
-        .await;
-        match read {
-            Ok(Ok(Some(payload))) => Some(payload),
-            Ok(Ok(None)) => missing(sha256, &format!("the blob ends before byte {offset}")),
-            Ok(Err(e)) => {
-                tracing::warn!(agent = self.agent, %sha256, error = %e, "cannot read a blob for an agent");
-                self.files.remove(&sha256);
-                missing(sha256, &format!("the controller cannot read it: {e}"))
-            }
-            Err(e) => missing(sha256, &format!("the controller's reader failed: {e}")),
-        }
-    }
-
     fn offer(&mut self, sha256: Sha256, size_bytes: u64) -> Option<Vec<u8>> {
         if self.store.size(&sha256) == Some(size_bytes) {
             return encoded(&ControllerBlob::Stored { sha256 });

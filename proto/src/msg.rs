@@ -318,15 +318,19 @@ pub enum GpuFault {
 /// First payload byte of every blob frame.
 pub const BLOB_FRAME_TAG: u8 = 0xB1;
 /// Largest piece of a blob in one frame: small enough that a control message
-/// queued behind one waits at most one chunk's transmission time.
-pub const BLOB_CHUNK_BYTES: u32 = 256 * 1024;
+/// queued behind one waits at most one chunk's transmission time (about a
+/// millisecond on loopback, a few on a fast LAN), large enough that per-frame
+/// costs (wake-ups, system calls, checksums set-up) stay small next to the copy.
+/// A quarter of the default frame limit.
+pub const BLOB_CHUNK_BYTES: u32 = 1024 * 1024;
 
 /// Most blob frames an agent keeps unanswered on one connection (requests for
 /// downloads plus chunks of uploads not yet acknowledged). The controller drops
 /// a connection that exceeds a multiple of it, so its queue for blob work stays bounded.
-pub const MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN: usize = 32;
-/// Most blob frames an agent keeps unanswered for one blob.
-pub const MAX_BLOB_FRAMES_IN_FLIGHT_PER_BLOB: usize = 16;
+pub const MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN: usize = 16;
+/// Most blob frames an agent keeps unanswered for one blob (with
+/// [`BLOB_CHUNK_BYTES`], 8 MiB: far above loopback's or a LAN's bandwidth-delay product).
+pub const MAX_BLOB_FRAMES_IN_FLIGHT_PER_BLOB: usize = 8;
 
 /// Blob traffic from an agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -412,7 +416,7 @@ pub struct BlobChunk {
 
 impl std::fmt::Debug for BlobChunk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never print the bytes: a chunk is up to a quarter of a megabyte.
+        // Never print the bytes: a chunk is up to a megabyte.
         f.debug_struct("BlobChunk")
             .field("sha256", &self.sha256)
             .field("offset", &self.offset)
@@ -447,6 +451,61 @@ pub fn encode_blob<B: Serialize>(blob: &B) -> Result<Vec<u8>, CodecError> {
 pub fn encode_blob_chunk_into<B: Serialize>(blob: &B, out: &mut Vec<u8>) -> Result<(), CodecError> {
     out.push(BLOB_FRAME_TAG);
     codec::encode_into(blob, out)
+}
+
+/// Appends the tagged payload of `ControllerBlob::Chunk(BlobChunk::new(sha256, offset, data))`
+/// to `out` (a download's piece), checksumming `data` on the way, without first
+/// copying it into a [`BlobChunk`] of its own: `data` can be a reused read buffer.
+pub fn encode_controller_chunk_into(
+    sha256: Sha256,
+    offset: u64,
+    data: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    // ControllerBlob::Chunk is variant 0.
+    encode_chunk_variant_into("ControllerBlob", 0, sha256, offset, data, out)
+}
+
+/// Appends the tagged payload of `AgentBlob::Chunk(BlobChunk::new(sha256, offset, data))`
+/// to `out` (an upload's piece), like [`encode_controller_chunk_into`].
+pub fn encode_agent_chunk_into(sha256: Sha256, offset: u64, data: &[u8], out: &mut Vec<u8>) -> Result<(), CodecError> {
+    // AgentBlob::Chunk is variant 2.
+    encode_chunk_variant_into("AgentBlob", 2, sha256, offset, data, out)
+}
+
+fn encode_chunk_variant_into(
+    name: &'static str,
+    variant_index: u32,
+    sha256: Sha256,
+    offset: u64,
+    data: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), CodecError> {
+    /// [`BlobChunk`], borrowed: serializes to the same bytes.
+    #[derive(Serialize)]
+    #[serde(rename = "BlobChunk")]
+    struct BlobChunkRef<'a> {
+        sha256: Sha256,
+        offset: u64,
+        crc32: u32,
+        #[serde(with = "serde_bytes")]
+        data: &'a [u8],
+    }
+    /// The enum variant holding the chunk.
+    struct Variant<'a> {
+        name: &'static str,
+        variant_index: u32,
+        chunk: BlobChunkRef<'a>,
+    }
+    impl Serialize for Variant<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_newtype_variant(self.name, self.variant_index, "Chunk", &self.chunk)
+        }
+    }
+    let chunk = BlobChunkRef { sha256, offset, crc32: crc32fast::hash(data), data };
+    out.reserve(data.len() + 64);
+    out.push(BLOB_FRAME_TAG);
+    codec::encode_into(&Variant { name, variant_index, chunk }, out)
 }
 
 /// One frame from an agent: a message for the core or blob traffic.

@@ -5,7 +5,7 @@ mod common;
 
 use cosmos_proto::{
     AgentBlob, AgentFrame, AgentMsg, BLOB_FRAME_TAG, BlobChunk, ControllerBlob, ControllerFrame, ControllerMsg, Sha256,
-    codec, encode_blob,
+    codec, encode_agent_chunk_into, encode_blob, encode_controller_chunk_into,
 };
 use proptest::prelude::*;
 
@@ -28,6 +28,23 @@ proptest! {
     fn no_message_starts_with_the_blob_tag(a in common::agent_msg(), c in common::controller_msg()) {
         prop_assert_ne!(codec::encode(&a).unwrap()[0], BLOB_FRAME_TAG);
         prop_assert_ne!(codec::encode(&c).unwrap()[0], BLOB_FRAME_TAG);
+    }
+
+    #[test]
+    fn borrowed_chunk_encodings_match_the_owned_ones(
+        data in prop::collection::vec(any::<u8>(), 0..4096),
+        offset in any::<u64>(),
+        sha in any::<[u8; 32]>(),
+    ) {
+        let chunk = BlobChunk::new(Sha256(sha), offset, data.clone());
+        let mut down = b"prefix".to_vec();
+        encode_controller_chunk_into(Sha256(sha), offset, &data, &mut down).unwrap();
+        prop_assert_eq!(&down[6..], &encode_blob(&ControllerBlob::Chunk(chunk.clone())).unwrap()[..]);
+        prop_assert_eq!(ControllerFrame::decode(&down[6..]).unwrap(), ControllerFrame::Blob(ControllerBlob::Chunk(chunk.clone())));
+        let mut up = Vec::new();
+        encode_agent_chunk_into(Sha256(sha), offset, &data, &mut up).unwrap();
+        prop_assert_eq!(&up[..], &encode_blob(&AgentBlob::Chunk(chunk.clone())).unwrap()[..]);
+        prop_assert_eq!(AgentFrame::decode(&up).unwrap(), AgentFrame::Blob(AgentBlob::Chunk(chunk)));
     }
 
     #[test]
