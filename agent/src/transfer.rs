@@ -602,7 +602,8 @@ impl Engine {
             }
             ControllerBlob::Resume { sha256, have_bytes } => {
                 if let Some(u) = self.uploads.get_mut(&sha256) {
-                    if have_bytes > 0 && u.acked == 0 && u.sent == 0 {
+                    // After a cut, or a restart with bytes already at the controller.
+                    if have_bytes > 0 && (u.awaiting_resume || (u.acked == 0 && u.sent == 0)) {
                         tracing::info!(%sha256, resume_at_bytes = have_bytes, "resuming an output upload");
                     }
                     u.acked = have_bytes.min(u.size);

@@ -107,9 +107,19 @@ fn an_input_the_controller_lacks_fails_the_job_without_retries() {
     assert!(j.to_string().contains("not available from the controller"), "{j}");
 }
 
-/// A frame-aware TCP proxy: controller-to-agent frames are counted, one large
-/// frame after `corrupt_after` bytes gets its last byte (blob data) flipped,
-/// and every connection is cut once `cut_after` bytes went through.
+/// Which way a [`Proxy`] meddles with frames.
+#[derive(Clone, Copy, PartialEq)]
+enum Way {
+    /// Controller to agent: input chunks.
+    ToAgent,
+    /// Agent to controller: output chunks.
+    ToController,
+}
+
+/// A frame-aware TCP proxy: frames going `way` are counted, one large frame
+/// after `corrupt_after` bytes gets its last byte (blob data) flipped, and the
+/// connection is cut once, when `cut_after` bytes went through; the other way
+/// is copied as is.
 struct Proxy {
     addr: String,
     downstream_bytes: Arc<AtomicU64>,
@@ -117,6 +127,10 @@ struct Proxy {
 
 impl Proxy {
     fn start(upstream: String, corrupt_after: u64, cut_after: u64) -> Proxy {
+        Proxy::start_way(upstream, Way::ToAgent, corrupt_after, cut_after)
+    }
+
+    fn start_way(upstream: String, way: Way, corrupt_after: u64, cut_after: u64) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let downstream_bytes = Arc::new(AtomicU64::new(0));
@@ -125,14 +139,16 @@ impl Proxy {
         std::thread::spawn(move || {
             for agent in listener.incoming().flatten() {
                 let Ok(ctl) = TcpStream::connect(&upstream) else { continue };
-                let (a2, c2) = (agent.try_clone().unwrap(), ctl.try_clone().unwrap());
+                let (plain_from, plain_to, mut from, mut to) = match way {
+                    Way::ToAgent => (agent.try_clone().unwrap(), ctl.try_clone().unwrap(), ctl, agent),
+                    Way::ToController => (ctl.try_clone().unwrap(), agent.try_clone().unwrap(), agent, ctl),
+                };
                 std::thread::spawn(move || {
-                    let _ = std::io::copy(&mut &a2, &mut &c2);
-                    let _ = c2.shutdown(Shutdown::Write);
+                    let _ = std::io::copy(&mut &plain_from, &mut &plain_to);
+                    let _ = plain_to.shutdown(Shutdown::Write);
                 });
                 let (count, corrupted, cut) = (count.clone(), corrupted.clone(), cut.clone());
                 std::thread::spawn(move || {
-                    let (mut from, mut to) = (ctl, agent);
                     let mut header = [0u8; 4];
                     while from.read_exact(&mut header).is_ok() {
                         let mut payload = vec![0u8; u32::from_be_bytes(header) as usize];
@@ -158,6 +174,42 @@ impl Proxy {
         });
         Proxy { addr, downstream_bytes }
     }
+}
+
+#[test]
+fn a_cut_output_delivery_resumes_and_a_corrupted_chunk_is_sent_again() {
+    let mut c = Cluster::start(0, 10_000);
+    let size: u64 = 64 << 20;
+    let proxy = Proxy::start_way(c.agent_addr.clone(), Way::ToController, 8 << 20, 32 << 20);
+    c.agent_addr = proxy.addr.clone();
+    let a = c.spawn_agent(0);
+    c.agents.push(Some(a));
+    c.wait_agents(1);
+
+    let make = format!("head -c {size} /dev/urandom > video.mp4");
+    let id = submit(
+        &c,
+        json!({
+            "name": "render",
+            "command": ["sh", "-c", make],
+            "outputs": [{ "path": "video.mp4", "required": true }],
+        }),
+    );
+    let j = wait_state(&c, &id, &["succeeded", "failed"], Duration::from_secs(180));
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["attempts"], 1, "delivered by the attempt that made it, not by running the job again: {j}");
+    let moved = proxy.downstream_bytes.load(Ordering::SeqCst);
+    println!("moved {moved} bytes to deliver a {size}-byte output across one cut and one corrupted chunk");
+    assert!(moved < size + size / 2, "resent too much: {moved} bytes for {size}");
+    let made = c.dir.path().join("agent-0/attempts").read_dir().unwrap().flatten().next().unwrap().path();
+    let sha = cosmos_cas_digest(&std::fs::read(made.join("video.mp4")).unwrap());
+    let store = controller_store(&c);
+    assert_eq!(store.size(&sha), Some(size), "the controller holds the output");
+    assert!(store.verify(&sha).unwrap(), "and it is the bytes the job wrote");
+    let ctl_log = std::fs::read_to_string(c.dir.path().join("ctl.log")).unwrap();
+    assert!(ctl_log.contains("failed its checksum"), "the corrupted chunk was not caught; controller log:\n{ctl_log}");
+    let log = agent_log(&c, 0);
+    assert!(log.contains("resuming an output upload"), "the delivery did not resume; agent log:\n{log}");
 }
 
 #[test]
