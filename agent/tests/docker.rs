@@ -378,7 +378,10 @@ mod daemon_on_docker {
     use cosmos_proto::frame::DEFAULT_MAX_FRAME_BYTES;
     use cosmos_proto::handshake::{self, Role, Token};
     use cosmos_proto::spec::OutputArtifact;
-    use cosmos_proto::{AgentMsg, Assign, AttemptOutcome, AttemptPhase, Connection, ControllerMsg, TraceContext};
+    use cosmos_proto::{
+        AgentBlob, AgentFrame, AgentMsg, Assign, AttemptOutcome, AttemptPhase, Connection, ControllerBlob,
+        ControllerMsg, TraceContext, encode_blob,
+    };
     use tokio::net::{TcpListener, TcpStream};
 
     struct Controller {
@@ -390,11 +393,22 @@ mod daemon_on_docker {
             self.conn.writer.send(&msg).await.unwrap();
         }
 
-        /// The next message other than a heartbeat (acknowledged on the way).
+        /// The next message other than a heartbeat (acknowledged on the way). Output
+        /// deliveries are answered as if the controller already held every blob: this
+        /// test is about containers, `tests/e2e/artifacts.rs` about transfers.
         async fn recv(&mut self) -> AgentMsg {
             loop {
-                let msg = tokio::time::timeout(WAIT, self.conn.reader.recv::<AgentMsg>()).await.expect("in time");
-                let msg = msg.unwrap().expect("connected");
+                let frame = tokio::time::timeout(WAIT, self.conn.reader.read_frame()).await.expect("in time");
+                let frame = frame.unwrap().expect("connected");
+                let msg = match AgentFrame::decode(&frame).unwrap() {
+                    AgentFrame::Msg(msg) => msg,
+                    AgentFrame::Blob(AgentBlob::Offer { sha256, .. }) => {
+                        let stored = encode_blob(&ControllerBlob::Stored { sha256 }).unwrap();
+                        self.conn.writer.write_frame(&stored).await.unwrap();
+                        continue;
+                    }
+                    AgentFrame::Blob(other) => panic!("no blob traffic but output offers expected: {other:?}"),
+                };
                 match msg {
                     AgentMsg::Heartbeat(hb) => self.send(ControllerMsg::HeartbeatAck { seq: hb.seq }).await,
                     other => return other,
