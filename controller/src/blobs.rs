@@ -29,7 +29,7 @@ pub const BLOB_INBOX_LEN: usize = 4 * MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN + 16;
 pub const BULK_QUEUE_LEN: usize = 4;
 /// Blobs kept open per connection for serving ranges.
 const OPEN_FILES_MAX: usize = 16;
-/// Uploads one connection may have announced and not finished.
+/// Uploads one connection keeps announced and unfinished; past it the least recently active is forgotten.
 const UPLOADS_MAX: usize = 256;
 /// Download requests waiting for the connection's reader thread.
 const READ_QUEUE_LEN: usize = BLOB_INBOX_LEN;
@@ -52,18 +52,24 @@ pub async fn serve(
             return;
         }
     }
-    let mut conn = BlobConn { store, agent, uploads: HashMap::new() };
-    while let Some(blob) = inbox.recv().await {
-        let reply = match blob {
-            AgentBlob::Request { sha256, offset, len_bytes } => {
-                // Bounded by the agent's window; the inbox in front bounds it too.
-                if reads.send((sha256, offset, len_bytes)).await.is_err() {
-                    return;
+    let (commits_tx, mut commits) = mpsc::unbounded_channel();
+    let mut conn = BlobConn { store, agent, uploads: HashMap::new(), activity: 0, commits: commits_tx };
+    loop {
+        let reply = tokio::select! {
+            blob = inbox.recv() => match blob {
+                Some(AgentBlob::Request { sha256, offset, len_bytes }) => {
+                    // Bounded by the agent's window; the inbox in front bounds it too.
+                    if reads.send((sha256, offset, len_bytes)).await.is_err() {
+                        return;
+                    }
+                    continue;
                 }
-                continue;
-            }
-            AgentBlob::Offer { sha256, size_bytes } => conn.offer(sha256, size_bytes),
-            AgentBlob::Chunk(chunk) => conn.receive(chunk).await,
+                Some(AgentBlob::Offer { sha256, size_bytes }) => conn.offer(sha256, size_bytes),
+                Some(AgentBlob::Chunk(chunk)) => conn.receive(chunk).await,
+                None => return,
+            },
+            // The sender lives in `conn`: this never ends first.
+            Some(done) = commits.recv() => conn.committed(done),
         };
         let Some(reply) = reply else { continue };
         if bulk.send(reply).await.is_err() {
@@ -75,8 +81,29 @@ pub async fn serve(
 struct BlobConn {
     store: Arc<Store>,
     agent: String,
-    /// Announced uploads: digest → size.
-    uploads: HashMap<Sha256, u64>,
+    /// Announced uploads, by digest.
+    uploads: HashMap<Sha256, Incoming>,
+    /// Counts the connection's upload frames: an upload's last activity (the least recent goes first when full).
+    activity: u64,
+    /// Where detached commits report.
+    commits: mpsc::UnboundedSender<Commit>,
+}
+
+/// An upload the agent announced and has not finished.
+struct Incoming {
+    size_bytes: u64,
+    last_active: u64,
+    /// Its complete partial file is being verified and installed off this task; the result answers.
+    committing: bool,
+}
+
+/// A finished commit, for the blob task to answer.
+struct Commit {
+    sha256: Sha256,
+    size_bytes: u64,
+    /// Started by an offer that found the whole blob already there (rather than by its last chunk).
+    on_offer: bool,
+    result: Result<(), CasError>,
 }
 
 /// Serves one connection's download requests, in order, on its own thread.
@@ -100,23 +127,38 @@ impl Reader {
         }
     }
 
-    fn file(&mut self, sha256: &Sha256) -> Option<&File> {
+    fn file(&mut self, sha256: &Sha256) -> std::io::Result<&File> {
         if !self.files.contains_key(sha256) {
-            let file = File::open(self.store.path(sha256)).ok()?;
+            let file = File::open(self.store.path(sha256))?;
             if self.files.len() >= OPEN_FILES_MAX {
                 self.files.clear();
             }
             self.files.insert(*sha256, file);
         }
-        self.files.get(sha256)
+        Ok(&self.files[sha256])
     }
 
+    /// The chunk's frame; `Missing` only when the store does not hold the blob. Other
+    /// failures (too many open files, permissions, I/O) may pass: they answer nothing,
+    /// and the agent asks again when its request stalls.
     fn read(&mut self, sha256: Sha256, offset: u64, len_bytes: u32) -> Option<Vec<u8>> {
         let len = len_bytes.min(BLOB_CHUNK_BYTES) as usize;
         let mut buf = std::mem::take(&mut self.buf);
-        let Some(file) = self.file(&sha256) else {
-            self.buf = buf;
-            return missing(sha256, "the controller's blob store does not hold it; upload it to the controller first");
+        let agent = self.agent.clone();
+        let file = match self.file(&sha256) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.buf = buf;
+                return missing(
+                    sha256,
+                    "the controller's blob store does not hold it; upload it to the controller first",
+                );
+            }
+            Err(e) => {
+                self.buf = buf;
+                tracing::warn!(agent, %sha256, error = %e, "cannot open a blob for an agent; it will ask again");
+                return None;
+            }
         };
         let read = read_range_into(file, offset, len, &mut buf);
         let reply = match read {
@@ -132,9 +174,9 @@ impl Reader {
                 }
             }
             Err(e) => {
-                tracing::warn!(agent = self.agent, %sha256, error = %e, "cannot read a blob for an agent");
+                tracing::warn!(agent = self.agent, %sha256, error = %e, "cannot read a blob for an agent; it will ask again");
                 self.files.remove(&sha256);
-                missing(sha256, &format!("the controller cannot read it: {e}"))
+                None
             }
         };
         self.buf = buf;
@@ -185,28 +227,93 @@ impl BlobConn {
                 Err(e) => encoded(&ControllerBlob::Refused { sha256, reason: e.to_string(), retryable: false }),
             };
         }
-        if !self.uploads.contains_key(&sha256) && self.uploads.len() >= UPLOADS_MAX {
-            return encoded(&ControllerBlob::Refused {
-                sha256,
-                reason: format!("more than {UPLOADS_MAX} uploads at once on one connection"),
-                retryable: true,
-            });
+        self.activity += 1;
+        if let Some(u) = self.uploads.get_mut(&sha256) {
+            u.last_active = self.activity;
+            if u.committing {
+                // Offered again while its commit runs (the agent saw no answer for a while): the commit answers.
+                return None;
+            }
+        } else if self.uploads.len() >= UPLOADS_MAX {
+            // Uploads the agent gave up on (cancelled, fenced, timed out) leave no word: the least
+            // recently active one goes, and its partial file stays for whoever offers it again.
+            let stale = self.uploads.iter().filter(|(_, u)| !u.committing).min_by_key(|(_, u)| u.last_active);
+            if let Some((&stale, _)) = stale {
+                tracing::info!(agent = self.agent, sha256 = %stale, "forgetting the least recently active upload of a full table");
+                self.uploads.remove(&stale);
+            }
         }
         let mut have_bytes = self.store.partial_len(&sha256);
         if have_bytes > size_bytes {
             self.store.discard_partial(&sha256);
             have_bytes = 0;
         }
-        self.uploads.insert(sha256, size_bytes);
+        let committing = have_bytes == size_bytes;
+        self.uploads.insert(sha256, Incoming { size_bytes, last_active: self.activity, committing });
+        if committing {
+            // Every byte is here but was never committed (a restart mid-commit, a failed commit, another
+            // connection delivering the same content): "resume at the end" would leave the agent nothing
+            // to send and nothing to wait for. Verify and install it; the result answers.
+            self.commit(sha256, size_bytes, true);
+            return None;
+        }
         encoded(&ControllerBlob::Resume { sha256, have_bytes })
+    }
+
+    /// Verifies and installs a complete partial file on the blocking pool, so the connection's other
+    /// transfers go on meanwhile; [`BlobConn::committed`] answers.
+    fn commit(&mut self, sha256: Sha256, size_bytes: u64, on_offer: bool) {
+        let (store, commits) = (self.store.clone(), self.commits.clone());
+        tokio::task::spawn_blocking(move || {
+            let result = store.commit_partial(&sha256, size_bytes).map(drop);
+            // Another connection may have committed the same content first (taking the partial file).
+            let result = match result {
+                Err(_) if store.size(&sha256) == Some(size_bytes) => Ok(()),
+                other => other,
+            };
+            if result.is_err() && on_offer {
+                store.discard_partial(&sha256);
+            }
+            let _ = commits.send(Commit { sha256, size_bytes, on_offer, result });
+        });
+    }
+
+    fn committed(&mut self, Commit { sha256, size_bytes, on_offer, result }: Commit) -> Option<Vec<u8>> {
+        match result {
+            Ok(()) => {
+                self.uploads.remove(&sha256);
+                tracing::info!(agent = self.agent, %sha256, size_bytes, "stored an uploaded blob");
+                encoded(&ControllerBlob::Stored { sha256 })
+            }
+            Err(e) if on_offer => {
+                // The leftover bytes were bad or unreadable and are gone: the agent sends them all again.
+                tracing::warn!(agent = self.agent, %sha256, error = %e, "a complete partial upload did not commit; asking for all of it again");
+                if let Some(u) = self.uploads.get_mut(&sha256) {
+                    u.committing = false;
+                }
+                encoded(&ControllerBlob::Resume { sha256, have_bytes: 0 })
+            }
+            Err(e) => {
+                self.uploads.remove(&sha256);
+                tracing::warn!(agent = self.agent, %sha256, error = %e, "cannot store an uploaded blob");
+                encoded(&ControllerBlob::Refused { sha256, reason: e.to_string(), retryable: e.is_retryable() })
+            }
+        }
     }
 
     async fn receive(&mut self, chunk: BlobChunk) -> Option<Vec<u8>> {
         let sha256 = chunk.sha256;
-        let Some(&size_bytes) = self.uploads.get(&sha256) else {
+        self.activity += 1;
+        let Some(u) = self.uploads.get_mut(&sha256) else {
             let reason = "a chunk of a blob that was not offered on this connection".to_string();
             return encoded(&ControllerBlob::Refused { sha256, reason, retryable: true });
         };
+        u.last_active = self.activity;
+        if u.committing {
+            // Sent before a rewind; every byte is here already.
+            return None;
+        }
+        let size_bytes = u.size_bytes;
         let end = chunk.offset.saturating_add(chunk.data.len() as u64);
         if end > size_bytes {
             self.uploads.remove(&sha256);
@@ -223,8 +330,7 @@ impl BlobConn {
                 return Ok(Written::Stale);
             }
             if have == size_bytes {
-                store.commit_partial(&sha256, size_bytes)?;
-                return Ok(Written::Stored);
+                return Ok(Written::Complete);
             }
             Ok(Written::Ack(have))
         })
@@ -240,10 +346,13 @@ impl BlobConn {
                 tracing::warn!(agent = self.agent, %sha256, have_bytes, "an uploaded chunk failed its checksum; asking for it again");
                 encoded(&ControllerBlob::Resume { sha256, have_bytes })
             }
-            Ok(Written::Stored) => {
-                self.uploads.remove(&sha256);
-                tracing::info!(agent = self.agent, %sha256, size_bytes, "stored an uploaded blob");
-                encoded(&ControllerBlob::Stored { sha256 })
+            Ok(Written::Complete) => {
+                // Hashing a large blob takes a while: off this task, so the connection's other transfers go on.
+                if let Some(u) = self.uploads.get_mut(&sha256) {
+                    u.committing = true;
+                }
+                self.commit(sha256, size_bytes, false);
+                None
             }
             Err(e) => {
                 self.uploads.remove(&sha256);
@@ -258,7 +367,8 @@ enum Written {
     Ack(u64),
     Stale,
     Corrupt(u64),
-    Stored,
+    /// Every byte is in the partial file: it is committed next.
+    Complete,
 }
 
 /// A success whose outputs are not all in the blob store did not deliver what
@@ -287,6 +397,130 @@ pub fn guard_reports(store: &Store, reports: &mut [AttemptReport]) {
     for r in reports {
         if let AttemptPhase::Finished(outcome) = &mut r.phase {
             guard_outcome(store, outcome);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cosmos_proto::ControllerFrame;
+    use std::time::Duration;
+
+    struct Conn {
+        inbox: mpsc::Sender<AgentBlob>,
+        bulk: mpsc::Receiver<Vec<u8>>,
+    }
+
+    impl Conn {
+        fn open(store: &Arc<Store>) -> Conn {
+            let (inbox, inbox_rx) = mpsc::channel(BLOB_INBOX_LEN);
+            let (bulk_tx, bulk) = mpsc::channel(BULK_QUEUE_LEN);
+            tokio::spawn(serve(store.clone(), inbox_rx, bulk_tx, "test".into()));
+            Conn { inbox, bulk }
+        }
+
+        async fn send(&self, blob: AgentBlob) {
+            self.inbox.send(blob).await.unwrap();
+        }
+
+        async fn next(&mut self) -> ControllerBlob {
+            let payload = tokio::time::timeout(Duration::from_secs(10), self.bulk.recv()).await.unwrap().unwrap();
+            match ControllerFrame::decode(&payload).unwrap() {
+                ControllerFrame::Blob(blob) => blob,
+                other => panic!("not a blob frame: {other:?}"),
+            }
+        }
+
+        async fn nothing_for(&mut self, ms: u64) {
+            let got = tokio::time::timeout(Duration::from_millis(ms), self.bulk.recv()).await;
+            assert!(got.is_err(), "expected silence, got {got:?}");
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, Arc<Store>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn an_offer_of_a_complete_uncommitted_partial_is_committed_and_stored() {
+        let (_dir, store) = store();
+        let data = b"every byte arrived but the commit never ran".to_vec();
+        let sha = cosmos_cas::digest(&data);
+        store.append_partial(&sha, 0, &data).unwrap();
+        let mut conn = Conn::open(&store);
+        conn.send(AgentBlob::Offer { sha256: sha, size_bytes: data.len() as u64 }).await;
+        assert_eq!(conn.next().await, ControllerBlob::Stored { sha256: sha });
+        assert_eq!(store.size(&sha), Some(data.len() as u64));
+        assert_eq!(store.partial_len(&sha), 0);
+    }
+
+    #[tokio::test]
+    async fn an_offer_of_a_complete_bad_partial_starts_over() {
+        let (_dir, store) = store();
+        let data = b"the good bytes".to_vec();
+        let sha = cosmos_cas::digest(&data);
+        store.append_partial(&sha, 0, b"the evil bytes").unwrap();
+        let mut conn = Conn::open(&store);
+        conn.send(AgentBlob::Offer { sha256: sha, size_bytes: data.len() as u64 }).await;
+        assert_eq!(conn.next().await, ControllerBlob::Resume { sha256: sha, have_bytes: 0 });
+        assert_eq!(store.partial_len(&sha), 0);
+        // The upload goes on as any other.
+        conn.send(AgentBlob::Chunk(BlobChunk::new(sha, 0, data.clone()))).await;
+        assert_eq!(conn.next().await, ControllerBlob::Stored { sha256: sha });
+        assert_eq!(store.size(&sha), Some(data.len() as u64));
+    }
+
+    #[tokio::test]
+    async fn a_full_upload_table_forgets_the_least_recently_active_upload() {
+        let (_dir, store) = store();
+        let mut conn = Conn::open(&store);
+        let blobs: Vec<Vec<u8>> = (0..=UPLOADS_MAX).map(|i| format!("blob {i}, two chunks").into_bytes()).collect();
+        for data in &blobs {
+            let sha = cosmos_cas::digest(data);
+            conn.send(AgentBlob::Offer { sha256: sha, size_bytes: data.len() as u64 }).await;
+            assert_eq!(conn.next().await, ControllerBlob::Resume { sha256: sha, have_bytes: 0 });
+        }
+        // The first was abandoned and forgotten; the second is still known and finishes.
+        let first = cosmos_cas::digest(&blobs[0]);
+        conn.send(AgentBlob::Chunk(BlobChunk::new(first, 0, blobs[0].clone()))).await;
+        assert!(matches!(conn.next().await, ControllerBlob::Refused { retryable: true, .. }));
+        let second = cosmos_cas::digest(&blobs[1]);
+        conn.send(AgentBlob::Chunk(BlobChunk::new(second, 0, blobs[1][..4].to_vec()))).await;
+        assert_eq!(conn.next().await, ControllerBlob::Ack { sha256: second, have_bytes: 4 });
+        conn.send(AgentBlob::Chunk(BlobChunk::new(second, 4, blobs[1][4..].to_vec()))).await;
+        assert_eq!(conn.next().await, ControllerBlob::Stored { sha256: second });
+    }
+
+    #[tokio::test]
+    async fn only_a_blob_the_store_lacks_is_missing() {
+        let (_dir, store) = store();
+        let mut conn = Conn::open(&store);
+        let absent = cosmos_cas::digest(b"nobody uploaded this");
+        conn.send(AgentBlob::Request { sha256: absent, offset: 0, len_bytes: 10 }).await;
+        assert!(matches!(conn.next().await, ControllerBlob::Missing { .. }));
+
+        // A blob the controller cannot open for now is no verdict: nothing answers, the agent asks again.
+        let (sha, _) = store.put_bytes(b"unreadable for a while").unwrap();
+        let path = store.path(&sha);
+        let shard = path.parent().unwrap().to_path_buf();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&shard, std::fs::Permissions::from_mode(0o000)).unwrap();
+        let readable = File::open(&path).is_ok(); // root reads anyway
+        conn.send(AgentBlob::Request { sha256: sha, offset: 0, len_bytes: 10 }).await;
+        if !readable {
+            conn.nothing_for(300).await;
+        }
+        std::fs::set_permissions(&shard, std::fs::Permissions::from_mode(0o755)).unwrap();
+        if readable {
+            assert!(matches!(conn.next().await, ControllerBlob::Chunk(_)));
+        }
+        conn.send(AgentBlob::Request { sha256: sha, offset: 0, len_bytes: 10 }).await;
+        match conn.next().await {
+            ControllerBlob::Chunk(c) => assert_eq!(c.data, b"unreadable"),
+            other => panic!("{other:?}"),
         }
     }
 }
