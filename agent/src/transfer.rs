@@ -640,6 +640,12 @@ impl Engine {
             }
             ControllerBlob::Refused { sha256, reason, retryable } => {
                 let Some(u) = self.uploads.get_mut(&sha256) else { return };
+                if retryable && u.awaiting_resume {
+                    // Chunks that were in flight when the controller forgot the upload, each refused in
+                    // turn, or a refusal before the answer to the offer: one refusal per offer counts
+                    // (should the offer itself go unanswered, the stall check offers again).
+                    return;
+                }
                 u.refusals += 1;
                 if retryable && u.refusals < UPLOAD_TRIES_MAX {
                     tracing::warn!(%sha256, %reason, "the controller refused an output; offering it again");
@@ -833,7 +839,9 @@ impl Engine {
             }
         }
         for (sha256, u) in self.uploads.iter_mut() {
-            if (u.awaiting_resume || u.sent > u.acked) && stalled(u.last_progress) {
+            // All acknowledged and still not stored is waiting too: the controller's commit may have failed unsaid.
+            let waiting = u.awaiting_resume || u.sent > u.acked || u.acked == u.size;
+            if waiting && stalled(u.last_progress) {
                 tracing::warn!(%sha256, at_bytes = u.acked, "an output upload stalled; offering it again");
                 u.awaiting_resume = true;
                 u.sent = u.acked;
