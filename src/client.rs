@@ -11,7 +11,9 @@ use std::time::Duration;
 /// Largest API answer read (a listing of very many jobs).
 const MAX_RESPONSE_BYTES: u64 = 512 * 1024 * 1024;
 /// Tries of one blob upload, each resuming where the last broke off.
-const UPLOAD_TRIES: u32 = 5;
+const UPLOAD_TRIES: u32 = 10;
+/// Wait before asking again after an incomplete or concurrent upload.
+const UPLOAD_RETRY_MS: u64 = 500;
 /// Bound on any one call, but log streams.
 const CALL_TIMEOUT_S: u64 = 60;
 
@@ -175,10 +177,15 @@ impl Client {
                 .send(ureq::SendBody::from_owned_reader(f.take(size - offset)));
             match resp {
                 Ok(r) if r.status().as_u16() == 201 || r.status().as_u16() == 200 => return Ok(()),
-                // Accepted but incomplete, or a network error: ask where to resume.
-                Ok(r) if r.status().as_u16() == 202 || r.status().as_u16() == 409 => {}
+                // Accepted but incomplete, or another upload of it in progress: ask again shortly.
+                Ok(r) if r.status().as_u16() == 202 || r.status().as_u16() == 409 => {
+                    std::thread::sleep(Duration::from_millis(UPLOAD_RETRY_MS));
+                }
                 Ok(r) => return self.check(Ok(r)).map(|_| ()),
-                Err(e) => last_error = Some(e),
+                Err(e) => {
+                    last_error = Some(e);
+                    std::thread::sleep(Duration::from_millis(UPLOAD_RETRY_MS));
+                }
             }
         }
         bail!(

@@ -476,18 +476,18 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             transfer::inference(&client, &prompt_ids, &params, wait)
         }
         Command::Batch { file, wait, download, client } => {
-            let (ok, runs) = transfer::batch(&client, &file, wait || download.is_some())?;
-            if let Some(dir) = download {
-                for r in &runs {
-                    if let Ok(paths) = transfer::download(&client, &r.run_id, &dir) {
-                        paths.iter().for_each(|p| println!("{}", p.display()));
-                    }
+            let (ok, runs) = transfer::batch(&client, &file, wait || download.is_some(), download.is_none())?;
+            match download {
+                Some(dir) => {
+                    let (downloaded, files) = transfer::download_all(&client, &runs, &dir);
+                    transfer::print_files(&client, &runs, &files)?;
+                    Ok(ok && downloaded)
                 }
+                None => Ok(ok),
             }
-            Ok(ok)
         }
         Command::Upscale { run_id, weight, prompt, gpus, wait, client } => {
-            transfer::upscale(&client, &run_id, weight, prompt, gpus, wait).map(|(ok, _)| ok)
+            transfer::upscale(&client, &run_id, weight, prompt, gpus, wait, true).map(|(ok, _)| ok)
         }
         Command::PromptEnhance { prompt_id, overwrite, yes, client } => {
             transfer::prompt_enhance(&client, &prompt_id, overwrite, yes)

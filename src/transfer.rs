@@ -168,7 +168,7 @@ pub fn inference(args: &ClientArgs, prompt_ids: &[String], params: &ParamArgs, w
         .collect();
     let client = Client::new(args)?;
     let created: CreatedRuns = client.post("/v1/runs", &CreateRuns { runs })?;
-    report_created(args, &created.runs);
+    report_created(args, &created.runs, true);
     if wait { wait_runs(args, &client, &created.runs) } else { Ok(true) }
 }
 
@@ -281,7 +281,9 @@ fn prepare_batch(file: &Path) -> anyhow::Result<Vec<PreparedLine>> {
 }
 
 /// `cosmos batch FILE.jsonl`: every line checked, then videos uploaded, then all runs submitted at once.
-pub fn batch(args: &ClientArgs, file: &Path, wait: bool) -> anyhow::Result<(bool, Vec<CreatedRun>)> {
+/// `json_answer`: with `--json`, print the created runs as this command's answer
+/// (callers that print a fuller answer themselves pass false).
+pub fn batch(args: &ClientArgs, file: &Path, wait: bool, json_answer: bool) -> anyhow::Result<(bool, Vec<CreatedRun>)> {
     let mut lines = prepare_batch(file)?;
     let client = Client::new(args)?;
     for l in &mut lines {
@@ -305,14 +307,16 @@ pub fn batch(args: &ClientArgs, file: &Path, wait: bool) -> anyhow::Result<(bool
             },
             Err(e) => e,
         })?;
-    report_created(args, &created.runs);
+    report_created(args, &created.runs, json_answer);
     let ok = if wait { wait_runs(args, &client, &created.runs)? } else { true };
     Ok((ok, created.runs))
 }
 
-fn report_created(args: &ClientArgs, runs: &[CreatedRun]) {
+fn report_created(args: &ClientArgs, runs: &[CreatedRun], json_answer: bool) {
     if args.json {
-        println!("{}", serde_json::to_string_pretty(runs).unwrap_or_default());
+        if json_answer {
+            println!("{}", serde_json::to_string_pretty(runs).unwrap_or_default());
+        }
         return;
     }
     for r in runs {
@@ -334,6 +338,7 @@ pub fn upscale(
     prompt: Option<String>,
     gpus: Option<u32>,
     wait: bool,
+    json_answer: bool,
 ) -> anyhow::Result<(bool, CreatedRun)> {
     let d = UpscaleParams::default();
     let params = UpscaleParams {
@@ -345,7 +350,7 @@ pub fn upscale(
     params.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
     let client = Client::new(args)?;
     let run: CreatedRun = client.post(&format!("/v1/runs/{run_id}/upscale"), &params)?;
-    report_created(args, std::slice::from_ref(&run));
+    report_created(args, std::slice::from_ref(&run), json_answer);
     let ok = if wait { wait_runs(args, &client, std::slice::from_ref(&run))? } else { true };
     Ok((ok, run))
 }
@@ -375,7 +380,11 @@ pub fn prompt_enhance(args: &ClientArgs, prompt_id: &str, overwrite: bool, yes: 
         let mut answer = String::new();
         std::io::stdin().lock().read_line(&mut answer)?;
         if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            println!("left {} unchanged; the enhancement stays in run {}", original.id, run.run_id);
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&original)?);
+            } else {
+                println!("left {} unchanged; the enhancement stays in run {}", original.id, run.run_id);
+            }
             return Ok(true);
         }
     }
@@ -463,8 +472,12 @@ pub fn show_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
 /// `cosmos runs cancel`.
 pub fn cancel_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     let client = Client::new(args)?;
-    let _: serde_json::Value = client.post(&format!("/v1/runs/{id}/cancel"), &serde_json::json!({}))?;
-    println!("cancel of {id} recorded");
+    let answer: serde_json::Value = client.post(&format!("/v1/runs/{id}/cancel"), &serde_json::json!({}))?;
+    if args.json {
+        println!("{answer}");
+    } else {
+        println!("cancel of {id} recorded");
+    }
     Ok(())
 }
 
@@ -549,6 +562,37 @@ pub fn download(args: &ClientArgs, run_id: &str, to: &Path) -> anyhow::Result<Ve
     Ok(paths)
 }
 
+/// Downloads every run's outputs into `to/RUN_ID/`; failures are reported on
+/// stderr and make the first value false. Returns (all ok, (run, path) per file).
+pub fn download_all(args: &ClientArgs, runs: &[CreatedRun], to: &Path) -> (bool, Vec<(String, PathBuf)>) {
+    let mut ok = true;
+    let mut files = Vec::new();
+    for r in runs {
+        match download(args, &r.run_id, to) {
+            Ok(paths) => files.extend(paths.into_iter().map(|p| (r.run_id.clone(), p))),
+            Err(e) => {
+                eprintln!("error: cannot download the outputs of {}: {e:#}", r.run_id);
+                ok = false;
+            }
+        }
+    }
+    (ok, files)
+}
+
+/// Prints downloaded files: `RUN  PATH` lines, or with `--json` one document with the runs and files.
+pub fn print_files(args: &ClientArgs, runs: &[CreatedRun], files: &[(String, PathBuf)]) -> anyhow::Result<()> {
+    let absolute = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+    if args.json {
+        let files: Vec<_> = files.iter().map(|(r, p)| serde_json::json!({ "run": r, "path": absolute(p) })).collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "runs": runs, "files": files }))?);
+    } else {
+        for (run, path) in files {
+            println!("  {run}  {}", absolute(path).display());
+        }
+    }
+    Ok(())
+}
+
 /// `cosmos download` as a command: prints the paths.
 pub fn download_cmd(args: &ClientArgs, run_id: &str, to: &Path) -> anyhow::Result<()> {
     let paths = download(args, run_id, to)?;
@@ -580,27 +624,20 @@ pub fn demo(args: &ClientArgs, to: &Path) -> anyhow::Result<bool> {
         std::fs::write(&dest, bytes).with_context(|| format!("cannot write {}", dest.display()))?;
     }
     eprintln!("example batch: {}", inputs.join("transfer.jsonl").display());
-    let (ok, runs) = batch(args, &inputs.join("transfer.jsonl"), true)?;
+    let (ok, runs) = batch(args, &inputs.join("transfer.jsonl"), true, false)?;
     if !ok {
         bail!("not every example run succeeded: `cosmos runs list` and `cosmos jobs logs JOB` say why");
     }
     eprintln!("upscaling {} to 4K", runs[0].run_id);
-    let (ok, up) = upscale(args, &runs[0].run_id, None, None, None, true)?;
+    let (ok, up) = upscale(args, &runs[0].run_id, None, None, None, true, false)?;
     if !ok {
         bail!("the upscale {} did not succeed: `cosmos runs show {}`", up.run_id, up.run_id);
     }
-    let mut videos = Vec::new();
-    for r in runs.iter().chain(std::iter::once(&up)) {
-        videos.extend(download(args, &r.run_id, to)?.into_iter().map(|p| (r.run_id.clone(), p)));
-    }
-    if args.json {
-        let list: Vec<_> = videos.iter().map(|(r, p)| serde_json::json!({ "run": r, "path": p })).collect();
-        println!("{}", serde_json::to_string_pretty(&list)?);
-    } else {
+    let all: Vec<CreatedRun> = runs.into_iter().chain(std::iter::once(up)).collect();
+    let (ok, files) = download_all(args, &all, to);
+    if !args.json {
         println!("generated videos:");
-        for (run, path) in &videos {
-            println!("  {run}  {}", std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()).display());
-        }
     }
-    Ok(true)
+    print_files(args, &all, &files)?;
+    Ok(ok)
 }

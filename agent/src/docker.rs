@@ -72,7 +72,7 @@ pub const LABEL_TIMEOUT_MS: &str = "cosmos.timeout_ms";
 /// Label: when the agent created the container, in milliseconds since the Unix epoch.
 pub const LABEL_CREATED_MS: &str = "cosmos.created_unix_ms";
 /// Where the attempt's directory appears inside the container; also its working directory.
-pub const WORK_MOUNT: &str = "/work";
+pub const WORK_MOUNT: &str = cosmos_proto::spec::CONTAINER_WORK_DIR;
 /// The engine's usual socket.
 pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 
@@ -456,7 +456,7 @@ impl Shared {
             cmd: Some(req.spec.command[1..].to_vec()),
             env: Some(env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()),
             labels: Some(labels),
-            working_dir: Some(WORK_MOUNT.into()),
+            working_dir: Some(req.spec.workdir.clone().unwrap_or_else(|| WORK_MOUNT.into())),
             user: config.user.clone(),
             tty: Some(false),
             open_stdin: Some(false),
@@ -503,7 +503,8 @@ impl Shared {
         let image = req.spec.image.clone().unwrap_or_default();
         let mut searched = None;
         let candidates: Vec<String> = if program.contains('/') {
-            vec![if program.starts_with('/') { program.clone() } else { format!("{WORK_MOUNT}/{program}") }]
+            let cwd = req.spec.workdir.as_deref().unwrap_or(WORK_MOUNT);
+            vec![if program.starts_with('/') { program.clone() } else { format!("{cwd}/{program}") }]
         } else {
             let path = match req.spec.env.get("PATH") {
                 Some(p) => p.clone(),

@@ -6,8 +6,9 @@
 //! `prompts` table; videos and outputs in the blob store, by sha256.
 
 use crate::api::{State, authorize, error, unavailable, view};
-use crate::daemon::{Cancel, JobSummary, ListJobs, Submit};
+use crate::daemon::{Cancel, JobSummary, ListJobs, SubmitWith};
 use crate::model::JobState;
+use crate::model::StoreOp;
 use crate::transfer::{
     self, BlobRef, ENHANCE_RESULT, NewPrompt, OUTPUT_VIDEO, Prompt, RunKind, TransferParams, UpscaleParams, labels,
 };
@@ -159,6 +160,25 @@ impl Read for ChannelReader {
     }
 }
 
+/// Blobs being uploaded through the API now.
+static UPLOADING: std::sync::Mutex<std::collections::BTreeSet<Sha256>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// The right to upload one blob, released when the request ends however it ends.
+struct UploadGuard(Sha256);
+
+impl UploadGuard {
+    fn take(sha: Sha256) -> Option<UploadGuard> {
+        UPLOADING.lock().unwrap_or_else(|e| e.into_inner()).insert(sha).then_some(UploadGuard(sha))
+    }
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        UPLOADING.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.0);
+    }
+}
+
 /// Query of a resumable upload: where this body starts in the blob, and the blob's size.
 #[derive(Deserialize)]
 struct PutQuery {
@@ -218,6 +238,15 @@ async fn put_blob(
     if let Some(size_bytes) = state.shared.blobs.size(&sha) {
         return HttpResponse::Ok().json(BlobView { sha256: sha, size_bytes });
     }
+    // Two bodies appended to one partial file would corrupt it: one upload of a blob at a time.
+    let Some(_uploading) = UploadGuard::take(sha) else {
+        return error(
+            StatusCode::CONFLICT,
+            format!("another upload of {sha} is in progress; retry in a moment"),
+            None,
+            true,
+        );
+    };
     // Hashing and writing happen on a blocking thread, fed chunk by chunk: a
     // large video is never held in memory.
     let (tx, rx) = tokio::sync::mpsc::channel(UPLOAD_QUEUE_CHUNKS);
@@ -494,15 +523,26 @@ async fn delete_prompt(
     }
     let mut removed_outputs = 0usize;
     if q.delete_outputs {
-        // Content-addressed: keep a blob another prompt's run or any prompt's video still uses.
-        let mine: std::collections::BTreeSet<Sha256> =
-            runs.iter().flat_map(|j| j.record.outputs.iter().map(|o| o.sha256)).collect();
+        // No run may be created from a blob between the check below and its removal.
+        let _gc = BLOB_GC.write().await;
+        let prompts = match with_store(&state, |s| s.prompts()).await {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        let Ok(jobs) = state.core.send(ListJobs(None)).await else { return unavailable() };
+        // Content-addressed: keep a blob another prompt's run, or any other prompt's video, still uses.
+        let mine: std::collections::BTreeSet<Sha256> = jobs
+            .iter()
+            .filter(|j| label(j, labels::PROMPT) == Some(&prompt.id))
+            .flat_map(|j| j.record.outputs.iter().map(|o| o.sha256))
+            .collect();
         let others: std::collections::BTreeSet<Sha256> = jobs
             .iter()
             .filter(|j| label(j, labels::PROMPT) != Some(&prompt.id))
             .flat_map(|j| {
                 j.record.outputs.iter().map(|o| o.sha256).chain(j.record.spec.inputs.iter().map(|i| i.sha256))
             })
+            .chain(prompts.iter().filter(|p| p.id != prompt.id).flat_map(|p| prompt_blobs(p).map(|b| b.sha256)))
             .collect();
         for sha in mine.difference(&others) {
             if std::fs::remove_file(state.shared.blobs.path(sha)).is_ok() {
@@ -522,6 +562,25 @@ async fn delete_prompt(
 }
 
 // ---- runs ----
+
+/// Held shared while runs are created from stored blobs and exclusively while
+/// outputs are deleted, so a run never names a blob removed under it.
+static BLOB_GC: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// A prompt's videos.
+fn prompt_blobs(p: &Prompt) -> impl Iterator<Item = BlobRef> + '_ {
+    std::iter::once(p.videos.color).chain(p.videos.depth).chain(p.videos.seg)
+}
+
+/// A conflict when a blob a new run needs is no longer on the controller.
+fn check_blobs<'a>(state: &State, blobs: impl IntoIterator<Item = &'a BlobRef>, what: &str) -> Result<(), String> {
+    for b in blobs {
+        if state.shared.blobs.size(&b.sha256) != Some(b.size_bytes) {
+            return Err(format!("{what} ({}) is no longer on the controller", b.sha256));
+        }
+    }
+    Ok(())
+}
 
 fn label<'a>(j: &'a JobSummary, key: &str) -> Option<&'a String> {
     j.record.spec.labels.get(key)
@@ -546,6 +605,7 @@ fn run_view(j: &JobSummary, prompts: &[Prompt]) -> Option<RunView> {
 async fn submit_compiled(
     state: &web::Data<State>,
     compiled: Vec<transfer::Compiled>,
+    extra: Vec<StoreOp>,
 ) -> Result<Vec<JobId>, HttpResponse> {
     let blobs = state.shared.blobs.clone();
     let files: Vec<Vec<u8>> = compiled.iter().flat_map(|c| c.files.iter().map(|f| f.bytes.clone())).collect();
@@ -555,7 +615,7 @@ async fn submit_compiled(
         Err(_) => return Err(unavailable()),
     }
     let specs: Vec<JobSpec> = compiled.into_iter().map(|c| c.spec).collect();
-    match state.core.send(Submit(specs)).await {
+    match state.core.send(SubmitWith(specs, extra)).await {
         Ok(Ok(rx)) => match rx.await {
             Ok(Ok(ids)) => Ok(ids),
             _ => Err(unavailable()),
@@ -584,6 +644,7 @@ async fn create_runs(req: HttpRequest, state: web::Data<State>, body: web::Json<
     if lines.len() > transfer::MAX_RUNS_PER_REQUEST {
         return bad(format!("{} runs in one request; at most {}", lines.len(), transfer::MAX_RUNS_PER_REQUEST));
     }
+    let _gc = BLOB_GC.read().await;
     // Everything is checked before anything is written: one bad line rejects the batch.
     let existing = match with_store(&state, |s| s.prompts()).await {
         Ok(p) => p,
@@ -599,7 +660,13 @@ async fn create_runs(req: HttpRequest, state: web::Data<State>, body: web::Json<
         }
         let prompt = match (line.prompt_id, line.prompt) {
             (Some(id), None) => match existing.iter().find(|p| p.id == id) {
-                Some(p) => p.clone(),
+                Some(p) => {
+                    let videos: Vec<BlobRef> = prompt_blobs(p).collect();
+                    if let Err(e) = check_blobs(&state, &videos, &format!("a video of prompt {id}")) {
+                        return bad_line(n, format!("{e}: create the prompt again from its video directory"));
+                    }
+                    p.clone()
+                }
                 None => return bad_line(n, format!("no prompt {id}; `cosmos prompts list` shows the ids")),
             },
             (None, Some(new)) => match build_prompt(&state.shared, new) {
@@ -615,15 +682,9 @@ async fn create_runs(req: HttpRequest, state: web::Data<State>, body: web::Json<
         compiled.push(state.shared.transfer.compile_transfer(&run_id, &prompt, &line.params));
         created.push((run_id, prompt.id.clone()));
     }
-    // Prompts first, so a run never names a prompt that is not stored; if the
-    // submission is then refused, they are removed again.
-    if !new_prompts.is_empty() {
-        let stored = new_prompts.clone();
-        if let Err(r) = with_store(&state, move |s| s.put_prompts(&stored)).await {
-            return r;
-        }
-    }
-    match submit_compiled(&state, compiled).await {
+    // The new prompts are stored in the same transaction as the runs' jobs: both or neither.
+    let extra = new_prompts.iter().map(|p| StoreOp::PutPrompt(Box::new(p.clone()))).collect();
+    match submit_compiled(&state, compiled, extra).await {
         Ok(ids) => HttpResponse::Created().json(CreatedRuns {
             runs: created
                 .into_iter()
@@ -632,11 +693,7 @@ async fn create_runs(req: HttpRequest, state: web::Data<State>, body: web::Json<
                 .collect(),
             prompts: new_prompts,
         }),
-        Err(r) => {
-            let ids: Vec<String> = new_prompts.iter().map(|p| p.id.clone()).collect();
-            let _ = with_store(&state, move |s| s.delete_prompts(&ids)).await;
-            r
-        }
+        Err(r) => r,
     }
 }
 
@@ -772,15 +829,24 @@ async fn upscale(
     if let Err(e) = params.validate() {
         return bad(e.to_string());
     }
+    let _gc = BLOB_GC.read().await;
     let wrong_kind = "is not a transfer run; only a transfer's video can be upscaled";
     let (job, video) = match succeeded_output(&state, &id, RunKind::Transfer, wrong_kind, OUTPUT_VIDEO).await {
         Ok(x) => x,
         Err(r) => return r,
     };
+    if let Err(e) = check_blobs(&state, [&video], &format!("the video of run {id}")) {
+        return error(
+            StatusCode::CONFLICT,
+            format!("{e} (its outputs were deleted with its prompt); run it again to upscale it"),
+            None,
+            false,
+        );
+    }
     let run_id = transfer::new_id("rs");
     let prompt_id = label(&job, labels::PROMPT).cloned().unwrap_or_default();
     let compiled = state.shared.transfer.compile_upscale(&run_id, &id, &prompt_id, &video, &params);
-    match submit_compiled(&state, vec![compiled]).await {
+    match submit_compiled(&state, vec![compiled], Vec::new()).await {
         Ok(ids) => HttpResponse::Created().json(CreatedRun { run_id, job_id: ids[0].to_string(), prompt_id }),
         Err(r) => r,
     }
@@ -794,9 +860,13 @@ async fn enhance(req: HttpRequest, state: web::Data<State>, id: web::Path<String
         Ok(p) => p,
         Err(r) => return r,
     };
+    let _gc = BLOB_GC.read().await;
+    if let Err(e) = check_blobs(&state, [&prompt.videos.color], &format!("the color video of prompt {}", prompt.id)) {
+        return error(StatusCode::CONFLICT, format!("{e}: create the prompt again"), None, false);
+    }
     let run_id = transfer::new_id("rs");
     let compiled = state.shared.transfer.compile_enhance(&run_id, &prompt);
-    match submit_compiled(&state, vec![compiled]).await {
+    match submit_compiled(&state, vec![compiled], Vec::new()).await {
         Ok(ids) => {
             HttpResponse::Created().json(CreatedRun { run_id, job_id: ids[0].to_string(), prompt_id: prompt.id })
         }
@@ -831,22 +901,29 @@ async fn apply_enhancement(
             Ok(x) => x,
             Err(r) => return r,
         };
+    // The upsampler's output is not the controller's fault: say which run to redo.
+    let unusable = |why: String| {
+        error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the result of enhancement run {id} {why}; run `cosmos prompt-enhance` again"),
+            None,
+            false,
+        )
+    };
     if result.size_bytes > MAX_ENHANCE_RESULT_BYTES {
-        return internal(format!(
-            "the enhancement result is {} bytes, over {MAX_ENHANCE_RESULT_BYTES}",
-            result.size_bytes
-        ));
+        return unusable(format!("is {} bytes, over {MAX_ENHANCE_RESULT_BYTES}", result.size_bytes));
     }
     let text = match std::fs::read(state.shared.blobs.path(&result.sha256)) {
         Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return unusable("is no longer on the controller".into()),
         Err(e) => return internal(format!("cannot read the enhancement result {}: {e}", result.sha256)),
     };
     let upsampled = match serde_json::from_slice::<Vec<EnhanceItem>>(&text) {
         Ok(items) if !items.is_empty() && !items[0].upsampled_prompt.trim().is_empty() => {
             items[0].upsampled_prompt.clone()
         }
-        Ok(_) => return internal("the enhancement result holds no upsampled prompt"),
-        Err(e) => return internal(format!("the enhancement result is not the upsampler's JSON: {e}")),
+        Ok(_) => return unusable("holds no upsampled prompt".into()),
+        Err(e) => return unusable(format!("is not the upsampler's JSON ({e})")),
     };
     let prompt_id = label(&job, labels::PROMPT).cloned().unwrap_or_default();
     let parent = match find_prompt(&state, &prompt_id).await {

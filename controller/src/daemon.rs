@@ -349,9 +349,31 @@ impl Message for Submit {
 }
 impl Handler<Submit> for CoreActor {
     type Result = Result<oneshot::Receiver<Result<Vec<JobId>, SubmitError>>, SubmitError>;
-    fn handle(&mut self, Submit(specs): Submit, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, Submit(specs): Submit, ctx: &mut Context<Self>) -> Self::Result {
+        self.handle(SubmitWith(specs, Vec::new()), ctx)
+    }
+}
+
+/// Submit a batch together with records that must be stored in the same
+/// transaction (the prompts a batch of runs creates); answers once durable.
+pub struct SubmitWith(pub Vec<JobSpec>, pub Vec<StoreOp>);
+impl Message for SubmitWith {
+    type Result = Result<oneshot::Receiver<Result<Vec<JobId>, SubmitError>>, SubmitError>;
+}
+impl Handler<SubmitWith> for CoreActor {
+    type Result = Result<oneshot::Receiver<Result<Vec<JobId>, SubmitError>>, SubmitError>;
+    fn handle(&mut self, SubmitWith(specs, extra): SubmitWith, _: &mut Context<Self>) -> Self::Result {
         let mut out = Vec::new();
         let ids = self.core.submit(wall_ms(), specs, &mut out)?;
+        // The core persists a submission in one batch, before anything is sent: join it.
+        match out.iter_mut().find_map(|o| match o {
+            Output::Persist(ops) => Some(ops),
+            _ => None,
+        }) {
+            Some(ops) => ops.extend(extra),
+            None if extra.is_empty() => {}
+            None => out.insert(0, Output::Persist(extra)),
+        }
         let (tx, rx) = oneshot::channel();
         self.perform(out, Some(Box::new(move || drop(tx.send(Ok(ids))))));
         Ok(rx)

@@ -219,6 +219,9 @@ pub enum StoreOp {
     PutAgent(AgentRecord),
     /// Append an event.
     Event(EventRecord),
+    /// Insert or replace a Cosmos prompt; those a batch creates go in the same
+    /// transaction as the batch's jobs, so both or neither are stored.
+    PutPrompt(Box<crate::transfer::Prompt>),
 }
 
 /// Everything the core needs to rebuild itself after a restart.

@@ -232,6 +232,7 @@ impl Store {
                     tx.prepare_cached(PUT_AGENT)?
                         .execute(params![agent.name, encode(agent, || format!("agent `{}`", agent.name))?])?;
                 }
+                StoreOp::PutPrompt(p) => put_prompt(&tx, p)?,
                 StoreOp::Event(ev) => {
                     tx.prepare_cached(APPEND_EVENT)?.execute(params![
                         ev.at_ms,
@@ -376,12 +377,7 @@ impl Store {
     pub fn put_prompts(&mut self, prompts: &[Prompt]) -> Result<()> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for p in prompts {
-            let record = encode(p, || format!("prompt {}", p.id))?;
-            tx.execute(
-                "INSERT INTO prompts (id, name, created_ms, record) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (id) DO UPDATE SET name = excluded.name, record = excluded.record",
-                params![p.id, p.name, p.created_ms as i64, record],
-            )?;
+            put_prompt(&tx, p)?;
         }
         tx.commit()?;
         Ok(())
@@ -415,6 +411,16 @@ impl Store {
         tx.commit()?;
         Ok(())
     }
+}
+
+fn put_prompt(tx: &rusqlite::Transaction<'_>, p: &Prompt) -> Result<()> {
+    let record = encode(p, || format!("prompt {}", p.id))?;
+    tx.prepare_cached(
+        "INSERT INTO prompts (id, name, created_ms, record) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (id) DO UPDATE SET name = excluded.name, record = excluded.record",
+    )?
+    .execute(params![p.id, p.name, p.created_ms as i64, record])?;
+    Ok(())
 }
 
 fn migrate(conn: &mut Connection) -> Result<()> {

@@ -525,6 +525,9 @@ impl TransferConfig {
         spec.max_attempts = self.max_attempts;
         if let Some(image) = &self.image {
             spec.image = Some(image.clone());
+            // The contract runs the scripts from the checkout root; the job's files are then
+            // reached through absolute paths under the work mount (see `work`).
+            spec.workdir = Some(self.checkout_dir.clone());
             spec.ipc_host = true;
             spec.shm_bytes = Some(self.shm_bytes);
             spec.env.insert("PYTHONPATH".into(), self.checkout_dir.clone());
@@ -554,13 +557,23 @@ impl TransferConfig {
             "--checkpoint_dir".into(),
             self.checkpoint_dir(),
             "--video_save_folder".into(),
-            "outputs".into(),
+            self.work("outputs"),
             "--controlnet_specs".into(),
-            "inputs/spec.json".into(),
+            self.work("inputs/spec.json"),
             "--num_gpus".into(),
             gpus.to_string(),
         ]);
         command
+    }
+
+    /// A path in the attempt's work directory as the command sees it: relative for
+    /// a plain process (it runs there), under the work mount in an image (it runs
+    /// in the checkout).
+    fn work(&self, rel: &str) -> String {
+        match self.image {
+            Some(_) => format!("{}/{rel}", cosmos_proto::spec::CONTAINER_WORK_DIR),
+            None => rel.to_string(),
+        }
     }
 
     fn checkpoint_dir(&self) -> String {
@@ -596,7 +609,7 @@ impl TransferConfig {
             match video {
                 Some(v) => {
                     let path = format!("inputs/{file}");
-                    control["input_control"] = serde_json::Value::String(path.clone());
+                    control["input_control"] = serde_json::Value::String(self.work(&path));
                     inputs.push(input(v, &path));
                 }
                 // The model derives the control itself and may save what it derived.
@@ -609,7 +622,7 @@ impl TransferConfig {
         let mut doc = serde_json::json!({
             "prompt": prompt.text,
             "negative_prompt": prompt.negative_prompt,
-            "input_video_path": "inputs/color.mp4",
+            "input_video_path": self.work("inputs/color.mp4"),
             "num_steps": params.steps,
             "guidance": params.guidance,
             "sigma_max": params.sigma_max,
@@ -648,7 +661,7 @@ impl TransferConfig {
         params: &UpscaleParams,
     ) -> Compiled {
         let mut doc = serde_json::json!({
-            "input_video_path": "inputs/input.mp4",
+            "input_video_path": self.work("inputs/input.mp4"),
             "upscale": { "control_weight": params.weight },
         });
         if let Some(p) = &params.prompt {
@@ -675,7 +688,7 @@ impl TransferConfig {
     /// A prompt enhancement of `prompt` with the upsampler.
     pub fn compile_enhance(&self, run_id: &str, prompt: &Prompt) -> Compiled {
         let items = serde_json::to_vec_pretty(&serde_json::json!([
-            { "name": prompt.name, "prompt": prompt.text, "video_path": "inputs/color.mp4" }
+            { "name": prompt.name, "prompt": prompt.text, "video_path": self.work("inputs/color.mp4") }
         ]))
         .expect("JSON values serialise");
         let mut command = self.torchrun(1, UPSAMPLER_SCRIPT);
@@ -683,9 +696,9 @@ impl TransferConfig {
             "--checkpoint_dir".into(),
             self.checkpoint_dir(),
             "--input".into(),
-            "inputs/items.json".into(),
+            self.work("inputs/items.json"),
             "--output".into(),
-            ENHANCE_RESULT.into(),
+            self.work(ENHANCE_RESULT),
         ]);
         let mut spec = self.base_spec(format!("enhance {}", prompt.name), command, 1, 0);
         spec.env.insert("VLLM_WORKER_MULTIPROC_METHOD".into(), "spawn".into());
@@ -856,6 +869,11 @@ mod tests {
         assert_eq!(c.spec.shm_bytes, Some(8 << 30));
         let targets: Vec<&str> = c.spec.mounts.iter().map(|m| m.target.as_str()).collect();
         assert_eq!(targets, ["/workspace/checkpoints", "/root/.cache/huggingface"]);
+        assert_eq!(c.spec.workdir.as_deref(), Some("/workspace"), "run from the checkout root, as the contract says");
+        let cmd = &c.spec.command;
+        assert_eq!(cmd[cmd.iter().position(|a| a == "--controlnet_specs").unwrap() + 1], "/work/inputs/spec.json");
+        assert_eq!(cmd[cmd.iter().position(|a| a == "--video_save_folder").unwrap() + 1], "/work/outputs");
+        assert_eq!(spec_json(&c)["input_video_path"], "/work/inputs/color.mp4");
         assert_eq!(c.spec.validate(), Ok(()));
     }
 

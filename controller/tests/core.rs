@@ -343,7 +343,7 @@ impl Cluster {
                 StoreOp::PutAgent(a) => {
                     agents.insert(a.name.clone(), a.clone());
                 }
-                StoreOp::Event(_) => {}
+                StoreOp::Event(_) | StoreOp::PutPrompt(_) => {}
             }
         }
         Snapshot {

@@ -33,6 +33,8 @@ pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
 pub const DEFAULT_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 /// Default attempts when a submission names none.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Where a container sees its attempt's work directory (inputs, outputs, logs).
+pub const CONTAINER_WORK_DIR: &str = "/work";
 
 /// Everything needed to run one job anywhere in the cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +68,9 @@ pub struct JobSpec {
     pub shm_bytes: Option<u64>,
     /// Share the host's IPC namespace (what `--ipc=host` does), as NCCL often wants.
     pub ipc_host: bool,
+    /// Directory the container's command runs in (absolute, images only); `None`:
+    /// the attempt's work directory, [`CONTAINER_WORK_DIR`].
+    pub workdir: Option<String>,
     /// Free-form labels, carried to the container and shown in listings.
     pub labels: BTreeMap<String, String>,
 }
@@ -92,6 +97,7 @@ impl JobSpec {
             priority: 0,
             shm_bytes: None,
             ipc_host: false,
+            workdir: None,
             labels: BTreeMap::new(),
         }
     }
@@ -173,6 +179,17 @@ impl JobSpec {
                 return Err(SpecError::new(
                     "mounts",
                     format!("target `{}` must be an absolute container path without `..`", mount.target),
+                ));
+            }
+        }
+        if let Some(dir) = &self.workdir {
+            if self.image.is_none() {
+                return Err(SpecError::new("workdir", "applies to container images only: set `image` or remove it"));
+            }
+            if !dir.starts_with('/') || dir.split('/').any(|p| p == "..") || dir.len() > MAX_PATH_BYTES {
+                return Err(SpecError::new(
+                    "workdir",
+                    format!("`{dir}` must be an absolute container path without `..`"),
                 ));
             }
         }
@@ -342,6 +359,14 @@ mod tests {
             ("timeout", Box::new(|s| s.timeout_ms = 0)),
             ("max_attempts", Box::new(|s| s.max_attempts = 0)),
             ("image", Box::new(|s| s.image = Some("has space".into()))),
+            ("workdir", Box::new(|s| s.workdir = Some("/workspace".into()))),
+            (
+                "workdir",
+                Box::new(|s| {
+                    s.image = Some("img".into());
+                    s.workdir = Some("relative".into());
+                }),
+            ),
         ];
         for (field, breaks) in cases {
             let mut spec = base.clone();

@@ -167,11 +167,25 @@ fn a_prompt_with_active_runs_cannot_be_deleted_and_outputs_go_when_asked() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("still active") && stderr(&out).contains(&run), "{}", stderr(&out));
     assert_eq!(c.wait_run(&run), "succeeded");
+    // Another prompt whose video is one of this run's outputs: that blob must survive the deletion.
+    let reuse = c.dir.path().join("reuse");
+    let out = c.cli(&["download", &run, "--to", reuse.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let from_output = c.dir.path().join("from-output");
+    std::fs::create_dir_all(&from_output).unwrap();
+    std::fs::copy(reuse.join(&run).join("seg_input_control.mp4"), from_output.join("color.mp4")).unwrap();
+    let second = c.json(&["create", "prompt", "the street again", from_output.to_str().unwrap(), "--json"]);
+
     let out = c.cli(&["prompts", "delete", &ps, "--delete-outputs"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = c.cli(&["download", &run, "--to", c.dir.path().join("d").to_str().unwrap()]);
     assert!(!out.status.success(), "its outputs are gone");
-    assert!(c.json(&["prompts", "list", "--json"]).as_array().unwrap().is_empty());
+    let out = c.cli(&["upscale", &run]);
+    assert!(stderr(&out).contains("no longer on the controller"), "{}", stderr(&out));
+    let prompts = c.json(&["prompts", "list", "--json"]);
+    assert_eq!(prompts.as_array().unwrap().len(), 1, "{prompts}");
+    let out = c.cli(&["inference", second["id"].as_str().unwrap(), "--steps", "2", "--wait"]);
+    assert!(out.status.success(), "the other prompt's video was kept: {}", stderr(&out));
 }
 
 #[test]
