@@ -194,6 +194,7 @@ pub fn up(data_dir: Option<PathBuf>, agents: usize, gpus: &str, client_command: 
         eprintln!("  point the CLI at it:");
         eprintln!("    export COSMOS_CONTROLLER={api} COSMOS_DATA_DIR={}", dir.join("controller").display());
         eprintln!("    cosmos status");
+        eprintln!("    cosmos demo          # the example batch of Cosmos Transfer runs and an upscale");
         eprintln!("  Ctrl-C stops it.");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(crate::shutdown_signal());
