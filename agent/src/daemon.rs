@@ -186,8 +186,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let cache_dir = attempts_root.join("cache");
     let cache = cosmos_cas::Store::open(&cache_dir)
         .map_err(|e| AgentError::WorkDir { path: cache_dir.clone(), source: std::io::Error::other(e.to_string()) })?;
-    let (transfers, transfers_done) =
-        crate::transfer::spawn(std::sync::Arc::new(cache), opts.cache_max_bytes);
+    let (transfers, transfers_done) = crate::transfer::spawn(std::sync::Arc::new(cache), opts.cache_max_bytes);
     let recovered = runtime.as_dyn().recover();
     let adopted = recovered.iter().filter(|r| r.exited.is_none()).count();
     tracing::info!(
@@ -558,6 +557,9 @@ impl Shell {
                             if let ControllerMsg::AckFinished { attempt_ids } = &msg {
                                 for &id in attempt_ids {
                                     self.runtime.as_dyn().acknowledged(id);
+                                    // Its inputs leave its directory, so the cache can evict them.
+                                    let release = crate::transfer::Command::Release { attempt_id: id };
+                                    let _ = self.transfers.commands.send(release);
                                 }
                             }
                             let reconcile = matches!(msg, ControllerMsg::Reconcile { .. });

@@ -33,7 +33,7 @@ use cosmos_proto::{
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 
@@ -45,8 +45,10 @@ pub const BLOB_STALL_TIMEOUT_MS: u64 = 15_000;
 pub const DOWNLOAD_DIGEST_TRIES_MAX: u32 = 2;
 /// Refusals of one upload the controller calls retryable before delivery fails.
 pub const UPLOAD_TRIES_MAX: u32 = 3;
-/// Default bound on the host cache: blobs no attempt directory links to are
-/// removed, least recently used first, once the cache holds more.
+/// Default bound on the host cache: blobs no attempt directory links to and no
+/// stage needs are removed, least recently used first, once the cache holds more.
+/// An attempt's inputs leave its directory once its finish is acknowledged
+/// ([`Command::Release`]).
 pub const DEFAULT_CACHE_MAX_BYTES: u64 = 256 << 30;
 /// Blob frames from the controller waiting for the engine; the controller only
 /// sends what was asked for, so more than this means it ignores the protocol.
@@ -87,6 +89,13 @@ pub enum Command {
     },
     /// Forget a delivery; no answer follows.
     AbortUpload {
+        /// Which attempt.
+        attempt_id: AttemptId,
+    },
+    /// The controller recorded the attempt's finish: the inputs placed for it
+    /// leave its work directory (outputs and logs stay; the controller still
+    /// holds the inputs), so the cache can evict them. No answer follows.
+    Release {
         /// Which attempt.
         attempt_id: AttemptId,
     },
@@ -195,6 +204,9 @@ pub fn spawn(cache: Arc<Store>, cache_max_bytes: u64) -> (Handle, mpsc::Unbounde
         writers: 0,
         verifying: BTreeSet::new(),
         verified: HashMap::new(),
+        uses: Arc::new(Mutex::new(CacheUse::default())),
+        evicting: Arc::new(Mutex::new(())),
+        placed: HashMap::new(),
         stages: HashMap::new(),
         uploads: BTreeMap::new(),
         deliveries: HashMap::new(),
@@ -251,7 +263,29 @@ enum Bg {
     /// A download's writer finished: the blob is in the cache, or why not.
     Committed(Sha256, u64, Result<(), CasError>),
     Verified(Sha256, Option<SystemTime>),
-    Placed(AttemptId, Result<(), CasError>),
+    /// An attempt's inputs are placed (the links made, even when one failed).
+    Placed(AttemptId, Result<(), CasError>, Vec<PlacedLink>),
+}
+
+/// An input placed in a work directory: removed at release only while it is still that file.
+#[derive(Debug)]
+struct PlacedLink {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+/// What eviction must know of the cache's use, shared with it (it runs off the engine).
+#[derive(Default)]
+struct CacheUse {
+    /// Blobs that live stages need: never evicted. A stage pins its inputs
+    /// before it looks for them in the cache, and eviction checks the pins
+    /// under this lock as it removes each blob, so a blob found in the cache
+    /// stays there until it is placed.
+    pinned: BTreeSet<Sha256>,
+    /// When each blob was last fetched or placed, in this process (older
+    /// blobs count from their modification time, the time they were fetched).
+    last_used: HashMap<Sha256, SystemTime>,
 }
 
 struct Engine {
@@ -268,6 +302,12 @@ struct Engine {
     /// Cached blobs known good, with the modification time they had then: a
     /// blob whose time has not moved is used without hashing it again.
     verified: HashMap<Sha256, SystemTime>,
+    /// Pins and last uses, for eviction.
+    uses: Arc<Mutex<CacheUse>>,
+    /// Held by the running eviction: one at a time.
+    evicting: Arc<Mutex<()>>,
+    /// Inputs placed for each attempt, until it is released.
+    placed: HashMap<AttemptId, Vec<PlacedLink>>,
     stages: HashMap<AttemptId, Stage>,
     uploads: BTreeMap<Sha256, Upload>,
     /// Outputs each delivering attempt waits for.
@@ -306,6 +346,7 @@ impl Engine {
                 let pending: BTreeSet<Sha256> = inputs.iter().map(|i| i.sha256).collect();
                 let needs: BTreeMap<Sha256, u64> = inputs.iter().map(|i| (i.sha256, i.size_bytes)).collect();
                 self.stages.insert(attempt_id, Stage { work_dir, inputs, pending });
+                self.pin();
                 if needs.is_empty() {
                     self.place(attempt_id);
                 }
@@ -316,6 +357,7 @@ impl Engine {
             }
             Command::AbortStage { attempt_id } => {
                 self.stages.remove(&attempt_id);
+                self.pin();
                 // Downloads nobody waits for stop asking; their partial files stay for the next try.
                 let wanted: BTreeSet<Sha256> = self.stages.values().flat_map(|s| s.pending.iter().copied()).collect();
                 self.downloads.retain(|sha, d| d.committing || wanted.contains(sha));
@@ -360,6 +402,11 @@ impl Engine {
                 self.deliveries.remove(&attempt_id);
                 let wanted: BTreeSet<Sha256> = self.deliveries.values().flat_map(|s| s.iter().copied()).collect();
                 self.uploads.retain(|sha, _| wanted.contains(sha));
+            }
+            Command::Release { attempt_id } => {
+                if let Some(links) = self.placed.remove(&attempt_id) {
+                    self.release(links);
+                }
             }
             Command::LinkUp { bulk } => {
                 self.bulk = Some(bulk);
@@ -722,6 +769,7 @@ impl Engine {
                         if let Some(t) = mtime(&self.cache.path(&sha256)) {
                             self.verified.insert(sha256, t);
                         }
+                        self.uses().last_used.insert(sha256, SystemTime::now());
                         self.ready(sha256);
                         self.evict();
                     }
@@ -775,10 +823,14 @@ impl Engine {
                     }
                 }
             }
-            Bg::Placed(attempt_id, result) => {
+            Bg::Placed(attempt_id, result, links) => {
                 if self.stages.remove(&attempt_id).is_none() {
-                    return; // Aborted meanwhile.
+                    // Aborted meanwhile: the attempt never runs with them.
+                    self.release(links);
+                    return;
                 }
+                self.pin();
+                self.placed.entry(attempt_id).or_default().extend(links);
                 let result = result.map_err(|e| {
                     let e = TransferError::Cache(e);
                     StageFailure { reason: e.to_string(), retryable: e.is_retryable() }
@@ -806,9 +858,25 @@ impl Engine {
         let Some(stage) = self.stages.get(&attempt_id) else { return };
         let (cache, bg, work_dir, inputs) =
             (self.cache.clone(), self.bg.clone(), stage.work_dir.clone(), stage.inputs.clone());
+        {
+            let now = SystemTime::now();
+            let mut uses = self.uses();
+            for i in &inputs {
+                uses.last_used.insert(i.sha256, now);
+            }
+        }
         tokio::task::spawn_blocking(move || {
-            let result = inputs.iter().try_for_each(|i| cache.place(&i.sha256, &work_dir.join(&i.path)));
-            let _ = bg.send(Bg::Placed(attempt_id, result));
+            use std::os::unix::fs::MetadataExt;
+            let mut links = Vec::new();
+            let result = inputs.iter().try_for_each(|i| {
+                let path = work_dir.join(&i.path);
+                cache.place(&i.sha256, &path)?;
+                if let Ok(m) = std::fs::symlink_metadata(&path) {
+                    links.push(PlacedLink { path, dev: m.dev(), ino: m.ino() });
+                }
+                Ok(())
+            });
+            let _ = bg.send(Bg::Placed(attempt_id, result, links));
         });
     }
 
@@ -822,6 +890,7 @@ impl Engine {
             self.stages.remove(&attempt_id);
             let _ = self.done.send(Done::Staged { attempt_id, result: Err(failure.clone()) });
         }
+        self.pin();
     }
 
     /// Transfers with frames out and no answer for too long are asked again from where they stand.
@@ -855,19 +924,46 @@ impl Engine {
         self.pump().await;
     }
 
-    /// Keeps the cache under its bound: blobs that only the cache links to (no
-    /// attempt directory holds them, so removing them frees space) go, oldest
-    /// use first; blobs being staged stay.
+    fn uses(&self) -> std::sync::MutexGuard<'_, CacheUse> {
+        self.uses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pins exactly the inputs of live stages.
+    fn pin(&mut self) {
+        let pinned = self.stages.values().flat_map(|s| s.inputs.iter().map(|i| i.sha256)).collect();
+        self.uses().pinned = pinned;
+    }
+
+    /// Keeps the cache under its bound, off the engine's task (see [`evict`]).
     fn evict(&mut self) {
-        let keep: BTreeSet<Sha256> = self.stages.values().flat_map(|s| s.inputs.iter().map(|i| i.sha256)).collect();
-        let (cache, max) = (self.cache.clone(), self.cache_max_bytes);
-        tokio::task::spawn_blocking(move || evict(&cache, max, &keep));
+        self.release(Vec::new());
+    }
+
+    /// Removes placed inputs from their work directory (those still the file
+    /// placed there: a job may have replaced one), then evicts what that freed.
+    fn release(&mut self, links: Vec<PlacedLink>) {
+        let (cache, max, uses, evicting) =
+            (self.cache.clone(), self.cache_max_bytes, self.uses.clone(), self.evicting.clone());
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::MetadataExt;
+            for l in links {
+                let same = std::fs::symlink_metadata(&l.path).is_ok_and(|m| m.dev() == l.dev && m.ino() == l.ino);
+                if same {
+                    let _ = std::fs::remove_file(&l.path);
+                }
+            }
+            let _one_at_a_time = evicting.lock().unwrap_or_else(|e| e.into_inner());
+            evict(&cache, max, &uses);
+        });
     }
 }
 
-/// Removes unlinked blobs, least recently modified first, until the cache holds at most `max_bytes`.
-pub fn evict(cache: &Store, max_bytes: u64, keep: &BTreeSet<Sha256>) -> u64 {
+/// Removes blobs that only the cache links to (removing them frees space) and
+/// no stage needs, least recently used first, until the cache holds at most
+/// `max_bytes`; returns the bytes freed.
+fn evict(cache: &Store, max_bytes: u64, uses: &Mutex<CacheUse>) -> u64 {
     use std::os::unix::fs::MetadataExt;
+    let lock = || uses.lock().unwrap_or_else(|e| e.into_inner());
     let mut total = 0u64;
     let mut candidates = Vec::new();
     let Ok(shards) = std::fs::read_dir(cache.root().join("sha256")) else { return 0 };
@@ -877,8 +973,19 @@ pub fn evict(cache: &Store, max_bytes: u64, keep: &BTreeSet<Sha256>) -> u64 {
             let Ok(meta) = f.metadata() else { continue };
             total += meta.len();
             let sha: Option<Sha256> = f.file_name().to_str().and_then(|n| n.parse().ok());
-            if let Some(sha) = sha.filter(|s| !keep.contains(s) && meta.nlink() == 1) {
+            if let Some(sha) = sha.filter(|_| meta.nlink() == 1) {
                 candidates.push((meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len(), sha, f.path()));
+            }
+        }
+    }
+    if total <= max_bytes {
+        return 0;
+    }
+    {
+        let uses = lock();
+        for c in &mut candidates {
+            if let Some(&t) = uses.last_used.get(&c.2) {
+                c.0 = t;
             }
         }
     }
@@ -888,10 +995,157 @@ pub fn evict(cache: &Store, max_bytes: u64, keep: &BTreeSet<Sha256>) -> u64 {
         if total - freed <= max_bytes {
             break;
         }
-        if std::fs::remove_file(&path).is_ok() {
+        // Checked and removed under the lock: a stage that pinned it meanwhile keeps it.
+        let mut uses = lock();
+        if uses.pinned.contains(&sha) {
+            continue;
+        }
+        let still_unlinked = std::fs::metadata(&path).is_ok_and(|m| m.nlink() == 1);
+        if still_unlinked && std::fs::remove_file(&path).is_ok() {
+            uses.last_used.remove(&sha);
+            drop(uses);
             tracing::info!(%sha, size_bytes = len, "evicted a cached input");
             freed += len;
         }
     }
     freed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cosmos_proto::AgentFrame;
+
+    const SIZE: usize = 1000;
+
+    /// An engine over a fresh cache, fed by a controller that serves `blobs`' requests.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        root: PathBuf,
+        cache: Arc<Store>,
+        controller: Arc<Store>,
+        engine: Handle,
+        done: mpsc::UnboundedReceiver<Done>,
+    }
+
+    impl Rig {
+        async fn new(cache_max_bytes: u64) -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().to_path_buf();
+            let cache = Arc::new(Store::open(root.join("cache")).unwrap());
+            let controller = Arc::new(Store::open(root.join("controller")).unwrap());
+            let (engine, done) = spawn(cache.clone(), cache_max_bytes);
+            let (bulk, mut bulk_rx) = mpsc::channel::<Vec<u8>>(4);
+            let (store, wire) = (controller.clone(), engine.wire.clone());
+            tokio::spawn(async move {
+                while let Some(payload) = bulk_rx.recv().await {
+                    if let Ok(AgentFrame::Blob(AgentBlob::Request { sha256, offset, len_bytes })) =
+                        AgentFrame::decode(&payload)
+                    {
+                        let data = store.read_at(&sha256, offset, len_bytes as usize).unwrap();
+                        let _ = wire.send(ControllerBlob::Chunk(BlobChunk::new(sha256, offset, data))).await;
+                    }
+                }
+            });
+            engine.commands.send(Command::LinkUp { bulk }).unwrap();
+            Rig { _dir: dir, root, cache, controller, engine, done }
+        }
+
+        fn blob(&self, seed: u8) -> Sha256 {
+            let data: Vec<u8> = (0..SIZE).map(|i| (i as u8).wrapping_mul(seed) ^ seed).collect();
+            self.controller.put_bytes(&data).unwrap().0
+        }
+
+        fn work_dir(&self, attempt: u64) -> PathBuf {
+            self.root.join(format!("attempts/{attempt}/work"))
+        }
+
+        async fn stage(&mut self, attempt: u64, sha256: Sha256) {
+            let attempt_id = AttemptId(attempt);
+            let inputs = vec![InputArtifact { sha256, size_bytes: SIZE as u64, path: "inputs/video.mp4".into() }];
+            let work_dir = self.work_dir(attempt);
+            self.engine.commands.send(Command::Stage { attempt_id, work_dir, inputs }).unwrap();
+            match tokio::time::timeout(Duration::from_secs(10), self.done.recv()).await.unwrap().unwrap() {
+                Done::Staged { attempt_id: a, result: Ok(()) } if a == attempt_id => {}
+                other => panic!("{other:?}"),
+            }
+            assert!(self.work_dir(attempt).join("inputs/video.mp4").exists());
+        }
+
+        fn release(&self, attempt: u64) {
+            self.engine.commands.send(Command::Release { attempt_id: AttemptId(attempt) }).unwrap();
+        }
+
+        fn cached(&self, sha256: &Sha256) -> bool {
+            self.cache.size(sha256).is_some()
+        }
+
+        /// Waits until `sha256` leaves the cache.
+        async fn evicted(&self, sha256: &Sha256) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.cached(sha256) {
+                assert!(Instant::now() < deadline, "{sha256} was never evicted");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        /// Lets the engine and its blocking work settle.
+        async fn settle(&self) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn released_inputs_are_evicted_once_the_cache_is_over_its_bound() {
+        let mut rig = Rig::new(SIZE as u64 * 3 / 2).await;
+        let (a, b) = (rig.blob(3), rig.blob(5));
+        rig.stage(1, a).await;
+        std::fs::write(rig.work_dir(1).join("output.txt"), b"result").unwrap();
+        rig.stage(2, b).await;
+        rig.settle().await;
+        // Over the bound, but both are in attempt directories: removing either would free nothing.
+        assert!(rig.cached(&a) && rig.cached(&b));
+
+        rig.release(1);
+        rig.evicted(&a).await;
+        assert!(rig.cached(&b), "the newer input stays");
+        assert!(!rig.work_dir(1).join("inputs/video.mp4").exists(), "the released input left the work directory");
+        assert!(rig.work_dir(1).join("output.txt").exists(), "outputs stay");
+        assert!(rig.work_dir(2).join("inputs/video.mp4").exists(), "unreleased inputs stay");
+
+        rig.release(2);
+        rig.settle().await;
+        assert!(rig.cached(&b), "under the bound, released inputs stay cached");
+    }
+
+    #[tokio::test]
+    async fn eviction_takes_the_least_recently_used_not_the_oldest_fetched() {
+        let mut rig = Rig::new(SIZE as u64 * 5 / 2).await;
+        let (a, b, c) = (rig.blob(3), rig.blob(5), rig.blob(7));
+        rig.stage(1, a).await;
+        rig.stage(2, b).await;
+        rig.release(1);
+        rig.release(2);
+        // `a` was fetched first but is used again, from the cache.
+        rig.stage(3, a).await;
+        rig.release(3);
+        rig.settle().await;
+        assert!(rig.cached(&a) && rig.cached(&b));
+        rig.stage(4, c).await;
+        rig.evicted(&b).await;
+        assert!(rig.cached(&a) && rig.cached(&c));
+    }
+
+    #[tokio::test]
+    async fn a_pinned_blob_is_never_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Store::open(dir.path()).unwrap();
+        let (a, _) = cache.put_bytes(b"needed by a stage").unwrap();
+        let (b, _) = cache.put_bytes(b"needed by nobody").unwrap();
+        let uses = Mutex::new(CacheUse::default());
+        uses.lock().unwrap().pinned.insert(a);
+        assert_eq!(evict(&cache, 0, &uses), b"needed by nobody".len() as u64);
+        assert!(cache.size(&a).is_some());
+        assert!(cache.size(&b).is_none());
+    }
 }
