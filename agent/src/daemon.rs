@@ -34,6 +34,9 @@ const WRITER_QUEUE_LEN: usize = 16;
 const READER_QUEUE_LEN: usize = 64;
 /// Encoded blob frames handed to the writer task; it sends them only when no message waits.
 const BULK_QUEUE_LEN: usize = 4;
+/// Messages the writer sends in a row while a blob frame waits, before it sends that one:
+/// a job that logs without pause must not starve transfers.
+const CONTROL_BURST_MAX: u32 = 8;
 /// How long shutdown waits for queued messages to reach the socket.
 const CLOSE_TIMEOUT_MS: u64 = 2_000;
 /// How often the Docker runtime's reaper looks for containers no attempt claims (also after each reconcile).
@@ -328,15 +331,32 @@ impl Link {
         let (tx, mut out_rx) = mpsc::channel::<AgentMsg>(WRITER_QUEUE_LEN);
         let (bulk_tx, mut bulk_rx) = mpsc::channel::<Vec<u8>>(BULK_QUEUE_LEN);
         let writer = tokio::spawn(async move {
-            // Messages first: a heartbeat or a finish waits for one blob chunk at most.
+            // Messages first: a heartbeat or a finish waits for one blob chunk at most. Yet after
+            // CONTROL_BURST_MAX messages in a row, a waiting blob frame goes next.
+            let mut burst = 0;
             loop {
-                let sent = tokio::select! {
-                    biased;
-                    msg = out_rx.recv() => match msg {
-                        Some(msg) => writer.send(&msg).await.map_err(|e| e.to_string()),
-                        None => break,
+                let bulk_turn = if burst >= CONTROL_BURST_MAX {
+                    burst = 0;
+                    bulk_rx.try_recv().ok()
+                } else {
+                    None
+                };
+                let sent = match bulk_turn {
+                    Some(payload) => writer.write_frame(&payload).await.map_err(|e| e.to_string()),
+                    None => tokio::select! {
+                        biased;
+                        msg = out_rx.recv() => match msg {
+                            Some(msg) => {
+                                burst += 1;
+                                writer.send(&msg).await.map_err(|e| e.to_string())
+                            }
+                            None => break,
+                        },
+                        Some(payload) = bulk_rx.recv() => {
+                            burst = 0;
+                            writer.write_frame(&payload).await.map_err(|e| e.to_string())
+                        }
                     },
-                    Some(payload) = bulk_rx.recv() => writer.write_frame(&payload).await.map_err(|e| e.to_string()),
                 };
                 if let Err(e) = sent {
                     tracing::warn!(error = %e, "sending to the controller failed");

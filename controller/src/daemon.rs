@@ -604,25 +604,44 @@ async fn recv_frame(
     }
 }
 
+/// Control messages [`write_frames`] sends in a row while a blob frame waits,
+/// before it sends that one: a flood of messages must not starve transfers.
+const CONTROL_BURST_MAX: u32 = 8;
+
 /// Writes what the core sends until it drops the channel (superseded, lost or
 /// stuck agent) or the socket fails. Writes are not cancel-safe, so this one
 /// task does them all. Control messages go first: a blob chunk is sent only
-/// when none waits, so a cancel or heartbeat ack waits for one chunk at most.
-async fn write_frames(
-    mut writer: cosmos_proto::FrameWriter<tokio::io::WriteHalf<tokio::net::TcpStream>>,
+/// when none waits, so a cancel or heartbeat ack waits for one chunk at most;
+/// yet after [`CONTROL_BURST_MAX`] messages in a row a waiting chunk goes next.
+async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
+    mut writer: cosmos_proto::FrameWriter<W>,
     mut rx: mpsc::Receiver<ControllerMsg>,
     mut bulk: mpsc::Receiver<Vec<u8>>,
 ) -> Result<(), String> {
     let mut bulk_open = true;
+    let mut burst = 0;
     loop {
+        if burst >= CONTROL_BURST_MAX {
+            burst = 0;
+            if let Ok(payload) = bulk.try_recv() {
+                writer.write_frame(&payload).await.map_err(|e| e.to_string())?;
+                continue;
+            }
+        }
         tokio::select! {
             biased;
             msg = rx.recv() => match msg {
-                Some(msg) => writer.send(&msg).await.map_err(|e| e.to_string())?,
+                Some(msg) => {
+                    burst += 1;
+                    writer.send(&msg).await.map_err(|e| e.to_string())?
+                }
                 None => break,
             },
             payload = bulk.recv(), if bulk_open => match payload {
-                Some(payload) => writer.write_frame(&payload).await.map_err(|e| e.to_string())?,
+                Some(payload) => {
+                    burst = 0;
+                    writer.write_frame(&payload).await.map_err(|e| e.to_string())?
+                }
                 None => bulk_open = false,
             },
         }
@@ -732,5 +751,34 @@ impl LogFiles {
         if let Err(e) = self.open[&key].write_all_at(&chunk.data, chunk.offset) {
             tracing::warn!(error = %e, "cannot write attempt log");
         }
+    }
+}
+
+#[cfg(test)]
+mod write_frames_tests {
+    use super::*;
+    use cosmos_proto::{ControllerFrame, FrameReader, FrameWriter};
+
+    #[tokio::test]
+    async fn a_flood_of_messages_lets_a_waiting_blob_frame_through() {
+        const MAX_FRAME: u32 = 1 << 20;
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (rx_tx, rx) = mpsc::channel(64);
+        let (bulk_tx, bulk) = mpsc::channel(1);
+        for seq in 0..32 {
+            rx_tx.try_send(ControllerMsg::HeartbeatAck { seq }).unwrap();
+        }
+        let blob = cosmos_proto::ControllerBlob::Ack { sha256: cosmos_proto::Sha256([1; 32]), have_bytes: 1 };
+        bulk_tx.try_send(cosmos_proto::encode_blob(&blob).unwrap()).unwrap();
+        drop((rx_tx, bulk_tx));
+        write_frames(FrameWriter::new(ours, MAX_FRAME), rx, bulk).await.unwrap();
+        let mut reader = FrameReader::new(theirs, MAX_FRAME);
+        let mut frames = Vec::new();
+        while let Some(payload) = reader.read_frame().await.unwrap() {
+            frames.push(ControllerFrame::decode(&payload).unwrap());
+        }
+        let at = frames.iter().position(|f| matches!(f, ControllerFrame::Blob(_))).expect("the blob frame was sent");
+        assert_eq!(at, CONTROL_BURST_MAX as usize, "{frames:?}");
+        assert_eq!(frames.len(), 33);
     }
 }
