@@ -20,6 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Buffer size for streaming copies and hashing.
 pub const COPY_BUFFER_BYTES: usize = 1 << 20;
+/// Partial transfers untouched this long are removed when a store opens: whoever
+/// started them has long given up, and a resume would only save their bytes.
+pub const PARTIAL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +96,20 @@ impl Store {
                 let _ = fs::remove_file(e.path());
             }
         }
+        Store::expire_partials(&root.join("partial"), PARTIAL_MAX_AGE);
         Ok(Store { root, tmp_seq: AtomicU64::new(0) })
+    }
+
+    /// Removes partial files last written more than `max_age` ago.
+    fn expire_partials(dir: &Path, max_age: std::time::Duration) {
+        let Ok(entries) = fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            let modified = e.metadata().and_then(|m| m.modified());
+            let old = modified.is_ok_and(|t| t.elapsed().is_ok_and(|age| age > max_age));
+            if old {
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
 
     /// The store's root directory.
@@ -505,6 +521,21 @@ mod tests {
         assert!(matches!(store.commit_written(w, h, 4), Err(CasError::DigestMismatch { .. })));
         assert_eq!(store.partial_len(&other), 0);
         assert_eq!(store.size(&other), None);
+    }
+
+    #[test]
+    fn stale_partial_files_are_removed_when_the_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (old, fresh) = (digest(b"old"), digest(b"fresh"));
+        store.append_partial(&old, 0, b"ol").unwrap();
+        store.append_partial(&fresh, 0, b"fre").unwrap();
+        let long_ago = std::time::SystemTime::now() - PARTIAL_MAX_AGE - std::time::Duration::from_secs(60);
+        File::options().write(true).open(store.partial_path(&old)).unwrap().set_modified(long_ago).unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.partial_len(&old), 0);
+        assert_eq!(store.partial_len(&fresh), 3);
     }
 
     #[test]
