@@ -107,6 +107,42 @@ fn an_input_the_controller_lacks_fails_the_job_without_retries() {
     assert!(j.to_string().contains("not available from the controller"), "{j}");
 }
 
+#[test]
+fn an_output_whose_bytes_the_controller_holds_uncommitted_is_delivered_at_once() {
+    let c = Cluster::start(1, 10_000);
+    let store = controller_store(&c);
+    // Every byte already in the controller's partial file, never committed (a restart mid-commit,
+    // a failed commit): the offer must end in Stored, not in "resume at the end" and a long wait.
+    let good = "every byte was here already".to_string();
+    let good_sha = cosmos_cas_digest(good.as_bytes());
+    store.append_partial(&good_sha, 0, good.as_bytes()).unwrap();
+    // Bytes of the right length but not the right content: they go and the whole output comes again.
+    let other = "the output is something else".to_string();
+    let other_sha = cosmos_cas_digest(other.as_bytes());
+    store.append_partial(&other_sha, 0, "x".repeat(other.len()).as_bytes()).unwrap();
+
+    let t0 = Instant::now();
+    for (name, text, sha) in [("uncommitted", &good, good_sha), ("bad-partial", &other, other_sha)] {
+        let id = submit(
+            &c,
+            json!({
+                "name": name,
+                "command": ["sh", "-c", format!("printf %s '{text}' > out.txt")],
+                "outputs": [{ "path": "out.txt", "required": true }],
+                "max_attempts": 3,
+            }),
+        );
+        let j = wait_state(&c, &id, &["succeeded", "failed"], Duration::from_secs(60));
+        assert_eq!(j["state"], "succeeded", "{j}");
+        assert_eq!(j["attempts"], 1, "delivered by its first attempt: {j}");
+        assert_eq!(store.size(&sha), Some(text.len() as u64));
+        assert!(store.verify(&sha).unwrap());
+        assert_eq!(store.partial_len(&sha), 0);
+    }
+    // Well inside the agent's stall timeout: nothing waited for a re-offer.
+    assert!(t0.elapsed() < Duration::from_secs(12), "took {:?}", t0.elapsed());
+}
+
 /// Which way a [`Proxy`] meddles with frames.
 #[derive(Clone, Copy, PartialEq)]
 enum Way {
