@@ -269,8 +269,10 @@ fn a_cut_transfer_resumes_and_a_corrupted_chunk_is_fetched_again() {
     let log = agent_log(&c, 0);
     assert!(log.contains("failed its checksum"), "the corrupted chunk was not caught; agent log:\n{log}");
     assert!(log.contains("resuming an input download"), "the transfer did not resume; agent log:\n{log}");
-    let placed = c.dir.path().join("agent-0/attempts").read_dir().unwrap().flatten().next().unwrap().path();
-    assert_eq!(cosmos_cas_digest(&std::fs::read(placed.join("inputs/x.bin")).unwrap()), sha);
+    // The attempt's finish is acknowledged by now, so its input left the work directory; the cache keeps it.
+    let hex = sha.to_string();
+    let cached = c.dir.path().join("agent-0/cache/sha256").join(&hex[..2]).join(&hex);
+    assert_eq!(cosmos_cas_digest(&std::fs::read(cached).unwrap()), sha);
 }
 
 #[test]
