@@ -425,7 +425,7 @@ impl AgentCore {
                 // Memory still draining from the previous attempt belongs to its baseline.
                 let base = match self.pending_release.remove(u) {
                     Some(p) => p.baseline_bytes,
-                    None => self.usage.get(u).map_or(0, |g| g.used_vram_bytes),
+                    None => self.usage.get(u).map_or(0, own_vram_bytes),
                 };
                 (u.clone(), base)
             })
@@ -650,7 +650,7 @@ impl AgentCore {
         let tolerance = self.config.vram_tolerance_bytes;
         let mut released = Vec::new();
         for (uuid, p) in &self.pending_release {
-            let used = self.usage.get(uuid).map_or(0, |g| g.used_vram_bytes);
+            let used = self.usage.get(uuid).map_or(0, own_vram_bytes);
             if used <= p.baseline_bytes.saturating_add(tolerance) {
                 released.push(uuid.clone());
             } else if now_ms >= p.deadline_ms {
@@ -672,7 +672,7 @@ impl AgentCore {
             .iter()
             .filter(|(uuid, level)| {
                 level.is_some_and(|base| {
-                    self.usage.get(*uuid).is_some_and(|g| g.used_vram_bytes <= base.saturating_add(tolerance))
+                    self.usage.get(*uuid).is_some_and(|g| own_vram_bytes(g) <= base.saturating_add(tolerance))
                 })
             })
             .map(|(uuid, _)| uuid.clone())
@@ -802,6 +802,14 @@ fn undelivered(e: &str) -> AttemptOutcome {
 
 /// Exit codes that mean the command itself is wrong, so retrying cannot help:
 /// sysexits' usage and configuration errors, and "cannot execute"/"not found".
+/// Memory on a GPU not held by processes the orchestrator did not start: what
+/// an attempt must give back. A foreign process that starts meanwhile is not
+/// the attempt's leak, so it does not mark the GPU faulty (its memory still
+/// counts against free VRAM at placement).
+fn own_vram_bytes(g: &GpuUsage) -> u64 {
+    g.used_vram_bytes.saturating_sub(g.foreign_vram_bytes)
+}
+
 fn is_terminal_exit(code: i32) -> bool {
     (64..=78).contains(&code) || code == 126 || code == 127
 }
@@ -1177,6 +1185,23 @@ mod tests {
         core.connected(150, &mut out);
         let [Output::Send(AgentMsg::Hello(hello))] = out.as_slice() else { panic!("{out:?}") };
         assert_eq!(hello.attempts[0].phase, AttemptPhase::Running { step: 10, total: 10 });
+    }
+
+    #[test]
+    fn a_foreign_process_arriving_during_an_attempt_is_not_its_leak() {
+        let mut core = core();
+        let sample = |used: u64, foreign: u64| {
+            let info = GpuInfo { index: 0, uuid: GPU.into(), name: "fake".into(), total_vram_bytes: 80 << 30 };
+            vec![GpuUsage { used_vram_bytes: used, foreign_vram_bytes: foreign, ..GpuUsage::idle(&info) }]
+        };
+        core.on_gpu_sample(0, sample(1 << 30, 1 << 30), &mut Vec::new());
+        uploading(&mut core);
+        // Another user's process took 5 GiB meanwhile; ours is all gone.
+        let bound = core.config.vram_release_bound_ms;
+        let mut out = Vec::new();
+        core.on_gpu_sample(100 + bound, sample(6 << 30, 6 << 30), &mut out);
+        assert!(!out.iter().any(|o| matches!(o, Output::Send(AgentMsg::GpuFault { .. }))), "{out:?}");
+        assert_eq!(core.faulty_gpus().count(), 0);
     }
 
     #[test]

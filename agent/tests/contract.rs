@@ -635,13 +635,11 @@ async fn an_adopted_job_can_be_stopped<H: Harness>(test: &str) {
     assert_no_leftovers(&h).await;
 }
 
-async fn the_outputs_of_a_job_that_ended_unwatched_are_recovered<H: Harness>(test: &str) {
-    let h = H::new(test).await;
+/// Starts attempt 1 and lets it end with no runtime watching (the agent is "down").
+async fn end_unwatched<H: Harness>(h: &H, spec: JobSpec) {
     let (tx, mut rx) = channel();
     let mut first = h.runtime(tx);
-    let mut spec = h.spec(&["--sleep-ms", "300", "--write", "video.mp4=frames"]);
-    spec.outputs.push(OutputArtifact { path: "video.mp4".into(), required: true });
-    first.start(request(&h, 1, spec));
+    first.start(request(h, 1, spec));
     let mut before = Seen::default();
     watch_until(&mut rx, AttemptId(1), &mut before, |s| s.started.is_some()).await;
     drop(first);
@@ -651,6 +649,13 @@ async fn the_outputs_of_a_job_that_ended_unwatched_are_recovered<H: Harness>(tes
         assert!(tokio::time::Instant::now() < deadline, "the job ends");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn the_outputs_of_a_job_that_ended_unwatched_are_recovered<H: Harness>(test: &str) {
+    let h = H::new(test).await;
+    let mut spec = h.spec(&["--sleep-ms", "300", "--write", "video.mp4=frames"]);
+    spec.outputs.push(OutputArtifact { path: "video.mp4".into(), required: true });
+    end_unwatched(&h, spec).await;
     let (tx, _rx) = channel();
     let mut second = h.runtime(tx);
     let recovered = second.recover();
@@ -668,18 +673,7 @@ async fn the_outputs_of_a_job_that_ended_unwatched_are_recovered<H: Harness>(tes
 
 async fn a_job_that_ended_unwatched_is_reported_until_acknowledged<H: Harness>(test: &str) {
     let h = H::new(test).await;
-    let (tx, mut rx) = channel();
-    let mut first = h.runtime(tx);
-    first.start(request(&h, 1, h.spec(&["--sleep-ms", "300", "--exit-code", "3"])));
-    let mut before = Seen::default();
-    watch_until(&mut rx, AttemptId(1), &mut before, |s| s.started.is_some()).await;
-    drop(first);
-    drop(rx);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while h.is_running(AttemptId(1)).await {
-        assert!(tokio::time::Instant::now() < deadline, "the job ends");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    end_unwatched(&h, h.spec(&["--sleep-ms", "300", "--exit-code", "3"])).await;
 
     let (tx, _rx) = channel();
     let mut second = h.runtime(tx);

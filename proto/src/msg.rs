@@ -294,9 +294,9 @@ pub enum GpuFault {
     VramNotReleased {
         /// The attempt that last used the GPU.
         attempt_id: AttemptId,
-        /// Memory used before the attempt started.
+        /// Memory used before the attempt started, foreign processes' left out.
         baseline_bytes: u64,
-        /// Memory still used when the bound ran out.
+        /// Memory still used (foreign processes' left out) when the bound ran out.
         held_bytes: u64,
     },
     /// The driver reports an error (XID, ECC, fallen off the bus).

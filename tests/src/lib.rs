@@ -379,6 +379,9 @@ impl Sim {
                         format!("{id} ({})", state.unwrap_or_else(|| "controller down".into()))
                     })
                     .collect();
+                if std::env::var_os("COSMOS_SIM_DUMP").is_some() {
+                    self.dump();
+                }
                 self.fail(format!(
                     "liveness: jobs not final {} ms after faults stopped: {}",
                     self.scenario.liveness_bound_ms,
@@ -614,6 +617,29 @@ impl Sim {
                 }
                 CtlOut::Send { conn, msg } => self.send(conn, Payload::ToAgent(msg)),
                 CtlOut::Close { conn } => self.break_conn(conn, 1.0),
+            }
+        }
+    }
+
+    /// `COSMOS_SIM_DUMP=1`: prints who holds which GPU, as the controller and the
+    /// agents see it, when liveness fails (that is how a GPU stuck faulty shows).
+    fn dump(&self) {
+        if let Some(c) = &self.controller {
+            for a in c.agents() {
+                eprintln!("controller: {} {:?} connected={} draining={}", a.name, a.health, a.connected, a.draining);
+                for (info, free, healthy, holder) in &a.gpus {
+                    eprintln!("  {} free={free} healthy={healthy} holder={holder:?}", info.uuid);
+                }
+            }
+        }
+        for (i, node) in self.agents.iter().enumerate() {
+            match &node.core {
+                Some(core) => {
+                    let live: Vec<_> = core.live_attempts().map(|(id, gpus)| (id, gpus.to_vec())).collect();
+                    let faulty: Vec<_> = core.faulty_gpus().collect();
+                    eprintln!("agent {i}: live {live:?}, faulty {faulty:?}");
+                }
+                None => eprintln!("agent {i}: down"),
             }
         }
     }
