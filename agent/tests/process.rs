@@ -272,7 +272,8 @@ async fn a_restarted_runtime_adopts_running_attempts_and_reports_finished_ones()
     let mut recovered = second.recover();
     recovered.sort_by_key(|r| r.attempt_id);
     assert_eq!(recovered.len(), 2, "{recovered:?}");
-    let Recovered { attempt_id, job_id, ref gpu_uuids, exited: None, remaining_ms: Some(left), .. } = recovered[0] else {
+    let Recovered { attempt_id, job_id, ref gpu_uuids, exited: None, remaining_ms: Some(left), .. } = recovered[0]
+    else {
         panic!("attempt 1 is adopted while it runs: {recovered:?}");
     };
     assert_eq!(
