@@ -68,12 +68,20 @@ pub fn submit(args: &ClientArgs, file: &Path, wait_for_end: bool) -> anyhow::Res
 
 /// Waits until every job in `ids` is final, showing progress; true when all succeeded.
 pub fn wait(args: &ClientArgs, client: &Client, ids: &[String]) -> anyhow::Result<bool> {
-    wait_for(args, client, ids, true)
+    wait_for(args, client, ids, &BTreeMap::new(), true)
 }
 
-/// [`wait`], printing the final summary (or, with `--json`, the jobs) only when `summary` is set:
+/// [`wait`], showing each job under its name in `names` (a run id, say) where it has one,
+/// and printing the final summary (or, with `--json`, the jobs) only when `summary` is set:
 /// commands that wait on the way to their own answer print that instead.
-pub fn wait_for(args: &ClientArgs, client: &Client, ids: &[String], summary: bool) -> anyhow::Result<bool> {
+pub fn wait_for(
+    args: &ClientArgs,
+    client: &Client,
+    ids: &[String],
+    names: &BTreeMap<String, String>,
+    summary: bool,
+) -> anyhow::Result<bool> {
+    let shown = |id: &str| names.get(id).map_or_else(|| id.to_string(), |n| format!("{n} ({id})"));
     let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
     let interactive = std::io::stderr().is_terminal() && !args.json;
     let multi = MultiProgress::with_draw_target(if interactive {
@@ -83,11 +91,11 @@ pub fn wait_for(args: &ClientArgs, client: &Client, ids: &[String], summary: boo
     });
     let batch = multi.add(ProgressBar::new(ids.len() as u64));
     batch.set_style(
-        ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} done  {msg}").unwrap().progress_chars("=> "),
+        ProgressStyle::with_template("{prefix:>15} [{bar:40}] {pos}/{len} done  {msg}").unwrap().progress_chars("=> "),
     );
     batch.set_prefix("batch");
     let job_style =
-        ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} {msg}").unwrap().progress_chars("=> ");
+        ProgressStyle::with_template("{prefix:>15} [{bar:40}] {pos}/{len} {msg}").unwrap().progress_chars("=> ");
     let mut bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
     let mut last_state: BTreeMap<String, String> = BTreeMap::new();
     loop {
@@ -100,7 +108,7 @@ pub fn wait_for(args: &ClientArgs, client: &Client, ids: &[String], summary: boo
             if last_state.get(&j.id) != Some(&j.state) {
                 if !interactive && !args.json {
                     let extra = j.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
-                    println!("{} {} {}{extra}", j.id, j.name, j.state);
+                    println!("{} {} {}{extra}", shown(&j.id), j.name, j.state);
                 }
                 last_state.insert(j.id.clone(), j.state.clone());
             }
@@ -121,7 +129,7 @@ pub fn wait_for(args: &ClientArgs, client: &Client, ids: &[String], summary: boo
                     (None, false, "running") if bars.len() < MAX_JOB_BARS => {
                         let bar = multi.add(ProgressBar::new(1));
                         bar.set_style(job_style.clone());
-                        bar.set_prefix(j.id.clone());
+                        bar.set_prefix(names.get(&j.id).unwrap_or(&j.id).clone());
                         bars.insert(j.id.clone(), bar);
                     }
                     _ => {}
@@ -139,12 +147,13 @@ pub fn wait_for(args: &ClientArgs, client: &Client, ids: &[String], summary: boo
             } else if args.json {
                 println!("{}", serde_json::to_string(&mine)?);
             } else {
-                println!("{} of {} jobs succeeded", ids.len() - failed.len(), ids.len());
+                let noun = if names.is_empty() { "jobs" } else { "runs" };
+                println!("{} of {} {noun} succeeded", ids.len() - failed.len(), ids.len());
                 for j in &failed {
-                    println!("  {} {} {}: {}", j.id, j.name, j.state, j.error.as_deref().unwrap_or("-"));
+                    println!("  {} {} {}: {}", shown(&j.id), j.name, j.state, j.error.as_deref().unwrap_or("-"));
                 }
                 if !failed.is_empty() {
-                    println!("  logs: cosmos jobs logs <id>");
+                    println!("  logs: cosmos jobs logs <job id>");
                 }
             }
             return Ok(failed.is_empty());

@@ -327,7 +327,8 @@ fn report_created(args: &ClientArgs, runs: &[CreatedRun], json_answer: bool) {
 /// Follows runs to their end with progress bars; true when all succeeded.
 fn wait_runs(args: &ClientArgs, client: &Client, runs: &[CreatedRun]) -> anyhow::Result<bool> {
     let jobs: Vec<String> = runs.iter().map(|r| r.job_id.clone()).collect();
-    crate::jobs::wait_for(args, client, &jobs, !args.json)
+    let names = runs.iter().map(|r| (r.job_id.clone(), r.run_id.clone())).collect();
+    crate::jobs::wait_for(args, client, &jobs, &names, !args.json)
 }
 
 /// `cosmos upscale RUN_ID`.
