@@ -141,9 +141,7 @@ pub fn create_prompt(
     let local = scan_video_dir(video_dir)?;
     let new = NewPrompt { text: text.to_string(), name, negative_prompt: negative, videos: None, parent: None };
     // Checked before the upload, so a bad name costs no transfer.
-    if let Err(e) = (NewPrompt { videos: Some(placeholder_videos()), ..new.clone() }).validate() {
-        bail!("{e}");
-    }
+    new.validate_text().map_err(|e| anyhow::anyhow!("{e}"))?;
     let client = Client::new(args)?;
     let videos = local.upload(&client)?;
     let prompt: Prompt = client.post("/v1/prompts", &NewPrompt { videos: Some(videos), ..new })?;
@@ -153,10 +151,6 @@ pub fn create_prompt(
         println!("{} {}  ({} videos from {})", prompt.id, prompt.name, local.files.len(), local.dir.display());
     }
     Ok(())
-}
-
-fn placeholder_videos() -> PromptVideos {
-    PromptVideos { color: BlobRef { sha256: cosmos_proto::Sha256([0; 32]), size_bytes: 0 }, depth: None, seg: None }
 }
 
 /// `cosmos inference PROMPT_ID…`: one run per prompt, submitted together.
@@ -261,9 +255,7 @@ fn prepare_batch(file: &Path) -> anyhow::Result<Vec<PreparedLine>> {
                 let videos = scan_video_dir(&dir).map_err(|e| at(e.to_string()))?;
                 let new =
                     NewPrompt { text, name: line.name, negative_prompt: line.negative, videos: None, parent: None };
-                (NewPrompt { videos: Some(placeholder_videos()), ..new.clone() })
-                    .validate()
-                    .map_err(|e| at(e.to_string()))?;
+                new.validate_text().map_err(|e| at(e.to_string()))?;
                 (RunLine { prompt_id: None, prompt: Some(new), params }, Some(videos))
             }
             _ => {

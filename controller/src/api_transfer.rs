@@ -396,29 +396,8 @@ async fn with_store<T: Send + 'static>(
 fn build_prompt(shared: &crate::daemon::Shared, new: NewPrompt) -> Result<Prompt, String> {
     new.validate().map_err(|e| e.to_string())?;
     let videos = new.videos.expect("validated");
-    for (what, blob) in [
-        ("color.mp4", Some(&videos.color)),
-        ("depth.mp4", videos.depth.as_ref()),
-        ("segmentation.mp4", videos.seg.as_ref()),
-    ] {
-        if let Some(b) = blob {
-            match shared.blobs.size(&b.sha256) {
-                Some(size) if size == b.size_bytes => {}
-                Some(size) => {
-                    return Err(format!(
-                        "{what} ({}) is {size} bytes on the controller, not {}",
-                        b.sha256, b.size_bytes
-                    ));
-                }
-                None => {
-                    return Err(format!(
-                        "{what} ({}) is not on the controller: upload it first (PUT /v1/blobs/{})",
-                        b.sha256, b.sha256
-                    ));
-                }
-            }
-        }
-    }
+    check_blobs(&shared.blobs, &videos.all(), "a video")
+        .map_err(|e| format!("{e}: upload it first (PUT /v1/blobs/{{sha256}}; the CLI does)"))?;
     let name = new.name.unwrap_or_else(|| transfer::derive_name(&new.text));
     Ok(Prompt {
         id: transfer::new_id("ps"),
@@ -502,6 +481,8 @@ async fn delete_prompt(
         Ok(p) => p,
         Err(r) => return r,
     };
+    // Deleting outputs: no run may be created from a blob between the checks below and its removal.
+    let _gc = if q.delete_outputs { Some(BLOB_GC.write().await) } else { None };
     let Ok(jobs) = state.core.send(ListJobs(None)).await else { return unavailable() };
     let runs: Vec<&JobSummary> = jobs.iter().filter(|j| label(j, labels::PROMPT) == Some(&prompt.id)).collect();
     let active: Vec<&str> = runs
@@ -523,26 +504,22 @@ async fn delete_prompt(
     }
     let mut removed_outputs = 0usize;
     if q.delete_outputs {
-        // No run may be created from a blob between the check below and its removal.
-        let _gc = BLOB_GC.write().await;
         let prompts = match with_store(&state, |s| s.prompts()).await {
             Ok(p) => p,
             Err(r) => return r,
         };
-        let Ok(jobs) = state.core.send(ListJobs(None)).await else { return unavailable() };
         // Content-addressed: keep a blob another prompt's run, or any other prompt's video, still uses.
-        let mine: std::collections::BTreeSet<Sha256> = jobs
-            .iter()
-            .filter(|j| label(j, labels::PROMPT) == Some(&prompt.id))
-            .flat_map(|j| j.record.outputs.iter().map(|o| o.sha256))
-            .collect();
+        let mine: std::collections::BTreeSet<Sha256> =
+            runs.iter().flat_map(|j| j.record.outputs.iter().map(|o| o.sha256)).collect();
         let others: std::collections::BTreeSet<Sha256> = jobs
             .iter()
             .filter(|j| label(j, labels::PROMPT) != Some(&prompt.id))
             .flat_map(|j| {
                 j.record.outputs.iter().map(|o| o.sha256).chain(j.record.spec.inputs.iter().map(|i| i.sha256))
             })
-            .chain(prompts.iter().filter(|p| p.id != prompt.id).flat_map(|p| prompt_blobs(p).map(|b| b.sha256)))
+            .chain(
+                prompts.iter().filter(|p| p.id != prompt.id).flat_map(|p| p.videos.all().into_iter().map(|b| b.sha256)),
+            )
             .collect();
         for sha in mine.difference(&others) {
             if std::fs::remove_file(state.shared.blobs.path(sha)).is_ok() {
@@ -567,16 +544,15 @@ async fn delete_prompt(
 /// outputs are deleted, so a run never names a blob removed under it.
 static BLOB_GC: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
-/// A prompt's videos.
-fn prompt_blobs(p: &Prompt) -> impl Iterator<Item = BlobRef> + '_ {
-    std::iter::once(p.videos.color).chain(p.videos.depth).chain(p.videos.seg)
-}
-
-/// A conflict when a blob a new run needs is no longer on the controller.
-fn check_blobs<'a>(state: &State, blobs: impl IntoIterator<Item = &'a BlobRef>, what: &str) -> Result<(), String> {
+/// An error naming the first of `blobs` the controller does not hold (whole, at its size).
+fn check_blobs<'a>(
+    store: &cosmos_cas::Store,
+    blobs: impl IntoIterator<Item = &'a BlobRef>,
+    what: &str,
+) -> Result<(), String> {
     for b in blobs {
-        if state.shared.blobs.size(&b.sha256) != Some(b.size_bytes) {
-            return Err(format!("{what} ({}) is no longer on the controller", b.sha256));
+        if store.size(&b.sha256) != Some(b.size_bytes) {
+            return Err(format!("{what} ({}, {} bytes) is not on the controller", b.sha256, b.size_bytes));
         }
     }
     Ok(())
@@ -661,8 +637,9 @@ async fn create_runs(req: HttpRequest, state: web::Data<State>, body: web::Json<
         let prompt = match (line.prompt_id, line.prompt) {
             (Some(id), None) => match existing.iter().find(|p| p.id == id) {
                 Some(p) => {
-                    let videos: Vec<BlobRef> = prompt_blobs(p).collect();
-                    if let Err(e) = check_blobs(&state, &videos, &format!("a video of prompt {id}")) {
+                    if let Err(e) =
+                        check_blobs(&state.shared.blobs, &p.videos.all(), &format!("a video of prompt {id}"))
+                    {
                         return bad_line(n, format!("{e}: create the prompt again from its video directory"));
                     }
                     p.clone()
@@ -835,7 +812,7 @@ async fn upscale(
         Ok(x) => x,
         Err(r) => return r,
     };
-    if let Err(e) = check_blobs(&state, [&video], &format!("the video of run {id}")) {
+    if let Err(e) = check_blobs(&state.shared.blobs, [&video], &format!("the video of run {id}")) {
         return error(
             StatusCode::CONFLICT,
             format!("{e} (its outputs were deleted with its prompt); run it again to upscale it"),
@@ -861,7 +838,9 @@ async fn enhance(req: HttpRequest, state: web::Data<State>, id: web::Path<String
         Err(r) => return r,
     };
     let _gc = BLOB_GC.read().await;
-    if let Err(e) = check_blobs(&state, [&prompt.videos.color], &format!("the color video of prompt {}", prompt.id)) {
+    if let Err(e) =
+        check_blobs(&state.shared.blobs, [&prompt.videos.color], &format!("the color video of prompt {}", prompt.id))
+    {
         return error(StatusCode::CONFLICT, format!("{e}: create the prompt again"), None, false);
     }
     let run_id = transfer::new_id("rs");

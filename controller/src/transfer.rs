@@ -98,6 +98,13 @@ pub struct PromptVideos {
     pub seg: Option<BlobRef>,
 }
 
+impl PromptVideos {
+    /// Every video given: color, then depth and segmentation when present.
+    pub fn all(&self) -> Vec<BlobRef> {
+        std::iter::once(self.color).chain(self.depth).chain(self.seg).collect()
+    }
+}
+
 /// A prompt (`ps_…`): text plus the videos it transfers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Prompt {
@@ -152,8 +159,17 @@ fn param_err(param: &'static str, problem: impl Into<String>) -> ParamError {
 }
 
 impl NewPrompt {
-    /// Checks the text, name and negative prompt.
+    /// Checks the text, name, negative prompt and that videos are given.
     pub fn validate(&self) -> Result<(), ParamError> {
+        self.validate_text()?;
+        if self.videos.is_none() {
+            return Err(param_err("videos", "are missing: a prompt needs at least color.mp4"));
+        }
+        Ok(())
+    }
+
+    /// Checks the text, name and negative prompt: what a client can check before uploading videos.
+    pub fn validate_text(&self) -> Result<(), ParamError> {
         if self.text.trim().is_empty() {
             return Err(param_err("prompt", "is empty: give the text describing the video to generate"));
         }
@@ -175,9 +191,6 @@ impl NewPrompt {
                     format!("`{name}` must be 1 to {MAX_PROMPT_NAME_BYTES} characters of a-z, 0-9 and _"),
                 ));
             }
-        }
-        if self.videos.is_none() {
-            return Err(param_err("videos", "are missing: a prompt needs at least color.mp4"));
         }
         Ok(())
     }

@@ -181,7 +181,7 @@ fn a_prompt_with_active_runs_cannot_be_deleted_and_outputs_go_when_asked() {
     let out = c.cli(&["download", &run, "--to", c.dir.path().join("d").to_str().unwrap()]);
     assert!(!out.status.success(), "its outputs are gone");
     let out = c.cli(&["upscale", &run]);
-    assert!(stderr(&out).contains("no longer on the controller"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is not on the controller"), "{}", stderr(&out));
     let prompts = c.json(&["prompts", "list", "--json"]);
     assert_eq!(prompts.as_array().unwrap().len(), 1, "{prompts}");
     let out = c.cli(&["inference", second["id"].as_str().unwrap(), "--steps", "2", "--wait"]);
