@@ -24,6 +24,11 @@ const HEADER_BYTES: usize = MAGIC.len() + 2;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Longest node id accepted.
 pub const MAX_NODE_ID_BYTES: usize = 253;
+/// Largest handshake frame either side reads: a hello is a few hundred bytes,
+/// and a peer that has not yet proved who it is must not make us reserve more.
+pub const HELLO_FRAME_BYTES_MAX: u32 = 4096;
+/// Shortest token a token file may hold (the generated ones have 64 characters).
+pub const TOKEN_CHARS_MIN: usize = 32;
 
 /// Which side of the protocol a peer plays.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +119,16 @@ pub enum Refusal {
     /// Any other reason, in words.
     #[error("{0}")]
     Other(String),
+    /// Another live connection already speaks under this node id.
+    #[error(
+        "another agent named `{name}` is connected (from {holder}); give this one another --name, or stop the other first"
+    )]
+    NameInUse {
+        /// The node id.
+        name: String,
+        /// Where the connection holding it comes from.
+        holder: String,
+    },
 }
 
 /// The handshake did not complete.
@@ -247,15 +262,36 @@ pub async fn accept<T: AsyncRead + AsyncWrite>(
     expected_token: &Token,
     timeout_ms: u64,
 ) -> Result<Hello, HandshakeError> {
+    accept_checked(conn, our_node_id, expected_role, expected_token, timeout_ms, |_| async { Ok(()) }).await
+}
+
+/// Like [`accept`], with one more decision taken on an authenticated hello
+/// before it is answered (the controller refuses a node id already connected).
+pub async fn accept_checked<T, F, Fut>(
+    conn: &mut Connection<T>,
+    our_node_id: &str,
+    expected_role: Role,
+    expected_token: &Token,
+    timeout_ms: u64,
+    check: F,
+) -> Result<Hello, HandshakeError>
+where
+    T: AsyncRead + AsyncWrite,
+    F: FnOnce(Hello) -> Fut,
+    Fut: Future<Output = Result<(), Refusal>>,
+{
     with_timeout(timeout_ms, async {
         let payload = read_handshake_frame(conn).await?;
         let refusal = match decode_payload::<Hello>(&payload) {
             Ok(hello) => match check_hello(&hello, expected_role, expected_token) {
-                Ok(()) => {
-                    let reply = HelloReply::Accepted { node_id: our_node_id.to_string() };
-                    conn.writer.write_frame(&encode_payload(&reply)?).await?;
-                    return Ok(hello);
-                }
+                Ok(()) => match check(hello.clone()).await {
+                    Ok(()) => {
+                        let reply = HelloReply::Accepted { node_id: our_node_id.to_string() };
+                        conn.writer.write_frame(&encode_payload(&reply)?).await?;
+                        return Ok(hello);
+                    }
+                    Err(refusal) => refusal,
+                },
                 Err(refusal) => refusal,
             },
             Err(HandshakeError::VersionMismatch { ours, theirs }) => {
@@ -275,10 +311,18 @@ pub async fn accept<T: AsyncRead + AsyncWrite>(
 
 /// A first frame too large to be a hello means the peer speaks something
 /// else (an HTTP request's `GET ` reads as a 1.2 GB length).
+///
+/// The frame limit is [`HELLO_FRAME_BYTES_MAX`] while it is read, whatever the
+/// connection's own limit: an unauthenticated peer cannot make us reserve a
+/// full-size frame.
 async fn read_handshake_frame<T: AsyncRead + AsyncWrite>(
     conn: &mut Connection<T>,
 ) -> Result<bytes::Bytes, HandshakeError> {
-    match conn.reader.read_frame().await {
+    let limit = conn.reader.max_frame_bytes();
+    conn.reader.set_max_frame_bytes(limit.min(HELLO_FRAME_BYTES_MAX));
+    let read = conn.reader.read_frame().await;
+    conn.reader.set_max_frame_bytes(limit);
+    match read {
         Ok(Some(payload)) => Ok(payload),
         Ok(None) => Err(HandshakeError::Closed),
         Err(FrameError::Oversized { .. }) => Err(HandshakeError::BadMagic),
@@ -293,4 +337,72 @@ async fn with_timeout<T>(
     tokio::time::timeout(Duration::from_millis(timeout_ms), fut)
         .await
         .unwrap_or(Err(HandshakeError::Timeout { timeout_ms }))
+}
+
+/// A token file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    /// Reading or writing it failed.
+    #[error("token file {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Group or others may read it: the token is as good as public.
+    #[error("token file {path} is readable by group or others (mode {mode:o}); make it private: chmod 600 {path}")]
+    TooOpen {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// It holds no token, or one too short to be a secret.
+    #[error(
+        "token file {path} holds {chars} characters; a token needs at least {TOKEN_CHARS_MIN}: copy the file the controller generated"
+    )]
+    TooShort {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Characters it holds, white space trimmed.
+        chars: usize,
+    },
+}
+
+impl Token {
+    /// Reads a token file, refusing one that is empty, too short, or readable by group or others.
+    pub fn read_file(path: &std::path::Path) -> Result<Token, TokenFileError> {
+        use std::os::unix::fs::PermissionsExt;
+        let io = |source| TokenFileError::Io { path: path.to_path_buf(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let mode = file.metadata().map_err(io)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(TokenFileError::TooOpen { path: path.to_path_buf(), mode });
+        }
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::Read::take(file, 4096), &mut text).map_err(io)?;
+        let token = text.trim();
+        if token.chars().count() < TOKEN_CHARS_MIN {
+            return Err(TokenFileError::TooShort { path: path.to_path_buf(), chars: token.chars().count() });
+        }
+        Ok(Token(token.to_string()))
+    }
+
+    /// Writes `self` to a new file readable by its owner only: through a
+    /// temporary file, synced, then renamed, so a crash never leaves a partial token.
+    pub fn write_file(&self, path: &std::path::Path) -> Result<(), TokenFileError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |source| TokenFileError::Io { path: path.to_path_buf(), source };
+        let tmp = path.with_extension("token-tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
+        writeln!(f, "{}", self.0).and_then(|()| f.sync_all()).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        Ok(())
+    }
 }

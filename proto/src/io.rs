@@ -74,6 +74,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The largest frame accepted now.
+    pub fn max_frame_bytes(&self) -> u32 {
+        self.decoder.max_frame_bytes()
+    }
+
+    /// Changes the largest frame accepted from now on (the handshake reads with a small one).
+    pub fn set_max_frame_bytes(&mut self, max_frame_bytes: u32) {
+        self.decoder = FrameDecoder::new(max_frame_bytes);
+    }
+
     /// The next frame's payload; `None` when the peer closed cleanly between frames.
     pub async fn read_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
         loop {

@@ -16,7 +16,7 @@ pub mod spec;
 
 pub use codec::CodecError;
 pub use frame::{FrameDecoder, FrameError};
-pub use handshake::{HandshakeError, Hello, HelloReply, Refusal, Role, Token};
+pub use handshake::{HandshakeError, Hello, HelloReply, Refusal, Role, Token, TokenFileError};
 pub use ids::{AttemptId, Epoch, JobId, Sha256};
 pub use io::{Connection, FrameReader, FrameWriter, RecvError, SendError};
 pub use msg::*;
@@ -27,4 +27,5 @@ pub use spec::{ArtifactRef, InputArtifact, JobSpec, Mount, OutputArtifact, SpecE
 /// Bump it on any change to a message's encoding: bincode is not
 /// self-describing, so there is no partial compatibility to rely on.
 /// v2: blob frames (inputs and outputs in checksummed chunks).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// v3: a handshake refusal for a node id already connected.
+pub const PROTOCOL_VERSION: u16 = 3;

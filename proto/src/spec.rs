@@ -105,6 +105,13 @@ impl JobSpec {
     /// Checks every limit and confinement rule; the error names the field and the fix.
     pub fn validate(&self) -> Result<(), SpecError> {
         check_len("name", &self.name, MAX_NAME_BYTES)?;
+        // A name is printed in tables: a newline or an escape sequence in it could fake rows or drive the terminal.
+        if self.name.chars().any(char::is_control) {
+            return Err(SpecError::new(
+                "name",
+                "contains a control character (newline, tab, escape, NUL…): use printable characters only",
+            ));
+        }
         if let Some(image) = &self.image {
             if image.is_empty() || image.len() > MAX_NAME_BYTES || image.contains(char::is_whitespace) {
                 return Err(SpecError::new("image", "must be a non-empty image reference without spaces"));
