@@ -7,6 +7,8 @@
 //! producer that must not act before its writes are durable waits on its
 //! ticket.
 
+pub mod dir_lock;
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::PoisonError;
