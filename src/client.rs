@@ -16,6 +16,13 @@ const UPLOAD_TRIES: u32 = 10;
 const UPLOAD_RETRY_MS: u64 = 500;
 /// Bound on any one call, but log streams.
 const CALL_TIMEOUT_S: u64 = 60;
+/// Tries of one submission whose answer was lost or that met a busy controller.
+const SUBMIT_TRIES: u32 = 5;
+/// First wait between submission tries; it doubles each time.
+const SUBMIT_RETRY_MS: u64 = 500;
+/// Paths where the controller honours `Idempotency-Key`: a submission sent
+/// again under its key is answered with what the first made, never run twice.
+const IDEMPOTENT_POSTS: &[&str] = &["/v1/jobs", "/v1/runs"];
 
 /// Where the controller is and how to authenticate.
 #[derive(clap::Args, Debug, Clone)]
@@ -109,11 +116,37 @@ impl Client {
         self.json(resp)
     }
 
-    /// POST JSON, read a JSON answer.
+    /// POST JSON, read a JSON answer. A submission carries an idempotency key
+    /// of its own and is sent again under it when its answer is lost or the
+    /// controller is busy or restarting, so it is made once however often it is sent.
     pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
-        let resp =
-            self.agent.post(self.url(path)).header("Authorization", format!("Bearer {}", self.token)).send_json(body);
-        self.json(resp)
+        let body = serde_json::to_vec(body).context("cannot encode the request")?;
+        let send = |key: Option<&str>| {
+            let mut req = self
+                .agent
+                .post(self.url(path))
+                .header("Authorization", format!("Bearer {}", self.token))
+                .header("Content-Type", "application/json");
+            if let Some(key) = key {
+                req = req.header("Idempotency-Key", key);
+            }
+            req.send(&body[..])
+        };
+        if !IDEMPOTENT_POSTS.contains(&path) {
+            return self.json(send(None));
+        }
+        let key = idempotency_key()?;
+        let mut wait_ms = SUBMIT_RETRY_MS;
+        for _ in 1..SUBMIT_TRIES {
+            match send(Some(&key)) {
+                Ok(r) if r.status().as_u16() != 503 => return self.json(Ok(r)),
+                Ok(_) | Err(_) => {
+                    std::thread::sleep(Duration::from_millis(wait_ms));
+                    wait_ms *= 2;
+                }
+            }
+        }
+        self.json(send(Some(&key)))
     }
 
     fn json<T: DeserializeOwned>(
@@ -226,6 +259,26 @@ impl Client {
             .call();
         Ok(Box::new(self.check(resp)?.into_body().into_reader()))
     }
+}
+
+/// `text` safe to print in a table or a terminal: control characters
+/// (newlines, escape sequences, NUL) are shown escaped, as `\n` or `\u{1b}`.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect(),
+    )
+}
+
+/// A fresh idempotency key: 128 random bits, hex.
+fn idempotency_key() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("cannot read /dev/urandom for an idempotency key")?;
+    Ok(format!("cli-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
 }
 
 /// What the controller holds of a blob.

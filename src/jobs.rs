@@ -1,6 +1,6 @@
 //! `cosmos jobs …`, `cosmos agents …` and `cosmos status`: the client commands.
 
-use crate::client::{ApiError, Client, ClientArgs};
+use crate::client::{ApiError, Client, ClientArgs, printable};
 use anyhow::{Context, bail};
 use cosmos_controller::api::{AgentInfo, JobLine, JobView, StatusBody, SubmitRequest};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -107,8 +107,8 @@ pub fn wait_for(
             let final_ = matches!(j.state.as_str(), "succeeded" | "failed" | "cancelled");
             if last_state.get(&j.id) != Some(&j.state) {
                 if !interactive && !args.json {
-                    let extra = j.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default();
-                    println!("{} {} {}{extra}", shown(&j.id), j.name, j.state);
+                    let extra = j.error.as_deref().map(|e| format!(" ({})", printable(e))).unwrap_or_default();
+                    println!("{} {} {}{extra}", shown(&j.id), printable(&j.name), j.state);
                 }
                 last_state.insert(j.id.clone(), j.state.clone());
             }
@@ -150,7 +150,13 @@ pub fn wait_for(
                 let noun = if names.is_empty() { "jobs" } else { "runs" };
                 println!("{} of {} {noun} succeeded", ids.len() - failed.len(), ids.len());
                 for j in &failed {
-                    println!("  {} {} {}: {}", shown(&j.id), j.name, j.state, j.error.as_deref().unwrap_or("-"));
+                    println!(
+                        "  {} {} {}: {}",
+                        shown(&j.id),
+                        printable(&j.name),
+                        j.state,
+                        printable(j.error.as_deref().unwrap_or("-"))
+                    );
                 }
                 if !failed.is_empty() {
                     println!("  logs: cosmos jobs logs <job id>");
@@ -179,12 +185,12 @@ pub fn list(args: &ClientArgs, state: Option<&str>) -> anyhow::Result<()> {
         println!(
             "{:<12} {:<24} {:<10} {:>8} {:<14} {:>5}  {}",
             j.id,
-            truncate(&j.name, 24),
+            truncate(&printable(&j.name), 24),
             j.state,
             j.attempts,
             j.agent.as_deref().unwrap_or("-"),
             j.exit_code.map_or("-".to_string(), |c| c.to_string()),
-            j.error.as_deref().unwrap_or("")
+            printable(j.error.as_deref().unwrap_or(""))
         );
     }
     Ok(())
@@ -204,13 +210,18 @@ pub fn show(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     }
     println!(
         "{} {}  state {}  attempts {}  priority {}  gpus {}",
-        j.id, j.name, j.state, j.attempts, j.priority, j.gpus_requested
+        j.id,
+        printable(&j.name),
+        j.state,
+        j.attempts,
+        j.priority,
+        j.gpus_requested
     );
     if let Some((step, total)) = j.progress {
         println!("progress {step}/{total}");
     }
     if let Some(e) = &j.error {
-        println!("error: {e}");
+        println!("error: {}", printable(e));
     }
     for a in &j.attempt_history {
         println!(
@@ -220,7 +231,7 @@ pub fn show(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
             a.gpus.join(","),
             a.state,
             a.exit_code.map_or("-".to_string(), |c| c.to_string()),
-            a.reason.as_deref().unwrap_or("")
+            printable(a.reason.as_deref().unwrap_or(""))
         );
     }
     Ok(())
@@ -235,9 +246,10 @@ pub fn cancel(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
 }
 
 /// `cosmos jobs logs [-f]`: prints the job's output lines.
-pub fn logs(args: &ClientArgs, id: &str, follow: bool) -> anyhow::Result<()> {
+pub fn logs(args: &ClientArgs, id: &str, follow: bool, tail_bytes: Option<u64>) -> anyhow::Result<()> {
     let client = Client::new(args)?;
-    let reader = client.stream(&format!("/v1/jobs/{id}/logs?follow={follow}"))?;
+    let tail = tail_bytes.map(|n| format!("&tail_bytes={n}")).unwrap_or_default();
+    let reader = client.stream(&format!("/v1/jobs/{id}/logs?follow={follow}{tail}"))?;
     for line in std::io::BufReader::new(reader).lines() {
         let line = line.context("log stream broke")?;
         if let Some(data) = line.strip_prefix("data: ") {

@@ -36,6 +36,9 @@ enum Command {
         /// Silence after which a host's attempts are re-queued elsewhere.
         #[arg(long, default_value_t = 15_000)]
         lost_after_ms: u64,
+        /// Bound on each stored log stream (stdout, stderr) of one attempt, in bytes; past it the log is cut, and the cut marked.
+        #[arg(long, default_value_t = cosmos_controller::daemon::ATTEMPT_LOG_BYTES_MAX_DEFAULT)]
+        attempt_log_bytes_max: u64,
         #[command(flatten)]
         cosmos: CosmosArgs,
     },
@@ -352,6 +355,9 @@ enum JobsCommand {
         /// Keep printing until the job ends.
         #[arg(short, long)]
         follow: bool,
+        /// Only about the last BYTES of each log (from a line start).
+        #[arg(long, value_name = "BYTES")]
+        tail_bytes: Option<u64>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -423,7 +429,7 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             println!("cosmos {} (protocol v{})", env!("CARGO_PKG_VERSION"), cosmos_proto::PROTOCOL_VERSION);
             Ok(true)
         }
-        Command::Controller { data_dir, api_listen, agent_listen, lost_after_ms, cosmos } => {
+        Command::Controller { data_dir, api_listen, agent_listen, lost_after_ms, attempt_log_bytes_max, cosmos } => {
             let core = cosmos_controller::core::CoreConfig { lost_after_ms, ..Default::default() };
             let opts = cosmos_controller::daemon::ControllerOptions {
                 data_dir,
@@ -432,6 +438,7 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
                 max_frame_bytes: cosmos_proto::frame::DEFAULT_MAX_FRAME_BYTES,
                 core,
                 transfer: cosmos.config(),
+                attempt_log_bytes_max,
             };
             opts.transfer
                 .validate()
@@ -460,7 +467,9 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             JobsCommand::List { state, client } => jobs::list(&client, state.as_deref()).map(|()| true),
             JobsCommand::Show { id, client } => jobs::show(&client, &id).map(|()| true),
             JobsCommand::Cancel { id, client } => jobs::cancel(&client, &id).map(|()| true),
-            JobsCommand::Logs { id, follow, client } => jobs::logs(&client, &id, follow).map(|()| true),
+            JobsCommand::Logs { id, follow, tail_bytes, client } => {
+                jobs::logs(&client, &id, follow, tail_bytes).map(|()| true)
+            }
             JobsCommand::Wait { ids, client } => jobs::wait(&client, &client::Client::new(&client)?, &ids),
         },
         Command::Agents(cmd) => match cmd {

@@ -23,11 +23,12 @@ pub fn run_agent(
     runtime: cosmos_agent::daemon::RuntimeKind,
     cache_max_gib: u64,
 ) -> anyhow::Result<()> {
-    let token = std::fs::read_to_string(&token_file).with_context(|| {
-        format!(
-            "cannot read the agent token at {}; copy agent.token from the controller's data directory",
-            token_file.display()
-        )
+    // Refused if empty, short or readable by others: the token lets anyone run jobs as this host.
+    let token = cosmos_proto::Token::read_file(&token_file).map_err(|e| match e {
+        cosmos_proto::TokenFileError::Io { .. } => {
+            anyhow::anyhow!("{e}; copy agent.token from the controller's data directory (mode 0600)")
+        }
+        e => e.into(),
     })?;
     let Some(spec) = simulated else {
         bail!(
@@ -46,7 +47,7 @@ pub fn run_agent(
         .with_context(|| format!("cannot create the work directory {}", work_dir.display()))?;
     let opts = cosmos_agent::daemon::AgentOptions {
         controller_addr: controller,
-        token: cosmos_proto::Token(token.trim().to_string()),
+        token,
         name,
         work_dir,
         gpus,

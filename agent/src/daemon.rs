@@ -126,6 +126,9 @@ pub enum AgentError {
         /// What was given.
         addr: String,
     },
+    /// Another agent holds the work directory.
+    #[error(transparent)]
+    Locked(#[from] cosmos_sync::dir_lock::DirLockError),
     /// The work directory cannot be used.
     #[error("cannot use the agent's work directory {path}: {source}")]
     WorkDir {
@@ -151,6 +154,8 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let work_dir = std::fs::create_dir_all(&opts.work_dir)
         .and_then(|()| opts.work_dir.canonicalize())
         .map_err(|source| AgentError::WorkDir { path: opts.work_dir.clone(), source })?;
+    // Held until the process ends: two agents on one directory would reap each other's attempts.
+    let _lock = cosmos_sync::dir_lock::DirLock::acquire(&work_dir, "agent")?;
     let mut gpus = opts.gpus.clone();
     if opts.gpus_simulated {
         qualify_simulated_uuids(&opts.name, &mut gpus);

@@ -33,6 +33,7 @@ fn job(id: u64) -> JobRecord {
         agent: Some("gpu-node-01".to_string()),
         submitted_ms: 1_700_000_000_000 + id,
         finished_ms: None,
+        idempotency: None,
     }
 }
 

@@ -2,24 +2,45 @@
 //!
 //! Every route needs `Authorization: Bearer <token>` with the token from the
 //! data directory: anyone who can call this API can run commands on every GPU
-//! host. Field names here are an interface scripts rely on; keep them stable.
+//! host. The token is checked from the headers alone, by a middleware that
+//! runs before any handler reads a byte of the body, so an unauthenticated
+//! caller costs no more than its headers. Field names here are an interface
+//! scripts rely on; keep them stable.
 
 use crate::core::{CommandError, SubmitError};
-use crate::daemon::{Cancel, CoreActor, JobSummary, ListJobs, SetDraining, Shared, Status, Submit};
-use crate::model::JobState;
+use crate::daemon::{Cancel, CoreActor, JobSummary, ListJobs, SetDraining, Shared, Status, SubmitWith};
+use crate::model::{Idempotency, JobState};
 use actix::Addr;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, dev::Server, http::StatusCode, web};
 use cosmos_proto::{AttemptId, JobId, JobSpec, LogStream};
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Largest request body: a batch of many job lines.
-pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+/// Largest JSON request body: a batch of many job lines.
+pub const BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// JSON request bodies read at once; further requests wait for a turn, so
+/// their memory is bounded by this times [`BODY_BYTES_MAX`].
+pub const BODIES_IN_FLIGHT_MAX: usize = 4;
+/// A body whose sender pauses this long between bytes is dropped (stalled clients hold descriptors).
+pub const BODY_IDLE_TIMEOUT_MS: u64 = 10_000;
+/// Bound on waiting for a turn to read a body, after which the request is answered 503.
+const BODY_TURN_TIMEOUT_MS: u64 = 30_000;
+/// Bound on the request head (line and headers).
+const REQUEST_HEAD_TIMEOUT_MS: u64 = 5_000;
+/// Most API connections at once, whatever the descriptor limit allows.
+pub const API_CONNECTIONS_MAX: usize = 1024;
+/// HTTP worker threads.
+const API_WORKERS: usize = 2;
+/// Longest `Idempotency-Key` accepted.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 128;
 /// How often a followed log is checked for growth.
 const FOLLOW_POLL_MS: u64 = 200;
+/// Bytes of one log file read at a time: a reader's memory, whatever the log's size.
+const LOG_READ_CHUNK_BYTES: u64 = 256 * 1024;
 
 /// One job as submitted: a line of a JSONL batch file. Only `command` is required.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -217,7 +238,7 @@ pub(crate) fn error(status: StatusCode, error: String, line: Option<usize>, retr
     HttpResponse::build(status).json(ErrorBody { error, line, retryable })
 }
 
-pub(crate) fn authorize(req: &HttpRequest, shared: &Shared) -> Result<(), HttpResponse> {
+fn authorize(req: &actix_web::dev::ServiceRequest, shared: &Shared) -> Result<(), HttpResponse> {
     let given =
         req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {
@@ -247,13 +268,131 @@ pub(crate) struct State {
     pub(crate) shared: Arc<Shared>,
 }
 
+/// API connections allowed at once: a quarter of the descriptor limit, so
+/// clients that connect and stall can never take the descriptors the store,
+/// the logs and the agents' connections need.
+pub fn api_connections_max() -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass and nothing else.
+    let nofile = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_cur } else { 1024 };
+    usize::try_from(nofile / 4).unwrap_or(API_CONNECTIONS_MAX).clamp(API_WORKERS, API_CONNECTIONS_MAX)
+}
+
+/// Reads a request body of at most `limit` bytes: one of [`BODIES_IN_FLIGHT_MAX`]
+/// at a time, each chunk within [`BODY_IDLE_TIMEOUT_MS`] of the last.
+pub(crate) async fn read_body(
+    shared: &Shared,
+    mut body: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, HttpResponse> {
+    let turn = tokio::time::timeout(Duration::from_millis(BODY_TURN_TIMEOUT_MS), shared.bodies.acquire()).await;
+    let Ok(Ok(_turn)) = turn else {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is busy reading other requests; retry".into(),
+            None,
+            true,
+        ));
+    };
+    let mut buf = web::BytesMut::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_millis(BODY_IDLE_TIMEOUT_MS), body.next()).await;
+        match next {
+            Err(_) => {
+                return Err(error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the request body stalled for {BODY_IDLE_TIMEOUT_MS} ms; send it again"),
+                    None,
+                    true,
+                ));
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => {
+                return Err(error(StatusCode::BAD_REQUEST, format!("the request body broke off: {e}"), None, true));
+            }
+            Ok(Some(Ok(chunk))) => {
+                if buf.len() + chunk.len() > limit {
+                    return Err(error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("the request body is over {limit} bytes; split the batch"),
+                        None,
+                        false,
+                    ));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+        }
+    }
+}
+
+/// Decodes a JSON body, the error naming what is wrong.
+pub(crate) fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, HttpResponse> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        error(StatusCode::BAD_REQUEST, format!("the request body is not the expected JSON: {e}"), None, false)
+    })
+}
+
+/// A JSON body read through [`read_body`] (bounded in size, time and number
+/// in flight), with its raw bytes for the idempotency digest.
+pub(crate) struct JsonBody<T> {
+    /// The decoded value.
+    pub value: T,
+    /// The bytes it was decoded from.
+    pub bytes: web::Bytes,
+}
+
+impl<T: serde::de::DeserializeOwned + 'static> actix_web::FromRequest for JsonBody<T> {
+    type Error = actix_web::Error;
+    type Future = futures::future::LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        let state = req.app_data::<web::Data<State>>().cloned();
+        let body = web::Payload::from_request(req, payload);
+        Box::pin(async move {
+            let refuse =
+                |r: HttpResponse| actix_web::Error::from(actix_web::error::InternalError::from_response("", r));
+            let state = state.ok_or_else(|| refuse(unavailable()))?;
+            let bytes = read_body(&state.shared, body.await?, BODY_BYTES_MAX).await.map_err(refuse)?;
+            let value = parse_json(&bytes).map_err(refuse)?;
+            Ok(JsonBody { value, bytes })
+        })
+    }
+}
+
+/// The request's `Idempotency-Key`, with the digest of `body` it must keep meaning.
+pub(crate) fn idempotency(req: &HttpRequest, body: &[u8]) -> Result<Option<Idempotency>, HttpResponse> {
+    let Some(value) = req.headers().get("idempotency-key") else { return Ok(None) };
+    let key = value.to_str().unwrap_or("");
+    if key.is_empty() || key.len() > IDEMPOTENCY_KEY_BYTES_MAX || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("`Idempotency-Key` must be 1 to {IDEMPOTENCY_KEY_BYTES_MAX} printable ASCII characters"),
+            None,
+            false,
+        ));
+    }
+    use sha2::Digest;
+    Ok(Some(Idempotency { key: key.to_string(), request_sha256: hex::encode(sha2::Sha256::digest(body)) }))
+}
+
 /// Binds the API server and starts serving; returns it with the address it bound.
 pub fn server(listen: SocketAddr, core: Addr<CoreActor>, shared: Arc<Shared>) -> std::io::Result<(Server, SocketAddr)> {
-    let state = web::Data::new(State { core, shared });
+    let state = web::Data::new(State { core, shared: shared.clone() });
+    let connections_max = api_connections_max();
     let bound = HttpServer::new(move || {
+        let shared = shared.clone();
         App::new()
             .app_data(state.clone())
-            .app_data(web::JsonConfig::default().limit(MAX_BODY_BYTES))
+            .wrap_fn(move |req, srv| {
+                use actix_web::dev::Service;
+                use futures::future::{Either, FutureExt};
+                match authorize(&req, &shared) {
+                    Ok(()) => Either::Left(srv.call(req).map(|r| r.map(|r| r.map_into_left_body()))),
+                    Err(refused) => {
+                        Either::Right(futures::future::ready(Ok(req.into_response(refused).map_into_right_body())))
+                    }
+                }
+            })
             .route("/v1/jobs", web::post().to(submit))
             .route("/v1/jobs", web::get().to(list_jobs))
             .route("/v1/jobs/{id}", web::get().to(show_job))
@@ -265,7 +404,9 @@ pub fn server(listen: SocketAddr, core: Addr<CoreActor>, shared: Arc<Shared>) ->
             .route("/v1/status", web::get().to(status))
             .configure(crate::api_transfer::routes)
     })
-    .workers(2)
+    .workers(API_WORKERS)
+    .max_connections(connections_max.div_ceil(API_WORKERS))
+    .client_request_timeout(Duration::from_millis(REQUEST_HEAD_TIMEOUT_MS))
     .disable_signals()
     .shutdown_timeout(2)
     .bind(listen)?;
@@ -273,29 +414,82 @@ pub fn server(listen: SocketAddr, core: Addr<CoreActor>, shared: Arc<Shared>) ->
     Ok((bound.run(), addr))
 }
 
-async fn submit(req: HttpRequest, state: web::Data<State>, body: web::Json<SubmitRequest>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
-    let mut specs = Vec::with_capacity(body.jobs.len());
-    for (i, value) in body.into_inner().jobs.into_iter().enumerate() {
-        match serde_json::from_value::<JobLine>(value) {
-            Ok(line) => specs.push(line.into_spec()),
+/// A batch submission as read: each line kept as its raw text until checked,
+/// so a large body costs its own size, not a tree of JSON values.
+#[derive(Deserialize)]
+struct RawSubmit<'a> {
+    #[serde(borrow)]
+    jobs: Vec<&'a serde_json::value::RawValue>,
+}
+
+/// Label prefix reserved for what the controller itself attaches (Cosmos runs).
+pub const RESERVED_LABEL_PREFIX: &str = "cosmos.";
+
+async fn submit(req: HttpRequest, state: web::Data<State>, body: web::Payload) -> HttpResponse {
+    let bytes = match read_body(&state.shared, body, BODY_BYTES_MAX).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let key = match idempotency(&req, &bytes) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let raw: RawSubmit<'_> = match parse_json(&bytes) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let mut specs = Vec::with_capacity(raw.jobs.len());
+    for (i, value) in raw.jobs.into_iter().enumerate() {
+        let line = match serde_json::from_str::<JobLine>(value.get()) {
+            Ok(line) => line,
             Err(e) => return error(StatusCode::BAD_REQUEST, format!("line {}: {e}", i + 1), Some(i + 1), false),
+        };
+        if let Some(label) = line.labels.keys().find(|k| k.starts_with(RESERVED_LABEL_PREFIX)) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "line {}: label `{label}` is reserved: `{RESERVED_LABEL_PREFIX}*` labels are set by the controller for Cosmos runs (`cosmos inference`); rename it",
+                    i + 1
+                ),
+                Some(i + 1),
+                false,
+            );
         }
+        specs.push(line.into_spec());
     }
-    match state.core.send(Submit(specs)).await {
-        Ok(Ok(rx)) => match rx.await {
-            Ok(Ok(ids)) => HttpResponse::Ok()
-                .json(serde_json::json!({ "ids": ids.iter().map(|i| i.to_string()).collect::<Vec<_>>() })),
-            _ => unavailable(),
-        },
+    match submit_specs(&state, specs, Vec::new(), key, false).await {
+        Ok((ids, _)) => {
+            HttpResponse::Ok().json(serde_json::json!({ "ids": ids.iter().map(|i| i.to_string()).collect::<Vec<_>>() }))
+        }
+        Err(r) => r,
+    }
+}
+
+/// Submits a batch (with records stored beside it) and waits until it is durable;
+/// the error answer names the 1-based line at fault.
+pub(crate) async fn submit_specs(
+    state: &web::Data<State>,
+    specs: Vec<cosmos_proto::JobSpec>,
+    extra: Vec<crate::model::StoreOp>,
+    key: Option<Idempotency>,
+    prefix_line: bool,
+) -> Result<crate::daemon::Submitted, HttpResponse> {
+    match state.core.send(SubmitWith { specs, extra, key }).await {
+        Ok(Ok(rx)) => rx.await.map_err(|_| unavailable()),
         Ok(Err(e)) => {
             let line = submit_error_line(&e);
-            let status = if e.is_retryable() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_REQUEST };
-            error(status, e.to_string(), line, e.is_retryable())
+            let status = match e {
+                _ if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
+                SubmitError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            let msg = match line {
+                Some(l) if prefix_line => format!("line {l}: {e}"),
+                _ => e.to_string(),
+            };
+            Err(error(status, msg, line, e.is_retryable()))
         }
-        Err(_) => unavailable(),
+        Err(_) => Err(unavailable()),
     }
 }
 
@@ -335,10 +529,7 @@ struct ListQuery {
     state: Option<String>,
 }
 
-async fn list_jobs(req: HttpRequest, state: web::Data<State>, q: web::Query<ListQuery>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn list_jobs(state: web::Data<State>, q: web::Query<ListQuery>) -> HttpResponse {
     let filter = match q.state.as_deref().map(|s| JobState::parse(s).ok_or(s)) {
         Some(Err(s)) => {
             return error(
@@ -362,10 +553,7 @@ fn parse_job(id: &str) -> Result<JobId, HttpResponse> {
     id.parse().map_err(|e: cosmos_proto::ids::IdParseError| error(StatusCode::BAD_REQUEST, e.to_string(), None, false))
 }
 
-async fn show_job(req: HttpRequest, state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn show_job(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
     let id = match parse_job(&id) {
         Ok(id) => id,
         Err(r) => return r,
@@ -399,10 +587,7 @@ async fn show_job(req: HttpRequest, state: web::Data<State>, id: web::Path<Strin
     HttpResponse::Ok().json(v)
 }
 
-async fn cancel(req: HttpRequest, state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn cancel(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
     let id = match parse_job(&id) {
         Ok(id) => id,
         Err(r) => return r,
@@ -426,17 +611,11 @@ async fn command_result(
     }
 }
 
-async fn drain(req: HttpRequest, state: web::Data<State>, name: web::Path<String>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn drain(state: web::Data<State>, name: web::Path<String>) -> HttpResponse {
     command_result(state.core.send(SetDraining(name.into_inner(), true)).await).await
 }
 
-async fn undrain(req: HttpRequest, state: web::Data<State>, name: web::Path<String>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn undrain(state: web::Data<State>, name: web::Path<String>) -> HttpResponse {
     command_result(state.core.send(SetDraining(name.into_inner(), false)).await).await
 }
 
@@ -467,20 +646,14 @@ fn agent_infos(agents: Vec<crate::core::AgentView>) -> Vec<AgentInfo> {
         .collect()
 }
 
-async fn agents(req: HttpRequest, state: web::Data<State>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn agents(state: web::Data<State>) -> HttpResponse {
     match state.core.send(Status).await {
         Ok(s) => HttpResponse::Ok().json(agent_infos(s.agents)),
         Err(_) => unavailable(),
     }
 }
 
-async fn status(req: HttpRequest, state: web::Data<State>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn status(state: web::Data<State>) -> HttpResponse {
     let (Ok(s), Ok(jobs)) = (state.core.send(Status).await, state.core.send(ListJobs(None)).await) else {
         return unavailable();
     };
@@ -498,30 +671,31 @@ async fn status(req: HttpRequest, state: web::Data<State>) -> HttpResponse {
 
 #[derive(Deserialize)]
 struct LogQuery {
+    /// Keep streaming until the job is final.
     #[serde(default)]
     follow: bool,
+    /// Start each log file this many bytes from its end (at the next line start).
+    tail_bytes: Option<u64>,
+    /// Start each log file at this byte.
+    offset: Option<u64>,
 }
 
 /// Server-sent events: one `data:` line per log line, across the job's attempts
-/// in order; with `follow`, new lines as they come until the job is final.
-async fn logs(
-    req: HttpRequest,
-    state: web::Data<State>,
-    id: web::Path<String>,
-    q: web::Query<LogQuery>,
-) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+/// in order (each attempt's stdout, then its stderr); with `follow`, new lines
+/// as they come until the job is final. `tail_bytes` and `offset` apply to each
+/// log file. Files are read from the last position in bounded chunks on the
+/// blocking pool, so a reader's memory does not grow with the log.
+async fn logs(state: web::Data<State>, id: web::Path<String>, q: web::Query<LogQuery>) -> HttpResponse {
     let id = match parse_job(&id) {
         Ok(id) => id,
         Err(r) => return r,
     };
     let Ok(found) = state.core.send(ListJobs(Some(id))).await else { return unavailable() };
     if found.is_empty() {
-        return error(StatusCode::NOT_FOUND, format!("no job {id}"), None, false);
+        return error(StatusCode::NOT_FOUND, format!("no job {id}; `cosmos jobs list` shows the ids"), None, false);
     }
-    let follow = q.follow;
+    let q = q.into_inner();
+    let (follow, start) = (q.follow, LogStart { tail_bytes: q.tail_bytes, offset: q.offset.unwrap_or(0) });
     let core = state.core.clone();
     let shared = state.shared.clone();
     let stream = futures::stream::unfold(LogCursor::default(), move |mut cur| {
@@ -532,44 +706,37 @@ async fn logs(
                 if cur.done {
                     return None;
                 }
-                let shared2 = shared.clone();
-                let attempts = web::block(move || {
-                    shared2.reader.lock().ok().and_then(|s| s.attempts_of(id).ok()).unwrap_or_default()
-                })
-                .await
-                .unwrap_or_default();
-                let mut out = String::new();
-                for a in &attempts {
-                    for stream in [LogStream::Stdout, LogStream::Stderr] {
-                        let path = shared.dir.log_file(a.id, stream);
-                        let key = (a.id, stream == LogStream::Stdout);
-                        let from = *cur.offsets.get(&key).unwrap_or(&0);
-                        if let Ok(bytes) = std::fs::read(&path) {
-                            if bytes.len() as u64 > from {
-                                // Only whole lines; a partial last line waits for its end.
-                                let new = &bytes[from as usize..];
-                                let upto = new.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-                                for line in String::from_utf8_lossy(&new[..upto]).lines() {
-                                    out.push_str("data: ");
-                                    out.push_str(line);
-                                    out.push_str("\n\n");
-                                }
-                                cur.offsets.insert(key, from + upto as u64);
-                            }
-                        }
-                    }
-                }
+                // Final before reading: whatever was written before the end is then read in this pass.
                 let final_ = core
                     .send(ListJobs(Some(id)))
                     .await
                     .ok()
                     .and_then(|j| j.first().map(|j| j.record.state.is_final()))
                     .unwrap_or(true);
-                if !follow || final_ {
-                    cur.done = true;
-                    if final_ && follow {
-                        out.push_str("event: end\ndata: \n\n");
+                let shared2 = shared.clone();
+                let (out, more, next) = web::block(move || {
+                    let attempts = shared2.reader.lock().ok().and_then(|s| s.attempts_of(id).ok()).unwrap_or_default();
+                    let mut out = String::new();
+                    let mut more = false;
+                    for a in &attempts {
+                        for stream in [LogStream::Stdout, LogStream::Stderr] {
+                            let path = shared2.dir.log_file(a.id, stream);
+                            let key = (a.id, stream == LogStream::Stdout);
+                            let pos = cur.offsets.entry(key).or_insert(None);
+                            more |= read_log(&path, pos, start, final_, &mut out);
+                        }
                     }
+                    (out, more, cur)
+                })
+                .await
+                .unwrap_or_else(|_| (String::new(), false, LogCursor { done: true, ..Default::default() }));
+                cur = next;
+                if !more && (!follow || final_) {
+                    cur.done = true;
+                }
+                let mut out = out;
+                if cur.done && final_ && follow {
+                    out.push_str("event: end\ndata: \n\n");
                 }
                 if !out.is_empty() {
                     return Some((Ok::<_, actix_web::Error>(web::Bytes::from(out)), cur));
@@ -584,8 +751,84 @@ async fn logs(
     HttpResponse::Ok().content_type("text/event-stream").streaming(stream)
 }
 
+/// Where a log reader starts in each file.
+#[derive(Clone, Copy)]
+struct LogStart {
+    tail_bytes: Option<u64>,
+    offset: u64,
+}
+
+/// Appends the whole lines of `path` after `*pos` (at most [`LOG_READ_CHUNK_BYTES`]
+/// of them) to `out` as events, moving `*pos` past them; a partial last line
+/// waits for its end unless the job is final or it fills a whole chunk.
+/// Returns whether more is there to read at once.
+fn read_log(path: &std::path::Path, pos: &mut Option<u64>, start: LogStart, final_: bool, out: &mut String) -> bool {
+    use std::io::{Read, Seek};
+    let Ok(mut file) = std::fs::File::open(path) else { return false };
+    let Ok(len) = file.metadata().map(|m| m.len()) else { return false };
+    let from = match *pos {
+        Some(p) => p,
+        None => {
+            let mut p = start.offset.min(len);
+            if let Some(tail) = start.tail_bytes {
+                p = p.max(len.saturating_sub(tail));
+                // A tail starts at a line's beginning.
+                if p > 0 && p < len {
+                    let mut prev = [0u8; 1];
+                    if file.seek(std::io::SeekFrom::Start(p - 1)).is_ok()
+                        && file.read_exact(&mut prev).is_ok()
+                        && prev[0] != b'\n'
+                    {
+                        let mut rest = Vec::new();
+                        let _ = (&mut file).take(LOG_READ_CHUNK_BYTES).read_to_end(&mut rest);
+                        match rest.iter().position(|&b| b == b'\n') {
+                            Some(nl) => p += nl as u64 + 1,
+                            None => p = len,
+                        }
+                    }
+                }
+            }
+            p
+        }
+    };
+    *pos = Some(from);
+    if len <= from {
+        return false;
+    }
+    let want = (len - from).min(LOG_READ_CHUNK_BYTES);
+    let mut buf = Vec::with_capacity(want as usize);
+    if file.seek(std::io::SeekFrom::Start(from)).is_err() || (&mut file).take(want).read_to_end(&mut buf).is_err() {
+        return false;
+    }
+    let full_chunk = buf.len() as u64 == LOG_READ_CHUNK_BYTES;
+    let upto = match buf.iter().rposition(|&b| b == b'\n') {
+        Some(p) => p + 1,
+        None if final_ || full_chunk => buf.len(),
+        None => 0,
+    };
+    for line in String::from_utf8_lossy(&buf[..upto]).lines() {
+        out.push_str("data: ");
+        out.push_str(line);
+        out.push_str("\n\n");
+    }
+    // A final log's partial last line is sent as it is.
+    let upto = if final_ && upto < buf.len() {
+        for line in String::from_utf8_lossy(&buf[upto..]).lines() {
+            out.push_str("data: ");
+            out.push_str(line);
+            out.push_str("\n\n");
+        }
+        buf.len()
+    } else {
+        upto
+    };
+    *pos = Some(from + upto as u64);
+    from + (upto as u64) < len && upto > 0
+}
+
 #[derive(Default)]
 struct LogCursor {
-    offsets: BTreeMap<(AttemptId, bool), u64>,
+    /// Per attempt and stream (stdout: true), the next byte to read; `None` until the file was first seen.
+    offsets: BTreeMap<(AttemptId, bool), Option<u64>>,
     done: bool,
 }

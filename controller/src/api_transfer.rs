@@ -5,8 +5,8 @@
 //! a batch of runs is one atomic job submission. Prompts live in the store's
 //! `prompts` table; videos and outputs in the blob store, by sha256.
 
-use crate::api::{State, authorize, error, unavailable, view};
-use crate::daemon::{Cancel, JobSummary, ListJobs, SubmitWith};
+use crate::api::{JsonBody, State, error, unavailable, view};
+use crate::daemon::{Cancel, JobSummary, ListJobs};
 use crate::model::JobState;
 use crate::model::StoreOp;
 use crate::transfer::{
@@ -160,22 +160,24 @@ impl Read for ChannelReader {
     }
 }
 
-/// Blobs being uploaded through the API now.
-static UPLOADING: std::sync::Mutex<std::collections::BTreeSet<Sha256>> =
-    std::sync::Mutex::new(std::collections::BTreeSet::new());
-
 /// The right to upload one blob, released when the request ends however it ends.
-struct UploadGuard(Sha256);
+struct UploadGuard {
+    shared: std::sync::Arc<crate::daemon::Shared>,
+    sha: Sha256,
+}
 
 impl UploadGuard {
-    fn take(sha: Sha256) -> Option<UploadGuard> {
-        UPLOADING.lock().unwrap_or_else(|e| e.into_inner()).insert(sha).then_some(UploadGuard(sha))
+    /// The right, unless another upload of `sha` holds it.
+    fn take(shared: &std::sync::Arc<crate::daemon::Shared>, sha: Sha256) -> Option<UploadGuard> {
+        // The lock is released before a guard exists: dropping one locks again.
+        let taken = shared.uploading.lock().unwrap_or_else(|e| e.into_inner()).insert(sha);
+        taken.then(|| UploadGuard { shared: shared.clone(), sha })
     }
 }
 
 impl Drop for UploadGuard {
     fn drop(&mut self) {
-        UPLOADING.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.0);
+        self.shared.uploading.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.sha);
     }
 }
 
@@ -189,7 +191,20 @@ struct PutQuery {
 /// Feeds the request body to the disk writer; the error answer when the body broke off or is too large.
 async fn pump(body: &mut web::Payload, tx: tokio::sync::mpsc::Sender<web::Bytes>, limit: u64) -> Option<HttpResponse> {
     let mut received = 0u64;
-    while let Some(chunk) = body.next().await {
+    loop {
+        let idle = std::time::Duration::from_millis(crate::api::BODY_IDLE_TIMEOUT_MS);
+        let Ok(next) = tokio::time::timeout(idle, body.next()).await else {
+            return Some(error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the upload stalled for {} ms after {received} bytes; upload again to resume",
+                    crate::api::BODY_IDLE_TIMEOUT_MS
+                ),
+                None,
+                true,
+            ));
+        };
+        let Some(chunk) = next else { break };
         match chunk {
             Ok(bytes) => {
                 received += bytes.len() as u64;
@@ -222,15 +237,11 @@ async fn pump(body: &mut web::Payload, tx: tokio::sync::mpsc::Sender<web::Bytes>
 /// blob at byte N, what arrives is kept even if the connection breaks (`HEAD`
 /// then says how much), and the blob is verified and stored once S bytes are in.
 async fn put_blob(
-    req: HttpRequest,
     state: web::Data<State>,
     sha: web::Path<String>,
     q: web::Query<PutQuery>,
     mut body: web::Payload,
 ) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
     let sha = match parse_sha(&sha) {
         Ok(s) => s,
         Err(r) => return r,
@@ -239,7 +250,7 @@ async fn put_blob(
         return HttpResponse::Ok().json(BlobView { sha256: sha, size_bytes });
     }
     // Two bodies appended to one partial file would corrupt it: one upload of a blob at a time.
-    let Some(_uploading) = UploadGuard::take(sha) else {
+    let Some(_uploading) = UploadGuard::take(&state.shared, sha) else {
         return error(
             StatusCode::CONFLICT,
             format!("another upload of {sha} is in progress; retry in a moment"),
@@ -323,10 +334,7 @@ fn stored_error(sha: &Sha256, e: cosmos_cas::CasError) -> HttpResponse {
     }
 }
 
-async fn head_blob(req: HttpRequest, state: web::Data<State>, sha: web::Path<String>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn head_blob(state: web::Data<State>, sha: web::Path<String>) -> HttpResponse {
     let sha = match parse_sha(&sha) {
         Ok(s) => s,
         Err(r) => return r,
@@ -340,10 +348,7 @@ async fn head_blob(req: HttpRequest, state: web::Data<State>, sha: web::Path<Str
     }
 }
 
-async fn get_blob(req: HttpRequest, state: web::Data<State>, sha: web::Path<String>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn get_blob(state: web::Data<State>, sha: web::Path<String>) -> HttpResponse {
     let sha = match parse_sha(&sha) {
         Ok(s) => s,
         Err(r) => return r,
@@ -410,11 +415,8 @@ fn build_prompt(shared: &crate::daemon::Shared, new: NewPrompt) -> Result<Prompt
     })
 }
 
-async fn create_prompt(req: HttpRequest, state: web::Data<State>, body: web::Json<NewPrompt>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
-    let new = body.into_inner();
+async fn create_prompt(state: web::Data<State>, body: JsonBody<NewPrompt>) -> HttpResponse {
+    let new = body.value;
     if let Some(parent) = &new.parent {
         let parent = parent.clone();
         match with_store(&state, move |s| s.prompt(&parent)).await {
@@ -434,10 +436,7 @@ async fn create_prompt(req: HttpRequest, state: web::Data<State>, body: web::Jso
     }
 }
 
-async fn list_prompts(req: HttpRequest, state: web::Data<State>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn list_prompts(state: web::Data<State>) -> HttpResponse {
     match with_store(&state, |s| s.prompts()).await {
         Ok(p) => HttpResponse::Ok().json(p),
         Err(r) => r,
@@ -452,10 +451,7 @@ async fn find_prompt(state: &web::Data<State>, id: &str) -> Result<Prompt, HttpR
     }
 }
 
-async fn show_prompt(req: HttpRequest, state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn show_prompt(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
     match find_prompt(&state, &id).await {
         Ok(p) => HttpResponse::Ok().json(p),
         Err(r) => r,
@@ -468,21 +464,13 @@ struct DeleteQuery {
     delete_outputs: bool,
 }
 
-async fn delete_prompt(
-    req: HttpRequest,
-    state: web::Data<State>,
-    id: web::Path<String>,
-    q: web::Query<DeleteQuery>,
-) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn delete_prompt(state: web::Data<State>, id: web::Path<String>, q: web::Query<DeleteQuery>) -> HttpResponse {
     let prompt = match find_prompt(&state, &id).await {
         Ok(p) => p,
         Err(r) => return r,
     };
     // Deleting outputs: no run may be created from a blob between the checks below and its removal.
-    let _gc = if q.delete_outputs { Some(BLOB_GC.write().await) } else { None };
+    let _gc = if q.delete_outputs { Some(state.shared.blob_gc.write().await) } else { None };
     let Ok(jobs) = state.core.send(ListJobs(None)).await else { return unavailable() };
     let runs: Vec<&JobSummary> = jobs.iter().filter(|j| label(j, labels::PROMPT) == Some(&prompt.id)).collect();
     let active: Vec<&str> = runs
@@ -540,10 +528,6 @@ async fn delete_prompt(
 
 // ---- runs ----
 
-/// Held shared while runs are created from stored blobs and exclusively while
-/// outputs are deleted, so a run never names a blob removed under it.
-static BLOB_GC: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
-
 /// An error naming the first of `blobs` the controller does not hold (whole, at its size).
 fn check_blobs<'a>(
     store: &cosmos_cas::Store,
@@ -582,7 +566,8 @@ async fn submit_compiled(
     state: &web::Data<State>,
     compiled: Vec<transfer::Compiled>,
     extra: Vec<StoreOp>,
-) -> Result<Vec<JobId>, HttpResponse> {
+    key: Option<crate::model::Idempotency>,
+) -> Result<crate::daemon::Submitted, HttpResponse> {
     let blobs = state.shared.blobs.clone();
     let files: Vec<Vec<u8>> = compiled.iter().flat_map(|c| c.files.iter().map(|f| f.bytes.clone())).collect();
     match web::block(move || files.iter().try_for_each(|f| blobs.put_bytes(f).map(|_| ()))).await {
@@ -591,36 +576,51 @@ async fn submit_compiled(
         Err(_) => return Err(unavailable()),
     }
     let specs: Vec<JobSpec> = compiled.into_iter().map(|c| c.spec).collect();
-    match state.core.send(SubmitWith(specs, extra)).await {
-        Ok(Ok(rx)) => match rx.await {
-            Ok(Ok(ids)) => Ok(ids),
-            _ => Err(unavailable()),
-        },
-        Ok(Err(e)) => {
-            let line = crate::api::submit_error_line(&e);
-            let status = if e.is_retryable() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_REQUEST };
-            let msg = match line {
-                Some(l) => format!("line {l}: {e}"),
-                None => e.to_string(),
-            };
-            Err(error(status, msg, line, e.is_retryable()))
-        }
-        Err(_) => Err(unavailable()),
-    }
+    crate::api::submit_specs(state, specs, extra, key, true).await
 }
 
-async fn create_runs(req: HttpRequest, state: web::Data<State>, body: web::Json<CreateRuns>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
+/// What a repeated run creation (same idempotency key) answers: the runs and prompts the first one made.
+async fn created_before(state: &web::Data<State>, ids: &[JobId], new_prompt_lines: &[bool]) -> HttpResponse {
+    let mut runs = Vec::with_capacity(ids.len());
+    let mut prompt_ids = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let Ok(found) = state.core.send(ListJobs(Some(*id))).await else { return unavailable() };
+        let Some(j) = found.first() else { return internal(format!("job {id} of an earlier submission is gone")) };
+        let prompt_id = label(j, labels::PROMPT).cloned().unwrap_or_default();
+        if new_prompt_lines.get(i).copied().unwrap_or(false) {
+            prompt_ids.push(prompt_id.clone());
+        }
+        runs.push(CreatedRun {
+            run_id: label(j, labels::RUN).cloned().unwrap_or_default(),
+            job_id: id.to_string(),
+            prompt_id,
+        });
     }
-    let lines = body.into_inner().runs;
+    let prompts = match with_store(state, move |s| {
+        prompt_ids.iter().filter_map(|p| s.prompt(p).transpose()).collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    HttpResponse::Created().json(CreatedRuns { runs, prompts })
+}
+
+async fn create_runs(req: HttpRequest, state: web::Data<State>, body: JsonBody<CreateRuns>) -> HttpResponse {
+    let key = match crate::api::idempotency(&req, &body.bytes) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let lines = body.value.runs;
+    let new_prompt_lines: Vec<bool> = lines.iter().map(|l| l.prompt.is_some()).collect();
     if lines.is_empty() {
         return bad("no runs given");
     }
     if lines.len() > transfer::MAX_RUNS_PER_REQUEST {
         return bad(format!("{} runs in one request; at most {}", lines.len(), transfer::MAX_RUNS_PER_REQUEST));
     }
-    let _gc = BLOB_GC.read().await;
+    let _gc = state.shared.blob_gc.read().await;
     // Everything is checked before anything is written: one bad line rejects the batch.
     let existing = match with_store(&state, |s| s.prompts()).await {
         Ok(p) => p,
@@ -661,8 +661,9 @@ async fn create_runs(req: HttpRequest, state: web::Data<State>, body: web::Json<
     }
     // The new prompts are stored in the same transaction as the runs' jobs: both or neither.
     let extra = new_prompts.iter().map(|p| StoreOp::PutPrompt(Box::new(p.clone()))).collect();
-    match submit_compiled(&state, compiled, extra).await {
-        Ok(ids) => HttpResponse::Created().json(CreatedRuns {
+    match submit_compiled(&state, compiled, extra, key).await {
+        Ok((ids, true)) => created_before(&state, &ids, &new_prompt_lines).await,
+        Ok((ids, false)) => HttpResponse::Created().json(CreatedRuns {
             runs: created
                 .into_iter()
                 .zip(ids)
@@ -690,10 +691,7 @@ async fn all_runs(state: &web::Data<State>) -> Result<(Vec<JobSummary>, Vec<Prom
     Ok((jobs.into_iter().filter(|j| label(j, labels::RUN).is_some()).collect(), prompts))
 }
 
-async fn list_runs(req: HttpRequest, state: web::Data<State>, q: web::Query<RunQuery>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn list_runs(state: web::Data<State>, q: web::Query<RunQuery>) -> HttpResponse {
     let (jobs, prompts) = match all_runs(&state).await {
         Ok(x) => x,
         Err(r) => return r,
@@ -735,20 +733,14 @@ async fn find_run(state: &web::Data<State>, id: &str) -> Result<(JobSummary, Vec
     }
 }
 
-async fn show_run(req: HttpRequest, state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn show_run(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
     match find_run(&state, &id).await {
         Ok((j, prompts)) => HttpResponse::Ok().json(run_view(&j, &prompts)),
         Err(r) => r,
     }
 }
 
-async fn cancel_run(req: HttpRequest, state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn cancel_run(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
     let job = match find_run(&state, &id).await {
         Ok((j, _)) => j.record.id,
         Err(r) => return r,
@@ -793,20 +785,12 @@ async fn succeeded_output(
     Ok((job, blob))
 }
 
-async fn upscale(
-    req: HttpRequest,
-    state: web::Data<State>,
-    id: web::Path<String>,
-    body: web::Json<UpscaleParams>,
-) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
-    let params = body.into_inner();
+async fn upscale(state: web::Data<State>, id: web::Path<String>, body: JsonBody<UpscaleParams>) -> HttpResponse {
+    let params = body.value;
     if let Err(e) = params.validate() {
         return bad(e.to_string());
     }
-    let _gc = BLOB_GC.read().await;
+    let _gc = state.shared.blob_gc.read().await;
     let wrong_kind = "is not a transfer run; only a transfer's video can be upscaled";
     let (job, video) = match succeeded_output(&state, &id, RunKind::Transfer, wrong_kind, OUTPUT_VIDEO).await {
         Ok(x) => x,
@@ -823,21 +807,18 @@ async fn upscale(
     let run_id = transfer::new_id("rs");
     let prompt_id = label(&job, labels::PROMPT).cloned().unwrap_or_default();
     let compiled = state.shared.transfer.compile_upscale(&run_id, &id, &prompt_id, &video, &params);
-    match submit_compiled(&state, vec![compiled], Vec::new()).await {
-        Ok(ids) => HttpResponse::Created().json(CreatedRun { run_id, job_id: ids[0].to_string(), prompt_id }),
+    match submit_compiled(&state, vec![compiled], Vec::new(), None).await {
+        Ok((ids, _)) => HttpResponse::Created().json(CreatedRun { run_id, job_id: ids[0].to_string(), prompt_id }),
         Err(r) => r,
     }
 }
 
-async fn enhance(req: HttpRequest, state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
+async fn enhance(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
     let prompt = match find_prompt(&state, &id).await {
         Ok(p) => p,
         Err(r) => return r,
     };
-    let _gc = BLOB_GC.read().await;
+    let _gc = state.shared.blob_gc.read().await;
     if let Err(e) =
         check_blobs(&state.shared.blobs, [&prompt.videos.color], &format!("the color video of prompt {}", prompt.id))
     {
@@ -845,8 +826,8 @@ async fn enhance(req: HttpRequest, state: web::Data<State>, id: web::Path<String
     }
     let run_id = transfer::new_id("rs");
     let compiled = state.shared.transfer.compile_enhance(&run_id, &prompt);
-    match submit_compiled(&state, vec![compiled], Vec::new()).await {
-        Ok(ids) => {
+    match submit_compiled(&state, vec![compiled], Vec::new(), None).await {
+        Ok((ids, _)) => {
             HttpResponse::Created().json(CreatedRun { run_id, job_id: ids[0].to_string(), prompt_id: prompt.id })
         }
         Err(r) => r,
@@ -867,14 +848,10 @@ struct EnhanceItem {
 }
 
 async fn apply_enhancement(
-    req: HttpRequest,
     state: web::Data<State>,
     id: web::Path<String>,
-    body: web::Json<ApplyEnhancement>,
+    body: JsonBody<ApplyEnhancement>,
 ) -> HttpResponse {
-    if let Err(r) = authorize(&req, &state.shared) {
-        return r;
-    }
     let (job, result) =
         match succeeded_output(&state, &id, RunKind::Enhance, "is not a prompt enhancement", ENHANCE_RESULT).await {
             Ok(x) => x,
@@ -909,6 +886,7 @@ async fn apply_enhancement(
         Ok(p) => p,
         Err(r) => return r,
     };
+    let body = body.value;
     let updated = if body.overwrite {
         Prompt { text: upsampled, ..parent }
     } else {

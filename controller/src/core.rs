@@ -165,6 +165,12 @@ pub enum SubmitError {
         /// The limit.
         max: usize,
     },
+    /// The idempotency key was used before for a different submission.
+    #[error("idempotency key `{key}` was already used for a different submission; send a new key for a new submission")]
+    KeyReused {
+        /// The key.
+        key: String,
+    },
 }
 
 impl SubmitError {
@@ -282,6 +288,8 @@ pub struct Core {
     agents: Vec<Agent>,
     agent_by_name: HashMap<String, usize>,
     conn_agent: HashMap<ConnId, usize>,
+    /// Submissions by idempotency key: the digest of what they asked for, and the jobs they made.
+    submitted_keys: HashMap<String, (String, Vec<JobId>)>,
     /// Schedulable agents by free GPU count, for best-fit placement.
     free_index: BTreeSet<(u32, usize)>,
     /// The host held for a job that could not be placed, so small jobs cannot starve it.
@@ -307,6 +315,7 @@ impl Core {
             agents: Vec::new(),
             agent_by_name: HashMap::new(),
             conn_agent: HashMap::new(),
+            submitted_keys: HashMap::new(),
             free_index: BTreeSet::new(),
             reservation: None,
             dirty: true,
@@ -331,6 +340,11 @@ impl Core {
             }
             let job = Job { rec, live: None, progress: None };
             let id = job.rec.id;
+            if let Some(k) = &job.rec.idempotency {
+                let entry =
+                    core.submitted_keys.entry(k.key.clone()).or_insert_with(|| (k.request_sha256.clone(), Vec::new()));
+                entry.1.push(id);
+            }
             core.jobs.insert(id, job);
             if !final_ {
                 core.enqueue_or_wait(id);
@@ -367,6 +381,28 @@ impl Core {
         specs: Vec<JobSpec>,
         out: &mut Vec<Output>,
     ) -> Result<Vec<JobId>, SubmitError> {
+        self.submit_keyed(now_ms, specs, None, out).map(|(ids, _)| ids)
+    }
+
+    /// Like [`Core::submit`], under an idempotency key: a submission whose key
+    /// was seen before with the same request digest changes nothing and
+    /// answers the jobs it made then (`true` says it was a repeat); the same
+    /// key with another digest is refused.
+    pub fn submit_keyed(
+        &mut self,
+        now_ms: u64,
+        specs: Vec<JobSpec>,
+        key: Option<Idempotency>,
+        out: &mut Vec<Output>,
+    ) -> Result<(Vec<JobId>, bool), SubmitError> {
+        if let Some(k) = &key {
+            if let Some((digest, ids)) = self.submitted_keys.get(&k.key) {
+                if *digest != k.request_sha256 {
+                    return Err(SubmitError::KeyReused { key: k.key.clone() });
+                }
+                return Ok((ids.clone(), true));
+            }
+        }
         if specs.is_empty() || specs.len() > self.config.max_batch_jobs {
             return Err(SubmitError::BatchSize { got: specs.len(), max: self.config.max_batch_jobs });
         }
@@ -412,16 +448,20 @@ impl Core {
                 agent: None,
                 submitted_ms: now_ms,
                 finished_ms: None,
+                idempotency: key.clone(),
             };
             self.ops.push(StoreOp::PutJob(Box::new(rec.clone())));
             self.ready.insert(&rec.spec, id);
             self.jobs.insert(id, Job { rec, live: None, progress: None });
             ids.push(id);
         }
+        if let Some(k) = key {
+            self.submitted_keys.insert(k.key, (k.request_sha256, ids.clone()));
+        }
         self.event(now_ms, None, None, None, "submitted", format!("{} jobs accepted", ids.len()));
         self.dirty = true;
         self.finish(now_ms, out);
-        Ok(ids)
+        Ok((ids, false))
     }
 
     /// Cancels a job: at once if it waits, through its agent if it runs.
@@ -1269,6 +1309,13 @@ impl Core {
     /// Jobs waiting for GPUs or a retry.
     pub fn queue_depth(&self) -> usize {
         self.ready.len() + self.backoff.len()
+    }
+
+    /// The connection of the agent with this name, while it is connected and heard from recently
+    /// (a silent one may be a dead host's half-open connection, which a new one replaces).
+    pub fn live_conn_of(&self, name: &str) -> Option<ConnId> {
+        let agent = &self.agents[*self.agent_by_name.get(name)?];
+        agent.conn.filter(|_| agent.health == Health::Up)
     }
 
     /// Every agent.

@@ -15,7 +15,6 @@ use cosmos_proto::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT_MS, Role, Token};
 use cosmos_proto::{AgentFrame, AgentMsg, AttemptId, Connection, ControllerMsg, JobId, JobSpec, LogStream};
 use cosmos_sync::{CommitQueue, Ticket};
 use std::collections::{HashMap, VecDeque};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +27,16 @@ pub const CONN_QUEUE_LEN: usize = 4096;
 pub const MAX_PENDING_STORE_OPS: usize = 1_000_000;
 /// How often the core's clock-driven work runs.
 pub const TICK_MS: u64 = 100;
+/// Agent connections that may be in their handshake at once; more are closed
+/// at once, so peers that connect and say nothing cannot exhaust memory or descriptors.
+pub const HANDSHAKES_PENDING_MAX: usize = 64;
+/// Bound on an agent's handshake and first message together.
+pub const AGENT_HELLO_TIMEOUT_MS: u64 = 5_000;
+/// Bound on stopping the HTTP API at shutdown: a worker stuck in a handler
+/// must not keep the process from exiting.
+pub const API_STOP_GRACE_MS: u64 = 5_000;
+/// Default bound on each stored log stream of an attempt.
+pub const ATTEMPT_LOG_BYTES_MAX_DEFAULT: u64 = 64 << 20;
 
 /// How to run a controller.
 #[derive(Clone, Debug)]
@@ -44,6 +53,8 @@ pub struct ControllerOptions {
     pub core: CoreConfig,
     /// How Cosmos Transfer runs compile into jobs (image, mounts, defaults).
     pub transfer: crate::transfer::TransferConfig,
+    /// Bound on each stored log stream (stdout, stderr) of one attempt; the rest is cut, and the cut marked.
+    pub attempt_log_bytes_max: u64,
 }
 
 /// The controller could not start or stopped on an error.
@@ -60,6 +71,12 @@ pub enum DaemonError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// Another controller holds the data directory.
+    #[error(transparent)]
+    Locked(#[from] cosmos_sync::dir_lock::DirLockError),
+    /// A token file is unusable.
+    #[error(transparent)]
+    Token(#[from] cosmos_proto::TokenFileError),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source} (is another controller running? pick another port)")]
     Bind {
@@ -109,22 +126,48 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
 }
 
 /// Reads a token file, creating it (readable by its owner only) with a random token if absent.
+///
+/// An existing file that is empty, too short or readable by others is refused.
 pub fn ensure_token(path: &Path) -> Result<Token, DaemonError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    match std::fs::read_to_string(path) {
-        Ok(t) => return Ok(Token(t.trim().to_string())),
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(path)(e)),
-        Err(_) => {}
+    if path.exists() {
+        return Ok(Token::read_file(path)?);
     }
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .map_err(io_err(path))?;
-    let token = hex_string(&bytes);
-    let mut f =
-        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io_err(path))?;
-    writeln!(f, "{token}").map_err(io_err(path))?;
-    Ok(Token(token))
+    let token = Token(hex_string(&bytes));
+    token.write_file(path)?;
+    Ok(token)
+}
+
+/// Creates `dir` (and its parents) if needed and makes it private to its owner:
+/// the store holds job environments, the logs whatever jobs print.
+pub fn create_private_dir(dir: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mode = std::fs::metadata(dir).map_err(io_err(dir))?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700 | 0o700)).map_err(io_err(dir))?;
+    }
+    Ok(())
+}
+
+/// Creates `path` empty with mode 0600 if absent, and takes group and other bits off it if present.
+fn create_private_file(path: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    let mode = f.metadata().map_err(io_err(path))?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(mode & 0o700)).map_err(io_err(path))?;
+    }
+    Ok(())
 }
 
 fn hex_string(bytes: &[u8]) -> String {
@@ -140,9 +183,14 @@ pub fn wall_ms() -> u64 {
 /// Runs a controller until `shutdown` resolves. Must run inside an actix system.
 pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     let dir = DataDir { root: opts.data_dir.clone() };
-    std::fs::create_dir_all(dir.logs()).map_err(io_err(&dir.root))?;
+    create_private_dir(&dir.root)?;
+    // Held until the process ends: a second controller on this directory would fork its history.
+    let _lock = cosmos_sync::dir_lock::DirLock::acquire(&dir.root, "controller")?;
+    create_private_dir(&dir.logs())?;
     let api_token = ensure_token(&dir.api_token())?;
     let agent_token = ensure_token(&dir.agent_token())?;
+    // SQLite gives its -wal and -shm files the database file's mode.
+    create_private_file(&dir.store())?;
     let mut store = Store::open(&dir.store())?;
     let snapshot = store.load()?;
     let reader = Store::open(&dir.store())?;
@@ -152,9 +200,15 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     let queue = Arc::new(CommitQueue::new(MAX_PENDING_STORE_OPS));
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
     let writer = spawn_writer(store, queue.clone(), durable_tx);
-    let addr =
-        CoreActor { core, queue: queue.clone(), gated: VecDeque::new(), conns: HashMap::new(), last_ticket: None }
-            .start();
+    let addr = CoreActor {
+        core,
+        queue: queue.clone(),
+        gated: VecDeque::new(),
+        conns: HashMap::new(),
+        peers: HashMap::new(),
+        last_ticket: None,
+    }
+    .start();
     actix::spawn(forward_durable(durable_rx, addr.clone()));
 
     let agent_listener = tokio::net::TcpListener::bind(opts.agent_listen)
@@ -172,6 +226,10 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         reader: std::sync::Mutex::new(reader),
         blobs,
         transfer: opts.transfer.clone(),
+        uploading: std::sync::Mutex::new(std::collections::BTreeSet::new()),
+        blob_gc: tokio::sync::RwLock::new(()),
+        bodies: tokio::sync::Semaphore::new(api::BODIES_IN_FLIGHT_MAX),
+        attempt_log_bytes_max: opts.attempt_log_bytes_max,
     });
     actix::spawn(accept_agents(agent_listener, addr.clone(), agent_token, opts.max_frame_bytes, shared.clone()));
 
@@ -183,7 +241,9 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     let handle = server.handle();
     actix::spawn(server);
     shutdown.await;
-    handle.stop(true).await;
+    if tokio::time::timeout(Duration::from_millis(API_STOP_GRACE_MS), handle.stop(true)).await.is_err() {
+        tracing::warn!(grace_ms = API_STOP_GRACE_MS, "the HTTP API did not stop in time; stopping without it");
+    }
     queue.close();
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
     tracing::info!("controller stopped");
@@ -202,6 +262,15 @@ pub struct Shared {
     pub blobs: Arc<cosmos_cas::Store>,
     /// How Cosmos Transfer runs compile into jobs.
     pub transfer: crate::transfer::TransferConfig,
+    /// Blobs being uploaded through the API now: one upload of a blob at a time.
+    pub uploading: std::sync::Mutex<std::collections::BTreeSet<cosmos_proto::Sha256>>,
+    /// Held shared while runs are created from stored blobs and exclusively while
+    /// outputs are deleted, so a run never names a blob removed under it.
+    pub blob_gc: tokio::sync::RwLock<()>,
+    /// Request bodies being read now (each up to [`api::BODY_BYTES_MAX`]), bounding their memory.
+    pub bodies: tokio::sync::Semaphore,
+    /// Bound on each stored log stream of one attempt.
+    pub attempt_log_bytes_max: u64,
 }
 
 fn spawn_writer(
@@ -251,6 +320,8 @@ pub struct CoreActor {
     /// Actions waiting for their persist to be durable, in order.
     gated: VecDeque<(Ticket, Action)>,
     conns: HashMap<ConnId, mpsc::Sender<ControllerMsg>>,
+    /// Where each agent connection comes from, to name it when its name is claimed again.
+    peers: HashMap<ConnId, SocketAddr>,
     last_ticket: Option<Ticket>,
 }
 
@@ -322,6 +393,7 @@ impl CoreActor {
             }
             Action::Close(conn) => {
                 self.conns.remove(&conn);
+                self.peers.remove(&conn);
             }
             Action::Reply(f) => f(),
         }
@@ -342,29 +414,29 @@ impl Handler<Durable> for CoreActor {
     }
 }
 
-/// Submit a batch; answers once it is durable.
-pub struct Submit(pub Vec<JobSpec>);
-impl Message for Submit {
-    type Result = Result<oneshot::Receiver<Result<Vec<JobId>, SubmitError>>, SubmitError>;
-}
-impl Handler<Submit> for CoreActor {
-    type Result = Result<oneshot::Receiver<Result<Vec<JobId>, SubmitError>>, SubmitError>;
-    fn handle(&mut self, Submit(specs): Submit, ctx: &mut Context<Self>) -> Self::Result {
-        self.handle(SubmitWith(specs, Vec::new()), ctx)
-    }
-}
+/// What a durable submission answers: its jobs, and whether it repeated an earlier one (same idempotency key).
+pub type Submitted = (Vec<JobId>, bool);
 
 /// Submit a batch together with records that must be stored in the same
-/// transaction (the prompts a batch of runs creates); answers once durable.
-pub struct SubmitWith(pub Vec<JobSpec>, pub Vec<StoreOp>);
+/// transaction (the prompts a batch of runs creates), under an optional
+/// idempotency key; answers once durable. A repeat stores nothing.
+pub struct SubmitWith {
+    /// The jobs.
+    pub specs: Vec<JobSpec>,
+    /// Records stored in the same transaction.
+    pub extra: Vec<StoreOp>,
+    /// The submission's idempotency key.
+    pub key: Option<crate::model::Idempotency>,
+}
 impl Message for SubmitWith {
-    type Result = Result<oneshot::Receiver<Result<Vec<JobId>, SubmitError>>, SubmitError>;
+    type Result = Result<oneshot::Receiver<Submitted>, SubmitError>;
 }
 impl Handler<SubmitWith> for CoreActor {
-    type Result = Result<oneshot::Receiver<Result<Vec<JobId>, SubmitError>>, SubmitError>;
-    fn handle(&mut self, SubmitWith(specs, extra): SubmitWith, _: &mut Context<Self>) -> Self::Result {
+    type Result = Result<oneshot::Receiver<Submitted>, SubmitError>;
+    fn handle(&mut self, SubmitWith { specs, extra, key }: SubmitWith, _: &mut Context<Self>) -> Self::Result {
         let mut out = Vec::new();
-        let ids = self.core.submit(wall_ms(), specs, &mut out)?;
+        let (ids, repeat) = self.core.submit_keyed(wall_ms(), specs, key, &mut out)?;
+        let extra = if repeat { Vec::new() } else { extra };
         // The core persists a submission in one batch, before anything is sent: join it.
         match out.iter_mut().find_map(|o| match o {
             Output::Persist(ops) => Some(ops),
@@ -375,7 +447,7 @@ impl Handler<SubmitWith> for CoreActor {
             None => out.insert(0, Output::Persist(extra)),
         }
         let (tx, rx) = oneshot::channel();
-        self.perform(out, Some(Box::new(move || drop(tx.send(Ok(ids))))));
+        self.perform(out, Some(Box::new(move || drop(tx.send((ids, repeat))))));
         Ok(rx)
     }
 }
@@ -470,8 +542,22 @@ impl Handler<Status> for CoreActor {
     }
 }
 
+/// Where the live connection of an agent with this name comes from, if one is up.
+struct NameHolder(String);
+impl Message for NameHolder {
+    type Result = Option<SocketAddr>;
+}
+impl Handler<NameHolder> for CoreActor {
+    type Result = Option<SocketAddr>;
+    fn handle(&mut self, NameHolder(name): NameHolder, _: &mut Context<Self>) -> Self::Result {
+        let conn = self.core.live_conn_of(&name)?;
+        self.peers.get(&conn).copied()
+    }
+}
+
 struct AgentConnected {
     conn: ConnId,
+    peer: SocketAddr,
     name: String,
     hello: cosmos_proto::AgentHello,
     tx: mpsc::Sender<ControllerMsg>,
@@ -483,6 +569,7 @@ impl Handler<AgentConnected> for CoreActor {
     type Result = ();
     fn handle(&mut self, m: AgentConnected, _: &mut Context<Self>) {
         self.conns.insert(m.conn, m.tx);
+        self.peers.insert(m.conn, m.peer);
         let mut out = Vec::new();
         self.core.on_connect(wall_ms(), m.conn, &m.name, m.hello, &mut out);
         self.perform(out, None);
@@ -510,6 +597,7 @@ impl Handler<AgentGone> for CoreActor {
     type Result = ();
     fn handle(&mut self, AgentGone(conn): AgentGone, _: &mut Context<Self>) {
         self.conns.remove(&conn);
+        self.peers.remove(&conn);
         let mut out = Vec::new();
         self.core.on_disconnect(wall_ms(), conn, &mut out);
         self.perform(out, None);
@@ -526,6 +614,7 @@ async fn accept_agents(
     shared: Arc<Shared>,
 ) {
     let mut next_conn: ConnId = 1;
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_PENDING_MAX));
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -535,42 +624,85 @@ async fn accept_agents(
                 continue;
             }
         };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(
+                %peer,
+                pending_max = HANDSHAKES_PENDING_MAX,
+                "too many agent connections in their handshake; closing this one"
+            );
+            continue;
+        };
         let _ = socket.set_nodelay(true);
         let conn = next_conn;
         next_conn += 1;
-        actix::spawn(serve_agent(conn, socket, peer, core.clone(), token.clone(), max_frame_bytes, shared.clone()));
+        actix::spawn(serve_agent(
+            conn,
+            socket,
+            peer,
+            permit,
+            core.clone(),
+            token.clone(),
+            max_frame_bytes,
+            shared.clone(),
+        ));
     }
 }
 
+/// The handshake and the agent's first message, or why not.
+async fn agent_hello(
+    c: &mut Connection<tokio::net::TcpStream>,
+    core: &Addr<CoreActor>,
+    token: &Token,
+) -> Result<(cosmos_proto::Hello, cosmos_proto::AgentHello), String> {
+    let check = |hello: cosmos_proto::Hello| async move {
+        match core.send(NameHolder(hello.node_id.clone())).await {
+            Ok(Some(holder)) => {
+                Err(cosmos_proto::Refusal::NameInUse { name: hello.node_id, holder: holder.to_string() })
+            }
+            _ => Ok(()),
+        }
+    };
+    let hello = handshake::accept_checked(c, "controller", Role::Agent, token, DEFAULT_HANDSHAKE_TIMEOUT_MS, check)
+        .await
+        .map_err(|e| format!("refused an agent connection: {e}"))?;
+    match c.reader.read_frame().await {
+        Ok(Some(payload)) => match AgentFrame::decode(&payload) {
+            Ok(AgentFrame::Msg(AgentMsg::Hello(h))) => Ok((hello, h)),
+            other => Err(format!("agent {} did not open with a hello: {other:?}", hello.node_id)),
+        },
+        other => Err(format!("agent {} did not open with a hello: {other:?}", hello.node_id)),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve_agent(
     conn: ConnId,
     socket: tokio::net::TcpStream,
     peer: SocketAddr,
+    handshake_permit: tokio::sync::OwnedSemaphorePermit,
     core: Addr<CoreActor>,
     token: Token,
     max_frame_bytes: u32,
     shared: Arc<Shared>,
 ) {
     let mut c = Connection::new(socket, max_frame_bytes);
-    let hello = match handshake::accept(&mut c, "controller", Role::Agent, &token, DEFAULT_HANDSHAKE_TIMEOUT_MS).await {
-        Ok(h) => h,
+    let opened =
+        tokio::time::timeout(Duration::from_millis(AGENT_HELLO_TIMEOUT_MS), agent_hello(&mut c, &core, &token))
+            .await
+            .unwrap_or_else(|_| Err(format!("agent said nothing acceptable within {AGENT_HELLO_TIMEOUT_MS} ms")));
+    drop(handshake_permit);
+    let (hello, mut agent_hello) = match opened {
+        Ok(x) => x,
         Err(e) => {
-            tracing::warn!(%peer, error = %e, "refused an agent connection");
+            tracing::warn!(%peer, "{e}");
             return;
         }
     };
-    let (mut reader, writer) = c.split();
-    let mut agent_hello = match recv_frame(&mut reader).await {
-        Ok(Some(AgentFrame::Msg(AgentMsg::Hello(h)))) => h,
-        other => {
-            tracing::warn!(%peer, agent = hello.node_id, "agent did not open with a hello: {other:?}");
-            return;
-        }
-    };
+    let (reader, writer) = c.split();
     crate::blobs::guard_reports(&shared.blobs, &mut agent_hello.attempts);
     tracing::info!(%peer, agent = hello.node_id, gpus = agent_hello.gpus.len(), "agent connected");
     let (tx, rx) = mpsc::channel::<ControllerMsg>(CONN_QUEUE_LEN);
-    core.do_send(AgentConnected { conn, name: hello.node_id.clone(), hello: agent_hello, tx });
+    core.do_send(AgentConnected { conn, peer, name: hello.node_id.clone(), hello: agent_hello, tx });
     let incoming = futures::stream::unfold(Some(reader), |reader| async move {
         let mut reader = reader?;
         match recv_frame(&mut reader).await {
@@ -682,7 +814,9 @@ impl StreamHandler<Result<AgentFrame, String>> for AgentConnection {
                     ctx.stop();
                 }
             }
-            Ok(AgentFrame::Msg(AgentMsg::LogChunk(chunk))) => self.logs.append(&self.shared.dir, &chunk),
+            Ok(AgentFrame::Msg(AgentMsg::LogChunk(chunk))) => {
+                self.logs.append(&self.shared.dir, &chunk, self.shared.attempt_log_bytes_max)
+            }
             Ok(AgentFrame::Msg(mut msg)) => {
                 // A success counts only once its outputs are here: the agent uploads before it reports.
                 match &mut msg {
@@ -720,6 +854,9 @@ impl Handler<WriterDone> for AgentConnection {
     }
 }
 
+/// Log files one connection keeps open; more are closed first (a connection with many attempts).
+const LOG_FILES_OPEN_MAX: usize = 256;
+
 /// Open log files of one connection's attempts, appended at the chunk's offset
 /// so a chunk resent after a reconnect is written once.
 #[derive(Default)]
@@ -727,20 +864,31 @@ struct LogFiles {
     open: HashMap<(AttemptId, bool), std::fs::File>,
 }
 
+/// What is written at the cut of a log that reached its bound.
+pub fn log_cut_marker(bytes_max: u64) -> String {
+    format!(
+        "\n[cosmos: this log was cut at {bytes_max} bytes; the rest was dropped (controller --attempt-log-bytes-max)]\n"
+    )
+}
+
 impl LogFiles {
-    fn append(&mut self, dir: &DataDir, chunk: &cosmos_proto::LogChunk) {
-        use std::os::unix::fs::FileExt;
+    /// Writes a chunk at its offset; bytes past `bytes_max` are dropped, and the cut marked once after it.
+    fn append(&mut self, dir: &DataDir, chunk: &cosmos_proto::LogChunk, bytes_max: u64) {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        if chunk.offset > bytes_max {
+            return;
+        }
         let key = (chunk.attempt_id, chunk.stream == LogStream::Stdout);
         if !self.open.contains_key(&key) {
             match std::fs::OpenOptions::new()
                 .create(true)
                 .write(true)
                 .truncate(false)
+                .mode(0o600)
                 .open(dir.log_file(chunk.attempt_id, chunk.stream))
             {
                 Ok(f) => {
-                    // Bounded: a connection with many attempts keeps only recent files open.
-                    if self.open.len() >= 256 {
+                    if self.open.len() >= LOG_FILES_OPEN_MAX {
                         self.open.clear();
                     }
                     self.open.insert(key, f);
@@ -748,7 +896,14 @@ impl LogFiles {
                 Err(e) => return tracing::warn!(error = %e, "cannot write attempt log"),
             }
         }
-        if let Err(e) = self.open[&key].write_all_at(&chunk.data, chunk.offset) {
+        let room = usize::try_from(bytes_max - chunk.offset).unwrap_or(usize::MAX);
+        let data = &chunk.data[..chunk.data.len().min(room)];
+        let file = &self.open[&key];
+        let mut written = file.write_all_at(data, chunk.offset);
+        if data.len() < chunk.data.len() {
+            written = written.and_then(|()| file.write_all_at(log_cut_marker(bytes_max).as_bytes(), bytes_max));
+        }
+        if let Err(e) = written {
             tracing::warn!(error = %e, "cannot write attempt log");
         }
     }

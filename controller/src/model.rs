@@ -89,6 +89,18 @@ pub struct JobRecord {
     pub submitted_ms: u64,
     /// When it reached a final state.
     pub finished_ms: Option<u64>,
+    /// The key its submission carried, so a retried submission gets the same jobs back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<Idempotency>,
+}
+
+/// A submission's idempotency key and a digest of what it asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Idempotency {
+    /// The client's key (`Idempotency-Key`), unique per submission it means.
+    pub key: String,
+    /// sha256 of the request body, hex: the same key with another body is refused.
+    pub request_sha256: String,
 }
 
 /// Where an attempt stands.

@@ -2,7 +2,7 @@
 //! reopen, live-attempt filtering, batch atomicity and schema-version refusal.
 
 use cosmos_controller::model::{
-    AgentRecord, AttemptRecord, AttemptState, EventRecord, JobRecord, JobState, Snapshot, StoreOp,
+    AgentRecord, AttemptRecord, AttemptState, EventRecord, Idempotency, JobRecord, JobState, Snapshot, StoreOp,
 };
 use cosmos_controller::store::{Store, StoreError};
 use cosmos_proto::spec::{ArtifactRef, InputArtifact, Mount, OutputArtifact};
@@ -53,6 +53,7 @@ fn finished_job(id: u64) -> JobRecord {
         agent: Some("gpu-node-ä1".to_string()),
         submitted_ms: 1_700_000_000_000,
         finished_ms: Some(1_700_000_999_999),
+        idempotency: Some(Idempotency { key: "cli-1f2e".to_string(), request_sha256: "ab".repeat(32) }),
     }
 }
 
@@ -72,6 +73,7 @@ fn queued_job(id: u64) -> JobRecord {
         agent: None,
         submitted_ms: 1_700_000_000_001,
         finished_ms: None,
+        idempotency: None,
     }
 }
 
