@@ -2,7 +2,7 @@
 
 use crate::client::{ApiError, Client, ClientArgs, printable};
 use anyhow::{Context, bail};
-use cosmos_controller::api::{AgentInfo, JobLine, JobView, StatusBody, SubmitRequest};
+use cosmos_controller::api::{AgentInfo, JobLine, JobView, RESERVED_LABEL_PREFIX, StatusBody, SubmitRequest};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, IsTerminal};
@@ -30,6 +30,13 @@ pub fn read_batch(path: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
         // Checked here too, so a typo is named before anything reaches the controller.
         let job: JobLine = serde_json::from_value(value.clone())
             .with_context(|| format!("{}:{}: not a valid job line; nothing was submitted", path.display(), i + 1))?;
+        if let Some(label) = job.labels.keys().find(|k| k.starts_with(RESERVED_LABEL_PREFIX)) {
+            bail!(
+                "{}:{}: label `{label}` is reserved: `{RESERVED_LABEL_PREFIX}*` labels are set by the controller for Cosmos runs; rename it; nothing was submitted",
+                path.display(),
+                i + 1
+            );
+        }
         job.into_spec().validate().with_context(|| format!("{}:{}: nothing was submitted", path.display(), i + 1))?;
         jobs.push(value);
     }

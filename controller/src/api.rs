@@ -22,13 +22,11 @@ use std::time::Duration;
 
 /// Largest JSON request body: a batch of many job lines.
 pub const BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
-/// JSON request bodies read at once; further requests wait for a turn, so
-/// their memory is bounded by this times [`BODY_BYTES_MAX`].
-pub const BODIES_IN_FLIGHT_MAX: usize = 4;
+/// Bytes of JSON request bodies held at once, all requests together, in KiB:
+/// a chunk that would go past it waits (within the idle timeout) for room.
+pub const BODY_KIB_IN_FLIGHT_MAX: usize = 256 * 1024;
 /// A body whose sender pauses this long between bytes is dropped (stalled clients hold descriptors).
 pub const BODY_IDLE_TIMEOUT_MS: u64 = 10_000;
-/// Bound on waiting for a turn to read a body, after which the request is answered 503.
-const BODY_TURN_TIMEOUT_MS: u64 = 30_000;
 /// Bound on the request head (line and headers).
 const REQUEST_HEAD_TIMEOUT_MS: u64 = 5_000;
 /// Most API connections at once, whatever the descriptor limit allows.
@@ -238,6 +236,14 @@ pub(crate) fn error(status: StatusCode, error: String, line: Option<usize>, retr
     HttpResponse::build(status).json(ErrorBody { error, line, retryable })
 }
 
+/// `resp`, closing the connection after it: a body left unread must not
+/// keep the connection (and its descriptor) open while the server drains it,
+/// outside the bound on connections.
+pub(crate) fn closing(mut resp: HttpResponse) -> HttpResponse {
+    resp.head_mut().set_connection_type(actix_web::http::ConnectionType::Close);
+    resp
+}
+
 fn authorize(req: &actix_web::dev::ServiceRequest, shared: &Shared) -> Result<(), HttpResponse> {
     let given =
         req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
@@ -278,46 +284,54 @@ pub fn api_connections_max() -> usize {
     usize::try_from(nofile / 4).unwrap_or(API_CONNECTIONS_MAX).clamp(API_WORKERS, API_CONNECTIONS_MAX)
 }
 
-/// Reads a request body of at most `limit` bytes: one of [`BODIES_IN_FLIGHT_MAX`]
-/// at a time, each chunk within [`BODY_IDLE_TIMEOUT_MS`] of the last.
+/// Reads a request body of at most `limit` bytes, each chunk within
+/// [`BODY_IDLE_TIMEOUT_MS`] of the last, and all bodies being read together
+/// within [`BODY_KIB_IN_FLIGHT_MAX`].
 pub(crate) async fn read_body(
     shared: &Shared,
     mut body: web::Payload,
     limit: usize,
 ) -> Result<web::Bytes, HttpResponse> {
-    let turn = tokio::time::timeout(Duration::from_millis(BODY_TURN_TIMEOUT_MS), shared.bodies.acquire()).await;
-    let Ok(Ok(_turn)) = turn else {
-        return Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the controller is busy reading other requests; retry".into(),
+    let idle = Duration::from_millis(BODY_IDLE_TIMEOUT_MS);
+    let stalled = || {
+        closing(error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body stalled for {BODY_IDLE_TIMEOUT_MS} ms; send it again"),
             None,
             true,
-        ));
+        ))
     };
+    let mut held: Option<tokio::sync::SemaphorePermit<'_>> = None;
     let mut buf = web::BytesMut::new();
     loop {
-        let next = tokio::time::timeout(Duration::from_millis(BODY_IDLE_TIMEOUT_MS), body.next()).await;
+        let next = tokio::time::timeout(idle, body.next()).await;
         match next {
-            Err(_) => {
-                return Err(error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!("the request body stalled for {BODY_IDLE_TIMEOUT_MS} ms; send it again"),
-                    None,
-                    true,
-                ));
-            }
+            Err(_) => return Err(stalled()),
             Ok(None) => return Ok(buf.freeze()),
             Ok(Some(Err(e))) => {
-                return Err(error(StatusCode::BAD_REQUEST, format!("the request body broke off: {e}"), None, true));
+                return Err(closing(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the request body broke off: {e}"),
+                    None,
+                    true,
+                )));
             }
             Ok(Some(Ok(chunk))) => {
                 if buf.len() + chunk.len() > limit {
-                    return Err(error(
+                    return Err(closing(error(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         format!("the request body is over {limit} bytes; split the batch"),
                         None,
                         false,
-                    ));
+                    )));
+                }
+                let kib = u32::try_from(chunk.len().div_ceil(1024)).unwrap_or(u32::MAX);
+                let Ok(Ok(permit)) = tokio::time::timeout(idle, shared.bodies.acquire_many(kib)).await else {
+                    return Err(stalled());
+                };
+                match &mut held {
+                    Some(h) => h.merge(permit),
+                    None => held = Some(permit),
                 }
                 buf.extend_from_slice(&chunk);
             }
@@ -389,6 +403,7 @@ pub fn server(listen: SocketAddr, core: Addr<CoreActor>, shared: Arc<Shared>) ->
                 match authorize(&req, &shared) {
                     Ok(()) => Either::Left(srv.call(req).map(|r| r.map(|r| r.map_into_left_body()))),
                     Err(refused) => {
+                        let refused = closing(refused);
                         Either::Right(futures::future::ready(Ok(req.into_response(refused).map_into_right_body())))
                     }
                 }

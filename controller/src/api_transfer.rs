@@ -194,7 +194,7 @@ async fn pump(body: &mut web::Payload, tx: tokio::sync::mpsc::Sender<web::Bytes>
     loop {
         let idle = std::time::Duration::from_millis(crate::api::BODY_IDLE_TIMEOUT_MS);
         let Ok(next) = tokio::time::timeout(idle, body.next()).await else {
-            return Some(error(
+            return Some(crate::api::closing(error(
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
                     "the upload stalled for {} ms after {received} bytes; upload again to resume",
@@ -202,7 +202,7 @@ async fn pump(body: &mut web::Payload, tx: tokio::sync::mpsc::Sender<web::Bytes>
                 ),
                 None,
                 true,
-            ));
+            )));
         };
         let Some(chunk) = next else { break };
         match chunk {

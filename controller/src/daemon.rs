@@ -228,7 +228,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         transfer: opts.transfer.clone(),
         uploading: std::sync::Mutex::new(std::collections::BTreeSet::new()),
         blob_gc: tokio::sync::RwLock::new(()),
-        bodies: tokio::sync::Semaphore::new(api::BODIES_IN_FLIGHT_MAX),
+        bodies: tokio::sync::Semaphore::new(api::BODY_KIB_IN_FLIGHT_MAX),
         attempt_log_bytes_max: opts.attempt_log_bytes_max,
     });
     actix::spawn(accept_agents(agent_listener, addr.clone(), agent_token, opts.max_frame_bytes, shared.clone()));
@@ -267,7 +267,7 @@ pub struct Shared {
     /// Held shared while runs are created from stored blobs and exclusively while
     /// outputs are deleted, so a run never names a blob removed under it.
     pub blob_gc: tokio::sync::RwLock<()>,
-    /// Request bodies being read now (each up to [`api::BODY_BYTES_MAX`]), bounding their memory.
+    /// KiB of request bodies being read now, bounding their memory (see [`api::BODY_KIB_IN_FLIGHT_MAX`]).
     pub bodies: tokio::sync::Semaphore,
     /// Bound on each stored log stream of one attempt.
     pub attempt_log_bytes_max: u64,

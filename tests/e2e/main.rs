@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod artifacts;
+mod security;
 mod transfer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cosmos");
@@ -194,6 +195,13 @@ impl Cluster {
     }
 }
 
+/// A token file as an operator installs one: mode 0600.
+fn write_token(path: &Path, token: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 fn write_batch(dir: &Path, n: usize, record: &Path, marker: &str) -> PathBuf {
     let path = dir.join("batch.jsonl");
     let mut text = String::new();
@@ -327,7 +335,7 @@ fn bad_input_is_refused_with_a_clear_error() {
 fn an_agent_with_a_wrong_token_is_refused_and_says_why() {
     let c = Cluster::start(0, 10_000);
     let bad = c.dir.path().join("bad.token");
-    std::fs::write(&bad, "not-the-token\n").unwrap();
+    write_token(&bad, &"f".repeat(64));
     let out = Command::new(BIN)
         .args(["agent", "--controller", &c.agent_addr, "--token-file", bad.to_str().unwrap(), "--work-dir"])
         .arg(c.dir.path().join("w"))
@@ -342,7 +350,7 @@ fn an_agent_with_a_wrong_token_is_refused_and_says_why() {
 fn an_agent_without_gpus_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("t");
-    std::fs::write(&token, "x").unwrap();
+    write_token(&token, &"0".repeat(64));
     let out = Command::new(BIN)
         .args(["agent", "--controller", "127.0.0.1:9", "--token-file", token.to_str().unwrap(), "--work-dir"])
         .arg(dir.path())
