@@ -274,14 +274,14 @@ pub(crate) struct State {
     pub(crate) shared: Arc<Shared>,
 }
 
-/// API connections allowed at once: a quarter of the descriptor limit, so
+/// API connections allowed at once: an eighth of the descriptor limit, so
 /// clients that connect and stall can never take the descriptors the store,
 /// the logs and the agents' connections need.
 pub fn api_connections_max() -> usize {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into the struct we pass and nothing else.
     let nofile = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 { lim.rlim_cur } else { 1024 };
-    usize::try_from(nofile / 4).unwrap_or(API_CONNECTIONS_MAX).clamp(API_WORKERS, API_CONNECTIONS_MAX)
+    usize::try_from(nofile / 8).unwrap_or(API_CONNECTIONS_MAX).clamp(API_WORKERS, API_CONNECTIONS_MAX)
 }
 
 /// Reads a request body of at most `limit` bytes, each chunk within
