@@ -26,7 +26,10 @@
 //!   it: `--prompt TEXT --input_video PATH [--checkpoint_dir DIR]
 //!   [--offload_prompt_upsampler]`, the result printed on stdout as
 //!   `Upsampled prompt: <text>`; needs `VLLM_WORKER_MULTIPROC_METHOD=spawn` as vLLM does.
-//! - anything else does not exist in the image: Python's `can't open file`, exit 2.
+//! - anything else, or either script outside the checkout root
+//!   ([`ENV_CHECKOUT`], `/workspace` by default; a relative path is taken
+//!   from the checkout root, where the image's commands run), does not exist
+//!   in the image: Python's `can't open file`, exit 2.
 //!
 //! Each diffusion step prints a tqdm line on stderr (`" 34%|███▍      | 12/35
 //! [00:01<00:02, 10.00it/s]"` ending in `\r`, the last one in `\n`).
@@ -87,6 +90,10 @@ pub const STRENGTHS: [&str; 5] = ["very_low", "low", "medium", "high", "very_hig
 pub const ENV_STEP_MS: &str = "COSMOS_STANDIN_STEP_MS";
 /// Environment variable: when set, fail after the first step with this message.
 pub const ENV_FAIL: &str = "COSMOS_STANDIN_FAIL";
+/// Environment variable: the checkout root the stand-in's "image" holds its scripts under.
+pub const ENV_CHECKOUT: &str = "COSMOS_STANDIN_CHECKOUT";
+/// The checkout root without [`ENV_CHECKOUT`], as in the model's image.
+pub const DEFAULT_CHECKOUT: &str = "/workspace";
 /// Step time without [`ENV_STEP_MS`].
 pub const DEFAULT_STEP_MS: u64 = 20;
 /// Largest [`ENV_STEP_MS`]: keeps a typo from stalling a test for hours.
@@ -139,6 +146,8 @@ pub(crate) struct Env {
     pub fail: Option<String>,
     /// `VLLM_WORKER_MULTIPROC_METHOD`.
     pub vllm_method: Option<String>,
+    /// [`ENV_CHECKOUT`].
+    pub checkout: Option<String>,
 }
 
 impl Env {
@@ -149,6 +158,7 @@ impl Env {
             step_ms: var(ENV_STEP_MS),
             fail: var(ENV_FAIL),
             vllm_method: var("VLLM_WORKER_MULTIPROC_METHOD"),
+            checkout: var(ENV_CHECKOUT),
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The built `torchrun` binary, run as a job would run it: in a working
 //! directory, with relative paths, reading its environment.
 
-use cosmos_standin::{ENV_FAIL, ENV_STEP_MS, TRANSFER_SCRIPT, UPSAMPLER_SCRIPT, parse_output, upsample_prompt};
+use cosmos_standin::{
+    ENV_CHECKOUT, ENV_FAIL, ENV_STEP_MS, TRANSFER_SCRIPT, UPSAMPLER_SCRIPT, parse_output, upsample_prompt,
+};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::process::{Command, Output};
@@ -28,7 +30,7 @@ impl Work {
     fn torchrun(&self, args: &[&str], envs: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_torchrun"));
         cmd.current_dir(self.0.path()).args(args).env(ENV_STEP_MS, "1").env("CUDA_VISIBLE_DEVICES", "0");
-        cmd.env_remove(ENV_FAIL).env_remove("VLLM_WORKER_MULTIPROC_METHOD");
+        cmd.env_remove(ENV_FAIL).env_remove(ENV_CHECKOUT).env_remove("VLLM_WORKER_MULTIPROC_METHOD");
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -257,4 +259,14 @@ fn the_old_upsampler_script_does_not_exist() {
     assert_eq!(o.status.code(), Some(2));
     assert_eq!(stderr(&o), format!("python: can't open file '{old}': [Errno 2] No such file or directory\n"));
     assert!(!w.exists("outputs/result.json"));
+    // The real scripts too, when they are looked for outside the image's checkout.
+    let elsewhere = format!("/opt/cosmos/{UPSAMPLER_SCRIPT}");
+    let o = w.torchrun(&[&elsewhere, "--input_video", "inputs/color.mp4"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains(&format!("can't open file '{elsewhere}'")), "{}", stderr(&o));
+    let o = w.torchrun(
+        &[&elsewhere, "--input_video", "inputs/color.mp4"],
+        &[(ENV_CHECKOUT, "/opt/cosmos/"), ("VLLM_WORKER_MULTIPROC_METHOD", "spawn")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
 }
