@@ -308,7 +308,8 @@ impl AgentCore {
                         },
                     );
                 }
-                Some(status) => match outcome_of(&status, None, r.outputs, &Attempt::recovered_policy()) {
+                // Its spec is gone with the previous agent: only the rules every job shares apply.
+                Some(status) => match outcome_of(&status, None, r.outputs, &ExitContext::default()) {
                     // Its outputs are still in its directory: deliver them as if it had
                     // just exited, rather than report a success with nothing to download.
                     AttemptOutcome::Succeeded { outputs } if !outputs.is_empty() => {
@@ -614,7 +615,7 @@ impl AgentCore {
                     return; // Not running: a duplicate exit, or news for a container it never had.
                 }
                 let stop = att.stop.map(|(reason, _)| (reason, att.timeout_ms));
-                match outcome_of(&status, stop, outputs, att) {
+                match outcome_of(&status, stop, outputs, &att.exit_context()) {
                     AttemptOutcome::Succeeded { outputs } if !outputs.is_empty() => {
                         // The process is gone, so its memory must drain now, but the GPUs stay
                         // claimed by the attempt until the controller hears how it ended.
@@ -833,22 +834,23 @@ const STDERR_TAIL_BYTES: usize = 4096;
 /// Longest line of it quoted in a failure message.
 const MAX_QUOTED_LINE_BYTES: usize = 1024;
 
+/// What judging an attempt's exit needs to know of it.
+#[derive(Debug, Default)]
+struct ExitContext<'a> {
+    /// Outputs a clean exit must have written.
+    required: &'a [String],
+    /// The job's own terminal exit codes.
+    terminal_exit_codes: &'a [i32],
+    /// The command's last line on stderr, quoted in a failure.
+    last_error_line: Option<String>,
+}
+
 impl Attempt {
-    /// What an attempt found at start-up is judged by: its spec is gone, so only the common rules.
-    fn recovered_policy() -> Attempt {
-        Attempt {
-            job_id: JobId(0),
-            gpu_uuids: Vec::new(),
-            required_outputs: Vec::new(),
-            terminal_exit_codes: Vec::new(),
-            stderr_tail: Vec::new(),
-            started: true,
-            progress: (0, 0),
-            deadline_ms: None,
-            timeout_ms: 0,
-            stop: None,
-            transfer: None,
-            baselines: Vec::new(),
+    fn exit_context(&self) -> ExitContext<'_> {
+        ExitContext {
+            required: &self.required_outputs,
+            terminal_exit_codes: &self.terminal_exit_codes,
+            last_error_line: self.last_error_line(),
         }
     }
 
@@ -875,9 +877,9 @@ fn outcome_of(
     status: &ExitStatus,
     stop: Option<(StopReason, u64)>,
     outputs: Vec<ArtifactRef>,
-    att: &Attempt,
+    att: &ExitContext<'_>,
 ) -> AttemptOutcome {
-    let required = &att.required_outputs;
+    let required = att.required;
     match stop {
         Some((StopReason::Cancel | StopReason::Fenced, _)) => return AttemptOutcome::Cancelled,
         Some((StopReason::Timeout, timeout_ms)) => {
@@ -921,7 +923,7 @@ fn outcome_of(
             } else {
                 format!("exited with code {code}; see its logs")
             };
-            if let Some(line) = att.last_error_line() {
+            if let Some(line) = &att.last_error_line {
                 reason.push_str(&format!("; its last error output: {line}"));
             }
             AttemptOutcome::Failed { exit_code: Some(code), reason, retryable: !terminal }

@@ -946,9 +946,8 @@ mod tests {
     #[test]
     fn blur_and_canny_reach_the_script_as_it_reads_them() {
         let cfg = TransferConfig::default();
-        let mut params = TransferParams::default();
-        params.blur_strength = Strength::High;
-        params.canny_threshold = Strength::Low;
+        let mut params =
+            TransferParams { blur_strength: Strength::High, canny_threshold: Strength::Low, ..Default::default() };
         let c = cfg.compile_transfer("rs_0123456789ab", &prompt(false), &params);
         assert_eq!(as_transfer_py_reads(&c, "blur_strength", "medium"), "high");
         assert_eq!(as_transfer_py_reads(&c, "canny_threshold", "medium"), "low");
