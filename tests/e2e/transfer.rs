@@ -566,6 +566,10 @@ fn runs_as_containers_of_the_model_image_with_its_volumes() {
         Some(2),
         "torchrun, --num_gpus and CUDA_VISIBLE_DEVICES agreed in the container"
     );
+    // The upsampler's result is its stdout, which the Docker runtime streams into stdout.log.
+    let enhanced = c.json(&["prompt-enhance", &ps, "--json"]);
+    let upsampled = cosmos_standin::upsample_prompt("cranes at a container port", &file_sha(&videos.join("color.mp4")));
+    assert_eq!(enhanced["text"], upsampled.as_str(), "{enhanced}");
     let leftover = std::process::Command::new("docker")
         .args(["ps", "-aq", "--filter", "label=cosmos.agent=agent-0", "--filter", &format!("label=cosmos.job")])
         .output()
