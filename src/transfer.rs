@@ -43,6 +43,9 @@ pub struct ParamArgs {
     /// Canny threshold of the edge control: very_low … very_high [default medium].
     #[arg(long, allow_negative_numbers = true)]
     pub canny_threshold: Option<Strength>,
+    /// Enhance the prompt with the upsampler before generating (`transfer.py --upsample_prompt`).
+    #[arg(long)]
+    pub upsample_prompt: bool,
     /// Output frames per second, 1–60 [default 24].
     #[arg(long, allow_negative_numbers = true)]
     pub fps: Option<u32>,
@@ -73,6 +76,7 @@ impl ParamArgs {
             sigma_max: self.sigma_max.unwrap_or(d.sigma_max),
             blur_strength: self.blur_strength.unwrap_or(d.blur_strength),
             canny_threshold: self.canny_threshold.unwrap_or(d.canny_threshold),
+            upsample_prompt: self.upsample_prompt,
             fps: self.fps.unwrap_or(d.fps),
             seed: self.seed.unwrap_or(d.seed),
             gpus: self.gpus.unwrap_or(d.gpus),
@@ -198,6 +202,8 @@ struct BatchLine {
     #[serde(default)]
     canny_threshold: Option<Strength>,
     #[serde(default)]
+    upsample_prompt: Option<bool>,
+    #[serde(default)]
     fps: Option<u32>,
     #[serde(default)]
     seed: Option<u64>,
@@ -237,6 +243,7 @@ fn prepare_batch(file: &Path) -> anyhow::Result<Vec<PreparedLine>> {
             sigma_max: line.sigma_max,
             blur_strength: line.blur_strength,
             canny_threshold: line.canny_threshold,
+            upsample_prompt: line.upsample_prompt.unwrap_or(false),
             fps: line.fps,
             seed: line.seed,
             gpus: line.gpus,
@@ -357,7 +364,9 @@ pub fn prompt_enhance(args: &ClientArgs, prompt_id: &str, overwrite: bool, yes: 
         println!("enhancing {} {} with run {}", original.id, original.name, run.run_id);
     }
     if !wait_runs(args, &client, std::slice::from_ref(&run))? {
-        bail!("the enhancement run {} did not succeed: `cosmos runs show {}`", run.run_id, run.run_id);
+        let view: Option<RunView> = client.get(&format!("/v1/runs/{}", run.run_id)).ok();
+        let why = view.and_then(|v| v.job.error).map(|e| format!(": {e}")).unwrap_or_default();
+        bail!("the enhancement run {} did not succeed{why} (`cosmos runs show {}`)", run.run_id, run.run_id);
     }
     if overwrite && !yes {
         if !std::io::stdin().is_terminal() {

@@ -208,6 +208,10 @@ struct Attempt {
     job_id: JobId,
     gpu_uuids: Vec<String>,
     required_outputs: Vec<String>,
+    /// The job's own terminal exit codes (`JobSpec::terminal_exit_codes`).
+    terminal_exit_codes: Vec<i32>,
+    /// The last bytes it wrote on stderr, so a failure can quote the command's own message.
+    stderr_tail: Vec<u8>,
     started: bool,
     progress: (u32, u32),
     deadline_ms: Option<u64>,
@@ -291,6 +295,8 @@ impl AgentCore {
                             job_id: r.job_id,
                             gpu_uuids: r.gpu_uuids,
                             required_outputs: Vec::new(),
+                            terminal_exit_codes: Vec::new(),
+                            stderr_tail: Vec::new(),
                             started: true,
                             progress: (0, 0),
                             // Relative to this process's clock: the runtime measured it on the same host.
@@ -302,7 +308,8 @@ impl AgentCore {
                         },
                     );
                 }
-                Some(status) => match outcome_of(&status, None, r.outputs, &[]) {
+                // Its spec is gone with the previous agent: only the rules every job shares apply.
+                Some(status) => match outcome_of(&status, None, r.outputs, &ExitContext::default()) {
                     // Its outputs are still in its directory: deliver them as if it had
                     // just exited, rather than report a success with nothing to download.
                     AttemptOutcome::Succeeded { outputs } if !outputs.is_empty() => {
@@ -313,6 +320,8 @@ impl AgentCore {
                                 job_id: r.job_id,
                                 gpu_uuids: r.gpu_uuids,
                                 required_outputs: Vec::new(),
+                                terminal_exit_codes: Vec::new(),
+                                stderr_tail: Vec::new(),
                                 started: true,
                                 progress: (0, 0),
                                 deadline_ms: None,
@@ -434,6 +443,8 @@ impl AgentCore {
             job_id: a.job_id,
             gpu_uuids: a.gpu_uuids.clone(),
             required_outputs: a.spec.outputs.iter().filter(|o| o.required).map(|o| o.path.clone()).collect(),
+            terminal_exit_codes: a.spec.terminal_exit_codes.clone(),
+            stderr_tail: Vec::new(),
             started: false,
             progress: (0, 0),
             // From acceptance, so slow staging cannot stretch an attempt past its bound.
@@ -591,7 +602,10 @@ impl AgentCore {
                 }
             }
             RuntimeEvent::Log { attempt_id, stream, offset, data } => {
-                if self.attempts.contains_key(&attempt_id) {
+                if let Some(att) = self.attempts.get_mut(&attempt_id) {
+                    if stream == LogStream::Stderr {
+                        att.keep_stderr(&data);
+                    }
                     out.push(Output::Send(AgentMsg::LogChunk(LogChunk { attempt_id, stream, offset, data })));
                 }
             }
@@ -601,7 +615,7 @@ impl AgentCore {
                     return; // Not running: a duplicate exit, or news for a container it never had.
                 }
                 let stop = att.stop.map(|(reason, _)| (reason, att.timeout_ms));
-                match outcome_of(&status, stop, outputs, &att.required_outputs) {
+                match outcome_of(&status, stop, outputs, &att.exit_context()) {
                     AttemptOutcome::Succeeded { outputs } if !outputs.is_empty() => {
                         // The process is gone, so its memory must drain now, but the GPUs stay
                         // claimed by the attempt until the controller hears how it ended.
@@ -810,16 +824,62 @@ fn own_vram_bytes(g: &GpuUsage) -> u64 {
     g.used_vram_bytes.saturating_sub(g.foreign_vram_bytes)
 }
 
+/// Exit codes every job counts as "the command is wrong or missing" (sysexits, and the shell's 126/127).
 fn is_terminal_exit(code: i32) -> bool {
     (64..=78).contains(&code) || code == 126 || code == 127
+}
+
+/// Bytes of an attempt's stderr kept for its failure message.
+const STDERR_TAIL_BYTES: usize = 4096;
+/// Longest line of it quoted in a failure message.
+const MAX_QUOTED_LINE_BYTES: usize = 1024;
+
+/// What judging an attempt's exit needs to know of it.
+#[derive(Debug, Default)]
+struct ExitContext<'a> {
+    /// Outputs a clean exit must have written.
+    required: &'a [String],
+    /// The job's own terminal exit codes.
+    terminal_exit_codes: &'a [i32],
+    /// The command's last line on stderr, quoted in a failure.
+    last_error_line: Option<String>,
+}
+
+impl Attempt {
+    fn exit_context(&self) -> ExitContext<'_> {
+        ExitContext {
+            required: &self.required_outputs,
+            terminal_exit_codes: &self.terminal_exit_codes,
+            last_error_line: self.last_error_line(),
+        }
+    }
+
+    fn keep_stderr(&mut self, data: &[u8]) {
+        self.stderr_tail.extend_from_slice(data);
+        let excess = self.stderr_tail.len().saturating_sub(STDERR_TAIL_BYTES);
+        self.stderr_tail.drain(..excess);
+    }
+
+    /// The last non-blank line the command wrote on stderr: its own word on why it failed.
+    /// Lines end at `\n` or at a progress bar's `\r`.
+    fn last_error_line(&self) -> Option<String> {
+        let text = String::from_utf8_lossy(&self.stderr_tail);
+        let line = text.split(['\n', '\r']).map(str::trim).rfind(|l| !l.is_empty())?;
+        let mut cut = line.len().min(MAX_QUOTED_LINE_BYTES);
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        Some(line[..cut].to_string())
+    }
 }
 
 fn outcome_of(
     status: &ExitStatus,
     stop: Option<(StopReason, u64)>,
     outputs: Vec<ArtifactRef>,
-    required: &[String],
+    att: &ExitContext<'_>,
 ) -> AttemptOutcome {
+    let required = att.required;
     match stop {
         Some((StopReason::Cancel | StopReason::Fenced, _)) => return AttemptOutcome::Cancelled,
         Some((StopReason::Timeout, timeout_ms)) => {
@@ -854,15 +914,20 @@ fn outcome_of(
                 }
             }
         }
-        (Some(code), _) => AttemptOutcome::Failed {
-            exit_code: Some(code),
-            reason: if is_terminal_exit(code) {
-                format!("exited with code {code}: the command is wrong or missing; fix it and resubmit")
+        (Some(code), _) => {
+            let terminal = is_terminal_exit(code) || att.terminal_exit_codes.contains(&code);
+            let mut reason = if terminal {
+                format!(
+                    "exited with code {code}: the command is wrong or missing, so it is not retried; fix it and resubmit"
+                )
             } else {
                 format!("exited with code {code}; see its logs")
-            },
-            retryable: !is_terminal_exit(code),
-        },
+            };
+            if let Some(line) = &att.last_error_line {
+                reason.push_str(&format!("; its last error output: {line}"));
+            }
+            AttemptOutcome::Failed { exit_code: Some(code), reason, retryable: !terminal }
+        }
         (None, Some(sig)) => {
             AttemptOutcome::Failed { exit_code: None, reason: format!("killed by signal {sig}"), retryable: true }
         }
@@ -1095,6 +1160,57 @@ mod tests {
         let mut out = Vec::new();
         core.on_uploaded(201, ATT, Ok(()), &mut out);
         assert!(out.is_empty(), "a late answer is ignored");
+    }
+
+    fn exit_with(core: &mut AgentCore, code: i32, stderr: &[u8]) -> Option<AttemptOutcome> {
+        let mut out = Vec::new();
+        let log = RuntimeEvent::Log { attempt_id: ATT, stream: LogStream::Stderr, offset: 0, data: stderr.to_vec() };
+        core.on_runtime(1, log, &mut out);
+        let status = ExitStatus { code: Some(code), signal: None, oom_killed: false };
+        core.on_runtime(2, RuntimeEvent::Exited { attempt_id: ATT, status, outputs: Vec::new() }, &mut out);
+        finished(&out)
+    }
+
+    #[test]
+    fn a_jobs_own_terminal_exit_code_is_not_retried_and_its_message_is_quoted() {
+        let stderr = b" 10%|#   | 1/10\rpython: can't open file 'x.py': [Errno 2] No such file or directory\n\n";
+        let mut terminal = core();
+        let mut s = spec(0);
+        s.terminal_exit_codes = vec![2];
+        assign(&mut terminal, 0, s);
+        let Some(AttemptOutcome::Failed { exit_code: Some(2), reason, retryable: false }) =
+            exit_with(&mut terminal, 2, stderr)
+        else {
+            panic!("exit 2 is terminal for this job");
+        };
+        assert!(reason.contains("not retried"), "{reason}");
+        assert!(
+            reason.ends_with(
+                "its last error output: python: can't open file 'x.py': [Errno 2] No such file or directory"
+            )
+        );
+        // Without the job saying so, 2 is an ordinary failure, retried.
+        let mut plain = core();
+        assign(&mut plain, 0, spec(0));
+        let outcome = exit_with(&mut plain, 2, b"ValueError: boom\n");
+        let Some(AttemptOutcome::Failed { retryable: true, reason, .. }) = outcome else { panic!("{outcome:?}") };
+        assert!(reason.ends_with("; its last error output: ValueError: boom"), "{reason}");
+    }
+
+    #[test]
+    fn the_stderr_tail_is_bounded() {
+        let mut noisy = core();
+        assign(&mut noisy, 0, spec(0));
+        let mut noise = vec![b'x'; 3 * STDERR_TAIL_BYTES];
+        noise.extend_from_slice(b"\nlast words\n");
+        let outcome = exit_with(&mut noisy, 1, &noise);
+        let Some(AttemptOutcome::Failed { reason, .. }) = outcome else { panic!("{outcome:?}") };
+        assert!(reason.ends_with("; its last error output: last words"), "{reason}");
+        let mut long = core();
+        assign(&mut long, 0, spec(0));
+        let outcome = exit_with(&mut long, 1, &vec![b'y'; 3 * STDERR_TAIL_BYTES]);
+        let Some(AttemptOutcome::Failed { reason, .. }) = outcome else { panic!("{outcome:?}") };
+        assert!(reason.len() < MAX_QUOTED_LINE_BYTES + 200, "{}", reason.len());
     }
 
     #[test]

@@ -41,10 +41,10 @@ pub const RECORD_FILE: &str = "attempt.json";
 pub const EXIT_FILE: &str = "exit.json";
 /// Marks an attempt whose outcome the controller has recorded.
 pub const ACK_FILE: &str = "acknowledged";
-/// The child's standard output.
-pub const STDOUT_FILE: &str = "stdout.log";
+/// The child's standard output (a job may list it as an output: see [`cosmos_proto::spec::STDOUT_LOG`]).
+pub const STDOUT_FILE: &str = cosmos_proto::spec::STDOUT_LOG;
 /// The child's standard error.
-pub const STDERR_FILE: &str = "stderr.log";
+pub const STDERR_FILE: &str = cosmos_proto::spec::STDERR_LOG;
 
 /// How often a log file is checked for new output while its writer is quiet.
 const LOG_POLL_MS: u64 = 50;

@@ -25,8 +25,20 @@ pub const MAX_BLOB_BYTES: u64 = 64 << 30;
 const UPLOAD_QUEUE_CHUNKS: usize = 16;
 /// Read size when streaming a blob out.
 const DOWNLOAD_CHUNK_BYTES: usize = 256 * 1024;
-/// Largest enhancement result read back.
-const MAX_ENHANCE_RESULT_BYTES: u64 = 1 << 20;
+/// How much of the end of an enhancement's standard output is searched for its
+/// result line: the line comes last, whatever logs came before it.
+const ENHANCE_STDOUT_TAIL_BYTES: u64 = 4 << 20;
+
+/// The last [`ENHANCE_STDOUT_TAIL_BYTES`] of an enhancement's delivered standard output.
+pub(crate) fn read_enhance_stdout(blobs: &cosmos_cas::Store, sha256: &Sha256) -> std::io::Result<Vec<u8>> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(blobs.path(sha256))?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(ENHANCE_STDOUT_TAIL_BYTES)))?;
+    let mut bytes = Vec::new();
+    file.take(ENHANCE_STDOUT_TAIL_BYTES).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
 
 /// Registers the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -842,11 +854,6 @@ pub struct ApplyEnhancement {
     pub overwrite: bool,
 }
 
-#[derive(Deserialize)]
-struct EnhanceItem {
-    upsampled_prompt: String,
-}
-
 async fn apply_enhancement(
     state: web::Data<State>,
     id: web::Path<String>,
@@ -866,20 +873,19 @@ async fn apply_enhancement(
             false,
         )
     };
-    if result.size_bytes > MAX_ENHANCE_RESULT_BYTES {
-        return unusable(format!("is {} bytes, over {MAX_ENHANCE_RESULT_BYTES}", result.size_bytes));
-    }
-    let text = match std::fs::read(state.shared.blobs.path(&result.sha256)) {
+    let stdout = match read_enhance_stdout(&state.shared.blobs, &result.sha256) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return unusable("is no longer on the controller".into()),
         Err(e) => return internal(format!("cannot read the enhancement result {}: {e}", result.sha256)),
     };
-    let upsampled = match serde_json::from_slice::<Vec<EnhanceItem>>(&text) {
-        Ok(items) if !items.is_empty() && !items[0].upsampled_prompt.trim().is_empty() => {
-            items[0].upsampled_prompt.clone()
+    let upsampled = match transfer::upsampled_prompt(&stdout) {
+        Some(text) if text.len() <= transfer::MAX_PROMPT_BYTES => text,
+        Some(text) => {
+            return unusable(format!("is a prompt of {} bytes, over {}", text.len(), transfer::MAX_PROMPT_BYTES));
         }
-        Ok(_) => return unusable("holds no upsampled prompt".into()),
-        Err(e) => return unusable(format!("is not the upsampler's JSON ({e})")),
+        None => {
+            return unusable(format!("has no `{}` line on its standard output", transfer::UPSAMPLED_PREFIX.trim_end()));
+        }
     };
     let prompt_id = label(&job, labels::PROMPT).cloned().unwrap_or_default();
     let parent = match find_prompt(&state, &prompt_id).await {

@@ -1296,6 +1296,11 @@ impl Core {
         self.jobs.get(&id).map(|j| (&j.rec, j.progress, j.live.and_then(|a| self.live.get(&a))))
     }
 
+    /// A live attempt.
+    pub fn attempt(&self, id: AttemptId) -> Option<&AttemptRecord> {
+        self.live.get(&id)
+    }
+
     /// Every job, in id order.
     pub fn jobs(&self) -> impl Iterator<Item = &JobRecord> {
         self.jobs.values().map(|j| &j.rec)

@@ -196,6 +196,10 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     let reader = Store::open(&dir.store())?;
     let core = Core::recover(opts.core.clone(), snapshot, wall_ms());
     tracing::info!(epoch = core.epoch().0, data_dir = %dir.root.display(), "controller starting");
+    let blobs = Arc::new(
+        cosmos_cas::Store::open(dir.blobs())
+            .map_err(|e| DaemonError::DataDir { path: dir.blobs(), source: std::io::Error::other(e.to_string()) })?,
+    );
 
     let queue = Arc::new(CommitQueue::new(MAX_PENDING_STORE_OPS));
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
@@ -207,6 +211,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         conns: HashMap::new(),
         peers: HashMap::new(),
         last_ticket: None,
+        blobs: blobs.clone(),
     }
     .start();
     actix::spawn(forward_durable(durable_rx, addr.clone()));
@@ -216,10 +221,6 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         .map_err(|source| DaemonError::Bind { addr: opts.agent_listen, source })?;
     let agent_addr =
         agent_listener.local_addr().map_err(|source| DaemonError::Bind { addr: opts.agent_listen, source })?;
-    let blobs = Arc::new(
-        cosmos_cas::Store::open(dir.blobs())
-            .map_err(|e| DaemonError::DataDir { path: dir.blobs(), source: std::io::Error::other(e.to_string()) })?,
-    );
     let shared = Arc::new(Shared {
         dir,
         api_token,
@@ -323,6 +324,8 @@ pub struct CoreActor {
     /// Where each agent connection comes from, to name it when its name is claimed again.
     peers: HashMap<ConnId, SocketAddr>,
     last_ticket: Option<Ticket>,
+    /// Where delivered outputs are, for the checks a run's kind needs on them.
+    blobs: Arc<cosmos_cas::Store>,
 }
 
 impl Actor for CoreActor {
@@ -338,6 +341,46 @@ impl Actor for CoreActor {
 }
 
 impl CoreActor {
+    /// A succeeded prompt enhancement whose delivered stdout holds no
+    /// `Upsampled prompt:` line has no result: it fails, terminally, saying so.
+    /// (Runs after [`crate::blobs::guard_outcome`], so the output is in the store.)
+    fn guard_run_outcome(&self, attempt_id: AttemptId, outcome: &mut cosmos_proto::AttemptOutcome) {
+        use crate::transfer::{ENHANCE_RESULT, RunKind, UPSAMPLED_PREFIX, labels};
+        let cosmos_proto::AttemptOutcome::Succeeded { outputs } = &*outcome else { return };
+        let Some(job) = self.core.attempt(attempt_id).and_then(|a| self.core.job(a.job_id)).map(|(j, _, _)| j) else {
+            return;
+        };
+        if job.spec.labels.get(labels::KIND).map(String::as_str) != Some(RunKind::Enhance.as_str()) {
+            return;
+        }
+        let problem = match outputs.iter().find(|o| o.path == ENHANCE_RESULT) {
+            None => format!("delivered no {ENHANCE_RESULT}"),
+            Some(o) => match crate::api_transfer::read_enhance_stdout(&self.blobs, &o.sha256) {
+                Ok(stdout) if crate::transfer::upsampled_prompt(&stdout).is_some() => return,
+                Ok(_) => format!("printed no `{}` line with text on its standard output", UPSAMPLED_PREFIX.trim_end()),
+                Err(e) => format!("delivered a standard output the controller cannot read ({e})"),
+            },
+        };
+        *outcome = cosmos_proto::AttemptOutcome::Failed {
+            exit_code: Some(0),
+            reason: format!(
+                "the prompt upsampler exited 0 but {problem}, so there is no enhanced prompt; \
+                 its logs say why (`cosmos jobs logs {}`)",
+                job.id
+            ),
+            retryable: false,
+        };
+    }
+
+    /// [`Self::guard_run_outcome`] for the finished attempts of a hello or heartbeat.
+    fn guard_run_reports(&self, reports: &mut [cosmos_proto::AttemptReport]) {
+        for r in reports {
+            if let cosmos_proto::AttemptPhase::Finished(outcome) = &mut r.phase {
+                self.guard_run_outcome(r.attempt_id, outcome);
+            }
+        }
+    }
+
     /// Performs the core's outputs; `reply` runs once everything before it is durable.
     fn perform(&mut self, out: Vec<Output>, reply: Option<Box<dyn FnOnce() + Send>>) {
         let mut actions = Vec::new();
@@ -567,9 +610,10 @@ impl Message for AgentConnected {
 }
 impl Handler<AgentConnected> for CoreActor {
     type Result = ();
-    fn handle(&mut self, m: AgentConnected, _: &mut Context<Self>) {
+    fn handle(&mut self, mut m: AgentConnected, _: &mut Context<Self>) {
         self.conns.insert(m.conn, m.tx);
         self.peers.insert(m.conn, m.peer);
+        self.guard_run_reports(&mut m.hello.attempts);
         let mut out = Vec::new();
         self.core.on_connect(wall_ms(), m.conn, &m.name, m.hello, &mut out);
         self.perform(out, None);
@@ -582,7 +626,12 @@ impl Message for AgentMessage {
 }
 impl Handler<AgentMessage> for CoreActor {
     type Result = ();
-    fn handle(&mut self, AgentMessage(conn, msg): AgentMessage, _: &mut Context<Self>) {
+    fn handle(&mut self, AgentMessage(conn, mut msg): AgentMessage, _: &mut Context<Self>) {
+        match &mut msg {
+            AgentMsg::AttemptFinished { attempt_id, outcome } => self.guard_run_outcome(*attempt_id, outcome),
+            AgentMsg::Heartbeat(hb) => self.guard_run_reports(&mut hb.attempts),
+            _ => {}
+        }
         let mut out = Vec::new();
         self.core.on_message(wall_ms(), conn, msg, &mut out);
         self.perform(out, None);

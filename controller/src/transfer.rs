@@ -49,11 +49,17 @@ use std::collections::BTreeMap;
 /// Script of a transfer (and upscale) run, relative to the checkout.
 pub const TRANSFER_SCRIPT: &str = "cosmos_transfer1/diffusion/inference/transfer.py";
 /// Script of the Pixtral prompt upsampler, relative to the checkout.
-pub const UPSAMPLER_SCRIPT: &str = "cosmos_transfer1/auxiliary/upsampler/inference/prompt_upsampler.py";
+pub const UPSAMPLER_SCRIPT: &str = "cosmos_transfer1/auxiliary/upsampler/inference/upsampler_pipeline.py";
 /// Where a run's result lands, relative to its work directory.
 pub const OUTPUT_VIDEO: &str = "outputs/output.mp4";
-/// Where an enhancement's result lands.
-pub const ENHANCE_RESULT: &str = "outputs/result.json";
+/// An enhancement's result: the upsampler prints it and writes no file, so
+/// its standard output is delivered as the run's output.
+pub const ENHANCE_RESULT: &str = cosmos_proto::spec::STDOUT_LOG;
+/// What starts the upsampler's result line (`print("Upsampled prompt:", text)`).
+pub const UPSAMPLED_PREFIX: &str = "Upsampled prompt: ";
+/// Python's exit status for a usage error: argparse refused the arguments, or
+/// the script file does not exist. Another attempt would fail the same way.
+pub const PYTHON_USAGE_EXIT: i32 = 2;
 /// Longest prompt text accepted.
 pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
 /// Longest prompt name accepted (derived names are shorter).
@@ -332,6 +338,8 @@ pub struct TransferParams {
     pub blur_strength: Strength,
     /// Threshold of the `edge` control.
     pub canny_threshold: Strength,
+    /// Enhance the prompt with the upsampler before generating (`transfer.py --upsample_prompt`).
+    pub upsample_prompt: bool,
     /// Frames per second of the output, 1–60.
     pub fps: u32,
     /// Random seed, 1–2^32−1.
@@ -351,6 +359,7 @@ impl Default for TransferParams {
             sigma_max: 70.0,
             blur_strength: Strength::Medium,
             canny_threshold: Strength::Medium,
+            upsample_prompt: false,
             fps: 24,
             seed: 1,
             gpus: 1,
@@ -536,6 +545,8 @@ impl TransferConfig {
         spec.priority = priority;
         spec.timeout_ms = self.timeout_ms;
         spec.max_attempts = self.max_attempts;
+        // Every Cosmos command is a Python script under torchrun: exit 2 is a usage error.
+        spec.terminal_exit_codes = vec![PYTHON_USAGE_EXIT];
         if let Some(image) = &self.image {
             spec.image = Some(image.clone());
             // The contract runs the scripts from the checkout root; the job's files are then
@@ -599,17 +610,13 @@ impl TransferConfig {
         let mut controls = serde_json::Map::new();
         let mut outputs = vec![OutputArtifact { path: OUTPUT_VIDEO.into(), required: true }];
         let w = params.weights;
+        // Blur strength and canny threshold are script arguments, never control keys:
+        // `transfer.py` ignores them inside `vis`/`edge` (they go on the command line below).
         if w.vis > 0.0 {
-            controls.insert(
-                "vis".into(),
-                serde_json::json!({ "control_weight": w.vis, "blur_strength": params.blur_strength.as_str() }),
-            );
+            controls.insert("vis".into(), serde_json::json!({ "control_weight": w.vis }));
         }
         if w.edge > 0.0 {
-            controls.insert(
-                "edge".into(),
-                serde_json::json!({ "control_weight": w.edge, "canny_threshold": params.canny_threshold.as_str() }),
-            );
+            controls.insert("edge".into(), serde_json::json!({ "control_weight": w.edge }));
         }
         for (name, weight, video, file) in [
             ("depth", w.depth, &prompt.videos.depth, "depth.mp4"),
@@ -654,7 +661,16 @@ impl TransferConfig {
             params.guidance.to_string(),
             "--seed".into(),
             params.seed.to_string(),
+            // Flags rather than spec keys: argparse checks their choices before any
+            // weights load, where a spec key is taken as is (see README, Cosmos Transfer).
+            "--blur_strength".into(),
+            params.blur_strength.as_str().into(),
+            "--canny_threshold".into(),
+            params.canny_threshold.as_str().into(),
         ]);
+        if params.upsample_prompt {
+            command.push("--upsample_prompt".into());
+        }
         let mut spec = self.base_spec(format!("transfer {}", prompt.name), command, params.gpus, params.priority);
         inputs.push(generated_input("inputs/spec.json", &spec_json));
         spec.inputs = inputs;
@@ -698,29 +714,34 @@ impl TransferConfig {
         Compiled { spec, files: vec![GeneratedFile { path: "inputs/spec.json".into(), bytes: spec_json }] }
     }
 
-    /// A prompt enhancement of `prompt` with the upsampler.
+    /// A prompt enhancement of `prompt` with the upsampler: `upsampler_pipeline.py`
+    /// under torchrun with one process, its result read from its standard output.
     pub fn compile_enhance(&self, run_id: &str, prompt: &Prompt) -> Compiled {
-        let items = serde_json::to_vec_pretty(&serde_json::json!([
-            { "name": prompt.name, "prompt": prompt.text, "video_path": self.work("inputs/color.mp4") }
-        ]))
-        .expect("JSON values serialise");
         let mut command = self.torchrun(1, UPSAMPLER_SCRIPT);
         command.extend([
+            // `--prompt=TEXT`, one argument: a prompt that starts with `-` stays a value for argparse.
+            format!("--prompt={}", prompt.text),
+            format!("--input_video={}", self.work("inputs/color.mp4")),
             "--checkpoint_dir".into(),
             self.checkpoint_dir(),
-            "--input".into(),
-            self.work("inputs/items.json"),
-            "--output".into(),
-            self.work(ENHANCE_RESULT),
         ]);
         let mut spec = self.base_spec(format!("enhance {}", prompt.name), command, 1, 0);
         spec.env.insert("VLLM_WORKER_MULTIPROC_METHOD".into(), "spawn".into());
-        spec.inputs =
-            vec![input(&prompt.videos.color, "inputs/color.mp4"), generated_input("inputs/items.json", &items)];
+        spec.inputs = vec![input(&prompt.videos.color, "inputs/color.mp4")];
         spec.outputs = vec![OutputArtifact { path: ENHANCE_RESULT.into(), required: true }];
         spec.labels = run_labels(run_id, RunKind::Enhance, &prompt.id, "{}".into());
-        Compiled { spec, files: vec![GeneratedFile { path: "inputs/items.json".into(), bytes: items }] }
+        Compiled { spec, files: Vec::new() }
     }
+}
+
+/// The upsampler's result in its standard output: the text of the last line
+/// that starts with [`UPSAMPLED_PREFIX`] (the rest is logs), or `None` when no
+/// such line holds any text.
+pub fn upsampled_prompt(stdout: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(stdout);
+    let line = text.lines().rev().find_map(|l| l.strip_prefix(UPSAMPLED_PREFIX.trim_end()))?;
+    let prompt = line.trim();
+    (!prompt.is_empty()).then(|| prompt.to_string())
 }
 
 fn input(blob: &BlobRef, path: &str) -> InputArtifact {
@@ -851,7 +872,7 @@ mod tests {
         let c = cfg.compile_transfer("rs_0123456789ab", &prompt(true), &params);
         let doc = spec_json(&c);
         assert!(doc.get("edge").is_none(), "a weight-0 control is left out");
-        assert_eq!(doc["vis"]["blur_strength"], "high");
+        assert_eq!(doc["vis"], serde_json::json!({"control_weight": 0.25}), "nothing the script ignores");
         assert_eq!(doc["depth"]["input_control"], "inputs/depth.mp4");
         assert!(doc["seg"].get("input_control").is_none(), "seg has no video: the model derives it");
         assert_eq!(doc["prompt"], "A robot arm picks a red cube");
@@ -901,10 +922,89 @@ mod tests {
         assert!(c.spec.command.windows(2).any(|w| w[0] == "--num_steps" && w[1] == "10"));
         assert_eq!(c.spec.labels[labels::PARENT_RUN], "rs_ba9876543210");
         assert_eq!(c.spec.validate(), Ok(()));
-        let e = cfg.compile_enhance("rs_0123456789ab", &prompt(false));
+        assert_eq!(c.spec.terminal_exit_codes, [PYTHON_USAGE_EXIT]);
+    }
+
+    /// What `transfer.py` ends up using for `key`: the `--key` flag's value when
+    /// the exact token is on the command line, else the spec's top-level key,
+    /// else `default` (`parse_arguments`, with `load_controlnet_specs` putting
+    /// only top-level non-object keys among the arguments).
+    fn as_transfer_py_reads(c: &Compiled, key: &str, default: &str) -> String {
+        let cmd = &c.spec.command;
+        let script = cmd.iter().position(|a| a.ends_with(TRANSFER_SCRIPT)).expect("transfer.py");
+        let argv = &cmd[script + 1..];
+        if let Some(i) = argv.iter().rposition(|a| *a == format!("--{key}")) {
+            return argv[i + 1].clone();
+        }
+        match &spec_json(c)[key] {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => default.to_string(),
+            other => other.to_string(),
+        }
+    }
+
+    #[test]
+    fn blur_and_canny_reach_the_script_as_it_reads_them() {
+        let cfg = TransferConfig::default();
+        let mut params =
+            TransferParams { blur_strength: Strength::High, canny_threshold: Strength::Low, ..Default::default() };
+        let c = cfg.compile_transfer("rs_0123456789ab", &prompt(false), &params);
+        assert_eq!(as_transfer_py_reads(&c, "blur_strength", "medium"), "high");
+        assert_eq!(as_transfer_py_reads(&c, "canny_threshold", "medium"), "low");
+        let doc = spec_json(&c);
+        for control in ["vis", "edge", "depth", "seg"] {
+            let keys: Vec<&String> = doc[control].as_object().expect(control).keys().collect();
+            assert!(
+                keys.iter().all(|k| ["control_weight", "input_control"].contains(&k.as_str())),
+                "{control}: {keys:?}"
+            );
+        }
+        let d = cfg.compile_transfer("rs_0123456789ab", &prompt(false), &TransferParams::default());
+        assert_eq!(as_transfer_py_reads(&d, "blur_strength", "medium"), "medium");
+        assert!(!c.spec.command.contains(&"--upsample_prompt".to_string()));
+        params.upsample_prompt = true;
+        let u = cfg.compile_transfer("rs_0123456789ab", &prompt(false), &params);
+        assert!(u.spec.command.contains(&"--upsample_prompt".to_string()));
+        assert_eq!(u.spec.validate(), Ok(()));
+    }
+
+    #[test]
+    fn enhancement_runs_the_real_upsampler_and_keeps_its_stdout() {
+        let cfg = TransferConfig { image: Some("cosmos-transfer1:latest".into()), ..TransferConfig::default() };
+        let mut p = prompt(false);
+        p.text = "-starts with a dash".into();
+        let e = cfg.compile_enhance("rs_0123456789ab", &p);
         assert_eq!(e.spec.env["VLLM_WORKER_MULTIPROC_METHOD"], "spawn");
-        assert!(e.spec.command[4].ends_with(UPSAMPLER_SCRIPT));
+        assert_eq!(
+            e.spec.command,
+            [
+                "torchrun",
+                "--nproc_per_node=1",
+                "--nnodes=1",
+                "--node_rank=0",
+                "/workspace/cosmos_transfer1/auxiliary/upsampler/inference/upsampler_pipeline.py",
+                "--prompt=-starts with a dash",
+                "--input_video=/work/inputs/color.mp4",
+                "--checkpoint_dir",
+                "/workspace/checkpoints",
+            ]
+        );
+        assert_eq!(e.spec.outputs, [OutputArtifact { path: cosmos_proto::spec::STDOUT_LOG.into(), required: true }]);
+        assert!(e.files.is_empty(), "no item file: the upsampler takes its prompt as an argument");
+        assert_eq!(e.spec.gpus, 1);
+        assert_eq!(e.spec.terminal_exit_codes, [PYTHON_USAGE_EXIT]);
         assert_eq!(e.spec.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_upsampled_prompt_is_the_last_result_line() {
+        let out =
+            b"Loading model\nUpsampled prompt: first try\nINFO more logs\nUpsampled prompt:  A red cube. \r\nbye\n";
+        assert_eq!(upsampled_prompt(out).as_deref(), Some("A red cube."));
+        assert_eq!(upsampled_prompt(b"Loading model\nDone\n"), None);
+        assert_eq!(upsampled_prompt(b"Upsampled prompt: x\nUpsampled prompt: \n"), None, "the last line is empty");
+        assert_eq!(upsampled_prompt(b""), None);
+        assert_eq!(upsampled_prompt(b"log: Upsampled prompt: not at the start\n"), None);
     }
 
     #[test]

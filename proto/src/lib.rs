@@ -27,5 +27,5 @@ pub use spec::{ArtifactRef, InputArtifact, JobSpec, Mount, OutputArtifact, SpecE
 /// Bump it on any change to a message's encoding: bincode is not
 /// self-describing, so there is no partial compatibility to rely on.
 /// v2: blob frames (inputs and outputs in checksummed chunks).
-/// v3: a handshake refusal for a node id already connected.
+/// v3: a handshake refusal for a node id already connected; `JobSpec::terminal_exit_codes`.
 pub const PROTOCOL_VERSION: u16 = 3;

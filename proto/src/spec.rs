@@ -35,6 +35,12 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Where a container sees its attempt's work directory (inputs, outputs, logs).
 pub const CONTAINER_WORK_DIR: &str = "/work";
+/// The file in an attempt's work directory that holds the job's standard
+/// output, whatever the runtime, complete once the job has exited: a job
+/// whose result is what it prints lists it among its outputs to have it delivered.
+pub const STDOUT_LOG: &str = "stdout.log";
+/// The same for its standard error.
+pub const STDERR_LOG: &str = "stderr.log";
 
 /// Everything needed to run one job anywhere in the cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +79,11 @@ pub struct JobSpec {
     pub workdir: Option<String>,
     /// Free-form labels, carried to the container and shown in listings.
     pub labels: BTreeMap<String, String>,
+    /// Exit codes that mean the command itself is wrong (a usage error, say),
+    /// so another attempt would fail the same way: not retried. They add to
+    /// the codes every job counts so (64–78, 126, 127).
+    #[serde(default)]
+    pub terminal_exit_codes: Vec<i32>,
 }
 
 impl JobSpec {
@@ -99,6 +110,7 @@ impl JobSpec {
             ipc_host: false,
             workdir: None,
             labels: BTreeMap::new(),
+            terminal_exit_codes: Vec::new(),
         }
     }
 
@@ -207,6 +219,13 @@ impl JobSpec {
         check_count("outputs", self.outputs.len())?;
         for output in &self.outputs {
             check_relative_path("outputs", &output.path)?;
+        }
+        check_count("terminal_exit_codes", self.terminal_exit_codes.len())?;
+        if let Some(code) = self.terminal_exit_codes.iter().find(|c| !(1..=255).contains(*c)) {
+            return Err(SpecError::new(
+                "terminal_exit_codes",
+                format!("has {code}; exit codes of a failure are 1 to 255"),
+            ));
         }
         if self.gpus > MAX_GPUS {
             return Err(SpecError::new(
@@ -362,6 +381,7 @@ mod tests {
                 }),
             ),
             ("outputs", Box::new(|s| s.outputs.push(OutputArtifact { path: "/abs".into(), required: true }))),
+            ("terminal_exit_codes", Box::new(|s| s.terminal_exit_codes.push(0))),
             ("gpus", Box::new(|s| s.gpus = MAX_GPUS + 1)),
             ("timeout", Box::new(|s| s.timeout_ms = 0)),
             ("max_attempts", Box::new(|s| s.max_attempts = 0)),

@@ -16,6 +16,8 @@ pub(crate) enum Kind {
     Float,
     /// `store_true`: takes no value.
     Flag,
+    /// Text that must be one of these (argparse's `choices`).
+    Choice(&'static [&'static str]),
 }
 
 /// One `--name` option.
@@ -47,11 +49,6 @@ pub(crate) struct Parsed {
 }
 
 impl Parsed {
-    /// Whether the option was on the command line.
-    pub fn given(&self, name: &str) -> bool {
-        self.values.contains_key(name)
-    }
-
     /// A text option's value.
     pub fn str(&self, name: &str) -> Option<&str> {
         match self.values.get(name) {
@@ -88,6 +85,7 @@ pub(crate) fn usage(prog: &str, opts: &[Opt]) -> String {
     for o in opts {
         match o.kind {
             Kind::Flag => line.push_str(&format!(" [--{}]", o.name)),
+            Kind::Choice(choices) => line.push_str(&format!(" [--{} {{{}}}]", o.name, choices.join(","))),
             _ => line.push_str(&format!(" [--{} {}]", o.name, o.name.to_uppercase())),
         }
     }
@@ -151,6 +149,12 @@ pub(crate) fn parse(prog: &str, opts: &[Opt], args: &[String]) -> Result<Parsed,
         };
         let value = match opt.kind {
             Kind::Str => Value::Str(raw),
+            Kind::Choice(choices) if choices.contains(&raw.as_str()) => Value::Str(raw),
+            Kind::Choice(choices) => {
+                let list: Vec<String> = choices.iter().map(|c| format!("'{c}'")).collect();
+                let msg = format!("argument {flag}: invalid choice: '{raw}' (choose from {})", list.join(", "));
+                return Err(usage_error(prog, opts, &msg));
+            }
             Kind::Int => match python_int(&raw) {
                 Some(v) => Value::Int(v),
                 None => {
@@ -218,6 +222,7 @@ mod tests {
         Opt { name: "prompt", kind: Kind::Str },
         Opt { name: "offload_a", kind: Kind::Flag },
         Opt { name: "offload_b", kind: Kind::Flag },
+        Opt { name: "level", kind: Kind::Choice(&["low", "high"]) },
     ];
 
     fn p(args: &[&str]) -> Result<Parsed, Failure> {
@@ -260,6 +265,17 @@ mod tests {
         assert!(usage_text(p(&["--guidance=x"])).contains("argument --guidance: invalid float value: 'x'"));
         assert!(usage_text(p(&["--seed"])).contains("argument --seed: expected one argument"));
         assert!(usage_text(p(&["--offload_a=1"])).contains("ignored explicit argument '1'"));
+    }
+
+    #[test]
+    fn choices_are_checked_like_argparse() {
+        assert_eq!(p(&["--level", "high"]).unwrap().str("level"), Some("high"));
+        let e = usage_text(p(&["--level=max"]));
+        assert!(e.contains("[--level {low,high}]"), "{e}");
+        assert!(
+            e.ends_with("t.py: error: argument --level: invalid choice: 'max' (choose from 'low', 'high')\n"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,15 +9,27 @@
 //! [--master_addr A] [--master_port P] [--standalone] SCRIPT ARGS…` on one node
 //! and dispatches on the script path's suffix:
 //!
-//! - [`TRANSFER_SCRIPT`]: video → video transfer, 4K upscale and batch mode.
-//!   Flags, defaults and the precedence *script defaults < spec JSON top-level
-//!   keys < command-line flags* are the real script's. Validation failures are
-//!   Python-style tracebacks on stderr with exit 1; command-line errors are
-//!   argparse-style with exit 2. `--num_gpus`, `--nproc_per_node` and the
-//!   entries of `CUDA_VISIBLE_DEVICES` must agree.
-//! - [`UPSAMPLER_SCRIPT`]: prompt enhancement, `--input items.json --output
-//!   result.json`; needs `VLLM_WORKER_MULTIPROC_METHOD=spawn` as vLLM does.
-//! - anything else: Python's `can't open file`, exit 2.
+//! - [`TRANSFER_SCRIPT`]: video → video transfer, 4K upscale and batch mode,
+//!   held to cosmos-transfer1's `transfer.py` and `inference_utils.py`: its
+//!   flags (`--blur_strength`/`--canny_threshold` with their choices among
+//!   them) and defaults; the spec split as `load_controlnet_specs` splits it
+//!   (objects only under [`VALID_HINT_KEYS`], else `ValueError: Invalid
+//!   hint_key`; other top-level keys are arguments); a top-level key wins over
+//!   the default unless the same `--flag` token is on the command line; the
+//!   checks of `validate_controlnet_specs`; keys a control object carries
+//!   beyond `control_weight`, `input_control` and `ckpt_path` ignored, as the
+//!   script ignores them. Validation failures are Python-style tracebacks on
+//!   stderr with exit 1; command-line errors are argparse-style with exit 2.
+//!   `--num_gpus`, `--nproc_per_node` and the entries of `CUDA_VISIBLE_DEVICES`
+//!   must agree.
+//! - [`UPSAMPLER_SCRIPT`]: prompt enhancement as `upsampler_pipeline.py` does
+//!   it: `--prompt TEXT --input_video PATH [--checkpoint_dir DIR]
+//!   [--offload_prompt_upsampler]`, the result printed on stdout as
+//!   `Upsampled prompt: <text>`; needs `VLLM_WORKER_MULTIPROC_METHOD=spawn` as vLLM does.
+//! - anything else, or either script outside the checkout root
+//!   ([`ENV_CHECKOUT`], `/workspace` by default; a relative path is taken
+//!   from the checkout root, where the image's commands run), does not exist
+//!   in the image: Python's `can't open file`, exit 2.
 //!
 //! Each diffusion step prints a tqdm line on stderr (`" 34%|███▍      | 12/35
 //! [00:01<00:02, 10.00it/s]"` ending in `\r`, the last one in `\n`).
@@ -35,10 +47,12 @@
 //! 2. a compact JSON object on one line, then `\n`. For a transfer or upscale
 //!    output its keys are, in this order: `mode` (`"transfer"` | `"upscale"`),
 //!    `prompt`, `negative_prompt`, `num_steps`, `guidance`, `sigma_max`, `seed`,
-//!    `fps`, `num_gpus`, `input_video_sha256` (hex SHA-256 of the input video's
-//!    bytes) and `controls`: control name → `{control_weight,
-//!    input_control_sha256 (hex or null), blur_strength (vis only),
-//!    canny_threshold (edge only)}`, names in byte order. A control the model
+//!    `fps`, `num_gpus`, `blur_strength`, `canny_threshold` (the effective
+//!    values: a key misplaced inside a control shows here as `medium`),
+//!    `input_video_sha256` (hex SHA-256 of the input video's bytes, null when
+//!    `input_video_path` is empty) and `controls`: control name →
+//!    `{control_weight (a number, or "mask:<sha256>" for a .pt mask),
+//!    input_control_sha256 (hex or null)}`, names in byte order. A control the model
 //!    derives itself (depth or seg without `input_control`) is written as
 //!    `<ctrl>_input_control.mp4` next to the output, with header
 //!    `{"mode":"derived_control","control":<ctrl>,"input_video_sha256":…}`;
@@ -64,16 +78,22 @@ use std::io::Write;
 
 /// The transfer entry point, relative to the checkout root inside the container.
 pub const TRANSFER_SCRIPT: &str = "cosmos_transfer1/diffusion/inference/transfer.py";
-/// The prompt upsampler entry point (this project's documented assumption).
-pub const UPSAMPLER_SCRIPT: &str = "cosmos_transfer1/auxiliary/upsampler/inference/prompt_upsampler.py";
-/// The control signals a transfer spec may weight.
+/// The prompt upsampler entry point, relative to the checkout root.
+pub const UPSAMPLER_SCRIPT: &str = "cosmos_transfer1/auxiliary/upsampler/inference/upsampler_pipeline.py";
+/// The control signals this project's runs weight.
 pub const CONTROLS: [&str; 4] = ["vis", "edge", "depth", "seg"];
-/// The values of `vis.blur_strength` and `edge.canny_threshold`.
+/// Every control name the real loader accepts (`valid_hint_keys`).
+pub const VALID_HINT_KEYS: [&str; 8] = transfer::VALID_HINT_KEYS;
+/// The choices of `--blur_strength` and `--canny_threshold`.
 pub const STRENGTHS: [&str; 5] = ["very_low", "low", "medium", "high", "very_high"];
 /// Environment variable: milliseconds each diffusion step takes.
 pub const ENV_STEP_MS: &str = "COSMOS_STANDIN_STEP_MS";
 /// Environment variable: when set, fail after the first step with this message.
 pub const ENV_FAIL: &str = "COSMOS_STANDIN_FAIL";
+/// Environment variable: the checkout root the stand-in's "image" holds its scripts under.
+pub const ENV_CHECKOUT: &str = "COSMOS_STANDIN_CHECKOUT";
+/// The checkout root without [`ENV_CHECKOUT`], as in the model's image.
+pub const DEFAULT_CHECKOUT: &str = "/workspace";
 /// Step time without [`ENV_STEP_MS`].
 pub const DEFAULT_STEP_MS: u64 = 20;
 /// Largest [`ENV_STEP_MS`]: keeps a typo from stalling a test for hours.
@@ -126,6 +146,8 @@ pub(crate) struct Env {
     pub fail: Option<String>,
     /// `VLLM_WORKER_MULTIPROC_METHOD`.
     pub vllm_method: Option<String>,
+    /// [`ENV_CHECKOUT`].
+    pub checkout: Option<String>,
 }
 
 impl Env {
@@ -136,6 +158,7 @@ impl Env {
             step_ms: var(ENV_STEP_MS),
             fail: var(ENV_FAIL),
             vllm_method: var("VLLM_WORKER_MULTIPROC_METHOD"),
+            checkout: var(ENV_CHECKOUT),
         }
     }
 }

@@ -36,8 +36,12 @@ pub(crate) struct Header {
     pub fps: i64,
     /// `--num_gpus`.
     pub num_gpus: i64,
-    /// Hex SHA-256 of the input video's bytes.
-    pub input_video_sha256: String,
+    /// The effective `blur_strength` (flag, else top-level spec key, else `medium`).
+    pub blur_strength: String,
+    /// The effective `canny_threshold` (flag, else top-level spec key, else `medium`).
+    pub canny_threshold: String,
+    /// Hex SHA-256 of the input video's bytes; `None` when `input_video_path` is empty.
+    pub input_video_sha256: Option<String>,
     /// Control name → its settings.
     pub controls: BTreeMap<String, ControlHeader>,
 }
@@ -45,16 +49,10 @@ pub(crate) struct Header {
 /// One control in a [`Header`].
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub(crate) struct ControlHeader {
-    /// Weight in \[0, 1\].
-    pub control_weight: f64,
+    /// A non-negative number, or `"mask:<sha256>"` for a `.pt` weight mask.
+    pub control_weight: serde_json::Value,
     /// Hex SHA-256 of the given control video; `None` when the model derives it.
     pub input_control_sha256: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// vis only: one of [`crate::STRENGTHS`].
-    pub blur_strength: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    /// edge only: one of [`crate::STRENGTHS`].
-    pub canny_threshold: Option<String>,
 }
 
 /// The header of a control the model derived from the input video.
@@ -148,15 +146,12 @@ mod tests {
             seed,
             fps: 24,
             num_gpus: 1,
-            input_video_sha256: "ab".into(),
+            blur_strength: "high".into(),
+            canny_threshold: "medium".into(),
+            input_video_sha256: Some("ab".into()),
             controls: BTreeMap::from([(
                 "vis".to_string(),
-                ControlHeader {
-                    control_weight: 0.25,
-                    input_control_sha256: None,
-                    blur_strength: Some("medium".into()),
-                    canny_threshold: None,
-                },
+                ControlHeader { control_weight: 0.25.into(), input_control_sha256: None },
             )]),
         }
     }
@@ -176,9 +171,8 @@ mod tests {
         );
         let v = parse_output(&a).unwrap();
         assert_eq!(v["seed"], 1);
-        assert_eq!(v["controls"]["vis"]["blur_strength"], "medium");
+        assert_eq!((v["blur_strength"].as_str(), v["canny_threshold"].as_str()), (Some("high"), Some("medium")));
         assert!(v["controls"]["vis"]["input_control_sha256"].is_null());
-        assert!(v["controls"]["vis"].get("canny_threshold").is_none());
         assert_eq!(a.len(), OUTPUT_MAGIC.len() + json_len + 1 + OUTPUT_PAYLOAD_BYTES);
     }
 

@@ -1,6 +1,6 @@
 //! `torchrun`'s own flags, then dispatch to the script by path.
 
-use crate::{Env, Failure, Io, TRANSFER_SCRIPT, UPSAMPLER_SCRIPT};
+use crate::{DEFAULT_CHECKOUT, Env, Failure, Io, TRANSFER_SCRIPT, UPSAMPLER_SCRIPT};
 
 /// Exit code of an argparse error and of `python missing.py`.
 pub(crate) const EXIT_USAGE: i32 = 2;
@@ -37,9 +37,11 @@ pub(crate) fn main(args: &[String], env: &Env, io: &mut Io<'_>) -> i32 {
             return EXIT_USAGE;
         }
     };
-    let result = if launch.script.ends_with(TRANSFER_SCRIPT) {
+    let root = env.checkout.as_deref().unwrap_or(DEFAULT_CHECKOUT).trim_end_matches('/');
+    let is = |script: &str| launch.script == script || launch.script == format!("{root}/{script}");
+    let result = if is(TRANSFER_SCRIPT) {
         crate::transfer::main(&launch, env, io)
-    } else if launch.script.ends_with(UPSAMPLER_SCRIPT) {
+    } else if is(UPSAMPLER_SCRIPT) {
         crate::upsampler::main(&launch, env, io)
     } else {
         let _ = writeln!(io.err, "python: can't open file '{}': [Errno 2] No such file or directory", launch.script);

@@ -1,10 +1,11 @@
 //! The built `torchrun` binary, run as a job would run it: in a working
 //! directory, with relative paths, reading its environment.
 
-use cosmos_standin::{ENV_FAIL, ENV_STEP_MS, TRANSFER_SCRIPT, UPSAMPLER_SCRIPT, parse_output, upsample_prompt};
+use cosmos_standin::{
+    ENV_CHECKOUT, ENV_FAIL, ENV_STEP_MS, TRANSFER_SCRIPT, UPSAMPLER_SCRIPT, parse_output, upsample_prompt,
+};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use std::path::Path;
 use std::process::{Command, Output};
 
 struct Work(tempfile::TempDir);
@@ -29,7 +30,7 @@ impl Work {
     fn torchrun(&self, args: &[&str], envs: &[(&str, &str)]) -> Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_torchrun"));
         cmd.current_dir(self.0.path()).args(args).env(ENV_STEP_MS, "1").env("CUDA_VISIBLE_DEVICES", "0");
-        cmd.env_remove(ENV_FAIL).env_remove("VLLM_WORKER_MULTIPROC_METHOD");
+        cmd.env_remove(ENV_FAIL).env_remove(ENV_CHECKOUT).env_remove("VLLM_WORKER_MULTIPROC_METHOD");
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -129,7 +130,10 @@ fn each_range_violation_is_rejected_naming_the_parameter() {
     let mut spec = basic_spec();
     spec["vis"]["control_weight"] = json!(-0.1);
     w.spec(spec);
-    assert!(stderr(&w.transfer(&[])).contains("vis.control_weight must be a number between 0 and 1"));
+    let err = stderr(&w.transfer(&[]));
+    assert!(
+        err.contains("ValueError: Control weight for vis must be a valid non-negative float or a path to a .pt file.")
+    );
 }
 
 #[test]
@@ -200,7 +204,9 @@ fn batch_mode_writes_one_directory_per_line() {
     let w = Work::new();
     w.write("inputs/b.mp4", b"second video");
     w.write("inputs/seg_b.mp4", b"second seg");
-    w.spec(json!({"prompt": "base", "vis": {"control_weight": 0.3}, "seg": {"control_weight": 0.3}}));
+    // `validate_controlnet_specs` checks the base spec's own input video, batch mode or not.
+    w.spec(json!({"prompt": "base", "input_video_path": "inputs/color.mp4",
+                  "vis": {"control_weight": 0.3}, "seg": {"control_weight": 0.3}}));
     let lines = [
         json!({"visual_input": "inputs/color.mp4", "prompt": "one"}),
         json!({"visual_input": "inputs/b.mp4", "prompt": "two",
@@ -225,27 +231,42 @@ fn batch_mode_writes_one_directory_per_line() {
 }
 
 #[test]
-fn prompt_enhancement_derives_from_the_video() {
+fn prompt_enhancement_prints_the_upsampled_prompt() {
     let w = Work::new();
     w.write("inputs/b.mp4", b"second video");
-    let items = json!([
-        {"name": "a", "prompt": "a road", "video_path": "inputs/color.mp4"},
-        {"name": "b", "prompt": "a road", "video_path": "inputs/b.mp4"},
-    ]);
-    w.write("items.json", items.to_string().as_bytes());
-    let args =
-        [UPSAMPLER_SCRIPT, "--input", "items.json", "--output", "result.json", "--checkpoint_dir", "checkpoints"];
-    let o = w.torchrun(&args, &[]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("VLLM_WORKER_MULTIPROC_METHOD=spawn"));
-    let o = w.torchrun(&args, &[("VLLM_WORKER_MULTIPROC_METHOD", "spawn")]);
+    let script = format!("/workspace/{UPSAMPLER_SCRIPT}");
+    let run = |video: &str| {
+        let args = ["--nproc_per_node=1", "--nnodes=1", "--node_rank=0", &script, "--prompt=a road"];
+        let args = [&args[..], &["--input_video", video, "--checkpoint_dir", "checkpoints"]].concat();
+        w.torchrun(&args, &[("VLLM_WORKER_MULTIPROC_METHOD", "spawn")])
+    };
+    let o = run("inputs/color.mp4");
     assert!(o.status.success(), "{}", stderr(&o));
-    let result: Value =
-        serde_json::from_slice(&std::fs::read(w.0.path().join("result.json")).expect("result")).expect("result JSON");
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let a_sha = sha(b"color video bytes");
-    assert_eq!(result[0]["name"], "a");
-    assert_eq!(result[0]["upsampled_prompt"], upsample_prompt("a road", &a_sha));
-    assert!(result[0]["upsampled_prompt"].as_str().unwrap_or("").ends_with(&format!("(video {})", &a_sha[..8])));
-    assert_ne!(result[0]["upsampled_prompt"], result[1]["upsampled_prompt"]);
-    assert!(Path::new(&w.0.path().join("result.json")).exists());
+    let line = out.lines().rfind(|l| l.starts_with("Upsampled prompt: ")).expect("the result line");
+    assert_eq!(line, format!("Upsampled prompt: {}", upsample_prompt("a road", &a_sha)));
+    assert!(line.ends_with(&format!("(video {})", &a_sha[..8])));
+    let other = String::from_utf8_lossy(&run("inputs/b.mp4").stdout).into_owned();
+    assert!(!other.contains(line), "another video, another prompt");
+}
+
+#[test]
+fn the_old_upsampler_script_does_not_exist() {
+    let w = Work::new();
+    let old = "/workspace/cosmos_transfer1/auxiliary/upsampler/inference/prompt_upsampler.py";
+    let o = w.torchrun(&["--nproc_per_node=1", old, "--input", "items.json", "--output", "outputs/result.json"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stderr(&o), format!("python: can't open file '{old}': [Errno 2] No such file or directory\n"));
+    assert!(!w.exists("outputs/result.json"));
+    // The real scripts too, when they are looked for outside the image's checkout.
+    let elsewhere = format!("/opt/cosmos/{UPSAMPLER_SCRIPT}");
+    let o = w.torchrun(&[&elsewhere, "--input_video", "inputs/color.mp4"], &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains(&format!("can't open file '{elsewhere}'")), "{}", stderr(&o));
+    let o = w.torchrun(
+        &[&elsewhere, "--input_video", "inputs/color.mp4"],
+        &[(ENV_CHECKOUT, "/opt/cosmos/"), ("VLLM_WORKER_MULTIPROC_METHOD", "spawn")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
 }

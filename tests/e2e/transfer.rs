@@ -106,7 +106,7 @@ fn a_prompt_runs_upscales_and_downloads_outputs_made_from_its_inputs() {
     assert_eq!(h["controls"]["depth"]["input_control_sha256"], file_sha(&videos.join("depth.mp4")));
     assert!(h["controls"]["seg"]["input_control_sha256"].is_null(), "no segmentation.mp4: the model derives it");
     assert!(h["controls"].get("edge").is_none(), "weight 0 leaves the control out");
-    assert_eq!(h["controls"]["vis"]["blur_strength"], "high");
+    assert_eq!((h["blur_strength"].as_str(), h["canny_threshold"].as_str()), (Some("high"), Some("medium")));
     assert_eq!((h["num_steps"].as_i64(), h["seed"].as_i64(), h["num_gpus"].as_i64()), (Some(7), Some(42), Some(2)));
     assert_eq!(h["guidance"].as_f64(), Some(6.5));
     assert_eq!(h["prompt"], "A robot arm picks up a red cube in a warehouse");
@@ -308,6 +308,175 @@ fn a_prompt_without_color_mp4_is_rejected_at_creation() {
     assert!(c.json(&["prompts", "list", "--json"]).as_array().unwrap().is_empty());
 }
 
+/// A `torchrun` for the agents that records each command line and controlnet
+/// spec under `root/calls/` before running the stand-in with them.
+fn recording_torchrun(root: &Path) {
+    let bin = root.join("bin");
+    let real = root.join("real-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&real).unwrap();
+    std::fs::create_dir_all(root.join("calls")).unwrap();
+    std::os::unix::fs::symlink(BIN, real.join("torchrun")).unwrap();
+    let calls = root.join("calls");
+    let script = format!(
+        "#!/bin/sh\nprintf '%s\\n' \"$@\" > {calls}/$$.argv\n[ -f inputs/spec.json ] && cp inputs/spec.json {calls}/$$.spec.json\nexec {real} \"$@\"\n",
+        calls = calls.display(),
+        real = real.join("torchrun").display()
+    );
+    std::fs::write(bin.join("torchrun"), script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin.join("torchrun"), std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// What `transfer.py` makes of `key` from its argv and controlnet spec, as its
+/// `parse_arguments` does: the value after the exact token `--key`, else the
+/// spec's top-level key, else `default`.
+fn as_transfer_py_reads(argv: &[String], spec: &Value, key: &str, default: &str) -> String {
+    let script = argv.iter().position(|a| a.ends_with(cosmos_standin::TRANSFER_SCRIPT)).expect("transfer.py");
+    let args = &argv[script + 1..];
+    if let Some(i) = args.iter().rposition(|a| *a == format!("--{key}")) {
+        return args[i + 1].clone();
+    }
+    spec.get(key).and_then(Value::as_str).unwrap_or(default).to_string()
+}
+
+#[test]
+fn blur_strength_and_canny_threshold_reach_the_model() {
+    let c = Cluster::start_with(1, 15_000, Vec::new(), |root| {
+        recording_torchrun(root);
+        Vec::new()
+    });
+    let videos = video_dir(c.dir.path(), "canal", false);
+    let ps = c.json(&["create", "prompt", "barges on a canal", videos.to_str().unwrap(), "--json"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = c.cli(&[
+        "inference",
+        &ps,
+        "--weights",
+        "0.5",
+        "0.5",
+        "0",
+        "0",
+        "--blur-strength",
+        "high",
+        "--canny-threshold",
+        "low",
+        "--steps",
+        "2",
+        "--wait",
+    ]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
+    let run = c.json(&["runs", "list", "--json"])[0]["id"].as_str().unwrap().to_string();
+    let to = c.dir.path().join("out");
+    assert!(c.cli(&["download", &run, "--to", to.to_str().unwrap()]).status.success());
+    let h = header(&to.join(&run).join("output.mp4"));
+    assert_eq!((h["blur_strength"].as_str(), h["canny_threshold"].as_str()), (Some("high"), Some("low")), "{h}");
+    // The command and spec the model was given, read as transfer.py reads them.
+    let calls = c.dir.path().join("calls");
+    let argv_file = std::fs::read_dir(&calls)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "argv"))
+        .expect("the recorded command line");
+    let argv: Vec<String> = std::fs::read_to_string(&argv_file).unwrap().lines().map(String::from).collect();
+    let spec: Value = serde_json::from_slice(&std::fs::read(argv_file.with_extension("spec.json")).unwrap()).unwrap();
+    assert_eq!(as_transfer_py_reads(&argv, &spec, "blur_strength", "medium"), "high", "{argv:?}");
+    assert_eq!(as_transfer_py_reads(&argv, &spec, "canny_threshold", "medium"), "low", "{argv:?}");
+    for control in ["vis", "edge"] {
+        assert_eq!(spec[control], serde_json::json!({"control_weight": 0.5}), "nothing misplaced in {control}");
+    }
+}
+
+#[test]
+fn upsample_prompt_enhances_inline_from_the_command_line_and_from_batch_lines() {
+    let c = Cluster::start(1, 15_000);
+    let videos = video_dir(c.dir.path(), "bridge", false);
+    let text = "a bridge at night";
+    let ps =
+        c.json(&["create", "prompt", text, videos.to_str().unwrap(), "--json"])["id"].as_str().unwrap().to_string();
+    let out = c.cli(&["inference", &ps, "--upsample-prompt", "--steps", "2", "--wait"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
+    let batch = c.dir.path().join("runs.jsonl");
+    let lines = [
+        serde_json::json!({"prompt_id": ps, "steps": 2, "upsample_prompt": true}),
+        serde_json::json!({"prompt_id": ps, "steps": 3}),
+    ];
+    std::fs::write(&batch, format!("{}\n{}\n", lines[0], lines[1])).unwrap();
+    let out = c.cli(&["batch", batch.to_str().unwrap(), "--wait"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), String::from_utf8_lossy(&out.stdout));
+    let upsampled = cosmos_standin::upsample_prompt(text, &file_sha(&videos.join("color.mp4")));
+    let to = c.dir.path().join("out");
+    let runs = c.json(&["runs", "list", "--json"]);
+    let mut prompts = Vec::new();
+    for r in runs.as_array().unwrap() {
+        let id = r["id"].as_str().unwrap();
+        assert!(c.cli(&["download", id, "--to", to.to_str().unwrap()]).status.success());
+        let h = header(&to.join(id).join("output.mp4"));
+        prompts.push((h["num_steps"].as_i64().unwrap(), h["prompt"].as_str().unwrap().to_string()));
+    }
+    prompts.sort();
+    assert_eq!(
+        prompts,
+        [(2, upsampled.clone()), (2, upsampled), (3, text.to_string())],
+        "upsampled where asked, by the model itself before generating"
+    );
+}
+
+#[test]
+fn a_missing_model_script_fails_once_with_its_own_message() {
+    // A wrong checkout directory: the image has no script at that path.
+    let controller = vec!["--cosmos-checkout-dir".to_string(), "/opt/cosmos-elsewhere".to_string()];
+    let c = Cluster::start_with(1, 15_000, controller, |_| Vec::new());
+    let videos = video_dir(c.dir.path(), "quay", false);
+    let ps =
+        c.json(&["create", "prompt", "a quay", videos.to_str().unwrap(), "--json"])["id"].as_str().unwrap().to_string();
+    let out = c.cli(&["prompt-enhance", &ps]);
+    assert!(!out.status.success());
+    let script = "/opt/cosmos-elsewhere/cosmos_transfer1/auxiliary/upsampler/inference/upsampler_pipeline.py";
+    let message = format!("python: can't open file '{script}': [Errno 2] No such file or directory");
+    assert!(stderr(&out).contains(&message), "the CLI says why: {}", stderr(&out));
+    let out = c.cli(&["inference", &ps, "--steps", "2", "--wait"]);
+    assert!(!out.status.success());
+    let runs = c.json(&["runs", "list", "--json"]);
+    assert_eq!(runs.as_array().unwrap().len(), 2, "{runs}");
+    for r in runs.as_array().unwrap() {
+        let job = &r["job"];
+        assert_eq!(job["state"], "failed", "{r}");
+        assert_eq!(job["attempts"], 1, "a usage error is not retried: {r}");
+        assert_eq!(job["exit_code"], 2, "{r}");
+        let error = job["error"].as_str().unwrap();
+        assert!(
+            error.contains("not retried") && error.contains("python: can't open file '/opt/cosmos-elsewhere/"),
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn an_upsampler_that_prints_no_result_fails_the_run_saying_so() {
+    let c = Cluster::start_with(1, 15_000, Vec::new(), |root| {
+        // Exits 0 after logs, as an upsampler of another version might: no result line.
+        let bin = root.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::write(bin.join("torchrun"), "#!/bin/sh\necho 'Loading Pixtral'\necho 'INFO all done'\nexit 0\n")
+            .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(bin.join("torchrun"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Vec::new()
+    });
+    let videos = video_dir(c.dir.path(), "pier", false);
+    let ps =
+        c.json(&["create", "prompt", "a pier", videos.to_str().unwrap(), "--json"])["id"].as_str().unwrap().to_string();
+    let out = c.cli(&["prompt-enhance", &ps]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("printed no `Upsampled prompt:` line"), "{}", stderr(&out));
+    let run = &c.json(&["runs", "list", "--json"])[0];
+    assert_eq!((run["job"]["state"].as_str(), run["job"]["attempts"].as_u64()), (Some("failed"), Some(1)), "{run}");
+    assert_eq!(c.json(&["prompts", "list", "--json"]).as_array().unwrap().len(), 1, "no enhanced prompt");
+}
+
 #[test]
 fn enhancing_a_prompt_creates_a_linked_prompt_from_its_video() {
     let c = Cluster::start(1, 15_000);
@@ -331,6 +500,10 @@ fn enhancing_a_prompt_creates_a_linked_prompt_from_its_video() {
     let updated = c.json(&["prompt-enhance", ps, "--overwrite", "--yes", "--json"]);
     assert_eq!(updated["id"], ps);
     assert_eq!(updated["text"], text);
+    // The result came from the upsampler's standard output, delivered as the run's output.
+    let runs = c.json(&["runs", "list", "--json"]);
+    let run = runs.as_array().unwrap().iter().find(|r| r["kind"] == "enhance").unwrap();
+    assert_eq!(run["outputs"][0]["path"], cosmos_proto::spec::STDOUT_LOG, "{run}");
 }
 
 #[test]
@@ -393,6 +566,10 @@ fn runs_as_containers_of_the_model_image_with_its_volumes() {
         Some(2),
         "torchrun, --num_gpus and CUDA_VISIBLE_DEVICES agreed in the container"
     );
+    // The upsampler's result is its stdout, which the Docker runtime streams into stdout.log.
+    let enhanced = c.json(&["prompt-enhance", &ps, "--json"]);
+    let upsampled = cosmos_standin::upsample_prompt("cranes at a container port", &file_sha(&videos.join("color.mp4")));
+    assert_eq!(enhanced["text"], upsampled.as_str(), "{enhanced}");
     let leftover = std::process::Command::new("docker")
         .args(["ps", "-aq", "--filter", "label=cosmos.agent=agent-0", "--filter", &format!("label=cosmos.job")])
         .output()

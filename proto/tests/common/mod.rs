@@ -65,6 +65,7 @@ pub fn job_spec() -> impl Strategy<Value = JobSpec> {
                 ipc_host,
                 // Derived, to keep the generator's tuples within proptest's arity.
                 workdir: image.as_ref().map(|i| format!("/{}", i.len())),
+                terminal_exit_codes: vec![priority.rem_euclid(255) + 1],
                 image,
                 labels,
             },
