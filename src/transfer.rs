@@ -4,7 +4,7 @@
 //! when it does not hold them yet; everything a command sends is checked
 //! first, so a bad batch line is reported before a single byte moves.
 
-use crate::client::{ApiError, Client, ClientArgs};
+use crate::client::{ApiError, Client, ClientArgs, printable};
 use anyhow::{Context, bail};
 use cosmos_controller::api_transfer::{ApplyEnhancement, CreateRuns, CreatedRun, CreatedRuns, RunLine, RunView};
 use cosmos_controller::transfer::{
@@ -365,7 +365,7 @@ pub fn prompt_enhance(args: &ClientArgs, prompt_id: &str, overwrite: bool, yes: 
     }
     if !wait_runs(args, &client, std::slice::from_ref(&run))? {
         let view: Option<RunView> = client.get(&format!("/v1/runs/{}", run.run_id)).ok();
-        let why = view.and_then(|v| v.job.error).map(|e| format!(": {e}")).unwrap_or_default();
+        let why = view.and_then(|v| v.job.error).map(|e| format!(": {}", printable(&e))).unwrap_or_default();
         bail!("the enhancement run {} did not succeed{why} (`cosmos runs show {}`)", run.run_id, run.run_id);
     }
     if overwrite && !yes {
@@ -430,7 +430,7 @@ pub fn list_runs(args: &ClientArgs, prompt: Option<&str>, state: Option<&str>, w
             r.prompt_name.as_deref().unwrap_or("(deleted)"),
             r.job.state,
             progress,
-            r.job.error.as_deref().unwrap_or("")
+            printable(r.job.error.as_deref().unwrap_or(""))
         );
     }
     Ok(())
@@ -462,7 +462,7 @@ pub fn show_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
         println!("progress {s}/{t}");
     }
     if let Some(e) = &r.job.error {
-        println!("error: {e}");
+        println!("error: {}", printable(e));
     }
     println!("params {}", r.params);
     for o in &r.outputs {
@@ -493,7 +493,7 @@ pub fn list_prompts(args: &ClientArgs) -> anyhow::Result<()> {
     }
     println!("{:<16} {:<28} {:<16} TEXT", "PROMPT", "NAME", "PARENT");
     for p in prompts {
-        let text: String = p.text.chars().take(60).collect();
+        let text: String = printable(&p.text).chars().take(60).collect();
         println!("{:<16} {:<28} {:<16} {text}", p.id, p.name, p.parent.as_deref().unwrap_or("-"));
     }
     Ok(())
@@ -511,8 +511,8 @@ pub fn show_prompt(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     if let Some(parent) = &p.parent {
         println!("enhanced from {parent}");
     }
-    println!("prompt:   {}", p.text);
-    println!("negative: {}", p.negative_prompt);
+    println!("prompt:   {}", printable(&p.text));
+    println!("negative: {}", printable(&p.negative_prompt));
     println!("color.mp4 {} ({} bytes)", p.videos.color.sha256, p.videos.color.size_bytes);
     for (name, v) in [("depth.mp4", &p.videos.depth), ("segmentation.mp4", &p.videos.seg)] {
         if let Some(v) = v {

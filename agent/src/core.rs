@@ -843,14 +843,53 @@ struct ExitContext<'a> {
     terminal_exit_codes: &'a [i32],
     /// The command's last line on stderr, quoted in a failure.
     last_error_line: Option<String>,
+    /// The exit code of the worker torchrun blamed, when the command was torchrun and a worker failed.
+    torchrun_root_cause: Option<i32>,
+}
+
+/// The line torchrun prints before the worker it blames for a failure.
+const TORCHRUN_ROOT_CAUSE: &str = "Root Cause (first observed failure):";
+/// The exception torchrun raises (and exits 1 with) when a worker fails.
+const TORCHRUN_CHILD_FAILED: &str = "ChildFailedError";
+
+/// What torchrun's failure report in `stderr` says: the blamed worker's exit
+/// code and the line the worker itself last wrote before torchrun's report.
+///
+/// torchrun exits 1 whenever a worker fails, whatever the worker's code, and
+/// reports it as `  exitcode  : 2 (pid: 123)` under [`TORCHRUN_ROOT_CAUSE`]
+/// (torch/distributed/elastic/multiprocessing/errors): that code is the one
+/// that says whether the failure is worth retrying.
+fn torchrun_failure(stderr: &str) -> Option<(i32, Option<String>)> {
+    let report = stderr.rfind(TORCHRUN_ROOT_CAUSE)?;
+    let code = stderr[report..]
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("exitcode"))
+        .and_then(|rest| rest.trim_start().strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())?;
+    // The worker's own words come before torchrun's traceback and its log lines.
+    let before = stderr[..report].rfind(TORCHRUN_CHILD_FAILED).map_or(report, |at| at);
+    let before = stderr[..before].rfind("Traceback (most recent call last):").unwrap_or(before);
+    let line = stderr[..before]
+        .split(['\n', '\r'])
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !l.contains("torch/distributed/"))
+        .map(str::to_string);
+    Some((code, line))
 }
 
 impl Attempt {
     fn exit_context(&self) -> ExitContext<'_> {
+        let text = String::from_utf8_lossy(&self.stderr_tail);
+        let (torchrun_root_cause, last_error_line) = match torchrun_failure(&text) {
+            Some((code, line)) => (Some(code), line.map(|l| quoted(&l))),
+            None => (None, self.last_error_line()),
+        };
         ExitContext {
             required: &self.required_outputs,
             terminal_exit_codes: &self.terminal_exit_codes,
-            last_error_line: self.last_error_line(),
+            last_error_line,
+            torchrun_root_cause,
         }
     }
 
@@ -865,12 +904,17 @@ impl Attempt {
     fn last_error_line(&self) -> Option<String> {
         let text = String::from_utf8_lossy(&self.stderr_tail);
         let line = text.split(['\n', '\r']).map(str::trim).rfind(|l| !l.is_empty())?;
-        let mut cut = line.len().min(MAX_QUOTED_LINE_BYTES);
-        while !line.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        Some(line[..cut].to_string())
+        Some(quoted(line))
     }
+}
+
+/// `line`, cut to [`MAX_QUOTED_LINE_BYTES`] at a character boundary.
+fn quoted(line: &str) -> String {
+    let mut cut = line.len().min(MAX_QUOTED_LINE_BYTES);
+    while !line.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    line[..cut].to_string()
 }
 
 fn outcome_of(
@@ -915,13 +959,18 @@ fn outcome_of(
             }
         }
         (Some(code), _) => {
-            let terminal = is_terminal_exit(code) || att.terminal_exit_codes.contains(&code);
+            let worker = att.torchrun_root_cause;
+            let terminal = is_terminal_exit(code)
+                || att.terminal_exit_codes.contains(&code)
+                || worker.is_some_and(|w| att.terminal_exit_codes.contains(&w));
+            let how = match worker {
+                Some(w) => format!("exited with code {code} (torchrun: the worker it blames exited with code {w})"),
+                None => format!("exited with code {code}"),
+            };
             let mut reason = if terminal {
-                format!(
-                    "exited with code {code}: the command is wrong or missing, so it is not retried; fix it and resubmit"
-                )
+                format!("{how}: the command is wrong or missing, so it is not retried; fix it and resubmit")
             } else {
-                format!("exited with code {code}; see its logs")
+                format!("{how}; see its logs")
             };
             if let Some(line) = &att.last_error_line {
                 reason.push_str(&format!("; its last error output: {line}"));
@@ -1195,6 +1244,60 @@ mod tests {
         let outcome = exit_with(&mut plain, 2, b"ValueError: boom\n");
         let Some(AttemptOutcome::Failed { retryable: true, reason, .. }) = outcome else { panic!("{outcome:?}") };
         assert!(reason.ends_with("; its last error output: ValueError: boom"), "{reason}");
+    }
+
+    /// What torchrun (torch 2.x) writes when its worker exits 2: its log line,
+    /// its own traceback ending in ChildFailedError, and the failure report.
+    const TORCHRUN_WORKER_EXIT_2: &str = "python: can't open file '/workspace/x.py': [Errno 2] No such file or directory
+E1201 10:00:00.123000 41 torch/distributed/elastic/multiprocessing/api.py:869] failed (exitcode: 2) local_rank: 0 (pid: 42) of binary: /usr/bin/python
+Traceback (most recent call last):
+  File \"/usr/local/bin/torchrun\", line 8, in <module>
+    sys.exit(main())
+  File \"/usr/local/lib/python3.10/dist-packages/torch/distributed/launcher/api.py\", line 263, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+/workspace/x.py FAILED
+------------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-01_10:00:00
+  host      : gpu-1
+  rank      : 0 (local_rank: 0)
+  exitcode  : 2 (pid: 42)
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+";
+
+    #[test]
+    fn torchruns_exit_1_is_judged_by_the_exit_code_of_the_worker_it_blames() {
+        let mut terminal = core();
+        let mut s = spec(0);
+        s.terminal_exit_codes = vec![2];
+        assign(&mut terminal, 0, s);
+        let outcome = exit_with(&mut terminal, 1, TORCHRUN_WORKER_EXIT_2.as_bytes());
+        let Some(AttemptOutcome::Failed { exit_code: Some(1), reason, retryable: false }) = outcome else {
+            panic!("a worker's exit 2 under torchrun is terminal for this job: {outcome:?}");
+        };
+        assert!(reason.contains("the worker it blames exited with code 2"), "{reason}");
+        assert!(
+            reason.ends_with(
+                "its last error output: python: can't open file '/workspace/x.py': [Errno 2] No such file or directory"
+            ),
+            "{reason}"
+        );
+        // A worker that failed otherwise (exit 1: an exception) is retried.
+        let mut retried = core();
+        let mut s = spec(0);
+        s.terminal_exit_codes = vec![2];
+        assign(&mut retried, 0, s);
+        let other = TORCHRUN_WORKER_EXIT_2.replace("exitcode  : 2", "exitcode  : 1");
+        let outcome = exit_with(&mut retried, 1, other.as_bytes());
+        let Some(AttemptOutcome::Failed { retryable: true, .. }) = outcome else { panic!("{outcome:?}") };
     }
 
     #[test]

@@ -193,6 +193,24 @@ pub(crate) mod testutil {
 
     /// Runs `torchrun args…` in-process; returns (exit code, stdout, stderr).
     pub(crate) fn run_args(args: &[&str], env: &Env) -> (i32, String, String) {
+        let (code, out, err) = run_raw(args, env);
+        // Answer as the worker saw it: torchrun's exit 1 and failure report
+        // (checked in `torchrun::tests`) taken off.
+        match err.split_once("E0000 ") {
+            Some((worker_err, report)) if code == 1 => {
+                let worker_code = report
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("exitcode  : "))
+                    .and_then(|r| r.split_whitespace().next()?.parse().ok())
+                    .expect("torchrun's report names the worker's exit code");
+                (worker_code, out, worker_err.to_string())
+            }
+            _ => (code, out, err),
+        }
+    }
+
+    /// Runs the stand-in as `torchrun ARGS`: torchrun's exit code, stdout and stderr.
+    pub(crate) fn run_raw(args: &[&str], env: &Env) -> (i32, String, String) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let argv = std::iter::once("torchrun").chain(args.iter().copied()).map(OsString::from).collect();
         let code = run_with(argv, env, &mut Io { out: &mut out, err: &mut err });

@@ -25,6 +25,11 @@ pub(crate) struct Launch {
 }
 
 /// Runs `torchrun` with `args` (after argv\[0\]).
+///
+/// As the real torchrun does (torch/distributed/run.py, whose `main` is
+/// wrapped in `@record`): its own usage errors exit 2, but a worker that
+/// fails, whatever its code, makes torchrun raise `ChildFailedError`, print
+/// the failure report naming the worker's exit code, and exit 1.
 pub(crate) fn main(args: &[String], env: &Env, io: &mut Io<'_>) -> i32 {
     let launch = match parse(args, env) {
         Ok(l) => l,
@@ -37,12 +42,54 @@ pub(crate) fn main(args: &[String], env: &Env, io: &mut Io<'_>) -> i32 {
             return EXIT_USAGE;
         }
     };
+    match worker(&launch, env, io) {
+        0 => 0,
+        code => {
+            child_failed(&launch.script, code, io);
+            EXIT_EXCEPTION
+        }
+    }
+}
+
+/// What torchrun writes on stderr when its worker (rank 0) exits with `code`.
+fn child_failed(script: &str, code: i32, io: &mut Io<'_>) {
+    let pid = std::process::id();
+    let _ = write!(
+        io.err,
+        "E0000 00:00:00.000000 {pid} torch/distributed/elastic/multiprocessing/api.py:869] failed (exitcode: {code}) local_rank: 0 (pid: {pid}) of binary: /usr/bin/python
+Traceback (most recent call last):
+  File \"/usr/local/bin/torchrun\", line 8, in <module>
+    sys.exit(main())
+  File \"/usr/local/lib/python3.10/dist-packages/torch/distributed/launcher/api.py\", line 263, in launch_agent
+    raise ChildFailedError(
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+{script} FAILED
+------------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 1970-01-01_00:00:00
+  host      : cosmos-standin
+  rank      : 0 (local_rank: 0)
+  exitcode  : {code} (pid: {pid})
+  error_file: <N/A>
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================
+"
+    );
+}
+
+/// Runs the script as torchrun's worker would: its exit code.
+fn worker(launch: &Launch, env: &Env, io: &mut Io<'_>) -> i32 {
     let root = env.checkout.as_deref().unwrap_or(DEFAULT_CHECKOUT).trim_end_matches('/');
     let is = |script: &str| launch.script == script || launch.script == format!("{root}/{script}");
     let result = if is(TRANSFER_SCRIPT) {
-        crate::transfer::main(&launch, env, io)
+        crate::transfer::main(launch, env, io)
     } else if is(UPSAMPLER_SCRIPT) {
-        crate::upsampler::main(&launch, env, io)
+        crate::upsampler::main(launch, env, io)
     } else {
         let _ = writeln!(io.err, "python: can't open file '{}': [Errno 2] No such file or directory", launch.script);
         return EXIT_USAGE;
@@ -206,6 +253,20 @@ mod tests {
         let (code, _, err) = run_args(&["/workspace/train.py"], &one_gpu());
         assert_eq!(code, 2);
         assert_eq!(err, "python: can't open file '/workspace/train.py': [Errno 2] No such file or directory\n");
+    }
+
+    #[test]
+    fn a_failed_worker_makes_torchrun_exit_1_with_a_report_naming_its_code() {
+        let (code, _, err) = crate::testutil::run_raw(&["/workspace/train.py"], &one_gpu());
+        assert_eq!(code, EXIT_EXCEPTION, "torchrun raises ChildFailedError whatever the worker's code");
+        assert!(err.starts_with("python: can't open file '/workspace/train.py'"), "{err}");
+        assert!(err.contains("torch.distributed.elastic.multiprocessing.errors.ChildFailedError:\n"), "{err}");
+        let report = &err[err.find("Root Cause (first observed failure):").expect("the report")..];
+        assert!(report.contains("\n  exitcode  : 2 (pid: "), "{report}");
+        // torchrun's own usage errors are argparse's: exit 2, no report.
+        let (code, _, err) = crate::testutil::run_raw(&["--bogus", "x.py"], &one_gpu());
+        assert_eq!(code, EXIT_USAGE);
+        assert!(!err.contains("ChildFailedError"));
     }
 
     #[test]

@@ -57,6 +57,20 @@ impl Work {
     }
 }
 
+/// torchrun exits 1 when its worker fails; the worker's own code is in its failure report.
+fn worker_code(o: &Output) -> Option<i32> {
+    assert_eq!(o.status.code(), Some(1), "torchrun exits 1 when its worker fails: {}", stderr(o));
+    let err = stderr(o);
+    let report = &err[err.find("Root Cause (first observed failure):")?..];
+    report.lines().find_map(|l| l.trim().strip_prefix("exitcode  : "))?.split_whitespace().next()?.parse().ok()
+}
+
+/// What the worker itself wrote on stderr, before torchrun's report.
+fn worker_stderr(o: &Output) -> String {
+    let err = stderr(o);
+    err.split_once("E0000 ").map_or(err.clone(), |(before, _)| before.to_string())
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -163,11 +177,13 @@ fn torchrun_and_script_usage_errors_exit_2() {
     assert!(stderr(&o).contains("single node"));
     let o = w.torchrun(&["--rdzv_backend=c10d", TRANSFER_SCRIPT], &[]);
     assert_eq!(o.status.code(), Some(2));
+    // The script's own usage errors are its worker's exit 2, under torchrun's exit 1.
     let o = w.torchrun(&["cosmos_transfer1/other.py"], &[]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(worker_code(&o), Some(2));
     assert!(stderr(&o).contains("can't open file 'cosmos_transfer1/other.py'"));
+    assert!(stderr(&o).contains("torch.distributed.elastic.multiprocessing.errors.ChildFailedError"));
     let o = w.transfer(&["--x"]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(worker_code(&o), Some(2));
     assert!(stderr(&o).contains("transfer.py: error: unrecognized arguments: --x"));
 }
 
@@ -177,9 +193,9 @@ fn injected_failure_exits_1_after_a_step() {
     w.spec(basic_spec());
     let script = format!("/workspace/{TRANSFER_SCRIPT}");
     let o = w.torchrun(&[&script, "--controlnet_specs", "spec.json"], &[(ENV_FAIL, "boom")]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(worker_code(&o), Some(1));
     assert_eq!(progress(&stderr(&o)).last(), Some(&(1, 35)));
-    assert!(stderr(&o).ends_with("RuntimeError: boom\n"));
+    assert!(worker_stderr(&o).ends_with("RuntimeError: boom\n"));
 }
 
 #[test]
@@ -256,13 +272,13 @@ fn the_old_upsampler_script_does_not_exist() {
     let w = Work::new();
     let old = "/workspace/cosmos_transfer1/auxiliary/upsampler/inference/prompt_upsampler.py";
     let o = w.torchrun(&["--nproc_per_node=1", old, "--input", "items.json", "--output", "outputs/result.json"], &[]);
-    assert_eq!(o.status.code(), Some(2));
-    assert_eq!(stderr(&o), format!("python: can't open file '{old}': [Errno 2] No such file or directory\n"));
+    assert_eq!(worker_code(&o), Some(2));
+    assert_eq!(worker_stderr(&o), format!("python: can't open file '{old}': [Errno 2] No such file or directory\n"));
     assert!(!w.exists("outputs/result.json"));
     // The real scripts too, when they are looked for outside the image's checkout.
     let elsewhere = format!("/opt/cosmos/{UPSAMPLER_SCRIPT}");
     let o = w.torchrun(&[&elsewhere, "--input_video", "inputs/color.mp4"], &[]);
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(worker_code(&o), Some(2));
     assert!(stderr(&o).contains(&format!("can't open file '{elsewhere}'")), "{}", stderr(&o));
     let o = w.torchrun(
         &[&elsewhere, "--input_video", "inputs/color.mp4"],

@@ -471,3 +471,55 @@ fn a_submission_repeated_under_its_idempotency_key_is_answered_with_the_first_id
     assert_eq!(status, 200, "{fresh}");
     assert_eq!(c.json(&["jobs", "list", "--json"]).as_array().unwrap().len(), 3);
 }
+
+#[test]
+fn prompt_text_with_control_characters_is_printed_escaped() {
+    let c = Cluster::start(0, 10_000);
+    let videos = c.dir.path().join("videos");
+    std::fs::create_dir_all(&videos).unwrap();
+    std::fs::write(videos.join("color.mp4"), b"a color video".repeat(64)).unwrap();
+    let text = "a street\n| ps_fake | injected row\u{1b}[2J";
+    let out = c.cli(&["create", "prompt", text, videos.to_str().unwrap(), "--name", "street"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for args in [
+        &["prompts", "list"][..],
+        &["prompts", "show", &c.json(&["prompts", "list", "--json"])[0]["id"].as_str().unwrap().to_string()],
+    ] {
+        let out = c.cli(args);
+        let shown = String::from_utf8_lossy(&out.stdout);
+        assert!(!shown.contains('\u{1b}'), "{args:?} printed a raw escape: {shown:?}");
+        assert!(!shown.contains("\n| ps_fake"), "{args:?} printed a faked row: {shown}");
+        assert!(shown.contains("a street\\n| ps_fake"), "{args:?} shows the newline escaped: {shown}");
+    }
+    // The stored text is what was given: escaping is for display only.
+    assert_eq!(c.json(&["prompts", "list", "--json"])[0]["text"], text);
+}
+
+#[test]
+fn a_run_creation_repeated_under_its_key_makes_its_runs_and_prompts_once() {
+    let c = Cluster::start(0, 10_000);
+    let videos = c.dir.path().join("videos");
+    std::fs::create_dir_all(&videos).unwrap();
+    let color = b"color of a repeated run".repeat(64);
+    std::fs::write(videos.join("color.mp4"), &color).unwrap();
+    // Upload the video the way the CLI does, then create a prompt and a run in one request, twice.
+    use sha2::Digest;
+    let sha = hex::encode(sha2::Sha256::digest(&color));
+    let bearer = format!("Bearer {}", token(&c));
+    let (status, body) = call(&c, "PUT", &format!("/v1/blobs/{sha}"), &authed(&bearer), &color);
+    assert!(status == 201 || status == 200, "{body}");
+    let request = json!({ "runs": [{ "prompt": {
+        "text": "a repeated run", "videos": { "color": { "sha256": sha, "size_bytes": color.len() } }
+    } }] })
+    .to_string();
+    let headers =
+        [("Authorization", bearer.as_str()), ("Content-Type", "application/json"), ("Idempotency-Key", "runs-1")];
+    let (status, first) = call(&c, "POST", "/v1/runs", &headers, request.as_bytes());
+    assert_eq!(status, 201, "{first}");
+    let (status, again) = call(&c, "POST", "/v1/runs", &headers, request.as_bytes());
+    assert_eq!(status, 201, "{again}");
+    let (first, again): (Value, Value) = (serde_json::from_str(&first).unwrap(), serde_json::from_str(&again).unwrap());
+    assert_eq!(first, again, "a repeat answers the runs and prompts the first request made");
+    assert_eq!(c.json(&["runs", "list", "--json"]).as_array().unwrap().len(), 1);
+    assert_eq!(c.json(&["prompts", "list", "--json"]).as_array().unwrap().len(), 1);
+}
