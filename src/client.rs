@@ -140,6 +140,11 @@ impl Client {
         for _ in 1..SUBMIT_TRIES {
             match send(Some(&key)) {
                 Ok(r) if r.status().as_u16() != 503 => return self.json(Ok(r)),
+                // Nothing listens there: trying again only delays the error.
+                Err(e @ (ureq::Error::HostNotFound | ureq::Error::ConnectionFailed)) => return self.json(Err(e)),
+                Err(ureq::Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    return self.json(Err(ureq::Error::Io(e)));
+                }
                 Ok(_) | Err(_) => {
                     std::thread::sleep(Duration::from_millis(wait_ms));
                     wait_ms *= 2;

@@ -216,6 +216,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     );
     let backoff = Backoff::new(opts.reconnect_min_ms, opts.reconnect_max_ms, incarnation);
     let shell = Shell {
+        incarnation,
         opts,
         gpus,
         clock,
@@ -445,6 +446,8 @@ async fn dial(addr: String, hello: Hello, max_frame_bytes: u32) -> Result<Connec
 
 /// The main loop's state.
 struct Shell {
+    /// This process's incarnation, sent in every handshake.
+    incarnation: u64,
     opts: AgentOptions,
     gpus: Vec<GpuInfo>,
     clock: std::time::Instant,
@@ -498,7 +501,12 @@ impl Shell {
         let mut shutdown = pin!(shutdown);
         let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let hello = Hello { role: Role::Agent, node_id: self.opts.name.clone(), token: self.opts.token.clone() };
+        let hello = Hello {
+            role: Role::Agent,
+            node_id: self.opts.name.clone(),
+            token: self.opts.token.clone(),
+            incarnation: self.incarnation,
+        };
         let mut dialing: Option<JoinHandle<Result<Connection<TcpStream>, DialError>>> = None;
         let mut next_dial = Instant::now();
         // The last dial failure, so a controller that stays down is logged once, not at every retry.

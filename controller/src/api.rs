@@ -27,6 +27,8 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024 * 1024;
 pub const BODY_KIB_IN_FLIGHT_MAX: usize = 256 * 1024;
 /// A body whose sender pauses this long between bytes is dropped (stalled clients hold descriptors).
 pub const BODY_IDLE_TIMEOUT_MS: u64 = 10_000;
+/// Bound on reading one JSON body whole, however steadily it trickles in.
+pub const BODY_READ_TIMEOUT_MS: u64 = 120_000;
 /// Bound on the request head (line and headers).
 const REQUEST_HEAD_TIMEOUT_MS: u64 = 5_000;
 /// Most API connections at once, whatever the descriptor limit allows.
@@ -284,30 +286,74 @@ pub fn api_connections_max() -> usize {
     usize::try_from(nofile / 8).unwrap_or(API_CONNECTIONS_MAX).clamp(API_WORKERS, API_CONNECTIONS_MAX)
 }
 
-/// Reads a request body of at most `limit` bytes, each chunk within
-/// [`BODY_IDLE_TIMEOUT_MS`] of the last, and all bodies being read together
-/// within [`BODY_KIB_IN_FLIGHT_MAX`].
+/// A request body read whole, with its share of the bodies' memory budget,
+/// held until this is dropped (after the handler has parsed and used it).
+pub(crate) struct ReadBody {
+    /// The bytes.
+    pub bytes: web::Bytes,
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Reads a request body of at most `limit` bytes: each chunk within
+/// [`BODY_IDLE_TIMEOUT_MS`] of the last, the whole within
+/// [`BODY_READ_TIMEOUT_MS`], and all bodies held together within
+/// [`BODY_KIB_IN_FLIGHT_MAX`]. A body that announces its length reserves
+/// all of it before reading (budget taken piece by piece could leave several
+/// bodies each waiting for the others' share); a chunked one takes it as it comes.
 pub(crate) async fn read_body(
     shared: &Shared,
+    req: &HttpRequest,
     mut body: web::Payload,
     limit: usize,
-) -> Result<web::Bytes, HttpResponse> {
+) -> Result<ReadBody, HttpResponse> {
     let idle = Duration::from_millis(BODY_IDLE_TIMEOUT_MS);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(BODY_READ_TIMEOUT_MS);
     let stalled = || {
         closing(error(
             StatusCode::REQUEST_TIMEOUT,
-            format!("the request body stalled for {BODY_IDLE_TIMEOUT_MS} ms; send it again"),
+            format!(
+                "the request body stalled for {BODY_IDLE_TIMEOUT_MS} ms or took over {BODY_READ_TIMEOUT_MS} ms; send it again"
+            ),
             None,
             true,
         ))
     };
-    let mut held: Option<tokio::sync::SemaphorePermit<'_>> = None;
-    let mut buf = web::BytesMut::new();
+    let too_large = || {
+        closing(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is over {limit} bytes; split the batch"),
+            None,
+            false,
+        ))
+    };
+    let busy = || {
+        closing(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the controller is busy reading other large requests; retry".into(),
+            None,
+            true,
+        ))
+    };
+    let kib = |n: usize| u32::try_from(n.div_ceil(1024)).unwrap_or(u32::MAX);
+    let announced = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let mut held = match announced {
+        Some(n) if n > limit => return Err(too_large()),
+        Some(n) => match tokio::time::timeout(idle, shared.bodies.clone().acquire_many_owned(kib(n))).await {
+            Ok(Ok(permit)) => Some(permit),
+            _ => return Err(busy()),
+        },
+        None => None,
+    };
+    let mut buf = web::BytesMut::with_capacity(announced.unwrap_or(0));
     loop {
-        let next = tokio::time::timeout(idle, body.next()).await;
-        match next {
+        let wait = idle.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+        match tokio::time::timeout(wait, body.next()).await {
             Err(_) => return Err(stalled()),
-            Ok(None) => return Ok(buf.freeze()),
+            Ok(None) => return Ok(ReadBody { bytes: buf.freeze(), _budget: held }),
             Ok(Some(Err(e))) => {
                 return Err(closing(error(
                     StatusCode::BAD_REQUEST,
@@ -318,20 +364,18 @@ pub(crate) async fn read_body(
             }
             Ok(Some(Ok(chunk))) => {
                 if buf.len() + chunk.len() > limit {
-                    return Err(closing(error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!("the request body is over {limit} bytes; split the batch"),
-                        None,
-                        false,
-                    )));
+                    return Err(too_large());
                 }
-                let kib = u32::try_from(chunk.len().div_ceil(1024)).unwrap_or(u32::MAX);
-                let Ok(Ok(permit)) = tokio::time::timeout(idle, shared.bodies.acquire_many(kib)).await else {
-                    return Err(stalled());
-                };
-                match &mut held {
-                    Some(h) => h.merge(permit),
-                    None => held = Some(permit),
+                if announced.is_none() {
+                    let Ok(Ok(permit)) =
+                        tokio::time::timeout(wait, shared.bodies.clone().acquire_many_owned(kib(chunk.len()))).await
+                    else {
+                        return Err(busy());
+                    };
+                    match &mut held {
+                        Some(h) => h.merge(permit),
+                        None => held = Some(permit),
+                    }
                 }
                 buf.extend_from_slice(&chunk);
             }
@@ -351,8 +395,8 @@ pub(crate) fn parse_json<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, H
 pub(crate) struct JsonBody<T> {
     /// The decoded value.
     pub value: T,
-    /// The bytes it was decoded from.
-    pub bytes: web::Bytes,
+    /// The bytes it was decoded from, with their share of the memory budget.
+    pub body: ReadBody,
 }
 
 impl<T: serde::de::DeserializeOwned + 'static> actix_web::FromRequest for JsonBody<T> {
@@ -362,13 +406,14 @@ impl<T: serde::de::DeserializeOwned + 'static> actix_web::FromRequest for JsonBo
     fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
         let state = req.app_data::<web::Data<State>>().cloned();
         let body = web::Payload::from_request(req, payload);
+        let req = req.clone();
         Box::pin(async move {
             let refuse =
                 |r: HttpResponse| actix_web::Error::from(actix_web::error::InternalError::from_response("", r));
             let state = state.ok_or_else(|| refuse(unavailable()))?;
-            let bytes = read_body(&state.shared, body.await?, BODY_BYTES_MAX).await.map_err(refuse)?;
-            let value = parse_json(&bytes).map_err(refuse)?;
-            Ok(JsonBody { value, bytes })
+            let body = read_body(&state.shared, &req, body.await?, BODY_BYTES_MAX).await.map_err(refuse)?;
+            let value = parse_json(&body.bytes).map_err(refuse)?;
+            Ok(JsonBody { value, body })
         })
     }
 }
@@ -441,15 +486,16 @@ struct RawSubmit<'a> {
 pub const RESERVED_LABEL_PREFIX: &str = "cosmos.";
 
 async fn submit(req: HttpRequest, state: web::Data<State>, body: web::Payload) -> HttpResponse {
-    let bytes = match read_body(&state.shared, body, BODY_BYTES_MAX).await {
+    let body = match read_body(&state.shared, &req, body, BODY_BYTES_MAX).await {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let key = match idempotency(&req, &bytes) {
+    let bytes = &body.bytes;
+    let key = match idempotency(&req, bytes) {
         Ok(k) => k,
         Err(r) => return r,
     };
-    let raw: RawSubmit<'_> = match parse_json(&bytes) {
+    let raw: RawSubmit<'_> = match parse_json(bytes) {
         Ok(r) => r,
         Err(r) => return r,
     };
@@ -784,7 +830,7 @@ fn read_log(path: &std::path::Path, pos: &mut Option<u64>, start: LogStart, fina
     let from = match *pos {
         Some(p) => p,
         None => {
-            let mut p = start.offset.min(len);
+            let mut p = start.offset;
             if let Some(tail) = start.tail_bytes {
                 p = p.max(len.saturating_sub(tail));
                 // A tail starts at a line's beginning.
@@ -816,9 +862,11 @@ fn read_log(path: &std::path::Path, pos: &mut Option<u64>, start: LogStart, fina
         return false;
     }
     let full_chunk = buf.len() as u64 == LOG_READ_CHUNK_BYTES;
+    // Only the end of a final log may be a partial line; inside the file a line goes on in the next chunk.
+    let at_end = from + buf.len() as u64 == len;
     let upto = match buf.iter().rposition(|&b| b == b'\n') {
         Some(p) => p + 1,
-        None if final_ || full_chunk => buf.len(),
+        None if (final_ && at_end) || full_chunk => buf.len(),
         None => 0,
     };
     for line in String::from_utf8_lossy(&buf[..upto]).lines() {
@@ -827,7 +875,7 @@ fn read_log(path: &std::path::Path, pos: &mut Option<u64>, start: LogStart, fina
         out.push_str("\n\n");
     }
     // A final log's partial last line is sent as it is.
-    let upto = if final_ && upto < buf.len() {
+    let upto = if final_ && at_end && upto < buf.len() {
         for line in String::from_utf8_lossy(&buf[upto..]).lines() {
             out.push_str("data: ");
             out.push_str(line);

@@ -620,7 +620,7 @@ async fn created_before(state: &web::Data<State>, ids: &[JobId], new_prompt_line
 }
 
 async fn create_runs(req: HttpRequest, state: web::Data<State>, body: JsonBody<CreateRuns>) -> HttpResponse {
-    let key = match crate::api::idempotency(&req, &body.bytes) {
+    let key = match crate::api::idempotency(&req, &body.body.bytes) {
         Ok(k) => k,
         Err(r) => return r,
     };

@@ -141,6 +141,19 @@ pub fn ensure_token(path: &Path) -> Result<Token, DaemonError> {
     Ok(token)
 }
 
+/// Raises the soft limit on open descriptors to the hard one: every agent,
+/// API client, log and blob transfer holds one, and systemd's soft default (1024) is low.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit read and write the struct we pass, nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Creates `dir` (and its parents) if needed and makes it private to its owner:
 /// the store holds job environments, the logs whatever jobs print.
 pub fn create_private_dir(dir: &Path) -> Result<(), DaemonError> {
@@ -148,7 +161,10 @@ pub fn create_private_dir(dir: &Path) -> Result<(), DaemonError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mode = std::fs::metadata(dir).map_err(io_err(dir))?.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700 | 0o700)).map_err(io_err(dir))?;
+        if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode & 0o700 | 0o700)) {
+            // Not ours to change (a shared directory): its files are still created private.
+            tracing::warn!(dir = %dir.display(), mode = format!("{mode:o}"), error = %e, "cannot make the directory private; chmod 700 it");
+        }
     }
     Ok(())
 }
@@ -182,6 +198,7 @@ pub fn wall_ms() -> u64 {
 
 /// Runs a controller until `shutdown` resolves. Must run inside an actix system.
 pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    raise_open_files_limit();
     let dir = DataDir { root: opts.data_dir.clone() };
     create_private_dir(&dir.root)?;
     // Held until the process ends: a second controller on this directory would fork its history.
@@ -210,6 +227,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         gated: VecDeque::new(),
         conns: HashMap::new(),
         peers: HashMap::new(),
+        claims: HashMap::new(),
         last_ticket: None,
         blobs: blobs.clone(),
     }
@@ -229,7 +247,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         transfer: opts.transfer.clone(),
         uploading: std::sync::Mutex::new(std::collections::BTreeSet::new()),
         blob_gc: tokio::sync::RwLock::new(()),
-        bodies: tokio::sync::Semaphore::new(api::BODY_KIB_IN_FLIGHT_MAX),
+        bodies: Arc::new(tokio::sync::Semaphore::new(api::BODY_KIB_IN_FLIGHT_MAX)),
         attempt_log_bytes_max: opts.attempt_log_bytes_max,
     });
     actix::spawn(accept_agents(agent_listener, addr.clone(), agent_token, opts.max_frame_bytes, shared.clone()));
@@ -269,7 +287,7 @@ pub struct Shared {
     /// outputs are deleted, so a run never names a blob removed under it.
     pub blob_gc: tokio::sync::RwLock<()>,
     /// KiB of request bodies being read now, bounding their memory (see [`api::BODY_KIB_IN_FLIGHT_MAX`]).
-    pub bodies: tokio::sync::Semaphore,
+    pub bodies: Arc<tokio::sync::Semaphore>,
     /// Bound on each stored log stream of one attempt.
     pub attempt_log_bytes_max: u64,
 }
@@ -321,8 +339,11 @@ pub struct CoreActor {
     /// Actions waiting for their persist to be durable, in order.
     gated: VecDeque<(Ticket, Action)>,
     conns: HashMap<ConnId, mpsc::Sender<ControllerMsg>>,
-    /// Where each agent connection comes from, to name it when its name is claimed again.
-    peers: HashMap<ConnId, SocketAddr>,
+    /// Where each agent connection comes from and its process's incarnation,
+    /// to refuse another process under its name, naming where it is.
+    peers: HashMap<ConnId, (SocketAddr, u64)>,
+    /// Names whose handshake passed but whose connection is not yet registered, by name.
+    claims: HashMap<String, Claim>,
     last_ticket: Option<Ticket>,
     /// Where delivered outputs are, for the checks a run's kind needs on them.
     blobs: Arc<cosmos_cas::Store>,
@@ -435,8 +456,7 @@ impl CoreActor {
                 }
             }
             Action::Close(conn) => {
-                self.conns.remove(&conn);
-                self.peers.remove(&conn);
+                self.forget(conn);
             }
             Action::Reply(f) => f(),
         }
@@ -585,22 +605,68 @@ impl Handler<Status> for CoreActor {
     }
 }
 
-/// Where the live connection of an agent with this name comes from, if one is up.
-struct NameHolder(String);
-impl Message for NameHolder {
-    type Result = Option<SocketAddr>;
+/// A connection's hold on an agent name, from its handshake until it is registered or gone.
+#[derive(Clone, Copy, Debug)]
+struct Claim {
+    conn: ConnId,
+    peer: SocketAddr,
+    incarnation: u64,
 }
-impl Handler<NameHolder> for CoreActor {
-    type Result = Option<SocketAddr>;
-    fn handle(&mut self, NameHolder(name): NameHolder, _: &mut Context<Self>) -> Self::Result {
-        let conn = self.core.live_conn_of(&name)?;
-        self.peers.get(&conn).copied()
+
+impl CoreActor {
+    /// Drops what is kept of a connection.
+    fn forget(&mut self, conn: ConnId) {
+        self.conns.remove(&conn);
+        self.peers.remove(&conn);
+        self.claims.retain(|_, c| c.conn != conn);
+    }
+}
+
+/// Claims an agent name for a connection in its handshake; refused with the
+/// holder's address while another process holds it: connected and heard from,
+/// or in its own handshake. The same process reconnecting (same incarnation)
+/// replaces its old connection.
+struct ClaimName {
+    name: String,
+    claim: Claim,
+}
+impl Message for ClaimName {
+    type Result = Result<(), SocketAddr>;
+}
+impl Handler<ClaimName> for CoreActor {
+    type Result = Result<(), SocketAddr>;
+    fn handle(&mut self, ClaimName { name, claim }: ClaimName, _: &mut Context<Self>) -> Self::Result {
+        if let Some(&(peer, incarnation)) = self.core.live_conn_of(&name).and_then(|c| self.peers.get(&c)) {
+            if incarnation != claim.incarnation {
+                return Err(peer);
+            }
+        }
+        if let Some(other) = self.claims.get(&name) {
+            if other.conn != claim.conn && other.incarnation != claim.incarnation {
+                return Err(other.peer);
+            }
+        }
+        self.claims.insert(name, claim);
+        Ok(())
+    }
+}
+
+/// A connection ended before it was registered: its claim goes.
+struct Unclaim(ConnId);
+impl Message for Unclaim {
+    type Result = ();
+}
+impl Handler<Unclaim> for CoreActor {
+    type Result = ();
+    fn handle(&mut self, Unclaim(conn): Unclaim, _: &mut Context<Self>) {
+        self.claims.retain(|_, c| c.conn != conn);
     }
 }
 
 struct AgentConnected {
     conn: ConnId,
     peer: SocketAddr,
+    incarnation: u64,
     name: String,
     hello: cosmos_proto::AgentHello,
     tx: mpsc::Sender<ControllerMsg>,
@@ -612,7 +678,8 @@ impl Handler<AgentConnected> for CoreActor {
     type Result = ();
     fn handle(&mut self, mut m: AgentConnected, _: &mut Context<Self>) {
         self.conns.insert(m.conn, m.tx);
-        self.peers.insert(m.conn, m.peer);
+        self.peers.insert(m.conn, (m.peer, m.incarnation));
+        self.claims.retain(|_, c| c.conn != m.conn);
         self.guard_run_reports(&mut m.hello.attempts);
         let mut out = Vec::new();
         self.core.on_connect(wall_ms(), m.conn, &m.name, m.hello, &mut out);
@@ -645,8 +712,7 @@ impl Message for AgentGone {
 impl Handler<AgentGone> for CoreActor {
     type Result = ();
     fn handle(&mut self, AgentGone(conn): AgentGone, _: &mut Context<Self>) {
-        self.conns.remove(&conn);
-        self.peers.remove(&conn);
+        self.forget(conn);
         let mut out = Vec::new();
         self.core.on_disconnect(wall_ms(), conn, &mut out);
         self.perform(out, None);
@@ -700,12 +766,15 @@ async fn accept_agents(
 /// The handshake and the agent's first message, or why not.
 async fn agent_hello(
     c: &mut Connection<tokio::net::TcpStream>,
+    conn: ConnId,
+    peer: SocketAddr,
     core: &Addr<CoreActor>,
     token: &Token,
 ) -> Result<(cosmos_proto::Hello, cosmos_proto::AgentHello), String> {
     let check = |hello: cosmos_proto::Hello| async move {
-        match core.send(NameHolder(hello.node_id.clone())).await {
-            Ok(Some(holder)) => {
+        let claim = Claim { conn, peer, incarnation: hello.incarnation };
+        match core.send(ClaimName { name: hello.node_id.clone(), claim }).await {
+            Ok(Err(holder)) => {
                 Err(cosmos_proto::Refusal::NameInUse { name: hello.node_id, holder: holder.to_string() })
             }
             _ => Ok(()),
@@ -735,14 +804,17 @@ async fn serve_agent(
     shared: Arc<Shared>,
 ) {
     let mut c = Connection::new(socket, max_frame_bytes);
-    let opened =
-        tokio::time::timeout(Duration::from_millis(AGENT_HELLO_TIMEOUT_MS), agent_hello(&mut c, &core, &token))
-            .await
-            .unwrap_or_else(|_| Err(format!("agent said nothing acceptable within {AGENT_HELLO_TIMEOUT_MS} ms")));
+    let opened = tokio::time::timeout(
+        Duration::from_millis(AGENT_HELLO_TIMEOUT_MS),
+        agent_hello(&mut c, conn, peer, &core, &token),
+    )
+    .await
+    .unwrap_or_else(|_| Err(format!("agent said nothing acceptable within {AGENT_HELLO_TIMEOUT_MS} ms")));
     drop(handshake_permit);
     let (hello, mut agent_hello) = match opened {
         Ok(x) => x,
         Err(e) => {
+            core.do_send(Unclaim(conn));
             tracing::warn!(%peer, "{e}");
             return;
         }
@@ -751,7 +823,14 @@ async fn serve_agent(
     crate::blobs::guard_reports(&shared.blobs, &mut agent_hello.attempts);
     tracing::info!(%peer, agent = hello.node_id, gpus = agent_hello.gpus.len(), "agent connected");
     let (tx, rx) = mpsc::channel::<ControllerMsg>(CONN_QUEUE_LEN);
-    core.do_send(AgentConnected { conn, peer, name: hello.node_id.clone(), hello: agent_hello, tx });
+    core.do_send(AgentConnected {
+        conn,
+        peer,
+        incarnation: hello.incarnation,
+        name: hello.node_id.clone(),
+        hello: agent_hello,
+        tx,
+    });
     let incoming = futures::stream::unfold(Some(reader), |reader| async move {
         let mut reader = reader?;
         match recv_frame(&mut reader).await {

@@ -73,6 +73,9 @@ pub struct Hello {
     pub node_id: String,
     /// Shared token; may be empty where the transport authenticates (SSH).
     pub token: Token,
+    /// Differs at every start of the sender's process: the controller tells
+    /// an agent reconnecting from another process under the same name.
+    pub incarnation: u64,
 }
 
 /// The accepting side's answer.
@@ -360,7 +363,7 @@ pub enum TokenFileError {
     },
     /// It holds no token, or one too short to be a secret.
     #[error(
-        "token file {path} holds {chars} characters; a token needs at least {TOKEN_CHARS_MIN}: copy the file the controller generated"
+        "token file {path} holds {chars} characters; a token needs at least {TOKEN_CHARS_MIN}: copy the file the controller generated (the controller makes a new one if its own is removed)"
     )]
     TooShort {
         /// The file.

@@ -7,7 +7,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 const MAX_FRAME: u32 = 1024 * 1024;
 
 fn agent_hello(token: &str) -> Hello {
-    Hello { role: Role::Agent, node_id: "gpu-host-1".into(), token: Token(token.into()) }
+    Hello { role: Role::Agent, node_id: "gpu-host-1".into(), token: Token(token.into()), incarnation: 7 }
 }
 
 /// Runs both sides concurrently and returns (agent's result, controller's result).

@@ -88,6 +88,9 @@ fn two_uploads_of_one_blob_do_not_wedge_the_api_and_sigterm_still_stops_it() {
         let (status, body) = call(&c, "GET", "/v1/status", &authed(&bearer), b"");
         assert_eq!(status, 200, "status after the concurrent upload: {body}");
     }
+    // The refused upload did not release the first one's hold on the blob.
+    let (status, body) = call(&c, "PUT", &format!("/v1/blobs/{sha}"), &authed(&bearer), b"third bytes");
+    assert_eq!(status, 409, "a third upload while the first still runs: {body}");
 
     // SIGTERM with the slow upload still open: the controller stops within its grace.
     let ctl = c.controller.take().unwrap();
@@ -364,18 +367,39 @@ fn attempt_logs_are_capped_and_read_by_tail() {
 }
 
 #[test]
+fn a_long_finished_log_reads_back_line_for_line() {
+    let c = Cluster::start(1, 10_000);
+    // 3 MiB of numbered lines, read in several chunks: no line may be split or lost at a chunk's edge.
+    let script = "i=0; while [ $i -lt 30000 ]; do printf 'line %06d %090d\\n' $i 0; i=$((i+1)); done";
+    let out = submit_line(&c, "long", json!({ "name": "long", "command": ["sh", "-c", script] }));
+    let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()[0].as_str().unwrap().to_string();
+    assert_eq!(wait_final(&c, &id)["state"], "succeeded");
+    let all = c.cli(&["jobs", "logs", &id]);
+    let text = String::from_utf8_lossy(&all.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 30_000, "every line once");
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(*l, format!("line {i:06} {:090}", 0), "line {i}");
+    }
+}
+
+#[test]
 fn a_second_agent_under_a_connected_name_is_refused_and_exits_naming_the_first() {
     let c = Cluster::start(1, 10_000);
-    let out = Command::new(BIN)
-        .args(["agent", "--controller", &c.agent_addr, "--token-file"])
-        .arg(c.data().join("agent.token"))
-        .arg("--work-dir")
-        .arg(c.dir.path().join("impostor"))
-        .args(["--simulated-gpus", "2x16GiB", "--name", "agent-0"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a second agent-0 was let in: {err}");
+    let impostor = Proc(
+        Command::new(BIN)
+            .args(["agent", "--controller", &c.agent_addr, "--token-file"])
+            .arg(c.data().join("agent.token"))
+            .arg("--work-dir")
+            .arg(c.dir.path().join("impostor"))
+            .args(["--simulated-gpus", "2x16GiB", "--name", "agent-0"])
+            .stderr(std::fs::File::create(c.dir.path().join("impostor.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let status = wait_exit(impostor, Duration::from_secs(30)).expect("the second agent-0 kept running");
+    let err = std::fs::read_to_string(c.dir.path().join("impostor.log")).unwrap();
+    assert!(!status.success(), "a second agent-0 was let in: {err}");
     assert!(err.contains("another agent named `agent-0` is connected (from 127.0.0.1:"), "{err}");
     // The first one never lost its place: still connected, with its own 8 GPUs.
     let agents = c.json(&["agents", "list", "--json"]);
@@ -423,6 +447,9 @@ fn control_characters_in_names_and_reserved_labels_are_refused() {
 
 #[test]
 fn the_data_directory_and_its_files_are_private() {
+    // As a controller started by hand would run; a stricter umask would hide the defect.
+    // SAFETY: umask(2) only sets this process's file-creation mask.
+    unsafe { libc::umask(0o022) };
     let c = Cluster::start(1, 10_000);
     let out = submit_line(&c, "hello", json!({ "command": ["sh", "-c", "echo hi; echo err >&2"] }));
     let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()[0].as_str().unwrap().to_string();
@@ -522,4 +549,61 @@ fn a_run_creation_repeated_under_its_key_makes_its_runs_and_prompts_once() {
     assert_eq!(first, again, "a repeat answers the runs and prompts the first request made");
     assert_eq!(c.json(&["runs", "list", "--json"]).as_array().unwrap().len(), 1);
     assert_eq!(c.json(&["prompts", "list", "--json"]).as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn an_agent_reconnecting_before_the_controller_saw_its_old_link_die_is_let_back_in() {
+    use std::sync::{Arc, Mutex};
+    let mut c = Cluster::start(0, 10_000);
+    // A proxy between agent and controller that can cut the agent's side alone,
+    // leaving the controller's side open as a half-open link would.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = listener.local_addr().unwrap().to_string();
+    let agent_sides: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let kept: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    {
+        let (target, agent_sides, kept) = (c.agent_addr.clone(), agent_sides.clone(), kept.clone());
+        std::thread::spawn(move || {
+            for a in listener.incoming() {
+                let Ok(a) = a else { return };
+                let Ok(b) = TcpStream::connect(&target) else { return };
+                let pump = |mut from: TcpStream, mut to: TcpStream| {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    });
+                };
+                pump(a.try_clone().unwrap(), b.try_clone().unwrap());
+                pump(b.try_clone().unwrap(), a.try_clone().unwrap());
+                agent_sides.lock().unwrap().push(a);
+                kept.lock().unwrap().push(b);
+            }
+        });
+    }
+    c.agent_addr = proxy;
+    c.agents.push(Some(c.spawn_agent(0)));
+    c.wait_agents(1);
+    // Cut the agent's side: it redials at once, while the controller still holds its old link.
+    for s in agent_sides.lock().unwrap().drain(..) {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = std::fs::read_to_string(c.dir.path().join("ctl.log")).unwrap();
+        if log.matches("agent connected").count() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent never got back in:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let agent = c.agents[0].as_mut().unwrap();
+    assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited after its own reconnect was refused");
+    let agents = c.json(&["agents", "list", "--json"]);
+    assert_eq!(agents[0]["connected"], true, "{agents}");
+    drop(kept);
 }

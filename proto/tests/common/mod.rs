@@ -196,10 +196,11 @@ pub fn controller_msg() -> impl Strategy<Value = ControllerMsg> {
 }
 
 pub fn hello() -> impl Strategy<Value = Hello> {
-    (any::<bool>(), text(), text()).prop_map(|(agent, node_id, token)| Hello {
+    (any::<bool>(), text(), text(), any::<u64>()).prop_map(|(agent, node_id, token, incarnation)| Hello {
         role: if agent { Role::Agent } else { Role::Controller },
         node_id,
         token: Token(token),
+        incarnation,
     })
 }
 
