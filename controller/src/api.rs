@@ -247,6 +247,15 @@ pub(crate) fn closing(mut resp: HttpResponse) -> HttpResponse {
 }
 
 fn authorize(req: &actix_web::dev::ServiceRequest, shared: &Shared) -> Result<(), HttpResponse> {
+    // A controller whose store failed answers nothing from state it could not keep.
+    if let Some(reason) = shared.store_failure.get() {
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the controller's store cannot be written ({reason}); it is stopping, retry once it is restarted"),
+            None,
+            true,
+        ));
+    }
     let given =
         req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     match given {

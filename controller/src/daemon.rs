@@ -35,6 +35,8 @@ pub const AGENT_HELLO_TIMEOUT_MS: u64 = 5_000;
 /// Bound on stopping the HTTP API at shutdown: a worker stuck in a handler
 /// must not keep the process from exiting.
 pub const API_STOP_GRACE_MS: u64 = 5_000;
+/// After a store failure, how long requests in flight get to receive their 503 before the process exits.
+pub const FAIL_STOP_GRACE_MS: u64 = 1_000;
 /// Default bound on each stored log stream of an attempt.
 pub const ATTEMPT_LOG_BYTES_MAX_DEFAULT: u64 = 64 << 20;
 
@@ -77,6 +79,14 @@ pub enum DaemonError {
     /// A token file is unusable.
     #[error(transparent)]
     Token(#[from] cosmos_proto::TokenFileError),
+    /// The store could not be written: the controller stopped rather than act on decisions it cannot keep.
+    #[error("the store {path} cannot be written ({reason}); the controller stopped so that nothing it answers is lost")]
+    StoreFailed {
+        /// The store's file.
+        path: PathBuf,
+        /// The store's error.
+        reason: String,
+    },
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source} (is another controller running? pick another port)")]
     Bind {
@@ -220,7 +230,8 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
 
     let queue = Arc::new(CommitQueue::new(MAX_PENDING_STORE_OPS));
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
-    let writer = spawn_writer(store, queue.clone(), durable_tx);
+    let (failed_tx, failed_rx) = oneshot::channel();
+    let writer = spawn_writer(store, queue.clone(), durable_tx, failed_tx);
     let addr = CoreActor {
         core,
         queue: queue.clone(),
@@ -249,6 +260,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         blob_gc: tokio::sync::RwLock::new(()),
         bodies: Arc::new(tokio::sync::Semaphore::new(api::BODY_KIB_IN_FLIGHT_MAX)),
         attempt_log_bytes_max: opts.attempt_log_bytes_max,
+        store_failure: std::sync::OnceLock::new(),
     });
     actix::spawn(accept_agents(agent_listener, addr.clone(), agent_token, opts.max_frame_bytes, shared.clone()));
 
@@ -259,14 +271,35 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     println!("  agent token: {}", shared.dir.agent_token().display());
     let handle = server.handle();
     actix::spawn(server);
-    shutdown.await;
+    let failure = tokio::select! {
+        () = shutdown => None,
+        Ok(reason) = failed_rx => Some(reason),
+    };
+    if let Some(reason) = &failure {
+        // Fail-stop: every request from now on, and every one waiting on a
+        // persist that will never be durable, is answered 503 with the reason;
+        // then the process exits non-zero so its supervisor restarts it on
+        // what was durable.
+        let _ = shared.store_failure.set(reason.clone());
+        addr.do_send(StoreFailed);
+        eprintln!(
+            "cosmos controller: the store {} cannot be written: {reason}; stopping",
+            shared.dir.store().display()
+        );
+        tokio::time::sleep(Duration::from_millis(FAIL_STOP_GRACE_MS)).await;
+    }
     if tokio::time::timeout(Duration::from_millis(API_STOP_GRACE_MS), handle.stop(true)).await.is_err() {
         tracing::warn!(grace_ms = API_STOP_GRACE_MS, "the HTTP API did not stop in time; stopping without it");
     }
     queue.close();
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-    tracing::info!("controller stopped");
-    Ok(())
+    match failure {
+        Some(reason) => Err(DaemonError::StoreFailed { path: shared.dir.store(), reason }),
+        None => {
+            tracing::info!("controller stopped");
+            Ok(())
+        }
+    }
 }
 
 /// What the API handlers share.
@@ -290,12 +323,15 @@ pub struct Shared {
     pub bodies: Arc<tokio::sync::Semaphore>,
     /// Bound on each stored log stream of one attempt.
     pub attempt_log_bytes_max: u64,
+    /// Why the store can no longer be written, once it cannot: the API then answers 503 with it.
+    pub store_failure: std::sync::OnceLock<String>,
 }
 
 fn spawn_writer(
     mut store: Store,
     queue: Arc<CommitQueue<StoreOp>>,
     durable: mpsc::UnboundedSender<Ticket>,
+    failed: oneshot::Sender<String>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("store-writer".into())
@@ -308,8 +344,9 @@ fn spawn_writer(
                         let _ = durable.send(batch.upto);
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "store write failed; the controller stops acting on decisions");
+                        tracing::error!(error = %e, "store write failed; the controller stops");
                         queue.fail(e.to_string());
+                        let _ = failed.send(e.to_string());
                         return;
                     }
                 }
@@ -460,6 +497,21 @@ impl CoreActor {
             }
             Action::Reply(f) => f(),
         }
+    }
+}
+
+/// The store failed: what waits on a persist will never be sent or answered, so it is dropped
+/// (API handlers waiting on it answer 503), and no decision is acted on any more.
+struct StoreFailed;
+impl Message for StoreFailed {
+    type Result = ();
+}
+impl Handler<StoreFailed> for CoreActor {
+    type Result = ();
+    fn handle(&mut self, _: StoreFailed, ctx: &mut Context<Self>) {
+        self.gated.clear();
+        self.conns.clear();
+        ctx.stop();
     }
 }
 
