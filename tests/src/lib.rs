@@ -237,6 +237,8 @@ pub struct Sim {
     next_conn: ConnId,
     agents: Vec<AgentNode>,
     submitted: Vec<JobId>,
+    /// The initial submission's outputs are being performed (no store fault there).
+    submission_pending: bool,
     final_jobs: HashMap<JobId, JobState>,
     succeeded_attempt: HashMap<JobId, AttemptId>,
     trace: DefaultHasher,
@@ -318,6 +320,7 @@ impl Sim {
             next_conn: 1,
             agents,
             submitted: Vec::new(),
+            submission_pending: false,
             final_jobs: HashMap::new(),
             succeeded_attempt: HashMap::new(),
             trace: DefaultHasher::new(),
@@ -475,7 +478,11 @@ impl Sim {
             Ok(ids) => self.submitted = ids,
             Err(e) => self.fail(format!("submission refused: {e}")),
         }
+        // The submission is acknowledged once durable: a store failure here would be a 503 the
+        // client retries, which this workload does not model, so the first persist always lands.
+        self.submission_pending = true;
         self.controller_outputs(out);
+        self.submission_pending = false;
     }
 
     fn start_controller(&mut self) {
@@ -604,8 +611,18 @@ impl Sim {
 
     fn controller_outputs(&mut self, out: Vec<CtlOut>) {
         let crash_midway = self.faults_on() && self.scenario.faults.controller_crash && self.rng.random_bool(0.0005);
+        let store_fails = self.faults_on()
+            && !self.submission_pending
+            && self.scenario.faults.store_failure
+            && self.rng.random_bool(0.0005);
         for o in out {
             match o {
+                CtlOut::Persist(_) if store_fails => {
+                    // The transaction rolls back, and the daemon stops before acting on it.
+                    *self.faults.entry("store write failure").or_insert(0) += 1;
+                    self.crash_controller("a store write failed");
+                    return;
+                }
                 CtlOut::Persist(ops) => {
                     self.observe_persist(&ops);
                     self.store.apply(&ops).expect("store applies");

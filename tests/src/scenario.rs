@@ -17,6 +17,9 @@ pub struct Faults {
     pub gpus: bool,
     /// Fetching inputs and delivering outputs fails, mostly in ways worth retrying.
     pub transfers: bool,
+    /// A store write fails (disk full, I/O error): its transaction is lost and
+    /// the controller stops, as the daemon fail-stops, then restarts on what was durable.
+    pub store_failure: bool,
 }
 
 impl Faults {
@@ -29,12 +32,19 @@ impl Faults {
             containers: true,
             gpus: true,
             transfers: true,
+            store_failure: true,
         }
     }
 
     /// Whether any kind is on.
     pub fn any(&self) -> bool {
-        self.network || self.agent_crash || self.controller_crash || self.containers || self.gpus || self.transfers
+        self.network
+            || self.agent_crash
+            || self.controller_crash
+            || self.containers
+            || self.gpus
+            || self.transfers
+            || self.store_failure
     }
 }
 

@@ -29,9 +29,15 @@ fn invariants_hold_under_all_faults() {
         assert_eq!(r.final_states.values().sum::<usize>(), scenario.jobs);
     }
     if reports.len() >= 20 {
-        for kind in
-            ["break connection", "partition", "one-way partition", "agent crash", "controller crash", "foreign VRAM"]
-        {
+        for kind in [
+            "break connection",
+            "partition",
+            "one-way partition",
+            "agent crash",
+            "controller crash",
+            "foreign VRAM",
+            "store write failure",
+        ] {
             assert!(kinds.contains(kind), "no run injected `{kind}`: {kinds:?}");
         }
         for kind in ["staging failure", "delivery failure"] {
