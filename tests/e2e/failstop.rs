@@ -1,9 +1,8 @@
 //! A controller whose store cannot be written stops loudly (issue 11, point 1):
 //! its data directory on a small tmpfs, filled up, then a submission.
 
-use super::{BIN, Proc};
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// A tmpfs mounted for one test, unmounted when dropped. Needs root, as CI runs.
@@ -31,22 +30,7 @@ fn a_controller_whose_disk_fills_up_answers_503_and_exits_naming_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = Tmpfs::mount(&dir.path().join("mnt"), "4m");
     let data = mnt.0.join("ctl");
-    let mut child = Command::new(BIN)
-        .args(["controller", "--data-dir"])
-        .arg(&data)
-        .args(["--api-listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.path().join("ctl.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    while !line.contains("API on") {
-        line.clear();
-        assert!(std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0, "controller did not start");
-    }
-    let mut ctl = Proc(child);
-    let api = line.trim().split("API on ").nth(1).unwrap().split(", agents on ").next().unwrap().to_string();
+    let (mut ctl, api, _) = super::spawn_controller(&[], &data, &dir.path().join("ctl.log"));
     let bearer = format!("Bearer {}", std::fs::read_to_string(data.join("api.token")).unwrap().trim());
 
     // Fill the file system to the last byte.

@@ -196,6 +196,31 @@ impl Cluster {
     }
 }
 
+/// A controller of its own on `data` (run under `wrapper`, such as `prlimit …`,
+/// when one is given), its stderr in `log`: the process, the API's URL and the agents' address.
+fn spawn_controller(wrapper: &[&str], data: &Path, log: &Path) -> (Proc, String, String) {
+    let (program, first) = match wrapper.split_first() {
+        Some((p, rest)) => (*p, [rest, &[BIN]].concat()),
+        None => (BIN, Vec::new()),
+    };
+    let mut child = Command::new(program)
+        .args(first)
+        .args(["controller", "--data-dir"])
+        .arg(data)
+        .args(["--api-listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line =
+        lines.find_map(|l| l.ok().filter(|l| l.contains("API on"))).expect("the controller prints its addresses");
+    std::thread::spawn(move || for _ in lines {});
+    let rest = line.split("API on ").nth(1).unwrap();
+    let (api, agents) = rest.split_once(", agents on ").unwrap();
+    (Proc(child), api.to_string(), agents.to_string())
+}
+
 /// A token file as an operator installs one: mode 0600.
 fn write_token(path: &Path, token: &str) {
     use std::os::unix::fs::PermissionsExt;

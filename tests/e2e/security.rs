@@ -169,23 +169,9 @@ fn stalled_clients_cannot_take_the_descriptors_agents_need() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("ctl");
     // A controller with 200 descriptors, as the probe ran it.
-    let mut child = Command::new("prlimit")
-        .args(["--nofile=200:200", "--", BIN, "controller", "--data-dir"])
-        .arg(&data)
-        .args(["--api-listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.path().join("ctl.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    while !line.contains("API on") {
-        line.clear();
-        assert!(std::io::BufRead::read_line(&mut stdout, &mut line).unwrap() > 0, "controller did not start");
-    }
-    let _ctl = Proc(child);
-    let rest = line.trim().split("API on http://").nth(1).unwrap();
-    let (api, agents) = rest.split_once(", agents on ").unwrap();
+    let (_ctl, api, agents) =
+        super::spawn_controller(&["prlimit", "--nofile=200:200", "--"], &data, &dir.path().join("ctl.log"));
+    let (api, agents) = (api.trim_start_matches("http://"), agents.as_str());
     let bearer = format!("Bearer {}", std::fs::read_to_string(data.join("api.token")).unwrap().trim());
     // 260 authenticated clients that send their headers and `{`, then stall.
     let stalled: Vec<TcpStream> = (0..260)
