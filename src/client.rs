@@ -57,6 +57,8 @@ impl Client {
         let file = ConfigFile::load()?;
         let base = args.controller.clone().or(file.controller).unwrap_or_else(|| "http://127.0.0.1:7700".to_string());
         let base = base.trim_end_matches('/').to_string();
+        // `HOST:PORT` as the agents' --controller takes it means plain HTTP here too.
+        let base = if base.contains("://") { base } else { format!("http://{base}") };
         let token = match (&args.token, args.data_dir.as_ref().or(file.data_dir.as_ref()), file.token) {
             (Some(t), _, _) => t.clone(),
             (None, Some(dir), _) => {

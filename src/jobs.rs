@@ -108,6 +108,12 @@ pub fn wait_for(
     loop {
         let jobs: Vec<JobView> = client.get("/v1/jobs")?;
         let mine: Vec<&JobView> = jobs.iter().filter(|j| wanted.contains(j.id.as_str())).collect();
+        // Jobs are never deleted: one that is not listed does not exist, and waiting for it would never end.
+        if mine.len() < wanted.len() {
+            let known: BTreeSet<&str> = mine.iter().map(|j| j.id.as_str()).collect();
+            let missing: Vec<&str> = wanted.difference(&known).copied().collect();
+            bail!("no job {}; `cosmos jobs list` shows the ids", missing.join(", "));
+        }
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
         for j in &mine {
             *counts.entry(j.state.as_str()).or_insert(0) += 1;
@@ -165,8 +171,8 @@ pub fn wait_for(
                         printable(j.error.as_deref().unwrap_or("-"))
                     );
                 }
-                if !failed.is_empty() {
-                    println!("  logs: cosmos jobs logs <job id>");
+                if let Some(first) = failed.first() {
+                    println!("  logs: cosmos jobs logs {}", first.id);
                 }
             }
             return Ok(failed.is_empty());

@@ -411,3 +411,36 @@ fn the_client_finds_controller_and_token_in_its_config_file() {
     assert_eq!(agents[0]["name"], "agent-0");
     assert_eq!(agents[0]["gpus_simulated"], true);
 }
+
+#[test]
+fn waiting_for_a_job_that_does_not_exist_fails_at_once_naming_it() {
+    let c = Cluster::start(0, 10_000);
+    let out = c.cli(&["jobs", "wait", "job-99"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "waiting for a missing job succeeded: {err}");
+    assert!(err.contains("no job job-99"), "{err}");
+}
+
+#[test]
+fn a_controller_address_without_a_scheme_is_taken_as_http() {
+    let c = Cluster::start(0, 10_000);
+    let out = Command::new(BIN)
+        .args(["status", "--json"])
+        .env("COSMOS_CONTROLLER", c.api.trim_start_matches("http://"))
+        .env("COSMOS_DATA_DIR", c.data())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_failed_batch_names_the_job_whose_logs_to_read() {
+    let c = Cluster::start(1, 10_000);
+    let path = c.dir.path().join("fails.jsonl");
+    std::fs::write(&path, "{\"name\": \"f\", \"command\": [\"false\"], \"max_attempts\": 1}\n").unwrap();
+    let out = c.cli(&["jobs", "submit", path.to_str().unwrap(), "--wait"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("logs: cosmos jobs logs job-1"), "{text}");
+    assert!(!text.contains("<job id>"), "{text}");
+}
