@@ -11,7 +11,7 @@
 //! Run with `cargo bench -p cosmos-controller --bench scheduler`
 //! (add `-- --warm-up-time 1 --measurement-time 5` to shorten).
 
-use cosmos_controller::core::{ConnId, Core, CoreConfig, Output};
+use cosmos_controller::core::{ConnId, Core, CoreConfig, HeldBlobs, Now, Output};
 use cosmos_controller::model::Snapshot;
 use cosmos_proto::{
     AgentHello, AgentMsg, AttemptId, AttemptOutcome, ControllerMsg, Epoch, GpuInfo, GpuUsage, Heartbeat, JobSpec,
@@ -25,7 +25,7 @@ const JOBS: usize = 100_000;
 const HOSTS: usize = 1_000;
 const GPUS_PER_HOST: u32 = 8;
 const GIB: u64 = 1 << 30;
-const NOW_MS: u64 = 1_000;
+const NOW: Now = Now::at(1_000);
 
 fn name(host: usize) -> String {
     format!("gpu-node-{host:04}")
@@ -64,10 +64,10 @@ fn job_spec(i: usize, min_free_vram_bytes: u64) -> JobSpec {
 
 /// A core with `JOBS` single-GPU jobs queued and no agent connected.
 fn queued_core(min_free_vram_bytes: u64) -> Core {
-    let mut core = Core::recover(CoreConfig::default(), Snapshot { epoch: Epoch(1), ..Default::default() }, 0);
+    let mut core = Core::recover(CoreConfig::default(), Snapshot { epoch: Epoch(1), ..Default::default() }, Now::at(0));
     let specs: Vec<JobSpec> = (0..JOBS).map(|i| job_spec(i, min_free_vram_bytes)).collect();
     let mut out = Vec::new();
-    core.submit(0, specs, &mut out).expect("the batch is accepted");
+    core.submit(Now::at(0), specs, &mut out).expect("the batch is accepted");
     assert!(!out.iter().any(|o| matches!(o, Output::Send { .. })), "nothing placed without agents");
     core
 }
@@ -89,7 +89,7 @@ fn connect_all(core: &mut Core, hellos: Vec<AgentHello>) -> VecDeque<(ConnId, At
     let mut running = VecDeque::with_capacity(HOSTS * GPUS_PER_HOST as usize);
     let mut out = Vec::new();
     for (host, hello) in hellos.into_iter().enumerate() {
-        core.on_connect(NOW_MS, conn(host), &name(host), hello, &mut out);
+        core.on_connect(NOW, conn(host), &name(host), hello, &HeldBlobs::none(), &mut out);
         collect_assigns(&mut out, &mut running);
     }
     running
@@ -104,7 +104,7 @@ fn drain(core: &mut Core, hellos: Vec<AgentHello>) -> usize {
     while placed < JOBS {
         let (conn, attempt_id) = running.pop_front().expect("something runs");
         let outcome = AttemptOutcome::Succeeded { outputs: Vec::new() };
-        core.on_message(NOW_MS, conn, AgentMsg::AttemptFinished { attempt_id, outcome }, &mut out);
+        core.on_message(NOW, conn, AgentMsg::AttemptFinished { attempt_id, outcome }, &HeldBlobs::none(), &mut out);
         placed += collect_assigns(&mut out, &mut running);
     }
     placed
@@ -119,10 +119,10 @@ fn report_once() {
     let t = Instant::now();
     let specs: Vec<JobSpec> = (0..JOBS).map(|i| job_spec(i, 0)).collect();
     let build = t.elapsed();
-    let mut core = Core::recover(CoreConfig::default(), Snapshot { epoch: Epoch(1), ..Default::default() }, 0);
+    let mut core = Core::recover(CoreConfig::default(), Snapshot { epoch: Epoch(1), ..Default::default() }, Now::at(0));
     let mut out = Vec::new();
     let t = Instant::now();
-    core.submit(0, specs, &mut out).expect("the batch is accepted");
+    core.submit(Now::at(0), specs, &mut out).expect("the batch is accepted");
     let submit = t.elapsed();
     let t = Instant::now();
     drop(out);
@@ -145,7 +145,7 @@ fn report_once() {
     while placed < JOBS {
         let (conn, attempt_id) = running.pop_front().unwrap();
         let outcome = AttemptOutcome::Succeeded { outputs: Vec::new() };
-        core.on_message(NOW_MS, conn, AgentMsg::AttemptFinished { attempt_id, outcome }, &mut out);
+        core.on_message(NOW, conn, AgentMsg::AttemptFinished { attempt_id, outcome }, &HeldBlobs::none(), &mut out);
         placed += collect_assigns(&mut out, &mut running);
     }
     let completions = t.elapsed();
@@ -205,7 +205,7 @@ fn passes(c: &mut Criterion) {
     assert_eq!(queued, JOBS - running.len());
     group.bench_function("full_cluster_92k_queued", |b| {
         b.iter(|| {
-            core.reschedule(NOW_MS, &mut out);
+            core.reschedule(NOW, &mut out);
             black_box(&out);
             out.clear();
         })
@@ -224,25 +224,26 @@ fn passes(c: &mut Criterion) {
         healthy: true,
     };
     core.on_message(
-        NOW_MS,
+        NOW,
         conn(host),
         AgentMsg::Heartbeat(Heartbeat { seq: 1, gpus: vec![usage], attempts: Vec::new(), unhealthy: None }),
+        &HeldBlobs::none(),
         &mut out,
     );
     out.clear();
     let holder = core.live_attempts().find(|a| a.agent == name(host) && a.gpu_uuids == [gpu0.clone()]).unwrap().id;
     let outcome = AttemptOutcome::Succeeded { outputs: Vec::new() };
-    core.on_message(NOW_MS, conn(host), AgentMsg::AttemptFinished { attempt_id: holder, outcome }, &mut out);
+    core.on_message(NOW, conn(host), AgentMsg::AttemptFinished { attempt_id: holder, outcome }, &HeldBlobs::none(), &mut out);
     assert!(!out.iter().any(|o| matches!(o, Output::Send { msg: ControllerMsg::Assign(_), .. })));
     out.clear();
     assert_eq!(core.queue_depth(), queued);
     let t = Instant::now();
-    core.reschedule(NOW_MS, &mut out);
+    core.reschedule(NOW, &mut out);
     println!("scheduler: one pass over {queued} queued jobs, one free GPU too small for all: {:?}", t.elapsed());
     out.clear();
     group.bench_function("one_small_free_gpu_92k_queued", |b| {
         b.iter(|| {
-            core.reschedule(NOW_MS, &mut out);
+            core.reschedule(NOW, &mut out);
             black_box(&out);
             out.clear();
         })

@@ -409,6 +409,14 @@ async fn with_store<T: Send + 'static>(
     }
 }
 
+/// Stores records through the core actor's single writer; returns once durable.
+async fn persist(state: &web::Data<State>, ops: Vec<StoreOp>) -> Result<(), HttpResponse> {
+    match state.core.send(crate::daemon::Persist(ops)).await {
+        Ok(rx) => rx.await.map_err(|_| unavailable()),
+        Err(_) => Err(unavailable()),
+    }
+}
+
 /// Checks a new prompt and turns it into a record; its videos must be in the blob store.
 fn build_prompt(shared: &crate::daemon::Shared, new: NewPrompt) -> Result<Prompt, String> {
     new.validate().map_err(|e| e.to_string())?;
@@ -441,8 +449,7 @@ async fn create_prompt(state: web::Data<State>, body: JsonBody<NewPrompt>) -> Ht
         Ok(p) => p,
         Err(e) => return bad(e),
     };
-    let stored = prompt.clone();
-    match with_store(&state, move |s| s.put_prompts(&[stored])).await {
+    match persist(&state, vec![StoreOp::PutPrompt(Box::new(prompt.clone()))]).await {
         Ok(()) => HttpResponse::Created().json(prompt),
         Err(r) => r,
     }
@@ -527,8 +534,7 @@ async fn delete_prompt(state: web::Data<State>, id: web::Path<String>, q: web::Q
             }
         }
     }
-    let key = prompt.id.clone();
-    match with_store(&state, move |s| s.delete_prompts(&[key])).await {
+    match persist(&state, vec![StoreOp::DeletePrompt(prompt.id.clone())]).await {
         Ok(()) => HttpResponse::Ok().json(serde_json::json!({
             "deleted": prompt.id,
             "runs": runs.len(),
@@ -907,8 +913,7 @@ async fn apply_enhancement(
             ..parent
         }
     };
-    let stored = updated.clone();
-    match with_store(&state, move |s| s.put_prompts(&[stored])).await {
+    match persist(&state, vec![StoreOp::PutPrompt(Box::new(updated.clone()))]).await {
         Ok(()) => HttpResponse::Ok().json(updated),
         Err(r) => r,
     }

@@ -13,7 +13,7 @@
 /// The store blobs live in, for callers that fill the controller's store directly (tests, tools).
 pub use cosmos_cas::{CasError, Store};
 use cosmos_proto::{
-    AgentBlob, AttemptOutcome, AttemptPhase, AttemptReport, BLOB_CHUNK_BYTES, BlobChunk, ControllerBlob,
+    AgentBlob, BLOB_CHUNK_BYTES, BlobChunk, ControllerBlob,
     MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN, Sha256, encode_blob, encode_controller_chunk_into,
 };
 use std::collections::HashMap;
@@ -369,36 +369,6 @@ enum Written {
     Corrupt(u64),
     /// Every byte is in the partial file: it is committed next.
     Complete,
-}
-
-/// A success whose outputs are not all in the blob store did not deliver what
-/// it promised: it becomes a retryable failure before the core sees it.
-pub fn guard_outcome(store: &Store, outcome: &mut AttemptOutcome) {
-    let AttemptOutcome::Succeeded { outputs } = outcome else { return };
-    let missing: Vec<String> = outputs
-        .iter()
-        .filter(|o| store.size(&o.sha256) != Some(o.size_bytes))
-        .map(|o| format!("{} ({})", o.path, o.sha256))
-        .collect();
-    if !missing.is_empty() {
-        *outcome = AttemptOutcome::Failed {
-            exit_code: Some(0),
-            reason: format!(
-                "outputs not delivered: {} not in the controller's blob store; another attempt will run",
-                missing.join(", ")
-            ),
-            retryable: true,
-        };
-    }
-}
-
-/// [`guard_outcome`] for the finished attempts of a hello or heartbeat.
-pub fn guard_reports(store: &Store, reports: &mut [AttemptReport]) {
-    for r in reports {
-        if let AttemptPhase::Finished(outcome) = &mut r.phase {
-            guard_outcome(store, outcome);
-        }
-    }
 }
 
 #[cfg(test)]

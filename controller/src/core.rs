@@ -1,7 +1,9 @@
 //! The controller's logic as a synchronous state machine with no I/O.
 //!
-//! Each entry point takes `now_ms` (the controller's own clock; never compared
-//! with an agent's) and appends [`Output`]s. Within one call the core emits a
+//! Each entry point takes [`Now`]: the controller's monotonic clock, which every
+//! deadline is measured on, and its wall clock, which only timestamps records
+//! (never compared with an agent's clock, nor used for a deadline), and
+//! appends [`Output`]s. Within one call the core emits a
 //! single [`Output::Persist`] first and every message after it, so a shell
 //! that makes the persist durable before sending anything upholds "what a
 //! user can observe is stored before it is acted on" without knowing why.
@@ -9,10 +11,81 @@
 use crate::model::*;
 use cosmos_proto::{
     AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, ControllerMsg, Epoch, GpuInfo, JobId,
-    JobSpec, SpecError, TraceContext,
+    JobSpec, Sha256, SpecError, TraceContext,
 };
+use cosmos_proto::spec::ArtifactRef;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// The controller's two clocks at one instant.
+///
+/// Deadlines (liveness, retry backoff) run on `mono_ms`, so a wall-clock step
+/// (NTP correcting a drifted clock, a resumed VM) neither marks every host lost
+/// nor stalls timeouts. `wall_ms` is for what users read and what is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    /// A monotonic clock in milliseconds; its origin is arbitrary and differs between starts.
+    pub mono_ms: u64,
+    /// Milliseconds since the Unix epoch, as the host's clock says now.
+    pub wall_ms: u64,
+}
+
+impl Now {
+    /// Both clocks reading the same value: tests and benchmarks with one notion of time.
+    pub const fn at(ms: u64) -> Now {
+        Now { mono_ms: ms, wall_ms: ms }
+    }
+}
+
+/// Which of the outputs an agent's message names the controller's blob store
+/// holds whole (digest and size), as the shell found before handing the
+/// message in. A success counts only once what it made is safe here; the
+/// shell looks (file I/O, off the core's thread), the core decides.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HeldBlobs(BTreeSet<(Sha256, u64)>);
+
+impl HeldBlobs {
+    /// Holds nothing: for messages that name no outputs.
+    pub fn none() -> HeldBlobs {
+        HeldBlobs::default()
+    }
+
+    /// Records that the store holds this blob whole.
+    pub fn insert(&mut self, sha256: Sha256, size_bytes: u64) {
+        self.0.insert((sha256, size_bytes));
+    }
+
+    /// Whether the store holds this output whole.
+    pub fn holds(&self, output: &ArtifactRef) -> bool {
+        self.0.contains(&(output.sha256, output.size_bytes))
+    }
+
+    /// The outputs of the successes a message reports: what a shell looks up.
+    pub fn wanted(msg: &AgentMsg) -> Vec<&ArtifactRef> {
+        match msg {
+            AgentMsg::AttemptFinished { outcome: AttemptOutcome::Succeeded { outputs }, .. } => outputs.iter().collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The outputs of the successes a hello reports.
+    pub fn wanted_in_hello(hello: &AgentHello) -> Vec<&ArtifactRef> {
+        hello
+            .attempts
+            .iter()
+            .filter_map(|r| match &r.phase {
+                AttemptPhase::Finished(AttemptOutcome::Succeeded { outputs }) => Some(outputs),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// Every output in `wanted` taken as held: for callers with no blob store to ask.
+    pub fn all<'a>(wanted: impl IntoIterator<Item = &'a ArtifactRef>) -> HeldBlobs {
+        HeldBlobs(wanted.into_iter().map(|o| (o.sha256, o.size_bytes)).collect())
+    }
+}
 
 /// Identifies one connection to an agent; assigned by the shell, never reused.
 pub type ConnId = u64;
@@ -75,6 +148,8 @@ pub enum Sabotage {
     NoFencing,
     /// A success is mistaken for a reason to run the job again.
     SucceedTwice,
+    /// Liveness is measured on the wall clock, which clock steps move.
+    WallClockDeadlines,
 }
 
 /// A host as the scheduler sees it.
@@ -250,6 +325,8 @@ impl Agent {
 #[derive(Clone, Debug)]
 struct Job {
     rec: JobRecord,
+    /// When a retry backoff ends, on the monotonic clock (`rec.not_before_ms` is its wall-clock twin).
+    not_before_mono_ms: u64,
     live: Option<AttemptId>,
     progress: Option<(u32, u32)>,
 }
@@ -302,7 +379,8 @@ pub struct Core {
 
 impl Core {
     /// Rebuilds the core from a store snapshot (an empty one on first start).
-    pub fn recover(config: CoreConfig, snapshot: Snapshot, now_ms: u64) -> Core {
+    pub fn recover(config: CoreConfig, snapshot: Snapshot, now: Now) -> Core {
+        let config_backoff_max_ms = config.retry_backoff_max_ms;
         let mut core = Core {
             config,
             epoch: snapshot.epoch,
@@ -323,7 +401,7 @@ impl Core {
             sends: Vec::new(),
         };
         for rec in snapshot.agents {
-            let idx = core.agent_index(&rec.name, now_ms);
+            let idx = core.agent_index(&rec.name, now);
             let agent = &mut core.agents[idx];
             agent.draining = rec.draining;
             agent.gpus_simulated = rec.gpus_simulated;
@@ -338,7 +416,12 @@ impl Core {
                 // Its attempt, if still live, is attached below and takes it off the queue.
                 rec.state = JobState::Queued;
             }
-            let job = Job { rec, live: None, progress: None };
+            // A backoff survives a restart as a wall-clock deadline. The clock may have
+            // been stepped while the controller was down, so what remains of it is
+            // capped at the longest backoff rather than trusted.
+            let backoff_left_ms =
+                rec.not_before_ms.saturating_sub(now.wall_ms).min(config_backoff_max_ms);
+            let job = Job { rec, not_before_mono_ms: now.mono_ms + backoff_left_ms, live: None, progress: None };
             let id = job.rec.id;
             if let Some(k) = &job.rec.idempotency {
                 let entry =
@@ -351,12 +434,12 @@ impl Core {
             }
         }
         for att in snapshot.live_attempts {
-            let idx = core.agent_index(&att.agent, now_ms);
+            let idx = core.agent_index(&att.agent, now);
             let Some(job) = core.jobs.get_mut(&att.job_id) else { continue };
             job.live = Some(att.id);
             job.rec.state = if att.state == AttemptState::Assigned { JobState::Assigned } else { JobState::Running };
             core.ready.remove(&job.rec.spec, att.job_id);
-            core.backoff.remove(&(job.rec.not_before_ms, att.job_id));
+            core.backoff.remove(&(job.not_before_mono_ms, att.job_id));
             let agent = &mut core.agents[idx];
             agent.attempts.insert(att.id);
             for uuid in &att.gpu_uuids {
@@ -369,6 +452,11 @@ impl Core {
         core
     }
 
+    /// The agent a connection speaks for, while it is that agent's current one.
+    pub fn agent_of_conn(&self, conn: ConnId) -> Option<&str> {
+        self.conn_agent.get(&conn).map(|&idx| self.agents[idx].name.as_str())
+    }
+
     /// The epoch of this controller start.
     pub fn epoch(&self) -> Epoch {
         self.epoch
@@ -377,11 +465,11 @@ impl Core {
     /// Accepts a batch atomically: every job or none, with the bad one named.
     pub fn submit(
         &mut self,
-        now_ms: u64,
+        now: Now,
         specs: Vec<JobSpec>,
         out: &mut Vec<Output>,
     ) -> Result<Vec<JobId>, SubmitError> {
-        self.submit_keyed(now_ms, specs, None, out).map(|(ids, _)| ids)
+        self.submit_keyed(now, specs, None, out).map(|(ids, _)| ids)
     }
 
     /// Like [`Core::submit`], under an idempotency key: a submission whose key
@@ -390,7 +478,7 @@ impl Core {
     /// key with another digest is refused.
     pub fn submit_keyed(
         &mut self,
-        now_ms: u64,
+        now: Now,
         specs: Vec<JobSpec>,
         key: Option<Idempotency>,
         out: &mut Vec<Output>,
@@ -446,26 +534,26 @@ impl Core {
                 error: None,
                 outputs: Vec::new(),
                 agent: None,
-                submitted_ms: now_ms,
+                submitted_ms: now.wall_ms,
                 finished_ms: None,
                 idempotency: key.clone(),
             };
             self.ops.push(StoreOp::PutJob(Box::new(rec.clone())));
             self.ready.insert(&rec.spec, id);
-            self.jobs.insert(id, Job { rec, live: None, progress: None });
+            self.jobs.insert(id, Job { rec, not_before_mono_ms: 0, live: None, progress: None });
             ids.push(id);
         }
         if let Some(k) = key {
             self.submitted_keys.insert(k.key, (k.request_sha256, ids.clone()));
         }
-        self.event(now_ms, None, None, None, "submitted", format!("{} jobs accepted", ids.len()));
+        self.event(now, None, None, None, "submitted", format!("{} jobs accepted", ids.len()));
         self.dirty = true;
-        self.finish(now_ms, out);
+        self.finish(now, out);
         Ok((ids, false))
     }
 
     /// Cancels a job: at once if it waits, through its agent if it runs.
-    pub fn cancel(&mut self, now_ms: u64, id: JobId, out: &mut Vec<Output>) -> Result<(), CommandError> {
+    pub fn cancel(&mut self, now: Now, id: JobId, out: &mut Vec<Output>) -> Result<(), CommandError> {
         let job = self.jobs.get_mut(&id).ok_or(CommandError::UnknownJob(id))?;
         if job.rec.state.is_final() {
             return Err(CommandError::AlreadyFinal { id, state: job.rec.state.as_str() });
@@ -474,24 +562,24 @@ impl Core {
         match job.live {
             None => {
                 self.ready.remove(&job.rec.spec, id);
-                self.backoff.remove(&(job.rec.not_before_ms, id));
-                self.conclude(now_ms, id, JobState::Cancelled, None, Some("cancelled by user".into()));
+                self.backoff.remove(&(job.not_before_mono_ms, id));
+                self.conclude(now, id, JobState::Cancelled, None, Some("cancelled by user".into()));
                 // It may have been the job a host was held for.
                 self.dirty = true;
             }
             Some(att_id) => {
                 self.put_job(id);
-                self.stop_attempt(now_ms, att_id);
+                self.stop_attempt(now, att_id);
             }
         }
-        self.finish(now_ms, out);
+        self.finish(now, out);
         Ok(())
     }
 
     /// Drains (no new work) or undrains an agent.
     pub fn set_draining(
         &mut self,
-        now_ms: u64,
+        now: Now,
         name: &str,
         draining: bool,
         out: &mut Vec<Output>,
@@ -501,18 +589,27 @@ impl Core {
         self.reindex(idx);
         self.ops.push(StoreOp::PutAgent(self.agents[idx].record()));
         let kind = if draining { "drained" } else { "undrained" };
-        self.event(now_ms, None, None, Some(name.to_string()), kind, format!("agent {name} {kind} by operator"));
+        self.event(now, None, None, Some(name.to_string()), kind, format!("agent {name} {kind} by operator"));
         if let Some(conn) = self.agents[idx].conn {
             self.sends.push(Output::Send { conn, msg: ControllerMsg::Drain { draining } });
         }
         self.dirty = true;
-        self.finish(now_ms, out);
+        self.finish(now, out);
         Ok(())
     }
 
     /// An agent completed its handshake and sent its hello on a new connection.
-    pub fn on_connect(&mut self, now_ms: u64, conn: ConnId, name: &str, hello: AgentHello, out: &mut Vec<Output>) {
-        let idx = self.agent_index(name, now_ms);
+    pub fn on_connect(
+        &mut self,
+        now: Now,
+        conn: ConnId,
+        name: &str,
+        hello: AgentHello,
+        held: &HeldBlobs,
+        out: &mut Vec<Output>,
+    ) {
+        let idx = self.agent_index(name, now);
+        let heard_ms = self.deadline_clock_ms(now);
         if let Some(old) = self.agents[idx].conn.replace(conn) {
             self.conn_agent.remove(&old);
             self.sends.push(Output::Close { conn: old });
@@ -521,7 +618,7 @@ impl Core {
         let was_lost = self.agents[idx].health == Health::Lost;
         {
             let agent = &mut self.agents[idx];
-            agent.last_heard_ms = now_ms;
+            agent.last_heard_ms = heard_ms;
             agent.health = Health::Up;
             agent.gpus_simulated = hello.gpus_simulated;
             let old: HashMap<String, Gpu> = agent.gpus.drain(..).map(|g| (g.info.uuid.clone(), g)).collect();
@@ -544,7 +641,7 @@ impl Core {
         });
         self.ops.push(StoreOp::PutAgent(self.agents[idx].record()));
         let verb = if was_lost { "returned" } else { "connected" };
-        self.event(now_ms, None, None, Some(name.to_string()), "agent_connected", format!("agent {name} {verb}"));
+        self.event(now, None, None, Some(name.to_string()), "agent_connected", format!("agent {name} {verb}"));
 
         // Reconcile: what the agent reports is the truth about what runs there.
         let reported: BTreeMap<AttemptId, &cosmos_proto::AttemptReport> =
@@ -555,18 +652,19 @@ impl Core {
             match reported.get(&att_id).map(|r| &r.phase) {
                 Some(AttemptPhase::Finished(outcome)) => {
                     finished_acks.push(att_id);
-                    self.attempt_ended(now_ms, att_id, outcome.clone());
+                    self.attempt_ended(now, att_id, outcome.clone(), held);
                 }
-                Some(AttemptPhase::Running { .. }) => self.mark_started(now_ms, att_id),
+                Some(AttemptPhase::Running { .. }) => self.mark_started(now, att_id),
                 Some(AttemptPhase::Starting | AttemptPhase::Stopping) => {}
                 None => self.attempt_ended(
-                    now_ms,
+                    now,
                     att_id,
                     AttemptOutcome::Lost {
                         reason: format!(
                             "agent {name} no longer knows the attempt (restarted, or the order never arrived)"
                         ),
                     },
+                    held,
                 ),
             }
         }
@@ -613,13 +711,13 @@ impl Core {
         }
         self.reindex(idx);
         self.dirty = true;
-        self.finish(now_ms, out);
+        self.finish(now, out);
     }
 
     /// A message arrived on a connection.
-    pub fn on_message(&mut self, now_ms: u64, conn: ConnId, msg: AgentMsg, out: &mut Vec<Output>) {
+    pub fn on_message(&mut self, now: Now, conn: ConnId, msg: AgentMsg, held: &HeldBlobs, out: &mut Vec<Output>) {
         let Some(&idx) = self.conn_agent.get(&conn) else { return };
-        self.heard(now_ms, idx);
+        self.heard(now, idx);
         match msg {
             AgentMsg::Hello(_) => {} // Only valid as a connection's first message, which the shell routes to on_connect.
             AgentMsg::Heartbeat(hb) => {
@@ -630,7 +728,7 @@ impl Core {
                         Some(why) => ("agent_unhealthy", format!("agent {name} takes no new work: {why}")),
                         None => ("agent_healthy", format!("agent {name} can take work again")),
                     };
-                    self.event(now_ms, None, None, Some(name), kind, detail);
+                    self.event(now, None, None, Some(name), kind, detail);
                     self.agents[idx].unhealthy = hb.unhealthy.clone();
                     self.dirty = true;
                 }
@@ -669,7 +767,7 @@ impl Core {
             }
             AgentMsg::AttemptStarted { attempt_id, .. } => {
                 if self.agents[idx].attempts.contains(&attempt_id) {
-                    self.mark_started(now_ms, attempt_id);
+                    self.mark_started(now, attempt_id);
                 }
             }
             AgentMsg::Progress { attempt_id, step, total } => {
@@ -682,7 +780,7 @@ impl Core {
             AgentMsg::LogChunk(_) => {} // Logs go to the shell's log files; they decide nothing.
             AgentMsg::AttemptFinished { attempt_id, outcome } => {
                 if self.agents[idx].attempts.contains(&attempt_id) {
-                    self.attempt_ended(now_ms, attempt_id, outcome);
+                    self.attempt_ended(now, attempt_id, outcome, held);
                 } else {
                     if self.agents[idx].zombies.contains_key(&attempt_id) {
                         self.release_zombie(idx, attempt_id);
@@ -699,7 +797,7 @@ impl Core {
                 }
                 self.reindex(idx);
                 self.event(
-                    now_ms,
+                    now,
                     None,
                     None,
                     Some(name),
@@ -715,7 +813,7 @@ impl Core {
                 self.reindex(idx);
                 self.dirty = true;
                 self.event(
-                    now_ms,
+                    now,
                     None,
                     None,
                     Some(name),
@@ -724,11 +822,11 @@ impl Core {
                 );
             }
         }
-        self.finish(now_ms, out);
+        self.finish(now, out);
     }
 
     /// A connection closed (or the shell gave up on it).
-    pub fn on_disconnect(&mut self, now_ms: u64, conn: ConnId, out: &mut Vec<Output>) {
+    pub fn on_disconnect(&mut self, now: Now, conn: ConnId, out: &mut Vec<Output>) {
         if let Some(idx) = self.conn_agent.remove(&conn) {
             let agent = &mut self.agents[idx];
             agent.conn = None;
@@ -739,7 +837,7 @@ impl Core {
             let name = agent.name.clone();
             self.reindex(idx);
             self.event(
-                now_ms,
+                now,
                 None,
                 None,
                 Some(name.clone()),
@@ -747,22 +845,22 @@ impl Core {
                 format!("agent {name} disconnected"),
             );
         }
-        self.finish(now_ms, out);
+        self.finish(now, out);
     }
 
     /// Time passed: liveness of hosts, retry backoffs, then scheduling.
-    pub fn tick(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+    pub fn tick(&mut self, now: Now, out: &mut Vec<Output>) {
         for idx in 0..self.agents.len() {
-            let silence = now_ms.saturating_sub(self.agents[idx].last_heard_ms);
+            let silence = self.deadline_clock_ms(now).saturating_sub(self.agents[idx].last_heard_ms);
             match self.agents[idx].health {
                 Health::Lost => {}
-                _ if silence >= self.config.lost_after_ms => self.agent_lost(now_ms, idx, silence),
+                _ if silence >= self.config.lost_after_ms => self.agent_lost(now, idx, silence),
                 Health::Up if silence >= self.config.suspect_after_ms => {
                     self.agents[idx].health = Health::Suspect;
                     self.reindex(idx);
                     let name = self.agents[idx].name.clone();
                     self.event(
-                        now_ms,
+                        now,
                         None,
                         None,
                         Some(name.clone()),
@@ -774,26 +872,26 @@ impl Core {
             }
         }
         while let Some(&(at, id)) = self.backoff.first() {
-            if at > now_ms {
+            if at > now.mono_ms {
                 break;
             }
             self.backoff.remove(&(at, id));
             self.ready.insert(&self.jobs[&id].rec.spec, id);
             self.dirty = true;
         }
-        self.finish(now_ms, out);
+        self.finish(now, out);
     }
 
     /// Runs a scheduling pass even if nothing changed (benchmarks, operator nudges).
-    pub fn reschedule(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+    pub fn reschedule(&mut self, now: Now, out: &mut Vec<Output>) {
         self.dirty = true;
-        self.finish(now_ms, out);
+        self.finish(now, out);
     }
 
-    fn finish(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+    fn finish(&mut self, now: Now, out: &mut Vec<Output>) {
         if self.dirty {
             self.dirty = false;
-            self.schedule(now_ms);
+            self.schedule(now);
         }
         if !self.ops.is_empty() {
             out.push(Output::Persist(std::mem::take(&mut self.ops)));
@@ -803,7 +901,7 @@ impl Core {
 
     // ---- scheduling ----
 
-    fn schedule(&mut self, now_ms: u64) {
+    fn schedule(&mut self, now: Now) {
         // A job that finds no room reserves the host closest to fitting it, and
         // other jobs may not use that host: as its attempts end it drains towards
         // the waiting job while the rest of the cluster keeps backfilling. The
@@ -844,7 +942,7 @@ impl Core {
                     if is_holder {
                         self.reservation = None;
                     }
-                    self.assign(now_ms, job_id, idx, gpus);
+                    self.assign(now, job_id, idx, gpus);
                 }
                 None => {
                     if is_holder {
@@ -917,7 +1015,7 @@ impl Core {
         self.free_index.iter().rev().map(|&(_, idx)| idx).find(|&idx| self.could_hold(idx, gpus, min_vram))
     }
 
-    fn assign(&mut self, now_ms: u64, job_id: JobId, idx: usize, gpus: Vec<usize>) {
+    fn assign(&mut self, now: Now, job_id: JobId, idx: usize, gpus: Vec<usize>) {
         let att_id = AttemptId(self.next_attempt_id);
         self.next_attempt_id += 1;
         let agent = &mut self.agents[idx];
@@ -936,7 +1034,7 @@ impl Core {
             gpu_uuids: gpu_uuids.clone(),
             epoch: self.epoch,
             state: AttemptState::Assigned,
-            assigned_ms: now_ms,
+            assigned_ms: now.wall_ms,
             started_ms: None,
             ended_ms: None,
             exit_code: None,
@@ -952,7 +1050,7 @@ impl Core {
         let spec = job.rec.spec.clone();
         self.put_job(job_id);
         self.event(
-            now_ms,
+            now,
             Some(job_id),
             Some(att_id),
             Some(agent_name),
@@ -974,13 +1072,13 @@ impl Core {
 
     // ---- attempts and jobs ----
 
-    fn mark_started(&mut self, now_ms: u64, att_id: AttemptId) {
+    fn mark_started(&mut self, now: Now, att_id: AttemptId) {
         let Some(att) = self.live.get_mut(&att_id) else { return };
         if att.state != AttemptState::Assigned {
             return;
         }
         att.state = AttemptState::Running;
-        att.started_ms = Some(now_ms);
+        att.started_ms = Some(now.wall_ms);
         let att = att.clone();
         self.ops.push(StoreOp::PutAttempt(att.clone()));
         let job = self.jobs.get_mut(&att.job_id).expect("attempts belong to jobs");
@@ -990,12 +1088,12 @@ impl Core {
         }
     }
 
-    fn stop_attempt(&mut self, now_ms: u64, att_id: AttemptId) {
+    fn stop_attempt(&mut self, now: Now, att_id: AttemptId) {
         let Some(att) = self.live.get_mut(&att_id) else { return };
         att.state = AttemptState::Stopping;
         let att = att.clone();
         self.ops.push(StoreOp::PutAttempt(att.clone()));
-        self.event(now_ms, Some(att.job_id), Some(att_id), Some(att.agent.clone()), "stopping", "cancel sent".into());
+        self.event(now, Some(att.job_id), Some(att_id), Some(att.agent.clone()), "stopping", "cancel sent".into());
         if let Some(conn) = self.agent_by_name.get(&att.agent).and_then(|&i| self.agents[i].conn) {
             self.sends.push(Output::Send {
                 conn,
@@ -1005,14 +1103,15 @@ impl Core {
     }
 
     /// A live attempt ended: free its GPUs and decide what becomes of its job.
-    fn attempt_ended(&mut self, now_ms: u64, att_id: AttemptId, outcome: AttemptOutcome) {
+    fn attempt_ended(&mut self, now: Now, att_id: AttemptId, outcome: AttemptOutcome, held: &HeldBlobs) {
         let Some(mut att) = self.live.remove(&att_id) else { return };
         // A success that does not carry every required output (e.g. reported by an
-        // agent restarted after the job ended, which no longer knows what it made)
-        // would leave the user nothing to download: run it again instead.
+        // agent restarted after the job ended, which no longer knows what it made),
+        // or whose outputs are not safe in the blob store, would leave the user
+        // nothing to download: run it again instead.
         let outcome = match (outcome, self.jobs.get(&att.job_id)) {
             (AttemptOutcome::Succeeded { outputs }, Some(job)) => {
-                let missing: Vec<&str> = job
+                let unreported: Vec<&str> = job
                     .rec
                     .spec
                     .outputs
@@ -1020,17 +1119,28 @@ impl Core {
                     .filter(|o| o.required && !outputs.iter().any(|r| r.path == o.path))
                     .map(|o| o.path.as_str())
                     .collect();
-                if missing.is_empty() {
-                    AttemptOutcome::Succeeded { outputs }
-                } else {
+                let unheld: Vec<String> =
+                    outputs.iter().filter(|o| !held.holds(o)).map(|o| format!("{} ({})", o.path, o.sha256)).collect();
+                if !unreported.is_empty() {
                     AttemptOutcome::Failed {
                         exit_code: Some(0),
                         reason: format!(
                             "exited 0 but its required outputs did not reach the controller: {}",
-                            missing.join(", ")
+                            unreported.join(", ")
                         ),
                         retryable: true,
                     }
+                } else if !unheld.is_empty() {
+                    AttemptOutcome::Failed {
+                        exit_code: Some(0),
+                        reason: format!(
+                            "outputs not delivered: {} not in the controller's blob store; another attempt will run",
+                            unheld.join(", ")
+                        ),
+                        retryable: true,
+                    }
+                } else {
+                    AttemptOutcome::Succeeded { outputs }
                 }
             }
             (outcome, _) => outcome,
@@ -1044,7 +1154,7 @@ impl Core {
             self.reindex(idx);
         }
         self.dirty = true;
-        att.ended_ms = Some(now_ms);
+        att.ended_ms = Some(now.wall_ms);
         let job_id = att.job_id;
         let job = self.jobs.get_mut(&job_id).expect("attempts belong to jobs");
         job.live = None;
@@ -1062,7 +1172,7 @@ impl Core {
         att.reason = reason.clone();
         self.ops.push(StoreOp::PutAttempt(att.clone()));
         self.event(
-            now_ms,
+            now,
             Some(job_id),
             Some(att_id),
             Some(att.agent.clone()),
@@ -1090,10 +1200,10 @@ impl Core {
             AttemptOutcome::Succeeded { outputs } => {
                 job.rec.outputs = outputs;
                 job.rec.exit_code = Some(0);
-                self.conclude(now_ms, job_id, JobState::Succeeded, Some(0), None);
+                self.conclude(now, job_id, JobState::Succeeded, Some(0), None);
             }
             _ if job.rec.cancel_requested => {
-                self.conclude(now_ms, job_id, JobState::Cancelled, att.exit_code, Some("cancelled by user".into()));
+                self.conclude(now, job_id, JobState::Cancelled, att.exit_code, Some("cancelled by user".into()));
             }
             AttemptOutcome::Failed { exit_code, reason, retryable } => {
                 job.rec.attempts_used += 1;
@@ -1106,7 +1216,10 @@ impl Core {
                         .saturating_mul(1 << shift)
                         .min(self.config.retry_backoff_max_ms);
                     job.rec.state = JobState::Retrying;
-                    job.rec.not_before_ms = now_ms + delay;
+                    // Stored as wall time for users and for a restart to recompute from;
+                    // waited out on the monotonic clock, which no clock step moves.
+                    job.rec.not_before_ms = now.wall_ms + delay;
+                    job.not_before_mono_ms = now.mono_ms + delay;
                     job.rec.exit_code = exit_code;
                     job.rec.error = Some(format!("attempt {used} failed: {reason}; retrying in {delay} ms"));
                     self.put_job(job_id);
@@ -1117,7 +1230,7 @@ impl Core {
                     } else {
                         format!("{reason} (not retryable)")
                     };
-                    self.conclude(now_ms, job_id, JobState::Failed, exit_code, Some(why));
+                    self.conclude(now, job_id, JobState::Failed, exit_code, Some(why));
                 }
             }
             AttemptOutcome::Cancelled | AttemptOutcome::Lost { .. } | AttemptOutcome::Rejected { .. } => {
@@ -1128,7 +1241,7 @@ impl Core {
                         job.rec.attempts_lost,
                         reason.unwrap_or_default()
                     );
-                    self.conclude(now_ms, job_id, JobState::Failed, None, Some(why));
+                    self.conclude(now, job_id, JobState::Failed, None, Some(why));
                 } else {
                     job.rec.state = JobState::Queued;
                     self.put_job(job_id);
@@ -1138,27 +1251,27 @@ impl Core {
         }
     }
 
-    fn conclude(&mut self, now_ms: u64, job_id: JobId, state: JobState, exit_code: Option<i32>, error: Option<String>) {
+    fn conclude(&mut self, now: Now, job_id: JobId, state: JobState, exit_code: Option<i32>, error: Option<String>) {
         let job = self.jobs.get_mut(&job_id).expect("concluded jobs exist");
         job.rec.state = state;
         job.rec.exit_code = exit_code.or(job.rec.exit_code);
         job.rec.error = error.clone();
-        job.rec.finished_ms = Some(now_ms);
+        job.rec.finished_ms = Some(now.wall_ms);
         self.put_job(job_id);
-        self.event(now_ms, Some(job_id), None, None, state.as_str(), error.unwrap_or_default());
+        self.event(now, Some(job_id), None, None, state.as_str(), error.unwrap_or_default());
     }
 
     fn enqueue_or_wait(&mut self, job_id: JobId) {
         let rec = &self.jobs[&job_id].rec;
         if rec.not_before_ms > 0 && rec.state == JobState::Retrying {
-            self.backoff.insert((rec.not_before_ms, job_id));
+            self.backoff.insert((self.jobs[&job_id].not_before_mono_ms, job_id));
         } else {
             self.ready.insert(&rec.spec, job_id);
         }
         self.dirty = true;
     }
 
-    fn agent_lost(&mut self, now_ms: u64, idx: usize, silence_ms: u64) {
+    fn agent_lost(&mut self, now: Now, idx: usize, silence_ms: u64) {
         let name = self.agents[idx].name.clone();
         self.agents[idx].health = Health::Lost;
         self.reindex(idx);
@@ -1169,7 +1282,7 @@ impl Core {
             self.sends.push(Output::Close { conn });
         }
         self.event(
-            now_ms,
+            now,
             None,
             None,
             Some(name.clone()),
@@ -1187,7 +1300,7 @@ impl Core {
         }
         for att_id in attempts {
             let reason = format!("agent {name} was lost (silent for {silence_ms} ms)");
-            self.attempt_ended(now_ms, att_id, AttemptOutcome::Lost { reason });
+            self.attempt_ended(now, att_id, AttemptOutcome::Lost { reason }, &HeldBlobs::none());
         }
         // Whatever it still runs will be fenced off when it reconnects.
         self.agents[idx].zombies.clear();
@@ -1225,9 +1338,19 @@ impl Core {
         }
     }
 
-    fn heard(&mut self, now_ms: u64, idx: usize) {
+    /// The clock deadlines are measured on.
+    fn deadline_clock_ms(&self, now: Now) -> u64 {
+        #[cfg(feature = "sabotage")]
+        if self.config.sabotage == Sabotage::WallClockDeadlines {
+            return now.wall_ms;
+        }
+        now.mono_ms
+    }
+
+    fn heard(&mut self, now: Now, idx: usize) {
+        let heard_ms = self.deadline_clock_ms(now);
         let agent = &mut self.agents[idx];
-        agent.last_heard_ms = now_ms;
+        agent.last_heard_ms = heard_ms;
         if agent.health == Health::Suspect && agent.conn.is_some() {
             self.agents[idx].health = Health::Up;
             self.reindex(idx);
@@ -1237,7 +1360,7 @@ impl Core {
 
     // ---- bookkeeping ----
 
-    fn agent_index(&mut self, name: &str, now_ms: u64) -> usize {
+    fn agent_index(&mut self, name: &str, now: Now) -> usize {
         if let Some(&idx) = self.agent_by_name.get(name) {
             return idx;
         }
@@ -1248,7 +1371,7 @@ impl Core {
             draining: false,
             gpus_simulated: false,
             gpus: Vec::new(),
-            last_heard_ms: now_ms,
+            last_heard_ms: self.deadline_clock_ms(now),
             health: Health::Suspect,
             zombies: BTreeMap::new(),
             attempts: BTreeSet::new(),
@@ -1279,14 +1402,14 @@ impl Core {
 
     fn event(
         &mut self,
-        at_ms: u64,
+        now: Now,
         job_id: Option<JobId>,
         attempt_id: Option<AttemptId>,
         agent: Option<String>,
         kind: &str,
         detail: String,
     ) {
-        self.ops.push(StoreOp::Event(EventRecord { at_ms, job_id, attempt_id, agent, kind: kind.to_string(), detail }));
+        self.ops.push(StoreOp::Event(EventRecord { at_ms: now.wall_ms, job_id, attempt_id, agent, kind: kind.to_string(), detail }));
     }
 
     // ---- read-only views ----
@@ -1360,7 +1483,7 @@ impl Core {
                     return Err(format!("job {id} is lost: it waits on attempt {att}, which nothing tracks any more"));
                 }
             }
-            let queued = self.ready.contains(&job.rec.spec, id) || self.backoff.contains(&(job.rec.not_before_ms, id));
+            let queued = self.ready.contains(&job.rec.spec, id) || self.backoff.contains(&(job.not_before_mono_ms, id));
             match (job.rec.state.is_final(), job.live, queued) {
                 (true, None, false) | (false, Some(_), false) | (false, None, true) => {}
                 other => {

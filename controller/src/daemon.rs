@@ -7,7 +7,7 @@
 //! store could still lose.
 
 use crate::api;
-use crate::core::{AgentView, CommandError, ConnId, Core, CoreConfig, Output, SubmitError};
+use crate::core::{AgentView, CommandError, ConnId, Core, CoreConfig, HeldBlobs, Now, Output, SubmitError};
 use crate::model::{JobRecord, StoreOp};
 use crate::store::Store;
 use actix::prelude::*;
@@ -206,6 +206,31 @@ pub fn wall_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// The controller's clocks: a monotonic one for the core's deadlines, the wall
+/// clock for the timestamps it stores.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    start: std::time::Instant,
+}
+
+impl Clock {
+    /// A clock whose monotonic origin is now.
+    pub fn new() -> Clock {
+        Clock { start: std::time::Instant::now() }
+    }
+
+    /// Both readings, for one input to the core.
+    pub fn now(&self) -> Now {
+        Now { mono_ms: self.start.elapsed().as_millis() as u64, wall_ms: wall_ms() }
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Clock {
+        Clock::new()
+    }
+}
+
 /// Runs a controller until `shutdown` resolves. Must run inside an actix system.
 pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     raise_open_files_limit();
@@ -220,8 +245,9 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     create_private_file(&dir.store())?;
     let mut store = Store::open(&dir.store())?;
     let snapshot = store.load()?;
-    let reader = Store::open(&dir.store())?;
-    let core = Core::recover(opts.core.clone(), snapshot, wall_ms());
+    let reader = Store::open_reader(&dir.store())?;
+    let clock = Clock::new();
+    let core = Core::recover(opts.core.clone(), snapshot, clock.now());
     tracing::info!(epoch = core.epoch().0, data_dir = %dir.root.display(), "controller starting");
     let blobs = Arc::new(
         cosmos_cas::Store::open(dir.blobs())
@@ -234,13 +260,13 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     let writer = spawn_writer(store, queue.clone(), durable_tx, failed_tx);
     let addr = CoreActor {
         core,
+        clock,
         queue: queue.clone(),
         gated: VecDeque::new(),
         conns: HashMap::new(),
         peers: HashMap::new(),
         claims: HashMap::new(),
         last_ticket: None,
-        blobs: blobs.clone(),
     }
     .start();
     actix::spawn(forward_durable(durable_rx, addr.clone()));
@@ -372,6 +398,7 @@ enum Action {
 /// Owns the core; every input goes through it, one at a time.
 pub struct CoreActor {
     core: Core,
+    clock: Clock,
     queue: Arc<CommitQueue<StoreOp>>,
     /// Actions waiting for their persist to be durable, in order.
     gated: VecDeque<(Ticket, Action)>,
@@ -382,8 +409,6 @@ pub struct CoreActor {
     /// Names whose handshake passed but whose connection is not yet registered, by name.
     claims: HashMap<String, Claim>,
     last_ticket: Option<Ticket>,
-    /// Where delivered outputs are, for the checks a run's kind needs on them.
-    blobs: Arc<cosmos_cas::Store>,
 }
 
 impl Actor for CoreActor {
@@ -392,7 +417,7 @@ impl Actor for CoreActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(Duration::from_millis(TICK_MS), |actor, _| {
             let mut out = Vec::new();
-            actor.core.tick(wall_ms(), &mut out);
+            actor.core.tick(actor.clock.now(), &mut out);
             actor.perform(out, None);
         });
     }
@@ -401,8 +426,8 @@ impl Actor for CoreActor {
 impl CoreActor {
     /// A succeeded prompt enhancement whose delivered stdout holds no
     /// `Upsampled prompt:` line has no result: it fails, terminally, saying so.
-    /// (Runs after [`crate::blobs::guard_outcome`], so the output is in the store.)
-    fn guard_run_outcome(&self, attempt_id: AttemptId, outcome: &mut cosmos_proto::AttemptOutcome) {
+    /// (The core fails a success whose outputs are not in the blob store itself.)
+    fn guard_run_outcome(&self, attempt_id: AttemptId, outcome: &mut cosmos_proto::AttemptOutcome, facts: &OutputFacts) {
         use crate::transfer::{ENHANCE_RESULT, RunKind, UPSAMPLED_PREFIX, labels};
         let cosmos_proto::AttemptOutcome::Succeeded { outputs } = &*outcome else { return };
         let Some(job) = self.core.attempt(attempt_id).and_then(|a| self.core.job(a.job_id)).map(|(j, _, _)| j) else {
@@ -413,10 +438,14 @@ impl CoreActor {
         }
         let problem = match outputs.iter().find(|o| o.path == ENHANCE_RESULT) {
             None => format!("delivered no {ENHANCE_RESULT}"),
-            Some(o) => match crate::api_transfer::read_enhance_stdout(&self.blobs, &o.sha256) {
-                Ok(stdout) if crate::transfer::upsampled_prompt(&stdout).is_some() => return,
-                Ok(_) => format!("printed no `{}` line with text on its standard output", UPSAMPLED_PREFIX.trim_end()),
-                Err(e) => format!("delivered a standard output the controller cannot read ({e})"),
+            Some(o) => match facts.upsampled.get(&o.sha256) {
+                // Not in the blob store: the core turns the success into a retryable failure.
+                None => return,
+                Some(Ok(true)) => return,
+                Some(Ok(false)) => {
+                    format!("printed no `{}` line with text on its standard output", UPSAMPLED_PREFIX.trim_end())
+                }
+                Some(Err(e)) => format!("delivered a standard output the controller cannot read ({e})"),
             },
         };
         *outcome = cosmos_proto::AttemptOutcome::Failed {
@@ -430,11 +459,11 @@ impl CoreActor {
         };
     }
 
-    /// [`Self::guard_run_outcome`] for the finished attempts of a hello or heartbeat.
-    fn guard_run_reports(&self, reports: &mut [cosmos_proto::AttemptReport]) {
+    /// [`Self::guard_run_outcome`] for the finished attempts of a hello.
+    fn guard_run_reports(&self, reports: &mut [cosmos_proto::AttemptReport], facts: &OutputFacts) {
         for r in reports {
             if let cosmos_proto::AttemptPhase::Finished(outcome) = &mut r.phase {
-                self.guard_run_outcome(r.attempt_id, outcome);
+                self.guard_run_outcome(r.attempt_id, outcome, facts);
             }
         }
     }
@@ -467,10 +496,10 @@ impl CoreActor {
     /// Runs an operator command; the receiver fires once its effects are durable.
     fn command(
         &mut self,
-        f: impl FnOnce(&mut Core, &mut Vec<Output>) -> Result<(), CommandError>,
+        f: impl FnOnce(&mut Core, Now, &mut Vec<Output>) -> Result<(), CommandError>,
     ) -> Result<oneshot::Receiver<()>, CommandError> {
         let mut out = Vec::new();
-        f(&mut self.core, &mut out)?;
+        f(&mut self.core, self.clock.now(), &mut out)?;
         let (tx, rx) = oneshot::channel();
         self.perform(
             out,
@@ -550,7 +579,7 @@ impl Handler<SubmitWith> for CoreActor {
     type Result = Result<oneshot::Receiver<Submitted>, SubmitError>;
     fn handle(&mut self, SubmitWith { specs, extra, key }: SubmitWith, _: &mut Context<Self>) -> Self::Result {
         let mut out = Vec::new();
-        let (ids, repeat) = self.core.submit_keyed(wall_ms(), specs, key, &mut out)?;
+        let (ids, repeat) = self.core.submit_keyed(self.clock.now(), specs, key, &mut out)?;
         let extra = if repeat { Vec::new() } else { extra };
         // The core persists a submission in one batch, before anything is sent: join it.
         match out.iter_mut().find_map(|o| match o {
@@ -567,6 +596,23 @@ impl Handler<SubmitWith> for CoreActor {
     }
 }
 
+/// Store records the core does not keep (Cosmos prompts) through the one
+/// writer, ordered after every decision before them; answers once durable.
+pub struct Persist(pub Vec<StoreOp>);
+impl Message for Persist {
+    type Result = oneshot::Receiver<()>;
+}
+impl Handler<Persist> for CoreActor {
+    type Result = MessageResult<Persist>;
+    fn handle(&mut self, Persist(ops): Persist, _: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.perform(vec![Output::Persist(ops)], Some(Box::new(move || {
+            let _ = tx.send(());
+        })));
+        MessageResult(rx)
+    }
+}
+
 /// Cancel a job; answers once the decision is durable.
 pub struct Cancel(pub JobId);
 impl Message for Cancel {
@@ -575,7 +621,7 @@ impl Message for Cancel {
 impl Handler<Cancel> for CoreActor {
     type Result = Result<oneshot::Receiver<()>, CommandError>;
     fn handle(&mut self, Cancel(id): Cancel, _: &mut Context<Self>) -> Self::Result {
-        self.command(|core, out| core.cancel(wall_ms(), id, out))
+        self.command(|core, now, out| core.cancel(now, id, out))
     }
 }
 
@@ -587,7 +633,7 @@ impl Message for SetDraining {
 impl Handler<SetDraining> for CoreActor {
     type Result = Result<oneshot::Receiver<()>, CommandError>;
     fn handle(&mut self, SetDraining(name, on): SetDraining, _: &mut Context<Self>) -> Self::Result {
-        self.command(|core, out| core.set_draining(wall_ms(), &name, on, out))
+        self.command(|core, now, out| core.set_draining(now, &name, on, out))
     }
 }
 
@@ -721,6 +767,7 @@ struct AgentConnected {
     incarnation: u64,
     name: String,
     hello: cosmos_proto::AgentHello,
+    facts: OutputFacts,
     tx: mpsc::Sender<ControllerMsg>,
 }
 impl Message for AgentConnected {
@@ -732,27 +779,25 @@ impl Handler<AgentConnected> for CoreActor {
         self.conns.insert(m.conn, m.tx);
         self.peers.insert(m.conn, (m.peer, m.incarnation));
         self.claims.retain(|_, c| c.conn != m.conn);
-        self.guard_run_reports(&mut m.hello.attempts);
+        self.guard_run_reports(&mut m.hello.attempts, &m.facts);
         let mut out = Vec::new();
-        self.core.on_connect(wall_ms(), m.conn, &m.name, m.hello, &mut out);
+        self.core.on_connect(self.clock.now(), m.conn, &m.name, m.hello, &m.facts.held, &mut out);
         self.perform(out, None);
     }
 }
 
-struct AgentMessage(ConnId, AgentMsg);
+struct AgentMessage(ConnId, AgentMsg, OutputFacts);
 impl Message for AgentMessage {
     type Result = ();
 }
 impl Handler<AgentMessage> for CoreActor {
     type Result = ();
-    fn handle(&mut self, AgentMessage(conn, mut msg): AgentMessage, _: &mut Context<Self>) {
-        match &mut msg {
-            AgentMsg::AttemptFinished { attempt_id, outcome } => self.guard_run_outcome(*attempt_id, outcome),
-            AgentMsg::Heartbeat(hb) => self.guard_run_reports(&mut hb.attempts),
-            _ => {}
+    fn handle(&mut self, AgentMessage(conn, mut msg, facts): AgentMessage, _: &mut Context<Self>) {
+        if let AgentMsg::AttemptFinished { attempt_id, outcome } = &mut msg {
+            self.guard_run_outcome(*attempt_id, outcome, &facts);
         }
         let mut out = Vec::new();
-        self.core.on_message(wall_ms(), conn, msg, &mut out);
+        self.core.on_message(self.clock.now(), conn, msg, &facts.held, &mut out);
         self.perform(out, None);
     }
 }
@@ -766,7 +811,7 @@ impl Handler<AgentGone> for CoreActor {
     fn handle(&mut self, AgentGone(conn): AgentGone, _: &mut Context<Self>) {
         self.forget(conn);
         let mut out = Vec::new();
-        self.core.on_disconnect(wall_ms(), conn, &mut out);
+        self.core.on_disconnect(self.clock.now(), conn, &mut out);
         self.perform(out, None);
     }
 }
@@ -863,7 +908,7 @@ async fn serve_agent(
     .await
     .unwrap_or_else(|_| Err(format!("agent said nothing acceptable within {AGENT_HELLO_TIMEOUT_MS} ms")));
     drop(handshake_permit);
-    let (hello, mut agent_hello) = match opened {
+    let (hello, agent_hello) = match opened {
         Ok(x) => x,
         Err(e) => {
             core.do_send(Unclaim(conn));
@@ -872,7 +917,7 @@ async fn serve_agent(
         }
     };
     let (reader, writer) = c.split();
-    crate::blobs::guard_reports(&shared.blobs, &mut agent_hello.attempts);
+    let facts = OutputFacts::gather(shared.blobs.clone(), HeldBlobs::wanted_in_hello(&agent_hello)).await;
     tracing::info!(%peer, agent = hello.node_id, gpus = agent_hello.gpus.len(), "agent connected");
     let (tx, rx) = mpsc::channel::<ControllerMsg>(CONN_QUEUE_LEN);
     core.do_send(AgentConnected {
@@ -881,14 +926,35 @@ async fn serve_agent(
         incarnation: hello.incarnation,
         name: hello.node_id.clone(),
         hello: agent_hello,
+        facts,
         tx,
     });
-    let incoming = futures::stream::unfold(Some(reader), |reader| async move {
-        let mut reader = reader?;
-        match recv_frame(&mut reader).await {
-            Ok(Some(frame)) => Some((Ok(frame), Some(reader))),
-            Ok(None) => None,
-            Err(e) => Some((Err(e), None)),
+    // Log chunks go to a task of their own and outputs are looked up in the
+    // blob store here, off the core's thread: the actor gets messages whose
+    // file work is done. A slow disk slows this agent's reads, nothing else.
+    let (log_tx, log_rx) = mpsc::channel(LOG_QUEUE_CHUNKS_MAX);
+    actix::spawn(write_logs(log_rx, shared.clone()));
+    let facts_blobs = shared.blobs.clone();
+    let incoming = futures::stream::unfold(Some(reader), move |reader| {
+        let (log_tx, blobs) = (log_tx.clone(), facts_blobs.clone());
+        async move {
+            let mut reader = reader?;
+            loop {
+                match recv_frame(&mut reader).await {
+                    Ok(Some(AgentFrame::Msg(AgentMsg::LogChunk(chunk)))) => {
+                        if log_tx.send(chunk).await.is_err() {
+                            return Some((Err("the log writer stopped".to_string()), None));
+                        }
+                    }
+                    Ok(Some(AgentFrame::Msg(msg))) => {
+                        let facts = OutputFacts::gather(blobs, HeldBlobs::wanted(&msg)).await;
+                        return Some((Ok(Incoming::Msg(msg, facts)), Some(reader)));
+                    }
+                    Ok(Some(AgentFrame::Blob(blob))) => return Some((Ok(Incoming::Blob(blob)), Some(reader))),
+                    Ok(None) => return None,
+                    Err(e) => return Some((Err(e), None)),
+                }
+            }
         }
     });
     let (blob_tx, blob_rx) = mpsc::channel(crate::blobs::BLOB_INBOX_LEN);
@@ -901,7 +967,7 @@ async fn serve_agent(
             let result = write_frames(writer, rx, bulk_rx).await;
             me.do_send(WriterDone(result));
         });
-        AgentConnection { conn, name: hello.node_id, core, shared, logs: LogFiles::default(), blobs: blob_tx }
+        AgentConnection { conn, name: hello.node_id, core, blobs: blob_tx }
     });
 }
 
@@ -968,10 +1034,55 @@ struct AgentConnection {
     conn: ConnId,
     name: String,
     core: Addr<CoreActor>,
-    shared: Arc<Shared>,
-    logs: LogFiles,
     /// The connection's blob task (see [`crate::blobs`]).
     blobs: mpsc::Sender<cosmos_proto::AgentBlob>,
+}
+
+/// A frame from an agent, with the file work its message needs already done.
+enum Incoming {
+    /// A message for the core, with what the blob store holds of the outputs it names.
+    Msg(AgentMsg, OutputFacts),
+    /// Artifact traffic, for the connection's blob task.
+    Blob(cosmos_proto::AgentBlob),
+}
+
+/// What the shell found on disk about the outputs a message names, for the
+/// core (which of them are held) and for the Cosmos check of an enhancement's
+/// result (whether its standard output holds an upsampled prompt).
+#[derive(Debug, Default)]
+struct OutputFacts {
+    held: HeldBlobs,
+    /// For each held output named like an enhancement's result: whether it holds an upsampled prompt.
+    upsampled: HashMap<cosmos_proto::Sha256, Result<bool, String>>,
+}
+
+impl OutputFacts {
+    /// Looks the outputs up on the blocking pool.
+    async fn gather(blobs: Arc<cosmos_cas::Store>, wanted: Vec<&cosmos_proto::spec::ArtifactRef>) -> OutputFacts {
+        if wanted.is_empty() {
+            return OutputFacts::default();
+        }
+        let wanted: Vec<cosmos_proto::spec::ArtifactRef> = wanted.into_iter().cloned().collect();
+        let looked = tokio::task::spawn_blocking(move || {
+            let mut facts = OutputFacts::default();
+            for o in &wanted {
+                if blobs.size(&o.sha256) != Some(o.size_bytes) {
+                    continue;
+                }
+                facts.held.insert(o.sha256, o.size_bytes);
+                if o.path == crate::transfer::ENHANCE_RESULT {
+                    let found = crate::api_transfer::read_enhance_stdout(&blobs, &o.sha256)
+                        .map(|stdout| crate::transfer::upsampled_prompt(&stdout).is_some())
+                        .map_err(|e| e.to_string());
+                    facts.upsampled.insert(o.sha256, found);
+                }
+            }
+            facts
+        })
+        .await;
+        // A panicked lookup holds nothing: the success becomes a retryable failure.
+        looked.unwrap_or_default()
+    }
 }
 
 impl Actor for AgentConnection {
@@ -982,10 +1093,10 @@ impl Actor for AgentConnection {
     }
 }
 
-impl StreamHandler<Result<AgentFrame, String>> for AgentConnection {
-    fn handle(&mut self, item: Result<AgentFrame, String>, ctx: &mut Self::Context) {
+impl StreamHandler<Result<Incoming, String>> for AgentConnection {
+    fn handle(&mut self, item: Result<Incoming, String>, ctx: &mut Self::Context) {
         match item {
-            Ok(AgentFrame::Blob(blob)) => {
+            Ok(Incoming::Blob(blob)) => {
                 if self.blobs.try_send(blob).is_err() {
                     tracing::warn!(
                         agent = self.name,
@@ -994,20 +1105,7 @@ impl StreamHandler<Result<AgentFrame, String>> for AgentConnection {
                     ctx.stop();
                 }
             }
-            Ok(AgentFrame::Msg(AgentMsg::LogChunk(chunk))) => {
-                self.logs.append(&self.shared.dir, &chunk, self.shared.attempt_log_bytes_max)
-            }
-            Ok(AgentFrame::Msg(mut msg)) => {
-                // A success counts only once its outputs are here: the agent uploads before it reports.
-                match &mut msg {
-                    AgentMsg::AttemptFinished { outcome, .. } => {
-                        crate::blobs::guard_outcome(&self.shared.blobs, outcome)
-                    }
-                    AgentMsg::Heartbeat(hb) => crate::blobs::guard_reports(&self.shared.blobs, &mut hb.attempts),
-                    _ => {}
-                }
-                self.core.do_send(AgentMessage(self.conn, msg))
-            }
+            Ok(Incoming::Msg(msg, facts)) => self.core.do_send(AgentMessage(self.conn, msg, facts)),
             Err(e) => {
                 tracing::warn!(agent = self.name, error = %e, "agent connection failed");
                 ctx.stop();
@@ -1036,6 +1134,34 @@ impl Handler<WriterDone> for AgentConnection {
 
 /// Log files one connection keeps open; more are closed first (a connection with many attempts).
 const LOG_FILES_OPEN_MAX: usize = 256;
+/// Log chunks of one connection queued for its log writer; a full queue slows the agent's reads.
+const LOG_QUEUE_CHUNKS_MAX: usize = 64;
+/// Log chunks written in one go on the blocking pool.
+const LOG_BATCH_CHUNKS_MAX: usize = 64;
+
+/// Writes one connection's log chunks, in batches on the blocking pool, until the connection ends.
+async fn write_logs(mut rx: mpsc::Receiver<cosmos_proto::LogChunk>, shared: Arc<Shared>) {
+    let mut files = LogFiles::default();
+    let mut batch = Vec::with_capacity(LOG_BATCH_CHUNKS_MAX);
+    while rx.recv_many(&mut batch, LOG_BATCH_CHUNKS_MAX).await > 0 {
+        let chunks = std::mem::take(&mut batch);
+        let shared = shared.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            for chunk in &chunks {
+                files.append(&shared.dir, chunk, shared.attempt_log_bytes_max);
+            }
+            files
+        })
+        .await;
+        match written {
+            Ok(f) => files = f,
+            Err(e) => {
+                tracing::error!(error = %e, "the attempt log writer failed; this connection's logs stop here");
+                return;
+            }
+        }
+    }
+}
 
 /// Open log files of one connection's attempts, appended at the chunk's offset
 /// so a chunk resent after a reconnect is written once.

@@ -234,6 +234,8 @@ pub enum StoreOp {
     /// Insert or replace a Cosmos prompt; those a batch creates go in the same
     /// transaction as the batch's jobs, so both or neither are stored.
     PutPrompt(Box<crate::transfer::Prompt>),
+    /// Remove a Cosmos prompt (its runs keep their own copies of what they used).
+    DeletePrompt(String),
 }
 
 /// Everything the core needs to rebuild itself after a restart.

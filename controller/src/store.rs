@@ -184,6 +184,19 @@ impl Store {
         Store::init(conn)
     }
 
+    /// Opens a connection that can only read, for the API's queries: every
+    /// write goes through the one writer, in the core's order, so a write
+    /// attempted here fails instead of racing it. The writer must have opened
+    /// (and migrated) the database first.
+    pub fn open_reader(path: &Path) -> Result<Store> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        Ok(Store { conn })
+    }
+
     /// Opens a fresh private in-memory database: no fsync, so the simulator can run thousands of seeds.
     pub fn open_in_memory() -> Result<Store> {
         Store::init(Connection::open_in_memory()?)
@@ -233,6 +246,9 @@ impl Store {
                         .execute(params![agent.name, encode(agent, || format!("agent `{}`", agent.name))?])?;
                 }
                 StoreOp::PutPrompt(p) => put_prompt(&tx, p)?,
+                StoreOp::DeletePrompt(id) => {
+                    tx.execute("DELETE FROM prompts WHERE id = ?1", [id])?;
+                }
                 StoreOp::Event(ev) => {
                     tx.prepare_cached(APPEND_EVENT)?.execute(params![
                         ev.at_ms,
@@ -371,18 +387,8 @@ impl Store {
     }
 }
 
-/// Brings the schema up to date, refusing databases from a newer build.
+/// Cosmos prompts, read by the API (written through [`Store::apply`]).
 impl Store {
-    /// Stores prompts (new or changed) in one transaction: all or none.
-    pub fn put_prompts(&mut self, prompts: &[Prompt]) -> Result<()> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for p in prompts {
-            put_prompt(&tx, p)?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
     /// One prompt.
     pub fn prompt(&self, id: &str) -> Result<Option<Prompt>> {
         let json: Option<String> =
@@ -401,16 +407,6 @@ impl Store {
         }
         Ok(out)
     }
-
-    /// Removes prompts; true for each that existed.
-    pub fn delete_prompts(&mut self, ids: &[String]) -> Result<()> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for id in ids {
-            tx.execute("DELETE FROM prompts WHERE id = ?1", [id])?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
 }
 
 fn put_prompt(tx: &rusqlite::Transaction<'_>, p: &Prompt) -> Result<()> {
@@ -423,6 +419,7 @@ fn put_prompt(tx: &rusqlite::Transaction<'_>, p: &Prompt) -> Result<()> {
     Ok(())
 }
 
+/// Brings the schema up to date, refusing databases from a newer build.
 fn migrate(conn: &mut Connection) -> Result<()> {
     let known = MIGRATIONS.len() as i64;
     let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;

@@ -5,13 +5,14 @@
 //! core is consistent and that everything a user can see changed was persisted
 //! before anything was sent. Run with `cargo test -p cosmos-controller --test core`.
 
-use cosmos_controller::core::{CommandError, ConnId, Core, CoreConfig, Health, Output, SubmitError};
+use cosmos_controller::core::{CommandError, ConnId, Core, CoreConfig, Health, HeldBlobs, Now, Output, SubmitError};
 use cosmos_controller::model::{AgentRecord, AttemptRecord, AttemptState, JobRecord, JobState, Snapshot, StoreOp};
 use cosmos_proto::{
     AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, AttemptReport, ControllerMsg, Epoch,
-    GpuInfo, GpuUsage, Heartbeat, JobId, JobSpec,
+    GpuInfo, GpuUsage, Heartbeat, JobId, JobSpec, Sha256,
 };
-use std::collections::{BTreeMap, HashMap, HashSet};
+use cosmos_proto::spec::ArtifactRef;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 const GIB: u64 = 1 << 30;
 
@@ -25,7 +26,12 @@ struct Host {
 
 struct Cluster {
     core: Core,
+    /// The monotonic clock the core is fed.
     now: u64,
+    /// How far the wall clock is from the monotonic one (stepped by tests).
+    wall_offset_ms: i64,
+    /// Outputs the controller's blob store does not hold, by digest (others it holds).
+    blobs_missing: BTreeSet<Sha256>,
     next_conn: ConnId,
     hosts: BTreeMap<String, Host>,
     /// The connection each agent uses now.
@@ -78,11 +84,13 @@ fn running_report(att: &Assign) -> AttemptReport {
 
 impl Cluster {
     fn new(config: CoreConfig) -> Cluster {
-        let core = Core::recover(config, Snapshot { epoch: Epoch(1), ..Default::default() }, 0);
+        let core = Core::recover(config, Snapshot { epoch: Epoch(1), ..Default::default() }, Now::at(0));
         core.check_invariants().expect("a fresh core is consistent");
         Cluster {
             core,
             now: 0,
+            wall_offset_ms: 0,
+            blobs_missing: BTreeSet::new(),
             next_conn: 1,
             hosts: BTreeMap::new(),
             conn_of: HashMap::new(),
@@ -101,14 +109,15 @@ impl Cluster {
 
     /// Runs one core call and checks what it did: invariants, persist-before-send,
     /// every visible change persisted, attempt ids never reused.
-    fn call<R>(&mut self, f: impl FnOnce(&mut Core, u64, &mut Vec<Output>) -> R) -> (R, Vec<Output>) {
+    fn call<R>(&mut self, f: impl FnOnce(&mut Core, Now, &mut Vec<Output>) -> R) -> (R, Vec<Output>) {
         let jobs_before: BTreeMap<JobId, JobRecord> = self.core.jobs().map(|j| (j.id, j.clone())).collect();
         let live_before: BTreeMap<AttemptId, AttemptRecord> =
             self.core.live_attempts().map(|a| (a.id, a.clone())).collect();
         let drain_before: BTreeMap<String, bool> =
             self.core.agents().into_iter().map(|a| (a.name, a.draining)).collect();
         let mut out = Vec::new();
-        let r = f(&mut self.core, self.now, &mut out);
+        let now = self.clock();
+        let r = f(&mut self.core, now, &mut out);
         if let Err(e) = self.core.check_invariants() {
             panic!("invariant broken at {} ms: {e}\noutputs: {out:#?}", self.now);
         }
@@ -236,12 +245,14 @@ impl Cluster {
         self.agent_of.insert(conn, name.to_string());
         let hello = self.hello(name, attempts);
         let name_owned = name.to_string();
-        self.call(|core, now, out| core.on_connect(now, conn, &name_owned, hello, out)).1
+        let held = self.held(HeldBlobs::wanted_in_hello(&hello));
+        self.call(|core, now, out| core.on_connect(now, conn, &name_owned, hello, &held, out)).1
     }
 
     fn send(&mut self, name: &str, msg: AgentMsg) -> Vec<Output> {
         let conn = self.conn_of[name];
-        self.call(|core, now, out| core.on_message(now, conn, msg, out)).1
+        let held = self.held(HeldBlobs::wanted(&msg));
+        self.call(|core, now, out| core.on_message(now, conn, msg, &held, out)).1
     }
 
     fn disconnect(&mut self, name: &str) -> Vec<Output> {
@@ -267,6 +278,16 @@ impl Cluster {
         let (r, out) = self.call(|core, now, out| core.set_draining(now, &name, draining, out));
         r.expect("known agent");
         out
+    }
+
+    /// What the blob store holds of `wanted`: all of it, but the digests a test made go missing.
+    fn held(&self, wanted: Vec<&ArtifactRef>) -> HeldBlobs {
+        HeldBlobs::all(wanted.into_iter().filter(|o| !self.blobs_missing.contains(&o.sha256)))
+    }
+
+    /// What the core reads on both clocks now.
+    fn clock(&self) -> Now {
+        Now { mono_ms: self.now, wall_ms: (self.now as i64 + self.wall_offset_ms) as u64 }
     }
 
     fn tick_at(&mut self, now: u64) -> Vec<Output> {
@@ -343,7 +364,7 @@ impl Cluster {
                 StoreOp::PutAgent(a) => {
                     agents.insert(a.name.clone(), a.clone());
                 }
-                StoreOp::Event(_) | StoreOp::PutPrompt(_) => {}
+                StoreOp::Event(_) | StoreOp::PutPrompt(_) | StoreOp::DeletePrompt(_) => {}
             }
         }
         Snapshot {
@@ -358,7 +379,7 @@ impl Cluster {
     /// Simulates a controller restart: a new core from the persisted state, every connection gone.
     fn restart(&mut self, config: CoreConfig, epoch: Epoch) {
         let snapshot = self.snapshot(epoch);
-        self.core = Core::recover(config, snapshot, self.now);
+        self.core = Core::recover(config, snapshot, self.clock());
         self.core.check_invariants().expect("a recovered core is consistent");
         self.conn_of.clear();
     }
@@ -475,6 +496,30 @@ fn a_success_without_its_required_outputs_is_run_again() {
     let rec = c.record(ids[0]);
     assert_eq!(rec.state, JobState::Succeeded);
     assert_eq!(rec.outputs, vec![output]);
+}
+
+#[test]
+fn a_success_whose_outputs_are_not_in_the_blob_store_is_run_again() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 1, 80);
+    let (ids, out) = c.submit_ok(vec![spec("video")]);
+    let (_, a) = one_assign(&c, &out);
+    c.started("a", a.attempt_id);
+    let output = ArtifactRef { path: "out.mp4".into(), sha256: Sha256([9; 32]), size_bytes: 10 };
+    // The agent says it delivered, but the controller's store does not hold it whole.
+    c.blobs_missing.insert(output.sha256);
+    c.finished("a", a.attempt_id, AttemptOutcome::Succeeded { outputs: vec![output.clone()] });
+    let rec = c.record(ids[0]);
+    assert_eq!(rec.state, JobState::Retrying, "outputs that are not here are not a success");
+    let error = rec.error.unwrap_or_default();
+    assert!(error.contains("not in the controller's blob store") && error.contains("out.mp4"), "{error}");
+
+    c.blobs_missing.clear();
+    let out = c.tick_at(c.now + 120_000);
+    let (_, again) = one_assign(&c, &out);
+    c.started("a", again.attempt_id);
+    c.finished("a", again.attempt_id, AttemptOutcome::Succeeded { outputs: vec![output.clone()] });
+    assert_eq!(c.record(ids[0]).outputs, vec![output]);
 }
 
 // ---- placement ----
@@ -835,6 +880,95 @@ fn the_backoff_is_capped() {
     }
 }
 
+// ---- clock steps ----
+
+/// A cluster with production-like liveness, one host running one job.
+fn running_one_job() -> (Cluster, JobId, AttemptId) {
+    let mut c = Cluster::new(CoreConfig { suspect_after_ms: 3_000, lost_after_ms: 15_000, ..CoreConfig::default() });
+    c.connect("a", 1, 80);
+    let (ids, out) = c.submit_ok(vec![spec("long")]);
+    let (_, a) = one_assign(&c, &out);
+    c.started("a", a.attempt_id);
+    (c, ids[0], a.attempt_id)
+}
+
+#[test]
+fn a_wall_clock_step_forward_marks_no_agent_lost_and_requeues_nothing() {
+    let (mut c, job, attempt) = running_one_job();
+    // NTP corrects a clock that was 10 minutes slow while the host keeps beating.
+    c.wall_offset_ms += 10 * 60_000;
+    for t in (1_000..=30_000).step_by(1_000) {
+        c.tick_at(t);
+        c.beat("a");
+    }
+    let agent = c.core.agents().into_iter().find(|v| v.name == "a").unwrap();
+    assert_eq!(agent.health, Health::Up);
+    assert_eq!(c.state(job), JobState::Running);
+    assert_eq!(c.live(job).map(|a| a.id), Some(attempt));
+    let rec = c.record(job);
+    assert_eq!((rec.attempts_used, rec.attempts_lost), (0, 0));
+}
+
+#[test]
+fn a_wall_clock_step_backward_still_lets_a_silent_host_be_lost() {
+    let (mut c, job, _) = running_one_job();
+    c.wall_offset_ms -= 10 * 60_000;
+    c.tick_at(15_000);
+    let agent = c.core.agents().into_iter().find(|v| v.name == "a").unwrap();
+    assert_eq!(agent.health, Health::Lost, "a backward step must not stall the liveness timeout");
+    assert_eq!(c.record(job).attempts_lost, 1);
+}
+
+#[test]
+fn records_are_stamped_with_the_wall_clock() {
+    let mut c = Cluster::quiet();
+    c.wall_offset_ms = 1_700_000_000_000;
+    c.connect("a", 1, 80);
+    let (ids, _) = c.submit_ok(vec![spec("stamped")]);
+    assert_eq!(c.record(ids[0]).submitted_ms, 1_700_000_000_000);
+    assert_eq!(c.live(ids[0]).unwrap().assigned_ms, 1_700_000_000_000);
+}
+
+#[test]
+fn a_backoff_that_outlives_a_restart_is_recomputed_within_its_cap() {
+    let config = CoreConfig { retry_backoff_base_ms: 1_000, retry_backoff_max_ms: 60_000, ..quiet_config() };
+    let mut c = Cluster::new(config.clone());
+    c.wall_offset_ms = 1_700_000_000_000;
+    c.connect("a", 1, 80);
+    let (ids, out) = c.submit_ok(vec![JobSpec { max_attempts: 3, ..spec("flaky") }]);
+    let (_, a) = one_assign(&c, &out);
+    c.finished("a", a.attempt_id, failed(true));
+    assert_eq!(c.state(ids[0]), JobState::Retrying);
+
+    // The controller restarts on a host whose clock went back a day: the
+    // stored deadline says a day and a second remain, but no backoff is
+    // longer than its cap.
+    c.wall_offset_ms -= 86_400_000;
+    c.now += 10;
+    c.restart(config.clone(), Epoch(2));
+    c.connect("a", 1, 80);
+    let out = c.tick_at(c.now + 60_000 - 1);
+    assert!(assigns(&c, &out).is_empty(), "re-placed before the capped backoff");
+    let out = c.tick_at(c.now + 1);
+    assert_eq!(one_assign(&c, &out).1.job_id, ids[0]);
+}
+
+#[test]
+fn a_backoff_whose_deadline_passed_while_down_retries_at_once() {
+    let config = CoreConfig { retry_backoff_base_ms: 5_000, ..quiet_config() };
+    let mut c = Cluster::new(config.clone());
+    c.connect("a", 1, 80);
+    let (ids, out) = c.submit_ok(vec![JobSpec { max_attempts: 3, ..spec("flaky") }]);
+    let (_, a) = one_assign(&c, &out);
+    c.finished("a", a.attempt_id, failed(true));
+    // Down for a minute; the new process's monotonic clock starts elsewhere.
+    c.wall_offset_ms += 60_000;
+    c.restart(config, Epoch(2));
+    c.connect("a", 1, 80);
+    let out = c.tick_at(c.now);
+    assert_eq!(one_assign(&c, &out).1.job_id, ids[0]);
+}
+
 #[test]
 fn a_terminal_failure_fails_the_job_at_once() {
     let mut c = Cluster::quiet();
@@ -1046,6 +1180,7 @@ fn a_lost_host_is_closed_its_attempts_requeued_and_fenced_when_it_returns() {
             now,
             conn_a,
             AgentMsg::AttemptFinished { attempt_id: old.attempt_id, outcome: succeeded() },
+            &HeldBlobs::none(),
             out,
         )
     });

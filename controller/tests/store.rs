@@ -347,3 +347,18 @@ fn a_locked_database_is_a_retryable_error() {
     other.execute_batch("ROLLBACK").unwrap();
     store.apply(&[StoreOp::PutJob(Box::new(queued_job(1)))]).unwrap();
 }
+
+#[test]
+fn the_api_reader_sees_the_writers_commits_and_cannot_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut writer = open(dir.path());
+    let reader = Store::open_reader(&dir.path().join("cosmos.db")).expect("a reader opens beside the writer");
+    writer.apply(&[StoreOp::PutJob(Box::new(queued_job(1)))]).unwrap();
+    assert_eq!(reader.job(JobId(1)).unwrap().map(|j| j.id), Some(JobId(1)));
+
+    // Every write goes through the one writer, in the core's order; the reader refuses.
+    let mut reader = reader;
+    let err = reader.apply(&[StoreOp::PutJob(Box::new(queued_job(2)))]).unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("readonly"), "{err}");
+    assert_eq!(writer.load().unwrap().jobs.len(), 1);
+}

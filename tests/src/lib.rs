@@ -13,7 +13,7 @@
 use cosmos_agent::core::{
     AgentConfig, AgentCore, ExitStatus, Output as AgentOut, Recovered, RuntimeEvent, StageFailure,
 };
-use cosmos_controller::core::{ConnId, Core, Output as CtlOut};
+use cosmos_controller::core::{ConnId, Core, HeldBlobs, Now, Output as CtlOut};
 use cosmos_controller::model::{AttemptState, JobState, StoreOp};
 use cosmos_controller::store::Store;
 use cosmos_proto::spec::{ArtifactRef, InputArtifact, OutputArtifact};
@@ -105,6 +105,10 @@ pub struct Report {
     pub faults: BTreeMap<&'static str, u32>,
     /// Transfers the agents asked for or aborted, by kind.
     pub transfers: BTreeMap<&'static str, u32>,
+    /// Events the controller stored, by kind (`agent_lost`, `retrying`, …).
+    pub event_kinds: BTreeMap<String, u32>,
+    /// Attempts the controller created, over every job.
+    pub attempts: usize,
     /// The first violation, if any.
     pub violation: Option<Violation>,
 }
@@ -254,6 +258,18 @@ pub struct Sim {
     delivered: HashMap<AttemptId, Vec<ArtifactRef>>,
     /// Answers to transfers, so a stale one (aborted, or from before a restart) is told apart.
     transfer_seq: u64,
+    /// Where the controller process's monotonic clock starts: arbitrary, new each start.
+    controller_mono_base_ms: u64,
+    /// How far the controller host's wall clock is from true time (stepped by faults).
+    controller_wall_offset_ms: i64,
+    /// Stored event kinds, counted (`agent_lost`, `retrying`, …).
+    event_kinds: BTreeMap<String, u32>,
+    /// Attempts the controller created.
+    attempt_ids: BTreeSet<AttemptId>,
+    /// The blobs the controller's blob store holds whole, as (digest, size).
+    blob_store: BTreeSet<(Sha256, u64)>,
+    /// When the controller's core last took in a message from each agent (true time).
+    last_heard_ms: HashMap<String, u64>,
 }
 
 impl Sim {
@@ -333,6 +349,12 @@ impl Sim {
             trace_attempts: BTreeSet::new(),
             delivered: HashMap::new(),
             transfer_seq: 0,
+            controller_mono_base_ms: 0,
+            controller_wall_offset_ms: 1_700_000_000_000,
+            event_kinds: BTreeMap::new(),
+            attempt_ids: BTreeSet::new(),
+            blob_store: BTreeSet::new(),
+            last_heard_ms: HashMap::new(),
         };
         sim.start_controller();
         for i in 0..sim.agents.len() {
@@ -403,6 +425,8 @@ impl Sim {
             final_states,
             faults: self.faults,
             transfers: self.transfers,
+            event_kinds: self.event_kinds,
+            attempts: self.attempt_ids.len(),
             violation: self.violation,
         }
     }
@@ -473,8 +497,9 @@ impl Sim {
             specs.push(spec);
         }
         let mut out = Vec::new();
+        let now = self.controller_clock();
         let Some(core) = self.controller.as_mut() else { return };
-        match core.submit(self.now_ms, specs, &mut out) {
+        match core.submit(now, specs, &mut out) {
             Ok(ids) => self.submitted = ids,
             Err(e) => self.fail(format!("submission refused: {e}")),
         }
@@ -485,9 +510,24 @@ impl Sim {
         self.submission_pending = false;
     }
 
+    /// What the controller process reads on its two clocks now.
+    fn controller_clock(&self) -> Now {
+        Now {
+            mono_ms: self.controller_mono_base_ms + self.now_ms,
+            wall_ms: (self.now_ms as i64 + self.controller_wall_offset_ms) as u64,
+        }
+    }
+
     fn start_controller(&mut self) {
         let snapshot = self.store.load().expect("store loads");
-        self.controller = Some(Core::recover(self.scenario.core_config(), snapshot, self.now_ms));
+        // A new process: its monotonic clock has nothing to do with the last one's.
+        self.controller_mono_base_ms = self.rng.random_range(0..1_000_000_000);
+        let now = self.controller_clock();
+        self.controller = Some(Core::recover(self.scenario.core_config(), snapshot, now));
+        // A new core has heard from no one yet; its grace period starts now.
+        for node in &self.agents {
+            self.last_heard_ms.insert(node.name.clone(), self.now_ms);
+        }
         self.at(TICK_MS, Event::ControllerTick);
     }
 
@@ -542,9 +582,10 @@ impl Sim {
     fn step(&mut self, event: Event) {
         match event {
             Event::ControllerTick => {
+                let now = self.controller_clock();
                 if let Some(core) = self.controller.as_mut() {
                     let mut out = Vec::new();
-                    core.tick(self.now_ms, &mut out);
+                    core.tick(now, &mut out);
                     self.controller_outputs(out);
                     self.at(TICK_MS, Event::ControllerTick);
                 }
@@ -682,6 +723,26 @@ impl Sim {
                     let text = format!("{op:?}");
                     format!("persist {}", &text[..text.len().min(300)])
                 });
+            }
+            match op {
+                StoreOp::Event(e) if e.kind == "agent_lost" => {
+                    *self.event_kinds.entry(e.kind.clone()).or_insert(0) += 1;
+                    // Lost means silent for the whole grace period, in true time: a
+                    // core that measured on a stepped wall clock would say so early.
+                    let agent = e.agent.clone().unwrap_or_default();
+                    let silent_ms = self.now_ms - self.last_heard_ms.get(&agent).copied().unwrap_or(0);
+                    if silent_ms < self.scenario.core.lost_after_ms {
+                        self.fail(format!(
+                            "agent {agent} declared lost after {silent_ms} ms of silence, under lost_after_ms = {}",
+                            self.scenario.core.lost_after_ms
+                        ));
+                    }
+                }
+                StoreOp::Event(e) => *self.event_kinds.entry(e.kind.clone()).or_insert(0) += 1,
+                StoreOp::PutAttempt(a) => {
+                    self.attempt_ids.insert(a.id);
+                }
+                _ => {}
             }
             match op {
                 StoreOp::PutJob(job) => {
@@ -857,6 +918,7 @@ impl Sim {
             Transfer::Upload { outputs, result, .. } => {
                 if result.is_ok() {
                     // The bytes are at the controller before the agent hears so.
+                    self.blob_store.extend(outputs.iter().map(|o| (o.sha256, o.size_bytes)));
                     self.delivered.insert(att, outputs);
                 }
                 core.on_uploaded(now, att, result, &mut out);
@@ -1089,14 +1151,21 @@ impl Sim {
         }
         match payload {
             Payload::ToController(msg) => {
+                let now = self.controller_clock();
                 let Some(core) = self.controller.as_mut() else { return };
                 let mut out = Vec::new();
+                let name = self.agents[agent].name.clone();
                 if let AgentMsg::Hello(hello) = msg {
                     self.conns.get_mut(&conn_id).unwrap().registered = true;
-                    let name = self.agents[agent].name.clone();
-                    core.on_connect(self.now_ms, conn_id, &name, hello, &mut out);
+                    let held = held_of(&self.blob_store, HeldBlobs::wanted_in_hello(&hello));
+                    self.last_heard_ms.insert(name.clone(), self.now_ms);
+                    core.on_connect(now, conn_id, &name, hello, &held, &mut out);
                 } else if registered {
-                    core.on_message(self.now_ms, conn_id, msg, &mut out);
+                    let held = held_of(&self.blob_store, HeldBlobs::wanted(&msg));
+                    if core.agent_of_conn(conn_id).is_some() {
+                        self.last_heard_ms.insert(name, self.now_ms);
+                    }
+                    core.on_message(now, conn_id, msg, &held, &mut out);
                 }
                 self.controller_outputs(out);
             }
@@ -1155,9 +1224,10 @@ impl Sim {
         match dir {
             Dir::ToController => {
                 if registered {
+                    let now = self.controller_clock();
                     if let Some(core) = self.controller.as_mut() {
                         let mut out = Vec::new();
-                        core.on_disconnect(self.now_ms, conn_id, &mut out);
+                        core.on_disconnect(now, conn_id, &mut out);
                         self.controller_outputs(out);
                     }
                 }
@@ -1217,6 +1287,9 @@ impl Sim {
         if f.gpus {
             kinds.push("foreign VRAM");
         }
+        if f.clock_steps {
+            kinds.push("controller clock step");
+        }
         if kinds.is_empty() {
             return;
         }
@@ -1266,6 +1339,13 @@ impl Sim {
                 if self.controller.is_some() {
                     self.crash_controller("at an arbitrary point");
                 }
+            }
+            "controller clock step" => {
+                // NTP stepping a drifted clock, a VM resumed: minutes either way,
+                // which no deadline of the core may notice.
+                let minutes = self.rng.random_range(1..=30i64);
+                let sign = if self.rng.random_bool(0.5) { 1 } else { -1 };
+                self.controller_wall_offset_ms += sign * minutes * 60_000;
             }
             "foreign VRAM" => {
                 let g = self.rng.random_range(0..self.agents[i].gpus.len());
@@ -1350,6 +1430,17 @@ impl Sim {
 /// Runs one seed and returns its report.
 pub fn run_seed(scenario: &Scenario, seed: u64) -> Report {
     Sim::new(scenario.clone(), seed).run()
+}
+
+/// What the simulated blob store holds of `wanted`.
+fn held_of<'a>(store: &BTreeSet<(Sha256, u64)>, wanted: Vec<&'a ArtifactRef>) -> HeldBlobs {
+    let mut held = HeldBlobs::none();
+    for o in wanted {
+        if store.contains(&(o.sha256, o.size_bytes)) {
+            held.insert(o.sha256, o.size_bytes);
+        }
+    }
+    held
 }
 
 /// What a fake container that exited 0 produced: its expected outputs, with a

@@ -20,6 +20,8 @@ pub struct Faults {
     /// A store write fails (disk full, I/O error): its transaction is lost and
     /// the controller stops, as the daemon fail-stops, then restarts on what was durable.
     pub store_failure: bool,
+    /// The controller host's wall clock is stepped by minutes, forward and back.
+    pub clock_steps: bool,
 }
 
 impl Faults {
@@ -33,6 +35,7 @@ impl Faults {
             gpus: true,
             transfers: true,
             store_failure: true,
+            clock_steps: true,
         }
     }
 
@@ -45,6 +48,7 @@ impl Faults {
             || self.gpus
             || self.transfers
             || self.store_failure
+            || self.clock_steps
     }
 }
 
@@ -84,6 +88,16 @@ impl Scenario {
             liveness_bound_ms: 600_000,
             settle_ms: 60_000,
             core: CoreConfig { lost_after_ms: 10_000, ..CoreConfig::default() },
+        }
+    }
+
+    /// Only the controller's wall clock is stepped, often, by minutes: nothing
+    /// else goes wrong, so nothing may be lost or retried.
+    pub fn clock_steps() -> Scenario {
+        Scenario {
+            faults: Faults { clock_steps: true, ..Faults::default() },
+            fault_gap_ms: 1_000,
+            ..Scenario::ci()
         }
     }
 

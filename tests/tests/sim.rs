@@ -37,6 +37,7 @@ fn invariants_hold_under_all_faults() {
             "controller crash",
             "foreign VRAM",
             "store write failure",
+            "controller clock step",
         ] {
             assert!(kinds.contains(kind), "no run injected `{kind}`: {kinds:?}");
         }
@@ -46,6 +47,20 @@ fn invariants_hold_under_all_faults() {
         for kind in ["stage", "upload", "stage aborted", "upload aborted"] {
             assert!(transfers.contains(kind), "no run saw `{kind}`: {transfers:?}");
         }
+    }
+}
+
+#[test]
+fn controller_clock_steps_lose_no_host_and_requeue_nothing() {
+    let scenario = Scenario::clock_steps();
+    for report in seeds::run_all("clock-steps", "controller_clock_steps_lose_no_host_and_requeue_nothing", &scenario, &seeds::from_env(20)) {
+        let steps = report.faults.get("controller clock step").copied().unwrap_or(0);
+        assert!(steps >= 10, "only {steps} clock steps: the scenario does not test what it says");
+        assert_eq!(report.final_states.get("succeeded"), Some(&scenario.jobs), "{:?}", report.final_states);
+        for kind in ["agent_suspect", "agent_lost", "retrying"] {
+            assert_eq!(report.event_kinds.get(kind), None, "a clock step caused `{kind}`: {:?}", report.event_kinds);
+        }
+        assert_eq!(report.attempts, scenario.jobs, "an attempt was re-queued: {:?}", report.event_kinds);
     }
 }
 

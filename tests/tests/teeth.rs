@@ -47,6 +47,11 @@ fn a_second_success_is_caught() {
 }
 
 #[test]
+fn liveness_on_the_wall_clock_is_caught() {
+    caught_within(Sabotage::WallClockDeadlines, &["declared lost after"]);
+}
+
+#[test]
 fn the_sound_core_passes_the_same_seeds() {
     // The control: without sabotage, the seeds the others are judged on pass.
     let scenario = Scenario::ci();
