@@ -141,7 +141,11 @@ fn examples() -> Examples {
         AgentMsg::AttemptFinished {
             attempt_id: AttemptId(46),
             outcome: AttemptOutcome::Succeeded {
-                outputs: vec![ArtifactRef { path: "out/video.mp4".into(), sha256: Sha256([0x5a; 32]), size_bytes: 4096 }],
+                outputs: vec![ArtifactRef {
+                    path: "out/video.mp4".into(),
+                    sha256: Sha256([0x5a; 32]),
+                    size_bytes: 4096,
+                }],
             },
         },
         AgentMsg::GpuFault {
@@ -150,10 +154,14 @@ fn examples() -> Examples {
         },
         AgentMsg::GpuRecovered { gpu_uuid: "GPU-0000eeee".into() },
     ] {
-        ex.variant(msg, |m| framed(codec::encode(m).unwrap()), |b| match AgentFrame::decode(&unframe(b)?) {
-            Ok(AgentFrame::Msg(m)) => Ok(m),
-            other => Err(format!("decodes as {other:?}")),
-        });
+        ex.variant(
+            msg,
+            |m| framed(codec::encode(m).unwrap()),
+            |b| match AgentFrame::decode(&unframe(b)?) {
+                Ok(AgentFrame::Msg(m)) => Ok(m),
+                other => Err(format!("decodes as {other:?}")),
+            },
+        );
     }
 
     for msg in [
@@ -175,10 +183,14 @@ fn examples() -> Examples {
         ControllerMsg::AckFinished { attempt_ids: vec![AttemptId(51), AttemptId(52), AttemptId(53)] },
         ControllerMsg::HeartbeatAck { seq: 13 },
     ] {
-        ex.variant(msg, |m| framed(codec::encode(m).unwrap()), |b| match ControllerFrame::decode(&unframe(b)?) {
-            Ok(ControllerFrame::Msg(m)) => Ok(m),
-            other => Err(format!("decodes as {other:?}")),
-        });
+        ex.variant(
+            msg,
+            |m| framed(codec::encode(m).unwrap()),
+            |b| match ControllerFrame::decode(&unframe(b)?) {
+                Ok(ControllerFrame::Msg(m)) => Ok(m),
+                other => Err(format!("decodes as {other:?}")),
+            },
+        );
     }
 
     let sha = Sha256(*b"0123456789abcdef0123456789ABCDEF");
@@ -187,10 +199,14 @@ fn examples() -> Examples {
         AgentBlob::Offer { sha256: sha, size_bytes: 3_000_000 },
         AgentBlob::Chunk(example_chunk()),
     ] {
-        ex.variant(blob, |b| framed(encode_blob(b).unwrap()), |b| match AgentFrame::decode(&unframe(b)?) {
-            Ok(AgentFrame::Blob(blob)) => Ok(blob),
-            other => Err(format!("decodes as {other:?}")),
-        });
+        ex.variant(
+            blob,
+            |b| framed(encode_blob(b).unwrap()),
+            |b| match AgentFrame::decode(&unframe(b)?) {
+                Ok(AgentFrame::Blob(blob)) => Ok(blob),
+                other => Err(format!("decodes as {other:?}")),
+            },
+        );
     }
 
     for blob in [
@@ -201,10 +217,14 @@ fn examples() -> Examples {
         ControllerBlob::Stored { sha256: sha },
         ControllerBlob::Refused { sha256: sha, reason: "content does not match its digest".into(), retryable: true },
     ] {
-        ex.variant(blob, |b| framed(encode_blob(b).unwrap()), |b| match ControllerFrame::decode(&unframe(b)?) {
-            Ok(ControllerFrame::Blob(blob)) => Ok(blob),
-            other => Err(format!("decodes as {other:?}")),
-        });
+        ex.variant(
+            blob,
+            |b| framed(encode_blob(b).unwrap()),
+            |b| match ControllerFrame::decode(&unframe(b)?) {
+                Ok(ControllerFrame::Blob(blob)) => Ok(blob),
+                other => Err(format!("decodes as {other:?}")),
+            },
+        );
     }
 
     // The handshake: magic, version, body, in one frame each way.
