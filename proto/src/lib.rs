@@ -26,6 +26,8 @@ pub use spec::{ArtifactRef, InputArtifact, JobSpec, Mount, OutputArtifact, SpecE
 ///
 /// Bump it on any change to a message's encoding: bincode is not
 /// self-describing, so there is no partial compatibility to rely on.
+/// `tests/wire_fixtures.rs` fails on any such change until it is bumped and the
+/// new version's golden bytes are written (`COSMOS_BLESS_FIXTURES=1`).
 /// v2: blob frames (inputs and outputs in checksummed chunks).
 /// v3: a handshake refusal for a node id already connected; `JobSpec::terminal_exit_codes`.
 pub const PROTOCOL_VERSION: u16 = 3;
