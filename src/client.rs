@@ -2,7 +2,7 @@
 //! calling the API, and turning its answers into clear errors.
 
 use anyhow::{Context, anyhow, bail};
-use cosmos_controller::api::ErrorBody;
+use cosmos_controller::http::ErrorBody;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::path::PathBuf;

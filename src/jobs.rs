@@ -2,7 +2,7 @@
 
 use crate::client::{ApiError, Client, ClientArgs, printable};
 use anyhow::{Context, bail};
-use cosmos_controller::api::{AgentInfo, JobLine, JobView, RESERVED_LABEL_PREFIX, StatusBody, SubmitRequest};
+use cosmos_controller::http::{AgentInfo, JobLine, JobView, RESERVED_LABEL_PREFIX, StatusBody, SubmitRequest};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, IsTerminal};

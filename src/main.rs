@@ -2,7 +2,7 @@
 
 mod client;
 mod jobs;
-mod transfer;
+mod cosmos;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -107,7 +107,7 @@ enum Command {
         #[arg(required = true)]
         prompt_ids: Vec<String>,
         #[command(flatten)]
-        params: transfer::ParamArgs,
+        params: cosmos::ParamArgs,
         /// Follow the runs to their end with progress bars; exit 1 if any did not succeed.
         #[arg(long)]
         wait: bool,
@@ -216,10 +216,10 @@ struct CosmosArgs {
 }
 
 impl CosmosArgs {
-    fn config(self) -> cosmos_controller::transfer::TransferConfig {
-        let d = cosmos_controller::transfer::TransferConfig::default();
+    fn config(self) -> cosmos_controller::cosmos::CosmosConfig {
+        let d = cosmos_controller::cosmos::CosmosConfig::default();
         let volume = |v: String| (!v.is_empty()).then_some(v);
-        cosmos_controller::transfer::TransferConfig {
+        cosmos_controller::cosmos::CosmosConfig {
             image: self.cosmos_image,
             checkout_dir: self.cosmos_checkout_dir,
             checkpoint_volume: volume(self.cosmos_checkpoint_volume),
@@ -437,10 +437,10 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
                 agent_listen,
                 max_frame_bytes: cosmos_proto::frame::DEFAULT_MAX_FRAME_BYTES,
                 core,
-                transfer: cosmos.config(),
+                cosmos: cosmos.config(),
                 attempt_log_bytes_max,
             };
-            opts.transfer
+            opts.cosmos
                 .validate()
                 .map_err(|e| anyhow::anyhow!("the Cosmos run settings (--cosmos-*, --run-*): {e}"))?;
             actix::System::new().block_on(cosmos_controller::daemon::run(opts, shutdown_signal()))?;
@@ -479,45 +479,45 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
         },
         Command::Status { client } => jobs::status(&client).map(|()| true),
         Command::Create(CreateCommand::Prompt { text, video_dir, name, negative, client }) => {
-            transfer::create_prompt(&client, &text, &video_dir, name, negative).map(|()| true)
+            cosmos::create_prompt(&client, &text, &video_dir, name, negative).map(|()| true)
         }
         Command::Inference { prompt_ids, params, wait, client } => {
-            transfer::inference(&client, &prompt_ids, &params, wait)
+            cosmos::inference(&client, &prompt_ids, &params, wait)
         }
         Command::Batch { file, wait, download, client } => {
-            let (ok, runs) = transfer::batch(&client, &file, wait || download.is_some(), download.is_none())?;
+            let (ok, runs) = cosmos::batch(&client, &file, wait || download.is_some(), download.is_none())?;
             match download {
                 Some(dir) => {
-                    let (downloaded, files) = transfer::download_all(&client, &runs, &dir);
-                    transfer::print_files(&client, &runs, &files)?;
+                    let (downloaded, files) = cosmos::download_all(&client, &runs, &dir);
+                    cosmos::print_files(&client, &runs, &files)?;
                     Ok(ok && downloaded)
                 }
                 None => Ok(ok),
             }
         }
         Command::Upscale { run_id, weight, prompt, gpus, wait, client } => {
-            transfer::upscale(&client, &run_id, weight, prompt, gpus, wait, true).map(|(ok, _)| ok)
+            cosmos::upscale(&client, &run_id, weight, prompt, gpus, wait, true).map(|(ok, _)| ok)
         }
         Command::PromptEnhance { prompt_id, overwrite, yes, client } => {
-            transfer::prompt_enhance(&client, &prompt_id, overwrite, yes)
+            cosmos::prompt_enhance(&client, &prompt_id, overwrite, yes)
         }
         Command::Runs(cmd) => match cmd {
             RunsCommand::List { prompt, state, client } => {
-                transfer::list_runs(&client, prompt.as_deref(), state.as_deref(), &[]).map(|()| true)
+                cosmos::list_runs(&client, prompt.as_deref(), state.as_deref(), &[]).map(|()| true)
             }
-            RunsCommand::Show { id, client } => transfer::show_run(&client, &id).map(|()| true),
-            RunsCommand::Search { words, client } => transfer::list_runs(&client, None, None, &words).map(|()| true),
-            RunsCommand::Cancel { id, client } => transfer::cancel_run(&client, &id).map(|()| true),
+            RunsCommand::Show { id, client } => cosmos::show_run(&client, &id).map(|()| true),
+            RunsCommand::Search { words, client } => cosmos::list_runs(&client, None, None, &words).map(|()| true),
+            RunsCommand::Cancel { id, client } => cosmos::cancel_run(&client, &id).map(|()| true),
         },
         Command::Prompts(cmd) => match cmd {
-            PromptsCommand::List { client } => transfer::list_prompts(&client).map(|()| true),
-            PromptsCommand::Show { id, client } => transfer::show_prompt(&client, &id).map(|()| true),
+            PromptsCommand::List { client } => cosmos::list_prompts(&client).map(|()| true),
+            PromptsCommand::Show { id, client } => cosmos::show_prompt(&client, &id).map(|()| true),
             PromptsCommand::Delete { id, delete_outputs, client } => {
-                transfer::delete_prompt(&client, &id, delete_outputs).map(|()| true)
+                cosmos::delete_prompt(&client, &id, delete_outputs).map(|()| true)
             }
         },
-        Command::Download { run_id, to, client } => transfer::download_cmd(&client, &run_id, &to).map(|()| true),
-        Command::Demo { to, client } => transfer::demo(&client, &to),
+        Command::Download { run_id, to, client } => cosmos::download_cmd(&client, &run_id, &to).map(|()| true),
+        Command::Demo { to, client } => cosmos::demo(&client, &to),
     }
 }
 

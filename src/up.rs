@@ -2,7 +2,7 @@
 
 use crate::client::{Client, ClientArgs};
 use anyhow::{Context, bail};
-use cosmos_controller::api::AgentInfo;
+use cosmos_controller::http::AgentInfo;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -12,7 +12,7 @@
 //! (add `-- --warm-up-time 1 --measurement-time 5` to shorten).
 
 use cosmos_controller::core::{ConnId, Core, CoreConfig, HeldBlobs, Now, Output};
-use cosmos_controller::model::Snapshot;
+use cosmos_controller::records::Snapshot;
 use cosmos_proto::{
     AgentHello, AgentMsg, AttemptId, AttemptOutcome, ControllerMsg, Epoch, GpuInfo, GpuUsage, Heartbeat, JobSpec,
 };

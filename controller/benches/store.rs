@@ -4,7 +4,7 @@
 //! A transition is what the core emits when an attempt changes state: the
 //! attempt, its job and an event. Run with `cargo bench -p cosmos-controller --bench store`.
 
-use cosmos_controller::model::{AttemptRecord, AttemptState, EventRecord, JobRecord, JobState, StoreOp};
+use cosmos_controller::records::{AttemptRecord, AttemptState, EventRecord, JobRecord, JobState, StoreOp};
 use cosmos_controller::store::Store;
 use cosmos_proto::{AttemptId, Epoch, JobId, JobSpec};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};

@@ -371,6 +371,21 @@ enum Written {
     Complete,
 }
 
+/// How much of the end of an enhancement's standard output is searched for its
+/// result line: the line comes last, whatever logs came before it.
+pub const ENHANCE_STDOUT_TAIL_BYTES: u64 = 4 << 20;
+
+/// The last [`ENHANCE_STDOUT_TAIL_BYTES`] of an enhancement's delivered standard output.
+pub fn read_enhance_stdout(blobs: &cosmos_cas::Store, sha256: &Sha256) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(blobs.path(sha256))?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(ENHANCE_STDOUT_TAIL_BYTES)))?;
+    let mut bytes = Vec::new();
+    file.take(ENHANCE_STDOUT_TAIL_BYTES).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@
 //! that makes the persist durable before sending anything upholds "what a
 //! user can observe is stored before it is acted on" without knowing why.
 
-use crate::model::*;
+use crate::records::*;
 use cosmos_proto::{
     AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, ControllerMsg, Epoch, GpuInfo, JobId,
     JobSpec, Sha256, SpecError, TraceContext,
@@ -469,18 +469,21 @@ impl Core {
         specs: Vec<JobSpec>,
         out: &mut Vec<Output>,
     ) -> Result<Vec<JobId>, SubmitError> {
-        self.submit_keyed(now, specs, None, out).map(|(ids, _)| ids)
+        self.submit_with(now, specs, None, Vec::new(), out).map(|(ids, _)| ids)
     }
 
-    /// Like [`Core::submit`], under an idempotency key: a submission whose key
-    /// was seen before with the same request digest changes nothing and
+    /// Like [`Core::submit`], under an idempotency key and with records that
+    /// must be stored in the same transaction as the jobs (`extra`: the
+    /// prompts a batch of runs creates). A submission whose key was seen
+    /// before with the same request digest changes and stores nothing and
     /// answers the jobs it made then (`true` says it was a repeat); the same
     /// key with another digest is refused.
-    pub fn submit_keyed(
+    pub fn submit_with(
         &mut self,
         now: Now,
         specs: Vec<JobSpec>,
         key: Option<Idempotency>,
+        extra: Vec<StoreOp>,
         out: &mut Vec<Output>,
     ) -> Result<(Vec<JobId>, bool), SubmitError> {
         if let Some(k) = &key {
@@ -543,6 +546,8 @@ impl Core {
             self.jobs.insert(id, Job { rec, not_before_mono_ms: 0, live: None, progress: None });
             ids.push(id);
         }
+        // In the one persist of this call: both the jobs and what came with them, or neither.
+        self.ops.extend(extra);
         if let Some(k) = key {
             self.submitted_keys.insert(k.key, (k.request_sha256, ids.clone()));
         }

@@ -1,10 +1,33 @@
-//! The controller: scheduling core (no I/O), durable store.
+//! The controller: takes batch submissions, keeps them in a durable store,
+//! schedules every job onto free GPUs of some agent, and retries.
+//!
+//! Read it top-down; no module imports one that imports it back:
+//!
+//! - [`core`]: the scheduling state machine, with no I/O. Placement, liveness,
+//!   reconciliation, attempts and retries; time and facts come in as inputs.
+//! - [`records`]: what the store persists and the core rebuilds from.
+//! - [`cosmos`]: the Cosmos Transfer domain (prompts, run parameters) and its
+//!   compilation into job specs; pure.
+//! - [`store`]: the durable store (SQLite, WAL, one writer).
+//! - [`gate`]: "persist, then act": releases what waited on a persist once it
+//!   is durable, for the daemon and the simulator alike.
+//! - [`shared`]: the data directory's layout, the clocks, what the shells share.
+//! - [`actor`]: the core in an actix actor, and the messages it takes.
+//! - [`logs`]: attempt logs, written as agents stream them and read by the API.
+//! - [`blobs`]: artifact traffic of one agent connection (inputs out, outputs in).
+//! - [`agent_link`]: the agents' port: handshakes and connection actors.
+//! - [`http`]: the HTTP API (jobs, Cosmos runs, blobs), its auth and its errors.
+//! - [`daemon`]: the wiring root; it imports everything and nothing imports it.
 
-pub mod api;
-pub mod api_transfer;
+pub mod actor;
+pub mod agent_link;
 pub mod blobs;
 pub mod core;
+pub mod cosmos;
 pub mod daemon;
-pub mod model;
+pub mod gate;
+pub mod http;
+pub mod logs;
+pub mod records;
+pub mod shared;
 pub mod store;
-pub mod transfer;

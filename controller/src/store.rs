@@ -6,8 +6,8 @@
 //! transaction: the caller batches many transitions into it (group commit),
 //! so one fsync makes all of them durable together.
 
-use crate::model::{ALL_JOB_STATES, AgentRecord, AttemptRecord, EventRecord, JobRecord, JobState, Snapshot, StoreOp};
-use crate::transfer::Prompt;
+use crate::records::{ALL_JOB_STATES, AgentRecord, AttemptRecord, EventRecord, JobRecord, JobState, Snapshot, StoreOp};
+use crate::cosmos::Prompt;
 use cosmos_proto::{AttemptId, Epoch, JobId};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use std::path::{Path, PathBuf};
@@ -450,12 +450,12 @@ fn decode<T: serde::de::DeserializeOwned>(json: &str, what: impl FnOnce() -> Str
 /// Keeps the SQL's list of live states in step with [`AttemptState::is_live`].
 #[cfg(test)]
 mod tests {
-    use crate::model::AttemptState;
+    use crate::records::AttemptState;
 
     #[test]
     fn the_live_state_list_in_sql_matches_is_live() {
         let live: Vec<&str> =
-            crate::model::ALL_ATTEMPT_STATES.into_iter().filter(|s| s.is_live()).map(AttemptState::as_str).collect();
+            crate::records::ALL_ATTEMPT_STATES.into_iter().filter(|s| s.is_live()).map(AttemptState::as_str).collect();
         assert_eq!(live, ["assigned", "running", "stopping"]);
     }
 }

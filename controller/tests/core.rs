@@ -6,7 +6,7 @@
 //! before anything was sent. Run with `cargo test -p cosmos-controller --test core`.
 
 use cosmos_controller::core::{CommandError, ConnId, Core, CoreConfig, Health, HeldBlobs, Now, Output, SubmitError};
-use cosmos_controller::model::{AgentRecord, AttemptRecord, AttemptState, JobRecord, JobState, Snapshot, StoreOp};
+use cosmos_controller::records::{AgentRecord, AttemptRecord, AttemptState, JobRecord, JobState, Snapshot, StoreOp};
 use cosmos_proto::{
     AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, AttemptReport, ControllerMsg, Epoch,
     GpuInfo, GpuUsage, Heartbeat, JobId, JobSpec, Sha256,
@@ -520,6 +520,32 @@ fn a_success_whose_outputs_are_not_in_the_blob_store_is_run_again() {
     c.started("a", again.attempt_id);
     c.finished("a", again.attempt_id, AttemptOutcome::Succeeded { outputs: vec![output.clone()] });
     assert_eq!(c.record(ids[0]).outputs, vec![output]);
+}
+
+#[test]
+fn records_submitted_with_a_batch_share_its_persist_and_a_repeat_stores_nothing() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 1, 80);
+    let key = || Some(cosmos_controller::records::Idempotency { key: "k1".into(), request_sha256: "d1".into() });
+    let extra = vec![StoreOp::DeletePrompt("ps_000000000001".into())];
+    let ((ids, repeat), out) = c.call(|core, now, out| core.submit_with(now, vec![spec("run")], key(), extra, out).unwrap());
+    assert!(!repeat);
+    let persists: Vec<&Vec<StoreOp>> =
+        out.iter().filter_map(|o| if let Output::Persist(ops) = o { Some(ops) } else { None }).collect();
+    assert_eq!(persists.len(), 1, "{out:?}");
+    assert!(persists[0].iter().any(|op| matches!(op, StoreOp::PutJob(j) if j.id == ids[0])));
+    assert!(persists[0].contains(&StoreOp::DeletePrompt("ps_000000000001".into())), "{:?}", persists[0]);
+
+    // The same key and request: the same jobs, and nothing stored again.
+    let again = vec![StoreOp::DeletePrompt("ps_000000000002".into())];
+    let ((same, repeat), out) = c.call(|core, now, out| core.submit_with(now, vec![spec("run")], key(), again, out).unwrap());
+    assert_eq!((same, repeat), (ids, true));
+    assert!(!out.iter().any(|o| matches!(o, Output::Persist(_))), "{out:?}");
+
+    // The same key for another request is refused.
+    let other = Some(cosmos_controller::records::Idempotency { key: "k1".into(), request_sha256: "d2".into() });
+    let (r, _) = c.call(|core, now, out| core.submit_with(now, vec![spec("run")], other, Vec::new(), out));
+    assert_eq!(r, Err(SubmitError::KeyReused { key: "k1".into() }));
 }
 
 // ---- placement ----

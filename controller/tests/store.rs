@@ -1,7 +1,7 @@
 //! The durable store, through its public API: exact round trips, epochs, durability across
 //! reopen, live-attempt filtering, batch atomicity and schema-version refusal.
 
-use cosmos_controller::model::{
+use cosmos_controller::records::{
     AgentRecord, AttemptRecord, AttemptState, EventRecord, Idempotency, JobRecord, JobState, Snapshot, StoreOp,
 };
 use cosmos_controller::store::{Store, StoreError};
@@ -238,7 +238,7 @@ fn a_reopened_store_keeps_every_applied_op() {
 #[test]
 fn load_returns_only_live_attempts_but_counts_every_id() {
     let mut store = Store::open_in_memory().unwrap();
-    let states = cosmos_controller::model::ALL_ATTEMPT_STATES;
+    let states = cosmos_controller::records::ALL_ATTEMPT_STATES;
     let mut ops = vec![StoreOp::PutJob(Box::new(queued_job(1)))];
     ops.extend(states.iter().enumerate().map(|(i, &s)| StoreOp::PutAttempt(attempt(i as u64 + 1, 1, s))));
     // The highest id belongs to a finished attempt: ids must not be reused after a restart.

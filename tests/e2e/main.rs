@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 mod artifacts;
 mod failstop;
 mod security;
-mod transfer;
+mod cosmos;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cosmos");
 

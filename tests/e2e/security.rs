@@ -335,7 +335,7 @@ fn attempt_logs_are_capped_and_read_by_tail() {
     let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()[0].as_str().unwrap().to_string();
     assert_eq!(wait_final(&c, &id)["state"], "succeeded");
     let stored = std::fs::read(c.data().join("logs/att-1.stdout")).unwrap();
-    let marker = cosmos_controller::daemon::log_cut_marker(100_000);
+    let marker = cosmos_controller::logs::log_cut_marker(100_000);
     assert_eq!(stored.len(), 100_000 + marker.len(), "the stored log is cut at its bound");
     assert!(stored.ends_with(marker.as_bytes()));
     let all = c.cli(&["jobs", "logs", &id]);

@@ -14,7 +14,8 @@ use cosmos_agent::core::{
     AgentConfig, AgentCore, ExitStatus, Output as AgentOut, Recovered, RuntimeEvent, StageFailure,
 };
 use cosmos_controller::core::{ConnId, Core, HeldBlobs, Now, Output as CtlOut};
-use cosmos_controller::model::{AttemptState, JobState, StoreOp};
+use cosmos_controller::gate::Gate;
+use cosmos_controller::records::{AttemptState, JobState, StoreOp};
 use cosmos_controller::store::Store;
 use cosmos_proto::spec::{ArtifactRef, InputArtifact, OutputArtifact};
 use cosmos_proto::{AgentMsg, AttemptId, ControllerMsg, GpuInfo, GpuUsage, JobId, JobSpec, Sha256};
@@ -136,6 +137,15 @@ enum Event {
     TransferDone(usize, AttemptId, u64),
     HealPartition(usize),
     Fault,
+    /// The store writer made a persist durable: (controller incarnation, ticket).
+    StoreDurable(u64, u64),
+}
+
+/// What the controller does once the persist it follows is durable.
+#[derive(Debug)]
+enum CtlAction {
+    Send(ConnId, cosmos_proto::ControllerMsg),
+    Close(ConnId),
 }
 
 #[derive(Debug)]
@@ -270,6 +280,17 @@ pub struct Sim {
     blob_store: BTreeSet<(Sha256, u64)>,
     /// When the controller's core last took in a message from each agent (true time).
     last_heard_ms: HashMap<String, u64>,
+    /// The controller's sends and closes waiting for their persist, as the daemon's actor holds them.
+    gate: Gate<u64, CtlAction>,
+    /// Persists queued for the store writer, not yet durable, by ticket.
+    store_queue: VecDeque<(u64, Vec<StoreOp>)>,
+    /// The last ticket handed out, and the last one durable.
+    store_ticket: u64,
+    store_durable: u64,
+    /// The persist of the initial submission: a client would retry it, which this workload does not model.
+    submission_ticket: Option<u64>,
+    /// Counts controller processes, so a writer's answer to a dead one is told apart.
+    controller_incarnation: u64,
 }
 
 impl Sim {
@@ -355,6 +376,12 @@ impl Sim {
             attempt_ids: BTreeSet::new(),
             blob_store: BTreeSet::new(),
             last_heard_ms: HashMap::new(),
+            gate: Gate::new(),
+            store_queue: VecDeque::new(),
+            store_ticket: 0,
+            store_durable: 0,
+            submission_ticket: None,
+            controller_incarnation: 0,
         };
         sim.start_controller();
         for i in 0..sim.agents.len() {
@@ -591,6 +618,7 @@ impl Sim {
                 }
             }
             Event::ControllerRestart => self.start_controller(),
+            Event::StoreDurable(incarnation, ticket) => self.store_durable(incarnation, ticket),
             Event::AgentTick(i) => {
                 if self.agents[i].core.is_none() {
                     return;
@@ -650,32 +678,72 @@ impl Sim {
 
     // ---- controller side ----
 
+    /// Performs the core's outputs as the daemon's actor does: a persist goes
+    /// to the (simulated) store writer and becomes durable a little later;
+    /// sends and closes pass the same [`Gate`] the daemon uses.
     fn controller_outputs(&mut self, out: Vec<CtlOut>) {
-        let crash_midway = self.faults_on() && self.scenario.faults.controller_crash && self.rng.random_bool(0.0005);
-        let store_fails = self.faults_on()
-            && !self.submission_pending
-            && self.scenario.faults.store_failure
-            && self.rng.random_bool(0.0005);
         for o in out {
-            match o {
-                CtlOut::Persist(_) if store_fails => {
-                    // The transaction rolls back, and the daemon stops before acting on it.
-                    *self.faults.entry("store write failure").or_insert(0) += 1;
-                    self.crash_controller("a store write failed");
-                    return;
-                }
+            let action = match o {
                 CtlOut::Persist(ops) => {
-                    self.observe_persist(&ops);
-                    self.store.apply(&ops).expect("store applies");
-                    if crash_midway {
-                        // Between persisting a decision and sending it.
-                        self.crash_controller("after persisting, before sending");
-                        return;
+                    self.store_ticket += 1;
+                    let ticket = self.store_ticket;
+                    if self.submission_pending {
+                        self.submission_ticket = Some(ticket);
                     }
+                    self.store_queue.push_back((ticket, ops));
+                    self.gate.persisted(ticket);
+                    // The writer's fsync, group-committing what queued meanwhile.
+                    let fsync_ms = self.rng.random_range(0..4);
+                    self.at(fsync_ms, Event::StoreDurable(self.controller_incarnation, ticket));
+                    continue;
                 }
-                CtlOut::Send { conn, msg } => self.send(conn, Payload::ToAgent(msg)),
-                CtlOut::Close { conn } => self.break_conn(conn, 1.0),
+                CtlOut::Send { conn, msg } => CtlAction::Send(conn, msg),
+                CtlOut::Close { conn } => CtlAction::Close(conn),
+            };
+            if let Some(action) = self.gate.admit(action, Some(self.store_durable)) {
+                self.controller_act(action);
             }
+        }
+    }
+
+    fn controller_act(&mut self, action: CtlAction) {
+        match action {
+            CtlAction::Send(conn, msg) => self.send(conn, Payload::ToAgent(msg)),
+            CtlAction::Close(conn) => self.break_conn(conn, 1.0),
+        }
+    }
+
+    /// The store writer reports `ticket` durable: what queued up to it is
+    /// applied, then what waited on it is released, unless the write fails or
+    /// the process dies between the two.
+    fn store_durable(&mut self, incarnation: u64, ticket: u64) {
+        if incarnation != self.controller_incarnation || self.controller.is_none() {
+            return;
+        }
+        while self.store_queue.front().is_some_and(|(t, _)| *t <= ticket) {
+            let (t, ops) = self.store_queue.pop_front().unwrap();
+            let exempt = self.submission_ticket == Some(t);
+            if !exempt
+                && self.faults_on()
+                && self.scenario.faults.store_failure
+                && self.rng.random_bool(0.0005)
+            {
+                // The transaction rolls back, and the daemon stops before acting on it.
+                *self.faults.entry("store write failure").or_insert(0) += 1;
+                self.crash_controller("a store write failed");
+                return;
+            }
+            self.observe_persist(&ops);
+            self.store.apply(&ops).expect("store applies");
+            self.store_durable = t;
+        }
+        if self.faults_on() && self.scenario.faults.controller_crash && self.rng.random_bool(0.0005) {
+            // Between persisting a decision and sending it.
+            self.crash_controller("after persisting, before sending");
+            return;
+        }
+        for action in self.gate.durable(ticket) {
+            self.controller_act(action);
         }
     }
 
@@ -781,7 +849,7 @@ impl Sim {
     }
 
     /// A job is succeeded only once its outputs are safe at the controller.
-    fn check_delivered(&mut self, job: &cosmos_controller::model::JobRecord, ops: &[StoreOp]) {
+    fn check_delivered(&mut self, job: &cosmos_controller::records::JobRecord, ops: &[StoreOp]) {
         // The succeeding attempt is written in the same batch, before or after the job.
         let in_batch = ops.iter().find_map(|op| match op {
             StoreOp::PutAttempt(a) if a.job_id == job.id && a.state == AttemptState::Succeeded => Some(a.id),
@@ -803,6 +871,10 @@ impl Sim {
         *self.faults.entry("controller crash").or_insert(0) += 1;
         let _ = when;
         self.controller = None;
+        // What was not durable is lost with the process, and what waited on it is never sent.
+        self.controller_incarnation += 1;
+        self.store_queue.clear();
+        self.gate = Gate::new();
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();
         for c in conns {
             // The process died: the kernel resets its sockets, and agents learn at once or late.

@@ -1,51 +1,26 @@
 //! The Cosmos Transfer part of the HTTP API: blobs, prompts and runs.
 //!
-//! A run is a job carrying `cosmos.*` labels (see [`crate::transfer::labels`]),
+//! A run is a job carrying `cosmos.*` labels (see [`crate::cosmos::labels`]),
 //! so it is scheduled, retried, cancelled and persisted exactly as any job, and
 //! a batch of runs is one atomic job submission. Prompts live in the store's
 //! `prompts` table; videos and outputs in the blob store, by sha256.
 
-use crate::api::{JsonBody, State, error, unavailable, view};
-use crate::daemon::{Cancel, JobSummary, ListJobs};
-use crate::model::JobState;
-use crate::model::StoreOp;
-use crate::transfer::{
+use super::jobs::{submit_specs, view};
+use super::{JsonBody, State, answer, bad, bad_line, command_result, error, internal, not_found, unavailable};
+use crate::actor::{Cancel, FindRun, JobSummary, ListJobs};
+use crate::records::JobState;
+use crate::records::StoreOp;
+use crate::cosmos::{
     self, BlobRef, ENHANCE_RESULT, NewPrompt, OUTPUT_VIDEO, Prompt, RunKind, TransferParams, UpscaleParams, labels,
 };
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use cosmos_proto::{JobId, JobSpec, Sha256};
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use std::io::Read;
-
-/// Largest blob accepted by upload.
-pub const MAX_BLOB_BYTES: u64 = 64 << 30;
-/// Chunks of an upload buffered between the network and the disk writer.
-const UPLOAD_QUEUE_CHUNKS: usize = 16;
-/// Read size when streaming a blob out.
-const DOWNLOAD_CHUNK_BYTES: usize = 256 * 1024;
-/// How much of the end of an enhancement's standard output is searched for its
-/// result line: the line comes last, whatever logs came before it.
-const ENHANCE_STDOUT_TAIL_BYTES: u64 = 4 << 20;
-
-/// The last [`ENHANCE_STDOUT_TAIL_BYTES`] of an enhancement's delivered standard output.
-pub(crate) fn read_enhance_stdout(blobs: &cosmos_cas::Store, sha256: &Sha256) -> std::io::Result<Vec<u8>> {
-    use std::io::{Seek, SeekFrom};
-    let mut file = std::fs::File::open(blobs.path(sha256))?;
-    let len = file.metadata()?.len();
-    file.seek(SeekFrom::Start(len.saturating_sub(ENHANCE_STDOUT_TAIL_BYTES)))?;
-    let mut bytes = Vec::new();
-    file.take(ENHANCE_STDOUT_TAIL_BYTES).read_to_end(&mut bytes)?;
-    Ok(bytes)
-}
 
 /// Registers the routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/v1/blobs/{sha256}", web::put().to(put_blob))
-        .route("/v1/blobs/{sha256}", web::get().to(get_blob))
-        .route("/v1/blobs/{sha256}", web::head().to(head_blob))
-        .route("/v1/prompts", web::post().to(create_prompt))
+    cfg.route("/v1/prompts", web::post().to(create_prompt))
         .route("/v1/prompts", web::get().to(list_prompts))
         .route("/v1/prompts/{id}", web::get().to(show_prompt))
         .route("/v1/prompts/{id}", web::delete().to(delete_prompt))
@@ -56,15 +31,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/runs/{id}/cancel", web::post().to(cancel_run))
         .route("/v1/runs/{id}/upscale", web::post().to(upscale))
         .route("/v1/runs/{id}/enhanced", web::post().to(apply_enhancement));
-}
-
-/// A blob as the API reports it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct BlobView {
-    /// Its digest.
-    pub sha256: Sha256,
-    /// Its size.
-    pub size_bytes: u64,
 }
 
 /// A run as the API shows it.
@@ -81,7 +47,7 @@ pub struct RunView {
     /// The run it upscales, for an upscale.
     pub parent_run: Option<String>,
     /// The job that runs it.
-    pub job: crate::api::JobView,
+    pub job: crate::http::JobView,
     /// Its parameters.
     pub params: serde_json::Value,
     /// What it produced, once succeeded.
@@ -130,267 +96,6 @@ pub struct CreatedRuns {
     pub prompts: Vec<Prompt>,
 }
 
-fn bad(msg: impl Into<String>) -> HttpResponse {
-    error(StatusCode::BAD_REQUEST, msg.into(), None, false)
-}
-
-fn bad_line(line: usize, msg: impl std::fmt::Display) -> HttpResponse {
-    error(StatusCode::BAD_REQUEST, format!("line {line}: {msg}"), Some(line), false)
-}
-
-fn not_found(msg: impl Into<String>) -> HttpResponse {
-    error(StatusCode::NOT_FOUND, msg.into(), None, false)
-}
-
-fn internal(msg: impl std::fmt::Display) -> HttpResponse {
-    error(StatusCode::INTERNAL_SERVER_ERROR, msg.to_string(), None, true)
-}
-
-fn parse_sha(s: &str) -> Result<Sha256, HttpResponse> {
-    s.parse().map_err(|_| bad(format!("`{s}` is not a sha256 digest (64 hex digits)")))
-}
-
-// ---- blobs ----
-
-/// A `Read` over upload chunks handed across from the async side.
-struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<web::Bytes>,
-    current: web::Bytes,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.current.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(b) => self.current = b,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current.split_to(n));
-        Ok(n)
-    }
-}
-
-/// The right to upload one blob, released when the request ends however it ends.
-struct UploadGuard {
-    shared: std::sync::Arc<crate::daemon::Shared>,
-    sha: Sha256,
-}
-
-impl UploadGuard {
-    /// The right, unless another upload of `sha` holds it.
-    fn take(shared: &std::sync::Arc<crate::daemon::Shared>, sha: Sha256) -> Option<UploadGuard> {
-        // The lock is released before a guard exists: dropping one locks again.
-        let taken = shared.uploading.lock().unwrap_or_else(|e| e.into_inner()).insert(sha);
-        taken.then(|| UploadGuard { shared: shared.clone(), sha })
-    }
-}
-
-impl Drop for UploadGuard {
-    fn drop(&mut self) {
-        self.shared.uploading.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.sha);
-    }
-}
-
-/// Query of a resumable upload: where this body starts in the blob, and the blob's size.
-#[derive(Deserialize)]
-struct PutQuery {
-    offset: Option<u64>,
-    size: Option<u64>,
-}
-
-/// Feeds the request body to the disk writer; the error answer when the body broke off or is too large.
-async fn pump(body: &mut web::Payload, tx: tokio::sync::mpsc::Sender<web::Bytes>, limit: u64) -> Option<HttpResponse> {
-    let mut received = 0u64;
-    loop {
-        let idle = std::time::Duration::from_millis(crate::api::BODY_IDLE_TIMEOUT_MS);
-        let Ok(next) = tokio::time::timeout(idle, body.next()).await else {
-            return Some(crate::api::closing(error(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "the upload stalled for {} ms after {received} bytes; upload again to resume",
-                    crate::api::BODY_IDLE_TIMEOUT_MS
-                ),
-                None,
-                true,
-            )));
-        };
-        let Some(chunk) = next else { break };
-        match chunk {
-            Ok(bytes) => {
-                received += bytes.len() as u64;
-                if received > limit {
-                    return Some(error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!(
-                            "the body is longer than the {limit} bytes announced (blobs are at most {MAX_BLOB_BYTES})"
-                        ),
-                        None,
-                        false,
-                    ));
-                }
-                // The writer only stops early on a disk error, reported by the caller.
-                if tx.send(bytes).await.is_err() {
-                    return None;
-                }
-            }
-            Err(e) => {
-                return Some(bad(format!("the upload broke off after {received} bytes: {e}; upload again to resume")));
-            }
-        }
-    }
-    None
-}
-
-/// Stores the body under its digest; the digest in the path must match the content.
-///
-/// With `?offset=N&size=S` the upload is resumable: the body continues the
-/// blob at byte N, what arrives is kept even if the connection breaks (`HEAD`
-/// then says how much), and the blob is verified and stored once S bytes are in.
-async fn put_blob(
-    state: web::Data<State>,
-    sha: web::Path<String>,
-    q: web::Query<PutQuery>,
-    mut body: web::Payload,
-) -> HttpResponse {
-    let sha = match parse_sha(&sha) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    if let Some(size_bytes) = state.shared.blobs.size(&sha) {
-        return HttpResponse::Ok().json(BlobView { sha256: sha, size_bytes });
-    }
-    // Two bodies appended to one partial file would corrupt it: one upload of a blob at a time.
-    let Some(_uploading) = UploadGuard::take(&state.shared, sha) else {
-        return error(
-            StatusCode::CONFLICT,
-            format!("another upload of {sha} is in progress; retry in a moment"),
-            None,
-            true,
-        );
-    };
-    // Hashing and writing happen on a blocking thread, fed chunk by chunk: a
-    // large video is never held in memory.
-    let (tx, rx) = tokio::sync::mpsc::channel(UPLOAD_QUEUE_CHUNKS);
-    let blobs = state.shared.blobs.clone();
-    let reader = ChannelReader { rx, current: web::Bytes::new() };
-    let (offset, size) = match (q.offset, q.size) {
-        (None, None) => {
-            let writer = tokio::task::spawn_blocking(move || blobs.put_reader(reader, Some(&sha)));
-            let failure = pump(&mut body, tx.clone(), MAX_BLOB_BYTES).await;
-            if failure.is_some() {
-                // A truncated body must not be stored: make the writer fail its digest check.
-                let _ = tx.send(web::Bytes::from_static(b"\0truncated")).await;
-            }
-            drop(tx);
-            let stored = writer.await;
-            if let Some(f) = failure {
-                return f;
-            }
-            return match stored {
-                Ok(Ok((sha256, size_bytes))) => HttpResponse::Created().json(BlobView { sha256, size_bytes }),
-                Ok(Err(e)) => stored_error(&sha, e),
-                Err(e) => internal(format!("the blob writer failed: {e}")),
-            };
-        }
-        (Some(offset), Some(size)) => (offset, size),
-        _ => return bad("give both `offset` and `size` (a resumable upload) or neither"),
-    };
-    if size > MAX_BLOB_BYTES || offset > size {
-        return bad(format!("offset {offset} and size {size} must satisfy offset <= size <= {MAX_BLOB_BYTES}"));
-    }
-    let have = blobs.partial_len(&sha);
-    if have != offset {
-        return error(
-            StatusCode::CONFLICT,
-            format!("the controller holds {have} bytes of {sha}: resume at offset {have}"),
-            None,
-            true,
-        );
-    }
-    if offset > 0 {
-        tracing::info!(%sha, offset, size, "resuming an upload");
-    }
-    let writer = tokio::task::spawn_blocking(move || -> Result<Option<u64>, cosmos_cas::CasError> {
-        let path = blobs.partial_path(&sha);
-        let io = |source| cosmos_cas::CasError::Io { context: "cannot write", path: path.clone(), source };
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io)?;
-        let mut reader = reader;
-        std::io::copy(&mut reader, &mut file).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        if len < size {
-            return Ok(None);
-        }
-        blobs.commit_partial(&sha, size)?;
-        Ok(Some(size))
-    });
-    let failure = pump(&mut body, tx, size - offset).await;
-    let stored = writer.await;
-    match (stored, failure) {
-        (Ok(Ok(Some(size_bytes))), _) => HttpResponse::Created().json(BlobView { sha256: sha, size_bytes }),
-        (Ok(Err(e)), _) => stored_error(&sha, e),
-        (Err(e), _) => internal(format!("the blob writer failed: {e}")),
-        (Ok(Ok(None)), Some(f)) => f,
-        (Ok(Ok(None)), None) => HttpResponse::Accepted()
-            .json(serde_json::json!({ "sha256": sha, "have_bytes": state.shared.blobs.partial_len(&sha) })),
-    }
-}
-
-fn stored_error(sha: &Sha256, e: cosmos_cas::CasError) -> HttpResponse {
-    match e {
-        cosmos_cas::CasError::DigestMismatch { actual, size_bytes, .. } => bad(format!(
-            "the {size_bytes} bytes uploaded hash to {actual}, not to {sha} as the URL says; upload the file again"
-        )),
-        e => internal(format!("cannot store the blob: {e}")),
-    }
-}
-
-async fn head_blob(state: web::Data<State>, sha: web::Path<String>) -> HttpResponse {
-    let sha = match parse_sha(&sha) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    match state.shared.blobs.size(&sha) {
-        Some(size) => HttpResponse::Ok().insert_header(("x-cosmos-size-bytes", size.to_string())).finish(),
-        // What a resumable upload left: the next one continues there.
-        None => HttpResponse::NotFound()
-            .insert_header(("x-cosmos-partial-bytes", state.shared.blobs.partial_len(&sha).to_string()))
-            .finish(),
-    }
-}
-
-async fn get_blob(state: web::Data<State>, sha: web::Path<String>) -> HttpResponse {
-    let sha = match parse_sha(&sha) {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
-    let path = state.shared.blobs.path(&sha);
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(_) => return not_found(format!("no blob {sha} on the controller")),
-    };
-    let size = match file.metadata().await {
-        Ok(m) => m.len(),
-        Err(e) => return internal(e),
-    };
-    let stream = futures::stream::unfold(file, |mut file| async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; DOWNLOAD_CHUNK_BYTES];
-        match file.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(web::Bytes::from(buf)), file))
-            }
-            Err(e) => Some((Err(e), file)),
-        }
-    });
-    HttpResponse::Ok().content_type("application/octet-stream").no_chunking(size).streaming(stream)
-}
-
-// ---- prompts ----
-
 /// Reads the store on a blocking thread.
 async fn with_store<T: Send + 'static>(
     state: &web::Data<State>,
@@ -404,34 +109,34 @@ async fn with_store<T: Send + 'static>(
     .await
     {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), None, e.is_retryable())),
+        Ok(Err(e)) => Err(answer(&e)),
         Err(_) => Err(unavailable()),
     }
 }
 
 /// Stores records through the core actor's single writer; returns once durable.
 async fn persist(state: &web::Data<State>, ops: Vec<StoreOp>) -> Result<(), HttpResponse> {
-    match state.core.send(crate::daemon::Persist(ops)).await {
+    match state.core.send(crate::actor::Persist(ops)).await {
         Ok(rx) => rx.await.map_err(|_| unavailable()),
         Err(_) => Err(unavailable()),
     }
 }
 
 /// Checks a new prompt and turns it into a record; its videos must be in the blob store.
-fn build_prompt(shared: &crate::daemon::Shared, new: NewPrompt) -> Result<Prompt, String> {
+fn build_prompt(shared: &crate::shared::Shared, new: NewPrompt) -> Result<Prompt, String> {
     new.validate().map_err(|e| e.to_string())?;
     let videos = new.videos.expect("validated");
     check_blobs(&shared.blobs, &videos.all(), "a video")
         .map_err(|e| format!("{e}: upload it first (PUT /v1/blobs/{{sha256}}; the CLI does)"))?;
-    let name = new.name.unwrap_or_else(|| transfer::derive_name(&new.text));
+    let name = new.name.unwrap_or_else(|| cosmos::derive_name(&new.text));
     Ok(Prompt {
-        id: transfer::new_id("ps"),
+        id: crate::shared::new_id("ps"),
         name,
-        negative_prompt: new.negative_prompt.unwrap_or_else(|| shared.transfer.default_negative_prompt.clone()),
+        negative_prompt: new.negative_prompt.unwrap_or_else(|| shared.cosmos.default_negative_prompt.clone()),
         text: new.text,
         videos,
         parent: new.parent,
-        created_ms: crate::daemon::wall_ms(),
+        created_ms: crate::shared::wall_ms(),
     })
 }
 
@@ -582,10 +287,10 @@ fn run_view(j: &JobSummary, prompts: &[Prompt]) -> Option<RunView> {
 /// Stores generated files, then submits the specs as one batch; the error names the 1-based line.
 async fn submit_compiled(
     state: &web::Data<State>,
-    compiled: Vec<transfer::Compiled>,
+    compiled: Vec<cosmos::Compiled>,
     extra: Vec<StoreOp>,
-    key: Option<crate::model::Idempotency>,
-) -> Result<crate::daemon::Submitted, HttpResponse> {
+    key: Option<crate::records::Idempotency>,
+) -> Result<crate::actor::Submitted, HttpResponse> {
     let blobs = state.shared.blobs.clone();
     let files: Vec<Vec<u8>> = compiled.iter().flat_map(|c| c.files.iter().map(|f| f.bytes.clone())).collect();
     match web::block(move || files.iter().try_for_each(|f| blobs.put_bytes(f).map(|_| ()))).await {
@@ -594,7 +299,7 @@ async fn submit_compiled(
         Err(_) => return Err(unavailable()),
     }
     let specs: Vec<JobSpec> = compiled.into_iter().map(|c| c.spec).collect();
-    crate::api::submit_specs(state, specs, extra, key, true).await
+    submit_specs(state, specs, extra, key, true).await
 }
 
 /// What a repeated run creation (same idempotency key) answers: the runs and prompts the first one made.
@@ -626,7 +331,7 @@ async fn created_before(state: &web::Data<State>, ids: &[JobId], new_prompt_line
 }
 
 async fn create_runs(req: HttpRequest, state: web::Data<State>, body: JsonBody<CreateRuns>) -> HttpResponse {
-    let key = match crate::api::idempotency(&req, &body.body.bytes) {
+    let key = match crate::http::idempotency(&req, &body.body.bytes) {
         Ok(k) => k,
         Err(r) => return r,
     };
@@ -635,8 +340,8 @@ async fn create_runs(req: HttpRequest, state: web::Data<State>, body: JsonBody<C
     if lines.is_empty() {
         return bad("no runs given");
     }
-    if lines.len() > transfer::MAX_RUNS_PER_REQUEST {
-        return bad(format!("{} runs in one request; at most {}", lines.len(), transfer::MAX_RUNS_PER_REQUEST));
+    if lines.len() > cosmos::MAX_RUNS_PER_REQUEST {
+        return bad(format!("{} runs in one request; at most {}", lines.len(), cosmos::MAX_RUNS_PER_REQUEST));
     }
     let _gc = state.shared.blob_gc.read().await;
     // Everything is checked before anything is written: one bad line rejects the batch.
@@ -673,8 +378,8 @@ async fn create_runs(req: HttpRequest, state: web::Data<State>, body: JsonBody<C
             },
             _ => return bad_line(n, "give either `prompt_id` or `prompt`, not both or neither"),
         };
-        let run_id = transfer::new_id("rs");
-        compiled.push(state.shared.transfer.compile_transfer(&run_id, &prompt, &line.params));
+        let run_id = crate::shared::new_id("rs");
+        compiled.push(state.shared.cosmos.compile_transfer(&run_id, &prompt, &line.params));
         created.push((run_id, prompt.id.clone()));
     }
     // The new prompts are stored in the same transaction as the runs' jobs: both or neither.
@@ -744,11 +449,16 @@ async fn list_runs(state: web::Data<State>, q: web::Query<RunQuery>) -> HttpResp
 }
 
 async fn find_run(state: &web::Data<State>, id: &str) -> Result<(JobSummary, Vec<Prompt>), HttpResponse> {
-    let (jobs, prompts) = all_runs(state).await?;
-    match jobs.into_iter().find(|j| label(j, labels::RUN).is_some_and(|r| r == id)) {
-        Some(j) => Ok((j, prompts)),
-        None => Err(not_found(format!("no run {id}; `cosmos runs list` shows the ids"))),
-    }
+    let not_found_run = || not_found(format!("no run {id}; `cosmos runs list` shows the ids"));
+    let job = state.core.send(FindRun(id.to_string())).await.map_err(|_| unavailable())?.ok_or_else(not_found_run)?;
+    let prompt = match label(&job, labels::PROMPT) {
+        Some(p) => {
+            let p = p.clone();
+            with_store(state, move |s| s.prompt(&p)).await?
+        }
+        None => None,
+    };
+    Ok((job, prompt.into_iter().collect()))
 }
 
 async fn show_run(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
@@ -763,14 +473,7 @@ async fn cancel_run(state: web::Data<State>, id: web::Path<String>) -> HttpRespo
         Ok((j, _)) => j.record.id,
         Err(r) => return r,
     };
-    match state.core.send(Cancel(job)).await {
-        Ok(Ok(rx)) => match rx.await {
-            Ok(()) => HttpResponse::Ok().json(serde_json::json!({ "ok": true })),
-            Err(_) => unavailable(),
-        },
-        Ok(Err(e)) => error(StatusCode::CONFLICT, e.to_string(), None, false),
-        Err(_) => unavailable(),
-    }
+    command_result(state.core.send(Cancel(job)).await).await
 }
 
 /// A run of `kind` that succeeded, and its output at `path`.
@@ -822,9 +525,9 @@ async fn upscale(state: web::Data<State>, id: web::Path<String>, body: JsonBody<
             false,
         );
     }
-    let run_id = transfer::new_id("rs");
+    let run_id = crate::shared::new_id("rs");
     let prompt_id = label(&job, labels::PROMPT).cloned().unwrap_or_default();
-    let compiled = state.shared.transfer.compile_upscale(&run_id, &id, &prompt_id, &video, &params);
+    let compiled = state.shared.cosmos.compile_upscale(&run_id, &id, &prompt_id, &video, &params);
     match submit_compiled(&state, vec![compiled], Vec::new(), None).await {
         Ok((ids, _)) => HttpResponse::Created().json(CreatedRun { run_id, job_id: ids[0].to_string(), prompt_id }),
         Err(r) => r,
@@ -842,8 +545,8 @@ async fn enhance(state: web::Data<State>, id: web::Path<String>) -> HttpResponse
     {
         return error(StatusCode::CONFLICT, format!("{e}: create the prompt again"), None, false);
     }
-    let run_id = transfer::new_id("rs");
-    let compiled = state.shared.transfer.compile_enhance(&run_id, &prompt);
+    let run_id = crate::shared::new_id("rs");
+    let compiled = state.shared.cosmos.compile_enhance(&run_id, &prompt);
     match submit_compiled(&state, vec![compiled], Vec::new(), None).await {
         Ok((ids, _)) => {
             HttpResponse::Created().json(CreatedRun { run_id, job_id: ids[0].to_string(), prompt_id: prompt.id })
@@ -879,18 +582,18 @@ async fn apply_enhancement(
             false,
         )
     };
-    let stdout = match read_enhance_stdout(&state.shared.blobs, &result.sha256) {
+    let stdout = match crate::blobs::read_enhance_stdout(&state.shared.blobs, &result.sha256) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return unusable("is no longer on the controller".into()),
         Err(e) => return internal(format!("cannot read the enhancement result {}: {e}", result.sha256)),
     };
-    let upsampled = match transfer::upsampled_prompt(&stdout) {
-        Some(text) if text.len() <= transfer::MAX_PROMPT_BYTES => text,
+    let upsampled = match cosmos::upsampled_prompt(&stdout) {
+        Some(text) if text.len() <= cosmos::MAX_PROMPT_BYTES => text,
         Some(text) => {
-            return unusable(format!("is a prompt of {} bytes, over {}", text.len(), transfer::MAX_PROMPT_BYTES));
+            return unusable(format!("is a prompt of {} bytes, over {}", text.len(), cosmos::MAX_PROMPT_BYTES));
         }
         None => {
-            return unusable(format!("has no `{}` line on its standard output", transfer::UPSAMPLED_PREFIX.trim_end()));
+            return unusable(format!("has no `{}` line on its standard output", cosmos::UPSAMPLED_PREFIX.trim_end()));
         }
     };
     let prompt_id = label(&job, labels::PROMPT).cloned().unwrap_or_default();
@@ -903,13 +606,13 @@ async fn apply_enhancement(
         Prompt { text: upsampled, ..parent }
     } else {
         let mut name = format!("{}_enhanced", parent.name);
-        name.truncate(transfer::MAX_PROMPT_NAME_BYTES);
+        name.truncate(cosmos::MAX_PROMPT_NAME_BYTES);
         Prompt {
-            id: transfer::new_id("ps"),
+            id: crate::shared::new_id("ps"),
             name,
             text: upsampled,
             parent: Some(parent.id.clone()),
-            created_ms: crate::daemon::wall_ms(),
+            created_ms: crate::shared::wall_ms(),
             ..parent
         }
     };

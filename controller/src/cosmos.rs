@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 /// How runs compile into jobs: where the model lives and how its container is set up.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct TransferConfig {
+pub struct CosmosConfig {
     /// Container image with the cosmos-transfer1 checkout; `None` runs `torchrun`
     /// from the agent's PATH (the process runtime, e.g. the stand-in under `cosmos up`).
     pub image: Option<String>,
@@ -27,9 +27,9 @@ pub struct TransferConfig {
 /// The negative prompt the predecessor used by default.
 pub const DEFAULT_NEGATIVE_PROMPT: &str = "The video captures a game playing, with bad crappy graphics and cartoonish frames. It represents a recording of old outdated games. The lighting looks very fake. The textures are very raw and basic. The geometries are very primitive. The images are very pixelated and of poor CG quality. There are many subtitles in the footage. Overall, the video is unrealistic at all.";
 
-impl Default for TransferConfig {
+impl Default for CosmosConfig {
     fn default() -> Self {
-        TransferConfig {
+        CosmosConfig {
             image: None,
             checkout_dir: "/workspace".into(),
             checkpoint_volume: Some("checkpoints".into()),
@@ -501,7 +501,7 @@ pub struct Compiled {
     pub files: Vec<GeneratedFile>,
 }
 
-impl TransferConfig {
+impl CosmosConfig {
     /// Checks the configuration by compiling a sample run: a bad image name or
     /// limit is reported at start-up, not at every submission.
     pub fn validate(&self) -> Result<(), cosmos_proto::SpecError> {
@@ -761,16 +761,10 @@ fn run_labels(run_id: &str, kind: RunKind, prompt_id: &str, params: String) -> B
     ])
 }
 
-/// A fresh id with `prefix` (`ps` or `rs`) and 12 hex digits from the OS's randomness.
-pub fn new_id(prefix: &str) -> String {
-    let mut bytes = [0u8; 6];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).is_err() {
-        // Only reachable without /dev/urandom; time and a counter still keep ids apart.
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let t = crate::daemon::wall_ms() ^ (SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 40);
-        bytes.copy_from_slice(&t.to_le_bytes()[..6]);
-    }
-    format!("{prefix}_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+/// The id with `prefix` (`ps` or `rs`) and `random` as 12 hex digits; the
+/// shell draws the bytes (see `shared::new_id`), so this module stays pure.
+pub fn format_id(prefix: &str, random: [u8; 6]) -> String {
+    format!("{prefix}_{}", random.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
 /// Whether `s` looks like an id with `prefix`.
@@ -864,7 +858,7 @@ mod tests {
 
     #[test]
     fn transfer_spec_follows_the_contract() {
-        let cfg = TransferConfig::default();
+        let cfg = CosmosConfig::default();
         let mut params = TransferParams::default();
         params.weights.edge = 0.0;
         params.blur_strength = Strength::High;
@@ -896,7 +890,7 @@ mod tests {
 
     #[test]
     fn image_runs_get_mounts_shared_memory_and_ipc() {
-        let cfg = TransferConfig { image: Some("cosmos-transfer1:latest".into()), ..TransferConfig::default() };
+        let cfg = CosmosConfig { image: Some("cosmos-transfer1:latest".into()), ..CosmosConfig::default() };
         let c = cfg.compile_transfer("rs_0123456789ab", &prompt(false), &TransferParams::default());
         assert_eq!(c.spec.image.as_deref(), Some("cosmos-transfer1:latest"));
         assert!(c.spec.ipc_host);
@@ -913,7 +907,7 @@ mod tests {
 
     #[test]
     fn upscale_and_enhance_compile_to_valid_specs() {
-        let cfg = TransferConfig::default();
+        let cfg = CosmosConfig::default();
         let params = UpscaleParams { prompt: Some("sharper".into()), ..UpscaleParams::default() };
         let c = cfg.compile_upscale("rs_0123456789ab", "rs_ba9876543210", "ps_000000000001", &blob(9), &params);
         let doc = spec_json(&c);
@@ -945,7 +939,7 @@ mod tests {
 
     #[test]
     fn blur_and_canny_reach_the_script_as_it_reads_them() {
-        let cfg = TransferConfig::default();
+        let cfg = CosmosConfig::default();
         let mut params =
             TransferParams { blur_strength: Strength::High, canny_threshold: Strength::Low, ..Default::default() };
         let c = cfg.compile_transfer("rs_0123456789ab", &prompt(false), &params);
@@ -970,7 +964,7 @@ mod tests {
 
     #[test]
     fn enhancement_runs_the_real_upsampler_and_keeps_its_stdout() {
-        let cfg = TransferConfig { image: Some("cosmos-transfer1:latest".into()), ..TransferConfig::default() };
+        let cfg = CosmosConfig { image: Some("cosmos-transfer1:latest".into()), ..CosmosConfig::default() };
         let mut p = prompt(false);
         p.text = "-starts with a dash".into();
         let e = cfg.compile_enhance("rs_0123456789ab", &p);
@@ -1008,11 +1002,11 @@ mod tests {
     }
 
     #[test]
-    fn ids_have_their_prefix_and_differ() {
-        let a = new_id("rs");
+    fn ids_have_their_prefix_and_twelve_hex_digits() {
+        let a = format_id("rs", [0, 1, 0xab, 0xcd, 0xef, 0xff]);
+        assert_eq!(a, "rs_0001abcdefff");
         assert!(is_id(&a, "rs"), "{a}");
         assert!(!is_id(&a, "ps"));
-        assert_ne!(a, new_id("rs"));
         assert!(!is_id("rs_xyz", "rs"));
     }
 }

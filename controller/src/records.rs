@@ -233,7 +233,7 @@ pub enum StoreOp {
     Event(EventRecord),
     /// Insert or replace a Cosmos prompt; those a batch creates go in the same
     /// transaction as the batch's jobs, so both or neither are stored.
-    PutPrompt(Box<crate::transfer::Prompt>),
+    PutPrompt(Box<crate::cosmos::Prompt>),
     /// Remove a Cosmos prompt (its runs keep their own copies of what they used).
     DeletePrompt(String),
 }

@@ -6,8 +6,8 @@
 
 use crate::client::{ApiError, Client, ClientArgs, printable};
 use anyhow::{Context, bail};
-use cosmos_controller::api_transfer::{ApplyEnhancement, CreateRuns, CreatedRun, CreatedRuns, RunLine, RunView};
-use cosmos_controller::transfer::{
+use cosmos_controller::http::cosmos::{ApplyEnhancement, CreateRuns, CreatedRun, CreatedRuns, RunLine, RunView};
+use cosmos_controller::cosmos::{
     BlobRef, NewPrompt, Prompt, PromptVideos, Strength, TransferParams, UpscaleParams, Weights,
 };
 use serde::Deserialize;

@@ -1,0 +1,481 @@
+//! The core in an actix actor: every input goes through it, one at a time,
+//! and its outputs are performed in the order the core gave them. Sends,
+//! closes and replies that follow a persist wait until the store writer
+//! reports that persist durable (see [`crate::gate`]), so nobody observes a
+//! decision the store could still lose.
+
+use crate::gate::Gate;
+use crate::core::{AgentView, CommandError, ConnId, Core, HeldBlobs, Now, Output, SubmitError};
+use crate::records::{JobRecord, StoreOp};
+use crate::shared::Clock;
+use actix::prelude::*;
+use cosmos_proto::{AgentMsg, AttemptId, ControllerMsg, JobId, JobSpec};
+use cosmos_sync::{CommitQueue, Ticket};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// How often the core's clock-driven work runs.
+pub const TICK_MS: u64 = 100;
+
+enum Action {
+    Send(ConnId, ControllerMsg),
+    Close(ConnId),
+    Reply(Box<dyn FnOnce() + Send>),
+}
+
+/// Owns the core; every input goes through it, one at a time.
+pub struct CoreActor {
+    core: Core,
+    clock: Clock,
+    queue: Arc<CommitQueue<StoreOp>>,
+    /// Actions waiting for their persist to be durable, in order.
+    gate: Gate<Ticket, Action>,
+    conns: HashMap<ConnId, mpsc::Sender<ControllerMsg>>,
+    /// Where each agent connection comes from and its process's incarnation,
+    /// to refuse another process under its name, naming where it is.
+    peers: HashMap<ConnId, (SocketAddr, u64)>,
+    /// Names whose handshake passed but whose connection is not yet registered, by name.
+    claims: HashMap<String, Claim>,
+    /// Cosmos runs by run id (the `cosmos.run` label), so a run is found without listing every job.
+    runs: HashMap<String, JobId>,
+}
+
+impl CoreActor {
+    /// An actor for `core`, persisting through `queue` (whose writer reports durability as [`Durable`]).
+    pub fn new(core: Core, clock: Clock, queue: Arc<CommitQueue<StoreOp>>) -> CoreActor {
+        let runs = core
+            .jobs()
+            .filter_map(|j| j.spec.labels.get(crate::cosmos::labels::RUN).map(|r| (r.clone(), j.id)))
+            .collect();
+        CoreActor {
+            core,
+            clock,
+            queue,
+            gate: Gate::new(),
+            conns: HashMap::new(),
+            peers: HashMap::new(),
+            claims: HashMap::new(),
+            runs,
+        }
+    }
+
+    fn summary(&self, id: JobId) -> Option<JobSummary> {
+        self.core.job(id).map(|(rec, progress, att)| JobSummary {
+            record: rec.clone(),
+            progress,
+            gpus: att.map(|a| a.gpu_uuids.clone()).unwrap_or_default(),
+        })
+    }
+}
+
+impl Actor for CoreActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(Duration::from_millis(TICK_MS), |actor, _| {
+            let mut out = Vec::new();
+            actor.core.tick(actor.clock.now(), &mut out);
+            actor.perform(out, None);
+        });
+    }
+}
+
+impl CoreActor {
+    /// A succeeded prompt enhancement whose delivered stdout holds no
+    /// `Upsampled prompt:` line has no result: it fails, terminally, saying so.
+    /// (The core fails a success whose outputs are not in the blob store itself.)
+    fn guard_run_outcome(&self, attempt_id: AttemptId, outcome: &mut cosmos_proto::AttemptOutcome, facts: &OutputFacts) {
+        use crate::cosmos::{ENHANCE_RESULT, RunKind, UPSAMPLED_PREFIX, labels};
+        let cosmos_proto::AttemptOutcome::Succeeded { outputs } = &*outcome else { return };
+        let Some(job) = self.core.attempt(attempt_id).and_then(|a| self.core.job(a.job_id)).map(|(j, _, _)| j) else {
+            return;
+        };
+        if job.spec.labels.get(labels::KIND).map(String::as_str) != Some(RunKind::Enhance.as_str()) {
+            return;
+        }
+        let problem = match outputs.iter().find(|o| o.path == ENHANCE_RESULT) {
+            None => format!("delivered no {ENHANCE_RESULT}"),
+            Some(o) => match facts.upsampled.get(&o.sha256) {
+                // Not in the blob store: the core turns the success into a retryable failure.
+                None => return,
+                Some(Ok(true)) => return,
+                Some(Ok(false)) => {
+                    format!("printed no `{}` line with text on its standard output", UPSAMPLED_PREFIX.trim_end())
+                }
+                Some(Err(e)) => format!("delivered a standard output the controller cannot read ({e})"),
+            },
+        };
+        *outcome = cosmos_proto::AttemptOutcome::Failed {
+            exit_code: Some(0),
+            reason: format!(
+                "the prompt upsampler exited 0 but {problem}, so there is no enhanced prompt; \
+                 its logs say why (`cosmos jobs logs {}`)",
+                job.id
+            ),
+            retryable: false,
+        };
+    }
+
+    /// [`Self::guard_run_outcome`] for the finished attempts of a hello.
+    fn guard_run_reports(&self, reports: &mut [cosmos_proto::AttemptReport], facts: &OutputFacts) {
+        for r in reports {
+            if let cosmos_proto::AttemptPhase::Finished(outcome) = &mut r.phase {
+                self.guard_run_outcome(r.attempt_id, outcome, facts);
+            }
+        }
+    }
+
+    /// Performs the core's outputs; `reply` runs once everything before it is durable.
+    fn perform(&mut self, out: Vec<Output>, reply: Option<Box<dyn FnOnce() + Send>>) {
+        let mut actions = Vec::new();
+        for o in out {
+            match o {
+                Output::Persist(ops) => match self.queue.push(ops) {
+                    Ok(t) => self.gate.persisted(t),
+                    Err(_) => tracing::error!("store writer has stopped; decisions are not persisted"),
+                },
+                Output::Send { conn, msg } => actions.push(Action::Send(conn, msg)),
+                Output::Close { conn } => actions.push(Action::Close(conn)),
+            }
+        }
+        actions.extend(reply.map(Action::Reply));
+        // Actions wait for the latest persist, and for every action gated before them,
+        // so messages on one connection keep their order.
+        let durable = self.queue.durable();
+        for action in actions {
+            if let Some(action) = self.gate.admit(action, Some(durable)) {
+                self.act(action);
+            }
+        }
+    }
+
+    /// Runs an operator command; the receiver fires once its effects are durable.
+    fn command(
+        &mut self,
+        f: impl FnOnce(&mut Core, Now, &mut Vec<Output>) -> Result<(), CommandError>,
+    ) -> Result<oneshot::Receiver<()>, CommandError> {
+        let mut out = Vec::new();
+        f(&mut self.core, self.clock.now(), &mut out)?;
+        let (tx, rx) = oneshot::channel();
+        self.perform(
+            out,
+            Some(Box::new(move || {
+                let _ = tx.send(());
+            })),
+        );
+        Ok(rx)
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Send(conn, msg) => {
+                if let Some(tx) = self.conns.get(&conn) {
+                    if tx.try_send(msg).is_err() {
+                        // A full queue means the agent stopped reading: drop it, it will reconnect.
+                        tracing::warn!(conn, "agent connection is not keeping up; closing it");
+                        self.conns.remove(&conn);
+                    }
+                }
+            }
+            Action::Close(conn) => {
+                self.forget(conn);
+            }
+            Action::Reply(f) => f(),
+        }
+    }
+}
+
+/// The store failed: what waits on a persist will never be sent or answered, so it is dropped
+/// (API handlers waiting on it answer 503), and no decision is acted on any more.
+pub(crate) struct StoreFailed;
+impl Message for StoreFailed {
+    type Result = ();
+}
+impl Handler<StoreFailed> for CoreActor {
+    type Result = ();
+    fn handle(&mut self, _: StoreFailed, ctx: &mut Context<Self>) {
+        self.gate.clear();
+        self.conns.clear();
+        ctx.stop();
+    }
+}
+
+pub(crate) struct Durable(pub(crate) Ticket);
+impl Message for Durable {
+    type Result = ();
+}
+impl Handler<Durable> for CoreActor {
+    type Result = ();
+    fn handle(&mut self, Durable(t): Durable, _: &mut Context<Self>) {
+        for action in self.gate.durable(t) {
+            self.act(action);
+        }
+    }
+}
+
+/// What a durable submission answers: its jobs, and whether it repeated an earlier one (same idempotency key).
+pub type Submitted = (Vec<JobId>, bool);
+
+/// Submit a batch together with records that must be stored in the same
+/// transaction (the prompts a batch of runs creates), under an optional
+/// idempotency key; answers once durable. A repeat stores nothing.
+pub struct SubmitWith {
+    /// The jobs.
+    pub specs: Vec<JobSpec>,
+    /// Records stored in the same transaction.
+    pub extra: Vec<StoreOp>,
+    /// The submission's idempotency key.
+    pub key: Option<crate::records::Idempotency>,
+}
+impl Message for SubmitWith {
+    type Result = Result<oneshot::Receiver<Submitted>, SubmitError>;
+}
+impl Handler<SubmitWith> for CoreActor {
+    type Result = Result<oneshot::Receiver<Submitted>, SubmitError>;
+    fn handle(&mut self, SubmitWith { specs, extra, key }: SubmitWith, _: &mut Context<Self>) -> Self::Result {
+        let mut out = Vec::new();
+        let (ids, repeat) = self.core.submit_with(self.clock.now(), specs, key, extra, &mut out)?;
+        for &id in &ids {
+            if let Some(run) = self.core.job(id).and_then(|(rec, _, _)| rec.spec.labels.get(crate::cosmos::labels::RUN)) {
+                self.runs.insert(run.clone(), id);
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        self.perform(out, Some(Box::new(move || drop(tx.send((ids, repeat))))));
+        Ok(rx)
+    }
+}
+
+/// Store records the core does not keep (Cosmos prompts) through the one
+/// writer, ordered after every decision before them; answers once durable.
+pub struct Persist(pub Vec<StoreOp>);
+impl Message for Persist {
+    type Result = oneshot::Receiver<()>;
+}
+impl Handler<Persist> for CoreActor {
+    type Result = MessageResult<Persist>;
+    fn handle(&mut self, Persist(ops): Persist, _: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.perform(vec![Output::Persist(ops)], Some(Box::new(move || {
+            let _ = tx.send(());
+        })));
+        MessageResult(rx)
+    }
+}
+
+/// Cancel a job; answers once the decision is durable.
+pub struct Cancel(pub JobId);
+impl Message for Cancel {
+    type Result = Result<oneshot::Receiver<()>, CommandError>;
+}
+impl Handler<Cancel> for CoreActor {
+    type Result = Result<oneshot::Receiver<()>, CommandError>;
+    fn handle(&mut self, Cancel(id): Cancel, _: &mut Context<Self>) -> Self::Result {
+        self.command(|core, now, out| core.cancel(now, id, out))
+    }
+}
+
+/// Drain or undrain an agent.
+pub struct SetDraining(pub String, pub bool);
+impl Message for SetDraining {
+    type Result = Result<oneshot::Receiver<()>, CommandError>;
+}
+impl Handler<SetDraining> for CoreActor {
+    type Result = Result<oneshot::Receiver<()>, CommandError>;
+    fn handle(&mut self, SetDraining(name, on): SetDraining, _: &mut Context<Self>) -> Self::Result {
+        self.command(|core, now, out| core.set_draining(now, &name, on, out))
+    }
+}
+
+/// A job as listings show it.
+#[derive(Clone, Debug)]
+pub struct JobSummary {
+    /// The record.
+    pub record: JobRecord,
+    /// Progress of the live attempt.
+    pub progress: Option<(u32, u32)>,
+    /// GPUs of the live attempt.
+    pub gpus: Vec<String>,
+}
+
+/// List jobs (all, or one).
+pub struct ListJobs(pub Option<JobId>);
+impl Message for ListJobs {
+    type Result = Vec<JobSummary>;
+}
+impl Handler<ListJobs> for CoreActor {
+    type Result = MessageResult<ListJobs>;
+    fn handle(&mut self, ListJobs(one): ListJobs, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(match one {
+            Some(id) => self.summary(id).into_iter().collect(),
+            None => self.core.jobs().filter_map(|r| self.summary(r.id)).collect(),
+        })
+    }
+}
+
+/// One Cosmos run, by its run id, found through the actor's index.
+pub struct FindRun(pub String);
+impl Message for FindRun {
+    type Result = Option<JobSummary>;
+}
+impl Handler<FindRun> for CoreActor {
+    type Result = MessageResult<FindRun>;
+    fn handle(&mut self, FindRun(run): FindRun, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.runs.get(&run).and_then(|&id| self.summary(id)))
+    }
+}
+
+/// Cluster status.
+pub struct Status;
+/// What [`Status`] answers.
+#[derive(Clone, Debug)]
+pub struct StatusView {
+    /// The controller's epoch.
+    pub epoch: u64,
+    /// Jobs waiting.
+    pub queue_depth: usize,
+    /// Agents.
+    pub agents: Vec<AgentView>,
+}
+impl Message for Status {
+    type Result = StatusView;
+}
+impl Handler<Status> for CoreActor {
+    type Result = MessageResult<Status>;
+    fn handle(&mut self, _: Status, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(StatusView {
+            epoch: self.core.epoch().0,
+            queue_depth: self.core.queue_depth(),
+            agents: self.core.agents(),
+        })
+    }
+}
+
+/// A connection's hold on an agent name, from its handshake until it is registered or gone.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Claim {
+    pub(crate) conn: ConnId,
+    pub(crate) peer: SocketAddr,
+    pub(crate) incarnation: u64,
+}
+
+impl CoreActor {
+    /// Drops what is kept of a connection.
+    fn forget(&mut self, conn: ConnId) {
+        self.conns.remove(&conn);
+        self.peers.remove(&conn);
+        self.claims.retain(|_, c| c.conn != conn);
+    }
+}
+
+/// Claims an agent name for a connection in its handshake; refused with the
+/// holder's address while another process holds it: connected and heard from,
+/// or in its own handshake. The same process reconnecting (same incarnation)
+/// replaces its old connection.
+pub(crate) struct ClaimName {
+    pub(crate) name: String,
+    pub(crate) claim: Claim,
+}
+impl Message for ClaimName {
+    type Result = Result<(), SocketAddr>;
+}
+impl Handler<ClaimName> for CoreActor {
+    type Result = Result<(), SocketAddr>;
+    fn handle(&mut self, ClaimName { name, claim }: ClaimName, _: &mut Context<Self>) -> Self::Result {
+        if let Some(&(peer, incarnation)) = self.core.live_conn_of(&name).and_then(|c| self.peers.get(&c)) {
+            if incarnation != claim.incarnation {
+                return Err(peer);
+            }
+        }
+        if let Some(other) = self.claims.get(&name) {
+            if other.conn != claim.conn && other.incarnation != claim.incarnation {
+                return Err(other.peer);
+            }
+        }
+        self.claims.insert(name, claim);
+        Ok(())
+    }
+}
+
+/// A connection ended before it was registered: its claim goes.
+pub(crate) struct Unclaim(pub(crate) ConnId);
+impl Message for Unclaim {
+    type Result = ();
+}
+impl Handler<Unclaim> for CoreActor {
+    type Result = ();
+    fn handle(&mut self, Unclaim(conn): Unclaim, _: &mut Context<Self>) {
+        self.claims.retain(|_, c| c.conn != conn);
+    }
+}
+
+pub(crate) struct AgentConnected {
+    pub(crate) conn: ConnId,
+    pub(crate) peer: SocketAddr,
+    pub(crate) incarnation: u64,
+    pub(crate) name: String,
+    pub(crate) hello: cosmos_proto::AgentHello,
+    pub(crate) facts: OutputFacts,
+    pub(crate) tx: mpsc::Sender<ControllerMsg>,
+}
+impl Message for AgentConnected {
+    type Result = ();
+}
+impl Handler<AgentConnected> for CoreActor {
+    type Result = ();
+    fn handle(&mut self, mut m: AgentConnected, _: &mut Context<Self>) {
+        self.conns.insert(m.conn, m.tx);
+        self.peers.insert(m.conn, (m.peer, m.incarnation));
+        self.claims.retain(|_, c| c.conn != m.conn);
+        self.guard_run_reports(&mut m.hello.attempts, &m.facts);
+        let mut out = Vec::new();
+        self.core.on_connect(self.clock.now(), m.conn, &m.name, m.hello, &m.facts.held, &mut out);
+        self.perform(out, None);
+    }
+}
+
+pub(crate) struct AgentMessage(pub(crate) ConnId, pub(crate) AgentMsg, pub(crate) OutputFacts);
+impl Message for AgentMessage {
+    type Result = ();
+}
+impl Handler<AgentMessage> for CoreActor {
+    type Result = ();
+    fn handle(&mut self, AgentMessage(conn, mut msg, facts): AgentMessage, _: &mut Context<Self>) {
+        if let AgentMsg::AttemptFinished { attempt_id, outcome } = &mut msg {
+            self.guard_run_outcome(*attempt_id, outcome, &facts);
+        }
+        let mut out = Vec::new();
+        self.core.on_message(self.clock.now(), conn, msg, &facts.held, &mut out);
+        self.perform(out, None);
+    }
+}
+
+pub(crate) struct AgentGone(pub(crate) ConnId);
+impl Message for AgentGone {
+    type Result = ();
+}
+impl Handler<AgentGone> for CoreActor {
+    type Result = ();
+    fn handle(&mut self, AgentGone(conn): AgentGone, _: &mut Context<Self>) {
+        self.forget(conn);
+        let mut out = Vec::new();
+        self.core.on_disconnect(self.clock.now(), conn, &mut out);
+        self.perform(out, None);
+    }
+}
+
+// ---- agent connections ----
+
+/// What the shell found on disk about the outputs a message names, for the
+/// core (which of them are held) and for the Cosmos check of an enhancement's
+/// result (whether its standard output holds an upsampled prompt).
+#[derive(Debug, Default)]
+pub(crate) struct OutputFacts {
+    pub(crate) held: HeldBlobs,
+    /// For each held output named like an enhancement's result: whether it holds an upsampled prompt.
+    pub(crate) upsampled: HashMap<cosmos_proto::Sha256, Result<bool, String>>,
+}
+
