@@ -17,8 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-/// How often the core's clock-driven work runs.
-pub const TICK_MS: u64 = 100;
 
 enum Action {
     Send(ConnId, ControllerMsg),
@@ -41,6 +39,8 @@ pub struct CoreActor {
     claims: HashMap<String, Claim>,
     /// Cosmos runs by run id (the `cosmos.run` label), so a run is found without listing every job.
     runs: HashMap<String, JobId>,
+    /// The wake-up armed for the core's next deadline, and when it is due (monotonic ms).
+    timer: Option<(u64, SpawnHandle)>,
 }
 
 impl CoreActor {
@@ -59,6 +59,7 @@ impl CoreActor {
             peers: HashMap::new(),
             claims: HashMap::new(),
             runs,
+            timer: None,
         }
     }
 
@@ -75,11 +76,30 @@ impl Actor for CoreActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(Duration::from_millis(TICK_MS), |actor, _| {
+        self.arm(ctx);
+    }
+}
+
+impl CoreActor {
+    /// Arms a wake-up for the core's next deadline, unless one as early is armed:
+    /// the actor sleeps until the core has work or an input comes, with no fixed tick.
+    fn arm(&mut self, ctx: &mut Context<Self>) {
+        let Some(due_ms) = self.core.next_deadline_ms() else { return };
+        if let Some((armed_ms, handle)) = self.timer {
+            if armed_ms <= due_ms {
+                return;
+            }
+            ctx.cancel_future(handle);
+        }
+        let delay_ms = due_ms.saturating_sub(self.clock.now().mono_ms);
+        let handle = ctx.run_later(Duration::from_millis(delay_ms), |actor, ctx| {
+            actor.timer = None;
             let mut out = Vec::new();
             actor.core.tick(actor.clock.now(), &mut out);
             actor.perform(out, None);
+            actor.arm(ctx);
         });
+        self.timer = Some((due_ms, handle));
     }
 }
 
@@ -235,7 +255,7 @@ impl Message for SubmitWith {
 }
 impl Handler<SubmitWith> for CoreActor {
     type Result = Result<oneshot::Receiver<Submitted>, SubmitError>;
-    fn handle(&mut self, SubmitWith { specs, extra, key }: SubmitWith, _: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, SubmitWith { specs, extra, key }: SubmitWith, ctx: &mut Context<Self>) -> Self::Result {
         let mut out = Vec::new();
         let (ids, repeat) = self.core.submit_with(self.clock.now(), specs, key, extra, &mut out)?;
         for &id in &ids {
@@ -245,6 +265,7 @@ impl Handler<SubmitWith> for CoreActor {
         }
         let (tx, rx) = oneshot::channel();
         self.perform(out, Some(Box::new(move || drop(tx.send((ids, repeat))))));
+        self.arm(ctx);
         Ok(rx)
     }
 }
@@ -273,8 +294,10 @@ impl Message for Cancel {
 }
 impl Handler<Cancel> for CoreActor {
     type Result = Result<oneshot::Receiver<()>, CommandError>;
-    fn handle(&mut self, Cancel(id): Cancel, _: &mut Context<Self>) -> Self::Result {
-        self.command(|core, now, out| core.cancel(now, id, out))
+    fn handle(&mut self, Cancel(id): Cancel, ctx: &mut Context<Self>) -> Self::Result {
+        let answer = self.command(|core, now, out| core.cancel(now, id, out));
+        self.arm(ctx);
+        answer
     }
 }
 
@@ -285,8 +308,10 @@ impl Message for SetDraining {
 }
 impl Handler<SetDraining> for CoreActor {
     type Result = Result<oneshot::Receiver<()>, CommandError>;
-    fn handle(&mut self, SetDraining(name, on): SetDraining, _: &mut Context<Self>) -> Self::Result {
-        self.command(|core, now, out| core.set_draining(now, &name, on, out))
+    fn handle(&mut self, SetDraining(name, on): SetDraining, ctx: &mut Context<Self>) -> Self::Result {
+        let answer = self.command(|core, now, out| core.set_draining(now, &name, on, out));
+        self.arm(ctx);
+        answer
     }
 }
 
@@ -426,7 +451,7 @@ impl Message for AgentConnected {
 }
 impl Handler<AgentConnected> for CoreActor {
     type Result = ();
-    fn handle(&mut self, mut m: AgentConnected, _: &mut Context<Self>) {
+    fn handle(&mut self, mut m: AgentConnected, ctx: &mut Context<Self>) {
         self.conns.insert(m.conn, m.tx);
         self.peers.insert(m.conn, (m.peer, m.incarnation));
         self.claims.retain(|_, c| c.conn != m.conn);
@@ -434,6 +459,7 @@ impl Handler<AgentConnected> for CoreActor {
         let mut out = Vec::new();
         self.core.on_connect(self.clock.now(), m.conn, &m.name, m.hello, &m.facts.held, &mut out);
         self.perform(out, None);
+        self.arm(ctx);
     }
 }
 
@@ -443,13 +469,14 @@ impl Message for AgentMessage {
 }
 impl Handler<AgentMessage> for CoreActor {
     type Result = ();
-    fn handle(&mut self, AgentMessage(conn, mut msg, facts): AgentMessage, _: &mut Context<Self>) {
+    fn handle(&mut self, AgentMessage(conn, mut msg, facts): AgentMessage, ctx: &mut Context<Self>) {
         if let AgentMsg::AttemptFinished { attempt_id, outcome } = &mut msg {
             self.guard_run_outcome(*attempt_id, outcome, &facts);
         }
         let mut out = Vec::new();
         self.core.on_message(self.clock.now(), conn, msg, &facts.held, &mut out);
         self.perform(out, None);
+        self.arm(ctx);
     }
 }
 
@@ -459,11 +486,12 @@ impl Message for AgentGone {
 }
 impl Handler<AgentGone> for CoreActor {
     type Result = ();
-    fn handle(&mut self, AgentGone(conn): AgentGone, _: &mut Context<Self>) {
+    fn handle(&mut self, AgentGone(conn): AgentGone, ctx: &mut Context<Self>) {
         self.forget(conn);
         let mut out = Vec::new();
         self.core.on_disconnect(self.clock.now(), conn, &mut out);
         self.perform(out, None);
+        self.arm(ctx);
     }
 }
 

@@ -294,7 +294,7 @@ struct Agent {
     health: Health,
     /// Attempts the agent runs that we do not consider live: their GPUs stay
     /// taken until the agent reports them gone.
-    zombies: BTreeMap<AttemptId, Vec<usize>>,
+    fenced: BTreeMap<AttemptId, Vec<usize>>,
     /// Live attempts placed here.
     attempts: BTreeSet<AttemptId>,
     /// The free-GPU count under which it sits in the free index, if it does.
@@ -638,7 +638,7 @@ impl Core {
             for g in &mut agent.gpus {
                 g.holder = None;
             }
-            agent.zombies.clear();
+            agent.fenced.clear();
         }
         self.sends.push(Output::Send {
             conn,
@@ -702,7 +702,7 @@ impl Core {
             if let AttemptPhase::Finished(_) = report.phase {
                 finished_acks.push(report.attempt_id);
             } else if fencing {
-                self.track_zombie(idx, report.attempt_id, &report.gpu_uuids);
+                self.track_fenced(idx, report.attempt_id, &report.gpu_uuids);
             } else {
                 keep.push(report.attempt_id);
             }
@@ -753,19 +753,19 @@ impl Core {
                     .filter(|r| !matches!(r.phase, AttemptPhase::Finished(_)))
                     .map(|r| r.attempt_id)
                     .collect();
-                // Zombies the agent no longer runs free their GPUs.
-                let gone: Vec<AttemptId> = agent.zombies.keys().filter(|z| !reported.contains(z)).copied().collect();
-                for z in gone {
-                    self.release_zombie(idx, z);
+                // Fenced attempts the agent no longer runs free their GPUs.
+                let gone: Vec<AttemptId> = agent.fenced.keys().filter(|f| !reported.contains(f)).copied().collect();
+                for f in gone {
+                    self.release_fenced(idx, f);
                 }
                 // Attempts running there that we do not know as live: stop them.
                 for r in &hb.attempts {
                     let ours = self.agents[idx].attempts.contains(&r.attempt_id);
                     if !ours
                         && !matches!(r.phase, AttemptPhase::Finished(_))
-                        && !self.agents[idx].zombies.contains_key(&r.attempt_id)
+                        && !self.agents[idx].fenced.contains_key(&r.attempt_id)
                     {
-                        self.track_zombie(idx, r.attempt_id, &r.gpu_uuids);
+                        self.track_fenced(idx, r.attempt_id, &r.gpu_uuids);
                     }
                 }
                 self.reindex(idx);
@@ -787,8 +787,8 @@ impl Core {
                 if self.agents[idx].attempts.contains(&attempt_id) {
                     self.attempt_ended(now, attempt_id, outcome, held);
                 } else {
-                    if self.agents[idx].zombies.contains_key(&attempt_id) {
-                        self.release_zombie(idx, attempt_id);
+                    if self.agents[idx].fenced.contains_key(&attempt_id) {
+                        self.release_fenced(idx, attempt_id);
                         self.reindex(idx);
                     }
                 }
@@ -885,6 +885,24 @@ impl Core {
             self.dirty = true;
         }
         self.finish(now, out);
+    }
+
+    /// When [`Core::tick`] next has work, on the monotonic clock (`Now::mono_ms`):
+    /// a host turning suspect or lost, a retry backoff ending. A shell sleeps
+    /// until then, or until its next input; ticking earlier changes nothing.
+    /// `None`: no deadline is pending.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        if self.dirty {
+            // Recovered and not yet scheduled: due at once.
+            return Some(0);
+        }
+        let liveness = self.agents.iter().filter_map(|a| match a.health {
+            Health::Lost => None,
+            Health::Up => Some(a.last_heard_ms + self.config.suspect_after_ms.min(self.config.lost_after_ms)),
+            Health::Suspect => Some(a.last_heard_ms + self.config.lost_after_ms),
+        });
+        let backoff = self.backoff.first().map(|&(at, _)| at);
+        liveness.chain(backoff).min()
     }
 
     /// Runs a scheduling pass even if nothing changed (benchmarks, operator nudges).
@@ -1308,13 +1326,13 @@ impl Core {
             self.attempt_ended(now, att_id, AttemptOutcome::Lost { reason }, &HeldBlobs::none());
         }
         // Whatever it still runs will be fenced off when it reconnects.
-        self.agents[idx].zombies.clear();
+        self.agents[idx].fenced.clear();
         for g in &mut self.agents[idx].gpus {
             g.holder = None;
         }
     }
 
-    fn track_zombie(&mut self, idx: usize, att_id: AttemptId, gpu_uuids: &[String]) {
+    fn track_fenced(&mut self, idx: usize, att_id: AttemptId, gpu_uuids: &[String]) {
         let agent = &mut self.agents[idx];
         let gpus: Vec<usize> =
             gpu_uuids.iter().filter_map(|u| agent.gpus.iter().position(|g| &g.info.uuid == u)).collect();
@@ -1323,7 +1341,7 @@ impl Core {
                 agent.gpus[i].holder = Some(att_id);
             }
         }
-        agent.zombies.insert(att_id, gpus);
+        agent.fenced.insert(att_id, gpus);
         if let Some(conn) = agent.conn {
             self.sends.push(Output::Send {
                 conn,
@@ -1332,8 +1350,8 @@ impl Core {
         }
     }
 
-    fn release_zombie(&mut self, idx: usize, att_id: AttemptId) {
-        if let Some(gpus) = self.agents[idx].zombies.remove(&att_id) {
+    fn release_fenced(&mut self, idx: usize, att_id: AttemptId) {
+        if let Some(gpus) = self.agents[idx].fenced.remove(&att_id) {
             for i in gpus {
                 if self.agents[idx].gpus[i].holder == Some(att_id) {
                     self.agents[idx].gpus[i].holder = None;
@@ -1378,7 +1396,7 @@ impl Core {
             gpus: Vec::new(),
             last_heard_ms: self.deadline_clock_ms(now),
             health: Health::Suspect,
-            zombies: BTreeMap::new(),
+            fenced: BTreeMap::new(),
             attempts: BTreeSet::new(),
             indexed_free: None,
             unhealthy: None,

@@ -612,7 +612,18 @@ impl Sim {
                 let now = self.controller_clock();
                 if let Some(core) = self.controller.as_mut() {
                     let mut out = Vec::new();
+                    let due = core.next_deadline_ms();
                     core.tick(now, &mut out);
+                    // The daemon sleeps until next_deadline_ms: a tick before it must have nothing to do.
+                    if due.is_none_or(|d| now.mono_ms < d) && !out.is_empty() {
+                        let text = format!("{out:?}");
+                        let what = format!(
+                            "a tick {} ms before next_deadline_ms did work: {}",
+                            due.map_or(0, |d| d - now.mono_ms),
+                            &text[..text.len().min(300)]
+                        );
+                        self.fail(what);
+                    }
                     self.controller_outputs(out);
                     self.at(TICK_MS, Event::ControllerTick);
                 }
