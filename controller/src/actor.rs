@@ -44,7 +44,7 @@ pub struct CoreActor {
 }
 
 impl CoreActor {
-    /// An actor for `core`, persisting through `queue` (whose writer reports durability as [`Durable`]).
+    /// An actor for `core`, persisting through `queue` (whose writer reports durability as `Durable`).
     pub fn new(core: Core, clock: Clock, queue: Arc<CommitQueue<StoreOp>>) -> CoreActor {
         let runs = core
             .jobs()

@@ -103,7 +103,7 @@ pub struct LogStart {
     pub offset: u64,
 }
 
-/// Appends the whole lines of `path` after `*pos` (at most [`LOG_READ_CHUNK_BYTES`]
+/// Appends the whole lines of `path` after `*pos` (at most `LOG_READ_CHUNK_BYTES`
 /// of them) to `out` as events, moving `*pos` past them; a partial last line
 /// waits for its end unless the job is final or it fills a whole chunk.
 /// Returns whether more is there to read at once.
