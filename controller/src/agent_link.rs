@@ -23,6 +23,10 @@ pub const HANDSHAKES_PENDING_MAX: usize = 64;
 /// Bound on an agent's handshake and first message together.
 pub const AGENT_HELLO_TIMEOUT_MS: u64 = 5_000;
 
+/// Pause after a failed accept before the next one.
+const ACCEPT_RETRY_MS: u64 = 100;
+
+/// Accepts agent connections until the process ends, each served on a task of its own.
 pub(crate) async fn accept_agents(
     listener: tokio::net::TcpListener,
     core: Addr<CoreActor>,
@@ -37,7 +41,8 @@ pub(crate) async fn accept_agents(
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(error = %e, "accepting an agent connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Out of descriptors, most likely: give closing connections time to free some.
+                tokio::time::sleep(Duration::from_millis(ACCEPT_RETRY_MS)).await;
                 continue;
             }
         };

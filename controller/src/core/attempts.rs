@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// Doublings of the retry backoff before it stops growing: past this the
+/// shift would overflow long before `retry_backoff_max_ms` matters.
+const BACKOFF_DOUBLINGS_MAX: u32 = 20;
+
 impl Core {
     pub(super) fn mark_started(&mut self, now: Now, att_id: AttemptId) {
         let Some(att) = self.live.get_mut(&att_id) else { return };
@@ -141,7 +145,7 @@ impl Core {
                 job.rec.attempts_used += 1;
                 let used = job.rec.attempts_used;
                 if retryable && used < job.rec.spec.max_attempts {
-                    let shift = (used - 1).min(20);
+                    let shift = (used - 1).min(BACKOFF_DOUBLINGS_MAX);
                     let delay = self
                         .config
                         .retry_backoff_base_ms
