@@ -5,6 +5,7 @@
 //! messages to send and containers to start or stop. `now_ms` is the agent's
 //! own clock and is never compared with the controller's.
 
+use crate::exit::{ExitContext, outcome_of, quoted, torchrun_failure};
 use cosmos_proto::spec::{ArtifactRef, InputArtifact};
 use cosmos_proto::{
     AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, AttemptReport, ControllerMsg, Epoch,
@@ -185,10 +186,14 @@ pub struct StageFailure {
     pub retryable: bool,
 }
 
+/// Why the agent stopped an attempt, which decides what its exit means.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
-enum StopReason {
+pub enum StopReason {
+    /// The user cancelled its job.
     Cancel,
+    /// It ran past its job's `timeout_ms`.
     Timeout,
+    /// The controller no longer counts it as live.
     Fenced,
 }
 
@@ -814,8 +819,6 @@ fn undelivered(e: &str) -> AttemptOutcome {
     }
 }
 
-/// Exit codes that mean the command itself is wrong, so retrying cannot help:
-/// sysexits' usage and configuration errors, and "cannot execute"/"not found".
 /// Memory on a GPU not held by processes the orchestrator did not start: what
 /// an attempt must give back. A foreign process that starts meanwhile is not
 /// the attempt's leak, so it does not mark the GPU faulty (its memory still
@@ -824,60 +827,8 @@ fn own_vram_bytes(g: &GpuUsage) -> u64 {
     g.used_vram_bytes.saturating_sub(g.foreign_vram_bytes)
 }
 
-/// Exit codes every job counts as "the command is wrong or missing" (sysexits, and the shell's 126/127).
-fn is_terminal_exit(code: i32) -> bool {
-    (64..=78).contains(&code) || code == 126 || code == 127
-}
-
 /// Bytes of an attempt's stderr kept for its failure message.
 const STDERR_TAIL_BYTES: usize = 4096;
-/// Longest line of it quoted in a failure message.
-const MAX_QUOTED_LINE_BYTES: usize = 1024;
-
-/// What judging an attempt's exit needs to know of it.
-#[derive(Debug, Default)]
-struct ExitContext<'a> {
-    /// Outputs a clean exit must have written.
-    required: &'a [String],
-    /// The job's own terminal exit codes.
-    terminal_exit_codes: &'a [i32],
-    /// The command's last line on stderr, quoted in a failure.
-    last_error_line: Option<String>,
-    /// The exit code of the worker torchrun blamed, when the command was torchrun and a worker failed.
-    torchrun_root_cause: Option<i32>,
-}
-
-/// The line torchrun prints before the worker it blames for a failure.
-const TORCHRUN_ROOT_CAUSE: &str = "Root Cause (first observed failure):";
-/// The exception torchrun raises (and exits 1 with) when a worker fails.
-const TORCHRUN_CHILD_FAILED: &str = "ChildFailedError";
-
-/// What torchrun's failure report in `stderr` says: the blamed worker's exit
-/// code and the line the worker itself last wrote before torchrun's report.
-///
-/// torchrun exits 1 whenever a worker fails, whatever the worker's code, and
-/// reports it as `  exitcode  : 2 (pid: 123)` under [`TORCHRUN_ROOT_CAUSE`]
-/// (torch/distributed/elastic/multiprocessing/errors): that code is the one
-/// that says whether the failure is worth retrying.
-fn torchrun_failure(stderr: &str) -> Option<(i32, Option<String>)> {
-    let report = stderr.rfind(TORCHRUN_ROOT_CAUSE)?;
-    let code = stderr[report..]
-        .lines()
-        .find_map(|l| l.trim_start().strip_prefix("exitcode"))
-        .and_then(|rest| rest.trim_start().strip_prefix(':'))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())?;
-    // The worker's own words come before torchrun's traceback and its log lines.
-    let before = stderr[..report].rfind(TORCHRUN_CHILD_FAILED).map_or(report, |at| at);
-    let before = stderr[..before].rfind("Traceback (most recent call last):").unwrap_or(before);
-    let line = stderr[..before]
-        .split(['\n', '\r'])
-        .map(str::trim)
-        .rfind(|l| !l.is_empty() && !l.contains("torch/distributed/"))
-        .map(str::to_string);
-    Some((code, line))
-}
-
 impl Attempt {
     fn exit_context(&self) -> ExitContext<'_> {
         let text = String::from_utf8_lossy(&self.stderr_tail);
@@ -908,85 +859,10 @@ impl Attempt {
     }
 }
 
-/// `line`, cut to [`MAX_QUOTED_LINE_BYTES`] at a character boundary.
-fn quoted(line: &str) -> String {
-    let mut cut = line.len().min(MAX_QUOTED_LINE_BYTES);
-    while !line.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    line[..cut].to_string()
-}
-
-fn outcome_of(
-    status: &ExitStatus,
-    stop: Option<(StopReason, u64)>,
-    outputs: Vec<ArtifactRef>,
-    att: &ExitContext<'_>,
-) -> AttemptOutcome {
-    let required = att.required;
-    match stop {
-        Some((StopReason::Cancel | StopReason::Fenced, _)) => return AttemptOutcome::Cancelled,
-        Some((StopReason::Timeout, timeout_ms)) => {
-            return AttemptOutcome::Failed {
-                exit_code: status.code,
-                reason: format!(
-                    "timed out after {timeout_ms} ms and was stopped; raise `timeout_s` if it needs longer"
-                ),
-                retryable: true,
-            };
-        }
-        None => {}
-    }
-    if status.oom_killed {
-        return AttemptOutcome::Failed {
-            exit_code: status.code,
-            reason: "killed by the out-of-memory killer; ask for fewer parallel steps or a host with more memory"
-                .into(),
-            retryable: true,
-        };
-    }
-    match (status.code, status.signal) {
-        (Some(0), _) => {
-            let missing: Vec<&String> = required.iter().filter(|p| !outputs.iter().any(|o| &o.path == *p)).collect();
-            if missing.is_empty() {
-                AttemptOutcome::Succeeded { outputs }
-            } else {
-                AttemptOutcome::Failed {
-                    exit_code: Some(0),
-                    reason: format!("exited 0 but did not write required output {missing:?}"),
-                    retryable: false,
-                }
-            }
-        }
-        (Some(code), _) => {
-            let worker = att.torchrun_root_cause;
-            let terminal = is_terminal_exit(code)
-                || att.terminal_exit_codes.contains(&code)
-                || worker.is_some_and(|w| att.terminal_exit_codes.contains(&w));
-            let how = match worker {
-                Some(w) => format!("exited with code {code} (torchrun: the worker it blames exited with code {w})"),
-                None => format!("exited with code {code}"),
-            };
-            let mut reason = if terminal {
-                format!("{how}: the command is wrong or missing, so it is not retried; fix it and resubmit")
-            } else {
-                format!("{how}; see its logs")
-            };
-            if let Some(line) = &att.last_error_line {
-                reason.push_str(&format!("; its last error output: {line}"));
-            }
-            AttemptOutcome::Failed { exit_code: Some(code), reason, retryable: !terminal }
-        }
-        (None, Some(sig)) => {
-            AttemptOutcome::Failed { exit_code: None, reason: format!("killed by signal {sig}"), retryable: true }
-        }
-        (None, None) => AttemptOutcome::Lost { reason: "the runtime lost track of the container".into() },
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exit::MAX_QUOTED_LINE_BYTES;
     use cosmos_proto::spec::OutputArtifact;
     use cosmos_proto::{Sha256, TraceContext};
 
