@@ -34,6 +34,9 @@ fn job(id: u64) -> JobRecord {
         submitted_ms: 1_700_000_000_000 + id,
         finished_ms: None,
         idempotency: None,
+        started_ms: None,
+        gpu_ms: 0,
+        retries: 0,
     }
 }
 

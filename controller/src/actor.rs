@@ -68,6 +68,7 @@ impl CoreActor {
             record: rec.clone(),
             progress,
             gpus: att.map(|a| a.gpu_uuids.clone()).unwrap_or_default(),
+            waiting: self.core.wait_reason(id),
         })
     }
 }
@@ -301,6 +302,20 @@ impl Handler<Cancel> for CoreActor {
     }
 }
 
+/// Re-queue a failed or cancelled job; answers once the decision is durable.
+pub struct Retry(pub JobId);
+impl Message for Retry {
+    type Result = Result<oneshot::Receiver<()>, CommandError>;
+}
+impl Handler<Retry> for CoreActor {
+    type Result = Result<oneshot::Receiver<()>, CommandError>;
+    fn handle(&mut self, Retry(id): Retry, ctx: &mut Context<Self>) -> Self::Result {
+        let answer = self.command(|core, now, out| core.retry(now, id, out));
+        self.arm(ctx);
+        answer
+    }
+}
+
 /// Drain or undrain an agent.
 pub struct SetDraining(pub String, pub bool);
 impl Message for SetDraining {
@@ -324,6 +339,8 @@ pub struct JobSummary {
     pub progress: Option<(u32, u32)>,
     /// GPUs of the live attempt.
     pub gpus: Vec<String>,
+    /// Why it waits, while it does.
+    pub waiting: Option<String>,
 }
 
 /// List jobs (all, or one).

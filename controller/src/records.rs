@@ -92,6 +92,15 @@ pub struct JobRecord {
     /// The key its submission carried, so a retried submission gets the same jobs back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<Idempotency>,
+    /// When its first attempt started running (controller clock), for accounting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    /// GPU time its attempts used, over all of them: each attempt's running time times its GPUs.
+    #[serde(default)]
+    pub gpu_ms: u64,
+    /// Times an operator re-queued it after it ended (`cosmos jobs retry`).
+    #[serde(default)]
+    pub retries: u32,
 }
 
 /// A submission's idempotency key and a digest of what it asked for.

@@ -548,6 +548,85 @@ fn records_submitted_with_a_batch_share_its_persist_and_a_repeat_stores_nothing(
     assert_eq!(r, Err(SubmitError::KeyReused { key: "k1".into() }));
 }
 
+#[test]
+fn a_failed_job_retried_by_an_operator_runs_again_under_its_id() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 1, 80);
+    let (ids, out) = c.submit_ok(vec![JobSpec { max_attempts: 1, ..spec("flaky") }]);
+    let (_, a) = one_assign(&c, &out);
+    c.started("a", a.attempt_id);
+    c.finished("a", a.attempt_id, failed(true));
+    assert_eq!(c.state(ids[0]), JobState::Failed);
+
+    let (r, out) = c.call(|core, now, out| core.retry(now, ids[0], out));
+    r.unwrap();
+    let (_, again) = one_assign(&c, &out);
+    assert_eq!(again.job_id, ids[0]);
+    assert!(again.attempt_id > a.attempt_id, "a new attempt");
+    let rec = c.record(ids[0]);
+    assert_eq!((rec.state, rec.attempts_used, rec.retries, rec.error), (JobState::Assigned, 0, 1, None));
+    c.started("a", again.attempt_id);
+    c.finished("a", again.attempt_id, succeeded());
+    assert_eq!(c.state(ids[0]), JobState::Succeeded);
+    // Only an ended, unsuccessful job can be retried.
+    let (r, _) = c.call(|core, now, out| core.retry(now, ids[0], out));
+    assert_eq!(r, Err(CommandError::NotRetriable { id: ids[0], state: "succeeded" }));
+    let (r, _) = c.call(|core, now, out| core.retry(now, JobId(99), out));
+    assert_eq!(r, Err(CommandError::UnknownJob(JobId(99))));
+}
+
+#[test]
+fn a_queued_job_says_why_it_waits() {
+    let mut c = Cluster::quiet();
+    let (ids, _) = c.submit_ok(vec![spec_gpus("wide", 4)]);
+    assert_eq!(c.core.wait_reason(ids[0]).as_deref(), Some("no agent is connected"));
+    c.connect("h1", 2, 80);
+    c.connect("h2", 4, 80);
+    // The wide job was placed on h2 as soon as it connected; "three" then waits
+    // for a set of three, and another wide job for a set of four.
+    let (three, _) = c.submit_ok(vec![spec_gpus("three", 3)]);
+    assert_eq!(
+        c.core.wait_reason(three[0]).as_deref(),
+        Some("needs 3 free GPUs on one host; the largest such set is 2 on h1")
+    );
+    let (more, _) = c.submit_ok(vec![spec_gpus("wide2", 4)]);
+    assert_eq!(
+        c.core.wait_reason(more[0]).as_deref(),
+        Some("needs 4 free GPUs on one host; the largest such set is 2 on h1")
+    );
+    c.drain("h1", true);
+    c.drain("h2", true);
+    let why = c.core.wait_reason(more[0]).unwrap();
+    assert!(why.contains("draining"), "{why}");
+    // A running job does not wait.
+    let running = c.core.live_attempts().next().map(|a| a.job_id).unwrap();
+    assert_eq!(c.core.wait_reason(running), None);
+}
+
+#[test]
+fn a_jobs_gpu_time_and_first_start_are_accounted() {
+    let mut c = Cluster::quiet();
+    c.wall_offset_ms = 1_700_000_000_000;
+    c.connect("a", 2, 80);
+    let (ids, out) = c.submit_ok(vec![JobSpec { max_attempts: 2, ..spec_gpus("two", 2) }]);
+    let (_, a) = one_assign(&c, &out);
+    c.now = 1_000;
+    c.started("a", a.attempt_id);
+    c.now = 4_000;
+    c.finished("a", a.attempt_id, failed(true));
+    let rec = c.record(ids[0]);
+    assert_eq!(rec.started_ms, Some(1_700_000_001_000));
+    assert_eq!(rec.gpu_ms, 2 * 3_000, "two GPUs for three seconds");
+    let out = c.tick_at(200_000);
+    let (_, b) = one_assign(&c, &out);
+    c.started("a", b.attempt_id);
+    c.now = 201_000;
+    c.finished("a", b.attempt_id, succeeded());
+    let rec = c.record(ids[0]);
+    assert_eq!(rec.started_ms, Some(1_700_000_001_000), "the first start is kept");
+    assert_eq!(rec.gpu_ms, 2 * 3_000 + 2 * 1_000);
+}
+
 // ---- placement ----
 
 #[test]

@@ -54,6 +54,9 @@ fn finished_job(id: u64) -> JobRecord {
         submitted_ms: 1_700_000_000_000,
         finished_ms: Some(1_700_000_999_999),
         idempotency: Some(Idempotency { key: "cli-1f2e".to_string(), request_sha256: "ab".repeat(32) }),
+        started_ms: Some(1_700_000_000_500),
+        gpu_ms: 4_000,
+        retries: 1,
     }
 }
 
@@ -74,6 +77,9 @@ fn queued_job(id: u64) -> JobRecord {
         submitted_ms: 1_700_000_000_001,
         finished_ms: None,
         idempotency: None,
+        started_ms: None,
+        gpu_ms: 0,
+        retries: 0,
     }
 }
 

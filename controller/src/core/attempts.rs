@@ -18,10 +18,13 @@ impl Core {
         let att = att.clone();
         self.ops.push(StoreOp::PutAttempt(att.clone()));
         let job = self.jobs.get_mut(&att.job_id).expect("attempts belong to jobs");
+        if job.rec.started_ms.is_none() {
+            job.rec.started_ms = Some(now.wall_ms);
+        }
         if job.rec.state == JobState::Assigned {
             job.rec.state = JobState::Running;
-            self.put_job(att.job_id);
         }
+        self.put_job(att.job_id);
     }
 
     pub(super) fn stop_attempt(&mut self, now: Now, att_id: AttemptId) {
@@ -94,6 +97,11 @@ impl Core {
         let job_id = att.job_id;
         let job = self.jobs.get_mut(&job_id).expect("attempts belong to jobs");
         job.live = None;
+        if let Some(started) = att.started_ms {
+            // Wall-clock stamps: a clock step while it ran skews this one figure, nothing else.
+            let ran_ms = now.wall_ms.saturating_sub(started);
+            job.rec.gpu_ms = job.rec.gpu_ms.saturating_add(ran_ms.saturating_mul(att.gpu_uuids.len() as u64));
+        }
         let (attempt_state, reason) = match &outcome {
             AttemptOutcome::Succeeded { .. } => (AttemptState::Succeeded, None),
             AttemptOutcome::Failed { exit_code, reason, .. } => {

@@ -292,6 +292,22 @@ pub enum CommandError {
         /// Its final state.
         state: &'static str,
     },
+    /// The queue is at its bound; retry once it drains.
+    #[error("the queue holds {queued} jobs, its bound is {max}; retry once it drains")]
+    QueueFull {
+        /// Jobs queued now.
+        queued: usize,
+        /// The bound (`max_queued_jobs`).
+        max: usize,
+    },
+    /// Only a failed or cancelled job can be retried.
+    #[error("job {id} is {state}; only a failed or cancelled job can be retried")]
+    NotRetriable {
+        /// The job.
+        id: JobId,
+        /// Its state.
+        state: &'static str,
+    },
     /// No such agent.
     #[error("no agent named `{0}`; `cosmos agents list` shows the names")]
     UnknownAgent(String),
@@ -563,6 +579,9 @@ impl Core {
                 submitted_ms: now.wall_ms,
                 finished_ms: None,
                 idempotency: key.clone(),
+                started_ms: None,
+                gpu_ms: 0,
+                retries: 0,
             };
             self.ops.push(StoreOp::PutJob(Box::new(rec.clone())));
             self.ready.insert(&rec.spec, id);
@@ -602,6 +621,82 @@ impl Core {
         }
         self.finish(now, out);
         Ok(())
+    }
+
+    /// Re-queues a failed or cancelled job under its own id, as `scontrol
+    /// requeue` does: a fresh attempt budget, its earlier attempts kept in
+    /// its history, its error and outputs cleared.
+    pub fn retry(&mut self, now: Now, id: JobId, out: &mut Vec<Output>) -> Result<(), CommandError> {
+        let job = self.jobs.get_mut(&id).ok_or(CommandError::UnknownJob(id))?;
+        if !matches!(job.rec.state, JobState::Failed | JobState::Cancelled) {
+            return Err(CommandError::NotRetriable { id, state: job.rec.state.as_str() });
+        }
+        let queued = self.ready.len() + self.backoff.len();
+        if queued >= self.config.max_queued_jobs {
+            return Err(CommandError::QueueFull { queued, max: self.config.max_queued_jobs });
+        }
+        let was = job.rec.state.as_str();
+        let rec = &mut job.rec;
+        rec.state = JobState::Queued;
+        rec.attempts_used = 0;
+        rec.attempts_lost = 0;
+        rec.cancel_requested = false;
+        rec.not_before_ms = 0;
+        rec.exit_code = None;
+        rec.error = None;
+        rec.outputs.clear();
+        rec.finished_ms = None;
+        rec.retries += 1;
+        self.put_job(id);
+        self.enqueue_or_wait(id);
+        self.event(now, Some(id), None, None, "retried", format!("re-queued by an operator after it {was}"));
+        self.finish(now, out);
+        Ok(())
+    }
+
+    /// Why a job that is not running waits, in words (as squeue's REASON):
+    /// `None` for a job that runs or has ended.
+    pub fn wait_reason(&self, id: JobId) -> Option<String> {
+        let job = self.jobs.get(&id)?;
+        if job.live.is_some() || job.rec.state.is_final() {
+            return None;
+        }
+        if job.rec.state == JobState::Retrying && self.backoff.contains(&(job.not_before_mono_ms, id)) {
+            return Some("waiting out its retry backoff".into());
+        }
+        let spec = &job.rec.spec;
+        if let Some((holder, host)) = self.reservation {
+            if holder != id && self.agents[host].free_gpus() >= spec.gpus {
+                let name = &self.agents[host].name;
+                return Some(format!("{name} is held for job {holder}, which needs its GPUs"));
+            }
+            if holder == id {
+                let name = &self.agents[host].name;
+                return Some(format!("holding {name} until {} of its GPUs are free", spec.gpus));
+            }
+        }
+        if self.agents.iter().all(|a| a.conn.is_none() || a.health == Health::Lost) {
+            return Some("no agent is connected".into());
+        }
+        let usable: Vec<&Agent> = self.agents.iter().filter(|a| a.schedulable()).collect();
+        if usable.is_empty() {
+            return Some("every connected host is draining, suspect or unhealthy".into());
+        }
+        let vram = |g: &Gpu| g.holder.is_none() && g.healthy && g.free_vram_bytes >= spec.min_free_vram_bytes;
+        let (best, host) = usable
+            .iter()
+            .map(|a| (a.gpus.iter().filter(|g| vram(g)).count(), a.name.as_str()))
+            .max_by_key(|&(n, name)| (n, std::cmp::Reverse(name)))
+            .expect("usable is not empty");
+        let need = if spec.min_free_vram_bytes > 0 {
+            format!("{} free GPUs with {} MiB free each on one host", spec.gpus, spec.min_free_vram_bytes >> 20)
+        } else {
+            format!("{} free GPUs on one host", spec.gpus)
+        };
+        if (best as u32) < spec.gpus {
+            return Some(format!("needs {need}; the largest such set is {best} on {host}"));
+        }
+        Some("queued behind jobs of higher priority or submitted earlier".into())
     }
 
     /// Drains (no new work) or undrains an agent.

@@ -29,6 +29,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/runs", web::get().to(list_runs))
         .route("/v1/runs/{id}", web::get().to(show_run))
         .route("/v1/runs/{id}/cancel", web::post().to(cancel_run))
+        .route("/v1/runs/{id}/retry", web::post().to(retry_run))
         .route("/v1/runs/{id}/upscale", web::post().to(upscale))
         .route("/v1/runs/{id}/enhanced", web::post().to(apply_enhancement));
 }
@@ -406,6 +407,8 @@ struct RunQuery {
     state: Option<String>,
     /// Words that must all appear in the run id, kind, prompt id, name or text.
     q: Option<String>,
+    /// Only runs submitted at or after this time (ms since the Unix epoch).
+    since_ms: Option<u64>,
 }
 
 async fn all_runs(state: &web::Data<State>) -> Result<(Vec<JobSummary>, Vec<Prompt>), HttpResponse> {
@@ -432,6 +435,7 @@ async fn list_runs(state: web::Data<State>, q: web::Query<RunQuery>) -> HttpResp
     let views: Vec<RunView> = jobs
         .iter()
         .filter(|j| wanted_state.is_none_or(|s| j.record.state == s))
+        .filter(|j| q.since_ms.is_none_or(|t| j.record.submitted_ms >= t))
         .filter(|j| q.prompt.as_ref().is_none_or(|p| label(j, labels::PROMPT) == Some(p)))
         .filter_map(|j| run_view(j, &prompts))
         .filter(|v| {
@@ -466,6 +470,15 @@ async fn show_run(state: web::Data<State>, id: web::Path<String>) -> HttpRespons
         Ok((j, prompts)) => HttpResponse::Ok().json(run_view(&j, &prompts)),
         Err(r) => r,
     }
+}
+
+/// Re-queues a failed or cancelled run (the same run id; its job gets a fresh attempt budget).
+async fn retry_run(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
+    let job = match find_run(&state, &id).await {
+        Ok((j, _)) => j.record.id,
+        Err(r) => return r,
+    };
+    command_result(state.core.send(crate::actor::Retry(job)).await).await
 }
 
 async fn cancel_run(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {

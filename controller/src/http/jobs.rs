@@ -1,7 +1,7 @@
 //! Jobs, agents and cluster status: the scheduler's part of the HTTP API.
 
 use super::*;
-use crate::actor::{Cancel, JobSummary, ListJobs, SetDraining, Status, SubmitWith};
+use crate::actor::{Cancel, JobSummary, ListJobs, Retry, SetDraining, Status, SubmitWith};
 use crate::core::SubmitError;
 use crate::records::{Idempotency, JobState};
 use crate::logs::{LogCursor, LogStart, read_log};
@@ -17,6 +17,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/jobs", web::get().to(list_jobs))
         .route("/v1/jobs/{id}", web::get().to(show_job))
         .route("/v1/jobs/{id}/cancel", web::post().to(cancel))
+        .route("/v1/jobs/{id}/retry", web::post().to(retry))
         .route("/v1/jobs/{id}/logs", web::get().to(logs))
         .route("/v1/agents", web::get().to(agents))
         .route("/v1/agents/{name}/drain", web::post().to(drain))
@@ -123,6 +124,21 @@ pub struct JobView {
     pub submitted_ms: u64,
     /// Final at.
     pub finished_ms: Option<u64>,
+    /// When its first attempt started running.
+    #[serde(default)]
+    pub started_ms: Option<u64>,
+    /// From its first start to its end (or to now, while it runs), in ms.
+    #[serde(default)]
+    pub elapsed_ms: Option<u64>,
+    /// GPU time used by all its attempts, in GPU-seconds.
+    #[serde(default)]
+    pub gpu_seconds: f64,
+    /// Times an operator re-queued it (`cosmos jobs retry`).
+    #[serde(default)]
+    pub retries: u32,
+    /// Why it waits, while queued or retrying (`needs 4 free GPUs on one host; …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     /// Every attempt, oldest first (`show` only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attempt_history: Vec<AttemptView>,
@@ -305,6 +321,11 @@ pub(crate) fn view(s: &JobSummary) -> JobView {
         priority: r.spec.priority,
         submitted_ms: r.submitted_ms,
         finished_ms: r.finished_ms,
+        started_ms: r.started_ms,
+        elapsed_ms: r.started_ms.map(|start| r.finished_ms.unwrap_or_else(crate::shared::wall_ms).saturating_sub(start)),
+        gpu_seconds: r.gpu_ms as f64 / 1000.0,
+        retries: r.retries,
+        waiting: s.waiting.clone(),
         attempt_history: Vec::new(),
     }
 }
@@ -312,6 +333,8 @@ pub(crate) fn view(s: &JobSummary) -> JobView {
 #[derive(Deserialize)]
 struct ListQuery {
     state: Option<String>,
+    /// Only jobs submitted at or after this time (ms since the Unix epoch), for reports.
+    since_ms: Option<u64>,
 }
 
 async fn list_jobs(state: web::Data<State>, q: web::Query<ListQuery>) -> HttpResponse {
@@ -329,7 +352,13 @@ async fn list_jobs(state: web::Data<State>, q: web::Query<ListQuery>) -> HttpRes
     };
     match state.core.send(ListJobs(None)).await {
         Ok(jobs) => HttpResponse::Ok()
-            .json(jobs.iter().filter(|j| filter.is_none_or(|f| j.record.state == f)).map(view).collect::<Vec<_>>()),
+            .json(
+                jobs.iter()
+                    .filter(|j| filter.is_none_or(|f| j.record.state == f))
+                    .filter(|j| q.since_ms.is_none_or(|t| j.record.submitted_ms >= t))
+                    .map(view)
+                    .collect::<Vec<_>>(),
+            ),
         Err(_) => unavailable(),
     }
 }
@@ -378,6 +407,14 @@ async fn cancel(state: web::Data<State>, id: web::Path<String>) -> HttpResponse 
         Err(r) => return r,
     };
     command_result(state.core.send(Cancel(id)).await).await
+}
+
+async fn retry(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
+    let id = match parse_job(&id) {
+        Ok(id) => id,
+        Err(r) => return r,
+    };
+    command_result(state.core.send(Retry(id)).await).await
 }
 
 async fn drain(state: web::Data<State>, name: web::Path<String>) -> HttpResponse {

@@ -98,6 +98,7 @@ impl HttpError for crate::core::CommandError {
         use crate::core::CommandError::*;
         match self {
             UnknownJob(_) | UnknownAgent(_) => StatusCode::NOT_FOUND,
+            QueueFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::CONFLICT,
         }
     }
