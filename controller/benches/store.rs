@@ -37,6 +37,7 @@ fn job(id: u64) -> JobRecord {
         started_ms: None,
         gpu_ms: 0,
         retries: 0,
+        after: Vec::new(),
     }
 }
 

@@ -250,15 +250,18 @@ pub struct SubmitWith {
     pub extra: Vec<StoreOp>,
     /// The submission's idempotency key.
     pub key: Option<crate::records::Idempotency>,
+    /// Per job, the jobs that must succeed first.
+    pub after: Vec<Vec<JobId>>,
 }
 impl Message for SubmitWith {
     type Result = Result<oneshot::Receiver<Submitted>, SubmitError>;
 }
 impl Handler<SubmitWith> for CoreActor {
     type Result = Result<oneshot::Receiver<Submitted>, SubmitError>;
-    fn handle(&mut self, SubmitWith { specs, extra, key }: SubmitWith, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, SubmitWith { specs, extra, key, after }: SubmitWith, ctx: &mut Context<Self>) -> Self::Result {
         let mut out = Vec::new();
-        let (ids, repeat) = self.core.submit_with(self.clock.now(), specs, key, extra, &mut out)?;
+        let opts = crate::core::SubmitOptions { key, extra, after };
+        let (ids, repeat) = self.core.submit_with(self.clock.now(), specs, opts, &mut out)?;
         for &id in &ids {
             if let Some(run) = self.core.job(id).and_then(|(rec, _, _)| rec.spec.labels.get(crate::cosmos::labels::RUN)) {
                 self.runs.insert(run.clone(), id);

@@ -101,6 +101,10 @@ pub struct JobRecord {
     /// Times an operator re-queued it after it ended (`cosmos jobs retry`).
     #[serde(default)]
     pub retries: u32,
+    /// Jobs that must succeed before it may start (Slurm's `afterok`); if one
+    /// fails or is cancelled, so is this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<JobId>,
 }
 
 /// A submission's idempotency key and a digest of what it asked for.

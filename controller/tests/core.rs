@@ -5,7 +5,9 @@
 //! core is consistent and that everything a user can see changed was persisted
 //! before anything was sent. Run with `cargo test -p cosmos-controller --test core`.
 
-use cosmos_controller::core::{CommandError, ConnId, Core, CoreConfig, Health, HeldBlobs, Now, Output, SubmitError};
+use cosmos_controller::core::{
+    CommandError, ConnId, Core, CoreConfig, Health, HeldBlobs, Now, Output, SubmitError, SubmitOptions,
+};
 use cosmos_controller::records::{AgentRecord, AttemptRecord, AttemptState, JobRecord, JobState, Snapshot, StoreOp};
 use cosmos_proto::{
     AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, AttemptReport, ControllerMsg, Epoch,
@@ -528,7 +530,7 @@ fn records_submitted_with_a_batch_share_its_persist_and_a_repeat_stores_nothing(
     c.connect("a", 1, 80);
     let key = || Some(cosmos_controller::records::Idempotency { key: "k1".into(), request_sha256: "d1".into() });
     let extra = vec![StoreOp::DeletePrompt("ps_000000000001".into())];
-    let ((ids, repeat), out) = c.call(|core, now, out| core.submit_with(now, vec![spec("run")], key(), extra, out).unwrap());
+    let ((ids, repeat), out) = c.call(|core, now, out| core.submit_with(now, vec![spec("run")], SubmitOptions { key: key(), extra, after: Vec::new() }, out).unwrap());
     assert!(!repeat);
     let persists: Vec<&Vec<StoreOp>> =
         out.iter().filter_map(|o| if let Output::Persist(ops) = o { Some(ops) } else { None }).collect();
@@ -538,13 +540,13 @@ fn records_submitted_with_a_batch_share_its_persist_and_a_repeat_stores_nothing(
 
     // The same key and request: the same jobs, and nothing stored again.
     let again = vec![StoreOp::DeletePrompt("ps_000000000002".into())];
-    let ((same, repeat), out) = c.call(|core, now, out| core.submit_with(now, vec![spec("run")], key(), again, out).unwrap());
+    let ((same, repeat), out) = c.call(|core, now, out| core.submit_with(now, vec![spec("run")], SubmitOptions { key: key(), extra: again, after: Vec::new() }, out).unwrap());
     assert_eq!((same, repeat), (ids, true));
     assert!(!out.iter().any(|o| matches!(o, Output::Persist(_))), "{out:?}");
 
     // The same key for another request is refused.
     let other = Some(cosmos_controller::records::Idempotency { key: "k1".into(), request_sha256: "d2".into() });
-    let (r, _) = c.call(|core, now, out| core.submit_with(now, vec![spec("run")], other, Vec::new(), out));
+    let (r, _) = c.call(|core, now, out| core.submit_with(now, vec![spec("run")], SubmitOptions { key: other, ..Default::default() }, out));
     assert_eq!(r, Err(SubmitError::KeyReused { key: "k1".into() }));
 }
 
@@ -625,6 +627,55 @@ fn a_jobs_gpu_time_and_first_start_are_accounted() {
     let rec = c.record(ids[0]);
     assert_eq!(rec.started_ms, Some(1_700_000_001_000), "the first start is kept");
     assert_eq!(rec.gpu_ms, 2 * 3_000 + 2 * 1_000);
+}
+
+#[test]
+fn a_job_after_another_starts_once_it_succeeds_and_is_cancelled_if_it_fails() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 2, 80);
+    let (first, out) = c.submit_ok(vec![JobSpec { max_attempts: 1, ..spec("first") }, spec("other")]);
+    let placed = assigns(&c, &out);
+    let a = placed.iter().find(|(_, a)| a.job_id == first[0]).unwrap().1.clone();
+    let after = |deps: Vec<JobId>| SubmitOptions { after: vec![deps], ..Default::default() };
+    let ((then, _), out) =
+        c.call(|core, now, out| core.submit_with(now, vec![spec("then")], after(vec![first[0]]), out).unwrap());
+    assert!(assigns(&c, &out).is_empty(), "it waits for {}", first[0]);
+    assert_eq!(c.core.wait_reason(then[0]), Some(format!("waiting for {} to succeed", first[0])));
+    // A chain: this one waits for `then`.
+    let ((last, _), _) =
+        c.call(|core, now, out| core.submit_with(now, vec![spec("last")], after(vec![then[0]]), out).unwrap());
+
+    c.started("a", a.attempt_id);
+    let out = c.finished("a", a.attempt_id, succeeded());
+    let (_, t) = assigns(&c, &out).into_iter().find(|(_, x)| x.job_id == then[0]).expect("released");
+    c.started("a", t.attempt_id);
+    c.finished("a", t.attempt_id, failed(false));
+    assert_eq!(c.state(then[0]), JobState::Failed);
+    let rec = c.record(last[0]);
+    assert_eq!(rec.state, JobState::Cancelled, "its dependency failed");
+    assert!(rec.error.unwrap().contains(&then[0].to_string()));
+
+    // A dependency that already failed is refused at submission, naming the fix.
+    let (r, _) = c.call(|core, now, out| core.submit_with(now, vec![spec("late")], after(vec![then[0]]), out));
+    assert_eq!(r, Err(SubmitError::DependencyEnded { index: 0, dep: then[0], state: "failed" }));
+    let (r, _) = c.call(|core, now, out| core.submit_with(now, vec![spec("ghost")], after(vec![JobId(999)]), out));
+    assert_eq!(r, Err(SubmitError::UnknownDependency { index: 0, dep: JobId(999) }));
+}
+
+#[test]
+fn a_waiting_dependency_survives_a_controller_restart() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 1, 80);
+    let (first, out) = c.submit_ok(vec![spec("first")]);
+    let (_, a) = one_assign(&c, &out);
+    let opts = SubmitOptions { after: vec![vec![first[0]]], ..Default::default() };
+    let ((then, _), _) = c.call(|core, now, out| core.submit_with(now, vec![spec("then")], opts, out).unwrap());
+    c.restart(quiet_config(), Epoch(2));
+    assert_eq!(c.core.wait_reason(then[0]), Some(format!("waiting for {} to succeed", first[0])));
+    let running =
+        AttemptReport { attempt_id: a.attempt_id, gpu_uuids: a.gpu_uuids.clone(), phase: AttemptPhase::Finished(succeeded()) };
+    let out = c.reconnect("a", vec![running]);
+    assert_eq!(one_assign(&c, &out).1.job_id, then[0], "released once its dependency's success is reported");
 }
 
 // ---- placement ----

@@ -57,6 +57,7 @@ fn finished_job(id: u64) -> JobRecord {
         started_ms: Some(1_700_000_000_500),
         gpu_ms: 4_000,
         retries: 1,
+        after: Vec::new(),
     }
 }
 
@@ -80,6 +81,7 @@ fn queued_job(id: u64) -> JobRecord {
         started_ms: None,
         gpu_ms: 0,
         retries: 0,
+        after: Vec::new(),
     }
 }
 

@@ -195,17 +195,51 @@ impl Core {
         }
     }
 
+    /// A job reached a final state; jobs that waited for it start (it
+    /// succeeded) or end with it (it failed or was cancelled), and so on down.
     pub(super) fn conclude(&mut self, now: Now, job_id: JobId, state: JobState, exit_code: Option<i32>, error: Option<String>) {
-        let job = self.jobs.get_mut(&job_id).expect("concluded jobs exist");
-        job.rec.state = state;
-        job.rec.exit_code = exit_code.or(job.rec.exit_code);
-        job.rec.error = error.clone();
-        job.rec.finished_ms = Some(now.wall_ms);
-        self.put_job(job_id);
-        self.event(now, Some(job_id), None, None, state.as_str(), error.unwrap_or_default());
+        let mut work = vec![(job_id, state, exit_code, error)];
+        while let Some((id, state, exit_code, error)) = work.pop() {
+            let job = self.jobs.get_mut(&id).expect("concluded jobs exist");
+            job.rec.state = state;
+            job.rec.exit_code = exit_code.or(job.rec.exit_code);
+            job.rec.error = error.clone();
+            job.rec.finished_ms = Some(now.wall_ms);
+            self.blocked.remove(&id);
+            self.put_job(id);
+            self.event(now, Some(id), None, None, state.as_str(), error.unwrap_or_default());
+            for waiter in self.dependents.remove(&id).unwrap_or_default() {
+                let Some(pending) = self.blocked.get_mut(&waiter) else { continue };
+                if state == JobState::Succeeded {
+                    pending.remove(&id);
+                    if pending.is_empty() {
+                        self.blocked.remove(&waiter);
+                        self.enqueue_or_wait(waiter);
+                    }
+                } else {
+                    let why = format!("not run: {id}, which it waited for, {}", state.as_str());
+                    work.push((waiter, JobState::Cancelled, None, Some(why)));
+                }
+            }
+        }
     }
 
     pub(super) fn enqueue_or_wait(&mut self, job_id: JobId) {
+        // A dependency that is gone (pruned history) counts as met.
+        let pending: BTreeSet<JobId> = self.jobs[&job_id]
+            .rec
+            .after
+            .iter()
+            .copied()
+            .filter(|d| self.jobs.get(d).is_some_and(|j| j.rec.state != JobState::Succeeded))
+            .collect();
+        if !pending.is_empty() {
+            for &dep in &pending {
+                self.dependents.entry(dep).or_default().push(job_id);
+            }
+            self.blocked.insert(job_id, pending);
+            return;
+        }
         let rec = &self.jobs[&job_id].rec;
         if rec.not_before_ms > 0 && rec.state == JobState::Retrying {
             self.backoff.insert((self.jobs[&job_id].not_before_mono_ms, job_id));

@@ -24,11 +24,21 @@ impl Core {
                     return Err(format!("job {id} is lost: it waits on attempt {att}, which nothing tracks any more"));
                 }
             }
-            let queued = self.ready.contains(&job.rec.spec, id) || self.backoff.contains(&(job.not_before_mono_ms, id));
+            let queued = self.ready.contains(&job.rec.spec, id)
+                || self.backoff.contains(&(job.not_before_mono_ms, id))
+                || self.blocked.contains_key(&id);
             match (job.rec.state.is_final(), job.live, queued) {
                 (true, None, false) | (false, Some(_), false) | (false, None, true) => {}
                 other => {
                     return Err(format!("job {id} in state {:?} has (final, live, queued) = {other:?}", job.rec.state));
+                }
+            }
+        }
+        for (id, pending) in &self.blocked {
+            for dep in pending {
+                let state = self.jobs.get(dep).map(|j| j.rec.state);
+                if state.is_none_or(|s| s.is_final()) {
+                    return Err(format!("job {id} waits for {dep}, which is {state:?}: it can never start"));
                 }
             }
         }

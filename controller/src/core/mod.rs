@@ -110,6 +110,17 @@ impl HeldBlobs {
     }
 }
 
+/// What may come with a batch besides its jobs.
+#[derive(Clone, Debug, Default)]
+pub struct SubmitOptions {
+    /// The submission's idempotency key: a repeat answers the first one's jobs.
+    pub key: Option<Idempotency>,
+    /// Records stored in the same transaction as the jobs (the prompts a batch of runs creates).
+    pub extra: Vec<StoreOp>,
+    /// Per job of the batch (by position; missing: none), the jobs that must succeed first.
+    pub after: Vec<Vec<JobId>>,
+}
+
 /// Identifies one connection to an agent; assigned by the shell, never reused.
 pub type ConnId = u64;
 
@@ -246,6 +257,24 @@ pub enum SubmitError {
         gpus: u32,
         /// VRAM asked for per GPU.
         mib: u64,
+    },
+    /// A dependency names no job.
+    #[error("job {index} (line {}) waits for {dep}, which does not exist", index + 1)]
+    UnknownDependency {
+        /// Zero-based position in the batch.
+        index: usize,
+        /// The missing job.
+        dep: JobId,
+    },
+    /// A dependency already ended without success, so the job could never start.
+    #[error("job {index} (line {}) waits for {dep} to succeed, but it {state}; retry that one first (`cosmos jobs retry {dep}`)", index + 1)]
+    DependencyEnded {
+        /// Zero-based position in the batch.
+        index: usize,
+        /// The dependency.
+        dep: JobId,
+        /// How it ended.
+        state: &'static str,
     },
     /// The batch is empty or too large.
     #[error("a batch holds 1 to {max} jobs; this one has {got}")]
@@ -400,6 +429,10 @@ pub struct Core {
     ready: ReadyQueue,
     /// Jobs waiting out a retry backoff.
     backoff: BTreeSet<(u64, JobId)>,
+    /// Jobs waiting for dependencies, with those not yet succeeded.
+    blocked: BTreeMap<JobId, BTreeSet<JobId>>,
+    /// For each job, the blocked jobs that wait for it.
+    dependents: HashMap<JobId, Vec<JobId>>,
     live: BTreeMap<AttemptId, AttemptRecord>,
     agents: Vec<Agent>,
     agent_by_name: HashMap<String, usize>,
@@ -428,6 +461,8 @@ impl Core {
             jobs: BTreeMap::new(),
             ready: ReadyQueue::default(),
             backoff: BTreeSet::new(),
+            blocked: BTreeMap::new(),
+            dependents: HashMap::new(),
             live: BTreeMap::new(),
             agents: Vec::new(),
             agent_by_name: HashMap::new(),
@@ -449,7 +484,6 @@ impl Core {
             agent.health = Health::Suspect;
         }
         for rec in snapshot.jobs {
-            let final_ = rec.state.is_final();
             let mut rec = rec;
             if matches!(rec.state, JobState::Assigned | JobState::Running) {
                 // Its attempt, if still live, is attached below and takes it off the queue.
@@ -468,9 +502,10 @@ impl Core {
                 entry.1.push(id);
             }
             core.jobs.insert(id, job);
-            if !final_ {
-                core.enqueue_or_wait(id);
-            }
+        }
+        let waiting: Vec<JobId> = core.jobs.values().filter(|j| !j.rec.state.is_final()).map(|j| j.rec.id).collect();
+        for id in waiting {
+            core.enqueue_or_wait(id);
         }
         for att in snapshot.live_attempts {
             let idx = core.agent_index(&att.agent, now);
@@ -508,7 +543,7 @@ impl Core {
         specs: Vec<JobSpec>,
         out: &mut Vec<Output>,
     ) -> Result<Vec<JobId>, SubmitError> {
-        self.submit_with(now, specs, None, Vec::new(), out).map(|(ids, _)| ids)
+        self.submit_with(now, specs, SubmitOptions::default(), out).map(|(ids, _)| ids)
     }
 
     /// Like [`Core::submit`], under an idempotency key and with records that
@@ -521,10 +556,10 @@ impl Core {
         &mut self,
         now: Now,
         specs: Vec<JobSpec>,
-        key: Option<Idempotency>,
-        extra: Vec<StoreOp>,
+        opts: SubmitOptions,
         out: &mut Vec<Output>,
     ) -> Result<(Vec<JobId>, bool), SubmitError> {
+        let SubmitOptions { key, extra, after } = opts;
         if let Some(k) = &key {
             if let Some((digest, ids)) = self.submitted_keys.get(&k.key) {
                 if *digest != k.request_sha256 {
@@ -536,7 +571,7 @@ impl Core {
         if specs.is_empty() || specs.len() > self.config.max_batch_jobs {
             return Err(SubmitError::BatchSize { got: specs.len(), max: self.config.max_batch_jobs });
         }
-        let queued = self.ready.len() + self.backoff.len();
+        let queued = self.ready.len() + self.backoff.len() + self.blocked.len();
         if queued + specs.len() > self.config.max_queued_jobs {
             return Err(SubmitError::QueueFull { queued, max: self.config.max_queued_jobs });
         }
@@ -560,8 +595,19 @@ impl Core {
                 }
             }
         }
+        for (index, deps) in after.iter().enumerate() {
+            for &dep in deps {
+                match self.jobs.get(&dep).map(|j| j.rec.state) {
+                    None => return Err(SubmitError::UnknownDependency { index, dep }),
+                    Some(state @ (JobState::Failed | JobState::Cancelled)) => {
+                        return Err(SubmitError::DependencyEnded { index, dep, state: state.as_str() });
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
         let mut ids = Vec::with_capacity(specs.len());
-        for spec in specs {
+        for (index, spec) in specs.into_iter().enumerate() {
             let id = JobId(self.next_job_id);
             self.next_job_id += 1;
             let rec = JobRecord {
@@ -582,10 +628,11 @@ impl Core {
                 started_ms: None,
                 gpu_ms: 0,
                 retries: 0,
+                after: after.get(index).cloned().unwrap_or_default(),
             };
             self.ops.push(StoreOp::PutJob(Box::new(rec.clone())));
-            self.ready.insert(&rec.spec, id);
             self.jobs.insert(id, Job { rec, not_before_mono_ms: 0, live: None, progress: None });
+            self.enqueue_or_wait(id);
             ids.push(id);
         }
         // In the one persist of this call: both the jobs and what came with them, or neither.
@@ -631,7 +678,7 @@ impl Core {
         if !matches!(job.rec.state, JobState::Failed | JobState::Cancelled) {
             return Err(CommandError::NotRetriable { id, state: job.rec.state.as_str() });
         }
-        let queued = self.ready.len() + self.backoff.len();
+        let queued = self.ready.len() + self.backoff.len() + self.blocked.len();
         if queued >= self.config.max_queued_jobs {
             return Err(CommandError::QueueFull { queued, max: self.config.max_queued_jobs });
         }
@@ -660,6 +707,10 @@ impl Core {
         let job = self.jobs.get(&id)?;
         if job.live.is_some() || job.rec.state.is_final() {
             return None;
+        }
+        if let Some(pending) = self.blocked.get(&id) {
+            let names: Vec<String> = pending.iter().map(JobId::to_string).collect();
+            return Some(format!("waiting for {} to succeed", names.join(", ")));
         }
         if job.rec.state == JobState::Retrying && self.backoff.contains(&(job.not_before_mono_ms, id)) {
             return Some("waiting out its retry backoff".into());
@@ -950,7 +1001,7 @@ impl Core {
 
     /// Jobs waiting for GPUs or a retry.
     pub fn queue_depth(&self) -> usize {
-        self.ready.len() + self.backoff.len()
+        self.ready.len() + self.backoff.len() + self.blocked.len()
     }
 
     /// The connection of the agent with this name, while it is connected and heard from recently

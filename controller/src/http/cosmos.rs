@@ -300,7 +300,7 @@ async fn submit_compiled(
         Err(_) => return Err(unavailable()),
     }
     let specs: Vec<JobSpec> = compiled.into_iter().map(|c| c.spec).collect();
-    submit_specs(state, specs, extra, key, true).await
+    submit_specs(state, specs, extra, key, Vec::new(), true).await
 }
 
 /// What a repeated run creation (same idempotency key) answers: the runs and prompts the first one made.

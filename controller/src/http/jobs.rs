@@ -64,6 +64,10 @@ pub struct JobLine {
     /// Files collected from the work directory after a successful exit.
     #[serde(default)]
     pub outputs: Vec<cosmos_proto::OutputArtifact>,
+    /// Jobs (`job-N`) that must succeed before this one starts; if one fails
+    /// or is cancelled, this one is cancelled too (Slurm's `afterok`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
 }
 
 impl JobLine {
@@ -245,6 +249,7 @@ async fn submit(req: HttpRequest, state: web::Data<State>, body: web::Payload) -
         Err(r) => return r,
     };
     let mut specs = Vec::with_capacity(raw.jobs.len());
+    let mut after = Vec::with_capacity(raw.jobs.len());
     for (i, value) in raw.jobs.into_iter().enumerate() {
         let line = match serde_json::from_str::<JobLine>(value.get()) {
             Ok(line) => line,
@@ -261,9 +266,19 @@ async fn submit(req: HttpRequest, state: web::Data<State>, body: web::Payload) -
                 false,
             );
         }
+        let mut deps = Vec::with_capacity(line.after.len());
+        for dep in &line.after {
+            match dep.parse::<JobId>() {
+                Ok(d) => deps.push(d),
+                Err(e) => {
+                    return error(StatusCode::BAD_REQUEST, format!("line {}: `after`: {e}", i + 1), Some(i + 1), false);
+                }
+            }
+        }
+        after.push(deps);
         specs.push(line.into_spec());
     }
-    match submit_specs(&state, specs, Vec::new(), key, false).await {
+    match submit_specs(&state, specs, Vec::new(), key, after, false).await {
         Ok((ids, _)) => {
             HttpResponse::Ok().json(serde_json::json!({ "ids": ids.iter().map(|i| i.to_string()).collect::<Vec<_>>() }))
         }
@@ -278,9 +293,10 @@ pub(crate) async fn submit_specs(
     specs: Vec<cosmos_proto::JobSpec>,
     extra: Vec<crate::records::StoreOp>,
     key: Option<Idempotency>,
+    after: Vec<Vec<JobId>>,
     prefix_line: bool,
 ) -> Result<crate::actor::Submitted, HttpResponse> {
-    match state.core.send(SubmitWith { specs, extra, key }).await {
+    match state.core.send(SubmitWith { specs, extra, key, after }).await {
         Ok(Ok(rx)) => rx.await.map_err(|_| unavailable()),
         Ok(Err(e)) => {
             let line = e.line();
@@ -299,7 +315,9 @@ pub(crate) fn submit_error_line(e: &SubmitError) -> Option<usize> {
     match e {
         SubmitError::InvalidSpec { index, .. }
         | SubmitError::Unplaceable { index, .. }
-        | SubmitError::TooMuchVram { index, .. } => Some(index + 1),
+        | SubmitError::TooMuchVram { index, .. }
+        | SubmitError::UnknownDependency { index, .. }
+        | SubmitError::DependencyEnded { index, .. } => Some(index + 1),
         _ => None,
     }
 }
