@@ -105,8 +105,10 @@ pub fn wait_for(
         ProgressStyle::with_template("{prefix:>15} [{bar:40}] {pos}/{len} {msg}").unwrap().progress_chars("=> ");
     let mut bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
     let mut last_state: BTreeMap<String, String> = BTreeMap::new();
+    // A controller restart loses nothing: keep waiting through it, within the bound.
+    let mut reconnect = client.reconnect();
     loop {
-        let jobs: Vec<JobView> = client.get("/v1/jobs")?;
+        let jobs: Vec<JobView> = client.get_patiently("/v1/jobs", &mut reconnect)?;
         let mine: Vec<&JobView> = jobs.iter().filter(|j| wanted.contains(j.id.as_str())).collect();
         // Jobs are never deleted: one that is not listed does not exist, and waiting for it would never end.
         if mine.len() < wanted.len() {
@@ -258,18 +260,96 @@ pub fn cancel(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `cosmos jobs logs [-f]`: prints the job's output lines.
+/// `cosmos jobs logs [-f]`: prints the job's output lines (with `--json`, one
+/// [`LogLine`] object a line). A stream that breaks (the controller restarted)
+/// is resumed from the positions its `id:` lines reported, so no line is
+/// printed twice or lost; lines not yet vouched for by an `id:` are held back.
 pub fn logs(args: &ClientArgs, id: &str, follow: bool, tail_bytes: Option<u64>) -> anyhow::Result<()> {
     let client = Client::new(args)?;
     let tail = tail_bytes.map(|n| format!("&tail_bytes={n}")).unwrap_or_default();
-    let reader = client.stream(&format!("/v1/jobs/{id}/logs?follow={follow}{tail}"))?;
-    for line in std::io::BufReader::new(reader).lines() {
-        let line = line.context("log stream broke")?;
-        if let Some(data) = line.strip_prefix("data: ") {
-            println!("{data}");
+    // Per log file (`att-N/stdout`), the offset printed up to.
+    let mut reached: BTreeMap<String, u64> = BTreeMap::new();
+    let mut reconnect = client.reconnect();
+    loop {
+        let path = if reached.is_empty() {
+            format!("/v1/jobs/{id}/logs?follow={follow}{tail}")
+        } else {
+            let resume: Vec<String> = reached.iter().map(|(file, at)| format!("{file}/{at}")).collect();
+            format!("/v1/jobs/{id}/logs?follow={follow}&resume={}", resume.join(","))
+        };
+        let reader = match client.stream(&path) {
+            Ok(r) => r,
+            Err(e) => {
+                reconnect.failed(&client, e)?;
+                continue;
+            }
+        };
+        reconnect.reached(&client);
+        match print_log_events(args, id, reader, &mut reached) {
+            Ok(true) => return Ok(()),
+            // A stream that ends cleanly without `end` was cut by a stopping controller.
+            Ok(false) if follow => reconnect.failed(&client, crate::client::cut_stream())?,
+            Ok(false) => return Ok(()),
+            Err(e) => reconnect.failed(&client, anyhow::Error::new(e).context("log stream broke"))?,
         }
     }
-    Ok(())
+}
+
+/// One log line as `cosmos jobs logs --json` prints it.
+#[derive(Debug, serde::Serialize)]
+pub struct LogLine<'a> {
+    /// The job.
+    pub job_id: &'a str,
+    /// The attempt that printed it.
+    pub attempt_id: &'a str,
+    /// `stdout` or `stderr`.
+    pub stream: &'a str,
+    /// The line, without its newline.
+    pub line: &'a str,
+}
+
+/// Prints a log stream's lines as their `id:` positions vouch for them;
+/// true once the stream said `end`.
+fn print_log_events(
+    args: &ClientArgs,
+    job: &str,
+    reader: Box<dyn std::io::Read + Send>,
+    reached: &mut BTreeMap<String, u64>,
+) -> std::io::Result<bool> {
+    let mut pending: Vec<String> = Vec::new();
+    let mut event = String::new();
+    let mut out = std::io::stdout().lock();
+    use std::io::Write;
+    for line in std::io::BufReader::new(reader).lines() {
+        let line = line?;
+        if line.is_empty() {
+            event.clear();
+        } else if let Some(kind) = line.strip_prefix("event: ") {
+            if kind == "end" {
+                return Ok(true);
+            }
+            event = kind.to_string();
+        } else if let Some(data) = line.strip_prefix("data: ").or_else(|| (line == "data:").then_some("")) {
+            if event.is_empty() {
+                pending.push(data.to_string());
+            }
+        } else if let Some(position) = line.strip_prefix("id: ") {
+            let Some((file, at)) = position.rsplit_once('/') else { continue };
+            let Ok(at) = at.parse::<u64>() else { continue };
+            let (attempt, stream) = file.split_once('/').unwrap_or((file, ""));
+            for text in pending.drain(..) {
+                if args.json {
+                    let l = LogLine { job_id: job, attempt_id: attempt, stream, line: &text };
+                    writeln!(out, "{}", serde_json::to_string(&l).map_err(std::io::Error::other)?)?;
+                } else {
+                    writeln!(out, "{text}")?;
+                }
+            }
+            out.flush()?;
+            reached.insert(file.to_string(), at);
+        }
+    }
+    Ok(false)
 }
 
 /// `cosmos agents list`.

@@ -440,6 +440,7 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
                 cosmos: cosmos.config(),
                 attempt_log_bytes_max,
             };
+            warn_if_exposed(api_listen, agent_listen);
             opts.cosmos
                 .validate()
                 .map_err(|e| anyhow::anyhow!("the Cosmos run settings (--cosmos-*, --run-*): {e}"))?;
@@ -518,6 +519,21 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
         },
         Command::Download { run_id, to, client } => cosmos::download_cmd(&client, &run_id, &to).map(|()| true),
         Command::Demo { to, client } => cosmos::demo(&client, &to),
+    }
+}
+
+/// Says so when a listener is reachable from other hosts: whoever holds its
+/// token can run commands on every GPU host, and the traffic is not encrypted.
+fn warn_if_exposed(api_listen: SocketAddr, agent_listen: SocketAddr) {
+    for (flag, addr, token) in
+        [("--api-listen", api_listen, "api.token"), ("--agent-listen", agent_listen, "agent.token")]
+    {
+        if !addr.ip().is_loopback() {
+            eprintln!(
+                "warning: {flag} {addr} is reachable from other hosts: the token ({token}) is then the only protection, \
+                 and the traffic is unencrypted TCP; listen on 127.0.0.1 unless this network is trusted"
+            );
+        }
     }
 }
 

@@ -180,8 +180,13 @@ pub fn up(data_dir: Option<PathBuf>, agents: usize, gpus: &str, client_command: 
             .with_context(|| format!("cannot start agent {name}"))?;
         cluster.agents.push(child);
     }
-    let args =
-        ClientArgs { controller: Some(api.clone()), token: None, data_dir: Some(dir.join("controller")), json: false };
+    let args = ClientArgs {
+        controller: Some(api.clone()),
+        token: None,
+        data_dir: Some(dir.join("controller")),
+        json: false,
+        reconnect_wait_s: crate::client::RECONNECT_WAIT_S_DEFAULT,
+    };
     let client = Client::new(&args)?;
     wait_for_agents(&client, agents)?;
 
