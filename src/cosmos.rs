@@ -6,10 +6,10 @@
 
 use crate::client::{ApiError, Client, ClientArgs, printable};
 use anyhow::{Context, bail};
-use cosmos_controller::http::cosmos::{ApplyEnhancement, CreateRuns, CreatedRun, CreatedRuns, RunLine, RunView};
 use cosmos_controller::cosmos::{
-    BlobRef, NewPrompt, Prompt, PromptVideos, Strength, TransferParams, UpscaleParams, Weights,
+    BlobRef, NewPrompt, ParamError, Prompt, PromptVideos, Strength, TransferParams, UpscaleParams, Weights,
 };
+use cosmos_controller::http::cosmos::{ApplyEnhancement, CreateRuns, CreatedRun, CreatedRuns, RunLine, RunView};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
@@ -62,11 +62,13 @@ pub struct ParamArgs {
 
 impl ParamArgs {
     /// The parameters these flags give, checked against the contract's ranges.
-    pub fn params(&self) -> anyhow::Result<TransferParams> {
+    pub fn params(&self) -> Result<TransferParams, ParamError> {
         let d = TransferParams::default();
         let weights = match self.weights.as_deref() {
             Some([vis, edge, depth, seg]) => Weights { vis: *vis, edge: *edge, depth: *depth, seg: *seg },
-            Some(_) => bail!("--weights takes four numbers: VIS EDGE DEPTH SEG"),
+            Some(_) => {
+                return Err(ParamError { param: "weights", problem: "takes four numbers: VIS EDGE DEPTH SEG".into() });
+            }
             None => d.weights,
         };
         let p = TransferParams {
@@ -82,8 +84,40 @@ impl ParamArgs {
             gpus: self.gpus.unwrap_or(d.gpus),
             priority: self.priority.unwrap_or(d.priority),
         };
-        p.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
+        p.validate()?;
         Ok(p)
+    }
+}
+
+/// A parameter error as a command-line flag names it: `--steps must be between …`.
+pub fn flag_error(e: &ParamError) -> anyhow::Error {
+    anyhow::anyhow!("--{} {}", e.param, flag_terms(&e.problem))
+}
+
+/// A parameter error as a batch line names its key: `` `sigma_max` must be between … ``.
+fn key_error(e: &ParamError) -> String {
+    format!("`{}` {}", e.param.replace('-', "_"), e.problem)
+}
+
+/// `text` with the job spec's field names turned into the flags a single-run command takes.
+fn flag_terms(text: &str) -> String {
+    text.replace("`gpus`", "--gpus").replace("`steps`", "--steps").replace("`priority`", "--priority")
+}
+
+/// A refused single-run submission in the terms of the command typed: the
+/// prompt (or run) it is about, never a line of a batch file the user did not write.
+fn single_run_error(e: anyhow::Error, subjects: &[String], what: &str) -> anyhow::Error {
+    let api = match e.downcast::<ApiError>() {
+        Ok(api) => api,
+        Err(e) => return e,
+    };
+    let Some(l) = api.body.line else { return anyhow::anyhow!("{}", flag_terms(&api.body.error)) };
+    let rest = api.body.error.strip_prefix(&format!("line {l}: ")).unwrap_or(&api.body.error);
+    let rest = flag_terms(rest);
+    match subjects.get(l.wrapping_sub(1)) {
+        Some(s) if rest.contains(s.as_str()) => anyhow::anyhow!("{rest}"),
+        Some(s) => anyhow::anyhow!("{what} {s}: {rest}"),
+        None => anyhow::anyhow!("{rest}"),
     }
 }
 
@@ -159,13 +193,14 @@ pub fn create_prompt(
 
 /// `cosmos inference PROMPT_ID…`: one run per prompt, submitted together.
 pub fn inference(args: &ClientArgs, prompt_ids: &[String], params: &ParamArgs, wait: bool) -> anyhow::Result<bool> {
-    let params = params.params()?;
+    let params = params.params().map_err(|e| flag_error(&e))?;
     let runs = prompt_ids
         .iter()
         .map(|id| RunLine { prompt_id: Some(id.clone()), prompt: None, params: params.clone() })
         .collect();
     let client = Client::new(args)?;
-    let created: CreatedRuns = client.post("/v1/runs", &CreateRuns { runs })?;
+    let created: CreatedRuns =
+        client.post("/v1/runs", &CreateRuns { runs }).map_err(|e| single_run_error(e, prompt_ids, "prompt"))?;
     report_created(args, &created.runs, true);
     if wait { wait_runs(args, &client, &created.runs) } else { Ok(true) }
 }
@@ -249,7 +284,7 @@ fn prepare_batch(file: &Path) -> anyhow::Result<Vec<PreparedLine>> {
             gpus: line.gpus,
             priority: line.priority,
         };
-        let params = args.params().map_err(|e| at(e.to_string().trim_start_matches("--").to_string()))?;
+        let params = args.params().map_err(|e| at(key_error(&e)))?;
         let (run, videos) = match (line.prompt_id, line.prompt, line.video_dir) {
             (Some(id), None, None) => {
                 if line.name.is_some() || line.negative.is_some() {
@@ -347,9 +382,11 @@ pub fn upscale(
         gpus: gpus.unwrap_or(d.gpus),
         priority: d.priority,
     };
-    params.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
+    params.validate().map_err(|e| flag_error(&e))?;
     let client = Client::new(args)?;
-    let run: CreatedRun = client.post(&format!("/v1/runs/{run_id}/upscale"), &params)?;
+    let run: CreatedRun = client
+        .post(&format!("/v1/runs/{run_id}/upscale"), &params)
+        .map_err(|e| single_run_error(e, &[run_id.to_string()], "run"))?;
     report_created(args, std::slice::from_ref(&run), json_answer);
     let ok = if wait { wait_runs(args, &client, std::slice::from_ref(&run))? } else { true };
     Ok((ok, run))
@@ -415,6 +452,10 @@ pub fn list_runs(args: &ClientArgs, prompt: Option<&str>, state: Option<&str>, w
     }
     let path = if query.is_empty() { "/v1/runs".to_string() } else { format!("/v1/runs?{}", query.join("&")) };
     let runs: Vec<RunView> = client.get(&path)?;
+    if let (Some(p), true) = (prompt, runs.is_empty()) {
+        // Runs of a deleted prompt are still listed; nothing listed for a prompt that never was is a typo.
+        let _: Prompt = client.get(&format!("/v1/prompts/{}", url_escape(p)))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&runs)?);
         return Ok(());

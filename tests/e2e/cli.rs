@@ -186,3 +186,118 @@ fn a_controller_listening_beyond_loopback_warns_that_the_token_is_the_only_prote
     }
     assert!(err.contains("the only protection"), "{err}");
 }
+
+/// Runs a client command to its end (polling against a never-reached deadline, so a hang fails the test).
+fn run_to_end(c: &Cluster, args: &[&str]) -> (bool, String, String) {
+    let mut child = c.spawn_cli(args);
+    let deadline = Instant::now() + NEVER;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("cosmos {args:?} never ended");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    finish(child)
+}
+
+#[test]
+fn every_command_that_names_a_missing_id_fails_naming_it() {
+    let c = Cluster::start(1, 30_000);
+    let (job, run, prompt, agent) = ("job-99", "rs_000000000000", "ps_000000000000", "no-such-host");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["jobs", "show", job], job),
+        (vec!["jobs", "cancel", job], job),
+        (vec!["jobs", "logs", job], job),
+        (vec!["jobs", "logs", "-f", job], job),
+        (vec!["jobs", "wait", job], job),
+        (vec!["agents", "drain", agent], agent),
+        (vec!["agents", "undrain", agent], agent),
+        (vec!["runs", "show", run], run),
+        (vec!["runs", "cancel", run], run),
+        (vec!["upscale", run], run),
+        (vec!["upscale", run, "--wait"], run),
+        (vec!["download", run], run),
+        (vec!["prompts", "show", prompt], prompt),
+        (vec!["prompts", "delete", prompt], prompt),
+        (vec!["prompt-enhance", prompt], prompt),
+        (vec!["inference", prompt], prompt),
+        (vec!["inference", prompt, "--wait"], prompt),
+        (vec!["runs", "list", "--prompt", prompt], prompt),
+    ];
+    for (args, id) in cases {
+        let (ok, out, err) = run_to_end(&c, &args);
+        assert!(!ok, "cosmos {args:?} succeeded: {out}");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.starts_with("error: no "), "cosmos {args:?}: {err}");
+        assert!(first.contains(id), "cosmos {args:?} does not name {id}: {err}");
+        assert!(!first.contains("line 1"), "cosmos {args:?} speaks of a file the user never wrote: {err}");
+    }
+}
+
+/// An agent of `gpus` simulated GPUs (`2x16GiB`) joining `c`, named `name`.
+fn spawn_agent_with(c: &Cluster, name: &str, gpus: &str) -> Proc {
+    Proc(
+        Command::new(BIN)
+            .args(["agent", "--controller", &c.agent_addr, "--token-file"])
+            .arg(c.data().join("agent.token"))
+            .arg("--work-dir")
+            .arg(c.dir.path().join(name))
+            .args(["--simulated-gpus", gpus, "--name", name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A prompt on `c` from a fresh video directory: its id.
+fn make_prompt(c: &Cluster, tag: &str, extra_files: &[&str]) -> String {
+    let dir = c.dir.path().join(tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("color.mp4"), format!("color of {tag}").repeat(50)).unwrap();
+    for f in extra_files {
+        std::fs::write(dir.join(f), format!("{f} of {tag}")).unwrap();
+    }
+    let p = c.json(&["create", "prompt", &format!("a scene of {tag}"), dir.to_str().unwrap(), "--json"]);
+    p["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn single_run_commands_name_the_flag_or_the_prompt_and_batches_keep_the_line() {
+    let c = Cluster::start(0, 30_000);
+    let _small = spawn_agent_with(&c, "small", "2x16GiB");
+    c.wait_agents(1);
+    let ps = make_prompt(&c, "yard", &[]);
+
+    let (ok, _, err) = run_to_end(&c, &["inference", &ps, "--gpus", "4"]);
+    assert!(!ok);
+    let first = err.lines().next().unwrap_or_default();
+    assert!(first.contains(&format!("prompt {ps}: needs 4 GPUs on one host, but the largest host has 2")), "{err}");
+    assert!(first.contains("lower --gpus"), "names the flag: {err}");
+    assert!(!first.contains("line") && !first.contains("job 0"), "{err}");
+
+    let (ok, _, err) = run_to_end(&c, &["inference", &ps, "--steps", "500"]);
+    assert!(!ok);
+    assert!(err.contains("error: --steps must be between 1 and 100"), "{err}");
+    let (ok, _, err) = run_to_end(&c, &["inference", &ps, "--sigma-max", "99"]);
+    assert!(!ok);
+    assert!(err.contains("error: --sigma-max must be between 0 and 80"), "{err}");
+
+    // A batch names the line of its file, once, and the key as the file spells it.
+    let file = c.dir.path().join("runs.jsonl");
+    let lines = format!(
+        "# two runs\n{}\n\n{}\n",
+        serde_json::json!({ "prompt_id": ps }),
+        serde_json::json!({ "prompt_id": ps, "gpus": 4 })
+    );
+    std::fs::write(&file, lines).unwrap();
+    let (ok, _, err) = run_to_end(&c, &["batch", file.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("runs.jsonl:4: needs 4 GPUs on one host"), "{err}");
+    assert!(!err.contains("job 1 (line 2)"), "counts the file's lines only: {err}");
+    std::fs::write(&file, format!("{}\n", serde_json::json!({ "prompt_id": ps, "sigma_max": 99 }))).unwrap();
+    let (ok, _, err) = run_to_end(&c, &["batch", file.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("runs.jsonl:1: `sigma_max` must be between 0 and 80"), "{err}");
+}

@@ -269,7 +269,14 @@ pub(crate) async fn submit_specs(
         Ok(Err(e)) => {
             let line = e.line();
             let msg = match line {
-                Some(l) if prefix_line => format!("line {l}: {e}"),
+                // The core counts jobs of the batch (`job 0 (line 1) …`); say it once, as the line.
+                Some(l) if prefix_line => {
+                    let text = e.to_string();
+                    let own = format!("job {} (line {l})", l - 1);
+                    let rest =
+                        text.strip_prefix(&own).map_or(text.as_str(), |r| r.trim_start_matches(':').trim_start());
+                    format!("line {l}: {rest}")
+                }
                 _ => e.to_string(),
             };
             Err(error(e.status(), msg, line, e.retryable()))
