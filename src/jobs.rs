@@ -66,7 +66,13 @@ pub fn submit(args: &ClientArgs, file: &Path, wait_for_end: bool) -> anyhow::Res
     let ids: Vec<String> =
         serde_json::from_value(answer["ids"].clone()).context("unexpected answer to a submission")?;
     if args.json {
-        println!("{}", serde_json::to_string(&ids)?);
+        // Job objects, as `jobs list` prints them; with `--wait`, only once they are final.
+        if !wait_for_end {
+            let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
+            let jobs: Vec<JobView> = client.get("/v1/jobs")?;
+            let mine: Vec<&JobView> = jobs.iter().filter(|j| wanted.contains(j.id.as_str())).collect();
+            println!("{}", serde_json::to_string_pretty(&mine)?);
+        }
     } else {
         println!("submitted {n} jobs: {} … {}", ids.first().map_or("", |s| s), ids.last().map_or("", |s| s));
     }
@@ -160,7 +166,7 @@ pub fn wait_for(
             let failed: Vec<&&JobView> = mine.iter().filter(|j| j.state != "succeeded").collect();
             if !summary {
             } else if args.json {
-                println!("{}", serde_json::to_string(&mine)?);
+                println!("{}", serde_json::to_string_pretty(&mine)?);
             } else {
                 let noun = if names.is_empty() { "jobs" } else { "runs" };
                 println!("{} of {} {noun} succeeded", ids.len() - failed.len(), ids.len());
@@ -203,7 +209,7 @@ pub fn list(args: &ClientArgs, state: Option<&str>) -> anyhow::Result<()> {
             truncate(&printable(&j.name), 24),
             j.state,
             j.attempts,
-            j.agent.as_deref().unwrap_or("-"),
+            truncate(&printable(j.agent.as_deref().unwrap_or("-")), 14),
             j.exit_code.map_or("-".to_string(), |c| c.to_string()),
             printable(j.error.as_deref().unwrap_or(""))
         );
@@ -211,7 +217,8 @@ pub fn list(args: &ClientArgs, state: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn truncate(s: &str, n: usize) -> String {
+/// `s` cut to `n` characters (the last one `…`), so a long value cannot push a table's columns.
+pub fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n { s.to_string() } else { s.chars().take(n - 1).collect::<String>() + "…" }
 }
 
@@ -256,7 +263,12 @@ pub fn show(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
 pub fn cancel(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     let client = Client::new(args)?;
     let _: serde_json::Value = client.post(&format!("/v1/jobs/{id}/cancel"), &serde_json::json!({}))?;
-    println!("cancel of {id} recorded");
+    if args.json {
+        let j: JobView = client.get(&format!("/v1/jobs/{id}"))?;
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!("cancel of {id} recorded");
+    }
     Ok(())
 }
 
@@ -380,7 +392,7 @@ fn print_agents(agents: &[AgentInfo]) {
             .collect();
         println!(
             "{:<16} {:<8} {:<9} {:>5} {:>5}  {}{sim}",
-            a.name,
+            truncate(&printable(&a.name), 16),
             a.state,
             a.draining,
             busy,

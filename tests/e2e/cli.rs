@@ -30,13 +30,6 @@ impl Cluster {
             .unwrap()
     }
 
-    /// Kills the controller and starts it again on the same directory and ports.
-    fn restart_controller(&mut self) {
-        Cluster::kill9(&mut self.controller);
-        let (api, agents) = (self.api.trim_start_matches("http://").to_string(), self.agent_addr.clone());
-        self.start_controller(&api, &agents);
-    }
-
     fn job_state(&self, id: &str) -> String {
         self.json(&["jobs", "show", id, "--json"])["state"].as_str().unwrap().to_string()
     }
@@ -98,20 +91,35 @@ fn waiting_and_following_clients_carry_on_through_a_controller_restart() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     c.poll("the first half of the log", &["jobs", "logs", "job-1"], |o| text(&o.stdout).contains("line 20\n"));
 
-    let waiter = c.spawn_cli(&["jobs", "wait", "job-1"]);
+    let mut waiter = c.spawn_cli(&["jobs", "wait", "job-1"]);
+    let (said, heard) = std::sync::mpsc::channel::<String>();
+    let waiter_err = waiter.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(waiter_err)).map_while(Result::ok) {
+            let _ = said.send(line);
+        }
+    });
     let follower = c.spawn_cli(&["jobs", "logs", "-f", "job-1"]);
     let json_follower = c.spawn_cli(&["jobs", "logs", "-f", "job-1", "--json"]);
     // Let the followers print the first half before the controller goes away.
     std::thread::sleep(Duration::from_millis(500));
-    c.restart_controller();
+    Cluster::kill9(&mut c.controller);
+    // Down until the waiter has noticed: it polls, and a short outage could fall between two polls.
+    let mut waiter_said = Vec::new();
+    while !waiter_said.iter().any(|l: &String| l.contains("retrying for up to")) {
+        waiter_said.push(heard.recv_timeout(NEVER).expect("the waiter says it is retrying"));
+    }
+    let (api, agents) = (c.api.trim_start_matches("http://").to_string(), c.agent_addr.clone());
+    c.start_controller(&api, &agents);
     // The second half is printed once the agent is back: what an agent
     // printed into the outage is its own delivery problem, not the clients'.
     c.wait_agents(1);
     std::fs::write(&go, "").unwrap();
 
-    let (ok, out, err) = finish(waiter);
-    assert!(ok, "`jobs wait` gave up across the restart: {out}\n{err}");
-    assert!(err.contains("retrying for up to"), "the waiter said nothing of the outage: {err}");
+    let status = waiter.wait().unwrap();
+    waiter_said.extend(heard.iter());
+    assert!(status.success(), "`jobs wait` gave up across the restart: {waiter_said:?}");
+    assert!(waiter_said.iter().any(|l| l.contains("reachable again")), "{waiter_said:?}");
     let (ok, out, err) = finish(follower);
     assert!(ok, "`jobs logs -f` gave up across the restart: {err}");
     let expected: Vec<String> = (1..=40).map(|i| format!("line {i}")).collect();
@@ -300,4 +308,145 @@ fn single_run_commands_name_the_flag_or_the_prompt_and_batches_keep_the_line() {
     let (ok, _, err) = run_to_end(&c, &["batch", file.to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("runs.jsonl:1: `sigma_max` must be between 0 and 80"), "{err}");
+}
+
+#[test]
+fn json_has_one_shape_per_object_with_the_state_on_top() {
+    let c = Cluster::start(1, 30_000);
+    let ps = make_prompt(&c, "dock", &[]);
+    let out = c.cli(&["inference", &ps, "--steps", "3", "--wait", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let runs: Value = serde_json::from_slice(&out.stdout).expect("one JSON document, the runs");
+    let run = &runs[0];
+    assert_eq!(run["state"], "succeeded", "the final state with --wait: {run}");
+    let id = run["id"].as_str().unwrap().to_string();
+    assert!(run["job_id"].as_str().unwrap().starts_with("job-") && run["prompt_id"] == ps.as_str(), "{run}");
+    for r in c.json(&["runs", "list", "--json"]).as_array().unwrap() {
+        assert!(r["state"].is_string() && r["job_id"].is_string(), "state at the top of every run: {r}");
+    }
+    assert_eq!(c.json(&["runs", "show", &id, "--json"])["state"], "succeeded");
+
+    // Downloads print {"runs": [run…], "files": [file…]}, whichever command downloads.
+    let to = c.dir.path().join("dl");
+    let one = c.json(&["download", &id, "--to", to.to_str().unwrap(), "--json"]);
+    let batch = c.dir.path().join("b.jsonl");
+    std::fs::write(&batch, format!("{}\n", serde_json::json!({ "prompt_id": ps, "steps": 2 }))).unwrap();
+    let many = c.json(&["batch", batch.to_str().unwrap(), "--download", to.to_str().unwrap(), "--json"]);
+    for doc in [&one, &many] {
+        let keys: Vec<&String> = doc.as_object().expect("an object").keys().collect();
+        assert_eq!(keys, ["files", "runs"], "{doc}");
+        assert_eq!(doc["runs"][0]["state"], "succeeded", "{doc}");
+        let f = &doc["files"][0];
+        assert!(f["run_id"].is_string() && f["path"].is_string() && f["sha256"].is_string(), "{f}");
+        assert!(f["size_bytes"].is_u64(), "{f}");
+    }
+
+    // Jobs: objects with their state, from submit as from list; logs as JSON lines.
+    let jobs = write_jobs(c.dir.path(), "j.jsonl", &[serde_json::json!({ "command": ["echo", "hello"] })]);
+    let submitted = c.json(&["jobs", "submit", &jobs, "--wait", "--json"]);
+    let job = submitted[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(submitted[0]["state"], "succeeded", "{submitted}");
+    let out = c.cli(&["jobs", "logs", &job, "--json"]);
+    let line: Value = serde_json::from_str(text(&out.stdout).lines().next().unwrap_or("")).expect("a JSON line");
+    assert_eq!((line["job_id"].as_str(), line["line"].as_str()), (Some(job.as_str()), Some("hello")), "{line}");
+    assert_eq!(line["stream"], "stdout");
+}
+
+#[test]
+fn deleting_outputs_counts_what_it_removed_and_kept_and_later_commands_say_they_are_gone() {
+    let c = Cluster::start(1, 30_000);
+    let a = make_prompt(&c, "quay", &[]);
+    let out = c.cli(&["inference", &a, "--steps", "2", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = c.json(&["runs", "list", "--json"])[0].clone();
+    let id = run["id"].as_str().unwrap();
+    let outputs = run["outputs"].as_array().unwrap().len();
+    assert!(outputs >= 2, "a transfer delivers its video and the derived control: {run}");
+
+    let out = c.cli(&["prompts", "delete", &a, "--delete-outputs"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    let answer = c.json(&["runs", "show", id, "--json"]);
+    assert_eq!(answer["outputs"].as_array().unwrap().len(), outputs);
+    assert!(said.contains(&format!("of the {outputs} output files of its 1 runs, removed")), "{said}");
+    assert!(said.contains("kept"), "{said}");
+
+    let out = c.cli(&["runs", "show", id]);
+    assert!(text(&out.stdout).contains("DELETED with its prompt"), "{}", text(&out.stdout));
+    let out = c.cli(&["download", id, "--to", c.dir.path().join("x").to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("the outputs of run {id} were deleted")) && !err.contains("no blob"), "{err}");
+}
+
+#[test]
+fn cosmos_up_hands_the_stand_in_its_knobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("out");
+    let out = Command::new(BIN)
+        .args(["up", "--agents", "1", "--", "demo", "--to", to.to_str().unwrap()])
+        .env("COSMOS_STANDIN_FAIL", "1")
+        .env("TMPDIR", dir.path())
+        .env_remove("COSMOS_CONTROLLER")
+        .env_remove("COSMOS_DATA_DIR")
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "the demo succeeded although every run was told to fail: {err}");
+    assert!(err.contains("not every example run succeeded"), "{err}");
+    assert!(err.contains("remove it with `rm -rf"), "up says how to remove its temporary directory: {err}");
+}
+
+#[test]
+fn the_smaller_defects_of_show_list_create_and_enhance() {
+    let c = Cluster::start(1, 30_000);
+    // A misspelt control video is named, with what was taken.
+    let dir = c.dir.path().join("pier");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("color.mp4"), "color".repeat(40)).unwrap();
+    std::fs::write(dir.join("Depth.mp4"), "depth".repeat(40)).unwrap();
+    let long = "a_very_long_prompt_name_that_goes_on_and_on";
+    let out = c.cli(&["create", "prompt", "a pier at dusk", dir.to_str().unwrap(), "--name", long, "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("taken color.mp4") && err.contains("not taken Depth.mp4"), "{err}");
+    assert!(err.contains("Depth.mp4 is not depth.mp4"), "{err}");
+    let ps: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ps = ps["id"].as_str().unwrap().to_string();
+
+    // Long names keep the columns: the PARENT column starts where its header does.
+    let listing = text(&c.cli(&["prompts", "list"]).stdout);
+    let mut rows = listing.lines();
+    let column = rows.next().unwrap().find("PARENT").unwrap();
+    let row = rows.find(|r| r.starts_with(&ps)).unwrap();
+    assert_eq!(row.chars().nth(column), Some('-'), "{listing}");
+
+    // --overwrite without a terminal is refused before any run is made.
+    let out = c.cli(&["prompt-enhance", &ps, "--overwrite"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("--yes"), "{}", text(&out.stderr));
+    assert!(c.json(&["runs", "list", "--json"]).as_array().unwrap().is_empty(), "a run was made before refusing");
+
+    // runs show: host, GPUs and readable parameters; jobs show: the exit code on the deciding attempt.
+    assert!(c.cli(&["inference", &ps, "--steps", "2", "--wait"]).status.success());
+    let run = c.json(&["runs", "list", "--json"])[0].clone();
+    let shown = text(&c.cli(&["runs", "show", run["id"].as_str().unwrap()]).stdout);
+    assert!(shown.contains("host agent-0  GPUs GPU-"), "{shown}");
+    assert!(shown.contains("steps") && !shown.contains("params {"), "{shown}");
+    let job = text(&c.cli(&["jobs", "show", run["job_id"].as_str().unwrap()]).stdout);
+    assert!(job.contains("exit 0") && !job.contains("exit -"), "{job}");
+
+    // A cancelled running run counts the attempt it lists.
+    let slow = c.dir.path().join("slow.jsonl");
+    std::fs::write(&slow, format!("{}\n", serde_json::json!({ "prompt_id": ps, "steps": 100 }))).unwrap();
+    let created = c.json(&["batch", slow.to_str().unwrap(), "--json"]);
+    let slow_run = created[0]["id"].as_str().unwrap().to_string();
+    c.poll("the slow run running", &["runs", "show", &slow_run, "--json"], |o| {
+        serde_json::from_slice::<Value>(&o.stdout).is_ok_and(|v| v["state"] == "running")
+    });
+    assert!(c.cli(&["runs", "cancel", &slow_run]).status.success());
+    c.poll("the slow run cancelled", &["runs", "show", &slow_run, "--json"], |o| {
+        serde_json::from_slice::<Value>(&o.stdout).is_ok_and(|v| v["state"] == "cancelled")
+    });
+    let shown = text(&c.cli(&["runs", "show", &slow_run]).stdout);
+    assert!(shown.contains("attempts 1"), "{shown}");
 }

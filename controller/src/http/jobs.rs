@@ -341,6 +341,10 @@ async fn list_jobs(state: web::Data<State>, q: web::Query<ListQuery>) -> HttpRes
     }
 }
 
+fn state_is_final(state: &str) -> bool {
+    JobState::parse(state).is_some_and(|s| s.is_final())
+}
+
 fn parse_job(id: &str) -> Result<JobId, HttpResponse> {
     id.parse().map_err(|e: cosmos_proto::ids::IdParseError| error(StatusCode::BAD_REQUEST, e.to_string(), None, false))
 }
@@ -375,6 +379,14 @@ async fn show_job(state: web::Data<State>, id: web::Path<String>) -> HttpRespons
                 reason: a.reason,
             })
             .collect();
+        // The job's count leaves out an attempt a cancel ended; the history lists it.
+        v.attempts = v.attempts.max(u32::try_from(v.attempt_history.len()).unwrap_or(u32::MAX));
+        // The deciding attempt's exit code is kept on the job; show it on that attempt too.
+        if let (Some(code), Some(last)) = (v.exit_code, v.attempt_history.last_mut()) {
+            if last.exit_code.is_none() && state_is_final(&v.state) {
+                last.exit_code = Some(code);
+            }
+        }
     }
     HttpResponse::Ok().json(v)
 }
