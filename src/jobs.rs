@@ -66,12 +66,9 @@ pub fn submit(args: &ClientArgs, file: &Path, wait_for_end: bool) -> anyhow::Res
     let ids: Vec<String> =
         serde_json::from_value(answer["ids"].clone()).context("unexpected answer to a submission")?;
     if args.json {
-        // Job objects, as `jobs list` prints them; with `--wait`, only once they are final.
+        // The ids (scripts read them as `["job-1", …]`); with `--wait`, the final job objects instead.
         if !wait_for_end {
-            let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
-            let jobs: Vec<JobView> = client.get("/v1/jobs")?;
-            let mine: Vec<&JobView> = jobs.iter().filter(|j| wanted.contains(j.id.as_str())).collect();
-            println!("{}", serde_json::to_string_pretty(&mine)?);
+            println!("{}", serde_json::to_string(&ids)?);
         }
     } else {
         println!("submitted {n} jobs: {} … {}", ids.first().map_or("", |s| s), ids.last().map_or("", |s| s));
