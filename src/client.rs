@@ -20,6 +20,14 @@ const CALL_TIMEOUT_S: u64 = 60;
 const SUBMIT_TRIES: u32 = 5;
 /// First wait between submission tries; it doubles each time.
 const SUBMIT_RETRY_MS: u64 = 500;
+/// Default bound on how long `jobs wait`, `--wait` and `jobs logs -f` keep
+/// trying to reach a controller that went away (a restart loses nothing, so
+/// they carry on once it is back), in seconds.
+pub const RECONNECT_WAIT_S_DEFAULT: u64 = 120;
+/// First pause between reconnection tries; it doubles up to the maximum.
+const RECONNECT_BACKOFF_MS_MIN: u64 = 100;
+/// Longest pause between reconnection tries.
+const RECONNECT_BACKOFF_MS_MAX: u64 = 2_000;
 /// Paths where the controller honours `Idempotency-Key`: a submission sent
 /// again under its key is answered with what the first made, never run twice.
 const IDEMPOTENT_POSTS: &[&str] = &["/v1/jobs", "/v1/runs"];
@@ -39,6 +47,9 @@ pub struct ClientArgs {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
+    /// How long waiting and following commands keep retrying an unreachable controller, in seconds.
+    #[arg(long, env = "COSMOS_RECONNECT_WAIT_S", global = true, default_value_t = RECONNECT_WAIT_S_DEFAULT)]
+    pub reconnect_wait_s: u64,
 }
 
 /// A connected API client.
@@ -46,6 +57,7 @@ pub struct Client {
     base: String,
     token: String,
     agent: ureq::Agent,
+    reconnect_wait_s: u64,
 }
 
 impl Client {
@@ -84,7 +96,7 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(CALL_TIMEOUT_S)))
             .build()
             .new_agent();
-        Ok(Client { base, token, agent })
+        Ok(Client { base, token, agent, reconnect_wait_s: args.reconnect_wait_s })
     }
 
     fn url(&self, path: &str) -> String {
@@ -95,12 +107,7 @@ impl Client {
         &self,
         resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
-        let mut resp = resp.map_err(|e| {
-            anyhow!(
-                "cannot reach the controller at {}: {e}; is it running? (--controller / COSMOS_CONTROLLER)",
-                self.base
-            )
-        })?;
+        let mut resp = resp.map_err(|e| Unreachable { base: self.base.clone(), cause: e.to_string() })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -254,6 +261,24 @@ impl Client {
         Ok(n)
     }
 
+    /// [`Client::get`] through a controller restart: see [`Reconnect`].
+    pub fn get_patiently<T: DeserializeOwned>(&self, path: &str, reconnect: &mut Reconnect) -> anyhow::Result<T> {
+        loop {
+            match self.get(path) {
+                Ok(v) => {
+                    reconnect.reached(self);
+                    return Ok(v);
+                }
+                Err(e) => reconnect.failed(self, e)?,
+            }
+        }
+    }
+
+    /// A fresh reconnection budget for this client's waiting commands.
+    pub fn reconnect(&self) -> Reconnect {
+        Reconnect { since: None, backoff_ms: RECONNECT_BACKOFF_MS_MIN }
+    }
+
     /// GET a stream (server-sent events), without the call timeout.
     pub fn stream(&self, path: &str) -> anyhow::Result<Box<dyn std::io::Read + Send>> {
         let resp = self
@@ -265,6 +290,84 @@ impl Client {
             .build()
             .call();
         Ok(Box::new(self.check(resp)?.into_body().into_reader()))
+    }
+}
+
+/// The controller could not be reached (nothing listens, the connection broke, no answer).
+#[derive(Debug)]
+pub struct Unreachable {
+    /// The controller's URL.
+    pub base: String,
+    /// What the transport said.
+    pub cause: String,
+}
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot reach the controller at {}: {}; is it running? (--controller / COSMOS_CONTROLLER)",
+            self.base, self.cause
+        )
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// The error of a stream the controller ended without finishing it (it was stopping).
+pub fn cut_stream() -> anyhow::Error {
+    Unreachable { base: String::new(), cause: "the controller ended the stream early".into() }.into()
+}
+
+/// Whether `e` may clear once the controller is back: it was unreachable, or
+/// answered that it is stopping or restarting (503, retryable).
+pub fn is_transient(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Unreachable>().is_some()
+        || e.downcast_ref::<ApiError>().is_some_and(|a| a.body.retryable)
+        || e.downcast_ref::<std::io::Error>().is_some()
+}
+
+/// A waiting command's budget for a controller that went away: it retries
+/// with backoff (saying so once) for up to `--reconnect-wait-s`, then fails.
+pub struct Reconnect {
+    /// When the controller was first found unreachable in this outage.
+    since: Option<std::time::Instant>,
+    backoff_ms: u64,
+}
+
+impl Reconnect {
+    /// Records a failed call: sleeps before the next try when `e` may clear, else (or past the bound) returns the error.
+    pub fn failed(&mut self, client: &Client, e: anyhow::Error) -> anyhow::Result<()> {
+        if !is_transient(&e) {
+            return Err(e);
+        }
+        let since = *self.since.get_or_insert_with(|| {
+            eprintln!(
+                "controller unreachable ({}); retrying for up to {} s",
+                printable(&format!("{e:#}")),
+                client.reconnect_wait_s
+            );
+            std::time::Instant::now()
+        });
+        if since.elapsed() >= Duration::from_secs(client.reconnect_wait_s) {
+            bail!(
+                "the controller at {} stayed unreachable for {} s ({e:#}); what it runs is unaffected: \
+                 run the command again once it is back, or wait longer with --reconnect-wait-s",
+                client.base,
+                client.reconnect_wait_s
+            );
+        }
+        std::thread::sleep(Duration::from_millis(self.backoff_ms));
+        self.backoff_ms = (self.backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
+        Ok(())
+    }
+
+    /// Records a successful call: the outage, if any, is over.
+    pub fn reached(&mut self, client: &Client) {
+        if self.since.take().is_some() {
+            eprintln!("controller at {} reachable again; carrying on", client.base);
+        }
+        self.backoff_ms = RECONNECT_BACKOFF_MS_MIN;
     }
 }
 

@@ -5,11 +5,13 @@
 //! first, so a bad batch line is reported before a single byte moves.
 
 use crate::client::{ApiError, Client, ClientArgs, printable};
+use crate::jobs::truncate;
 use anyhow::{Context, bail};
-use cosmos_controller::http::cosmos::{ApplyEnhancement, CreateRuns, CreatedRun, CreatedRuns, RunLine, RunView};
 use cosmos_controller::cosmos::{
-    BlobRef, NewPrompt, Prompt, PromptVideos, Strength, TransferParams, UpscaleParams, Weights,
+    BlobRef, NewPrompt, ParamError, Prompt, PromptVideos, Strength, TransferParams, UpscaleParams, Weights,
 };
+use cosmos_controller::http::JobView;
+use cosmos_controller::http::cosmos::{ApplyEnhancement, CreateRuns, CreatedRun, CreatedRuns, RunLine, RunView};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
@@ -62,11 +64,13 @@ pub struct ParamArgs {
 
 impl ParamArgs {
     /// The parameters these flags give, checked against the contract's ranges.
-    pub fn params(&self) -> anyhow::Result<TransferParams> {
+    pub fn params(&self) -> Result<TransferParams, ParamError> {
         let d = TransferParams::default();
         let weights = match self.weights.as_deref() {
             Some([vis, edge, depth, seg]) => Weights { vis: *vis, edge: *edge, depth: *depth, seg: *seg },
-            Some(_) => bail!("--weights takes four numbers: VIS EDGE DEPTH SEG"),
+            Some(_) => {
+                return Err(ParamError { param: "weights", problem: "takes four numbers: VIS EDGE DEPTH SEG".into() });
+            }
             None => d.weights,
         };
         let p = TransferParams {
@@ -82,8 +86,40 @@ impl ParamArgs {
             gpus: self.gpus.unwrap_or(d.gpus),
             priority: self.priority.unwrap_or(d.priority),
         };
-        p.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
+        p.validate()?;
         Ok(p)
+    }
+}
+
+/// A parameter error as a command-line flag names it: `--steps must be between …`.
+pub fn flag_error(e: &ParamError) -> anyhow::Error {
+    anyhow::anyhow!("--{} {}", e.param, flag_terms(&e.problem))
+}
+
+/// A parameter error as a batch line names its key: `` `sigma_max` must be between … ``.
+fn key_error(e: &ParamError) -> String {
+    format!("`{}` {}", e.param.replace('-', "_"), e.problem)
+}
+
+/// `text` with the job spec's field names turned into the flags a single-run command takes.
+fn flag_terms(text: &str) -> String {
+    text.replace("`gpus`", "--gpus").replace("`steps`", "--steps").replace("`priority`", "--priority")
+}
+
+/// A refused single-run submission in the terms of the command typed: the
+/// prompt (or run) it is about, never a line of a batch file the user did not write.
+fn single_run_error(e: anyhow::Error, subjects: &[String], what: &str) -> anyhow::Error {
+    let api = match e.downcast::<ApiError>() {
+        Ok(api) => api,
+        Err(e) => return e,
+    };
+    let Some(l) = api.body.line else { return anyhow::anyhow!("{}", flag_terms(&api.body.error)) };
+    let rest = api.body.error.strip_prefix(&format!("line {l}: ")).unwrap_or(&api.body.error);
+    let rest = flag_terms(rest);
+    match subjects.get(l.wrapping_sub(1)) {
+        Some(s) if rest.contains(s.as_str()) => anyhow::anyhow!("{rest}"),
+        Some(s) => anyhow::anyhow!("{what} {s}: {rest}"),
+        None => anyhow::anyhow!("{rest}"),
     }
 }
 
@@ -115,6 +151,37 @@ fn scan_video_dir(dir: &Path) -> anyhow::Result<LocalVideos> {
         let (sha, size) = cosmos_cas::hash_file(&path).with_context(|| format!("cannot read {}", path.display()))?;
         files.push((name, sha.to_string(), size, path));
     }
+    // Say which files were taken and which not: `Depth.mp4` is not `depth.mp4`.
+    let taken: Vec<&str> = files.iter().map(|f| f.0).collect();
+    let mut skipped: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .filter(|n| !taken.contains(&n.as_str()))
+        .collect();
+    skipped.sort();
+    let known = std::iter::once(COLOR_VIDEO).chain(CONTROL_VIDEOS.iter().map(|(f, _)| *f));
+    let hint = skipped
+        .iter()
+        .filter_map(|n| known.clone().find(|k| k.eq_ignore_ascii_case(n) && *k != n).map(|k| format!("{n} is not {k}")))
+        .collect::<Vec<_>>();
+    eprintln!(
+        "{}: taken {}{}",
+        dir.display(),
+        taken.join(", "),
+        if skipped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; not taken {} (only {COLOR_VIDEO}, depth.mp4 and segmentation.mp4 are read{})",
+                skipped.join(", "),
+                if hint.is_empty() {
+                    String::new()
+                } else {
+                    format!("; names are case-sensitive: {}", hint.join(", "))
+                }
+            )
+        }
+    );
     Ok(LocalVideos { dir: dir.to_path_buf(), files })
 }
 
@@ -159,15 +226,20 @@ pub fn create_prompt(
 
 /// `cosmos inference PROMPT_ID…`: one run per prompt, submitted together.
 pub fn inference(args: &ClientArgs, prompt_ids: &[String], params: &ParamArgs, wait: bool) -> anyhow::Result<bool> {
-    let params = params.params()?;
+    let params = params.params().map_err(|e| flag_error(&e))?;
     let runs = prompt_ids
         .iter()
         .map(|id| RunLine { prompt_id: Some(id.clone()), prompt: None, params: params.clone() })
         .collect();
     let client = Client::new(args)?;
-    let created: CreatedRuns = client.post("/v1/runs", &CreateRuns { runs })?;
-    report_created(args, &created.runs, true);
-    if wait { wait_runs(args, &client, &created.runs) } else { Ok(true) }
+    let created: CreatedRuns =
+        client.post("/v1/runs", &CreateRuns { runs }).map_err(|e| single_run_error(e, prompt_ids, "prompt"))?;
+    report_created(args, &created.runs);
+    let ok = if wait { wait_runs(args, &client, &created.runs)? } else { true };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&run_views(&client, &created.runs)?)?);
+    }
+    Ok(ok)
 }
 
 /// One line of a batch file: a prompt (by id, or text and video directory) and its parameters.
@@ -249,7 +321,7 @@ fn prepare_batch(file: &Path) -> anyhow::Result<Vec<PreparedLine>> {
             gpus: line.gpus,
             priority: line.priority,
         };
-        let params = args.params().map_err(|e| at(e.to_string().trim_start_matches("--").to_string()))?;
+        let params = args.params().map_err(|e| at(key_error(&e)))?;
         let (run, videos) = match (line.prompt_id, line.prompt, line.video_dir) {
             (Some(id), None, None) => {
                 if line.name.is_some() || line.negative.is_some() {
@@ -306,16 +378,22 @@ pub fn batch(args: &ClientArgs, file: &Path, wait: bool, json_answer: bool) -> a
             },
             Err(e) => e,
         })?;
-    report_created(args, &created.runs, json_answer);
+    report_created(args, &created.runs);
     let ok = if wait { wait_runs(args, &client, &created.runs)? } else { true };
+    if args.json && json_answer {
+        println!("{}", serde_json::to_string_pretty(&run_views(&client, &created.runs)?)?);
+    }
     Ok((ok, created.runs))
 }
 
-fn report_created(args: &ClientArgs, runs: &[CreatedRun], json_answer: bool) {
+/// The run objects of `runs`, as they stand now (with `--json`, commands print these).
+fn run_views(client: &Client, runs: &[CreatedRun]) -> anyhow::Result<Vec<RunView>> {
+    runs.iter().map(|r| client.get(&format!("/v1/runs/{}", r.run_id))).collect()
+}
+
+/// Says which runs were created; with `--json` the command prints run objects at its end instead.
+fn report_created(args: &ClientArgs, runs: &[CreatedRun]) {
     if args.json {
-        if json_answer {
-            println!("{}", serde_json::to_string_pretty(runs).unwrap_or_default());
-        }
         return;
     }
     for r in runs {
@@ -347,16 +425,29 @@ pub fn upscale(
         gpus: gpus.unwrap_or(d.gpus),
         priority: d.priority,
     };
-    params.validate().map_err(|e| anyhow::anyhow!("--{e}"))?;
+    params.validate().map_err(|e| flag_error(&e))?;
     let client = Client::new(args)?;
-    let run: CreatedRun = client.post(&format!("/v1/runs/{run_id}/upscale"), &params)?;
-    report_created(args, std::slice::from_ref(&run), json_answer);
+    let run: CreatedRun = client
+        .post(&format!("/v1/runs/{run_id}/upscale"), &params)
+        .map_err(|e| single_run_error(e, &[run_id.to_string()], "run"))?;
+    report_created(args, std::slice::from_ref(&run));
     let ok = if wait { wait_runs(args, &client, std::slice::from_ref(&run))? } else { true };
+    if args.json && json_answer {
+        let view: RunView = client.get(&format!("/v1/runs/{}", run.run_id))?;
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    }
     Ok((ok, run))
 }
 
 /// `cosmos prompt-enhance PROMPT_ID`: runs the upsampler, then creates `<name>_enhanced` (or overwrites).
 pub fn prompt_enhance(args: &ClientArgs, prompt_id: &str, overwrite: bool, yes: bool) -> anyhow::Result<bool> {
+    // Refused before the GPU job runs, not after: the answer cannot come without a terminal.
+    if overwrite && !yes && !std::io::stdin().is_terminal() {
+        bail!(
+            "--overwrite replaces the text of {prompt_id} in place: confirm with --yes when not at a terminal \
+             (nothing was run)"
+        );
+    }
     let client = Client::new(args)?;
     let original: Prompt = client.get(&format!("/v1/prompts/{prompt_id}"))?;
     let run: CreatedRun = client.post(&format!("/v1/prompts/{prompt_id}/enhance"), &serde_json::json!({}))?;
@@ -365,7 +456,7 @@ pub fn prompt_enhance(args: &ClientArgs, prompt_id: &str, overwrite: bool, yes: 
     }
     if !wait_runs(args, &client, std::slice::from_ref(&run))? {
         let view: Option<RunView> = client.get(&format!("/v1/runs/{}", run.run_id)).ok();
-        let why = view.and_then(|v| v.job.error).map(|e| format!(": {}", printable(&e))).unwrap_or_default();
+        let why = view.and_then(|v| v.error).map(|e| format!(": {}", printable(&e))).unwrap_or_default();
         bail!("the enhancement run {} did not succeed{why} (`cosmos runs show {}`)", run.run_id, run.run_id);
     }
     if overwrite && !yes {
@@ -415,6 +506,10 @@ pub fn list_runs(args: &ClientArgs, prompt: Option<&str>, state: Option<&str>, w
     }
     let path = if query.is_empty() { "/v1/runs".to_string() } else { format!("/v1/runs?{}", query.join("&")) };
     let runs: Vec<RunView> = client.get(&path)?;
+    if let (Some(p), true) = (prompt, runs.is_empty()) {
+        // Runs of a deleted prompt are still listed; nothing listed for a prompt that never was is a typo.
+        let _: Prompt = client.get(&format!("/v1/prompts/{}", url_escape(p)))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&runs)?);
         return Ok(());
@@ -427,10 +522,10 @@ pub fn list_runs(args: &ClientArgs, prompt: Option<&str>, state: Option<&str>, w
             r.id,
             r.kind,
             r.prompt_id,
-            r.prompt_name.as_deref().unwrap_or("(deleted)"),
-            r.job.state,
+            truncate(&printable(r.prompt_name.as_deref().unwrap_or("(deleted)")), 22),
+            r.state,
             progress,
-            printable(r.job.error.as_deref().unwrap_or(""))
+            printable(r.error.as_deref().unwrap_or(""))
         );
     }
     Ok(())
@@ -453,20 +548,40 @@ pub fn show_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
     }
+    // The attempts say where it ran, also once it has ended (the job lists only a live attempt's GPUs).
+    let job: JobView = client.get(&format!("/v1/jobs/{}", r.job_id))?;
     println!("{} {}  prompt {} {}", r.id, r.kind, r.prompt_id, r.prompt_name.as_deref().unwrap_or("(deleted)"));
     if let Some(p) = &r.parent_run {
         println!("upscales {p}");
     }
-    println!("job {}  state {}  attempts {}", r.job.id, r.job.state, r.job.attempts);
+    println!("job {}  state {}  attempts {}", r.job_id, r.state, job.attempts.max(job.attempt_history.len() as u32));
+    match job.attempt_history.last() {
+        Some(a) => println!("host {}  GPUs {}", a.agent, if a.gpus.is_empty() { "-".into() } else { a.gpus.join(",") }),
+        None => println!("host -  GPUs - (not placed yet; needs {})", job.gpus_requested),
+    }
     if let Some((s, t)) = r.job.progress {
         println!("progress {s}/{t}");
     }
-    if let Some(e) = &r.job.error {
+    if let Some(e) = &r.error {
         println!("error: {}", printable(e));
     }
-    println!("params {}", r.params);
+    println!("params:");
+    if let Some(params) = r.params.as_object() {
+        for (k, v) in params {
+            let v = match v {
+                serde_json::Value::String(s) => printable(s).into_owned(),
+                serde_json::Value::Object(o) => {
+                    o.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+                }
+                other => other.to_string(),
+            };
+            println!("  {k:<16} {v}");
+        }
+    }
+    let gone = deleted_outputs(&client, &r)?;
     for o in &r.outputs {
-        println!("  output {} ({} bytes, sha256 {})", o.path, o.size_bytes, o.sha256);
+        let note = if gone.contains(&o.path) { "  DELETED with its prompt; run it again to get it back" } else { "" };
+        println!("  output {} ({} bytes, sha256 {}){note}", o.path, o.size_bytes, o.sha256);
     }
     Ok(())
 }
@@ -474,9 +589,10 @@ pub fn show_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
 /// `cosmos runs cancel`.
 pub fn cancel_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     let client = Client::new(args)?;
-    let answer: serde_json::Value = client.post(&format!("/v1/runs/{id}/cancel"), &serde_json::json!({}))?;
+    let _: serde_json::Value = client.post(&format!("/v1/runs/{id}/cancel"), &serde_json::json!({}))?;
     if args.json {
-        println!("{answer}");
+        let r: RunView = client.get(&format!("/v1/runs/{id}"))?;
+        println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!("cancel of {id} recorded");
     }
@@ -494,7 +610,7 @@ pub fn list_prompts(args: &ClientArgs) -> anyhow::Result<()> {
     println!("{:<16} {:<28} {:<16} TEXT", "PROMPT", "NAME", "PARENT");
     for p in prompts {
         let text: String = printable(&p.text).chars().take(60).collect();
-        println!("{:<16} {:<28} {:<16} {text}", p.id, p.name, p.parent.as_deref().unwrap_or("-"));
+        println!("{:<16} {:<28} {:<16} {text}", p.id, truncate(&p.name, 28), p.parent.as_deref().unwrap_or("-"));
     }
     Ok(())
 }
@@ -529,23 +645,58 @@ pub fn delete_prompt(args: &ClientArgs, id: &str, delete_outputs: bool) -> anyho
     if args.json {
         println!("{answer}");
     } else if delete_outputs {
-        println!("deleted {id}; {} output files of its {} runs removed", answer["outputs_deleted"], answer["runs"]);
+        println!(
+            "deleted {id}; of the {} output files of its {} runs, removed {}, kept {} because other prompts' runs or videos still use the same content",
+            answer["output_files"], answer["runs"], answer["outputs_deleted"], answer["outputs_kept"]
+        );
     } else {
         println!("deleted {id}; the outputs of its {} runs stay (`cosmos download RUN_ID`)", answer["runs"]);
     }
     Ok(())
 }
 
-/// `cosmos download RUN_ID [--to DIR]`: the run's outputs into `DIR/RUN_ID/`; returns their paths.
-pub fn download(args: &ClientArgs, run_id: &str, to: &Path) -> anyhow::Result<Vec<PathBuf>> {
+/// A downloaded file, as `--json` prints it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FileView {
+    /// The run it came from.
+    pub run_id: String,
+    /// Where it was written (absolute).
+    pub path: PathBuf,
+    /// Its sha256, verified.
+    pub sha256: String,
+    /// Its size.
+    pub size_bytes: u64,
+}
+
+/// What a run's outputs still are on the controller: the names of those deleted.
+fn deleted_outputs(client: &Client, r: &RunView) -> anyhow::Result<Vec<String>> {
+    let mut gone = Vec::new();
+    for o in &r.outputs {
+        if client.blob_state(&o.sha256.to_string())? != crate::client::BlobState::Complete {
+            gone.push(o.path.clone());
+        }
+    }
+    Ok(gone)
+}
+
+/// `cosmos download RUN_ID [--to DIR]`: the run's outputs into `DIR/RUN_ID/`; returns the run and its files.
+pub fn download(args: &ClientArgs, run_id: &str, to: &Path) -> anyhow::Result<(RunView, Vec<FileView>)> {
     let client = Client::new(args)?;
     let r: RunView = client.get(&format!("/v1/runs/{run_id}"))?;
-    if r.job.state != "succeeded" {
-        bail!("run {run_id} is {}; only a succeeded run has outputs to download", r.job.state);
+    if r.state != "succeeded" {
+        bail!("run {run_id} is {}; only a succeeded run has outputs to download", r.state);
+    }
+    let gone = deleted_outputs(&client, &r)?;
+    if !gone.is_empty() {
+        bail!(
+            "the outputs of run {run_id} were deleted ({}), with its prompt (`prompts delete --delete-outputs`); \
+             run it again to get them back",
+            gone.join(", ")
+        );
     }
     let dir = to.join(run_id);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let mut paths = Vec::new();
+    let mut files = Vec::new();
     for o in &r.outputs {
         let name = Path::new(&o.path).file_name().map_or_else(|| o.path.clone(), |n| n.to_string_lossy().into_owned());
         let dest = dir.join(name);
@@ -559,50 +710,56 @@ pub fn download(args: &ClientArgs, run_id: &str, to: &Path) -> anyhow::Result<Ve
                 bail!("download of {} arrived corrupted (sha256 {got}, expected {sha}); download again", o.path);
             }
         }
-        paths.push(dest);
+        let path = std::fs::canonicalize(&dest).unwrap_or(dest);
+        files.push(FileView { run_id: run_id.to_string(), path, sha256: sha, size_bytes: o.size_bytes });
     }
-    Ok(paths)
+    Ok((r, files))
 }
 
 /// Downloads every run's outputs into `to/RUN_ID/`; failures are reported on
-/// stderr and make the first value false. Returns (all ok, (run, path) per file).
-pub fn download_all(args: &ClientArgs, runs: &[CreatedRun], to: &Path) -> (bool, Vec<(String, PathBuf)>) {
+/// stderr and make the first value false. Returns (all ok, the runs, their files).
+pub fn download_all(args: &ClientArgs, runs: &[CreatedRun], to: &Path) -> (bool, Vec<RunView>, Vec<FileView>) {
     let mut ok = true;
-    let mut files = Vec::new();
+    let (mut views, mut files) = (Vec::new(), Vec::new());
     for r in runs {
         match download(args, &r.run_id, to) {
-            Ok(paths) => files.extend(paths.into_iter().map(|p| (r.run_id.clone(), p))),
+            Ok((view, got)) => {
+                views.push(view);
+                files.extend(got);
+            }
             Err(e) => {
                 eprintln!("error: cannot download the outputs of {}: {e:#}", r.run_id);
                 ok = false;
+                if let Ok(view) = Client::new(args).and_then(|c| c.get(&format!("/v1/runs/{}", r.run_id))) {
+                    views.push(view);
+                }
             }
         }
     }
-    (ok, files)
+    (ok, views, files)
 }
 
-/// Prints downloaded files: `RUN  PATH` lines, or with `--json` one document with the runs and files.
-pub fn print_files(args: &ClientArgs, runs: &[CreatedRun], files: &[(String, PathBuf)]) -> anyhow::Result<()> {
-    let absolute = |p: &PathBuf| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+/// Prints downloaded files: `RUN  PATH` lines, or with `--json` `{"runs": [run…], "files": [file…]}`,
+/// the one shape of every command that downloads (`download`, `batch --download`, `demo`).
+pub fn print_files(args: &ClientArgs, runs: &[RunView], files: &[FileView]) -> anyhow::Result<()> {
     if args.json {
-        let files: Vec<_> = files.iter().map(|(r, p)| serde_json::json!({ "run": r, "path": absolute(p) })).collect();
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "runs": runs, "files": files }))?);
     } else {
-        for (run, path) in files {
-            println!("  {run}  {}", absolute(path).display());
+        for f in files {
+            println!("  {}  {}", f.run_id, f.path.display());
         }
     }
     Ok(())
 }
 
-/// `cosmos download` as a command: prints the paths.
+/// `cosmos download` as a command: prints the paths (or, with `--json`, as [`print_files`]).
 pub fn download_cmd(args: &ClientArgs, run_id: &str, to: &Path) -> anyhow::Result<()> {
-    let paths = download(args, run_id, to)?;
+    let (run, files) = download(args, run_id, to)?;
     if args.json {
-        println!("{}", serde_json::to_string(&paths)?);
+        print_files(args, std::slice::from_ref(&run), &files)?;
     } else {
-        for p in paths {
-            println!("{}", p.display());
+        for f in files {
+            println!("{}", f.path.display());
         }
     }
     Ok(())
@@ -636,10 +793,10 @@ pub fn demo(args: &ClientArgs, to: &Path) -> anyhow::Result<bool> {
         bail!("the upscale {} did not succeed: `cosmos runs show {}`", up.run_id, up.run_id);
     }
     let all: Vec<CreatedRun> = runs.into_iter().chain(std::iter::once(up)).collect();
-    let (ok, files) = download_all(args, &all, to);
+    let (ok, views, files) = download_all(args, &all, to);
     if !args.json {
         println!("generated videos:");
     }
-    print_files(args, &all, &files)?;
+    print_files(args, &views, &files)?;
     Ok(ok)
 }

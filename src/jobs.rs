@@ -66,7 +66,10 @@ pub fn submit(args: &ClientArgs, file: &Path, wait_for_end: bool) -> anyhow::Res
     let ids: Vec<String> =
         serde_json::from_value(answer["ids"].clone()).context("unexpected answer to a submission")?;
     if args.json {
-        println!("{}", serde_json::to_string(&ids)?);
+        // The ids (scripts read them as `["job-1", …]`); with `--wait`, the final job objects instead.
+        if !wait_for_end {
+            println!("{}", serde_json::to_string(&ids)?);
+        }
     } else {
         println!("submitted {n} jobs: {} … {}", ids.first().map_or("", |s| s), ids.last().map_or("", |s| s));
     }
@@ -105,8 +108,10 @@ pub fn wait_for(
         ProgressStyle::with_template("{prefix:>15} [{bar:40}] {pos}/{len} {msg}").unwrap().progress_chars("=> ");
     let mut bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
     let mut last_state: BTreeMap<String, String> = BTreeMap::new();
+    // A controller restart loses nothing: keep waiting through it, within the bound.
+    let mut reconnect = client.reconnect();
     loop {
-        let jobs: Vec<JobView> = client.get("/v1/jobs")?;
+        let jobs: Vec<JobView> = client.get_patiently("/v1/jobs", &mut reconnect)?;
         let mine: Vec<&JobView> = jobs.iter().filter(|j| wanted.contains(j.id.as_str())).collect();
         // Jobs are never deleted: one that is not listed does not exist, and waiting for it would never end.
         if mine.len() < wanted.len() {
@@ -158,7 +163,7 @@ pub fn wait_for(
             let failed: Vec<&&JobView> = mine.iter().filter(|j| j.state != "succeeded").collect();
             if !summary {
             } else if args.json {
-                println!("{}", serde_json::to_string(&mine)?);
+                println!("{}", serde_json::to_string_pretty(&mine)?);
             } else {
                 let noun = if names.is_empty() { "jobs" } else { "runs" };
                 println!("{} of {} {noun} succeeded", ids.len() - failed.len(), ids.len());
@@ -201,7 +206,7 @@ pub fn list(args: &ClientArgs, state: Option<&str>) -> anyhow::Result<()> {
             truncate(&printable(&j.name), 24),
             j.state,
             j.attempts,
-            j.agent.as_deref().unwrap_or("-"),
+            truncate(&printable(j.agent.as_deref().unwrap_or("-")), 14),
             j.exit_code.map_or("-".to_string(), |c| c.to_string()),
             printable(j.error.as_deref().unwrap_or(""))
         );
@@ -209,7 +214,8 @@ pub fn list(args: &ClientArgs, state: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn truncate(s: &str, n: usize) -> String {
+/// `s` cut to `n` characters (the last one `…`), so a long value cannot push a table's columns.
+pub fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n { s.to_string() } else { s.chars().take(n - 1).collect::<String>() + "…" }
 }
 
@@ -254,22 +260,105 @@ pub fn show(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
 pub fn cancel(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     let client = Client::new(args)?;
     let _: serde_json::Value = client.post(&format!("/v1/jobs/{id}/cancel"), &serde_json::json!({}))?;
-    println!("cancel of {id} recorded");
+    if args.json {
+        let j: JobView = client.get(&format!("/v1/jobs/{id}"))?;
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!("cancel of {id} recorded");
+    }
     Ok(())
 }
 
-/// `cosmos jobs logs [-f]`: prints the job's output lines.
+/// `cosmos jobs logs [-f]`: prints the job's output lines (with `--json`, one
+/// [`LogLine`] object a line). A stream that breaks (the controller restarted)
+/// is resumed from the positions its `id:` lines reported, so no line is
+/// printed twice or lost; lines not yet vouched for by an `id:` are held back.
 pub fn logs(args: &ClientArgs, id: &str, follow: bool, tail_bytes: Option<u64>) -> anyhow::Result<()> {
     let client = Client::new(args)?;
     let tail = tail_bytes.map(|n| format!("&tail_bytes={n}")).unwrap_or_default();
-    let reader = client.stream(&format!("/v1/jobs/{id}/logs?follow={follow}{tail}"))?;
-    for line in std::io::BufReader::new(reader).lines() {
-        let line = line.context("log stream broke")?;
-        if let Some(data) = line.strip_prefix("data: ") {
-            println!("{data}");
+    // Per log file (`att-N/stdout`), the offset printed up to.
+    let mut reached: BTreeMap<String, u64> = BTreeMap::new();
+    let mut reconnect = client.reconnect();
+    loop {
+        let path = if reached.is_empty() {
+            format!("/v1/jobs/{id}/logs?follow={follow}{tail}")
+        } else {
+            let resume: Vec<String> = reached.iter().map(|(file, at)| format!("{file}/{at}")).collect();
+            format!("/v1/jobs/{id}/logs?follow={follow}&resume={}", resume.join(","))
+        };
+        let reader = match client.stream(&path) {
+            Ok(r) => r,
+            Err(e) => {
+                reconnect.failed(&client, e)?;
+                continue;
+            }
+        };
+        reconnect.reached(&client);
+        match print_log_events(args, id, reader, &mut reached) {
+            Ok(true) => return Ok(()),
+            // A stream that ends cleanly without `end` was cut by a stopping controller.
+            Ok(false) if follow => reconnect.failed(&client, crate::client::cut_stream())?,
+            Ok(false) => return Ok(()),
+            Err(e) => reconnect.failed(&client, anyhow::Error::new(e).context("log stream broke"))?,
         }
     }
-    Ok(())
+}
+
+/// One log line as `cosmos jobs logs --json` prints it.
+#[derive(Debug, serde::Serialize)]
+pub struct LogLine<'a> {
+    /// The job.
+    pub job_id: &'a str,
+    /// The attempt that printed it.
+    pub attempt_id: &'a str,
+    /// `stdout` or `stderr`.
+    pub stream: &'a str,
+    /// The line, without its newline.
+    pub line: &'a str,
+}
+
+/// Prints a log stream's lines as their `id:` positions vouch for them;
+/// true once the stream said `end`.
+fn print_log_events(
+    args: &ClientArgs,
+    job: &str,
+    reader: Box<dyn std::io::Read + Send>,
+    reached: &mut BTreeMap<String, u64>,
+) -> std::io::Result<bool> {
+    let mut pending: Vec<String> = Vec::new();
+    let mut event = String::new();
+    let mut out = std::io::stdout().lock();
+    use std::io::Write;
+    for line in std::io::BufReader::new(reader).lines() {
+        let line = line?;
+        if line.is_empty() {
+            event.clear();
+        } else if let Some(kind) = line.strip_prefix("event: ") {
+            if kind == "end" {
+                return Ok(true);
+            }
+            event = kind.to_string();
+        } else if let Some(data) = line.strip_prefix("data: ").or_else(|| (line == "data:").then_some("")) {
+            if event.is_empty() {
+                pending.push(data.to_string());
+            }
+        } else if let Some(position) = line.strip_prefix("id: ") {
+            let Some((file, at)) = position.rsplit_once('/') else { continue };
+            let Ok(at) = at.parse::<u64>() else { continue };
+            let (attempt, stream) = file.split_once('/').unwrap_or((file, ""));
+            for text in pending.drain(..) {
+                if args.json {
+                    let l = LogLine { job_id: job, attempt_id: attempt, stream, line: &text };
+                    writeln!(out, "{}", serde_json::to_string(&l).map_err(std::io::Error::other)?)?;
+                } else {
+                    writeln!(out, "{text}")?;
+                }
+            }
+            out.flush()?;
+            reached.insert(file.to_string(), at);
+        }
+    }
+    Ok(false)
 }
 
 /// `cosmos agents list`.
@@ -300,7 +389,7 @@ fn print_agents(agents: &[AgentInfo]) {
             .collect();
         println!(
             "{:<16} {:<8} {:<9} {:>5} {:>5}  {}{sim}",
-            a.name,
+            truncate(&printable(&a.name), 16),
             a.state,
             a.draining,
             busy,

@@ -213,6 +213,17 @@ struct CosmosArgs {
     /// Attempts per run, the first included.
     #[arg(long, default_value_t = 3)]
     run_max_attempts: u32,
+    /// Environment of every run, NAME=VALUE (repeatable); e.g. the stand-in's COSMOS_STANDIN_STEP_MS.
+    #[arg(long = "run-env", value_name = "NAME=VALUE", value_parser = parse_env_pair)]
+    run_env: Vec<(String, String)>,
+}
+
+/// A `NAME=VALUE` flag value.
+fn parse_env_pair(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{text}` is not NAME=VALUE")),
+    }
 }
 
 impl CosmosArgs {
@@ -228,6 +239,7 @@ impl CosmosArgs {
             default_negative_prompt: self.default_negative_prompt.unwrap_or(d.default_negative_prompt),
             timeout_ms: self.run_timeout_s.saturating_mul(1000),
             max_attempts: self.run_max_attempts,
+            run_env: self.run_env.into_iter().collect(),
         }
     }
 }
@@ -440,6 +452,7 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
                 cosmos: cosmos.config(),
                 attempt_log_bytes_max,
             };
+            warn_if_exposed(api_listen, agent_listen);
             opts.cosmos
                 .validate()
                 .map_err(|e| anyhow::anyhow!("the Cosmos run settings (--cosmos-*, --run-*): {e}"))?;
@@ -488,8 +501,8 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             let (ok, runs) = cosmos::batch(&client, &file, wait || download.is_some(), download.is_none())?;
             match download {
                 Some(dir) => {
-                    let (downloaded, files) = cosmos::download_all(&client, &runs, &dir);
-                    cosmos::print_files(&client, &runs, &files)?;
+                    let (downloaded, views, files) = cosmos::download_all(&client, &runs, &dir);
+                    cosmos::print_files(&client, &views, &files)?;
                     Ok(ok && downloaded)
                 }
                 None => Ok(ok),
@@ -518,6 +531,21 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
         },
         Command::Download { run_id, to, client } => cosmos::download_cmd(&client, &run_id, &to).map(|()| true),
         Command::Demo { to, client } => cosmos::demo(&client, &to),
+    }
+}
+
+/// Says so when a listener is reachable from other hosts: whoever holds its
+/// token can run commands on every GPU host, and the traffic is not encrypted.
+fn warn_if_exposed(api_listen: SocketAddr, agent_listen: SocketAddr) {
+    for (flag, addr, token) in
+        [("--api-listen", api_listen, "api.token"), ("--agent-listen", agent_listen, "agent.token")]
+    {
+        if !addr.ip().is_loopback() {
+            eprintln!(
+                "warning: {flag} {addr} is reachable from other hosts: the token ({token}) is then the only protection, \
+                 and the traffic is unencrypted TCP; listen on 127.0.0.1 unless this network is trusted"
+            );
+        }
     }
 }
 

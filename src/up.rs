@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 /// How long `up` waits for its controller and agents to come up.
 const STARTUP_TIMEOUT_MS: u64 = 30_000;
+/// Variables of the stand-in that `up` hands to every run it creates, when set around it.
+const STANDIN_ENV: [&str; 2] = [cosmos_standin::ENV_STEP_MS, cosmos_standin::ENV_FAIL];
 /// How long a stopping child gets before it is killed.
 const STOP_GRACE_MS: u64 = 10_000;
 
@@ -127,6 +129,7 @@ fn stop_all(mut children: Vec<Child>) {
 
 /// Starts a controller and `agents` agents; runs `client_command` against them, or waits for Ctrl-C.
 pub fn up(data_dir: Option<PathBuf>, agents: usize, gpus: &str, client_command: Vec<String>) -> anyhow::Result<bool> {
+    let temporary = data_dir.is_none();
     let dir = match data_dir {
         Some(d) => d,
         None => {
@@ -139,10 +142,17 @@ pub fn up(data_dir: Option<PathBuf>, agents: usize, gpus: &str, client_command: 
     let exe = std::env::current_exe().context("cannot find the cosmos binary itself")?;
     let mut cluster = Cluster { controller: None, agents: Vec::new() };
 
+    // The agents give jobs only the environment their spec names, so the
+    // stand-in's knobs set around `cosmos up` travel as the runs' environment.
+    let run_env: Vec<String> = STANDIN_ENV
+        .iter()
+        .filter_map(|name| std::env::var(name).ok().map(|v| format!("--run-env={name}={v}")))
+        .collect();
     let mut controller = Command::new(&exe)
         .args(["controller", "--data-dir"])
         .arg(dir.join("controller"))
         .args(["--api-listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
+        .args(&run_env)
         .stdout(Stdio::piped())
         .stderr(log_file(&dir, "controller.log")?)
         .spawn()
@@ -180,8 +190,13 @@ pub fn up(data_dir: Option<PathBuf>, agents: usize, gpus: &str, client_command: 
             .with_context(|| format!("cannot start agent {name}"))?;
         cluster.agents.push(child);
     }
-    let args =
-        ClientArgs { controller: Some(api.clone()), token: None, data_dir: Some(dir.join("controller")), json: false };
+    let args = ClientArgs {
+        controller: Some(api.clone()),
+        token: None,
+        data_dir: Some(dir.join("controller")),
+        json: false,
+        reconnect_wait_s: crate::client::RECONNECT_WAIT_S_DEFAULT,
+    };
     let client = Client::new(&args)?;
     wait_for_agents(&client, agents)?;
 
@@ -199,7 +214,10 @@ pub fn up(data_dir: Option<PathBuf>, agents: usize, gpus: &str, client_command: 
         eprintln!("  Ctrl-C stops it.");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         rt.block_on(crate::shutdown_signal());
-        eprintln!("stopping the local cluster");
+        eprintln!("stopping the local cluster; its data stays in {}", dir.display());
+        if temporary {
+            eprintln!("  remove it with `rm -rf {}`", dir.display());
+        }
         return Ok(true);
     }
     // The client command sees this cluster through the same variables a user would set.
@@ -210,12 +228,18 @@ pub fn up(data_dir: Option<PathBuf>, agents: usize, gpus: &str, client_command: 
     }
     let cli = <crate::Cli as clap::Parser>::try_parse_from(std::iter::once("cosmos".to_string()).chain(client_command))
         .map_err(|e| anyhow::anyhow!("the command after `--` is not a cosmos client command:\n{e}"))?;
-    let ok = crate::run(cli)?;
+    let ok = crate::run(cli);
     eprintln!(
         "the local cluster stops now; its data stays in {}: job logs in controller/logs/att-N.{{stdout,stderr}}, each attempt's files in local-N/attempts/att-N/",
         dir.display()
     );
-    Ok(ok)
+    if temporary {
+        eprintln!(
+            "  it is a temporary directory: remove it with `rm -rf {}` (or pass --data-dir to keep one)",
+            dir.display()
+        );
+    }
+    ok
 }
 
 fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {

@@ -22,6 +22,9 @@ pub struct CosmosConfig {
     pub timeout_ms: u64,
     /// Attempts per run, the first included.
     pub max_attempts: u32,
+    /// Environment every run gets (`--run-env NAME=VALUE`; `cosmos up` passes the stand-in's knobs this way).
+    #[serde(default)]
+    pub run_env: std::collections::BTreeMap<String, String>,
 }
 
 /// The negative prompt the predecessor used by default.
@@ -38,6 +41,7 @@ impl Default for CosmosConfig {
             default_negative_prompt: DEFAULT_NEGATIVE_PROMPT.into(),
             timeout_ms: 4 * 3600 * 1000,
             max_attempts: 3,
+            run_env: Default::default(),
         }
     }
 }
@@ -545,6 +549,7 @@ impl CosmosConfig {
         spec.priority = priority;
         spec.timeout_ms = self.timeout_ms;
         spec.max_attempts = self.max_attempts;
+        spec.env.extend(self.run_env.iter().map(|(k, v)| (k.clone(), v.clone())));
         // Every Cosmos command is a Python script under torchrun: exit 2 is a usage error.
         spec.terminal_exit_codes = vec![PYTHON_USAGE_EXIT];
         if let Some(image) = &self.image {

@@ -76,13 +76,31 @@ pub enum DaemonError {
         reason: String,
     },
     /// A listener could not bind.
-    #[error("cannot listen on {addr}: {source} (is another controller running? pick another port)")]
+    #[error("cannot listen on {addr}: {}", bind_problem(cause, flag))]
     Bind {
         /// The address.
         addr: SocketAddr,
-        /// The cause.
-        source: std::io::Error,
+        /// The flag that chose it (`--api-listen`, `--agent-listen`).
+        flag: &'static str,
+        /// The cause (in the message, not a `source`: printed once).
+        cause: std::io::Error,
     },
+}
+
+/// What went wrong binding a listener, and the fix.
+fn bind_problem(e: &std::io::Error, flag: &str) -> String {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "address in use: another controller (or another program) holds the port; stop it, or pick another port with {flag}"
+        ),
+        std::io::ErrorKind::AddrNotAvailable => {
+            format!("address not available: no interface of this host has that address; fix {flag}")
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            format!("permission denied: ports below 1024 need privileges; pick a port above 1024 with {flag}")
+        }
+        _ => format!("{e}; fix {flag}"),
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> DaemonError + '_ {
@@ -161,6 +179,23 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     create_private_dir(&dir.root)?;
     // Held until the process ends: a second controller on this directory would fork its history.
     let _lock = cosmos_sync::dir_lock::DirLock::acquire(&dir.root, "controller")?;
+    // Both ports are bound before anything starts: a port in use is then a
+    // plain error, not a half-started controller torn down with its actor.
+    let agent_listener = tokio::net::TcpListener::bind(opts.agent_listen).await.map_err(|cause| DaemonError::Bind {
+        addr: opts.agent_listen,
+        flag: "--agent-listen",
+        cause,
+    })?;
+    let agent_addr = agent_listener.local_addr().map_err(|cause| DaemonError::Bind {
+        addr: opts.agent_listen,
+        flag: "--agent-listen",
+        cause,
+    })?;
+    let api_listener = std::net::TcpListener::bind(opts.api_listen).map_err(|cause| DaemonError::Bind {
+        addr: opts.api_listen,
+        flag: "--api-listen",
+        cause,
+    })?;
     create_private_dir(&dir.logs())?;
     let api_token = ensure_token(&dir.api_token())?;
     let agent_token = ensure_token(&dir.agent_token())?;
@@ -181,15 +216,9 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
     let (failed_tx, failed_rx) = oneshot::channel();
     let writer = spawn_writer(store, queue.clone(), durable_tx, failed_tx);
-    let addr = CoreActor::new(core, clock, queue.clone())
-        .start();
+    let addr = CoreActor::new(core, clock, queue.clone()).start();
     actix::spawn(forward_durable(durable_rx, addr.clone()));
 
-    let agent_listener = tokio::net::TcpListener::bind(opts.agent_listen)
-        .await
-        .map_err(|source| DaemonError::Bind { addr: opts.agent_listen, source })?;
-    let agent_addr =
-        agent_listener.local_addr().map_err(|source| DaemonError::Bind { addr: opts.agent_listen, source })?;
     let shared = Arc::new(Shared {
         dir,
         api_token,
@@ -204,8 +233,8 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     });
     actix::spawn(accept_agents(agent_listener, addr.clone(), agent_token, opts.max_frame_bytes, shared.clone()));
 
-    let (server, api_addr) = http::server(opts.api_listen, addr.clone(), shared.clone())
-        .map_err(|source| DaemonError::Bind { addr: opts.api_listen, source })?;
+    let (server, api_addr) = http::server(api_listener, addr.clone(), shared.clone())
+        .map_err(|cause| DaemonError::Bind { addr: opts.api_listen, flag: "--api-listen", cause })?;
     println!("cosmos controller: API on http://{api_addr}, agents on {agent_addr}");
     println!("  API token:   {}", shared.dir.api_token().display());
     println!("  agent token: {}", shared.dir.agent_token().display());
@@ -277,4 +306,3 @@ async fn forward_durable(mut rx: mpsc::UnboundedReceiver<Ticket>, addr: Addr<Cor
 }
 
 // ---- the core actor ----
-

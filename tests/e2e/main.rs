@@ -9,6 +9,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod artifacts;
+mod cli;
 mod failstop;
 mod security;
 mod cosmos;

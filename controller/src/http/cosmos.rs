@@ -47,7 +47,17 @@ pub struct RunView {
     pub prompt_name: Option<String>,
     /// The run it upscales, for an upscale.
     pub parent_run: Option<String>,
-    /// The job that runs it.
+    /// The job that runs it (`job.id`).
+    pub job_id: String,
+    /// Its job's state: `queued|assigned|running|retrying|succeeded|failed|cancelled`.
+    pub state: String,
+    /// Host of its latest attempt.
+    pub agent: Option<String>,
+    /// GPUs of its live attempt.
+    pub gpus: Vec<String>,
+    /// Why it failed or is retrying.
+    pub error: Option<String>,
+    /// The job that runs it, whole.
     pub job: crate::http::JobView,
     /// Its parameters.
     pub params: serde_json::Value,
@@ -215,7 +225,8 @@ async fn delete_prompt(state: web::Data<State>, id: web::Path<String>, q: web::Q
             false,
         );
     }
-    let mut removed_outputs = 0usize;
+    // Counted by distinct content: two outputs with the same bytes are one file in the blob store.
+    let (mut removed_outputs, mut kept_outputs, mut output_files) = (0usize, 0usize, 0usize);
     if q.delete_outputs {
         let prompts = match with_store(&state, |s| s.prompts()).await {
             Ok(p) => p,
@@ -239,12 +250,16 @@ async fn delete_prompt(state: web::Data<State>, id: web::Path<String>, q: web::Q
                 removed_outputs += 1;
             }
         }
+        kept_outputs = mine.intersection(&others).count();
+        output_files = runs.iter().map(|j| j.record.outputs.len()).sum();
     }
     match persist(&state, vec![StoreOp::DeletePrompt(prompt.id.clone())]).await {
         Ok(()) => HttpResponse::Ok().json(serde_json::json!({
             "deleted": prompt.id,
             "runs": runs.len(),
             "outputs_deleted": removed_outputs,
+            "outputs_kept": kept_outputs,
+            "output_files": output_files,
         })),
         Err(r) => r,
     }
@@ -279,6 +294,11 @@ fn run_view(j: &JobSummary, prompts: &[Prompt]) -> Option<RunView> {
         prompt_name: prompts.iter().find(|p| p.id == prompt_id).map(|p| p.name.clone()),
         prompt_id,
         parent_run: label(j, labels::PARENT_RUN).cloned(),
+        job_id: j.record.id.to_string(),
+        state: j.record.state.as_str().to_string(),
+        agent: j.record.agent.clone(),
+        gpus: j.gpus.clone(),
+        error: j.record.error.clone(),
         job: view(j),
         params: label(j, labels::PARAMS).and_then(|p| serde_json::from_str(p).ok()).unwrap_or_default(),
         outputs: j.record.outputs.clone(),

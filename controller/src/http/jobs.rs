@@ -3,8 +3,8 @@
 use super::*;
 use crate::actor::{Cancel, JobSummary, ListJobs, Retry, SetDraining, Status, SubmitWith};
 use crate::core::SubmitError;
-use crate::records::{Idempotency, JobState};
 use crate::logs::{LogCursor, LogStart, read_log};
+use crate::records::{Idempotency, JobState};
 use cosmos_proto::{AttemptId, JobId, JobSpec, LogStream};
 use std::collections::BTreeMap;
 
@@ -301,7 +301,14 @@ pub(crate) async fn submit_specs(
         Ok(Err(e)) => {
             let line = e.line();
             let msg = match line {
-                Some(l) if prefix_line => format!("line {l}: {e}"),
+                // The core counts jobs of the batch (`job 0 (line 1) …`); say it once, as the line.
+                Some(l) if prefix_line => {
+                    let text = e.to_string();
+                    let own = format!("job {} (line {l})", l - 1);
+                    let rest =
+                        text.strip_prefix(&own).map_or(text.as_str(), |r| r.trim_start_matches(':').trim_start());
+                    format!("line {l}: {rest}")
+                }
                 _ => e.to_string(),
             };
             Err(error(e.status(), msg, line, e.retryable()))
@@ -381,6 +388,10 @@ async fn list_jobs(state: web::Data<State>, q: web::Query<ListQuery>) -> HttpRes
     }
 }
 
+fn state_is_final(state: &str) -> bool {
+    JobState::parse(state).is_some_and(|s| s.is_final())
+}
+
 fn parse_job(id: &str) -> Result<JobId, HttpResponse> {
     id.parse().map_err(|e: cosmos_proto::ids::IdParseError| error(StatusCode::BAD_REQUEST, e.to_string(), None, false))
 }
@@ -415,6 +426,14 @@ async fn show_job(state: web::Data<State>, id: web::Path<String>) -> HttpRespons
                 reason: a.reason,
             })
             .collect();
+        // The job's count leaves out an attempt a cancel ended; the history lists it.
+        v.attempts = v.attempts.max(u32::try_from(v.attempt_history.len()).unwrap_or(u32::MAX));
+        // The deciding attempt's exit code is kept on the job; show it on that attempt too.
+        if let (Some(code), Some(last)) = (v.exit_code, v.attempt_history.last_mut()) {
+            if last.exit_code.is_none() && state_is_final(&v.state) {
+                last.exit_code = Some(code);
+            }
+        }
     }
     HttpResponse::Ok().json(v)
 }
@@ -502,13 +521,44 @@ struct LogQuery {
     tail_bytes: Option<u64>,
     /// Start each log file at this byte.
     offset: Option<u64>,
+    /// Resume a broken stream: the `id:` positions it had reached, comma-separated
+    /// (`att-1/stdout/123,att-1/stderr/45`); files it names start there, others at their start.
+    resume: Option<String>,
+}
+
+/// A log file's position as `id:` lines carry it: `att-N/stdout/OFFSET` (or `stderr`).
+pub fn log_position(attempt: AttemptId, stdout: bool, offset: u64) -> String {
+    format!("{attempt}/{}/{offset}", if stdout { "stdout" } else { "stderr" })
+}
+
+/// Parses a `resume` list of [`log_position`]s.
+fn parse_resume(text: &str) -> Result<Vec<((AttemptId, bool), u64)>, String> {
+    text.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let bad = || format!("`resume` position `{p}` is not ATTEMPT/STREAM/OFFSET (e.g. att-1/stdout/123)");
+            let mut it = p.splitn(3, '/');
+            let (Some(a), Some(s), Some(o)) = (it.next(), it.next(), it.next()) else { return Err(bad()) };
+            let attempt: AttemptId = a.parse().map_err(|_| bad())?;
+            let stdout = match s {
+                "stdout" => true,
+                "stderr" => false,
+                _ => return Err(bad()),
+            };
+            Ok(((attempt, stdout), o.parse().map_err(|_| bad())?))
+        })
+        .collect()
 }
 
 /// Server-sent events: one `data:` line per log line, across the job's attempts
 /// in order (each attempt's stdout, then its stderr); with `follow`, new lines
 /// as they come until the job is final. `tail_bytes` and `offset` apply to each
 /// log file. Files are read from the last position in bounded chunks on the
-/// blocking pool, so a reader's memory does not grow with the log.
+/// blocking pool, so a reader's memory does not grow with the log. After each
+/// file's lines comes an `id: att-N/stdout/OFFSET` line (no event of its own):
+/// the file those lines came from and where it now stands, so a follower whose
+/// stream broke resumes with `resume=` and prints nothing twice. A stream the
+/// controller stops without `event: end` (it is shutting down) was cut, not finished.
 async fn logs(state: web::Data<State>, id: web::Path<String>, q: web::Query<LogQuery>) -> HttpResponse {
     let id = match parse_job(&id) {
         Ok(id) => id,
@@ -519,10 +569,20 @@ async fn logs(state: web::Data<State>, id: web::Path<String>, q: web::Query<LogQ
         return error(StatusCode::NOT_FOUND, format!("no job {id}; `cosmos jobs list` shows the ids"), None, false);
     }
     let q = q.into_inner();
-    let (follow, start) = (q.follow, LogStart { tail_bytes: q.tail_bytes, offset: q.offset.unwrap_or(0) });
+    let mut cursor = LogCursor::default();
+    let mut start = LogStart { tail_bytes: q.tail_bytes, offset: q.offset.unwrap_or(0) };
+    if let Some(resume) = &q.resume {
+        match parse_resume(resume) {
+            Ok(positions) => cursor.offsets.extend(positions.into_iter().map(|(k, o)| (k, Some(o)))),
+            Err(e) => return bad(e),
+        }
+        // A file the follower had not reached yet is new to it: all of it.
+        start = LogStart { tail_bytes: None, offset: 0 };
+    }
+    let follow = q.follow;
     let core = state.core.clone();
     let shared = state.shared.clone();
-    let stream = futures::stream::unfold(LogCursor::default(), move |mut cur| {
+    let stream = futures::stream::unfold(cursor, move |mut cur| {
         let core = core.clone();
         let shared = shared.clone();
         async move {
@@ -531,12 +591,11 @@ async fn logs(state: web::Data<State>, id: web::Path<String>, q: web::Query<LogQ
                     return None;
                 }
                 // Final before reading: whatever was written before the end is then read in this pass.
-                let final_ = core
-                    .send(ListJobs(Some(id)))
-                    .await
-                    .ok()
-                    .and_then(|j| j.first().map(|j| j.record.state.is_final()))
-                    .unwrap_or(true);
+                // A core that no longer answers is stopping: cut the stream without `end`, so the follower resumes.
+                let final_ = match core.send(ListJobs(Some(id))).await {
+                    Ok(j) => j.first().is_none_or(|j| j.record.state.is_final()),
+                    Err(_) => return None,
+                };
                 let shared2 = shared.clone();
                 let (out, more, next) = web::block(move || {
                     let attempts = shared2.reader.lock().ok().and_then(|s| s.attempts_of(id).ok()).unwrap_or_default();
@@ -547,7 +606,15 @@ async fn logs(state: web::Data<State>, id: web::Path<String>, q: web::Query<LogQ
                             let path = shared2.dir.log_file(a.id, stream);
                             let key = (a.id, stream == LogStream::Stdout);
                             let pos = cur.offsets.entry(key).or_insert(None);
+                            let before = *pos;
                             more |= read_log(&path, pos, start, final_, &mut out);
+                            if let Some(now) = *pos {
+                                if before != Some(now) {
+                                    out.push_str("id: ");
+                                    out.push_str(&log_position(a.id, key.1, now));
+                                    out.push_str("\n\n");
+                                }
+                            }
                         }
                     }
                     (out, more, cur)
@@ -574,4 +641,3 @@ async fn logs(state: web::Data<State>, id: web::Path<String>, q: web::Query<LogQ
     });
     HttpResponse::Ok().content_type("text/event-stream").streaming(stream)
 }
-

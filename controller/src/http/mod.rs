@@ -357,8 +357,12 @@ pub(crate) fn idempotency(req: &HttpRequest, body: &[u8]) -> Result<Option<Idemp
     Ok(Some(Idempotency { key: key.to_string(), request_sha256: hex::encode(sha2::Sha256::digest(body)) }))
 }
 
-/// Binds the API server and starts serving; returns it with the address it bound.
-pub fn server(listen: SocketAddr, core: Addr<CoreActor>, shared: Arc<Shared>) -> std::io::Result<(Server, SocketAddr)> {
+/// Starts serving the API on a bound listener; returns the server with its address.
+pub fn server(
+    listener: std::net::TcpListener,
+    core: Addr<CoreActor>,
+    shared: Arc<Shared>,
+) -> std::io::Result<(Server, SocketAddr)> {
     let state = web::Data::new(State { core, shared: shared.clone() });
     let connections_max = api_connections_max();
     let bound = HttpServer::new(move || {
@@ -385,7 +389,7 @@ pub fn server(listen: SocketAddr, core: Addr<CoreActor>, shared: Arc<Shared>) ->
     .client_request_timeout(Duration::from_millis(REQUEST_HEAD_TIMEOUT_MS))
     .disable_signals()
     .shutdown_timeout(2)
-    .bind(listen)?;
+    .listen(listener)?;
     let addr = bound.addrs()[0];
     Ok((bound.run(), addr))
 }

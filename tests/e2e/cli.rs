@@ -1,0 +1,452 @@
+//! What a user of the CLI hits (issue 20, "Defects a user hits"), through the
+//! binary: clients that outlive a controller restart, a port in use, missing
+//! ids, errors in the terms of the command typed, one JSON schema per object.
+//! Each test failed on the code before its fix.
+
+use super::{BIN, Cluster, Proc};
+use serde_json::Value;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A deadline no healthy run comes near: the tests poll against it, never time anything.
+const NEVER: Duration = Duration::from_secs(120);
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+impl Cluster {
+    /// A client command started in the background, its output captured.
+    fn spawn_cli(&self, args: &[&str]) -> std::process::Child {
+        Command::new(BIN)
+            .args(args)
+            .env("COSMOS_CONTROLLER", &self.api)
+            .env("COSMOS_DATA_DIR", self.data())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn job_state(&self, id: &str) -> String {
+        self.json(&["jobs", "show", id, "--json"])["state"].as_str().unwrap().to_string()
+    }
+
+    /// Polls until `done` holds for the output of `args`.
+    fn poll(&self, what: &str, args: &[&str], mut done: impl FnMut(&Output) -> bool) {
+        let deadline = Instant::now() + NEVER;
+        loop {
+            if done(&self.cli(args)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never saw {what}; logs in {}", self.dir.path().display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Waits for a background client to end: its exit status, stdout and stderr.
+fn finish(mut child: std::process::Child) -> (bool, String, String) {
+    let (mut out, mut err) = (String::new(), String::new());
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut e = String::new();
+        let _ = se.read_to_string(&mut e);
+        e
+    });
+    let _ = so.read_to_string(&mut out);
+    err.push_str(&t.join().unwrap());
+    let status = child.wait().unwrap();
+    (status.success(), out, err)
+}
+
+fn write_jobs(dir: &Path, name: &str, lines: &[Value]) -> String {
+    let path = dir.join(name);
+    let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, body).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn waiting_and_following_clients_carry_on_through_a_controller_restart() {
+    let mut c = Cluster::start(1, 30_000);
+    // A job that prints numbered lines slowly, past the controller's restart;
+    // it waits for `go` before its second half, so the restart surely falls mid-run.
+    let go = c.dir.path().join("go");
+    let script = format!(
+        "for i in $(seq 1 20); do echo line $i; sleep 0.05; done; \
+         while [ ! -e {go} ]; do sleep 0.05; done; \
+         for i in $(seq 21 40); do echo line $i; sleep 0.05; done",
+        go = go.display()
+    );
+    let batch = write_jobs(
+        c.dir.path(),
+        "slow.jsonl",
+        &[serde_json::json!({ "name": "slow", "command": ["sh", "-c", script], "max_attempts": 1 })],
+    );
+    let out = c.cli(&["jobs", "submit", &batch]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    c.poll("the first half of the log", &["jobs", "logs", "job-1"], |o| text(&o.stdout).contains("line 20\n"));
+
+    let mut waiter = c.spawn_cli(&["jobs", "wait", "job-1"]);
+    let (said, heard) = std::sync::mpsc::channel::<String>();
+    let waiter_err = waiter.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(waiter_err)).map_while(Result::ok) {
+            let _ = said.send(line);
+        }
+    });
+    let follower = c.spawn_cli(&["jobs", "logs", "-f", "job-1"]);
+    let json_follower = c.spawn_cli(&["jobs", "logs", "-f", "job-1", "--json"]);
+    // Let the followers print the first half before the controller goes away.
+    std::thread::sleep(Duration::from_millis(500));
+    Cluster::kill9(&mut c.controller);
+    // Down until the waiter has noticed: it polls, and a short outage could fall between two polls.
+    let mut waiter_said = Vec::new();
+    while !waiter_said.iter().any(|l: &String| l.contains("retrying for up to")) {
+        waiter_said.push(heard.recv_timeout(NEVER).expect("the waiter says it is retrying"));
+    }
+    let (api, agents) = (c.api.trim_start_matches("http://").to_string(), c.agent_addr.clone());
+    c.start_controller(&api, &agents);
+    // The second half is printed once the agent is back: what an agent
+    // printed into the outage is its own delivery problem, not the clients'.
+    c.wait_agents(1);
+    std::fs::write(&go, "").unwrap();
+
+    let status = waiter.wait().unwrap();
+    waiter_said.extend(heard.iter());
+    assert!(status.success(), "`jobs wait` gave up across the restart: {waiter_said:?}");
+    assert!(waiter_said.iter().any(|l| l.contains("reachable again")), "{waiter_said:?}");
+    let (ok, out, err) = finish(follower);
+    assert!(ok, "`jobs logs -f` gave up across the restart: {err}");
+    let expected: Vec<String> = (1..=40).map(|i| format!("line {i}")).collect();
+    assert_eq!(out.lines().collect::<Vec<_>>(), expected, "every line once, in order; stderr: {err}");
+    let (ok, out, err) = finish(json_follower);
+    assert!(ok, "{err}");
+    let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).expect("JSON lines")).collect();
+    let texts: Vec<&str> = lines.iter().map(|l| l["line"].as_str().unwrap()).collect();
+    assert_eq!(texts, expected, "{out}");
+    assert!(lines.iter().all(|l| l["job_id"] == "job-1" && l["stream"] == "stdout" && l["attempt_id"] == "att-1"));
+    assert_eq!(c.job_state("job-1"), "succeeded");
+}
+
+#[test]
+fn a_waiting_client_gives_up_on_a_controller_that_stays_away_and_says_so() {
+    let mut c = Cluster::start(1, 30_000);
+    let batch = write_jobs(
+        c.dir.path(),
+        "long.jsonl",
+        &[serde_json::json!({ "name": "long", "command": ["sleep", "600"], "max_attempts": 1 })],
+    );
+    assert!(c.cli(&["jobs", "submit", &batch]).status.success());
+    let waiter = c.spawn_cli(&["jobs", "wait", "job-1", "--reconnect-wait-s", "1"]);
+    std::thread::sleep(Duration::from_millis(300));
+    Cluster::kill9(&mut c.controller);
+    let (ok, _, err) = finish(waiter);
+    assert!(!ok, "the waiter claimed success without a controller");
+    assert!(err.contains("retrying for up to 1 s"), "{err}");
+    assert!(err.contains("stayed unreachable for 1 s"), "{err}");
+    assert!(err.contains("--reconnect-wait-s"), "the error names the fix: {err}");
+}
+
+#[test]
+fn a_controller_whose_port_is_taken_says_so_without_a_panic() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, other) in [("--api-listen", "--agent-listen"), ("--agent-listen", "--api-listen")] {
+        let out = Command::new(BIN)
+            .args(["controller", "--data-dir"])
+            .arg(dir.path().join(flag.trim_start_matches('-')))
+            .args([flag, &port, other, "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{flag}: started on a taken port");
+        assert!(err.contains(&format!("cannot listen on {port}: address in use")), "{flag}: {err}");
+        assert!(err.contains(flag), "{flag}: the error names the flag to change: {err}");
+        assert!(!err.contains("panicked"), "{flag}: {err}");
+    }
+}
+
+#[test]
+fn a_controller_listening_beyond_loopback_warns_that_the_token_is_the_only_protection() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("ctl.log");
+    let mut child = Command::new(BIN)
+        .args(["controller", "--data-dir"])
+        .arg(dir.path().join("d"))
+        .args(["--api-listen", "0.0.0.0:0", "--agent-listen", "0.0.0.0:0"])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    // The controller prints its addresses once it listens; the warnings come before.
+    let _ = child.stdout.as_mut().unwrap().read(&mut first);
+    let _p = Proc(child);
+    let err = std::fs::read_to_string(&log).unwrap();
+    for flag in ["--api-listen 0.0.0.0:0", "--agent-listen 0.0.0.0:0"] {
+        assert!(err.contains(&format!("warning: {flag} is reachable from other hosts")), "{err}");
+    }
+    assert!(err.contains("the only protection"), "{err}");
+}
+
+/// Runs a client command to its end (polling against a never-reached deadline, so a hang fails the test).
+fn run_to_end(c: &Cluster, args: &[&str]) -> (bool, String, String) {
+    let mut child = c.spawn_cli(args);
+    let deadline = Instant::now() + NEVER;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("cosmos {args:?} never ended");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    finish(child)
+}
+
+#[test]
+fn every_command_that_names_a_missing_id_fails_naming_it() {
+    let c = Cluster::start(1, 30_000);
+    let (job, run, prompt, agent) = ("job-99", "rs_000000000000", "ps_000000000000", "no-such-host");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["jobs", "show", job], job),
+        (vec!["jobs", "cancel", job], job),
+        (vec!["jobs", "logs", job], job),
+        (vec!["jobs", "logs", "-f", job], job),
+        (vec!["jobs", "wait", job], job),
+        (vec!["agents", "drain", agent], agent),
+        (vec!["agents", "undrain", agent], agent),
+        (vec!["runs", "show", run], run),
+        (vec!["runs", "cancel", run], run),
+        (vec!["upscale", run], run),
+        (vec!["upscale", run, "--wait"], run),
+        (vec!["download", run], run),
+        (vec!["prompts", "show", prompt], prompt),
+        (vec!["prompts", "delete", prompt], prompt),
+        (vec!["prompt-enhance", prompt], prompt),
+        (vec!["inference", prompt], prompt),
+        (vec!["inference", prompt, "--wait"], prompt),
+        (vec!["runs", "list", "--prompt", prompt], prompt),
+    ];
+    for (args, id) in cases {
+        let (ok, out, err) = run_to_end(&c, &args);
+        assert!(!ok, "cosmos {args:?} succeeded: {out}");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(first.starts_with("error: no "), "cosmos {args:?}: {err}");
+        assert!(first.contains(id), "cosmos {args:?} does not name {id}: {err}");
+        assert!(!first.contains("line 1"), "cosmos {args:?} speaks of a file the user never wrote: {err}");
+    }
+}
+
+/// An agent of `gpus` simulated GPUs (`2x16GiB`) joining `c`, named `name`.
+fn spawn_agent_with(c: &Cluster, name: &str, gpus: &str) -> Proc {
+    Proc(
+        Command::new(BIN)
+            .args(["agent", "--controller", &c.agent_addr, "--token-file"])
+            .arg(c.data().join("agent.token"))
+            .arg("--work-dir")
+            .arg(c.dir.path().join(name))
+            .args(["--simulated-gpus", gpus, "--name", name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A prompt on `c` from a fresh video directory: its id.
+fn make_prompt(c: &Cluster, tag: &str, extra_files: &[&str]) -> String {
+    let dir = c.dir.path().join(tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("color.mp4"), format!("color of {tag}").repeat(50)).unwrap();
+    for f in extra_files {
+        std::fs::write(dir.join(f), format!("{f} of {tag}")).unwrap();
+    }
+    let p = c.json(&["create", "prompt", &format!("a scene of {tag}"), dir.to_str().unwrap(), "--json"]);
+    p["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn single_run_commands_name_the_flag_or_the_prompt_and_batches_keep_the_line() {
+    let c = Cluster::start(0, 30_000);
+    let _small = spawn_agent_with(&c, "small", "2x16GiB");
+    c.wait_agents(1);
+    let ps = make_prompt(&c, "yard", &[]);
+
+    let (ok, _, err) = run_to_end(&c, &["inference", &ps, "--gpus", "4"]);
+    assert!(!ok);
+    let first = err.lines().next().unwrap_or_default();
+    assert!(first.contains(&format!("prompt {ps}: needs 4 GPUs on one host, but the largest host has 2")), "{err}");
+    assert!(first.contains("lower --gpus"), "names the flag: {err}");
+    assert!(!first.contains("line") && !first.contains("job 0"), "{err}");
+
+    let (ok, _, err) = run_to_end(&c, &["inference", &ps, "--steps", "500"]);
+    assert!(!ok);
+    assert!(err.contains("error: --steps must be between 1 and 100"), "{err}");
+    let (ok, _, err) = run_to_end(&c, &["inference", &ps, "--sigma-max", "99"]);
+    assert!(!ok);
+    assert!(err.contains("error: --sigma-max must be between 0 and 80"), "{err}");
+
+    // A batch names the line of its file, once, and the key as the file spells it.
+    let file = c.dir.path().join("runs.jsonl");
+    let lines = format!(
+        "# two runs\n{}\n\n{}\n",
+        serde_json::json!({ "prompt_id": ps }),
+        serde_json::json!({ "prompt_id": ps, "gpus": 4 })
+    );
+    std::fs::write(&file, lines).unwrap();
+    let (ok, _, err) = run_to_end(&c, &["batch", file.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("runs.jsonl:4: needs 4 GPUs on one host"), "{err}");
+    assert!(!err.contains("job 1 (line 2)"), "counts the file's lines only: {err}");
+    std::fs::write(&file, format!("{}\n", serde_json::json!({ "prompt_id": ps, "sigma_max": 99 }))).unwrap();
+    let (ok, _, err) = run_to_end(&c, &["batch", file.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("runs.jsonl:1: `sigma_max` must be between 0 and 80"), "{err}");
+}
+
+#[test]
+fn json_has_one_shape_per_object_with_the_state_on_top() {
+    let c = Cluster::start(1, 30_000);
+    let ps = make_prompt(&c, "dock", &[]);
+    let out = c.cli(&["inference", &ps, "--steps", "3", "--wait", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let runs: Value = serde_json::from_slice(&out.stdout).expect("one JSON document, the runs");
+    let run = &runs[0];
+    assert_eq!(run["state"], "succeeded", "the final state with --wait: {run}");
+    let id = run["id"].as_str().unwrap().to_string();
+    assert!(run["job_id"].as_str().unwrap().starts_with("job-") && run["prompt_id"] == ps.as_str(), "{run}");
+    for r in c.json(&["runs", "list", "--json"]).as_array().unwrap() {
+        assert!(r["state"].is_string() && r["job_id"].is_string(), "state at the top of every run: {r}");
+    }
+    assert_eq!(c.json(&["runs", "show", &id, "--json"])["state"], "succeeded");
+
+    // Downloads print {"runs": [run…], "files": [file…]}, whichever command downloads.
+    let to = c.dir.path().join("dl");
+    let one = c.json(&["download", &id, "--to", to.to_str().unwrap(), "--json"]);
+    let batch = c.dir.path().join("b.jsonl");
+    std::fs::write(&batch, format!("{}\n", serde_json::json!({ "prompt_id": ps, "steps": 2 }))).unwrap();
+    let many = c.json(&["batch", batch.to_str().unwrap(), "--download", to.to_str().unwrap(), "--json"]);
+    for doc in [&one, &many] {
+        let keys: Vec<&String> = doc.as_object().expect("an object").keys().collect();
+        assert_eq!(keys, ["files", "runs"], "{doc}");
+        assert_eq!(doc["runs"][0]["state"], "succeeded", "{doc}");
+        let f = &doc["files"][0];
+        assert!(f["run_id"].is_string() && f["path"].is_string() && f["sha256"].is_string(), "{f}");
+        assert!(f["size_bytes"].is_u64(), "{f}");
+    }
+
+    // Jobs: objects with their state, from submit as from list; logs as JSON lines.
+    let jobs = write_jobs(c.dir.path(), "j.jsonl", &[serde_json::json!({ "command": ["echo", "hello"] })]);
+    let submitted = c.json(&["jobs", "submit", &jobs, "--wait", "--json"]);
+    let job = submitted[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(submitted[0]["state"], "succeeded", "{submitted}");
+    let out = c.cli(&["jobs", "logs", &job, "--json"]);
+    let line: Value = serde_json::from_str(text(&out.stdout).lines().next().unwrap_or("")).expect("a JSON line");
+    assert_eq!((line["job_id"].as_str(), line["line"].as_str()), (Some(job.as_str()), Some("hello")), "{line}");
+    assert_eq!(line["stream"], "stdout");
+}
+
+#[test]
+fn deleting_outputs_counts_what_it_removed_and_kept_and_later_commands_say_they_are_gone() {
+    let c = Cluster::start(1, 30_000);
+    let a = make_prompt(&c, "quay", &[]);
+    let out = c.cli(&["inference", &a, "--steps", "2", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = c.json(&["runs", "list", "--json"])[0].clone();
+    let id = run["id"].as_str().unwrap();
+    let outputs = run["outputs"].as_array().unwrap().len();
+    assert!(outputs >= 2, "a transfer delivers its video and the derived control: {run}");
+
+    let out = c.cli(&["prompts", "delete", &a, "--delete-outputs"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    let answer = c.json(&["runs", "show", id, "--json"]);
+    assert_eq!(answer["outputs"].as_array().unwrap().len(), outputs);
+    assert!(said.contains(&format!("of the {outputs} output files of its 1 runs, removed")), "{said}");
+    assert!(said.contains("kept"), "{said}");
+
+    let out = c.cli(&["runs", "show", id]);
+    assert!(text(&out.stdout).contains("DELETED with its prompt"), "{}", text(&out.stdout));
+    let out = c.cli(&["download", id, "--to", c.dir.path().join("x").to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("the outputs of run {id} were deleted")) && !err.contains("no blob"), "{err}");
+}
+
+#[test]
+fn cosmos_up_hands_the_stand_in_its_knobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let to = dir.path().join("out");
+    let out = Command::new(BIN)
+        .args(["up", "--agents", "1", "--", "demo", "--to", to.to_str().unwrap()])
+        .env("COSMOS_STANDIN_FAIL", "1")
+        .env("TMPDIR", dir.path())
+        .env_remove("COSMOS_CONTROLLER")
+        .env_remove("COSMOS_DATA_DIR")
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "the demo succeeded although every run was told to fail: {err}");
+    assert!(err.contains("not every example run succeeded"), "{err}");
+    assert!(err.contains("remove it with `rm -rf"), "up says how to remove its temporary directory: {err}");
+}
+
+#[test]
+fn the_smaller_defects_of_show_list_create_and_enhance() {
+    let c = Cluster::start(1, 30_000);
+    // A misspelt control video is named, with what was taken.
+    let dir = c.dir.path().join("pier");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("color.mp4"), "color".repeat(40)).unwrap();
+    std::fs::write(dir.join("Depth.mp4"), "depth".repeat(40)).unwrap();
+    let long = "a_very_long_prompt_name_that_goes_on_and_on";
+    let out = c.cli(&["create", "prompt", "a pier at dusk", dir.to_str().unwrap(), "--name", long, "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("taken color.mp4") && err.contains("not taken Depth.mp4"), "{err}");
+    assert!(err.contains("Depth.mp4 is not depth.mp4"), "{err}");
+    let ps: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ps = ps["id"].as_str().unwrap().to_string();
+
+    // Long names keep the columns: the PARENT column starts where its header does.
+    let listing = text(&c.cli(&["prompts", "list"]).stdout);
+    let mut rows = listing.lines();
+    let column = rows.next().unwrap().find("PARENT").unwrap();
+    let row = rows.find(|r| r.starts_with(&ps)).unwrap();
+    assert_eq!(row.chars().nth(column), Some('-'), "{listing}");
+
+    // --overwrite without a terminal is refused before any run is made.
+    let out = c.cli(&["prompt-enhance", &ps, "--overwrite"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("--yes"), "{}", text(&out.stderr));
+    assert!(c.json(&["runs", "list", "--json"]).as_array().unwrap().is_empty(), "a run was made before refusing");
+
+    // runs show: host, GPUs and readable parameters; jobs show: the exit code on the deciding attempt.
+    assert!(c.cli(&["inference", &ps, "--steps", "2", "--wait"]).status.success());
+    let run = c.json(&["runs", "list", "--json"])[0].clone();
+    let shown = text(&c.cli(&["runs", "show", run["id"].as_str().unwrap()]).stdout);
+    assert!(shown.contains("host agent-0  GPUs GPU-"), "{shown}");
+    assert!(shown.contains("steps") && !shown.contains("params {"), "{shown}");
+    let job = text(&c.cli(&["jobs", "show", run["job_id"].as_str().unwrap()]).stdout);
+    assert!(job.contains("exit 0") && !job.contains("exit -"), "{job}");
+
+    // A cancelled running run counts the attempt it lists.
+    let slow = c.dir.path().join("slow.jsonl");
+    std::fs::write(&slow, format!("{}\n", serde_json::json!({ "prompt_id": ps, "steps": 100 }))).unwrap();
+    let created = c.json(&["batch", slow.to_str().unwrap(), "--json"]);
+    let slow_run = created[0]["id"].as_str().unwrap().to_string();
+    c.poll("the slow run running", &["runs", "show", &slow_run, "--json"], |o| {
+        serde_json::from_slice::<Value>(&o.stdout).is_ok_and(|v| v["state"] == "running")
+    });
+    assert!(c.cli(&["runs", "cancel", &slow_run]).status.success());
+    c.poll("the slow run cancelled", &["runs", "show", &slow_run, "--json"], |o| {
+        serde_json::from_slice::<Value>(&o.stdout).is_ok_and(|v| v["state"] == "cancelled")
+    });
+    let shown = text(&c.cli(&["runs", "show", &slow_run]).stdout);
+    assert!(shown.contains("attempts 1"), "{shown}");
+}
