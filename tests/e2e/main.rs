@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 mod artifacts;
 mod failstop;
+mod restart;
 mod security;
 mod cosmos;
 
