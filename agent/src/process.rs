@@ -1,5 +1,5 @@
-//! The process runtime: each attempt is a plain child process in its own
-//! process group, with no container around it.
+//! The process runtime: each attempt is a plain process (under a supervisor)
+//! in its own process group, with no container around it.
 //!
 //! Layout on disk, under the agent's work directory:
 //!
@@ -81,9 +81,9 @@ pub struct AttemptRecord {
     pub epoch: Epoch,
     /// Its GPUs.
     pub gpu_uuids: Vec<String>,
-    /// The child's process id.
+    /// The process id of the job's supervisor (the agent's child).
     pub pid: u32,
-    /// Its process group (equal to `pid`: the child leads its own group).
+    /// Its process group (equal to `pid`: the supervisor leads the group, the job is in it).
     pub pgid: i32,
     /// Wall-clock start, in milliseconds since the Unix epoch (host-local use only).
     pub started_unix_ms: u64,
