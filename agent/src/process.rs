@@ -733,10 +733,9 @@ fn check_executable(resolved: &Path, work_dir: &Path, program: &str) -> Result<(
             false,
         )),
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
-        Ok(_) | Err(_) => Err((
-            format!("cannot start `{program}`: permission denied; make it executable by the agent's user"),
-            false,
-        )),
+        Ok(_) | Err(_) => {
+            Err((format!("cannot start `{program}`: permission denied; make it executable by the agent's user"), false))
+        }
     }
 }
 
