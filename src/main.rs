@@ -415,6 +415,13 @@ fn main() -> std::process::ExitCode {
         let code = cosmos_standin::run(std::env::args_os().collect());
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
+    // `cosmos job-supervise …`: the process runtime's supervisor of one job,
+    // started by the agent (hidden: not for people to type). It needs no
+    // logging setup and no CLI parsing beyond its own.
+    if std::env::args_os().nth(1).is_some_and(|a| a == cosmos_agent::supervise::SUBCOMMAND) {
+        let code = cosmos_agent::supervise::main(std::env::args_os().skip(2));
+        return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     init_tracing();
     match run(Cli::parse()) {
         Ok(true) => std::process::ExitCode::SUCCESS,

@@ -47,6 +47,11 @@ pub fn run_agent(
     );
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("cannot create the work directory {}", work_dir.display()))?;
+    // Resolved now, while it names this very binary: after an upgrade replaces
+    // the file, `current_exe` would say "(deleted)", and the path (now the new
+    // binary, which supervises the same way) is what later jobs need.
+    let own_binary = std::env::current_exe()
+        .context("cannot find the agent's own binary, which supervises each job (`cosmos job-supervise`)")?;
     let opts = cosmos_agent::daemon::AgentOptions {
         controller_addr: controller,
         token,
@@ -60,6 +65,7 @@ pub fn run_agent(
         reconnect_max_ms: 5_000,
         runtime,
         cache_max_bytes: cache_max_gib.saturating_mul(1 << 30),
+        job_supervisor: cosmos_agent::supervise::Launcher::cosmos(own_binary),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(cosmos_agent::daemon::run(opts, crate::shutdown_signal()))?;

@@ -98,6 +98,8 @@ pub struct AgentOptions {
     pub runtime: RuntimeKind,
     /// Bound on the input cache (`<work_dir>/cache`); least recently used blobs no attempt needs go first.
     pub cache_max_bytes: u64,
+    /// How the process runtime starts each job's supervisor (the `cosmos` binary, as `cosmos job-supervise`).
+    pub job_supervisor: crate::supervise::Launcher,
 }
 
 /// Why the agent stopped.
@@ -164,7 +166,10 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let incarnation = incarnation();
     let (event_tx, event_rx) = mpsc::channel(EVENT_QUEUE_LEN);
     let (mut runtime, attempts_root) = match &opts.runtime {
-        RuntimeKind::Process => (AgentRuntime::Process(ProcessRuntime::new(work_dir.clone(), event_tx)), work_dir),
+        RuntimeKind::Process => {
+            let runtime = ProcessRuntime::new(work_dir.clone(), event_tx, opts.job_supervisor.clone());
+            (AgentRuntime::Process(runtime), work_dir)
+        }
         RuntimeKind::Docker(config) => {
             let mut config = config.clone();
             config.agent_name = opts.name.clone();

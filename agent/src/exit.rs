@@ -135,7 +135,11 @@ pub fn outcome_of(
         (None, Some(sig)) => {
             AttemptOutcome::Failed { exit_code: None, reason: format!("killed by signal {sig}"), retryable: true }
         }
-        (None, None) => AttemptOutcome::Lost { reason: "the runtime lost track of the container".into() },
+        (None, None) => AttemptOutcome::Lost {
+            reason: "no exit status was recorded: its container vanished, or its job supervisor (process runtime) \
+                     was killed; see the end of its stderr"
+                .into(),
+        },
     }
 }
 

@@ -7,4 +7,5 @@ pub mod exit;
 pub mod process;
 pub mod runtime;
 pub mod simulated;
+pub mod supervise;
 pub mod transfer;

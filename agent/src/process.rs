@@ -1,5 +1,5 @@
-//! The process runtime: each attempt is a plain child process in its own
-//! process group, with no container around it.
+//! The process runtime: each attempt is a plain process (under a supervisor)
+//! in its own process group, with no container around it.
 //!
 //! Layout on disk, under the agent's work directory:
 //!
@@ -7,7 +7,7 @@
 //! attempts/<attempt id>/attempt.json   what was started (written before `Started` is reported)
 //! attempts/<attempt id>/stdout.log     the child's standard output, as it wrote it
 //! attempts/<attempt id>/stderr.log     its standard error
-//! attempts/<attempt id>/exit.json      how it ended (written before `Exited` is reported)
+//! attempts/<attempt id>/exit.json      how it ended (written by its supervisor, see below)
 //! attempts/<attempt id>/acknowledged   the controller has recorded the outcome
 //! ```
 //!
@@ -17,11 +17,20 @@
 //! instead, so an attempt survives an agent restart, and the restarted agent
 //! finds it again from `attempt.json` (see [`ProcessRuntime::recover`]).
 //!
+//! The agent does not start the job itself but a supervisor (`cosmos
+//! job-supervise`, see [`crate::supervise`]) that leads the attempt's process
+//! group and starts the job as its child. The supervisor waits for the job and
+//! writes `exit.json`; so the job's outcome is known even when it ended while
+//! no agent was running, or under an agent that adopted it after a restart
+//! (and so is not its parent). An attempt whose supervisor was killed (alone)
+//! has no record: its group is killed and it is reported lost.
+//!
 //! Like a container's processes when its first process exits, whatever is
-//! left in an attempt's process group when its leader exits is killed.
+//! left in an attempt's process group when its job exits is killed.
 
 use crate::core::{ExitStatus, Recovered, RuntimeEvent};
 use crate::runtime::{EventSender, Runtime, StartRequest};
+use crate::supervise::{self, ExitRecord, Launcher, SuperviseCommand};
 use cosmos_proto::spec::ArtifactRef;
 use cosmos_proto::{AttemptId, Epoch, JobId, LogStream, MAX_LOG_CHUNK_BYTES, Sha256};
 use serde::{Deserialize, Serialize};
@@ -72,9 +81,9 @@ pub struct AttemptRecord {
     pub epoch: Epoch,
     /// Its GPUs.
     pub gpu_uuids: Vec<String>,
-    /// The child's process id.
+    /// The process id of the job's supervisor (the agent's child).
     pub pid: u32,
-    /// Its process group (equal to `pid`: the child leads its own group).
+    /// Its process group (equal to `pid`: the supervisor leads the group, the job is in it).
     pub pgid: i32,
     /// Wall-clock start, in milliseconds since the Unix epoch (host-local use only).
     pub started_unix_ms: u64,
@@ -90,25 +99,33 @@ pub struct AttemptRecord {
     pub start_ticks: Option<u64>,
 }
 
-/// What `exit.json` holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct ExitRecord {
-    code: Option<i32>,
-    signal: Option<i32>,
+/// What the core is told of a recorded end.
+fn status_of(record: &ExitRecord) -> ExitStatus {
+    ExitStatus { code: record.code, signal: record.signal, oom_killed: false }
 }
 
-impl ExitRecord {
-    fn status(&self) -> ExitStatus {
-        ExitStatus { code: self.code, signal: self.signal, oom_killed: false }
-    }
+/// Reads an attempt's `exit.json`; a torn or unreadable one counts as none (and is logged).
+fn read_exit(dir: &Path, attempt_id: AttemptId) -> Option<ExitRecord> {
+    supervise::read_record(&dir.join(EXIT_FILE)).unwrap_or_else(|e| {
+        tracing::warn!(attempt = %attempt_id, error = %e, "ignoring an unusable exit record");
+        None
+    })
 }
 
 /// An attempt this runtime is watching.
 #[derive(Clone, Copy, Debug)]
 struct Live {
     pgid: i32,
-    /// Its leader (or, when adopted, its whole group) is gone; `Exited` is on its way.
+    /// Its supervisor (or, when adopted, its whole group) is gone; `Exited` is on its way.
     exited: bool,
+    /// This agent killed the group: an attempt without a record then ended by `SIGKILL`, not lost.
+    killed: bool,
+}
+
+impl Live {
+    fn new(pgid: i32) -> Live {
+        Live { pgid, exited: false, killed: false }
+    }
 }
 
 type LiveMap = Arc<Mutex<HashMap<AttemptId, Live>>>;
@@ -117,16 +134,19 @@ type LiveMap = Arc<Mutex<HashMap<AttemptId, Live>>>;
 pub struct ProcessRuntime {
     root_dir: PathBuf,
     events: EventSender,
+    supervisor: Launcher,
     live: LiveMap,
     tasks: crate::runtime::Watchers,
 }
 
 impl ProcessRuntime {
-    /// A runtime keeping its attempts under `root_dir/attempts/`, reporting on `events`.
-    pub fn new(root_dir: PathBuf, events: EventSender) -> ProcessRuntime {
+    /// A runtime keeping its attempts under `root_dir/attempts/`, reporting on
+    /// `events`, starting each job under a `supervisor`.
+    pub fn new(root_dir: PathBuf, events: EventSender, supervisor: Launcher) -> ProcessRuntime {
         ProcessRuntime {
             root_dir,
             events,
+            supervisor,
             live: Arc::new(Mutex::new(HashMap::new())),
             tasks: crate::runtime::Watchers::default(),
         }
@@ -191,15 +211,25 @@ impl ProcessRuntime {
                 false,
             )
         })?;
-        let mut cmd = tokio::process::Command::new(&resolved);
-        cmd.args(&req.spec.command[1..])
+        check_executable(&resolved, &req.work_dir, program)?;
+        let job = SuperviseCommand {
+            status_file: dir.join(EXIT_FILE),
+            gpus: Some(req.gpu_indices.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
+            command: std::iter::once(resolved.into_os_string())
+                .chain(req.spec.command[1..].iter().map(Into::into))
+                .collect(),
+        };
+        let mut cmd = tokio::process::Command::new(&self.supervisor.program);
+        cmd.args(&self.supervisor.leading_args)
+            .args(job.to_args())
             .current_dir(&req.work_dir)
             .env_clear()
             .envs(INHERITED_ENV.iter().filter_map(|k| std::env::var_os(k).map(|v| (*k, v))))
             // CUDA's own numbering then agrees with the driver's (NVML's, nvidia-smi's).
             .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
             .envs(&req.spec.env)
-            .env("CUDA_VISIBLE_DEVICES", req.gpu_indices.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+            // The job gets its GPUs from the supervisor (`--gpus`); the supervisor itself names none.
+            .env_remove("CUDA_VISIBLE_DEVICES")
             .env("COSMOS_ATTEMPT_ID", req.attempt_id.to_string())
             .env("COSMOS_JOB_ID", req.job_id.to_string())
             .stdin(Stdio::null())
@@ -207,20 +237,14 @@ impl ProcessRuntime {
             .stderr(Stdio::from(stderr))
             .process_group(0)
             .kill_on_drop(false);
-        let child = cmd.spawn().map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => (
-                format!(
-                    "cannot start `{program}`: program not found; install it on the agent host or give its full path"
-                ),
-                false,
-            ),
-            io::ErrorKind::PermissionDenied => {
-                (format!("cannot start `{program}`: permission denied; make it executable by the agent's user"), false)
-            }
-            _ => (format!("cannot start `{program}`: {e}"), true),
+        // The job's own start failures were ruled out above; this is the
+        // agent's binary, which an operator may have moved: retryable, elsewhere or after a fix.
+        let child = cmd.spawn().map_err(|e| {
+            let supervisor = self.supervisor.program.display();
+            (format!("cannot start the job supervisor {supervisor} (the agent's own binary): {e}"), true)
         })?;
         let Some(pid) = child.id() else {
-            return Err((format!("`{program}` exited before it could be tracked"), true));
+            return Err((format!("the supervisor of `{program}` exited before it could be tracked"), true));
         };
         let pgid = pid as i32;
         let record = AttemptRecord {
@@ -242,7 +266,7 @@ impl ProcessRuntime {
             signal_group(pgid, libc::SIGKILL);
             return Err((format!("cannot write {}: {e}", dir.join(RECORD_FILE).display()), true));
         }
-        lock(&self.live).insert(req.attempt_id, Live { pgid, exited: false });
+        lock(&self.live).insert(req.attempt_id, Live::new(pgid));
         let watch = Watch { record, dir, events: self.events.clone(), live: self.live.clone() };
         self.spawn_task(async move {
             let handle = format!("pgid:{pgid}");
@@ -274,23 +298,24 @@ impl ProcessRuntime {
             exited,
             remaining_ms,
         };
-        if let Ok(text) = std::fs::read(dir.join(EXIT_FILE)) {
-            if let Ok(exit) = serde_json::from_slice::<ExitRecord>(&text) {
-                return Some(recovered(Some(exit.status()), None));
-            }
+        if let Some(exit) = read_exit(dir, record.attempt_id) {
+            // It ended while no agent watched it; its supervisor recorded how.
+            log_end(record.attempt_id, &exit);
+            return Some(recovered(Some(status_of(&exit)), None));
         }
         if !is_ours(&record) {
-            // It ended while no agent watched it: how is not known.
-            let exit = ExitRecord { code: None, signal: None };
+            // It ended unrecorded (its supervisor was killed, or the host rebooted): how is not known.
+            tracing::warn!(attempt = %record.attempt_id, "an attempt ended with no exit record; reporting it lost");
+            let exit = ExitRecord::default();
             if let Err(e) = write_json(&dir.join(EXIT_FILE), &exit) {
                 tracing::warn!(attempt = %record.attempt_id, error = %e, "cannot record the exit of an attempt");
             }
-            return Some(recovered(Some(exit.status()), None));
+            return Some(recovered(Some(status_of(&exit)), None));
         }
         let elapsed_ms = unix_ms().saturating_sub(record.started_unix_ms);
         let remaining_ms = record.timeout_ms.saturating_sub(elapsed_ms);
         tracing::info!(attempt = %record.attempt_id, pgid = record.pgid, remaining_ms, "adopting a running attempt");
-        lock(&self.live).insert(record.attempt_id, Live { pgid: record.pgid, exited: false });
+        lock(&self.live).insert(record.attempt_id, Live::new(record.pgid));
         let result = recovered(None, Some(remaining_ms));
         let watch = Watch { record, dir: dir.to_path_buf(), events: self.events.clone(), live: self.live.clone() };
         self.spawn_task(watch.run(Leader::Adopted));
@@ -330,8 +355,9 @@ impl Runtime for ProcessRuntime {
                 self.send_later(RuntimeEvent::Exited { attempt_id, status, outputs: Vec::new() });
             }
             Some(Live { exited: true, .. }) => {} // Its `Exited` is on its way.
-            Some(Live { pgid, exited: false }) if grace_ms == 0 => signal_group(pgid, libc::SIGKILL),
-            Some(Live { pgid, exited: false }) => {
+            Some(Live { pgid, .. }) if grace_ms == 0 => kill_group(&self.live, attempt_id, pgid),
+            Some(Live { pgid, .. }) => {
+                // The supervisor outlives SIGTERM (see `supervise`): the job gets it and the supervisor records how it took it.
                 signal_group(pgid, libc::SIGTERM);
                 let live = self.live.clone();
                 self.spawn_task(async move {
@@ -339,7 +365,7 @@ impl Runtime for ProcessRuntime {
                     let still_running = lock(&live).get(&attempt_id).is_some_and(|l| !l.exited && l.pgid == pgid);
                     if still_running && group_exists(pgid) {
                         tracing::info!(attempt = %attempt_id, pgid, grace_ms, "attempt outlived its grace; killing");
-                        signal_group(pgid, libc::SIGKILL);
+                        kill_group(&live, attempt_id, pgid);
                     }
                 });
             }
@@ -348,8 +374,9 @@ impl Runtime for ProcessRuntime {
 
     /// Finds what a previous agent process left: attempts whose process group
     /// still runs are adopted (watched until the group is gone, then reported
-    /// with an unknown exit code); attempts that ended are reported with the
-    /// status in their `exit.json`, or as unknown when none was written.
+    /// with the status their supervisor recorded); attempts that ended are
+    /// reported with the status in their `exit.json`, or as unknown (lost)
+    /// when none was written.
     fn recover(&mut self) -> Vec<Recovered> {
         let Ok(entries) = std::fs::read_dir(self.root_dir.join("attempts")) else { return Vec::new() };
         let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
@@ -362,9 +389,9 @@ impl Runtime for ProcessRuntime {
     }
 }
 
-/// How the end of an attempt is observed.
+/// How the end of an attempt's supervisor is observed.
 enum Leader {
-    /// Our own child: its exit status is known.
+    /// Our own child: we reap it.
     Child(tokio::process::Child),
     /// Left by a previous agent: only the group's disappearance is seen.
     Adopted,
@@ -385,39 +412,64 @@ impl Watch {
         let (done_tx, done_rx) = watch::channel(false);
         let progress = Arc::new(Mutex::new(None));
         let wait = async {
-            let status = match leader {
+            // The supervisor's own status says nothing of the job (it ends
+            // itself with SIGKILL once the record is written): only logged.
+            let supervisor = match leader {
                 Leader::Child(mut child) => match child.wait().await {
-                    Ok(s) => ExitStatus { code: s.code(), signal: s.signal(), oom_killed: false },
+                    Ok(s) => Some(s),
                     Err(e) => {
-                        tracing::warn!(attempt = %id, error = %e, "cannot wait for an attempt's process");
-                        ExitStatus { code: None, signal: None, oom_killed: false }
+                        tracing::warn!(attempt = %id, error = %e, "cannot wait for an attempt's supervisor");
+                        None
                     }
                 },
                 Leader::Adopted => {
                     while group_exists(pgid) {
                         tokio::time::sleep(Duration::from_millis(ADOPTED_POLL_MS)).await;
                     }
-                    ExitStatus { code: None, signal: None, oom_killed: false }
+                    None
                 }
             };
-            if let Some(l) = lock(&self.live).get_mut(&id) {
+            let killed = lock(&self.live).get_mut(&id).is_some_and(|l| {
                 l.exited = true;
-            }
-            // What the leader left behind dies with it, as in a container.
+                l.killed
+            });
+            // What the job left behind dies with it, as in a container (the
+            // supervisor does this itself; not when it was killed alone).
             if group_exists(pgid) {
                 signal_group(pgid, libc::SIGKILL);
             }
             let _ = done_tx.send(true);
-            status
+            (supervisor, killed)
         };
         let out = tail(id, self.dir.join(STDOUT_FILE), LogStream::Stdout, &self.events, &progress, done_rx.clone());
         let err = tail(id, self.dir.join(STDERR_FILE), LogStream::Stderr, &self.events, &progress, done_rx);
-        let (status, (), ()) = tokio::join!(wait, out, err);
+        let ((supervisor, killed), (), ()) = tokio::join!(wait, out, err);
 
-        let exit = ExitRecord { code: status.code, signal: status.signal };
-        if let Err(e) = write_json(&self.dir.join(EXIT_FILE), &exit) {
-            tracing::warn!(attempt = %id, error = %e, "cannot record an attempt's exit");
-        }
+        let status = match read_exit(&self.dir, id) {
+            Some(exit) => {
+                log_end(id, &exit);
+                status_of(&exit)
+            }
+            None => {
+                let exit = if killed {
+                    // This agent killed the group (a stop past its grace): the job died of it too.
+                    ExitRecord { signal: Some(libc::SIGKILL), ..ExitRecord::default() }
+                } else {
+                    tracing::warn!(
+                        attempt = %id,
+                        supervisor = ?supervisor.map(|s| (s.code(), s.signal())),
+                        "the attempt's supervisor ended without recording how the job ended \
+                         (it was killed, or could not write the record: see the end of stderr.log); reporting it lost"
+                    );
+                    ExitRecord::default()
+                };
+                // So that a restarted agent does not look for the attempt again.
+                if let Err(e) = write_json(&self.dir.join(EXIT_FILE), &exit) {
+                    tracing::warn!(attempt = %id, error = %e, "cannot record an attempt's exit");
+                }
+                status_of(&exit)
+            }
+        };
         let (work_dir, wanted) = (self.record.work_dir.clone(), self.record.outputs.clone());
         let outputs =
             tokio::task::spawn_blocking(move || collect_outputs(&work_dir, &wanted)).await.unwrap_or_default();
@@ -647,6 +699,44 @@ fn proc_state(pid: u32) -> Option<(char, i32)> {
     let state = fields.next()?.chars().next()?;
     let pgrp = fields.nth(1)?.parse().ok()?;
     Some((state, pgrp))
+}
+
+/// Kills an attempt's group, noting that this agent did (see [`Live::killed`]).
+fn kill_group(live: &LiveMap, attempt_id: AttemptId, pgid: i32) {
+    if let Some(l) = lock(live).get_mut(&attempt_id) {
+        l.killed = true;
+    }
+    signal_group(pgid, libc::SIGKILL);
+}
+
+/// Logs how an attempt's job ended and what it used, as its supervisor recorded.
+fn log_end(attempt_id: AttemptId, exit: &ExitRecord) {
+    tracing::info!(
+        attempt = %attempt_id,
+        code = ?exit.code,
+        signal = ?exit.signal,
+        max_rss_kib = ?exit.max_rss_kib,
+        user_cpu_ms = ?exit.user_cpu_ms,
+        sys_cpu_ms = ?exit.sys_cpu_ms,
+        "attempt ended"
+    );
+}
+
+/// Rules out the start failures of the job's program that the supervisor
+/// could only record as an exit code: a missing or non-executable program
+/// fails to start, for good, as it did when the agent started jobs itself.
+fn check_executable(resolved: &Path, work_dir: &Path, program: &str) -> Result<(), (String, bool)> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(work_dir.join(resolved)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err((
+            format!("cannot start `{program}`: program not found; install it on the agent host or give its full path"),
+            false,
+        )),
+        Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
+        Ok(_) | Err(_) => {
+            Err((format!("cannot start `{program}`: permission denied; make it executable by the agent's user"), false))
+        }
+    }
 }
 
 fn signal_group(pgid: i32, signal: i32) {

@@ -14,6 +14,7 @@ use cosmos_agent::docker::{DockerConfig, DockerRuntime, LABEL_AGENT};
 use cosmos_agent::process::{ProcessRuntime, group_exists};
 use cosmos_agent::runtime::{EVENT_QUEUE_LEN, EventSender, Runtime, StartRequest, attempt_dir};
 use cosmos_agent::simulated::{SimulatedHost, SimulatedRuntime};
+use cosmos_agent::supervise::Launcher;
 use cosmos_proto::spec::{ArtifactRef, OutputArtifact};
 use cosmos_proto::{AttemptId, Epoch, JobId, JobSpec, LogStream, Sha256};
 use sha2::Digest;
@@ -38,10 +39,6 @@ const SIGKILL: i32 = 9;
 /// restart), how to say "run cosmos-testjob with these flags", and how to
 /// find what it left behind.
 trait Harness: Sized {
-    /// Whether a job that ended while no runtime watched it is later reported
-    /// with its exit code (containers and the simulation keep it; a process
-    /// that was not our child takes it with it).
-    const KNOWS_UNWATCHED_EXIT: bool;
     async fn new(test: &str) -> Self;
     fn runtime(&self, events: EventSender) -> Box<dyn Runtime>;
     /// The spec running cosmos-testjob with `args`.
@@ -60,8 +57,6 @@ struct Simulated {
 }
 
 impl Harness for Simulated {
-    const KNOWS_UNWATCHED_EXIT: bool = true;
-
     async fn new(_test: &str) -> Self {
         Simulated { dir: tempfile::tempdir().unwrap(), host: SimulatedHost::new() }
     }
@@ -119,15 +114,14 @@ fn testjob_binary() -> &'static Path {
 }
 
 impl Harness for Process {
-    const KNOWS_UNWATCHED_EXIT: bool = false;
-
     async fn new(_test: &str) -> Self {
         testjob_binary();
         Process { dir: tempfile::tempdir().unwrap() }
     }
 
     fn runtime(&self, events: EventSender) -> Box<dyn Runtime> {
-        Box::new(ProcessRuntime::new(self.dir.path().to_path_buf(), events))
+        let supervisor = Launcher::standalone(env!("CARGO_BIN_EXE_cosmos-job-supervise").into());
+        Box::new(ProcessRuntime::new(self.dir.path().to_path_buf(), events, supervisor))
     }
 
     fn spec(&self, args: &[&str]) -> JobSpec {
@@ -268,8 +262,6 @@ struct Docker {
 }
 
 impl Harness for Docker {
-    const KNOWS_UNWATCHED_EXIT: bool = true;
-
     async fn new(test: &str) -> Self {
         let client = docker_client().await;
         check_image(&client).await;
@@ -377,8 +369,6 @@ fn exited(code: i32) -> ExitStatus {
 fn signalled(signal: i32) -> ExitStatus {
     ExitStatus { code: None, signal: Some(signal), oom_killed: false }
 }
-
-const UNKNOWN: ExitStatus = ExitStatus { code: None, signal: None, oom_killed: false };
 
 fn steps(n: u32) -> String {
     (1..=n).map(|i| cosmos_testjob::step_line(i, n)).collect()
@@ -597,11 +587,7 @@ async fn a_restarted_runtime_adopts_a_running_job<H: Harness>(test: &str) {
 
     let seen = run_to_end(&mut rx, AttemptId(1)).await;
     let status = seen.status();
-    if H::KNOWS_UNWATCHED_EXIT {
-        assert_eq!(status, &exited(0));
-    } else {
-        assert_eq!(status, &UNKNOWN, "not its parent: the exit code is not known");
-    }
+    assert_eq!(status, &exited(0), "the exit of a job this runtime did not start is known");
     let (_, outputs) = seen.exit.as_ref().unwrap();
     assert_eq!(outputs.iter().map(|o| o.path.as_str()).collect::<Vec<_>>(), ["done.txt"]);
     // The adopter reports the output from its start again; the files hold it once.
@@ -627,11 +613,7 @@ async fn an_adopted_job_can_be_stopped<H: Harness>(test: &str) {
     assert!(matches!(recovered.as_slice(), [Recovered { exited: None, .. }]), "{recovered:?}");
     second.stop(AttemptId(1), 120_000);
     let seen = run_to_end(&mut rx, AttemptId(1)).await;
-    if H::KNOWS_UNWATCHED_EXIT {
-        assert_eq!(seen.status(), &signalled(SIGTERM));
-    } else {
-        assert_eq!(seen.status(), &UNKNOWN);
-    }
+    assert_eq!(seen.status(), &signalled(SIGTERM));
     assert_no_leftovers(&h).await;
 }
 
@@ -660,13 +642,9 @@ async fn the_outputs_of_a_job_that_ended_unwatched_are_recovered<H: Harness>(tes
     let mut second = h.runtime(tx);
     let recovered = second.recover();
     assert_eq!(recovered.len(), 1, "{recovered:?}");
-    if H::KNOWS_UNWATCHED_EXIT {
-        // A clean exit seen after the fact still yields what it made, so the agent can deliver it.
-        let digest = Sha256(sha2::Sha256::digest(b"frames\n").into());
-        assert_eq!(recovered[0].outputs, vec![ArtifactRef { path: "video.mp4".into(), sha256: digest, size_bytes: 7 }]);
-    } else {
-        assert_eq!(recovered[0].outputs, vec![], "an exit of unknown status claims no outputs");
-    }
+    // A clean exit seen after the fact still yields what it made, so the agent can deliver it.
+    let digest = Sha256(sha2::Sha256::digest(b"frames\n").into());
+    assert_eq!(recovered[0].outputs, vec![ArtifactRef { path: "video.mp4".into(), sha256: digest, size_bytes: 7 }]);
     drop(second);
     assert_no_leftovers(&h).await;
 }
@@ -680,7 +658,7 @@ async fn a_job_that_ended_unwatched_is_reported_until_acknowledged<H: Harness>(t
     let recovered = second.recover();
     assert_eq!(recovered.len(), 1, "{recovered:?}");
     assert_eq!((recovered[0].attempt_id, recovered[0].job_id), (AttemptId(1), JobId(1001)));
-    let expected = if H::KNOWS_UNWATCHED_EXIT { exited(3) } else { UNKNOWN };
+    let expected = exited(3);
     assert_eq!(recovered[0].exited, Some(expected.clone()));
     assert_no_leftovers(&h).await;
     drop(second);

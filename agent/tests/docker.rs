@@ -454,6 +454,9 @@ mod daemon_on_docker {
             reconnect_max_ms: 500,
             runtime: RuntimeKind::Docker(agent.config()),
             cache_max_bytes: cosmos_agent::transfer::DEFAULT_CACHE_MAX_BYTES,
+            job_supervisor: cosmos_agent::supervise::Launcher::standalone(
+                env!("CARGO_BIN_EXE_cosmos-job-supervise").into(),
+            ),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(daemon::run(opts, async move {

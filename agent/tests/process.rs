@@ -3,6 +3,7 @@
 use cosmos_agent::core::{ExitStatus, Recovered, RuntimeEvent};
 use cosmos_agent::process::{ProcessRuntime, group_exists};
 use cosmos_agent::runtime::{EVENT_QUEUE_LEN, Runtime, StartRequest};
+use cosmos_agent::supervise::Launcher;
 use cosmos_proto::spec::{ArtifactRef, OutputArtifact};
 use cosmos_proto::{AttemptId, Epoch, JobId, JobSpec, LogStream, Sha256};
 use sha2::Digest;
@@ -15,7 +16,8 @@ use common::*;
 
 fn runtime(root: &Path) -> (ProcessRuntime, mpsc::Receiver<RuntimeEvent>) {
     let (tx, rx) = mpsc::channel(EVENT_QUEUE_LEN);
-    (ProcessRuntime::new(root.to_path_buf(), tx), rx)
+    let supervisor = Launcher::standalone(env!("CARGO_BIN_EXE_cosmos-job-supervise").into());
+    (ProcessRuntime::new(root.to_path_buf(), tx, supervisor), rx)
 }
 
 fn request(rt: &ProcessRuntime, id: u64, command: &[&str]) -> StartRequest {
@@ -285,10 +287,10 @@ async fn a_restarted_runtime_adopts_running_attempts_and_reports_finished_ones()
     assert_eq!(recovered[1].exited, Some(ExitStatus { code: Some(3), signal: None, oom_killed: false }));
     assert_eq!(second.live_attempts(), [AttemptId(1)]);
 
-    // The adopted attempt is stopped like any other; its exit code is not known.
+    // The adopted attempt is stopped like any other; its supervisor records how it ended.
     second.stop(AttemptId(1), 200);
     watch_until(&mut rx, AttemptId(1), &mut seen_long, |s| s.exit.is_some()).await;
-    assert_eq!(seen_long.status(), &ExitStatus { code: None, signal: None, oom_killed: false });
+    assert_eq!(seen_long.status(), &ExitStatus { code: None, signal: Some(libc::SIGTERM), oom_killed: false });
     assert!(!group_exists(pgid));
 
     // Acknowledged attempts are not reported again; the others are, now as ended.
@@ -298,6 +300,58 @@ async fn a_restarted_runtime_adopts_running_attempts_and_reports_finished_ones()
     let recovered = third.recover();
     assert_eq!(recovered.len(), 1, "{recovered:?}");
     assert_eq!(recovered[0].attempt_id, AttemptId(1));
-    assert_eq!(recovered[0].exited, Some(ExitStatus { code: None, signal: None, oom_killed: false }));
+    assert_eq!(recovered[0].exited, Some(ExitStatus { code: None, signal: Some(libc::SIGTERM), oom_killed: false }));
     assert!(dir.path().join("attempts/att-2/stdout.log").exists(), "logs stay on disk");
+}
+
+#[tokio::test]
+async fn a_job_whose_supervisor_is_killed_alone_is_killed_and_reported_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rt, mut rx) = runtime(dir.path());
+    rt.start(request(&rt, 1, &["sh", "-c", "echo \"job $$\"; sleep 60"]));
+    let mut seen = Seen::default();
+    wait_for_output(&mut rx, AttemptId(1), &mut seen, "\n").await;
+    let supervisor = pgid_of(seen.started.as_deref().unwrap());
+    let _guard = KillOnDrop(supervisor);
+    let out = String::from_utf8(seen.stream(LogStream::Stdout)).unwrap();
+    let job: i32 = out.trim().strip_prefix("job ").unwrap().parse().unwrap();
+    assert_ne!(job, supervisor, "the job runs under its supervisor");
+
+    // SAFETY: kill(2) on the supervisor this test's runtime started.
+    unsafe { libc::kill(supervisor, libc::SIGKILL) };
+    watch_until(&mut rx, AttemptId(1), &mut seen, |s| s.exit.is_some()).await;
+    assert_eq!(seen.status(), &ExitStatus { code: None, signal: None, oom_killed: false }, "no record: lost");
+    eventually("the orphaned job is killed with its group", || !alive(job)).await;
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rt.attempt_dir(AttemptId(1)).join("exit.json")).unwrap()).unwrap();
+    assert_eq!(record, serde_json::json!({ "code": null, "signal": null }), "a restarted agent does not look again");
+}
+
+#[tokio::test]
+async fn the_supervisor_names_no_gpu_and_holds_none_of_the_agents_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rt, mut rx) = runtime(dir.path());
+    // A descriptor the agent holds without close-on-exec, as a careless library might leave one.
+    let leaked = std::fs::File::open("/dev/null").unwrap();
+    let leaked_fd = std::os::fd::AsRawFd::as_raw_fd(&leaked);
+    // SAFETY: clears FD_CLOEXEC on a descriptor this test owns.
+    unsafe { libc::fcntl(leaked_fd, libc::F_SETFD, 0) };
+    rt.start(request(&rt, 1, &["sh", "-c", "echo ready; sleep 60"]));
+    let mut seen = Seen::default();
+    wait_for_output(&mut rx, AttemptId(1), &mut seen, "ready").await;
+    let supervisor = pgid_of(seen.started.as_deref().unwrap());
+    let _guard = KillOnDrop(supervisor);
+
+    let environ = std::fs::read(format!("/proc/{supervisor}/environ")).unwrap();
+    let vars: Vec<String> = environ.split(|&b| b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+    assert!(vars.iter().all(|v| !v.starts_with("CUDA_VISIBLE_DEVICES=")), "{vars:?}");
+    assert!(vars.iter().any(|v| v == "COSMOS_ATTEMPT_ID=att-1"), "{vars:?}");
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{supervisor}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut fds: Vec<i32> = fds.iter().map(|f| f.parse().unwrap()).collect();
+    fds.sort();
+    assert_eq!(fds, [0, 1, 2], "the supervisor keeps only its standard descriptors");
+    drop(leaked);
 }

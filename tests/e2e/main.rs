@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 mod artifacts;
 mod cli;
 mod failstop;
+mod restart;
 mod security;
 mod cosmos;
 
