@@ -6,4 +6,4 @@ pub mod docker;
 pub mod process;
 pub mod runtime;
 pub mod simulated;
-pub mod transfer;
+pub mod blobs;

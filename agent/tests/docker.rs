@@ -453,7 +453,7 @@ mod daemon_on_docker {
             reconnect_min_ms: 50,
             reconnect_max_ms: 500,
             runtime: RuntimeKind::Docker(agent.config()),
-            cache_max_bytes: cosmos_agent::transfer::DEFAULT_CACHE_MAX_BYTES,
+            cache_max_bytes: cosmos_agent::blobs::DEFAULT_CACHE_MAX_BYTES,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(daemon::run(opts, async move {
