@@ -24,8 +24,8 @@ use cosmos_proto::{
     MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN, Sha256, encode_blob, encode_blob_chunk_into,
     spec::{ArtifactRef, InputArtifact},
 };
-use machine::{Commit, Event, Flow, FlowError, Resolution, Transmit};
 pub use machine::{BLOB_STALL_TIMEOUT_MS, DOWNLOAD_DIGEST_TRIES_MAX, UPLOAD_TRIES_MAX};
+use machine::{Commit, Event, Flow, FlowError, Resolution, Transmit};
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

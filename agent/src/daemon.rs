@@ -720,8 +720,7 @@ impl Shell {
                 Output::Stage { attempt_id, inputs } => {
                     let work_dir = crate::runtime::attempt_dir(&self.attempts_root, attempt_id);
                     tracing::info!(attempt = %attempt_id, inputs = inputs.len(), "staging inputs");
-                    let _ =
-                        self.blobs.commands.send(crate::blobs::Command::Stage { attempt_id, work_dir, inputs });
+                    let _ = self.blobs.commands.send(crate::blobs::Command::Stage { attempt_id, work_dir, inputs });
                 }
                 Output::AbortStage { attempt_id } => {
                     let _ = self.blobs.commands.send(crate::blobs::Command::AbortStage { attempt_id });
@@ -729,11 +728,7 @@ impl Shell {
                 Output::Upload { attempt_id, outputs } => {
                     let work_dir = crate::runtime::attempt_dir(&self.attempts_root, attempt_id);
                     tracing::info!(attempt = %attempt_id, outputs = outputs.len(), "delivering outputs");
-                    let _ = self.blobs.commands.send(crate::blobs::Command::Upload {
-                        attempt_id,
-                        work_dir,
-                        outputs,
-                    });
+                    let _ = self.blobs.commands.send(crate::blobs::Command::Upload { attempt_id, work_dir, outputs });
                 }
                 Output::AbortUpload { attempt_id } => {
                     let _ = self.blobs.commands.send(crate::blobs::Command::AbortUpload { attempt_id });

@@ -1,9 +1,9 @@
 //! The agent: runs attempts on a GPU host.
 
+pub mod blobs;
 pub mod core;
 pub mod daemon;
 pub mod docker;
 pub mod process;
 pub mod runtime;
 pub mod simulated;
-pub mod blobs;

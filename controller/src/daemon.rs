@@ -427,7 +427,12 @@ impl CoreActor {
     /// A succeeded prompt enhancement whose delivered stdout holds no
     /// `Upsampled prompt:` line has no result: it fails, terminally, saying so.
     /// (The core fails a success whose outputs are not in the blob store itself.)
-    fn guard_run_outcome(&self, attempt_id: AttemptId, outcome: &mut cosmos_proto::AttemptOutcome, facts: &OutputFacts) {
+    fn guard_run_outcome(
+        &self,
+        attempt_id: AttemptId,
+        outcome: &mut cosmos_proto::AttemptOutcome,
+        facts: &OutputFacts,
+    ) {
         use crate::transfer::{ENHANCE_RESULT, RunKind, UPSAMPLED_PREFIX, labels};
         let cosmos_proto::AttemptOutcome::Succeeded { outputs } = &*outcome else { return };
         let Some(job) = self.core.attempt(attempt_id).and_then(|a| self.core.job(a.job_id)).map(|(j, _, _)| j) else {
@@ -606,9 +611,12 @@ impl Handler<Persist> for CoreActor {
     type Result = MessageResult<Persist>;
     fn handle(&mut self, Persist(ops): Persist, _: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
-        self.perform(vec![Output::Persist(ops)], Some(Box::new(move || {
-            let _ = tx.send(());
-        })));
+        self.perform(
+            vec![Output::Persist(ops)],
+            Some(Box::new(move || {
+                let _ = tx.send(());
+            })),
+        );
         MessageResult(rx)
     }
 }

@@ -7,11 +7,11 @@
 
 use cosmos_controller::core::{CommandError, ConnId, Core, CoreConfig, Health, HeldBlobs, Now, Output, SubmitError};
 use cosmos_controller::model::{AgentRecord, AttemptRecord, AttemptState, JobRecord, JobState, Snapshot, StoreOp};
+use cosmos_proto::spec::ArtifactRef;
 use cosmos_proto::{
     AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, AttemptReport, ControllerMsg, Epoch,
     GpuInfo, GpuUsage, Heartbeat, JobId, JobSpec, Sha256,
 };
-use cosmos_proto::spec::ArtifactRef;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 const GIB: u64 = 1 << 30;

@@ -94,11 +94,7 @@ impl Scenario {
     /// Only the controller's wall clock is stepped, often, by minutes: nothing
     /// else goes wrong, so nothing may be lost or retried.
     pub fn clock_steps() -> Scenario {
-        Scenario {
-            faults: Faults { clock_steps: true, ..Faults::default() },
-            fault_gap_ms: 1_000,
-            ..Scenario::ci()
-        }
+        Scenario { faults: Faults { clock_steps: true, ..Faults::default() }, fault_gap_ms: 1_000, ..Scenario::ci() }
     }
 
     /// No faults at all: the happy path.

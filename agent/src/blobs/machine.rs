@@ -662,8 +662,7 @@ impl Flow {
     /// `sha256` cannot be had: every stage waiting for it fails.
     fn fail(&mut self, sha256: Sha256, failure: StageFailure) {
         tracing::warn!(%sha256, reason = %failure.reason, retryable = failure.retryable, "staging an input failed");
-        let failed: Vec<AttemptId> =
-            self.stages.iter().filter(|(_, p)| p.contains(&sha256)).map(|(a, _)| *a).collect();
+        let failed: Vec<AttemptId> = self.stages.iter().filter(|(_, p)| p.contains(&sha256)).map(|(a, _)| *a).collect();
         for attempt_id in failed {
             self.stages.remove(&attempt_id);
             self.events.push_back(Event::StageFailed { attempt_id, failure: failure.clone() });
