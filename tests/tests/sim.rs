@@ -41,7 +41,15 @@ fn invariants_hold_under_all_faults() {
         ] {
             assert!(kinds.contains(kind), "no run injected `{kind}`: {kinds:?}");
         }
-        for kind in ["staging failure", "delivery failure"] {
+        // The blob machines met damaged chunks, unanswered reads and failed stores, and gave up where they must.
+        for kind in [
+            "staging failure",
+            "delivery failure",
+            "chunk corruption",
+            "blob read failure",
+            "cache write failure",
+            "blob store full",
+        ] {
             assert!(kinds.contains(kind), "no run injected `{kind}`: {kinds:?}");
         }
         for kind in ["stage", "upload", "stage aborted", "upload aborted"] {
