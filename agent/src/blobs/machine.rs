@@ -318,7 +318,10 @@ impl Flow {
             u.last_progress_ms = now_ms;
             self.control.push_back(Transmit::Offer { sha256: *sha256, size_bytes: u.size });
         }
-        for d in self.downloads.values_mut() {
+        for (sha256, d) in self.downloads.iter_mut() {
+            if d.end > 0 && !d.committing {
+                tracing::info!(%sha256, resume_at_bytes = d.end, size_bytes = d.size, "resuming an input download");
+            }
             d.last_progress_ms = now_ms;
         }
     }
