@@ -292,7 +292,7 @@ impl Engine {
                     Some(cmd) => self.command(cmd),
                     None => return,
                 },
-                Some(blob) = wire.recv() => self.from_controller(blob),
+                Some(blob) = wire.recv() => self.on_controller_blob(blob),
                 Some(result) = bg.recv() => self.background(result),
                 _ = tokio::time::sleep_until(wake) => {
                     let now = self.now_ms();
@@ -546,7 +546,7 @@ impl Engine {
         Writer { id, queue: Some(tx) }
     }
 
-    fn from_controller(&mut self, blob: ControllerBlob) {
+    fn on_controller_blob(&mut self, blob: ControllerBlob) {
         let now = self.now_ms();
         match blob {
             ControllerBlob::Chunk(chunk) => {
@@ -582,7 +582,7 @@ impl Engine {
                 }
             }
             Bg::Committed(sha256, id, result) => {
-                if !self.writers.get(&sha256).is_some_and(|w| w.id == id) {
+                if self.writers.get(&sha256).is_none_or(|w| w.id != id) {
                     return;
                 }
                 self.writers.remove(&sha256);

@@ -1743,7 +1743,7 @@ pub fn run_seed(scenario: &Scenario, seed: u64) -> Report {
 }
 
 /// What the simulated blob store holds of `wanted`.
-fn held_of<'a>(store: &SimCas, wanted: Vec<&'a ArtifactRef>) -> HeldBlobs {
+fn held_of(store: &SimCas, wanted: Vec<&ArtifactRef>) -> HeldBlobs {
     let mut held = HeldBlobs::none();
     for o in wanted {
         if store.blobs.get(&o.sha256) == Some(&o.size_bytes) {
