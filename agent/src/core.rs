@@ -199,7 +199,7 @@ pub enum StopReason {
 
 /// An attempt's files in flight, around the container's life.
 #[derive(Clone, Debug)]
-enum Transfer {
+enum BlobWork {
     /// Inputs are being fetched; the container starts once they are in place.
     Staging { epoch: Epoch, spec: Box<JobSpec> },
     /// The container exited cleanly; success is reported once the outputs are safe at the controller.
@@ -222,7 +222,7 @@ struct Attempt {
     deadline_ms: Option<u64>,
     timeout_ms: u64,
     stop: Option<(StopReason, u64)>,
-    transfer: Option<Transfer>,
+    blob_work: Option<BlobWork>,
     /// Memory in use on each GPU before the attempt, to check its release.
     baselines: Vec<(String, u64)>,
 }
@@ -308,7 +308,7 @@ impl AgentCore {
                             deadline_ms: r.remaining_ms.map(|left| now_ms.saturating_add(left)),
                             timeout_ms: r.remaining_ms.unwrap_or(0),
                             stop: None,
-                            transfer: None,
+                            blob_work: None,
                             baselines: Vec::new(),
                         },
                     );
@@ -332,7 +332,7 @@ impl AgentCore {
                                 deadline_ms: None,
                                 timeout_ms: 0,
                                 stop: None,
-                                transfer: Some(Transfer::Uploading { outputs: outputs.clone(), deadline_ms }),
+                                blob_work: Some(BlobWork::Uploading { outputs: outputs.clone(), deadline_ms }),
                                 baselines: Vec::new(),
                             },
                         );
@@ -359,9 +359,9 @@ impl AgentCore {
             attempts: self.reports(),
             incarnation: self.incarnation,
         })));
-        // Delivery needs the link; the transfer engine keeps retrying across later reconnects itself.
+        // Delivery needs the link; the blob engine keeps retrying across later reconnects itself.
         for (attempt_id, outputs) in std::mem::take(&mut self.recovered_uploads) {
-            if self.attempts.get(&attempt_id).is_some_and(|a| matches!(a.transfer, Some(Transfer::Uploading { .. }))) {
+            if self.attempts.get(&attempt_id).is_some_and(|a| matches!(a.blob_work, Some(BlobWork::Uploading { .. }))) {
                 out.push(Output::Upload { attempt_id, outputs });
             }
         }
@@ -456,12 +456,12 @@ impl AgentCore {
             deadline_ms: Some(now_ms.saturating_add(a.spec.timeout_ms)),
             timeout_ms: a.spec.timeout_ms,
             stop: None,
-            transfer: None,
+            blob_work: None,
             baselines,
         };
         if !a.spec.inputs.is_empty() {
             let inputs = a.spec.inputs.clone();
-            att.transfer = Some(Transfer::Staging { epoch: a.epoch, spec: Box::new(a.spec) });
+            att.blob_work = Some(BlobWork::Staging { epoch: a.epoch, spec: Box::new(a.spec) });
             self.attempts.insert(a.attempt_id, att);
             out.push(Output::Stage { attempt_id: a.attempt_id, inputs });
             return;
@@ -505,9 +505,9 @@ impl AgentCore {
         if att.stop.is_some() {
             return; // Already stopping; the first stop's grace holds.
         }
-        // Nothing runs while files are in flight: abort the transfer and finish now, no runtime stop.
-        match &att.transfer {
-            Some(Transfer::Staging { .. }) => {
+        // Nothing runs while files are in flight: abort the blob work and finish now, no runtime stop.
+        match &att.blob_work {
+            Some(BlobWork::Staging { .. }) => {
                 out.push(Output::AbortStage { attempt_id });
                 let outcome = match reason {
                     StopReason::Cancel | StopReason::Fenced => AttemptOutcome::Cancelled,
@@ -523,7 +523,7 @@ impl AgentCore {
                 self.ended(now_ms, attempt_id, outcome, out);
                 return;
             }
-            Some(Transfer::Uploading { .. }) => {
+            Some(BlobWork::Uploading { .. }) => {
                 out.push(Output::AbortUpload { attempt_id });
                 self.ended(now_ms, attempt_id, AttemptOutcome::Cancelled, out);
                 return;
@@ -543,12 +543,12 @@ impl AgentCore {
         out: &mut Vec<Output>,
     ) {
         let Some(att) = self.attempts.get_mut(&attempt_id) else { return };
-        if !matches!(att.transfer, Some(Transfer::Staging { .. })) {
+        if !matches!(att.blob_work, Some(BlobWork::Staging { .. })) {
             return; // A late or duplicate answer.
         }
         match result {
             Ok(()) => {
-                let Some(Transfer::Staging { epoch, spec }) = att.transfer.take() else { return };
+                let Some(BlobWork::Staging { epoch, spec }) = att.blob_work.take() else { return };
                 out.push(Output::Start {
                     attempt_id,
                     job_id: att.job_id,
@@ -573,10 +573,10 @@ impl AgentCore {
         out: &mut Vec<Output>,
     ) {
         let Some(att) = self.attempts.get_mut(&attempt_id) else { return };
-        if !matches!(att.transfer, Some(Transfer::Uploading { .. })) {
+        if !matches!(att.blob_work, Some(BlobWork::Uploading { .. })) {
             return; // A late or duplicate answer.
         }
-        let Some(Transfer::Uploading { outputs, .. }) = att.transfer.take() else { return };
+        let Some(BlobWork::Uploading { outputs, .. }) = att.blob_work.take() else { return };
         let outcome = match result {
             Ok(()) => AttemptOutcome::Succeeded { outputs },
             Err(e) => undelivered(&e),
@@ -594,7 +594,7 @@ impl AgentCore {
                 }
             }
             RuntimeEvent::StartFailed { attempt_id, reason, retryable } => {
-                if self.attempts.get(&attempt_id).is_some_and(|a| a.transfer.is_some()) {
+                if self.attempts.get(&attempt_id).is_some_and(|a| a.blob_work.is_some()) {
                     return; // Nothing was started for it, or it already ended: not this attempt's news.
                 }
                 let outcome = AttemptOutcome::Failed { exit_code: None, reason, retryable };
@@ -616,7 +616,7 @@ impl AgentCore {
             }
             RuntimeEvent::Exited { attempt_id, status, outputs } => {
                 let Some(att) = self.attempts.get_mut(&attempt_id) else { return };
-                if att.transfer.is_some() {
+                if att.blob_work.is_some() {
                     return; // Not running: a duplicate exit, or news for a container it never had.
                 }
                 let stop = att.stop.map(|(reason, _)| (reason, att.timeout_ms));
@@ -631,7 +631,7 @@ impl AgentCore {
                         }
                         att.progress.0 = att.progress.1;
                         let deadline_ms = now_ms.saturating_add(self.config.upload_timeout_ms);
-                        att.transfer = Some(Transfer::Uploading { outputs: outputs.clone(), deadline_ms });
+                        att.blob_work = Some(BlobWork::Uploading { outputs: outputs.clone(), deadline_ms });
                         out.push(Output::Upload { attempt_id, outputs });
                     }
                     outcome => self.ended(now_ms, attempt_id, outcome, out),
@@ -723,7 +723,7 @@ impl AgentCore {
         let mut force = Vec::new();
         let mut undelivered_ids = Vec::new();
         for (&id, att) in &self.attempts {
-            if let Some(Transfer::Uploading { deadline_ms, .. }) = att.transfer {
+            if let Some(BlobWork::Uploading { deadline_ms, .. }) = att.blob_work {
                 // The job's own timeout no longer applies: it finished; only the delivery is bounded.
                 if now_ms >= deadline_ms {
                     undelivered_ids.push(id);
@@ -770,9 +770,9 @@ impl AgentCore {
         let live = self.attempts.iter().map(|(&attempt_id, att)| AttemptReport {
             attempt_id,
             phase: match (att.stop, att.started) {
-                _ if matches!(att.transfer, Some(Transfer::Staging { .. })) => AttemptPhase::Starting,
+                _ if matches!(att.blob_work, Some(BlobWork::Staging { .. })) => AttemptPhase::Starting,
                 // Still live so the controller keeps it, and shown as done running.
-                _ if matches!(att.transfer, Some(Transfer::Uploading { .. })) => {
+                _ if matches!(att.blob_work, Some(BlobWork::Uploading { .. })) => {
                     AttemptPhase::Running { step: att.progress.1, total: att.progress.1 }
                 }
                 (Some(_), _) => AttemptPhase::Stopping,
@@ -1038,7 +1038,7 @@ mod tests {
         assert!(out.contains(&Output::AbortStage { attempt_id: ATT }));
         assert!(!out.iter().any(|o| matches!(o, Output::Stop { .. })));
         assert_eq!(finished(&out), Some(AttemptOutcome::Cancelled));
-        // The transfer engine's late answer is ignored.
+        // The blob engine's late answer is ignored.
         let mut out = Vec::new();
         core.on_staged(4, ATT, Ok(()), &mut out);
         assert!(out.is_empty(), "{out:?}");
@@ -1260,7 +1260,7 @@ Root Cause (first observed failure):
     }
 
     #[test]
-    fn transfers_survive_a_reconnect_and_nothing_is_reissued() {
+    fn blob_work_survives_a_reconnect_and_nothing_is_reissued() {
         let mut core = core();
         assign(&mut core, 0, spec(1));
         core.disconnected();

@@ -35,7 +35,7 @@ const READER_QUEUE_LEN: usize = 64;
 /// Encoded blob frames handed to the writer task; it sends them only when no message waits.
 const BULK_QUEUE_LEN: usize = 4;
 /// Messages the writer sends in a row while a blob frame waits, before it sends that one:
-/// a job that logs without pause must not starve transfers.
+/// a job that logs without pause must not starve blob traffic.
 const CONTROL_BURST_MAX: u32 = 8;
 /// How long shutdown waits for queued messages to reach the socket.
 const CLOSE_TIMEOUT_MS: u64 = 2_000;
@@ -199,7 +199,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let cache_dir = attempts_root.join("cache");
     let cache = cosmos_cas::Store::open(&cache_dir)
         .map_err(|e| AgentError::WorkDir { path: cache_dir.clone(), source: std::io::Error::other(e.to_string()) })?;
-    let (transfers, transfers_done) = crate::transfer::spawn(std::sync::Arc::new(cache), opts.cache_max_bytes);
+    let (blobs, blobs_done) = crate::blobs::spawn(std::sync::Arc::new(cache), opts.cache_max_bytes);
     let recovered = runtime.as_dyn().recover();
     let adopted = recovered.iter().filter(|r| r.exited.is_none()).count();
     tracing::info!(
@@ -233,9 +233,9 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         backoff,
         reaping: None,
         docker_healthy: None,
-        transfers,
+        blobs,
     };
-    shell.run(event_rx, transfers_done, shutdown).await
+    shell.run(event_rx, blobs_done, shutdown).await
 }
 
 /// Parses `--simulated-gpus COUNTxSIZE`, e.g. `8x80GiB` or `2x24GB`.
@@ -306,7 +306,7 @@ struct Link {
 type Incoming = mpsc::Receiver<Result<ControllerMsg, RecvError>>;
 
 impl Link {
-    /// Blob frames from the controller go straight to the transfer engine's
+    /// Blob frames from the controller go straight to the blob engine's
     /// `wire`, never through the main loop; the returned sender is the writer's bulk queue.
     fn open(
         conn: Connection<TcpStream>,
@@ -468,8 +468,8 @@ struct Shell {
     reaping: Option<JoinHandle<()>>,
     /// Whether the Docker daemon answered the last ping (`None`: none answered yet).
     docker_healthy: Option<bool>,
-    /// The transfer engine (inputs in, outputs out).
-    transfers: crate::transfer::Handle,
+    /// The blob engine (inputs in, outputs out).
+    blobs: crate::blobs::Handle,
 }
 
 impl Shell {
@@ -500,7 +500,7 @@ impl Shell {
     async fn run(
         mut self,
         mut events: mpsc::Receiver<crate::core::RuntimeEvent>,
-        mut transfers_done: mpsc::UnboundedReceiver<crate::transfer::Done>,
+        mut blobs_done: mpsc::UnboundedReceiver<crate::blobs::Done>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AgentError> {
         let mut shutdown = pin!(shutdown);
@@ -550,8 +550,8 @@ impl Shell {
                             failures = 0;
                             last_failure = None;
                             self.backoff.reset();
-                            let (link, rx, bulk) = Link::open(conn, self.transfers.wire.clone());
-                            let _ = self.transfers.commands.send(crate::transfer::Command::LinkUp { bulk });
+                            let (link, rx, bulk) = Link::open(conn, self.blobs.wire.clone());
+                            let _ = self.blobs.commands.send(crate::blobs::Command::LinkUp { bulk });
                             self.link = Some(link);
                             incoming = Some(rx);
                             self.outbox.clear();
@@ -596,8 +596,8 @@ impl Shell {
                                 for &id in attempt_ids {
                                     self.runtime.as_dyn().acknowledged(id);
                                     // Its inputs leave its directory, so the cache can evict them.
-                                    let release = crate::transfer::Command::Release { attempt_id: id };
-                                    let _ = self.transfers.commands.send(release);
+                                    let release = crate::blobs::Command::Release { attempt_id: id };
+                                    let _ = self.blobs.commands.send(release);
                                 }
                             }
                             let reconcile = matches!(msg, ControllerMsg::Reconcile { .. });
@@ -621,13 +621,13 @@ impl Shell {
                         Err(_) => lost = Some("sending to the controller failed".into()),
                     }
                 }
-                Some(done) = transfers_done.recv() => {
+                Some(done) = blobs_done.recv() => {
                     let now = self.now_ms();
                     match done {
-                        crate::transfer::Done::Staged { attempt_id, result } => {
+                        crate::blobs::Done::Staged { attempt_id, result } => {
                             self.core.on_staged(now, attempt_id, result, &mut out)
                         }
-                        crate::transfer::Done::Uploaded { attempt_id, result } => {
+                        crate::blobs::Done::Uploaded { attempt_id, result } => {
                             self.core.on_uploaded(now, attempt_id, result, &mut out)
                         }
                     }
@@ -666,7 +666,7 @@ impl Shell {
                 if let Some(link) = self.link.take() {
                     tracing::warn!(controller = self.opts.controller_addr, %reason, "lost the controller; reconnecting");
                     link.abort();
-                    let _ = self.transfers.commands.send(crate::transfer::Command::LinkDown);
+                    let _ = self.blobs.commands.send(crate::blobs::Command::LinkDown);
                     self.core.disconnected();
                     self.outbox.clear();
                     next_dial = Instant::now() + self.backoff.next_delay();
@@ -725,23 +725,18 @@ impl Shell {
                 Output::Stage { attempt_id, inputs } => {
                     let work_dir = crate::runtime::attempt_dir(&self.attempts_root, attempt_id);
                     tracing::info!(attempt = %attempt_id, inputs = inputs.len(), "staging inputs");
-                    let _ =
-                        self.transfers.commands.send(crate::transfer::Command::Stage { attempt_id, work_dir, inputs });
+                    let _ = self.blobs.commands.send(crate::blobs::Command::Stage { attempt_id, work_dir, inputs });
                 }
                 Output::AbortStage { attempt_id } => {
-                    let _ = self.transfers.commands.send(crate::transfer::Command::AbortStage { attempt_id });
+                    let _ = self.blobs.commands.send(crate::blobs::Command::AbortStage { attempt_id });
                 }
                 Output::Upload { attempt_id, outputs } => {
                     let work_dir = crate::runtime::attempt_dir(&self.attempts_root, attempt_id);
                     tracing::info!(attempt = %attempt_id, outputs = outputs.len(), "delivering outputs");
-                    let _ = self.transfers.commands.send(crate::transfer::Command::Upload {
-                        attempt_id,
-                        work_dir,
-                        outputs,
-                    });
+                    let _ = self.blobs.commands.send(crate::blobs::Command::Upload { attempt_id, work_dir, outputs });
                 }
                 Output::AbortUpload { attempt_id } => {
-                    let _ = self.transfers.commands.send(crate::transfer::Command::AbortUpload { attempt_id });
+                    let _ = self.blobs.commands.send(crate::blobs::Command::AbortUpload { attempt_id });
                 }
             }
         }

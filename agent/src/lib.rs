@@ -1,5 +1,6 @@
 //! The agent: runs attempts on a GPU host.
 
+pub mod blobs;
 pub mod core;
 pub mod daemon;
 pub mod docker;
@@ -8,4 +9,3 @@ pub mod process;
 pub mod runtime;
 pub mod simulated;
 pub mod supervise;
-pub mod transfer;

@@ -32,7 +32,7 @@ fn options(addr: String, token: &str, work_dir: &Path) -> AgentOptions {
         reconnect_min_ms: 50,
         reconnect_max_ms: 500,
         runtime: daemon::RuntimeKind::Process,
-        cache_max_bytes: cosmos_agent::transfer::DEFAULT_CACHE_MAX_BYTES,
+        cache_max_bytes: cosmos_agent::blobs::DEFAULT_CACHE_MAX_BYTES,
         job_supervisor: cosmos_agent::supervise::Launcher::standalone(
             env!("CARGO_BIN_EXE_cosmos-job-supervise").into(),
         ),

@@ -453,7 +453,7 @@ mod daemon_on_docker {
             reconnect_min_ms: 50,
             reconnect_max_ms: 500,
             runtime: RuntimeKind::Docker(agent.config()),
-            cache_max_bytes: cosmos_agent::transfer::DEFAULT_CACHE_MAX_BYTES,
+            cache_max_bytes: cosmos_agent::blobs::DEFAULT_CACHE_MAX_BYTES,
             job_supervisor: cosmos_agent::supervise::Launcher::standalone(
                 env!("CARGO_BIN_EXE_cosmos-job-supervise").into(),
             ),

@@ -233,7 +233,13 @@ fn passes(c: &mut Criterion) {
     out.clear();
     let holder = core.live_attempts().find(|a| a.agent == name(host) && a.gpu_uuids == [gpu0.clone()]).unwrap().id;
     let outcome = AttemptOutcome::Succeeded { outputs: Vec::new() };
-    core.on_message(NOW, conn(host), AgentMsg::AttemptFinished { attempt_id: holder, outcome }, &HeldBlobs::none(), &mut out);
+    core.on_message(
+        NOW,
+        conn(host),
+        AgentMsg::AttemptFinished { attempt_id: holder, outcome },
+        &HeldBlobs::none(),
+        &mut out,
+    );
     assert!(!out.iter().any(|o| matches!(o, Output::Send { msg: ControllerMsg::Assign(_), .. })));
     out.clear();
     assert_eq!(core.queue_depth(), queued);

@@ -9,13 +9,19 @@
 //! pool, downloads on one reader thread per connection that reads, checksums
 //! and encodes the requested chunks one after the other into the bulk queue, so
 //! the next chunk is read while the writer sends the last one.
+//!
+//! What to answer is [`machine`]'s to decide (a state machine with no I/O that
+//! the simulator drives too); this module does the file work around it.
+
+pub mod machine;
 
 /// The store blobs live in, for callers that fill the controller's store directly (tests, tools).
 pub use cosmos_cas::{CasError, Store};
 use cosmos_proto::{
-    AgentBlob, BLOB_CHUNK_BYTES, BlobChunk, ControllerBlob,
-    MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN, Sha256, encode_blob, encode_controller_chunk_into,
+    AgentBlob, BlobChunk, ControllerBlob, MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN, Sha256, encode_blob,
+    encode_controller_chunk_into,
 };
+use machine::{Appended, ChunkAction, Intake, OfferAction, Serve};
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::Arc;
@@ -29,8 +35,6 @@ pub const BLOB_INBOX_LEN: usize = 4 * MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN + 16;
 pub const BULK_QUEUE_LEN: usize = 4;
 /// Blobs kept open per connection for serving ranges.
 const OPEN_FILES_MAX: usize = 16;
-/// Uploads one connection keeps announced and unfinished; past it the least recently active is forgotten.
-const UPLOADS_MAX: usize = 256;
 /// Download requests waiting for the connection's reader thread.
 const READ_QUEUE_LEN: usize = BLOB_INBOX_LEN;
 
@@ -53,7 +57,7 @@ pub async fn serve(
         }
     }
     let (commits_tx, mut commits) = mpsc::unbounded_channel();
-    let mut conn = BlobConn { store, agent, uploads: HashMap::new(), activity: 0, commits: commits_tx };
+    let mut conn = BlobConn { store, agent, intake: Intake::new(), commits: commits_tx };
     loop {
         let reply = tokio::select! {
             blob = inbox.recv() => match blob {
@@ -81,28 +85,16 @@ pub async fn serve(
 struct BlobConn {
     store: Arc<Store>,
     agent: String,
-    /// Announced uploads, by digest.
-    uploads: HashMap<Sha256, Incoming>,
-    /// Counts the connection's upload frames: an upload's last activity (the least recent goes first when full).
-    activity: u64,
+    /// What to answer, decided without I/O.
+    intake: Intake,
     /// Where detached commits report.
     commits: mpsc::UnboundedSender<Commit>,
-}
-
-/// An upload the agent announced and has not finished.
-struct Incoming {
-    size_bytes: u64,
-    last_active: u64,
-    /// Its complete partial file is being verified and installed off this task; the result answers.
-    committing: bool,
 }
 
 /// A finished commit, for the blob task to answer.
 struct Commit {
     sha256: Sha256,
     size_bytes: u64,
-    /// Started by an offer that found the whole blob already there (rather than by its last chunk).
-    on_offer: bool,
     result: Result<(), CasError>,
 }
 
@@ -142,27 +134,22 @@ impl Reader {
     /// failures (too many open files, permissions, I/O) may pass: they answer nothing,
     /// and the agent asks again when its request stalls.
     fn read(&mut self, sha256: Sha256, offset: u64, len_bytes: u32) -> Option<Vec<u8>> {
-        let len = len_bytes.min(BLOB_CHUNK_BYTES) as usize;
-        let mut buf = std::mem::take(&mut self.buf);
         let agent = self.agent.clone();
-        let file = match self.file(&sha256) {
-            Ok(file) => file,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.buf = buf;
-                return missing(
-                    sha256,
-                    "the controller's blob store does not hold it; upload it to the controller first",
-                );
-            }
+        let size = match self.file(&sha256).and_then(|f| f.metadata()) {
+            Ok(m) => Some(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
-                self.buf = buf;
                 tracing::warn!(agent, %sha256, error = %e, "cannot open a blob for an agent; it will ask again");
                 return None;
             }
         };
-        let read = read_range_into(file, offset, len, &mut buf);
+        let (offset, len) = match machine::serve(sha256, offset, len_bytes, size) {
+            Serve::Reply(blob) => return encoded(&blob),
+            Serve::Read { offset, len_bytes } => (offset, len_bytes as usize),
+        };
+        let mut buf = std::mem::take(&mut self.buf);
+        let read = self.file(&sha256).and_then(|file| read_range_into(file, offset, len, &mut buf));
         let reply = match read {
-            Ok(()) if buf.is_empty() && len > 0 => missing(sha256, &format!("the blob ends before byte {offset}")),
             Ok(()) => {
                 let mut payload = Vec::new();
                 match encode_controller_chunk_into(sha256, offset, &buf, &mut payload) {
@@ -174,7 +161,7 @@ impl Reader {
                 }
             }
             Err(e) => {
-                tracing::warn!(agent = self.agent, %sha256, error = %e, "cannot read a blob for an agent; it will ask again");
+                tracing::warn!(agent, %sha256, error = %e, "cannot read a blob for an agent; it will ask again");
                 self.files.remove(&sha256);
                 None
             }
@@ -211,59 +198,34 @@ fn encoded(blob: &ControllerBlob) -> Option<Vec<u8>> {
     }
 }
 
-fn missing(sha256: Sha256, reason: &str) -> Option<Vec<u8>> {
-    encoded(&ControllerBlob::Missing { sha256, reason: reason.to_string() })
-}
-
 impl BlobConn {
     fn offer(&mut self, sha256: Sha256, size_bytes: u64) -> Option<Vec<u8>> {
-        if self.store.size(&sha256) == Some(size_bytes) {
-            return encoded(&ControllerBlob::Stored { sha256 });
-        }
-        if size_bytes == 0 {
-            // No chunk will follow an empty blob: store it now.
-            return match self.store.put_reader(&[][..], Some(&sha256)) {
-                Ok(_) => encoded(&ControllerBlob::Stored { sha256 }),
-                Err(e) => encoded(&ControllerBlob::Refused { sha256, reason: e.to_string(), retryable: false }),
-            };
-        }
-        self.activity += 1;
-        if let Some(u) = self.uploads.get_mut(&sha256) {
-            u.last_active = self.activity;
-            if u.committing {
-                // Offered again while its commit runs (the agent saw no answer for a while): the commit answers.
-                return None;
+        let (stored, partial) = (self.store.size(&sha256), self.store.partial_len(&sha256));
+        match self.intake.on_offer(sha256, size_bytes, stored, partial) {
+            OfferAction::Reply(blob) => encoded(&blob),
+            OfferAction::DiscardThenReply(blob) => {
+                self.store.discard_partial(&sha256);
+                encoded(&blob)
             }
-        } else if self.uploads.len() >= UPLOADS_MAX {
-            // Uploads the agent gave up on (cancelled, fenced, timed out) leave no word: the least
-            // recently active one goes, and its partial file stays for whoever offers it again.
-            let stale = self.uploads.iter().filter(|(_, u)| !u.committing).min_by_key(|(_, u)| u.last_active);
-            if let Some((&stale, _)) = stale {
-                tracing::info!(agent = self.agent, sha256 = %stale, "forgetting the least recently active upload of a full table");
-                self.uploads.remove(&stale);
+            OfferAction::StoreEmpty => {
+                // No chunk will follow an empty blob: store it now.
+                let result =
+                    self.store.put_reader(&[][..], Some(&sha256)).map(drop).map_err(|e| (e.to_string(), false));
+                encoded(&self.intake.on_committed(sha256, result))
             }
+            OfferAction::Commit => {
+                self.commit(sha256, size_bytes);
+                None
+            }
+            OfferAction::Wait => None,
         }
-        let mut have_bytes = self.store.partial_len(&sha256);
-        if have_bytes > size_bytes {
-            self.store.discard_partial(&sha256);
-            have_bytes = 0;
-        }
-        let committing = have_bytes == size_bytes;
-        self.uploads.insert(sha256, Incoming { size_bytes, last_active: self.activity, committing });
-        if committing {
-            // Every byte is here but was never committed (a restart mid-commit, a failed commit, another
-            // connection delivering the same content): "resume at the end" would leave the agent nothing
-            // to send and nothing to wait for. Verify and install it; the result answers.
-            self.commit(sha256, size_bytes, true);
-            return None;
-        }
-        encoded(&ControllerBlob::Resume { sha256, have_bytes })
     }
 
     /// Verifies and installs a complete partial file on the blocking pool, so the connection's other
     /// transfers go on meanwhile; [`BlobConn::committed`] answers.
-    fn commit(&mut self, sha256: Sha256, size_bytes: u64, on_offer: bool) {
+    fn commit(&mut self, sha256: Sha256, size_bytes: u64) {
         let (store, commits) = (self.store.clone(), self.commits.clone());
+        let on_offer = self.intake.commit_on_offer(&sha256);
         tokio::task::spawn_blocking(move || {
             let result = store.commit_partial(&sha256, size_bytes).map(drop);
             // Another connection may have committed the same content first (taking the partial file).
@@ -272,103 +234,53 @@ impl BlobConn {
                 other => other,
             };
             if result.is_err() && on_offer {
+                // The leftover bytes were bad or unreadable: they go, and the agent sends them all again.
                 store.discard_partial(&sha256);
             }
-            let _ = commits.send(Commit { sha256, size_bytes, on_offer, result });
+            let _ = commits.send(Commit { sha256, size_bytes, result });
         });
     }
 
-    fn committed(&mut self, Commit { sha256, size_bytes, on_offer, result }: Commit) -> Option<Vec<u8>> {
-        match result {
-            Ok(()) => {
-                self.uploads.remove(&sha256);
-                tracing::info!(agent = self.agent, %sha256, size_bytes, "stored an uploaded blob");
-                encoded(&ControllerBlob::Stored { sha256 })
-            }
-            Err(e) if on_offer => {
-                // The leftover bytes were bad or unreadable and are gone: the agent sends them all again.
-                tracing::warn!(agent = self.agent, %sha256, error = %e, "a complete partial upload did not commit; asking for all of it again");
-                if let Some(u) = self.uploads.get_mut(&sha256) {
-                    u.committing = false;
-                }
-                encoded(&ControllerBlob::Resume { sha256, have_bytes: 0 })
-            }
-            Err(e) => {
-                self.uploads.remove(&sha256);
-                tracing::warn!(agent = self.agent, %sha256, error = %e, "cannot store an uploaded blob");
-                encoded(&ControllerBlob::Refused { sha256, reason: e.to_string(), retryable: e.is_retryable() })
-            }
+    fn committed(&mut self, Commit { sha256, size_bytes, result }: Commit) -> Option<Vec<u8>> {
+        match &result {
+            Ok(()) => tracing::info!(agent = self.agent, %sha256, size_bytes, "stored an uploaded blob"),
+            Err(e) => tracing::warn!(agent = self.agent, %sha256, error = %e, "an uploaded blob did not commit"),
         }
+        let result = result.map_err(|e| (e.to_string(), e.is_retryable()));
+        encoded(&self.intake.on_committed(sha256, result))
     }
 
     async fn receive(&mut self, chunk: BlobChunk) -> Option<Vec<u8>> {
         let sha256 = chunk.sha256;
-        self.activity += 1;
-        let Some(u) = self.uploads.get_mut(&sha256) else {
-            let reason = "a chunk of a blob that was not offered on this connection".to_string();
-            return encoded(&ControllerBlob::Refused { sha256, reason, retryable: true });
-        };
-        u.last_active = self.activity;
-        if u.committing {
-            // Sent before a rewind; every byte is here already.
-            return None;
+        let len = chunk.data.len() as u64;
+        match self.intake.on_chunk(sha256, chunk.offset, len, chunk.is_intact()) {
+            ChunkAction::Reply(blob) => return encoded(&blob),
+            ChunkAction::Ignore => return None,
+            ChunkAction::Append => {}
         }
-        let size_bytes = u.size_bytes;
-        let end = chunk.offset.saturating_add(chunk.data.len() as u64);
-        if end > size_bytes {
-            self.uploads.remove(&sha256);
-            let reason = format!("a chunk ends at byte {end}, past the announced size of {size_bytes} bytes");
-            return encoded(&ControllerBlob::Refused { sha256, reason, retryable: false });
-        }
+        let end = chunk.offset + len;
         let store = self.store.clone();
-        let written = tokio::task::spawn_blocking(move || -> Result<Written, CasError> {
-            if !chunk.is_intact() {
-                return Ok(Written::Corrupt(store.partial_len(&sha256)));
-            }
-            let have = store.append_partial(&sha256, chunk.offset, &chunk.data)?;
-            if have != end {
-                return Ok(Written::Stale);
-            }
-            if have == size_bytes {
-                return Ok(Written::Complete);
-            }
-            Ok(Written::Ack(have))
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(CasError::Io { context: "blob writer failed for", path: "-".into(), source: e.into() })
-        });
+        let written = tokio::task::spawn_blocking(move || store.append_partial(&sha256, chunk.offset, &chunk.data))
+            .await
+            .unwrap_or_else(|e| {
+                Err(CasError::Io { context: "blob writer failed for", path: "-".into(), source: e.into() })
+            });
         match written {
-            Ok(Written::Ack(have_bytes)) => encoded(&ControllerBlob::Ack { sha256, have_bytes }),
-            // A chunk sent before the agent rewound: the resent one follows.
-            Ok(Written::Stale) => None,
-            Ok(Written::Corrupt(have_bytes)) => {
-                tracing::warn!(agent = self.agent, %sha256, have_bytes, "an uploaded chunk failed its checksum; asking for it again");
-                encoded(&ControllerBlob::Resume { sha256, have_bytes })
-            }
-            Ok(Written::Complete) => {
-                // Hashing a large blob takes a while: off this task, so the connection's other transfers go on.
-                if let Some(u) = self.uploads.get_mut(&sha256) {
-                    u.committing = true;
+            Ok(have_bytes) => match self.intake.on_appended(sha256, end, have_bytes) {
+                Appended::Reply(blob) => encoded(&blob),
+                Appended::Commit => {
+                    let size_bytes = self.intake.size_bytes(&sha256).unwrap_or(end);
+                    self.commit(sha256, size_bytes);
+                    None
                 }
-                self.commit(sha256, size_bytes, false);
-                None
-            }
+                Appended::Ignore => None,
+            },
             Err(e) => {
-                self.uploads.remove(&sha256);
                 tracing::warn!(agent = self.agent, %sha256, error = %e, "cannot store an uploaded blob");
-                encoded(&ControllerBlob::Refused { sha256, reason: e.to_string(), retryable: e.is_retryable() })
+                encoded(&self.intake.on_append_failed(sha256, e.to_string(), e.is_retryable()))
             }
         }
     }
-}
-
-enum Written {
-    Ack(u64),
-    Stale,
-    Corrupt(u64),
-    /// Every byte is in the partial file: it is committed next.
-    Complete,
 }
 
 /// How much of the end of an enhancement's standard output is searched for its
@@ -462,7 +374,8 @@ mod tests {
     async fn a_full_upload_table_forgets_the_least_recently_active_upload() {
         let (_dir, store) = store();
         let mut conn = Conn::open(&store);
-        let blobs: Vec<Vec<u8>> = (0..=UPLOADS_MAX).map(|i| format!("blob {i}, two chunks").into_bytes()).collect();
+        let blobs: Vec<Vec<u8>> =
+            (0..=machine::UPLOADS_MAX).map(|i| format!("blob {i}, two chunks").into_bytes()).collect();
         for data in &blobs {
             let sha = cosmos_cas::digest(data);
             conn.send(AgentBlob::Offer { sha256: sha, size_bytes: data.len() as u64 }).await;

@@ -9,16 +9,25 @@
 //! connection is given up. Processes crash and restart; the controller can die
 //! between persisting a decision and sending it. After every step the
 //! invariants of DESIGN.md §5 are checked; once faults stop, every job must end.
+//!
+//! Artifacts move through the real blob state machines of both sides (the
+//! agent's [`Flow`], the controller's [`Intake`]) over the same simulated
+//! connections, with fake stores under them that hold lengths, not bytes: no
+//! byte may be accepted twice or past a hole, no blob may be committed unless
+//! its accepted bytes are exactly the blob's, and once faults stop every
+//! transfer of a reachable host finishes.
 
+use cosmos_agent::blobs::machine::{Commit, Event as BlobEvent, Flow, Resolution, Transmit};
 use cosmos_agent::core::{
     AgentConfig, AgentCore, ExitStatus, Output as AgentOut, Recovered, RuntimeEvent, StageFailure,
 };
+use cosmos_controller::blobs::machine::{Appended, ChunkAction, Intake, OfferAction, Serve};
 use cosmos_controller::core::{ConnId, Core, HeldBlobs, Now, Output as CtlOut};
 use cosmos_controller::gate::Gate;
 use cosmos_controller::records::{AttemptState, JobState, StoreOp};
 use cosmos_controller::store::Store;
 use cosmos_proto::spec::{ArtifactRef, InputArtifact, OutputArtifact};
-use cosmos_proto::{AgentMsg, AttemptId, ControllerMsg, GpuInfo, GpuUsage, JobId, JobSpec, Sha256};
+use cosmos_proto::{AgentMsg, AttemptId, ControllerBlob, ControllerMsg, GpuInfo, GpuUsage, JobId, JobSpec, Sha256};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::cmp::Reverse;
@@ -31,6 +40,11 @@ pub use scenario::{Faults, Scenario};
 
 const GIB: u64 = 1 << 30;
 const TICK_MS: u64 = 250;
+const MIB: u64 = 1 << 20;
+/// Distinct input blobs the workload's jobs share.
+const INPUT_BLOBS: usize = 4;
+/// How long one blob chunk occupies a connection (about 250 MB/s).
+const CHUNK_WIRE_MS: u64 = 4;
 
 /// How a simulated job's container behaves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -133,8 +147,6 @@ enum Event {
     ContainerStarted(usize, AttemptId, u64),
     ContainerExit(usize, AttemptId, u64),
     LeakCleared(usize, String, u64),
-    /// The transfer engine answers: the inputs are staged, or the outputs delivered (or not).
-    TransferDone(usize, AttemptId, u64),
     HealPartition(usize),
     Fault,
     /// The store writer made a persist durable: (controller incarnation, ticket).
@@ -152,6 +164,38 @@ enum CtlAction {
 enum Payload {
     ToController(AgentMsg),
     ToAgent(ControllerMsg),
+    BlobToController(BlobUp),
+    BlobToAgent(BlobDown),
+}
+
+/// An agent's blob frame, lengths instead of bytes.
+#[derive(Debug)]
+enum BlobUp {
+    Request { sha256: Sha256, offset: u64, len_bytes: u32 },
+    Offer { sha256: Sha256, size_bytes: u64 },
+    Chunk { sha256: Sha256, offset: u64, len_bytes: u64, intact: bool },
+}
+
+/// The controller's blob frame: a download chunk's length, or any other answer as it is.
+#[derive(Debug)]
+enum BlobDown {
+    Chunk { sha256: Sha256, offset: u64, len_bytes: u64, intact: bool },
+    Control(ControllerBlob),
+}
+
+/// A fake blob store (the controller's, or a host's cache): lengths, and whether the bytes are right.
+#[derive(Debug, Default)]
+struct SimCas {
+    /// Complete blobs and their sizes.
+    blobs: BTreeMap<Sha256, u64>,
+    /// Partial files: how many bytes, and whether each is the blob's own byte at its place.
+    partials: BTreeMap<Sha256, (u64, bool)>,
+}
+
+impl SimCas {
+    fn partial_len(&self, sha256: &Sha256) -> u64 {
+        self.partials.get(sha256).map_or(0, |p| p.0)
+    }
 }
 
 #[derive(Debug)]
@@ -175,6 +219,8 @@ struct Conn {
     registered: bool,
     to_controller: Channel,
     to_agent: Channel,
+    /// The controller's side of this connection's uploads.
+    intake: Intake,
 }
 
 #[derive(Debug)]
@@ -192,13 +238,6 @@ struct Container {
     deadline_ms: u64,
     /// Files it writes when it succeeds.
     outputs: Vec<String>,
-}
-
-/// What the simulated transfer engine will answer for an attempt, once its delay is over.
-#[derive(Debug)]
-enum Transfer {
-    Stage { token: u64, result: Result<(), StageFailure> },
-    Upload { token: u64, outputs: Vec<ArtifactRef>, result: Result<(), String> },
 }
 
 #[derive(Debug)]
@@ -234,8 +273,14 @@ struct AgentNode {
     fenced: BTreeSet<AttemptId>,
     /// Fenced attempts whose reconcile has reached this agent.
     reconciled_fenced: BTreeSet<AttemptId>,
-    /// Transfers the agent asked for and not yet answered; they die with the agent process.
-    transfers: BTreeMap<AttemptId, Transfer>,
+    /// The agent process's blob machine; it dies with the process.
+    blobs: Flow,
+    /// The host's cache: it survives the agent process.
+    cache: SimCas,
+    /// Downloads with a writer, in this process.
+    writers: BTreeSet<Sha256>,
+    /// Outputs of the attempts being delivered, in this process.
+    delivering: BTreeMap<AttemptId, Vec<ArtifactRef>>,
 }
 
 /// One simulated cluster, run from one seed.
@@ -266,8 +311,8 @@ pub struct Sim {
     trace_attempts: BTreeSet<AttemptId>,
     /// Attempts whose outputs the simulated controller received, with what it received.
     delivered: HashMap<AttemptId, Vec<ArtifactRef>>,
-    /// Answers to transfers, so a stale one (aborted, or from before a restart) is told apart.
-    transfer_seq: u64,
+    /// The workload's input blobs, with their sizes.
+    input_blobs: Vec<(Sha256, u64)>,
     /// Where the controller process's monotonic clock starts: arbitrary, new each start.
     controller_mono_base_ms: u64,
     /// How far the controller host's wall clock is from true time (stepped by faults).
@@ -276,8 +321,8 @@ pub struct Sim {
     event_kinds: BTreeMap<String, u32>,
     /// Attempts the controller created.
     attempt_ids: BTreeSet<AttemptId>,
-    /// The blobs the controller's blob store holds whole, as (digest, size).
-    blob_store: BTreeSet<(Sha256, u64)>,
+    /// The controller's blob store: it survives the controller process.
+    blob_store: SimCas,
     /// When the controller's core last took in a message from each agent (true time).
     last_heard_ms: HashMap<String, u64>,
     /// The controller's sends and closes waiting for their persist, as the daemon's actor holds them.
@@ -340,10 +385,17 @@ impl Sim {
                     cut_to_agent: false,
                     fenced: BTreeSet::new(),
                     reconciled_fenced: BTreeSet::new(),
-                    transfers: BTreeMap::new(),
+                    blobs: Flow::new(),
+                    cache: SimCas::default(),
+                    writers: BTreeSet::new(),
+                    delivering: BTreeMap::new(),
                 }
             })
             .collect();
+        let input_blobs: Vec<(Sha256, u64)> =
+            (0..INPUT_BLOBS).map(|n| (Sha256([n as u8 + 1; 32]), rng.random_range(MIB..48 * MIB))).collect();
+        let mut blob_store = SimCas::default();
+        blob_store.blobs.extend(input_blobs.iter().copied());
         let store = Store::open_in_memory().expect("in-memory store opens");
         let mut sim = Sim {
             scenario,
@@ -369,12 +421,12 @@ impl Sim {
             trace_job: std::env::var("COSMOS_SIM_TRACE_JOB").ok().and_then(|v| v.parse().ok()).map(JobId),
             trace_attempts: BTreeSet::new(),
             delivered: HashMap::new(),
-            transfer_seq: 0,
+            input_blobs,
             controller_mono_base_ms: 0,
             controller_wall_offset_ms: 1_700_000_000_000,
             event_kinds: BTreeMap::new(),
             attempt_ids: BTreeSet::new(),
-            blob_store: BTreeSet::new(),
+            blob_store,
             last_heard_ms: HashMap::new(),
             gate: Gate::new(),
             store_queue: VecDeque::new(),
@@ -507,10 +559,11 @@ impl Sim {
             spec.max_attempts = 4;
             spec.timeout_ms = if behaviour == Behaviour::Hang { 20_000 } else { 60_000 };
             if self.rng.random_bool(0.3) {
-                spec.inputs = (0..self.rng.random_range(1..=3))
+                let first = self.rng.random_range(0..INPUT_BLOBS);
+                spec.inputs = (first..INPUT_BLOBS.min(first + self.rng.random_range(1..=3)))
                     .map(|n| InputArtifact {
-                        sha256: Sha256([n as u8 + 1; 32]),
-                        size_bytes: self.rng.random_range(1..1 << 30),
+                        sha256: self.input_blobs[n].0,
+                        size_bytes: self.input_blobs[n].1,
                         path: format!("data/shard-{n}"),
                     })
                     .collect();
@@ -563,8 +616,10 @@ impl Sim {
         let agent_now = self.agent_clock(i);
         let node = &mut self.agents[i];
         node.incarnation += 1;
-        // The old process's transfers died with it.
-        node.transfers.clear();
+        // The old process's transfers died with it; what its writers put on disk stays.
+        node.blobs = new_flow(&self.scenario);
+        node.writers.clear();
+        node.delivering.clear();
         let recovered = node
             .containers
             .iter()
@@ -640,6 +695,10 @@ impl Sim {
                 let core = self.agents[i].core.as_mut().unwrap();
                 core.on_gpu_sample(now, samples, &mut out);
                 core.tick(now, &mut out);
+                let flow = &mut self.agents[i].blobs;
+                if flow.poll_timeout().is_some_and(|t| t <= now) {
+                    flow.handle_timeout(now);
+                }
                 self.agent_outputs(i, out);
                 self.at(TICK_MS, Event::AgentTick(i));
             }
@@ -654,7 +713,6 @@ impl Sim {
                     g.leaked.remove(&id);
                 }
             }
-            Event::TransferDone(i, att, token) => self.transfer_done(i, att, token),
             Event::HealPartition(i) => self.heal(i),
             Event::Fault => {
                 if self.faults_on() {
@@ -912,102 +970,326 @@ impl Sim {
                 AgentOut::Reconnect => {
                     if let Some(conn) = self.agents[i].conn.take() {
                         self.break_conn_one_sided(conn);
+                        self.agents[i].blobs.link_down();
                     }
                     self.schedule_dial(i);
                 }
-                AgentOut::Stage { attempt_id, inputs } => self.stage(i, attempt_id, &inputs),
-                AgentOut::Upload { attempt_id, outputs } => self.upload(i, attempt_id, outputs),
-                AgentOut::AbortStage { attempt_id } | AgentOut::AbortUpload { attempt_id } => {
-                    let kind =
-                        if matches!(o, AgentOut::AbortStage { .. }) { "stage aborted" } else { "upload aborted" };
-                    *self.transfers.entry(kind).or_insert(0) += 1;
-                    self.agents[i].transfers.remove(&attempt_id);
+                AgentOut::Stage { attempt_id, inputs } => {
+                    *self.transfers.entry("stage").or_insert(0) += 1;
+                    let needs: Vec<(Sha256, u64)> = inputs.iter().map(|i| (i.sha256, i.size_bytes)).collect();
+                    self.agents[i].blobs.stage(attempt_id, &needs);
+                }
+                AgentOut::Upload { attempt_id, outputs } => {
+                    *self.transfers.entry("upload").or_insert(0) += 1;
+                    let now = self.agent_clock(i);
+                    let node = &mut self.agents[i];
+                    let blobs: Vec<(Sha256, u64)> = outputs.iter().map(|o| (o.sha256, o.size_bytes)).collect();
+                    node.delivering.insert(attempt_id, outputs);
+                    node.blobs.upload(now, attempt_id, &blobs);
+                }
+                AgentOut::AbortStage { attempt_id } => {
+                    *self.transfers.entry("stage aborted").or_insert(0) += 1;
+                    self.agents[i].blobs.abort_stage(attempt_id);
+                }
+                AgentOut::AbortUpload { attempt_id } => {
+                    *self.transfers.entry("upload aborted").or_insert(0) += 1;
+                    self.agents[i].delivering.remove(&attempt_id);
+                    self.agents[i].blobs.abort_upload(attempt_id);
                 }
             }
         }
+        self.drive_blobs(i);
     }
 
-    fn stage(&mut self, i: usize, att: AttemptId, inputs: &[InputArtifact]) {
-        self.transfer_seq += 1;
-        let token = self.transfer_seq;
-        *self.transfers.entry("stage").or_insert(0) += 1;
-        let roll = self.rng.random_range(0..1000);
-        let result = match roll {
-            0..=59 if self.scenario.faults.transfers => {
-                Err(StageFailure { reason: "simulated: the controller stopped answering".into(), retryable: true })
-            }
-            60..=64 if self.scenario.faults.transfers => Err(StageFailure {
-                reason: format!("simulated: {} does not match its digest at the source", inputs[0].path),
-                retryable: false,
-            }),
-            _ => Ok(()),
-        };
-        if result.is_err() {
-            *self.faults.entry("staging failure").or_insert(0) += 1;
-        }
-        // Big inputs take longer; a cache hit is quick.
-        let bytes: u64 = inputs.iter().map(|a| a.size_bytes).sum();
-        let mut delay = self.rng.random_range(5..200) + bytes / (1 << 20);
-        if self.scenario.faults.transfers && self.rng.random_bool(0.03) {
-            // A fetch that hangs: some outlast the attempt's timeout.
-            *self.faults.entry("transfer stall").or_insert(0) += 1;
-            delay += self.rng.random_range(30_000..90_000);
-        }
-        self.agents[i].transfers.insert(att, Transfer::Stage { token, result });
-        self.at(delay, Event::TransferDone(i, att, token));
-    }
-
-    fn upload(&mut self, i: usize, att: AttemptId, outputs: Vec<ArtifactRef>) {
-        self.transfer_seq += 1;
-        let token = self.transfer_seq;
-        *self.transfers.entry("upload").or_insert(0) += 1;
-        let result = if self.scenario.faults.transfers && self.rng.random_bool(0.06) {
-            *self.faults.entry("delivery failure").or_insert(0) += 1;
-            Err("simulated: the controller's store is full".into())
-        } else {
-            Ok(())
-        };
-        let mut delay = self.rng.random_range(5..3_000);
-        if self.scenario.faults.transfers && self.rng.random_bool(0.03) {
-            // A delivery that hangs: some outlast the agent's bound on it.
-            *self.faults.entry("transfer stall").or_insert(0) += 1;
-            delay += self.rng.random_range(10_000..40_000);
-        }
-        self.agents[i].transfers.insert(att, Transfer::Upload { token, outputs, result });
-        self.at(delay, Event::TransferDone(i, att, token));
-    }
-
-    fn transfer_done(&mut self, i: usize, att: AttemptId, token: u64) {
-        let node = &mut self.agents[i];
-        let current = match node.transfers.get(&att) {
-            Some(Transfer::Stage { token: t, .. } | Transfer::Upload { token: t, .. }) => *t == token,
-            None => false,
-        };
-        if !current || node.core.is_none() {
-            return; // Aborted, or asked for by a process that has since died.
-        }
-        if node.cut_to_controller || node.cut_to_agent || self.controller.is_none() {
-            // Files travel to and from the controller: the engine keeps retrying until it is reachable.
-            let retry = self.rng.random_range(200..2_000);
-            self.at(retry, Event::TransferDone(i, att, token));
+    /// Does what agent `i`'s blob machine asks, as the agent's blob engine would, until it asks nothing more.
+    fn drive_blobs(&mut self, i: usize) {
+        if self.agents[i].core.is_none() {
             return;
         }
-        let transfer = node.transfers.remove(&att).expect("checked above");
-        let now = self.agent_clock(i);
-        let mut out = Vec::new();
-        let core = self.agents[i].core.as_mut().expect("checked above");
-        match transfer {
-            Transfer::Stage { result, .. } => core.on_staged(now, att, result, &mut out),
-            Transfer::Upload { outputs, result, .. } => {
-                if result.is_ok() {
-                    // The bytes are at the controller before the agent hears so.
-                    self.blob_store.extend(outputs.iter().map(|o| (o.sha256, o.size_bytes)));
-                    self.delivered.insert(att, outputs);
+        loop {
+            let now = self.agent_clock(i);
+            let mut transmits = Vec::new();
+            if let Some(conn) = self.agents[i].conn {
+                while let Some(t) = self.agents[i].blobs.poll_transmit(now) {
+                    transmits.push((conn, t));
                 }
-                core.on_uploaded(now, att, result, &mut out);
+            }
+            let events: Vec<BlobEvent> = std::iter::from_fn(|| self.agents[i].blobs.poll_event()).collect();
+            if transmits.is_empty() && events.is_empty() {
+                return;
+            }
+            for (conn, t) in transmits {
+                let blob = match t {
+                    Transmit::Request { sha256, offset, len_bytes } => BlobUp::Request { sha256, offset, len_bytes },
+                    Transmit::Offer { sha256, size_bytes } => BlobUp::Offer { sha256, size_bytes },
+                    Transmit::Chunk { sha256, offset, len_bytes } => {
+                        let intact = !self.corrupts();
+                        BlobUp::Chunk { sha256, offset, len_bytes: u64::from(len_bytes), intact }
+                    }
+                };
+                self.send(conn, Payload::BlobToController(blob));
+            }
+            for event in events {
+                self.blob_event(i, event);
             }
         }
-        self.agent_outputs(i, out);
+    }
+
+    /// Whether the network damages this chunk (its checksum then fails).
+    fn corrupts(&mut self) -> bool {
+        if self.faults_on() && self.scenario.faults.transfers && self.rng.random_bool(0.004) {
+            *self.faults.entry("chunk corruption").or_insert(0) += 1;
+            return true;
+        }
+        false
+    }
+
+    /// The file work and answers agent `i`'s blob machine asks for, on a fake cache.
+    fn blob_event(&mut self, i: usize, event: BlobEvent) {
+        let now = self.agent_clock(i);
+        let name = self.agents[i].name.clone();
+        let mut out = Vec::new();
+        match event {
+            BlobEvent::Resolve { sha256, size_bytes } => {
+                let node = &mut self.agents[i];
+                let resolution = if node.cache.blobs.get(&sha256) == Some(&size_bytes) {
+                    Resolution::Ready
+                } else {
+                    if node.cache.partial_len(&sha256) > size_bytes {
+                        node.cache.partials.remove(&sha256);
+                    }
+                    Resolution::Fetch { have_bytes: node.cache.partial_len(&sha256) }
+                };
+                node.blobs.resolved(now, sha256, resolution);
+            }
+            BlobEvent::WriterStart { sha256, start_bytes, .. } => {
+                let node = &mut self.agents[i];
+                if start_bytes == 0 {
+                    node.cache.partials.remove(&sha256);
+                }
+                let have = node.cache.partial_len(&sha256);
+                if start_bytes != have {
+                    let what = format!(
+                        "blob bytes: a download of {sha256} on {name} starts at byte {start_bytes}, but its partial file holds {have}"
+                    );
+                    return self.fail(what);
+                }
+                node.writers.insert(sha256);
+            }
+            BlobEvent::WriterClose { sha256 } => {
+                let node = &mut self.agents[i];
+                node.writers.remove(&sha256);
+                let size = self.input_blobs.iter().find(|b| b.0 == sha256).map_or(0, |b| b.1);
+                let (len, good) = node.cache.partials.get(&sha256).copied().unwrap_or((0, true));
+                if len != size || !good {
+                    // The fake network never damages bytes past their checksum: only the machine can have
+                    // accepted wrong ones, and the real cache's digest check would be all that stops them.
+                    let what = format!(
+                        "blob digest: {sha256} was committed on {name} with bytes that are not the blob's ({len} of {size} bytes, in place: {good})"
+                    );
+                    return self.fail(what);
+                }
+                let disk_fails = self.faults_on() && self.scenario.faults.transfers && self.rng.random_bool(0.03);
+                let node = &mut self.agents[i];
+                let commit = if disk_fails {
+                    *self.faults.entry("cache write failure").or_insert(0) += 1;
+                    node.cache.partials.remove(&sha256);
+                    Commit::Failed(StageFailure {
+                        reason: "simulated: the host cache's disk failed".into(),
+                        retryable: true,
+                    })
+                } else {
+                    node.cache.partials.remove(&sha256);
+                    node.cache.blobs.insert(sha256, size);
+                    Commit::Stored
+                };
+                node.blobs.on_commit(now, sha256, commit);
+            }
+            BlobEvent::WriterDrop { sha256 } => drop(self.agents[i].writers.remove(&sha256)),
+            BlobEvent::InputsReady { attempt_id } => {
+                if let Some(core) = self.agents[i].core.as_mut() {
+                    core.on_staged(now, attempt_id, Ok(()), &mut out);
+                }
+            }
+            BlobEvent::StageFailed { attempt_id, failure } => {
+                *self.faults.entry("staging failure").or_insert(0) += 1;
+                if let Some(core) = self.agents[i].core.as_mut() {
+                    core.on_staged(now, attempt_id, Err(failure), &mut out);
+                }
+            }
+            BlobEvent::Delivered { attempt_id } => {
+                let outputs = self.agents[i].delivering.remove(&attempt_id).unwrap_or_default();
+                if let Some(o) = outputs.iter().find(|o| self.blob_store.blobs.get(&o.sha256) != Some(&o.size_bytes)) {
+                    let what = format!(
+                        "outputs: {attempt_id} was told {} is delivered, but the controller does not hold it",
+                        o.path
+                    );
+                    return self.fail(what);
+                }
+                // The bytes are at the controller before the agent hears so.
+                self.delivered.insert(attempt_id, outputs);
+                if let Some(core) = self.agents[i].core.as_mut() {
+                    core.on_uploaded(now, attempt_id, Ok(()), &mut out);
+                }
+            }
+            BlobEvent::DeliveryFailed { attempt_id, reason } => {
+                *self.faults.entry("delivery failure").or_insert(0) += 1;
+                self.agents[i].delivering.remove(&attempt_id);
+                if let Some(core) = self.agents[i].core.as_mut() {
+                    core.on_uploaded(now, attempt_id, Err(reason), &mut out);
+                }
+            }
+        }
+        if !out.is_empty() {
+            self.agent_outputs(i, out);
+        }
+    }
+
+    /// A controller blob frame reaches agent `i`.
+    fn agent_blob(&mut self, i: usize, blob: BlobDown) {
+        let now = self.agent_clock(i);
+        let name = self.agents[i].name.clone();
+        let node = &mut self.agents[i];
+        match blob {
+            BlobDown::Chunk { sha256, offset, len_bytes, intact } => {
+                if node.blobs.on_chunk(now, sha256, offset, len_bytes, intact) {
+                    // The writer appends what it is handed at the end of the partial file.
+                    let (len, good) = node.cache.partials.entry(sha256).or_insert((0, true));
+                    let at = *len;
+                    *good &= at == offset && intact;
+                    *len += len_bytes;
+                    let written = *len;
+                    if offset < at {
+                        return self.fail(format!("blob bytes: {sha256} on {name}: bytes {offset}..{} accepted twice (the partial file holds {at})", offset + len_bytes));
+                    }
+                    if offset > at {
+                        return self.fail(format!("blob bytes: {sha256} on {name}: a chunk at byte {offset} accepted past a hole (the partial file holds {at})"));
+                    }
+                    if !intact {
+                        return self.fail(format!(
+                            "blob bytes: {sha256} on {name}: a chunk that failed its checksum was accepted"
+                        ));
+                    }
+                    node.blobs.on_written(sha256, written);
+                }
+            }
+            BlobDown::Control(ControllerBlob::Missing { sha256, reason }) => node.blobs.on_missing(sha256, reason),
+            BlobDown::Control(ControllerBlob::Resume { sha256, have_bytes }) => {
+                node.blobs.on_resume(now, sha256, have_bytes)
+            }
+            BlobDown::Control(ControllerBlob::Ack { sha256, have_bytes }) => node.blobs.on_ack(now, sha256, have_bytes),
+            BlobDown::Control(ControllerBlob::Stored { sha256 }) => node.blobs.on_stored(sha256),
+            BlobDown::Control(ControllerBlob::Refused { sha256, reason, retryable }) => {
+                node.blobs.on_refused(sha256, reason, retryable)
+            }
+            BlobDown::Control(ControllerBlob::Chunk(_)) => unreachable!("download chunks travel as BlobDown::Chunk"),
+        }
+        self.drive_blobs(i);
+    }
+
+    /// An agent's blob frame reaches the controller: its blob task answers from the fake store.
+    fn controller_blob(&mut self, conn_id: ConnId, blob: BlobUp) {
+        if self.controller.is_none() {
+            return;
+        }
+        let reply = match blob {
+            BlobUp::Request { sha256, offset, len_bytes } => {
+                match cosmos_controller::blobs::machine::serve(
+                    sha256,
+                    offset,
+                    len_bytes,
+                    self.blob_store.blobs.get(&sha256).copied(),
+                ) {
+                    Serve::Reply(blob) => Some(BlobDown::Control(blob)),
+                    Serve::Read { .. }
+                        if self.faults_on() && self.scenario.faults.transfers && self.rng.random_bool(0.003) =>
+                    {
+                        // A read that failed (too many open files, an I/O error) answers nothing.
+                        *self.faults.entry("blob read failure").or_insert(0) += 1;
+                        None
+                    }
+                    Serve::Read { offset, len_bytes } => {
+                        let intact = !self.corrupts();
+                        Some(BlobDown::Chunk { sha256, offset, len_bytes: u64::from(len_bytes), intact })
+                    }
+                }
+            }
+            BlobUp::Offer { sha256, size_bytes } => {
+                let stored = self.blob_store.blobs.get(&sha256).copied();
+                let partial = self.blob_store.partial_len(&sha256);
+                let Some(conn) = self.conns.get_mut(&conn_id) else { return };
+                match conn.intake.on_offer(sha256, size_bytes, stored, partial) {
+                    OfferAction::Reply(blob) => Some(BlobDown::Control(blob)),
+                    OfferAction::DiscardThenReply(blob) => {
+                        self.blob_store.partials.remove(&sha256);
+                        Some(BlobDown::Control(blob))
+                    }
+                    OfferAction::StoreEmpty => {
+                        self.blob_store.blobs.insert(sha256, 0);
+                        Some(BlobDown::Control(conn.intake.on_committed(sha256, Ok(()))))
+                    }
+                    OfferAction::Commit => self.controller_commit(conn_id, sha256, size_bytes),
+                    OfferAction::Wait => None,
+                }
+            }
+            BlobUp::Chunk { sha256, offset, len_bytes, intact } => {
+                let Some(conn) = self.conns.get_mut(&conn_id) else { return };
+                match conn.intake.on_chunk(sha256, offset, len_bytes, intact) {
+                    ChunkAction::Reply(blob) => Some(BlobDown::Control(blob)),
+                    ChunkAction::Ignore => None,
+                    ChunkAction::Append => {
+                        let (len, good) = self.blob_store.partials.entry(sha256).or_insert((0, true));
+                        if offset != *len {
+                            let what = format!(
+                                "blob bytes: the controller was told to append {sha256} bytes at {offset}, but its partial file holds {len} (accepted twice, or past a hole)"
+                            );
+                            return self.fail(what);
+                        }
+                        *good &= intact;
+                        *len += len_bytes;
+                        let have = *len;
+                        let conn = self.conns.get_mut(&conn_id).expect("looked up above");
+                        match conn.intake.on_appended(sha256, offset + len_bytes, have) {
+                            Appended::Reply(blob) => Some(BlobDown::Control(blob)),
+                            Appended::Ignore => None,
+                            Appended::Commit => {
+                                let size = conn.intake.size_bytes(&sha256).unwrap_or(have);
+                                self.controller_commit(conn_id, sha256, size)
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(reply) = reply {
+            self.send(conn_id, Payload::BlobToAgent(reply));
+        }
+    }
+
+    /// Verifies and installs a complete upload in the controller's fake store.
+    fn controller_commit(&mut self, conn_id: ConnId, sha256: Sha256, size_bytes: u64) -> Option<BlobDown> {
+        let (len, good) = self.blob_store.partials.get(&sha256).copied().unwrap_or((0, true));
+        if len != size_bytes || !good {
+            let what = format!(
+                "blob digest: the controller committed upload {sha256} with bytes that are not the blob's ({len} of {size_bytes} bytes, in place: {good})"
+            );
+            self.fail(what);
+            return None;
+        }
+        let store_full = self.faults_on() && self.scenario.faults.transfers && self.rng.random_bool(0.05);
+        let result = if store_full {
+            *self.faults.entry("blob store full").or_insert(0) += 1;
+            Err(("simulated: the controller's blob store is full".to_string(), false))
+        } else {
+            self.blob_store.partials.remove(&sha256);
+            self.blob_store.blobs.insert(sha256, size_bytes);
+            Ok(())
+        };
+        let conn = self.conns.get_mut(&conn_id)?;
+        if result.is_err() && conn.intake.commit_on_offer(&sha256) {
+            self.blob_store.partials.remove(&sha256);
+        }
+        Some(BlobDown::Control(conn.intake.on_committed(sha256, result)))
     }
 
     fn schedule_dial(&mut self, i: usize) {
@@ -1032,12 +1314,20 @@ impl Sim {
         self.next_conn += 1;
         self.conns.insert(
             id,
-            Conn { agent: i, open: true, registered: false, to_controller: Channel::new(), to_agent: Channel::new() },
+            Conn {
+                agent: i,
+                open: true,
+                registered: false,
+                to_controller: Channel::new(),
+                to_agent: Channel::new(),
+                intake: Intake::new(),
+            },
         );
         self.agents[i].conn = Some(id);
         let mut out = Vec::new();
         let now = self.agent_clock(i);
         self.agents[i].core.as_mut().unwrap().connected(now, &mut out);
+        self.agents[i].blobs.link_up(now);
         self.agent_outputs(i, out);
     }
 
@@ -1194,16 +1484,24 @@ impl Sim {
             return;
         }
         let agent = &self.agents[conn.agent];
+        let wire_ms = match &payload {
+            Payload::BlobToController(BlobUp::Chunk { .. }) | Payload::BlobToAgent(BlobDown::Chunk { .. }) => {
+                CHUNK_WIRE_MS
+            }
+            _ => 0,
+        };
         let (dir, cut, ch) = match payload {
-            Payload::ToController(_) => (Dir::ToController, agent.cut_to_controller, &mut conn.to_controller),
-            Payload::ToAgent(_) => (Dir::ToAgent, agent.cut_to_agent, &mut conn.to_agent),
+            Payload::ToController(_) | Payload::BlobToController(_) => {
+                (Dir::ToController, agent.cut_to_controller, &mut conn.to_controller)
+            }
+            Payload::ToAgent(_) | Payload::BlobToAgent(_) => (Dir::ToAgent, agent.cut_to_agent, &mut conn.to_agent),
         };
         let seq = ch.next_seq;
         ch.next_seq += 1;
         ch.queue.push_back((seq, payload));
         if !cut {
             // In order within a connection: never before the previous message.
-            let at = (now + latency).max(ch.last_delivery_ms);
+            let at = (now + latency).max(ch.last_delivery_ms + wire_ms);
             ch.last_delivery_ms = at;
             self.seq += 1;
             self.queue.push(Reverse((at, self.seq, Event::Deliver(conn_id, dir, seq))));
@@ -1251,6 +1549,12 @@ impl Sim {
                     core.on_message(now, conn_id, msg, &held, &mut out);
                 }
                 self.controller_outputs(out);
+            }
+            Payload::BlobToController(blob) => self.controller_blob(conn_id, blob),
+            Payload::BlobToAgent(blob) => {
+                if self.agents[agent].conn == Some(conn_id) && self.agents[agent].core.is_some() {
+                    self.agent_blob(agent, blob);
+                }
             }
             Payload::ToAgent(msg) => {
                 if self.agents[agent].conn != Some(conn_id) {
@@ -1320,6 +1624,7 @@ impl Sim {
                     self.agents[agent].conn = None;
                     if let Some(core) = self.agents[agent].core.as_mut() {
                         core.disconnected();
+                        self.agents[agent].blobs.link_down();
                         self.schedule_dial(agent);
                     }
                 }
@@ -1499,9 +1804,14 @@ impl Sim {
         }
     }
 
-    /// After every job ended and things settled: nothing left running.
+    /// After every job ended and things settled: nothing left running, no transfer left unfinished.
     fn check_quiescent(&mut self) {
         for node in &self.agents {
+            if node.core.is_some() && node.conn.is_some() && !node.blobs.is_idle() {
+                let busy: Vec<AttemptId> = node.blobs.busy_attempts().collect();
+                let what = format!("blob transfers of {} never finished though it is reachable: {busy:?}", node.name);
+                return self.fail(what);
+            }
             if let Some((att, _)) = node.containers.iter().find(|(_, c)| c.running) {
                 let what = format!("container of {att} still runs on {} after every job ended", node.name);
                 return self.fail(what);
@@ -1516,10 +1826,10 @@ pub fn run_seed(scenario: &Scenario, seed: u64) -> Report {
 }
 
 /// What the simulated blob store holds of `wanted`.
-fn held_of<'a>(store: &BTreeSet<(Sha256, u64)>, wanted: Vec<&'a ArtifactRef>) -> HeldBlobs {
+fn held_of(store: &SimCas, wanted: Vec<&ArtifactRef>) -> HeldBlobs {
     let mut held = HeldBlobs::none();
     for o in wanted {
-        if store.contains(&(o.sha256, o.size_bytes)) {
+        if store.blobs.get(&o.sha256) == Some(&o.size_bytes) {
             held.insert(o.sha256, o.size_bytes);
         }
     }
@@ -1530,5 +1840,17 @@ fn held_of<'a>(store: &BTreeSet<(Sha256, u64)>, wanted: Vec<&'a ArtifactRef>) ->
 /// digest that differs per attempt, so a mix-up between attempts would show.
 fn sim_outputs(att: AttemptId, paths: &[String]) -> Vec<ArtifactRef> {
     let digest = Sha256(std::array::from_fn(|n| (att.0 >> (8 * (n % 8))) as u8));
-    paths.iter().map(|path| ArtifactRef { path: path.clone(), sha256: digest, size_bytes: 1 << 20 }).collect()
+    // Some fit one chunk, some take several, some end mid-chunk.
+    let size_bytes = (att.0 % 4) * MIB + (att.0 * 7919) % MIB + 1;
+    paths.iter().map(|path| ArtifactRef { path: path.clone(), sha256: digest, size_bytes }).collect()
+}
+
+/// The agent's blob machine, as the scenario has it built.
+fn new_flow(scenario: &Scenario) -> Flow {
+    #[cfg(feature = "sabotage")]
+    if scenario.blob_sabotage != cosmos_agent::blobs::machine::Sabotage::None {
+        return Flow::sabotaged(scenario.blob_sabotage);
+    }
+    let _ = scenario;
+    Flow::new()
 }

@@ -15,7 +15,8 @@ pub struct Faults {
     pub containers: bool,
     /// Foreign processes take VRAM; jobs leak VRAM after they exit.
     pub gpus: bool,
-    /// Fetching inputs and delivering outputs fails, mostly in ways worth retrying.
+    /// Blob chunks are damaged on the wire, reads fail unanswered, the host cache's disk and the
+    /// controller's blob store fail (on top of the network faults the blob machines also meet).
     pub transfers: bool,
     /// A store write fails (disk full, I/O error): its transaction is lost and
     /// the controller stops, as the daemon fail-stops, then restarts on what was durable.
@@ -73,6 +74,9 @@ pub struct Scenario {
     pub settle_ms: u64,
     /// The controller's tunables (shorter than production, to keep runs short).
     pub core: CoreConfig,
+    /// A deliberately broken agent blob machine, for the teeth tests.
+    #[cfg(feature = "sabotage")]
+    pub blob_sabotage: cosmos_agent::blobs::machine::Sabotage,
 }
 
 impl Scenario {
@@ -88,17 +92,15 @@ impl Scenario {
             liveness_bound_ms: 600_000,
             settle_ms: 60_000,
             core: CoreConfig { lost_after_ms: 10_000, ..CoreConfig::default() },
+            #[cfg(feature = "sabotage")]
+            blob_sabotage: Default::default(),
         }
     }
 
     /// Only the controller's wall clock is stepped, often, by minutes: nothing
     /// else goes wrong, so nothing may be lost or retried.
     pub fn clock_steps() -> Scenario {
-        Scenario {
-            faults: Faults { clock_steps: true, ..Faults::default() },
-            fault_gap_ms: 1_000,
-            ..Scenario::ci()
-        }
+        Scenario { faults: Faults { clock_steps: true, ..Faults::default() }, fault_gap_ms: 1_000, ..Scenario::ci() }
     }
 
     /// No faults at all: the happy path.

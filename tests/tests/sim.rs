@@ -41,7 +41,15 @@ fn invariants_hold_under_all_faults() {
         ] {
             assert!(kinds.contains(kind), "no run injected `{kind}`: {kinds:?}");
         }
-        for kind in ["staging failure", "delivery failure"] {
+        // The blob machines met damaged chunks, unanswered reads and failed stores, and gave up where they must.
+        for kind in [
+            "staging failure",
+            "delivery failure",
+            "chunk corruption",
+            "blob read failure",
+            "cache write failure",
+            "blob store full",
+        ] {
             assert!(kinds.contains(kind), "no run injected `{kind}`: {kinds:?}");
         }
         for kind in ["stage", "upload", "stage aborted", "upload aborted"] {
@@ -53,7 +61,12 @@ fn invariants_hold_under_all_faults() {
 #[test]
 fn controller_clock_steps_lose_no_host_and_requeue_nothing() {
     let scenario = Scenario::clock_steps();
-    for report in seeds::run_all("clock-steps", "controller_clock_steps_lose_no_host_and_requeue_nothing", &scenario, &seeds::from_env(20)) {
+    for report in seeds::run_all(
+        "clock-steps",
+        "controller_clock_steps_lose_no_host_and_requeue_nothing",
+        &scenario,
+        &seeds::from_env(20),
+    ) {
         let steps = report.faults.get("controller clock step").copied().unwrap_or(0);
         assert!(steps >= 10, "only {steps} clock steps: the scenario does not test what it says");
         assert_eq!(report.final_states.get("succeeded"), Some(&scenario.jobs), "{:?}", report.final_states);

@@ -1,9 +1,10 @@
-//! The simulator has teeth: each deliberately broken controller is caught by
+//! The simulator has teeth: each deliberately broken controller (and agent blob machine) is caught by
 //! the invariant meant for it, within a bounded number of seeds.
 //!
 //! `cargo test -p cosmos-sim --features sabotage --test teeth -- --nocapture`
 //! prints how many seeds each took.
 
+use cosmos_agent::blobs::machine::Sabotage as BlobSabotage;
 use cosmos_controller::core::Sabotage;
 use cosmos_sim::{Scenario, run_seed};
 
@@ -49,6 +50,22 @@ fn a_second_success_is_caught() {
 #[test]
 fn liveness_on_the_wall_clock_is_caught() {
     caught_within(Sabotage::WallClockDeadlines, &["declared lost after", "before next_deadline_ms did work"]);
+}
+
+#[test]
+fn a_download_resumed_past_its_good_bytes_is_caught() {
+    // The agent's blob machine, on a rewind (a stall, a corrupt chunk, a cut link), resumes one
+    // chunk past the bytes it has: the next chunk it accepts leaves a hole in the partial file.
+    let mut scenario = Scenario::ci();
+    scenario.blob_sabotage = BlobSabotage::ResumePastEnd;
+    for seed in 0..MAX_SEEDS {
+        if let Some(v) = run_seed(&scenario, seed).violation {
+            println!("ResumePastEnd: caught at seed {seed} ({} seeds run), {v}", seed + 1);
+            assert!(v.what.contains("past a hole"), "caught, but by another check than expected: {v}");
+            return;
+        }
+    }
+    panic!("ResumePastEnd went unnoticed for {MAX_SEEDS} seeds: the simulator is blind to it");
 }
 
 #[test]
