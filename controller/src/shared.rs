@@ -91,7 +91,7 @@ pub struct Shared {
     /// Held shared while runs are created from stored blobs and exclusively while
     /// outputs are deleted, so a run never names a blob removed under it.
     pub blob_gc: tokio::sync::RwLock<()>,
-    /// KiB of request bodies being read now, bounding their memory (see [`crate::http::BODY_KIB_IN_FLIGHT_MAX`]).
+    /// KiB of request bodies being read now, bounding their memory (see `http::BODY_KIB_IN_FLIGHT_MAX`).
     pub bodies: Arc<tokio::sync::Semaphore>,
     /// Bound on each stored log stream of one attempt.
     pub attempt_log_bytes_max: u64,
