@@ -14,11 +14,19 @@ const STARTUP_TIMEOUT_MS: u64 = 30_000;
 const STOP_GRACE_MS: u64 = 10_000;
 
 /// Runs an agent until SIGTERM or Ctrl-C.
+/// Where an agent's GPUs come from.
+pub enum GpuChoice {
+    /// `--simulated-gpus COUNTxSIZE`.
+    Simulated(String),
+    /// Real GPUs through NVML.
+    Nvml(cosmos_agent::daemon::NvmlOptions),
+}
+
 pub fn run_agent(
     controller: String,
     token_file: PathBuf,
     work_dir: PathBuf,
-    simulated: Option<String>,
+    gpu_choice: GpuChoice,
     name: Option<String>,
     runtime: cosmos_agent::daemon::RuntimeKind,
     cache_max_gib: u64,
@@ -30,19 +38,21 @@ pub fn run_agent(
         }
         e => e.into(),
     })?;
-    let Some(spec) = simulated else {
-        bail!(
-            "no GPUs to offer: NVML discovery is not built yet, so pass --simulated-gpus COUNTxSIZE (e.g. 8x80GiB) to run with simulated GPUs"
-        );
-    };
-    let gpus = cosmos_agent::daemon::parse_simulated_gpus(&spec)
-        .map_err(|e| anyhow::anyhow!("--simulated-gpus {spec}: {e}"))?;
     let name = name.unwrap_or_else(hostname);
-    tracing::warn!(
-        agent = name,
-        gpus = gpus.len(),
-        "GPUs are SIMULATED (--simulated-gpus): jobs see CUDA_VISIBLE_DEVICES but no real device"
-    );
+    let (gpus, gpus_simulated, nvml) = match gpu_choice {
+        GpuChoice::Simulated(spec) => {
+            let gpus = cosmos_agent::daemon::parse_simulated_gpus(&spec)
+                .map_err(|e| anyhow::anyhow!("--simulated-gpus {spec}: {e}"))?;
+            tracing::warn!(
+                agent = name,
+                gpus = gpus.len(),
+                "GPUs are SIMULATED (--simulated-gpus): jobs see CUDA_VISIBLE_DEVICES but no real device"
+            );
+            (gpus, true, cosmos_agent::daemon::NvmlOptions::default())
+        }
+        // Discovered by the daemon, which fails naming the library when there is none.
+        GpuChoice::Nvml(nvml) => (Vec::new(), false, nvml),
+    };
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("cannot create the work directory {}", work_dir.display()))?;
     let opts = cosmos_agent::daemon::AgentOptions {
@@ -51,13 +61,14 @@ pub fn run_agent(
         name,
         work_dir,
         gpus,
-        gpus_simulated: true,
+        gpus_simulated,
         max_frame_bytes: cosmos_proto::frame::DEFAULT_MAX_FRAME_BYTES,
         config: cosmos_agent::core::AgentConfig::default(),
         reconnect_min_ms: 100,
         reconnect_max_ms: 5_000,
         runtime,
         cache_max_bytes: cache_max_gib.saturating_mul(1 << 30),
+        nvml,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(cosmos_agent::daemon::run(opts, crate::shutdown_signal()))?;

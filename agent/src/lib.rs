@@ -3,6 +3,7 @@
 pub mod core;
 pub mod daemon;
 pub mod docker;
+pub mod gpu;
 pub mod process;
 pub mod runtime;
 pub mod simulated;

@@ -33,6 +33,7 @@ fn options(addr: String, token: &str, work_dir: &Path) -> AgentOptions {
         reconnect_max_ms: 500,
         runtime: daemon::RuntimeKind::Process,
         cache_max_bytes: cosmos_agent::transfer::DEFAULT_CACHE_MAX_BYTES,
+        nvml: Default::default(),
     }
 }
 

@@ -454,6 +454,7 @@ mod daemon_on_docker {
             reconnect_max_ms: 500,
             runtime: RuntimeKind::Docker(agent.config()),
             cache_max_bytes: cosmos_agent::transfer::DEFAULT_CACHE_MAX_BYTES,
+            nvml: Default::default(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(daemon::run(opts, async move {

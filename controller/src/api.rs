@@ -217,6 +217,9 @@ pub struct GpuView {
     pub free_vram_mib: u64,
     /// Out of scheduling when false.
     pub healthy: bool,
+    /// Why the agent quarantined it, while it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<cosmos_proto::GpuQuarantine>,
     /// Attempt holding it.
     pub attempt: Option<String>,
 }
@@ -470,6 +473,7 @@ pub fn server(listen: SocketAddr, core: Addr<CoreActor>, shared: Arc<Shared>) ->
             .route("/v1/agents", web::get().to(agents))
             .route("/v1/agents/{name}/drain", web::post().to(drain))
             .route("/v1/agents/{name}/undrain", web::post().to(undrain))
+            .route("/v1/agents/{name}/gpus/{uuid}/release", web::post().to(release_gpu))
             .route("/v1/status", web::get().to(status))
             .configure(crate::api_transfer::routes)
     })
@@ -673,7 +677,7 @@ async fn command_result(
             Ok(()) => HttpResponse::Ok().json(serde_json::json!({ "ok": true })),
             Err(_) => unavailable(),
         },
-        Ok(Err(e @ (CommandError::UnknownJob(_) | CommandError::UnknownAgent(_)))) => {
+        Ok(Err(e @ (CommandError::UnknownJob(_) | CommandError::UnknownAgent(_) | CommandError::UnknownGpu { .. }))) => {
             error(StatusCode::NOT_FOUND, e.to_string(), None, false)
         }
         Ok(Err(e)) => error(StatusCode::CONFLICT, e.to_string(), None, false),
@@ -687,6 +691,11 @@ async fn drain(state: web::Data<State>, name: web::Path<String>) -> HttpResponse
 
 async fn undrain(state: web::Data<State>, name: web::Path<String>) -> HttpResponse {
     command_result(state.core.send(SetDraining(name.into_inner(), false)).await).await
+}
+
+async fn release_gpu(state: web::Data<State>, path: web::Path<(String, String)>) -> HttpResponse {
+    let (name, uuid) = path.into_inner();
+    command_result(state.core.send(crate::daemon::ReleaseGpu(name, uuid)).await).await
 }
 
 fn agent_infos(agents: Vec<crate::core::AgentView>) -> Vec<AgentInfo> {
@@ -703,6 +712,7 @@ fn agent_infos(agents: Vec<crate::core::AgentView>) -> Vec<AgentInfo> {
                 .gpus
                 .into_iter()
                 .map(|(info, free, healthy, holder)| GpuView {
+                    quarantine: a.gpu_quarantine.get(&info.uuid).cloned(),
                     index: info.index,
                     uuid: info.uuid,
                     name: info.name,

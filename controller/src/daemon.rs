@@ -591,6 +591,18 @@ impl Handler<SetDraining> for CoreActor {
     }
 }
 
+/// Return an agent's quarantined GPU to scheduling: agent name, GPU uuid.
+pub struct ReleaseGpu(pub String, pub String);
+impl Message for ReleaseGpu {
+    type Result = Result<oneshot::Receiver<()>, CommandError>;
+}
+impl Handler<ReleaseGpu> for CoreActor {
+    type Result = Result<oneshot::Receiver<()>, CommandError>;
+    fn handle(&mut self, ReleaseGpu(name, uuid): ReleaseGpu, _: &mut Context<Self>) -> Self::Result {
+        self.command(|core, out| core.release_gpu(wall_ms(), &name, &uuid, out))
+    }
+}
+
 /// A job as listings show it.
 #[derive(Clone, Debug)]
 pub struct JobSummary {

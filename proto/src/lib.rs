@@ -28,4 +28,5 @@ pub use spec::{ArtifactRef, InputArtifact, JobSpec, Mount, OutputArtifact, SpecE
 /// self-describing, so there is no partial compatibility to rely on.
 /// v2: blob frames (inputs and outputs in checksummed chunks).
 /// v3: a handshake refusal for a node id already connected; `JobSpec::terminal_exit_codes`.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// v4: `GpuUsage::quarantine` (why a GPU is out of scheduling); `ControllerMsg::ReleaseGpu`.
+pub const PROTOCOL_VERSION: u16 = 4;

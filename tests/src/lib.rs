@@ -602,6 +602,7 @@ impl Sim {
                     utilization_pct: None,
                     temperature_c: None,
                     healthy: true,
+                    quarantine: None,
                 }
             })
             .collect()
@@ -778,6 +779,10 @@ impl Sim {
                         if matches!(o, AgentOut::AbortStage { .. }) { "stage aborted" } else { "upload aborted" };
                     *self.transfers.entry(kind).or_insert(0) += 1;
                     self.agents[i].transfers.remove(&attempt_id);
+                }
+                // Simulated GPUs list no processes, so no process of an attempt can outlive it here.
+                AgentOut::KillStrays { attempt_id, pids } => {
+                    panic!("the simulated GPUs list no processes, yet the core asked to kill {pids:?} of {attempt_id}")
                 }
             }
         }

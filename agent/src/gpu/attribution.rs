@@ -1,0 +1,87 @@
+//! Which attempt a GPU process belongs to. NVML reports host pids; the
+//! process runtime runs each attempt in a process group of its own (handle
+//! `pgid:N`), the Docker runtime in a container (handle: the container id),
+//! and `/proc/<pid>/cgroup` names a process's container. A process no live or
+//! recently ended attempt claims is foreign, and so is its memory.
+
+use super::GpuSample;
+use crate::core::{GpuProcess, GpuReading};
+use cosmos_proto::{AttemptId, GpuUsage};
+use std::collections::{BTreeMap, VecDeque};
+
+/// Ended attempts whose handles are kept, so that processes outliving them are still known as theirs.
+pub const ENDED_HANDLES_KEPT: usize = 1024;
+
+/// Attempts' runtime handles, to attribute pids.
+#[derive(Default)]
+pub struct Owners {
+    groups: BTreeMap<i32, AttemptId>,
+    containers: BTreeMap<String, AttemptId>,
+    order: VecDeque<AttemptId>,
+}
+
+impl Owners {
+    /// An attempt started with this runtime handle (`pgid:N` or a container id); others are ignored.
+    pub fn insert(&mut self, attempt_id: AttemptId, handle: &str) {
+        if let Some(pgid) = handle.strip_prefix("pgid:").and_then(|p| p.parse().ok()) {
+            self.groups.insert(pgid, attempt_id);
+        } else if handle.len() >= 12 && handle.chars().all(|c| c.is_ascii_hexdigit()) {
+            self.containers.insert(handle.to_string(), attempt_id);
+        } else {
+            return;
+        }
+        self.order.push_back(attempt_id);
+        // Bounded: the oldest handles go (their processes, if any still live, then count as foreign).
+        while self.order.len() > ENDED_HANDLES_KEPT {
+            if let Some(old) = self.order.pop_front() {
+                self.groups.retain(|_, a| *a != old);
+                self.containers.retain(|_, a| *a != old);
+            }
+        }
+    }
+
+    /// The attempt owning host process `pid`, from `/proc`.
+    pub fn owner_of(&self, pid: u32) -> Option<AttemptId> {
+        if let Some(pgid) = process_group(pid) {
+            if let Some(a) = self.groups.get(&pgid) {
+                return Some(*a);
+            }
+        }
+        if self.containers.is_empty() {
+            return None;
+        }
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        self.containers.iter().find(|(id, _)| cgroup.contains(id.as_str())).map(|(_, a)| *a)
+    }
+}
+
+/// The process group of `pid`, from `/proc/<pid>/stat` (field 5, after the parenthesised name).
+pub fn process_group(pid: u32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// A sample with its processes attributed by `owner`; unattributed processes' memory is foreign.
+pub fn reading(sample: &GpuSample, owner: impl Fn(u32) -> Option<AttemptId>) -> GpuReading {
+    let processes: Vec<GpuProcess> = sample
+        .processes
+        .iter()
+        .map(|p| GpuProcess { pid: p.pid, used_bytes: p.used_bytes, attempt_id: owner(p.pid) })
+        .collect();
+    let foreign: u64 = processes.iter().filter(|p| p.attempt_id.is_none()).filter_map(|p| p.used_bytes).sum();
+    GpuReading {
+        usage: GpuUsage {
+            uuid: sample.uuid.clone(),
+            used_vram_bytes: sample.used_bytes,
+            free_vram_bytes: sample.free_bytes,
+            foreign_vram_bytes: foreign.min(sample.used_bytes),
+            utilization_pct: sample.utilization_pct,
+            temperature_c: sample.temperature_c,
+            healthy: true,
+            quarantine: None,
+        },
+        processes,
+        lost: sample.lost.clone(),
+    }
+}
