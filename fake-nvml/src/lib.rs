@@ -196,6 +196,8 @@ impl Gpu {
 
 struct State {
     initialized: u32,
+    /// Set by [`fakeNvmlSetScenario`]; wins over the environment.
+    path: Option<std::path::PathBuf>,
     scenario: Scenario,
     file_key: Option<(u64, i64, i64, u64)>,
     last_check: Option<Instant>,
@@ -203,7 +205,7 @@ struct State {
 }
 
 static STATE: Mutex<State> =
-    Mutex::new(State { initialized: 0, scenario: Scenario { driver_version: None, nvml_version: None, init_error: None, gpus: Vec::new() }, file_key: None, last_check: None, calls: BTreeMap::new() });
+    Mutex::new(State { initialized: 0, path: None, scenario: Scenario { driver_version: None, nvml_version: None, init_error: None, gpus: Vec::new() }, file_key: None, last_check: None, calls: BTreeMap::new() });
 
 fn lock() -> MutexGuard<'static, State> {
     STATE.lock().unwrap_or_else(|e| e.into_inner())
@@ -218,7 +220,9 @@ fn refresh(state: &mut State) -> Result<(), Ret> {
         return Ok(());
     }
     state.last_check = Some(now);
-    let Some(path) = std::env::var_os(SCENARIO_ENV) else { return Err(ERROR_DRIVER_NOT_LOADED) };
+    let Some(path) = state.path.clone().map(Into::into).or_else(|| std::env::var_os(SCENARIO_ENV)) else {
+        return Err(ERROR_DRIVER_NOT_LOADED);
+    };
     let Ok(meta) = std::fs::metadata(&path) else { return Err(ERROR_DRIVER_NOT_LOADED) };
     let key = (meta.ino(), meta.mtime(), meta.mtime_nsec(), meta.len());
     if state.file_key == Some(key) {
@@ -299,6 +303,17 @@ pub unsafe extern "C" fn fakeNvmlCallCount(name: *const c_char) -> c_ulonglong {
     // SAFETY: the caller passes a NUL-terminated string.
     let name = unsafe { CStr::from_ptr(name) }.to_string_lossy();
     lock().calls.iter().find(|(k, _)| **k == name).map_or(0, |(_, v)| *v)
+}
+
+/// Test hook (not NVML): read the scenario from this file from now on, whatever
+/// the environment says (tests in one process cannot safely change it).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fakeNvmlSetScenario(path: *const c_char) {
+    let mut state = lock();
+    state.path = (!path.is_null())
+        // SAFETY: the caller passes a NUL-terminated string.
+        .then(|| std::path::PathBuf::from(unsafe { CStr::from_ptr(path) }.to_string_lossy().into_owned()));
+    state.file_key = None;
 }
 
 #[unsafe(no_mangle)]
