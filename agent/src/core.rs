@@ -1604,4 +1604,149 @@ Root Cause (first observed failure):
             "{out:?}"
         );
     }
+
+    fn reading(used: u64, processes: Vec<GpuProcess>) -> Vec<GpuReading> {
+        let info = GpuInfo { index: 0, uuid: GPU.into(), name: "fake".into(), total_vram_bytes: 80 << 30 };
+        let foreign = processes.iter().filter(|p| p.attempt_id.is_none()).filter_map(|p| p.used_bytes).sum();
+        let usage = GpuUsage { used_vram_bytes: used, foreign_vram_bytes: foreign, ..GpuUsage::idle(&info) };
+        vec![GpuReading { usage, processes, lost: None }]
+    }
+
+    fn ours(pid: u32, bytes: u64) -> GpuProcess {
+        GpuProcess { pid, used_bytes: Some(bytes), attempt_id: Some(ATT) }
+    }
+
+    fn heartbeat_gpu(core: &mut AgentCore, now_ms: u64) -> GpuUsage {
+        let mut out = Vec::new();
+        // The link is alive: the heartbeat is due rather than a reconnect.
+        core.on_message(now_ms, ControllerMsg::HeartbeatAck { seq: 0 }, &mut out);
+        core.tick(now_ms, &mut out);
+        out.into_iter()
+            .find_map(|o| match o {
+                Output::Send(AgentMsg::Heartbeat(hb)) => Some(hb.gpus[0].clone()),
+                _ => None,
+            })
+            .expect("a heartbeat is due")
+    }
+
+    fn faults(out: &[Output]) -> Vec<GpuFault> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send(AgentMsg::GpuFault { fault, .. }) => Some(fault.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn recovered(out: &[Output]) -> bool {
+        out.iter().any(|o| matches!(o, Output::Send(AgentMsg::GpuRecovered { .. })))
+    }
+
+    #[test]
+    fn an_attempts_surviving_process_is_killed_before_its_gpu_is_quarantined_and_it_returns_once_gone() {
+        let mut core = core();
+        core.on_gpu_readings(0, reading(0, Vec::new()), &mut Vec::new());
+        uploading(&mut core);
+        let bound = core.config.vram_release_bound_ms;
+        let recheck = core.config.stray_kill_recheck_ms;
+        let mut out = Vec::new();
+        core.on_gpu_readings(100 + bound, reading(10 << 30, vec![ours(99, 10 << 30)]), &mut out);
+        assert_eq!(out, vec![Output::KillStrays { attempt_id: ATT, pids: vec![99] }]);
+        // It survived the kill.
+        let mut out = Vec::new();
+        core.on_gpu_readings(100 + bound + recheck - 1, reading(10 << 30, vec![ours(99, 10 << 30)]), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        let mut out = Vec::new();
+        core.on_gpu_readings(100 + bound + recheck, reading(10 << 30, vec![ours(99, 10 << 30)]), &mut out);
+        assert!(matches!(faults(&out).as_slice(), [GpuFault::VramNotReleased { attempt_id: ATT, .. }]), "{out:?}");
+        let gpu = heartbeat_gpu(&mut core, 100 + bound + recheck + 2_000);
+        assert!(!gpu.healthy);
+        let q = gpu.quarantine.expect("quarantined");
+        assert_eq!((q.held_bytes, q.pids.clone(), q.for_ms), (10 << 30, vec![99], 2_000));
+        assert!(q.reason.contains("10.0 GiB") && q.reason.contains("99") && q.reason.contains("survived a kill"), "{}", q.reason);
+        // Memory freed but its process still listed: not clean yet.
+        let mut out = Vec::new();
+        core.on_gpu_readings(200_000, reading(0, vec![ours(99, 0)]), &mut out);
+        assert!(!recovered(&out));
+        let mut out = Vec::new();
+        core.on_gpu_readings(200_100, reading(0, Vec::new()), &mut out);
+        assert!(recovered(&out), "{out:?}");
+        let gpu = heartbeat_gpu(&mut core, 210_000);
+        assert!(gpu.healthy && gpu.quarantine.is_none(), "{gpu:?}");
+    }
+
+    #[test]
+    fn memory_held_with_no_process_listed_quarantines_without_a_kill_and_returns_when_freed() {
+        let mut core = core();
+        core.on_gpu_readings(0, reading(1 << 30, Vec::new()), &mut Vec::new());
+        uploading(&mut core);
+        let bound = core.config.vram_release_bound_ms;
+        let mut out = Vec::new();
+        core.on_gpu_readings(100 + bound, reading(5 << 30, Vec::new()), &mut out);
+        assert!(!out.iter().any(|o| matches!(o, Output::KillStrays { .. })), "{out:?}");
+        let [GpuFault::VramNotReleased { baseline_bytes, held_bytes, .. }] = faults(&out)[..] else { panic!("{out:?}") };
+        assert_eq!((baseline_bytes, held_bytes), (1 << 30, 5 << 30));
+        let q = heartbeat_gpu(&mut core, 100 + bound + 1_000).quarantine.expect("quarantined");
+        assert!(q.reason.contains("4.0 GiB") && q.reason.contains("no process of it listed"), "{}", q.reason);
+        assert!(q.pids.is_empty());
+        let mut out = Vec::new();
+        core.on_gpu_readings(100 + bound + 3_000, reading(1 << 30, Vec::new()), &mut out);
+        assert!(recovered(&out), "{out:?}");
+    }
+
+    #[test]
+    fn a_foreign_process_holding_memory_after_an_attempt_is_not_its_leak() {
+        let mut core = core();
+        core.on_gpu_readings(0, reading(0, Vec::new()), &mut Vec::new());
+        uploading(&mut core);
+        let bound = core.config.vram_release_bound_ms;
+        let foreign = GpuProcess { pid: 5, used_bytes: Some(20 << 30), attempt_id: None };
+        let mut out = Vec::new();
+        core.on_gpu_readings(100 + bound, reading(20 << 30, vec![foreign]), &mut out);
+        assert!(faults(&out).is_empty() && !out.iter().any(|o| matches!(o, Output::KillStrays { .. })), "{out:?}");
+        assert!(heartbeat_gpu(&mut core, 100 + bound + 1_000).healthy);
+    }
+
+    #[test]
+    fn critical_xids_quarantine_until_an_operator_releases_the_gpu_and_application_ones_do_not() {
+        let mut core = core();
+        for xid in APPLICATION_XIDS {
+            let mut out = Vec::new();
+            assert!(!core.on_gpu_xid(10, GPU, *xid, &mut out));
+            assert!(out.is_empty(), "Xid {xid}: {out:?}");
+        }
+        let mut out = Vec::new();
+        assert!(core.on_gpu_xid(10, GPU, 79, &mut out));
+        assert!(
+            matches!(finished(&assign(&mut core, 11, spec(0))), Some(AttemptOutcome::Rejected { reason }) if reason.contains("faulty")),
+            "no work on a quarantined GPU"
+        );
+        assert!(matches!(faults(&out).as_slice(), [GpuFault::Hardware { detail }] if detail.contains("Xid 79")), "{out:?}");
+        // Clean memory does not bring back a GPU with a hardware fault.
+        let mut out = Vec::new();
+        core.on_gpu_readings(20, reading(0, Vec::new()), &mut out);
+        assert!(!recovered(&out));
+        let q = heartbeat_gpu(&mut core, 2_000).quarantine.expect("quarantined");
+        assert!(q.reason.contains("undrain"), "{}", q.reason);
+        let mut out = Vec::new();
+        core.on_message(3_000, ControllerMsg::ReleaseGpu { gpu_uuid: GPU.into() }, &mut out);
+        assert!(recovered(&out), "{out:?}");
+        assert!(heartbeat_gpu(&mut core, 5_000).healthy);
+    }
+
+    #[test]
+    fn a_lost_gpu_is_quarantined_once() {
+        let mut core = core();
+        let lost = |core: &mut AgentCore, now| {
+            let mut r = reading(0, Vec::new());
+            r[0].lost = Some("NVML: GPU is lost".into());
+            let mut out = Vec::new();
+            core.on_gpu_readings(now, r, &mut out);
+            out
+        };
+        let out = lost(&mut core, 10);
+        assert!(matches!(faults(&out).as_slice(), [GpuFault::Hardware { detail }] if detail.contains("lost")), "{out:?}");
+        assert!(lost(&mut core, 20).is_empty(), "reported once");
+        assert!(!heartbeat_gpu(&mut core, 2_000).healthy);
+    }
 }

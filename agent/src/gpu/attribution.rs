@@ -85,3 +85,40 @@ pub fn reading(sample: &GpuSample, owner: impl Fn(u32) -> Option<AttemptId>) -> 
         lost: sample.lost.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    #[test]
+    fn a_process_in_an_attempts_group_is_its_and_others_are_foreign() {
+        let mut child = std::process::Command::new("sleep").arg("30").process_group(0).spawn().unwrap();
+        let pid = child.id();
+        let mut owners = Owners::default();
+        owners.insert(AttemptId(3), &format!("pgid:{pid}"));
+        assert_eq!(owners.owner_of(pid), Some(AttemptId(3)));
+        assert_eq!(owners.owner_of(std::process::id()), None, "the test itself is foreign");
+        let sample = GpuSample {
+            uuid: "GPU-x".into(),
+            total_bytes: 10 << 30,
+            used_bytes: 6 << 30,
+            free_bytes: 4 << 30,
+            reserved_bytes: 0,
+            processes: vec![
+                super::super::ProcessUse { pid, used_bytes: Some(4 << 30) },
+                super::super::ProcessUse { pid: std::process::id(), used_bytes: Some(2 << 30) },
+            ],
+            utilization_pct: None,
+            temperature_c: None,
+            power_mw: None,
+            lost: None,
+        };
+        let r = reading(&sample, |p| owners.owner_of(p));
+        assert_eq!(r.usage.foreign_vram_bytes, 2 << 30);
+        assert_eq!(r.processes[0].attempt_id, Some(AttemptId(3)));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(owners.owner_of(pid), None, "gone");
+    }
+}
