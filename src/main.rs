@@ -65,6 +65,9 @@ enum Command {
         /// Time between two readings of every GPU (memory, processes, utilisation), in milliseconds.
         #[arg(long, default_value_t = cosmos_agent::gpu::monitor::DEFAULT_SAMPLE_INTERVAL_MS)]
         gpu_sample_interval_ms: u64,
+        /// After a job ends, how long its GPUs get to return to their baseline memory before quarantine, in milliseconds.
+        #[arg(long, default_value_t = cosmos_agent::core::AgentConfig::default().vram_release_bound_ms)]
+        vram_release_bound_ms: u64,
         /// This host's name in the cluster (default: the host name).
         #[arg(long)]
         name: Option<String>,
@@ -466,6 +469,7 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             nvml_lib,
             gpus,
             gpu_sample_interval_ms,
+            vram_release_bound_ms,
             name,
             runtime,
             volumes,
@@ -481,7 +485,8 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
                     sample_interval_ms: gpu_sample_interval_ms,
                 }),
             };
-            up::run_agent(controller, token_file, work_dir, gpu_source, name, runtime, cache_max_gib)?;
+            let config = cosmos_agent::core::AgentConfig { vram_release_bound_ms, ..Default::default() };
+            up::run_agent(controller, token_file, work_dir, gpu_source, config, name, runtime, cache_max_gib)?;
             Ok(true)
         }
         Command::Up { data_dir, agents, gpus, client_command } => up::up(data_dir, agents, &gpus, client_command),

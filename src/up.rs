@@ -13,7 +13,6 @@ const STARTUP_TIMEOUT_MS: u64 = 30_000;
 /// How long a stopping child gets before it is killed.
 const STOP_GRACE_MS: u64 = 10_000;
 
-/// Runs an agent until SIGTERM or Ctrl-C.
 /// Where an agent's GPUs come from.
 pub enum GpuChoice {
     /// `--simulated-gpus COUNTxSIZE`.
@@ -22,11 +21,14 @@ pub enum GpuChoice {
     Nvml(cosmos_agent::daemon::NvmlOptions),
 }
 
+/// Runs an agent until SIGTERM or Ctrl-C.
+#[allow(clippy::too_many_arguments)]
 pub fn run_agent(
     controller: String,
     token_file: PathBuf,
     work_dir: PathBuf,
     gpu_choice: GpuChoice,
+    config: cosmos_agent::core::AgentConfig,
     name: Option<String>,
     runtime: cosmos_agent::daemon::RuntimeKind,
     cache_max_gib: u64,
@@ -63,7 +65,7 @@ pub fn run_agent(
         gpus,
         gpus_simulated,
         max_frame_bytes: cosmos_proto::frame::DEFAULT_MAX_FRAME_BYTES,
-        config: cosmos_agent::core::AgentConfig::default(),
+        config,
         reconnect_min_ms: 100,
         reconnect_max_ms: 5_000,
         runtime,
