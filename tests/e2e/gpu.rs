@@ -130,8 +130,11 @@ fn an_agent_on_nvml_avoids_foreign_use_and_quarantines_a_gpu_a_job_left_dirty_un
     // As NVML shows a process that died in another namespace, or a zombie: the memory, no pid.
     write_scenario(&scenario, &[(vec![(foreign.0.id(), 75 * GIB)], 0), (vec![], 8 * GIB)]);
     std::fs::write(&go, "").unwrap();
+    let exited = Instant::now();
     c.wait_until("the job to succeed", Duration::from_secs(STEP_TIMEOUT_S), |s| s == ["succeeded"]);
     let v = wait_for(&c, "GPU 1 to be quarantined", |v| gpu(v, 1)["healthy"] == false && gpu(v, 1)["quarantine"].is_object());
+    // A figure, not a bound: the release bound plus a sample and a heartbeat, seen through the CLI's polling.
+    eprintln!("figure: job exit to its GPU quarantined in agents list: {:?} (bound {VRAM_RELEASE_BOUND_MS} ms)", exited.elapsed());
     let q = &gpu(&v, 1)["quarantine"];
     assert_eq!(q["held_bytes"], 8 * GIB, "{q:#}");
     assert!(q["reason"].as_str().unwrap().contains("no process of it listed"), "{q:#}");
@@ -141,8 +144,10 @@ fn an_agent_on_nvml_avoids_foreign_use_and_quarantines_a_gpu_a_job_left_dirty_un
 
     // 4. The memory is freed: GPU 1 returns by itself.
     write_scenario(&scenario, &[(vec![(foreign.0.id(), 75 * GIB)], 0), (vec![], 0)]);
+    let freed = Instant::now();
     let v = wait_for(&c, "GPU 1 to return", |v| gpu(v, 1)["healthy"] == true && gpu(v, 1).get("quarantine").is_none());
     assert!(gpu(&v, 1).get("quarantine").is_none(), "{v:#}");
+    eprintln!("figure: memory freed to its GPU back in agents list: {:?}", freed.elapsed());
 
     // 5. A lost GPU is quarantined for good; an operator who fixed it returns it by hand.
     let _ = foreign.0.kill();
