@@ -1,8 +1,11 @@
 //! Which attempt a GPU process belongs to. NVML reports host pids; the
 //! process runtime runs each attempt in a process group of its own (handle
 //! `pgid:N`), the Docker runtime in a container (handle: the container id),
-//! and `/proc/<pid>/cgroup` names a process's container. A process no live or
-//! recently ended attempt claims is foreign, and so is its memory.
+//! and `/proc/<pid>/cgroup` names a process's container. A process that left
+//! its group (`setsid`, a double fork) still carries the attempt's
+//! `COSMOS_ATTEMPT_ID` in `/proc/<pid>/environ`, readable by the agent's user
+//! or root. A process no live or recently ended attempt claims is foreign,
+//! and so is its memory.
 
 use super::GpuSample;
 use crate::core::{GpuProcess, GpuReading};
@@ -17,6 +20,8 @@ pub const ENDED_HANDLES_KEPT: usize = 1024;
 pub struct Owners {
     groups: BTreeMap<i32, AttemptId>,
     containers: BTreeMap<String, AttemptId>,
+    /// `COSMOS_ATTEMPT_ID` values of the known attempts.
+    env_ids: BTreeMap<String, AttemptId>,
     order: VecDeque<AttemptId>,
 }
 
@@ -30,12 +35,14 @@ impl Owners {
         } else {
             return;
         }
+        self.env_ids.insert(attempt_id.to_string(), attempt_id);
         self.order.push_back(attempt_id);
         // Bounded: the oldest handles go (their processes, if any still live, then count as foreign).
         while self.order.len() > ENDED_HANDLES_KEPT {
             if let Some(old) = self.order.pop_front() {
                 self.groups.retain(|_, a| *a != old);
                 self.containers.retain(|_, a| *a != old);
+                self.env_ids.retain(|_, a| *a != old);
             }
         }
     }
@@ -47,11 +54,19 @@ impl Owners {
                 return Some(*a);
             }
         }
-        if self.containers.is_empty() {
-            return None;
+        if !self.containers.is_empty() {
+            if let Ok(cgroup) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+                if let Some((_, a)) = self.containers.iter().find(|(id, _)| cgroup.contains(id.as_str())) {
+                    return Some(*a);
+                }
+            }
         }
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-        self.containers.iter().find(|(id, _)| cgroup.contains(id.as_str())).map(|(_, a)| *a)
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+        environ
+            .split(|&b| b == 0)
+            .find_map(|var| var.strip_prefix(b"COSMOS_ATTEMPT_ID="))
+            .and_then(|id| self.env_ids.get(std::str::from_utf8(id).ok()?))
+            .copied()
     }
 }
 
@@ -120,5 +135,22 @@ mod tests {
         child.kill().unwrap();
         child.wait().unwrap();
         assert_eq!(owners.owner_of(pid), None, "gone");
+        // One that left the group still carries the attempt's id in its environment.
+        let mut escaped = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .env("COSMOS_ATTEMPT_ID", AttemptId(3).to_string())
+            .spawn()
+            .unwrap();
+        // spawn can return before the child's exec has set its environment.
+        for _ in 0..200 {
+            if std::fs::read(format!("/proc/{}/environ", escaped.id())).is_ok_and(|e| !e.is_empty()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(owners.owner_of(escaped.id()), Some(AttemptId(3)));
+        escaped.kill().unwrap();
+        escaped.wait().unwrap();
     }
 }
