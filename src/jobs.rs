@@ -327,7 +327,8 @@ pub fn drain(args: &ClientArgs, name: &str, on: bool) -> anyhow::Result<()> {
 /// `cosmos agents undrain NAME --gpu UUID`.
 pub fn release_gpu(args: &ClientArgs, name: &str, uuid: &str) -> anyhow::Result<()> {
     let client = Client::new(args)?;
-    let _: serde_json::Value = client.post(&format!("/v1/agents/{name}/gpus/{uuid}/release"), &serde_json::json!({}))?;
+    let _: serde_json::Value =
+        client.post(&format!("/v1/agents/{name}/gpus/{uuid}/release"), &serde_json::json!({}))?;
     println!("{name}: GPU {uuid} released; it takes work again once the agent confirms");
     Ok(())
 }

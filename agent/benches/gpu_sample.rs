@@ -18,7 +18,8 @@ fn bench(c: &mut Criterion) {
     let fake = unsafe { libloading::Library::new(&lib) }.unwrap();
     let path = std::ffi::CString::new(scenario.to_str().unwrap()).unwrap();
     unsafe {
-        let set: libloading::Symbol<unsafe extern "C" fn(*const std::ffi::c_char)> = fake.get(b"fakeNvmlSetScenario\0").unwrap();
+        let set: libloading::Symbol<unsafe extern "C" fn(*const std::ffi::c_char)> =
+            fake.get(b"fakeNvmlSetScenario\0").unwrap();
         set(path.as_ptr());
     }
     let mut group = c.benchmark_group("gpu_sample_over_fake_nvml");

@@ -709,7 +709,8 @@ impl AgentCore {
         let Some(att) = self.attempts.remove(&attempt_id) else { return };
         for (uuid, baseline_bytes) in att.baselines {
             let deadline_ms = now_ms.saturating_add(self.config.vram_release_bound_ms);
-            self.pending_release.insert(uuid, PendingRelease { baseline_bytes, deadline_ms, attempt_id, killed: false });
+            self.pending_release
+                .insert(uuid, PendingRelease { baseline_bytes, deadline_ms, attempt_id, killed: false });
         }
         self.finished.insert(attempt_id, (outcome.clone(), att.gpu_uuids));
         out.push(Output::Send(AgentMsg::AttemptFinished { attempt_id, outcome }));
@@ -727,7 +728,12 @@ impl AgentCore {
             if let Some(detail) = r.lost {
                 // Keep the last good usage; a lost GPU says nothing about its memory.
                 if self.faulty.get(&uuid).is_none_or(|f| f.leak.is_some()) {
-                    self.on_gpu_error(now_ms, &uuid, format!("the GPU is lost ({detail}); it needs a reset or a reboot"), out);
+                    self.on_gpu_error(
+                        now_ms,
+                        &uuid,
+                        format!("the GPU is lost ({detail}); it needs a reset or a reboot"),
+                        out,
+                    );
                 }
                 continue;
             }
@@ -821,8 +827,11 @@ impl AgentCore {
                     since_ms: now_ms,
                 },
             );
-            let fault =
-                GpuFault::VramNotReleased { attempt_id: p.attempt_id, baseline_bytes: p.baseline_bytes, held_bytes: used };
+            let fault = GpuFault::VramNotReleased {
+                attempt_id: p.attempt_id,
+                baseline_bytes: p.baseline_bytes,
+                held_bytes: used,
+            };
             out.push(Output::Send(AgentMsg::GpuFault { gpu_uuid: uuid, fault }));
         }
         let recovered: Vec<String> = self
@@ -1663,7 +1672,11 @@ Root Cause (first observed failure):
         assert!(!gpu.healthy);
         let q = gpu.quarantine.expect("quarantined");
         assert_eq!((q.held_bytes, q.pids.clone(), q.for_ms), (10 << 30, vec![99], 2_000));
-        assert!(q.reason.contains("10.0 GiB") && q.reason.contains("99") && q.reason.contains("survived a kill"), "{}", q.reason);
+        assert!(
+            q.reason.contains("10.0 GiB") && q.reason.contains("99") && q.reason.contains("survived a kill"),
+            "{}",
+            q.reason
+        );
         // Memory freed but its process still listed: not clean yet.
         let mut out = Vec::new();
         core.on_gpu_readings(200_000, reading(0, vec![ours(99, 0)]), &mut out);
@@ -1684,7 +1697,9 @@ Root Cause (first observed failure):
         let mut out = Vec::new();
         core.on_gpu_readings(100 + bound, reading(5 << 30, Vec::new()), &mut out);
         assert!(!out.iter().any(|o| matches!(o, Output::KillStrays { .. })), "{out:?}");
-        let [GpuFault::VramNotReleased { baseline_bytes, held_bytes, .. }] = faults(&out)[..] else { panic!("{out:?}") };
+        let [GpuFault::VramNotReleased { baseline_bytes, held_bytes, .. }] = faults(&out)[..] else {
+            panic!("{out:?}")
+        };
         assert_eq!((baseline_bytes, held_bytes), (1 << 30, 5 << 30));
         let q = heartbeat_gpu(&mut core, 100 + bound + 1_000).quarantine.expect("quarantined");
         assert!(q.reason.contains("4.0 GiB") && q.reason.contains("no process of it listed"), "{}", q.reason);
@@ -1721,7 +1736,10 @@ Root Cause (first observed failure):
             matches!(finished(&assign(&mut core, 11, spec(0))), Some(AttemptOutcome::Rejected { reason }) if reason.contains("faulty")),
             "no work on a quarantined GPU"
         );
-        assert!(matches!(faults(&out).as_slice(), [GpuFault::Hardware { detail }] if detail.contains("Xid 79")), "{out:?}");
+        assert!(
+            matches!(faults(&out).as_slice(), [GpuFault::Hardware { detail }] if detail.contains("Xid 79")),
+            "{out:?}"
+        );
         // Clean memory does not bring back a GPU with a hardware fault.
         let mut out = Vec::new();
         core.on_gpu_readings(20, reading(0, Vec::new()), &mut out);
@@ -1745,7 +1763,10 @@ Root Cause (first observed failure):
             out
         };
         let out = lost(&mut core, 10);
-        assert!(matches!(faults(&out).as_slice(), [GpuFault::Hardware { detail }] if detail.contains("lost")), "{out:?}");
+        assert!(
+            matches!(faults(&out).as_slice(), [GpuFault::Hardware { detail }] if detail.contains("lost")),
+            "{out:?}"
+        );
         assert!(lost(&mut core, 20).is_empty(), "reported once");
         assert!(!heartbeat_gpu(&mut core, 2_000).healthy);
     }

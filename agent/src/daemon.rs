@@ -197,7 +197,13 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         for g in &d.gpus {
             tracing::info!(index = g.info.index, uuid = g.info.uuid, name = g.info.name, total_vram_bytes = g.info.total_vram_bytes, mig = ?g.mig, "GPU found");
         }
-        tracing::info!(driver = d.driver_version, nvml = d.nvml_version, library = opts.nvml.lib_path, gpus = gpus.len(), "GPUs read through NVML");
+        tracing::info!(
+            driver = d.driver_version,
+            nvml = d.nvml_version,
+            library = opts.nvml.lib_path,
+            gpus = gpus.len(),
+            "GPUs read through NVML"
+        );
         let rx = crate::gpu::monitor::spawn(Box::new(source), opts.nvml.sample_interval_ms)
             .map_err(|e| AgentError::MonitorStopped(format!("cannot start its thread: {e}")))?;
         monitor = Some(rx);

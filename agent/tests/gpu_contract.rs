@@ -33,7 +33,9 @@ struct WorldGpu {
 }
 
 fn world(n: usize) -> Vec<WorldGpu> {
-    (0..n).map(|i| WorldGpu { uuid: format!("GPU-c0ffee00-{i:04}"), total_bytes: 80 * GIB, ..Default::default() }).collect()
+    (0..n)
+        .map(|i| WorldGpu { uuid: format!("GPU-c0ffee00-{i:04}"), total_bytes: 80 * GIB, ..Default::default() })
+        .collect()
 }
 
 /// A way to build a world and read it back through a [`GpuSource`].
@@ -59,12 +61,19 @@ impl Backend for Simulated {
         let infos = world
             .iter()
             .enumerate()
-            .map(|(i, g)| GpuInfo { index: i as u32, uuid: g.uuid.clone(), name: "sim".into(), total_vram_bytes: g.total_bytes })
+            .map(|(i, g)| GpuInfo {
+                index: i as u32,
+                uuid: g.uuid.clone(),
+                name: "sim".into(),
+                total_vram_bytes: g.total_bytes,
+            })
             .collect::<Vec<_>>();
         // The simulated GPUs apply the same selection rules as NVML discovery.
-        let discovered = infos.iter().cloned().map(|info| cosmos_agent::gpu::DiscoveredGpu { info, mig: None }).collect();
+        let discovered =
+            infos.iter().cloned().map(|info| cosmos_agent::gpu::DiscoveredGpu { info, mig: None }).collect();
         let kept: Vec<GpuInfo> = selection.apply(discovered)?.into_iter().map(|g| g.info).collect();
-        let kept_world: Vec<WorldGpu> = world.iter().filter(|w| kept.iter().any(|k| k.uuid == w.uuid)).cloned().collect();
+        let kept_world: Vec<WorldGpu> =
+            world.iter().filter(|w| kept.iter().any(|k| k.uuid == w.uuid)).cloned().collect();
         let gpus = SimulatedGpus::new(kept);
         self.handle = Some(gpus.handle());
         self.pushed = world.iter().flat_map(|g| g.events.iter().map(|e| e.0)).max().unwrap_or(0);
@@ -75,7 +84,10 @@ impl Backend for Simulated {
     fn change(&mut self, world: &[WorldGpu]) {
         let handle = self.handle.as_ref().expect("open first");
         for (i, g) in world.iter().enumerate() {
-            handle.set(i, SimulatedGpuState { processes: g.processes.clone(), unlisted_bytes: g.unlisted_bytes, lost: g.lost });
+            handle.set(
+                i,
+                SimulatedGpuState { processes: g.processes.clone(), unlisted_bytes: g.unlisted_bytes, lost: g.lost },
+            );
             for &(id, kind, data) in &g.events {
                 if id > self.pushed {
                     let e = match kind {
@@ -207,7 +219,8 @@ fn contract(b: &mut dyn Backend) {
 
     eprintln!("  a process that appears is seen with its bytes, and `not available` is a value");
     let mut w2 = w.clone();
-    w2[1].processes = vec![ProcessUse { pid: 4242, used_bytes: Some(3 * GIB) }, ProcessUse { pid: 4343, used_bytes: None }];
+    w2[1].processes =
+        vec![ProcessUse { pid: 4242, used_bytes: Some(3 * GIB) }, ProcessUse { pid: 4343, used_bytes: None }];
     b.change(&w2);
     let x = &s.sample()[1];
     assert_eq!(x.processes, w2[1].processes, "{name}");
@@ -339,7 +352,12 @@ fn the_real_driver_keeps_the_contract_where_there_is_one() {
         }
     };
     let d = s.discovery().clone();
-    eprintln!("GPU contract against the real driver {} (NVML {}): {} GPU(s)", d.driver_version, d.nvml_version, d.gpus.len());
+    eprintln!(
+        "GPU contract against the real driver {} (NVML {}): {} GPU(s)",
+        d.driver_version,
+        d.nvml_version,
+        d.gpus.len()
+    );
     assert!(!d.gpus.is_empty());
     for g in &d.gpus {
         assert!(g.info.uuid.starts_with("GPU-") || g.info.uuid.starts_with("MIG-"), "{:?}", g.info);

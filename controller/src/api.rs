@@ -677,9 +677,9 @@ async fn command_result(
             Ok(()) => HttpResponse::Ok().json(serde_json::json!({ "ok": true })),
             Err(_) => unavailable(),
         },
-        Ok(Err(e @ (CommandError::UnknownJob(_) | CommandError::UnknownAgent(_) | CommandError::UnknownGpu { .. }))) => {
-            error(StatusCode::NOT_FOUND, e.to_string(), None, false)
-        }
+        Ok(Err(
+            e @ (CommandError::UnknownJob(_) | CommandError::UnknownAgent(_) | CommandError::UnknownGpu { .. }),
+        )) => error(StatusCode::NOT_FOUND, e.to_string(), None, false),
         Ok(Err(e)) => error(StatusCode::CONFLICT, e.to_string(), None, false),
         Err(_) => unavailable(),
     }

@@ -526,7 +526,13 @@ impl Core {
     }
 
     /// An operator fixed a quarantined GPU by hand: the agent returns it to scheduling.
-    pub fn release_gpu(&mut self, now_ms: u64, name: &str, uuid: &str, out: &mut Vec<Output>) -> Result<(), CommandError> {
+    pub fn release_gpu(
+        &mut self,
+        now_ms: u64,
+        name: &str,
+        uuid: &str,
+        out: &mut Vec<Output>,
+    ) -> Result<(), CommandError> {
         let idx = *self.agent_by_name.get(name).ok_or_else(|| CommandError::UnknownAgent(name.to_string()))?;
         if !self.agents[idx].gpus.iter().any(|g| g.info.uuid == uuid) {
             return Err(CommandError::UnknownGpu { agent: name.to_string(), uuid: uuid.to_string() });

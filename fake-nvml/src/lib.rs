@@ -204,8 +204,14 @@ struct State {
     calls: BTreeMap<&'static str, u64>,
 }
 
-static STATE: Mutex<State> =
-    Mutex::new(State { initialized: 0, path: None, scenario: Scenario { driver_version: None, nvml_version: None, init_error: None, gpus: Vec::new() }, file_key: None, last_check: None, calls: BTreeMap::new() });
+static STATE: Mutex<State> = Mutex::new(State {
+    initialized: 0,
+    path: None,
+    scenario: Scenario { driver_version: None, nvml_version: None, init_error: None, gpus: Vec::new() },
+    file_key: None,
+    last_check: None,
+    calls: BTreeMap::new(),
+});
 
 fn lock() -> MutexGuard<'static, State> {
     STATE.lock().unwrap_or_else(|e| e.into_inner())
@@ -501,9 +507,7 @@ pub unsafe extern "C" fn nvmlDeviceGetComputeRunningProcesses_v3(
     infos: *mut ProcessInfo,
 ) -> Ret {
     // SAFETY: pointers passed through from the caller.
-    with_gpu("nvmlDeviceGetComputeRunningProcesses_v3", device, None, |g| unsafe {
-        processes(g, false, count, infos)
-    })
+    with_gpu("nvmlDeviceGetComputeRunningProcesses_v3", device, None, |g| unsafe { processes(g, false, count, infos) })
 }
 
 #[unsafe(no_mangle)]
@@ -513,9 +517,7 @@ pub unsafe extern "C" fn nvmlDeviceGetGraphicsRunningProcesses_v3(
     infos: *mut ProcessInfo,
 ) -> Ret {
     // SAFETY: pointers passed through from the caller.
-    with_gpu("nvmlDeviceGetGraphicsRunningProcesses_v3", device, None, |g| unsafe {
-        processes(g, true, count, infos)
-    })
+    with_gpu("nvmlDeviceGetGraphicsRunningProcesses_v3", device, None, |g| unsafe { processes(g, true, count, infos) })
 }
 
 #[unsafe(no_mangle)]
@@ -676,10 +678,7 @@ mod tests {
         assert_eq!(offset_of!(ProcessInfo, pid), offset_of!(sys::nvmlProcessInfo_t, pid));
         assert_eq!(offset_of!(ProcessInfo, usedGpuMemory), offset_of!(sys::nvmlProcessInfo_t, usedGpuMemory));
         assert_eq!(offset_of!(ProcessInfo, gpuInstanceId), offset_of!(sys::nvmlProcessInfo_t, gpuInstanceId));
-        assert_eq!(
-            offset_of!(ProcessInfo, computeInstanceId),
-            offset_of!(sys::nvmlProcessInfo_t, computeInstanceId)
-        );
+        assert_eq!(offset_of!(ProcessInfo, computeInstanceId), offset_of!(sys::nvmlProcessInfo_t, computeInstanceId));
 
         assert_eq!(size_of::<Utilization>(), size_of::<sys::nvmlUtilization_t>());
         assert_eq!(offset_of!(Utilization, memory), offset_of!(sys::nvmlUtilization_t, memory));

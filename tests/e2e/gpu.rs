@@ -19,7 +19,11 @@ const STEP_TIMEOUT_S: u64 = 30;
 fn fake_nvml_lib() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let lib = exe.parent().and_then(Path::parent).unwrap().join("libfake_nvml.so");
-    assert!(lib.exists(), "{} is missing: `cargo build -p cosmos-fake-nvml --release` (scripts/test does)", lib.display());
+    assert!(
+        lib.exists(),
+        "{} is missing: `cargo build -p cosmos-fake-nvml --release` (scripts/test does)",
+        lib.display()
+    );
     lib
 }
 
@@ -110,7 +114,11 @@ fn an_agent_on_nvml_avoids_foreign_use_and_quarantines_a_gpu_a_job_left_dirty_un
         pid_file.display(),
         go.display()
     );
-    std::fs::write(&batch, json!({ "name": "g", "command": ["sh", "-c", script], "min_vram_mib": 10 * 1024 }).to_string()).unwrap();
+    std::fs::write(
+        &batch,
+        json!({ "name": "g", "command": ["sh", "-c", script], "min_vram_mib": 10 * 1024 }).to_string(),
+    )
+    .unwrap();
     let out = c.cli(&["jobs", "submit", batch.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
@@ -132,9 +140,14 @@ fn an_agent_on_nvml_avoids_foreign_use_and_quarantines_a_gpu_a_job_left_dirty_un
     std::fs::write(&go, "").unwrap();
     let exited = Instant::now();
     c.wait_until("the job to succeed", Duration::from_secs(STEP_TIMEOUT_S), |s| s == ["succeeded"]);
-    let v = wait_for(&c, "GPU 1 to be quarantined", |v| gpu(v, 1)["healthy"] == false && gpu(v, 1)["quarantine"].is_object());
+    let v = wait_for(&c, "GPU 1 to be quarantined", |v| {
+        gpu(v, 1)["healthy"] == false && gpu(v, 1)["quarantine"].is_object()
+    });
     // A figure, not a bound: the release bound plus a sample and a heartbeat, seen through the CLI's polling.
-    eprintln!("figure: job exit to its GPU quarantined in agents list: {:?} (bound {VRAM_RELEASE_BOUND_MS} ms)", exited.elapsed());
+    eprintln!(
+        "figure: job exit to its GPU quarantined in agents list: {:?} (bound {VRAM_RELEASE_BOUND_MS} ms)",
+        exited.elapsed()
+    );
     let q = &gpu(&v, 1)["quarantine"];
     assert_eq!(q["held_bytes"], 8 * GIB, "{q:#}");
     assert!(q["reason"].as_str().unwrap().contains("no process of it listed"), "{q:#}");

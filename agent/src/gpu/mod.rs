@@ -113,7 +113,9 @@ pub enum GpuError {
         detail: String,
     },
     /// The library loaded but NVML would not start or answer.
-    #[error("NVML ({path}) failed: {detail}; check `nvidia-smi`, or run with --simulated-gpus COUNTxSIZE on a host without NVIDIA GPUs")]
+    #[error(
+        "NVML ({path}) failed: {detail}; check `nvidia-smi`, or run with --simulated-gpus COUNTxSIZE on a host without NVIDIA GPUs"
+    )]
     Nvml {
         /// The library.
         path: String,
@@ -121,7 +123,9 @@ pub enum GpuError {
         detail: String,
     },
     /// NVML runs but offers no GPU.
-    #[error("NVML ({path}) found no GPU to offer: {detail}; check `nvidia-smi`, or run with --simulated-gpus COUNTxSIZE on a host without NVIDIA GPUs")]
+    #[error(
+        "NVML ({path}) found no GPU to offer: {detail}; check `nvidia-smi`, or run with --simulated-gpus COUNTxSIZE on a host without NVIDIA GPUs"
+    )]
     NoGpus {
         /// The library.
         path: String,

@@ -2,7 +2,9 @@
 //! (`Nvml::builder().lib_path(…)`), so the binary has no build or link
 //! dependency on the driver.
 
-use super::{Discovery, DiscoveredGpu, EventWatch, GpuError, GpuSample, GpuSelection, GpuSource, HealthEvent, Metric, ProcessUse};
+use super::{
+    DiscoveredGpu, Discovery, EventWatch, GpuError, GpuSample, GpuSelection, GpuSource, HealthEvent, Metric, ProcessUse,
+};
 use cosmos_proto::GpuInfo;
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
@@ -126,9 +128,10 @@ fn read(d: &Device<'_>, o: &mut Offered) -> Result<GpuSample, NvmlError> {
         *e = (*e).max(bytes);
     }
     let unsupported = &mut o.unsupported;
-    let utilization_pct = metric(unsupported, Metric::Utilization, || d.utilization_rates()).map(|u| u.gpu.min(100) as u8);
-    let temperature_c =
-        metric(unsupported, Metric::Temperature, || d.temperature(TemperatureSensor::Gpu)).map(|t| t.min(i16::MAX as u32) as i16);
+    let utilization_pct =
+        metric(unsupported, Metric::Utilization, || d.utilization_rates()).map(|u| u.gpu.min(100) as u8);
+    let temperature_c = metric(unsupported, Metric::Temperature, || d.temperature(TemperatureSensor::Gpu))
+        .map(|t| t.min(i16::MAX as u32) as i16);
     let power_mw = metric(unsupported, Metric::Power, || d.power_usage());
     Ok(GpuSample {
         uuid: o.uuid.clone(),
@@ -208,7 +211,8 @@ impl GpuSource for NvmlSource {
                 Err(e) => return tracing::warn!(error = %e, "cannot create an NVML event set: no Xid/ECC events"),
             };
             for (index, types) in devices {
-                let registered = nvml.device_by_index(index).map_err(Into::into).and_then(|d| d.register_events(types, set));
+                let registered =
+                    nvml.device_by_index(index).map_err(Into::into).and_then(|d| d.register_events(types, set));
                 set = match registered {
                     Ok(s) => s,
                     Err(e) => return tracing::warn!(index, error = %e, "cannot register for Xid/ECC events"),

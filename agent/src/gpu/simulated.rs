@@ -3,7 +3,7 @@
 //! its [`SimulatedGpuHandle`] puts processes, held memory, lost GPUs and
 //! events on it, as the fake NVML library's scenario file does for NVML.
 
-use super::{Discovery, DiscoveredGpu, EventWatch, GpuSample, GpuSource, HealthEvent, Metric, ProcessUse};
+use super::{DiscoveredGpu, Discovery, EventWatch, GpuSample, GpuSource, HealthEvent, Metric, ProcessUse};
 use cosmos_proto::GpuInfo;
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
@@ -88,7 +88,8 @@ impl GpuSource for SimulatedGpus {
             .zip(&s.gpus)
             .map(|(g, st)| {
                 let total = g.info.total_vram_bytes;
-                let used = (st.processes.iter().filter_map(|p| p.used_bytes).sum::<u64>() + st.unlisted_bytes).min(total);
+                let used =
+                    (st.processes.iter().filter_map(|p| p.used_bytes).sum::<u64>() + st.unlisted_bytes).min(total);
                 GpuSample {
                     uuid: g.info.uuid.clone(),
                     total_bytes: total,
