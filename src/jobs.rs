@@ -396,6 +396,11 @@ fn print_agents(agents: &[AgentInfo]) {
             a.gpus.len(),
             free.join(" ")
         );
+        for g in &a.gpus {
+            if let Some(q) = &g.quarantine {
+                println!("    GPU {} ({}) QUARANTINED for {} s: {}", g.index, g.uuid, q.for_ms / 1000, q.reason);
+            }
+        }
     }
 }
 
@@ -405,6 +410,15 @@ pub fn drain(args: &ClientArgs, name: &str, on: bool) -> anyhow::Result<()> {
     let verb = if on { "drain" } else { "undrain" };
     let _: serde_json::Value = client.post(&format!("/v1/agents/{name}/{verb}"), &serde_json::json!({}))?;
     println!("{name}: {verb}ed");
+    Ok(())
+}
+
+/// `cosmos agents undrain NAME --gpu UUID`.
+pub fn release_gpu(args: &ClientArgs, name: &str, uuid: &str) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let _: serde_json::Value =
+        client.post(&format!("/v1/agents/{name}/gpus/{uuid}/release"), &serde_json::json!({}))?;
+    println!("{name}: GPU {uuid} released; it takes work again once the agent confirms");
     Ok(())
 }
 

@@ -54,8 +54,20 @@ enum Command {
         #[arg(long)]
         work_dir: PathBuf,
         /// Pretend to have GPUs, e.g. `8x80GiB`: for hosts without NVIDIA GPUs (visible in `cosmos status`).
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["nvml_lib", "gpus"])]
         simulated_gpus: Option<String>,
+        /// The NVML library to load at run time (default: the driver's libnvidia-ml.so.1).
+        #[arg(long, value_name = "PATH")]
+        nvml_lib: Option<String>,
+        /// Offer only these GPUs, by index or UUID as CUDA_VISIBLE_DEVICES names them (e.g. `0,1`); default all.
+        #[arg(long, value_name = "LIST")]
+        gpus: Option<String>,
+        /// Time between two readings of every GPU (memory, processes, utilisation), in milliseconds.
+        #[arg(long, default_value_t = cosmos_agent::gpu::monitor::DEFAULT_SAMPLE_INTERVAL_MS)]
+        gpu_sample_interval_ms: u64,
+        /// After a job ends, how long its GPUs get to return to their baseline memory before quarantine, in milliseconds.
+        #[arg(long, default_value_t = cosmos_agent::core::AgentConfig::default().vram_release_bound_ms)]
+        vram_release_bound_ms: u64,
         /// This host's name in the cluster (default: the host name).
         #[arg(long)]
         name: Option<String>,
@@ -397,10 +409,13 @@ enum AgentsCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Let an agent take work again.
+    /// Let an agent take work again; with `--gpu`, return one quarantined GPU of it to scheduling.
     Undrain {
         /// Agent name.
         name: String,
+        /// A quarantined GPU (its uuid) fixed by hand: the agent schedules it again.
+        #[arg(long, value_name = "UUID")]
+        gpu: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -471,6 +486,10 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             token_file,
             work_dir,
             simulated_gpus,
+            nvml_lib,
+            gpus,
+            gpu_sample_interval_ms,
+            vram_release_bound_ms,
             name,
             runtime,
             volumes,
@@ -478,7 +497,16 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             cache_max_gib,
         } => {
             let runtime = up::runtime_kind(&runtime, &work_dir, &volumes, docker_network)?;
-            up::run_agent(controller, token_file, work_dir, simulated_gpus, name, runtime, cache_max_gib)?;
+            let gpu_source = match simulated_gpus {
+                Some(spec) => up::GpuChoice::Simulated(spec),
+                None => up::GpuChoice::Nvml(cosmos_agent::daemon::NvmlOptions {
+                    lib_path: nvml_lib.unwrap_or_else(|| cosmos_agent::gpu::nvml::DEFAULT_NVML_LIB.into()),
+                    selection: cosmos_agent::gpu::GpuSelection::parse(gpus.as_deref().unwrap_or("all"))?,
+                    sample_interval_ms: gpu_sample_interval_ms,
+                }),
+            };
+            let config = cosmos_agent::core::AgentConfig { vram_release_bound_ms, ..Default::default() };
+            up::run_agent(controller, token_file, work_dir, gpu_source, config, name, runtime, cache_max_gib)?;
             Ok(true)
         }
         Command::Up { data_dir, agents, gpus, client_command } => up::up(data_dir, agents, &gpus, client_command),
@@ -495,7 +523,10 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Agents(cmd) => match cmd {
             AgentsCommand::List { client } => jobs::agents(&client).map(|()| true),
             AgentsCommand::Drain { name, client } => jobs::drain(&client, &name, true).map(|()| true),
-            AgentsCommand::Undrain { name, client } => jobs::drain(&client, &name, false).map(|()| true),
+            AgentsCommand::Undrain { name, gpu: None, client } => jobs::drain(&client, &name, false).map(|()| true),
+            AgentsCommand::Undrain { name, gpu: Some(uuid), client } => {
+                jobs::release_gpu(&client, &name, &uuid).map(|()| true)
+            }
         },
         Command::Status { client } => jobs::status(&client).map(|()| true),
         Command::Create(CreateCommand::Prompt { text, video_dir, name, negative, client }) => {

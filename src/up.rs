@@ -15,12 +15,22 @@ const STANDIN_ENV: [&str; 2] = [cosmos_standin::ENV_STEP_MS, cosmos_standin::ENV
 /// How long a stopping child gets before it is killed.
 const STOP_GRACE_MS: u64 = 10_000;
 
+/// Where an agent's GPUs come from.
+pub enum GpuChoice {
+    /// `--simulated-gpus COUNTxSIZE`.
+    Simulated(String),
+    /// Real GPUs through NVML.
+    Nvml(cosmos_agent::daemon::NvmlOptions),
+}
+
 /// Runs an agent until SIGTERM or Ctrl-C.
+#[allow(clippy::too_many_arguments)]
 pub fn run_agent(
     controller: String,
     token_file: PathBuf,
     work_dir: PathBuf,
-    simulated: Option<String>,
+    gpu_choice: GpuChoice,
+    config: cosmos_agent::core::AgentConfig,
     name: Option<String>,
     runtime: cosmos_agent::daemon::RuntimeKind,
     cache_max_gib: u64,
@@ -32,19 +42,21 @@ pub fn run_agent(
         }
         e => e.into(),
     })?;
-    let Some(spec) = simulated else {
-        bail!(
-            "no GPUs to offer: NVML discovery is not built yet, so pass --simulated-gpus COUNTxSIZE (e.g. 8x80GiB) to run with simulated GPUs"
-        );
-    };
-    let gpus = cosmos_agent::daemon::parse_simulated_gpus(&spec)
-        .map_err(|e| anyhow::anyhow!("--simulated-gpus {spec}: {e}"))?;
     let name = name.unwrap_or_else(hostname);
-    tracing::warn!(
-        agent = name,
-        gpus = gpus.len(),
-        "GPUs are SIMULATED (--simulated-gpus): jobs see CUDA_VISIBLE_DEVICES but no real device"
-    );
+    let (gpus, gpus_simulated, nvml) = match gpu_choice {
+        GpuChoice::Simulated(spec) => {
+            let gpus = cosmos_agent::daemon::parse_simulated_gpus(&spec)
+                .map_err(|e| anyhow::anyhow!("--simulated-gpus {spec}: {e}"))?;
+            tracing::warn!(
+                agent = name,
+                gpus = gpus.len(),
+                "GPUs are SIMULATED (--simulated-gpus): jobs see CUDA_VISIBLE_DEVICES but no real device"
+            );
+            (gpus, true, cosmos_agent::daemon::NvmlOptions::default())
+        }
+        // Discovered by the daemon, which fails naming the library when there is none.
+        GpuChoice::Nvml(nvml) => (Vec::new(), false, nvml),
+    };
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("cannot create the work directory {}", work_dir.display()))?;
     // Resolved now, while it names this very binary: after an upgrade replaces
@@ -58,14 +70,15 @@ pub fn run_agent(
         name,
         work_dir,
         gpus,
-        gpus_simulated: true,
+        gpus_simulated,
         max_frame_bytes: cosmos_proto::frame::DEFAULT_MAX_FRAME_BYTES,
-        config: cosmos_agent::core::AgentConfig::default(),
+        config,
         reconnect_min_ms: 100,
         reconnect_max_ms: 5_000,
         runtime,
         cache_max_bytes: cache_max_gib.saturating_mul(1 << 30),
         job_supervisor: cosmos_agent::supervise::Launcher::cosmos(own_binary),
+        nvml,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(cosmos_agent::daemon::run(opts, crate::shutdown_signal()))?;

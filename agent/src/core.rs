@@ -9,7 +9,7 @@ use crate::exit::{ExitContext, outcome_of, quoted, torchrun_failure};
 use cosmos_proto::spec::{ArtifactRef, InputArtifact};
 use cosmos_proto::{
     AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, AttemptReport, ControllerMsg, Epoch,
-    GpuFault, GpuInfo, GpuUsage, Heartbeat, JobId, JobSpec, LogChunk, LogStream,
+    GpuFault, GpuInfo, GpuQuarantine, GpuUsage, Heartbeat, JobId, JobSpec, LogChunk, LogStream,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -30,6 +30,8 @@ pub struct AgentConfig {
     pub kill_slack_ms: u64,
     /// Longest wait for a finished attempt's outputs to reach the controller before it counts as failed.
     pub upload_timeout_ms: u64,
+    /// After killing an attempt's processes that outlived it, how long its GPU gets to drain before quarantine.
+    pub stray_kill_recheck_ms: u64,
 }
 
 impl Default for AgentConfig {
@@ -42,6 +44,7 @@ impl Default for AgentConfig {
             stop_grace_ms: 10_000,
             kill_slack_ms: 5_000,
             upload_timeout_ms: 30 * 60 * 1_000,
+            stray_kill_recheck_ms: 5_000,
         }
     }
 }
@@ -175,6 +178,48 @@ pub enum Output {
         /// Which attempt.
         attempt_id: AttemptId,
     },
+    /// Kill these processes of an ended attempt that still hold GPU memory
+    /// (host pids, from the monitor); the GPU is checked again afterwards.
+    KillStrays {
+        /// The attempt they belong to.
+        attempt_id: AttemptId,
+        /// Host pids.
+        pids: Vec<u32>,
+    },
+}
+
+/// Xids NVIDIA documents as caused by the application (bad memory access,
+/// graphics engine exceptions, reset channel, preemptive cleanup, video
+/// decoder/ECC-in-app errors): reported, but the GPU stays in service.
+pub const APPLICATION_XIDS: &[u64] = &[13, 31, 43, 45, 68, 109];
+
+/// One GPU as the monitor read it, its processes attributed to attempts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GpuReading {
+    /// The usage reported in heartbeats; `foreign_vram_bytes` is the memory of unattributed processes.
+    pub usage: GpuUsage,
+    /// Processes with a context on it.
+    pub processes: Vec<GpuProcess>,
+    /// Set when the GPU could not be read because it is gone (NVML's `GpuIsLost`).
+    pub lost: Option<String>,
+}
+
+/// A process on a GPU, as the monitor attributed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuProcess {
+    /// Host pid.
+    pub pid: u32,
+    /// Memory it holds; `None` when the driver cannot say.
+    pub used_bytes: Option<u64>,
+    /// The attempt it belongs to; `None` for a foreign process.
+    pub attempt_id: Option<AttemptId>,
+}
+
+impl GpuReading {
+    /// A reading of usage alone: no processes listed, not lost (simulated GPUs).
+    pub fn of_usage(usage: GpuUsage) -> GpuReading {
+        GpuReading { usage, processes: Vec::new(), lost: None }
+    }
 }
 
 /// Why staging failed.
@@ -232,6 +277,19 @@ struct PendingRelease {
     baseline_bytes: u64,
     deadline_ms: u64,
     attempt_id: AttemptId,
+    /// Its processes that outlived it were killed; the next deadline quarantines.
+    killed: bool,
+}
+
+/// Why a GPU is out of scheduling.
+#[derive(Clone, Debug)]
+struct Fault {
+    /// For a leak: the attempt and the memory level that counts as recovered; `None`: only an operator returns it.
+    leak: Option<(AttemptId, u64)>,
+    reason: String,
+    held_bytes: u64,
+    pids: Vec<u32>,
+    since_ms: u64,
 }
 
 /// One GPU host's agent.
@@ -247,8 +305,10 @@ pub struct AgentCore {
     attempts: BTreeMap<AttemptId, Attempt>,
     finished: BTreeMap<AttemptId, (AttemptOutcome, Vec<String>)>,
     pending_release: BTreeMap<String, PendingRelease>,
-    /// Faulty GPUs and the memory level that counts as recovered.
-    faulty: BTreeMap<String, Option<u64>>,
+    /// Faulty GPUs and why.
+    faulty: BTreeMap<String, Fault>,
+    /// Processes on each GPU at the last reading.
+    gpu_processes: BTreeMap<String, Vec<GpuProcess>>,
     connected: bool,
     /// Why the runtime cannot start work now, as the shell last found.
     unhealthy: Option<String>,
@@ -284,6 +344,7 @@ impl AgentCore {
             finished: BTreeMap::new(),
             pending_release: BTreeMap::new(),
             faulty: BTreeMap::new(),
+            gpu_processes: BTreeMap::new(),
             connected: false,
             unhealthy: None,
             heartbeat_seq: 0,
@@ -419,6 +480,13 @@ impl AgentCore {
                 }
             }
             ControllerMsg::HeartbeatAck { .. } => self.last_ack_ms = now_ms,
+            ControllerMsg::ReleaseGpu { gpu_uuid } => {
+                // The operator's word: whatever held it was dealt with by hand.
+                self.pending_release.remove(&gpu_uuid);
+                if self.faulty.remove(&gpu_uuid).is_some() {
+                    out.push(Output::Send(AgentMsg::GpuRecovered { gpu_uuid }));
+                }
+            }
         }
     }
 
@@ -626,8 +694,10 @@ impl AgentCore {
                         // claimed by the attempt until the controller hears how it ended.
                         for (uuid, baseline_bytes) in std::mem::take(&mut att.baselines) {
                             let deadline_ms = now_ms.saturating_add(self.config.vram_release_bound_ms);
-                            self.pending_release
-                                .insert(uuid, PendingRelease { baseline_bytes, deadline_ms, attempt_id });
+                            self.pending_release.insert(
+                                uuid,
+                                PendingRelease { baseline_bytes, deadline_ms, attempt_id, killed: false },
+                            );
                         }
                         att.progress.0 = att.progress.1;
                         let deadline_ms = now_ms.saturating_add(self.config.upload_timeout_ms);
@@ -644,54 +714,138 @@ impl AgentCore {
         let Some(att) = self.attempts.remove(&attempt_id) else { return };
         for (uuid, baseline_bytes) in att.baselines {
             let deadline_ms = now_ms.saturating_add(self.config.vram_release_bound_ms);
-            self.pending_release.insert(uuid, PendingRelease { baseline_bytes, deadline_ms, attempt_id });
+            self.pending_release
+                .insert(uuid, PendingRelease { baseline_bytes, deadline_ms, attempt_id, killed: false });
         }
         self.finished.insert(attempt_id, (outcome.clone(), att.gpu_uuids));
         out.push(Output::Send(AgentMsg::AttemptFinished { attempt_id, outcome }));
     }
 
-    /// A fresh reading of every GPU from the monitor (NVML or simulated).
+    /// A fresh reading of every GPU's usage alone (simulated GPUs: no processes listed).
     pub fn on_gpu_sample(&mut self, now_ms: u64, samples: Vec<GpuUsage>, out: &mut Vec<Output>) {
-        for s in samples {
-            self.usage.insert(s.uuid.clone(), s);
+        self.on_gpu_readings(now_ms, samples.into_iter().map(GpuReading::of_usage).collect(), out);
+    }
+
+    /// A fresh reading of every GPU from the monitor, processes attributed: leaks are judged on it.
+    pub fn on_gpu_readings(&mut self, now_ms: u64, readings: Vec<GpuReading>, out: &mut Vec<Output>) {
+        for r in readings {
+            let uuid = r.usage.uuid.clone();
+            if let Some(detail) = r.lost {
+                // Keep the last good usage; a lost GPU says nothing about its memory.
+                if self.faulty.get(&uuid).is_none_or(|f| f.leak.is_some()) {
+                    self.on_gpu_error(
+                        now_ms,
+                        &uuid,
+                        format!("the GPU is lost ({detail}); it needs a reset or a reboot"),
+                        out,
+                    );
+                }
+                continue;
+            }
+            self.gpu_processes.insert(uuid.clone(), r.processes);
+            self.usage.insert(uuid, r.usage);
         }
         self.check_vram(now_ms, out);
     }
 
     /// The driver reported a hardware error on a GPU.
-    pub fn on_gpu_error(&mut self, uuid: &str, detail: String, out: &mut Vec<Output>) {
-        // Hardware faults do not clear by themselves: an operator restarts the agent.
-        self.faulty.insert(uuid.to_string(), None);
+    pub fn on_gpu_error(&mut self, now_ms: u64, uuid: &str, detail: String, out: &mut Vec<Output>) {
+        // Hardware faults do not clear by themselves: an operator fixes the GPU and releases it.
+        self.pending_release.remove(uuid);
+        let fault = Fault { leak: None, reason: detail.clone(), held_bytes: 0, pids: Vec::new(), since_ms: now_ms };
+        self.faulty.insert(uuid.to_string(), fault);
         out.push(Output::Send(AgentMsg::GpuFault { gpu_uuid: uuid.to_string(), fault: GpuFault::Hardware { detail } }));
+    }
+
+    /// A critical Xid from the driver's event stream. Application-caused ones
+    /// ([`APPLICATION_XIDS`]) leave the GPU in service; the others quarantine it.
+    /// Returns whether it did.
+    pub fn on_gpu_xid(&mut self, now_ms: u64, uuid: &str, xid: u64, out: &mut Vec<Output>) -> bool {
+        if APPLICATION_XIDS.contains(&xid) || !self.gpus.iter().any(|g| g.uuid == uuid) {
+            return false;
+        }
+        let detail = format!(
+            "Xid {xid} reported by the driver (see NVIDIA's Xid catalogue); check `dmesg`, fix or reset the GPU, then `cosmos agents undrain HOST --gpu {uuid}`"
+        );
+        self.on_gpu_error(now_ms, uuid, detail, out);
+        true
+    }
+
+    fn attempt_pids(&self, uuid: &str, attempt_id: AttemptId) -> Vec<u32> {
+        self.gpu_processes
+            .get(uuid)
+            .map(|ps| ps.iter().filter(|p| p.attempt_id == Some(attempt_id)).map(|p| p.pid).collect())
+            .unwrap_or_default()
     }
 
     fn check_vram(&mut self, now_ms: u64, out: &mut Vec<Output>) {
         let tolerance = self.config.vram_tolerance_bytes;
         let mut released = Vec::new();
-        for (uuid, p) in &self.pending_release {
-            let used = self.usage.get(uuid).map_or(0, own_vram_bytes);
-            if used <= p.baseline_bytes.saturating_add(tolerance) {
-                released.push(uuid.clone());
+        let mut quarantined = Vec::new();
+        let uuids: Vec<String> = self.pending_release.keys().cloned().collect();
+        for uuid in uuids {
+            let used = self.usage.get(&uuid).map_or(0, own_vram_bytes);
+            let p = self.pending_release[&uuid].clone();
+            let ours = self.attempt_pids(&uuid, p.attempt_id);
+            if ours.is_empty() && used <= p.baseline_bytes.saturating_add(tolerance) {
+                released.push(uuid);
             } else if now_ms >= p.deadline_ms {
-                released.push(uuid.clone());
-                self.faulty.insert(uuid.clone(), Some(p.baseline_bytes));
-                let fault = GpuFault::VramNotReleased {
-                    attempt_id: p.attempt_id,
-                    baseline_bytes: p.baseline_bytes,
-                    held_bytes: used,
-                };
-                out.push(Output::Send(AgentMsg::GpuFault { gpu_uuid: uuid.clone(), fault }));
+                if !ours.is_empty() && !p.killed {
+                    // Processes of the attempt outlived it: kill them and look again before judging.
+                    let entry = self.pending_release.get_mut(&uuid).expect("listed above");
+                    entry.killed = true;
+                    entry.deadline_ms = now_ms.saturating_add(self.config.stray_kill_recheck_ms);
+                    out.push(Output::KillStrays { attempt_id: p.attempt_id, pids: ours });
+                } else {
+                    quarantined.push((uuid, p, used, ours));
+                }
             }
         }
         for uuid in released {
             self.pending_release.remove(&uuid);
         }
+        for (uuid, p, used, ours) in quarantined {
+            self.pending_release.remove(&uuid);
+            let held = used.saturating_sub(p.baseline_bytes);
+            let reason = if ours.is_empty() {
+                format!(
+                    "{} held above its baseline after {} ended, with no process of it listed (a zombie, or a process in another PID namespace): find it with `fuser -v /dev/nvidia*`, end it or reset the GPU; it returns by itself once the memory is free",
+                    human_bytes(held),
+                    p.attempt_id
+                )
+            } else {
+                let pids: Vec<String> = ours.iter().map(u32::to_string).collect();
+                format!(
+                    "{} held above its baseline after {} ended, by its processes {} that outlived it and survived a kill: end them by hand or reset the GPU; it returns by itself once they are gone and the memory is free",
+                    human_bytes(held),
+                    p.attempt_id,
+                    pids.join(", ")
+                )
+            };
+            self.faulty.insert(
+                uuid.clone(),
+                Fault {
+                    leak: Some((p.attempt_id, p.baseline_bytes)),
+                    reason,
+                    held_bytes: held,
+                    pids: ours,
+                    since_ms: now_ms,
+                },
+            );
+            let fault = GpuFault::VramNotReleased {
+                attempt_id: p.attempt_id,
+                baseline_bytes: p.baseline_bytes,
+                held_bytes: used,
+            };
+            out.push(Output::Send(AgentMsg::GpuFault { gpu_uuid: uuid, fault }));
+        }
         let recovered: Vec<String> = self
             .faulty
             .iter()
-            .filter(|(uuid, level)| {
-                level.is_some_and(|base| {
-                    self.usage.get(*uuid).is_some_and(|g| own_vram_bytes(g) <= base.saturating_add(tolerance))
+            .filter(|(uuid, f)| {
+                f.leak.is_some_and(|(attempt_id, base)| {
+                    self.attempt_pids(uuid, attempt_id).is_empty()
+                        && self.usage.get(*uuid).is_some_and(|g| own_vram_bytes(g) <= base.saturating_add(tolerance))
                 })
             })
             .map(|(uuid, _)| uuid.clone())
@@ -713,7 +867,7 @@ impl AgentCore {
                 self.heartbeat_seq += 1;
                 out.push(Output::Send(AgentMsg::Heartbeat(Heartbeat {
                     seq: self.heartbeat_seq,
-                    gpus: self.gpu_usage(),
+                    gpus: self.gpu_usage(now_ms),
                     attempts: self.reports(),
                     unhealthy: self.unhealthy.clone(),
                 })));
@@ -755,12 +909,18 @@ impl AgentCore {
         self.check_vram(now_ms, out);
     }
 
-    fn gpu_usage(&self) -> Vec<GpuUsage> {
+    fn gpu_usage(&self, now_ms: u64) -> Vec<GpuUsage> {
         self.gpus
             .iter()
             .map(|g| {
                 let mut u = self.usage.get(&g.uuid).cloned().unwrap_or_else(|| GpuUsage::idle(g));
                 u.healthy = !self.faulty.contains_key(&g.uuid);
+                u.quarantine = self.faulty.get(&g.uuid).map(|f| GpuQuarantine {
+                    reason: f.reason.clone(),
+                    held_bytes: f.held_bytes,
+                    pids: f.pids.clone(),
+                    for_ms: now_ms.saturating_sub(f.since_ms),
+                });
                 u
             })
             .collect()
@@ -825,6 +985,11 @@ fn undelivered(e: &str) -> AttemptOutcome {
 /// counts against free VRAM at placement).
 fn own_vram_bytes(g: &GpuUsage) -> u64 {
     g.used_vram_bytes.saturating_sub(g.foreign_vram_bytes)
+}
+
+/// Bytes in GiB or MiB, for messages.
+fn human_bytes(b: u64) -> String {
+    if b >= 1 << 30 { format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64) } else { format!("{} MiB", b >> 20) }
 }
 
 /// Bytes of an attempt's stderr kept for its failure message.
@@ -1323,5 +1488,162 @@ Root Cause (first observed failure):
                 .any(|o| matches!(o, Output::Send(AgentMsg::GpuFault { fault: GpuFault::VramNotReleased { .. }, .. }))),
             "{out:?}"
         );
+    }
+
+    fn reading(used: u64, processes: Vec<GpuProcess>) -> Vec<GpuReading> {
+        let info = GpuInfo { index: 0, uuid: GPU.into(), name: "fake".into(), total_vram_bytes: 80 << 30 };
+        let foreign = processes.iter().filter(|p| p.attempt_id.is_none()).filter_map(|p| p.used_bytes).sum();
+        let usage = GpuUsage { used_vram_bytes: used, foreign_vram_bytes: foreign, ..GpuUsage::idle(&info) };
+        vec![GpuReading { usage, processes, lost: None }]
+    }
+
+    fn ours(pid: u32, bytes: u64) -> GpuProcess {
+        GpuProcess { pid, used_bytes: Some(bytes), attempt_id: Some(ATT) }
+    }
+
+    fn heartbeat_gpu(core: &mut AgentCore, now_ms: u64) -> GpuUsage {
+        let mut out = Vec::new();
+        // The link is alive: the heartbeat is due rather than a reconnect.
+        core.on_message(now_ms, ControllerMsg::HeartbeatAck { seq: 0 }, &mut out);
+        core.tick(now_ms, &mut out);
+        out.into_iter()
+            .find_map(|o| match o {
+                Output::Send(AgentMsg::Heartbeat(hb)) => Some(hb.gpus[0].clone()),
+                _ => None,
+            })
+            .expect("a heartbeat is due")
+    }
+
+    fn faults(out: &[Output]) -> Vec<GpuFault> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send(AgentMsg::GpuFault { fault, .. }) => Some(fault.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn recovered(out: &[Output]) -> bool {
+        out.iter().any(|o| matches!(o, Output::Send(AgentMsg::GpuRecovered { .. })))
+    }
+
+    #[test]
+    fn an_attempts_surviving_process_is_killed_before_its_gpu_is_quarantined_and_it_returns_once_gone() {
+        let mut core = core();
+        core.on_gpu_readings(0, reading(0, Vec::new()), &mut Vec::new());
+        uploading(&mut core);
+        let bound = core.config.vram_release_bound_ms;
+        let recheck = core.config.stray_kill_recheck_ms;
+        let mut out = Vec::new();
+        core.on_gpu_readings(100 + bound, reading(10 << 30, vec![ours(99, 10 << 30)]), &mut out);
+        assert_eq!(out, vec![Output::KillStrays { attempt_id: ATT, pids: vec![99] }]);
+        // It survived the kill.
+        let mut out = Vec::new();
+        core.on_gpu_readings(100 + bound + recheck - 1, reading(10 << 30, vec![ours(99, 10 << 30)]), &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        let mut out = Vec::new();
+        core.on_gpu_readings(100 + bound + recheck, reading(10 << 30, vec![ours(99, 10 << 30)]), &mut out);
+        assert!(matches!(faults(&out).as_slice(), [GpuFault::VramNotReleased { attempt_id: ATT, .. }]), "{out:?}");
+        let gpu = heartbeat_gpu(&mut core, 100 + bound + recheck + 2_000);
+        assert!(!gpu.healthy);
+        let q = gpu.quarantine.expect("quarantined");
+        assert_eq!((q.held_bytes, q.pids.clone(), q.for_ms), (10 << 30, vec![99], 2_000));
+        assert!(
+            q.reason.contains("10.0 GiB") && q.reason.contains("99") && q.reason.contains("survived a kill"),
+            "{}",
+            q.reason
+        );
+        // Memory freed but its process still listed: not clean yet.
+        let mut out = Vec::new();
+        core.on_gpu_readings(200_000, reading(0, vec![ours(99, 0)]), &mut out);
+        assert!(!recovered(&out));
+        let mut out = Vec::new();
+        core.on_gpu_readings(200_100, reading(0, Vec::new()), &mut out);
+        assert!(recovered(&out), "{out:?}");
+        let gpu = heartbeat_gpu(&mut core, 210_000);
+        assert!(gpu.healthy && gpu.quarantine.is_none(), "{gpu:?}");
+    }
+
+    #[test]
+    fn memory_held_with_no_process_listed_quarantines_without_a_kill_and_returns_when_freed() {
+        let mut core = core();
+        core.on_gpu_readings(0, reading(1 << 30, Vec::new()), &mut Vec::new());
+        uploading(&mut core);
+        let bound = core.config.vram_release_bound_ms;
+        let mut out = Vec::new();
+        core.on_gpu_readings(100 + bound, reading(5 << 30, Vec::new()), &mut out);
+        assert!(!out.iter().any(|o| matches!(o, Output::KillStrays { .. })), "{out:?}");
+        let [GpuFault::VramNotReleased { baseline_bytes, held_bytes, .. }] = faults(&out)[..] else {
+            panic!("{out:?}")
+        };
+        assert_eq!((baseline_bytes, held_bytes), (1 << 30, 5 << 30));
+        let q = heartbeat_gpu(&mut core, 100 + bound + 1_000).quarantine.expect("quarantined");
+        assert!(q.reason.contains("4.0 GiB") && q.reason.contains("no process of it listed"), "{}", q.reason);
+        assert!(q.pids.is_empty());
+        let mut out = Vec::new();
+        core.on_gpu_readings(100 + bound + 3_000, reading(1 << 30, Vec::new()), &mut out);
+        assert!(recovered(&out), "{out:?}");
+    }
+
+    #[test]
+    fn a_foreign_process_holding_memory_after_an_attempt_is_not_its_leak() {
+        let mut core = core();
+        core.on_gpu_readings(0, reading(0, Vec::new()), &mut Vec::new());
+        uploading(&mut core);
+        let bound = core.config.vram_release_bound_ms;
+        let foreign = GpuProcess { pid: 5, used_bytes: Some(20 << 30), attempt_id: None };
+        let mut out = Vec::new();
+        core.on_gpu_readings(100 + bound, reading(20 << 30, vec![foreign]), &mut out);
+        assert!(faults(&out).is_empty() && !out.iter().any(|o| matches!(o, Output::KillStrays { .. })), "{out:?}");
+        assert!(heartbeat_gpu(&mut core, 100 + bound + 1_000).healthy);
+    }
+
+    #[test]
+    fn critical_xids_quarantine_until_an_operator_releases_the_gpu_and_application_ones_do_not() {
+        let mut core = core();
+        for xid in APPLICATION_XIDS {
+            let mut out = Vec::new();
+            assert!(!core.on_gpu_xid(10, GPU, *xid, &mut out));
+            assert!(out.is_empty(), "Xid {xid}: {out:?}");
+        }
+        let mut out = Vec::new();
+        assert!(core.on_gpu_xid(10, GPU, 79, &mut out));
+        assert!(
+            matches!(finished(&assign(&mut core, 11, spec(0))), Some(AttemptOutcome::Rejected { reason }) if reason.contains("faulty")),
+            "no work on a quarantined GPU"
+        );
+        assert!(
+            matches!(faults(&out).as_slice(), [GpuFault::Hardware { detail }] if detail.contains("Xid 79")),
+            "{out:?}"
+        );
+        // Clean memory does not bring back a GPU with a hardware fault.
+        let mut out = Vec::new();
+        core.on_gpu_readings(20, reading(0, Vec::new()), &mut out);
+        assert!(!recovered(&out));
+        let q = heartbeat_gpu(&mut core, 2_000).quarantine.expect("quarantined");
+        assert!(q.reason.contains("undrain"), "{}", q.reason);
+        let mut out = Vec::new();
+        core.on_message(3_000, ControllerMsg::ReleaseGpu { gpu_uuid: GPU.into() }, &mut out);
+        assert!(recovered(&out), "{out:?}");
+        assert!(heartbeat_gpu(&mut core, 5_000).healthy);
+    }
+
+    #[test]
+    fn a_lost_gpu_is_quarantined_once() {
+        let mut core = core();
+        let lost = |core: &mut AgentCore, now| {
+            let mut r = reading(0, Vec::new());
+            r[0].lost = Some("NVML: GPU is lost".into());
+            let mut out = Vec::new();
+            core.on_gpu_readings(now, r, &mut out);
+            out
+        };
+        let out = lost(&mut core, 10);
+        assert!(
+            matches!(faults(&out).as_slice(), [GpuFault::Hardware { detail }] if detail.contains("lost")),
+            "{out:?}"
+        );
+        assert!(lost(&mut core, 20).is_empty(), "reported once");
+        assert!(!heartbeat_gpu(&mut core, 2_000).healthy);
     }
 }

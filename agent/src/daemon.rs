@@ -100,6 +100,30 @@ pub struct AgentOptions {
     pub cache_max_bytes: u64,
     /// How the process runtime starts each job's supervisor (the `cosmos` binary, as `cosmos job-supervise`).
     pub job_supervisor: crate::supervise::Launcher,
+    /// Real GPUs: where NVML is and which GPUs to offer. Used when `gpus_simulated` is false
+    /// (then `gpus` is filled from discovery).
+    pub nvml: NvmlOptions,
+}
+
+/// How the agent reads real GPUs.
+#[derive(Clone, Debug)]
+pub struct NvmlOptions {
+    /// The NVML library to load (`--nvml-lib`).
+    pub lib_path: String,
+    /// Which GPUs to offer (`--gpus`).
+    pub selection: crate::gpu::GpuSelection,
+    /// Time between two samples of every GPU.
+    pub sample_interval_ms: u64,
+}
+
+impl Default for NvmlOptions {
+    fn default() -> Self {
+        NvmlOptions {
+            lib_path: crate::gpu::nvml::DEFAULT_NVML_LIB.into(),
+            selection: crate::gpu::GpuSelection::All,
+            sample_interval_ms: crate::gpu::monitor::DEFAULT_SAMPLE_INTERVAL_MS,
+        }
+    }
 }
 
 /// Why the agent stopped.
@@ -131,6 +155,12 @@ pub enum AgentError {
     /// Another agent holds the work directory.
     #[error(transparent)]
     Locked(#[from] cosmos_sync::dir_lock::DirLockError),
+    /// The GPUs cannot be discovered or read.
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
+    /// The GPU monitor stopped: VRAM can no longer be measured, so leaks would go unseen.
+    #[error("the GPU monitor stopped ({0}); restart the agent")]
+    MonitorStopped(String),
     /// The work directory cannot be used.
     #[error("cannot use the agent's work directory {path}: {source}")]
     WorkDir {
@@ -159,8 +189,26 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     // Held until the process ends: two agents on one directory would reap each other's attempts.
     let _lock = cosmos_sync::dir_lock::DirLock::acquire(&work_dir, "agent")?;
     let mut gpus = opts.gpus.clone();
+    let mut monitor = None;
     if opts.gpus_simulated {
         qualify_simulated_uuids(&opts.name, &mut gpus);
+    } else {
+        let source = crate::gpu::nvml::NvmlSource::open(&opts.nvml.lib_path, &opts.nvml.selection)?;
+        let d = crate::gpu::GpuSource::discovery(&source);
+        gpus = d.gpus.iter().map(|g| g.info.clone()).collect();
+        for g in &d.gpus {
+            tracing::info!(index = g.info.index, uuid = g.info.uuid, name = g.info.name, total_vram_bytes = g.info.total_vram_bytes, mig = ?g.mig, "GPU found");
+        }
+        tracing::info!(
+            driver = d.driver_version,
+            nvml = d.nvml_version,
+            library = opts.nvml.lib_path,
+            gpus = gpus.len(),
+            "GPUs read through NVML"
+        );
+        let rx = crate::gpu::monitor::spawn(Box::new(source), opts.nvml.sample_interval_ms)
+            .map_err(|e| AgentError::MonitorStopped(format!("cannot start its thread: {e}")))?;
+        monitor = Some(rx);
     }
     let clock = std::time::Instant::now();
     let incarnation = incarnation();
@@ -234,8 +282,9 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         reaping: None,
         docker_healthy: None,
         blobs,
+        owners: crate::gpu::attribution::Owners::default(),
     };
-    shell.run(event_rx, blobs_done, shutdown).await
+    shell.run(event_rx, blobs_done, monitor, shutdown).await
 }
 
 /// Parses `--simulated-gpus COUNTxSIZE`, e.g. `8x80GiB` or `2x24GB`.
@@ -470,6 +519,8 @@ struct Shell {
     docker_healthy: Option<bool>,
     /// The blob engine (inputs in, outputs out).
     blobs: crate::blobs::Handle,
+    /// Attempts' runtime handles, to tell their GPU processes from foreign ones.
+    owners: crate::gpu::attribution::Owners,
 }
 
 impl Shell {
@@ -501,6 +552,7 @@ impl Shell {
         mut self,
         mut events: mpsc::Receiver<crate::core::RuntimeEvent>,
         mut blobs_done: mpsc::UnboundedReceiver<crate::blobs::Done>,
+        mut monitor: Option<mpsc::Receiver<crate::gpu::monitor::Report>>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AgentError> {
         let mut shutdown = pin!(shutdown);
@@ -633,8 +685,37 @@ impl Shell {
                     }
                 }
                 Some(event) = events.recv(), if events_open => {
+                    if let crate::core::RuntimeEvent::Started { attempt_id, handle } = &event {
+                        self.owners.insert(*attempt_id, handle);
+                    }
                     let now = self.now_ms();
                     self.core.on_runtime(now, event, &mut out);
+                }
+                report = async { monitor.as_mut().expect("guarded").recv().await }, if monitor.is_some() => {
+                    let now = self.now_ms();
+                    match report {
+                        Some(crate::gpu::monitor::Report::Samples(samples)) => {
+                            let owners = &self.owners;
+                            let readings = samples
+                                .iter()
+                                .map(|s| crate::gpu::attribution::reading(s, |pid| owners.owner_of(pid)))
+                                .collect();
+                            self.core.on_gpu_readings(now, readings, &mut out);
+                        }
+                        Some(crate::gpu::monitor::Report::Event(crate::gpu::HealthEvent::Xid { uuid, xid })) => {
+                            if self.core.on_gpu_xid(now, &uuid, xid, &mut out) {
+                                tracing::error!(gpu = uuid, xid, "critical Xid: GPU quarantined");
+                            } else {
+                                tracing::warn!(gpu = uuid, xid, "Xid caused by an application; the GPU stays in service");
+                            }
+                        }
+                        Some(crate::gpu::monitor::Report::Event(crate::gpu::HealthEvent::DoubleBitEcc { uuid })) => {
+                            tracing::error!(gpu = uuid, "double-bit ECC error: GPU quarantined");
+                            let detail = format!("double-bit (uncorrectable) ECC error reported by the driver; the GPU needs a reset (`nvidia-smi -r`), then `cosmos agents undrain HOST --gpu {uuid}`");
+                            self.core.on_gpu_error(now, &uuid, detail, &mut out);
+                        }
+                        None => return Err(AgentError::MonitorStopped("its thread ended".into())),
+                    }
                 }
                 _ = reap_timer.tick(), if docker => self.reap(),
                 _ = ping_timer.tick(), if docker => {
@@ -737,6 +818,17 @@ impl Shell {
                 }
                 Output::AbortUpload { attempt_id } => {
                     let _ = self.blobs.commands.send(crate::blobs::Command::AbortUpload { attempt_id });
+                }
+                Output::KillStrays { attempt_id, pids } => {
+                    for pid in pids {
+                        // Checked again just before: a pid seen a sample ago may have been reused.
+                        if self.owners.owner_of(pid) != Some(attempt_id) {
+                            continue;
+                        }
+                        tracing::warn!(attempt = %attempt_id, pid, "killing a process of an ended attempt that still holds GPU memory");
+                        // SAFETY: kill(2) with a pid just checked to belong to this agent's attempt.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                    }
                 }
             }
         }

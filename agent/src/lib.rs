@@ -5,6 +5,7 @@ pub mod core;
 pub mod daemon;
 pub mod docker;
 pub mod exit;
+pub mod gpu;
 pub mod process;
 pub mod runtime;
 pub mod simulated;

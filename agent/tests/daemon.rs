@@ -36,6 +36,7 @@ fn options(addr: String, token: &str, work_dir: &Path) -> AgentOptions {
         job_supervisor: cosmos_agent::supervise::Launcher::standalone(
             env!("CARGO_BIN_EXE_cosmos-job-supervise").into(),
         ),
+        nvml: Default::default(),
     }
 }
 

@@ -222,6 +222,7 @@ fn passes(c: &mut Criterion) {
         utilization_pct: None,
         temperature_c: None,
         healthy: true,
+        quarantine: None,
     };
     core.on_message(
         NOW,

@@ -333,6 +333,20 @@ impl Handler<SetDraining> for CoreActor {
     }
 }
 
+/// Return an agent's quarantined GPU to scheduling: agent name, GPU uuid.
+pub struct ReleaseGpu(pub String, pub String);
+impl Message for ReleaseGpu {
+    type Result = Result<oneshot::Receiver<()>, CommandError>;
+}
+impl Handler<ReleaseGpu> for CoreActor {
+    type Result = Result<oneshot::Receiver<()>, CommandError>;
+    fn handle(&mut self, ReleaseGpu(name, uuid): ReleaseGpu, ctx: &mut Context<Self>) -> Self::Result {
+        let answer = self.command(|core, now, out| core.release_gpu(now, &name, &uuid, out));
+        self.arm(ctx);
+        answer
+    }
+}
+
 /// A job as listings show it.
 #[derive(Clone, Debug)]
 pub struct JobSummary {

@@ -321,6 +321,7 @@ impl Cluster {
                 utilization_pct: None,
                 temperature_c: None,
                 healthy: true,
+                quarantine: None,
             })
             .collect();
         let seq = self.seq;

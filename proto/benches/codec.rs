@@ -24,6 +24,7 @@ fn heartbeat() -> AgentMsg {
                 utilization_pct: Some(97),
                 temperature_c: Some(71),
                 healthy: true,
+                quarantine: None,
             })
             .collect(),
         attempts: (0..4)

@@ -30,4 +30,5 @@ pub use spec::{ArtifactRef, InputArtifact, JobSpec, Mount, OutputArtifact, SpecE
 /// new version's golden bytes are written (`COSMOS_BLESS_FIXTURES=1`).
 /// v2: blob frames (inputs and outputs in checksummed chunks).
 /// v3: a handshake refusal for a node id already connected; `JobSpec::terminal_exit_codes`.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// v4: `GpuUsage::quarantine` (why a GPU is out of scheduling); `ControllerMsg::ReleaseGpu`.
+pub const PROTOCOL_VERSION: u16 = 4;

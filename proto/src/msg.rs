@@ -99,6 +99,11 @@ pub enum ControllerMsg {
         /// The heartbeat's sequence number.
         seq: u64,
     },
+    /// An operator fixed a quarantined GPU by hand: return it to scheduling now.
+    ReleaseGpu {
+        /// Which GPU.
+        gpu_uuid: String,
+    },
 }
 
 /// An order to run one attempt.
@@ -187,6 +192,21 @@ pub struct GpuUsage {
     pub temperature_c: Option<i16>,
     /// False while the GPU is faulty and must get no work.
     pub healthy: bool,
+    /// Why the GPU is out of scheduling, while it is (memory a job left held, a hardware error).
+    pub quarantine: Option<GpuQuarantine>,
+}
+
+/// Why a GPU gets no work, as its agent reports it with every heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuQuarantine {
+    /// What is wrong and what to do, in words.
+    pub reason: String,
+    /// Memory held above the GPU's baseline when it was quarantined (0 for hardware errors).
+    pub held_bytes: u64,
+    /// Host pids seen holding that memory (empty: none listed, or a hardware error).
+    pub pids: Vec<u32>,
+    /// How long it has been quarantined, by the agent's clock.
+    pub for_ms: u64,
 }
 
 impl GpuUsage {
@@ -200,6 +220,7 @@ impl GpuUsage {
             utilization_pct: None,
             temperature_c: None,
             healthy: true,
+            quarantine: None,
         }
     }
 }

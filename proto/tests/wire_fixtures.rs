@@ -122,6 +122,12 @@ fn examples() -> Examples {
                 utilization_pct: Some(55),
                 temperature_c: Some(-4),
                 healthy: false,
+                quarantine: Some(GpuQuarantine {
+                    reason: "memory held after attempt att-7 ended".into(),
+                    held_bytes: 4_096,
+                    pids: vec![4_321, 8_765],
+                    for_ms: 61_000,
+                }),
             }],
             attempts: vec![AttemptReport {
                 attempt_id: AttemptId(42),
@@ -182,6 +188,7 @@ fn examples() -> Examples {
         ControllerMsg::Reconcile { epoch: Epoch(10), keep: vec![AttemptId(49), AttemptId(50)] },
         ControllerMsg::AckFinished { attempt_ids: vec![AttemptId(51), AttemptId(52), AttemptId(53)] },
         ControllerMsg::HeartbeatAck { seq: 13 },
+        ControllerMsg::ReleaseGpu { gpu_uuid: "GPU-0000dddd".into() },
     ] {
         ex.variant(
             msg,

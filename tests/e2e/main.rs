@@ -12,6 +12,7 @@ mod artifacts;
 mod cli;
 mod failstop;
 mod restart;
+mod gpu;
 mod security;
 mod cosmos;
 
@@ -382,14 +383,15 @@ fn an_agent_without_gpus_refuses_to_start() {
     let out = Command::new(BIN)
         .args(["agent", "--controller", "127.0.0.1:9", "--token-file", token.to_str().unwrap(), "--work-dir"])
         .arg(dir.path())
+        // Named, so that the test means the same on a host that has a driver.
+        .args(["--nvml-lib", "/nonexistent/libnvidia-ml.so.1"])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--simulated-gpus"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    for says in ["/nonexistent/libnvidia-ml.so.1", "NVIDIA driver", "--nvml-lib", "--simulated-gpus"] {
+        assert!(err.contains(says), "{says}: {err}");
+    }
 }
 
 #[test]

@@ -740,6 +740,7 @@ impl Sim {
                     utilization_pct: None,
                     temperature_c: None,
                     healthy: true,
+                    quarantine: None,
                 }
             })
             .collect()
@@ -995,6 +996,10 @@ impl Sim {
                     *self.transfers.entry("upload aborted").or_insert(0) += 1;
                     self.agents[i].delivering.remove(&attempt_id);
                     self.agents[i].blobs.abort_upload(attempt_id);
+                }
+                // Simulated GPUs list no processes, so no process of an attempt can outlive it here.
+                AgentOut::KillStrays { attempt_id, pids } => {
+                    panic!("the simulated GPUs list no processes, yet the core asked to kill {pids:?} of {attempt_id}")
                 }
             }
         }

@@ -340,6 +340,17 @@ pub enum CommandError {
     /// No such agent.
     #[error("no agent named `{0}`; `cosmos agents list` shows the names")]
     UnknownAgent(String),
+    /// The agent has no GPU of that uuid.
+    #[error("agent {agent} has no GPU {uuid}; `cosmos agents list` shows its GPUs")]
+    UnknownGpu {
+        /// The agent.
+        agent: String,
+        /// The uuid asked for.
+        uuid: String,
+    },
+    /// The order needs the agent connected (its GPU state lives there).
+    #[error("agent {0} is not connected; it can release a GPU only while connected")]
+    NotConnected(String),
 }
 
 #[derive(Clone, Debug)]
@@ -349,6 +360,8 @@ struct Gpu {
     healthy: bool,
     /// The live attempt holding it, or one the agent runs that we fenced off.
     holder: Option<AttemptId>,
+    /// Why the agent keeps it out of scheduling, from its last heartbeat.
+    quarantine: Option<cosmos_proto::GpuQuarantine>,
 }
 
 #[derive(Clone, Debug)]
@@ -416,6 +429,8 @@ pub struct AgentView {
     pub gpus: Vec<(GpuInfo, u64, bool, Option<AttemptId>)>,
     /// Why it takes no new work, when it says it cannot.
     pub unhealthy: Option<String>,
+    /// Quarantined GPUs (by uuid) and why, as the agent last reported.
+    pub gpu_quarantine: BTreeMap<String, cosmos_proto::GpuQuarantine>,
 }
 
 /// The scheduler and bookkeeper of the whole cluster.
@@ -670,6 +685,21 @@ impl Core {
         Ok(())
     }
 
+    /// An operator fixed a quarantined GPU by hand: the agent returns it to scheduling.
+    pub fn release_gpu(&mut self, now: Now, name: &str, uuid: &str, out: &mut Vec<Output>) -> Result<(), CommandError> {
+        let idx = *self.agent_by_name.get(name).ok_or_else(|| CommandError::UnknownAgent(name.to_string()))?;
+        if !self.agents[idx].gpus.iter().any(|g| g.info.uuid == uuid) {
+            return Err(CommandError::UnknownGpu { agent: name.to_string(), uuid: uuid.to_string() });
+        }
+        let conn = self.agents[idx].conn.ok_or_else(|| CommandError::NotConnected(name.to_string()))?;
+        // The agent decides and answers with GpuRecovered, which puts the GPU back here.
+        self.sends.push(Output::Send { conn, msg: ControllerMsg::ReleaseGpu { gpu_uuid: uuid.to_string() } });
+        let detail = format!("GPU {uuid} of agent {name} released by operator");
+        self.event(now, None, None, Some(name.to_string()), "gpu_released", detail);
+        self.finish(now, out);
+        Ok(())
+    }
+
     /// Re-queues a failed or cancelled job under its own id, as `scontrol
     /// requeue` does: a fresh attempt budget, its earlier attempts kept in
     /// its history, its error and outputs cleared.
@@ -798,6 +828,7 @@ impl Core {
                         }
                         g.free_vram_bytes = usage.free_vram_bytes;
                         g.healthy = usage.healthy;
+                        g.quarantine = usage.quarantine.clone();
                     }
                 }
                 let reported: BTreeSet<AttemptId> = hb
@@ -1023,6 +1054,11 @@ impl Core {
                 gpus_simulated: a.gpus_simulated,
                 gpus: a.gpus.iter().map(|g| (g.info.clone(), g.free_vram_bytes, g.healthy, g.holder)).collect(),
                 unhealthy: a.unhealthy.clone(),
+                gpu_quarantine: a
+                    .gpus
+                    .iter()
+                    .filter_map(|g| g.quarantine.clone().map(|q| (g.info.uuid.clone(), q)))
+                    .collect(),
             })
             .collect()
     }
@@ -1032,5 +1068,5 @@ impl Core {
 
 fn new_gpu(info: GpuInfo) -> Gpu {
     let free = info.total_vram_bytes;
-    Gpu { info, free_vram_bytes: free, healthy: true, holder: None }
+    Gpu { info, free_vram_bytes: free, healthy: true, holder: None, quarantine: None }
 }

@@ -22,6 +22,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/agents", web::get().to(agents))
         .route("/v1/agents/{name}/drain", web::post().to(drain))
         .route("/v1/agents/{name}/undrain", web::post().to(undrain))
+        .route("/v1/agents/{name}/gpus/{uuid}/release", web::post().to(release_gpu))
         .route("/v1/status", web::get().to(status));
 }
 
@@ -206,6 +207,9 @@ pub struct GpuView {
     pub free_vram_mib: u64,
     /// Out of scheduling when false.
     pub healthy: bool,
+    /// Why the agent quarantined it, while it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<cosmos_proto::GpuQuarantine>,
     /// Attempt holding it.
     pub attempt: Option<String>,
 }
@@ -454,6 +458,11 @@ async fn retry(state: web::Data<State>, id: web::Path<String>) -> HttpResponse {
     command_result(state.core.send(Retry(id)).await).await
 }
 
+async fn release_gpu(state: web::Data<State>, path: web::Path<(String, String)>) -> HttpResponse {
+    let (name, uuid) = path.into_inner();
+    command_result(state.core.send(crate::actor::ReleaseGpu(name, uuid)).await).await
+}
+
 async fn drain(state: web::Data<State>, name: web::Path<String>) -> HttpResponse {
     command_result(state.core.send(SetDraining(name.into_inner(), true)).await).await
 }
@@ -476,6 +485,7 @@ fn agent_infos(agents: Vec<crate::core::AgentView>) -> Vec<AgentInfo> {
                 .gpus
                 .into_iter()
                 .map(|(info, free, healthy, holder)| GpuView {
+                    quarantine: a.gpu_quarantine.get(&info.uuid).cloned(),
                     index: info.index,
                     uuid: info.uuid,
                     name: info.name,

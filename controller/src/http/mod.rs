@@ -97,7 +97,7 @@ impl HttpError for crate::core::CommandError {
     fn status(&self) -> StatusCode {
         use crate::core::CommandError::*;
         match self {
-            UnknownJob(_) | UnknownAgent(_) => StatusCode::NOT_FOUND,
+            UnknownJob(_) | UnknownAgent(_) | UnknownGpu { .. } => StatusCode::NOT_FOUND,
             QueueFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::CONFLICT,
         }

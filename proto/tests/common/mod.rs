@@ -109,10 +109,21 @@ fn report() -> impl Strategy<Value = AttemptReport> {
     })
 }
 
+fn gpu_quarantine() -> impl Strategy<Value = GpuQuarantine> {
+    (text(), any::<u64>(), vec(any::<u32>(), 0..4), any::<u64>())
+        .prop_map(|(reason, held_bytes, pids, for_ms)| GpuQuarantine { reason, held_bytes, pids, for_ms })
+}
+
 fn gpu_usage() -> impl Strategy<Value = GpuUsage> {
-    (text(), any::<u64>(), any::<u64>(), any::<u64>(), option::of(any::<u8>()), option::of(any::<i16>()), any::<bool>())
+    (
+        (text(), any::<u64>(), any::<u64>(), any::<u64>()),
+        (option::of(any::<u8>()), option::of(any::<i16>()), any::<bool>(), option::of(gpu_quarantine())),
+    )
         .prop_map(
-            |(uuid, used_vram_bytes, free_vram_bytes, foreign_vram_bytes, utilization_pct, temperature_c, healthy)| {
+            |(
+                (uuid, used_vram_bytes, free_vram_bytes, foreign_vram_bytes),
+                (utilization_pct, temperature_c, healthy, quarantine),
+            )| {
                 GpuUsage {
                     uuid,
                     used_vram_bytes,
@@ -121,6 +132,7 @@ fn gpu_usage() -> impl Strategy<Value = GpuUsage> {
                     utilization_pct,
                     temperature_c,
                     healthy,
+                    quarantine,
                 }
             },
         )
@@ -192,6 +204,7 @@ pub fn controller_msg() -> impl Strategy<Value = ControllerMsg> {
             .prop_map(|(e, keep)| ControllerMsg::Reconcile { epoch: Epoch(e), keep }),
         vec(attempt_id(), 0..16).prop_map(|attempt_ids| ControllerMsg::AckFinished { attempt_ids }),
         any::<u64>().prop_map(|seq| ControllerMsg::HeartbeatAck { seq }),
+        text().prop_map(|gpu_uuid| ControllerMsg::ReleaseGpu { gpu_uuid }),
     ]
 }
 

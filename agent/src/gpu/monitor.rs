@@ -1,0 +1,60 @@
+//! Runs a [`GpuSource`] on a thread that owns it (NVML calls block, and the
+//! handle stays on one thread), sampling at a fixed interval; health events
+//! come from a second thread where the GPUs support them. Reports reach the
+//! agent's main loop on a channel, and the threads end when it is dropped.
+
+use super::{GpuSample, GpuSource, HealthEvent, Metric};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Default time between two samples of every GPU.
+pub const DEFAULT_SAMPLE_INTERVAL_MS: u64 = 500;
+/// Reports queued for the main loop before the monitor waits.
+const REPORT_QUEUE_LEN: usize = 16;
+/// How long the event thread waits at a time before it looks whether the agent still listens.
+const EVENT_WAIT_MS: u32 = 250;
+
+/// What the monitor tells the agent.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Report {
+    /// Every offered GPU, read now.
+    Samples(Vec<GpuSample>),
+    /// A health event from the driver.
+    Event(HealthEvent),
+}
+
+/// Starts sampling `source` every `sample_interval_ms`; the receiver closes if the monitor thread ends.
+pub fn spawn(mut source: Box<dyn GpuSource>, sample_interval_ms: u64) -> std::io::Result<mpsc::Receiver<Report>> {
+    let (tx, rx) = mpsc::channel(REPORT_QUEUE_LEN);
+    if let Some(mut events) = source.events() {
+        let tx = tx.clone();
+        std::thread::Builder::new().name("gpu-events".into()).spawn(move || {
+            while !tx.is_closed() {
+                if let Some(e) = events.wait(EVENT_WAIT_MS) {
+                    if tx.blocking_send(Report::Event(e)).is_err() {
+                        return;
+                    }
+                }
+            }
+        })?;
+    }
+    std::thread::Builder::new().name("gpu-monitor".into()).spawn(move || {
+        let interval = Duration::from_millis(sample_interval_ms.max(1));
+        let mut told: BTreeSet<(String, Metric)> = BTreeSet::new();
+        loop {
+            let started = Instant::now();
+            let samples = source.sample();
+            for u in source.unsupported() {
+                if told.insert(u.clone()) {
+                    tracing::info!(gpu = u.0, metric = ?u.1, "GPU does not support this metric; not asked again");
+                }
+            }
+            if tx.blocking_send(Report::Samples(samples)).is_err() {
+                return;
+            }
+            std::thread::sleep(interval.saturating_sub(started.elapsed()));
+        }
+    })?;
+    Ok(rx)
+}
