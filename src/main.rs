@@ -1,8 +1,8 @@
 //! `cosmos`: the one binary for the controller, the agents and the client CLI.
 
 mod client;
-mod jobs;
 mod cosmos;
+mod jobs;
 mod up;
 
 use clap::{Parser, Subcommand};

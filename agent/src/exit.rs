@@ -5,8 +5,8 @@
 //! shell's "cannot execute"/"not found" and a job's own `terminal_exit_codes`
 //! are not (and for torchrun, the worker it blames decides, not its own 1).
 
-use crate::core::StopReason;
 use crate::core::ExitStatus;
+use crate::core::StopReason;
 use cosmos_proto::AttemptOutcome;
 use cosmos_proto::spec::ArtifactRef;
 
@@ -142,4 +142,3 @@ pub fn outcome_of(
         },
     }
 }
-

@@ -457,7 +457,7 @@ mod daemon_on_docker {
             job_supervisor: cosmos_agent::supervise::Launcher::standalone(
                 env!("CARGO_BIN_EXE_cosmos-job-supervise").into(),
             ),
-                nvml: Default::default(),
+            nvml: Default::default(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(daemon::run(opts, async move {

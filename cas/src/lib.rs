@@ -395,7 +395,7 @@ fn hash_prefix(file: &File, len: u64, hasher: &mut sha2::Sha256) -> io::Result<u
                 hasher.update(&buf[..n]);
                 done += n as u64;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
@@ -431,7 +431,7 @@ pub fn read_range(file: &File, offset: u64, len_bytes: usize) -> io::Result<Vec<
         match file.read_at(&mut buf[filled..], offset + filled as u64) {
             Ok(0) => break,
             Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }

@@ -4,8 +4,8 @@
 //! reports that persist durable (see [`crate::gate`]), so nobody observes a
 //! decision the store could still lose.
 
-use crate::gate::Gate;
 use crate::core::{AgentView, CommandError, ConnId, Core, HeldBlobs, Now, Output, SubmitError};
+use crate::gate::Gate;
 use crate::records::{JobRecord, StoreOp};
 use crate::shared::Clock;
 use actix::prelude::*;
@@ -16,7 +16,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
-
 
 enum Action {
     Send(ConnId, ControllerMsg),
@@ -108,7 +107,12 @@ impl CoreActor {
     /// A succeeded prompt enhancement whose delivered stdout holds no
     /// `Upsampled prompt:` line has no result: it fails, terminally, saying so.
     /// (The core fails a success whose outputs are not in the blob store itself.)
-    fn guard_run_outcome(&self, attempt_id: AttemptId, outcome: &mut cosmos_proto::AttemptOutcome, facts: &OutputFacts) {
+    fn guard_run_outcome(
+        &self,
+        attempt_id: AttemptId,
+        outcome: &mut cosmos_proto::AttemptOutcome,
+        facts: &OutputFacts,
+    ) {
         use crate::cosmos::{ENHANCE_RESULT, RunKind, UPSAMPLED_PREFIX, labels};
         let cosmos_proto::AttemptOutcome::Succeeded { outputs } = &*outcome else { return };
         let Some(job) = self.core.attempt(attempt_id).and_then(|a| self.core.job(a.job_id)).map(|(j, _, _)| j) else {
@@ -263,7 +267,8 @@ impl Handler<SubmitWith> for CoreActor {
         let opts = crate::core::SubmitOptions { key, extra, after };
         let (ids, repeat) = self.core.submit_with(self.clock.now(), specs, opts, &mut out)?;
         for &id in &ids {
-            if let Some(run) = self.core.job(id).and_then(|(rec, _, _)| rec.spec.labels.get(crate::cosmos::labels::RUN)) {
+            if let Some(run) = self.core.job(id).and_then(|(rec, _, _)| rec.spec.labels.get(crate::cosmos::labels::RUN))
+            {
                 self.runs.insert(run.clone(), id);
             }
         }
@@ -284,9 +289,12 @@ impl Handler<Persist> for CoreActor {
     type Result = MessageResult<Persist>;
     fn handle(&mut self, Persist(ops): Persist, _: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
-        self.perform(vec![Output::Persist(ops)], Some(Box::new(move || {
-            let _ = tx.send(());
-        })));
+        self.perform(
+            vec![Output::Persist(ops)],
+            Some(Box::new(move || {
+                let _ = tx.send(());
+            })),
+        );
         MessageResult(rx)
     }
 }
@@ -540,4 +548,3 @@ pub(crate) struct OutputFacts {
     /// For each held output named like an enhancement's result: whether it holds an upsampled prompt.
     pub(crate) upsampled: HashMap<cosmos_proto::Sha256, Result<bool, String>>,
 }
-

@@ -333,7 +333,6 @@ impl OutputFacts {
     }
 }
 
-
 #[cfg(test)]
 mod write_frames_tests {
     use super::*;

@@ -853,9 +853,7 @@ mod tests {
             let err = p.validate().expect_err(param);
             assert_eq!(err.param, param, "{err}");
         }
-        let mut p = TransferParams::default();
-        p.steps = 100;
-        p.guidance = 20.0;
+        let mut p = TransferParams { steps: 100, guidance: 20.0, ..TransferParams::default() };
         p.sigma_max = 0.0;
         p.seed = u64::from(u32::MAX);
         assert_eq!(p.validate(), Ok(()), "bounds are inclusive");

@@ -90,7 +90,6 @@ impl LogFiles {
     }
 }
 
-
 /// Bytes of one log file read at a time: a reader's memory, whatever the log's size.
 const LOG_READ_CHUNK_BYTES: u64 = 256 * 1024;
 
@@ -107,7 +106,13 @@ pub struct LogStart {
 /// of them) to `out` as events, moving `*pos` past them; a partial last line
 /// waits for its end unless the job is final or it fills a whole chunk.
 /// Returns whether more is there to read at once.
-pub fn read_log(path: &std::path::Path, pos: &mut Option<u64>, start: LogStart, final_: bool, out: &mut String) -> bool {
+pub fn read_log(
+    path: &std::path::Path,
+    pos: &mut Option<u64>,
+    start: LogStart,
+    final_: bool,
+    out: &mut String,
+) -> bool {
     use std::io::{Read, Seek};
     let Ok(mut file) = std::fs::File::open(path) else { return false };
     let Ok(len) = file.metadata().map(|m| m.len()) else { return false };

@@ -99,7 +99,6 @@ pub struct Shared {
     pub store_failure: std::sync::OnceLock<String>,
 }
 
-
 /// A fresh id with `prefix` (`ps` or `rs`) from the OS's randomness.
 pub fn new_id(prefix: &str) -> String {
     let mut bytes = [0u8; 6];

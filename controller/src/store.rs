@@ -6,8 +6,8 @@
 //! transaction: the caller batches many transitions into it (group commit),
 //! so one fsync makes all of them durable together.
 
-use crate::records::{ALL_JOB_STATES, AgentRecord, AttemptRecord, EventRecord, JobRecord, JobState, Snapshot, StoreOp};
 use crate::cosmos::Prompt;
+use crate::records::{ALL_JOB_STATES, AgentRecord, AttemptRecord, EventRecord, JobRecord, JobState, Snapshot, StoreOp};
 use cosmos_proto::{AttemptId, Epoch, JobId};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use std::path::{Path, PathBuf};

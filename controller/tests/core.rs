@@ -9,11 +9,11 @@ use cosmos_controller::core::{
     CommandError, ConnId, Core, CoreConfig, Health, HeldBlobs, Now, Output, SubmitError, SubmitOptions,
 };
 use cosmos_controller::records::{AgentRecord, AttemptRecord, AttemptState, JobRecord, JobState, Snapshot, StoreOp};
+use cosmos_proto::spec::ArtifactRef;
 use cosmos_proto::{
     AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, AttemptReport, ControllerMsg, Epoch,
     GpuInfo, GpuUsage, Heartbeat, JobId, JobSpec, Sha256,
 };
-use cosmos_proto::spec::ArtifactRef;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 const GIB: u64 = 1 << 30;
@@ -531,7 +531,9 @@ fn records_submitted_with_a_batch_share_its_persist_and_a_repeat_stores_nothing(
     c.connect("a", 1, 80);
     let key = || Some(cosmos_controller::records::Idempotency { key: "k1".into(), request_sha256: "d1".into() });
     let extra = vec![StoreOp::DeletePrompt("ps_000000000001".into())];
-    let ((ids, repeat), out) = c.call(|core, now, out| core.submit_with(now, vec![spec("run")], SubmitOptions { key: key(), extra, after: Vec::new() }, out).unwrap());
+    let ((ids, repeat), out) = c.call(|core, now, out| {
+        core.submit_with(now, vec![spec("run")], SubmitOptions { key: key(), extra, after: Vec::new() }, out).unwrap()
+    });
     assert!(!repeat);
     let persists: Vec<&Vec<StoreOp>> =
         out.iter().filter_map(|o| if let Output::Persist(ops) = o { Some(ops) } else { None }).collect();
@@ -541,13 +543,18 @@ fn records_submitted_with_a_batch_share_its_persist_and_a_repeat_stores_nothing(
 
     // The same key and request: the same jobs, and nothing stored again.
     let again = vec![StoreOp::DeletePrompt("ps_000000000002".into())];
-    let ((same, repeat), out) = c.call(|core, now, out| core.submit_with(now, vec![spec("run")], SubmitOptions { key: key(), extra: again, after: Vec::new() }, out).unwrap());
+    let ((same, repeat), out) = c.call(|core, now, out| {
+        core.submit_with(now, vec![spec("run")], SubmitOptions { key: key(), extra: again, after: Vec::new() }, out)
+            .unwrap()
+    });
     assert_eq!((same, repeat), (ids, true));
     assert!(!out.iter().any(|o| matches!(o, Output::Persist(_))), "{out:?}");
 
     // The same key for another request is refused.
     let other = Some(cosmos_controller::records::Idempotency { key: "k1".into(), request_sha256: "d2".into() });
-    let (r, _) = c.call(|core, now, out| core.submit_with(now, vec![spec("run")], SubmitOptions { key: other, ..Default::default() }, out));
+    let (r, _) = c.call(|core, now, out| {
+        core.submit_with(now, vec![spec("run")], SubmitOptions { key: other, ..Default::default() }, out)
+    });
     assert_eq!(r, Err(SubmitError::KeyReused { key: "k1".into() }));
 }
 
@@ -673,8 +680,11 @@ fn a_waiting_dependency_survives_a_controller_restart() {
     let ((then, _), _) = c.call(|core, now, out| core.submit_with(now, vec![spec("then")], opts, out).unwrap());
     c.restart(quiet_config(), Epoch(2));
     assert_eq!(c.core.wait_reason(then[0]), Some(format!("waiting for {} to succeed", first[0])));
-    let running =
-        AttemptReport { attempt_id: a.attempt_id, gpu_uuids: a.gpu_uuids.clone(), phase: AttemptPhase::Finished(succeeded()) };
+    let running = AttemptReport {
+        attempt_id: a.attempt_id,
+        gpu_uuids: a.gpu_uuids.clone(),
+        phase: AttemptPhase::Finished(succeeded()),
+    };
     let out = c.reconnect("a", vec![running]);
     assert_eq!(one_assign(&c, &out).1.job_id, then[0], "released once its dependency's success is reported");
 }

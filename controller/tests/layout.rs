@@ -21,15 +21,18 @@ fn imports() -> BTreeMap<String, BTreeSet<String>> {
                 continue;
             }
             let rel = path.strip_prefix(&src).unwrap();
-            let top = rel.components().next().unwrap().as_os_str().to_string_lossy().trim_end_matches(".rs").to_string();
+            let top =
+                rel.components().next().unwrap().as_os_str().to_string_lossy().trim_end_matches(".rs").to_string();
             if top == "lib" {
                 continue;
             }
             let text = std::fs::read_to_string(&path).expect("source is readable");
             let deps = graph.entry(top.clone()).or_default();
             for (i, _) in text.match_indices("crate::") {
-                let name: String =
-                    text[i + "crate::".len()..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                let name: String = text[i + "crate::".len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
                 if !name.is_empty() && name != top {
                     deps.insert(name);
                 }

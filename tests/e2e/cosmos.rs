@@ -522,7 +522,7 @@ fn the_main_command_runs_the_example_batch_and_an_upscale_on_a_local_cluster() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "cosmos up -- demo failed:\n{stdout}\n{}", stderr(&out));
-    let paths: Vec<&str> = stdout.lines().filter_map(|l| l.trim().split_whitespace().nth(1)).collect();
+    let paths: Vec<&str> = stdout.lines().filter_map(|l| l.split_whitespace().nth(1)).collect();
     let videos: Vec<&&str> = paths.iter().filter(|p| p.ends_with("output.mp4")).collect();
     assert_eq!(videos.len(), 4, "three transfers and one upscale: {stdout}");
     let modes: Vec<String> =
@@ -574,7 +574,7 @@ fn runs_as_containers_of_the_model_image_with_its_volumes() {
     let upsampled = cosmos_standin::upsample_prompt("cranes at a container port", &file_sha(&videos.join("color.mp4")));
     assert_eq!(enhanced["text"], upsampled.as_str(), "{enhanced}");
     let leftover = std::process::Command::new("docker")
-        .args(["ps", "-aq", "--filter", "label=cosmos.agent=agent-0", "--filter", &format!("label=cosmos.job")])
+        .args(["ps", "-aq", "--filter", "label=cosmos.agent=agent-0", "--filter", "label=cosmos.job"])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&leftover.stdout).trim().is_empty(), "no container left behind");

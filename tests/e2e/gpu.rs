@@ -49,7 +49,7 @@ fn write_scenario(path: &Path, gpus: &[(Vec<(u32, u64)>, u64)]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-fn gpu<'a>(agents: &'a Value, i: usize) -> &'a Value {
+fn gpu(agents: &Value, i: usize) -> &Value {
     let a = agents.as_array().unwrap().iter().find(|a| a["name"] == "gpu-host").expect("the agent is listed");
     a["gpus"].as_array().unwrap().iter().find(|g| g["uuid"] == uuid(i).as_str()).expect("the GPU is listed")
 }

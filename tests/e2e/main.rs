@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 mod artifacts;
 mod cli;
-mod failstop;
-mod restart;
-mod gpu;
-mod security;
 mod cosmos;
+mod failstop;
+mod gpu;
+mod restart;
+mod security;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cosmos");
 

@@ -52,7 +52,7 @@ fn call(c: &Cluster, method: &str, path: &str, headers: &[(&str, &str)], body: &
     (resp.status().as_u16(), resp.body_mut().read_to_string().unwrap_or_default())
 }
 
-fn authed<'a>(bearer: &'a str) -> Vec<(&'a str, &'a str)> {
+fn authed(bearer: &str) -> Vec<(&str, &str)> {
     vec![("Authorization", bearer)]
 }
 
@@ -73,8 +73,7 @@ fn two_uploads_of_one_blob_do_not_wedge_the_api_and_sigterm_still_stops_it() {
     let mut slow = TcpStream::connect(addr(&c)).unwrap();
     write!(
         slow,
-        "PUT /v1/blobs/{sha} HTTP/1.1\r\nHost: x\r\n{}: {bearer}\r\nContent-Length: {}\r\n\r\n",
-        "Authorization",
+        "PUT /v1/blobs/{sha} HTTP/1.1\r\nHost: x\r\nAuthorization: {bearer}\r\nContent-Length: {}\r\n\r\n",
         8 << 20
     )
     .unwrap();
@@ -499,7 +498,7 @@ fn prompt_text_with_control_characters_is_printed_escaped() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for args in [
         &["prompts", "list"][..],
-        &["prompts", "show", &c.json(&["prompts", "list", "--json"])[0]["id"].as_str().unwrap().to_string()],
+        &["prompts", "show", c.json(&["prompts", "list", "--json"])[0]["id"].as_str().unwrap()],
     ] {
         let out = c.cli(args);
         let shown = String::from_utf8_lossy(&out.stdout);

@@ -793,11 +793,7 @@ impl Sim {
         while self.store_queue.front().is_some_and(|(t, _)| *t <= ticket) {
             let (t, ops) = self.store_queue.pop_front().unwrap();
             let exempt = self.submission_ticket == Some(t);
-            if !exempt
-                && self.faults_on()
-                && self.scenario.faults.store_failure
-                && self.rng.random_bool(0.0005)
-            {
+            if !exempt && self.faults_on() && self.scenario.faults.store_failure && self.rng.random_bool(0.0005) {
                 // The transaction rolls back, and the daemon stops before acting on it.
                 *self.faults.entry("store write failure").or_insert(0) += 1;
                 self.crash_controller("a store write failed");

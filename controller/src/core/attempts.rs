@@ -197,7 +197,14 @@ impl Core {
 
     /// A job reached a final state; jobs that waited for it start (it
     /// succeeded) or end with it (it failed or was cancelled), and so on down.
-    pub(super) fn conclude(&mut self, now: Now, job_id: JobId, state: JobState, exit_code: Option<i32>, error: Option<String>) {
+    pub(super) fn conclude(
+        &mut self,
+        now: Now,
+        job_id: JobId,
+        state: JobState,
+        exit_code: Option<i32>,
+        error: Option<String>,
+    ) {
         let mut work = vec![(job_id, state, exit_code, error)];
         while let Some((id, state, exit_code, error)) = work.pop() {
             let job = self.jobs.get_mut(&id).expect("concluded jobs exist");

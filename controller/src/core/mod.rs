@@ -31,12 +31,12 @@ mod placement;
 mod reconcile;
 
 use crate::records::*;
-use placement::ReadyQueue;
+use cosmos_proto::spec::ArtifactRef;
 use cosmos_proto::{
     AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, ControllerMsg, Epoch, GpuInfo, JobId,
     JobSpec, Sha256, SpecError, TraceContext,
 };
-use cosmos_proto::spec::ArtifactRef;
+use placement::ReadyQueue;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -86,7 +86,9 @@ impl HeldBlobs {
     /// The outputs of the successes a message reports: what a shell looks up.
     pub fn wanted(msg: &AgentMsg) -> Vec<&ArtifactRef> {
         match msg {
-            AgentMsg::AttemptFinished { outcome: AttemptOutcome::Succeeded { outputs }, .. } => outputs.iter().collect(),
+            AgentMsg::AttemptFinished { outcome: AttemptOutcome::Succeeded { outputs }, .. } => {
+                outputs.iter().collect()
+            }
             _ => Vec::new(),
         }
     }
@@ -507,8 +509,7 @@ impl Core {
             // A backoff survives a restart as a wall-clock deadline. The clock may have
             // been stepped while the controller was down, so what remains of it is
             // capped at the longest backoff rather than trusted.
-            let backoff_left_ms =
-                rec.not_before_ms.saturating_sub(now.wall_ms).min(config_backoff_max_ms);
+            let backoff_left_ms = rec.not_before_ms.saturating_sub(now.wall_ms).min(config_backoff_max_ms);
             let job = Job { rec, not_before_mono_ms: now.mono_ms + backoff_left_ms, live: None, progress: None };
             let id = job.rec.id;
             if let Some(k) = &job.rec.idempotency {
@@ -552,12 +553,7 @@ impl Core {
     }
 
     /// Accepts a batch atomically: every job or none, with the bad one named.
-    pub fn submit(
-        &mut self,
-        now: Now,
-        specs: Vec<JobSpec>,
-        out: &mut Vec<Output>,
-    ) -> Result<Vec<JobId>, SubmitError> {
+    pub fn submit(&mut self, now: Now, specs: Vec<JobSpec>, out: &mut Vec<Output>) -> Result<Vec<JobId>, SubmitError> {
         self.submit_with(now, specs, SubmitOptions::default(), out).map(|(ids, _)| ids)
     }
 
@@ -901,14 +897,7 @@ impl Core {
                 }
                 self.reindex(idx);
                 self.dirty = true;
-                self.event(
-                    now,
-                    None,
-                    None,
-                    Some(name),
-                    "gpu_recovered",
-                    format!("GPU {gpu_uuid} back in scheduling"),
-                );
+                self.event(now, None, None, Some(name), "gpu_recovered", format!("GPU {gpu_uuid} back in scheduling"));
             }
         }
         self.finish(now, out);
@@ -925,14 +914,7 @@ impl Core {
             }
             let name = agent.name.clone();
             self.reindex(idx);
-            self.event(
-                now,
-                None,
-                None,
-                Some(name.clone()),
-                "agent_disconnected",
-                format!("agent {name} disconnected"),
-            );
+            self.event(now, None, None, Some(name.clone()), "agent_disconnected", format!("agent {name} disconnected"));
         }
         self.finish(now, out);
     }
@@ -1005,7 +987,14 @@ impl Core {
         kind: &str,
         detail: String,
     ) {
-        self.ops.push(StoreOp::Event(EventRecord { at_ms: now.wall_ms, job_id, attempt_id, agent, kind: kind.to_string(), detail }));
+        self.ops.push(StoreOp::Event(EventRecord {
+            at_ms: now.wall_ms,
+            job_id,
+            attempt_id,
+            agent,
+            kind: kind.to_string(),
+            detail,
+        }));
     }
 
     // ---- read-only views ----
@@ -1062,9 +1051,7 @@ impl Core {
             })
             .collect()
     }
-
 }
-
 
 fn new_gpu(info: GpuInfo) -> Gpu {
     let free = info.total_vram_bytes;

@@ -246,9 +246,8 @@ async fn get_blob(state: web::Data<State>, sha: web::Path<String>) -> HttpRespon
         Err(r) => return r,
     };
     let path = state.shared.blobs.path(&sha);
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(_) => return not_found(format!("no blob {sha} on the controller")),
+    let Ok(file) = tokio::fs::File::open(&path).await else {
+        return not_found(format!("no blob {sha} on the controller"));
     };
     let size = match file.metadata().await {
         Ok(m) => m.len(),
@@ -270,4 +269,3 @@ async fn get_blob(state: web::Data<State>, sha: web::Path<String>) -> HttpRespon
 }
 
 // ---- prompts ----
-

@@ -8,11 +8,11 @@
 use super::jobs::{submit_specs, view};
 use super::{JsonBody, State, answer, bad, bad_line, command_result, error, internal, not_found, unavailable};
 use crate::actor::{Cancel, FindRun, JobSummary, ListJobs};
-use crate::records::JobState;
-use crate::records::StoreOp;
 use crate::cosmos::{
     self, BlobRef, ENHANCE_RESULT, NewPrompt, OUTPUT_VIDEO, Prompt, RunKind, TransferParams, UpscaleParams, labels,
 };
+use crate::records::JobState;
+use crate::records::StoreOp;
 use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use cosmos_proto::{JobId, JobSpec, Sha256};

@@ -351,7 +351,9 @@ pub(crate) fn view(s: &JobSummary) -> JobView {
         submitted_ms: r.submitted_ms,
         finished_ms: r.finished_ms,
         started_ms: r.started_ms,
-        elapsed_ms: r.started_ms.map(|start| r.finished_ms.unwrap_or_else(crate::shared::wall_ms).saturating_sub(start)),
+        elapsed_ms: r
+            .started_ms
+            .map(|start| r.finished_ms.unwrap_or_else(crate::shared::wall_ms).saturating_sub(start)),
         gpu_seconds: r.gpu_ms as f64 / 1000.0,
         retries: r.retries,
         waiting: s.waiting.clone(),
@@ -380,14 +382,13 @@ async fn list_jobs(state: web::Data<State>, q: web::Query<ListQuery>) -> HttpRes
         None => None,
     };
     match state.core.send(ListJobs(None)).await {
-        Ok(jobs) => HttpResponse::Ok()
-            .json(
-                jobs.iter()
-                    .filter(|j| filter.is_none_or(|f| j.record.state == f))
-                    .filter(|j| q.since_ms.is_none_or(|t| j.record.submitted_ms >= t))
-                    .map(view)
-                    .collect::<Vec<_>>(),
-            ),
+        Ok(jobs) => HttpResponse::Ok().json(
+            jobs.iter()
+                .filter(|j| filter.is_none_or(|f| j.record.state == f))
+                .filter(|j| q.since_ms.is_none_or(|t| j.record.submitted_ms >= t))
+                .map(view)
+                .collect::<Vec<_>>(),
+        ),
         Err(_) => unavailable(),
     }
 }

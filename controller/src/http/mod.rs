@@ -393,4 +393,3 @@ pub fn server(
     let addr = bound.addrs()[0];
     Ok((bound.run(), addr))
 }
-
