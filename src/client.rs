@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// Largest API answer read (a listing of very many jobs).
-const MAX_RESPONSE_BYTES: u64 = 512 * 1024 * 1024;
+const RESPONSE_BYTES_MAX: u64 = 512 * 1024 * 1024;
 /// Tries of one blob upload, each resuming where the last broke off.
 const UPLOAD_TRIES: u32 = 10;
 /// Wait before asking again after an incomplete or concurrent upload.
@@ -170,7 +170,7 @@ impl Client {
         let mut resp = self.check(resp)?;
         resp.body_mut()
             .with_config()
-            .limit(MAX_RESPONSE_BYTES)
+            .limit(RESPONSE_BYTES_MAX)
             .read_json()
             .context("the controller's answer is not the expected JSON")
     }

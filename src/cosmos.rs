@@ -22,7 +22,7 @@ pub const COLOR_VIDEO: &str = "color.mp4";
 /// Optional control videos, with the control they feed.
 pub const CONTROL_VIDEOS: [(&str, &str); 2] = [("depth.mp4", "depth"), ("segmentation.mp4", "seg")];
 /// Most lines in a batch file.
-pub const MAX_BATCH_LINES: usize = 10_000;
+pub const BATCH_LINES_MAX: usize = 10_000;
 
 /// Parameters from the command line; unset ones keep the contract's defaults.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -303,8 +303,8 @@ fn prepare_batch(file: &Path) -> anyhow::Result<Vec<PreparedLine>> {
         if raw.is_empty() || raw.starts_with('#') {
             continue;
         }
-        if out.len() == MAX_BATCH_LINES {
-            bail!("{}: more than {MAX_BATCH_LINES} runs; split the batch", file.display());
+        if out.len() == BATCH_LINES_MAX {
+            bail!("{}: more than {BATCH_LINES_MAX} runs; split the batch", file.display());
         }
         let at = |msg: String| anyhow::anyhow!("{}:{n}: {msg}; nothing was submitted", file.display());
         let line: BatchLine = serde_json::from_str(raw).map_err(|e| at(format!("not a valid run line: {e}")))?;

@@ -12,7 +12,7 @@ use std::time::Duration;
 /// How often `wait` polls the controller.
 const WAIT_POLL_MS: u64 = 250;
 /// Running jobs shown with their own bar at once; the rest are counted in the batch bar.
-const MAX_JOB_BARS: usize = 12;
+const JOB_BARS_MAX: usize = 12;
 
 /// Reads a JSONL batch: one job per line; blank lines and `#` comments skipped.
 /// Any bad line rejects the whole file, naming the line and what is wrong.
@@ -144,7 +144,7 @@ pub fn wait_for(
                         }
                         bar.set_message(format!("{} on {}", j.state, j.agent.as_deref().unwrap_or("-")));
                     }
-                    (None, false, "running") if bars.len() < MAX_JOB_BARS => {
+                    (None, false, "running") if bars.len() < JOB_BARS_MAX => {
                         let bar = multi.add(ProgressBar::new(1));
                         bar.set_style(job_style.clone());
                         bar.set_prefix(names.get(&j.id).unwrap_or(&j.id).clone());

@@ -469,7 +469,7 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
                 data_dir,
                 api_listen,
                 agent_listen,
-                max_frame_bytes: cosmos_proto::frame::DEFAULT_MAX_FRAME_BYTES,
+                frame_bytes_max: cosmos_proto::frame::FRAME_BYTES_MAX_DEFAULT,
                 core,
                 cosmos: cosmos.config(),
                 attempt_log_bytes_max,

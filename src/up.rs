@@ -71,7 +71,7 @@ pub fn run_agent(
         work_dir,
         gpus,
         gpus_simulated,
-        max_frame_bytes: cosmos_proto::frame::DEFAULT_MAX_FRAME_BYTES,
+        frame_bytes_max: cosmos_proto::frame::FRAME_BYTES_MAX_DEFAULT,
         config,
         reconnect_min_ms: 100,
         reconnect_max_ms: 5_000,

@@ -20,8 +20,8 @@ pub mod machine;
 
 use cosmos_cas::{CasError, Store};
 use cosmos_proto::{
-    AgentBlob, AttemptId, BlobChunk, ControllerBlob, MAX_BLOB_FRAMES_IN_FLIGHT_PER_BLOB,
-    MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN, Sha256, encode_blob, encode_blob_chunk_into,
+    AgentBlob, AttemptId, BLOB_FRAMES_IN_FLIGHT_PER_BLOB_MAX, BLOB_FRAMES_IN_FLIGHT_PER_CONN_MAX, BlobChunk,
+    ControllerBlob, Sha256, encode_blob, encode_blob_chunk_into,
     spec::{ArtifactRef, InputArtifact},
 };
 pub use machine::{BLOB_STALL_TIMEOUT_MS, DOWNLOAD_DIGEST_TRIES_MAX, UPLOAD_TRIES_MAX};
@@ -38,12 +38,12 @@ pub use crate::core::StageFailure;
 /// stage needs are removed, least recently used first, once the cache holds more.
 /// An attempt's inputs leave its directory once its finish is acknowledged
 /// ([`Command::Release`]).
-pub const DEFAULT_CACHE_MAX_BYTES: u64 = 256 << 30;
+pub const CACHE_BYTES_MAX_DEFAULT: u64 = 256 << 30;
 /// Blob frames from the controller waiting for the engine; the controller only
 /// sends what was asked for, so more than this means it ignores the protocol.
-pub const WIRE_INBOX_LEN: usize = 4 * MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN + 16;
+pub const WIRE_INBOX_LEN: usize = 4 * BLOB_FRAMES_IN_FLIGHT_PER_CONN_MAX + 16;
 /// Written chunks a download's hasher may lag behind its writer.
-const HASH_QUEUE_LEN: usize = MAX_BLOB_FRAMES_IN_FLIGHT_PER_BLOB;
+const HASH_QUEUE_LEN: usize = BLOB_FRAMES_IN_FLIGHT_PER_BLOB_MAX;
 /// How long the engine sleeps when the machine names no deadline (it wakes on any input anyway).
 const IDLE_WAKE_MS: u64 = 60_000;
 

@@ -1027,7 +1027,7 @@ impl Attempt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::MAX_QUOTED_LINE_BYTES;
+    use crate::exit::QUOTED_LINE_BYTES_MAX;
     use cosmos_proto::spec::OutputArtifact;
     use cosmos_proto::{Sha256, TraceContext};
 
@@ -1354,7 +1354,7 @@ Root Cause (first observed failure):
         assign(&mut long, 0, spec(0));
         let outcome = exit_with(&mut long, 1, &vec![b'y'; 3 * STDERR_TAIL_BYTES]);
         let Some(AttemptOutcome::Failed { reason, .. }) = outcome else { panic!("{outcome:?}") };
-        assert!(reason.len() < MAX_QUOTED_LINE_BYTES + 200, "{}", reason.len());
+        assert!(reason.len() < QUOTED_LINE_BYTES_MAX + 200, "{}", reason.len());
     }
 
     #[test]

@@ -87,7 +87,7 @@ pub struct AgentOptions {
     /// The GPUs are simulated (no NVML): usage is reported as all free.
     pub gpus_simulated: bool,
     /// Largest frame sent or accepted.
-    pub max_frame_bytes: u32,
+    pub frame_bytes_max: u32,
     /// The core's tunables.
     pub config: AgentConfig,
     /// First wait before redialling the controller.
@@ -299,8 +299,8 @@ pub fn parse_simulated_gpus(s: &str) -> Result<Vec<GpuInfo>, String> {
         return Err(format!("`{s}`: {form}"));
     };
     let count: u32 =
-        count.trim().parse().ok().filter(|c| (1..=cosmos_proto::spec::MAX_GPUS).contains(c)).ok_or_else(|| {
-            format!("GPU count `{count}` must be a whole number from 1 to {}", cosmos_proto::spec::MAX_GPUS)
+        count.trim().parse().ok().filter(|c| (1..=cosmos_proto::spec::GPUS_MAX).contains(c)).ok_or_else(|| {
+            format!("GPU count `{count}` must be a whole number from 1 to {}", cosmos_proto::spec::GPUS_MAX)
         })?;
     let size = size.trim();
     let split = size.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(size.len());
@@ -487,13 +487,13 @@ enum DialError {
     Handshake(HandshakeError),
 }
 
-async fn dial(addr: String, hello: Hello, max_frame_bytes: u32) -> Result<Connection<TcpStream>, DialError> {
+async fn dial(addr: String, hello: Hello, frame_bytes_max: u32) -> Result<Connection<TcpStream>, DialError> {
     let stream = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), TcpStream::connect(&addr))
         .await
         .map_err(|_| DialError::ConnectTimeout)?
         .map_err(DialError::Connect)?;
     let _ = stream.set_nodelay(true);
-    let mut conn = Connection::new(stream, max_frame_bytes);
+    let mut conn = Connection::new(stream, frame_bytes_max);
     handshake::connect(&mut conn, &hello, DEFAULT_HANDSHAKE_TIMEOUT_MS).await.map_err(DialError::Handshake)?;
     Ok(conn)
 }
@@ -639,7 +639,7 @@ impl Shell {
                 }
                 () = tokio::time::sleep_until(next_dial), if dialing.is_none() && incoming.is_none() => {
                     let addr = self.opts.controller_addr.clone();
-                    dialing = Some(tokio::spawn(dial(addr, hello.clone(), self.opts.max_frame_bytes)));
+                    dialing = Some(tokio::spawn(dial(addr, hello.clone(), self.opts.frame_bytes_max)));
                 }
                 msg = async { incoming.as_mut().expect("guarded").recv().await }, if incoming.is_some() => {
                     match msg {

@@ -47,7 +47,7 @@ use bollard::query_parameters::{
     ContainerArchiveInfoOptions, CreateContainerOptions, KillContainerOptions, ListContainersOptions, LogsOptions,
     RemoveContainerOptions, StopContainerOptions,
 };
-use cosmos_proto::{AttemptId, Epoch, JobId, LogStream, MAX_LOG_CHUNK_BYTES};
+use cosmos_proto::{AttemptId, Epoch, JobId, LOG_CHUNK_BYTES_MAX, LogStream};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -768,7 +768,7 @@ impl LogFollower {
                 *have = (*have).max(offsets[index]);
                 let Some(events) = &self.events else { continue };
                 let mut chunk_offset = offset;
-                for chunk in data.chunks(MAX_LOG_CHUNK_BYTES) {
+                for chunk in data.chunks(LOG_CHUNK_BYTES_MAX) {
                     let event = RuntimeEvent::Log {
                         attempt_id: id,
                         stream: stream_kind,

@@ -16,7 +16,7 @@ pub fn is_terminal_exit(code: i32) -> bool {
 }
 
 /// Longest line of an attempt's stderr quoted in a failure message.
-pub const MAX_QUOTED_LINE_BYTES: usize = 1024;
+pub const QUOTED_LINE_BYTES_MAX: usize = 1024;
 
 /// What judging an attempt's exit needs to know of it.
 #[derive(Debug, Default)]
@@ -62,9 +62,9 @@ pub fn torchrun_failure(stderr: &str) -> Option<(i32, Option<String>)> {
     Some((code, line))
 }
 
-/// `line`, cut to [`MAX_QUOTED_LINE_BYTES`] at a character boundary.
+/// `line`, cut to [`QUOTED_LINE_BYTES_MAX`] at a character boundary.
 pub fn quoted(line: &str) -> String {
-    let mut cut = line.len().min(MAX_QUOTED_LINE_BYTES);
+    let mut cut = line.len().min(QUOTED_LINE_BYTES_MAX);
     while !line.is_char_boundary(cut) {
         cut -= 1;
     }

@@ -32,7 +32,7 @@ use crate::core::{ExitStatus, Recovered, RuntimeEvent};
 use crate::runtime::{EventSender, Runtime, StartRequest};
 use crate::supervise::{self, ExitRecord, Launcher, SuperviseCommand};
 use cosmos_proto::spec::ArtifactRef;
-use cosmos_proto::{AttemptId, Epoch, JobId, LogStream, MAX_LOG_CHUNK_BYTES, Sha256};
+use cosmos_proto::{AttemptId, Epoch, JobId, LOG_CHUNK_BYTES_MAX, LogStream, Sha256};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{self, Read};
@@ -60,7 +60,7 @@ const LOG_POLL_MS: u64 = 50;
 /// How often an adopted attempt's process group is checked.
 const ADOPTED_POLL_MS: u64 = 500;
 /// Longest output line kept for progress parsing; longer ones keep their tail.
-const MAX_PROGRESS_LINE_BYTES: usize = 4096;
+const PROGRESS_LINE_BYTES_MAX: usize = 4096;
 /// Variables of the agent's own environment that a job inherits; the rest
 /// (tokens among them) stay with the agent.
 const INHERITED_ENV: &[&str] =
@@ -495,7 +495,7 @@ async fn tail(
             return;
         }
     };
-    let mut buf = vec![0u8; MAX_LOG_CHUNK_BYTES];
+    let mut buf = vec![0u8; LOG_CHUNK_BYTES_MAX];
     let mut offset = 0u64;
     let mut parser = ProgressParser::default();
     loop {
@@ -556,8 +556,8 @@ impl ProgressParser {
                 }
                 self.line.clear();
             } else {
-                if self.line.len() >= MAX_PROGRESS_LINE_BYTES {
-                    self.line.drain(..MAX_PROGRESS_LINE_BYTES / 2);
+                if self.line.len() >= PROGRESS_LINE_BYTES_MAX {
+                    self.line.drain(..PROGRESS_LINE_BYTES_MAX / 2);
                 }
                 self.line.push(b);
             }

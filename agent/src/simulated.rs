@@ -15,7 +15,7 @@
 use crate::core::{ExitStatus, Recovered, RuntimeEvent};
 use crate::process::{ProgressParser, STDERR_FILE, STDOUT_FILE, collect_outputs, recovered_outputs};
 use crate::runtime::{EventSender, Runtime, StartRequest, lock};
-use cosmos_proto::{AttemptId, JobId, LogStream, MAX_LOG_CHUNK_BYTES};
+use cosmos_proto::{AttemptId, JobId, LOG_CHUNK_BYTES_MAX, LogStream};
 use cosmos_testjob::Args;
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
@@ -479,7 +479,7 @@ impl Watch {
                 }
                 *have = (*have).max(offset + data.len() as u64);
                 let mut chunk_offset = offset;
-                for chunk in data.chunks(MAX_LOG_CHUNK_BYTES) {
+                for chunk in data.chunks(LOG_CHUNK_BYTES_MAX) {
                     let event =
                         RuntimeEvent::Log { attempt_id: id, stream, offset: chunk_offset, data: chunk.to_vec() };
                     if self.events.send(event).await.is_err() {

@@ -3,7 +3,7 @@
 
 use cosmos_agent::core::AgentConfig;
 use cosmos_agent::daemon::{self, AgentError, AgentOptions};
-use cosmos_proto::frame::DEFAULT_MAX_FRAME_BYTES;
+use cosmos_proto::frame::FRAME_BYTES_MAX_DEFAULT;
 use cosmos_proto::handshake::{self, HandshakeError, Refusal, Role, Token};
 use cosmos_proto::{
     AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, Connection, ControllerMsg, Epoch, JobId,
@@ -27,12 +27,12 @@ fn options(addr: String, token: &str, work_dir: &Path) -> AgentOptions {
         work_dir: work_dir.to_path_buf(),
         gpus: daemon::parse_simulated_gpus("2x80GiB").unwrap(),
         gpus_simulated: true,
-        max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+        frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
         config: AgentConfig { heartbeat_interval_ms: 100, ..AgentConfig::default() },
         reconnect_min_ms: 50,
         reconnect_max_ms: 500,
         runtime: daemon::RuntimeKind::Process,
-        cache_max_bytes: cosmos_agent::blobs::DEFAULT_CACHE_MAX_BYTES,
+        cache_max_bytes: cosmos_agent::blobs::CACHE_BYTES_MAX_DEFAULT,
         job_supervisor: cosmos_agent::supervise::Launcher::standalone(
             env!("CARGO_BIN_EXE_cosmos-job-supervise").into(),
         ),
@@ -70,7 +70,7 @@ impl Controller {
     /// Accepts the next agent, runs the handshake, and reads its hello.
     async fn accept(listener: &TcpListener) -> (Controller, AgentHello) {
         let (socket, _) = tokio::time::timeout(WAIT, listener.accept()).await.expect("the agent dials").unwrap();
-        let mut conn = Connection::new(socket, DEFAULT_MAX_FRAME_BYTES);
+        let mut conn = Connection::new(socket, FRAME_BYTES_MAX_DEFAULT);
         let hello = handshake::accept(&mut conn, "controller", Role::Agent, &Token(TOKEN.into()), 10_000)
             .await
             .expect("the agent's handshake is accepted");
@@ -188,7 +188,7 @@ async fn a_wrong_token_stops_the_agent_with_the_controllers_reason() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent = Agent::start(options(listener.local_addr().unwrap().to_string(), "guess", dir.path()));
     let (socket, _) = tokio::time::timeout(WAIT, listener.accept()).await.unwrap().unwrap();
-    let mut conn = Connection::new(socket, DEFAULT_MAX_FRAME_BYTES);
+    let mut conn = Connection::new(socket, FRAME_BYTES_MAX_DEFAULT);
     let refused = handshake::accept(&mut conn, "controller", Role::Agent, &Token(TOKEN.into()), 10_000).await;
     assert!(matches!(refused, Err(HandshakeError::RefusedPeer(Refusal::BadToken))), "{refused:?}");
 

@@ -375,7 +375,7 @@ mod daemon_on_docker {
     use super::*;
     use cosmos_agent::core::AgentConfig;
     use cosmos_agent::daemon::{self, AgentOptions, RuntimeKind};
-    use cosmos_proto::frame::DEFAULT_MAX_FRAME_BYTES;
+    use cosmos_proto::frame::FRAME_BYTES_MAX_DEFAULT;
     use cosmos_proto::handshake::{self, Role, Token};
     use cosmos_proto::spec::OutputArtifact;
     use cosmos_proto::{
@@ -448,12 +448,12 @@ mod daemon_on_docker {
             work_dir: agent.dir.path().to_path_buf(),
             gpus: daemon::parse_simulated_gpus("2x80GiB").unwrap(),
             gpus_simulated: true,
-            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
             config: AgentConfig { heartbeat_interval_ms: 100, stop_grace_ms: 1_000, ..AgentConfig::default() },
             reconnect_min_ms: 50,
             reconnect_max_ms: 500,
             runtime: RuntimeKind::Docker(agent.config()),
-            cache_max_bytes: cosmos_agent::blobs::DEFAULT_CACHE_MAX_BYTES,
+            cache_max_bytes: cosmos_agent::blobs::CACHE_BYTES_MAX_DEFAULT,
             job_supervisor: cosmos_agent::supervise::Launcher::standalone(
                 env!("CARGO_BIN_EXE_cosmos-job-supervise").into(),
             ),
@@ -465,7 +465,7 @@ mod daemon_on_docker {
         }));
 
         let (socket, _) = tokio::time::timeout(WAIT, listener.accept()).await.unwrap().unwrap();
-        let mut conn = Connection::new(socket, DEFAULT_MAX_FRAME_BYTES);
+        let mut conn = Connection::new(socket, FRAME_BYTES_MAX_DEFAULT);
         handshake::accept(&mut conn, "controller", Role::Agent, &token, 10_000).await.unwrap();
         let mut ctl = Controller { conn };
         let AgentMsg::Hello(hello) = ctl.recv().await else { panic!("a hello first") };

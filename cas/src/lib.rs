@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const COPY_BUFFER_BYTES: usize = 1 << 20;
 /// Partial transfers untouched this long are removed when a store opens: whoever
 /// started them has long given up, and a resume would only save their bytes.
-pub const PARTIAL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+pub const PARTIAL_AGE_MAX: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +96,7 @@ impl Store {
                 let _ = fs::remove_file(e.path());
             }
         }
-        Store::expire_partials(&root.join("partial"), PARTIAL_MAX_AGE);
+        Store::expire_partials(&root.join("partial"), PARTIAL_AGE_MAX);
         Ok(Store { root, tmp_seq: AtomicU64::new(0) })
     }
 
@@ -530,7 +530,7 @@ mod tests {
         let (old, fresh) = (digest(b"old"), digest(b"fresh"));
         store.append_partial(&old, 0, b"ol").unwrap();
         store.append_partial(&fresh, 0, b"fre").unwrap();
-        let long_ago = std::time::SystemTime::now() - PARTIAL_MAX_AGE - std::time::Duration::from_secs(60);
+        let long_ago = std::time::SystemTime::now() - PARTIAL_AGE_MAX - std::time::Duration::from_secs(60);
         File::options().write(true).open(store.partial_path(&old)).unwrap().set_modified(long_ago).unwrap();
         drop(store);
         let store = Store::open(dir.path()).unwrap();

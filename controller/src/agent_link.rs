@@ -31,7 +31,7 @@ pub(crate) async fn accept_agents(
     listener: tokio::net::TcpListener,
     core: Addr<CoreActor>,
     token: Token,
-    max_frame_bytes: u32,
+    frame_bytes_max: u32,
     shared: Arc<Shared>,
 ) {
     let mut next_conn: ConnId = 1;
@@ -64,7 +64,7 @@ pub(crate) async fn accept_agents(
             permit,
             core.clone(),
             token.clone(),
-            max_frame_bytes,
+            frame_bytes_max,
             shared.clone(),
         ));
     }
@@ -107,10 +107,10 @@ async fn serve_agent(
     handshake_permit: tokio::sync::OwnedSemaphorePermit,
     core: Addr<CoreActor>,
     token: Token,
-    max_frame_bytes: u32,
+    frame_bytes_max: u32,
     shared: Arc<Shared>,
 ) {
-    let mut c = Connection::new(socket, max_frame_bytes);
+    let mut c = Connection::new(socket, frame_bytes_max);
     let opened = tokio::time::timeout(
         Duration::from_millis(AGENT_HELLO_TIMEOUT_MS),
         agent_hello(&mut c, conn, peer, &core, &token),
@@ -340,7 +340,7 @@ mod write_frames_tests {
 
     #[tokio::test]
     async fn a_flood_of_messages_lets_a_waiting_blob_frame_through() {
-        const MAX_FRAME: u32 = 1 << 20;
+        const FRAME_BYTES_MAX: u32 = 1 << 20;
         let (ours, theirs) = tokio::io::duplex(1 << 20);
         let (rx_tx, rx) = mpsc::channel(64);
         let (bulk_tx, bulk) = mpsc::channel(1);
@@ -350,8 +350,8 @@ mod write_frames_tests {
         let blob = cosmos_proto::ControllerBlob::Ack { sha256: cosmos_proto::Sha256([1; 32]), have_bytes: 1 };
         bulk_tx.try_send(cosmos_proto::encode_blob(&blob).unwrap()).unwrap();
         drop((rx_tx, bulk_tx));
-        write_frames(FrameWriter::new(ours, MAX_FRAME), rx, bulk).await.unwrap();
-        let mut reader = FrameReader::new(theirs, MAX_FRAME);
+        write_frames(FrameWriter::new(ours, FRAME_BYTES_MAX), rx, bulk).await.unwrap();
+        let mut reader = FrameReader::new(theirs, FRAME_BYTES_MAX);
         let mut frames = Vec::new();
         while let Some(payload) = reader.read_frame().await.unwrap() {
             frames.push(ControllerFrame::decode(&payload).unwrap());

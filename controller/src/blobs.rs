@@ -18,7 +18,7 @@ pub mod machine;
 /// The store blobs live in, for callers that fill the controller's store directly (tests, tools).
 pub use cosmos_cas::{CasError, Store};
 use cosmos_proto::{
-    AgentBlob, BlobChunk, ControllerBlob, MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN, Sha256, encode_blob,
+    AgentBlob, BLOB_FRAMES_IN_FLIGHT_PER_CONN_MAX, BlobChunk, ControllerBlob, Sha256, encode_blob,
     encode_controller_chunk_into,
 };
 use machine::{Appended, ChunkAction, Intake, OfferAction, Serve};
@@ -28,9 +28,9 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// Blob frames from one agent waiting for the blob task. An agent keeps at most
-/// [`MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN`] unanswered, twice that for a moment
+/// [`BLOB_FRAMES_IN_FLIGHT_PER_CONN_MAX`] unanswered, twice that for a moment
 /// after it rewinds a transfer; more means it ignores the protocol, and its connection is dropped.
-pub const BLOB_INBOX_LEN: usize = 4 * MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN + 16;
+pub const BLOB_INBOX_LEN: usize = 4 * BLOB_FRAMES_IN_FLIGHT_PER_CONN_MAX + 16;
 /// Encoded blob frames waiting for the connection's writer (behind any control message).
 pub const BULK_QUEUE_LEN: usize = 4;
 /// Blobs kept open per connection for serving ranges.

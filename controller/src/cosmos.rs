@@ -65,13 +65,13 @@ pub const UPSAMPLED_PREFIX: &str = "Upsampled prompt: ";
 /// the script file does not exist. Another attempt would fail the same way.
 pub const PYTHON_USAGE_EXIT: i32 = 2;
 /// Longest prompt text accepted.
-pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
+pub const PROMPT_BYTES_MAX: usize = 16 * 1024;
 /// Longest prompt name accepted (derived names are shorter).
-pub const MAX_PROMPT_NAME_BYTES: usize = 64;
+pub const PROMPT_NAME_BYTES_MAX: usize = 64;
 /// Longest derived name.
-pub const MAX_DERIVED_NAME_BYTES: usize = 40;
+pub const DERIVED_NAME_BYTES_MAX: usize = 40;
 /// Most runs one request may create.
-pub const MAX_RUNS_PER_REQUEST: usize = 10_000;
+pub const RUNS_PER_REQUEST_MAX: usize = 10_000;
 /// Label keys on a run's job.
 pub mod labels {
     /// The run id (`rs_…`).
@@ -183,22 +183,22 @@ impl NewPrompt {
         if self.text.trim().is_empty() {
             return Err(param_err("prompt", "is empty: give the text describing the video to generate"));
         }
-        if self.text.len() > MAX_PROMPT_BYTES {
-            return Err(param_err("prompt", format!("is {} bytes; at most {MAX_PROMPT_BYTES}", self.text.len())));
+        if self.text.len() > PROMPT_BYTES_MAX {
+            return Err(param_err("prompt", format!("is {} bytes; at most {PROMPT_BYTES_MAX}", self.text.len())));
         }
         if let Some(n) = &self.negative_prompt {
-            if n.len() > MAX_PROMPT_BYTES {
-                return Err(param_err("negative", format!("is {} bytes; at most {MAX_PROMPT_BYTES}", n.len())));
+            if n.len() > PROMPT_BYTES_MAX {
+                return Err(param_err("negative", format!("is {} bytes; at most {PROMPT_BYTES_MAX}", n.len())));
             }
         }
         if let Some(name) = &self.name {
             let ok = !name.is_empty()
-                && name.len() <= MAX_PROMPT_NAME_BYTES
+                && name.len() <= PROMPT_NAME_BYTES_MAX
                 && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
             if !ok {
                 return Err(param_err(
                     "name",
-                    format!("`{name}` must be 1 to {MAX_PROMPT_NAME_BYTES} characters of a-z, 0-9 and _"),
+                    format!("`{name}` must be 1 to {PROMPT_NAME_BYTES_MAX} characters of a-z, 0-9 and _"),
                 ));
             }
         }
@@ -216,7 +216,7 @@ const STOP_WORDS: &[&str] = &[
 ];
 
 /// A short name from the prompt text: its first three keywords, `[a-z0-9_]`,
-/// at most [`MAX_DERIVED_NAME_BYTES`]; `prompt` when no keyword is left.
+/// at most [`DERIVED_NAME_BYTES_MAX`]; `prompt` when no keyword is left.
 pub fn derive_name(text: &str) -> String {
     let mut words: Vec<String> = Vec::new();
     for raw in text.split(|c: char| !c.is_alphanumeric()) {
@@ -233,9 +233,9 @@ pub fn derive_name(text: &str) -> String {
     let mut name = String::new();
     for w in words {
         let sep = usize::from(!name.is_empty());
-        if name.len() + sep + w.len() > MAX_DERIVED_NAME_BYTES {
+        if name.len() + sep + w.len() > DERIVED_NAME_BYTES_MAX {
             if name.is_empty() {
-                name = w[..MAX_DERIVED_NAME_BYTES].to_string();
+                name = w[..DERIVED_NAME_BYTES_MAX].to_string();
             }
             break;
         }
@@ -373,7 +373,7 @@ impl Default for TransferParams {
 }
 
 /// Most GPUs one run may use (one node).
-pub const MAX_RUN_GPUS: u32 = 8;
+pub const RUN_GPUS_MAX: u32 = 8;
 
 fn check_range(param: &'static str, value: f64, lo: f64, hi: f64, default: &str) -> Result<(), ParamError> {
     if !(value.is_finite() && value >= lo && value <= hi) {
@@ -404,10 +404,10 @@ impl TransferParams {
         if [w.vis, w.edge, w.depth, w.seg].iter().all(|&v| v == 0.0) {
             return Err(param_err("weights", "are all 0: give at least one control a weight above 0"));
         }
-        if !(1..=MAX_RUN_GPUS).contains(&self.gpus) {
+        if !(1..=RUN_GPUS_MAX).contains(&self.gpus) {
             return Err(param_err(
                 "gpus",
-                format!("must be between 1 and {MAX_RUN_GPUS} (one node); got {}", self.gpus),
+                format!("must be between 1 and {RUN_GPUS_MAX} (one node); got {}", self.gpus),
             ));
         }
         Ok(())
@@ -444,13 +444,13 @@ impl UpscaleParams {
         if self.weight == 0.0 {
             return Err(param_err("weight", "is 0, which upscales nothing: give a weight above 0"));
         }
-        if self.prompt.as_ref().is_some_and(|p| p.len() > MAX_PROMPT_BYTES) {
-            return Err(param_err("prompt", format!("is over {MAX_PROMPT_BYTES} bytes")));
+        if self.prompt.as_ref().is_some_and(|p| p.len() > PROMPT_BYTES_MAX) {
+            return Err(param_err("prompt", format!("is over {PROMPT_BYTES_MAX} bytes")));
         }
-        if !(1..=MAX_RUN_GPUS).contains(&self.gpus) {
+        if !(1..=RUN_GPUS_MAX).contains(&self.gpus) {
             return Err(param_err(
                 "gpus",
-                format!("must be between 1 and {MAX_RUN_GPUS} (one node); got {}", self.gpus),
+                format!("must be between 1 and {RUN_GPUS_MAX} (one node); got {}", self.gpus),
             ));
         }
         Ok(())
@@ -811,11 +811,11 @@ mod tests {
         assert_eq!(derive_name(""), "prompt");
         assert_eq!(derive_name("Ünïcödé café straße"), "unicode_cafe_strase");
         let long = derive_name(&"x".repeat(100));
-        assert_eq!(long.len(), MAX_DERIVED_NAME_BYTES);
+        assert_eq!(long.len(), DERIVED_NAME_BYTES_MAX);
         for text in ["Über-fast drone over São Paulo", "a b c", "!!!", "rain rain rain rain"] {
             let n = derive_name(text);
             assert!(n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'), "{n}");
-            assert!(!n.is_empty() && n.len() <= MAX_DERIVED_NAME_BYTES);
+            assert!(!n.is_empty() && n.len() <= DERIVED_NAME_BYTES_MAX);
             assert_eq!(n, derive_name(text), "deterministic");
         }
     }
@@ -845,7 +845,7 @@ mod tests {
             ("weights (edge)", Box::new(|p| p.weights.edge = f64::NAN)),
             ("weights", Box::new(|p| p.weights = Weights { vis: 0.0, edge: 0.0, depth: 0.0, seg: 0.0 })),
             ("gpus", Box::new(|p| p.gpus = 0)),
-            ("gpus", Box::new(|p| p.gpus = MAX_RUN_GPUS + 1)),
+            ("gpus", Box::new(|p| p.gpus = RUN_GPUS_MAX + 1)),
         ];
         for (param, breaks) in cases {
             let mut p = TransferParams::default();

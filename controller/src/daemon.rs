@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// Store operations waiting for the writer before the core waits (backpressure).
-pub const MAX_PENDING_STORE_OPS: usize = 1_000_000;
+pub const STORE_OPS_PENDING_MAX: usize = 1_000_000;
 /// Bound on stopping the HTTP API at shutdown: a worker stuck in a handler
 /// must not keep the process from exiting.
 pub const API_STOP_GRACE_MS: u64 = 5_000;
@@ -38,7 +38,7 @@ pub struct ControllerOptions {
     /// Where agents connect.
     pub agent_listen: SocketAddr,
     /// Largest frame accepted from an agent.
-    pub max_frame_bytes: u32,
+    pub frame_bytes_max: u32,
     /// The core's tunables.
     pub core: CoreConfig,
     /// How Cosmos Transfer runs compile into jobs (image, mounts, defaults).
@@ -212,7 +212,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
             .map_err(|e| DaemonError::DataDir { path: dir.blobs(), source: std::io::Error::other(e.to_string()) })?,
     );
 
-    let queue = Arc::new(CommitQueue::new(MAX_PENDING_STORE_OPS));
+    let queue = Arc::new(CommitQueue::new(STORE_OPS_PENDING_MAX));
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
     let (failed_tx, failed_rx) = oneshot::channel();
     let writer = spawn_writer(store, queue.clone(), durable_tx, failed_tx);
@@ -231,7 +231,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         attempt_log_bytes_max: opts.attempt_log_bytes_max,
         store_failure: std::sync::OnceLock::new(),
     });
-    actix::spawn(accept_agents(agent_listener, addr.clone(), agent_token, opts.max_frame_bytes, shared.clone()));
+    actix::spawn(accept_agents(agent_listener, addr.clone(), agent_token, opts.frame_bytes_max, shared.clone()));
 
     let (server, api_addr) = http::server(api_listener, addr.clone(), shared.clone())
         .map_err(|cause| DaemonError::Bind { addr: opts.api_listen, flag: "--api-listen", cause })?;

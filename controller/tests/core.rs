@@ -975,7 +975,7 @@ fn with_no_host_known_any_width_waits() {
 
 #[test]
 fn batch_size_and_queue_limits_refuse_the_whole_batch() {
-    let mut c = Cluster::new(CoreConfig { max_batch_jobs: 2, max_queued_jobs: 3, ..quiet_config() });
+    let mut c = Cluster::new(CoreConfig { batch_jobs_max: 2, queued_jobs_max: 3, ..quiet_config() });
     assert_eq!(c.submit(Vec::new()), Err(SubmitError::BatchSize { got: 0, max: 2 }));
     assert_eq!(c.submit(vec![spec("a"), spec("b"), spec("c")]), Err(SubmitError::BatchSize { got: 3, max: 2 }));
     c.submit_ok(vec![spec("a"), spec("b")]);

@@ -5,7 +5,7 @@
 //! i.e. messages per second, on one core.
 
 use bytes::BytesMut;
-use cosmos_proto::frame::{DEFAULT_MAX_FRAME_BYTES, encode_frame};
+use cosmos_proto::frame::{FRAME_BYTES_MAX_DEFAULT, encode_frame};
 use cosmos_proto::spec::{InputArtifact, Mount, OutputArtifact};
 use cosmos_proto::*;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -97,11 +97,11 @@ where
             scratch.clear();
             wire.clear();
             codec::encode_into(black_box(&msg), &mut scratch).unwrap();
-            encode_frame(&scratch, DEFAULT_MAX_FRAME_BYTES, &mut wire).unwrap();
+            encode_frame(&scratch, FRAME_BYTES_MAX_DEFAULT, &mut wire).unwrap();
         })
     });
     let mut framed = BytesMut::new();
-    encode_frame(&codec::encode(&msg).unwrap(), DEFAULT_MAX_FRAME_BYTES, &mut framed).unwrap();
+    encode_frame(&codec::encode(&msg).unwrap(), FRAME_BYTES_MAX_DEFAULT, &mut framed).unwrap();
     let framed = framed.freeze();
     println!("{name}: {} bytes on the wire", framed.len());
     let decoder = FrameDecoder::default();

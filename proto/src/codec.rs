@@ -1,7 +1,7 @@
 //! Message encoding. Everything that knows the encoding is bincode lives here,
 //! so it can be swapped without touching the rest of the protocol.
 
-use crate::frame::MAX_FRAME_BYTES_CAP;
+use crate::frame::FRAME_BYTES_MAX_CAP;
 use bincode::config::{Configuration, Limit, LittleEndian, Varint};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -9,9 +9,9 @@ use serde::de::DeserializeOwned;
 /// The bincode configuration. The limit makes bincode check every length it
 /// reads against the largest frame before it allocates: a hostile length
 /// prefix inside a small frame then fails instead of asking for gigabytes.
-type Config = Configuration<LittleEndian, Varint, Limit<{ MAX_FRAME_BYTES_CAP as usize }>>;
+type Config = Configuration<LittleEndian, Varint, Limit<{ FRAME_BYTES_MAX_CAP as usize }>>;
 
-const CONFIG: Config = bincode::config::standard().with_limit::<{ MAX_FRAME_BYTES_CAP as usize }>();
+const CONFIG: Config = bincode::config::standard().with_limit::<{ FRAME_BYTES_MAX_CAP as usize }>();
 
 /// A message could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]

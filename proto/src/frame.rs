@@ -10,20 +10,20 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// Bytes in a frame header.
 pub const FRAME_HEADER_BYTES: usize = 4;
 /// Default limit on a frame's payload: room for a large job spec or log chunk.
-pub const DEFAULT_MAX_FRAME_BYTES: u32 = 4 * 1024 * 1024;
+pub const FRAME_BYTES_MAX_DEFAULT: u32 = 4 * 1024 * 1024;
 /// Highest limit a reader may be configured with.
-pub const MAX_FRAME_BYTES_CAP: u32 = 16 * 1024 * 1024;
+pub const FRAME_BYTES_MAX_CAP: u32 = 16 * 1024 * 1024;
 
 /// Framing failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
     /// The peer announced a frame larger than we accept.
-    #[error("frame of {len_bytes} bytes exceeds the limit of {max_frame_bytes} bytes")]
+    #[error("frame of {len_bytes} bytes exceeds the limit of {frame_bytes_max} bytes")]
     Oversized {
         /// Announced payload length.
         len_bytes: u64,
         /// The limit in force.
-        max_frame_bytes: u32,
+        frame_bytes_max: u32,
     },
     /// The stream ended in the middle of a frame.
     #[error("connection closed in the middle of a frame ({have_bytes} of {need_bytes} bytes received)")]
@@ -49,18 +49,18 @@ impl FrameError {
 /// Splits a byte stream into frames.
 #[derive(Clone, Debug)]
 pub struct FrameDecoder {
-    max_frame_bytes: u32,
+    frame_bytes_max: u32,
 }
 
 impl FrameDecoder {
-    /// A decoder that refuses payloads over `max_frame_bytes` (capped at [`MAX_FRAME_BYTES_CAP`]).
-    pub fn new(max_frame_bytes: u32) -> FrameDecoder {
-        FrameDecoder { max_frame_bytes: max_frame_bytes.min(MAX_FRAME_BYTES_CAP) }
+    /// A decoder that refuses payloads over `frame_bytes_max` (capped at [`FRAME_BYTES_MAX_CAP`]).
+    pub fn new(frame_bytes_max: u32) -> FrameDecoder {
+        FrameDecoder { frame_bytes_max: frame_bytes_max.min(FRAME_BYTES_MAX_CAP) }
     }
 
     /// The limit in force.
-    pub fn max_frame_bytes(&self) -> u32 {
-        self.max_frame_bytes
+    pub fn frame_bytes_max(&self) -> u32 {
+        self.frame_bytes_max
     }
 
     /// Takes one whole frame's payload off the front of `buf`, if one is there.
@@ -72,8 +72,8 @@ impl FrameDecoder {
             return Ok(None);
         }
         let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
-        if len > self.max_frame_bytes {
-            return Err(FrameError::Oversized { len_bytes: len.into(), max_frame_bytes: self.max_frame_bytes });
+        if len > self.frame_bytes_max {
+            return Err(FrameError::Oversized { len_bytes: len.into(), frame_bytes_max: self.frame_bytes_max });
         }
         let total = FRAME_HEADER_BYTES + len as usize;
         if buf.len() < total {
@@ -103,17 +103,17 @@ impl FrameDecoder {
 
 impl Default for FrameDecoder {
     fn default() -> Self {
-        FrameDecoder::new(DEFAULT_MAX_FRAME_BYTES)
+        FrameDecoder::new(FRAME_BYTES_MAX_DEFAULT)
     }
 }
 
 /// Appends a frame holding `payload` to `out`.
 ///
-/// Fails with [`FrameError::Oversized`] if the payload is over `max_frame_bytes`,
+/// Fails with [`FrameError::Oversized`] if the payload is over `frame_bytes_max`,
 /// so a sender never emits what its peer would refuse.
-pub fn encode_frame(payload: &[u8], max_frame_bytes: u32, out: &mut BytesMut) -> Result<(), FrameError> {
-    if payload.len() as u64 > u64::from(max_frame_bytes.min(MAX_FRAME_BYTES_CAP)) {
-        return Err(FrameError::Oversized { len_bytes: payload.len() as u64, max_frame_bytes });
+pub fn encode_frame(payload: &[u8], frame_bytes_max: u32, out: &mut BytesMut) -> Result<(), FrameError> {
+    if payload.len() as u64 > u64::from(frame_bytes_max.min(FRAME_BYTES_MAX_CAP)) {
+        return Err(FrameError::Oversized { len_bytes: payload.len() as u64, frame_bytes_max });
     }
     out.reserve(FRAME_HEADER_BYTES + payload.len());
     out.put_u32(payload.len() as u32);

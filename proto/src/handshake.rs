@@ -23,7 +23,7 @@ const HEADER_BYTES: usize = MAGIC.len() + 2;
 /// Default bound on the whole handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 /// Longest node id accepted.
-pub const MAX_NODE_ID_BYTES: usize = 253;
+pub const NODE_ID_BYTES_MAX: usize = 253;
 /// Largest handshake frame either side reads: a hello is a few hundred bytes,
 /// and a peer that has not yet proved who it is must not make us reserve more.
 pub const HELLO_FRAME_BYTES_MAX: u32 = 4096;
@@ -227,7 +227,7 @@ pub fn check_hello(hello: &Hello, expected_role: Role, expected_token: &Token) -
         return Err(Refusal::WrongRole { expected: expected_role, got: hello.role });
     }
     let id = &hello.node_id;
-    if id.is_empty() || id.len() > MAX_NODE_ID_BYTES || !id.chars().all(|c| c.is_ascii_graphic()) {
+    if id.is_empty() || id.len() > NODE_ID_BYTES_MAX || !id.chars().all(|c| c.is_ascii_graphic()) {
         return Err(Refusal::BadNodeId(id.chars().take(64).collect()));
     }
     if !expected_token.matches(&hello.token) {
@@ -321,7 +321,7 @@ where
 async fn read_handshake_frame<T: AsyncRead + AsyncWrite>(
     conn: &mut Connection<T>,
 ) -> Result<bytes::Bytes, HandshakeError> {
-    let limit = conn.reader.max_frame_bytes();
+    let limit = conn.reader.frame_bytes_max();
     conn.reader.set_max_frame_bytes(limit.min(HELLO_FRAME_BYTES_MAX));
     let read = conn.reader.read_frame().await;
     conn.reader.set_max_frame_bytes(limit);

@@ -65,23 +65,23 @@ pub struct FrameReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    /// A reader that refuses frames over `max_frame_bytes`.
-    pub fn new(inner: R, max_frame_bytes: u32) -> FrameReader<R> {
+    /// A reader that refuses frames over `frame_bytes_max`.
+    pub fn new(inner: R, frame_bytes_max: u32) -> FrameReader<R> {
         FrameReader {
             inner,
             buf: BytesMut::with_capacity(READ_BUFFER_BYTES),
-            decoder: FrameDecoder::new(max_frame_bytes),
+            decoder: FrameDecoder::new(frame_bytes_max),
         }
     }
 
     /// The largest frame accepted now.
-    pub fn max_frame_bytes(&self) -> u32 {
-        self.decoder.max_frame_bytes()
+    pub fn frame_bytes_max(&self) -> u32 {
+        self.decoder.frame_bytes_max()
     }
 
     /// Changes the largest frame accepted from now on (the handshake reads with a small one).
-    pub fn set_max_frame_bytes(&mut self, max_frame_bytes: u32) {
-        self.decoder = FrameDecoder::new(max_frame_bytes);
+    pub fn set_max_frame_bytes(&mut self, frame_bytes_max: u32) {
+        self.decoder = FrameDecoder::new(frame_bytes_max);
     }
 
     /// The next frame's payload; `None` when the peer closed cleanly between frames.
@@ -114,19 +114,19 @@ pub struct FrameWriter<W> {
     inner: W,
     buf: BytesMut,
     scratch: Vec<u8>,
-    max_frame_bytes: u32,
+    frame_bytes_max: u32,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
-    /// A writer that refuses to send frames over `max_frame_bytes`.
-    pub fn new(inner: W, max_frame_bytes: u32) -> FrameWriter<W> {
-        FrameWriter { inner, buf: BytesMut::new(), scratch: Vec::new(), max_frame_bytes }
+    /// A writer that refuses to send frames over `frame_bytes_max`.
+    pub fn new(inner: W, frame_bytes_max: u32) -> FrameWriter<W> {
+        FrameWriter { inner, buf: BytesMut::new(), scratch: Vec::new(), frame_bytes_max }
     }
 
     /// Writes one frame and flushes it.
     pub async fn write_frame(&mut self, payload: &[u8]) -> Result<(), FrameError> {
         self.buf.clear();
-        encode_frame(payload, self.max_frame_bytes, &mut self.buf)?;
+        encode_frame(payload, self.frame_bytes_max, &mut self.buf)?;
         self.inner.write_all(&self.buf).await?;
         self.inner.flush().await?;
         Ok(())
@@ -160,10 +160,10 @@ pub struct Connection<T> {
 }
 
 impl<T: AsyncRead + AsyncWrite> Connection<T> {
-    /// Wraps `stream`, refusing frames over `max_frame_bytes` in both directions.
-    pub fn new(stream: T, max_frame_bytes: u32) -> Connection<T> {
+    /// Wraps `stream`, refusing frames over `frame_bytes_max` in both directions.
+    pub fn new(stream: T, frame_bytes_max: u32) -> Connection<T> {
         let (read, write) = tokio::io::split(stream);
-        Connection { reader: FrameReader::new(read, max_frame_bytes), writer: FrameWriter::new(write, max_frame_bytes) }
+        Connection { reader: FrameReader::new(read, frame_bytes_max), writer: FrameWriter::new(write, frame_bytes_max) }
     }
 
     /// Splits into halves that separate tasks can own.

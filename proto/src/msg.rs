@@ -10,7 +10,7 @@ use crate::spec::{ArtifactRef, JobSpec};
 use serde::{Deserialize, Serialize};
 
 /// Largest log chunk an agent sends; longer output is split.
-pub const MAX_LOG_CHUNK_BYTES: usize = 64 * 1024;
+pub const LOG_CHUNK_BYTES_MAX: usize = 64 * 1024;
 
 /// What an agent says to the controller.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -303,7 +303,7 @@ pub struct LogChunk {
     pub stream: LogStream,
     /// Byte offset of this chunk within its stream, so resends are harmless.
     pub offset: u64,
-    /// The bytes, at most [`MAX_LOG_CHUNK_BYTES`].
+    /// The bytes, at most [`LOG_CHUNK_BYTES_MAX`].
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
@@ -348,10 +348,10 @@ pub const BLOB_CHUNK_BYTES: u32 = 1024 * 1024;
 /// Most blob frames an agent keeps unanswered on one connection (requests for
 /// downloads plus chunks of uploads not yet acknowledged). The controller drops
 /// a connection that exceeds a multiple of it, so its queue for blob work stays bounded.
-pub const MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN: usize = 16;
+pub const BLOB_FRAMES_IN_FLIGHT_PER_CONN_MAX: usize = 16;
 /// Most blob frames an agent keeps unanswered for one blob (with
 /// [`BLOB_CHUNK_BYTES`], 8 MiB: far above loopback's or a LAN's bandwidth-delay product).
-pub const MAX_BLOB_FRAMES_IN_FLIGHT_PER_BLOB: usize = 8;
+pub const BLOB_FRAMES_IN_FLIGHT_PER_BLOB_MAX: usize = 8;
 
 /// Blob traffic from an agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

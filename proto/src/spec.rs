@@ -10,29 +10,29 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// Longest job name accepted.
-pub const MAX_NAME_BYTES: usize = 256;
+pub const NAME_BYTES_MAX: usize = 256;
 /// Most argv entries in a command.
-pub const MAX_COMMAND_ARGS: usize = 4096;
+pub const COMMAND_ARGS_MAX: usize = 4096;
 /// Most bytes in all of argv together.
-pub const MAX_COMMAND_BYTES: usize = 256 * 1024;
+pub const COMMAND_BYTES_MAX: usize = 256 * 1024;
 /// Most environment variables.
-pub const MAX_ENV_VARS: usize = 1024;
+pub const ENV_VARS_MAX: usize = 1024;
 /// Most bytes in one environment value.
-pub const MAX_ENV_VALUE_BYTES: usize = 64 * 1024;
+pub const ENV_VALUE_BYTES_MAX: usize = 64 * 1024;
 /// Most mounts, inputs, outputs or labels (each).
-pub const MAX_LIST_ITEMS: usize = 1024;
+pub const LIST_ITEMS_MAX: usize = 1024;
 /// Longest relative path in a mount target or artifact.
-pub const MAX_PATH_BYTES: usize = 1024;
+pub const PATH_BYTES_MAX: usize = 1024;
 /// Most GPUs one job may ask for (one host).
-pub const MAX_GPUS: u32 = 64;
+pub const GPUS_MAX: u32 = 64;
 /// Most attempts a job may be given.
-pub const MAX_ATTEMPTS: u32 = 100;
+pub const ATTEMPTS_MAX: u32 = 100;
 /// Longest timeout: one week.
-pub const MAX_TIMEOUT_MS: u64 = 7 * 24 * 3600 * 1000;
+pub const TIMEOUT_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
 /// Default timeout when a submission names none: one day.
 pub const DEFAULT_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 /// Default attempts when a submission names none.
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+pub const ATTEMPTS_MAX_DEFAULT: u32 = 3;
 /// Where a container sees its attempt's work directory (inputs, outputs, logs).
 pub const CONTAINER_WORK_DIR: &str = "/work";
 /// The file in an attempt's work directory that holds the job's standard
@@ -104,7 +104,7 @@ impl JobSpec {
             gpus: 1,
             min_free_vram_bytes: 0,
             timeout_ms: DEFAULT_TIMEOUT_MS,
-            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            max_attempts: ATTEMPTS_MAX_DEFAULT,
             priority: 0,
             shm_bytes: None,
             ipc_host: false,
@@ -116,7 +116,7 @@ impl JobSpec {
 
     /// Checks every limit and confinement rule; the error names the field and the fix.
     pub fn validate(&self) -> Result<(), SpecError> {
-        check_len("name", &self.name, MAX_NAME_BYTES)?;
+        check_len("name", &self.name, NAME_BYTES_MAX)?;
         // A name is printed in tables: a newline or an escape sequence in it could fake rows or drive the terminal.
         if self.name.chars().any(char::is_control) {
             return Err(SpecError::new(
@@ -125,33 +125,33 @@ impl JobSpec {
             ));
         }
         if let Some(image) = &self.image {
-            if image.is_empty() || image.len() > MAX_NAME_BYTES || image.contains(char::is_whitespace) {
+            if image.is_empty() || image.len() > NAME_BYTES_MAX || image.contains(char::is_whitespace) {
                 return Err(SpecError::new("image", "must be a non-empty image reference without spaces"));
             }
         }
         if self.command.is_empty() || self.command[0].is_empty() {
             return Err(SpecError::new("command", "must name a program: give at least one non-empty argv entry"));
         }
-        if self.command.len() > MAX_COMMAND_ARGS {
+        if self.command.len() > COMMAND_ARGS_MAX {
             return Err(SpecError::new(
                 "command",
-                format!("has {} entries; at most {MAX_COMMAND_ARGS} are allowed", self.command.len()),
+                format!("has {} entries; at most {COMMAND_ARGS_MAX} are allowed", self.command.len()),
             ));
         }
         let argv_bytes: usize = self.command.iter().map(String::len).sum();
-        if argv_bytes > MAX_COMMAND_BYTES {
+        if argv_bytes > COMMAND_BYTES_MAX {
             return Err(SpecError::new(
                 "command",
                 format!(
-                    "is {argv_bytes} bytes; at most {MAX_COMMAND_BYTES} are allowed (pass large data as an input artifact)"
+                    "is {argv_bytes} bytes; at most {COMMAND_BYTES_MAX} are allowed (pass large data as an input artifact)"
                 ),
             ));
         }
         if self.command.iter().any(|a| a.contains('\0')) {
             return Err(SpecError::new("command", "contains a NUL byte"));
         }
-        if self.env.len() > MAX_ENV_VARS {
-            return Err(SpecError::new("env", format!("has {} variables; at most {MAX_ENV_VARS}", self.env.len())));
+        if self.env.len() > ENV_VARS_MAX {
+            return Err(SpecError::new("env", format!("has {} variables; at most {ENV_VARS_MAX}", self.env.len())));
         }
         for (key, value) in &self.env {
             let valid_key = !key.is_empty()
@@ -171,10 +171,10 @@ impl JobSpec {
                     format!("`{key}` is set by the agent from the GPUs it assigns; remove it and use `gpus`"),
                 ));
             }
-            if value.len() > MAX_ENV_VALUE_BYTES || value.contains('\0') {
+            if value.len() > ENV_VALUE_BYTES_MAX || value.contains('\0') {
                 return Err(SpecError::new(
                     "env",
-                    format!("value of `{key}` is over {MAX_ENV_VALUE_BYTES} bytes or contains NUL"),
+                    format!("value of `{key}` is over {ENV_VALUE_BYTES_MAX} bytes or contains NUL"),
                 ));
             }
         }
@@ -193,7 +193,7 @@ impl JobSpec {
             }
             if !mount.target.starts_with('/')
                 || mount.target.split('/').any(|p| p == "..")
-                || mount.target.len() > MAX_PATH_BYTES
+                || mount.target.len() > PATH_BYTES_MAX
             {
                 return Err(SpecError::new(
                     "mounts",
@@ -205,7 +205,7 @@ impl JobSpec {
             if self.image.is_none() {
                 return Err(SpecError::new("workdir", "applies to container images only: set `image` or remove it"));
             }
-            if !dir.starts_with('/') || dir.split('/').any(|p| p == "..") || dir.len() > MAX_PATH_BYTES {
+            if !dir.starts_with('/') || dir.split('/').any(|p| p == "..") || dir.len() > PATH_BYTES_MAX {
                 return Err(SpecError::new(
                     "workdir",
                     format!("`{dir}` must be an absolute container path without `..`"),
@@ -227,22 +227,22 @@ impl JobSpec {
                 format!("has {code}; exit codes of a failure are 1 to 255"),
             ));
         }
-        if self.gpus > MAX_GPUS {
+        if self.gpus > GPUS_MAX {
             return Err(SpecError::new(
                 "gpus",
-                format!("is {}; one job runs on one host, at most {MAX_GPUS} GPUs", self.gpus),
+                format!("is {}; one job runs on one host, at most {GPUS_MAX} GPUs", self.gpus),
             ));
         }
-        if self.timeout_ms == 0 || self.timeout_ms > MAX_TIMEOUT_MS {
-            return Err(SpecError::new("timeout", format!("must be between 1 ms and {} s", MAX_TIMEOUT_MS / 1000)));
+        if self.timeout_ms == 0 || self.timeout_ms > TIMEOUT_MS_MAX {
+            return Err(SpecError::new("timeout", format!("must be between 1 ms and {} s", TIMEOUT_MS_MAX / 1000)));
         }
-        if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS {
-            return Err(SpecError::new("max_attempts", format!("must be between 1 and {MAX_ATTEMPTS}")));
+        if self.max_attempts == 0 || self.max_attempts > ATTEMPTS_MAX {
+            return Err(SpecError::new("max_attempts", format!("must be between 1 and {ATTEMPTS_MAX}")));
         }
         check_count("labels", self.labels.len())?;
         for (key, value) in &self.labels {
-            check_len("labels", key, MAX_NAME_BYTES)?;
-            check_len("labels", value, MAX_PATH_BYTES)?;
+            check_len("labels", key, NAME_BYTES_MAX)?;
+            check_len("labels", value, PATH_BYTES_MAX)?;
         }
         Ok(())
     }
@@ -256,8 +256,8 @@ fn check_len(field: &'static str, value: &str, max: usize) -> Result<(), SpecErr
 }
 
 fn check_count(field: &'static str, count: usize) -> Result<(), SpecError> {
-    if count > MAX_LIST_ITEMS {
-        return Err(SpecError::new(field, format!("has {count} entries; at most {MAX_LIST_ITEMS} are allowed")));
+    if count > LIST_ITEMS_MAX {
+        return Err(SpecError::new(field, format!("has {count} entries; at most {LIST_ITEMS_MAX} are allowed")));
     }
     Ok(())
 }
@@ -266,7 +266,7 @@ fn check_count(field: &'static str, count: usize) -> Result<(), SpecError> {
 fn check_relative_path(field: &'static str, path: &str) -> Result<(), SpecError> {
     let confined = !path.is_empty()
         && !path.starts_with('/')
-        && path.len() <= MAX_PATH_BYTES
+        && path.len() <= PATH_BYTES_MAX
         && !path.contains('\0')
         && path.split('/').all(|p| !p.is_empty() && p != ".." && p != ".");
     if !confined {
@@ -382,7 +382,7 @@ mod tests {
             ),
             ("outputs", Box::new(|s| s.outputs.push(OutputArtifact { path: "/abs".into(), required: true }))),
             ("terminal_exit_codes", Box::new(|s| s.terminal_exit_codes.push(0))),
-            ("gpus", Box::new(|s| s.gpus = MAX_GPUS + 1)),
+            ("gpus", Box::new(|s| s.gpus = GPUS_MAX + 1)),
             ("timeout", Box::new(|s| s.timeout_ms = 0)),
             ("max_attempts", Box::new(|s| s.max_attempts = 0)),
             ("image", Box::new(|s| s.image = Some("has space".into()))),

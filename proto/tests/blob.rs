@@ -61,7 +61,7 @@ proptest! {
 fn a_full_size_chunk_fits_a_default_frame() {
     let chunk = BlobChunk::new(Sha256([1; 32]), u64::MAX, vec![0xAB; cosmos_proto::BLOB_CHUNK_BYTES as usize]);
     let payload = encode_blob(&ControllerBlob::Chunk(chunk)).unwrap();
-    assert!(payload.len() < cosmos_proto::frame::DEFAULT_MAX_FRAME_BYTES as usize);
+    assert!(payload.len() < cosmos_proto::frame::FRAME_BYTES_MAX_DEFAULT as usize);
     let upload = encode_blob(&AgentBlob::Request { sha256: Sha256([1; 32]), offset: 0, len_bytes: 1 }).unwrap();
     assert!(matches!(AgentFrame::decode(&upload), Ok(AgentFrame::Blob(_))));
     // A plain message stays decodable by peers that know nothing of blobs.

@@ -1,7 +1,7 @@
 //! Frame size limits are enforced before allocation; truncation is typed.
 
 use bytes::BytesMut;
-use cosmos_proto::frame::{FRAME_HEADER_BYTES, MAX_FRAME_BYTES_CAP, encode_frame};
+use cosmos_proto::frame::{FRAME_BYTES_MAX_CAP, FRAME_HEADER_BYTES, encode_frame};
 use cosmos_proto::{FrameDecoder, FrameError, FrameReader};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -41,7 +41,7 @@ const FOUR_GIB_HEADER: [u8; 4] = [0xff, 0xff, 0xff, 0xff];
 
 #[test]
 fn a_frame_announcing_4_gib_is_refused_without_allocating_it() {
-    let decoder = FrameDecoder::new(MAX_FRAME_BYTES_CAP);
+    let decoder = FrameDecoder::new(FRAME_BYTES_MAX_CAP);
     let mut buf = BytesMut::from(&FOUR_GIB_HEADER[..]);
     let mut result = None;
     let peak = largest_allocation_during(|| result = Some(decoder.decode(&mut buf)));
@@ -55,7 +55,7 @@ async fn a_reader_refuses_a_4_gib_frame_without_allocating_it() {
     use tokio::io::AsyncWriteExt;
     client.write_all(&FOUR_GIB_HEADER).await.unwrap();
     client.write_all(&[0u8; 32]).await.unwrap();
-    let mut reader = FrameReader::new(server, MAX_FRAME_BYTES_CAP);
+    let mut reader = FrameReader::new(server, FRAME_BYTES_MAX_CAP);
     LARGEST_BYTES.with(|c| c.set(0));
     let result = reader.read_frame().await;
     let peak = LARGEST_BYTES.with(|c| c.get());
@@ -73,7 +73,7 @@ fn the_configured_limit_is_enforced_on_both_sides() {
     let mut out = BytesMut::new();
     assert!(matches!(
         encode_frame(&[7u8; 101], 100, &mut out),
-        Err(FrameError::Oversized { len_bytes: 101, max_frame_bytes: 100 })
+        Err(FrameError::Oversized { len_bytes: 101, frame_bytes_max: 100 })
     ));
     let mut big = BytesMut::new();
     encode_frame(&[7u8; 101], 1000, &mut big).unwrap();
@@ -82,7 +82,7 @@ fn the_configured_limit_is_enforced_on_both_sides() {
 
 #[test]
 fn a_limit_above_the_cap_is_lowered_to_the_cap() {
-    assert_eq!(FrameDecoder::new(u32::MAX).max_frame_bytes(), MAX_FRAME_BYTES_CAP);
+    assert_eq!(FrameDecoder::new(u32::MAX).frame_bytes_max(), FRAME_BYTES_MAX_CAP);
 }
 
 #[test]

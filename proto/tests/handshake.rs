@@ -4,7 +4,7 @@ use cosmos_proto::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT_MS, HandshakeError
 use cosmos_proto::{AgentHello, AgentMsg, Connection, ControllerMsg, Epoch, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-const MAX_FRAME: u32 = 1024 * 1024;
+const FRAME_BYTES_MAX: u32 = 1024 * 1024;
 
 fn agent_hello(token: &str) -> Hello {
     Hello { role: Role::Agent, node_id: "gpu-host-1".into(), token: Token(token.into()), incarnation: 7 }
@@ -17,12 +17,12 @@ async fn handshake_pair<T: AsyncRead + AsyncWrite + Send + 'static>(
     hello: Hello,
 ) -> (Result<(String, Connection<T>), HandshakeError>, Result<(Hello, Connection<T>), HandshakeError>) {
     let controller = tokio::spawn(async move {
-        let mut conn = Connection::new(controller_side, MAX_FRAME);
+        let mut conn = Connection::new(controller_side, FRAME_BYTES_MAX);
         handshake::accept(&mut conn, "controller", Role::Agent, &Token("s3cret".into()), DEFAULT_HANDSHAKE_TIMEOUT_MS)
             .await
             .map(|hello| (hello, conn))
     });
-    let mut conn = Connection::new(agent_side, MAX_FRAME);
+    let mut conn = Connection::new(agent_side, FRAME_BYTES_MAX);
     let agent = handshake::connect(&mut conn, &hello, DEFAULT_HANDSHAKE_TIMEOUT_MS).await.map(|peer| (peer, conn));
     (agent, controller.await.unwrap())
 }
@@ -79,12 +79,12 @@ async fn a_wrong_token_is_refused_and_both_sides_say_so() {
 async fn a_peer_of_another_version_is_refused_and_both_sides_name_the_versions() {
     let (a, c) = tokio::io::duplex(4096);
     let controller = tokio::spawn(async move {
-        let mut conn = Connection::new(c, MAX_FRAME);
+        let mut conn = Connection::new(c, FRAME_BYTES_MAX);
         handshake::accept(&mut conn, "controller", Role::Agent, &Token("s3cret".into()), DEFAULT_HANDSHAKE_TIMEOUT_MS)
             .await
     });
     // An agent of a newer release: its header says so.
-    let mut conn = Connection::new(a, MAX_FRAME);
+    let mut conn = Connection::new(a, FRAME_BYTES_MAX);
     let payload = handshake::encode_payload_with_version(&agent_hello("s3cret"), PROTOCOL_VERSION + 1).unwrap();
     conn.writer.write_frame(&payload).await.unwrap();
     let reply = conn.reader.read_frame().await.unwrap().unwrap();
@@ -110,7 +110,7 @@ async fn the_wrong_role_on_a_port_is_refused() {
 async fn an_http_client_on_the_agent_port_is_told_apart() {
     let (mut a, c) = tokio::io::duplex(4096);
     let controller = tokio::spawn(async move {
-        let mut conn = Connection::new(c, MAX_FRAME);
+        let mut conn = Connection::new(c, FRAME_BYTES_MAX);
         handshake::accept(&mut conn, "controller", Role::Agent, &Token("s3cret".into()), DEFAULT_HANDSHAKE_TIMEOUT_MS)
             .await
     });
@@ -123,7 +123,7 @@ async fn an_http_client_on_the_agent_port_is_told_apart() {
 #[tokio::test(start_paused = true)]
 async fn a_silent_peer_times_out() {
     let (_silent, c) = tokio::io::duplex(4096);
-    let mut conn = Connection::new(c, MAX_FRAME);
+    let mut conn = Connection::new(c, FRAME_BYTES_MAX);
     let err = handshake::accept(&mut conn, "controller", Role::Agent, &Token("t".into()), 5_000).await.unwrap_err();
     assert!(matches!(err, HandshakeError::Timeout { timeout_ms: 5_000 }));
     assert!(err.is_retryable());
@@ -133,7 +133,7 @@ async fn a_silent_peer_times_out() {
 async fn a_peer_that_hangs_up_mid_handshake_is_retryable() {
     let (a, c) = tokio::io::duplex(4096);
     drop(a);
-    let mut conn = Connection::new(c, MAX_FRAME);
+    let mut conn = Connection::new(c, FRAME_BYTES_MAX);
     let err = handshake::accept(&mut conn, "controller", Role::Agent, &Token("t".into()), 5_000).await.unwrap_err();
     assert!(matches!(err, HandshakeError::Closed));
     assert!(err.is_retryable());

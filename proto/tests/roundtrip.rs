@@ -3,7 +3,7 @@
 mod common;
 
 use bytes::BytesMut;
-use cosmos_proto::frame::{DEFAULT_MAX_FRAME_BYTES, encode_frame};
+use cosmos_proto::frame::{FRAME_BYTES_MAX_DEFAULT, encode_frame};
 use cosmos_proto::{FrameDecoder, codec, handshake};
 use proptest::prelude::*;
 use serde::Serialize;
@@ -15,7 +15,7 @@ use std::fmt::Debug;
 fn round_trip<M: Serialize + DeserializeOwned + PartialEq + Debug>(msgs: &[M], cuts: &[usize]) {
     let mut wire = BytesMut::new();
     for msg in msgs {
-        encode_frame(&codec::encode(msg).unwrap(), DEFAULT_MAX_FRAME_BYTES, &mut wire).unwrap();
+        encode_frame(&codec::encode(msg).unwrap(), FRAME_BYTES_MAX_DEFAULT, &mut wire).unwrap();
     }
     let wire = wire.freeze();
     let mut points: Vec<usize> = cuts.iter().map(|c| c % (wire.len() + 1)).collect();

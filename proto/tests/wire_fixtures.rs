@@ -18,7 +18,7 @@
 //! directory and bless again after each further change.
 
 use bytes::BytesMut;
-use cosmos_proto::frame::{DEFAULT_MAX_FRAME_BYTES, encode_frame};
+use cosmos_proto::frame::{FRAME_BYTES_MAX_DEFAULT, encode_frame};
 use cosmos_proto::handshake::{self, Hello, HelloReply, Refusal, Role, Token};
 use cosmos_proto::spec::{ArtifactRef, InputArtifact, JobSpec, Mount, OutputArtifact};
 use cosmos_proto::*;
@@ -504,7 +504,7 @@ fn parse_hex(text: &str) -> Result<Vec<u8>, hex::FromHexError> {
 /// A payload as one frame, header included: the bytes a writer puts on the socket.
 fn framed(payload: Vec<u8>) -> Vec<u8> {
     let mut out = BytesMut::new();
-    encode_frame(&payload, DEFAULT_MAX_FRAME_BYTES, &mut out).unwrap();
+    encode_frame(&payload, FRAME_BYTES_MAX_DEFAULT, &mut out).unwrap();
     out.to_vec()
 }
 

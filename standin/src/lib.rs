@@ -97,7 +97,7 @@ pub const DEFAULT_CHECKOUT: &str = "/workspace";
 /// Step time without [`ENV_STEP_MS`].
 pub const DEFAULT_STEP_MS: u64 = 20;
 /// Largest [`ENV_STEP_MS`]: keeps a typo from stalling a test for hours.
-pub const MAX_STEP_MS: u64 = 60_000;
+pub const STEP_MS_MAX: u64 = 60_000;
 
 /// How a script run ended, other than success.
 #[derive(Debug)]

@@ -12,7 +12,7 @@ pub const OUTPUT_MAGIC: &str = "COSMOS-STANDIN-OUTPUT v1\n";
 /// Payload size after the header: about what a short clip's container weighs at the smallest.
 pub const OUTPUT_PAYLOAD_BYTES: usize = 64 * 1024;
 /// Largest header line [`parse_output`] looks for (prompts are long, not this long).
-const MAX_HEADER_BYTES: usize = 4 * 1024 * 1024;
+const HEADER_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// The header of a transfer or upscale output. Field order is the JSON key
 /// order: a struct keeps it whatever serde_json features the workspace enables.
@@ -87,7 +87,7 @@ pub(crate) fn file_bytes<H: Serialize>(header: &H) -> Vec<u8> {
 /// The header JSON of a stand-in output file, or `None` when `bytes` is not one.
 pub fn parse_output(bytes: &[u8]) -> Option<serde_json::Value> {
     let rest = bytes.strip_prefix(OUTPUT_MAGIC.as_bytes())?;
-    let end = rest.iter().take(MAX_HEADER_BYTES).position(|&b| b == b'\n')?;
+    let end = rest.iter().take(HEADER_BYTES_MAX).position(|&b| b == b'\n')?;
     let value: serde_json::Value = serde_json::from_slice(&rest[..end]).ok()?;
     value.is_object().then_some(value)
 }

@@ -10,18 +10,18 @@
 use crate::argparse::{self, Kind, Opt, Parsed};
 use crate::output::{self, ControlHeader, DerivedHeader, Header};
 use crate::torchrun::{Launch, visible_gpus};
-use crate::{DEFAULT_STEP_MS, Env, Failure, Io, MAX_STEP_MS, STRENGTHS};
+use crate::{DEFAULT_STEP_MS, Env, Failure, Io, STEP_MS_MAX, STRENGTHS};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Largest `--controlnet_specs` file.
-pub(crate) const MAX_SPEC_BYTES: u64 = 1024 * 1024;
+pub(crate) const SPEC_BYTES_MAX: u64 = 1024 * 1024;
 /// Largest `--batch_input_path` file.
-pub(crate) const MAX_BATCH_FILE_BYTES: u64 = 64 * 1024 * 1024;
+pub(crate) const BATCH_FILE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Most videos in one batch file.
-pub(crate) const MAX_BATCH_LINES: usize = 10_000;
+pub(crate) const BATCH_LINES_MAX: usize = 10_000;
 
 const PROG: &str = "transfer.py";
 
@@ -74,7 +74,7 @@ const DEFAULT_SIGMA_MAX: f64 = 70.0;
 const DEFAULT_SEED: i64 = 1;
 const DEFAULT_FPS: i64 = 24;
 const DEFAULT_STRENGTH: &str = "medium";
-const MAX_SEED: i64 = (1 << 32) - 1;
+const SEED_MAX: i64 = (1 << 32) - 1;
 
 /// A controlnet spec file, split as `load_controlnet_specs` splits it.
 #[derive(Clone, Debug, Default)]
@@ -224,9 +224,9 @@ fn check_gpus(num_gpus: i64, nproc_per_node: i64, env: &Env) -> Result<(), Failu
 pub(crate) fn step_ms(env: &Env) -> Result<u64, Failure> {
     match env.step_ms.as_deref().map(str::trim) {
         None | Some("") => Ok(DEFAULT_STEP_MS),
-        Some(v) => v.parse::<u64>().ok().filter(|ms| *ms <= MAX_STEP_MS).ok_or_else(|| {
+        Some(v) => v.parse::<u64>().ok().filter(|ms| *ms <= STEP_MS_MAX).ok_or_else(|| {
             Failure::value(format!(
-                "{} must be whole milliseconds from 0 to {MAX_STEP_MS}, got '{v}'",
+                "{} must be whole milliseconds from 0 to {STEP_MS_MAX}, got '{v}'",
                 crate::ENV_STEP_MS
             ))
         }),
@@ -257,7 +257,7 @@ pub(crate) fn diffuse(io: &mut Io<'_>, env: &Env, desc: &str, steps: u64, step_m
 /// among [`VALID_HINT_KEYS`] is a control whatever its value; any other key
 /// whose value is an object is an error; every other key is a script argument.
 fn load_spec(path: &str) -> Result<Spec, Failure> {
-    let bytes = output::read_limited(path, MAX_SPEC_BYTES, "controlnet spec")?;
+    let bytes = output::read_limited(path, SPEC_BYTES_MAX, "controlnet spec")?;
     let value: Value = serde_json::from_slice(&bytes).map_err(|e| Failure::Python {
         kind: "json.decoder.JSONDecodeError",
         msg: format!("{e} (in controlnet spec '{path}')"),
@@ -379,7 +379,7 @@ fn check_strengths(p: &Params, controls: &BTreeMap<String, Control>) -> Result<(
 /// The stand-in's own guard on the ranges the project's contract sets (the
 /// real script has none): a run outside them is a bug of the orchestrator.
 fn check_ranges(p: &Params) -> Result<(), Failure> {
-    let ints = [("num_steps", p.num_steps, 1, 100), ("fps", p.fps, 1, 60), ("seed", p.seed, 1, MAX_SEED)];
+    let ints = [("num_steps", p.num_steps, 1, 100), ("fps", p.fps, 1, 60), ("seed", p.seed, 1, SEED_MAX)];
     for (name, v, lo, hi) in ints {
         if !(lo..=hi).contains(&v) {
             return Err(Failure::value(format!("{name} must be between {lo} and {hi}, got {v}")));
@@ -483,12 +483,12 @@ fn batch_jobs(
     controls: &BTreeMap<String, Control>,
     folder: &Path,
 ) -> Result<Vec<Job>, Failure> {
-    let bytes = output::read_limited(path, MAX_BATCH_FILE_BYTES, "batch input")?;
+    let bytes = output::read_limited(path, BATCH_FILE_BYTES_MAX, "batch input")?;
     let text = String::from_utf8_lossy(&bytes);
     let mut jobs = Vec::new();
     for (line_no, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        if jobs.len() == MAX_BATCH_LINES {
-            return Err(Failure::value(format!("batch input '{path}' has more than {MAX_BATCH_LINES} videos")));
+        if jobs.len() == BATCH_LINES_MAX {
+            return Err(Failure::value(format!("batch input '{path}' has more than {BATCH_LINES_MAX} videos")));
         }
         let at = || format!("line {} of batch input '{path}'", line_no + 1);
         let value: Value = serde_json::from_str(line)

@@ -79,7 +79,7 @@ impl fmt::Display for UsageError {
 impl std::error::Error for UsageError {}
 
 /// Largest `--steps`, `--step-ms`, `--sleep-ms`, `--stdout-bytes`: keeps a typo from running for days.
-const MAX_NUMBER: u64 = 1 << 32;
+const NUMBER_MAX: u64 = 1 << 32;
 
 impl Args {
     /// Parses the arguments after the program name.
@@ -150,8 +150,8 @@ impl Args {
 fn number(flag: &str, v: &str) -> Result<u64, UsageError> {
     v.parse::<u64>()
         .ok()
-        .filter(|n| *n <= MAX_NUMBER)
-        .ok_or_else(|| UsageError(format!("{flag} `{v}` must be a whole number from 0 to {MAX_NUMBER}")))
+        .filter(|n| *n <= NUMBER_MAX)
+        .ok_or_else(|| UsageError(format!("{flag} `{v}` must be a whole number from 0 to {NUMBER_MAX}")))
 }
 
 /// What a bad command line prints on stderr.

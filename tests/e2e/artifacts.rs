@@ -8,8 +8,8 @@
 use super::Cluster;
 use cosmos_controller::blobs::Store;
 use cosmos_proto::{
-    AgentBlob, AgentFrame, AttemptId, BLOB_CHUNK_BYTES, BLOB_FRAME_TAG, ControllerBlob, ControllerFrame, ControllerMsg,
-    MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN, Sha256,
+    AgentBlob, AgentFrame, AttemptId, BLOB_CHUNK_BYTES, BLOB_FRAME_TAG, BLOB_FRAMES_IN_FLIGHT_PER_CONN_MAX,
+    ControllerBlob, ControllerFrame, ControllerMsg, Sha256,
 };
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -523,7 +523,7 @@ fn a_large_transfer_does_not_make_the_agent_suspect_nor_delay_a_cancel() {
     // during the hold: a controller that sent the cancel behind more (the rest of
     // the blob queued first) would show it here.
     let behind = cancels[0].1 - held_from;
-    let window = (MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN as u64) * u64::from(BLOB_CHUNK_BYTES);
+    let window = (BLOB_FRAMES_IN_FLIGHT_PER_CONN_MAX as u64) * u64::from(BLOB_CHUNK_BYTES);
     println!(
         "cancel took {cancel_ms} ms during a {size}-byte transfer at {rate} bytes/s (agent held {staged} bytes \
          when it landed, the cancel behind {behind} bytes of chunks); transfer finished {} ms later; agent states seen: {states:?}",

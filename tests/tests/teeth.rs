@@ -9,12 +9,12 @@ use cosmos_controller::core::Sabotage;
 use cosmos_sim::{Scenario, run_seed};
 
 /// Seeds tried before declaring the simulator blind to a sabotage.
-const MAX_SEEDS: u64 = 300;
+const SEEDS_MAX: u64 = 300;
 
 fn caught_within(sabotage: Sabotage, expected: &[&str]) {
     let mut scenario = Scenario::ci();
     scenario.core.sabotage = sabotage;
-    for seed in 0..MAX_SEEDS {
+    for seed in 0..SEEDS_MAX {
         if let Some(v) = run_seed(&scenario, seed).violation {
             println!("{sabotage:?}: caught at seed {seed} ({} seeds run), {v}", seed + 1);
             assert!(
@@ -24,7 +24,7 @@ fn caught_within(sabotage: Sabotage, expected: &[&str]) {
             return;
         }
     }
-    panic!("{sabotage:?} went unnoticed for {MAX_SEEDS} seeds: the simulator is blind to it");
+    panic!("{sabotage:?} went unnoticed for {SEEDS_MAX} seeds: the simulator is blind to it");
 }
 
 #[test]
@@ -58,14 +58,14 @@ fn a_download_resumed_past_its_good_bytes_is_caught() {
     // chunk past the bytes it has: the next chunk it accepts leaves a hole in the partial file.
     let mut scenario = Scenario::ci();
     scenario.blob_sabotage = BlobSabotage::ResumePastEnd;
-    for seed in 0..MAX_SEEDS {
+    for seed in 0..SEEDS_MAX {
         if let Some(v) = run_seed(&scenario, seed).violation {
             println!("ResumePastEnd: caught at seed {seed} ({} seeds run), {v}", seed + 1);
             assert!(v.what.contains("past a hole"), "caught, but by another check than expected: {v}");
             return;
         }
     }
-    panic!("ResumePastEnd went unnoticed for {MAX_SEEDS} seeds: the simulator is blind to it");
+    panic!("ResumePastEnd went unnoticed for {SEEDS_MAX} seeds: the simulator is blind to it");
 }
 
 #[test]

@@ -19,7 +19,7 @@
 
 use crate::core::StageFailure;
 use cosmos_proto::{
-    AttemptId, BLOB_CHUNK_BYTES, MAX_BLOB_FRAMES_IN_FLIGHT_PER_BLOB, MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN, Sha256,
+    AttemptId, BLOB_CHUNK_BYTES, BLOB_FRAMES_IN_FLIGHT_PER_BLOB_MAX, BLOB_FRAMES_IN_FLIGHT_PER_CONN_MAX, Sha256,
 };
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -32,9 +32,9 @@ pub const UPLOAD_TRIES_MAX: u32 = 3;
 /// Bytes one request or upload chunk carries at most.
 pub const CHUNK_BYTES: u64 = BLOB_CHUNK_BYTES as u64;
 /// Bytes one blob may have asked for and not yet written (downloads) or sent and not acknowledged (uploads).
-pub const BLOB_WINDOW_BYTES: u64 = MAX_BLOB_FRAMES_IN_FLIGHT_PER_BLOB as u64 * CHUNK_BYTES;
+pub const BLOB_WINDOW_BYTES: u64 = BLOB_FRAMES_IN_FLIGHT_PER_BLOB_MAX as u64 * CHUNK_BYTES;
 /// Bytes in flight on the connection, every blob together.
-pub const CONN_WINDOW_BYTES: u64 = MAX_BLOB_FRAMES_IN_FLIGHT_PER_CONN as u64 * CHUNK_BYTES;
+pub const CONN_WINDOW_BYTES: u64 = BLOB_FRAMES_IN_FLIGHT_PER_CONN_MAX as u64 * CHUNK_BYTES;
 
 /// Why a blob could not be had or delivered, as far as the protocol tells.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -4,7 +4,7 @@
 
 use cosmos_agent::core::{ExitStatus, RuntimeEvent};
 use cosmos_proto::spec::ArtifactRef;
-use cosmos_proto::{AttemptId, LogStream, MAX_LOG_CHUNK_BYTES};
+use cosmos_proto::{AttemptId, LOG_CHUNK_BYTES_MAX, LogStream};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -28,7 +28,7 @@ impl Seen {
         for (s, offset, data) in &self.logs {
             if *s == stream {
                 assert_eq!(*offset, out.len() as u64, "offsets count the bytes of each stream");
-                assert!(data.len() <= MAX_LOG_CHUNK_BYTES && !data.is_empty(), "chunk of {} bytes", data.len());
+                assert!(data.len() <= LOG_CHUNK_BYTES_MAX && !data.is_empty(), "chunk of {} bytes", data.len());
                 out.extend_from_slice(data);
             }
         }

@@ -179,7 +179,7 @@ impl Core {
             }
             AttemptOutcome::Cancelled | AttemptOutcome::Lost { .. } | AttemptOutcome::Rejected { .. } => {
                 job.rec.attempts_lost += 1;
-                if job.rec.attempts_lost > self.config.max_lost_attempts {
+                if job.rec.attempts_lost > self.config.lost_attempts_max {
                     let why = format!(
                         "lost or refused {} times; last: {}",
                         job.rec.attempts_lost,

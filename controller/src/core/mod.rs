@@ -142,11 +142,11 @@ pub struct CoreConfig {
     /// Grace between a cancel's stop signal and the kill.
     pub cancel_grace_ms: u64,
     /// Attempts a job may lose with their host (or have refused) before it fails.
-    pub max_lost_attempts: u32,
+    pub lost_attempts_max: u32,
     /// Jobs that may wait in the queue; submissions beyond are refused.
-    pub max_queued_jobs: usize,
+    pub queued_jobs_max: usize,
     /// Jobs in one batch submission.
-    pub max_batch_jobs: usize,
+    pub batch_jobs_max: usize,
     /// A deliberately broken behaviour, to prove the simulator catches it.
     #[cfg(feature = "sabotage")]
     pub sabotage: Sabotage,
@@ -161,9 +161,9 @@ impl Default for CoreConfig {
             retry_backoff_base_ms: 1_000,
             retry_backoff_max_ms: 60_000,
             cancel_grace_ms: 10_000,
-            max_lost_attempts: 10,
-            max_queued_jobs: 1_000_000,
-            max_batch_jobs: 100_000,
+            lost_attempts_max: 10,
+            queued_jobs_max: 1_000_000,
+            batch_jobs_max: 100_000,
             #[cfg(feature = "sabotage")]
             sabotage: Sabotage::None,
         }
@@ -328,7 +328,7 @@ pub enum CommandError {
     QueueFull {
         /// Jobs queued now.
         queued: usize,
-        /// The bound (`max_queued_jobs`).
+        /// The bound (`queued_jobs_max`).
         max: usize,
     },
     /// Only a failed or cancelled job can be retried.
@@ -579,12 +579,12 @@ impl Core {
                 return Ok((ids.clone(), true));
             }
         }
-        if specs.is_empty() || specs.len() > self.config.max_batch_jobs {
-            return Err(SubmitError::BatchSize { got: specs.len(), max: self.config.max_batch_jobs });
+        if specs.is_empty() || specs.len() > self.config.batch_jobs_max {
+            return Err(SubmitError::BatchSize { got: specs.len(), max: self.config.batch_jobs_max });
         }
         let queued = self.ready.len() + self.backoff.len() + self.blocked.len();
-        if queued + specs.len() > self.config.max_queued_jobs {
-            return Err(SubmitError::QueueFull { queued, max: self.config.max_queued_jobs });
+        if queued + specs.len() > self.config.queued_jobs_max {
+            return Err(SubmitError::QueueFull { queued, max: self.config.queued_jobs_max });
         }
         let largest = self.agents.iter().filter(|a| a.health != Health::Lost).map(|a| a.gpus.len() as u32).max();
         for (index, spec) in specs.iter().enumerate() {
@@ -705,8 +705,8 @@ impl Core {
             return Err(CommandError::NotRetriable { id, state: job.rec.state.as_str() });
         }
         let queued = self.ready.len() + self.backoff.len() + self.blocked.len();
-        if queued >= self.config.max_queued_jobs {
-            return Err(CommandError::QueueFull { queued, max: self.config.max_queued_jobs });
+        if queued >= self.config.queued_jobs_max {
+            return Err(CommandError::QueueFull { queued, max: self.config.queued_jobs_max });
         }
         let was = job.rec.state.as_str();
         let rec = &mut job.rec;

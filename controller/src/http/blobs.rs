@@ -5,7 +5,7 @@ use cosmos_proto::Sha256;
 use std::io::Read;
 
 /// Largest blob accepted by upload.
-pub const MAX_BLOB_BYTES: u64 = 64 << 30;
+pub const BLOB_BYTES_MAX: u64 = 64 << 30;
 /// Chunks of an upload buffered between the network and the disk writer.
 const UPLOAD_QUEUE_CHUNKS: usize = 16;
 /// Read size when streaming a blob out.
@@ -104,7 +104,7 @@ async fn pump(body: &mut web::Payload, tx: tokio::sync::mpsc::Sender<web::Bytes>
                     return Some(error(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         format!(
-                            "the body is longer than the {limit} bytes announced (blobs are at most {MAX_BLOB_BYTES})"
+                            "the body is longer than the {limit} bytes announced (blobs are at most {BLOB_BYTES_MAX})"
                         ),
                         None,
                         false,
@@ -158,7 +158,7 @@ async fn put_blob(
     let (offset, size) = match (q.offset, q.size) {
         (None, None) => {
             let writer = tokio::task::spawn_blocking(move || blobs.put_reader(reader, Some(&sha)));
-            let failure = pump(&mut body, tx.clone(), MAX_BLOB_BYTES).await;
+            let failure = pump(&mut body, tx.clone(), BLOB_BYTES_MAX).await;
             if failure.is_some() {
                 // A truncated body must not be stored: make the writer fail its digest check.
                 let _ = tx.send(web::Bytes::from_static(b"\0truncated")).await;
@@ -177,8 +177,8 @@ async fn put_blob(
         (Some(offset), Some(size)) => (offset, size),
         _ => return bad("give both `offset` and `size` (a resumable upload) or neither"),
     };
-    if size > MAX_BLOB_BYTES || offset > size {
-        return bad(format!("offset {offset} and size {size} must satisfy offset <= size <= {MAX_BLOB_BYTES}"));
+    if size > BLOB_BYTES_MAX || offset > size {
+        return bad(format!("offset {offset} and size {size} must satisfy offset <= size <= {BLOB_BYTES_MAX}"));
     }
     let have = blobs.partial_len(&sha);
     if have != offset {

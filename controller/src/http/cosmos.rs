@@ -361,8 +361,8 @@ async fn create_runs(req: HttpRequest, state: web::Data<State>, body: JsonBody<C
     if lines.is_empty() {
         return bad("no runs given");
     }
-    if lines.len() > cosmos::MAX_RUNS_PER_REQUEST {
-        return bad(format!("{} runs in one request; at most {}", lines.len(), cosmos::MAX_RUNS_PER_REQUEST));
+    if lines.len() > cosmos::RUNS_PER_REQUEST_MAX {
+        return bad(format!("{} runs in one request; at most {}", lines.len(), cosmos::RUNS_PER_REQUEST_MAX));
     }
     let _gc = state.shared.blob_gc.read().await;
     // Everything is checked before anything is written: one bad line rejects the batch.
@@ -621,9 +621,9 @@ async fn apply_enhancement(
         Err(e) => return internal(format!("cannot read the enhancement result {}: {e}", result.sha256)),
     };
     let upsampled = match cosmos::upsampled_prompt(&stdout) {
-        Some(text) if text.len() <= cosmos::MAX_PROMPT_BYTES => text,
+        Some(text) if text.len() <= cosmos::PROMPT_BYTES_MAX => text,
         Some(text) => {
-            return unusable(format!("is a prompt of {} bytes, over {}", text.len(), cosmos::MAX_PROMPT_BYTES));
+            return unusable(format!("is a prompt of {} bytes, over {}", text.len(), cosmos::PROMPT_BYTES_MAX));
         }
         None => {
             return unusable(format!("has no `{}` line on its standard output", cosmos::UPSAMPLED_PREFIX.trim_end()));
@@ -639,7 +639,7 @@ async fn apply_enhancement(
         Prompt { text: upsampled, ..parent }
     } else {
         let mut name = format!("{}_enhanced", parent.name);
-        name.truncate(cosmos::MAX_PROMPT_NAME_BYTES);
+        name.truncate(cosmos::PROMPT_NAME_BYTES_MAX);
         Prompt {
             id: crate::shared::new_id("ps"),
             name,
