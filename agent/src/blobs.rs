@@ -19,6 +19,7 @@
 pub mod machine;
 
 use cosmos_cas::{CasError, Store};
+use cosmos_proto::Classify;
 use cosmos_proto::{
     AgentBlob, AttemptId, BLOB_FRAMES_IN_FLIGHT_PER_BLOB_MAX, BLOB_FRAMES_IN_FLIGHT_PER_CONN_MAX, BlobChunk,
     ControllerBlob, Sha256, encode_blob, encode_blob_chunk_into,
@@ -134,17 +135,19 @@ pub enum BlobError {
 }
 
 impl BlobError {
+    fn stage_failure(&self) -> StageFailure {
+        StageFailure { reason: self.to_string(), retry: self.retry() }
+    }
+}
+
+impl cosmos_proto::Classify for BlobError {
     /// Whether another attempt may succeed.
-    pub fn is_retryable(&self) -> bool {
-        match self {
+    fn retry(&self) -> cosmos_proto::Retry {
+        cosmos_proto::Retry::when(match self {
             BlobError::Flow(e) => e.is_retryable(),
             BlobError::Cache(e) => e.is_retryable(),
             BlobError::Output { .. } => true,
-        }
-    }
-
-    fn stage_failure(&self) -> StageFailure {
-        StageFailure { reason: self.to_string(), retryable: self.is_retryable() }
+        })
     }
 }
 
@@ -569,7 +572,7 @@ impl Engine {
             ControllerBlob::Resume { sha256, have_bytes } => self.flow.on_resume(now, sha256, have_bytes),
             ControllerBlob::Ack { sha256, have_bytes } => self.flow.on_ack(now, sha256, have_bytes),
             ControllerBlob::Stored { sha256 } => self.flow.on_stored(sha256),
-            ControllerBlob::Refused { sha256, reason, retryable } => self.flow.on_refused(sha256, reason, retryable),
+            ControllerBlob::Refused { sha256, reason, retry } => self.flow.on_refused(sha256, reason, retry),
         }
     }
 

@@ -77,7 +77,7 @@ pub enum RuntimeEvent {
         /// What went wrong and what to do.
         reason: String,
         /// Whether another try may work (daemon hiccup) or not (image missing).
-        retryable: bool,
+        retry: cosmos_proto::Retry,
     },
     /// Progress parsed from the output.
     Progress {
@@ -228,7 +228,7 @@ pub struct StageFailure {
     /// What went wrong and what to do.
     pub reason: String,
     /// Whether another attempt may succeed (controller unreachable) or not (digest mismatch at the source).
-    pub retryable: bool,
+    pub retry: cosmos_proto::Retry,
 }
 
 /// Why the agent stopped an attempt, which decides what its exit means.
@@ -585,7 +585,7 @@ impl AgentCore {
                             "timed out while staging inputs after {} ms; raise `timeout_s` if they need longer",
                             att.timeout_ms
                         ),
-                        retryable: true,
+                        retry: cosmos_proto::Retry::Retryable,
                     },
                 };
                 self.ended(now_ms, attempt_id, outcome, out);
@@ -625,9 +625,9 @@ impl AgentCore {
                     gpu_uuids: att.gpu_uuids.clone(),
                 });
             }
-            Err(StageFailure { reason, retryable }) => {
+            Err(StageFailure { reason, retry }) => {
                 let reason = format!("staging inputs failed: {reason}");
-                self.ended(now_ms, attempt_id, AttemptOutcome::Failed { exit_code: None, reason, retryable }, out);
+                self.ended(now_ms, attempt_id, AttemptOutcome::Failed { exit_code: None, reason, retry }, out);
             }
         }
     }
@@ -661,11 +661,11 @@ impl AgentCore {
                     out.push(Output::Send(AgentMsg::AttemptStarted { attempt_id, handle }));
                 }
             }
-            RuntimeEvent::StartFailed { attempt_id, reason, retryable } => {
+            RuntimeEvent::StartFailed { attempt_id, reason, retry } => {
                 if self.attempts.get(&attempt_id).is_some_and(|a| a.blob_work.is_some()) {
                     return; // Nothing was started for it, or it already ended: not this attempt's news.
                 }
-                let outcome = AttemptOutcome::Failed { exit_code: None, reason, retryable };
+                let outcome = AttemptOutcome::Failed { exit_code: None, reason, retry };
                 self.ended(now_ms, attempt_id, outcome, out);
             }
             RuntimeEvent::Progress { attempt_id, step, total } => {
@@ -975,7 +975,7 @@ fn undelivered(e: &str) -> AttemptOutcome {
     AttemptOutcome::Failed {
         exit_code: Some(0),
         reason: format!("the job succeeded but its outputs could not be delivered to the controller: {e}"),
-        retryable: true,
+        retry: cosmos_proto::Retry::Retryable,
     }
 }
 
@@ -1182,12 +1182,17 @@ mod tests {
             let mut core = core();
             assign(&mut core, 0, spec(1));
             let mut out = Vec::new();
-            core.on_staged(5, ATT, Err(StageFailure { reason: "digest mismatch".into(), retryable }), &mut out);
-            let Some(AttemptOutcome::Failed { exit_code: None, reason, retryable: r }) = finished(&out) else {
+            core.on_staged(
+                5,
+                ATT,
+                Err(StageFailure { reason: "digest mismatch".into(), retry: cosmos_proto::Retry::when(retryable) }),
+                &mut out,
+            );
+            let Some(AttemptOutcome::Failed { exit_code: None, reason, retry: r }) = finished(&out) else {
                 panic!("{out:?}")
             };
             assert!(reason.starts_with("staging inputs failed: digest mismatch"), "{reason}");
-            assert_eq!(r, retryable);
+            assert_eq!(r.is_retryable(), retryable);
             assert!(!out.iter().any(|o| matches!(o, Output::Start { .. })));
             assert_eq!(core.live_attempts().count(), 0);
             assert!(matches!(phase(&core), Some(AttemptPhase::Finished(_))), "kept until acknowledged");
@@ -1219,7 +1224,9 @@ mod tests {
         let mut out = Vec::new();
         core.tick(10_000, &mut out);
         assert!(out.contains(&Output::AbortStage { attempt_id: ATT }));
-        let Some(AttemptOutcome::Failed { reason, retryable: true, .. }) = finished(&out) else { panic!("{out:?}") };
+        let Some(AttemptOutcome::Failed { reason, retry: cosmos_proto::Retry::Retryable, .. }) = finished(&out) else {
+            panic!("{out:?}")
+        };
         assert!(reason.contains("timed out while staging inputs"), "{reason}");
     }
 
@@ -1268,7 +1275,7 @@ mod tests {
         let mut s = spec(0);
         s.terminal_exit_codes = vec![2];
         assign(&mut terminal, 0, s);
-        let Some(AttemptOutcome::Failed { exit_code: Some(2), reason, retryable: false }) =
+        let Some(AttemptOutcome::Failed { exit_code: Some(2), reason, retry: cosmos_proto::Retry::Terminal }) =
             exit_with(&mut terminal, 2, stderr)
         else {
             panic!("exit 2 is terminal for this job");
@@ -1283,7 +1290,9 @@ mod tests {
         let mut plain = core();
         assign(&mut plain, 0, spec(0));
         let outcome = exit_with(&mut plain, 2, b"ValueError: boom\n");
-        let Some(AttemptOutcome::Failed { retryable: true, reason, .. }) = outcome else { panic!("{outcome:?}") };
+        let Some(AttemptOutcome::Failed { retry: cosmos_proto::Retry::Retryable, reason, .. }) = outcome else {
+            panic!("{outcome:?}")
+        };
         assert!(reason.ends_with("; its last error output: ValueError: boom"), "{reason}");
     }
 
@@ -1321,7 +1330,8 @@ Root Cause (first observed failure):
         s.terminal_exit_codes = vec![2];
         assign(&mut terminal, 0, s);
         let outcome = exit_with(&mut terminal, 1, TORCHRUN_WORKER_EXIT_2.as_bytes());
-        let Some(AttemptOutcome::Failed { exit_code: Some(1), reason, retryable: false }) = outcome else {
+        let Some(AttemptOutcome::Failed { exit_code: Some(1), reason, retry: cosmos_proto::Retry::Terminal }) = outcome
+        else {
             panic!("a worker's exit 2 under torchrun is terminal for this job: {outcome:?}");
         };
         assert!(reason.contains("the worker it blames exited with code 2"), "{reason}");
@@ -1338,7 +1348,9 @@ Root Cause (first observed failure):
         assign(&mut retried, 0, s);
         let other = TORCHRUN_WORKER_EXIT_2.replace("exitcode  : 2", "exitcode  : 1");
         let outcome = exit_with(&mut retried, 1, other.as_bytes());
-        let Some(AttemptOutcome::Failed { retryable: true, .. }) = outcome else { panic!("{outcome:?}") };
+        let Some(AttemptOutcome::Failed { retry: cosmos_proto::Retry::Retryable, .. }) = outcome else {
+            panic!("{outcome:?}")
+        };
     }
 
     #[test]
@@ -1374,7 +1386,7 @@ Root Cause (first observed failure):
         let other = ArtifactRef { path: "out/other".into(), ..artifact() };
         let out = clean_exit(&mut core, 5, vec![other]);
         assert!(!out.iter().any(|o| matches!(o, Output::Upload { .. })));
-        assert!(matches!(finished(&out), Some(AttemptOutcome::Failed { retryable: false, .. })));
+        assert!(matches!(finished(&out), Some(AttemptOutcome::Failed { retry: cosmos_proto::Retry::Terminal, .. })));
     }
 
     #[test]
@@ -1383,7 +1395,9 @@ Root Cause (first observed failure):
         uploading(&mut core);
         let mut out = Vec::new();
         core.on_uploaded(200, ATT, Err("controller refused: disk full".into()), &mut out);
-        let Some(AttemptOutcome::Failed { exit_code: Some(0), reason, retryable: true }) = finished(&out) else {
+        let Some(AttemptOutcome::Failed { exit_code: Some(0), reason, retry: cosmos_proto::Retry::Retryable }) =
+            finished(&out)
+        else {
             panic!("{out:?}")
         };
         assert!(reason.contains("could not be delivered to the controller: controller refused"), "{reason}");
@@ -1421,7 +1435,10 @@ Root Cause (first observed failure):
         let mut out = Vec::new();
         core.tick(100 + 60_000, &mut out);
         assert!(out.contains(&Output::AbortUpload { attempt_id: ATT }));
-        assert!(matches!(finished(&out), Some(AttemptOutcome::Failed { exit_code: Some(0), retryable: true, .. })));
+        assert!(matches!(
+            finished(&out),
+            Some(AttemptOutcome::Failed { exit_code: Some(0), retry: cosmos_proto::Retry::Retryable, .. })
+        ));
     }
 
     #[test]

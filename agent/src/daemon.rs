@@ -11,6 +11,7 @@ use crate::core::{AgentConfig, AgentCore, Output};
 use crate::docker::{DockerConfig, DockerRuntime};
 use crate::process::ProcessRuntime;
 use crate::runtime::{EVENT_QUEUE_LEN, Runtime, StartRequest};
+use cosmos_proto::Classify;
 use cosmos_proto::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT_MS, HandshakeError, Hello, Refusal, Role, Token};
 use cosmos_proto::{AgentMsg, Connection, ControllerFrame, ControllerMsg, GpuInfo, GpuUsage, RecvError};
 use std::collections::VecDeque;

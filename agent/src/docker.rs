@@ -179,16 +179,16 @@ pub struct StartError {
     /// What went wrong and what to do.
     pub reason: String,
     /// Another try may work (the daemon hiccupped) or not (the image is missing).
-    pub retryable: bool,
+    pub retry: cosmos_proto::Retry,
 }
 
 impl StartError {
     fn terminal(reason: impl Into<String>) -> StartError {
-        StartError { reason: reason.into(), retryable: false }
+        StartError { reason: reason.into(), retry: cosmos_proto::Retry::Terminal }
     }
 
     fn retryable(reason: impl Into<String>) -> StartError {
-        StartError { reason: reason.into(), retryable: true }
+        StartError { reason: reason.into(), retry: cosmos_proto::Retry::Retryable }
     }
 }
 
@@ -1207,11 +1207,11 @@ impl Runtime for DockerRuntime {
                 self.spawn_task(run_attempt(shared, events, req, record));
             }
             Err(e) => {
-                tracing::warn!(attempt = %req.attempt_id, reason = %e.reason, retryable = e.retryable, "attempt did not start");
+                tracing::warn!(attempt = %req.attempt_id, reason = %e.reason, retryable = e.retry.is_retryable(), "attempt did not start");
                 self.send_later(RuntimeEvent::StartFailed {
                     attempt_id: req.attempt_id,
                     reason: e.reason,
-                    retryable: e.retryable,
+                    retry: e.retry,
                 });
             }
         }
@@ -1324,11 +1324,9 @@ async fn run_attempt(shared: Arc<Shared>, events: EventSender, req: StartRequest
         let shared = shared.clone();
         let events = events.clone();
         async move {
-            tracing::warn!(attempt = %id, reason = %e.reason, retryable = e.retryable, "attempt did not start");
+            tracing::warn!(attempt = %id, reason = %e.reason, retryable = e.retry.is_retryable(), "attempt did not start");
             lock(&shared.live).remove(&id);
-            let _ = events
-                .send(RuntimeEvent::StartFailed { attempt_id: id, reason: e.reason, retryable: e.retryable })
-                .await;
+            let _ = events.send(RuntimeEvent::StartFailed { attempt_id: id, reason: e.reason, retry: e.retry }).await;
         }
     };
     if let Err(e) = shared.create(&req).await {
@@ -1482,9 +1480,9 @@ mod tests {
     fn specs_the_runtime_cannot_run_fail_for_good() {
         let rt = runtime(true);
         let e = rt.container_config(&request(None, &["python"])).unwrap_err();
-        assert!(!e.retryable && e.reason.contains("no `image`"), "{e}");
+        assert!(!e.retry.is_retryable() && e.reason.contains("no `image`"), "{e}");
         let e = rt.container_config(&request(Some("img"), &[])).unwrap_err();
-        assert!(!e.retryable && e.reason.contains("`command` is empty"), "{e}");
+        assert!(!e.retry.is_retryable() && e.reason.contains("`command` is empty"), "{e}");
         let mut req = request(Some("img"), &["python"]);
         req.spec.mounts.push(cosmos_proto::spec::Mount {
             volume: "data".into(),
@@ -1492,6 +1490,6 @@ mod tests {
             read_only: true,
         });
         let e = rt.container_config(&req).unwrap_err();
-        assert!(!e.retryable && e.reason.contains("`data`") && e.reason.contains("none"), "{e}");
+        assert!(!e.retry.is_retryable() && e.reason.contains("`data`") && e.reason.contains("none"), "{e}");
     }
 }

@@ -87,7 +87,7 @@ pub fn outcome_of(
                 reason: format!(
                     "timed out after {timeout_ms} ms and was stopped; raise `timeout_s` if it needs longer"
                 ),
-                retryable: true,
+                retry: cosmos_proto::Retry::Retryable,
             };
         }
         None => {}
@@ -97,7 +97,7 @@ pub fn outcome_of(
             exit_code: status.code,
             reason: "killed by the out-of-memory killer; ask for fewer parallel steps or a host with more memory"
                 .into(),
-            retryable: true,
+            retry: cosmos_proto::Retry::Retryable,
         };
     }
     match (status.code, status.signal) {
@@ -109,7 +109,7 @@ pub fn outcome_of(
                 AttemptOutcome::Failed {
                     exit_code: Some(0),
                     reason: format!("exited 0 but did not write required output {missing:?}"),
-                    retryable: false,
+                    retry: cosmos_proto::Retry::Terminal,
                 }
             }
         }
@@ -130,11 +130,13 @@ pub fn outcome_of(
             if let Some(line) = &att.last_error_line {
                 reason.push_str(&format!("; its last error output: {line}"));
             }
-            AttemptOutcome::Failed { exit_code: Some(code), reason, retryable: !terminal }
+            AttemptOutcome::Failed { exit_code: Some(code), reason, retry: cosmos_proto::Retry::when(!terminal) }
         }
-        (None, Some(sig)) => {
-            AttemptOutcome::Failed { exit_code: None, reason: format!("killed by signal {sig}"), retryable: true }
-        }
+        (None, Some(sig)) => AttemptOutcome::Failed {
+            exit_code: None,
+            reason: format!("killed by signal {sig}"),
+            retry: cosmos_proto::Retry::Retryable,
+        },
         (None, None) => AttemptOutcome::Lost {
             reason: "no exit status was recorded: its container vanished, or its job supervisor (process runtime) \
                      was killed; see the end of its stderr"

@@ -172,30 +172,29 @@ impl ProcessRuntime {
         self.tasks.send_later(&self.events, event);
     }
 
-    fn try_start(&mut self, req: &StartRequest) -> Result<(), (String, bool)> {
+    fn try_start(&mut self, req: &StartRequest) -> Result<(), (String, cosmos_proto::Retry)> {
         if req.spec.image.is_some() {
-            return Err((NO_IMAGES.to_string(), false));
+            return Err((NO_IMAGES.to_string(), cosmos_proto::Retry::Terminal));
         }
         let Some(program) = req.spec.command.first().filter(|p| !p.is_empty()) else {
-            return Err(("the job's `command` is empty: give a program to run".into(), false));
+            return Err(("the job's `command` is empty: give a program to run".into(), cosmos_proto::Retry::Terminal));
         };
         let dir = self.attempt_dir(req.attempt_id);
         for d in [&dir, &req.work_dir] {
-            std::fs::create_dir_all(d)
-                .map_err(|e| (format!("cannot create the attempt directory {}: {e}", d.display()), true))?;
+            std::fs::create_dir_all(d).map_err(|e| {
+                (format!("cannot create the attempt directory {}: {e}", d.display()), cosmos_proto::Retry::Retryable)
+            })?;
         }
         if dir.join(RECORD_FILE).exists() {
             return Err((
                 format!("attempt {} was already started on this host (see {})", req.attempt_id, dir.display()),
-                false,
+                cosmos_proto::Retry::Terminal,
             ));
         }
         let log = |name: &str| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join(name))
-                .map_err(|e| (format!("cannot create {}: {e}", dir.join(name).display()), true))
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).map_err(|e| {
+                (format!("cannot create {}: {e}", dir.join(name).display()), cosmos_proto::Retry::Retryable)
+            })
         };
         let (stdout, stderr) = (log(STDOUT_FILE)?, log(STDERR_FILE)?);
 
@@ -208,7 +207,7 @@ impl ProcessRuntime {
                 format!(
                     "cannot start `{program}`: program not found; install it on the agent host or give its full path"
                 ),
-                false,
+                cosmos_proto::Retry::Terminal,
             )
         })?;
         check_executable(&resolved, &req.work_dir, program)?;
@@ -241,10 +240,16 @@ impl ProcessRuntime {
         // agent's binary, which an operator may have moved: retryable, elsewhere or after a fix.
         let child = cmd.spawn().map_err(|e| {
             let supervisor = self.supervisor.program.display();
-            (format!("cannot start the job supervisor {supervisor} (the agent's own binary): {e}"), true)
+            (
+                format!("cannot start the job supervisor {supervisor} (the agent's own binary): {e}"),
+                cosmos_proto::Retry::Retryable,
+            )
         })?;
         let Some(pid) = child.id() else {
-            return Err((format!("the supervisor of `{program}` exited before it could be tracked"), true));
+            return Err((
+                format!("the supervisor of `{program}` exited before it could be tracked"),
+                cosmos_proto::Retry::Retryable,
+            ));
         };
         let pgid = pid as i32;
         let record = AttemptRecord {
@@ -264,7 +269,10 @@ impl ProcessRuntime {
         if let Err(e) = write_json(&dir.join(RECORD_FILE), &record) {
             // Untracked, it could not be found again after a restart: do not let it run.
             signal_group(pgid, libc::SIGKILL);
-            return Err((format!("cannot write {}: {e}", dir.join(RECORD_FILE).display()), true));
+            return Err((
+                format!("cannot write {}: {e}", dir.join(RECORD_FILE).display()),
+                cosmos_proto::Retry::Retryable,
+            ));
         }
         lock(&self.live).insert(req.attempt_id, Live::new(pgid));
         let watch = Watch { record, dir, events: self.events.clone(), live: self.live.clone() };
@@ -340,9 +348,9 @@ impl Runtime for ProcessRuntime {
     }
 
     fn start(&mut self, req: StartRequest) {
-        if let Err((reason, retryable)) = self.try_start(&req) {
+        if let Err((reason, retry)) = self.try_start(&req) {
             tracing::warn!(attempt = %req.attempt_id, %reason, "attempt did not start");
-            self.send_later(RuntimeEvent::StartFailed { attempt_id: req.attempt_id, reason, retryable });
+            self.send_later(RuntimeEvent::StartFailed { attempt_id: req.attempt_id, reason, retry });
         }
     }
 
@@ -725,17 +733,18 @@ fn log_end(attempt_id: AttemptId, exit: &ExitRecord) {
 /// Rules out the start failures of the job's program that the supervisor
 /// could only record as an exit code: a missing or non-executable program
 /// fails to start, for good, as it did when the agent started jobs itself.
-fn check_executable(resolved: &Path, work_dir: &Path, program: &str) -> Result<(), (String, bool)> {
+fn check_executable(resolved: &Path, work_dir: &Path, program: &str) -> Result<(), (String, cosmos_proto::Retry)> {
     use std::os::unix::fs::PermissionsExt;
     match std::fs::metadata(work_dir.join(resolved)) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Err((
             format!("cannot start `{program}`: program not found; install it on the agent host or give its full path"),
-            false,
+            cosmos_proto::Retry::Terminal,
         )),
         Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => Ok(()),
-        Ok(_) | Err(_) => {
-            Err((format!("cannot start `{program}`: permission denied; make it executable by the agent's user"), false))
-        }
+        Ok(_) | Err(_) => Err((
+            format!("cannot start `{program}`: permission denied; make it executable by the agent's user"),
+            cosmos_proto::Retry::Terminal,
+        )),
     }
 }
 

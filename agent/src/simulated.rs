@@ -271,9 +271,9 @@ impl SimulatedRuntime {
         self.tasks.send_later(&self.events, event);
     }
 
-    fn try_start(&mut self, req: &StartRequest) -> Result<(), (String, bool)> {
+    fn try_start(&mut self, req: &StartRequest) -> Result<(), (String, cosmos_proto::Retry)> {
         let Some(program) = req.spec.command.first().filter(|p| !p.is_empty()) else {
-            return Err(("the job's `command` is empty: give a program to run".into(), false));
+            return Err(("the job's `command` is empty: give a program to run".into(), cosmos_proto::Retry::Terminal));
         };
         let base = program.rsplit('/').next().unwrap_or(program);
         if !PROGRAMS.contains(&base) {
@@ -282,17 +282,21 @@ impl SimulatedRuntime {
                     "cannot start `{program}`: program not found (the simulated runtime runs only {})",
                     PROGRAMS.join(" or ")
                 ),
-                false,
+                cosmos_proto::Retry::Terminal,
             ));
         }
         let dir = self.attempt_dir(req.attempt_id);
         for d in [&dir, &req.work_dir] {
-            std::fs::create_dir_all(d)
-                .map_err(|e| (format!("cannot create the attempt directory {}: {e}", d.display()), true))?;
+            std::fs::create_dir_all(d).map_err(|e| {
+                (format!("cannot create the attempt directory {}: {e}", d.display()), cosmos_proto::Retry::Retryable)
+            })?;
         }
         let mut state = lock(&self.host.state);
         if state.jobs.contains_key(&req.attempt_id) || state.ended.contains_key(&req.attempt_id) {
-            return Err((format!("attempt {} was already started on this host", req.attempt_id), false));
+            return Err((
+                format!("attempt {} was already started on this host", req.attempt_id),
+                cosmos_proto::Retry::Terminal,
+            ));
         }
         let mut env = req.spec.env.clone();
         env.insert("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into());
@@ -348,9 +352,9 @@ impl Runtime for SimulatedRuntime {
     }
 
     fn start(&mut self, req: StartRequest) {
-        if let Err((reason, retryable)) = self.try_start(&req) {
+        if let Err((reason, retry)) = self.try_start(&req) {
             tracing::warn!(attempt = %req.attempt_id, %reason, "attempt did not start");
-            self.send_later(RuntimeEvent::StartFailed { attempt_id: req.attempt_id, reason, retryable });
+            self.send_later(RuntimeEvent::StartFailed { attempt_id: req.attempt_id, reason, retry });
         }
     }
 

@@ -60,11 +60,11 @@ pub enum CasError {
     },
 }
 
-impl CasError {
+impl cosmos_proto::Classify for CasError {
     /// Whether trying again could succeed: a mismatch means the data must be fetched again
     /// (retryable too), an I/O error may be a full disk that an operator frees.
-    pub fn is_retryable(&self) -> bool {
-        true
+    fn retry(&self) -> cosmos_proto::Retry {
+        cosmos_proto::Retry::when(true)
     }
 }
 

@@ -140,7 +140,7 @@ impl CoreActor {
                  its logs say why (`cosmos jobs logs {}`)",
                 job.id
             ),
-            retryable: false,
+            retry: cosmos_proto::Retry::Terminal,
         };
     }
 

@@ -17,6 +17,7 @@ pub mod machine;
 
 /// The store blobs live in, for callers that fill the controller's store directly (tests, tools).
 pub use cosmos_cas::{CasError, Store};
+use cosmos_proto::Classify;
 use cosmos_proto::{
     AgentBlob, BLOB_FRAMES_IN_FLIGHT_PER_CONN_MAX, BlobChunk, ControllerBlob, Sha256, encode_blob,
     encode_controller_chunk_into,
@@ -209,8 +210,11 @@ impl BlobConn {
             }
             OfferAction::StoreEmpty => {
                 // No chunk will follow an empty blob: store it now.
-                let result =
-                    self.store.put_reader(&[][..], Some(&sha256)).map(drop).map_err(|e| (e.to_string(), false));
+                let result = self
+                    .store
+                    .put_reader(&[][..], Some(&sha256))
+                    .map(drop)
+                    .map_err(|e| (e.to_string(), cosmos_proto::Retry::Terminal));
                 encoded(&self.intake.on_committed(sha256, result))
             }
             OfferAction::Commit => {
@@ -246,7 +250,7 @@ impl BlobConn {
             Ok(()) => tracing::info!(agent = self.agent, %sha256, size_bytes, "stored an uploaded blob"),
             Err(e) => tracing::warn!(agent = self.agent, %sha256, error = %e, "an uploaded blob did not commit"),
         }
-        let result = result.map_err(|e| (e.to_string(), e.is_retryable()));
+        let result = result.map_err(|e| (e.to_string(), e.retry()));
         encoded(&self.intake.on_committed(sha256, result))
     }
 
@@ -277,7 +281,7 @@ impl BlobConn {
             },
             Err(e) => {
                 tracing::warn!(agent = self.agent, %sha256, error = %e, "cannot store an uploaded blob");
-                encoded(&self.intake.on_append_failed(sha256, e.to_string(), e.is_retryable()))
+                encoded(&self.intake.on_append_failed(sha256, e.to_string(), e.retry()))
             }
         }
     }
@@ -384,7 +388,7 @@ mod tests {
         // The first was abandoned and forgotten; the second is still known and finishes.
         let first = cosmos_cas::digest(&blobs[0]);
         conn.send(AgentBlob::Chunk(BlobChunk::new(first, 0, blobs[0].clone()))).await;
-        assert!(matches!(conn.next().await, ControllerBlob::Refused { retryable: true, .. }));
+        assert!(matches!(conn.next().await, ControllerBlob::Refused { retry: cosmos_proto::Retry::Retryable, .. }));
         let second = cosmos_cas::digest(&blobs[1]);
         conn.send(AgentBlob::Chunk(BlobChunk::new(second, 0, blobs[1][..4].to_vec()))).await;
         assert_eq!(conn.next().await, ControllerBlob::Ack { sha256: second, have_bytes: 4 });

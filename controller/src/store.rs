@@ -145,10 +145,10 @@ pub enum StoreError {
     },
 }
 
-impl StoreError {
+impl cosmos_proto::Classify for StoreError {
     /// Whether retrying the same operation later may succeed (another connection held a lock).
-    pub fn is_retryable(&self) -> bool {
-        match self {
+    fn retry(&self) -> cosmos_proto::Retry {
+        cosmos_proto::Retry::when(match self {
             StoreError::Sqlite(e) => {
                 matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
             }
@@ -156,7 +156,7 @@ impl StoreError {
             | StoreError::NoWal { .. }
             | StoreError::Encode { .. }
             | StoreError::SchemaTooNew { .. } => false,
-        }
+        })
     }
 }
 

@@ -9,6 +9,7 @@ use cosmos_controller::core::{
     CommandError, ConnId, Core, CoreConfig, Health, HeldBlobs, Now, Output, SubmitError, SubmitOptions,
 };
 use cosmos_controller::records::{AgentRecord, AttemptRecord, AttemptState, JobRecord, JobState, Snapshot, StoreOp};
+use cosmos_proto::Classify;
 use cosmos_proto::spec::ArtifactRef;
 use cosmos_proto::{
     AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, AttemptReport, ControllerMsg, Epoch,
@@ -73,7 +74,11 @@ fn succeeded() -> AttemptOutcome {
 }
 
 fn failed(retryable: bool) -> AttemptOutcome {
-    AttemptOutcome::Failed { exit_code: Some(1), reason: "CUDA out of memory".into(), retryable }
+    AttemptOutcome::Failed {
+        exit_code: Some(1),
+        reason: "CUDA out of memory".into(),
+        retry: cosmos_proto::Retry::when(retryable),
+    }
 }
 
 fn running_report(att: &Assign) -> AttemptReport {
@@ -1498,7 +1503,7 @@ fn a_job_killed_while_cancelling_is_cancelled_not_retried() {
     c.finished(
         "a",
         a.attempt_id,
-        AttemptOutcome::Failed { exit_code: Some(137), reason: "killed".into(), retryable: true },
+        AttemptOutcome::Failed { exit_code: Some(137), reason: "killed".into(), retry: cosmos_proto::Retry::Retryable },
     );
     assert_eq!(c.state(ids[0]), JobState::Cancelled);
     assert_eq!(c.core.queue_depth(), 0);

@@ -5,6 +5,7 @@ use cosmos_controller::records::{
     AgentRecord, AttemptRecord, AttemptState, EventRecord, Idempotency, JobRecord, JobState, Snapshot, StoreOp,
 };
 use cosmos_controller::store::{Store, StoreError};
+use cosmos_proto::Classify;
 use cosmos_proto::spec::{ArtifactRef, InputArtifact, Mount, OutputArtifact};
 use cosmos_proto::{AttemptId, Epoch, GpuInfo, JobId, JobSpec, Sha256};
 use std::path::Path;

@@ -38,11 +38,11 @@ pub enum FrameError {
     Io(#[from] std::io::Error),
 }
 
-impl FrameError {
+impl crate::retry::Classify for FrameError {
     /// A broken connection may work again after a reconnect; a peer that sends
     /// oversized frames will do so again.
-    pub fn is_retryable(&self) -> bool {
-        !matches!(self, FrameError::Oversized { .. })
+    fn retry(&self) -> crate::retry::Retry {
+        crate::retry::Retry::when(!matches!(self, FrameError::Oversized { .. }))
     }
 }
 

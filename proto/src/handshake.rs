@@ -177,14 +177,14 @@ pub enum HandshakeError {
     },
 }
 
-impl HandshakeError {
+impl crate::retry::Classify for HandshakeError {
     /// Whether trying again later may succeed without someone changing a configuration.
-    pub fn is_retryable(&self) -> bool {
-        match self {
+    fn retry(&self) -> crate::retry::Retry {
+        crate::retry::Retry::when(match self {
             HandshakeError::Frame(e) => e.is_retryable(),
             HandshakeError::Closed | HandshakeError::Timeout { .. } => true,
             _ => false,
-        }
+        })
     }
 }
 

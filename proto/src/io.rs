@@ -21,14 +21,14 @@ pub enum RecvError {
     Codec(#[from] CodecError),
 }
 
-impl RecvError {
+impl crate::retry::Classify for RecvError {
     /// Whether reconnecting may help: transport failures yes, a peer that
     /// speaks garbage no.
-    pub fn is_retryable(&self) -> bool {
-        match self {
+    fn retry(&self) -> crate::retry::Retry {
+        crate::retry::Retry::when(match self {
             RecvError::Frame(e) => e.is_retryable(),
             RecvError::Codec(_) => false,
-        }
+        })
     }
 }
 
@@ -43,13 +43,13 @@ pub enum SendError {
     Frame(#[from] FrameError),
 }
 
-impl SendError {
+impl crate::retry::Classify for SendError {
     /// Whether reconnecting may help.
-    pub fn is_retryable(&self) -> bool {
-        match self {
+    fn retry(&self) -> crate::retry::Retry {
+        crate::retry::Retry::when(match self {
             SendError::Frame(e) => e.is_retryable(),
             SendError::Codec(_) => false,
-        }
+        })
     }
 }
 

@@ -12,6 +12,7 @@ pub mod handshake;
 pub mod ids;
 pub mod io;
 pub mod msg;
+pub mod retry;
 pub mod spec;
 
 pub use codec::CodecError;
@@ -20,6 +21,7 @@ pub use handshake::{HandshakeError, Hello, HelloReply, Refusal, Role, Token, Tok
 pub use ids::{AttemptId, Epoch, JobId, Sha256};
 pub use io::{Connection, FrameReader, FrameWriter, RecvError, SendError};
 pub use msg::*;
+pub use retry::{Classify, Retry};
 pub use spec::{ArtifactRef, InputArtifact, JobSpec, Mount, OutputArtifact, SpecError};
 
 /// Version of the protocol this build speaks; peers must match exactly.

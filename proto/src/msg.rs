@@ -6,6 +6,7 @@
 
 use crate::codec::{self, CodecError};
 use crate::ids::{AttemptId, Epoch, JobId, Sha256};
+use crate::retry::Retry;
 use crate::spec::{ArtifactRef, JobSpec};
 use serde::{Deserialize, Serialize};
 
@@ -269,7 +270,7 @@ pub enum AttemptOutcome {
         /// What happened, in words a user understands.
         reason: String,
         /// Whether another attempt could succeed (OOM, lost device) or not (bad arguments).
-        retryable: bool,
+        retry: Retry,
     },
     /// It was stopped on the controller's order.
     Cancelled,
@@ -416,7 +417,7 @@ pub enum ControllerBlob {
         /// Why, in words.
         reason: String,
         /// Whether offering it again may work (the content did not match its digest) or not.
-        retryable: bool,
+        retry: Retry,
     },
 }
 

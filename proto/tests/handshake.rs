@@ -1,5 +1,6 @@
 //! Handshakes between real endpoints, over an in-memory pipe and loopback TCP.
 
+use cosmos_proto::Classify;
 use cosmos_proto::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT_MS, HandshakeError, Hello, Refusal, Role, Token};
 use cosmos_proto::{AgentHello, AgentMsg, Connection, ControllerMsg, Epoch, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};

@@ -222,7 +222,11 @@ fn examples() -> Examples {
         ControllerBlob::Resume { sha256: sha, have_bytes: 2_097_152 },
         ControllerBlob::Ack { sha256: sha, have_bytes: 3_145_728 },
         ControllerBlob::Stored { sha256: sha },
-        ControllerBlob::Refused { sha256: sha, reason: "content does not match its digest".into(), retryable: true },
+        ControllerBlob::Refused {
+            sha256: sha,
+            reason: "content does not match its digest".into(),
+            retry: crate::Retry::Retryable,
+        },
     ] {
         ex.variant(
             blob,
@@ -266,7 +270,11 @@ fn examples() -> Examples {
         AttemptOutcome::Succeeded {
             outputs: vec![ArtifactRef { path: "result.json".into(), sha256: Sha256([0xc3; 32]), size_bytes: 12 }],
         },
-        AttemptOutcome::Failed { exit_code: Some(137), reason: "killed: out of memory".into(), retryable: true },
+        AttemptOutcome::Failed {
+            exit_code: Some(137),
+            reason: "killed: out of memory".into(),
+            retry: crate::Retry::Retryable,
+        },
         AttemptOutcome::Cancelled,
         AttemptOutcome::Rejected { reason: "stale epoch".into() },
         AttemptOutcome::Lost { reason: "container vanished".into() },

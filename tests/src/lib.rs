@@ -1097,7 +1097,7 @@ impl Sim {
                     node.cache.partials.remove(&sha256);
                     Commit::Failed(StageFailure {
                         reason: "simulated: the host cache's disk failed".into(),
-                        retryable: true,
+                        retry: cosmos_proto::Retry::Retryable,
                     })
                 } else {
                     node.cache.partials.remove(&sha256);
@@ -1180,8 +1180,8 @@ impl Sim {
             }
             BlobDown::Control(ControllerBlob::Ack { sha256, have_bytes }) => node.blobs.on_ack(now, sha256, have_bytes),
             BlobDown::Control(ControllerBlob::Stored { sha256 }) => node.blobs.on_stored(sha256),
-            BlobDown::Control(ControllerBlob::Refused { sha256, reason, retryable }) => {
-                node.blobs.on_refused(sha256, reason, retryable)
+            BlobDown::Control(ControllerBlob::Refused { sha256, reason, retry }) => {
+                node.blobs.on_refused(sha256, reason, retry)
             }
             BlobDown::Control(ControllerBlob::Chunk(_)) => unreachable!("download chunks travel as BlobDown::Chunk"),
         }
@@ -1280,7 +1280,7 @@ impl Sim {
         let store_full = self.faults_on() && self.scenario.faults.transfers && self.rng.random_bool(0.05);
         let result = if store_full {
             *self.faults.entry("blob store full").or_insert(0) += 1;
-            Err(("simulated: the controller's blob store is full".to_string(), false))
+            Err(("simulated: the controller's blob store is full".to_string(), cosmos_proto::Retry::Terminal))
         } else {
             self.blob_store.partials.remove(&sha256);
             self.blob_store.blobs.insert(sha256, size_bytes);
@@ -1368,7 +1368,7 @@ impl Sim {
             let event = RuntimeEvent::StartFailed {
                 attempt_id: att,
                 reason: "simulated daemon hiccup".into(),
-                retryable: true,
+                retry: cosmos_proto::Retry::Retryable,
             };
             self.agents[i].containers.remove(&att);
             self.runtime_event(i, event);

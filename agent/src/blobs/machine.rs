@@ -18,6 +18,7 @@
 //! disk holds back requests and memory stays bounded.
 
 use crate::core::StageFailure;
+use cosmos_proto::Classify;
 use cosmos_proto::{
     AttemptId, BLOB_CHUNK_BYTES, BLOB_FRAMES_IN_FLIGHT_PER_BLOB_MAX, BLOB_FRAMES_IN_FLIGHT_PER_CONN_MAX, Sha256,
 };
@@ -65,10 +66,10 @@ pub enum FlowError {
     },
 }
 
-impl FlowError {
+impl cosmos_proto::Classify for FlowError {
     /// Whether another attempt may succeed.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, FlowError::Refused { .. })
+    fn retry(&self) -> cosmos_proto::Retry {
+        cosmos_proto::Retry::when(matches!(self, FlowError::Refused { .. }))
     }
 }
 
@@ -402,7 +403,7 @@ impl Flow {
                 let tries = d.digest_failures + 1;
                 self.downloads.remove(&sha256);
                 let e = FlowError::Digest { sha256, tries };
-                self.fail(sha256, StageFailure { reason: e.to_string(), retryable: e.is_retryable() });
+                self.fail(sha256, StageFailure { reason: e.to_string(), retry: e.retry() });
             }
             Commit::Failed(failure) => {
                 self.downloads.remove(&sha256);
@@ -451,7 +452,7 @@ impl Flow {
         if self.downloads.remove(&sha256).is_some() {
             self.events.push_back(Event::WriterDrop { sha256 });
             let e = FlowError::Missing { sha256, reason };
-            self.fail(sha256, StageFailure { reason: e.to_string(), retryable: e.is_retryable() });
+            self.fail(sha256, StageFailure { reason: e.to_string(), retry: e.retry() });
         }
     }
 
@@ -496,7 +497,8 @@ impl Flow {
     }
 
     /// The controller refused an upload.
-    pub fn on_refused(&mut self, sha256: Sha256, reason: String, retryable: bool) {
+    pub fn on_refused(&mut self, sha256: Sha256, reason: String, retry: cosmos_proto::Retry) {
+        let retryable = retry.is_retryable();
         let Some(u) = self.uploads.get_mut(&sha256) else { return };
         if retryable && u.awaiting_resume {
             // Chunks that were in flight when the controller forgot the upload, each refused in
@@ -664,7 +666,7 @@ impl Flow {
 
     /// `sha256` cannot be had: every stage waiting for it fails.
     fn fail(&mut self, sha256: Sha256, failure: StageFailure) {
-        tracing::warn!(%sha256, reason = %failure.reason, retryable = failure.retryable, "staging an input failed");
+        tracing::warn!(%sha256, reason = %failure.reason, retryable = failure.retry.is_retryable(), "staging an input failed");
         let failed: Vec<AttemptId> = self.stages.iter().filter(|(_, p)| p.contains(&sha256)).map(|(a, _)| *a).collect();
         for attempt_id in failed {
             self.stages.remove(&attempt_id);
@@ -834,7 +836,7 @@ mod tests {
         flow.on_commit(3, SHA, Commit::DigestMismatch);
         match events(&mut flow).as_slice() {
             [Event::StageFailed { attempt_id: ATT, failure }] => {
-                assert!(!failure.retryable);
+                assert!(!failure.retry.is_retryable());
                 assert!(failure.reason.contains("did not match its digest"), "{}", failure.reason);
             }
             other => panic!("{other:?}"),
@@ -848,7 +850,7 @@ mod tests {
         flow.on_missing(SHA, "nobody uploaded it".into());
         let got = events(&mut flow);
         assert_eq!(got[0], Event::WriterDrop { sha256: SHA });
-        assert!(matches!(&got[1], Event::StageFailed { failure, .. } if !failure.retryable));
+        assert!(matches!(&got[1], Event::StageFailed { failure, .. } if !failure.retry.is_retryable()));
     }
 
     #[test]
@@ -921,14 +923,14 @@ mod tests {
         for _ in 1..UPLOAD_TRIES_MAX {
             flow.on_resume(1, SHA, 0);
             let _ = transmits(&mut flow, 1);
-            flow.on_refused(SHA, "store busy".into(), true);
+            flow.on_refused(SHA, "store busy".into(), cosmos_proto::Retry::Retryable);
             assert_eq!(transmits(&mut flow, 1), vec![Transmit::Offer { sha256: SHA, size_bytes: CHUNK_BYTES }]);
             // A second refusal before the offer is answered is of chunks already in flight: it does not count.
-            flow.on_refused(SHA, "store busy".into(), true);
+            flow.on_refused(SHA, "store busy".into(), cosmos_proto::Retry::Retryable);
             assert!(events(&mut flow).is_empty());
         }
         flow.on_resume(1, SHA, 0);
-        flow.on_refused(SHA, "store busy".into(), true);
+        flow.on_refused(SHA, "store busy".into(), cosmos_proto::Retry::Retryable);
         match events(&mut flow).as_slice() {
             [Event::DeliveryFailed { attempt_id: ATT, reason }] => assert!(reason.contains("store busy")),
             other => panic!("{other:?}"),
@@ -940,7 +942,7 @@ mod tests {
     fn a_final_refusal_fails_delivery_at_once() {
         let mut flow = uploading(1);
         flow.on_resume(1, SHA, 0);
-        flow.on_refused(SHA, "past the announced size".into(), false);
+        flow.on_refused(SHA, "past the announced size".into(), cosmos_proto::Retry::Terminal);
         assert!(matches!(events(&mut flow).as_slice(), [Event::DeliveryFailed { .. }]));
     }
 

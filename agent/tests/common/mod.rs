@@ -60,8 +60,8 @@ pub async fn watch_until(
                 assert!(seen.started.is_none(), "started twice");
                 seen.started = Some(handle)
             }
-            RuntimeEvent::StartFailed { attempt_id, reason, retryable } if attempt_id == id => {
-                seen.start_failed = Some((reason, retryable))
+            RuntimeEvent::StartFailed { attempt_id, reason, retry } if attempt_id == id => {
+                seen.start_failed = Some((reason, retry.is_retryable()))
             }
             RuntimeEvent::Log { attempt_id, stream, offset, data } if attempt_id == id => {
                 assert!(seen.exit.is_none(), "a log after the exit");

@@ -154,7 +154,11 @@ impl Intake {
         self.activity += 1;
         let Some(u) = self.uploads.get_mut(&sha256) else {
             let reason = "a chunk of a blob that was not offered on this connection".to_string();
-            return ChunkAction::Reply(ControllerBlob::Refused { sha256, reason, retryable: true });
+            return ChunkAction::Reply(ControllerBlob::Refused {
+                sha256,
+                reason,
+                retry: cosmos_proto::Retry::Retryable,
+            });
         };
         u.last_active = self.activity;
         if u.committing {
@@ -166,7 +170,11 @@ impl Intake {
             let size_bytes = u.size_bytes;
             self.uploads.remove(&sha256);
             let reason = format!("a chunk ends at byte {end}, past the announced size of {size_bytes} bytes");
-            return ChunkAction::Reply(ControllerBlob::Refused { sha256, reason, retryable: false });
+            return ChunkAction::Reply(ControllerBlob::Refused {
+                sha256,
+                reason,
+                retry: cosmos_proto::Retry::Terminal,
+            });
         }
         if offset != u.have_bytes {
             // Sent before the agent rewound: the resent one follows.
@@ -196,14 +204,18 @@ impl Intake {
     }
 
     /// Appending a chunk failed (disk full, I/O error): the upload is refused.
-    pub fn on_append_failed(&mut self, sha256: Sha256, reason: String, retryable: bool) -> ControllerBlob {
+    pub fn on_append_failed(&mut self, sha256: Sha256, reason: String, retry: cosmos_proto::Retry) -> ControllerBlob {
         self.uploads.remove(&sha256);
-        ControllerBlob::Refused { sha256, reason, retryable }
+        ControllerBlob::Refused { sha256, reason, retry }
     }
 
     /// A commit (or an empty blob's store) ended; `Err` carries the reason and whether it is worth retrying.
     /// A failed commit begun at an offer removed its bad leftover bytes: the agent sends them all again.
-    pub fn on_committed(&mut self, sha256: Sha256, result: Result<(), (String, bool)>) -> ControllerBlob {
+    pub fn on_committed(
+        &mut self,
+        sha256: Sha256,
+        result: Result<(), (String, cosmos_proto::Retry)>,
+    ) -> ControllerBlob {
         let on_offer = self.uploads.get(&sha256).is_some_and(|u| u.committing && u.on_offer);
         match result {
             Ok(()) => {
@@ -219,9 +231,9 @@ impl Intake {
                 }
                 ControllerBlob::Resume { sha256, have_bytes: 0 }
             }
-            Err((reason, retryable)) => {
+            Err((reason, retry)) => {
                 self.uploads.remove(&sha256);
-                ControllerBlob::Refused { sha256, reason, retryable }
+                ControllerBlob::Refused { sha256, reason, retry }
             }
         }
     }
@@ -291,12 +303,12 @@ mod tests {
         let mut intake = Intake::new();
         assert!(matches!(
             intake.on_chunk(SHA, 0, 4, true),
-            ChunkAction::Reply(ControllerBlob::Refused { retryable: true, .. })
+            ChunkAction::Reply(ControllerBlob::Refused { retry: cosmos_proto::Retry::Retryable, .. })
         ));
         intake.on_offer(SHA, 10, None, 0);
         assert!(matches!(
             intake.on_chunk(SHA, 8, 4, true),
-            ChunkAction::Reply(ControllerBlob::Refused { retryable: false, .. })
+            ChunkAction::Reply(ControllerBlob::Refused { retry: cosmos_proto::Retry::Terminal, .. })
         ));
     }
 
@@ -307,7 +319,7 @@ mod tests {
         assert_eq!(intake.on_offer(SHA, 10, None, 10), OfferAction::Wait, "the commit under way answers");
         assert_eq!(intake.on_chunk(SHA, 0, 10, true), ChunkAction::Ignore);
         assert!(intake.commit_on_offer(&SHA));
-        let failed = intake.on_committed(SHA, Err(("digest mismatch".into(), false)));
+        let failed = intake.on_committed(SHA, Err(("digest mismatch".into(), cosmos_proto::Retry::Terminal)));
         assert_eq!(failed, ControllerBlob::Resume { sha256: SHA, have_bytes: 0 });
         assert_eq!(intake.on_chunk(SHA, 0, 10, true), ChunkAction::Append);
     }
@@ -318,8 +330,8 @@ mod tests {
         intake.on_offer(SHA, 4, None, 0);
         intake.on_chunk(SHA, 0, 4, true);
         assert_eq!(intake.on_appended(SHA, 4, 4), Appended::Commit);
-        let refused = intake.on_committed(SHA, Err(("digest mismatch".into(), false)));
-        assert!(matches!(refused, ControllerBlob::Refused { retryable: false, .. }));
+        let refused = intake.on_committed(SHA, Err(("digest mismatch".into(), cosmos_proto::Retry::Terminal)));
+        assert!(matches!(refused, ControllerBlob::Refused { retry: cosmos_proto::Retry::Terminal, .. }));
     }
 
     #[test]

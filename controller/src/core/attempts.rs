@@ -67,7 +67,7 @@ impl Core {
                             "exited 0 but its required outputs did not reach the controller: {}",
                             unreported.join(", ")
                         ),
-                        retryable: true,
+                        retry: cosmos_proto::Retry::Retryable,
                     }
                 } else if !unheld.is_empty() {
                     AttemptOutcome::Failed {
@@ -76,7 +76,7 @@ impl Core {
                             "outputs not delivered: {} not in the controller's blob store; another attempt will run",
                             unheld.join(", ")
                         ),
-                        retryable: true,
+                        retry: cosmos_proto::Retry::Retryable,
                     }
                 } else {
                     AttemptOutcome::Succeeded { outputs }
@@ -149,7 +149,8 @@ impl Core {
             _ if job.rec.cancel_requested => {
                 self.conclude(now, job_id, JobState::Cancelled, att.exit_code, Some("cancelled by user".into()));
             }
-            AttemptOutcome::Failed { exit_code, reason, retryable } => {
+            AttemptOutcome::Failed { exit_code, reason, retry } => {
+                let retryable = retry.is_retryable();
                 job.rec.attempts_used += 1;
                 let used = job.rec.attempts_used;
                 if retryable && used < job.rec.spec.max_attempts {

@@ -302,10 +302,10 @@ pub enum SubmitError {
     },
 }
 
-impl SubmitError {
+impl cosmos_proto::Classify for SubmitError {
     /// Only a full queue clears by itself.
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, SubmitError::QueueFull { .. })
+    fn retry(&self) -> cosmos_proto::Retry {
+        cosmos_proto::Retry::when(matches!(self, SubmitError::QueueFull { .. }))
     }
 }
 

@@ -26,6 +26,7 @@ use crate::records::Idempotency;
 use crate::shared::Shared;
 use actix::Addr;
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, dev::Server, http::StatusCode, web};
+use cosmos_proto::Classify;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;

@@ -87,8 +87,9 @@ fn outcome() -> impl Strategy<Value = AttemptOutcome> {
             0..3
         )
         .prop_map(|outputs| AttemptOutcome::Succeeded { outputs }),
-        (option::of(any::<i32>()), text(), any::<bool>())
-            .prop_map(|(exit_code, reason, retryable)| AttemptOutcome::Failed { exit_code, reason, retryable }),
+        (option::of(any::<i32>()), text(), any::<bool>()).prop_map(|(exit_code, reason, retryable)| {
+            AttemptOutcome::Failed { exit_code, reason, retry: Retry::when(retryable) }
+        }),
         Just(AttemptOutcome::Cancelled),
         text().prop_map(|reason| AttemptOutcome::Lost { reason }),
         text().prop_map(|reason| AttemptOutcome::Rejected { reason }),
@@ -266,7 +267,7 @@ pub fn controller_blob() -> impl Strategy<Value = cosmos_proto::ControllerBlob> 
         (sha(), text(), any::<bool>()).prop_map(|(sha256, reason, retryable)| ControllerBlob::Refused {
             sha256,
             reason,
-            retryable
+            retry: Retry::when(retryable)
         }),
     ]
 }
