@@ -178,6 +178,16 @@ pub enum Output {
         /// Which attempt.
         attempt_id: AttemptId,
     },
+    /// The controller durably recorded how this attempt ended: the runtime may
+    /// drop its record of it, and its inputs leave its directory (so the
+    /// cache may evict them). Nothing answers.
+    Forget {
+        /// Which attempt.
+        attempt_id: AttemptId,
+    },
+    /// After a reconciliation: look for containers that no live attempt
+    /// claims (left by a crash, or fenced) and remove them.
+    Reap,
     /// Kill these processes of an ended attempt that still hold GPU memory
     /// (host pids, from the monitor); the GPU is checked again afterwards.
     KillStrays {
@@ -473,10 +483,12 @@ impl AgentCore {
                 for attempt_id in fenced {
                     self.stop(now_ms, attempt_id, StopReason::Fenced, self.config.stop_grace_ms, out);
                 }
+                out.push(Output::Reap);
             }
             ControllerMsg::AckFinished { attempt_ids } => {
                 for id in attempt_ids {
                     self.finished.remove(&id);
+                    out.push(Output::Forget { attempt_id: id });
                 }
             }
             ControllerMsg::HeartbeatAck { .. } => self.last_ack_ms = now_ms,
@@ -1662,5 +1674,16 @@ Root Cause (first observed failure):
         );
         assert!(lost(&mut core, 20).is_empty(), "reported once");
         assert!(!heartbeat_gpu(&mut core, 2_000).healthy);
+    }
+
+    #[test]
+    fn an_acknowledged_end_is_forgotten_and_a_reconcile_reaps() {
+        let mut core = core();
+        let mut out = Vec::new();
+        core.on_message(1, ControllerMsg::AckFinished { attempt_ids: vec![ATT] }, &mut out);
+        assert!(out.contains(&Output::Forget { attempt_id: ATT }), "{out:?}");
+        out.clear();
+        core.on_message(2, ControllerMsg::Reconcile { epoch: Epoch(1), keep: Vec::new() }, &mut out);
+        assert!(out.contains(&Output::Reap), "{out:?}");
     }
 }

@@ -645,20 +645,8 @@ impl Shell {
                 msg = async { incoming.as_mut().expect("guarded").recv().await }, if incoming.is_some() => {
                     match msg {
                         Some(Ok(msg)) => {
-                            if let ControllerMsg::AckFinished { attempt_ids } = &msg {
-                                for &id in attempt_ids {
-                                    self.runtime.as_dyn().acknowledged(id);
-                                    // Its inputs leave its directory, so the cache can evict them.
-                                    let release = crate::blobs::Command::Release { attempt_id: id };
-                                    let _ = self.blobs.commands.send(release);
-                                }
-                            }
-                            let reconcile = matches!(msg, ControllerMsg::Reconcile { .. });
                             let now = self.now_ms();
                             self.core.on_message(now, msg, &mut out);
-                            if reconcile {
-                                self.reap();
-                            }
                         }
                         Some(Err(e)) => lost = Some(format!("reading from the controller failed: {e}")),
                         None => lost = Some("the controller closed the connection".into()),
@@ -820,6 +808,11 @@ impl Shell {
                 Output::AbortUpload { attempt_id } => {
                     let _ = self.blobs.commands.send(crate::blobs::Command::AbortUpload { attempt_id });
                 }
+                Output::Forget { attempt_id } => {
+                    self.runtime.as_dyn().acknowledged(attempt_id);
+                    let _ = self.blobs.commands.send(crate::blobs::Command::Release { attempt_id });
+                }
+                Output::Reap => self.reap(),
                 Output::KillStrays { attempt_id, pids } => {
                     for pid in pids {
                         // Checked again just before: a pid seen a sample ago may have been reused.

@@ -993,6 +993,15 @@ impl Sim {
                     self.agents[i].delivering.remove(&attempt_id);
                     self.agents[i].blobs.abort_upload(attempt_id);
                 }
+                AgentOut::Forget { attempt_id } => {
+                    // The runtime drops what it kept of an ended attempt the controller has recorded.
+                    let node = &mut self.agents[i];
+                    if node.containers.get(&attempt_id).is_some_and(|c| c.exited.is_some()) {
+                        node.containers.remove(&attempt_id);
+                    }
+                }
+                // The simulated runtime leaves no unclaimed containers behind to reap.
+                AgentOut::Reap => *self.transfers.entry("reap").or_insert(0) += 1,
                 // Simulated GPUs list no processes, so no process of an attempt can outlive it here.
                 AgentOut::KillStrays { attempt_id, pids } => {
                     panic!("the simulated GPUs list no processes, yet the core asked to kill {pids:?} of {attempt_id}")
