@@ -755,6 +755,9 @@ impl Sim {
         for o in out {
             let action = match o {
                 CtlOut::Persist(ops) => {
+                    // Checked when the core decides, not when the persist becomes durable:
+                    // the agent may well speak in between.
+                    self.check_lost_decisions(&ops);
                     self.store_ticket += 1;
                     let ticket = self.store_ticket;
                     if self.submission_pending {
@@ -772,6 +775,25 @@ impl Sim {
             };
             if let Some(action) = self.gate.admit(action, Some(self.store_durable)) {
                 self.controller_act(action);
+            }
+        }
+    }
+
+    /// Lost means silent for the whole grace period, in true time: a core that
+    /// measured on a stepped wall clock would say so early.
+    fn check_lost_decisions(&mut self, ops: &[StoreOp]) {
+        for op in ops {
+            let StoreOp::Event(e) = op else { continue };
+            if e.kind != "agent_lost" {
+                continue;
+            }
+            let agent = e.agent.clone().unwrap_or_default();
+            let silent_ms = self.now_ms - self.last_heard_ms.get(&agent).copied().unwrap_or(0);
+            if silent_ms < self.scenario.core.lost_after_ms {
+                self.fail(format!(
+                    "agent {agent} declared lost after {silent_ms} ms of silence, under lost_after_ms = {}",
+                    self.scenario.core.lost_after_ms
+                ));
             }
         }
     }
@@ -859,19 +881,6 @@ impl Sim {
                 });
             }
             match op {
-                StoreOp::Event(e) if e.kind == "agent_lost" => {
-                    *self.event_kinds.entry(e.kind.clone()).or_insert(0) += 1;
-                    // Lost means silent for the whole grace period, in true time: a
-                    // core that measured on a stepped wall clock would say so early.
-                    let agent = e.agent.clone().unwrap_or_default();
-                    let silent_ms = self.now_ms - self.last_heard_ms.get(&agent).copied().unwrap_or(0);
-                    if silent_ms < self.scenario.core.lost_after_ms {
-                        self.fail(format!(
-                            "agent {agent} declared lost after {silent_ms} ms of silence, under lost_after_ms = {}",
-                            self.scenario.core.lost_after_ms
-                        ));
-                    }
-                }
                 StoreOp::Event(e) => *self.event_kinds.entry(e.kind.clone()).or_insert(0) += 1,
                 StoreOp::PutAttempt(a) => {
                     self.attempt_ids.insert(a.id);
