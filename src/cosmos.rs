@@ -599,6 +599,19 @@ pub fn cancel_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `cosmos runs retry`.
+pub fn retry_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let _: serde_json::Value = client.post(&format!("/v1/runs/{id}/retry"), &serde_json::json!({}))?;
+    if args.json {
+        let r: RunView = client.get(&format!("/v1/runs/{id}"))?;
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("{id} re-queued");
+    }
+    Ok(())
+}
+
 /// `cosmos prompts list`.
 pub fn list_prompts(args: &ClientArgs) -> anyhow::Result<()> {
     let client = Client::new(args)?;

@@ -187,12 +187,16 @@ pub fn wait_for(
 }
 
 /// `cosmos jobs list`.
-pub fn list(args: &ClientArgs, state: Option<&str>) -> anyhow::Result<()> {
+pub fn list(args: &ClientArgs, state: Option<&str>, since: Option<&str>) -> anyhow::Result<()> {
     let client = Client::new(args)?;
-    let path = match state {
-        Some(s) => format!("/v1/jobs?state={s}"),
-        None => "/v1/jobs".to_string(),
-    };
+    let mut query = Vec::new();
+    if let Some(s) = state {
+        query.push(format!("state={s}"));
+    }
+    if let Some(since) = since {
+        query.push(format!("since_ms={}", since_ms(since)?));
+    }
+    let path = if query.is_empty() { "/v1/jobs".to_string() } else { format!("/v1/jobs?{}", query.join("&")) };
     let jobs: Vec<JobView> = client.get(&path)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&jobs)?);
@@ -242,6 +246,17 @@ pub fn show(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     if let Some(e) = &j.error {
         println!("error: {}", printable(e));
     }
+    if let Some(why) = &j.waiting {
+        println!("waiting: {}", printable(why));
+    }
+    if let Some(elapsed) = j.elapsed_ms {
+        println!(
+            "elapsed {:.1} s since its first start, {:.1} GPU-seconds{}",
+            elapsed as f64 / 1000.0,
+            j.gpu_seconds,
+            if j.retries > 0 { format!(", retried {} times", j.retries) } else { String::new() }
+        );
+    }
     for a in &j.attempt_history {
         println!(
             "  {} on {} [{}] {}  exit {}  {}",
@@ -267,6 +282,40 @@ pub fn cancel(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
         println!("cancel of {id} recorded");
     }
     Ok(())
+}
+
+/// `cosmos jobs retry`.
+pub fn retry(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
+    let client = Client::new(args)?;
+    let _: serde_json::Value = client.post(&format!("/v1/jobs/{id}/retry"), &serde_json::json!({}))?;
+    if args.json {
+        let j: JobView = client.get(&format!("/v1/jobs/{id}"))?;
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!("{id} re-queued; its earlier attempts stay in `cosmos jobs show {id}`");
+    }
+    Ok(())
+}
+
+/// `--since`: a duration back from now (`90s`, `30m`, `6h`, `2d`) or milliseconds since the Unix epoch.
+fn since_ms(text: &str) -> anyhow::Result<u64> {
+    let bad = || {
+        anyhow::anyhow!("--since {text}: give a duration back from now (90s, 30m, 6h, 2d) or ms since the Unix epoch")
+    };
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(ms);
+    }
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let unit_ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(bad()),
+    };
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    Ok(now_ms.saturating_sub(n.saturating_mul(unit_ms)))
 }
 
 /// `cosmos jobs logs [-f]`: prints the job's output lines (with `--json`, one

@@ -310,6 +310,13 @@ enum RunsCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Re-queue a failed or cancelled run: the same run id, a fresh attempt budget.
+    Retry {
+        /// The run (`rs_…`).
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -355,6 +362,9 @@ enum JobsCommand {
         /// Only jobs in this state.
         #[arg(long)]
         state: Option<String>,
+        /// Only jobs submitted since: a duration back from now (`90m`, `6h`, `2d`) or ms since the Unix epoch.
+        #[arg(long)]
+        since: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -367,6 +377,13 @@ enum JobsCommand {
     },
     /// Cancel a job.
     Cancel {
+        /// Job id.
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Re-queue a failed or cancelled job under its own id, with a fresh attempt budget.
+    Retry {
         /// Job id.
         id: String,
         #[command(flatten)]
@@ -512,9 +529,12 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Up { data_dir, agents, gpus, client_command } => up::up(data_dir, agents, &gpus, client_command),
         Command::Jobs(cmd) => match cmd {
             JobsCommand::Submit { file, wait, client } => jobs::submit(&client, &file, wait),
-            JobsCommand::List { state, client } => jobs::list(&client, state.as_deref()).map(|()| true),
+            JobsCommand::List { state, since, client } => {
+                jobs::list(&client, state.as_deref(), since.as_deref()).map(|()| true)
+            }
             JobsCommand::Show { id, client } => jobs::show(&client, &id).map(|()| true),
             JobsCommand::Cancel { id, client } => jobs::cancel(&client, &id).map(|()| true),
+            JobsCommand::Retry { id, client } => jobs::retry(&client, &id).map(|()| true),
             JobsCommand::Logs { id, follow, tail_bytes, client } => {
                 jobs::logs(&client, &id, follow, tail_bytes).map(|()| true)
             }
@@ -559,6 +579,7 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             RunsCommand::Show { id, client } => cosmos::show_run(&client, &id).map(|()| true),
             RunsCommand::Search { words, client } => cosmos::list_runs(&client, None, None, &words).map(|()| true),
             RunsCommand::Cancel { id, client } => cosmos::cancel_run(&client, &id).map(|()| true),
+            RunsCommand::Retry { id, client } => cosmos::retry_run(&client, &id).map(|()| true),
         },
         Command::Prompts(cmd) => match cmd {
             PromptsCommand::List { client } => cosmos::list_prompts(&client).map(|()| true),

@@ -450,3 +450,69 @@ fn the_smaller_defects_of_show_list_create_and_enhance() {
     let shown = text(&c.cli(&["runs", "show", &slow_run]).stdout);
     assert!(shown.contains("attempts 1"), "{shown}");
 }
+
+#[test]
+fn a_failed_job_is_retried_under_its_id_and_a_waiting_one_says_why() {
+    let c = Cluster::start(1, 30_000);
+    let batch = write_jobs(
+        c.dir.path(),
+        "fails.jsonl",
+        &[serde_json::json!({ "name": "fails", "command": ["sh", "-c", "exit 3"], "max_attempts": 1 })],
+    );
+    assert!(c.cli(&["jobs", "submit", &batch]).status.success());
+    c.poll("job-1 failed", &["jobs", "show", "job-1", "--json"], |o| text(&o.stdout).contains("\"state\": \"failed\""));
+
+    let out = c.cli(&["jobs", "retry", "job-1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("job-1 re-queued"), "{}", text(&out.stdout));
+    c.poll("job-1's second attempt ended", &["jobs", "show", "job-1", "--json"], |o| {
+        let j: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        j["state"] == "failed" && j["attempt_history"].as_array().is_some_and(|a| a.len() == 2)
+    });
+    let j = c.json(&["jobs", "show", "job-1", "--json"]);
+    assert_eq!(j["retries"], 1, "{j}");
+    assert!(j["started_ms"].as_u64().is_some() && j["gpu_seconds"].as_f64().is_some(), "accounting: {j}");
+    // A succeeded job cannot be retried; the refusal says why.
+    let ok = write_jobs(c.dir.path(), "ok.jsonl", &[serde_json::json!({ "name": "ok", "command": ["true"] })]);
+    assert!(c.cli(&["jobs", "submit", &ok, "--wait"]).status.success());
+    let out = c.cli(&["jobs", "retry", "job-2"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("only a failed or cancelled job can be retried"), "{}", text(&out.stderr));
+
+    // Listing since a time: an hour back holds both, the future holds none.
+    let recent = c.json(&["jobs", "list", "--since", "1h", "--json"]);
+    assert_eq!(recent.as_array().map(Vec::len), Some(2), "{recent}");
+    let future = format!("{}", u64::MAX / 2);
+    let none = c.json(&["jobs", "list", "--since", &future, "--json"]);
+    assert_eq!(none.as_array().map(Vec::len), Some(0), "{none}");
+    let out = c.cli(&["jobs", "list", "--since", "yesterday"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("--since yesterday"), "{}", text(&out.stderr));
+
+    // A job after a failed one is refused, naming the fix; one after a running
+    // one waits, says why, and runs once that one succeeds.
+    let after_failed =
+        write_jobs(c.dir.path(), "late.jsonl", &[serde_json::json!({ "command": ["true"], "after": ["job-1"] })]);
+    let out = c.cli(&["jobs", "submit", &after_failed]);
+    assert!(!out.status.success() && text(&out.stderr).contains("retry that one first"), "{}", text(&out.stderr));
+    let go = c.dir.path().join("go");
+    let chain = write_jobs(
+        c.dir.path(),
+        "chain.jsonl",
+        &[
+            serde_json::json!({ "name": "first", "command": ["sh", "-c", format!("while [ ! -e {} ]; do sleep 0.05; done", go.display())] }),
+        ],
+    );
+    assert!(c.cli(&["jobs", "submit", &chain]).status.success());
+    let then = write_jobs(
+        c.dir.path(),
+        "then.jsonl",
+        &[serde_json::json!({ "name": "then", "command": ["true"], "after": ["job-3"] })],
+    );
+    assert!(c.cli(&["jobs", "submit", &then]).status.success());
+    let shown = text(&c.cli(&["jobs", "show", "job-4"]).stdout);
+    assert!(shown.contains("waiting: waiting for job-3 to succeed"), "{shown}");
+    std::fs::write(&go, b"").unwrap();
+    c.poll("job-4 ran after job-3", &["jobs", "show", "job-4", "--json"], |o| {
+        text(&o.stdout).contains("\"state\": \"succeeded\"")
+    });
+}
