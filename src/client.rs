@@ -125,6 +125,25 @@ impl Client {
         self.json(resp)
     }
 
+    /// Runs an operator command (`POST {object}/{verb}`), then prints the
+    /// object it acted on (`--json`) or `said`: cancel and retry of jobs and runs.
+    pub fn command<T: DeserializeOwned + Serialize>(
+        &self,
+        json: bool,
+        object: &str,
+        verb: &str,
+        said: &str,
+    ) -> anyhow::Result<()> {
+        let _: serde_json::Value = self.post(&format!("{object}/{verb}"), &serde_json::json!({}))?;
+        if json {
+            let view: T = self.get(object)?;
+            println!("{}", serde_json::to_string_pretty(&view)?);
+        } else {
+            println!("{said}");
+        }
+        Ok(())
+    }
+
     /// POST JSON, read a JSON answer. A submission carries an idempotency key
     /// of its own and is sent again under it when its answer is lost or the
     /// controller is busy or restarting, so it is made once however often it is sent.

@@ -588,28 +588,17 @@ pub fn show_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
 
 /// `cosmos runs cancel`.
 pub fn cancel_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
-    let client = Client::new(args)?;
-    let _: serde_json::Value = client.post(&format!("/v1/runs/{id}/cancel"), &serde_json::json!({}))?;
-    if args.json {
-        let r: RunView = client.get(&format!("/v1/runs/{id}"))?;
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
-        println!("cancel of {id} recorded");
-    }
-    Ok(())
+    Client::new(args)?.command::<RunView>(
+        args.json,
+        &format!("/v1/runs/{id}"),
+        "cancel",
+        &format!("cancel of {id} recorded"),
+    )
 }
 
 /// `cosmos runs retry`.
 pub fn retry_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
-    let client = Client::new(args)?;
-    let _: serde_json::Value = client.post(&format!("/v1/runs/{id}/retry"), &serde_json::json!({}))?;
-    if args.json {
-        let r: RunView = client.get(&format!("/v1/runs/{id}"))?;
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
-        println!("{id} re-queued");
-    }
-    Ok(())
+    Client::new(args)?.command::<RunView>(args.json, &format!("/v1/runs/{id}"), "retry", &format!("{id} re-queued"))
 }
 
 /// `cosmos prompts list`.

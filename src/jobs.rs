@@ -273,28 +273,22 @@ pub fn show(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
 
 /// `cosmos jobs cancel`.
 pub fn cancel(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
-    let client = Client::new(args)?;
-    let _: serde_json::Value = client.post(&format!("/v1/jobs/{id}/cancel"), &serde_json::json!({}))?;
-    if args.json {
-        let j: JobView = client.get(&format!("/v1/jobs/{id}"))?;
-        println!("{}", serde_json::to_string_pretty(&j)?);
-    } else {
-        println!("cancel of {id} recorded");
-    }
-    Ok(())
+    Client::new(args)?.command::<JobView>(
+        args.json,
+        &format!("/v1/jobs/{id}"),
+        "cancel",
+        &format!("cancel of {id} recorded"),
+    )
 }
 
 /// `cosmos jobs retry`.
 pub fn retry(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
-    let client = Client::new(args)?;
-    let _: serde_json::Value = client.post(&format!("/v1/jobs/{id}/retry"), &serde_json::json!({}))?;
-    if args.json {
-        let j: JobView = client.get(&format!("/v1/jobs/{id}"))?;
-        println!("{}", serde_json::to_string_pretty(&j)?);
-    } else {
-        println!("{id} re-queued; its earlier attempts stay in `cosmos jobs show {id}`");
-    }
-    Ok(())
+    Client::new(args)?.command::<JobView>(
+        args.json,
+        &format!("/v1/jobs/{id}"),
+        "retry",
+        &format!("{id} re-queued; its earlier attempts stay in `cosmos jobs show {id}`"),
+    )
 }
 
 /// `--since`: a duration back from now (`90s`, `30m`, `6h`, `2d`) or milliseconds since the Unix epoch.
