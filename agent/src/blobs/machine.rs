@@ -484,14 +484,7 @@ impl Flow {
         if self.uploads.remove(&sha256).is_none() {
             return;
         }
-        let mut finished = Vec::new();
-        for (attempt_id, pending) in self.deliveries.iter_mut() {
-            if pending.remove(&sha256) && pending.is_empty() {
-                finished.push(*attempt_id);
-            }
-        }
-        for attempt_id in finished {
-            self.deliveries.remove(&attempt_id);
+        for attempt_id in take_completed(&mut self.deliveries, &sha256) {
             self.events.push_back(Event::Delivered { attempt_id });
         }
     }
@@ -652,14 +645,7 @@ impl Flow {
 
     /// `sha256` is in the cache and good: stages waiting only for it are ready.
     fn ready(&mut self, sha256: Sha256) {
-        let mut complete = Vec::new();
-        for (attempt_id, pending) in self.stages.iter_mut() {
-            if pending.remove(&sha256) && pending.is_empty() {
-                complete.push(*attempt_id);
-            }
-        }
-        for attempt_id in complete {
-            self.stages.remove(&attempt_id);
+        for attempt_id in take_completed(&mut self.stages, &sha256) {
             self.events.push_back(Event::InputsReady { attempt_id });
         }
     }
@@ -702,6 +688,19 @@ fn download_waits(d: &Download) -> bool {
 /// all is acknowledged and not yet stored (the controller's commit may have failed unsaid).
 fn upload_waits(u: &Upload) -> bool {
     u.awaiting_resume || u.sent > u.acked || u.acked == u.size
+}
+
+/// Takes `sha256` off every attempt's set of blobs it waits for; removes and
+/// returns the attempts that now wait for nothing.
+fn take_completed(waiting: &mut BTreeMap<AttemptId, BTreeSet<Sha256>>, sha256: &Sha256) -> Vec<AttemptId> {
+    let done: Vec<AttemptId> = waiting
+        .iter_mut()
+        .filter_map(|(&attempt_id, pending)| (pending.remove(sha256) && pending.is_empty()).then_some(attempt_id))
+        .collect();
+    for attempt_id in &done {
+        waiting.remove(attempt_id);
+    }
+    done
 }
 
 #[cfg(test)]
