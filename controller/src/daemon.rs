@@ -191,7 +191,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         flag: "--agent-listen",
         cause,
     })?;
-    let api_listener = std::net::TcpListener::bind(opts.api_listen).map_err(|cause| DaemonError::Bind {
+    let api_listener = http::bind(opts.api_listen).map_err(|cause| DaemonError::Bind {
         addr: opts.api_listen,
         flag: "--api-listen",
         cause,

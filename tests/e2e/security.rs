@@ -173,9 +173,13 @@ fn stalled_clients_cannot_take_the_descriptors_agents_need() {
     let (api, agents) = (api.trim_start_matches("http://"), agents.as_str());
     let bearer = format!("Bearer {}", std::fs::read_to_string(data.join("api.token")).unwrap().trim());
     // 260 authenticated clients that send their headers and `{`, then stall.
+    // Beyond the workers' connection limits they wait in the accept backlog,
+    // connected at once: a short backlog would leave them in SYN retries (and
+    // this test cycling through body timeouts for a minute).
+    let api_addr: std::net::SocketAddr = api.parse().unwrap();
     let stalled: Vec<TcpStream> = (0..260)
         .filter_map(|_| {
-            let mut s = TcpStream::connect(api).ok()?;
+            let mut s = TcpStream::connect_timeout(&api_addr, Duration::from_secs(2)).ok()?;
             let head = format!(
                 "POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: {bearer}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{"
             );

@@ -358,6 +358,21 @@ pub(crate) fn idempotency(req: &HttpRequest, body: &[u8]) -> Result<Option<Idemp
     Ok(Some(Idempotency { key: key.to_string(), request_sha256: hex::encode(sha2::Sha256::digest(body)) }))
 }
 
+/// Connections the kernel completes and queues while every API worker is at
+/// its connection limit (actix's own default). `std`'s bind would give 128:
+/// a burst of clients beyond the workers' limits then waits in SYN retries,
+/// seconds each, instead of being accepted as soon as a worker frees up.
+pub const API_ACCEPT_BACKLOG_MAX: u32 = 2048;
+
+/// Binds the API's listener, with [`API_ACCEPT_BACKLOG_MAX`]; must run inside a tokio runtime.
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As std and tokio do: a restarted controller can rebind while old connections linger in TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(API_ACCEPT_BACKLOG_MAX)?.into_std()
+}
+
 /// Starts serving the API on a bound listener; returns the server with its address.
 pub fn server(
     listener: std::net::TcpListener,
