@@ -306,6 +306,16 @@ impl ProcessRuntime {
             exited,
             remaining_ms,
         };
+        if !same_boot(&record) {
+            // The host crashed or rebooted: whatever the record says, the
+            // job's outputs were never synced and may be torn. Run it again.
+            tracing::warn!(attempt = %record.attempt_id, "an attempt of an earlier boot of this host; reporting it lost");
+            let exit = ExitRecord::default();
+            if let Err(e) = write_json(&dir.join(EXIT_FILE), &exit) {
+                tracing::warn!(attempt = %record.attempt_id, error = %e, "cannot record the exit of an attempt");
+            }
+            return Some(recovered(Some(status_of(&exit)), None));
+        }
         if let Some(exit) = read_exit(dir, record.attempt_id) {
             // It ended while no agent watched it; its supervisor recorded how.
             log_end(record.attempt_id, &exit);
@@ -654,16 +664,22 @@ pub fn hash_file(path: &Path) -> io::Result<(Sha256, u64)> {
     Ok((Sha256(hasher.finalize().into()), size))
 }
 
+/// Whether the record was written on this boot of the host (true when either boot id is unknown).
+fn same_boot(record: &AttemptRecord) -> bool {
+    match (&record.boot_id, boot_id()) {
+        (Some(then), Some(now)) => *then == now,
+        _ => true,
+    }
+}
+
 /// Whether the record's process group is still the one this record started:
 /// it exists, on the same boot, and its leader (if alive) is the same process.
 fn is_ours(record: &AttemptRecord) -> bool {
     if !group_exists(record.pgid) {
         return false;
     }
-    if let (Some(then), Some(now)) = (&record.boot_id, boot_id()) {
-        if *then != now {
-            return false;
-        }
+    if !same_boot(record) {
+        return false;
     }
     // While any member of the group lives, its id cannot go to a new process;
     // a live process with that id is then our leader, unless the group died and the id was reused.

@@ -5,7 +5,7 @@
 //! group, and the supervisor starts the job as its own child, in that group.
 //! The supervisor holds no GPU and none of the agent's descriptors; it only
 //! waits for the job and then writes how it ended (exit code or signal, peak
-//! memory, CPU time) into the attempt's `exit.json`, atomically and durably.
+//! memory, CPU time) into the attempt's `exit.json`, atomically.
 //!
 //! Why: a process is only its parent's to wait for. After an agent restart the
 //! job is no longer the agent's child and its exit status would be lost with
@@ -96,13 +96,15 @@ pub fn read_record(path: &Path) -> Result<Option<ExitRecord>, ReadError> {
     serde_json::from_slice(&bytes).map(Some).map_err(|source| ReadError::Torn { path: path.to_path_buf(), source })
 }
 
-/// Writes an exit record so that a reader, even after a host crash, finds
-/// either no record or a complete one: to a temporary file, `fsync`, rename
-/// over the record, `fsync` of the directory.
+/// Writes an exit record so that a reader finds either no record or a
+/// complete one: to a temporary file, then renamed over the record.
 ///
-/// Unlike the agent's own records, this one is synced: it is written once per
-/// job by the job's supervisor, off the agent's path, and it is the only
-/// account of how the job ended.
+/// No fsync, as for the agent's own records: the record is for a restarted
+/// *agent process*, and the page cache outlives a process. After a host crash
+/// the job's outputs, which nobody synced either, may be torn, so a rebooted
+/// host's agent reports an attempt of an earlier boot lost whatever its record
+/// says (the process runtime checks the boot id). Two fsyncs per job held each
+/// job's GPUs for two journal commits on ext4.
 pub fn write_record(path: &Path, record: &ExitRecord) -> io::Result<()> {
     let mut tmp_name = path.as_os_str().to_owned();
     tmp_name.push(TMP_SUFFIX);
@@ -110,11 +112,8 @@ pub fn write_record(path: &Path, record: &ExitRecord) -> io::Result<()> {
     let text = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
     let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
     file.write_all(&text)?;
-    file.sync_all()?;
     drop(file);
-    std::fs::rename(&tmp, path)?;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::File::open(dir)?.sync_all()
+    std::fs::rename(&tmp, path)
 }
 
 /// How the agent starts a supervisor: a program, and the arguments that come before the supervisor's own.

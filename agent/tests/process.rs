@@ -305,6 +305,29 @@ async fn a_restarted_runtime_adopts_running_attempts_and_reports_finished_ones()
 }
 
 #[tokio::test]
+async fn an_attempt_of_an_earlier_boot_is_reported_lost_whatever_its_record_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, mut rx) = runtime(dir.path());
+    first.start(request(&first, 1, &["sh", "-c", "echo out > result.txt"]));
+    assert_eq!(run_to_end(&mut rx, AttemptId(1)).await.status().code, Some(0));
+    drop(first);
+    drop(rx);
+    // The host "reboots": the records stay, written on a boot that is over.
+    let record_path = dir.path().join("attempts/att-1/attempt.json");
+    let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    assert!(record["boot_id"].is_string(), "the record names its boot: {record}");
+    record["boot_id"] = "an-earlier-boot".into();
+    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
+
+    let (mut second, _rx) = runtime(dir.path());
+    let recovered = second.recover();
+    assert_eq!(recovered.len(), 1, "{recovered:?}");
+    // Its outputs were never synced: after a host crash they may be torn, so it runs again.
+    assert_eq!(recovered[0].exited, Some(ExitStatus { code: None, signal: None, oom_killed: false }));
+    assert!(recovered[0].outputs.is_empty(), "{recovered:?}");
+}
+
+#[tokio::test]
 async fn a_job_whose_supervisor_is_killed_alone_is_killed_and_reported_lost() {
     let dir = tempfile::tempdir().unwrap();
     let (mut rt, mut rx) = runtime(dir.path());
