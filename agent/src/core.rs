@@ -3,7 +3,13 @@
 //! The shell feeds in controller messages, runtime events (container started,
 //! exited), GPU samples from the monitor and clock ticks; the core answers with
 //! messages to send and containers to start or stop. `now_ms` is the agent's
-//! own clock and is never compared with the controller's.
+//! own monotonic clock and is never compared with the controller's.
+//!
+//! Entry points: [`AgentCore::new`] (adopting what the runtime recovered), then
+//! [`AgentCore::connected`] / [`AgentCore::disconnected`] around each link,
+//! the `on_*` methods for each input, and [`AgentCore::tick`] once
+//! [`AgentCore::next_deadline_ms`] is reached (asked again after every input):
+//! the shell has no fixed tick.
 
 use crate::exit::{ExitContext, outcome_of, quoted, torchrun_failure};
 use cosmos_proto::spec::{ArtifactRef, InputArtifact};
@@ -32,6 +38,9 @@ pub struct AgentConfig {
     pub upload_timeout_ms: u64,
     /// After killing an attempt's processes that outlived it, how long its GPU gets to drain before quarantine.
     pub stray_kill_recheck_ms: u64,
+    /// A deliberately broken variant, for the simulator's teeth tests.
+    #[cfg(feature = "sabotage")]
+    pub sabotage: Sabotage,
 }
 
 impl Default for AgentConfig {
@@ -45,8 +54,31 @@ impl Default for AgentConfig {
             kill_slack_ms: 5_000,
             upload_timeout_ms: 30 * 60 * 1_000,
             stray_kill_recheck_ms: 5_000,
+            #[cfg(feature = "sabotage")]
+            sabotage: Sabotage::None,
         }
     }
+}
+
+/// What the memory-release check may judge on.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Judge {
+    /// A fresh reading of every GPU.
+    Reading,
+    /// Only time passed.
+    Due,
+}
+
+/// A deliberately broken agent core, for the simulator's teeth tests.
+#[cfg(feature = "sabotage")]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum Sabotage {
+    /// The sound core.
+    #[default]
+    None,
+    /// [`AgentCore::next_deadline_ms`] leaves out the forced kill of a stop
+    /// whose grace ran out: a shell sleeping until it would never force it.
+    ForgetKillDeadline,
 }
 
 /// How a container or process ended, as the runtime saw it.
@@ -757,7 +789,7 @@ impl AgentCore {
             self.gpu_processes.insert(uuid.clone(), r.processes);
             self.usage.insert(uuid, r.usage);
         }
-        self.check_vram(now_ms, out);
+        self.check_vram(now_ms, Judge::Reading, out);
     }
 
     /// The driver reported a hardware error on a GPU.
@@ -790,11 +822,20 @@ impl AgentCore {
             .unwrap_or_default()
     }
 
-    fn check_vram(&mut self, now_ms: u64, out: &mut Vec<Output>) {
+    /// Judges the GPUs whose memory must drain. `Judge::Reading`: a fresh reading came, so every
+    /// pending GPU is looked at and quarantined ones may recover. `Judge::Due`: only time passed,
+    /// so only GPUs whose bound has passed are judged (on the last reading), and nothing happens
+    /// before [`AgentCore::next_deadline_ms`].
+    fn check_vram(&mut self, now_ms: u64, judge: Judge, out: &mut Vec<Output>) {
         let tolerance = self.config.vram_tolerance_bytes;
         let mut released = Vec::new();
         let mut quarantined = Vec::new();
-        let uuids: Vec<String> = self.pending_release.keys().cloned().collect();
+        let uuids: Vec<String> = self
+            .pending_release
+            .iter()
+            .filter(|(_, p)| judge == Judge::Reading || now_ms >= p.deadline_ms)
+            .map(|(uuid, _)| uuid.clone())
+            .collect();
         for uuid in uuids {
             let used = self.usage.get(&uuid).map_or(0, own_vram_bytes);
             let p = self.pending_release[&uuid].clone();
@@ -850,6 +891,10 @@ impl AgentCore {
                 held_bytes: used,
             };
             out.push(Output::Send(AgentMsg::GpuFault { gpu_uuid: uuid, fault }));
+        }
+        if judge == Judge::Due {
+            // Usage and processes change only with a reading, which judged recovery already.
+            return;
         }
         let recovered: Vec<String> = self
             .faulty
@@ -918,7 +963,35 @@ impl AgentCore {
                 out.push(Output::Stop { attempt_id: id, grace_ms: 0 });
             }
         }
-        self.check_vram(now_ms, out);
+        self.check_vram(now_ms, Judge::Due, out);
+    }
+
+    /// When [`AgentCore::tick`] next has work, on this agent's clock: a heartbeat
+    /// due or the link's acknowledgement bound, an attempt's timeout, a forced
+    /// kill after a stop's grace, an output delivery's bound, a GPU's
+    /// memory-release bound (or the re-check after killing its strays). A
+    /// shell sleeps until then or until its next input, then asks again;
+    /// ticking earlier changes nothing. `None`: nothing is pending.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        let link = self.connected.then(|| {
+            let ack = self.last_ack_ms.saturating_add(self.config.ack_timeout_ms);
+            let heartbeat = self.last_heartbeat_ms.saturating_add(self.config.heartbeat_interval_ms);
+            ack.min(heartbeat)
+        });
+        let attempts = self.attempts.values().filter_map(|att| match (&att.blob_work, att.stop) {
+            // Only the delivery is bounded once the job has finished.
+            (Some(BlobWork::Uploading { deadline_ms, .. }), _) => Some(*deadline_ms),
+            (_, None) => att.deadline_ms,
+            (_, Some((_, kill_at))) => {
+                #[cfg(feature = "sabotage")]
+                if self.config.sabotage == Sabotage::ForgetKillDeadline {
+                    return None;
+                }
+                Some(kill_at)
+            }
+        });
+        let releases = self.pending_release.values().map(|p| p.deadline_ms);
+        link.into_iter().chain(attempts).chain(releases).min()
     }
 
     fn gpu_usage(&self, now_ms: u64) -> Vec<GpuUsage> {
@@ -1674,6 +1747,74 @@ Root Cause (first observed failure):
         );
         assert!(lost(&mut core, 20).is_empty(), "reported once");
         assert!(!heartbeat_gpu(&mut core, 2_000).healthy);
+    }
+
+    /// Ticks 1 ms before the core's next deadline (nothing may happen, and the
+    /// deadline stays), then at it (something must); returns when, and what.
+    fn tick_through_deadline(core: &mut AgentCore) -> (u64, Vec<Output>) {
+        let due = core.next_deadline_ms().expect("a deadline is pending");
+        let mut out = Vec::new();
+        core.tick(due - 1, &mut out);
+        assert!(out.is_empty(), "a tick 1 ms before {due} did work: {out:?}");
+        assert_eq!(core.next_deadline_ms(), Some(due), "a tick 1 ms early moved the deadline");
+        core.tick(due, &mut out);
+        assert!(!out.is_empty(), "nothing was due at {due}");
+        (due, out)
+    }
+
+    #[test]
+    fn the_link_wakes_the_core_for_heartbeats_until_acks_stop_then_never() {
+        let mut core = core();
+        let (heartbeat, ack) = (core.config.heartbeat_interval_ms, core.config.ack_timeout_ms);
+        let mut at = Vec::new();
+        loop {
+            let (due, out) = tick_through_deadline(&mut core);
+            at.push(due);
+            if out.contains(&Output::Reconnect) {
+                break;
+            }
+            assert!(matches!(out.as_slice(), [Output::Send(AgentMsg::Heartbeat(_))]), "{out:?}");
+        }
+        let beats: Vec<u64> = (1..ack / heartbeat).map(|n| n * heartbeat).collect();
+        assert_eq!(at, [beats, vec![ack]].concat());
+        assert_eq!(core.next_deadline_ms(), None, "no link, no attempt: nothing to wake for");
+    }
+
+    #[test]
+    fn an_attempts_timeout_its_forced_kill_and_its_gpus_release_bound_each_wake_the_core() {
+        let mut core = core();
+        core.disconnected();
+        assign(&mut core, 0, spec(0));
+        core.on_runtime(1, RuntimeEvent::Started { attempt_id: ATT, handle: "h".into() }, &mut Vec::new());
+        let (due, out) = tick_through_deadline(&mut core);
+        assert_eq!((due, out), (10_000, vec![Output::Stop { attempt_id: ATT, grace_ms: core.config.stop_grace_ms }]));
+        let (due, out) = tick_through_deadline(&mut core);
+        assert_eq!(due, 10_000 + core.config.stop_grace_ms + core.config.kill_slack_ms);
+        assert_eq!(out, vec![Output::Stop { attempt_id: ATT, grace_ms: 0 }]);
+        // Killed at last; a process of it still holds memory.
+        core.on_gpu_readings(due, reading(10 << 30, vec![ours(99, 10 << 30)]), &mut Vec::new());
+        let status = ExitStatus { code: None, signal: Some(9), oom_killed: false };
+        let exited = RuntimeEvent::Exited { attempt_id: ATT, status, outputs: Vec::new() };
+        core.on_runtime(due + 1, exited, &mut Vec::new());
+        let (bound, out) = tick_through_deadline(&mut core);
+        assert_eq!(bound, due + 1 + core.config.vram_release_bound_ms);
+        assert_eq!(out, vec![Output::KillStrays { attempt_id: ATT, pids: vec![99] }]);
+        let (recheck, out) = tick_through_deadline(&mut core);
+        assert_eq!(recheck, bound + core.config.stray_kill_recheck_ms);
+        assert!(matches!(faults(&out).as_slice(), [GpuFault::VramNotReleased { .. }]), "{out:?}");
+        assert_eq!(core.next_deadline_ms(), None, "a quarantine waits for a reading or the operator, not for time");
+    }
+
+    #[test]
+    fn an_undelivered_outputs_bound_wakes_the_core() {
+        let mut core = core();
+        core.disconnected();
+        uploading(&mut core);
+        // Its GPU's memory drained at once.
+        core.on_gpu_readings(101, reading(0, Vec::new()), &mut Vec::new());
+        let (due, out) = tick_through_deadline(&mut core);
+        assert_eq!(due, 100 + core.config.upload_timeout_ms);
+        assert!(out.contains(&Output::AbortUpload { attempt_id: ATT }), "{out:?}");
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The agent's shell: connects to the controller, feeds the [`AgentCore`]
-//! with messages, runtime events and clock ticks, and performs its outputs.
+//! with messages, runtime events and GPU readings, wakes it when its next
+//! deadline comes ([`AgentCore::next_deadline_ms`]; there is no fixed tick),
+//! and performs its outputs.
 //!
 //! Tasks: one reads frames from the controller, one writes them (writes are
 //! not cancel-safe, so they happen in one place only), one dials; the main
@@ -13,7 +15,7 @@ use crate::process::ProcessRuntime;
 use crate::runtime::{EVENT_QUEUE_LEN, Runtime, StartRequest};
 use cosmos_proto::Classify;
 use cosmos_proto::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT_MS, HandshakeError, Hello, Refusal, Role, Token};
-use cosmos_proto::{AgentMsg, Connection, ControllerFrame, ControllerMsg, GpuInfo, GpuUsage, RecvError};
+use cosmos_proto::{AgentMsg, Connection, ControllerFrame, ControllerMsg, GpuInfo, RecvError};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::pin::pin;
@@ -23,8 +25,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-/// How often the core's clock advances (heartbeats, timeouts) and simulated GPUs are sampled.
-const TICK_MS: u64 = 100;
 /// Bound on a TCP connect; the handshake has its own.
 const CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// Messages waiting for the writer before runtime events are held back (log readers then wait).
@@ -40,6 +40,9 @@ const BULK_QUEUE_LEN: usize = 4;
 const CONTROL_BURST_MAX: u32 = 8;
 /// How long shutdown waits for queued messages to reach the socket.
 const CLOSE_TIMEOUT_MS: u64 = 2_000;
+// The two Docker timers below are not the core's deadlines but I/O polling of
+// the Docker daemon, which tells nobody when its state changes: a container
+// left by a crash, or the daemon going away, is only found by asking.
 /// How often the Docker runtime's reaper looks for containers no attempt claims (also after each reconcile).
 const REAP_INTERVAL_MS: u64 = 60_000;
 /// How often the Docker daemon is pinged, so that losing it (and getting it back) is logged.
@@ -557,8 +560,8 @@ impl Shell {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AgentError> {
         let mut shutdown = pin!(shutdown);
-        let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Simulated GPUs are never sampled: the core counts a GPU it has no reading of as idle,
+        // which is all a simulated one ever is.
         let hello = Hello {
             role: Role::Agent,
             node_id: self.opts.name.clone(),
@@ -581,16 +584,14 @@ impl Shell {
             // The futures below borrow only locals, so their handlers may use `self` freely.
             let writer_tx = if self.outbox.is_empty() { None } else { self.link.as_ref().map(|l| l.tx.clone()) };
             let events_open = self.outbox.len() < OUTBOX_LEN;
+            // Asked again after every input: any of them may move the core's next deadline.
+            let wake = self.core.next_deadline_ms().map(|ms| Instant::from_std(self.clock + Duration::from_millis(ms)));
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
-                _ = tick.tick() => {
+                () = async { tokio::time::sleep_until(wake.expect("guarded")).await }, if wake.is_some() => {
                     let now = self.now_ms();
                     self.core.tick(now, &mut out);
-                    if self.opts.gpus_simulated {
-                        let samples = self.gpus.iter().map(GpuUsage::idle).collect();
-                        self.core.on_gpu_sample(now, samples, &mut out);
-                    }
                 }
                 joined = async { dialing.as_mut().expect("guarded").await }, if dialing.is_some() => {
                     dialing = None;

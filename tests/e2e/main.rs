@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 mod artifacts;
 mod cli;
+mod clock;
 mod cosmos;
 mod failstop;
 mod gpu;
@@ -36,6 +37,8 @@ struct Cluster {
     lost_after_ms: u64,
     /// Extra flags for the controller and for every agent.
     extra: (Vec<String>, Vec<String>),
+    /// Extra environment of the controller's process.
+    controller_env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -50,7 +53,18 @@ impl Cluster {
         controller_args: Vec<String>,
         agent_args: impl FnOnce(&Path) -> Vec<String>,
     ) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
+        Cluster::start_in(tempfile::tempdir().unwrap(), agents, lost_after_ms, controller_args, Vec::new(), agent_args)
+    }
+
+    /// A cluster in `dir` whose controller also gets extra environment variables.
+    fn start_in(
+        dir: tempfile::TempDir,
+        agents: usize,
+        lost_after_ms: u64,
+        controller_args: Vec<String>,
+        controller_env: Vec<(String, String)>,
+        agent_args: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Cluster {
         let extra = (controller_args, agent_args(dir.path()));
         let mut c = Cluster {
             dir,
@@ -60,6 +74,7 @@ impl Cluster {
             agents: Vec::new(),
             lost_after_ms,
             extra,
+            controller_env,
         };
         c.start_controller("127.0.0.1:0", "127.0.0.1:0");
         for i in 0..agents {
@@ -80,6 +95,7 @@ impl Cluster {
             .arg(self.data())
             .args(["--api-listen", api, "--agent-listen", agents, "--lost-after-ms", &self.lost_after_ms.to_string()])
             .args(&self.extra.0)
+            .envs(self.controller_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(
                 std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("ctl.log")).unwrap(),

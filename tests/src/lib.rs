@@ -620,6 +620,9 @@ impl Sim {
         node.blobs = new_flow(&self.scenario);
         node.writers.clear();
         node.delivering.clear();
+        // The new process has not reconciled yet: a stop its predecessor asked for may have been
+        // lost by the runtime, and its first reconcile fences the attempt again.
+        node.reconciled_fenced.clear();
         let recovered = node
             .containers
             .iter()
@@ -639,6 +642,8 @@ impl Sim {
             stop_grace_ms: 5_000,
             vram_release_bound_ms: 10_000,
             upload_timeout_ms: 30_000,
+            #[cfg(feature = "sabotage")]
+            sabotage: self.scenario.agent_sabotage,
             ..AgentConfig::default()
         };
         node.core = Some(AgentCore::new(
@@ -689,12 +694,32 @@ impl Sim {
                 if self.agents[i].core.is_none() {
                     return;
                 }
+                // One event stands for two inputs of the daemon: the GPU monitor's reading,
+                // then a wake-up, which may come early (the daemon wakes only at the deadline).
                 let samples = self.gpu_samples(i);
                 let mut out = Vec::new();
                 let now = self.agent_clock(i);
                 let core = self.agents[i].core.as_mut().unwrap();
                 core.on_gpu_sample(now, samples, &mut out);
-                core.tick(now, &mut out);
+                let due = core.next_deadline_ms();
+                let mut ticked = Vec::new();
+                core.tick(now, &mut ticked);
+                let after = core.next_deadline_ms();
+                // The daemon sleeps until next_deadline_ms: a tick before it must have nothing to
+                // do and move no deadline; and a tick must leave the next one ahead, or the daemon
+                // would wake again at once, in a loop.
+                if due.is_none_or(|d| now < d) && (!ticked.is_empty() || after != due) {
+                    let text = format!("{ticked:?}");
+                    let what = format!(
+                        "agent {i}: a tick {} ms before next_deadline_ms did work (deadline {due:?} -> {after:?}): {}",
+                        due.map_or(0, |d| d - now),
+                        &text[..text.len().min(300)]
+                    );
+                    self.fail(what);
+                } else if after.is_some_and(|d| d <= now) {
+                    self.fail(format!("agent {i}: after a tick at {now}, next_deadline_ms is already due ({after:?})"));
+                }
+                out.extend(ticked);
                 let flow = &mut self.agents[i].blobs;
                 if flow.poll_timeout().is_some_and(|t| t <= now) {
                     flow.handle_timeout(now);
@@ -1421,6 +1446,13 @@ impl Sim {
             return;
         };
         if c.exited.is_some() {
+            return;
+        }
+        let faults_on = self.now_ms < self.scenario.fault_window_ms;
+        if grace_ms > 0 && faults_on && self.scenario.faults.containers && self.rng.random_bool(0.1) {
+            // The runtime lost the stop (a Docker daemon that did not answer): the container runs
+            // on until the agent core, past the grace and its slack, asks again with no grace.
+            *self.faults.entry("stop lost").or_insert(0) += 1;
             return;
         }
         c.stopping = true;

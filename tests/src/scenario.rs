@@ -77,6 +77,9 @@ pub struct Scenario {
     /// A deliberately broken agent blob machine, for the teeth tests.
     #[cfg(feature = "sabotage")]
     pub blob_sabotage: cosmos_agent::blobs::machine::Sabotage,
+    /// A deliberately broken agent core, for the teeth tests.
+    #[cfg(feature = "sabotage")]
+    pub agent_sabotage: cosmos_agent::core::Sabotage,
 }
 
 impl Scenario {
@@ -94,6 +97,8 @@ impl Scenario {
             core: CoreConfig { lost_after_ms: 10_000, ..CoreConfig::default() },
             #[cfg(feature = "sabotage")]
             blob_sabotage: Default::default(),
+            #[cfg(feature = "sabotage")]
+            agent_sabotage: Default::default(),
         }
     }
 

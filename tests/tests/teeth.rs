@@ -1,10 +1,11 @@
-//! The simulator has teeth: each deliberately broken controller (and agent blob machine) is caught by
+//! The simulator has teeth: each deliberately broken controller (and agent core, and agent blob machine) is caught by
 //! the invariant meant for it, within a bounded number of seeds.
 //!
 //! `cargo test -p cosmos-sim --features sabotage --test teeth -- --nocapture`
 //! prints how many seeds each took.
 
 use cosmos_agent::blobs::machine::Sabotage as BlobSabotage;
+use cosmos_agent::core::Sabotage as AgentSabotage;
 use cosmos_controller::core::Sabotage;
 use cosmos_sim::{Scenario, run_seed};
 
@@ -66,6 +67,25 @@ fn a_download_resumed_past_its_good_bytes_is_caught() {
         }
     }
     panic!("ResumePastEnd went unnoticed for {SEEDS_MAX} seeds: the simulator is blind to it");
+}
+
+#[test]
+fn an_agent_deadline_left_out_of_next_deadline_ms_is_caught() {
+    // The agent core forgets to say when a stop's grace runs out: its daemon, sleeping until
+    // next_deadline_ms, would never force-kill a container that ignores the stop.
+    let mut scenario = Scenario::ci();
+    scenario.agent_sabotage = AgentSabotage::ForgetKillDeadline;
+    for seed in 0..SEEDS_MAX {
+        if let Some(v) = run_seed(&scenario, seed).violation {
+            println!("ForgetKillDeadline: caught at seed {seed} ({} seeds run), {v}", seed + 1);
+            assert!(
+                v.what.contains("before next_deadline_ms did work"),
+                "caught, but by another check than expected: {v}"
+            );
+            return;
+        }
+    }
+    panic!("ForgetKillDeadline went unnoticed for {SEEDS_MAX} seeds: the simulator is blind to it");
 }
 
 #[test]
