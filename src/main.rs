@@ -14,8 +14,20 @@ use std::path::PathBuf;
 #[derive(Parser, Debug)]
 #[command(name = "cosmos", version, about)]
 pub struct Cli {
+    /// How log lines are written on stderr: `text` for people, `json` (one object per line) for journald and log shippers.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "COSMOS_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The shape of log lines.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// One human-readable line per event, coloured on a terminal.
+    Text,
+    /// One JSON object per event: `timestamp`, `level`, `target`, the event's fields (`message` among them) and the current `span`.
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -454,8 +466,9 @@ fn main() -> std::process::ExitCode {
         let code = cosmos_agent::supervise::main(std::env::args_os().skip(2));
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
-    init_tracing();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match run(cli) {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::FAILURE,
         Err(err) => {
@@ -465,12 +478,16 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("COSMOS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
-    let ansi = std::io::stderr().is_terminal();
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
+        // Flattened, so a shipper finds `message` and the event's fields at the top level.
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
+    };
 }
 
 /// Runs one command; `Ok(false)` means it ran but what it waited for did not all succeed.
