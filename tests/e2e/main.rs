@@ -15,6 +15,7 @@ mod failstop;
 mod gpu;
 mod restart;
 mod security;
+mod ssh;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cosmos");
 
