@@ -3,6 +3,7 @@
 mod client;
 mod cosmos;
 mod jobs;
+mod ssh;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -51,14 +52,33 @@ enum Command {
         /// Bound on each stored log stream (stdout, stderr) of one attempt, in bytes; past it the log is cut, and the cut marked.
         #[arg(long, default_value_t = cosmos_controller::daemon::ATTEMPT_LOG_BYTES_MAX_DEFAULT)]
         attempt_log_bytes_max: u64,
+        /// Host keys of the hosts reached over SSH are checked against this file (default ~/.ssh/known_hosts).
+        #[arg(long, value_name = "FILE")]
+        known_hosts: Option<PathBuf>,
+        /// The ssh_config read for HostName, User, Port, IdentityFile, ProxyJump (default ~/.ssh/config).
+        #[arg(long, value_name = "FILE")]
+        ssh_config: Option<PathBuf>,
+        /// Silence on an SSH link before a keepalive is sent, in milliseconds.
+        #[arg(long, default_value_t = cosmos_ssh::KEEPALIVE_INTERVAL_MS_DEFAULT)]
+        ssh_keepalive_interval_ms: u64,
+        /// SSH keepalives unanswered before the link counts as dead and is redialed.
+        #[arg(long, default_value_t = cosmos_ssh::KEEPALIVE_MAX_DEFAULT)]
+        ssh_keepalive_max: usize,
         #[command(flatten)]
         cosmos: CosmosArgs,
     },
     /// Run a GPU host's agent daemon.
     Agent {
-        /// The controller's agent address, HOST:PORT.
-        #[arg(long)]
-        controller: String,
+        /// The controller's agent address, HOST:PORT: the agent dials it (loopback, trusted networks).
+        #[arg(long, required_unless_present = "listen", conflicts_with = "listen")]
+        controller: Option<String>,
+        /// Wait for the controller instead: `unix:/run/cosmos/agent.sock` (mode 0660; the controller
+        /// reaches it through SSH) or `127.0.0.1:PORT`. One controller connection at a time.
+        #[arg(long, value_name = "unix:PATH|IP:PORT")]
+        listen: Option<String>,
+        /// The group given the `--listen unix:` socket (name or number), so the SSH user can connect to it.
+        #[arg(long, value_name = "GROUP", requires = "listen")]
+        listen_group: Option<String>,
         /// File holding the controller's agent token.
         #[arg(long)]
         token_file: PathBuf,
@@ -426,6 +446,43 @@ enum JobsCommand {
 
 #[derive(Subcommand, Debug)]
 enum AgentsCommand {
+    /// Register a host the controller reaches itself over SSH (its agent runs with `--listen`); stored, so it survives restarts.
+    Add {
+        /// `ssh://USER@HOST[:PORT]`; ~/.ssh/config may supply HostName, User, Port, IdentityFile and ProxyJump.
+        url: String,
+        /// Private key to offer (absolute path; ed25519, ECDSA or RSA); the controller's ssh-agent is tried too.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
+        /// File holding the passphrase of an encrypted --identity (absolute path).
+        #[arg(long, value_name = "FILE")]
+        identity_passphrase_file: Option<PathBuf>,
+        /// Go through this bastion: `ssh://USER@BASTION[:PORT]`.
+        #[arg(long, value_name = "URL")]
+        jump: Option<String>,
+        /// The agent's Unix socket on the host (default /run/cosmos/agent.sock).
+        #[arg(long, value_name = "PATH", conflicts_with = "port")]
+        socket: Option<String>,
+        /// The agent's loopback port on the host, instead of a socket (`cosmos agent --listen 127.0.0.1:PORT`).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Learn the host's key on first contact instead of refusing a host not in known_hosts; a changed key is still refused.
+        #[arg(long)]
+        accept_new_host_key: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Forget a registered host and close the controller's link to it.
+    Remove {
+        /// The host, as in `cosmos agents hosts`.
+        host: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// The hosts the controller reaches over SSH, and how each link stands.
+    Hosts {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// List agents with their GPUs and live VRAM.
     List {
         #[command(flatten)]
@@ -497,7 +554,27 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             println!("cosmos {} (protocol v{})", env!("CARGO_PKG_VERSION"), cosmos_proto::PROTOCOL_VERSION);
             Ok(true)
         }
-        Command::Controller { data_dir, api_listen, agent_listen, lost_after_ms, attempt_log_bytes_max, cosmos } => {
+        Command::Controller {
+            data_dir,
+            api_listen,
+            agent_listen,
+            lost_after_ms,
+            attempt_log_bytes_max,
+            known_hosts,
+            ssh_config,
+            ssh_keepalive_interval_ms,
+            ssh_keepalive_max,
+            cosmos,
+        } => {
+            let known_hosts = known_hosts.or_else(cosmos_ssh::known_hosts::default_path).ok_or_else(|| {
+                anyhow::anyhow!("HOME is not set, so there is no ~/.ssh/known_hosts: give --known-hosts FILE")
+            })?;
+            let dialer = ssh::SshDialer {
+                known_hosts,
+                ssh_config,
+                keepalive_interval_ms: ssh_keepalive_interval_ms,
+                keepalive_max: ssh_keepalive_max,
+            };
             let core = cosmos_controller::core::CoreConfig { lost_after_ms, ..Default::default() };
             let opts = cosmos_controller::daemon::ControllerOptions {
                 data_dir,
@@ -507,6 +584,7 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
                 core,
                 cosmos: cosmos.config(),
                 attempt_log_bytes_max,
+                dialer: Some(std::sync::Arc::new(dialer)),
             };
             warn_if_exposed(api_listen, agent_listen);
             opts.cosmos
@@ -517,6 +595,8 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
         }
         Command::Agent {
             controller,
+            listen,
+            listen_group,
             token_file,
             work_dir,
             simulated_gpus,
@@ -540,7 +620,14 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
                 }),
             };
             let config = cosmos_agent::core::AgentConfig { vram_release_bound_ms, ..Default::default() };
-            up::run_agent(controller, token_file, work_dir, gpu_source, config, name, runtime, cache_max_gib)?;
+            let link = match (controller, listen) {
+                (_, Some(listen)) => cosmos_agent::daemon::ControllerLink::Listen(
+                    cosmos_agent::daemon::ListenAddr::parse(&listen, listen_group).map_err(anyhow::Error::msg)?,
+                ),
+                (Some(addr), None) => cosmos_agent::daemon::ControllerLink::Dial(addr),
+                (None, None) => anyhow::bail!("give --controller HOST:PORT (dial it) or --listen ADDR (wait for it)"),
+            };
+            up::run_agent(link, token_file, work_dir, gpu_source, config, name, runtime, cache_max_gib)?;
             Ok(true)
         }
         Command::Up { data_dir, agents, gpus, client_command } => up::up(data_dir, agents, &gpus, client_command),
@@ -559,6 +646,29 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
         },
         Command::Agents(cmd) => match cmd {
             AgentsCommand::List { client } => jobs::agents(&client).map(|()| true),
+            AgentsCommand::Add {
+                url,
+                identity,
+                identity_passphrase_file,
+                jump,
+                socket,
+                port,
+                accept_new_host_key,
+                client,
+            } => {
+                let entry = cosmos_controller::hosts::HostEntry {
+                    url,
+                    identity,
+                    passphrase_file: identity_passphrase_file,
+                    jump,
+                    socket,
+                    port,
+                    accept_new_host_key,
+                };
+                ssh::add(&client, entry).map(|()| true)
+            }
+            AgentsCommand::Remove { host, client } => ssh::remove(&client, &host).map(|()| true),
+            AgentsCommand::Hosts { client } => ssh::list(&client).map(|()| true),
             AgentsCommand::Drain { name, client } => jobs::drain(&client, &name, true).map(|()| true),
             AgentsCommand::Undrain { name, gpu: None, client } => jobs::drain(&client, &name, false).map(|()| true),
             AgentsCommand::Undrain { name, gpu: Some(uuid), client } => {

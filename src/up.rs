@@ -26,7 +26,7 @@ pub enum GpuChoice {
 /// Runs an agent until SIGTERM or Ctrl-C.
 #[allow(clippy::too_many_arguments)]
 pub fn run_agent(
-    controller: String,
+    link: cosmos_agent::daemon::ControllerLink,
     token_file: PathBuf,
     work_dir: PathBuf,
     gpu_choice: GpuChoice,
@@ -65,7 +65,7 @@ pub fn run_agent(
     let own_binary = std::env::current_exe()
         .context("cannot find the agent's own binary, which supervises each job (`cosmos job-supervise`)")?;
     let opts = cosmos_agent::daemon::AgentOptions {
-        controller_addr: controller,
+        link,
         token,
         name,
         work_dir,
@@ -274,10 +274,10 @@ fn read_addresses(stdout: std::process::ChildStdout) -> anyhow::Result<(String, 
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("cosmos controller: API on ") {
-                if let Some((api, agents)) = rest.split_once(", agents on ") {
-                    let _ = tx.send((api.to_string(), agents.to_string()));
-                }
+            if let Some(rest) = line.strip_prefix("cosmos controller: API on ")
+                && let Some((api, agents)) = rest.split_once(", agents on ")
+            {
+                let _ = tx.send((api.to_string(), agents.to_string()));
             }
         }
     });

@@ -1,7 +1,7 @@
-//! The agent's shell: connects to the controller, feeds the [`AgentCore`]
-//! with messages, runtime events and GPU readings, wakes it when its next
-//! deadline comes ([`AgentCore::next_deadline_ms`]; there is no fixed tick),
-//! and performs its outputs.
+//! The agent's shell: connects to the controller (or waits for it, see
+//! [`crate::listen`]), feeds the [`AgentCore`] with messages, runtime events
+//! and GPU readings, wakes it when its next deadline comes
+//! ([`AgentCore::next_deadline_ms`]; there is no fixed tick), and performs its outputs.
 //!
 //! Tasks: one reads frames from the controller, one writes them (writes are
 //! not cancel-safe, so they happen in one place only), one dials; the main
@@ -11,11 +11,13 @@
 
 use crate::core::{AgentConfig, AgentCore, Output};
 use crate::docker::{DockerConfig, DockerRuntime};
+pub use crate::listen::{ListenAddr, ListenError};
 use crate::process::ProcessRuntime;
 use crate::runtime::{EVENT_QUEUE_LEN, Runtime, StartRequest};
 use cosmos_proto::Classify;
 use cosmos_proto::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT_MS, HandshakeError, Hello, Refusal, Role, Token};
-use cosmos_proto::{AgentMsg, Connection, ControllerFrame, ControllerMsg, GpuInfo, RecvError};
+use cosmos_proto::retry::Backoff;
+use cosmos_proto::{AgentMsg, BoxStream, Connection, ControllerFrame, ControllerMsg, GpuInfo, RecvError};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::pin::pin;
@@ -75,11 +77,29 @@ impl AgentRuntime {
     }
 }
 
+/// How the agent and the controller find each other.
+#[derive(Clone, Debug)]
+pub enum ControllerLink {
+    /// The agent dials the controller's agent port, `host:port`.
+    Dial(String),
+    /// The agent waits for the controller (which comes through SSH, or over a trusted network).
+    Listen(ListenAddr),
+}
+
+impl std::fmt::Display for ControllerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControllerLink::Dial(addr) => f.write_str(addr),
+            ControllerLink::Listen(addr) => write!(f, "(listening on {addr})"),
+        }
+    }
+}
+
 /// How to run an agent.
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    /// The controller's agent port, `host:port`.
-    pub controller_addr: String,
+    /// Whether the agent dials the controller or waits for it, and where.
+    pub link: ControllerLink,
     /// Shared token presented in the handshake.
     pub token: Token,
     /// This agent's name (its node id), usually the host name.
@@ -94,7 +114,7 @@ pub struct AgentOptions {
     pub frame_bytes_max: u32,
     /// The core's tunables.
     pub config: AgentConfig,
-    /// First wait before redialling the controller.
+    /// First wait before redialling the controller (when dialing).
     pub reconnect_min_ms: u64,
     /// Longest wait between dials.
     pub reconnect_max_ms: u64,
@@ -150,6 +170,9 @@ pub enum AgentError {
         #[source]
         source: HandshakeError,
     },
+    /// The agent cannot listen for the controller.
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     /// The controller address is not `host:port`.
     #[error("controller address `{addr}` is not HOST:PORT (e.g. controller.example:7070)")]
     BadAddress {
@@ -179,12 +202,13 @@ pub enum AgentError {
 /// Runs the agent until `shutdown` resolves (then returns `Ok`, leaving
 /// attempts running) or the controller refuses it for good.
 pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
-    let valid_addr = opts
-        .controller_addr
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
-    if !valid_addr {
-        return Err(AgentError::BadAddress { addr: opts.controller_addr.clone() });
+    if let ControllerLink::Dial(addr) = &opts.link {
+        let valid_addr = addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+        if !valid_addr {
+            return Err(AgentError::BadAddress { addr: addr.clone() });
+        }
     }
     // Absolute, so attempts' records stay valid whatever directory the next agent starts in.
     let work_dir = std::fs::create_dir_all(&opts.work_dir)
@@ -192,6 +216,11 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         .map_err(|source| AgentError::WorkDir { path: opts.work_dir.clone(), source })?;
     // Held until the process ends: two agents on one directory would reap each other's attempts.
     let _lock = cosmos_sync::dir_lock::DirLock::acquire(&work_dir, "agent")?;
+    // Bound before anything starts, so a socket in use is a plain error at once.
+    let listener = match &opts.link {
+        ControllerLink::Listen(addr) => Some(crate::listen::Listener::bind(addr).await?),
+        ControllerLink::Dial(_) => None,
+    };
     let mut gpus = opts.gpus.clone();
     let mut monitor = None;
     if opts.gpus_simulated {
@@ -256,7 +285,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let adopted = recovered.iter().filter(|r| r.exited.is_none()).count();
     tracing::info!(
         agent = opts.name,
-        controller = opts.controller_addr,
+        controller = %opts.link,
         gpus = gpus.len(),
         adopted,
         ended_while_away = recovered.len() - adopted,
@@ -288,7 +317,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         blobs,
         owners: crate::gpu::attribution::Owners::default(),
     };
-    shell.run(event_rx, blobs_done, monitor, shutdown).await
+    shell.run(event_rx, blobs_done, monitor, listener, shutdown).await
 }
 
 /// Parses `--simulated-gpus COUNTxSIZE`, e.g. `8x80GiB` or `2x24GB`.
@@ -353,6 +382,8 @@ struct Link {
     tx: mpsc::Sender<AgentMsg>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
+    /// A listening agent's one controller slot, freed when the link goes.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Messages from the reader task; an `Err` or the end: the connection is gone.
@@ -362,8 +393,9 @@ impl Link {
     /// Blob frames from the controller go straight to the blob engine's
     /// `wire`, never through the main loop; the returned sender is the writer's bulk queue.
     fn open(
-        conn: Connection<TcpStream>,
+        conn: Connection<BoxStream>,
         wire: mpsc::Sender<cosmos_proto::ControllerBlob>,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> (Link, Incoming, mpsc::Sender<Vec<u8>>) {
         let (mut reader, mut writer) = conn.split();
         let (in_tx, rx) = mpsc::channel(READER_QUEUE_LEN);
@@ -429,7 +461,7 @@ impl Link {
             }
             let _ = writer.shutdown().await;
         });
-        (Link { tx, reader, writer }, rx, bulk_tx)
+        (Link { tx, reader, writer, _slot: slot }, rx, bulk_tx)
     }
 
     /// Drops the connection at once.
@@ -449,37 +481,6 @@ impl Link {
     }
 }
 
-/// Jittered exponential backoff between two bounds.
-struct Backoff {
-    min_ms: u64,
-    max_ms: u64,
-    failures: u32,
-    rng: u64,
-}
-
-impl Backoff {
-    fn new(min_ms: u64, max_ms: u64, seed: u64) -> Backoff {
-        let min_ms = min_ms.max(1);
-        Backoff { min_ms, max_ms: max_ms.max(min_ms), failures: 0, rng: seed | 1 }
-    }
-
-    /// The wait before the next dial: up to `min * 2^failures`, at least half of it, within the bounds.
-    fn next_delay(&mut self) -> Duration {
-        let ceiling = self.min_ms.saturating_mul(1u64 << self.failures.min(32)).min(self.max_ms);
-        self.failures = self.failures.saturating_add(1);
-        let floor = (ceiling / 2).max(self.min_ms).min(ceiling);
-        // xorshift64: jitter only, so agents that lost the controller together do not redial together.
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        Duration::from_millis(floor + self.rng % (ceiling - floor + 1))
-    }
-
-    fn reset(&mut self) {
-        self.failures = 0;
-    }
-}
-
 /// Why a dial failed.
 #[derive(Debug, thiserror::Error)]
 enum DialError {
@@ -491,13 +492,13 @@ enum DialError {
     Handshake(HandshakeError),
 }
 
-async fn dial(addr: String, hello: Hello, frame_bytes_max: u32) -> Result<Connection<TcpStream>, DialError> {
+async fn dial(addr: String, hello: Hello, frame_bytes_max: u32) -> Result<Connection<BoxStream>, DialError> {
     let stream = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), TcpStream::connect(&addr))
         .await
         .map_err(|_| DialError::ConnectTimeout)?
         .map_err(DialError::Connect)?;
     let _ = stream.set_nodelay(true);
-    let mut conn = Connection::new(stream, frame_bytes_max);
+    let mut conn = Connection::new(Box::new(stream) as BoxStream, frame_bytes_max);
     handshake::connect(&mut conn, &hello, DEFAULT_HANDSHAKE_TIMEOUT_MS).await.map_err(DialError::Handshake)?;
     Ok(conn)
 }
@@ -557,6 +558,7 @@ impl Shell {
         mut events: mpsc::Receiver<crate::core::RuntimeEvent>,
         mut blobs_done: mpsc::UnboundedReceiver<crate::blobs::Done>,
         mut monitor: Option<mpsc::Receiver<crate::gpu::monitor::Report>>,
+        listener: Option<crate::listen::Listener>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AgentError> {
         let mut shutdown = pin!(shutdown);
@@ -568,7 +570,17 @@ impl Shell {
             token: self.opts.token.clone(),
             incarnation: self.incarnation,
         };
-        let mut dialing: Option<JoinHandle<Result<Connection<TcpStream>, DialError>>> = None;
+        let mut dialing: Option<JoinHandle<Result<Connection<BoxStream>, DialError>>> = None;
+        let dial_addr = match &self.opts.link {
+            ControllerLink::Dial(addr) => Some(addr.clone()),
+            ControllerLink::Listen(_) => None,
+        };
+        let link_name = self.opts.link.to_string();
+        // A listening agent: connections whose handshake passed come from the accept task.
+        let (accepted_tx, mut accepted) = mpsc::channel::<crate::listen::Accepted>(1);
+        let accept_task = listener.map(|l| {
+            crate::listen::spawn(l, hello.clone(), self.opts.token.clone(), self.opts.frame_bytes_max, accepted_tx)
+        });
         let mut next_dial = Instant::now();
         // The last dial failure, so a controller that stays down is logged once, not at every retry.
         let mut last_failure: Option<String> = None;
@@ -600,25 +612,19 @@ impl Shell {
                     });
                     match result {
                         Ok(conn) => {
-                            tracing::info!(controller = self.opts.controller_addr, failed_dials = failures, "connected to the controller");
+                            tracing::info!(controller = link_name, failed_dials = failures, "connected to the controller");
                             failures = 0;
                             last_failure = None;
                             self.backoff.reset();
-                            let (link, rx, bulk) = Link::open(conn, self.blobs.wire.clone());
-                            let _ = self.blobs.commands.send(crate::blobs::Command::LinkUp { bulk });
-                            self.link = Some(link);
-                            incoming = Some(rx);
-                            self.outbox.clear();
-                            let now = self.now_ms();
-                            self.core.connected(now, &mut out);
+                            incoming = Some(self.link_up(conn, None, &mut out));
                         }
                         Err(DialError::Handshake(HandshakeError::Refused(refusal)))
                             if !matches!(refusal, Refusal::Other(_)) =>
                         {
-                            return Err(AgentError::Refused { addr: self.opts.controller_addr.clone(), refusal });
+                            return Err(AgentError::Refused { addr: link_name.clone(), refusal });
                         }
                         Err(DialError::Handshake(e)) if !e.is_retryable() && !matches!(e, HandshakeError::Refused(_)) => {
-                            return Err(AgentError::Protocol { addr: self.opts.controller_addr.clone(), source: e });
+                            return Err(AgentError::Protocol { addr: link_name.clone(), source: e });
                         }
                         Err(e) => {
                             failures += 1;
@@ -626,22 +632,27 @@ impl Shell {
                             let message = e.to_string();
                             if last_failure.as_deref() != Some(message.as_str()) {
                                 tracing::warn!(
-                                    controller = self.opts.controller_addr,
+                                    controller = link_name,
                                     error = %message,
-                                    retry_max_ms = self.backoff.max_ms,
+                                    retry_max_ms = self.backoff.max_ms(),
                                     "cannot reach the controller; retrying with backoff (repeats of this error are not logged)"
                                 );
                                 last_failure = Some(message);
                             } else {
-                                tracing::debug!(controller = self.opts.controller_addr, error = %message, "dial failed again");
+                                tracing::debug!(controller = link_name, error = %message, "dial failed again");
                             }
                             next_dial = Instant::now() + delay;
                         }
                     }
                 }
-                () = tokio::time::sleep_until(next_dial), if dialing.is_none() && incoming.is_none() => {
-                    let addr = self.opts.controller_addr.clone();
+                () = tokio::time::sleep_until(next_dial), if dial_addr.is_some() && dialing.is_none() && incoming.is_none() => {
+                    let addr = dial_addr.clone().expect("guarded");
                     dialing = Some(tokio::spawn(dial(addr, hello.clone(), self.opts.frame_bytes_max)));
+                }
+                Some(acc) = accepted.recv(), if accept_task.is_some() => {
+                    // The accept task hands over one connection at a time (the slot), so no link is live here.
+                    tracing::info!(controller = acc.peer, "the controller connected");
+                    incoming = Some(self.link_up(acc.conn, Some(acc.slot), &mut out));
                 }
                 msg = async { incoming.as_mut().expect("guarded").recv().await }, if incoming.is_some() => {
                     match msg {
@@ -735,7 +746,11 @@ impl Shell {
             if let Some(reason) = lost {
                 incoming = None;
                 if let Some(link) = self.link.take() {
-                    tracing::warn!(controller = self.opts.controller_addr, %reason, "lost the controller; reconnecting");
+                    if dial_addr.is_some() {
+                        tracing::warn!(controller = link_name, %reason, "lost the controller; reconnecting");
+                    } else {
+                        tracing::warn!(controller = link_name, %reason, "lost the controller; waiting for it to connect again");
+                    }
                     link.abort();
                     let _ = self.blobs.commands.send(crate::blobs::Command::LinkDown);
                     self.core.disconnected();
@@ -748,6 +763,9 @@ impl Shell {
         if let Some(task) = dialing {
             task.abort();
         }
+        if let Some(task) = accept_task {
+            task.abort();
+        }
         if let Some(task) = self.reaping.take() {
             task.abort();
         }
@@ -756,6 +774,22 @@ impl Shell {
             link.close().await;
         }
         Ok(())
+    }
+
+    /// Starts serving a connection whose handshake passed; returns what the controller says on it.
+    fn link_up(
+        &mut self,
+        conn: Connection<BoxStream>,
+        slot: Option<tokio::sync::OwnedSemaphorePermit>,
+        out: &mut Vec<Output>,
+    ) -> Incoming {
+        let (link, rx, bulk) = Link::open(conn, self.blobs.wire.clone(), slot);
+        let _ = self.blobs.commands.send(crate::blobs::Command::LinkUp { bulk });
+        self.link = Some(link);
+        self.outbox.clear();
+        let now = self.now_ms();
+        self.core.connected(now, out);
+        rx
     }
 
     /// Carries out the core's outputs; returns why the link must be dropped, if it must.
@@ -878,15 +912,5 @@ mod tests {
         qualify_simulated_uuids("host-a", &mut gpus);
         let uuids: Vec<&str> = gpus.iter().map(|g| g.uuid.as_str()).collect();
         assert_eq!(uuids, ["GPU-sim-host-a-0", "GPU-sim-host-a-1", "GPU-1234"]);
-    }
-
-    #[test]
-    fn backoff_grows_within_its_bounds_and_resets() {
-        let mut b = Backoff::new(100, 1_000, 42);
-        let delays: Vec<u64> = (0..10).map(|_| b.next_delay().as_millis() as u64).collect();
-        assert!(delays.iter().all(|&d| (100..=1_000).contains(&d)), "{delays:?}");
-        assert!(delays[6..].iter().all(|&d| d >= 500), "{delays:?}");
-        b.reset();
-        assert!(b.next_delay().as_millis() <= 100);
     }
 }

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod docker;
 pub mod exit;
 pub mod gpu;
+pub mod listen;
 pub mod process;
 pub mod runtime;
 pub mod simulated;

@@ -6,12 +6,12 @@ use cosmos_agent::daemon::{self, AgentError, AgentOptions};
 use cosmos_proto::frame::FRAME_BYTES_MAX_DEFAULT;
 use cosmos_proto::handshake::{self, HandshakeError, Refusal, Role, Token};
 use cosmos_proto::{
-    AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, Connection, ControllerMsg, Epoch, JobId,
-    JobSpec, TraceContext,
+    AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, BoxStream, Connection, ControllerMsg, Epoch,
+    JobId, JobSpec, TraceContext,
 };
 use std::path::Path;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -21,7 +21,7 @@ const TOKEN: &str = "s3cret";
 
 fn options(addr: String, token: &str, work_dir: &Path) -> AgentOptions {
     AgentOptions {
-        controller_addr: addr,
+        link: daemon::ControllerLink::Dial(addr),
         token: Token(token.into()),
         name: "test-agent".into(),
         work_dir: work_dir.to_path_buf(),
@@ -63,14 +63,42 @@ impl Agent {
 
 /// The controller's side of one agent connection.
 struct Controller {
-    conn: Connection<TcpStream>,
+    conn: Connection<BoxStream>,
 }
 
 impl Controller {
     /// Accepts the next agent, runs the handshake, and reads its hello.
     async fn accept(listener: &TcpListener) -> (Controller, AgentHello) {
         let (socket, _) = tokio::time::timeout(WAIT, listener.accept()).await.expect("the agent dials").unwrap();
-        let mut conn = Connection::new(socket, FRAME_BYTES_MAX_DEFAULT);
+        let conn = Connection::new(Box::new(socket) as BoxStream, FRAME_BYTES_MAX_DEFAULT);
+        Controller::agent_opens(conn).await
+    }
+
+    /// Dials a listening agent's socket: proves the token, then takes the agent's handshake and hello.
+    async fn dial(path: &Path, token: &str) -> Result<(Controller, AgentHello), HandshakeError> {
+        let socket = tokio::time::timeout(WAIT, async {
+            loop {
+                match tokio::net::UnixStream::connect(path).await {
+                    Ok(s) => return s,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        })
+        .await
+        .expect("the agent listens");
+        let mut conn = Connection::new(Box::new(socket) as BoxStream, FRAME_BYTES_MAX_DEFAULT);
+        let controller_hello = cosmos_proto::Hello {
+            role: Role::Controller,
+            node_id: "controller".into(),
+            token: Token(token.into()),
+            incarnation: 1,
+        };
+        let agent = handshake::dial_agent(&mut conn, &controller_hello, 10_000).await?;
+        assert_eq!(agent, "test-agent");
+        Ok(Controller::agent_opens(conn).await)
+    }
+
+    async fn agent_opens(mut conn: Connection<BoxStream>) -> (Controller, AgentHello) {
         let hello = handshake::accept(&mut conn, "controller", Role::Agent, &Token(TOKEN.into()), 10_000)
             .await
             .expect("the agent's handshake is accepted");
@@ -188,7 +216,7 @@ async fn a_wrong_token_stops_the_agent_with_the_controllers_reason() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent = Agent::start(options(listener.local_addr().unwrap().to_string(), "guess", dir.path()));
     let (socket, _) = tokio::time::timeout(WAIT, listener.accept()).await.unwrap().unwrap();
-    let mut conn = Connection::new(socket, FRAME_BYTES_MAX_DEFAULT);
+    let mut conn = Connection::new(Box::new(socket) as BoxStream, FRAME_BYTES_MAX_DEFAULT);
     let refused = handshake::accept(&mut conn, "controller", Role::Agent, &Token(TOKEN.into()), 10_000).await;
     assert!(matches!(refused, Err(HandshakeError::RefusedPeer(Refusal::BadToken))), "{refused:?}");
 
@@ -293,4 +321,84 @@ async fn a_restarted_agent_adopts_the_attempts_it_left_running() {
     // Not the restarted agent's child, but its supervisor recorded how it ended.
     assert_eq!(outcome, AttemptOutcome::Succeeded { outputs: vec![] });
     agent.shut_down().await.unwrap();
+}
+
+fn listening(work_dir: &Path, socket: &Path) -> AgentOptions {
+    let mut opts = options(String::new(), TOKEN, work_dir);
+    opts.link = daemon::ControllerLink::Listen(daemon::ListenAddr::Unix { path: socket.to_path_buf(), group: None });
+    opts
+}
+
+#[tokio::test]
+async fn a_listening_agent_serves_the_controller_that_dials_it_and_refuses_a_second() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("run").join("agent.sock");
+    let agent = Agent::start(listening(&dir.path().join("work"), &socket));
+
+    let (mut ctl, hello) = Controller::dial(&socket, TOKEN).await.expect("the agent takes the controller");
+    let meta = std::fs::metadata(&socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    ctl.welcome(vec![]).await;
+    ctl.assign(1, &hello.gpus[0].uuid, &["sh", "-c", "echo over-the-socket"]).await;
+    let id = AttemptId(1);
+    loop {
+        let msg = ctl.recv().await.expect("the agent stays connected");
+        if let Some(outcome) = outcome_in(&msg, id) {
+            assert_eq!(outcome, AttemptOutcome::Succeeded { outputs: vec![] });
+            break;
+        }
+    }
+
+    // A second controller is refused, told why, while the first is served.
+    let second = Controller::dial(&socket, TOKEN).await.err().expect("one controller at a time");
+    let HandshakeError::Refused(Refusal::Other(reason)) = &second else { panic!("{second:?}") };
+    assert!(reason.contains("one controller at a time") && reason.contains("already serves"), "{reason}");
+    ctl.send(ControllerMsg::HeartbeatAck { seq: 0 }).await;
+    assert!(ctl.recv().await.is_some(), "the first controller is still served");
+
+    // Once the first goes, the next is taken.
+    drop(ctl);
+    let (mut ctl, _) = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Ok(c) = Controller::dial(&socket, TOKEN).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the agent takes the next controller");
+    ctl.welcome(vec![AttemptId(1)]).await;
+    assert!(ctl.recv().await.is_some());
+    agent.shut_down().await.expect("a clean shutdown");
+    assert!(!socket.exists(), "the agent removes its socket when it stops");
+}
+
+#[tokio::test]
+async fn a_listening_agent_refuses_a_controller_without_its_token_and_never_shows_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let agent = Agent::start(listening(&dir.path().join("work"), &socket));
+    let refused = Controller::dial(&socket, "guess").await.err().expect("a wrong token");
+    assert!(matches!(refused, HandshakeError::Refused(Refusal::BadToken)), "{refused:?}");
+    // The agent keeps listening for the right controller.
+    let (mut ctl, _) = Controller::dial(&socket, TOKEN).await.expect("the right token is taken");
+    ctl.welcome(vec![]).await;
+    assert!(ctl.recv().await.is_some());
+    agent.shut_down().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_socket_another_agent_serves_is_not_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let first = Agent::start(listening(&dir.path().join("work-1"), &socket));
+    let (mut ctl, _) = Controller::dial(&socket, TOKEN).await.unwrap();
+    ctl.welcome(vec![]).await;
+    let second = daemon::run(listening(&dir.path().join("work-2"), &socket), std::future::pending()).await;
+    let err = second.expect_err("the socket is in use");
+    assert!(err.to_string().contains("another process accepts connections"), "{err}");
+    first.shut_down().await.unwrap();
 }

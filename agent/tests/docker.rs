@@ -442,7 +442,7 @@ mod daemon_on_docker {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let token = Token("t0ken".into());
         let opts = AgentOptions {
-            controller_addr: listener.local_addr().unwrap().to_string(),
+            link: cosmos_agent::daemon::ControllerLink::Dial(listener.local_addr().unwrap().to_string()),
             token: token.clone(),
             name: agent.name.clone(),
             work_dir: agent.dir.path().to_path_buf(),

@@ -12,10 +12,13 @@ use actix::prelude::*;
 use cosmos_proto::{AgentMsg, AttemptId, ControllerMsg, JobId, JobSpec};
 use cosmos_sync::{CommitQueue, Ticket};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+
+/// Where an agent connection comes from, in words (`10.0.0.5:41234`,
+/// `ssh://ops@gpu-3:22`): the actor never needs to know the transport.
+pub(crate) type Peer = Arc<str>;
 
 enum Action {
     Send(ConnId, ControllerMsg),
@@ -33,7 +36,7 @@ pub struct CoreActor {
     conns: HashMap<ConnId, mpsc::Sender<ControllerMsg>>,
     /// Where each agent connection comes from and its process's incarnation,
     /// to refuse another process under its name, naming where it is.
-    peers: HashMap<ConnId, (SocketAddr, u64)>,
+    peers: HashMap<ConnId, (Peer, u64)>,
     /// Names whose handshake passed but whose connection is not yet registered, by name.
     claims: HashMap<String, Claim>,
     /// Cosmos runs by run id (the `cosmos.run` label), so a run is found without listing every job.
@@ -422,10 +425,10 @@ impl Handler<Status> for CoreActor {
 }
 
 /// A connection's hold on an agent name, from its handshake until it is registered or gone.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Claim {
     pub(crate) conn: ConnId,
-    pub(crate) peer: SocketAddr,
+    pub(crate) peer: Peer,
     pub(crate) incarnation: u64,
 }
 
@@ -447,19 +450,19 @@ pub(crate) struct ClaimName {
     pub(crate) claim: Claim,
 }
 impl Message for ClaimName {
-    type Result = Result<(), SocketAddr>;
+    type Result = Result<(), Peer>;
 }
 impl Handler<ClaimName> for CoreActor {
-    type Result = Result<(), SocketAddr>;
+    type Result = Result<(), Peer>;
     fn handle(&mut self, ClaimName { name, claim }: ClaimName, _: &mut Context<Self>) -> Self::Result {
-        if let Some(&(peer, incarnation)) = self.core.live_conn_of(&name).and_then(|c| self.peers.get(&c)) {
-            if incarnation != claim.incarnation {
-                return Err(peer);
+        if let Some((peer, incarnation)) = self.core.live_conn_of(&name).and_then(|c| self.peers.get(&c)) {
+            if *incarnation != claim.incarnation {
+                return Err(peer.clone());
             }
         }
         if let Some(other) = self.claims.get(&name) {
             if other.conn != claim.conn && other.incarnation != claim.incarnation {
-                return Err(other.peer);
+                return Err(other.peer.clone());
             }
         }
         self.claims.insert(name, claim);
@@ -481,7 +484,7 @@ impl Handler<Unclaim> for CoreActor {
 
 pub(crate) struct AgentConnected {
     pub(crate) conn: ConnId,
-    pub(crate) peer: SocketAddr,
+    pub(crate) peer: Peer,
     pub(crate) incarnation: u64,
     pub(crate) name: String,
     pub(crate) hello: cosmos_proto::AgentHello,

@@ -1,17 +1,20 @@
 //! The agents' port: the TCP listener, each connection's handshake and
 //! hello, and the connection actor that hands what an agent says to the core
 //! actor, with its file work (logs, looking outputs up in the blob store)
-//! done off the core's thread.
+//! done off the core's thread. Connections the controller opens itself (to a
+//! listening agent, through SSH: see the hosts module) join the same path
+//! after one more handshake step, [`serve_dialed`]; from the agent's hello
+//! on, nothing here knows which transport a connection came over.
 
-use crate::actor::{AgentConnected, AgentGone, AgentMessage, Claim, ClaimName, CoreActor, OutputFacts, Unclaim};
+use crate::actor::{AgentConnected, AgentGone, AgentMessage, Claim, ClaimName, CoreActor, OutputFacts, Peer, Unclaim};
 use crate::core::{ConnId, HeldBlobs};
 use crate::logs::{LOG_QUEUE_CHUNKS_MAX, write_logs};
 use crate::shared::Shared;
 use actix::prelude::*;
 use cosmos_proto::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT_MS, Role, Token};
-use cosmos_proto::{AgentFrame, AgentMsg, Connection, ControllerMsg};
-use std::net::SocketAddr;
+use cosmos_proto::{AgentFrame, AgentMsg, BoxStream, Connection, ControllerMsg};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -26,6 +29,13 @@ pub const AGENT_HELLO_TIMEOUT_MS: u64 = 5_000;
 /// Pause after a failed accept before the next one.
 const ACCEPT_RETRY_MS: u64 = 100;
 
+/// Connection ids, inbound and outbound alike: never reused within a process.
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+fn next_conn() -> ConnId {
+    NEXT_CONN.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Accepts agent connections until the process ends, each served on a task of its own.
 pub(crate) async fn accept_agents(
     listener: tokio::net::TcpListener,
@@ -34,7 +44,6 @@ pub(crate) async fn accept_agents(
     frame_bytes_max: u32,
     shared: Arc<Shared>,
 ) {
-    let mut next_conn: ConnId = 1;
     let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_PENDING_MAX));
     loop {
         let (socket, peer) = match listener.accept().await {
@@ -55,12 +64,10 @@ pub(crate) async fn accept_agents(
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let conn = next_conn;
-        next_conn += 1;
         actix::spawn(serve_agent(
-            conn,
-            socket,
-            peer,
+            next_conn(),
+            Box::new(socket),
+            peer.to_string().into(),
             permit,
             core.clone(),
             token.clone(),
@@ -72,14 +79,14 @@ pub(crate) async fn accept_agents(
 
 /// The handshake and the agent's first message, or why not.
 async fn agent_hello(
-    c: &mut Connection<tokio::net::TcpStream>,
+    c: &mut Connection<BoxStream>,
     conn: ConnId,
-    peer: SocketAddr,
+    peer: &Peer,
     core: &Addr<CoreActor>,
     token: &Token,
 ) -> Result<(cosmos_proto::Hello, cosmos_proto::AgentHello), String> {
     let check = |hello: cosmos_proto::Hello| async move {
-        let claim = Claim { conn, peer, incarnation: hello.incarnation };
+        let claim = Claim { conn, peer: peer.clone(), incarnation: hello.incarnation };
         match core.send(ClaimName { name: hello.node_id.clone(), claim }).await {
             Ok(Err(holder)) => {
                 Err(cosmos_proto::Refusal::NameInUse { name: hello.node_id, holder: holder.to_string() })
@@ -99,11 +106,29 @@ async fn agent_hello(
     }
 }
 
+/// The agent's handshake and hello within [`AGENT_HELLO_TIMEOUT_MS`]; on failure its claim goes.
+async fn open_agent(
+    c: &mut Connection<BoxStream>,
+    conn: ConnId,
+    peer: &Peer,
+    core: &Addr<CoreActor>,
+    token: &Token,
+) -> Result<(cosmos_proto::Hello, cosmos_proto::AgentHello), String> {
+    let opened =
+        tokio::time::timeout(Duration::from_millis(AGENT_HELLO_TIMEOUT_MS), agent_hello(c, conn, peer, core, token))
+            .await
+            .unwrap_or_else(|_| Err(format!("agent said nothing acceptable within {AGENT_HELLO_TIMEOUT_MS} ms")));
+    if opened.is_err() {
+        core.do_send(Unclaim(conn));
+    }
+    opened
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn serve_agent(
     conn: ConnId,
-    socket: tokio::net::TcpStream,
-    peer: SocketAddr,
+    socket: BoxStream,
+    peer: Peer,
     handshake_permit: tokio::sync::OwnedSemaphorePermit,
     core: Addr<CoreActor>,
     token: Token,
@@ -111,21 +136,75 @@ async fn serve_agent(
     shared: Arc<Shared>,
 ) {
     let mut c = Connection::new(socket, frame_bytes_max);
-    let opened = tokio::time::timeout(
-        Duration::from_millis(AGENT_HELLO_TIMEOUT_MS),
-        agent_hello(&mut c, conn, peer, &core, &token),
-    )
-    .await
-    .unwrap_or_else(|_| Err(format!("agent said nothing acceptable within {AGENT_HELLO_TIMEOUT_MS} ms")));
+    let opened = open_agent(&mut c, conn, &peer, &core, &token).await;
     drop(handshake_permit);
-    let (hello, agent_hello) = match opened {
-        Ok(x) => x,
-        Err(e) => {
-            core.do_send(Unclaim(conn));
-            tracing::warn!(%peer, "{e}");
-            return;
+    match opened {
+        Ok((hello, agent_hello)) => {
+            // Nobody waits for an inbound connection's end: the agent redials.
+            let _ = start_connection(conn, c, peer, hello, agent_hello, core, shared).await;
         }
+        Err(e) => tracing::warn!(%peer, "{e}"),
+    }
+}
+
+/// A connection the controller opened, while it is served. Dropping it closes the connection.
+pub(crate) struct DialedLink {
+    ended: tokio::sync::oneshot::Receiver<String>,
+    conn: Addr<AgentConnection>,
+}
+
+impl DialedLink {
+    /// Resolves when the connection has ended, with why.
+    pub(crate) async fn ended(&mut self) -> String {
+        (&mut self.ended).await.unwrap_or_else(|_| "the connection closed".into())
+    }
+}
+
+impl Drop for DialedLink {
+    fn drop(&mut self) {
+        self.conn.do_send(Close);
+    }
+}
+
+/// Serves a connection the controller opened to a listening agent (through
+/// SSH): proves the controller holds the agent token, then takes the agent's
+/// handshake and hello as on the agents' port. Returns once the agent is
+/// registered.
+pub(crate) async fn serve_dialed(
+    socket: BoxStream,
+    peer: Peer,
+    core: Addr<CoreActor>,
+    token: Token,
+    frame_bytes_max: u32,
+    shared: Arc<Shared>,
+) -> Result<DialedLink, String> {
+    let conn = next_conn();
+    let mut c = Connection::new(socket, frame_bytes_max);
+    // The agent reads no incarnation from its controller: it tells controllers apart by connection.
+    let hello = cosmos_proto::Hello {
+        role: Role::Controller,
+        node_id: "controller".into(),
+        token: token.clone(),
+        incarnation: 0,
     };
+    handshake::dial_agent(&mut c, &hello, DEFAULT_HANDSHAKE_TIMEOUT_MS).await.map_err(|e| e.to_string())?;
+    let (hello, agent_hello) = open_agent(&mut c, conn, &peer, &core, &token).await?;
+    let (conn, ended) = start_connection(conn, c, peer, hello, agent_hello, core, shared).await;
+    Ok(DialedLink { ended, conn })
+}
+
+/// Registers an agent whose hello arrived and serves its connection; the
+/// receiver resolves, with why, when the connection has ended.
+async fn start_connection(
+    conn: ConnId,
+    c: Connection<BoxStream>,
+    peer: Peer,
+    hello: cosmos_proto::Hello,
+    agent_hello: cosmos_proto::AgentHello,
+    core: Addr<CoreActor>,
+    shared: Arc<Shared>,
+) -> (Addr<AgentConnection>, tokio::sync::oneshot::Receiver<String>) {
+    let (ended_tx, ended) = tokio::sync::oneshot::channel();
     let (reader, writer) = c.split();
     let facts = OutputFacts::gather(shared.blobs.clone(), HeldBlobs::wanted_in_hello(&agent_hello)).await;
     tracing::info!(%peer, agent = hello.node_id, gpus = agent_hello.gpus.len(), "agent connected");
@@ -170,20 +249,21 @@ async fn serve_agent(
     let (blob_tx, blob_rx) = mpsc::channel(crate::blobs::BLOB_INBOX_LEN);
     let (bulk_tx, bulk_rx) = mpsc::channel(crate::blobs::BULK_QUEUE_LEN);
     actix::spawn(crate::blobs::serve(shared.blobs.clone(), blob_rx, bulk_tx, hello.node_id.clone()));
-    AgentConnection::create(move |ctx| {
+    let addr = AgentConnection::create(move |ctx| {
         ctx.add_stream(incoming);
         let me = ctx.address();
         actix::spawn(async move {
             let result = write_frames(writer, rx, bulk_rx).await;
             me.do_send(WriterDone(result));
         });
-        AgentConnection { conn, name: hello.node_id, core, blobs: blob_tx }
+        AgentConnection { conn, name: hello.node_id, core, blobs: blob_tx, ended: Some(ended_tx), end_reason: None }
     });
+    (addr, ended)
 }
 
 /// The next frame from an agent, told apart into message or blob traffic.
 async fn recv_frame(
-    reader: &mut cosmos_proto::FrameReader<tokio::io::ReadHalf<tokio::net::TcpStream>>,
+    reader: &mut cosmos_proto::FrameReader<tokio::io::ReadHalf<BoxStream>>,
 ) -> Result<Option<AgentFrame>, String> {
     match reader.read_frame().await {
         Ok(Some(payload)) => AgentFrame::decode(&payload).map(Some).map_err(|e| e.to_string()),
@@ -246,6 +326,29 @@ struct AgentConnection {
     core: Addr<CoreActor>,
     /// The connection's blob task (see [`crate::blobs`]).
     blobs: mpsc::Sender<cosmos_proto::AgentBlob>,
+    /// Told why when the actor stops: whoever opened the connection reconnects.
+    ended: Option<tokio::sync::oneshot::Sender<String>>,
+    /// Why the connection is ending, once known.
+    end_reason: Option<String>,
+}
+
+impl AgentConnection {
+    fn end(&mut self, reason: String, ctx: &mut Context<Self>) {
+        self.end_reason.get_or_insert(reason);
+        ctx.stop();
+    }
+}
+
+/// Closes the connection (its host was removed from the registry).
+struct Close;
+impl Message for Close {
+    type Result = ();
+}
+impl Handler<Close> for AgentConnection {
+    type Result = ();
+    fn handle(&mut self, _: Close, ctx: &mut Self::Context) {
+        self.end("closed by the controller".into(), ctx);
+    }
 }
 
 /// A frame from an agent, with the file work its message needs already done.
@@ -261,6 +364,9 @@ impl Actor for AgentConnection {
 
     fn stopped(&mut self, _: &mut Self::Context) {
         self.core.do_send(AgentGone(self.conn));
+        if let Some(tx) = self.ended.take() {
+            let _ = tx.send(self.end_reason.take().unwrap_or_else(|| "the connection closed".into()));
+        }
     }
 }
 
@@ -273,19 +379,19 @@ impl StreamHandler<Result<Incoming, String>> for AgentConnection {
                         agent = self.name,
                         "agent has more blob frames unanswered than the protocol allows; closing its connection"
                     );
-                    ctx.stop();
+                    self.end("the agent sent more blob frames than the protocol allows".into(), ctx);
                 }
             }
             Ok(Incoming::Msg(msg, facts)) => self.core.do_send(AgentMessage(self.conn, msg, facts)),
             Err(e) => {
                 tracing::warn!(agent = self.name, error = %e, "agent connection failed");
-                ctx.stop();
+                self.end(format!("reading from the agent failed: {e}"), ctx);
             }
         }
     }
 
     fn finished(&mut self, ctx: &mut Self::Context) {
-        ctx.stop();
+        self.end("the agent closed the connection".into(), ctx);
     }
 }
 
@@ -296,10 +402,13 @@ impl Message for WriterDone {
 impl Handler<WriterDone> for AgentConnection {
     type Result = ();
     fn handle(&mut self, WriterDone(result): WriterDone, ctx: &mut Self::Context) {
-        if let Err(e) = result {
-            tracing::warn!(agent = self.name, error = %e, "writing to the agent failed");
+        match result {
+            Err(e) => {
+                tracing::warn!(agent = self.name, error = %e, "writing to the agent failed");
+                self.end(format!("writing to the agent failed: {e}"), ctx);
+            }
+            Ok(()) => self.end("the controller let the connection go (superseded, lost or stuck)".into(), ctx),
         }
-        ctx.stop();
     }
 }
 

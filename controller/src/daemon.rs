@@ -45,6 +45,8 @@ pub struct ControllerOptions {
     pub cosmos: crate::cosmos::CosmosConfig,
     /// Bound on each stored log stream (stdout, stderr) of one attempt; the rest is cut, and the cut marked.
     pub attempt_log_bytes_max: u64,
+    /// How the controller reaches registered hosts itself (SSH); none: agents must dial in.
+    pub dialer: Option<Arc<dyn crate::hosts::HostDialer>>,
 }
 
 /// The controller could not start or stopped on an error.
@@ -67,6 +69,9 @@ pub enum DaemonError {
     /// A token file is unusable.
     #[error(transparent)]
     Token(#[from] cosmos_proto::TokenFileError),
+    /// The registry of hosts reached over SSH is unusable.
+    #[error("the registered hosts: {0}")]
+    Hosts(#[from] crate::hosts::HostsError),
     /// The store could not be written: the controller stopped rather than act on decisions it cannot keep.
     #[error("the store {path} cannot be written ({reason}); the controller stopped so that nothing it answers is lost")]
     StoreFailed {
@@ -231,9 +236,23 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         attempt_log_bytes_max: opts.attempt_log_bytes_max,
         store_failure: std::sync::OnceLock::new(),
     });
-    actix::spawn(accept_agents(agent_listener, addr.clone(), agent_token, opts.frame_bytes_max, shared.clone()));
+    actix::spawn(accept_agents(
+        agent_listener,
+        addr.clone(),
+        agent_token.clone(),
+        opts.frame_bytes_max,
+        shared.clone(),
+    ));
+    let hosts = Arc::new(crate::hosts::Hosts::start(
+        &shared.dir.root,
+        opts.dialer.clone(),
+        addr.clone(),
+        agent_token,
+        opts.frame_bytes_max,
+        shared.clone(),
+    )?);
 
-    let (server, api_addr) = http::server(api_listener, addr.clone(), shared.clone())
+    let (server, api_addr) = http::server(api_listener, addr.clone(), shared.clone(), hosts)
         .map_err(|cause| DaemonError::Bind { addr: opts.api_listen, flag: "--api-listen", cause })?;
     println!("cosmos controller: API on http://{api_addr}, agents on {agent_addr}");
     println!("  API token:   {}", shared.dir.api_token().display());

@@ -26,6 +26,7 @@ pub mod core;
 pub mod cosmos;
 pub mod daemon;
 pub mod gate;
+pub mod hosts;
 pub mod http;
 pub mod logs;
 pub mod records;

@@ -312,6 +312,42 @@ where
     .await
 }
 
+/// The listening agent's side when the controller dials it (an SSH channel
+/// to the agent's socket): the controller proves first that it holds the
+/// agent token, so the agent never shows its token to whoever reaches its
+/// socket; then the agent opens the usual handshake as if it had dialed, and
+/// the controller answers it exactly as on its own port. `check` decides on
+/// the controller's authenticated hello before it is answered (the agent
+/// refuses a second controller). Returns the controller's node id.
+pub async fn answer_controller<T, F, Fut>(
+    conn: &mut Connection<T>,
+    agent_hello: &Hello,
+    token: &Token,
+    timeout_ms: u64,
+    check: F,
+) -> Result<String, HandshakeError>
+where
+    T: AsyncRead + AsyncWrite,
+    F: FnOnce(Hello) -> Fut,
+    Fut: Future<Output = Result<(), Refusal>>,
+{
+    let controller = accept_checked(conn, &agent_hello.node_id, Role::Controller, token, timeout_ms, check).await?;
+    connect(conn, agent_hello, timeout_ms).await?;
+    Ok(controller.node_id)
+}
+
+/// The controller's first step on a stream it opened to a listening agent:
+/// proves it holds the agent token (see [`answer_controller`]). The agent's
+/// own hello follows, to be answered with [`accept_checked`] as on the
+/// controller's port. Returns the agent's node id.
+pub async fn dial_agent<T: AsyncRead + AsyncWrite>(
+    conn: &mut Connection<T>,
+    controller_hello: &Hello,
+    timeout_ms: u64,
+) -> Result<String, HandshakeError> {
+    connect(conn, controller_hello, timeout_ms).await
+}
+
 /// A first frame too large to be a hello means the peer speaks something
 /// else (an HTTP request's `GET ` reads as a 1.2 GB length).
 ///

@@ -7,6 +7,15 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
+/// Any byte stream a connection can run over: TCP, a Unix socket, an SSH
+/// channel, an in-memory pipe. Both ends hold connections as [`BoxStream`]s,
+/// so nothing past the opening of a stream knows which transport it is.
+pub trait ByteStream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> ByteStream for T {}
+
+/// A byte stream of any transport.
+pub type BoxStream = Box<dyn ByteStream>;
+
 /// Initial read buffer; grows only as far as the frames that arrive need.
 const READ_BUFFER_BYTES: usize = 8 * 1024;
 

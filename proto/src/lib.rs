@@ -19,7 +19,7 @@ pub use codec::CodecError;
 pub use frame::{FrameDecoder, FrameError};
 pub use handshake::{HandshakeError, Hello, HelloReply, Refusal, Role, Token, TokenFileError};
 pub use ids::{AttemptId, Epoch, JobId, Sha256};
-pub use io::{Connection, FrameReader, FrameWriter, RecvError, SendError};
+pub use io::{BoxStream, ByteStream, Connection, FrameReader, FrameWriter, RecvError, SendError};
 pub use msg::*;
 pub use retry::{Classify, Retry};
 pub use spec::{ArtifactRef, InputArtifact, JobSpec, Mount, OutputArtifact, SpecError};

@@ -16,6 +16,7 @@ mod failstop;
 mod gpu;
 mod restart;
 mod security;
+mod ssh;
 mod telemetry;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cosmos");

@@ -23,6 +23,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/agents/{name}/drain", web::post().to(drain))
         .route("/v1/agents/{name}/undrain", web::post().to(undrain))
         .route("/v1/agents/{name}/gpus/{uuid}/release", web::post().to(release_gpu))
+        .route("/v1/hosts", web::get().to(list_hosts))
+        .route("/v1/hosts", web::post().to(add_host))
+        .route("/v1/hosts/{name}", web::delete().to(remove_host))
         .route("/v1/status", web::get().to(status));
 }
 
@@ -504,6 +507,39 @@ async fn agents(state: web::Data<State>) -> HttpResponse {
     match state.core.send(Status).await {
         Ok(s) => HttpResponse::Ok().json(agent_infos(s.agents)),
         Err(_) => unavailable(),
+    }
+}
+
+async fn list_hosts(state: web::Data<State>) -> HttpResponse {
+    HttpResponse::Ok().json(state.hosts.list())
+}
+
+fn hosts_error(e: crate::hosts::HostsError) -> HttpResponse {
+    use crate::hosts::HostsError;
+    match e {
+        HostsError::NotFound(_) => super::not_found(e.to_string()),
+        HostsError::File { .. } => super::internal(e),
+        HostsError::NoDialer | HostsError::Invalid(_) => super::bad(e.to_string()),
+    }
+}
+
+async fn add_host(state: web::Data<State>, body: super::JsonBody<crate::hosts::HostEntry>) -> HttpResponse {
+    let hosts = state.hosts.clone();
+    let entry = body.value;
+    // The registry's file is synced to disk: off the worker's thread.
+    match tokio::task::spawn_blocking(move || hosts.add(entry)).await {
+        Ok(Ok(view)) => HttpResponse::Ok().json(view),
+        Ok(Err(e)) => hosts_error(e),
+        Err(e) => super::internal(e),
+    }
+}
+
+async fn remove_host(state: web::Data<State>, name: web::Path<String>) -> HttpResponse {
+    let hosts = state.hosts.clone();
+    match tokio::task::spawn_blocking(move || hosts.remove(&name)).await {
+        Ok(Ok(entry)) => HttpResponse::Ok().json(entry),
+        Ok(Err(e)) => hosts_error(e),
+        Err(e) => super::internal(e),
     }
 }
 

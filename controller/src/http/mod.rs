@@ -198,6 +198,7 @@ pub(crate) fn unavailable() -> HttpResponse {
 pub(crate) struct State {
     pub(crate) core: Addr<CoreActor>,
     pub(crate) shared: Arc<Shared>,
+    pub(crate) hosts: Arc<crate::hosts::Hosts>,
 }
 
 /// API connections allowed at once: an eighth of the descriptor limit, so
@@ -378,8 +379,9 @@ pub fn server(
     listener: std::net::TcpListener,
     core: Addr<CoreActor>,
     shared: Arc<Shared>,
+    hosts: Arc<crate::hosts::Hosts>,
 ) -> std::io::Result<(Server, SocketAddr)> {
-    let state = web::Data::new(State { core, shared: shared.clone() });
+    let state = web::Data::new(State { core, shared: shared.clone(), hosts });
     let connections_max = api_connections_max();
     let bound = HttpServer::new(move || {
         let shared = shared.clone();
