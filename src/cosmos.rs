@@ -5,7 +5,8 @@
 //! first, so a bad batch line is reported before a single byte moves.
 
 use crate::client::{ApiError, Client, ClientArgs, printable};
-use crate::jobs::truncate;
+use crate::jobs::{elapsed_text, error_summary, gpu_seconds_text, truncate};
+use crate::jobs::{print_accounting, print_error};
 use anyhow::{Context, bail};
 use cosmos_controller::cosmos::{
     BlobRef, NewPrompt, ParamError, Prompt, PromptVideos, Strength, TransferParams, UpscaleParams, Weights,
@@ -514,18 +515,25 @@ pub fn list_runs(args: &ClientArgs, prompt: Option<&str>, state: Option<&str>, w
         println!("{}", serde_json::to_string_pretty(&runs)?);
         return Ok(());
     }
-    println!("{:<16} {:<9} {:<16} {:<22} {:<10} {:>9}  ERROR", "RUN", "KIND", "PROMPT", "NAME", "STATE", "PROGRESS");
+    println!(
+        "{:<16} {:<8} {:<16} {:<22} {:<10} {:>8} {:<14} {:>4} {:>8} {:>8}  ERROR",
+        "RUN", "KIND", "PROMPT", "NAME", "STATE", "PROGRESS", "HOST", "GPUS", "ELAPSED", "GPU-S"
+    );
     for r in runs {
         let progress = r.job.progress.map_or("-".to_string(), |(s, t)| format!("{s}/{t}"));
         println!(
-            "{:<16} {:<9} {:<16} {:<22} {:<10} {:>9}  {}",
-            r.id,
-            r.kind,
-            r.prompt_id,
+            "{:<16} {:<8} {:<16} {:<22} {:<10} {:>8} {:<14} {:>4} {:>8} {:>8}  {}",
+            truncate(&r.id, 16),
+            truncate(&r.kind, 8),
+            truncate(&r.prompt_id, 16),
             truncate(&printable(r.prompt_name.as_deref().unwrap_or("(deleted)")), 22),
             r.state,
-            progress,
-            printable(r.error.as_deref().unwrap_or(""))
+            truncate(&progress, 8),
+            truncate(&printable(r.agent.as_deref().unwrap_or("-")), 14),
+            r.job.gpus_requested,
+            elapsed_text(r.job.elapsed_ms),
+            gpu_seconds_text(r.job.gpu_seconds),
+            error_summary(r.error.as_deref())
         );
     }
     Ok(())
@@ -556,15 +564,19 @@ pub fn show_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     }
     println!("job {}  state {}  attempts {}", r.job_id, r.state, job.attempts.max(job.attempt_history.len() as u32));
     match job.attempt_history.last() {
-        Some(a) => println!("host {}  GPUs {}", a.agent, if a.gpus.is_empty() { "-".into() } else { a.gpus.join(",") }),
+        Some(a) => println!(
+            "host {}  GPUs {} ({})",
+            printable(&a.agent),
+            if a.gpus.is_empty() { "-".into() } else { a.gpus.join(",") },
+            job.gpus_requested
+        ),
         None => println!("host -  GPUs - (not placed yet; needs {})", job.gpus_requested),
     }
     if let Some((s, t)) = r.job.progress {
         println!("progress {s}/{t}");
     }
-    if let Some(e) = &r.error {
-        println!("error: {}", printable(e));
-    }
+    print_accounting(&job);
+    print_error(r.error.as_deref());
     println!("params:");
     if let Some(params) = r.params.as_object() {
         for (k, v) in params {

@@ -202,20 +202,53 @@ pub fn list(args: &ClientArgs, state: Option<&str>, since: Option<&str>) -> anyh
         println!("{}", serde_json::to_string_pretty(&jobs)?);
         return Ok(());
     }
-    println!("{:<12} {:<24} {:<10} {:>8} {:<14} {:>5}  ERROR", "ID", "NAME", "STATE", "ATTEMPTS", "AGENT", "EXIT");
+    println!(
+        "{:<12} {:<24} {:<10} {:>8} {:<14} {:>4} {:>8} {:>8} {:>5}  ERROR",
+        "ID", "NAME", "STATE", "ATTEMPTS", "HOST", "GPUS", "ELAPSED", "GPU-S", "EXIT"
+    );
     for j in jobs {
         println!(
-            "{:<12} {:<24} {:<10} {:>8} {:<14} {:>5}  {}",
-            j.id,
+            "{:<12} {:<24} {:<10} {:>8} {:<14} {:>4} {:>8} {:>8} {:>5}  {}",
+            truncate(&j.id, 12),
             truncate(&printable(&j.name), 24),
             j.state,
             j.attempts,
             truncate(&printable(j.agent.as_deref().unwrap_or("-")), 14),
+            j.gpus_requested,
+            elapsed_text(j.elapsed_ms),
+            gpu_seconds_text(j.gpu_seconds),
             j.exit_code.map_or("-".to_string(), |c| c.to_string()),
-            printable(j.error.as_deref().unwrap_or(""))
+            error_summary(j.error.as_deref())
         );
     }
     Ok(())
+}
+
+/// A duration for a table cell: `-` (never started), `42.0s`, `12m05s`, `3h07m`.
+pub fn elapsed_text(ms: Option<u64>) -> String {
+    let Some(ms) = ms else { return "-".into() };
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{:.1}s", ms as f64 / 1000.0),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// GPU-seconds for a table cell: whole seconds from 10 on, else one decimal.
+pub fn gpu_seconds_text(gpu_s: f64) -> String {
+    if gpu_s >= 10.0 { format!("{gpu_s:.0}") } else { format!("{gpu_s:.1}") }
+}
+
+/// An error for one table row: its first line, the summary, which ends with
+/// the command's last word on stderr; the lines under it (the end of its
+/// stderr) are for `show`, so a row stays one line.
+pub fn error_summary(error: Option<&str>) -> String {
+    let Some(error) = error else { return String::new() };
+    match error.split_once('\n') {
+        Some((first, _)) => format!("{} …", printable(first)),
+        None => printable(error).into_owned(),
+    }
 }
 
 /// `s` cut to `n` characters (the last one `…`), so a long value cannot push a table's columns.
@@ -243,20 +276,11 @@ pub fn show(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     if let Some((step, total)) = j.progress {
         println!("progress {step}/{total}");
     }
-    if let Some(e) = &j.error {
-        println!("error: {}", printable(e));
-    }
+    print_error(j.error.as_deref());
     if let Some(why) = &j.waiting {
         println!("waiting: {}", printable(why));
     }
-    if let Some(elapsed) = j.elapsed_ms {
-        println!(
-            "elapsed {:.1} s since its first start, {:.1} GPU-seconds{}",
-            elapsed as f64 / 1000.0,
-            j.gpu_seconds,
-            if j.retries > 0 { format!(", retried {} times", j.retries) } else { String::new() }
-        );
-    }
+    print_accounting(&j);
     for a in &j.attempt_history {
         println!(
             "  {} on {} [{}] {}  exit {}  {}",
@@ -265,10 +289,32 @@ pub fn show(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
             a.gpus.join(","),
             a.state,
             a.exit_code.map_or("-".to_string(), |c| c.to_string()),
-            printable(a.reason.as_deref().unwrap_or(""))
+            error_summary(a.reason.as_deref())
         );
     }
     Ok(())
+}
+
+/// The `elapsed … GPU-seconds` line of `jobs show` and `runs show`, once the job has started.
+pub fn print_accounting(j: &JobView) {
+    if let Some(elapsed) = j.elapsed_ms {
+        println!(
+            "elapsed {} since its first start, {:.1} GPU-seconds{}",
+            elapsed_text(Some(elapsed)),
+            j.gpu_seconds,
+            if j.retries > 0 { format!(", retried {} times", j.retries) } else { String::new() }
+        );
+    }
+}
+
+/// The `error:` of `jobs show` and `runs show`: its first line, then any lines it quotes, indented.
+pub fn print_error(error: Option<&str>) {
+    let Some(error) = error else { return };
+    let mut lines = error.lines();
+    println!("error: {}", printable(lines.next().unwrap_or_default()));
+    for l in lines {
+        println!("  {}", printable(l));
+    }
 }
 
 /// `cosmos jobs cancel`.

@@ -516,3 +516,55 @@ fn a_failed_job_is_retried_under_its_id_and_a_waiting_one_says_why() {
         text(&o.stdout).contains("\"state\": \"succeeded\"")
     });
 }
+
+/// The text of `row` from the character column where `header` has `name`.
+fn column<'a>(header: &str, row: &'a str, name: &str) -> &'a str {
+    let at = header.find(name).unwrap_or_else(|| panic!("no column {name} in {header}"));
+    let (byte, _) = row.char_indices().nth(at).unwrap_or_else(|| panic!("row too short for {name}: {row}"));
+    row[byte..].trim_start()
+}
+
+#[test]
+fn tables_show_host_gpus_elapsed_and_gpu_seconds_in_their_columns() {
+    let c = Cluster::start(1, 30_000);
+    let dir = c.dir.path().join("long");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("color.mp4"), "color".repeat(40)).unwrap();
+    let long = "a_prompt_name_long_enough_to_push_every_column_aside";
+    let p = c.json(&["create", "prompt", "a long night", dir.to_str().unwrap(), "--name", long, "--json"]);
+    let ps = p["id"].as_str().unwrap();
+    let out = c.cli(&["inference", ps, "--steps", "2", "--gpus", "2", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = c.json(&["runs", "list", "--json"])[0].clone();
+    let id = run["id"].as_str().unwrap();
+
+    let listing = text(&c.cli(&["runs", "list"]).stdout);
+    let mut rows = listing.lines();
+    let header = rows.next().unwrap();
+    let row = rows.find(|r| r.starts_with(id)).unwrap();
+    assert!(column(header, row, "HOST").starts_with("agent-0 "), "{listing}");
+    assert!(column(header, row, "GPUS").starts_with("2 "), "{listing}");
+    let elapsed = column(header, row, "ELAPSED");
+    assert!(elapsed.split_whitespace().next().unwrap().ends_with('s'), "{listing}");
+    let gpu_s: f64 = column(header, row, "GPU-S").split_whitespace().next().unwrap().parse().unwrap();
+    assert!(gpu_s > 0.0, "two GPUs for a while: {listing}");
+    assert!(row.contains('…'), "the long name is cut: {listing}");
+
+    let shown = text(&c.cli(&["runs", "show", id]).stdout);
+    assert!(shown.contains("host agent-0  GPUs GPU-"), "{shown}");
+    assert!(shown.contains("since its first start") && shown.contains("GPU-seconds"), "{shown}");
+
+    let jobs = write_jobs(
+        c.dir.path(),
+        "named.jsonl",
+        &[serde_json::json!({ "name": "a-job-name-far-longer-than-its-column-is-wide", "command": ["true"] })],
+    );
+    assert!(c.cli(&["jobs", "submit", &jobs, "--wait"]).status.success());
+    let listing = text(&c.cli(&["jobs", "list"]).stdout);
+    let mut rows = listing.lines();
+    let header = rows.next().unwrap();
+    for row in rows {
+        assert!(column(header, row, "HOST").starts_with("agent-0 "), "{listing}");
+        assert!(column(header, row, "EXIT").starts_with("0 "), "{listing}");
+    }
+}
