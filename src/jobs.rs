@@ -125,7 +125,8 @@ pub fn wait_for(
             let final_ = matches!(j.state.as_str(), "succeeded" | "failed" | "cancelled");
             if last_state.get(&j.id) != Some(&j.state) {
                 if !interactive && !args.json {
-                    let extra = j.error.as_deref().map(|e| format!(" ({})", printable(e))).unwrap_or_default();
+                    let extra =
+                        j.error.as_deref().map(|e| format!(" ({})", error_summary(Some(e)))).unwrap_or_default();
                     println!("{} {} {}{extra}", shown(&j.id), printable(&j.name), j.state);
                 }
                 last_state.insert(j.id.clone(), j.state.clone());
@@ -168,13 +169,19 @@ pub fn wait_for(
                 let noun = if names.is_empty() { "jobs" } else { "runs" };
                 println!("{} of {} {noun} succeeded", ids.len() - failed.len(), ids.len());
                 for j in &failed {
+                    let error = j.error.as_deref().unwrap_or("-");
+                    let mut lines = error.lines();
                     println!(
                         "  {} {} {}: {}",
                         shown(&j.id),
                         printable(&j.name),
                         j.state,
-                        printable(j.error.as_deref().unwrap_or("-"))
+                        printable(lines.next().unwrap_or_default())
                     );
+                    // The stderr lines the error quotes, under it.
+                    for l in lines {
+                        println!("    {}", printable(l));
+                    }
                 }
                 if let Some(first) = failed.first() {
                     println!("  logs: cosmos jobs logs {}", first.id);

@@ -568,3 +568,46 @@ fn tables_show_host_gpus_elapsed_and_gpu_seconds_in_their_columns() {
         assert!(column(header, row, "EXIT").starts_with("0 "), "{listing}");
     }
 }
+
+#[test]
+fn a_failure_shows_the_last_lines_of_its_stderr_not_only_the_last() {
+    let controller_args = ["--run-env", "COSMOS_STANDIN_FAIL=CUDA out of memory", "--run-max-attempts", "1"];
+    let c = Cluster::start_with(1, 30_000, controller_args.map(String::from).to_vec(), |_| Vec::new());
+    let ps = make_prompt(&c, "oom", &[]);
+    let (ok, out, err) = run_to_end(&c, &["inference", &ps, "--steps", "3", "--wait"]);
+    assert!(!ok, "{out}{err}");
+    // The waiting command's summary quotes the traceback under the failure.
+    assert!(out.contains("    Traceback (most recent call last):"), "{out}");
+    assert!(out.contains("    RuntimeError: CUDA out of memory"), "{out}");
+    let run = c.json(&["runs", "list", "--json"])[0].clone();
+    let error = run["error"].as_str().unwrap();
+    let lines: Vec<&str> = error.lines().collect();
+    assert!(
+        lines[0].ends_with("its last error output: RuntimeError: CUDA out of memory (after 1 of 1 attempts)"),
+        "the summary ends with the exception and the attempts: {error}"
+    );
+    assert!(lines.iter().any(|l| l.trim() == "Traceback (most recent call last):"), "{error}");
+    assert!(lines.len() <= 2 + 5, "at most five quoted lines: {error}");
+    let shown = text(&c.cli(&["runs", "show", run["id"].as_str().unwrap()]).stdout);
+    assert!(shown.contains("\n    Traceback (most recent call last):\n"), "{shown}");
+    // A table row keeps to the summary.
+    let listing = text(&c.cli(&["runs", "list"]).stdout);
+    assert_eq!(listing.lines().count(), 2, "{listing}");
+    assert!(listing.contains("CUDA out of memory (after 1 of 1 attempts) …"), "{listing}");
+
+    // Any job: the last five lines of its stderr, oldest first.
+    let script = "for i in 1 2 3 4 5 6 7; do echo \"err $i\" >&2; done; exit 1";
+    let jobs = write_jobs(
+        c.dir.path(),
+        "noisy.jsonl",
+        &[serde_json::json!({ "name": "noisy", "command": ["sh", "-c", script], "max_attempts": 1 })],
+    );
+    let (ok, out, _) = run_to_end(&c, &["jobs", "submit", &jobs, "--wait"]);
+    assert!(!ok);
+    let quoted: Vec<&str> = out.lines().filter(|l| l.starts_with("      err")).collect();
+    assert_eq!(quoted, ["      err 3", "      err 4", "      err 5", "      err 6", "      err 7"], "{out}");
+    let job = c.json(&["jobs", "list", "--json"]).as_array().unwrap().last().unwrap().clone();
+    let shown = text(&c.cli(&["jobs", "show", job["id"].as_str().unwrap()]).stdout);
+    assert!(shown.contains("its last error output: err 7 (after 1 of 1 attempts)\n"), "{shown}");
+    assert!(shown.contains("\n    err 3\n") && !shown.contains("err 2"), "{shown}");
+}

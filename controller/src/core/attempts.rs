@@ -166,14 +166,17 @@ impl Core {
                     job.rec.not_before_ms = now.wall_ms + delay;
                     job.not_before_mono_ms = now.mono_ms + delay;
                     job.rec.exit_code = exit_code;
-                    job.rec.error = Some(format!("attempt {used} failed: {reason}; retrying in {delay} ms"));
+                    job.rec.error = Some(format!(
+                        "attempt {used} failed: {}",
+                        noted(&reason, &format!("; retrying in {delay} ms"))
+                    ));
                     self.put_job(job_id);
                     self.enqueue_or_wait(job_id);
                 } else {
                     let why = if retryable {
-                        format!("{reason} (after {used} of {} attempts)", job.rec.spec.max_attempts)
+                        noted(&reason, &format!(" (after {used} of {} attempts)", job.rec.spec.max_attempts))
                     } else {
-                        format!("{reason} (not retryable)")
+                        noted(&reason, " (not retryable)")
                     };
                     self.conclude(now, job_id, JobState::Failed, exit_code, Some(why));
                 }
@@ -255,5 +258,15 @@ impl Core {
             self.ready.insert(&rec.spec, job_id);
         }
         self.dirty = true;
+    }
+}
+
+/// `reason` with `note` at the end of its first line: an agent's reason may
+/// quote the command's stderr on the lines under its summary, and a note
+/// about the job belongs to the summary, not to the last quoted line.
+fn noted(reason: &str, note: &str) -> String {
+    match reason.split_once('\n') {
+        Some((first, rest)) => format!("{first}{note}\n{rest}"),
+        None => format!("{reason}{note}"),
     }
 }
