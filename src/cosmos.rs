@@ -608,6 +608,35 @@ pub fn cancel_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     )
 }
 
+/// The runs `ids` name, each with its job; one that does not exist fails at
+/// once, naming it. Through a controller restart, as the waiting that follows.
+fn find_runs(client: &Client, ids: &[String]) -> anyhow::Result<Vec<CreatedRun>> {
+    let mut reconnect = client.reconnect();
+    ids.iter()
+        .map(|id| {
+            let r: RunView = client.get_patiently(&format!("/v1/runs/{}", url_escape(id)), &mut reconnect)?;
+            Ok(CreatedRun { run_id: r.id, job_id: r.job_id, prompt_id: r.prompt_id })
+        })
+        .collect()
+}
+
+/// `cosmos runs logs RUN [-f]`: the logs of the run's job, as `jobs logs` prints them.
+pub fn run_logs(args: &ClientArgs, id: &str, follow: bool, tail_bytes: Option<u64>) -> anyhow::Result<()> {
+    let run = find_runs(&Client::new(args)?, &[id.to_string()])?.remove(0);
+    crate::jobs::logs(args, &run.job_id, follow, tail_bytes)
+}
+
+/// `cosmos runs wait RUN…`: as `jobs wait`, under the runs' ids; with `--json`, the runs at their end.
+pub fn wait_runs_cmd(args: &ClientArgs, ids: &[String]) -> anyhow::Result<bool> {
+    let client = Client::new(args)?;
+    let runs = find_runs(&client, ids)?;
+    let ok = wait_runs(args, &client, &runs)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&run_views(&client, &runs)?)?);
+    }
+    Ok(ok)
+}
+
 /// `cosmos runs retry`.
 pub fn retry_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     Client::new(args)?.command::<RunView>(args.json, &format!("/v1/runs/{id}"), "retry", &format!("{id} re-queued"))

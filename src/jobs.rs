@@ -183,8 +183,12 @@ pub fn wait_for(
                         println!("    {}", printable(l));
                     }
                 }
-                if let Some(first) = failed.first() {
-                    println!("  logs: cosmos jobs logs {}", first.id);
+                match failed.first() {
+                    Some(first) if names.contains_key(&first.id) => {
+                        println!("  logs: cosmos runs logs {}", names[&first.id]);
+                    }
+                    Some(first) => println!("  logs: cosmos jobs logs {}", first.id),
+                    None => {}
                 }
             }
             return Ok(failed.is_empty());

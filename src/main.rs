@@ -329,6 +329,27 @@ enum RunsCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print a run's output (the logs of its job), as `jobs logs` does.
+    Logs {
+        /// The run (`rs_…`).
+        id: String,
+        /// Keep printing until the run ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only about the last BYTES of each log (from a line start).
+        #[arg(long, value_name = "BYTES")]
+        tail_bytes: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Wait for runs to end; exit 1 if any did not succeed.
+    Wait {
+        /// The runs (`rs_…`).
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -597,6 +618,10 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             RunsCommand::Search { words, client } => cosmos::list_runs(&client, None, None, &words).map(|()| true),
             RunsCommand::Cancel { id, client } => cosmos::cancel_run(&client, &id).map(|()| true),
             RunsCommand::Retry { id, client } => cosmos::retry_run(&client, &id).map(|()| true),
+            RunsCommand::Logs { id, follow, tail_bytes, client } => {
+                cosmos::run_logs(&client, &id, follow, tail_bytes).map(|()| true)
+            }
+            RunsCommand::Wait { ids, client } => cosmos::wait_runs_cmd(&client, &ids),
         },
         Command::Prompts(cmd) => match cmd {
             PromptsCommand::List { client } => cosmos::list_prompts(&client).map(|()| true),

@@ -223,6 +223,9 @@ fn every_command_that_names_a_missing_id_fails_naming_it() {
         (vec!["agents", "undrain", agent], agent),
         (vec!["runs", "show", run], run),
         (vec!["runs", "cancel", run], run),
+        (vec!["runs", "logs", run], run),
+        (vec!["runs", "logs", "-f", run], run),
+        (vec!["runs", "wait", run], run),
         (vec!["upscale", run], run),
         (vec!["upscale", run, "--wait"], run),
         (vec!["download", run], run),
@@ -610,4 +613,36 @@ fn a_failure_shows_the_last_lines_of_its_stderr_not_only_the_last() {
     let shown = text(&c.cli(&["jobs", "show", job["id"].as_str().unwrap()]).stdout);
     assert!(shown.contains("its last error output: err 7 (after 1 of 1 attempts)\n"), "{shown}");
     assert!(shown.contains("\n    err 3\n") && !shown.contains("err 2"), "{shown}");
+}
+
+#[test]
+fn a_run_is_followed_and_waited_for_under_its_own_id() {
+    let c = Cluster::start(1, 30_000);
+    let ps = make_prompt(&c, "lane", &[]);
+    let created = c.json(&["inference", &ps, "--steps", "3", "--json"]);
+    let id = created[0]["id"].as_str().unwrap().to_string();
+    let follower = c.spawn_cli(&["runs", "logs", "-f", &id]);
+    let waiter = c.spawn_cli(&["runs", "wait", &id]);
+    let (ok, out, err) = finish(waiter);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains(&format!("{id} ")) && out.contains("1 of 1 runs succeeded"), "{out}");
+    let (ok, out, err) = finish(follower);
+    assert!(ok, "{err}");
+    assert!(out.contains("| 3/3 ["), "the follower printed the run's progress to its end: {out}");
+    let again = c.json(&["runs", "wait", &id, "--json"]);
+    assert_eq!(again[0]["id"], id.as_str(), "{again}");
+    assert_eq!(again[0]["state"], "succeeded", "{again}");
+
+    // A run that does not succeed: `runs wait` exits non-zero, naming it and how to read its logs.
+    let slow = c.json(&["inference", &ps, "--steps", "100", "--json"]);
+    let slow = slow[0]["id"].as_str().unwrap().to_string();
+    let waiter = c.spawn_cli(&["runs", "wait", &slow, &id]);
+    c.poll("the slow run running", &["runs", "show", &slow, "--json"], |o| {
+        serde_json::from_slice::<Value>(&o.stdout).is_ok_and(|v| v["state"] == "running")
+    });
+    assert!(c.cli(&["runs", "cancel", &slow]).status.success());
+    let (ok, out, _) = finish(waiter);
+    assert!(!ok, "{out}");
+    assert!(out.contains("1 of 2 runs succeeded"), "{out}");
+    assert!(out.contains(&format!("logs: cosmos runs logs {slow}")), "{out}");
 }
