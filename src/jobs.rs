@@ -373,13 +373,16 @@ fn since_ms(text: &str) -> anyhow::Result<u64> {
 /// [`LogLine`] object a line). A stream that breaks (the controller restarted)
 /// is resumed from the positions its `id:` lines reported, so no line is
 /// printed twice or lost; lines not yet vouched for by an `id:` are held back.
+/// Output without its newline yet (a progress bar redrawn after `\r`) comes
+/// as `partial` events and is printed as it is, the line going on after it.
 pub fn logs(args: &ClientArgs, id: &str, follow: bool, tail_bytes: Option<u64>) -> anyhow::Result<()> {
     let client = Client::new(args)?;
     let tail = tail_bytes.map(|n| format!("&tail_bytes={n}")).unwrap_or_default();
     // Per log file (`att-N/stdout`), the offset printed up to.
     let mut reached: BTreeMap<String, u64> = BTreeMap::new();
+    let mut printer = LogPrinter { json: args.json, job: id, midline: None };
     let mut reconnect = client.reconnect();
-    loop {
+    let done = loop {
         let path = if reached.is_empty() {
             format!("/v1/jobs/{id}/logs?follow={follow}{tail}")
         } else {
@@ -394,14 +397,16 @@ pub fn logs(args: &ClientArgs, id: &str, follow: bool, tail_bytes: Option<u64>) 
             }
         };
         reconnect.reached(&client);
-        match print_log_events(args, id, reader, &mut reached) {
-            Ok(true) => return Ok(()),
+        match printer.print_events(reader, &mut reached) {
+            Ok(true) => break Ok(()),
             // A stream that ends cleanly without `end` was cut by a stopping controller.
             Ok(false) if follow => reconnect.failed(&client, crate::client::cut_stream())?,
-            Ok(false) => return Ok(()),
+            Ok(false) => break Ok(()),
             Err(e) => reconnect.failed(&client, anyhow::Error::new(e).context("log stream broke"))?,
         }
-    }
+    };
+    printer.end_line()?;
+    done
 }
 
 /// One log line as `cosmos jobs logs --json` prints it.
@@ -415,50 +420,95 @@ pub struct LogLine<'a> {
     pub stream: &'a str,
     /// The line, without its newline.
     pub line: &'a str,
+    /// The line's newline has not come yet: the next object of this stream goes on with it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
 }
 
-/// Prints a log stream's lines as their `id:` positions vouch for them;
-/// true once the stream said `end`.
-fn print_log_events(
-    args: &ClientArgs,
-    job: &str,
-    reader: Box<dyn std::io::Read + Send>,
-    reached: &mut BTreeMap<String, u64>,
-) -> std::io::Result<bool> {
-    let mut pending: Vec<String> = Vec::new();
-    let mut event = String::new();
-    let mut out = std::io::stdout().lock();
-    use std::io::Write;
-    for line in std::io::BufReader::new(reader).lines() {
-        let line = line?;
-        if line.is_empty() {
-            event.clear();
-        } else if let Some(kind) = line.strip_prefix("event: ") {
-            if kind == "end" {
-                return Ok(true);
+/// Prints a job's log events as their `id:` positions vouch for them.
+struct LogPrinter<'a> {
+    json: bool,
+    job: &'a str,
+    /// The log file (`att-N/stderr`) whose line was printed without its end, if one was.
+    midline: Option<String>,
+}
+
+impl LogPrinter<'_> {
+    /// Prints one stream's events; true once it said `end`.
+    fn print_events(
+        &mut self,
+        reader: Box<dyn std::io::Read + Send>,
+        reached: &mut BTreeMap<String, u64>,
+    ) -> std::io::Result<bool> {
+        // Text, and whether it is a partial line.
+        let mut pending: Vec<(String, bool)> = Vec::new();
+        let mut event = String::new();
+        let mut out = std::io::stdout().lock();
+        use std::io::Write;
+        let mut reader = std::io::BufReader::new(reader);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            if reader.read_until(b'\n', &mut raw)? == 0 {
+                break;
             }
-            event = kind.to_string();
-        } else if let Some(data) = line.strip_prefix("data: ").or_else(|| (line == "data:").then_some("")) {
-            if event.is_empty() {
-                pending.push(data.to_string());
+            // A line ends at `\n` only: a `\r` before it is the job's (a progress bar's redraw).
+            if raw.last() == Some(&b'\n') {
+                raw.pop();
             }
-        } else if let Some(position) = line.strip_prefix("id: ") {
-            let Some((file, at)) = position.rsplit_once('/') else { continue };
-            let Ok(at) = at.parse::<u64>() else { continue };
-            let (attempt, stream) = file.split_once('/').unwrap_or((file, ""));
-            for text in pending.drain(..) {
-                if args.json {
-                    let l = LogLine { job_id: job, attempt_id: attempt, stream, line: &text };
-                    writeln!(out, "{}", serde_json::to_string(&l).map_err(std::io::Error::other)?)?;
-                } else {
-                    writeln!(out, "{text}")?;
+            let line = String::from_utf8_lossy(&raw);
+            if line.is_empty() {
+                event.clear();
+            } else if let Some(kind) = line.strip_prefix("event: ") {
+                if kind == "end" {
+                    return Ok(true);
                 }
+                event = kind.to_string();
+            } else if let Some(data) = line.strip_prefix("data: ").or_else(|| (line == "data:").then_some("")) {
+                match event.as_str() {
+                    "" => pending.push((data.to_string(), false)),
+                    "partial" => pending.push((data.to_string(), true)),
+                    _ => {}
+                }
+            } else if let Some(position) = line.strip_prefix("id: ") {
+                let Some((file, at)) = position.rsplit_once('/') else { continue };
+                let Ok(at) = at.parse::<u64>() else { continue };
+                let (attempt, stream) = file.split_once('/').unwrap_or((file, ""));
+                for (text, partial) in pending.drain(..) {
+                    if self.json {
+                        let l = LogLine { job_id: self.job, attempt_id: attempt, stream, line: &text, partial };
+                        writeln!(out, "{}", serde_json::to_string(&l).map_err(std::io::Error::other)?)?;
+                        continue;
+                    }
+                    // Another file's line does not go on the end of one still being written.
+                    if self.midline.as_deref().is_some_and(|m| m != file) {
+                        writeln!(out)?;
+                    }
+                    if partial {
+                        write!(out, "{text}")?;
+                        self.midline = Some(file.to_string());
+                    } else {
+                        writeln!(out, "{text}")?;
+                        self.midline = None;
+                    }
+                }
+                out.flush()?;
+                reached.insert(file.to_string(), at);
             }
-            out.flush()?;
-            reached.insert(file.to_string(), at);
         }
+        Ok(false)
     }
-    Ok(false)
+
+    /// Ends a line printed without its end, so what comes next starts on its own.
+    fn end_line(&mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        if self.midline.take().is_some() {
+            let mut out = std::io::stdout().lock();
+            writeln!(out)?;
+            out.flush()?;
+        }
+        Ok(())
+    }
 }
 
 /// `cosmos agents list`.

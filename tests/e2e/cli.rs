@@ -646,3 +646,112 @@ fn a_run_is_followed_and_waited_for_under_its_own_id() {
     assert!(out.contains("1 of 2 runs succeeded"), "{out}");
     assert!(out.contains(&format!("logs: cosmos runs logs {slow}")), "{out}");
 }
+
+/// A background client whose stdout is read as it comes: the process, and a receiver of its bytes.
+fn spawn_reading(c: &Cluster, args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<Vec<u8>>) {
+    let mut child = c.spawn_cli(args);
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stdout.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Waits for a client from [`spawn_reading`] to end: its exit status, the rest of its stdout, its stderr.
+fn finish_reading(mut child: std::process::Child, rx: std::sync::mpsc::Receiver<Vec<u8>>) -> (bool, Vec<u8>, String) {
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    let status = child.wait().unwrap();
+    let rest = rx.iter().flatten().collect();
+    (status.success(), rest, err)
+}
+
+/// Reads `rx` until what it gave contains `wanted`; all it gave.
+fn read_until(rx: &std::sync::mpsc::Receiver<Vec<u8>>, got: &mut Vec<u8>, wanted: &str) {
+    while !text(got).contains(wanted) {
+        match rx.recv_timeout(NEVER) {
+            Ok(bytes) => got.extend(bytes),
+            Err(_) => panic!("never saw {wanted:?}; got {:?}", text(got)),
+        }
+    }
+}
+
+#[test]
+fn progress_without_a_newline_reaches_followers_while_the_job_runs() {
+    let c = Cluster::start(1, 30_000);
+    // tqdm's way: each update after a `\r`, the newline only at the end; the
+    // job then waits for `go`, so it surely runs while the followers look.
+    let go = c.dir.path().join("go");
+    let script = format!(
+        "printf 'step 1/3\\r'; sleep 0.3; printf 'step 2/3\\r'; \
+         while [ ! -e {go} ]; do sleep 0.05; done; printf 'step 3/3\\n'",
+        go = go.display()
+    );
+    let batch = write_jobs(
+        c.dir.path(),
+        "bar.jsonl",
+        &[serde_json::json!({ "name": "bar", "command": ["sh", "-c", script], "max_attempts": 1 })],
+    );
+    assert!(c.cli(&["jobs", "submit", &batch]).status.success());
+    let (follower, rx) = spawn_reading(&c, &["jobs", "logs", "-f", "job-1"]);
+    let (json_follower, json_rx) = spawn_reading(&c, &["jobs", "logs", "-f", "job-1", "--json"]);
+    let mut got = Vec::new();
+    read_until(&rx, &mut got, "step 2/3\r");
+    let mut json_got = Vec::new();
+    read_until(&json_rx, &mut json_got, "step 2/3\\r");
+    assert_eq!(c.job_state("job-1"), "running", "seen while the job runs, not at its end");
+    // A reader that does not follow sees the unended line too.
+    let once = c.cli(&["jobs", "logs", "job-1"]);
+    assert!(text(&once.stdout).ends_with("step 2/3\r\n"), "{:?}", text(&once.stdout));
+
+    std::fs::write(&go, b"").unwrap();
+    let (ok, rest, err) = finish_reading(follower, rx);
+    assert!(ok, "{err}");
+    got.extend(rest);
+    assert_eq!(text(&got), "step 1/3\rstep 2/3\rstep 3/3\n", "the bytes as the job wrote them, once");
+    let (ok, rest, err) = finish_reading(json_follower, json_rx);
+    assert!(ok, "{err}");
+    json_got.extend(rest);
+    let objects: Vec<Value> = text(&json_got).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let joined: String = objects.iter().map(|o| o["line"].as_str().unwrap()).collect();
+    assert_eq!(joined, "step 1/3\rstep 2/3\rstep 3/3", "{objects:?}");
+    assert_eq!(objects.last().unwrap().get("partial"), None, "the line's end is not partial: {objects:?}");
+    assert!(objects[..objects.len() - 1].iter().all(|o| o["partial"] == true), "{objects:?}");
+}
+
+#[test]
+fn progress_without_a_newline_reaches_followers_from_a_container_too() {
+    let image = "cosmos-transfer-standin:dev";
+    let inspect = Command::new("docker").args(["image", "inspect", image]).output();
+    assert!(
+        inspect.as_ref().is_ok_and(|o| o.status.success()),
+        "Docker with the image {image} is needed: run scripts/build-images (CI runs it through scripts/setup)"
+    );
+    // A minute a step: the run is surely in its first step while the follower looks.
+    let controller = ["--cosmos-image", image, "--run-env", "COSMOS_STANDIN_STEP_MS=60000"];
+    let c = Cluster::start_with(1, 15_000, controller.map(String::from).to_vec(), |dir| {
+        let mut args = vec!["--runtime".to_string(), "docker".to_string()];
+        for volume in ["checkpoints", "hf_cache"] {
+            std::fs::create_dir_all(dir.join(volume)).unwrap();
+            args.extend(["--volume".to_string(), format!("{volume}={}", dir.join(volume).display())]);
+        }
+        args
+    });
+    let ps = make_prompt(&c, "hold", &[]);
+    let created = c.json(&["inference", &ps, "--steps", "3", "--json"]);
+    let run = created[0]["id"].as_str().unwrap().to_string();
+    let (follower, rx) = spawn_reading(&c, &["runs", "logs", "-f", &run]);
+    let mut got = Vec::new();
+    // tqdm's first bar, `  0%|          | 0/3 [00:00<?, ?it/s]`, ends in `\r`, not a newline.
+    read_until(&rx, &mut got, "| 0/3 [");
+    assert_eq!(c.json(&["runs", "show", &run, "--json"])["state"], "running", "seen while it runs");
+    assert!(c.cli(&["runs", "cancel", &run]).status.success());
+    let (ok, _, err) = finish_reading(follower, rx);
+    assert!(ok, "the follower ends with the run: {err}");
+}

@@ -3,7 +3,7 @@
 use super::*;
 use crate::actor::{Cancel, JobSummary, ListJobs, Retry, SetDraining, Status, SubmitWith};
 use crate::core::SubmitError;
-use crate::logs::{LogCursor, LogStart, read_log};
+use crate::logs::{LogCursor, LogStart, Unended, read_log};
 use crate::records::{Idempotency, JobState};
 use cosmos_proto::{AttemptId, JobId, JobSpec, LogStream};
 use std::collections::BTreeMap;
@@ -618,7 +618,17 @@ async fn logs(state: web::Data<State>, id: web::Path<String>, q: web::Query<LogQ
                             let key = (a.id, stream == LogStream::Stdout);
                             let pos = cur.offsets.entry(key).or_insert(None);
                             let before = *pos;
-                            more |= read_log(&path, pos, start, final_, &mut out);
+                            let mut held = cur.held.get(&key).copied();
+                            let unended = match (final_, follow) {
+                                (true, _) => Unended::Line,
+                                (false, false) => Unended::Partial,
+                                (false, true) => Unended::Hold,
+                            };
+                            more |= read_log(&path, pos, &mut held, start, unended, &mut out);
+                            match held {
+                                Some(h) => cur.held.insert(key, h),
+                                None => cur.held.remove(&key),
+                            };
                             if let Some(now) = *pos {
                                 if before != Some(now) {
                                     out.push_str("id: ");
