@@ -225,17 +225,43 @@ pub fn create_prompt(
     Ok(())
 }
 
-/// `cosmos inference PROMPT_ID…`: one run per prompt, submitted together.
-pub fn inference(args: &ClientArgs, prompt_ids: &[String], params: &ParamArgs, wait: bool) -> anyhow::Result<bool> {
+/// `cosmos inference PROMPT_ID…`: one run per prompt, submitted together
+/// (all or none); with `then_upscale`, each with its upscale, which runs
+/// once it has succeeded.
+pub fn inference(
+    args: &ClientArgs,
+    prompt_ids: &[String],
+    params: &ParamArgs,
+    then_upscale: Option<UpscaleParams>,
+    wait: bool,
+) -> anyhow::Result<bool> {
     let params = params.params().map_err(|e| flag_error(&e))?;
+    if let Some(up) = &then_upscale {
+        up.validate().map_err(|e| anyhow::anyhow!("--upscale-{} {}", e.param, e.problem))?;
+    }
     let runs = prompt_ids
         .iter()
-        .map(|id| RunLine { prompt_id: Some(id.clone()), prompt: None, params: params.clone() })
+        .map(|id| RunLine {
+            prompt_id: Some(id.clone()),
+            prompt: None,
+            params: params.clone(),
+            then_upscale: then_upscale.clone(),
+        })
         .collect();
     let client = Client::new(args)?;
     let created: CreatedRuns =
         client.post("/v1/runs", &CreateRuns { runs }).map_err(|e| single_run_error(e, prompt_ids, "prompt"))?;
-    report_created(args, &created.runs);
+    if !args.json {
+        // In line order, each line's upscale right after its transfer.
+        let per_line = if then_upscale.is_some() { 2 } else { 1 };
+        for (i, r) in created.runs.iter().enumerate() {
+            if per_line == 2 && i % 2 == 1 {
+                println!("{} upscale of {} (job {})", r.run_id, created.runs[i - 1].run_id, r.job_id);
+                continue;
+            }
+            println!("{} prompt {} (job {})", r.run_id, r.prompt_id, r.job_id);
+        }
+    }
     let ok = if wait { wait_runs(args, &client, &created.runs)? } else { true };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&run_views(&client, &created.runs)?)?);
@@ -328,7 +354,7 @@ fn prepare_batch(file: &Path) -> anyhow::Result<Vec<PreparedLine>> {
                 if line.name.is_some() || line.negative.is_some() {
                     return Err(at("`name` and `negative` apply to a new prompt, not to `prompt_id`".into()));
                 }
-                (RunLine { prompt_id: Some(id), prompt: None, params }, None)
+                (RunLine { prompt_id: Some(id), params, ..Default::default() }, None)
             }
             (None, Some(text), Some(dir)) => {
                 let dir = if dir.is_absolute() { dir } else { base.join(dir) };
@@ -336,7 +362,7 @@ fn prepare_batch(file: &Path) -> anyhow::Result<Vec<PreparedLine>> {
                 let new =
                     NewPrompt { text, name: line.name, negative_prompt: line.negative, videos: None, parent: None };
                 new.validate_text().map_err(|e| at(e.to_string()))?;
-                (RunLine { prompt_id: None, prompt: Some(new), params }, Some(videos))
+                (RunLine { prompt: Some(new), params, ..Default::default() }, Some(videos))
             }
             _ => {
                 return Err(at(
@@ -409,10 +435,13 @@ fn wait_runs(args: &ClientArgs, client: &Client, runs: &[CreatedRun]) -> anyhow:
     crate::jobs::wait_for(args, client, &jobs, &names, !args.json)
 }
 
-/// `cosmos upscale RUN_ID`.
+/// `cosmos upscale RUN_ID` (a succeeded transfer), or with `after`, `cosmos
+/// upscale --after RUN_ID` (one that may still run: the upscale waits for it).
+#[allow(clippy::too_many_arguments)]
 pub fn upscale(
     args: &ClientArgs,
     run_id: &str,
+    after: bool,
     weight: Option<f64>,
     prompt: Option<String>,
     gpus: Option<u32>,
@@ -429,7 +458,7 @@ pub fn upscale(
     params.validate().map_err(|e| flag_error(&e))?;
     let client = Client::new(args)?;
     let run: CreatedRun = client
-        .post(&format!("/v1/runs/{run_id}/upscale"), &params)
+        .post(&format!("/v1/runs/{}/upscale?after={after}", url_escape(run_id)), &params)
         .map_err(|e| single_run_error(e, &[run_id.to_string()], "run"))?;
     report_created(args, std::slice::from_ref(&run));
     let ok = if wait { wait_runs(args, &client, std::slice::from_ref(&run))? } else { true };
@@ -574,6 +603,9 @@ pub fn show_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     }
     if let Some((s, t)) = r.job.progress {
         println!("progress {s}/{t}");
+    }
+    if let Some(why) = &job.waiting {
+        println!("waiting: {}", printable(why));
     }
     print_accounting(&job);
     print_error(r.error.as_deref());
@@ -831,7 +863,7 @@ pub fn demo(args: &ClientArgs, to: &Path) -> anyhow::Result<bool> {
         bail!("not every example run succeeded: `cosmos runs list` and `cosmos jobs logs JOB` say why");
     }
     eprintln!("upscaling {} to 4K", runs[0].run_id);
-    let (ok, up) = upscale(args, &runs[0].run_id, None, None, None, true, false)?;
+    let (ok, up) = upscale(args, &runs[0].run_id, false, None, None, None, true, false)?;
     if !ok {
         bail!("the upscale {} did not succeed: `cosmos runs show {}`", up.run_id, up.run_id);
     }

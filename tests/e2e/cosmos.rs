@@ -615,3 +615,60 @@ fn an_interrupted_video_upload_resumes_where_it_broke_off() {
     assert!(!partial.exists(), "the finished blob left no partial file");
     assert_eq!(file_sha(&c.data().join("blobs/sha256").join(&sha[..2]).join(&sha)), sha);
 }
+
+impl Cluster {
+    /// A prompt from a fresh video directory named `tag`: its id.
+    fn prompt(&self, tag: &str) -> String {
+        let videos = video_dir(self.dir.path(), tag, false);
+        let p = self.json(&["create", "prompt", &format!("a scene of {tag}"), videos.to_str().unwrap(), "--json"]);
+        p["id"].as_str().unwrap().to_string()
+    }
+}
+
+#[test]
+fn an_upscale_waits_for_its_transfer_and_is_cancelled_with_it() {
+    let c = Cluster::start(1, 15_000);
+    let ps = c.prompt("dune");
+    // Submitted while its transfer is still to run (the only host drained, so it surely waits),
+    // it takes the transfer's video once that succeeds.
+    assert!(c.cli(&["agents", "drain", "agent-0"]).status.success());
+    let transfer = c.json(&["inference", &ps, "--steps", "3", "--json"])[0]["id"].as_str().unwrap().to_string();
+    let up = c.json(&["upscale", "--after", &transfer, "--weight", "0.7", "--json"]);
+    let up_id = up["id"].as_str().unwrap().to_string();
+    assert_eq!(up["parent_run"], transfer.as_str(), "{up}");
+    assert_eq!(up["state"], "queued", "{up}");
+    let shown = String::from_utf8_lossy(&c.cli(&["runs", "show", &up_id]).stdout).into_owned();
+    assert!(shown.contains("waiting: waiting for job-1 to succeed"), "{shown}");
+    assert!(c.cli(&["agents", "undrain", "agent-0"]).status.success());
+    let out = c.cli(&["runs", "wait", &up_id, &transfer]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    let to = c.dir.path().join("dl");
+    for run in [&transfer, &up_id] {
+        assert!(c.cli(&["download", run, "--to", to.to_str().unwrap()]).status.success());
+    }
+    let h = header(&to.join(&up_id).join("output.mp4"));
+    assert_eq!(h["mode"], "upscale");
+    assert_eq!(h["input_video_sha256"], file_sha(&to.join(&transfer).join("output.mp4")), "the transfer's video");
+    assert_eq!(h["controls"]["upscale"]["control_weight"].as_f64(), Some(0.7));
+
+    // One submission of both; a transfer that does not succeed takes its upscale with it.
+    let out = c.cli(&["inference", &ps, "--steps", "100", "--then-upscale", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let both: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (t, u) = (&both[0], &both[1]);
+    assert_eq!((t["kind"].as_str(), u["kind"].as_str()), (Some("transfer"), Some("upscale")), "{both}");
+    assert_eq!(u["parent_run"], t["id"]);
+    let t = t["id"].as_str().unwrap();
+    let u = u["id"].as_str().unwrap();
+    assert!(c.cli(&["runs", "cancel", t]).status.success());
+    assert_eq!(c.wait_run(u), "cancelled");
+    let error = c.json(&["runs", "show", u, "--json"])["error"].as_str().unwrap().to_string();
+    assert!(error.contains("which it waited for, cancelled"), "{error}");
+    // An upscale after a run that already failed or was cancelled is refused, naming the fix.
+    let out = c.cli(&["upscale", "--after", t]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("retry it first") && stderr(&out).contains(&format!("cosmos runs retry {t}")));
+    // After a succeeded one, --after is the plain upscale.
+    let out = c.cli(&["upscale", "--after", &transfer, "--wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
