@@ -52,15 +52,19 @@ pub struct ParamArgs {
     /// Output frames per second, 1–60 [default 24].
     #[arg(long, allow_negative_numbers = true)]
     pub fps: Option<u32>,
-    /// Random seed, 1–4294967295 [default 1].
-    #[arg(long, allow_negative_numbers = true)]
-    pub seed: Option<u64>,
+    /// Random seed, 1–4294967295 [default 1]; a range or list makes one run each: `1..8`, `1,5,9`.
+    #[arg(long, allow_negative_numbers = true, value_name = "SEED|A..B|A,B,…")]
+    pub seed: Option<String>,
     /// GPUs per run, on one host [default 1].
     #[arg(long, allow_negative_numbers = true)]
     pub gpus: Option<u32>,
     /// Higher runs first [default 0].
     #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i32>,
+    /// One run per combination, submitted together: `seed=1..8,guidance=5,7` (repeatable). Sweeps seed,
+    /// guidance, steps, sigma-max, fps, blur-strength, canny-threshold; `A..B[:STEP]` includes both ends.
+    #[arg(long, value_name = "PARAM=VALUES")]
+    pub sweep: Vec<String>,
 }
 
 impl ParamArgs {
@@ -83,7 +87,15 @@ impl ParamArgs {
             canny_threshold: self.canny_threshold.unwrap_or(d.canny_threshold),
             upsample_prompt: self.upsample_prompt,
             fps: self.fps.unwrap_or(d.fps),
-            seed: self.seed.unwrap_or(d.seed),
+            seed: match self.seed.as_deref() {
+                // A sweep's seeds are set per run; the base keeps the default.
+                Some(s) if crate::sweep::is_sweep(s) => d.seed,
+                Some(s) => s.parse().map_err(|_| ParamError {
+                    param: "seed",
+                    problem: format!("takes a whole number, a range `A..B` or a list `A,B`; got `{s}`"),
+                })?,
+                None => d.seed,
+            },
             gpus: self.gpus.unwrap_or(d.gpus),
             priority: self.priority.unwrap_or(d.priority),
         };
@@ -225,32 +237,52 @@ pub fn create_prompt(
     Ok(())
 }
 
-/// `cosmos inference PROMPT_ID…`: one run per prompt, submitted together
-/// (all or none); with `then_upscale`, each with its upscale, which runs
-/// once it has succeeded.
+/// `cosmos inference PROMPT_ID…`: one run per prompt and sweep combination,
+/// submitted together (all or none); with `then_upscale`, each with its
+/// upscale, which runs once it has succeeded.
 pub fn inference(
     args: &ClientArgs,
     prompt_ids: &[String],
-    params: &ParamArgs,
+    flags: &ParamArgs,
     then_upscale: Option<UpscaleParams>,
     wait: bool,
 ) -> anyhow::Result<bool> {
-    let params = params.params().map_err(|e| flag_error(&e))?;
+    let base = flags.params().map_err(|e| flag_error(&e))?;
     if let Some(up) = &then_upscale {
         up.validate().map_err(|e| anyhow::anyhow!("--upscale-{} {}", e.param, e.problem))?;
     }
-    let runs = prompt_ids
-        .iter()
-        .map(|id| RunLine {
-            prompt_id: Some(id.clone()),
-            prompt: None,
-            params: params.clone(),
-            then_upscale: then_upscale.clone(),
-        })
-        .collect();
+    let axes = crate::sweep::axes(flags.seed.as_deref(), &flags.sweep)?;
+    let combos = crate::sweep::combinations(&base, &axes, flag_error)?;
+    let per_run = if then_upscale.is_some() { 2 } else { 1 };
+    let total = prompt_ids.len().saturating_mul(combos.len()).saturating_mul(per_run);
+    if !axes.is_empty() && total > crate::sweep::SWEEP_RUNS_MAX {
+        bail!(
+            "this sweep makes {total} runs ({} prompts × {} combinations{}); at most {} are submitted at once \
+             (SWEEP_RUNS_MAX): narrow the ranges or split the sweep; nothing was submitted",
+            prompt_ids.len(),
+            combos.len(),
+            if per_run == 2 { " × 2 with --then-upscale" } else { "" },
+            crate::sweep::SWEEP_RUNS_MAX
+        );
+    }
+    let mut runs = Vec::with_capacity(prompt_ids.len() * combos.len());
+    let mut subjects = Vec::with_capacity(runs.capacity());
+    let mut labels = Vec::with_capacity(runs.capacity());
+    for id in prompt_ids {
+        for (label, params) in &combos {
+            runs.push(RunLine {
+                prompt_id: Some(id.clone()),
+                prompt: None,
+                params: params.clone(),
+                then_upscale: then_upscale.clone(),
+            });
+            subjects.push(id.clone());
+            labels.push(label.clone());
+        }
+    }
     let client = Client::new(args)?;
     let created: CreatedRuns =
-        client.post("/v1/runs", &CreateRuns { runs }).map_err(|e| single_run_error(e, prompt_ids, "prompt"))?;
+        client.post("/v1/runs", &CreateRuns { runs }).map_err(|e| single_run_error(e, &subjects, "prompt"))?;
     if !args.json {
         // In line order, each line's upscale right after its transfer.
         let per_line = if then_upscale.is_some() { 2 } else { 1 };
@@ -259,7 +291,8 @@ pub fn inference(
                 println!("{} upscale of {} (job {})", r.run_id, created.runs[i - 1].run_id, r.job_id);
                 continue;
             }
-            println!("{} prompt {} (job {})", r.run_id, r.prompt_id, r.job_id);
+            let label = labels.get(i / per_line).filter(|l| !l.is_empty()).map(|l| format!(" {l}"));
+            println!("{} prompt {}{} (job {})", r.run_id, r.prompt_id, label.unwrap_or_default(), r.job_id);
         }
     }
     let ok = if wait { wait_runs(args, &client, &created.runs)? } else { true };
@@ -344,9 +377,10 @@ fn prepare_batch(file: &Path) -> anyhow::Result<Vec<PreparedLine>> {
             canny_threshold: line.canny_threshold,
             upsample_prompt: line.upsample_prompt.unwrap_or(false),
             fps: line.fps,
-            seed: line.seed,
+            seed: line.seed.map(|s| s.to_string()),
             gpus: line.gpus,
             priority: line.priority,
+            sweep: Vec::new(),
         };
         let params = args.params().map_err(|e| at(key_error(&e)))?;
         let (run, videos) = match (line.prompt_id, line.prompt, line.video_dir) {

@@ -3,6 +3,7 @@
 mod client;
 mod cosmos;
 mod jobs;
+mod sweep;
 mod up;
 
 use clap::{Parser, Subcommand};

@@ -623,6 +623,63 @@ impl Cluster {
         let p = self.json(&["create", "prompt", &format!("a scene of {tag}"), videos.to_str().unwrap(), "--json"]);
         p["id"].as_str().unwrap().to_string()
     }
+
+    fn run_count(&self) -> usize {
+        self.json(&["runs", "list", "--json"]).as_array().unwrap().len()
+    }
+}
+
+#[test]
+fn a_sweep_makes_one_run_per_combination_in_one_submission() {
+    let c = Cluster::start(1, 15_000);
+    let ps = c.prompt("field");
+    let out =
+        c.cli(&["inference", &ps, "--steps", "2", "--seed", "1..3", "--sweep", "guidance=5,7.5", "--wait", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let runs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut made: Vec<(i64, f64)> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["state"], "succeeded", "{r}");
+            (r["params"]["seed"].as_i64().unwrap(), r["params"]["guidance"].as_f64().unwrap())
+        })
+        .collect();
+    made.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(made, [(1, 5.0), (1, 7.5), (2, 5.0), (2, 7.5), (3, 5.0), (3, 7.5)]);
+    // What reached the model: one run's output says so.
+    let one = runs.as_array().unwrap().iter().find(|r| r["params"]["seed"] == 3 && r["params"]["guidance"] == 7.5);
+    let id = one.unwrap()["id"].as_str().unwrap();
+    let to = c.dir.path().join("dl");
+    assert!(c.cli(&["download", id, "--to", to.to_str().unwrap()]).status.success());
+    let h = header(&to.join(id).join("output.mp4"));
+    assert_eq!((h["seed"].as_i64(), h["guidance"].as_f64()), (Some(3), Some(7.5)));
+
+    // The table names each run with its combination, all ids printed.
+    let out = c.cli(&["inference", &ps, "--seed", "4,5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(said.lines().filter(|l| l.starts_with("rs_")).count(), 2, "{said}");
+    assert!(said.contains(&format!("prompt {ps} seed=4 (job")) && said.contains("seed=5"), "{said}");
+
+    // A bad value, the cap, or one refused run: nothing is submitted, and the error says why.
+    let before = c.run_count();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--sweep", "guidance=5,70"], "--sweep guidance=70: --guidance must be between 1 and 20"),
+        (&["--seed", "0..2"], "--seed must be between 1 and 4294967295"),
+        (&["--seed", "1..600", "--sweep", "steps=2,3"], "makes 1200 runs"),
+        (&["--sweep", "colour=1,2"], "`colour` is not a parameter a sweep can vary"),
+    ];
+    for (flags, said) in cases {
+        let args: Vec<&str> = ["inference", ps.as_str()].into_iter().chain(flags.iter().copied()).collect();
+        let out = c.cli(&args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains(said), "{args:?}: {}", stderr(&out));
+    }
+    let out = c.cli(&["inference", &ps, "rs_000000000000", "--seed", "1..2"]);
+    assert!(!out.status.success());
+    assert_eq!(c.run_count(), before, "all or nothing");
 }
 
 #[test]
