@@ -5,7 +5,8 @@
 //! first, so a bad batch line is reported before a single byte moves.
 
 use crate::client::{ApiError, Client, ClientArgs, printable};
-use crate::jobs::truncate;
+use crate::jobs::{elapsed_text, error_summary, gpu_seconds_text, truncate};
+use crate::jobs::{print_accounting, print_error};
 use anyhow::{Context, bail};
 use cosmos_controller::cosmos::{
     BlobRef, NewPrompt, ParamError, Prompt, PromptVideos, Strength, TransferParams, UpscaleParams, Weights,
@@ -51,15 +52,19 @@ pub struct ParamArgs {
     /// Output frames per second, 1–60 [default 24].
     #[arg(long, allow_negative_numbers = true)]
     pub fps: Option<u32>,
-    /// Random seed, 1–4294967295 [default 1].
-    #[arg(long, allow_negative_numbers = true)]
-    pub seed: Option<u64>,
+    /// Random seed, 1–4294967295 [default 1]; a range or list makes one run each: `1..8`, `1,5,9`.
+    #[arg(long, allow_negative_numbers = true, value_name = "SEED|A..B|A,B,…")]
+    pub seed: Option<String>,
     /// GPUs per run, on one host [default 1].
     #[arg(long, allow_negative_numbers = true)]
     pub gpus: Option<u32>,
     /// Higher runs first [default 0].
     #[arg(long, allow_negative_numbers = true)]
     pub priority: Option<i32>,
+    /// One run per combination, submitted together: `seed=1..8,guidance=5,7` (repeatable). Sweeps seed,
+    /// guidance, steps, sigma-max, fps, blur-strength, canny-threshold; `A..B[:STEP]` includes both ends.
+    #[arg(long, value_name = "PARAM=VALUES")]
+    pub sweep: Vec<String>,
 }
 
 impl ParamArgs {
@@ -82,7 +87,15 @@ impl ParamArgs {
             canny_threshold: self.canny_threshold.unwrap_or(d.canny_threshold),
             upsample_prompt: self.upsample_prompt,
             fps: self.fps.unwrap_or(d.fps),
-            seed: self.seed.unwrap_or(d.seed),
+            seed: match self.seed.as_deref() {
+                // A sweep's seeds are set per run; the base keeps the default.
+                Some(s) if crate::sweep::is_sweep(s) => d.seed,
+                Some(s) => s.parse().map_err(|_| ParamError {
+                    param: "seed",
+                    problem: format!("takes a whole number, a range `A..B` or a list `A,B`; got `{s}`"),
+                })?,
+                None => d.seed,
+            },
             gpus: self.gpus.unwrap_or(d.gpus),
             priority: self.priority.unwrap_or(d.priority),
         };
@@ -224,17 +237,64 @@ pub fn create_prompt(
     Ok(())
 }
 
-/// `cosmos inference PROMPT_ID…`: one run per prompt, submitted together.
-pub fn inference(args: &ClientArgs, prompt_ids: &[String], params: &ParamArgs, wait: bool) -> anyhow::Result<bool> {
-    let params = params.params().map_err(|e| flag_error(&e))?;
-    let runs = prompt_ids
-        .iter()
-        .map(|id| RunLine { prompt_id: Some(id.clone()), prompt: None, params: params.clone() })
-        .collect();
+/// `cosmos inference PROMPT_ID…`: one run per prompt and sweep combination,
+/// submitted together (all or none); with `then_upscale`, each with its
+/// upscale, which runs once it has succeeded.
+pub fn inference(
+    args: &ClientArgs,
+    prompt_ids: &[String],
+    flags: &ParamArgs,
+    then_upscale: Option<UpscaleParams>,
+    wait: bool,
+) -> anyhow::Result<bool> {
+    let base = flags.params().map_err(|e| flag_error(&e))?;
+    if let Some(up) = &then_upscale {
+        up.validate().map_err(|e| anyhow::anyhow!("--upscale-{} {}", e.param, e.problem))?;
+    }
+    let axes = crate::sweep::axes(flags.seed.as_deref(), &flags.sweep)?;
+    let combos = crate::sweep::combinations(&base, &axes, flag_error)?;
+    let per_run = if then_upscale.is_some() { 2 } else { 1 };
+    let total = prompt_ids.len().saturating_mul(combos.len()).saturating_mul(per_run);
+    if !axes.is_empty() && total > crate::sweep::SWEEP_RUNS_MAX {
+        bail!(
+            "this sweep makes {total} runs ({} prompts × {} combinations{}); at most {} are submitted at once \
+             (SWEEP_RUNS_MAX): narrow the ranges or split the sweep; nothing was submitted",
+            prompt_ids.len(),
+            combos.len(),
+            if per_run == 2 { " × 2 with --then-upscale" } else { "" },
+            crate::sweep::SWEEP_RUNS_MAX
+        );
+    }
+    let mut runs = Vec::with_capacity(prompt_ids.len() * combos.len());
+    let mut subjects = Vec::with_capacity(runs.capacity());
+    let mut labels = Vec::with_capacity(runs.capacity());
+    for id in prompt_ids {
+        for (label, params) in &combos {
+            runs.push(RunLine {
+                prompt_id: Some(id.clone()),
+                prompt: None,
+                params: params.clone(),
+                then_upscale: then_upscale.clone(),
+            });
+            subjects.push(id.clone());
+            labels.push(label.clone());
+        }
+    }
     let client = Client::new(args)?;
     let created: CreatedRuns =
-        client.post("/v1/runs", &CreateRuns { runs }).map_err(|e| single_run_error(e, prompt_ids, "prompt"))?;
-    report_created(args, &created.runs);
+        client.post("/v1/runs", &CreateRuns { runs }).map_err(|e| single_run_error(e, &subjects, "prompt"))?;
+    if !args.json {
+        // In line order, each line's upscale right after its transfer.
+        let per_line = if then_upscale.is_some() { 2 } else { 1 };
+        for (i, r) in created.runs.iter().enumerate() {
+            if per_line == 2 && i % 2 == 1 {
+                println!("{} upscale of {} (job {})", r.run_id, created.runs[i - 1].run_id, r.job_id);
+                continue;
+            }
+            let label = labels.get(i / per_line).filter(|l| !l.is_empty()).map(|l| format!(" {l}"));
+            println!("{} prompt {}{} (job {})", r.run_id, r.prompt_id, label.unwrap_or_default(), r.job_id);
+        }
+    }
     let ok = if wait { wait_runs(args, &client, &created.runs)? } else { true };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&run_views(&client, &created.runs)?)?);
@@ -317,9 +377,10 @@ fn prepare_batch(file: &Path) -> anyhow::Result<Vec<PreparedLine>> {
             canny_threshold: line.canny_threshold,
             upsample_prompt: line.upsample_prompt.unwrap_or(false),
             fps: line.fps,
-            seed: line.seed,
+            seed: line.seed.map(|s| s.to_string()),
             gpus: line.gpus,
             priority: line.priority,
+            sweep: Vec::new(),
         };
         let params = args.params().map_err(|e| at(key_error(&e)))?;
         let (run, videos) = match (line.prompt_id, line.prompt, line.video_dir) {
@@ -327,7 +388,7 @@ fn prepare_batch(file: &Path) -> anyhow::Result<Vec<PreparedLine>> {
                 if line.name.is_some() || line.negative.is_some() {
                     return Err(at("`name` and `negative` apply to a new prompt, not to `prompt_id`".into()));
                 }
-                (RunLine { prompt_id: Some(id), prompt: None, params }, None)
+                (RunLine { prompt_id: Some(id), params, ..Default::default() }, None)
             }
             (None, Some(text), Some(dir)) => {
                 let dir = if dir.is_absolute() { dir } else { base.join(dir) };
@@ -335,7 +396,7 @@ fn prepare_batch(file: &Path) -> anyhow::Result<Vec<PreparedLine>> {
                 let new =
                     NewPrompt { text, name: line.name, negative_prompt: line.negative, videos: None, parent: None };
                 new.validate_text().map_err(|e| at(e.to_string()))?;
-                (RunLine { prompt_id: None, prompt: Some(new), params }, Some(videos))
+                (RunLine { prompt: Some(new), params, ..Default::default() }, Some(videos))
             }
             _ => {
                 return Err(at(
@@ -408,10 +469,13 @@ fn wait_runs(args: &ClientArgs, client: &Client, runs: &[CreatedRun]) -> anyhow:
     crate::jobs::wait_for(args, client, &jobs, &names, !args.json)
 }
 
-/// `cosmos upscale RUN_ID`.
+/// `cosmos upscale RUN_ID` (a succeeded transfer), or with `after`, `cosmos
+/// upscale --after RUN_ID` (one that may still run: the upscale waits for it).
+#[allow(clippy::too_many_arguments)]
 pub fn upscale(
     args: &ClientArgs,
     run_id: &str,
+    after: bool,
     weight: Option<f64>,
     prompt: Option<String>,
     gpus: Option<u32>,
@@ -428,7 +492,7 @@ pub fn upscale(
     params.validate().map_err(|e| flag_error(&e))?;
     let client = Client::new(args)?;
     let run: CreatedRun = client
-        .post(&format!("/v1/runs/{run_id}/upscale"), &params)
+        .post(&format!("/v1/runs/{}/upscale?after={after}", url_escape(run_id)), &params)
         .map_err(|e| single_run_error(e, &[run_id.to_string()], "run"))?;
     report_created(args, std::slice::from_ref(&run));
     let ok = if wait { wait_runs(args, &client, std::slice::from_ref(&run))? } else { true };
@@ -514,18 +578,25 @@ pub fn list_runs(args: &ClientArgs, prompt: Option<&str>, state: Option<&str>, w
         println!("{}", serde_json::to_string_pretty(&runs)?);
         return Ok(());
     }
-    println!("{:<16} {:<9} {:<16} {:<22} {:<10} {:>9}  ERROR", "RUN", "KIND", "PROMPT", "NAME", "STATE", "PROGRESS");
+    println!(
+        "{:<16} {:<8} {:<16} {:<22} {:<10} {:>8} {:<14} {:>4} {:>8} {:>8}  ERROR",
+        "RUN", "KIND", "PROMPT", "NAME", "STATE", "PROGRESS", "HOST", "GPUS", "ELAPSED", "GPU-S"
+    );
     for r in runs {
         let progress = r.job.progress.map_or("-".to_string(), |(s, t)| format!("{s}/{t}"));
         println!(
-            "{:<16} {:<9} {:<16} {:<22} {:<10} {:>9}  {}",
-            r.id,
-            r.kind,
-            r.prompt_id,
+            "{:<16} {:<8} {:<16} {:<22} {:<10} {:>8} {:<14} {:>4} {:>8} {:>8}  {}",
+            truncate(&r.id, 16),
+            truncate(&r.kind, 8),
+            truncate(&r.prompt_id, 16),
             truncate(&printable(r.prompt_name.as_deref().unwrap_or("(deleted)")), 22),
             r.state,
-            progress,
-            printable(r.error.as_deref().unwrap_or(""))
+            truncate(&progress, 8),
+            truncate(&printable(r.agent.as_deref().unwrap_or("-")), 14),
+            r.job.gpus_requested,
+            elapsed_text(r.job.elapsed_ms),
+            gpu_seconds_text(r.job.gpu_seconds),
+            error_summary(r.error.as_deref())
         );
     }
     Ok(())
@@ -556,15 +627,22 @@ pub fn show_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     }
     println!("job {}  state {}  attempts {}", r.job_id, r.state, job.attempts.max(job.attempt_history.len() as u32));
     match job.attempt_history.last() {
-        Some(a) => println!("host {}  GPUs {}", a.agent, if a.gpus.is_empty() { "-".into() } else { a.gpus.join(",") }),
+        Some(a) => println!(
+            "host {}  GPUs {} ({})",
+            printable(&a.agent),
+            if a.gpus.is_empty() { "-".into() } else { a.gpus.join(",") },
+            job.gpus_requested
+        ),
         None => println!("host -  GPUs - (not placed yet; needs {})", job.gpus_requested),
     }
     if let Some((s, t)) = r.job.progress {
         println!("progress {s}/{t}");
     }
-    if let Some(e) = &r.error {
-        println!("error: {}", printable(e));
+    if let Some(why) = &job.waiting {
+        println!("waiting: {}", printable(why));
     }
+    print_accounting(&job);
+    print_error(r.error.as_deref());
     println!("params:");
     if let Some(params) = r.params.as_object() {
         for (k, v) in params {
@@ -594,6 +672,35 @@ pub fn cancel_run(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
         "cancel",
         &format!("cancel of {id} recorded"),
     )
+}
+
+/// The runs `ids` name, each with its job; one that does not exist fails at
+/// once, naming it. Through a controller restart, as the waiting that follows.
+fn find_runs(client: &Client, ids: &[String]) -> anyhow::Result<Vec<CreatedRun>> {
+    let mut reconnect = client.reconnect();
+    ids.iter()
+        .map(|id| {
+            let r: RunView = client.get_patiently(&format!("/v1/runs/{}", url_escape(id)), &mut reconnect)?;
+            Ok(CreatedRun { run_id: r.id, job_id: r.job_id, prompt_id: r.prompt_id })
+        })
+        .collect()
+}
+
+/// `cosmos runs logs RUN [-f]`: the logs of the run's job, as `jobs logs` prints them.
+pub fn run_logs(args: &ClientArgs, id: &str, follow: bool, tail_bytes: Option<u64>) -> anyhow::Result<()> {
+    let run = find_runs(&Client::new(args)?, &[id.to_string()])?.remove(0);
+    crate::jobs::logs(args, &run.job_id, follow, tail_bytes)
+}
+
+/// `cosmos runs wait RUN…`: as `jobs wait`, under the runs' ids; with `--json`, the runs at their end.
+pub fn wait_runs_cmd(args: &ClientArgs, ids: &[String]) -> anyhow::Result<bool> {
+    let client = Client::new(args)?;
+    let runs = find_runs(&client, ids)?;
+    let ok = wait_runs(args, &client, &runs)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&run_views(&client, &runs)?)?);
+    }
+    Ok(ok)
 }
 
 /// `cosmos runs retry`.
@@ -790,7 +897,7 @@ pub fn demo(args: &ClientArgs, to: &Path) -> anyhow::Result<bool> {
         bail!("not every example run succeeded: `cosmos runs list` and `cosmos jobs logs JOB` say why");
     }
     eprintln!("upscaling {} to 4K", runs[0].run_id);
-    let (ok, up) = upscale(args, &runs[0].run_id, None, None, None, true, false)?;
+    let (ok, up) = upscale(args, &runs[0].run_id, false, None, None, None, true, false)?;
     if !ok {
         bail!("the upscale {} did not succeed: `cosmos runs show {}`", up.run_id, up.run_id);
     }

@@ -125,7 +125,8 @@ pub fn wait_for(
             let final_ = matches!(j.state.as_str(), "succeeded" | "failed" | "cancelled");
             if last_state.get(&j.id) != Some(&j.state) {
                 if !interactive && !args.json {
-                    let extra = j.error.as_deref().map(|e| format!(" ({})", printable(e))).unwrap_or_default();
+                    let extra =
+                        j.error.as_deref().map(|e| format!(" ({})", error_summary(Some(e)))).unwrap_or_default();
                     println!("{} {} {}{extra}", shown(&j.id), printable(&j.name), j.state);
                 }
                 last_state.insert(j.id.clone(), j.state.clone());
@@ -168,16 +169,26 @@ pub fn wait_for(
                 let noun = if names.is_empty() { "jobs" } else { "runs" };
                 println!("{} of {} {noun} succeeded", ids.len() - failed.len(), ids.len());
                 for j in &failed {
+                    let error = j.error.as_deref().unwrap_or("-");
+                    let mut lines = error.lines();
                     println!(
                         "  {} {} {}: {}",
                         shown(&j.id),
                         printable(&j.name),
                         j.state,
-                        printable(j.error.as_deref().unwrap_or("-"))
+                        printable(lines.next().unwrap_or_default())
                     );
+                    // The stderr lines the error quotes, under it.
+                    for l in lines {
+                        println!("    {}", printable(l));
+                    }
                 }
-                if let Some(first) = failed.first() {
-                    println!("  logs: cosmos jobs logs {}", first.id);
+                match failed.first() {
+                    Some(first) if names.contains_key(&first.id) => {
+                        println!("  logs: cosmos runs logs {}", names[&first.id]);
+                    }
+                    Some(first) => println!("  logs: cosmos jobs logs {}", first.id),
+                    None => {}
                 }
             }
             return Ok(failed.is_empty());
@@ -202,20 +213,53 @@ pub fn list(args: &ClientArgs, state: Option<&str>, since: Option<&str>) -> anyh
         println!("{}", serde_json::to_string_pretty(&jobs)?);
         return Ok(());
     }
-    println!("{:<12} {:<24} {:<10} {:>8} {:<14} {:>5}  ERROR", "ID", "NAME", "STATE", "ATTEMPTS", "AGENT", "EXIT");
+    println!(
+        "{:<12} {:<24} {:<10} {:>8} {:<14} {:>4} {:>8} {:>8} {:>5}  ERROR",
+        "ID", "NAME", "STATE", "ATTEMPTS", "HOST", "GPUS", "ELAPSED", "GPU-S", "EXIT"
+    );
     for j in jobs {
         println!(
-            "{:<12} {:<24} {:<10} {:>8} {:<14} {:>5}  {}",
-            j.id,
+            "{:<12} {:<24} {:<10} {:>8} {:<14} {:>4} {:>8} {:>8} {:>5}  {}",
+            truncate(&j.id, 12),
             truncate(&printable(&j.name), 24),
             j.state,
             j.attempts,
             truncate(&printable(j.agent.as_deref().unwrap_or("-")), 14),
+            j.gpus_requested,
+            elapsed_text(j.elapsed_ms),
+            gpu_seconds_text(j.gpu_seconds),
             j.exit_code.map_or("-".to_string(), |c| c.to_string()),
-            printable(j.error.as_deref().unwrap_or(""))
+            error_summary(j.error.as_deref())
         );
     }
     Ok(())
+}
+
+/// A duration for a table cell: `-` (never started), `42.0s`, `12m05s`, `3h07m`.
+pub fn elapsed_text(ms: Option<u64>) -> String {
+    let Some(ms) = ms else { return "-".into() };
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{:.1}s", ms as f64 / 1000.0),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// GPU-seconds for a table cell: whole seconds from 10 on, else one decimal.
+pub fn gpu_seconds_text(gpu_s: f64) -> String {
+    if gpu_s >= 10.0 { format!("{gpu_s:.0}") } else { format!("{gpu_s:.1}") }
+}
+
+/// An error for one table row: its first line, the summary, which ends with
+/// the command's last word on stderr; the lines under it (the end of its
+/// stderr) are for `show`, so a row stays one line.
+pub fn error_summary(error: Option<&str>) -> String {
+    let Some(error) = error else { return String::new() };
+    match error.split_once('\n') {
+        Some((first, _)) => format!("{} …", printable(first)),
+        None => printable(error).into_owned(),
+    }
 }
 
 /// `s` cut to `n` characters (the last one `…`), so a long value cannot push a table's columns.
@@ -243,20 +287,11 @@ pub fn show(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
     if let Some((step, total)) = j.progress {
         println!("progress {step}/{total}");
     }
-    if let Some(e) = &j.error {
-        println!("error: {}", printable(e));
-    }
+    print_error(j.error.as_deref());
     if let Some(why) = &j.waiting {
         println!("waiting: {}", printable(why));
     }
-    if let Some(elapsed) = j.elapsed_ms {
-        println!(
-            "elapsed {:.1} s since its first start, {:.1} GPU-seconds{}",
-            elapsed as f64 / 1000.0,
-            j.gpu_seconds,
-            if j.retries > 0 { format!(", retried {} times", j.retries) } else { String::new() }
-        );
-    }
+    print_accounting(&j);
     for a in &j.attempt_history {
         println!(
             "  {} on {} [{}] {}  exit {}  {}",
@@ -265,10 +300,32 @@ pub fn show(args: &ClientArgs, id: &str) -> anyhow::Result<()> {
             a.gpus.join(","),
             a.state,
             a.exit_code.map_or("-".to_string(), |c| c.to_string()),
-            printable(a.reason.as_deref().unwrap_or(""))
+            error_summary(a.reason.as_deref())
         );
     }
     Ok(())
+}
+
+/// The `elapsed … GPU-seconds` line of `jobs show` and `runs show`, once the job has started.
+pub fn print_accounting(j: &JobView) {
+    if let Some(elapsed) = j.elapsed_ms {
+        println!(
+            "elapsed {} since its first start, {:.1} GPU-seconds{}",
+            elapsed_text(Some(elapsed)),
+            j.gpu_seconds,
+            if j.retries > 0 { format!(", retried {} times", j.retries) } else { String::new() }
+        );
+    }
+}
+
+/// The `error:` of `jobs show` and `runs show`: its first line, then any lines it quotes, indented.
+pub fn print_error(error: Option<&str>) {
+    let Some(error) = error else { return };
+    let mut lines = error.lines();
+    println!("error: {}", printable(lines.next().unwrap_or_default()));
+    for l in lines {
+        println!("  {}", printable(l));
+    }
 }
 
 /// `cosmos jobs cancel`.
@@ -316,13 +373,16 @@ fn since_ms(text: &str) -> anyhow::Result<u64> {
 /// [`LogLine`] object a line). A stream that breaks (the controller restarted)
 /// is resumed from the positions its `id:` lines reported, so no line is
 /// printed twice or lost; lines not yet vouched for by an `id:` are held back.
+/// Output without its newline yet (a progress bar redrawn after `\r`) comes
+/// as `partial` events and is printed as it is, the line going on after it.
 pub fn logs(args: &ClientArgs, id: &str, follow: bool, tail_bytes: Option<u64>) -> anyhow::Result<()> {
     let client = Client::new(args)?;
     let tail = tail_bytes.map(|n| format!("&tail_bytes={n}")).unwrap_or_default();
     // Per log file (`att-N/stdout`), the offset printed up to.
     let mut reached: BTreeMap<String, u64> = BTreeMap::new();
+    let mut printer = LogPrinter { json: args.json, job: id, midline: None };
     let mut reconnect = client.reconnect();
-    loop {
+    let done = loop {
         let path = if reached.is_empty() {
             format!("/v1/jobs/{id}/logs?follow={follow}{tail}")
         } else {
@@ -337,14 +397,16 @@ pub fn logs(args: &ClientArgs, id: &str, follow: bool, tail_bytes: Option<u64>) 
             }
         };
         reconnect.reached(&client);
-        match print_log_events(args, id, reader, &mut reached) {
-            Ok(true) => return Ok(()),
+        match printer.print_events(reader, &mut reached) {
+            Ok(true) => break Ok(()),
             // A stream that ends cleanly without `end` was cut by a stopping controller.
             Ok(false) if follow => reconnect.failed(&client, crate::client::cut_stream())?,
-            Ok(false) => return Ok(()),
+            Ok(false) => break Ok(()),
             Err(e) => reconnect.failed(&client, anyhow::Error::new(e).context("log stream broke"))?,
         }
-    }
+    };
+    printer.end_line()?;
+    done
 }
 
 /// One log line as `cosmos jobs logs --json` prints it.
@@ -358,50 +420,95 @@ pub struct LogLine<'a> {
     pub stream: &'a str,
     /// The line, without its newline.
     pub line: &'a str,
+    /// The line's newline has not come yet: the next object of this stream goes on with it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
 }
 
-/// Prints a log stream's lines as their `id:` positions vouch for them;
-/// true once the stream said `end`.
-fn print_log_events(
-    args: &ClientArgs,
-    job: &str,
-    reader: Box<dyn std::io::Read + Send>,
-    reached: &mut BTreeMap<String, u64>,
-) -> std::io::Result<bool> {
-    let mut pending: Vec<String> = Vec::new();
-    let mut event = String::new();
-    let mut out = std::io::stdout().lock();
-    use std::io::Write;
-    for line in std::io::BufReader::new(reader).lines() {
-        let line = line?;
-        if line.is_empty() {
-            event.clear();
-        } else if let Some(kind) = line.strip_prefix("event: ") {
-            if kind == "end" {
-                return Ok(true);
+/// Prints a job's log events as their `id:` positions vouch for them.
+struct LogPrinter<'a> {
+    json: bool,
+    job: &'a str,
+    /// The log file (`att-N/stderr`) whose line was printed without its end, if one was.
+    midline: Option<String>,
+}
+
+impl LogPrinter<'_> {
+    /// Prints one stream's events; true once it said `end`.
+    fn print_events(
+        &mut self,
+        reader: Box<dyn std::io::Read + Send>,
+        reached: &mut BTreeMap<String, u64>,
+    ) -> std::io::Result<bool> {
+        // Text, and whether it is a partial line.
+        let mut pending: Vec<(String, bool)> = Vec::new();
+        let mut event = String::new();
+        let mut out = std::io::stdout().lock();
+        use std::io::Write;
+        let mut reader = std::io::BufReader::new(reader);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            if reader.read_until(b'\n', &mut raw)? == 0 {
+                break;
             }
-            event = kind.to_string();
-        } else if let Some(data) = line.strip_prefix("data: ").or_else(|| (line == "data:").then_some("")) {
-            if event.is_empty() {
-                pending.push(data.to_string());
+            // A line ends at `\n` only: a `\r` before it is the job's (a progress bar's redraw).
+            if raw.last() == Some(&b'\n') {
+                raw.pop();
             }
-        } else if let Some(position) = line.strip_prefix("id: ") {
-            let Some((file, at)) = position.rsplit_once('/') else { continue };
-            let Ok(at) = at.parse::<u64>() else { continue };
-            let (attempt, stream) = file.split_once('/').unwrap_or((file, ""));
-            for text in pending.drain(..) {
-                if args.json {
-                    let l = LogLine { job_id: job, attempt_id: attempt, stream, line: &text };
-                    writeln!(out, "{}", serde_json::to_string(&l).map_err(std::io::Error::other)?)?;
-                } else {
-                    writeln!(out, "{text}")?;
+            let line = String::from_utf8_lossy(&raw);
+            if line.is_empty() {
+                event.clear();
+            } else if let Some(kind) = line.strip_prefix("event: ") {
+                if kind == "end" {
+                    return Ok(true);
                 }
+                event = kind.to_string();
+            } else if let Some(data) = line.strip_prefix("data: ").or_else(|| (line == "data:").then_some("")) {
+                match event.as_str() {
+                    "" => pending.push((data.to_string(), false)),
+                    "partial" => pending.push((data.to_string(), true)),
+                    _ => {}
+                }
+            } else if let Some(position) = line.strip_prefix("id: ") {
+                let Some((file, at)) = position.rsplit_once('/') else { continue };
+                let Ok(at) = at.parse::<u64>() else { continue };
+                let (attempt, stream) = file.split_once('/').unwrap_or((file, ""));
+                for (text, partial) in pending.drain(..) {
+                    if self.json {
+                        let l = LogLine { job_id: self.job, attempt_id: attempt, stream, line: &text, partial };
+                        writeln!(out, "{}", serde_json::to_string(&l).map_err(std::io::Error::other)?)?;
+                        continue;
+                    }
+                    // Another file's line does not go on the end of one still being written.
+                    if self.midline.as_deref().is_some_and(|m| m != file) {
+                        writeln!(out)?;
+                    }
+                    if partial {
+                        write!(out, "{text}")?;
+                        self.midline = Some(file.to_string());
+                    } else {
+                        writeln!(out, "{text}")?;
+                        self.midline = None;
+                    }
+                }
+                out.flush()?;
+                reached.insert(file.to_string(), at);
             }
-            out.flush()?;
-            reached.insert(file.to_string(), at);
         }
+        Ok(false)
     }
-    Ok(false)
+
+    /// Ends a line printed without its end, so what comes next starts on its own.
+    fn end_line(&mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        if self.midline.take().is_some() {
+            let mut out = std::io::stdout().lock();
+            writeln!(out)?;
+            out.flush()?;
+        }
+        Ok(())
+    }
 }
 
 /// `cosmos agents list`.

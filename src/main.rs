@@ -4,6 +4,7 @@ mod client;
 mod cosmos;
 mod jobs;
 mod ssh;
+mod sweep;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -152,6 +153,13 @@ enum Command {
         prompt_ids: Vec<String>,
         #[command(flatten)]
         params: cosmos::ParamArgs,
+        /// Also upscale each run's video to 4K, submitted with it: the upscale runs once the
+        /// run has succeeded and is cancelled if it does not.
+        #[arg(long)]
+        then_upscale: bool,
+        /// With --then-upscale: weight of the upscale control, 0–1 [default 0.5].
+        #[arg(long, requires = "then_upscale", allow_negative_numbers = true)]
+        upscale_weight: Option<f64>,
         /// Follow the runs to their end with progress bars; exit 1 if any did not succeed.
         #[arg(long)]
         wait: bool,
@@ -171,10 +179,15 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Upscale a succeeded transfer run's video to 4K.
+    /// Upscale a transfer run's video to 4K: a succeeded one, or with --after one still queued or running.
     Upscale {
-        /// The transfer run (`rs_…`).
-        run_id: String,
+        /// The succeeded transfer run (`rs_…`).
+        #[arg(required_unless_present = "after", conflicts_with = "after")]
+        run_id: Option<String>,
+        /// A transfer run that has not ended yet: the upscale waits for it to succeed, takes its
+        /// video then, and is cancelled if it does not succeed.
+        #[arg(long, value_name = "RUN")]
+        after: Option<String>,
         /// Weight of the upscale control, 0–1 [default 0.5].
         #[arg(long)]
         weight: Option<f64>,
@@ -346,6 +359,27 @@ enum RunsCommand {
     Retry {
         /// The run (`rs_…`).
         id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print a run's output (the logs of its job), as `jobs logs` does.
+    Logs {
+        /// The run (`rs_…`).
+        id: String,
+        /// Keep printing until the run ends.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only about the last BYTES of each log (from a line start).
+        #[arg(long, value_name = "BYTES")]
+        tail_bytes: Option<u64>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Wait for runs to end; exit 1 if any did not succeed.
+    Wait {
+        /// The runs (`rs_…`).
+        #[arg(required = true)]
+        ids: Vec<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -679,8 +713,12 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Create(CreateCommand::Prompt { text, video_dir, name, negative, client }) => {
             cosmos::create_prompt(&client, &text, &video_dir, name, negative).map(|()| true)
         }
-        Command::Inference { prompt_ids, params, wait, client } => {
-            cosmos::inference(&client, &prompt_ids, &params, wait)
+        Command::Inference { prompt_ids, params, then_upscale, upscale_weight, wait, client } => {
+            let up = then_upscale.then(|| cosmos_controller::cosmos::UpscaleParams {
+                weight: upscale_weight.unwrap_or(cosmos_controller::cosmos::UpscaleParams::default().weight),
+                ..Default::default()
+            });
+            cosmos::inference(&client, &prompt_ids, &params, up, wait)
         }
         Command::Batch { file, wait, download, client } => {
             let (ok, runs) = cosmos::batch(&client, &file, wait || download.is_some(), download.is_none())?;
@@ -693,8 +731,13 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
                 None => Ok(ok),
             }
         }
-        Command::Upscale { run_id, weight, prompt, gpus, wait, client } => {
-            cosmos::upscale(&client, &run_id, weight, prompt, gpus, wait, true).map(|(ok, _)| ok)
+        Command::Upscale { run_id, after, weight, prompt, gpus, wait, client } => {
+            let (run, after) = match (run_id, after) {
+                (Some(run), _) => (run, false),
+                (None, Some(run)) => (run, true),
+                (None, None) => unreachable!("clap requires one of them"),
+            };
+            cosmos::upscale(&client, &run, after, weight, prompt, gpus, wait, true).map(|(ok, _)| ok)
         }
         Command::PromptEnhance { prompt_id, overwrite, yes, client } => {
             cosmos::prompt_enhance(&client, &prompt_id, overwrite, yes)
@@ -707,6 +750,10 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             RunsCommand::Search { words, client } => cosmos::list_runs(&client, None, None, &words).map(|()| true),
             RunsCommand::Cancel { id, client } => cosmos::cancel_run(&client, &id).map(|()| true),
             RunsCommand::Retry { id, client } => cosmos::retry_run(&client, &id).map(|()| true),
+            RunsCommand::Logs { id, follow, tail_bytes, client } => {
+                cosmos::run_logs(&client, &id, follow, tail_bytes).map(|()| true)
+            }
+            RunsCommand::Wait { ids, client } => cosmos::wait_runs_cmd(&client, &ids),
         },
         Command::Prompts(cmd) => match cmd {
             PromptsCommand::List { client } => cosmos::list_prompts(&client).map(|()| true),

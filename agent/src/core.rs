@@ -11,7 +11,7 @@
 //! [`AgentCore::next_deadline_ms`] is reached (asked again after every input):
 //! the shell has no fixed tick.
 
-use crate::exit::{ExitContext, outcome_of, quoted, torchrun_failure};
+use crate::exit::{ExitContext, error_tail, outcome_of, torchrun_failure};
 use cosmos_proto::spec::{ArtifactRef, InputArtifact};
 use cosmos_proto::{
     AgentHello, AgentMsg, Assign, AttemptId, AttemptOutcome, AttemptPhase, AttemptReport, ControllerMsg, Epoch,
@@ -1082,14 +1082,14 @@ const STDERR_TAIL_BYTES: usize = 4096;
 impl Attempt {
     fn exit_context(&self) -> ExitContext<'_> {
         let text = String::from_utf8_lossy(&self.stderr_tail);
-        let (torchrun_root_cause, last_error_line) = match torchrun_failure(&text) {
-            Some((code, line)) => (Some(code), line.map(|l| quoted(&l))),
-            None => (None, self.last_error_line()),
+        let (torchrun_root_cause, error_tail) = match torchrun_failure(&text) {
+            Some((code, lines)) => (Some(code), lines),
+            None => (None, error_tail(&text, |_| false)),
         };
         ExitContext {
             required: &self.required_outputs,
             terminal_exit_codes: &self.terminal_exit_codes,
-            last_error_line,
+            error_tail,
             torchrun_root_cause,
         }
     }
@@ -1099,20 +1099,12 @@ impl Attempt {
         let excess = self.stderr_tail.len().saturating_sub(STDERR_TAIL_BYTES);
         self.stderr_tail.drain(..excess);
     }
-
-    /// The last non-blank line the command wrote on stderr: its own word on why it failed.
-    /// Lines end at `\n` or at a progress bar's `\r`.
-    fn last_error_line(&self) -> Option<String> {
-        let text = String::from_utf8_lossy(&self.stderr_tail);
-        let line = text.split(['\n', '\r']).map(str::trim).rfind(|l| !l.is_empty())?;
-        Some(quoted(line))
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::exit::QUOTED_LINE_BYTES_MAX;
+    use crate::exit::{QUOTED_BYTES_MAX, QUOTED_LINE_BYTES_MAX, QUOTED_LINES_MAX};
     use cosmos_proto::spec::OutputArtifact;
     use cosmos_proto::{Sha256, TraceContext};
 
@@ -1446,12 +1438,50 @@ Root Cause (first observed failure):
         noise.extend_from_slice(b"\nlast words\n");
         let outcome = exit_with(&mut noisy, 1, &noise);
         let Some(AttemptOutcome::Failed { reason, .. }) = outcome else { panic!("{outcome:?}") };
-        assert!(reason.ends_with("; its last error output: last words"), "{reason}");
+        let first = reason.lines().next().unwrap();
+        assert!(first.ends_with("; its last error output: last words"), "{reason}");
+        assert!(reason.len() < QUOTED_BYTES_MAX + 400, "{}", reason.len());
         let mut long = core();
         assign(&mut long, 0, spec(0));
         let outcome = exit_with(&mut long, 1, &vec![b'y'; 3 * STDERR_TAIL_BYTES]);
         let Some(AttemptOutcome::Failed { reason, .. }) = outcome else { panic!("{outcome:?}") };
         assert!(reason.len() < QUOTED_LINE_BYTES_MAX + 200, "{}", reason.len());
+    }
+
+    #[test]
+    fn a_failure_quotes_the_last_lines_of_stderr_as_a_terminal_shows_them() {
+        let mut failing = core();
+        assign(&mut failing, 0, spec(0));
+        let stderr = "loading\n  0%|          | 0/35\r  3%|▎         | 1/35\r\n\
+                      Traceback (most recent call last):\n  File \"transfer.py\", line 9, in <module>\n    main()\n\
+                      \n  File \"model.py\", line 3, in main\n    x.cuda()\nRuntimeError: CUDA out of memory\n\n";
+        let outcome = exit_with(&mut failing, 1, stderr.as_bytes());
+        let Some(AttemptOutcome::Failed { reason, .. }) = outcome else { panic!("{outcome:?}") };
+        let lines: Vec<&str> = reason.lines().collect();
+        assert!(
+            lines[0].ends_with("see its logs; its last error output: RuntimeError: CUDA out of memory"),
+            "{reason}"
+        );
+        assert_eq!(lines[1], format!("the last {QUOTED_LINES_MAX} lines of its stderr:"), "{reason}");
+        assert_eq!(
+            &lines[2..],
+            [
+                "    File \"transfer.py\", line 9, in <module>",
+                "      main()",
+                "    File \"model.py\", line 3, in main",
+                "      x.cuda()",
+                "  RuntimeError: CUDA out of memory",
+            ],
+            "the last lines, oldest first, blank ones out: {reason}"
+        );
+        // A progress bar's redraws leave one line, its last.
+        assert_eq!(error_tail("a\n 0%| 0/3\r 33%| 1/3\r\nb\n", |_| false), ["a", " 33%| 1/3", "b"]);
+        // Long lines stop the quote at its byte bound; the last line is always there.
+        let long = format!("{}\n{}\nend\n", "p".repeat(1500), "q".repeat(1500));
+        let tail = error_tail(&long, |_| false);
+        assert_eq!(tail.len(), 2, "{tail:?}");
+        assert_eq!(tail[1], "end");
+        assert!(tail.iter().map(String::len).sum::<usize>() <= QUOTED_BYTES_MAX);
     }
 
     #[test]

@@ -17,6 +17,11 @@ pub fn is_terminal_exit(code: i32) -> bool {
 
 /// Longest line of an attempt's stderr quoted in a failure message.
 pub const QUOTED_LINE_BYTES_MAX: usize = 1024;
+/// Most lines of an attempt's stderr quoted in a failure message: a Python
+/// traceback's last frames and its exception.
+pub const QUOTED_LINES_MAX: usize = 5;
+/// Most bytes of those lines together.
+pub const QUOTED_BYTES_MAX: usize = 2048;
 
 /// What judging an attempt's exit needs to know of it.
 #[derive(Debug, Default)]
@@ -25,8 +30,8 @@ pub struct ExitContext<'a> {
     pub required: &'a [String],
     /// The job's own terminal exit codes.
     pub terminal_exit_codes: &'a [i32],
-    /// The command's last line on stderr, quoted in a failure.
-    pub last_error_line: Option<String>,
+    /// The command's last lines on stderr, oldest first, quoted in a failure (see [`error_tail`]).
+    pub error_tail: Vec<String>,
     /// The exit code of the worker torchrun blamed, when the command was torchrun and a worker failed.
     pub torchrun_root_cause: Option<i32>,
 }
@@ -37,13 +42,14 @@ const TORCHRUN_ROOT_CAUSE: &str = "Root Cause (first observed failure):";
 const TORCHRUN_CHILD_FAILED: &str = "ChildFailedError";
 
 /// What torchrun's failure report in `stderr` says: the blamed worker's exit
-/// code and the line the worker itself last wrote before torchrun's report.
+/// code and the lines the worker itself last wrote before torchrun's report
+/// (as [`error_tail`] gives them).
 ///
 /// torchrun exits 1 whenever a worker fails, whatever the worker's code, and
 /// reports it as `  exitcode  : 2 (pid: 123)` under [`TORCHRUN_ROOT_CAUSE`]
 /// (torch/distributed/elastic/multiprocessing/errors): that code is the one
 /// that says whether the failure is worth retrying.
-pub fn torchrun_failure(stderr: &str) -> Option<(i32, Option<String>)> {
+pub fn torchrun_failure(stderr: &str) -> Option<(i32, Vec<String>)> {
     let report = stderr.rfind(TORCHRUN_ROOT_CAUSE)?;
     let code = stderr[report..]
         .lines()
@@ -54,12 +60,31 @@ pub fn torchrun_failure(stderr: &str) -> Option<(i32, Option<String>)> {
     // The worker's own words come before torchrun's traceback and its log lines.
     let before = stderr[..report].rfind(TORCHRUN_CHILD_FAILED).map_or(report, |at| at);
     let before = stderr[..before].rfind("Traceback (most recent call last):").unwrap_or(before);
-    let line = stderr[..before]
-        .split(['\n', '\r'])
-        .map(str::trim)
-        .rfind(|l| !l.is_empty() && !l.contains("torch/distributed/"))
-        .map(str::to_string);
-    Some((code, line))
+    Some((code, error_tail(&stderr[..before], |l| l.contains("torch/distributed/"))))
+}
+
+/// The last lines of `stderr` as a terminal shows them, oldest first: a
+/// line's `\r` redraws (a progress bar's) leave its last text only; blank
+/// lines and those `skip` rejects are left out. At most [`QUOTED_LINES_MAX`]
+/// lines and [`QUOTED_BYTES_MAX`] bytes, each line cut to [`QUOTED_LINE_BYTES_MAX`];
+/// the last line is always kept.
+pub fn error_tail(stderr: &str, skip: impl Fn(&str) -> bool) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut bytes = 0;
+    for line in stderr.split('\n').rev() {
+        let shown = line.rsplit('\r').map(str::trim_end).find(|l| !l.trim().is_empty()).unwrap_or("");
+        if shown.trim().is_empty() || skip(shown) {
+            continue;
+        }
+        let line = quoted(shown);
+        bytes += line.len();
+        if !lines.is_empty() && (bytes > QUOTED_BYTES_MAX || lines.len() == QUOTED_LINES_MAX) {
+            break;
+        }
+        lines.push(line);
+    }
+    lines.reverse();
+    lines
 }
 
 /// `line`, cut to [`QUOTED_LINE_BYTES_MAX`] at a character boundary.
@@ -127,8 +152,17 @@ pub fn outcome_of(
             } else {
                 format!("{how}; see its logs")
             };
-            if let Some(line) = &att.last_error_line {
-                reason.push_str(&format!("; its last error output: {line}"));
+            // The first line says what happened and ends with the command's last word on it
+            // (tables show that line); the lines under it quote the end of its stderr.
+            if let Some(last) = att.error_tail.last() {
+                reason.push_str(&format!("; its last error output: {}", last.trim()));
+            }
+            if att.error_tail.len() > 1 {
+                reason.push_str(&format!("\nthe last {} lines of its stderr:", att.error_tail.len()));
+                for line in &att.error_tail {
+                    reason.push_str("\n  ");
+                    reason.push_str(line);
+                }
             }
             AttemptOutcome::Failed { exit_code: Some(code), reason, retry: cosmos_proto::Retry::when(!terminal) }
         }

@@ -38,6 +38,7 @@ fn job(id: u64) -> JobRecord {
         gpu_ms: 0,
         retries: 0,
         after: Vec::new(),
+        inputs_from: Vec::new(),
     }
 }
 

@@ -259,15 +259,18 @@ pub struct SubmitWith {
     pub key: Option<crate::records::Idempotency>,
     /// Per job, the jobs that must succeed first.
     pub after: Vec<Vec<JobId>>,
+    /// Per job, inputs it takes from the outputs of jobs that must succeed first.
+    pub inputs_from: Vec<Vec<crate::core::InputFromDep>>,
 }
 impl Message for SubmitWith {
     type Result = Result<oneshot::Receiver<Submitted>, SubmitError>;
 }
 impl Handler<SubmitWith> for CoreActor {
     type Result = Result<oneshot::Receiver<Submitted>, SubmitError>;
-    fn handle(&mut self, SubmitWith { specs, extra, key, after }: SubmitWith, ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: SubmitWith, ctx: &mut Context<Self>) -> Self::Result {
+        let SubmitWith { specs, extra, key, after, inputs_from } = msg;
         let mut out = Vec::new();
-        let opts = crate::core::SubmitOptions { key, extra, after };
+        let opts = crate::core::SubmitOptions { key, extra, after, inputs_from };
         let (ids, repeat) = self.core.submit_with(self.clock.now(), specs, opts, &mut out)?;
         for &id in &ids {
             if let Some(run) = self.core.job(id).and_then(|(rec, _, _)| rec.spec.labels.get(crate::cosmos::labels::RUN))

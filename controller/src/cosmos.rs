@@ -436,6 +436,8 @@ impl Default for UpscaleParams {
 
 /// Diffusion steps of an upscale, as the contract fixes them.
 pub const UPSCALE_STEPS: u32 = 10;
+/// Where an upscale's input video goes in its work directory.
+pub const UPSCALE_INPUT: &str = "inputs/input.mp4";
 
 impl UpscaleParams {
     /// Checks the weight, prompt and GPUs.
@@ -691,11 +693,11 @@ impl CosmosConfig {
         run_id: &str,
         parent_run: &str,
         prompt_id: &str,
-        video: &BlobRef,
+        video: Option<&BlobRef>,
         params: &UpscaleParams,
     ) -> Compiled {
         let mut doc = serde_json::json!({
-            "input_video_path": self.work("inputs/input.mp4"),
+            "input_video_path": self.work(UPSCALE_INPUT),
             "upscale": { "control_weight": params.weight },
         });
         if let Some(p) = &params.prompt {
@@ -711,7 +713,10 @@ impl CosmosConfig {
             "--offload_text_encoder_model".into(),
         ]);
         let mut spec = self.base_spec(format!("upscale {parent_run}"), command, params.gpus, params.priority);
-        spec.inputs = vec![input(video, "inputs/input.mp4"), generated_input("inputs/spec.json", &spec_json)];
+        // Without the video (its run has not ended yet) the scheduler adds it at
+        // UPSCALE_INPUT from that run's output once it succeeds.
+        spec.inputs = video.map(|v| input(v, UPSCALE_INPUT)).into_iter().collect();
+        spec.inputs.push(generated_input("inputs/spec.json", &spec_json));
         spec.outputs = vec![OutputArtifact { path: OUTPUT_VIDEO.into(), required: true }];
         spec.labels =
             run_labels(run_id, RunKind::Upscale, prompt_id, serde_json::to_string(params).expect("params serialise"));
@@ -912,7 +917,7 @@ mod tests {
     fn upscale_and_enhance_compile_to_valid_specs() {
         let cfg = CosmosConfig::default();
         let params = UpscaleParams { prompt: Some("sharper".into()), ..UpscaleParams::default() };
-        let c = cfg.compile_upscale("rs_0123456789ab", "rs_ba9876543210", "ps_000000000001", &blob(9), &params);
+        let c = cfg.compile_upscale("rs_0123456789ab", "rs_ba9876543210", "ps_000000000001", Some(&blob(9)), &params);
         let doc = spec_json(&c);
         assert_eq!(doc["upscale"]["control_weight"], 0.5);
         assert_eq!(doc["prompt"], "sharper");

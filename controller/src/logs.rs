@@ -102,15 +102,32 @@ pub struct LogStart {
     pub offset: u64,
 }
 
-/// Appends the whole lines of `path` after `*pos` (at most `LOG_READ_CHUNK_BYTES`
-/// of them) to `out` as events, moving `*pos` past them; a partial last line
-/// waits for its end unless the job is final or it fills a whole chunk.
-/// Returns whether more is there to read at once.
+/// What a log reader does with the last line of a file when its newline has not come yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unended {
+    /// Send it as a line: the job is final, the line will never end.
+    Line,
+    /// Send what is there as a `partial` event, the line going on in what
+    /// follows: a reader that reads once (not following) sees all there is.
+    Partial,
+    /// Send it as `partial` once it was already waiting at the reader's
+    /// previous read: a follower gets a progress bar's `\r` redraws within
+    /// a poll or two, while a line written in two writes mostly stays whole.
+    Hold,
+}
+
+/// Appends the lines of `path` after `*pos` (at most `LOG_READ_CHUNK_BYTES`
+/// of them) to `out` as events, moving `*pos` past them. A last line without
+/// its newline is treated as `unended` says; `*held` is where such a line
+/// started when it was last held back (for [`Unended::Hold`]). A line longer
+/// than a whole chunk goes as `partial` pieces. Returns whether more is
+/// there to read at once.
 pub fn read_log(
     path: &std::path::Path,
     pos: &mut Option<u64>,
+    held: &mut Option<u64>,
     start: LogStart,
-    final_: bool,
+    unended: Unended,
     out: &mut String,
 ) -> bool {
     use std::io::{Read, Seek};
@@ -150,32 +167,62 @@ pub fn read_log(
     if file.seek(std::io::SeekFrom::Start(from)).is_err() || (&mut file).take(want).read_to_end(&mut buf).is_err() {
         return false;
     }
-    let full_chunk = buf.len() as u64 == LOG_READ_CHUNK_BYTES;
-    // Only the end of a final log may be a partial line; inside the file a line goes on in the next chunk.
     let at_end = from + buf.len() as u64 == len;
-    let upto = match buf.iter().rposition(|&b| b == b'\n') {
-        Some(p) => p + 1,
-        None if (final_ && at_end) || full_chunk => buf.len(),
-        None => 0,
-    };
-    for line in String::from_utf8_lossy(&buf[..upto]).lines() {
-        out.push_str("data: ");
-        out.push_str(line);
-        out.push_str("\n\n");
+    let whole = buf.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+    for line in String::from_utf8_lossy(&buf[..whole]).lines() {
+        push_event(out, None, line);
     }
-    // A final log's partial last line is sent as it is.
-    let upto = if final_ && at_end && upto < buf.len() {
-        for line in String::from_utf8_lossy(&buf[upto..]).lines() {
-            out.push_str("data: ");
-            out.push_str(line);
-            out.push_str("\n\n");
+    let mut upto = whole;
+    let rest = &buf[whole..];
+    if !rest.is_empty() {
+        // The line goes on past this chunk, or its newline has not come yet.
+        let how = if !at_end {
+            (whole == 0).then_some(Unended::Partial)
+        } else {
+            match unended {
+                Unended::Hold if *held == Some(from + whole as u64) => Some(Unended::Partial),
+                Unended::Hold => {
+                    *held = Some(from + whole as u64);
+                    None
+                }
+                other => Some(other),
+            }
+        };
+        match how {
+            Some(Unended::Line) => {
+                push_event(out, None, &String::from_utf8_lossy(rest));
+                upto = buf.len();
+            }
+            Some(_) => {
+                // A character cut by the chunk's end (or the writer's) goes with the rest of it.
+                let complete = match std::str::from_utf8(rest) {
+                    Err(e) if e.error_len().is_none() => e.valid_up_to(),
+                    _ => rest.len(),
+                };
+                if complete > 0 {
+                    push_event(out, Some("partial"), &String::from_utf8_lossy(&rest[..complete]));
+                    upto += complete;
+                    *held = None;
+                }
+            }
+            None => {}
         }
-        buf.len()
-    } else {
-        upto
-    };
+    }
     *pos = Some(from + upto as u64);
     from + (upto as u64) < len && upto > 0
+}
+
+/// One server-sent event of log text: `data: TEXT`, under `event: KIND` when given.
+/// The text holds no newline; a `\r` in it (a progress bar's redraw) is sent as it is.
+fn push_event(out: &mut String, kind: Option<&str>, text: &str) {
+    if let Some(kind) = kind {
+        out.push_str("event: ");
+        out.push_str(kind);
+        out.push('\n');
+    }
+    out.push_str("data: ");
+    out.push_str(text);
+    out.push_str("\n\n");
 }
 
 /// Where one follower of a job's logs stands in each of its files.
@@ -183,6 +230,8 @@ pub fn read_log(
 pub struct LogCursor {
     /// Per attempt and stream (stdout: true), the next byte to read; `None` until the file was first seen.
     pub offsets: BTreeMap<(AttemptId, bool), Option<u64>>,
+    /// Per file, where its unended last line started when it was held back (see [`Unended::Hold`]).
+    pub held: BTreeMap<(AttemptId, bool), u64>,
     /// Nothing more will be read.
     pub done: bool,
 }

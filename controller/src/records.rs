@@ -105,6 +105,22 @@ pub struct JobRecord {
     /// fails or is cancelled, so is this one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<JobId>,
+    /// Inputs it takes from the outputs of jobs in `after`, not yet known:
+    /// each moves into `spec.inputs` when its job succeeds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs_from: Vec<InputFrom>,
+}
+
+/// An input a job takes from the outputs of a job it waits for, once that one has succeeded
+/// (an upscale submitted before the transfer it upscales has ended).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputFrom {
+    /// The job whose output it is.
+    pub job: JobId,
+    /// The output's path among that job's outputs.
+    pub output: String,
+    /// Where it goes in this job's work directory.
+    pub path: String,
 }
 
 /// A submission's idempotency key and a digest of what it asked for.

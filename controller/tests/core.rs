@@ -6,7 +6,8 @@
 //! before anything was sent. Run with `cargo test -p cosmos-controller --test core`.
 
 use cosmos_controller::core::{
-    CommandError, ConnId, Core, CoreConfig, Health, HeldBlobs, Now, Output, SubmitError, SubmitOptions,
+    CommandError, ConnId, Core, CoreConfig, Dep, Health, HeldBlobs, InputFromDep, Now, Output, SubmitError,
+    SubmitOptions,
 };
 use cosmos_controller::records::{AgentRecord, AttemptRecord, AttemptState, JobRecord, JobState, Snapshot, StoreOp};
 use cosmos_proto::Classify;
@@ -537,7 +538,8 @@ fn records_submitted_with_a_batch_share_its_persist_and_a_repeat_stores_nothing(
     let key = || Some(cosmos_controller::records::Idempotency { key: "k1".into(), request_sha256: "d1".into() });
     let extra = vec![StoreOp::DeletePrompt("ps_000000000001".into())];
     let ((ids, repeat), out) = c.call(|core, now, out| {
-        core.submit_with(now, vec![spec("run")], SubmitOptions { key: key(), extra, after: Vec::new() }, out).unwrap()
+        core.submit_with(now, vec![spec("run")], SubmitOptions { key: key(), extra, ..Default::default() }, out)
+            .unwrap()
     });
     assert!(!repeat);
     let persists: Vec<&Vec<StoreOp>> =
@@ -549,7 +551,7 @@ fn records_submitted_with_a_batch_share_its_persist_and_a_repeat_stores_nothing(
     // The same key and request: the same jobs, and nothing stored again.
     let again = vec![StoreOp::DeletePrompt("ps_000000000002".into())];
     let ((same, repeat), out) = c.call(|core, now, out| {
-        core.submit_with(now, vec![spec("run")], SubmitOptions { key: key(), extra: again, after: Vec::new() }, out)
+        core.submit_with(now, vec![spec("run")], SubmitOptions { key: key(), extra: again, ..Default::default() }, out)
             .unwrap()
     });
     assert_eq!((same, repeat), (ids, true));
@@ -673,6 +675,67 @@ fn a_job_after_another_starts_once_it_succeeds_and_is_cancelled_if_it_fails() {
     assert_eq!(r, Err(SubmitError::DependencyEnded { index: 0, dep: then[0], state: "failed" }));
     let (r, _) = c.call(|core, now, out| core.submit_with(now, vec![spec("ghost")], after(vec![JobId(999)]), out));
     assert_eq!(r, Err(SubmitError::UnknownDependency { index: 0, dep: JobId(999) }));
+}
+
+#[test]
+fn a_job_takes_an_input_from_the_output_of_the_job_it_waits_for() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 2, 80);
+    let video = ArtifactRef { path: "outputs/output.mp4".into(), sha256: Sha256([7; 32]), size_bytes: 42 };
+    let from = |dep| vec![InputFromDep { dep, output: video.path.clone(), path: "inputs/input.mp4".into() }];
+    let once = |name| JobSpec { max_attempts: 1, ..spec(name) };
+    // A transfer and its upscale in one batch: the upscale names the transfer by its place in the batch.
+    let opts = SubmitOptions { inputs_from: vec![Vec::new(), from(Dep::InBatch(0))], ..Default::default() };
+    let ((ids, _), out) =
+        c.call(|core, now, out| core.submit_with(now, vec![once("transfer"), spec("upscale")], opts, out).unwrap());
+    let (_, t) = one_assign(&c, &out);
+    assert_eq!(t.job_id, ids[0], "only the transfer may run");
+    assert_eq!(c.core.wait_reason(ids[1]), Some(format!("waiting for {} to succeed", ids[0])));
+    assert_eq!(c.record(ids[1]).after, vec![ids[0]], "an input's job is waited for");
+    c.started("a", t.attempt_id);
+    let out = c.finished("a", t.attempt_id, AttemptOutcome::Succeeded { outputs: vec![video.clone()] });
+    let (_, u) = one_assign(&c, &out);
+    assert_eq!(u.job_id, ids[1]);
+    let input = u.spec.inputs.iter().find(|i| i.path == "inputs/input.mp4").expect("the video is an input");
+    assert_eq!((input.sha256, input.size_bytes), (video.sha256, video.size_bytes));
+    assert!(c.record(ids[1]).inputs_from.is_empty(), "taken, and stored so (the cluster checks the persist)");
+
+    // A batch's job may only wait for one before it.
+    let opts = SubmitOptions { inputs_from: vec![from(Dep::InBatch(1)), Vec::new()], ..Default::default() };
+    let (r, _) = c.call(|core, now, out| core.submit_with(now, vec![spec("x"), spec("y")], opts, out));
+    assert_eq!(r.unwrap_err(), SubmitError::BadBatchDependency { index: 0, dep: 1 });
+
+    // Submitted on its own after a running job: one that succeeds without the output fails it, naming it.
+    let (t2, out) = c.submit_ok(vec![once("transfer 2")]);
+    let (_, a2) = one_assign(&c, &out);
+    let opts = SubmitOptions { inputs_from: vec![from(Dep::Job(t2[0]))], ..Default::default() };
+    let ((u2, _), _) = c.call(|core, now, out| core.submit_with(now, vec![spec("upscale 2")], opts, out).unwrap());
+    c.started("a", a2.attempt_id);
+    c.finished("a", a2.attempt_id, succeeded());
+    let rec = c.record(u2[0]);
+    assert_eq!(rec.state, JobState::Failed);
+    assert!(rec.error.as_deref().unwrap().contains("outputs/output.mp4"), "{:?}", rec.error);
+
+    // One whose job fails is cancelled with it, and retrying it alone is refused, naming the fix.
+    let (t3, out) = c.submit_ok(vec![once("transfer 3")]);
+    let (_, a3) = one_assign(&c, &out);
+    let opts = SubmitOptions { inputs_from: vec![from(Dep::Job(t3[0]))], ..Default::default() };
+    let ((u3, _), _) = c.call(|core, now, out| core.submit_with(now, vec![spec("upscale 3")], opts, out).unwrap());
+    c.started("a", a3.attempt_id);
+    c.finished("a", a3.attempt_id, failed(false));
+    assert_eq!(c.state(u3[0]), JobState::Cancelled);
+    let (r, _) = c.call(|core, now, out| core.retry(now, u3[0], out));
+    assert_eq!(r, Err(CommandError::DependencyEnded { id: u3[0], dep: t3[0], state: "failed" }));
+    // Retried together (the dependency first), both run: the upscale waits for the new attempt.
+    let (r, out) = c.call(|core, now, out| core.retry(now, t3[0], out));
+    r.unwrap();
+    let (_, again) = one_assign(&c, &out);
+    let (r, out) = c.call(|core, now, out| core.retry(now, u3[0], out));
+    r.unwrap();
+    assert!(assigns(&c, &out).is_empty(), "the upscale waits for the retried transfer");
+    c.started("a", again.attempt_id);
+    let out = c.finished("a", again.attempt_id, AttemptOutcome::Succeeded { outputs: vec![video.clone()] });
+    assert_eq!(one_assign(&c, &out).1.job_id, u3[0]);
 }
 
 #[test]

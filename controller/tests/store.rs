@@ -59,6 +59,7 @@ fn finished_job(id: u64) -> JobRecord {
         gpu_ms: 4_000,
         retries: 1,
         after: Vec::new(),
+        inputs_from: Vec::new(),
     }
 }
 
@@ -83,6 +84,7 @@ fn queued_job(id: u64) -> JobRecord {
         gpu_ms: 0,
         retries: 0,
         after: Vec::new(),
+        inputs_from: Vec::new(),
     }
 }
 

@@ -223,6 +223,9 @@ fn every_command_that_names_a_missing_id_fails_naming_it() {
         (vec!["agents", "undrain", agent], agent),
         (vec!["runs", "show", run], run),
         (vec!["runs", "cancel", run], run),
+        (vec!["runs", "logs", run], run),
+        (vec!["runs", "logs", "-f", run], run),
+        (vec!["runs", "wait", run], run),
         (vec!["upscale", run], run),
         (vec!["upscale", run, "--wait"], run),
         (vec!["download", run], run),
@@ -515,4 +518,240 @@ fn a_failed_job_is_retried_under_its_id_and_a_waiting_one_says_why() {
     c.poll("job-4 ran after job-3", &["jobs", "show", "job-4", "--json"], |o| {
         text(&o.stdout).contains("\"state\": \"succeeded\"")
     });
+}
+
+/// The text of `row` from the character column where `header` has `name`.
+fn column<'a>(header: &str, row: &'a str, name: &str) -> &'a str {
+    let at = header.find(name).unwrap_or_else(|| panic!("no column {name} in {header}"));
+    let (byte, _) = row.char_indices().nth(at).unwrap_or_else(|| panic!("row too short for {name}: {row}"));
+    row[byte..].trim_start()
+}
+
+#[test]
+fn tables_show_host_gpus_elapsed_and_gpu_seconds_in_their_columns() {
+    let c = Cluster::start(1, 30_000);
+    let dir = c.dir.path().join("long");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("color.mp4"), "color".repeat(40)).unwrap();
+    let long = "a_prompt_name_long_enough_to_push_every_column_aside";
+    let p = c.json(&["create", "prompt", "a long night", dir.to_str().unwrap(), "--name", long, "--json"]);
+    let ps = p["id"].as_str().unwrap();
+    let out = c.cli(&["inference", ps, "--steps", "2", "--gpus", "2", "--wait"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let run = c.json(&["runs", "list", "--json"])[0].clone();
+    let id = run["id"].as_str().unwrap();
+
+    let listing = text(&c.cli(&["runs", "list"]).stdout);
+    let mut rows = listing.lines();
+    let header = rows.next().unwrap();
+    let row = rows.find(|r| r.starts_with(id)).unwrap();
+    assert!(column(header, row, "HOST").starts_with("agent-0 "), "{listing}");
+    assert!(column(header, row, "GPUS").starts_with("2 "), "{listing}");
+    let elapsed = column(header, row, "ELAPSED");
+    assert!(elapsed.split_whitespace().next().unwrap().ends_with('s'), "{listing}");
+    let gpu_s: f64 = column(header, row, "GPU-S").split_whitespace().next().unwrap().parse().unwrap();
+    assert!(gpu_s > 0.0, "two GPUs for a while: {listing}");
+    assert!(row.contains('…'), "the long name is cut: {listing}");
+
+    let shown = text(&c.cli(&["runs", "show", id]).stdout);
+    assert!(shown.contains("host agent-0  GPUs GPU-"), "{shown}");
+    assert!(shown.contains("since its first start") && shown.contains("GPU-seconds"), "{shown}");
+
+    let jobs = write_jobs(
+        c.dir.path(),
+        "named.jsonl",
+        &[serde_json::json!({ "name": "a-job-name-far-longer-than-its-column-is-wide", "command": ["true"] })],
+    );
+    assert!(c.cli(&["jobs", "submit", &jobs, "--wait"]).status.success());
+    let listing = text(&c.cli(&["jobs", "list"]).stdout);
+    let mut rows = listing.lines();
+    let header = rows.next().unwrap();
+    for row in rows {
+        assert!(column(header, row, "HOST").starts_with("agent-0 "), "{listing}");
+        assert!(column(header, row, "EXIT").starts_with("0 "), "{listing}");
+    }
+}
+
+#[test]
+fn a_failure_shows_the_last_lines_of_its_stderr_not_only_the_last() {
+    let controller_args = ["--run-env", "COSMOS_STANDIN_FAIL=CUDA out of memory", "--run-max-attempts", "1"];
+    let c = Cluster::start_with(1, 30_000, controller_args.map(String::from).to_vec(), |_| Vec::new());
+    let ps = make_prompt(&c, "oom", &[]);
+    let (ok, out, err) = run_to_end(&c, &["inference", &ps, "--steps", "3", "--wait"]);
+    assert!(!ok, "{out}{err}");
+    // The waiting command's summary quotes the traceback under the failure.
+    assert!(out.contains("    Traceback (most recent call last):"), "{out}");
+    assert!(out.contains("    RuntimeError: CUDA out of memory"), "{out}");
+    let run = c.json(&["runs", "list", "--json"])[0].clone();
+    let error = run["error"].as_str().unwrap();
+    let lines: Vec<&str> = error.lines().collect();
+    assert!(
+        lines[0].ends_with("its last error output: RuntimeError: CUDA out of memory (after 1 of 1 attempts)"),
+        "the summary ends with the exception and the attempts: {error}"
+    );
+    assert!(lines.iter().any(|l| l.trim() == "Traceback (most recent call last):"), "{error}");
+    assert!(lines.len() <= 2 + 5, "at most five quoted lines: {error}");
+    let shown = text(&c.cli(&["runs", "show", run["id"].as_str().unwrap()]).stdout);
+    assert!(shown.contains("\n    Traceback (most recent call last):\n"), "{shown}");
+    // A table row keeps to the summary.
+    let listing = text(&c.cli(&["runs", "list"]).stdout);
+    assert_eq!(listing.lines().count(), 2, "{listing}");
+    assert!(listing.contains("CUDA out of memory (after 1 of 1 attempts) …"), "{listing}");
+
+    // Any job: the last five lines of its stderr, oldest first.
+    let script = "for i in 1 2 3 4 5 6 7; do echo \"err $i\" >&2; done; exit 1";
+    let jobs = write_jobs(
+        c.dir.path(),
+        "noisy.jsonl",
+        &[serde_json::json!({ "name": "noisy", "command": ["sh", "-c", script], "max_attempts": 1 })],
+    );
+    let (ok, out, _) = run_to_end(&c, &["jobs", "submit", &jobs, "--wait"]);
+    assert!(!ok);
+    let quoted: Vec<&str> = out.lines().filter(|l| l.starts_with("      err")).collect();
+    assert_eq!(quoted, ["      err 3", "      err 4", "      err 5", "      err 6", "      err 7"], "{out}");
+    let job = c.json(&["jobs", "list", "--json"]).as_array().unwrap().last().unwrap().clone();
+    let shown = text(&c.cli(&["jobs", "show", job["id"].as_str().unwrap()]).stdout);
+    assert!(shown.contains("its last error output: err 7 (after 1 of 1 attempts)\n"), "{shown}");
+    assert!(shown.contains("\n    err 3\n") && !shown.contains("err 2"), "{shown}");
+}
+
+#[test]
+fn a_run_is_followed_and_waited_for_under_its_own_id() {
+    let c = Cluster::start(1, 30_000);
+    let ps = make_prompt(&c, "lane", &[]);
+    let created = c.json(&["inference", &ps, "--steps", "3", "--json"]);
+    let id = created[0]["id"].as_str().unwrap().to_string();
+    let follower = c.spawn_cli(&["runs", "logs", "-f", &id]);
+    let waiter = c.spawn_cli(&["runs", "wait", &id]);
+    let (ok, out, err) = finish(waiter);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains(&format!("{id} ")) && out.contains("1 of 1 runs succeeded"), "{out}");
+    let (ok, out, err) = finish(follower);
+    assert!(ok, "{err}");
+    assert!(out.contains("| 3/3 ["), "the follower printed the run's progress to its end: {out}");
+    let again = c.json(&["runs", "wait", &id, "--json"]);
+    assert_eq!(again[0]["id"], id.as_str(), "{again}");
+    assert_eq!(again[0]["state"], "succeeded", "{again}");
+
+    // A run that does not succeed: `runs wait` exits non-zero, naming it and how to read its logs.
+    let slow = c.json(&["inference", &ps, "--steps", "100", "--json"]);
+    let slow = slow[0]["id"].as_str().unwrap().to_string();
+    let waiter = c.spawn_cli(&["runs", "wait", &slow, &id]);
+    c.poll("the slow run running", &["runs", "show", &slow, "--json"], |o| {
+        serde_json::from_slice::<Value>(&o.stdout).is_ok_and(|v| v["state"] == "running")
+    });
+    assert!(c.cli(&["runs", "cancel", &slow]).status.success());
+    let (ok, out, _) = finish(waiter);
+    assert!(!ok, "{out}");
+    assert!(out.contains("1 of 2 runs succeeded"), "{out}");
+    assert!(out.contains(&format!("logs: cosmos runs logs {slow}")), "{out}");
+}
+
+/// A background client whose stdout is read as it comes: the process, and a receiver of its bytes.
+fn spawn_reading(c: &Cluster, args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<Vec<u8>>) {
+    let mut child = c.spawn_cli(args);
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stdout.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Waits for a client from [`spawn_reading`] to end: its exit status, the rest of its stdout, its stderr.
+fn finish_reading(mut child: std::process::Child, rx: std::sync::mpsc::Receiver<Vec<u8>>) -> (bool, Vec<u8>, String) {
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    let status = child.wait().unwrap();
+    let rest = rx.iter().flatten().collect();
+    (status.success(), rest, err)
+}
+
+/// Reads `rx` until what it gave contains `wanted`; all it gave.
+fn read_until(rx: &std::sync::mpsc::Receiver<Vec<u8>>, got: &mut Vec<u8>, wanted: &str) {
+    while !text(got).contains(wanted) {
+        match rx.recv_timeout(NEVER) {
+            Ok(bytes) => got.extend(bytes),
+            Err(_) => panic!("never saw {wanted:?}; got {:?}", text(got)),
+        }
+    }
+}
+
+#[test]
+fn progress_without_a_newline_reaches_followers_while_the_job_runs() {
+    let c = Cluster::start(1, 30_000);
+    // tqdm's way: each update after a `\r`, the newline only at the end; the
+    // job then waits for `go`, so it surely runs while the followers look.
+    let go = c.dir.path().join("go");
+    let script = format!(
+        "printf 'step 1/3\\r'; sleep 0.3; printf 'step 2/3\\r'; \
+         while [ ! -e {go} ]; do sleep 0.05; done; printf 'step 3/3\\n'",
+        go = go.display()
+    );
+    let batch = write_jobs(
+        c.dir.path(),
+        "bar.jsonl",
+        &[serde_json::json!({ "name": "bar", "command": ["sh", "-c", script], "max_attempts": 1 })],
+    );
+    assert!(c.cli(&["jobs", "submit", &batch]).status.success());
+    let (follower, rx) = spawn_reading(&c, &["jobs", "logs", "-f", "job-1"]);
+    let (json_follower, json_rx) = spawn_reading(&c, &["jobs", "logs", "-f", "job-1", "--json"]);
+    let mut got = Vec::new();
+    read_until(&rx, &mut got, "step 2/3\r");
+    let mut json_got = Vec::new();
+    read_until(&json_rx, &mut json_got, "step 2/3\\r");
+    assert_eq!(c.job_state("job-1"), "running", "seen while the job runs, not at its end");
+    // A reader that does not follow sees the unended line too.
+    let once = c.cli(&["jobs", "logs", "job-1"]);
+    assert!(text(&once.stdout).ends_with("step 2/3\r\n"), "{:?}", text(&once.stdout));
+
+    std::fs::write(&go, b"").unwrap();
+    let (ok, rest, err) = finish_reading(follower, rx);
+    assert!(ok, "{err}");
+    got.extend(rest);
+    assert_eq!(text(&got), "step 1/3\rstep 2/3\rstep 3/3\n", "the bytes as the job wrote them, once");
+    let (ok, rest, err) = finish_reading(json_follower, json_rx);
+    assert!(ok, "{err}");
+    json_got.extend(rest);
+    let objects: Vec<Value> = text(&json_got).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let joined: String = objects.iter().map(|o| o["line"].as_str().unwrap()).collect();
+    assert_eq!(joined, "step 1/3\rstep 2/3\rstep 3/3", "{objects:?}");
+    assert_eq!(objects.last().unwrap().get("partial"), None, "the line's end is not partial: {objects:?}");
+    assert!(objects[..objects.len() - 1].iter().all(|o| o["partial"] == true), "{objects:?}");
+}
+
+#[test]
+fn progress_without_a_newline_reaches_followers_from_a_container_too() {
+    let image = "cosmos-transfer-standin:dev";
+    let inspect = Command::new("docker").args(["image", "inspect", image]).output();
+    assert!(
+        inspect.as_ref().is_ok_and(|o| o.status.success()),
+        "Docker with the image {image} is needed: run scripts/build-images (CI runs it through scripts/setup)"
+    );
+    // A minute a step: the run is surely in its first step while the follower looks.
+    let controller = ["--cosmos-image", image, "--run-env", "COSMOS_STANDIN_STEP_MS=60000"];
+    let c = Cluster::start_with(1, 15_000, controller.map(String::from).to_vec(), |dir| {
+        let mut args = vec!["--runtime".to_string(), "docker".to_string()];
+        for volume in ["checkpoints", "hf_cache"] {
+            std::fs::create_dir_all(dir.join(volume)).unwrap();
+            args.extend(["--volume".to_string(), format!("{volume}={}", dir.join(volume).display())]);
+        }
+        args
+    });
+    let ps = make_prompt(&c, "hold", &[]);
+    let created = c.json(&["inference", &ps, "--steps", "3", "--json"]);
+    let run = created[0]["id"].as_str().unwrap().to_string();
+    let (follower, rx) = spawn_reading(&c, &["runs", "logs", "-f", &run]);
+    let mut got = Vec::new();
+    // tqdm's first bar, `  0%|          | 0/3 [00:00<?, ?it/s]`, ends in `\r`, not a newline.
+    read_until(&rx, &mut got, "| 0/3 [");
+    assert_eq!(c.json(&["runs", "show", &run, "--json"])["state"], "running", "seen while it runs");
+    assert!(c.cli(&["runs", "cancel", &run]).status.success());
+    let (ok, _, err) = finish_reading(follower, rx);
+    assert!(ok, "the follower ends with the run: {err}");
 }

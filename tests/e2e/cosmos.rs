@@ -615,3 +615,117 @@ fn an_interrupted_video_upload_resumes_where_it_broke_off() {
     assert!(!partial.exists(), "the finished blob left no partial file");
     assert_eq!(file_sha(&c.data().join("blobs/sha256").join(&sha[..2]).join(&sha)), sha);
 }
+
+impl Cluster {
+    /// A prompt from a fresh video directory named `tag`: its id.
+    fn prompt(&self, tag: &str) -> String {
+        let videos = video_dir(self.dir.path(), tag, false);
+        let p = self.json(&["create", "prompt", &format!("a scene of {tag}"), videos.to_str().unwrap(), "--json"]);
+        p["id"].as_str().unwrap().to_string()
+    }
+
+    fn run_count(&self) -> usize {
+        self.json(&["runs", "list", "--json"]).as_array().unwrap().len()
+    }
+}
+
+#[test]
+fn a_sweep_makes_one_run_per_combination_in_one_submission() {
+    let c = Cluster::start(1, 15_000);
+    let ps = c.prompt("field");
+    let out =
+        c.cli(&["inference", &ps, "--steps", "2", "--seed", "1..3", "--sweep", "guidance=5,7.5", "--wait", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let runs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut made: Vec<(i64, f64)> = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["state"], "succeeded", "{r}");
+            (r["params"]["seed"].as_i64().unwrap(), r["params"]["guidance"].as_f64().unwrap())
+        })
+        .collect();
+    made.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(made, [(1, 5.0), (1, 7.5), (2, 5.0), (2, 7.5), (3, 5.0), (3, 7.5)]);
+    // What reached the model: one run's output says so.
+    let one = runs.as_array().unwrap().iter().find(|r| r["params"]["seed"] == 3 && r["params"]["guidance"] == 7.5);
+    let id = one.unwrap()["id"].as_str().unwrap();
+    let to = c.dir.path().join("dl");
+    assert!(c.cli(&["download", id, "--to", to.to_str().unwrap()]).status.success());
+    let h = header(&to.join(id).join("output.mp4"));
+    assert_eq!((h["seed"].as_i64(), h["guidance"].as_f64()), (Some(3), Some(7.5)));
+
+    // The table names each run with its combination, all ids printed.
+    let out = c.cli(&["inference", &ps, "--seed", "4,5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(said.lines().filter(|l| l.starts_with("rs_")).count(), 2, "{said}");
+    assert!(said.contains(&format!("prompt {ps} seed=4 (job")) && said.contains("seed=5"), "{said}");
+
+    // A bad value, the cap, or one refused run: nothing is submitted, and the error says why.
+    let before = c.run_count();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--sweep", "guidance=5,70"], "--sweep guidance=70: --guidance must be between 1 and 20"),
+        (&["--seed", "0..2"], "--seed must be between 1 and 4294967295"),
+        (&["--seed", "1..600", "--sweep", "steps=2,3"], "makes 1200 runs"),
+        (&["--sweep", "colour=1,2"], "`colour` is not a parameter a sweep can vary"),
+    ];
+    for (flags, said) in cases {
+        let args: Vec<&str> = ["inference", ps.as_str()].into_iter().chain(flags.iter().copied()).collect();
+        let out = c.cli(&args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains(said), "{args:?}: {}", stderr(&out));
+    }
+    let out = c.cli(&["inference", &ps, "rs_000000000000", "--seed", "1..2"]);
+    assert!(!out.status.success());
+    assert_eq!(c.run_count(), before, "all or nothing");
+}
+
+#[test]
+fn an_upscale_waits_for_its_transfer_and_is_cancelled_with_it() {
+    let c = Cluster::start(1, 15_000);
+    let ps = c.prompt("dune");
+    // Submitted while its transfer is still to run (the only host drained, so it surely waits),
+    // it takes the transfer's video once that succeeds.
+    assert!(c.cli(&["agents", "drain", "agent-0"]).status.success());
+    let transfer = c.json(&["inference", &ps, "--steps", "3", "--json"])[0]["id"].as_str().unwrap().to_string();
+    let up = c.json(&["upscale", "--after", &transfer, "--weight", "0.7", "--json"]);
+    let up_id = up["id"].as_str().unwrap().to_string();
+    assert_eq!(up["parent_run"], transfer.as_str(), "{up}");
+    assert_eq!(up["state"], "queued", "{up}");
+    let shown = String::from_utf8_lossy(&c.cli(&["runs", "show", &up_id]).stdout).into_owned();
+    assert!(shown.contains("waiting: waiting for job-1 to succeed"), "{shown}");
+    assert!(c.cli(&["agents", "undrain", "agent-0"]).status.success());
+    let out = c.cli(&["runs", "wait", &up_id, &transfer]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    let to = c.dir.path().join("dl");
+    for run in [&transfer, &up_id] {
+        assert!(c.cli(&["download", run, "--to", to.to_str().unwrap()]).status.success());
+    }
+    let h = header(&to.join(&up_id).join("output.mp4"));
+    assert_eq!(h["mode"], "upscale");
+    assert_eq!(h["input_video_sha256"], file_sha(&to.join(&transfer).join("output.mp4")), "the transfer's video");
+    assert_eq!(h["controls"]["upscale"]["control_weight"].as_f64(), Some(0.7));
+
+    // One submission of both; a transfer that does not succeed takes its upscale with it.
+    let out = c.cli(&["inference", &ps, "--steps", "100", "--then-upscale", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let both: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (t, u) = (&both[0], &both[1]);
+    assert_eq!((t["kind"].as_str(), u["kind"].as_str()), (Some("transfer"), Some("upscale")), "{both}");
+    assert_eq!(u["parent_run"], t["id"]);
+    let t = t["id"].as_str().unwrap();
+    let u = u["id"].as_str().unwrap();
+    assert!(c.cli(&["runs", "cancel", t]).status.success());
+    assert_eq!(c.wait_run(u), "cancelled");
+    let error = c.json(&["runs", "show", u, "--json"])["error"].as_str().unwrap().to_string();
+    assert!(error.contains("which it waited for, cancelled"), "{error}");
+    // An upscale after a run that already failed or was cancelled is refused, naming the fix.
+    let out = c.cli(&["upscale", "--after", t]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("retry it first") && stderr(&out).contains(&format!("cosmos runs retry {t}")));
+    // After a succeeded one, --after is the plain upscale.
+    let out = c.cli(&["upscale", "--after", &transfer, "--wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

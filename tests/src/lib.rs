@@ -22,7 +22,7 @@ use cosmos_agent::core::{
     AgentConfig, AgentCore, ExitStatus, Output as AgentOut, Recovered, RuntimeEvent, StageFailure,
 };
 use cosmos_controller::blobs::machine::{Appended, ChunkAction, Intake, OfferAction, Serve};
-use cosmos_controller::core::{ConnId, Core, HeldBlobs, Now, Output as CtlOut};
+use cosmos_controller::core::{ConnId, Core, Dep, HeldBlobs, InputFromDep, Now, Output as CtlOut, SubmitOptions};
 use cosmos_controller::gate::Gate;
 use cosmos_controller::records::{AttemptState, JobState, StoreOp};
 use cosmos_controller::store::Store;
@@ -296,6 +296,8 @@ pub struct Sim {
     next_conn: ConnId,
     agents: Vec<AgentNode>,
     submitted: Vec<JobId>,
+    /// Jobs of the batch (by position) that take `out/model.bin` of an earlier one, with that one's position.
+    takes: Vec<(usize, usize)>,
     /// The initial submission's outputs are being performed (no store fault there).
     submission_pending: bool,
     final_jobs: HashMap<JobId, JobState>,
@@ -409,6 +411,7 @@ impl Sim {
             next_conn: 1,
             agents,
             submitted: Vec::new(),
+            takes: Vec::new(),
             submission_pending: false,
             final_jobs: HashMap::new(),
             succeeded_attempt: HashMap::new(),
@@ -535,7 +538,8 @@ impl Sim {
     // ---- set-up ----
 
     fn submit_jobs(&mut self) {
-        let mut specs = Vec::new();
+        let mut specs: Vec<JobSpec> = Vec::new();
+        let mut inputs_from = Vec::new();
         for i in 0..self.scenario.jobs {
             let f = &self.scenario.faults;
             let roll = self.rng.random_range(0..100);
@@ -570,16 +574,32 @@ impl Sim {
             }
             if self.rng.random_bool(0.3) {
                 spec.outputs = vec![
-                    OutputArtifact { path: "out/model.bin".into(), required: true },
+                    OutputArtifact { path: SIM_MODEL.into(), required: true },
                     OutputArtifact { path: "out/metrics.json".into(), required: self.rng.random_bool(0.5) },
                 ];
             }
+            // Some take an earlier job's output as an input (an upscale after its transfer):
+            // they wait for it, and for its success, and run on what it made.
+            let mut from = Vec::new();
+            if i > 0 && self.rng.random_bool(0.15) {
+                let j = self.rng.random_range(0..i);
+                if specs[j].outputs.iter().any(|o: &OutputArtifact| o.path == SIM_MODEL && o.required) {
+                    from.push(InputFromDep {
+                        dep: Dep::InBatch(j),
+                        output: SIM_MODEL.into(),
+                        path: SIM_MODEL_INPUT.into(),
+                    });
+                    self.takes.push((i, j));
+                }
+            }
+            inputs_from.push(from);
             specs.push(spec);
         }
         let mut out = Vec::new();
         let now = self.controller_clock();
         let Some(core) = self.controller.as_mut() else { return };
-        match core.submit(now, specs, &mut out) {
+        let opts = SubmitOptions { inputs_from, ..Default::default() };
+        match core.submit_with(now, specs, opts, &mut out).map(|(ids, _)| ids) {
             Ok(ids) => self.submitted = ids,
             Err(e) => self.fail(format!("submission refused: {e}")),
         }
@@ -1123,7 +1143,14 @@ impl Sim {
             BlobEvent::WriterClose { sha256 } => {
                 let node = &mut self.agents[i];
                 node.writers.remove(&sha256);
-                let size = self.input_blobs.iter().find(|b| b.0 == sha256).map_or(0, |b| b.1);
+                // An input is a seeded blob, or an output an earlier job delivered (checked when committed).
+                let size = self
+                    .input_blobs
+                    .iter()
+                    .find(|b| b.0 == sha256)
+                    .map(|b| b.1)
+                    .or_else(|| self.blob_store.blobs.get(&sha256).copied())
+                    .unwrap_or(0);
                 let (len, good) = node.cache.partials.get(&sha256).copied().unwrap_or((0, true));
                 if len != size || !good {
                     // The fake network never damages bytes past their checksum: only the machine can have
@@ -1855,8 +1882,36 @@ impl Sim {
         }
     }
 
-    /// After every job ended and things settled: nothing left running, no transfer left unfinished.
+    /// After every job ended and things settled: nothing left running, no transfer left unfinished,
+    /// and each job that took another's output ran on it, or, if that one did not succeed, did not run.
     fn check_quiescent(&mut self) {
+        if let Some(core) = &self.controller {
+            for &(i, j) in &self.takes {
+                let (Some((rec, _, _)), Some((dep, _, _))) = (core.job(self.submitted[i]), core.job(self.submitted[j]))
+                else {
+                    continue;
+                };
+                let input =
+                    rec.spec.inputs.iter().find(|x| x.path == SIM_MODEL_INPUT).map(|x| (x.sha256, x.size_bytes));
+                let made = dep.outputs.iter().find(|o| o.path == SIM_MODEL).map(|o| (o.sha256, o.size_bytes));
+                let what = match (dep.state, rec.state) {
+                    (JobState::Succeeded, _) if input.is_none() || input != made => Some(format!(
+                        "{} takes {SIM_MODEL} of {}, which succeeded making {made:?}, but its input is {input:?}",
+                        rec.id, dep.id
+                    )),
+                    (JobState::Failed | JobState::Cancelled, s) if s != JobState::Cancelled || input.is_some() => {
+                        Some(format!(
+                            "{} waited for {}, which {:?}, yet is {s:?} with input {input:?}",
+                            rec.id, dep.id, dep.state
+                        ))
+                    }
+                    _ => None,
+                };
+                if let Some(what) = what {
+                    return self.fail(format!("dependencies: {what}"));
+                }
+            }
+        }
         for node in &self.agents {
             if node.core.is_some() && node.conn.is_some() && !node.blobs.is_idle() {
                 let busy: Vec<AttemptId> = node.blobs.busy_attempts().collect();
@@ -1875,6 +1930,11 @@ impl Sim {
 pub fn run_seed(scenario: &Scenario, seed: u64) -> Report {
     Sim::new(scenario.clone(), seed).run()
 }
+
+/// The output a job makes that a later one may take as its input.
+const SIM_MODEL: &str = "out/model.bin";
+/// Where such a job takes it.
+const SIM_MODEL_INPUT: &str = "data/model.bin";
 
 /// What the simulated blob store holds of `wanted`.
 fn held_of(store: &SimCas, wanted: Vec<&ArtifactRef>) -> HeldBlobs {

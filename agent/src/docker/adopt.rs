@@ -127,6 +127,7 @@ impl Shared {
                     container: f.container.clone(),
                     dir: dir.clone(),
                     events: None,
+                    live: None,
                 };
                 let ended = watch::channel(true).1;
                 let _ =
@@ -258,7 +259,7 @@ impl DockerRuntime {
         tracing::info!(attempt = %f.attempt_id, container = f.container, remaining_ms, "adopting a running container");
         let live = Live { container: f.container.clone(), phase: Phase::Running, pending_stop: None };
         lock(&self.shared.live).insert(f.attempt_id, live);
-        self.spawn_task(watch_container(self.shared.clone(), self.events.clone(), record));
+        self.spawn_task(watch_container(self.shared.clone(), self.events.clone(), record, None));
         Recovered {
             attempt_id: f.attempt_id,
             job_id: f.job_id,

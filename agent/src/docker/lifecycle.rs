@@ -2,7 +2,7 @@
 //! its program is there, start it, watch it to its exit (with its logs),
 //! record how it ended, remove it and report `Exited`; and stop it when asked.
 
-use super::logs::{LOG_DRAIN_TIMEOUT, LogFollower};
+use super::logs::{LOG_DRAIN_TIMEOUT, LiveOutput, LogFollower};
 use super::{
     DockerError, DockerRecord, ExitRecord, KILLED, Phase, RETRY_DELAY, Shared, StartError, UNKNOWN_EXIT, WORK_MOUNT,
     exit_status,
@@ -12,8 +12,8 @@ use crate::process::{EXIT_FILE, RECORD_FILE, collect_outputs};
 use crate::runtime::{EventSender, StartRequest, lock, write_json};
 use bollard::Docker;
 use bollard::query_parameters::{
-    ContainerArchiveInfoOptions, CreateContainerOptions, KillContainerOptions, RemoveContainerOptions,
-    StopContainerOptions,
+    AttachContainerOptions, ContainerArchiveInfoOptions, CreateContainerOptions, KillContainerOptions,
+    RemoveContainerOptions, StopContainerOptions,
 };
 use futures::StreamExt;
 use std::path::Path;
@@ -273,6 +273,19 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, events: EventSender, req: S
         lock(&shared.live).entry(id).and_modify(|l| l.phase = Phase::Exited);
         return finish(&shared, &events, &record, KILLED).await;
     }
+    // Attached before the start, so the stream holds all the container writes (see `LogFollower`);
+    // without it the logs are followed as for an adopted container.
+    let attach = AttachContainerOptions { stream: true, stdout: true, stderr: true, ..Default::default() };
+    let live = match shared.long_client().await {
+        Ok(docker) => match docker.attach_container(&record.container, Some(attach)).await {
+            Ok(attached) => Some(attached.output),
+            Err(e) => {
+                tracing::warn!(attempt = %id, error = %e, "cannot attach to a container; following its logs instead");
+                None
+            }
+        },
+        Err(_) => None,
+    };
     let started = match shared.client().await {
         Ok(docker) => {
             docker.start_container(&record.container, None).await.map_err(|e| shared.error("start a container", e))
@@ -312,11 +325,17 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, events: EventSender, req: S
         let (shared, container) = (shared.clone(), record.container.clone());
         tokio::spawn(async move { shared.stop(&container, grace_ms).await });
     }
-    watch_container(shared, events, record).await;
+    watch_container(shared, events, record, live).await;
 }
 
-/// Watches one started container to its end: logs, exit, record, removal, `Exited`.
-pub(super) async fn watch_container(shared: Arc<Shared>, events: EventSender, record: DockerRecord) {
+/// Watches one started container to its end: logs (from `live`, when it was
+/// attached before its start), exit, record, removal, `Exited`.
+pub(super) async fn watch_container(
+    shared: Arc<Shared>,
+    events: EventSender,
+    record: DockerRecord,
+    live: Option<LiveOutput>,
+) {
     let id = record.attempt_id;
     let dir = shared.attempt_dir(id);
     let follower = LogFollower {
@@ -324,6 +343,7 @@ pub(super) async fn watch_container(shared: Arc<Shared>, events: EventSender, re
         container: record.container.clone(),
         dir: dir.clone(),
         events: Some(events.clone()),
+        live,
     };
     // Its own task, so it reads while the exit is awaited; it ends with this watch, however that ends.
     let (exited_tx, exited) = watch::channel(false);

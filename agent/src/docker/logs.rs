@@ -6,6 +6,7 @@ use crate::core::RuntimeEvent;
 use crate::process::{ProgressParser, STDERR_FILE, STDOUT_FILE};
 use crate::runtime::EventSender;
 use bollard::container::LogOutput;
+use bollard::errors::Error as BollardError;
 use bollard::query_parameters::LogsOptions;
 use cosmos_proto::{AttemptId, LOG_CHUNK_BYTES_MAX, LogStream};
 use futures::StreamExt;
@@ -26,16 +27,27 @@ pub(super) const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// container's exit is known, without following. The engine may end a
 /// followed stream at the container's stop before its log driver has flushed
 /// the last unterminated line (Docker 20.10 does); the last pass reads that.
+///
+/// The first pass of a container this agent started reads `live`, the stream
+/// it attached to before the start, in place of the followed logs: the log
+/// driver holds a line back until its newline (or 16 KiB), so a progress
+/// bar redrawn after `\r` would reach the log only at the bar's end, while an
+/// attached stream carries each write as it is made. Both carry the same
+/// bytes, so the passes after it skip what it delivered as they would their own.
 pub(super) struct LogFollower {
     pub(super) attempt_id: AttemptId,
     pub(super) container: String,
     pub(super) dir: PathBuf,
     pub(super) events: Option<EventSender>,
+    pub(super) live: Option<LiveOutput>,
 }
+
+/// A container's output as the engine streams it: attached, or its logs.
+pub(super) type LiveOutput = std::pin::Pin<Box<dyn futures::Stream<Item = Result<LogOutput, BollardError>> + Send>>;
 
 impl LogFollower {
     /// `exited` turns true once the container's end is known.
-    pub(super) async fn run(self, shared: Arc<Shared>, mut exited: watch::Receiver<bool>) {
+    pub(super) async fn run(mut self, shared: Arc<Shared>, mut exited: watch::Receiver<bool>) {
         let id = self.attempt_id;
         let mut files: Vec<(Option<std::fs::File>, u64)> = [STDOUT_FILE, STDERR_FILE]
             .iter()
@@ -67,7 +79,10 @@ impl LogFollower {
                 }
             };
             let options = LogsOptions { follow: !last_pass, stdout: true, stderr: true, ..Default::default() };
-            let mut stream = docker.logs(&self.container, Some(options));
+            let mut stream: LiveOutput = match self.live.take() {
+                Some(live) if !last_pass => live,
+                _ => Box::pin(docker.logs(&self.container, Some(options))),
+            };
             let mut seen = [0u64; 2];
             while let Some(item) = stream.next().await {
                 let (index, stream_kind, message) = match item {

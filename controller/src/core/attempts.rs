@@ -137,7 +137,7 @@ impl Core {
             job.rec.exit_code = Some(0);
             job.rec.state = JobState::Queued;
             self.put_job(job_id);
-            self.enqueue_or_wait(job_id);
+            self.enqueue_or_wait(now, job_id);
             return;
         }
         match outcome {
@@ -166,14 +166,17 @@ impl Core {
                     job.rec.not_before_ms = now.wall_ms + delay;
                     job.not_before_mono_ms = now.mono_ms + delay;
                     job.rec.exit_code = exit_code;
-                    job.rec.error = Some(format!("attempt {used} failed: {reason}; retrying in {delay} ms"));
+                    job.rec.error = Some(format!(
+                        "attempt {used} failed: {}",
+                        noted(&reason, &format!("; retrying in {delay} ms"))
+                    ));
                     self.put_job(job_id);
-                    self.enqueue_or_wait(job_id);
+                    self.enqueue_or_wait(now, job_id);
                 } else {
                     let why = if retryable {
-                        format!("{reason} (after {used} of {} attempts)", job.rec.spec.max_attempts)
+                        noted(&reason, &format!(" (after {used} of {} attempts)", job.rec.spec.max_attempts))
                     } else {
-                        format!("{reason} (not retryable)")
+                        noted(&reason, " (not retryable)")
                     };
                     self.conclude(now, job_id, JobState::Failed, exit_code, Some(why));
                 }
@@ -190,7 +193,7 @@ impl Core {
                 } else {
                     job.rec.state = JobState::Queued;
                     self.put_job(job_id);
-                    self.enqueue_or_wait(job_id);
+                    self.enqueue_or_wait(now, job_id);
                 }
             }
         }
@@ -222,7 +225,7 @@ impl Core {
                     pending.remove(&id);
                     if pending.is_empty() {
                         self.blocked.remove(&waiter);
-                        self.enqueue_or_wait(waiter);
+                        self.enqueue_or_wait(now, waiter);
                     }
                 } else {
                     let why = format!("not run: {id}, which it waited for, {}", state.as_str());
@@ -232,7 +235,11 @@ impl Core {
         }
     }
 
-    pub(super) fn enqueue_or_wait(&mut self, job_id: JobId) {
+    /// Puts a job that may run in the queue (or its retry backoff), or, while
+    /// jobs it waits for have not succeeded, among the blocked ones. A job
+    /// that may run first takes the inputs it was to take from their outputs;
+    /// one it cannot take fails, naming it.
+    pub(super) fn enqueue_or_wait(&mut self, now: Now, job_id: JobId) {
         // A dependency that is gone (pruned history) counts as met.
         let pending: BTreeSet<JobId> = self.jobs[&job_id]
             .rec
@@ -248,6 +255,13 @@ impl Core {
             self.blocked.insert(job_id, pending);
             return;
         }
+        if !self.jobs[&job_id].rec.inputs_from.is_empty() {
+            if let Err(why) = self.take_inputs(job_id) {
+                self.conclude(now, job_id, JobState::Failed, None, Some(why));
+                return;
+            }
+            self.put_job(job_id);
+        }
         let rec = &self.jobs[&job_id].rec;
         if rec.not_before_ms > 0 && rec.state == JobState::Retrying {
             self.backoff.insert((self.jobs[&job_id].not_before_mono_ms, job_id));
@@ -255,5 +269,39 @@ impl Core {
             self.ready.insert(&rec.spec, job_id);
         }
         self.dirty = true;
+    }
+
+    /// Moves the inputs a job takes from its dependencies' outputs into its
+    /// spec, now that they have all succeeded; the error names what is missing.
+    fn take_inputs(&mut self, job_id: JobId) -> Result<(), String> {
+        let wanted = std::mem::take(&mut self.jobs.get_mut(&job_id).expect("queued jobs exist").rec.inputs_from);
+        let mut inputs = Vec::with_capacity(wanted.len());
+        for f in &wanted {
+            let found = self.jobs.get(&f.job).and_then(|d| d.rec.outputs.iter().find(|o| o.path == f.output));
+            let Some(out) = found else {
+                self.jobs.get_mut(&job_id).expect("queued jobs exist").rec.inputs_from = wanted.clone();
+                return Err(format!(
+                    "not run: it takes `{}` from {}, which ended without that output (or is gone)",
+                    f.output, f.job
+                ));
+            };
+            inputs.push(cosmos_proto::spec::InputArtifact {
+                sha256: out.sha256,
+                size_bytes: out.size_bytes,
+                path: f.path.clone(),
+            });
+        }
+        self.jobs.get_mut(&job_id).expect("queued jobs exist").rec.spec.inputs.extend(inputs);
+        Ok(())
+    }
+}
+
+/// `reason` with `note` at the end of its first line: an agent's reason may
+/// quote the command's stderr on the lines under its summary, and a note
+/// about the job belongs to the summary, not to the last quoted line.
+fn noted(reason: &str, note: &str) -> String {
+    match reason.split_once('\n') {
+        Some((first, rest)) => format!("{first}{note}\n{rest}"),
+        None => format!("{reason}{note}"),
     }
 }

@@ -121,6 +121,29 @@ pub struct SubmitOptions {
     pub extra: Vec<StoreOp>,
     /// Per job of the batch (by position; missing: none), the jobs that must succeed first.
     pub after: Vec<Vec<JobId>>,
+    /// Per job of the batch (by position; missing: none), inputs it takes from
+    /// the outputs of jobs that must succeed first (waited for as those in `after`).
+    pub inputs_from: Vec<Vec<InputFromDep>>,
+}
+
+/// A job that a job of a submission waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dep {
+    /// One submitted before.
+    Job(JobId),
+    /// One of the same batch, by its position there; it must come earlier in the batch.
+    InBatch(usize),
+}
+
+/// An input a submitted job takes from a dependency's outputs once that one succeeds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputFromDep {
+    /// The job whose output it is.
+    pub dep: Dep,
+    /// The output's path among that job's outputs.
+    pub output: String,
+    /// Where it goes in this job's work directory.
+    pub path: String,
 }
 
 /// Identifies one connection to an agent; assigned by the shell, never reused.
@@ -268,6 +291,14 @@ pub enum SubmitError {
         /// The missing job.
         dep: JobId,
     },
+    /// A dependency within the batch is not an earlier job of it (which could make a cycle).
+    #[error("job {index} (line {}) waits for job {dep} of its batch, which does not come before it", index + 1)]
+    BadBatchDependency {
+        /// Zero-based position in the batch.
+        index: usize,
+        /// The position it names.
+        dep: usize,
+    },
     /// A dependency already ended without success, so the job could never start.
     #[error("job {index} (line {}) waits for {dep} to succeed, but it {state}; retry that one first (`cosmos jobs retry {dep}`)", index + 1)]
     DependencyEnded {
@@ -330,6 +361,16 @@ pub enum CommandError {
         queued: usize,
         /// The bound (`queued_jobs_max`).
         max: usize,
+    },
+    /// A job it waits for ended without success: retried alone it could never start.
+    #[error("job {id} waits for {dep}, which {state}; retry that one first (`cosmos jobs retry {dep}`)")]
+    DependencyEnded {
+        /// The job.
+        id: JobId,
+        /// The dependency.
+        dep: JobId,
+        /// How it ended.
+        state: &'static str,
     },
     /// Only a failed or cancelled job can be retried.
     #[error("job {id} is {state}; only a failed or cancelled job can be retried")]
@@ -521,7 +562,7 @@ impl Core {
         }
         let waiting: Vec<JobId> = core.jobs.values().filter(|j| !j.rec.state.is_final()).map(|j| j.rec.id).collect();
         for id in waiting {
-            core.enqueue_or_wait(id);
+            core.enqueue_or_wait(now, id);
         }
         for att in snapshot.live_attempts {
             let idx = core.agent_index(&att.agent, now);
@@ -570,7 +611,7 @@ impl Core {
         opts: SubmitOptions,
         out: &mut Vec<Output>,
     ) -> Result<(Vec<JobId>, bool), SubmitError> {
-        let SubmitOptions { key, extra, after } = opts;
+        let SubmitOptions { key, extra, after, inputs_from } = opts;
         if let Some(k) = &key {
             if let Some((digest, ids)) = self.submitted_keys.get(&k.key) {
                 if *digest != k.request_sha256 {
@@ -606,8 +647,33 @@ impl Core {
                 }
             }
         }
-        for (index, deps) in after.iter().enumerate() {
-            for &dep in deps {
+        // The ids this batch's jobs get, so one may name an earlier one of the batch.
+        let first_id = self.next_job_id;
+        let mut deps_of: Vec<Vec<JobId>> = Vec::with_capacity(specs.len());
+        let mut takes: Vec<Vec<InputFrom>> = Vec::with_capacity(specs.len());
+        for (index, spec) in specs.iter().enumerate() {
+            let mut deps = after.get(index).cloned().unwrap_or_default();
+            let mut from = Vec::new();
+            // Jobs of this batch are not known yet: only those submitted before are checked.
+            let mut in_batch = Vec::new();
+            for f in inputs_from.get(index).into_iter().flatten() {
+                let job = match f.dep {
+                    Dep::Job(dep) => {
+                        if !deps.contains(&dep) {
+                            deps.push(dep);
+                        }
+                        dep
+                    }
+                    Dep::InBatch(i) if i < index => {
+                        let dep = JobId(first_id + i as u64);
+                        in_batch.push(dep);
+                        dep
+                    }
+                    Dep::InBatch(i) => return Err(SubmitError::BadBatchDependency { index, dep: i }),
+                };
+                from.push(InputFrom { job, output: f.output.clone(), path: f.path.clone() });
+            }
+            for &dep in &deps {
                 match self.jobs.get(&dep).map(|j| j.rec.state) {
                     None => return Err(SubmitError::UnknownDependency { index, dep }),
                     Some(state @ (JobState::Failed | JobState::Cancelled)) => {
@@ -616,10 +682,28 @@ impl Core {
                     Some(_) => {}
                 }
             }
+            if !from.is_empty() {
+                // The inputs it will have must make a valid spec too (paths, no two at one place).
+                let mut probe = spec.clone();
+                probe.inputs.extend(from.iter().map(|f| cosmos_proto::spec::InputArtifact {
+                    sha256: Sha256([0; 32]),
+                    size_bytes: 0,
+                    path: f.path.clone(),
+                }));
+                probe.validate().map_err(|error| SubmitError::InvalidSpec { index, error })?;
+            }
+            for dep in in_batch {
+                if !deps.contains(&dep) {
+                    deps.push(dep);
+                }
+            }
+            deps_of.push(deps);
+            takes.push(from);
         }
         let mut ids = Vec::with_capacity(specs.len());
-        for (index, spec) in specs.into_iter().enumerate() {
+        for (index, (spec, (after, inputs_from))) in specs.into_iter().zip(deps_of.into_iter().zip(takes)).enumerate() {
             let id = JobId(self.next_job_id);
+            debug_assert_eq!(id.0, first_id + index as u64);
             self.next_job_id += 1;
             let rec = JobRecord {
                 id,
@@ -639,11 +723,12 @@ impl Core {
                 started_ms: None,
                 gpu_ms: 0,
                 retries: 0,
-                after: after.get(index).cloned().unwrap_or_default(),
+                after,
+                inputs_from,
             };
             self.ops.push(StoreOp::PutJob(Box::new(rec.clone())));
             self.jobs.insert(id, Job { rec, not_before_mono_ms: 0, live: None, progress: None });
-            self.enqueue_or_wait(id);
+            self.enqueue_or_wait(now, id);
             ids.push(id);
         }
         // In the one persist of this call: both the jobs and what came with them, or neither.
@@ -700,10 +785,16 @@ impl Core {
     /// requeue` does: a fresh attempt budget, its earlier attempts kept in
     /// its history, its error and outputs cleared.
     pub fn retry(&mut self, now: Now, id: JobId, out: &mut Vec<Output>) -> Result<(), CommandError> {
-        let job = self.jobs.get_mut(&id).ok_or(CommandError::UnknownJob(id))?;
+        let job = self.jobs.get(&id).ok_or(CommandError::UnknownJob(id))?;
         if !matches!(job.rec.state, JobState::Failed | JobState::Cancelled) {
             return Err(CommandError::NotRetriable { id, state: job.rec.state.as_str() });
         }
+        for dep in &job.rec.after {
+            if let Some(state @ (JobState::Failed | JobState::Cancelled)) = self.jobs.get(dep).map(|d| d.rec.state) {
+                return Err(CommandError::DependencyEnded { id, dep: *dep, state: state.as_str() });
+            }
+        }
+        let job = self.jobs.get_mut(&id).expect("looked up above");
         let queued = self.ready.len() + self.backoff.len() + self.blocked.len();
         if queued >= self.config.queued_jobs_max {
             return Err(CommandError::QueueFull { queued, max: self.config.queued_jobs_max });
@@ -721,7 +812,7 @@ impl Core {
         rec.finished_ms = None;
         rec.retries += 1;
         self.put_job(id);
-        self.enqueue_or_wait(id);
+        self.enqueue_or_wait(now, id);
         self.event(now, Some(id), None, None, "retried", format!("re-queued by an operator after it {was}"));
         self.finish(now, out);
         Ok(())

@@ -8,8 +8,10 @@
 use super::jobs::{submit_specs, view};
 use super::{JsonBody, State, answer, bad, bad_line, command_result, error, internal, not_found, unavailable};
 use crate::actor::{Cancel, FindRun, JobSummary, ListJobs};
+use crate::core::{Dep, InputFromDep};
 use crate::cosmos::{
-    self, BlobRef, ENHANCE_RESULT, NewPrompt, OUTPUT_VIDEO, Prompt, RunKind, TransferParams, UpscaleParams, labels,
+    self, BlobRef, ENHANCE_RESULT, NewPrompt, OUTPUT_VIDEO, Prompt, RunKind, TransferParams, UPSCALE_INPUT,
+    UpscaleParams, labels,
 };
 use crate::records::JobState;
 use crate::records::StoreOp;
@@ -78,6 +80,10 @@ pub struct RunLine {
     /// The run's parameters (defaults for the missing ones).
     #[serde(default)]
     pub params: TransferParams,
+    /// Also an upscale of the run's video, submitted with it: it runs once the
+    /// transfer has succeeded, and is cancelled if it does not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub then_upscale: Option<UpscaleParams>,
 }
 
 /// Runs to create together: all or none.
@@ -101,7 +107,7 @@ pub struct CreatedRun {
 /// Answer to [`CreateRuns`].
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CreatedRuns {
-    /// In line order.
+    /// In line order; a line's upscale (`then_upscale`) right after its transfer.
     pub runs: Vec<CreatedRun>,
     /// Prompts created on the way, in line order.
     pub prompts: Vec<Prompt>,
@@ -305,12 +311,15 @@ fn run_view(j: &JobSummary, prompts: &[Prompt]) -> Option<RunView> {
     })
 }
 
-/// Stores generated files, then submits the specs as one batch; the error names the 1-based line.
+/// Stores generated files, then submits the specs as one batch (`inputs_from`:
+/// per spec, inputs from the outputs of jobs it waits for); the error names the 1-based line.
 async fn submit_compiled(
     state: &web::Data<State>,
     compiled: Vec<cosmos::Compiled>,
     extra: Vec<StoreOp>,
     key: Option<crate::records::Idempotency>,
+    inputs_from: Vec<Vec<InputFromDep>>,
+    line_of: &[usize],
 ) -> Result<crate::actor::Submitted, HttpResponse> {
     let blobs = state.shared.blobs.clone();
     let files: Vec<Vec<u8>> = compiled.iter().flat_map(|c| c.files.iter().map(|f| f.bytes.clone())).collect();
@@ -320,19 +329,29 @@ async fn submit_compiled(
         Err(_) => return Err(unavailable()),
     }
     let specs: Vec<JobSpec> = compiled.into_iter().map(|c| c.spec).collect();
-    submit_specs(state, specs, extra, key, Vec::new(), true).await
+    submit_specs(state, specs, extra, key, Vec::new(), inputs_from, Some(line_of)).await
+}
+
+/// An upscale's input taken from the output video of the transfer it waits for.
+fn upscale_input(dep: Dep) -> Vec<InputFromDep> {
+    vec![InputFromDep { dep, output: OUTPUT_VIDEO.into(), path: UPSCALE_INPUT.into() }]
 }
 
 /// What a repeated run creation (same idempotency key) answers: the runs and prompts the first one made.
 async fn created_before(state: &web::Data<State>, ids: &[JobId], new_prompt_lines: &[bool]) -> HttpResponse {
     let mut runs = Vec::with_capacity(ids.len());
     let mut prompt_ids = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
+    // Each line's transfer comes first, its upscale (if asked for) after it.
+    let mut line = 0;
+    for id in ids {
         let Ok(found) = state.core.send(ListJobs(Some(*id))).await else { return unavailable() };
         let Some(j) = found.first() else { return internal(format!("job {id} of an earlier submission is gone")) };
         let prompt_id = label(j, labels::PROMPT).cloned().unwrap_or_default();
-        if new_prompt_lines.get(i).copied().unwrap_or(false) {
-            prompt_ids.push(prompt_id.clone());
+        if label(j, labels::KIND).map(String::as_str) == Some(RunKind::Transfer.as_str()) {
+            if new_prompt_lines.get(line).copied().unwrap_or(false) {
+                prompt_ids.push(prompt_id.clone());
+            }
+            line += 1;
         }
         runs.push(CreatedRun {
             run_id: label(j, labels::RUN).cloned().unwrap_or_default(),
@@ -373,10 +392,16 @@ async fn create_runs(req: HttpRequest, state: web::Data<State>, body: JsonBody<C
     let mut new_prompts = Vec::new();
     let mut compiled = Vec::with_capacity(lines.len());
     let mut created = Vec::with_capacity(lines.len());
+    let mut inputs_from = Vec::with_capacity(lines.len());
+    // The line each compiled spec came from, for the core's errors, which count specs.
+    let mut spec_lines = Vec::with_capacity(lines.len());
     for (i, line) in lines.into_iter().enumerate() {
         let n = i + 1;
         if let Err(e) = line.params.validate() {
             return bad_line(n, e);
+        }
+        if let Some(Err(e)) = line.then_upscale.as_ref().map(UpscaleParams::validate) {
+            return bad_line(n, format!("upscale: {e}"));
         }
         let prompt = match (line.prompt_id, line.prompt) {
             (Some(id), None) => match existing.iter().find(|p| p.id == id) {
@@ -400,12 +425,24 @@ async fn create_runs(req: HttpRequest, state: web::Data<State>, body: JsonBody<C
             _ => return bad_line(n, "give either `prompt_id` or `prompt`, not both or neither"),
         };
         let run_id = crate::shared::new_id("rs");
+        let transfer = compiled.len();
         compiled.push(state.shared.cosmos.compile_transfer(&run_id, &prompt, &line.params));
-        created.push((run_id, prompt.id.clone()));
+        inputs_from.push(Vec::new());
+        spec_lines.push(n);
+        if let Some(up) = &line.then_upscale {
+            let up_id = crate::shared::new_id("rs");
+            compiled.push(state.shared.cosmos.compile_upscale(&up_id, &run_id, &prompt.id, None, up));
+            inputs_from.push(upscale_input(Dep::InBatch(transfer)));
+            spec_lines.push(n);
+            created.push((run_id, prompt.id.clone()));
+            created.push((up_id, prompt.id.clone()));
+        } else {
+            created.push((run_id, prompt.id.clone()));
+        }
     }
     // The new prompts are stored in the same transaction as the runs' jobs: both or neither.
     let extra = new_prompts.iter().map(|p| StoreOp::PutPrompt(Box::new(p.clone()))).collect();
-    match submit_compiled(&state, compiled, extra, key).await {
+    match submit_compiled(&state, compiled, extra, key, inputs_from, &spec_lines).await {
         Ok((ids, true)) => created_before(&state, &ids, &new_prompt_lines).await,
         Ok((ids, false)) => HttpResponse::Created().json(CreatedRuns {
             runs: created
@@ -539,13 +576,62 @@ async fn succeeded_output(
     Ok((job, blob))
 }
 
-async fn upscale(state: web::Data<State>, id: web::Path<String>, body: JsonBody<UpscaleParams>) -> HttpResponse {
+#[derive(Deserialize)]
+struct UpscaleQuery {
+    /// The transfer may still be queued or running: the upscale waits for it
+    /// to succeed, takes its video then, and is cancelled if it does not.
+    #[serde(default)]
+    after: bool,
+}
+
+async fn upscale(
+    state: web::Data<State>,
+    id: web::Path<String>,
+    q: web::Query<UpscaleQuery>,
+    body: JsonBody<UpscaleParams>,
+) -> HttpResponse {
     let params = body.value;
     if let Err(e) = params.validate() {
         return bad(e.to_string());
     }
     let _gc = state.shared.blob_gc.read().await;
     let wrong_kind = "is not a transfer run; only a transfer's video can be upscaled";
+    if q.after {
+        let (parent, _) = match find_run(&state, &id).await {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        if label(&parent, labels::KIND).map(String::as_str) != Some(RunKind::Transfer.as_str()) {
+            return bad(format!("run {id} {wrong_kind}"));
+        }
+        match parent.record.state {
+            // Its video is known already: the upscale as without `after`.
+            JobState::Succeeded => {}
+            JobState::Failed | JobState::Cancelled => {
+                return error(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "run {id} {}, so an upscale after it would never run; retry it first (`cosmos runs retry {id}`)",
+                        parent.record.state.as_str()
+                    ),
+                    None,
+                    false,
+                );
+            }
+            _ => {
+                let run_id = crate::shared::new_id("rs");
+                let prompt_id = label(&parent, labels::PROMPT).cloned().unwrap_or_default();
+                let compiled = state.shared.cosmos.compile_upscale(&run_id, &id, &prompt_id, None, &params);
+                let from = vec![upscale_input(Dep::Job(parent.record.id))];
+                return match submit_compiled(&state, vec![compiled], Vec::new(), None, from, &[1]).await {
+                    Ok((ids, _)) => {
+                        HttpResponse::Created().json(CreatedRun { run_id, job_id: ids[0].to_string(), prompt_id })
+                    }
+                    Err(r) => r,
+                };
+            }
+        }
+    }
     let (job, video) = match succeeded_output(&state, &id, RunKind::Transfer, wrong_kind, OUTPUT_VIDEO).await {
         Ok(x) => x,
         Err(r) => return r,
@@ -560,8 +646,8 @@ async fn upscale(state: web::Data<State>, id: web::Path<String>, body: JsonBody<
     }
     let run_id = crate::shared::new_id("rs");
     let prompt_id = label(&job, labels::PROMPT).cloned().unwrap_or_default();
-    let compiled = state.shared.cosmos.compile_upscale(&run_id, &id, &prompt_id, &video, &params);
-    match submit_compiled(&state, vec![compiled], Vec::new(), None).await {
+    let compiled = state.shared.cosmos.compile_upscale(&run_id, &id, &prompt_id, Some(&video), &params);
+    match submit_compiled(&state, vec![compiled], Vec::new(), None, Vec::new(), &[1]).await {
         Ok((ids, _)) => HttpResponse::Created().json(CreatedRun { run_id, job_id: ids[0].to_string(), prompt_id }),
         Err(r) => r,
     }
@@ -580,7 +666,7 @@ async fn enhance(state: web::Data<State>, id: web::Path<String>) -> HttpResponse
     }
     let run_id = crate::shared::new_id("rs");
     let compiled = state.shared.cosmos.compile_enhance(&run_id, &prompt);
-    match submit_compiled(&state, vec![compiled], Vec::new(), None).await {
+    match submit_compiled(&state, vec![compiled], Vec::new(), None, Vec::new(), &[1]).await {
         Ok((ids, _)) => {
             HttpResponse::Created().json(CreatedRun { run_id, job_id: ids[0].to_string(), prompt_id: prompt.id })
         }

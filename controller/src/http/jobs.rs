@@ -3,7 +3,7 @@
 use super::*;
 use crate::actor::{Cancel, JobSummary, ListJobs, Retry, SetDraining, Status, SubmitWith};
 use crate::core::SubmitError;
-use crate::logs::{LogCursor, LogStart, read_log};
+use crate::logs::{LogCursor, LogStart, Unended, read_log};
 use crate::records::{Idempotency, JobState};
 use cosmos_proto::{AttemptId, JobId, JobSpec, LogStream};
 use std::collections::BTreeMap;
@@ -285,7 +285,7 @@ async fn submit(req: HttpRequest, state: web::Data<State>, body: web::Payload) -
         after.push(deps);
         specs.push(line.into_spec());
     }
-    match submit_specs(&state, specs, Vec::new(), key, after, false).await {
+    match submit_specs(&state, specs, Vec::new(), key, after, Vec::new(), None).await {
         Ok((ids, _)) => {
             HttpResponse::Ok().json(serde_json::json!({ "ids": ids.iter().map(|i| i.to_string()).collect::<Vec<_>>() }))
         }
@@ -294,26 +294,30 @@ async fn submit(req: HttpRequest, state: web::Data<State>, body: web::Payload) -
 }
 
 /// Submits a batch (with records stored beside it) and waits until it is durable;
-/// the error answer names the 1-based line at fault.
+/// the error answer names the 1-based line at fault: with `line_of`, the
+/// line of the request each spec came from (`line N: …`), else the core's count.
 pub(crate) async fn submit_specs(
     state: &web::Data<State>,
     specs: Vec<cosmos_proto::JobSpec>,
     extra: Vec<crate::records::StoreOp>,
     key: Option<Idempotency>,
     after: Vec<Vec<JobId>>,
-    prefix_line: bool,
+    inputs_from: Vec<Vec<crate::core::InputFromDep>>,
+    line_of: Option<&[usize]>,
 ) -> Result<crate::actor::Submitted, HttpResponse> {
-    match state.core.send(SubmitWith { specs, extra, key, after }).await {
+    match state.core.send(SubmitWith { specs, extra, key, after, inputs_from }).await {
         Ok(Ok(rx)) => rx.await.map_err(|_| unavailable()),
         Ok(Err(e)) => {
-            let line = e.line();
-            let msg = match line {
-                // The core counts jobs of the batch (`job 0 (line 1) …`); say it once, as the line.
-                Some(l) if prefix_line => {
+            let mut line = e.line();
+            let msg = match (line, line_of) {
+                // The core counts jobs of the batch (`job 0 (line 1) …`); say it once, as the request's line.
+                (Some(l), Some(lines)) => {
                     let text = e.to_string();
                     let own = format!("job {} (line {l})", l - 1);
                     let rest =
                         text.strip_prefix(&own).map_or(text.as_str(), |r| r.trim_start_matches(':').trim_start());
+                    let l = lines.get(l - 1).copied().unwrap_or(l);
+                    line = Some(l);
                     format!("line {l}: {rest}")
                 }
                 _ => e.to_string(),
@@ -331,6 +335,7 @@ pub(crate) fn submit_error_line(e: &SubmitError) -> Option<usize> {
         | SubmitError::Unplaceable { index, .. }
         | SubmitError::TooMuchVram { index, .. }
         | SubmitError::UnknownDependency { index, .. }
+        | SubmitError::BadBatchDependency { index, .. }
         | SubmitError::DependencyEnded { index, .. } => Some(index + 1),
         _ => None,
     }
@@ -654,7 +659,17 @@ async fn logs(state: web::Data<State>, id: web::Path<String>, q: web::Query<LogQ
                             let key = (a.id, stream == LogStream::Stdout);
                             let pos = cur.offsets.entry(key).or_insert(None);
                             let before = *pos;
-                            more |= read_log(&path, pos, start, final_, &mut out);
+                            let mut held = cur.held.get(&key).copied();
+                            let unended = match (final_, follow) {
+                                (true, _) => Unended::Line,
+                                (false, false) => Unended::Partial,
+                                (false, true) => Unended::Hold,
+                            };
+                            more |= read_log(&path, pos, &mut held, start, unended, &mut out);
+                            match held {
+                                Some(h) => cur.held.insert(key, h),
+                                None => cur.held.remove(&key),
+                            };
                             if let Some(now) = *pos {
                                 if before != Some(now) {
                                     out.push_str("id: ");
