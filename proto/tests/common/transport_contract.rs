@@ -81,7 +81,7 @@ pub async fn a_wrong_token_is_refused(controller: BoxStream, agent: BoxStream) {
     assert!(matches!(a, Err(HandshakeError::RefusedPeer(Refusal::BadToken))), "{:?}", a.err());
 }
 
-/// Full-size frames cross both ways byte for byte, concurrently (windows and flow control).
+/// Full-size frames cross both ways byte for byte, concurrently (windows and flow control), both sides reading.
 pub async fn full_frames_both_ways(controller: BoxStream, agent: BoxStream) {
     let (c, a) = controller_dials(controller, agent, TOKEN).await;
     let (c, a) = (c.unwrap(), a.unwrap());
@@ -103,10 +103,23 @@ pub async fn full_frames_both_ways(controller: BoxStream, agent: BoxStream) {
         }
         a_write
     });
-    for _ in 0..FRAMES {
-        assert!(a_read.read_frame().await.unwrap().expect("a frame") == payload[..]);
-        assert!(c_read.read_frame().await.unwrap().expect("a frame") == payload[..]);
-    }
+    // Both sides read at once, as both daemons do (a reader task
+    // per link). Over SSH that is required, not only usual: russh replenishes
+    // a channel's window as data arrives, so its one brake is the channel's
+    // queue, and a full queue stops the whole connection, the other
+    // direction's window adjustments included. Reading one side while the
+    // other's data piles up can then wedge both.
+    let down = async {
+        for _ in 0..FRAMES {
+            assert!(a_read.read_frame().await.unwrap().expect("a frame") == payload[..]);
+        }
+    };
+    let up = async {
+        for _ in 0..FRAMES {
+            assert!(c_read.read_frame().await.unwrap().expect("a frame") == payload[..]);
+        }
+    };
+    tokio::join!(down, up);
     let _ = (send_down.await.unwrap(), send_up.await.unwrap());
 }
 
