@@ -52,16 +52,22 @@ impl Found {
 }
 
 impl Shared {
-    /// Lists this agent's containers; ended ones get their logs saved, their
-    /// exit recorded, and are removed.
-    pub(super) async fn scan(&self) -> Result<Vec<Found>, DockerError> {
+    /// This agent's containers (by their agent label), running or not.
+    async fn list_ours(&self) -> Result<Vec<bollard::models::ContainerSummary>, DockerError> {
         let docker = self.client().await?;
         let options = ListContainersOptions {
             all: true,
             filters: Some(labels::filter(&self.config.agent_name)),
             ..Default::default()
         };
-        let listed = docker.list_containers(Some(options)).await.map_err(|e| self.error("list containers", e))?;
+        docker.list_containers(Some(options)).await.map_err(|e| self.error("list containers", e))
+    }
+
+    /// Lists this agent's containers; ended ones get their logs saved, their
+    /// exit recorded, and are removed.
+    pub(super) async fn scan(&self) -> Result<Vec<Found>, DockerError> {
+        let docker = self.client().await?;
+        let listed = self.list_ours().await?;
         let mut found = Vec::new();
         for c in listed {
             let labels = c.labels.unwrap_or_default();
@@ -153,13 +159,7 @@ impl Shared {
 
     /// Removes this agent's containers that neither `claimed` nor this runtime's watchers hold.
     pub(super) async fn reap(&self, claimed: HashSet<AttemptId>) -> Result<Vec<String>, DockerError> {
-        let docker = self.client().await?;
-        let options = ListContainersOptions {
-            all: true,
-            filters: Some(labels::filter(&self.config.agent_name)),
-            ..Default::default()
-        };
-        let listed = docker.list_containers(Some(options)).await.map_err(|e| self.error("list containers", e))?;
+        let listed = self.list_ours().await?;
         let mut removed = Vec::new();
         for c in listed {
             let labels = c.labels.unwrap_or_default();
