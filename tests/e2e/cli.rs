@@ -455,6 +455,32 @@ fn the_smaller_defects_of_show_list_create_and_enhance() {
 }
 
 #[test]
+fn a_cancelled_job_keeps_what_it_wrote_on_stderr_while_it_was_stopped() {
+    let c = Cluster::start(1, 30_000);
+    // As a Python job does on SIGTERM: the traceback comes after the stop.
+    let script = "trap 'echo stopping-now >&2; exit 143' TERM; echo started; sleep 60 & wait";
+    let batch =
+        write_jobs(c.dir.path(), "term.jsonl", &[serde_json::json!({ "name": "t", "command": ["sh", "-c", script] })]);
+    let ids = c.json(&["jobs", "submit", &batch, "--json"]);
+    let job = ids[0].as_str().or(ids[0]["id"].as_str()).unwrap_or_else(|| panic!("no id in {ids}")).to_string();
+    c.poll("the job printing", &["jobs", "logs", &job], |o| text(&o.stdout).contains("started"));
+    assert!(c.cli(&["jobs", "cancel", &job]).status.success());
+    c.poll("the job cancelled", &["jobs", "show", &job, "--json"], |o| {
+        serde_json::from_slice::<Value>(&o.stdout).is_ok_and(|v| v["state"] == "cancelled")
+    });
+    let attempts = c.dir.path().join("agent-0/attempts");
+    let on_disk: String = std::fs::read_dir(&attempts)
+        .unwrap()
+        .flatten()
+        .map(|d| std::fs::read_to_string(d.path().join("stderr.log")).unwrap_or_default())
+        .collect();
+    assert!(on_disk.contains("stopping-now"), "the job did not get its SIGTERM: {on_disk:?}");
+    c.poll("the stop's stderr in the job's logs", &["jobs", "logs", &job], |o| {
+        text(&o.stdout).contains("stopping-now") || text(&o.stderr).contains("stopping-now")
+    });
+}
+
+#[test]
 fn a_failed_job_is_retried_under_its_id_and_a_waiting_one_says_why() {
     let c = Cluster::start(1, 30_000);
     let batch = write_jobs(
