@@ -19,6 +19,9 @@ use std::time::Duration;
 
 const SSHD: &str = "/usr/sbin/sshd";
 
+/// Ports tried before an sshd gives up (another test may take a port first).
+const SSHD_START_TRIES_MAX: u32 = 5;
+
 fn need(tool: &str) -> PathBuf {
     let found = ["/usr/bin", "/usr/sbin", "/bin"].iter().map(|d| Path::new(d).join(tool)).find(|p| p.exists());
     found.unwrap_or_else(|| {
@@ -68,41 +71,53 @@ impl Sshd {
             keys.push_str(&std::fs::read_to_string(k.with_extension("pub")).unwrap());
         }
         std::fs::write(dir.join("authorized_keys"), keys).unwrap();
-        let port = free_port();
-        let config = dir.join("sshd_config");
-        std::fs::write(
-            &config,
-            format!(
-                "ListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\nUsePAM no\nStrictModes no\n\
-                 PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-                 AllowStreamLocalForwarding yes\nAllowTcpForwarding yes\nLogLevel VERBOSE\n",
-                host_key.display(),
-                dir.join("authorized_keys").display()
-            ),
-        )
-        .unwrap();
         need("ssh-keygen");
         assert!(
             Path::new(SSHD).exists(),
             "{SSHD} is not installed: install Debian's openssh-server (scripts/setup does)"
         );
-        let log = std::fs::File::create(dir.join("sshd.log")).unwrap();
-        let child = Command::new(SSHD)
-            .args(["-D", "-e", "-f"])
-            .arg(&config)
-            .args(["-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting sshd");
-        let sshd = Sshd { child, port, host_key, dir };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "sshd did not listen; its log:\n{}", sshd.log());
-            std::thread::sleep(Duration::from_millis(20));
+        // A port free when asked may be taken by another test's sshd before this one binds it;
+        // then connecting would reach that sshd. Readiness is this sshd saying it listens.
+        for _ in 0..SSHD_START_TRIES_MAX {
+            let port = free_port();
+            let config = dir.join("sshd_config");
+            std::fs::write(
+                &config,
+                format!(
+                    "ListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPidFile none\nUsePAM no\nStrictModes no\n\
+                     PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                     AllowStreamLocalForwarding yes\nAllowTcpForwarding yes\nLogLevel VERBOSE\n",
+                    host_key.display(),
+                    dir.join("authorized_keys").display()
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(dir.join("sshd.log")).unwrap();
+            let child = Command::new(SSHD)
+                .args(["-D", "-e", "-f"])
+                .arg(&config)
+                .args(["-p", &port.to_string()])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("starting sshd");
+            let mut sshd = Sshd { child, port, host_key: host_key.clone(), dir: dir.clone() };
+            let listening = format!("Server listening on 127.0.0.1 port {port}");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                if sshd.log().contains(&listening) {
+                    return sshd;
+                }
+                if sshd.child.try_wait().unwrap().is_some() {
+                    break; // Lost the port: try another.
+                }
+                assert!(std::time::Instant::now() < deadline, "sshd did not listen; its log:\n{}", sshd.log());
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        sshd
+        panic!("sshd found no free port in {SSHD_START_TRIES_MAX} tries; its last log:\n{}",
+            std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default());
     }
 
     fn log(&self) -> String {
@@ -207,6 +222,18 @@ async fn open(sshd: &Sshd, opts: &Options) -> Result<cosmos_ssh::SshStream, SshE
     tokio::time::timeout(Duration::from_secs(30), cosmos_ssh::open(&sshd.target(), opts)).await.expect("ssh in time")
 }
 
+/// Dials the agent through `sshd`, then takes the connection that reached it. The dial comes
+/// first (the connection waits in the listener's backlog), so a failed dial panics with its
+/// own error and sshd's log instead of a wait for a connection that never comes.
+async fn dial<A, R>(
+    sshd: &Sshd,
+    opts: &Options,
+    accepted: impl std::future::Future<Output = std::io::Result<(A, R)>>,
+) -> (cosmos_ssh::SshStream, A) {
+    let c = open(sshd, opts).await.unwrap_or_else(|e| panic!("{e}\nsshd log:\n{}", sshd.log()));
+    (c, accepted.await.expect("the agent accepts").0)
+}
+
 /// A key, an sshd that lets it in, and a known_hosts that knows the sshd.
 struct Setup {
     dir: tempfile::TempDir,
@@ -228,9 +255,8 @@ async fn ssh_channels_keep_the_transport_contract() {
     let opts = options(s.dir.path(), agent.endpoint(), &s.key, &s.sshd.known_hosts_line());
     // direct-streamlocal to the agent's Unix socket.
     contract::run_all(|| async {
-        let (c, a) = tokio::join!(open(&s.sshd, &opts), accept(&agent.listener));
-        let c = c.unwrap_or_else(|e| panic!("{e}\nsshd log:\n{}", s.sshd.log()));
-        (Box::new(c) as BoxStream, Box::new(a.unwrap().0) as BoxStream)
+        let (c, a) = dial(&s.sshd, &opts, accept(&agent.listener)).await;
+        (Box::new(c) as BoxStream, Box::new(a) as BoxStream)
     })
     .await;
     // direct-tcpip to the agent's loopback port.
@@ -238,8 +264,8 @@ async fn ssh_channels_keep_the_transport_contract() {
     let mut opts = opts.clone();
     opts.agent = AgentEndpoint::Port(tcp.local_addr().unwrap().port());
     contract::run_all(|| async {
-        let (c, a) = tokio::join!(open(&s.sshd, &opts), accept_tcp(&tcp));
-        (Box::new(c.unwrap()) as BoxStream, Box::new(a.unwrap().0) as BoxStream)
+        let (c, a) = dial(&s.sshd, &opts, accept_tcp(&tcp)).await;
+        (Box::new(c) as BoxStream, Box::new(a) as BoxStream)
     })
     .await;
 }
@@ -305,9 +331,9 @@ async fn authenticates_with(kind: &str) {
     let s = setup(kind);
     let agent = AgentSocket::bind(s.dir.path());
     let opts = options(s.dir.path(), agent.endpoint(), &s.key, &s.sshd.known_hosts_line());
-    let (c, a) = tokio::join!(open(&s.sshd, &opts), accept(&agent.listener));
-    let c = c.unwrap_or_else(|e| panic!("{kind}: {e}\nsshd log:\n{}", s.sshd.log()));
-    contract::handshake_then_messages(Box::new(c), Box::new(a.unwrap().0)).await;
+    eprintln!("authenticating with an {kind} key");
+    let (c, a) = dial(&s.sshd, &opts, accept(&agent.listener)).await;
+    contract::handshake_then_messages(Box::new(c), Box::new(a)).await;
 }
 
 #[tokio::test]
@@ -397,9 +423,8 @@ async fn a_host_behind_a_jump_host_is_reached_through_it() {
     let known = format!("{}{}", bastion.known_hosts_line(), inner.known_hosts_line());
     let mut opts = options(dir.path(), agent.endpoint(), &key, &known);
     opts.jump = Some(bastion.target());
-    let (c, a) = tokio::join!(open(&inner, &opts), accept(&agent.listener));
-    let c = c.unwrap_or_else(|e| panic!("{e}"));
-    contract::handshake_then_messages(Box::new(c), Box::new(a.unwrap().0)).await;
+    let (c, a) = dial(&inner, &opts, accept(&agent.listener)).await;
+    contract::handshake_then_messages(Box::new(c), Box::new(a)).await;
     // A bastion that does not know us: the error says it was the jump host.
     opts.known_hosts = dir.path().join("only-inner");
     std::fs::write(&opts.known_hosts, inner.known_hosts_line()).unwrap();
@@ -414,8 +439,7 @@ async fn a_stopped_sshd_is_noticed_by_keepalive_and_the_host_is_reached_again_af
     let mut opts = options(s.dir.path(), agent.endpoint(), &s.key, &s.sshd.known_hosts_line());
     opts.keepalive_interval_ms = 300;
     opts.keepalive_max = 3;
-    let (c, a) = tokio::join!(open(&s.sshd, &opts), accept(&agent.listener));
-    let (mut c, _a) = (c.unwrap(), a.unwrap());
+    let (mut c, _a) = dial(&s.sshd, &opts, accept(&agent.listener)).await;
     s.sshd.signal_all(libc::SIGSTOP);
     // Nothing arrives and nothing can: the read ends once keepalives go unanswered.
     let mut buf = [0u8; 16];
@@ -424,6 +448,6 @@ async fn a_stopped_sshd_is_noticed_by_keepalive_and_the_host_is_reached_again_af
         .expect("keepalive notices the stopped sshd well within 20 s");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     s.sshd.signal_all(libc::SIGCONT);
-    let (again, _) = tokio::join!(open(&s.sshd, &opts), accept(&agent.listener));
-    again.expect("the host is reached again once sshd resumes");
+    // Reached again once sshd resumes.
+    dial(&s.sshd, &opts, accept(&agent.listener)).await;
 }
