@@ -17,28 +17,27 @@
 //! instead, so an attempt survives an agent restart, and the restarted agent
 //! finds it again from `attempt.json` (see [`ProcessRuntime::recover`]).
 //!
-//! The agent does not start the job itself but a supervisor (`cosmos
-//! job-supervise`, see [`crate::supervise`]) that leads the attempt's process
-//! group and starts the job as its child. The supervisor waits for the job and
-//! writes `exit.json`; so the job's outcome is known even when it ended while
-//! no agent was running, or under an agent that adopted it after a restart
-//! (and so is not its parent). An attempt whose supervisor was killed (alone)
-//! has no record: its group is killed and it is reported lost.
+//! The agent does not start the job itself but asks its supervisor (`cosmos
+//! job-supervise --serve`, one per work directory, see [`crate::supervise`]),
+//! which starts the job as its child, leading the attempt's process group.
+//! The supervisor waits for the job and writes `exit.json`; so the job's
+//! outcome is known even when it ended while no agent was running, or under an
+//! agent that adopted it after a restart. An attempt whose supervisor was
+//! killed has no record: its group is killed and it is reported lost.
 //!
 //! Like a container's processes when its first process exits, whatever is
 //! left in an attempt's process group when its job exits is killed.
 
 use crate::core::{ExitStatus, Recovered, RuntimeEvent};
 use crate::runtime::{EventSender, Runtime, StartRequest};
-use crate::supervise::{self, ExitRecord, Launcher, SuperviseCommand};
+use crate::supervise::{self, ExitRecord, Launcher, StartJob};
+use crate::supervisor_link::{Link, Supervisor};
 use cosmos_proto::spec::ArtifactRef;
 use cosmos_proto::{AttemptId, Epoch, JobId, LOG_CHUNK_BYTES_MAX, LogStream, Sha256};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::{self, Read};
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::AsyncReadExt;
@@ -81,9 +80,9 @@ pub struct AttemptRecord {
     pub epoch: Epoch,
     /// Its GPUs.
     pub gpu_uuids: Vec<String>,
-    /// The process id of the job's supervisor (the agent's child).
+    /// The process id of the job (records of older agents: of its own supervisor).
     pub pid: u32,
-    /// Its process group (equal to `pid`: the supervisor leads the group, the job is in it).
+    /// Its process group (equal to `pid`: the job leads it).
     pub pgid: i32,
     /// Wall-clock start, in milliseconds since the Unix epoch (host-local use only).
     pub started_unix_ms: u64,
@@ -115,7 +114,10 @@ fn read_exit(dir: &Path, attempt_id: AttemptId) -> Option<ExitRecord> {
 /// An attempt this runtime is watching.
 #[derive(Clone, Copy, Debug)]
 struct Live {
+    /// 0 while the supervisor starts it.
     pgid: i32,
+    /// A stop asked for while it was starting (its grace), applied once it runs.
+    stop_pending_ms: Option<u64>,
     /// Its supervisor (or, when adopted, its whole group) is gone; `Exited` is on its way.
     exited: bool,
     /// This agent killed the group: an attempt without a record then ended by `SIGKILL`, not lost.
@@ -124,7 +126,7 @@ struct Live {
 
 impl Live {
     fn new(pgid: i32) -> Live {
-        Live { pgid, exited: false, killed: false }
+        Live { pgid, stop_pending_ms: None, exited: false, killed: false }
     }
 }
 
@@ -134,19 +136,20 @@ type LiveMap = Arc<Mutex<HashMap<AttemptId, Live>>>;
 pub struct ProcessRuntime {
     root_dir: PathBuf,
     events: EventSender,
-    supervisor: Launcher,
+    supervisor: Arc<Supervisor>,
     live: LiveMap,
     tasks: crate::runtime::Watchers,
 }
 
 impl ProcessRuntime {
     /// A runtime keeping its attempts under `root_dir/attempts/`, reporting on
-    /// `events`, starting each job under a `supervisor`.
+    /// `events`, starting jobs through the supervisor of `root_dir`
+    /// (started with `supervisor` when none runs).
     pub fn new(root_dir: PathBuf, events: EventSender, supervisor: Launcher) -> ProcessRuntime {
         ProcessRuntime {
+            supervisor: Arc::new(Supervisor::new(&root_dir, supervisor)),
             root_dir,
             events,
-            supervisor,
             live: Arc::new(Mutex::new(HashMap::new())),
             tasks: crate::runtime::Watchers::default(),
         }
@@ -162,6 +165,11 @@ impl ProcessRuntime {
         let mut ids: Vec<AttemptId> = lock(&self.live).keys().copied().collect();
         ids.sort();
         ids
+    }
+
+    /// The process id of the job supervisor this runtime is connected to, if it is.
+    pub fn supervisor_pid(&self) -> Option<u32> {
+        self.supervisor.pid()
     }
 
     fn spawn_task(&mut self, fut: impl Future<Output = ()> + Send + 'static) {
@@ -211,81 +219,45 @@ impl ProcessRuntime {
             )
         })?;
         check_executable(&resolved, &req.work_dir, program)?;
-        let job = SuperviseCommand {
-            status_file: dir.join(EXIT_FILE),
-            gpus: Some(req.gpu_indices.iter().map(u32::to_string).collect::<Vec<_>>().join(",")),
-            command: std::iter::once(resolved.into_os_string())
-                .chain(req.spec.command[1..].iter().map(Into::into))
-                .collect(),
-        };
-        let mut cmd = tokio::process::Command::new(&self.supervisor.program);
-        cmd.args(&self.supervisor.leading_args)
-            .args(job.to_args())
-            .current_dir(&req.work_dir)
-            .env_clear()
-            .envs(INHERITED_ENV.iter().filter_map(|k| std::env::var_os(k).map(|v| (*k, v))))
-            // CUDA's own numbering then agrees with the driver's (NVML's, nvidia-smi's).
-            .env("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-            .envs(&req.spec.env)
-            // The job gets its GPUs from the supervisor (`--gpus`); the supervisor itself names none.
-            .env_remove("CUDA_VISIBLE_DEVICES")
-            .env("COSMOS_ATTEMPT_ID", req.attempt_id.to_string())
-            .env("COSMOS_JOB_ID", req.job_id.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(stdout))
-            .stderr(Stdio::from(stderr))
-            .process_group(0)
-            .kill_on_drop(false);
-        // The job's own start failures were ruled out above; this is the
-        // agent's binary, which an operator may have moved: retryable, elsewhere or after a fix.
-        let child = cmd.spawn().map_err(|e| {
-            let supervisor = self.supervisor.program.display();
-            (
-                format!("cannot start the job supervisor {supervisor} (the agent's own binary): {e}"),
-                cosmos_proto::Retry::Retryable,
-            )
-        })?;
-        let Some(pid) = child.id() else {
-            return Err((
-                format!("the supervisor of `{program}` exited before it could be tracked"),
-                cosmos_proto::Retry::Retryable,
-            ));
-        };
-        let pgid = pid as i32;
-        let record = AttemptRecord {
+        let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> =
+            INHERITED_ENV.iter().filter_map(|k| std::env::var_os(k).map(|v| ((*k).into(), v))).collect();
+        // CUDA's own numbering then agrees with the driver's (NVML's, nvidia-smi's).
+        env.push(("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()));
+        env.extend(req.spec.env.iter().map(|(k, v)| (k.into(), v.into())));
+        let gpus = req.gpu_indices.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        env.push(("CUDA_VISIBLE_DEVICES".into(), gpus.into()));
+        env.push(("COSMOS_ATTEMPT_ID".into(), req.attempt_id.to_string().into()));
+        env.push(("COSMOS_JOB_ID".into(), req.job_id.to_string().into()));
+        // Later values win, as `Command::env` would have it.
+        let mut seen = std::collections::HashSet::new();
+        env.reverse();
+        env.retain(|(k, _)| seen.insert(k.clone()));
+        env.reverse();
+        let job = StartJob {
             attempt_id: req.attempt_id,
-            job_id: req.job_id,
-            epoch: req.epoch,
-            gpu_uuids: req.gpu_uuids.clone(),
-            pid,
-            pgid,
-            started_unix_ms: unix_ms(),
-            timeout_ms: req.spec.timeout_ms,
-            work_dir: req.work_dir.clone(),
-            outputs: req.spec.outputs.iter().map(|o| o.path.clone()).collect(),
-            boot_id: boot_id(),
-            start_ticks: start_ticks(pid),
+            program: resolved.into_os_string(),
+            args: req.spec.command[1..].iter().map(Into::into).collect(),
+            env,
+            cwd: req.work_dir.clone().into_os_string(),
+            stdout: dir.join(STDOUT_FILE).into_os_string(),
+            stderr: dir.join(STDERR_FILE).into_os_string(),
+            status_file: dir.join(EXIT_FILE).into_os_string(),
         };
-        if let Err(e) = write_json(&dir.join(RECORD_FILE), &record) {
-            // Untracked, it could not be found again after a restart: do not let it run.
-            signal_group(pgid, libc::SIGKILL);
-            return Err((
-                format!("cannot write {}: {e}", dir.join(RECORD_FILE).display()),
-                cosmos_proto::Retry::Retryable,
-            ));
-        }
-        lock(&self.live).insert(req.attempt_id, Live::new(pgid));
-        let watch = Watch { record, dir, events: self.events.clone(), live: self.live.clone() };
-        self.spawn_task(async move {
-            let handle = format!("pgid:{pgid}");
-            if watch.events.send(RuntimeEvent::Started { attempt_id: watch.record.attempt_id, handle }).await.is_ok() {
-                watch.run(Leader::Child(child)).await;
-            }
-        });
+        drop((stdout, stderr));
+        lock(&self.live).insert(req.attempt_id, Live::new(0));
+        let starting = Starting {
+            req: req.clone(),
+            dir,
+            job,
+            supervisor: self.supervisor.clone(),
+            events: self.events.clone(),
+            live: self.live.clone(),
+        };
+        self.spawn_task(starting.run());
         Ok(())
     }
 
-    fn recover_one(&mut self, dir: &Path) -> Option<Recovered> {
+    fn recover_one(&mut self, dir: &Path, link: Option<&Arc<Link>>) -> Option<Recovered> {
         let record_path = dir.join(RECORD_FILE);
         let text = std::fs::read(&record_path).ok()?;
         let record: AttemptRecord = match serde_json::from_slice(&text) {
@@ -335,8 +307,17 @@ impl ProcessRuntime {
         tracing::info!(attempt = %record.attempt_id, pgid = record.pgid, remaining_ms, "adopting a running attempt");
         lock(&self.live).insert(record.attempt_id, Live::new(record.pgid));
         let result = recovered(None, Some(remaining_ms));
+        let leader = match link {
+            // Its supervisor runs it, and says when it ends.
+            Some(link) if link.was_running(record.attempt_id) => {
+                let exited = link.exited(record.attempt_id);
+                Leader::Linked(link.clone(), exited)
+            }
+            // Started by a supervisor that is gone (or an older agent's own): only its group is seen.
+            _ => Leader::Adopted,
+        };
         let watch = Watch { record, dir: dir.to_path_buf(), events: self.events.clone(), live: self.live.clone() };
-        self.spawn_task(watch.run(Leader::Adopted));
+        self.spawn_task(watch.run(leader));
         Some(result)
     }
 
@@ -373,19 +354,16 @@ impl Runtime for ProcessRuntime {
                 self.send_later(RuntimeEvent::Exited { attempt_id, status, outputs: Vec::new() });
             }
             Some(Live { exited: true, .. }) => {} // Its `Exited` is on its way.
-            Some(Live { pgid, .. }) if grace_ms == 0 => kill_group(&self.live, attempt_id, pgid),
+            Some(Live { pgid: 0, .. }) => {
+                // Still starting: stopped as soon as it runs.
+                if let Some(l) = lock(&self.live).get_mut(&attempt_id) {
+                    l.stop_pending_ms = Some(l.stop_pending_ms.map_or(grace_ms, |g| g.min(grace_ms)));
+                }
+            }
             Some(Live { pgid, .. }) => {
-                // The supervisor outlives SIGTERM (see `supervise`): the job gets it and the supervisor records how it took it.
-                signal_group(pgid, libc::SIGTERM);
-                let live = self.live.clone();
-                self.spawn_task(async move {
-                    tokio::time::sleep(Duration::from_millis(grace_ms)).await;
-                    let still_running = lock(&live).get(&attempt_id).is_some_and(|l| !l.exited && l.pgid == pgid);
-                    if still_running && group_exists(pgid) {
-                        tracing::info!(attempt = %attempt_id, pgid, grace_ms, "attempt outlived its grace; killing");
-                        kill_group(&live, attempt_id, pgid);
-                    }
-                });
+                if let Some(timer) = stop_group(&self.live, attempt_id, pgid, grace_ms) {
+                    self.spawn_task(timer);
+                }
             }
         }
     }
@@ -399,7 +377,15 @@ impl Runtime for ProcessRuntime {
         let Ok(entries) = std::fs::read_dir(self.root_dir.join("attempts")) else { return Vec::new() };
         let mut dirs: Vec<PathBuf> = entries.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect();
         dirs.sort();
-        dirs.iter().filter_map(|d| self.recover_one(d)).collect()
+        // Connected first: an attempt its supervisor reports running is watched through it.
+        let link = match self.supervisor.link_now() {
+            Ok(link) => Some(link),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reach the job supervisor; adopted attempts are watched by their process groups");
+                None
+            }
+        };
+        dirs.iter().filter_map(|d| self.recover_one(d, link.as_ref())).collect()
     }
 
     fn acknowledged(&mut self, attempt_id: AttemptId) {
@@ -407,11 +393,100 @@ impl Runtime for ProcessRuntime {
     }
 }
 
-/// How the end of an attempt's supervisor is observed.
+/// Stops an attempt's group: `SIGTERM`, then `SIGKILL` after `grace_ms` (the
+/// returned timer, to run in the background) while it still runs.
+fn stop_group(
+    live: &LiveMap,
+    attempt_id: AttemptId,
+    pgid: i32,
+    grace_ms: u64,
+) -> Option<impl Future<Output = ()> + use<>> {
+    if grace_ms == 0 {
+        kill_group(live, attempt_id, pgid);
+        return None;
+    }
+    // The job gets it; the supervisor, in a group of its own, records how it took it.
+    signal_group(pgid, libc::SIGTERM);
+    let live = live.clone();
+    Some(async move {
+        tokio::time::sleep(Duration::from_millis(grace_ms)).await;
+        let still_running = lock(&live).get(&attempt_id).is_some_and(|l| !l.exited && l.pgid == pgid);
+        if still_running && group_exists(pgid) {
+            tracing::info!(attempt = %attempt_id, pgid, grace_ms, "attempt outlived its grace; killing");
+            kill_group(&live, attempt_id, pgid);
+        }
+    })
+}
+
+/// An attempt on its way to running: the supervisor starts it, then it is recorded and watched.
+struct Starting {
+    req: StartRequest,
+    dir: PathBuf,
+    job: StartJob,
+    supervisor: Arc<Supervisor>,
+    events: EventSender,
+    live: LiveMap,
+}
+
+impl Starting {
+    async fn run(self) {
+        let id = self.req.attempt_id;
+        let started = match self.supervisor.link().await {
+            Ok(link) => link.start(self.job.clone()).await.map(|s| (link, s)),
+            Err(reason) => Err((reason, cosmos_proto::Retry::Retryable)),
+        };
+        let (link, (pid, start_ticks, exited)) = match started {
+            Ok(s) => s,
+            Err((reason, retry)) => return self.fail(reason, retry).await,
+        };
+        let pgid = pid as i32;
+        let record = AttemptRecord {
+            attempt_id: id,
+            job_id: self.req.job_id,
+            epoch: self.req.epoch,
+            gpu_uuids: self.req.gpu_uuids.clone(),
+            pid,
+            pgid,
+            started_unix_ms: unix_ms(),
+            timeout_ms: self.req.spec.timeout_ms,
+            work_dir: self.req.work_dir.clone(),
+            outputs: self.req.spec.outputs.iter().map(|o| o.path.clone()).collect(),
+            boot_id: boot_id(),
+            start_ticks,
+        };
+        if let Err(e) = write_json(&self.dir.join(RECORD_FILE), &record) {
+            // Untracked, it could not be found again after a restart: do not let it run.
+            signal_group(pgid, libc::SIGKILL);
+            let reason = format!("cannot write {}: {e}", self.dir.join(RECORD_FILE).display());
+            return self.fail(reason, cosmos_proto::Retry::Retryable).await;
+        }
+        let stop = lock(&self.live).get_mut(&id).and_then(|l| {
+            l.pgid = pgid;
+            l.stop_pending_ms.take()
+        });
+        if let Some(timer) = stop.and_then(|grace_ms| stop_group(&self.live, id, pgid, grace_ms)) {
+            tokio::spawn(timer);
+        }
+        let watch = Watch { record, dir: self.dir, events: self.events.clone(), live: self.live };
+        let handle = format!("pgid:{pgid}");
+        if self.events.send(RuntimeEvent::Started { attempt_id: id, handle }).await.is_ok() {
+            watch.run(Leader::Linked(link, exited)).await;
+        }
+    }
+
+    async fn fail(self, reason: String, retry: cosmos_proto::Retry) {
+        let id = self.req.attempt_id;
+        tracing::warn!(attempt = %id, %reason, "attempt did not start");
+        lock(&self.live).remove(&id);
+        let _ = self.events.send(RuntimeEvent::StartFailed { attempt_id: id, reason, retry }).await;
+    }
+}
+
+/// How the end of an attempt is observed.
 enum Leader {
-    /// Our own child: we reap it.
-    Child(tokio::process::Child),
-    /// Left by a previous agent: only the group's disappearance is seen.
+    /// Its supervisor says when it has ended (and recorded how); the receiver fails if the supervisor goes.
+    Linked(Arc<Link>, tokio::sync::oneshot::Receiver<()>),
+    /// Left by a supervisor that is gone, or an older agent's: only the group's disappearance is seen.
     Adopted,
 }
 
@@ -430,16 +505,9 @@ impl Watch {
         let (done_tx, done_rx) = watch::channel(false);
         let progress = Arc::new(Mutex::new(None));
         let wait = async {
-            // The supervisor's own status says nothing of the job (it ends
-            // itself with SIGKILL once the record is written): only logged.
+            // The supervisor that went away, if one did before the job's end.
             let supervisor = match leader {
-                Leader::Child(mut child) => match child.wait().await {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        tracing::warn!(attempt = %id, error = %e, "cannot wait for an attempt's supervisor");
-                        None
-                    }
-                },
+                Leader::Linked(link, exited) => exited.await.is_err().then(|| link.pid()),
                 Leader::Adopted => {
                     while group_exists(pgid) {
                         tokio::time::sleep(Duration::from_millis(ADOPTED_POLL_MS)).await;
@@ -452,7 +520,7 @@ impl Watch {
                 l.killed
             });
             // What the job left behind dies with it, as in a container (the
-            // supervisor does this itself; not when it was killed alone).
+            // supervisor does this itself; not when it was killed).
             if group_exists(pgid) {
                 signal_group(pgid, libc::SIGKILL);
             }
@@ -475,8 +543,8 @@ impl Watch {
                 } else {
                     tracing::warn!(
                         attempt = %id,
-                        supervisor = ?supervisor.map(|s| (s.code(), s.signal())),
-                        "the attempt's supervisor ended without recording how the job ended \
+                        gone_supervisor_pid = ?supervisor,
+                        "the attempt's supervisor did not record how the job ended \
                          (it was killed, or could not write the record: see the end of stderr.log); reporting it lost"
                     );
                     ExitRecord::default()
@@ -683,7 +751,7 @@ fn is_ours(record: &AttemptRecord) -> bool {
     }
     // While any member of the group lives, its id cannot go to a new process;
     // a live process with that id is then our leader, unless the group died and the id was reused.
-    match (record.start_ticks, start_ticks(record.pid)) {
+    match (record.start_ticks, supervise::start_ticks(record.pid)) {
         (Some(then), Some(now)) => then == now,
         _ => true,
     }
@@ -779,14 +847,6 @@ fn signal_group(pgid: i32, signal: i32) {
 
 fn boot_id() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string())
-}
-
-/// Field 22 of `/proc/<pid>/stat`: when the process started, in ticks since boot.
-fn start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: count from its closing one.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Finds `program` the way `execvp` would: as given when it holds a `/`, else

@@ -1,44 +1,63 @@
 //! The job supervisor of the process runtime, and the exit record it writes.
 //!
-//! The agent does not start a job directly: it starts `cosmos job-supervise`
-//! (this module, run by the `cosmos` binary) as the leader of a new process
-//! group, and the supervisor starts the job as its own child, in that group.
-//! The supervisor holds no GPU and none of the agent's descriptors; it only
-//! waits for the job and then writes how it ended (exit code or signal, peak
-//! memory, CPU time) into the attempt's `exit.json`, atomically.
+//! The agent does not start jobs directly: one supervisor per agent work
+//! directory (`cosmos job-supervise --serve`, this module, run by the `cosmos`
+//! binary) starts each job as its own child, the leader of a new process
+//! group, when the agent asks over a Unix socket. The supervisor holds no GPU
+//! and none of the agent's descriptors; it waits for its jobs and writes how
+//! each ended (exit code or signal, peak memory, CPU time) into the attempt's
+//! `exit.json`, atomically, then tells the agent.
 //!
-//! Why: a process is only its parent's to wait for. After an agent restart the
-//! job is no longer the agent's child and its exit status would be lost with
-//! it; the supervisor stays the job's parent across any number of agent
-//! restarts, so a restarted agent (or one that was down when the job ended)
-//! reads the real outcome from the record.
+//! Why a supervisor: a process is only its parent's to wait for. After an
+//! agent restart the job is no longer the agent's child and its exit status
+//! would be lost with it; the supervisor stays the jobs' parent across any
+//! number of agent restarts, so a restarted agent (or one that was down when
+//! a job ended) reads the real outcome from the record. Why one for all jobs
+//! rather than one per job: a process started per job cost each job more CPU
+//! than the job `true` itself, and halved the agent's dispatch rate.
 //!
-//! Signals: the agent stops an attempt by signalling the whole group. The
-//! supervisor catches `SIGTERM`, `SIGINT` and `SIGHUP` with a handler that
-//! does nothing (a handler, unlike an ignored disposition, is reset by `exec`,
-//! so the job still sees the default), so a graceful stop reaches the job and
-//! the supervisor stays to record how the job took it. `SIGKILL` ends both.
-//! Once the job has ended and its record is written, the supervisor kills
-//! what is left of the group, itself included: whatever the job left behind
-//! dies with it, as in a container.
+//! Lifetime: the agent starts the supervisor on a listening socket it bound
+//! itself (passed as standard input), at `WORK_DIR/`[`SOCKET_FILE`]. A
+//! restarted agent connects to the running one, which greets it with the
+//! attempts it still runs. The supervisor exits once no agent has been
+//! connected and no job has run for [`IDLE_EXIT_MS`]. Its own process group
+//! is its own, so the agent's signals (a terminal's `^C`, systemd's stop with
+//! `KillMode=process`) do not reach it; a stop of an attempt signals the
+//! job's group only.
+//!
+//! Once a job has ended, and before its record is written, the supervisor
+//! kills what is left of the job's process group: whatever the job left
+//! behind dies with it, as in a container.
 
+use cosmos_proto::{AttemptId, Retry};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::ffi::OsString;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The hidden subcommand of the `cosmos` binary that runs [`main`].
 pub const SUBCOMMAND: &str = "job-supervise";
-/// Where a supervisor leaves the temporary copy of its record before renaming it into place.
+/// The supervisor's socket in the agent's work directory. The protocol's
+/// version is in the name: an upgraded agent starts a supervisor of its own
+/// beside an older one, which finishes its jobs and exits.
+pub const SOCKET_FILE: &str = "supervisor-v1.sock";
+/// Version of the messages between agent and supervisor.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Where a supervisor leaves the temporary copy of a record before renaming it into place.
 pub const TMP_SUFFIX: &str = ".tmp";
 /// Exit code of the supervisor when its own command line is wrong (sysexits' `EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
-/// Exit code recorded when the job's program could not be executed (a shell's convention).
-pub const EXIT_CANNOT_EXECUTE: i32 = 126;
-/// Exit code recorded when the job's program does not exist (a shell's convention).
-pub const EXIT_NOT_FOUND: i32 = 127;
-/// Signals the supervisor outlives, so that it can record how the job took them.
-const OUTLIVED_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+/// How long a supervisor with no agent connected and no job running waits before it exits.
+pub const IDLE_EXIT_MS: u64 = 5_000;
+/// Largest message either side accepts (a job's command line and environment).
+pub const FRAME_BYTES_MAX: usize = 4 << 20;
+/// Most bytes the supervisor queues for an agent that does not read; past it, the connection is dropped.
+const OUTBOX_BYTES_MAX: usize = 16 << 20;
 
 /// How a job ended, as its supervisor (or, without one, the agent) recorded it in `exit.json`.
 ///
@@ -121,7 +140,7 @@ pub fn write_record(path: &Path, record: &ExitRecord) -> io::Result<()> {
 pub struct Launcher {
     /// The program.
     pub program: PathBuf,
-    /// Arguments before [`SuperviseCommand::to_args`] (`job-supervise` for the `cosmos` binary).
+    /// Arguments before `--serve` (`job-supervise` for the `cosmos` binary).
     pub leading_args: Vec<OsString>,
 }
 
@@ -137,194 +156,491 @@ impl Launcher {
     }
 }
 
-/// What a supervisor runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SuperviseCommand {
-    /// Where the exit record goes.
-    pub status_file: PathBuf,
-    /// `CUDA_VISIBLE_DEVICES` for the job alone, so that the supervisor's own environment names no GPU.
-    pub gpus: Option<String>,
-    /// The job's program (resolved by the agent) and its arguments.
-    pub command: Vec<OsString>,
+/// A job the agent asks the supervisor to start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartJob {
+    /// The attempt it is.
+    pub attempt_id: AttemptId,
+    /// The program, resolved by the agent (a path, so no `PATH` search happens here).
+    pub program: OsString,
+    /// Its arguments.
+    pub args: Vec<OsString>,
+    /// Its whole environment (nothing of the supervisor's own is added).
+    pub env: Vec<(OsString, OsString)>,
+    /// Its working directory.
+    pub cwd: OsString,
+    /// Its standard output, a file the agent created (appended to).
+    pub stdout: OsString,
+    /// Its standard error, likewise.
+    pub stderr: OsString,
+    /// Where its exit record goes.
+    pub status_file: OsString,
 }
 
-/// Why a supervisor's command line is wrong.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum UsageError {
-    /// `--status-file` is missing.
-    #[error("--status-file PATH is required")]
-    NoStatusFile,
-    /// A flag is given without its value.
-    #[error("{0} needs a value")]
-    MissingValue(String),
-    /// Something other than a known flag before `--`.
-    #[error("unexpected argument {0:?} (usage: --status-file PATH [--gpus LIST] -- PROGRAM [ARGS...])")]
-    Unexpected(OsString),
-    /// No program after `--`.
-    #[error("no program to run after `--`")]
-    NoCommand,
+/// Agent to supervisor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToSupervisor {
+    /// Start a job; answered by [`FromSupervisor::Started`] or [`FromSupervisor::StartFailed`].
+    Start(StartJob),
 }
 
-impl SuperviseCommand {
-    /// The arguments that make a supervisor run `self` (what [`SuperviseCommand::parse`] reads).
-    pub fn to_args(&self) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec!["--status-file".into(), self.status_file.clone().into()];
-        if let Some(gpus) = &self.gpus {
-            args.extend(["--gpus".into(), gpus.into()]);
-        }
-        args.push("--".into());
-        args.extend(self.command.iter().cloned());
-        args
-    }
-
-    /// Reads `--status-file PATH [--gpus LIST] -- PROGRAM [ARGS...]`.
-    pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<SuperviseCommand, UsageError> {
-        let mut args = args.into_iter();
-        let (mut status_file, mut gpus) = (None, None);
-        loop {
-            let Some(arg) = args.next() else { return Err(UsageError::NoCommand) };
-            match arg.to_str() {
-                Some("--") => break,
-                Some(flag @ ("--status-file" | "--gpus")) => {
-                    let value = args.next().ok_or_else(|| UsageError::MissingValue(flag.to_string()))?;
-                    if flag == "--gpus" {
-                        gpus = Some(value.to_string_lossy().into_owned());
-                    } else {
-                        status_file = Some(PathBuf::from(value));
-                    }
-                }
-                _ => return Err(UsageError::Unexpected(arg)),
-            }
-        }
-        let status_file = status_file.ok_or(UsageError::NoStatusFile)?;
-        let command: Vec<OsString> = args.collect();
-        if command.first().is_none_or(|p| p.is_empty()) {
-            return Err(UsageError::NoCommand);
-        }
-        Ok(SuperviseCommand { status_file, gpus, command })
-    }
-}
-
-/// Why a supervisor could not record its job's end.
-#[derive(Debug, thiserror::Error)]
-pub enum SuperviseError {
-    /// `wait4` failed (it should not: the job is our only child).
-    #[error("cannot wait for the job: {0}")]
-    Wait(#[source] io::Error),
-    /// The record could not be written.
-    #[error("cannot write the exit record {path}: {source}")]
-    Record {
-        /// The record.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
+/// Supervisor to agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FromSupervisor {
+    /// First on every connection.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the supervisor.
+        protocol: u32,
+        /// The supervisor's process id.
+        pid: u32,
+        /// Attempts it runs now; each gets an [`FromSupervisor::Exited`] on this connection when it ends.
+        running: Vec<AttemptId>,
+    },
+    /// The job runs, leading its own process group.
+    Started {
+        /// The attempt.
+        attempt_id: AttemptId,
+        /// The job's process id (and group id).
+        pid: u32,
+        /// Its start time in clock ticks since boot, to tell it from a later process with the same id.
+        start_ticks: Option<u64>,
+    },
+    /// The job could not be started.
+    StartFailed {
+        /// The attempt.
+        attempt_id: AttemptId,
+        /// Why, for people.
+        reason: String,
+        /// Whether another try may succeed.
+        retry: Retry,
+    },
+    /// The job ended and its record is written (or could not be: then it says why on the job's stderr).
+    Exited {
+        /// The attempt.
+        attempt_id: AttemptId,
     },
 }
 
-/// Starts the job, waits for it, writes its record; returns the record.
-///
-/// A job that cannot be started is recorded as a shell would report it
-/// ([`EXIT_NOT_FOUND`], [`EXIT_CANNOT_EXECUTE`]), with the reason on stderr
-/// (the job's `stderr.log`).
-pub fn supervise(cmd: &SuperviseCommand) -> Result<ExitRecord, SuperviseError> {
-    let mut job = std::process::Command::new(&cmd.command[0]);
-    job.args(&cmd.command[1..]);
-    if let Some(gpus) = &cmd.gpus {
-        job.env("CUDA_VISIBLE_DEVICES", gpus);
-    }
-    let record = match job.spawn() {
-        Ok(child) => wait(child.id() as libc::pid_t)?,
-        Err(e) => {
-            let program = cmd.command[0].to_string_lossy();
-            eprintln!("cosmos {SUBCOMMAND}: cannot start `{program}`: {e}");
-            let code = if e.kind() == io::ErrorKind::NotFound { EXIT_NOT_FOUND } else { EXIT_CANNOT_EXECUTE };
-            ExitRecord { code: Some(code), ended_unix_ms: Some(crate::runtime::unix_ms()), ..ExitRecord::default() }
-        }
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer closed the connection, or it failed.
+    #[error("the connection closed: {0}")]
+    Closed(#[source] io::Error),
+    /// A frame announced more than [`FRAME_BYTES_MAX`].
+    #[error("a frame of {0} bytes is over the limit of {FRAME_BYTES_MAX}")]
+    TooLarge(usize),
+    /// A frame did not decode.
+    #[error("a frame does not decode: {0}")]
+    Decode(String),
+}
+
+fn config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// One frame: its length (4 bytes, little-endian), then the message in bincode.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    let body = bincode::serde::encode_to_vec(message, config()).expect("these messages always encode");
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Takes one whole frame off the front of `buf`, if it holds one.
+pub fn decode<T: serde::de::DeserializeOwned>(buf: &mut Vec<u8>) -> Result<Option<T>, FrameError> {
+    let Some(len) = buf.get(..4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize) else {
+        return Ok(None);
     };
-    write_record(&cmd.status_file, &record)
-        .map_err(|source| SuperviseError::Record { path: cmd.status_file.clone(), source })?;
-    Ok(record)
+    if len > FRAME_BYTES_MAX {
+        return Err(FrameError::TooLarge(len));
+    }
+    if buf.len() < 4 + len {
+        return Ok(None);
+    }
+    let decoded = bincode::serde::decode_from_slice(&buf[4..4 + len], config());
+    buf.drain(..4 + len);
+    decoded.map(|(m, _)| Some(m)).map_err(|e| FrameError::Decode(e.to_string()))
 }
 
-/// Reaps `pid` with its resource usage.
-fn wait(pid: libc::pid_t) -> Result<ExitRecord, SuperviseError> {
-    let mut status: libc::c_int = 0;
-    // SAFETY: rusage is plain data, filled in by the kernel.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: wait4 on our own child, with valid out-pointers.
-        if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } == pid {
-            break;
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(SuperviseError::Wait(e));
+/// Reads exactly one frame from a blocking stream.
+pub fn read_frame<T: serde::de::DeserializeOwned>(stream: &mut impl Read) -> Result<T, FrameError> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).map_err(FrameError::Closed)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > FRAME_BYTES_MAX {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut buf = vec![0u8; 4 + len];
+    buf[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    stream.read_exact(&mut buf[4..]).map_err(FrameError::Closed)?;
+    decode(&mut buf)?.ok_or_else(|| FrameError::Decode("a short frame".into()))
+}
+
+/// A job the supervisor runs.
+struct Job {
+    attempt_id: AttemptId,
+    status_file: PathBuf,
+    stderr: PathBuf,
+}
+
+/// The connected agent.
+struct Conn {
+    stream: UnixStream,
+    inbox: Vec<u8>,
+    outbox: Vec<u8>,
+}
+
+/// The supervisor's state: its listener, the agent (if one is connected), its jobs by pid.
+struct Server {
+    listener: UnixListener,
+    /// The socket's path and the file there when this supervisor started (its own, bound by the agent).
+    socket: Option<(PathBuf, (u64, u64))>,
+    sigchld: OwnedFd,
+    conn: Option<Conn>,
+    jobs: HashMap<libc::pid_t, Job>,
+    idle_since: Option<Instant>,
+}
+
+extern "C" fn ignore(_: libc::c_int) {}
+
+/// The supervisor process: `cosmos job-supervise --serve [--socket PATH]`, its
+/// listening socket as standard input (the agent binds it). `--socket` names
+/// the path, which it removes when it exits if the path is still its own.
+/// Returns its exit code.
+pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
+    let mut args = args.into_iter();
+    let (mut serve, mut socket) = (false, None);
+    while let Some(arg) = args.next() {
+        match arg.to_str() {
+            Some("--serve") => serve = true,
+            Some("--socket") => match args.next() {
+                Some(path) => socket = Some(PathBuf::from(path)),
+                None => return usage("--socket needs a path"),
+            },
+            _ => return usage(&format!("unexpected argument {arg:?}")),
         }
     }
-    let ms = |t: libc::timeval| (t.tv_sec as u64) * 1000 + (t.tv_usec as u64) / 1000;
-    Ok(ExitRecord {
-        code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
-        signal: libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
-        // Linux reports ru_maxrss in KiB.
-        max_rss_kib: Some(usage.ru_maxrss as u64),
-        user_cpu_ms: Some(ms(usage.ru_utime)),
-        sys_cpu_ms: Some(ms(usage.ru_stime)),
-        ended_unix_ms: Some(crate::runtime::unix_ms()),
-    })
-}
-
-extern "C" fn outlive(_: libc::c_int) {}
-
-/// The supervisor process: `cosmos job-supervise --status-file PATH [--gpus LIST] -- PROGRAM [ARGS...]`.
-/// Returns its exit code, for when it does not end itself (see the module).
-pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
-    // First: a stop that comes before the handlers are in place would end the
-    // supervisor unrecorded (the agent then reports the attempt as stopped anyway).
-    for sig in OUTLIVED_SIGNALS {
+    if !serve {
+        return usage("--serve is required");
+    }
+    // The agent's terminal or service manager may signal the process group it
+    // was started in before this one made its own: outlive those signals.
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: installs a handler that does nothing; SA_RESTART keeps interrupted calls going.
+        // A handler, unlike an ignored disposition, is reset by exec: jobs get the default.
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = outlive as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
             action.sa_flags = libc::SA_RESTART;
             libc::sigemptyset(&mut action.sa_mask);
             libc::sigaction(sig, &action, std::ptr::null_mut());
         }
     }
     close_inherited_fds();
-    let cmd = match SuperviseCommand::parse(args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("cosmos {SUBCOMMAND}: {e}");
-            return EXIT_USAGE;
-        }
-    };
-    let code = match supervise(&cmd) {
-        Ok(record) => record.code.unwrap_or_else(|| 128 + record.signal.unwrap_or(0)),
-        Err(e) => {
-            // No record: the agent reports the attempt lost, and this says why.
-            eprintln!("cosmos {SUBCOMMAND}: {e}");
-            1
-        }
-    };
-    // SAFETY: getpgrp and getpid cannot fail.
-    let leads_group = unsafe { libc::getpgrp() == libc::getpid() };
-    if leads_group {
-        // Only a group of our own (as the agent starts us): run by hand from a
-        // shell, the group would be the shell's.
-        // SAFETY: signals our own process group.
-        unsafe { libc::killpg(0, libc::SIGKILL) };
+    // SAFETY: fd 0 is the listening socket the agent passed; nothing else owns it.
+    let listener = unsafe { UnixListener::from_raw_fd(0) };
+    if let Err(e) = listener.local_addr().and_then(|_| listener.set_nonblocking(true)) {
+        eprintln!("cosmos {SUBCOMMAND}: standard input is not a listening Unix socket: {e}");
+        return EXIT_USAGE;
     }
+    let sigchld = match sigchld_fd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("cosmos {SUBCOMMAND}: cannot watch for the end of jobs (signalfd): {e}");
+            return 1;
+        }
+    };
+    let socket = socket.and_then(|path| file_id(&path).map(|id| (path, id)));
+    let mut server =
+        Server { listener, socket, sigchld, conn: None, jobs: HashMap::new(), idle_since: Some(Instant::now()) };
+    let code = server.run();
+    server.remove_socket();
     code
+}
+
+fn usage(problem: &str) -> i32 {
+    eprintln!(
+        "cosmos {SUBCOMMAND}: {problem} (usage: --serve [--socket PATH], the listening socket as standard input; the agent starts it)"
+    );
+    EXIT_USAGE
+}
+
+/// Blocks `SIGCHLD` and returns a descriptor that becomes readable when one is pending.
+fn sigchld_fd() -> io::Result<OwnedFd> {
+    // SAFETY: plain signal-mask calls on a local set; the supervisor has one thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+impl Server {
+    fn run(&mut self) -> i32 {
+        loop {
+            let timeout_ms = match self.idle_since {
+                Some(since) if self.conn.is_none() && self.jobs.is_empty() => {
+                    let left = Duration::from_millis(IDLE_EXIT_MS).saturating_sub(since.elapsed());
+                    if left.is_zero() {
+                        return 0;
+                    }
+                    left.as_millis().min(i32::MAX as u128) as i32
+                }
+                _ => -1,
+            };
+            let mut fds = vec![
+                libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: self.sigchld.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            if let Some(conn) = &self.conn {
+                let mut events = libc::POLLIN;
+                if !conn.outbox.is_empty() {
+                    events |= libc::POLLOUT;
+                }
+                fds.push(libc::pollfd { fd: conn.stream.as_raw_fd(), events, revents: 0 });
+            }
+            // SAFETY: a valid array of pollfds, for its length.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                eprintln!("cosmos {SUBCOMMAND}: poll failed: {e}");
+                return 1;
+            }
+            if fds[1].revents != 0 {
+                self.drain_sigchld();
+                self.reap();
+            }
+            if fds[0].revents != 0 {
+                self.accept();
+            }
+            if fds.len() > 2 && fds[2].revents != 0 {
+                self.serve_conn();
+            }
+            self.flush();
+            if self.conn.is_none() && self.jobs.is_empty() && self.idle_since.is_none() {
+                self.idle_since = Some(Instant::now());
+            }
+        }
+    }
+
+    fn drain_sigchld(&mut self) {
+        let mut buf = [0u8; std::mem::size_of::<libc::signalfd_siginfo>() * 16];
+        // SAFETY: reads into a local buffer from our own nonblocking signalfd.
+        while unsafe { libc::read(self.sigchld.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
+
+    /// Reaps every ended child: kills what it left in its group, records its end, tells the agent.
+    fn reap(&mut self) {
+        loop {
+            // SAFETY: siginfo_t is plain data, filled in by the kernel.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // Look without reaping: while the zombie exists its pid, and so its group id, cannot be reused.
+            // SAFETY: waitid with a valid out-pointer.
+            let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+            // SAFETY: si_pid is set by a successful waitid (0 when no child has ended).
+            let pid = if r == 0 { unsafe { info.si_pid() } } else { 0 };
+            if pid <= 0 {
+                return;
+            }
+            if self.jobs.contains_key(&pid) {
+                // SAFETY: signals the group the job led (held by its zombie).
+                unsafe { libc::killpg(pid, libc::SIGKILL) };
+            }
+            let mut status: libc::c_int = 0;
+            // SAFETY: rusage is plain data, filled in by the kernel.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: wait4 on our own ended child, with valid out-pointers.
+            if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } != pid {
+                continue;
+            }
+            let Some(job) = self.jobs.remove(&pid) else { continue };
+            let ms = |t: libc::timeval| (t.tv_sec as u64) * 1000 + (t.tv_usec as u64) / 1000;
+            let record = ExitRecord {
+                code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+                signal: libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
+                // Linux reports ru_maxrss in KiB.
+                max_rss_kib: Some(usage.ru_maxrss as u64),
+                user_cpu_ms: Some(ms(usage.ru_utime)),
+                sys_cpu_ms: Some(ms(usage.ru_stime)),
+                ended_unix_ms: Some(crate::runtime::unix_ms()),
+            };
+            if let Err(e) = write_record(&job.status_file, &record) {
+                // No record: the agent reports the attempt lost, and the job's stderr says why.
+                let why =
+                    format!("cosmos {SUBCOMMAND}: cannot write the exit record {}: {e}\n", job.status_file.display());
+                eprint!("{why}");
+                if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&job.stderr) {
+                    let _ = f.write_all(why.as_bytes());
+                }
+            }
+            self.send(&FromSupervisor::Exited { attempt_id: job.attempt_id });
+        }
+    }
+
+    /// A new agent connection replaces the old one (an agent that restarted, or its replacement).
+    fn accept(&mut self) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let mut running: Vec<AttemptId> = self.jobs.values().map(|j| j.attempt_id).collect();
+            running.sort();
+            self.conn = Some(Conn { stream, inbox: Vec::new(), outbox: Vec::new() });
+            self.idle_since = None;
+            // SAFETY: getpid cannot fail.
+            let pid = unsafe { libc::getpid() } as u32;
+            self.send(&FromSupervisor::Hello { protocol: PROTOCOL_VERSION, pid, running });
+        }
+    }
+
+    fn serve_conn(&mut self) {
+        let Some(conn) = self.conn.as_mut() else { return };
+        let mut buf = [0u8; 64 << 10];
+        let mut closed = false;
+        loop {
+            match conn.stream.read(&mut buf) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => conn.inbox.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let mut requests = Vec::new();
+        loop {
+            match decode::<ToSupervisor>(&mut conn.inbox) {
+                Ok(Some(m)) => requests.push(m),
+                Ok(None) => break,
+                Err(e) => {
+                    eprintln!("cosmos {SUBCOMMAND}: dropping the agent's connection: {e}");
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        for ToSupervisor::Start(job) in requests {
+            let reply = self.start(job);
+            self.send(&reply);
+        }
+        if closed {
+            self.conn = None;
+        }
+    }
+
+    fn start(&mut self, job: StartJob) -> FromSupervisor {
+        let attempt_id = job.attempt_id;
+        let failed = |reason: String, retry| FromSupervisor::StartFailed { attempt_id, reason, retry };
+        let open = |path: &OsString| std::fs::OpenOptions::new().append(true).open(path);
+        let (stdout, stderr) = match (open(&job.stdout), open(&job.stderr)) {
+            (Ok(o), Ok(e)) => (o, e),
+            (Err(e), _) | (_, Err(e)) => {
+                return failed(format!("cannot open the job's log files: {e}"), Retry::Retryable);
+            }
+        };
+        let mut cmd = std::process::Command::new(&job.program);
+        cmd.args(&job.args)
+            .env_clear()
+            .envs(job.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&job.cwd)
+            .stdin(std::process::Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0);
+        match cmd.spawn() {
+            Ok(child) => {
+                let pid = child.id() as libc::pid_t;
+                // Reaped by `reap`, not through `child`.
+                drop(child);
+                let status_file = PathBuf::from(&job.status_file);
+                self.jobs.insert(pid, Job { attempt_id, status_file, stderr: PathBuf::from(&job.stderr) });
+                FromSupervisor::Started { attempt_id, pid: pid as u32, start_ticks: start_ticks(pid as u32) }
+            }
+            Err(e) => {
+                let program = Path::new(&job.program).display().to_string();
+                let retry = match e.kind() {
+                    io::ErrorKind::NotFound | io::ErrorKind::PermissionDenied => Retry::Terminal,
+                    _ => Retry::Retryable,
+                };
+                failed(format!("cannot start `{program}`: {e}"), retry)
+            }
+        }
+    }
+
+    fn send(&mut self, message: &FromSupervisor) {
+        let Some(conn) = self.conn.as_mut() else { return };
+        if conn.outbox.len() > OUTBOX_BYTES_MAX {
+            eprintln!("cosmos {SUBCOMMAND}: the agent reads nothing; dropping its connection (jobs go on)");
+            self.conn = None;
+            return;
+        }
+        conn.outbox.extend_from_slice(&encode(message));
+    }
+
+    fn flush(&mut self) {
+        let Some(conn) = self.conn.as_mut() else { return };
+        while !conn.outbox.is_empty() {
+            match conn.stream.write(&conn.outbox) {
+                Ok(n) => {
+                    conn.outbox.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.conn = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Removes the socket file if it is still this supervisor's (a newer one may have replaced it).
+    fn remove_socket(&self) {
+        let Some((path, own)) = &self.socket else { return };
+        if file_id(path) == Some(*own) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Device and inode of the file at `path` (a socket's own descriptor has another, in sockfs).
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Field 22 of `/proc/<pid>/stat`: when the process started, in ticks since boot.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from its closing one.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Closes every descriptor but the standard three: whatever the agent's
 /// process held without close-on-exec (a socket, a lock) must not live on in
-/// a supervisor that outlives it, nor reach the job.
+/// a supervisor that outlives it, nor reach the jobs.
 fn close_inherited_fds() {
     let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
-    let fds: Vec<libc::c_int> =
-        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).filter(|&fd| fd > 2).collect();
+    let fds: Vec<RawFd> = dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).filter(|&fd| fd > 2).collect();
     for fd in fds {
         // SAFETY: nothing in this process uses these descriptors (the listing's own is already closed: EBADF).
         unsafe { libc::close(fd) };
@@ -334,14 +650,6 @@ fn close_inherited_fds() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cmd(dir: &Path, script: &str) -> SuperviseCommand {
-        SuperviseCommand {
-            status_file: dir.join("exit.json"),
-            gpus: Some("3,1".into()),
-            command: vec!["/bin/sh".into(), "-c".into(), script.into()],
-        }
-    }
 
     #[test]
     fn a_written_record_reads_back_whole_and_leaves_no_temporary_file() {
@@ -397,42 +705,40 @@ mod tests {
     }
 
     #[test]
-    fn the_command_line_round_trips_and_bad_ones_are_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = cmd(dir.path(), "exit 0");
-        assert_eq!(SuperviseCommand::parse(c.to_args()).unwrap(), c);
-        let parse = |args: &[&str]| SuperviseCommand::parse(args.iter().map(OsString::from));
-        assert_eq!(parse(&["--", "true"]), Err(UsageError::NoStatusFile));
-        assert_eq!(parse(&["--status-file", "x", "--"]), Err(UsageError::NoCommand));
-        assert_eq!(parse(&["--status-file", "x", "true"]), Err(UsageError::Unexpected("true".into())));
-        assert_eq!(parse(&["--status-file"]), Err(UsageError::MissingValue("--status-file".into())));
+    fn frames_round_trip_one_at_a_time_and_wait_for_their_whole_length() {
+        let start = ToSupervisor::Start(StartJob {
+            attempt_id: AttemptId(7),
+            program: "/bin/true".into(),
+            args: vec!["a b".into(), <OsString as std::os::unix::ffi::OsStringExt>::from_vec(vec![0xff, 0x00])],
+            env: vec![("CUDA_VISIBLE_DEVICES".into(), "3,1".into())],
+            cwd: "/w".into(),
+            stdout: "/w/stdout.log".into(),
+            stderr: "/w/stderr.log".into(),
+            status_file: "/w/exit.json".into(),
+        });
+        let ToSupervisor::Start(first) = &start;
+        let exited = ToSupervisor::Start(StartJob { attempt_id: AttemptId(8), ..first.clone() });
+        let mut stream = encode(&start);
+        stream.extend(encode(&exited));
+        // Byte by byte: nothing decodes before a frame is whole.
+        let mut buf = Vec::new();
+        let mut got = Vec::new();
+        for b in stream {
+            buf.push(b);
+            while let Some(m) = decode::<ToSupervisor>(&mut buf).unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, [start, exited]);
+        assert!(buf.is_empty());
     }
 
     #[test]
-    fn the_record_holds_the_exit_code_and_usage_and_the_job_gets_its_gpus() {
-        let dir = tempfile::tempdir().unwrap();
-        let gpus = dir.path().join("gpus.txt");
-        let c = cmd(dir.path(), &format!("echo \"$CUDA_VISIBLE_DEVICES\" > {}; exit 3", gpus.display()));
-        let record = supervise(&c).unwrap();
-        assert_eq!((record.code, record.signal), (Some(3), None));
-        assert!(record.max_rss_kib.is_some_and(|k| k > 0), "{record:?}");
-        assert!(record.user_cpu_ms.is_some() && record.sys_cpu_ms.is_some() && record.ended_unix_ms.is_some());
-        assert_eq!(read_record(&c.status_file).unwrap(), Some(record));
-        assert_eq!(std::fs::read_to_string(&gpus).unwrap(), "3,1\n");
-    }
-
-    #[test]
-    fn a_job_ended_by_a_signal_is_recorded_with_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let record = supervise(&cmd(dir.path(), "kill -TERM $$")).unwrap();
-        assert_eq!((record.code, record.signal), (None, Some(libc::SIGTERM)));
-    }
-
-    #[test]
-    fn a_program_that_does_not_exist_is_recorded_as_a_shell_would() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = SuperviseCommand { command: vec!["/nonexistent/cosmos-no-such-program".into()], ..cmd(dir.path(), "") };
-        assert_eq!(supervise(&c).unwrap().code, Some(EXIT_NOT_FOUND));
-        assert_eq!(read_record(&c.status_file).unwrap().unwrap().code, Some(EXIT_NOT_FOUND));
+    fn an_oversized_frame_is_refused_before_it_is_read() {
+        let mut buf = ((FRAME_BYTES_MAX + 1) as u32).to_le_bytes().to_vec();
+        assert!(matches!(decode::<ToSupervisor>(&mut buf), Err(FrameError::TooLarge(n)) if n == FRAME_BYTES_MAX + 1));
+        let mut short = 2u32.to_le_bytes().to_vec();
+        short.extend_from_slice(&[0xff, 0xff]);
+        assert!(matches!(decode::<FromSupervisor>(&mut short), Err(FrameError::Decode(_))));
     }
 }

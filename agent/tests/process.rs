@@ -7,7 +7,7 @@ use cosmos_agent::supervise::Launcher;
 use cosmos_proto::spec::{ArtifactRef, OutputArtifact};
 use cosmos_proto::{AttemptId, Epoch, JobId, JobSpec, LogStream, Sha256};
 use sha2::Digest;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -262,6 +262,8 @@ async fn a_restarted_runtime_adopts_running_attempts_and_reports_finished_ones()
     assert_eq!(running.status().code, Some(3));
     let mut seen_long = Seen::default();
     // Attempt 1's start may have been consumed above; its record holds the group.
+    let record_path = first.attempt_dir(AttemptId(1)).join("attempt.json");
+    eventually("attempt 1 is recorded", || record_path.exists()).await;
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(first.attempt_dir(AttemptId(1)).join("attempt.json")).unwrap()).unwrap();
     let pgid = record["pgid"].as_i64().unwrap() as i32;
@@ -328,17 +330,18 @@ async fn an_attempt_of_an_earlier_boot_is_reported_lost_whatever_its_record_says
 }
 
 #[tokio::test]
-async fn a_job_whose_supervisor_is_killed_alone_is_killed_and_reported_lost() {
+async fn the_jobs_of_a_killed_supervisor_are_killed_and_reported_lost_and_the_next_job_gets_a_new_one() {
     let dir = tempfile::tempdir().unwrap();
     let (mut rt, mut rx) = runtime(dir.path());
     rt.start(request(&rt, 1, &["sh", "-c", "echo \"job $$\"; sleep 60"]));
     let mut seen = Seen::default();
     wait_for_output(&mut rx, AttemptId(1), &mut seen, "\n").await;
-    let supervisor = pgid_of(seen.started.as_deref().unwrap());
-    let _guard = KillOnDrop(supervisor);
+    let job = pgid_of(seen.started.as_deref().unwrap());
+    let _guard = KillOnDrop(job);
     let out = String::from_utf8(seen.stream(LogStream::Stdout)).unwrap();
-    let job: i32 = out.trim().strip_prefix("job ").unwrap().parse().unwrap();
-    assert_ne!(job, supervisor, "the job runs under its supervisor");
+    assert_eq!(out.trim(), format!("job {job}"), "the job leads its own process group");
+    let supervisor = rt.supervisor_pid().expect("connected to a supervisor") as i32;
+    assert_ne!(job, supervisor);
 
     // SAFETY: kill(2) on the supervisor this test's runtime started.
     unsafe { libc::kill(supervisor, libc::SIGKILL) };
@@ -348,6 +351,12 @@ async fn a_job_whose_supervisor_is_killed_alone_is_killed_and_reported_lost() {
     let record: serde_json::Value =
         serde_json::from_slice(&std::fs::read(rt.attempt_dir(AttemptId(1)).join("exit.json")).unwrap()).unwrap();
     assert_eq!(record, serde_json::json!({ "code": null, "signal": null }), "a restarted agent does not look again");
+
+    // The next job starts a new supervisor.
+    rt.start(request(&rt, 2, &["sh", "-c", "exit 4"]));
+    assert_eq!(run_to_end(&mut rx, AttemptId(2)).await.status().code, Some(4));
+    let replacement = rt.supervisor_pid().expect("a new supervisor") as i32;
+    assert_ne!(replacement, supervisor);
 }
 
 #[tokio::test]
@@ -355,26 +364,48 @@ async fn the_supervisor_names_no_gpu_and_holds_none_of_the_agents_files() {
     let dir = tempfile::tempdir().unwrap();
     let (mut rt, mut rx) = runtime(dir.path());
     // A descriptor the agent holds without close-on-exec, as a careless library might leave one.
-    let leaked = std::fs::File::open("/dev/null").unwrap();
+    let leaked_path = dir.path().join("agent-private-file");
+    let leaked = std::fs::File::create(&leaked_path).unwrap();
     let leaked_fd = std::os::fd::AsRawFd::as_raw_fd(&leaked);
     // SAFETY: clears FD_CLOEXEC on a descriptor this test owns.
     unsafe { libc::fcntl(leaked_fd, libc::F_SETFD, 0) };
     rt.start(request(&rt, 1, &["sh", "-c", "echo ready; sleep 60"]));
     let mut seen = Seen::default();
     wait_for_output(&mut rx, AttemptId(1), &mut seen, "ready").await;
-    let supervisor = pgid_of(seen.started.as_deref().unwrap());
-    let _guard = KillOnDrop(supervisor);
+    let _guard = KillOnDrop(pgid_of(seen.started.as_deref().unwrap()));
+    let supervisor = rt.supervisor_pid().expect("connected to a supervisor");
 
     let environ = std::fs::read(format!("/proc/{supervisor}/environ")).unwrap();
     let vars: Vec<String> = environ.split(|&b| b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
-    assert!(vars.iter().all(|v| !v.starts_with("CUDA_VISIBLE_DEVICES=")), "{vars:?}");
-    assert!(vars.iter().any(|v| v == "COSMOS_ATTEMPT_ID=att-1"), "{vars:?}");
-    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{supervisor}/fd"))
+    // Each job's variables are its own, given with its start.
+    assert!(
+        vars.iter().all(|v| !v.starts_with("CUDA_VISIBLE_DEVICES=") && !v.starts_with("COSMOS_ATTEMPT_ID=")),
+        "{vars:?}"
+    );
+    let open: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{supervisor}/fd"))
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
         .collect();
-    let mut fds: Vec<i32> = fds.iter().map(|f| f.parse().unwrap()).collect();
-    fds.sort();
-    assert_eq!(fds, [0, 1, 2], "the supervisor keeps only its standard descriptors");
+    assert!(!open.contains(&leaked_path), "the supervisor holds the agent's file: {open:?}");
     drop(leaked);
+}
+
+#[tokio::test]
+async fn a_supervisor_with_no_agent_and_no_job_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rt, mut rx) = runtime(dir.path());
+    rt.start(request(&rt, 1, &["true"]));
+    assert_eq!(run_to_end(&mut rx, AttemptId(1)).await.status().code, Some(0));
+    let supervisor = rt.supervisor_pid().expect("connected to a supervisor") as i32;
+    drop(rt);
+    let socket = dir.path().join(cosmos_agent::supervise::SOCKET_FILE);
+    assert!(socket.exists());
+    let deadline = std::time::Instant::now()
+        + Duration::from_millis(cosmos_agent::supervise::IDLE_EXIT_MS)
+        + Duration::from_secs(30);
+    while alive(supervisor) {
+        assert!(std::time::Instant::now() < deadline, "the idle supervisor {supervisor} never exited");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!socket.exists(), "an exited supervisor removes its socket");
 }
