@@ -550,7 +550,7 @@ fn main() -> std::process::ExitCode {
         let code = cosmos_standin::run(std::env::args_os().collect());
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
-    // `cosmos job-supervise …`: the process runtime's supervisor of one job,
+    // `cosmos job-supervise --serve …`: the process runtime's job supervisor,
     // started by the agent (hidden: not for people to type). It needs no
     // logging setup and no CLI parsing beyond its own.
     if std::env::args_os().nth(1).is_some_and(|a| a == cosmos_agent::supervise::SUBCOMMAND) {
