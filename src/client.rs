@@ -125,6 +125,25 @@ impl Client {
         self.json(resp)
     }
 
+    /// GET a JSON answer with the response headers named in `headers` (absent ones `None`).
+    pub fn get_with<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        headers: &[&str],
+    ) -> anyhow::Result<(T, Vec<Option<String>>)> {
+        let resp = self.agent.get(self.url(path)).header("Authorization", format!("Bearer {}", self.token)).call();
+        let mut resp = self.check(resp)?;
+        let found =
+            headers.iter().map(|h| resp.headers().get(*h).and_then(|v| v.to_str().ok()).map(str::to_string)).collect();
+        let value = resp
+            .body_mut()
+            .with_config()
+            .limit(RESPONSE_BYTES_MAX)
+            .read_json::<T>()
+            .context("the controller's answer is not the expected JSON")?;
+        Ok((value, found))
+    }
+
     /// Runs an operator command (`POST {object}/{verb}`), then prints the
     /// object it acted on (`--json`) or `said`: cancel and retry of jobs and runs.
     pub fn command<T: DeserializeOwned + Serialize>(

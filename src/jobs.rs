@@ -4,13 +4,13 @@ use crate::client::{ApiError, Client, ClientArgs, printable};
 use anyhow::{Context, bail};
 use cosmos_controller::http::{AgentInfo, JobLine, JobView, RESERVED_LABEL_PREFIX, StatusBody, SubmitRequest};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal};
 use std::path::Path;
 use std::time::Duration;
 
-/// How often `wait` polls the controller.
-const WAIT_POLL_MS: u64 = 250;
+/// How long `wait` lets its display stand with no change (elapsed times move on).
+const WAIT_REDRAW_MS: u64 = 250;
 /// Running jobs shown with their own bar at once; the rest are counted in the batch bar.
 const JOB_BARS_MAX: usize = 12;
 
@@ -92,7 +92,6 @@ pub fn wait_for(
     summary: bool,
 ) -> anyhow::Result<bool> {
     let shown = |id: &str| names.get(id).map_or_else(|| id.to_string(), |n| format!("{n} ({id})"));
-    let wanted: BTreeSet<&str> = ids.iter().map(String::as_str).collect();
     let interactive = std::io::stderr().is_terminal() && !args.json;
     let multi = MultiProgress::with_draw_target(if interactive {
         ProgressDrawTarget::stderr()
@@ -110,15 +109,10 @@ pub fn wait_for(
     let mut last_state: BTreeMap<String, String> = BTreeMap::new();
     // A controller restart loses nothing: keep waiting through it, within the bound.
     let mut reconnect = client.reconnect();
+    // One listing, then each change from the controller's event stream.
+    let mut follower = crate::follow::Follower::start(client, ids, &mut reconnect)?;
     loop {
-        let jobs: Vec<JobView> = client.get_patiently("/v1/jobs", &mut reconnect)?;
-        let mine: Vec<&JobView> = jobs.iter().filter(|j| wanted.contains(j.id.as_str())).collect();
-        // Jobs are never deleted: one that is not listed does not exist, and waiting for it would never end.
-        if mine.len() < wanted.len() {
-            let known: BTreeSet<&str> = mine.iter().map(|j| j.id.as_str()).collect();
-            let missing: Vec<&str> = wanted.difference(&known).copied().collect();
-            bail!("no job {}; `cosmos jobs list` shows the ids", missing.join(", "));
-        }
+        let mine: Vec<&JobView> = follower.views();
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
         for j in &mine {
             *counts.entry(j.state.as_str()).or_insert(0) += 1;
@@ -193,12 +187,27 @@ pub fn wait_for(
             }
             return Ok(failed.is_empty());
         }
-        std::thread::sleep(Duration::from_millis(WAIT_POLL_MS));
+        follower.wait_change(Duration::from_millis(WAIT_REDRAW_MS), &mut reconnect)?;
     }
 }
 
+/// Which page of a listing: `cosmos jobs list --limit N --after ID`, or `--all`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PageArgs {
+    /// At most this many jobs (default 1000; at most 10000 a page).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Only jobs after this one (`job-N`): the next page, as the hint under a full page says.
+    #[arg(long)]
+    pub after: Option<String>,
+    /// Every job, page after page (a large history is a lot of output).
+    #[arg(long, conflicts_with = "limit")]
+    pub all: bool,
+}
+
 /// `cosmos jobs list`.
-pub fn list(args: &ClientArgs, state: Option<&str>, since: Option<&str>) -> anyhow::Result<()> {
+pub fn list(args: &ClientArgs, state: Option<&str>, since: Option<&str>, page: &PageArgs) -> anyhow::Result<()> {
+    use cosmos_controller::http::jobs::{JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX, NEXT_AFTER_HEADER};
     let client = Client::new(args)?;
     let mut query = Vec::new();
     if let Some(s) = state {
@@ -207,10 +216,28 @@ pub fn list(args: &ClientArgs, state: Option<&str>, since: Option<&str>) -> anyh
     if let Some(since) = since {
         query.push(format!("since_ms={}", since_ms(since)?));
     }
-    let path = if query.is_empty() { "/v1/jobs".to_string() } else { format!("/v1/jobs?{}", query.join("&")) };
-    let jobs: Vec<JobView> = client.get(&path)?;
+    let limit = if page.all { JOBS_PAGE_MAX } else { page.limit.unwrap_or(JOBS_PAGE_DEFAULT) };
+    query.push(format!("limit={limit}"));
+    let mut after = page.after.clone();
+    let mut jobs: Vec<JobView> = Vec::new();
+    let next = loop {
+        let mut q = query.clone();
+        if let Some(a) = &after {
+            q.push(format!("after={a}"));
+        }
+        let (got, headers) =
+            client.get_with::<Vec<JobView>>(&format!("/v1/jobs?{}", q.join("&")), &[NEXT_AFTER_HEADER])?;
+        jobs.extend(got);
+        match headers.into_iter().next().flatten() {
+            Some(next) if page.all => after = Some(next),
+            next => break next,
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&jobs)?);
+        if let Some(next) = &next {
+            eprintln!("more jobs follow: cosmos jobs list --after {next} (or --all)");
+        }
         return Ok(());
     }
     println!(
@@ -231,6 +258,9 @@ pub fn list(args: &ClientArgs, state: Option<&str>, since: Option<&str>) -> anyh
             j.exit_code.map_or("-".to_string(), |c| c.to_string()),
             error_summary(j.error.as_deref())
         );
+    }
+    if let Some(next) = next {
+        eprintln!("more jobs follow: cosmos jobs list --after {next} (or --limit N, --all)");
     }
     Ok(())
 }

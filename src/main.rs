@@ -2,6 +2,7 @@
 
 mod client;
 mod cosmos;
+mod follow;
 mod jobs;
 mod ssh;
 mod sweep;
@@ -432,6 +433,8 @@ enum JobsCommand {
         #[arg(long)]
         since: Option<String>,
         #[command(flatten)]
+        page: jobs::PageArgs,
+        #[command(flatten)]
         client: ClientArgs,
     },
     /// Show one job with its attempts.
@@ -667,8 +670,8 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Up { data_dir, agents, gpus, client_command } => up::up(data_dir, agents, &gpus, client_command),
         Command::Jobs(cmd) => match cmd {
             JobsCommand::Submit { file, wait, client } => jobs::submit(&client, &file, wait),
-            JobsCommand::List { state, since, client } => {
-                jobs::list(&client, state.as_deref(), since.as_deref()).map(|()| true)
+            JobsCommand::List { state, since, page, client } => {
+                jobs::list(&client, state.as_deref(), since.as_deref(), &page).map(|()| true)
             }
             JobsCommand::Show { id, client } => jobs::show(&client, &id).map(|()| true),
             JobsCommand::Cancel { id, client } => jobs::cancel(&client, &id).map(|()| true),

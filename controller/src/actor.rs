@@ -5,6 +5,7 @@
 //! decision the store could still lose.
 
 use crate::core::{AgentView, CommandError, ConnId, Core, HeldBlobs, Now, Output, SubmitError};
+use crate::events::EventLog;
 use crate::gate::Gate;
 use crate::records::{JobRecord, StoreOp};
 use crate::shared::Clock;
@@ -24,6 +25,8 @@ enum Action {
     Send(ConnId, ControllerMsg),
     Close(ConnId),
     Reply(Box<dyn FnOnce() + Send>),
+    /// A job's new state (or progress), for waiting clients: published once it is durable.
+    Publish(Arc<JobSummary>),
 }
 
 /// Owns the core; every input goes through it, one at a time.
@@ -43,11 +46,19 @@ pub struct CoreActor {
     runs: HashMap<String, JobId>,
     /// The wake-up armed for the core's next deadline, and when it is due (monotonic ms).
     timer: Option<(u64, SpawnHandle)>,
+    /// Where durable changes of jobs go for clients that wait on them.
+    events: Arc<EventLog<JobSummary>>,
 }
 
 impl CoreActor {
-    /// An actor for `core`, persisting through `queue` (whose writer reports durability as `Durable`).
-    pub fn new(core: Core, clock: Clock, queue: Arc<CommitQueue<StoreOp>>) -> CoreActor {
+    /// An actor for `core`, persisting through `queue` (whose writer reports durability as
+    /// `Durable`), publishing jobs' durable changes to `events`.
+    pub fn new(
+        core: Core,
+        clock: Clock,
+        queue: Arc<CommitQueue<StoreOp>>,
+        events: Arc<EventLog<JobSummary>>,
+    ) -> CoreActor {
         let runs = core
             .jobs()
             .filter_map(|j| j.spec.labels.get(crate::cosmos::labels::RUN).map(|r| (r.clone(), j.id)))
@@ -62,6 +73,7 @@ impl CoreActor {
             claims: HashMap::new(),
             runs,
             timer: None,
+            events,
         }
     }
 
@@ -159,16 +171,26 @@ impl CoreActor {
     /// Performs the core's outputs; `reply` runs once everything before it is durable.
     fn perform(&mut self, out: Vec<Output>, reply: Option<Box<dyn FnOnce() + Send>>) {
         let mut actions = Vec::new();
+        let mut changed: Vec<JobId> = Vec::new();
         for o in out {
             match o {
-                Output::Persist(ops) => match self.queue.push(ops) {
-                    Ok(t) => self.gate.persisted(t),
-                    Err(_) => tracing::error!("store writer has stopped; decisions are not persisted"),
-                },
+                Output::Persist(ops) => {
+                    changed.extend(ops.iter().filter_map(|op| match op {
+                        StoreOp::PutJob(rec) => Some(rec.id),
+                        _ => None,
+                    }));
+                    match self.queue.push(ops) {
+                        Ok(t) => self.gate.persisted(t),
+                        Err(_) => tracing::error!("store writer has stopped; decisions are not persisted"),
+                    }
+                }
                 Output::Send { conn, msg } => actions.push(Action::Send(conn, msg)),
                 Output::Close { conn } => actions.push(Action::Close(conn)),
             }
         }
+        changed.extend(self.core.drain_progressed());
+        // As they stand now, which is what the persists above make durable.
+        actions.extend(changed.into_iter().filter_map(|id| self.summary(id)).map(|s| Action::Publish(Arc::new(s))));
         actions.extend(reply.map(Action::Reply));
         // Actions wait for the latest persist, and for every action gated before them,
         // so messages on one connection keep their order.
@@ -212,6 +234,7 @@ impl CoreActor {
                 self.forget(conn);
             }
             Action::Reply(f) => f(),
+            Action::Publish(job) => self.events.push(job),
         }
     }
 }
@@ -389,6 +412,49 @@ impl Handler<ListJobs> for CoreActor {
     }
 }
 
+/// A page of jobs in id order, after a cursor, that pass a filter.
+pub struct PageJobs {
+    /// Only jobs after this one.
+    pub after: Option<JobId>,
+    /// At most this many.
+    pub limit: usize,
+    /// Which jobs count.
+    pub filter: Box<dyn Fn(&JobRecord) -> bool + Send>,
+}
+/// What [`PageJobs`] answers.
+pub struct JobPage {
+    /// The jobs.
+    pub jobs: Vec<JobSummary>,
+    /// Where the next page starts, when there may be more.
+    pub next_after: Option<JobId>,
+    /// The event stream's position as of this page: its jobs' later changes come after it.
+    pub events: crate::events::Cursor,
+}
+/// Jobs looked at by one [`PageJobs`] at most, matching or not: a sparse filter over a
+/// million jobs answers in pieces (with a cursor) rather than holding the actor.
+pub const PAGE_SCAN_MAX: usize = 50_000;
+impl Message for PageJobs {
+    type Result = JobPage;
+}
+impl Handler<PageJobs> for CoreActor {
+    type Result = MessageResult<PageJobs>;
+    fn handle(&mut self, PageJobs { after, limit, filter }: PageJobs, _: &mut Context<Self>) -> Self::Result {
+        let (mut jobs, mut last, mut more) = (Vec::new(), None, false);
+        for (scanned, rec) in self.core.jobs_after(after).enumerate() {
+            if jobs.len() >= limit.max(1) || scanned == PAGE_SCAN_MAX {
+                more = true;
+                break;
+            }
+            if filter(rec) {
+                jobs.extend(self.summary(rec.id));
+            }
+            last = Some(rec.id);
+        }
+        let next_after = if more { last.or(after) } else { None };
+        MessageResult(JobPage { jobs, next_after, events: self.events.head() })
+    }
+}
+
 /// One Cosmos run, by its run id, found through the actor's index.
 pub struct FindRun(pub String);
 impl Message for FindRun {
@@ -410,6 +476,8 @@ pub struct StatusView {
     pub epoch: u64,
     /// Jobs waiting.
     pub queue_depth: usize,
+    /// Jobs in each state.
+    pub jobs: Vec<(crate::records::JobState, usize)>,
     /// Agents.
     pub agents: Vec<AgentView>,
 }
@@ -422,6 +490,7 @@ impl Handler<Status> for CoreActor {
         MessageResult(StatusView {
             epoch: self.core.epoch().0,
             queue_depth: self.core.queue_depth(),
+            jobs: self.core.job_counts().collect(),
             agents: self.core.agents(),
         })
     }

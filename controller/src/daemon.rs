@@ -221,7 +221,8 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
     let (failed_tx, failed_rx) = oneshot::channel();
     let writer = spawn_writer(store, queue.clone(), durable_tx, failed_tx);
-    let addr = CoreActor::new(core, clock, queue.clone()).start();
+    let events = Arc::new(crate::events::EventLog::new(core.epoch().0));
+    let addr = CoreActor::new(core, clock, queue.clone(), events.clone()).start();
     actix::spawn(forward_durable(durable_rx, addr.clone()));
 
     let shared = Arc::new(Shared {
@@ -252,7 +253,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         shared.clone(),
     )?);
 
-    let (server, api_addr) = http::server(api_listener, addr.clone(), shared.clone(), hosts)
+    let (server, api_addr) = http::server(api_listener, addr.clone(), shared.clone(), hosts, events)
         .map_err(|cause| DaemonError::Bind { addr: opts.api_listen, flag: "--api-listen", cause })?;
     println!("cosmos controller: API on http://{api_addr}, agents on {agent_addr}");
     println!("  API token:   {}", shared.dir.api_token().display());

@@ -25,6 +25,7 @@ pub mod blobs;
 pub mod core;
 pub mod cosmos;
 pub mod daemon;
+pub mod events;
 pub mod gate;
 pub mod hosts;
 pub mod http;

@@ -781,3 +781,75 @@ fn progress_without_a_newline_reaches_followers_from_a_container_too() {
     let (ok, _, err) = finish_reading(follower, rx);
     assert!(ok, "the follower ends with the run: {err}");
 }
+
+#[test]
+fn a_listing_comes_in_pages_and_the_event_stream_resumes_from_its_cursor() {
+    // No agent: the jobs stay queued, so every listing below sees the same five.
+    let c = Cluster::start(0, 10_000);
+    let lines: Vec<Value> =
+        (0..5).map(|i| serde_json::json!({ "name": format!("p{i}"), "command": ["true"] })).collect();
+    let batch = write_jobs(c.dir.path(), "paged", &lines);
+    assert!(c.cli(&["jobs", "submit", &batch]).status.success());
+    let page = |args: &[&str]| {
+        let out = c.cli(&[&["jobs", "list", "--json"], args].concat());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let ids: Vec<String> = serde_json::from_slice::<Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_string())
+            .collect();
+        (ids, text(&out.stderr))
+    };
+    let (first, hint) = page(&["--limit", "2"]);
+    assert_eq!(first, ["job-1", "job-2"]);
+    assert!(hint.contains("cosmos jobs list --after job-2"), "{hint}");
+    let (second, _) = page(&["--limit", "2", "--after", "job-2"]);
+    assert_eq!(second, ["job-3", "job-4"]);
+    let (last, hint) = page(&["--limit", "2", "--after", "job-4"]);
+    assert_eq!((last.as_slice(), hint.as_str()), (&["job-5".to_string()][..], ""), "the last page says no more");
+    assert_eq!(page(&["--all"]).0.len(), 5);
+    let out = c.cli(&["jobs", "list", "--limit", "10001"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("over 10000"), "{}", text(&out.stderr));
+
+    // The stream from a listing's cursor carries what changed after it, each change once.
+    let token = std::fs::read_to_string(c.data().join("api.token")).unwrap();
+    let agent = ureq::Agent::config_builder().http_status_as_error(false).build().new_agent();
+    let listing = agent
+        .get(format!("{}/v1/jobs?limit=1", c.api))
+        .header("Authorization", format!("Bearer {}", token.trim()))
+        .call()
+        .unwrap();
+    let cursor = listing.headers()["Cosmos-Events-Cursor"].to_str().unwrap().to_string();
+    assert!(c.cli(&["jobs", "cancel", "job-3"]).status.success());
+    let mut stream = agent
+        .get(format!("{}/v1/events?after={cursor}", c.api))
+        .header("Authorization", format!("Bearer {}", token.trim()))
+        .call()
+        .unwrap()
+        .into_body()
+        .into_reader();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains("\n\n") {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream ended: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let data = seen.lines().find_map(|l| l.strip_prefix("data: ")).unwrap_or_else(|| panic!("{seen}"));
+    let job: Value = serde_json::from_str(data).unwrap();
+    assert_eq!((job["id"].as_str(), job["state"].as_str()), (Some("job-3"), Some("cancelled")), "{seen}");
+    assert!(seen.contains("event: job") && seen.lines().any(|l| l.starts_with("id: ")), "{seen}");
+
+    // A cursor of another controller start (or one gone from the ring) is told to list again.
+    let stale = agent
+        .get(format!("{}/v1/events?after=0:99", c.api))
+        .header("Authorization", format!("Bearer {}", token.trim()))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    assert!(stale.contains("event: resync"), "{stale}");
+}

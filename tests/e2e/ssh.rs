@@ -1,7 +1,8 @@
 //! A batch whose jobs run on an agent the controller reaches only through
 //! SSH: a real OpenSSH sshd on a loopback high port, the agent listening on a
 //! Unix socket behind it (`cosmos agent --listen unix:…`), the host
-//! registered with `cosmos agents add ssh://…`. Then the link survives an
+//! registered with `cosmos agents add ssh://…`; 1 GiB goes each way through
+//! the channel (an input staged, an output delivered). Then the link survives an
 //! sshd stopped with SIGSTOP (keepalive notices, the controller redials
 //! after SIGCONT) and a controller restart (the registry is stored).
 //!
@@ -13,6 +14,30 @@ fn tool(name: &str) -> PathBuf {
     ["/usr/sbin", "/usr/bin"].iter().map(|d| Path::new(d).join(name)).find(|p| p.exists()).unwrap_or_else(|| {
         panic!("{name} is not installed: this test needs Debian's openssh-server and openssh-client (scripts/setup installs them)")
     })
+}
+
+/// `size_bytes` of a pattern that does not repeat within a chunk, written in
+/// pieces; returns the digest of the pattern followed by `suffix`.
+fn write_pattern(path: &Path, size_bytes: u64, suffix: &[u8]) -> String {
+    use sha2::Digest;
+    use std::io::Write;
+    let mut with_suffix = sha2::Sha256::new();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..size_bytes / block.len() as u64 {
+        for b in block.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&block).unwrap();
+        with_suffix.update(&block);
+    }
+    f.flush().unwrap();
+    with_suffix.update(suffix);
+    hex::encode(with_suffix.finalize())
 }
 
 fn keygen(path: &Path) {
@@ -160,6 +185,30 @@ fn a_batch_runs_on_an_agent_reached_only_through_ssh() {
     assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(c.states().iter().all(|s| s == "succeeded"), "{:?}", c.states());
     assert_eq!(runs(&record).len(), 6);
+
+    // 1 GiB each way through the channel: staged in as an input, delivered back as an output.
+    let size_bytes: u64 = 1 << 30;
+    let input = c.dir.path().join("gib.bin");
+    let out_sha = write_pattern(&input, size_bytes, b"tail\n");
+    let store = cosmos_controller::blobs::Store::open(c.data().join("blobs")).unwrap();
+    let (sha, _) = store.put_reader(std::fs::File::open(&input).unwrap(), None).unwrap();
+    std::fs::remove_file(&input).unwrap();
+    let line = serde_json::json!({
+        "name": "gib",
+        "command": ["sh", "-c", "{ cat inputs/x.bin; echo tail; } > out.bin"],
+        "inputs": [{ "sha256": sha.to_string(), "size_bytes": size_bytes, "path": "inputs/x.bin" }],
+        "outputs": [{ "path": "out.bin", "required": true }],
+        "max_attempts": 1,
+    });
+    let gib = c.dir.path().join("gib.jsonl");
+    std::fs::write(&gib, format!("{line}\n")).unwrap();
+    let t0 = Instant::now();
+    let out = c.cli(&["jobs", "submit", gib.to_str().unwrap(), "--wait"]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("1 GiB in and 1 GiB out through SSH in {:.1} s", t0.elapsed().as_secs_f64());
+    let out_sha: cosmos_proto::Sha256 = out_sha.parse().unwrap();
+    assert_eq!(store.size(&out_sha), Some(size_bytes + 5), "the output is in the controller's store");
+    assert!(store.verify(&out_sha).unwrap(), "the stored output matches its digest");
 
     // sshd stopped: the controller's keepalives go unanswered and it drops the link; after SIGCONT it redials.
     let stopped = sshd_processes(sshd.0.id());

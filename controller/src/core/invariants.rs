@@ -34,6 +34,20 @@ impl Core {
                 }
             }
         }
+        let mut counts = [0usize; ALL_JOB_STATES.len()];
+        for job in self.jobs.values() {
+            if job.counted != job.rec.state {
+                // Every change of state is persisted (and counted) in the step that makes it.
+                return Err(format!(
+                    "job {} is {:?} but was last persisted as {:?}",
+                    job.rec.id, job.rec.state, job.counted
+                ));
+            }
+            counts[job.rec.state as usize] += 1;
+        }
+        if counts != self.job_counts {
+            return Err(format!("jobs per state are {counts:?}, the running counts say {:?}", self.job_counts));
+        }
         for (id, pending) in &self.blocked {
             for dep in pending {
                 let state = self.jobs.get(dep).map(|j| j.rec.state);

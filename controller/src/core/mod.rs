@@ -453,6 +453,8 @@ struct Job {
     not_before_mono_ms: u64,
     live: Option<AttemptId>,
     progress: Option<(u32, u32)>,
+    /// The state [`Core::job_counts`] counts it in: the one last persisted.
+    counted: JobState,
 }
 
 /// Read-only view of one agent, for listings.
@@ -505,6 +507,10 @@ pub struct Core {
     dirty: bool,
     ops: Vec<StoreOp>,
     sends: Vec<Output>,
+    /// Jobs per state, indexed by `JobState as usize`: `status` answers without walking a million jobs.
+    job_counts: [usize; ALL_JOB_STATES.len()],
+    /// Jobs whose progress changed since [`Core::drain_progressed`] was last called.
+    progressed: Vec<JobId>,
 }
 
 impl Core {
@@ -531,6 +537,8 @@ impl Core {
             dirty: true,
             ops: Vec::new(),
             sends: Vec::new(),
+            job_counts: [0; ALL_JOB_STATES.len()],
+            progressed: Vec::new(),
         };
         for rec in snapshot.agents {
             let idx = core.agent_index(&rec.name, now);
@@ -551,7 +559,9 @@ impl Core {
             // been stepped while the controller was down, so what remains of it is
             // capped at the longest backoff rather than trusted.
             let backoff_left_ms = rec.not_before_ms.saturating_sub(now.wall_ms).min(config_backoff_max_ms);
-            let job = Job { rec, not_before_mono_ms: now.mono_ms + backoff_left_ms, live: None, progress: None };
+            let counted = rec.state;
+            let job =
+                Job { rec, not_before_mono_ms: now.mono_ms + backoff_left_ms, live: None, progress: None, counted };
             let id = job.rec.id;
             if let Some(k) = &job.rec.idempotency {
                 let entry =
@@ -579,6 +589,10 @@ impl Core {
                 }
             }
             core.live.insert(att.id, att);
+        }
+        for job in core.jobs.values_mut() {
+            job.counted = job.rec.state;
+            core.job_counts[job.rec.state as usize] += 1;
         }
         core
     }
@@ -727,7 +741,9 @@ impl Core {
                 inputs_from,
             };
             self.ops.push(StoreOp::PutJob(Box::new(rec.clone())));
-            self.jobs.insert(id, Job { rec, not_before_mono_ms: 0, live: None, progress: None });
+            self.job_counts[rec.state as usize] += 1;
+            let counted = rec.state;
+            self.jobs.insert(id, Job { rec, not_before_mono_ms: 0, live: None, progress: None, counted });
             self.enqueue_or_wait(now, id);
             ids.push(id);
         }
@@ -949,7 +965,10 @@ impl Core {
             AgentMsg::Progress { attempt_id, step, total } => {
                 if let Some(att) = self.live.get(&attempt_id) {
                     if let Some(job) = self.jobs.get_mut(&att.job_id) {
-                        job.progress = Some((step, total));
+                        if job.progress != Some((step, total)) {
+                            job.progress = Some((step, total));
+                            self.progressed.push(att.job_id);
+                        }
                     }
                 }
             }
@@ -1066,7 +1085,31 @@ impl Core {
     }
 
     fn put_job(&mut self, id: JobId) {
-        self.ops.push(StoreOp::PutJob(Box::new(self.jobs[&id].rec.clone())));
+        let job = self.jobs.get_mut(&id).expect("a job that is persisted exists");
+        if job.counted != job.rec.state {
+            self.job_counts[job.counted as usize] -= 1;
+            self.job_counts[job.rec.state as usize] += 1;
+            job.counted = job.rec.state;
+        }
+        self.ops.push(StoreOp::PutJob(Box::new(job.rec.clone())));
+    }
+
+    /// The jobs whose live attempt reported new progress since the last call
+    /// (progress is not stored: waiting clients are told of it as it comes).
+    pub fn drain_progressed(&mut self) -> Vec<JobId> {
+        std::mem::take(&mut self.progressed)
+    }
+
+    /// How many jobs are in each state (as last persisted), without walking the jobs.
+    pub fn job_counts(&self) -> impl Iterator<Item = (JobState, usize)> + '_ {
+        ALL_JOB_STATES.into_iter().map(|s| (s, self.job_counts[s as usize]))
+    }
+
+    /// Jobs after `after` (all when `None`), in id order.
+    pub fn jobs_after(&self, after: Option<JobId>) -> impl Iterator<Item = &JobRecord> {
+        use std::ops::Bound;
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.jobs.range((from, Bound::Unbounded)).map(|(_, j)| &j.rec)
     }
 
     fn event(

@@ -1,7 +1,7 @@
 //! Jobs, agents and cluster status: the scheduler's part of the HTTP API.
 
 use super::*;
-use crate::actor::{Cancel, JobSummary, ListJobs, Retry, SetDraining, Status, SubmitWith};
+use crate::actor::{Cancel, JobSummary, ListJobs, PageJobs, Retry, SetDraining, Status, SubmitWith};
 use crate::core::SubmitError;
 use crate::logs::{LogCursor, LogStart, Unended, read_log};
 use crate::records::{Idempotency, JobState};
@@ -26,8 +26,20 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/hosts", web::get().to(list_hosts))
         .route("/v1/hosts", web::post().to(add_host))
         .route("/v1/hosts/{name}", web::delete().to(remove_host))
-        .route("/v1/status", web::get().to(status));
+        .route("/v1/status", web::get().to(status))
+        .route("/v1/events", web::get().to(events));
 }
+
+/// Jobs in a page of `GET /v1/jobs` when the request names no `limit`.
+pub const JOBS_PAGE_DEFAULT: usize = 1_000;
+/// Most jobs in one page.
+pub const JOBS_PAGE_MAX: usize = 10_000;
+/// Response header: where the next page starts (`after=` for the next request); absent on the last page.
+pub const NEXT_AFTER_HEADER: &str = "Cosmos-Next-After";
+/// Response header: the event stream's cursor as of this page (`GET /v1/events?after=`).
+pub const EVENTS_CURSOR_HEADER: &str = "Cosmos-Events-Cursor";
+/// How often an idle event stream sends a comment, so proxies and clients see it alive.
+const EVENTS_KEEPALIVE_MS: u64 = 15_000;
 
 /// One job as submitted: a line of a JSONL batch file. Only `command` is required.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -374,6 +386,12 @@ struct ListQuery {
     state: Option<String>,
     /// Only jobs submitted at or after this time (ms since the Unix epoch), for reports.
     since_ms: Option<u64>,
+    /// Jobs after this one (the previous page's `Cosmos-Next-After`).
+    after: Option<String>,
+    /// At most this many ([`JOBS_PAGE_DEFAULT`] when absent, at most [`JOBS_PAGE_MAX`]).
+    limit: Option<usize>,
+    /// Only jobs up to this one (a batch's last job, with `after` the one before its first).
+    last: Option<String>,
 }
 
 async fn list_jobs(state: web::Data<State>, q: web::Query<ListQuery>) -> HttpResponse {
@@ -389,16 +407,97 @@ async fn list_jobs(state: web::Data<State>, q: web::Query<ListQuery>) -> HttpRes
         Some(Ok(st)) => Some(st),
         None => None,
     };
-    match state.core.send(ListJobs(None)).await {
-        Ok(jobs) => HttpResponse::Ok().json(
-            jobs.iter()
-                .filter(|j| filter.is_none_or(|f| j.record.state == f))
-                .filter(|j| q.since_ms.is_none_or(|t| j.record.submitted_ms >= t))
-                .map(view)
-                .collect::<Vec<_>>(),
-        ),
-        Err(_) => unavailable(),
+    let after = match q.after.as_deref().map(parse_job).transpose() {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let last = match q.last.as_deref().map(parse_job).transpose() {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    let limit = match q.limit {
+        Some(0) => return bad(format!("`limit` must be 1 to {JOBS_PAGE_MAX}")),
+        Some(n) if n > JOBS_PAGE_MAX => {
+            return bad(format!(
+                "`limit` {n} is over {JOBS_PAGE_MAX}; page with `after` (the `{NEXT_AFTER_HEADER}` header)"
+            ));
+        }
+        Some(n) => n,
+        None => JOBS_PAGE_DEFAULT,
+    };
+    let since_ms = q.since_ms;
+    let filter = Box::new(move |r: &crate::records::JobRecord| {
+        filter.is_none_or(|f| r.state == f)
+            && since_ms.is_none_or(|t| r.submitted_ms >= t)
+            && last.is_none_or(|l| r.id <= l)
+    });
+    let Ok(page) = state.core.send(PageJobs { after, limit, filter }).await else { return unavailable() };
+    let mut response = HttpResponse::Ok();
+    response.insert_header((EVENTS_CURSOR_HEADER, page.events.to_string()));
+    // Past `last` there is nothing this listing wants.
+    if let Some(next) = page.next_after.filter(|n| last.is_none_or(|l| *n < l)) {
+        response.insert_header((NEXT_AFTER_HEADER, next.to_string()));
     }
+    response.json(page.jobs.iter().map(view).collect::<Vec<_>>())
+}
+
+/// Server-sent events: each durable change of a job (and each new progress of
+/// its live attempt) as `id: CURSOR` + `event: job` + `data: JOB` (the job as
+/// `GET /v1/jobs` shows it), after the cursor `after` (a listing's
+/// `Cosmos-Events-Cursor`, or the last `id:` seen). A cursor the controller can
+/// no longer serve (it restarted, or the client fell more than
+/// [`crate::events::EVENTS_KEPT_MAX`] events behind) gets `event: resync` with
+/// the cursor to follow from after listing again. Idle streams get a comment
+/// every 15 s.
+async fn events(state: web::Data<State>, q: web::Query<EventsQuery>) -> HttpResponse {
+    use crate::events::{Cursor, Since};
+    let cursor: Cursor = match q.after.as_deref().map(str::parse).transpose() {
+        Ok(c) => c.unwrap_or_else(|| state.events.head()),
+        Err(e) => return bad(e),
+    };
+    let log = state.events.clone();
+    let stream = futures::stream::unfold(Some(cursor), move |cursor| {
+        let log = log.clone();
+        async move {
+            let mut cursor = cursor?;
+            loop {
+                let appended = log.appended();
+                match log.since(cursor) {
+                    Since::Resync(head) => {
+                        let out = format!("id: {head}\nevent: resync\ndata: {head}\n\n");
+                        // The client lists again and reconnects from `head`: this stream is done.
+                        return Some((Ok::<_, actix_web::Error>(web::Bytes::from(out)), None));
+                    }
+                    Since::Events(events) if !events.is_empty() => {
+                        let mut out = String::new();
+                        for (seq, job) in &events {
+                            cursor.seq = *seq;
+                            out.push_str(&format!("id: {cursor}\nevent: job\ndata: "));
+                            out.push_str(&serde_json::to_string(&view(job)).unwrap_or_default());
+                            out.push_str("\n\n");
+                        }
+                        return Some((Ok(web::Bytes::from(out)), Some(cursor)));
+                    }
+                    Since::Events(_) => {}
+                }
+                let keepalive = tokio::time::sleep(Duration::from_millis(EVENTS_KEEPALIVE_MS));
+                tokio::select! {
+                    _ = appended => {}
+                    _ = keepalive => return Some((Ok(web::Bytes::from_static(b": keepalive\n\n")), Some(cursor))),
+                }
+            }
+        }
+    });
+    HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header((EVENTS_CURSOR_HEADER, cursor.to_string()))
+        .streaming(stream)
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    /// Events after this cursor (`EPOCH:SEQ`); from now when absent.
+    after: Option<String>,
 }
 
 fn state_is_final(state: &str) -> bool {
@@ -549,13 +648,9 @@ async fn remove_host(state: web::Data<State>, name: web::Path<String>) -> HttpRe
 }
 
 async fn status(state: web::Data<State>) -> HttpResponse {
-    let (Ok(s), Ok(jobs)) = (state.core.send(Status).await, state.core.send(ListJobs(None)).await) else {
-        return unavailable();
-    };
-    let mut by_state = BTreeMap::new();
-    for j in &jobs {
-        *by_state.entry(j.record.state.as_str().to_string()).or_insert(0) += 1;
-    }
+    let Ok(s) = state.core.send(Status).await else { return unavailable() };
+    let by_state: BTreeMap<String, usize> =
+        s.jobs.iter().filter(|(_, n)| *n > 0).map(|(st, n)| (st.as_str().to_string(), *n)).collect();
     HttpResponse::Ok().json(StatusBody {
         epoch: s.epoch,
         queue_depth: s.queue_depth,

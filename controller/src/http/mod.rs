@@ -199,6 +199,8 @@ pub(crate) struct State {
     pub(crate) core: Addr<CoreActor>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) hosts: Arc<crate::hosts::Hosts>,
+    /// Durable changes of jobs, for `GET /v1/events`.
+    pub(crate) events: Arc<crate::events::EventLog<crate::actor::JobSummary>>,
 }
 
 /// API connections allowed at once: an eighth of the descriptor limit, so
@@ -380,8 +382,9 @@ pub fn server(
     core: Addr<CoreActor>,
     shared: Arc<Shared>,
     hosts: Arc<crate::hosts::Hosts>,
+    events: Arc<crate::events::EventLog<crate::actor::JobSummary>>,
 ) -> std::io::Result<(Server, SocketAddr)> {
-    let state = web::Data::new(State { core, shared: shared.clone(), hosts });
+    let state = web::Data::new(State { core, shared: shared.clone(), hosts, events });
     let connections_max = api_connections_max();
     let bound = HttpServer::new(move || {
         let shared = shared.clone();
