@@ -116,8 +116,10 @@ impl Sshd {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        panic!("sshd found no free port in {SSHD_START_TRIES_MAX} tries; its last log:\n{}",
-            std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default());
+        panic!(
+            "sshd found no free port in {SSHD_START_TRIES_MAX} tries; its last log:\n{}",
+            std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+        );
     }
 
     fn log(&self) -> String {
