@@ -392,6 +392,14 @@ async fn install_async(args: InstallArgs, client_args: &ClientArgs) -> anyhow::R
         ),
     };
     let token = Token::read_file(&token_file)?;
+    for path in [&args.ssh.identity, &args.ssh.identity_passphrase_file].into_iter().flatten() {
+        if !path.is_absolute() {
+            bail!(
+                "{} must be an absolute path: it is registered with the host, and the controller reads it",
+                path.display()
+            );
+        }
+    }
     let config = agent_config(&args.agent_flags)?;
     let client = Client::new(client_args)?;
     let _: Vec<HostView> = client.get("/v1/hosts").context(
