@@ -3,6 +3,7 @@
 mod client;
 mod cosmos;
 mod follow;
+mod install;
 mod jobs;
 mod ssh;
 mod sweep;
@@ -69,8 +70,12 @@ enum Command {
         #[command(flatten)]
         cosmos: CosmosArgs,
     },
-    /// Run a GPU host's agent daemon.
+    /// Run a GPU host's agent daemon; `agent install` / `agent uninstall` set one up on a host over SSH.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Agent {
+        /// Install or uninstall an agent on a host over SSH instead of running one here.
+        #[command(subcommand)]
+        manage: Option<Box<AgentManage>>,
         /// The controller's agent address, HOST:PORT: the agent dials it (loopback, trusted networks).
         #[arg(long, required_unless_present = "listen", conflicts_with = "listen")]
         controller: Option<String>,
@@ -82,11 +87,11 @@ enum Command {
         #[arg(long, value_name = "GROUP", requires = "listen")]
         listen_group: Option<String>,
         /// File holding the controller's agent token.
-        #[arg(long)]
-        token_file: PathBuf,
+        #[arg(long, required = true)]
+        token_file: Option<PathBuf>,
         /// Where attempts run and keep their logs.
-        #[arg(long)]
-        work_dir: PathBuf,
+        #[arg(long, required = true)]
+        work_dir: Option<PathBuf>,
         /// Pretend to have GPUs, e.g. `8x80GiB`: for hosts without NVIDIA GPUs (visible in `cosmos status`).
         #[arg(long, conflicts_with_all = ["nvml_lib", "gpus"])]
         simulated_gpus: Option<String>,
@@ -482,6 +487,25 @@ enum JobsCommand {
 }
 
 #[derive(Subcommand, Debug)]
+enum AgentManage {
+    /// Make a host an agent over SSH, idempotently: upload the static binary, write the token, config
+    /// and systemd unit, (re)start it when something changed, check it answers, register it.
+    Install {
+        #[command(flatten)]
+        args: install::InstallArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Unregister a host, stop and disable its agent and remove what `agent install` wrote.
+    Uninstall {
+        #[command(flatten)]
+        args: install::UninstallArgs,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 enum AgentsCommand {
     /// Register a host the controller reaches itself over SSH (its agent runs with `--listen`); stored, so it survives restarts.
     Add {
@@ -630,7 +654,12 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             actix::System::new().block_on(cosmos_controller::daemon::run(opts, shutdown_signal()))?;
             Ok(true)
         }
+        Command::Agent { manage: Some(manage), .. } => match *manage {
+            AgentManage::Install { args, client } => install::install(args, &client),
+            AgentManage::Uninstall { args, client } => install::uninstall(args, &client),
+        },
         Command::Agent {
+            manage: None,
             controller,
             listen,
             listen_group,
@@ -647,6 +676,10 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             docker_network,
             cache_max_gib,
         } => {
+            // clap requires both unless a subcommand is given.
+            let (Some(token_file), Some(work_dir)) = (token_file, work_dir) else {
+                anyhow::bail!("give --token-file FILE and --work-dir DIR");
+            };
             let runtime = up::runtime_kind(&runtime, &work_dir, &volumes, docker_network)?;
             let gpu_source = match simulated_gpus {
                 Some(spec) => up::GpuChoice::Simulated(spec),

@@ -16,6 +16,9 @@
 pub mod config;
 pub mod known_hosts;
 
+/// The SFTP client `Session::sftp` returns, for its callers.
+pub use russh_sftp;
+
 use russh::client::{self, Handle, Msg};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKey};
 use std::path::{Path, PathBuf};
@@ -397,6 +400,49 @@ impl AsyncWrite for SshStream {
 
 /// Reaches `target`'s agent over SSH and returns the channel to it.
 pub async fn open(target: &Target, opts: &Options) -> Result<SshStream, SshError> {
+    connect(target, opts).await?.into_agent_stream(&opts.agent).await
+}
+
+/// An authenticated SSH connection to a host (through its jump host, if
+/// any), for commands and SFTP (`cosmos agent install`) or the agent channel.
+pub struct Session {
+    /// The host's own session last; the jump host's before it.
+    sessions: Vec<Handle<HostKeyCheck>>,
+    host: String,
+    port: u16,
+    user: String,
+}
+
+/// What a command run over an exec channel left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Its exit status; none: it was killed by a signal (or sshd sent no status).
+    pub status: Option<u32>,
+    /// What it wrote on stdout.
+    pub stdout: Vec<u8>,
+    /// What it wrote on stderr.
+    pub stderr: Vec<u8>,
+}
+
+impl ExecOutput {
+    /// Whether it exited 0.
+    pub fn success(&self) -> bool {
+        self.status == Some(0)
+    }
+
+    /// Its stdout as text.
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Its stderr as text, trimmed.
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).trim().to_string()
+    }
+}
+
+/// Reaches `target` over SSH: key exchange, host key, authentication (through the jump host, if any).
+pub async fn connect(target: &Target, opts: &Options) -> Result<Session, SshError> {
     let resolved = config::resolve(target, opts)?;
     let mut sessions = Vec::new();
     let session = match &resolved.jump {
@@ -431,20 +477,87 @@ pub async fn open(target: &Target, opts: &Options) -> Result<SshStream, SshError
             session(channel.into_stream(), &resolved, opts).await?
         }
     };
-    let channel = match &opts.agent {
-        AgentEndpoint::Socket(path) => session.channel_open_direct_streamlocal(path.clone()).await,
-        AgentEndpoint::Port(port) => {
-            session.channel_open_direct_tcpip("127.0.0.1", u32::from(*port), "127.0.0.1", 0).await
-        }
-    }
-    .map_err(|e| SshError::Channel {
-        host: resolved.host_name.clone(),
-        user: resolved.user.clone(),
-        endpoint: opts.agent.clone(),
-        reason: e.to_string(),
-    })?;
     sessions.push(session);
-    Ok(SshStream { stream: channel.into_stream(), _sessions: sessions })
+    Ok(Session { sessions, host: resolved.host_name, port: resolved.port, user: resolved.user })
+}
+
+impl Session {
+    /// The host name connected to (after `~/.ssh/config`'s `HostName`).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The login user.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    fn handle(&self) -> &Handle<HostKeyCheck> {
+        self.sessions.last().expect("a session holds the host's connection")
+    }
+
+    fn protocol(&self, what: &str, e: impl std::fmt::Display) -> SshError {
+        SshError::Protocol { host: self.host.clone(), port: self.port, reason: format!("{what}: {e}") }
+    }
+
+    /// Runs `command` through the login user's shell, feeding it `stdin` then end-of-file,
+    /// and reads its output to the end (the channel is read until sshd closes it).
+    pub async fn exec(&self, command: &str, stdin: &[u8]) -> Result<ExecOutput, SshError> {
+        let mut channel =
+            self.handle().channel_open_session().await.map_err(|e| self.protocol("opening a session channel", e))?;
+        channel.exec(true, command).await.map_err(|e| self.protocol("starting a command", e))?;
+        if !stdin.is_empty() {
+            channel.data(stdin).await.map_err(|e| self.protocol("writing a command's input", e))?;
+        }
+        channel.eof().await.map_err(|e| self.protocol("closing a command's input", e))?;
+        let mut out = ExecOutput { status: None, stdout: Vec::new(), stderr: Vec::new() };
+        while let Some(msg) = channel.wait().await {
+            match msg {
+                russh::ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
+                russh::ChannelMsg::ExtendedData { data, .. } => out.stderr.extend_from_slice(&data),
+                russh::ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
+                russh::ChannelMsg::Failure => {
+                    return Err(self.protocol("starting a command", "sshd refused to run it"));
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens the SFTP subsystem (OpenSSH's sftp-server).
+    pub async fn sftp(&self) -> Result<russh_sftp::client::SftpSession, SshError> {
+        let channel =
+            self.handle().channel_open_session().await.map_err(|e| self.protocol("opening a session channel", e))?;
+        channel.request_subsystem(true, "sftp").await.map_err(|e| self.protocol("starting SFTP", e))?;
+        russh_sftp::client::SftpSession::new(channel.into_stream())
+            .await
+            .map_err(|e| self.protocol("starting SFTP (is sshd's `Subsystem sftp` configured?)", e))
+    }
+
+    /// Opens a channel to the host's agent, which then holds this session.
+    pub async fn into_agent_stream(self, agent: &AgentEndpoint) -> Result<SshStream, SshError> {
+        let stream = self.agent_channel(agent).await?;
+        Ok(SshStream { stream, _sessions: self.sessions })
+    }
+
+    /// Opens a channel to the host's agent; it works while this session lives.
+    pub async fn agent_channel(&self, agent: &AgentEndpoint) -> Result<russh::ChannelStream<Msg>, SshError> {
+        let session = self.handle();
+        let channel = match agent {
+            AgentEndpoint::Socket(path) => session.channel_open_direct_streamlocal(path.clone()).await,
+            AgentEndpoint::Port(port) => {
+                session.channel_open_direct_tcpip("127.0.0.1", u32::from(*port), "127.0.0.1", 0).await
+            }
+        }
+        .map_err(|e| SshError::Channel {
+            host: self.host.clone(),
+            user: self.user.clone(),
+            endpoint: agent.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(channel.into_stream())
+    }
 }
 
 async fn tcp_connect(host: &str, port: u16, timeout_ms: u64) -> Result<tokio::net::TcpStream, SshError> {

@@ -14,6 +14,7 @@ mod clock;
 mod cosmos;
 mod failstop;
 mod gpu;
+mod install;
 mod restart;
 mod security;
 mod ssh;

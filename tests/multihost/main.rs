@@ -4,9 +4,15 @@
 //! and another is cut off the network, then both come back. Every run must
 //! succeed exactly once, and no job container may be left on the engine.
 //!
-//! Needs Docker and the images `cosmos:dev` and `cosmos-testjob:dev`
-//! (`scripts/build-cosmos-image`, `scripts/build-images`; `scripts/setup` runs
-//! both). Missing any of them fails the test: it does not skip.
+//! It runs twice: with agents that dial the controller over TCP, and with
+//! agents in containers that run sshd (`cosmos-host:dev`, its musl `cosmos`
+//! mounted in) and listen on a Unix socket, which the controller reaches
+//! only through SSH (`cosmos agents add ssh://root@AGENT`).
+//!
+//! Needs Docker and the images `cosmos:dev`, `cosmos-testjob:dev` and
+//! `cosmos-host:dev` (`scripts/build-cosmos-image`, `scripts/build-images`,
+//! `scripts/build-host-image`; `scripts/setup` runs them). Missing any of them
+//! fails the test: it does not skip.
 
 use serde_json::Value;
 use std::process::{Command, Output};
@@ -26,10 +32,20 @@ fn docker_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// How the controller and its agents find each other.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Link {
+    /// The agents dial the controller's agent port.
+    Tcp,
+    /// The controller reaches each agent through the sshd of its container.
+    Ssh,
+}
+
 /// Removes everything the test created, however it ends.
 struct Env {
     tag: String,
     dir: tempfile::TempDir,
+    link: Link,
 }
 
 impl Drop for Env {
@@ -60,33 +76,53 @@ impl Env {
     fn start_agent(&self, i: usize) {
         let dir = self.dir.path().to_string_lossy().into_owned();
         let work = self.path(&format!("agent-{i}"));
-        docker_ok(&[
-            "run",
-            "-d",
-            "--name",
-            &self.name(&format!("agent-{i}")),
-            "--network",
-            &self.tag,
-            "-v",
-            "/var/run/docker.sock:/var/run/docker.sock",
-            "-v",
-            &format!("{dir}:{dir}"),
-            "cosmos:dev",
-            "agent",
-            "--controller",
-            &format!("{}:7701", self.name("ctl")),
-            "--token-file",
-            &self.path("ctl/agent.token"),
-            "--work-dir",
-            &work,
-            "--simulated-gpus",
-            "4x80GiB",
-            "--name",
-            &self.name(&format!("agent-{i}")),
-            "--runtime",
-            "docker",
-        ]);
+        let name = self.name(&format!("agent-{i}"));
+        let token = self.path("ctl/agent.token");
+        let mut args: Vec<String> =
+            ["run", "-d", "--name", &name, "--network", &self.tag].into_iter().map(String::from).collect();
+        args.extend(
+            ["-v", "/var/run/docker.sock:/var/run/docker.sock", "-v", &format!("{dir}:{dir}")].map(String::from),
+        );
+        let agent_flags = ["--token-file", &token, "--work-dir", &work, "--simulated-gpus", "4x80GiB", "--name", &name];
+        let agent_flags = agent_flags.iter().chain(&["--runtime", "docker"]).map(|s| s.to_string());
+        match self.link {
+            Link::Tcp => {
+                args.extend(["cosmos:dev", "agent", "--controller"].map(String::from));
+                args.push(format!("{}:7701", self.name("ctl")));
+                args.extend(agent_flags);
+            }
+            Link::Ssh => {
+                // sshd lets in the test's key as root; the agent waits on its socket. The host key
+                // is made once, so a restarted container presents the one the controller learned.
+                let flags: Vec<String> = agent_flags.collect();
+                let script = format!(
+                    "set -e\n\
+                     [ -f /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key\n\
+                     printf 'HostKey /etc/ssh/ssh_host_ed25519_key\\nUsePAM no\\nPasswordAuthentication no\\n\
+                     PermitRootLogin prohibit-password\\nAllowStreamLocalForwarding yes\\nAllowTcpForwarding yes\\n' > /etc/ssh/sshd_config\n\
+                     mkdir -p /root/.ssh /run/sshd\n\
+                     cp {dir}/id_ed25519.pub /root/.ssh/authorized_keys\n\
+                     /usr/sbin/sshd -E {dir}/sshd-{i}.log\n\
+                     exec /usr/local/bin/cosmos agent --listen unix:/run/cosmos/agent.sock {}",
+                    flags.join(" ")
+                );
+                args.extend(["-v", &format!("{}:/usr/local/bin/cosmos:ro", musl_binary().display())].map(String::from));
+                args.extend(["cosmos-host:dev", "sh", "-c", &script].map(String::from));
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        docker_ok(&args);
     }
+}
+
+/// The static build of this checkout (scripts/build-cosmos-image builds it), for agents in `cosmos-host:dev`.
+fn musl_binary() -> std::path::PathBuf {
+    let bin = std::path::Path::new(BIN);
+    let release = bin.parent().unwrap();
+    let musl =
+        release.parent().unwrap().join("x86_64-unknown-linux-musl").join(release.file_name().unwrap()).join("cosmos");
+    assert!(musl.exists(), "{} is missing: run scripts/build-cosmos-image (it builds it)", musl.display());
+    musl
 }
 
 fn cli(api: &str, env: &Env, args: &[&str]) -> Output {
@@ -108,42 +144,65 @@ fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn a_batch_on_a_docker_cluster_survives_a_killed_and_a_partitioned_agent() {
-    for image in ["cosmos:dev", "cosmos-testjob:dev"] {
+    batch_survives_a_killed_and_a_partitioned_agent(Link::Tcp);
+}
+
+#[test]
+fn a_batch_on_a_docker_cluster_over_ssh_survives_a_killed_and_a_partitioned_agent() {
+    batch_survives_a_killed_and_a_partitioned_agent(Link::Ssh);
+}
+
+fn batch_survives_a_killed_and_a_partitioned_agent(link: Link) {
+    let mut images = vec!["cosmos:dev", "cosmos-testjob:dev"];
+    if link == Link::Ssh {
+        images.push("cosmos-host:dev");
+    }
+    for image in images {
         let out = docker(&["image", "inspect", image]);
         assert!(
             out.status.success(),
-            "image {image} is missing (or Docker is not running): run scripts/build-cosmos-image and scripts/build-images"
+            "image {image} is missing (or Docker is not running): run scripts/build-cosmos-image, scripts/build-images and scripts/build-host-image"
         );
     }
-    let env = Env { tag: format!("cosmos-mh-{}", std::process::id()), dir: tempfile::tempdir().unwrap() };
+    let kind = if link == Link::Ssh { "ssh" } else { "tcp" };
+    let env = Env { tag: format!("cosmos-mh-{kind}-{}", std::process::id()), dir: tempfile::tempdir().unwrap(), link };
     docker_ok(&["network", "create", &env.tag]);
     let dir = env.dir.path().to_string_lossy().into_owned();
-    docker_ok(&[
-        "run",
-        "-d",
-        "--name",
-        &env.name("ctl"),
-        "--network",
-        &env.tag,
-        "-v",
-        &format!("{dir}:{dir}"),
-        "-p",
-        "127.0.0.1::7700",
-        "cosmos:dev",
-        "controller",
-        "--data-dir",
-        &env.path("ctl"),
-        "--api-listen",
-        "0.0.0.0:7700",
-        "--agent-listen",
-        "0.0.0.0:7701",
-        "--lost-after-ms",
-        "5000",
-    ]);
+    let mut controller: Vec<String> =
+        ["run", "-d", "--name", &env.name("ctl"), "--network", &env.tag].into_iter().map(String::from).collect();
+    controller
+        .extend(["-v", &format!("{dir}:{dir}"), "-p", "127.0.0.1::7700", "cosmos:dev", "controller"].map(String::from));
+    controller.extend(["--data-dir", &env.path("ctl"), "--api-listen", "0.0.0.0:7700"].map(String::from));
+    controller.extend(["--agent-listen", "0.0.0.0:7701", "--lost-after-ms", "5000"].map(String::from));
+    if link == Link::Ssh {
+        let keygen = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f", &env.path("id_ed25519")])
+            .output()
+            .expect("ssh-keygen runs (Debian's openssh-client; scripts/setup installs it)");
+        assert!(keygen.status.success(), "{}", String::from_utf8_lossy(&keygen.stderr));
+        std::fs::write(env.path("empty_ssh_config"), "").unwrap();
+        controller.extend(
+            ["--known-hosts", &env.path("known_hosts"), "--ssh-config", &env.path("empty_ssh_config")]
+                .map(String::from),
+        );
+        // A host that stops answering is noticed in about 3 s.
+        controller.extend(["--ssh-keepalive-interval-ms", "1000"].map(String::from));
+    }
+    let controller: Vec<&str> = controller.iter().map(String::as_str).collect();
+    docker_ok(&controller);
     let api = format!("http://{}", docker_ok(&["port", &env.name("ctl"), "7700/tcp"]).lines().next().unwrap());
     wait_for("the controller's token", Duration::from_secs(30), || env.dir.path().join("ctl/api.token").exists());
     for i in 0..AGENTS {
         env.start_agent(i);
+    }
+    if link == Link::Ssh {
+        // Registered by container name: the controller's container resolves it on the network.
+        for i in 0..AGENTS {
+            let url = format!("ssh://root@{}", env.name(&format!("agent-{i}")));
+            let key = env.path("id_ed25519");
+            let out = cli(&api, &env, &["agents", "add", &url, "--identity", &key, "--accept-new-host-key"]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
     }
     wait_for("three agents", Duration::from_secs(60), || {
         let out = cli(&api, &env, &["agents", "list", "--json"]);
@@ -151,6 +210,12 @@ fn a_batch_on_a_docker_cluster_survives_a_killed_and_a_partitioned_agent() {
             && serde_json::from_slice::<Value>(&out.stdout)
                 .is_ok_and(|v| v.as_array().unwrap().iter().filter(|a| a["connected"] == true).count() == AGENTS)
     });
+    if link == Link::Ssh {
+        // Each agent came through the link of its registered host (these agents dial nothing).
+        let hosts = cli(&api, &env, &["agents", "hosts", "--json"]);
+        let hosts: Value = serde_json::from_slice(&hosts.stdout).unwrap();
+        assert!(hosts.as_array().unwrap().iter().all(|h| h["state"] == "connected"), "{hosts}");
+    }
 
     let batch = env.dir.path().join("batch.jsonl");
     let lines: Vec<String> = (0..JOBS)
@@ -190,6 +255,16 @@ fn a_batch_on_a_docker_cluster_survives_a_killed_and_a_partitioned_agent() {
     let attempts: u64 = all.iter().map(|j| j["attempts"].as_u64().unwrap()).sum();
     assert!(attempts > JOBS as u64, "no run was retried: the faults missed the batch ({attempts} attempts)");
 
+    if link == Link::Ssh {
+        // The killed and the cut-off hosts are linked again, through SSH, by the controller's redials.
+        wait_for("every host linked again over SSH", Duration::from_secs(60), || {
+            let out = cli(&api, &env, &["agents", "hosts", "--json"]);
+            serde_json::from_slice::<Value>(&out.stdout).is_ok_and(|v| {
+                let hosts = v.as_array().unwrap();
+                hosts.len() == AGENTS && hosts.iter().all(|h| h["state"] == "connected")
+            })
+        });
+    }
     // Stray containers (the killed agent's, the fenced ones) are reaped by their agents.
     let strays = || {
         (0..AGENTS)
