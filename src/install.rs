@@ -306,6 +306,32 @@ fn ssh_options(args: &SshArgs) -> anyhow::Result<(Target, cosmos_ssh::Options)> 
     Ok((target, opts))
 }
 
+/// Asks for `key`'s passphrase on the controlling terminal, without echo; `None` without a terminal.
+fn ask_passphrase(key: &Path) -> anyhow::Result<Option<String>> {
+    use std::io::{BufRead, Write};
+    use std::os::fd::AsRawFd;
+    let Ok(tty) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/tty") else { return Ok(None) };
+    let fd = tty.as_raw_fd();
+    // SAFETY: termios is plain data, filled in by tcgetattr for our own descriptor.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: tcgetattr on an open terminal descriptor with a valid out-pointer.
+    if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+        return Ok(None);
+    }
+    let mut quiet = saved;
+    quiet.c_lflag &= !libc::ECHO;
+    quiet.c_lflag |= libc::ECHONL;
+    (&tty).write_all(format!("Enter passphrase for key {}: ", key.display()).as_bytes())?;
+    // SAFETY: sets attributes read from the same terminal, echo off.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) };
+    let mut line = String::new();
+    let read = std::io::BufReader::new(&tty).read_line(&mut line);
+    // SAFETY: restores what tcgetattr read.
+    unsafe { libc::tcsetattr(fd, libc::TCSANOW, &saved) };
+    read.context("reading the key's passphrase from the terminal")?;
+    Ok(Some(line.trim_end_matches(['\n', '\r']).to_string()))
+}
+
 fn read_sudo_password(args: &SshArgs) -> anyhow::Result<Option<String>> {
     if !args.sudo_password_stdin {
         return Ok(None);
@@ -322,8 +348,21 @@ fn read_sudo_password(args: &SshArgs) -> anyhow::Result<Option<String>> {
 
 /// Connects and checks that the host can be managed: systemd, root or sudo; returns the host and its facts.
 async fn reach(args: &SshArgs, password: Option<String>) -> anyhow::Result<(Host, Facts)> {
-    let (target, opts) = ssh_options(args)?;
-    let session = cosmos_ssh::connect(&target, &opts).await.map_err(|e| anyhow!("{target}: {e}"))?;
+    let (target, mut opts) = ssh_options(args)?;
+    let mut connected = cosmos_ssh::connect(&target, &opts).await;
+    if let Err(cosmos_ssh::SshError::KeyNeedsPassphrase { key }) = &connected {
+        // At a terminal the passphrase is asked for, as ssh does; it stays in this process only.
+        if let Some(typed) = ask_passphrase(key)? {
+            opts.passphrase = Some(typed);
+            connected = cosmos_ssh::connect(&target, &opts).await;
+        }
+    }
+    let session = connected.map_err(|e| match e {
+        cosmos_ssh::SshError::KeyNeedsPassphrase { .. } => {
+            anyhow!("{target}: {e}; or run `cosmos agent install` at a terminal, which asks for it")
+        }
+        e => anyhow!("{target}: {e}"),
+    })?;
     let name = target.host.clone();
     let out = session.exec(&format!("sh -c {}", sh_quote(PREFLIGHT)), b"").await?;
     if !out.success() {

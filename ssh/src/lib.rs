@@ -142,6 +142,9 @@ pub struct Options {
     pub identity: Option<PathBuf>,
     /// A file holding the passphrase of an encrypted key.
     pub passphrase_file: Option<PathBuf>,
+    /// The passphrase itself, as a person typed it for an interactive command
+    /// (`cosmos agent install` at a terminal); a file, when given, comes first.
+    pub passphrase: Option<String>,
     /// A bastion to go through (`--jump`); none: `~/.ssh/config`'s `ProxyJump`, if any.
     pub jump: Option<Target>,
     /// The agent's socket or port on the host.
@@ -168,6 +171,7 @@ impl Options {
         Options {
             identity: None,
             passphrase_file: None,
+            passphrase: None,
             jump: None,
             agent,
             host_keys: HostKeyPolicy::Strict,
@@ -289,6 +293,12 @@ pub enum SshError {
     )]
     KeyNeedsPassphrase {
         /// The key file.
+        key: PathBuf,
+    },
+    /// The passphrase typed at the terminal does not open the key.
+    #[error("the passphrase typed does not decrypt the key {}", key.display())]
+    WrongTypedPassphrase {
+        /// The key.
         key: PathBuf,
     },
     /// The passphrase given does not open the key.
@@ -722,7 +732,7 @@ async fn authenticate(handle: &mut Handle<HostKeyCheck>, r: &config::Resolved, o
     let rsa_hash = handle.best_supported_rsa_hash().await.map_err(protocol)?.flatten();
     let mut tried = Vec::new();
     for path in &r.identities {
-        let key = load_key(path, opts.passphrase_file.as_deref())?;
+        let key = load_key(path, opts.passphrase_file.as_deref(), opts.passphrase.as_deref())?;
         let alg = key.algorithm().to_string();
         let key = PrivateKeyWithHashAlg::new(Arc::new(key), rsa_hash);
         let result = handle.authenticate_publickey(r.user.clone(), key).await.map_err(protocol)?;
@@ -758,13 +768,21 @@ async fn authenticate(handle: &mut Handle<HostKeyCheck>, r: &config::Resolved, o
     Err(SshError::AuthRefused { user: r.user.clone(), host: r.host_name.clone(), port: r.port, tried })
 }
 
-fn load_key(path: &Path, passphrase_file: Option<&Path>) -> Result<russh::keys::PrivateKey, SshError> {
+fn load_key(
+    path: &Path,
+    passphrase_file: Option<&Path>,
+    typed: Option<&str>,
+) -> Result<russh::keys::PrivateKey, SshError> {
     let bad = |reason: String| SshError::BadKey { key: path.to_path_buf(), reason };
     match russh::keys::load_secret_key(path, None) {
         Ok(k) => Ok(k),
         Err(russh::keys::Error::KeyIsEncrypted) => {
             let Some(pf) = passphrase_file else {
-                return Err(SshError::KeyNeedsPassphrase { key: path.to_path_buf() });
+                let Some(typed) = typed else {
+                    return Err(SshError::KeyNeedsPassphrase { key: path.to_path_buf() });
+                };
+                return russh::keys::load_secret_key(path, Some(typed))
+                    .map_err(|_| SshError::WrongTypedPassphrase { key: path.to_path_buf() });
             };
             let text = std::fs::read_to_string(pf)
                 .map_err(|e| bad(format!("cannot read its passphrase file {}: {e}", pf.display())))?;

@@ -355,4 +355,45 @@ fn install_refuses_a_host_without_systemd_before_touching_it() {
     );
     assert_eq!(host.sh("ls /usr/local/bin /root/.cosmos-install 2>/dev/null | grep -c cosmos || true"), "0");
     assert!(hosts(&c).is_empty());
+
+    // An encrypted key: with no terminal the error says how to give its passphrase; at a
+    // terminal (a pty from `script`) it is asked for, and then the login goes through.
+    let passphrase = "open sesame";
+    let out = Command::new("ssh-keygen").args(["-q", "-p", "-N", passphrase, "-f"]).arg(host.key()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let install = format!(
+        "{BIN} agent install {} --identity {} --known-hosts {} --ssh-config /dev/null --accept-new-host-key --binary {}",
+        host.url("root"),
+        host.key().display(),
+        c.dir.path().join("known_hosts").display(),
+        musl.display()
+    );
+    // setsid: no controlling terminal, as under cron or CI.
+    let out = Command::new("setsid")
+        .args(["-w", "sh", "-c", &install])
+        .env("COSMOS_CONTROLLER", &c.api)
+        .env("COSMOS_DATA_DIR", c.data())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--identity-passphrase-file") && err.contains("at a terminal"),
+        "{err}"
+    );
+    let mut typed = Command::new("script")
+        .args(["-q", "-e", "-c", &install, "/dev/null"])
+        .env("COSMOS_CONTROLLER", &c.api)
+        .env("COSMOS_DATA_DIR", c.data())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    typed.stdin.take().unwrap().write_all(format!("{passphrase}\n").as_bytes()).unwrap();
+    let out = typed.wait_with_output().unwrap();
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(all.contains("Enter passphrase for key"), "{all}");
+    assert!(all.contains("does not run systemd"), "the typed passphrase opened the key: {all}");
 }
