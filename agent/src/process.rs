@@ -507,7 +507,20 @@ impl Watch {
         let wait = async {
             // The supervisor that went away, if one did before the job's end.
             let supervisor = match leader {
-                Leader::Linked(link, exited) => exited.await.is_err().then(|| link.pid()),
+                Leader::Linked(link, exited) => {
+                    if exited.await.is_ok() {
+                        None
+                    } else if process_alive(link.pid()) {
+                        // The connection closed but the supervisor lives (another agent
+                        // process took it over): it still records the end; watch the group.
+                        while group_exists(pgid) {
+                            tokio::time::sleep(Duration::from_millis(ADOPTED_POLL_MS)).await;
+                        }
+                        None
+                    } else {
+                        Some(link.pid())
+                    }
+                }
                 Leader::Adopted => {
                     while group_exists(pgid) {
                         tokio::time::sleep(Duration::from_millis(ADOPTED_POLL_MS)).await;
@@ -755,6 +768,11 @@ fn is_ours(record: &AttemptRecord) -> bool {
         (Some(then), Some(now)) => then == now,
         _ => true,
     }
+}
+
+/// Whether process `pid` runs (a zombie does not).
+fn process_alive(pid: u32) -> bool {
+    proc_state(pid).is_some_and(|(state, _)| state != 'Z')
 }
 
 /// Whether any live (not zombie) process is in group `pgid`.
