@@ -56,6 +56,8 @@ pub const STDERR_FILE: &str = cosmos_proto::spec::STDERR_LOG;
 
 /// How often a log file is checked for new output while its writer is quiet.
 const LOG_POLL_MS: u64 = 50;
+/// How long a live supervisor is given to write the record of a job whose group is gone.
+const RECORD_WAIT_MS: u64 = 2_000;
 /// How often an adopted attempt's process group is checked.
 const ADOPTED_POLL_MS: u64 = 500;
 /// Longest output line kept for progress parsing; longer ones keep their tail.
@@ -510,15 +512,26 @@ impl Watch {
                 Leader::Linked(link, exited) => {
                     if exited.await.is_ok() {
                         None
-                    } else if process_alive(link.pid()) {
-                        // The connection closed but the supervisor lives (another agent
-                        // process took it over): it still records the end; watch the group.
-                        while group_exists(pgid) {
-                            tokio::time::sleep(Duration::from_millis(ADOPTED_POLL_MS)).await;
-                        }
-                        None
                     } else {
-                        Some(link.pid())
+                        // The connection closed: the supervisor died (its jobs' outcomes are
+                        // lost), or another agent process took it over (it still records them).
+                        // A dying process closes its sockets before it is gone: keep looking.
+                        let supervisor = link.pid();
+                        let mut gone = false;
+                        while group_exists(pgid) {
+                            if !process_alive(supervisor) {
+                                gone = true;
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(LOG_POLL_MS)).await;
+                        }
+                        // A live one reaps the job before it writes the record.
+                        let deadline = tokio::time::Instant::now() + Duration::from_millis(RECORD_WAIT_MS);
+                        while !gone && !self.dir.join(EXIT_FILE).exists() && tokio::time::Instant::now() < deadline {
+                            gone = !process_alive(supervisor);
+                            tokio::time::sleep(Duration::from_millis(LOG_POLL_MS)).await;
+                        }
+                        gone.then_some(supervisor)
                     }
                 }
                 Leader::Adopted => {
