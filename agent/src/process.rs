@@ -56,6 +56,8 @@ pub const STDERR_FILE: &str = cosmos_proto::spec::STDERR_LOG;
 
 /// How often a log file is checked for new output while its writer is quiet.
 const LOG_POLL_MS: u64 = 50;
+/// How long a live supervisor is given to write the record of a job whose group is gone.
+const RECORD_WAIT_MS: u64 = 2_000;
 /// How often an adopted attempt's process group is checked.
 const ADOPTED_POLL_MS: u64 = 500;
 /// Longest output line kept for progress parsing; longer ones keep their tail.
@@ -507,7 +509,31 @@ impl Watch {
         let wait = async {
             // The supervisor that went away, if one did before the job's end.
             let supervisor = match leader {
-                Leader::Linked(link, exited) => exited.await.is_err().then(|| link.pid()),
+                Leader::Linked(link, exited) => {
+                    if exited.await.is_ok() {
+                        None
+                    } else {
+                        // The connection closed: the supervisor died (its jobs' outcomes are
+                        // lost), or another agent process took it over (it still records them).
+                        // A dying process closes its sockets before it is gone: keep looking.
+                        let supervisor = link.pid();
+                        let mut gone = false;
+                        while group_exists(pgid) {
+                            if !process_alive(supervisor) {
+                                gone = true;
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(LOG_POLL_MS)).await;
+                        }
+                        // A live one reaps the job before it writes the record.
+                        let deadline = tokio::time::Instant::now() + Duration::from_millis(RECORD_WAIT_MS);
+                        while !gone && !self.dir.join(EXIT_FILE).exists() && tokio::time::Instant::now() < deadline {
+                            gone = !process_alive(supervisor);
+                            tokio::time::sleep(Duration::from_millis(LOG_POLL_MS)).await;
+                        }
+                        gone.then_some(supervisor)
+                    }
+                }
                 Leader::Adopted => {
                     while group_exists(pgid) {
                         tokio::time::sleep(Duration::from_millis(ADOPTED_POLL_MS)).await;
@@ -755,6 +781,11 @@ fn is_ours(record: &AttemptRecord) -> bool {
         (Some(then), Some(now)) => then == now,
         _ => true,
     }
+}
+
+/// Whether process `pid` runs (a zombie does not).
+fn process_alive(pid: u32) -> bool {
+    proc_state(pid).is_some_and(|(state, _)| state != 'Z')
 }
 
 /// Whether any live (not zombie) process is in group `pgid`.
