@@ -11,3 +11,4 @@ pub mod process;
 pub mod runtime;
 pub mod simulated;
 pub mod supervise;
+pub mod telemetry;

@@ -503,6 +503,8 @@ pub struct Core {
     reservation: Option<(JobId, usize)>,
     /// Something changed that may let a queued job be placed.
     dirty: bool,
+    /// Scheduling passes run since the start, so a shell can time the inputs that ran one.
+    passes: u64,
     ops: Vec<StoreOp>,
     sends: Vec<Output>,
 }
@@ -529,6 +531,7 @@ impl Core {
             free_index: BTreeSet::new(),
             reservation: None,
             dirty: true,
+            passes: 0,
             ops: Vec::new(),
             sends: Vec::new(),
         };
@@ -1019,6 +1022,7 @@ impl Core {
     fn finish(&mut self, now: Now, out: &mut Vec<Output>) {
         if self.dirty {
             self.dirty = false;
+            self.passes += 1;
             self.schedule(now);
         }
         if !self.ops.is_empty() {
@@ -1108,6 +1112,11 @@ impl Core {
     /// Every live attempt.
     pub fn live_attempts(&self) -> impl Iterator<Item = &AttemptRecord> {
         self.live.values()
+    }
+
+    /// Scheduling passes run since the core was rebuilt.
+    pub fn passes(&self) -> u64 {
+        self.passes
     }
 
     /// Jobs waiting for GPUs or a retry.
