@@ -15,6 +15,7 @@ mod cosmos;
 mod failstop;
 mod gpu;
 mod metrics;
+mod observability;
 mod restart;
 mod security;
 mod ssh;
