@@ -130,10 +130,11 @@ fn metrics_need_the_api_token_when_the_api_is_not_on_loopback() {
         .unwrap();
     let stdout = child.stdout.take().unwrap();
     let _ctl = Proc(child);
-    let line = std::io::BufReader::new(stdout)
-        .lines()
-        .find_map(|l| l.ok().filter(|l| l.contains("API on")))
-        .expect("the controller prints its addresses");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let line =
+        lines.find_map(|l| l.ok().filter(|l| l.contains("API on"))).expect("the controller prints its addresses");
+    // Keep reading its stdout: a closed pipe would stop it at its next line.
+    std::thread::spawn(move || for _ in lines {});
     let port = line.split("API on http://0.0.0.0:").nth(1).unwrap().split(',').next().unwrap().to_string();
     let url = format!("http://127.0.0.1:{port}/metrics");
     match ureq::get(&url).call() {

@@ -224,7 +224,9 @@ fn one<'a>(spans: &[&'a Span], name: &str) -> &'a Span {
 #[test]
 fn one_jobs_spans_from_controller_and_agent_share_its_trace_with_the_right_parents() {
     let collector = Collector::start();
-    let c = traced_cluster(otel_env(&collector.endpoint()));
+    let mut env = otel_env(&collector.endpoint());
+    env.push(("COSMOS_LOG_FORMAT".into(), "json".into()));
+    let c = traced_cluster(env);
     let data = b"an input the agent stages".repeat(100);
     let store = cosmos_cas::Store::open(c.data().join("blobs")).unwrap();
     let (sha, size) = store.put_bytes(&data).unwrap();
@@ -287,6 +289,16 @@ fn one_jobs_spans_from_controller_and_agent_share_its_trace_with_the_right_paren
     assert_eq!((stage.attr("cosmos.cache.hits"), stage.attr("cosmos.cache.misses")), ("0", "1"), "{stage:?}");
     assert_eq!(one(&trace, "deliver outputs").attr("cosmos.outputs.bytes"), size.to_string());
     assert_eq!(one(&trace, "start").attr("cosmos.runtime"), "process");
+
+    // The agent's log lines about the attempt's phases name its trace and parent span.
+    let log = std::fs::read_to_string(c.dir.path().join("agent-0.log")).unwrap();
+    let line: Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == "starting attempt")
+        .unwrap_or_else(|| panic!("no `starting attempt` line in the agent's log:\n{log}"));
+    assert_eq!(line["span"]["trace_id"], root.trace.as_str(), "{line}");
+    assert_eq!(line["span"]["span_id"], attempt.id.as_str(), "{line}");
 
     let requests = collector.requests.lock().unwrap().clone();
     assert!(
