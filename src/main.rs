@@ -122,6 +122,9 @@ enum Command {
         /// Bound on the cache of job inputs (`WORK_DIR/cache`), in GiB; least recently used inputs go first.
         #[arg(long, default_value_t = 256)]
         cache_max_gib: u64,
+        /// Serve this agent's own Prometheus metrics at `http://ADDR/metrics` (loopback only, e.g. 127.0.0.1:9102).
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Start a local controller and agents; with `-- COMMAND`, run that client command against them and exit.
     Up {
@@ -646,6 +649,7 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
                 cosmos: cosmos.config(),
                 attempt_log_bytes_max,
                 dialer: Some(std::sync::Arc::new(dialer)),
+                trace: trace_config("cosmos-controller", &[("host.name", up::hostname())])?,
             };
             warn_if_exposed(api_listen, agent_listen);
             opts.cosmos
@@ -675,6 +679,7 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             volumes,
             docker_network,
             cache_max_gib,
+            metrics_listen,
         } => {
             // clap requires both unless a subcommand is given.
             let (Some(token_file), Some(work_dir)) = (token_file, work_dir) else {
@@ -697,7 +702,8 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
                 (Some(addr), None) => cosmos_agent::daemon::ControllerLink::Dial(addr),
                 (None, None) => anyhow::bail!("give --controller HOST:PORT (dial it) or --listen ADDR (wait for it)"),
             };
-            up::run_agent(link, token_file, work_dir, gpu_source, config, name, runtime, cache_max_gib)?;
+            let telemetry = up::AgentTelemetry { trace: None, metrics_listen };
+            up::run_agent(link, token_file, work_dir, gpu_source, config, name, runtime, cache_max_gib, telemetry)?;
             Ok(true)
         }
         Command::Up { data_dir, agents, gpus, client_command } => up::up(data_dir, agents, &gpus, client_command),
@@ -801,6 +807,12 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
         Command::Download { run_id, to, client } => cosmos::download_cmd(&client, &run_id, &to).map(|()| true),
         Command::Demo { to, client } => cosmos::demo(&client, &to),
     }
+}
+
+/// Trace export settings from the `OTEL_*` variables: none when they configure no endpoint;
+/// a setting this build cannot honour stops the daemon, saying which and what to do.
+fn trace_config(service: &str, own: &[(&str, String)]) -> anyhow::Result<Option<cosmos_telemetry::TraceConfig>> {
+    cosmos_telemetry::TraceConfig::from_env(service, own).map_err(|e| anyhow::anyhow!("traces: {e}"))
 }
 
 /// Says so when a listener is reachable from other hosts: whoever holds its

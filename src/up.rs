@@ -23,6 +23,14 @@ pub enum GpuChoice {
     Nvml(cosmos_agent::daemon::NvmlOptions),
 }
 
+/// What the agent exports besides its logs.
+pub struct AgentTelemetry {
+    /// Trace export settings; `None` reads them from the `OTEL_*` variables.
+    pub trace: Option<cosmos_telemetry::TraceConfig>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
 /// Runs an agent until SIGTERM or Ctrl-C.
 #[allow(clippy::too_many_arguments)]
 pub fn run_agent(
@@ -34,6 +42,7 @@ pub fn run_agent(
     name: Option<String>,
     runtime: cosmos_agent::daemon::RuntimeKind,
     cache_max_gib: u64,
+    telemetry: AgentTelemetry,
 ) -> anyhow::Result<()> {
     // Refused if empty, short or readable by others: the token lets anyone run jobs as this host.
     let token = cosmos_proto::Token::read_file(&token_file).map_err(|e| match e {
@@ -43,6 +52,10 @@ pub fn run_agent(
         e => e.into(),
     })?;
     let name = name.unwrap_or_else(hostname);
+    let trace = match telemetry.trace {
+        Some(t) => Some(t),
+        None => crate::trace_config("cosmos-agent", &[("host.name", hostname()), ("cosmos.agent.name", name.clone())])?,
+    };
     let (gpus, gpus_simulated, nvml) = match gpu_choice {
         GpuChoice::Simulated(spec) => {
             let gpus = cosmos_agent::daemon::parse_simulated_gpus(&spec)
@@ -79,6 +92,8 @@ pub fn run_agent(
         cache_max_bytes: cache_max_gib.saturating_mul(1 << 30),
         job_supervisor: cosmos_agent::supervise::Launcher::cosmos(own_binary),
         nvml,
+        trace,
+        metrics_listen: telemetry.metrics_listen,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(cosmos_agent::daemon::run(opts, crate::shutdown_signal()))?;
@@ -108,7 +123,8 @@ pub fn runtime_kind(
     Ok(cosmos_agent::daemon::RuntimeKind::Docker(config))
 }
 
-fn hostname() -> String {
+/// This host's name, as the kernel has it.
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "agent".into())

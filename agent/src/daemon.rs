@@ -127,7 +127,14 @@ pub struct AgentOptions {
     /// Real GPUs: where NVML is and which GPUs to offer. Used when `gpus_simulated` is false
     /// (then `gpus` is filled from discovery).
     pub nvml: NvmlOptions,
+    /// Where the agent's spans are exported (OTLP); none: traces are off.
+    pub trace: Option<cosmos_telemetry::TraceConfig>,
+    /// Where the agent serves its own `/metrics` (loopback only); none: not served.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
+
+/// How long a stopping agent waits for its last spans to reach the collector.
+pub const TRACE_FLUSH_MS: u64 = 2_000;
 
 /// How the agent reads real GPUs.
 #[derive(Clone, Debug)]
@@ -153,6 +160,12 @@ impl Default for NvmlOptions {
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// `--metrics-listen` cannot be served.
+    #[error(transparent)]
+    Metrics(crate::telemetry::MetricsListenError),
+    /// The span exporter could not start.
+    #[error("traces: {0}")]
+    Traces(cosmos_telemetry::export::ExportError),
     /// The controller refused this agent for good (token, version, name).
     #[error("the controller at {addr} refused this agent: {refusal}")]
     Refused {
@@ -280,7 +293,27 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     let cache_dir = attempts_root.join("cache");
     let cache = cosmos_cas::Store::open(&cache_dir)
         .map_err(|e| AgentError::WorkDir { path: cache_dir.clone(), source: std::io::Error::other(e.to_string()) })?;
-    let (blobs, blobs_done) = crate::blobs::spawn(std::sync::Arc::new(cache), opts.cache_max_bytes);
+    let cache = std::sync::Arc::new(cache);
+    let (blobs, blobs_done) = crate::blobs::spawn(cache.clone(), opts.cache_max_bytes);
+    let metrics = std::sync::Arc::new(crate::telemetry::AgentMetrics::new());
+    if let Some(addr) = opts.metrics_listen {
+        let listener = crate::telemetry::bind_metrics(addr).await.map_err(AgentError::Metrics)?;
+        tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "serving /metrics");
+        tokio::spawn(crate::telemetry::serve_metrics(listener, metrics.clone()));
+    }
+    if opts.gpus_simulated {
+        let idle: Vec<cosmos_proto::GpuUsage> = gpus.iter().map(cosmos_proto::GpuUsage::idle).collect();
+        metrics.gpus(&gpus, &idle);
+    }
+    let tracer = match &opts.trace {
+        Some(config) => {
+            let e = cosmos_telemetry::Exporter::start(config, "cosmos-agent", metrics.spans.clone())
+                .map_err(AgentError::Traces)?;
+            tracing::info!(endpoint = e.endpoint(), service = config.service_name, "exporting spans over OTLP/HTTP");
+            Some(crate::telemetry::AgentTracer::new(std::sync::Arc::new(e), runtime.as_dyn().name()))
+        }
+        None => None,
+    };
     let recovered = runtime.as_dyn().recover();
     let adopted = recovered.iter().filter(|r| r.exited.is_none()).count();
     tracing::info!(
@@ -316,6 +349,10 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         docker_healthy: None,
         blobs,
         owners: crate::gpu::attribution::Owners::default(),
+        cache,
+        metrics,
+        tracer,
+        delivering: std::collections::HashMap::new(),
     };
     shell.run(event_rx, blobs_done, monitor, listener, shutdown).await
 }
@@ -526,6 +563,13 @@ struct Shell {
     blobs: crate::blobs::Handle,
     /// Attempts' runtime handles, to tell their GPU processes from foreign ones.
     owners: crate::gpu::attribution::Owners,
+    /// The host's input cache, asked (read-only) whether an attempt's inputs are there already.
+    cache: std::sync::Arc<cosmos_cas::Store>,
+    metrics: std::sync::Arc<crate::telemetry::AgentMetrics>,
+    /// The agent's spans; `None` while traces are not exported.
+    tracer: Option<crate::telemetry::AgentTracer>,
+    /// Output bytes of each delivery in progress, counted once delivered.
+    delivering: std::collections::HashMap<cosmos_proto::AttemptId, u64>,
 }
 
 impl Shell {
@@ -657,6 +701,9 @@ impl Shell {
                 msg = async { incoming.as_mut().expect("guarded").recv().await }, if incoming.is_some() => {
                     match msg {
                         Some(Ok(msg)) => {
+                            if let (ControllerMsg::Assign(a), Some(t)) = (&msg, &mut self.tracer) {
+                                t.assigned(a);
+                            }
                             let now = self.now_ms();
                             self.core.on_message(now, msg, &mut out);
                         }
@@ -678,9 +725,19 @@ impl Shell {
                     let now = self.now_ms();
                     match done {
                         crate::blobs::Done::Staged { attempt_id, result } => {
+                            if let Some(t) = &mut self.tracer {
+                                t.staged(attempt_id, result.as_ref().err().map(|e| e.reason.as_str()));
+                            }
                             self.core.on_staged(now, attempt_id, result, &mut out)
                         }
                         crate::blobs::Done::Uploaded { attempt_id, result } => {
+                            let bytes = self.delivering.remove(&attempt_id).unwrap_or(0);
+                            if result.is_ok() {
+                                self.metrics.output_bytes.inc_by(bytes);
+                            }
+                            if let Some(t) = &mut self.tracer {
+                                t.delivered(attempt_id, result.as_ref().err().map(String::as_str));
+                            }
                             self.core.on_uploaded(now, attempt_id, result, &mut out)
                         }
                     }
@@ -689,6 +746,7 @@ impl Shell {
                     if let crate::core::RuntimeEvent::Started { attempt_id, handle } = &event {
                         self.owners.insert(*attempt_id, handle);
                     }
+                    self.observe_runtime(&event);
                     let now = self.now_ms();
                     self.core.on_runtime(now, event, &mut out);
                 }
@@ -697,10 +755,12 @@ impl Shell {
                     match report {
                         Some(crate::gpu::monitor::Report::Samples(samples)) => {
                             let owners = &self.owners;
-                            let readings = samples
+                            let readings: Vec<_> = samples
                                 .iter()
                                 .map(|s| crate::gpu::attribution::reading(s, |pid| owners.owner_of(pid)))
                                 .collect();
+                            let usage: Vec<_> = readings.iter().map(|r| r.usage.clone()).collect();
+                            self.metrics.gpus(&self.gpus, &usage);
                             self.core.on_gpu_readings(now, readings, &mut out);
                         }
                         Some(crate::gpu::monitor::Report::Event(crate::gpu::HealthEvent::Xid { uuid, xid })) => {
@@ -743,6 +803,7 @@ impl Shell {
             if let Some(reason) = self.perform(out) {
                 lost = Some(reason);
             }
+            self.metrics.attempts_live.set(self.core.live_attempts().count() as i64);
             if let Some(reason) = lost {
                 incoming = None;
                 if let Some(link) = self.link.take() {
@@ -773,7 +834,48 @@ impl Shell {
             self.core.disconnected();
             link.close().await;
         }
+        if let Some(t) = self.tracer.take() {
+            // Dropping the exporter would lose what is still queued.
+            let e = t.exporter().clone();
+            let flushed = tokio::task::spawn_blocking(move || e.shutdown(Duration::from_millis(TRACE_FLUSH_MS))).await;
+            if !flushed.unwrap_or(false) {
+                tracing::warn!(
+                    wait_ms = TRACE_FLUSH_MS,
+                    "the last spans did not reach the collector in time; they are lost"
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// Counts and traces what the runtime reports.
+    fn observe_runtime(&mut self, event: &crate::core::RuntimeEvent) {
+        use crate::core::RuntimeEvent;
+        match event {
+            RuntimeEvent::Started { attempt_id, handle } => {
+                if let Some(t) = &mut self.tracer {
+                    t.started(*attempt_id, Ok(handle.as_str()));
+                }
+            }
+            RuntimeEvent::StartFailed { attempt_id, reason, .. } => {
+                if let Some(t) = &mut self.tracer {
+                    t.started(*attempt_id, Err(reason.as_str()));
+                }
+            }
+            RuntimeEvent::Exited { attempt_id, status, .. } => {
+                let how = match status {
+                    s if s.oom_killed => "oom_killed",
+                    s if s.signal.is_some() => "signalled",
+                    s if s.code == Some(0) => "exited_0",
+                    _ => "exited_nonzero",
+                };
+                self.metrics.exits.get_or_create(&crate::telemetry::ExitLabel { how }).inc();
+                if let Some(t) = &mut self.tracer {
+                    t.exited(*attempt_id, status.code, status.signal, status.oom_killed);
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Starts serving a connection whose handshake passed; returns what the controller says on it.
@@ -804,6 +906,10 @@ impl Shell {
                     }
                 }
                 Output::Start { attempt_id, job_id, epoch, spec, gpu_uuids } => {
+                    let _log = self.tracer.as_ref().map(|t| t.log_span(attempt_id).entered());
+                    if let Some(t) = &mut self.tracer {
+                        t.starting(attempt_id);
+                    }
                     let gpu_indices = gpu_uuids
                         .iter()
                         .filter_map(|u| self.gpus.iter().find(|g| &g.uuid == u).map(|g| g.index))
@@ -821,6 +927,10 @@ impl Shell {
                     });
                 }
                 Output::Stop { attempt_id, grace_ms } => {
+                    let _log = self.tracer.as_ref().map(|t| t.log_span(attempt_id).entered());
+                    if let Some(t) = &mut self.tracer {
+                        t.stopping(attempt_id, grace_ms);
+                    }
                     tracing::info!(attempt = %attempt_id, grace_ms, "stopping attempt");
                     self.runtime.as_dyn().stop(attempt_id, grace_ms);
                 }
@@ -828,6 +938,22 @@ impl Shell {
                     lost = Some(format!("no heartbeat acknowledged for {} ms", self.opts.config.ack_timeout_ms));
                 }
                 Output::Stage { attempt_id, inputs } => {
+                    let _log = self.tracer.as_ref().map(|t| t.log_span(attempt_id).entered());
+                    let (mut hits, mut hit_bytes) = (0u64, 0u64);
+                    for i in &inputs {
+                        let held = self.cache.size(&i.sha256) == Some(i.size_bytes);
+                        let cache = if held { "hit" } else { "miss" };
+                        let label = crate::telemetry::CacheLabel { cache };
+                        self.metrics.inputs.get_or_create(&label).inc();
+                        self.metrics.input_bytes.get_or_create(&label).inc_by(i.size_bytes);
+                        if held {
+                            hits += 1;
+                            hit_bytes += i.size_bytes;
+                        }
+                    }
+                    if let Some(t) = &mut self.tracer {
+                        t.staging(attempt_id, inputs.clone(), hits, hit_bytes);
+                    }
                     let work_dir = crate::runtime::attempt_dir(&self.attempts_root, attempt_id);
                     tracing::info!(attempt = %attempt_id, inputs = inputs.len(), "staging inputs");
                     let _ = self.blobs.commands.send(crate::blobs::Command::Stage { attempt_id, work_dir, inputs });
@@ -836,6 +962,11 @@ impl Shell {
                     let _ = self.blobs.commands.send(crate::blobs::Command::AbortStage { attempt_id });
                 }
                 Output::Upload { attempt_id, outputs } => {
+                    let _log = self.tracer.as_ref().map(|t| t.log_span(attempt_id).entered());
+                    if let Some(t) = &mut self.tracer {
+                        t.delivering(attempt_id, &outputs);
+                    }
+                    self.delivering.insert(attempt_id, outputs.iter().map(|o| o.size_bytes).sum());
                     let work_dir = crate::runtime::attempt_dir(&self.attempts_root, attempt_id);
                     tracing::info!(attempt = %attempt_id, outputs = outputs.len(), "delivering outputs");
                     let _ = self.blobs.commands.send(crate::blobs::Command::Upload { attempt_id, work_dir, outputs });
@@ -844,6 +975,9 @@ impl Shell {
                     let _ = self.blobs.commands.send(crate::blobs::Command::AbortUpload { attempt_id });
                 }
                 Output::Forget { attempt_id } => {
+                    if let Some(t) = &mut self.tracer {
+                        t.forget(attempt_id);
+                    }
                     self.runtime.as_dyn().acknowledged(attempt_id);
                     let _ = self.blobs.commands.send(crate::blobs::Command::Release { attempt_id });
                 }

@@ -12,3 +12,4 @@ pub mod runtime;
 pub mod simulated;
 pub mod supervise;
 pub mod supervisor_link;
+pub mod telemetry;

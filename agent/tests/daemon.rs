@@ -37,6 +37,8 @@ fn options(addr: String, token: &str, work_dir: &Path) -> AgentOptions {
             env!("CARGO_BIN_EXE_cosmos-job-supervise").into(),
         ),
         nvml: Default::default(),
+        trace: None,
+        metrics_listen: None,
     }
 }
 

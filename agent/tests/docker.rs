@@ -458,6 +458,8 @@ mod daemon_on_docker {
                 env!("CARGO_BIN_EXE_cosmos-job-supervise").into(),
             ),
             nvml: Default::default(),
+            trace: None,
+            metrics_listen: None,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(daemon::run(opts, async move {

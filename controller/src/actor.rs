@@ -7,8 +7,10 @@
 use crate::core::{AgentView, CommandError, ConnId, Core, HeldBlobs, Now, Output, SubmitError};
 use crate::events::EventLog;
 use crate::gate::Gate;
-use crate::records::{JobRecord, StoreOp};
+use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel, StateLabel};
+use crate::records::{AttemptState, JobRecord, JobState, StoreOp};
 use crate::shared::Clock;
+use crate::trace::JobTracer;
 use actix::prelude::*;
 use cosmos_proto::{AgentMsg, AttemptId, ControllerMsg, JobId, JobSpec};
 use cosmos_sync::{CommitQueue, Ticket};
@@ -48,16 +50,24 @@ pub struct CoreActor {
     timer: Option<(u64, SpawnHandle)>,
     /// Where durable changes of jobs go for clients that wait on them.
     events: Arc<EventLog<JobSummary>>,
+    /// Derives each job's trace from what is persisted; `None` while traces are not exported.
+    tracer: Option<JobTracer>,
+    metrics: Arc<Metrics>,
+    /// Each agent's GPUs as its last heartbeat reported them, for `/metrics`.
+    gpu_usage: HashMap<String, Vec<cosmos_proto::GpuUsage>>,
 }
 
 impl CoreActor {
-    /// An actor for `core`, persisting through `queue` (whose writer reports durability as
-    /// `Durable`), publishing jobs' durable changes to `events`.
+    /// An actor for `core`, persisting through `queue` (whose writer reports durability as `Durable`),
+    /// publishing jobs' durable changes to `events`, counting into `metrics` and, with a tracer,
+    /// exporting each job's trace.
     pub fn new(
         core: Core,
         clock: Clock,
         queue: Arc<CommitQueue<StoreOp>>,
         events: Arc<EventLog<JobSummary>>,
+        metrics: Arc<Metrics>,
+        tracer: Option<JobTracer>,
     ) -> CoreActor {
         let runs = core
             .jobs()
@@ -74,7 +84,93 @@ impl CoreActor {
             runs,
             timer: None,
             events,
+            tracer,
+            metrics,
+            gpu_usage: HashMap::new(),
         }
+    }
+
+    /// Runs one input through the core, timing it when it ran a scheduling pass.
+    fn timed<R>(&mut self, f: impl FnOnce(&mut Core, Now) -> R) -> R {
+        let passes = self.core.passes();
+        let start = std::time::Instant::now();
+        let r = f(&mut self.core, self.clock.now());
+        if self.core.passes() != passes {
+            self.metrics.scheduling_pass.observe(start.elapsed().as_secs_f64());
+        }
+        r
+    }
+
+    /// Counts and traces what is about to be persisted.
+    fn observe(&mut self, ops: &[StoreOp]) {
+        let now = self.clock.now();
+        // Attempts that ended in this batch, by job: what a job queued again in it ran again for.
+        let mut ended: Vec<(JobId, AttemptState)> = Vec::new();
+        for op in ops {
+            match op {
+                StoreOp::PutAttempt(att) if !att.state.is_live() => {
+                    self.metrics.attempts.get_or_create(&OutcomeLabel { outcome: att.state.as_str() }).inc();
+                    ended.push((att.job_id, att.state));
+                }
+                StoreOp::PutAttempt(att) if att.state == AttemptState::Running => {
+                    if let Some((rec, _, _)) = self.core.job(att.job_id) {
+                        // Only the job's first start: later attempts do not move its submit-to-start.
+                        if let (Some(start), true) = (att.started_ms, rec.started_ms == att.started_ms) {
+                            let ms = start.saturating_sub(rec.submitted_ms);
+                            self.metrics.submit_to_start.observe(ms as f64 / 1_000.0);
+                        }
+                    }
+                }
+                StoreOp::PutJob(rec) if matches!(rec.state, JobState::Retrying | JobState::Queued) => {
+                    if let Some(&(_, st)) = ended.iter().find(|(j, _)| *j == rec.id) {
+                        let reason = match st {
+                            AttemptState::Lost => "lost",
+                            AttemptState::Rejected => "rejected",
+                            AttemptState::Cancelled => "cancelled",
+                            _ => "failed",
+                        };
+                        self.metrics.retries.get_or_create(&ReasonLabel { reason }).inc();
+                    }
+                }
+                StoreOp::Event(e) if e.job_id.is_some() && e.attempt_id.is_none() => match e.kind.as_str() {
+                    "retried" => {
+                        self.metrics.retries.get_or_create(&ReasonLabel { reason: "operator" }).inc();
+                    }
+                    kind => {
+                        if let Some(state) = JobState::parse(kind).filter(|s| s.is_final()) {
+                            self.metrics.jobs_finished.get_or_create(&StateLabel { state: state.as_str() }).inc();
+                        }
+                    }
+                },
+                _ => {}
+            }
+        }
+        if let Some(t) = &mut self.tracer {
+            t.persisted(ops, &self.core, now);
+        }
+    }
+
+    /// What `/metrics` shows of the core now.
+    fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let agents = self
+            .core
+            .agents()
+            .into_iter()
+            .map(|a| {
+                let usage = self.gpu_usage.get(&a.name);
+                let gpus = a
+                    .gpus
+                    .iter()
+                    .map(|(info, _, healthy, _)| {
+                        let u = usage.and_then(|us| us.iter().find(|u| u.uuid == info.uuid)).cloned();
+                        let quarantined = !healthy || a.gpu_quarantine.contains_key(&info.uuid);
+                        (info.clone(), u, quarantined)
+                    })
+                    .collect();
+                crate::metrics::AgentGpus { name: a.name, health: a.health.as_str(), draining: a.draining, gpus }
+            })
+            .collect();
+        crate::metrics::Snapshot { jobs: Vec::new(), queue_depth: self.core.queue_depth() as u64, agents }
     }
 
     fn summary(&self, id: JobId) -> Option<JobSummary> {
@@ -110,7 +206,7 @@ impl CoreActor {
         let handle = ctx.run_later(Duration::from_millis(delay_ms), |actor, ctx| {
             actor.timer = None;
             let mut out = Vec::new();
-            actor.core.tick(actor.clock.now(), &mut out);
+            actor.timed(|core, now| core.tick(now, &mut out));
             actor.perform(out, None);
             actor.arm(ctx);
         });
@@ -179,12 +275,18 @@ impl CoreActor {
                         StoreOp::PutJob(rec) => Some(rec.id),
                         _ => None,
                     }));
+                    self.observe(&ops);
                     match self.queue.push(ops) {
                         Ok(t) => self.gate.persisted(t),
                         Err(_) => tracing::error!("store writer has stopped; decisions are not persisted"),
                     }
                 }
-                Output::Send { conn, msg } => actions.push(Action::Send(conn, msg)),
+                Output::Send { conn, mut msg } => {
+                    if let (ControllerMsg::Assign(a), Some(t)) = (&mut msg, &self.tracer) {
+                        a.trace = t.context(a.job_id, a.attempt_id);
+                    }
+                    actions.push(Action::Send(conn, msg))
+                }
                 Output::Close { conn } => actions.push(Action::Close(conn)),
             }
         }
@@ -208,7 +310,7 @@ impl CoreActor {
         f: impl FnOnce(&mut Core, Now, &mut Vec<Output>) -> Result<(), CommandError>,
     ) -> Result<oneshot::Receiver<()>, CommandError> {
         let mut out = Vec::new();
-        f(&mut self.core, self.clock.now(), &mut out)?;
+        self.timed(|core, now| f(core, now, &mut out))?;
         let (tx, rx) = oneshot::channel();
         self.perform(
             out,
@@ -294,7 +396,11 @@ impl Handler<SubmitWith> for CoreActor {
         let SubmitWith { specs, extra, key, after, inputs_from } = msg;
         let mut out = Vec::new();
         let opts = crate::core::SubmitOptions { key, extra, after, inputs_from };
-        let (ids, repeat) = self.core.submit_with(self.clock.now(), specs, opts, &mut out)?;
+        let received_ms = self.clock.now().wall_ms;
+        let (ids, repeat) = self.timed(|core, now| core.submit_with(now, specs, opts, &mut out))?;
+        if !repeat {
+            self.metrics.jobs_submitted.inc_by(ids.len() as u64);
+        }
         for &id in &ids {
             if let Some(run) = self.core.job(id).and_then(|(rec, _, _)| rec.spec.labels.get(crate::cosmos::labels::RUN))
             {
@@ -302,7 +408,16 @@ impl Handler<SubmitWith> for CoreActor {
             }
         }
         let (tx, rx) = oneshot::channel();
-        self.perform(out, Some(Box::new(move || drop(tx.send((ids, repeat))))));
+        let spans = self.tracer.as_ref().map(|t| t.submitted(&ids, repeat, received_ms));
+        self.perform(
+            out,
+            Some(Box::new(move || {
+                drop(tx.send((ids, repeat)));
+                if let Some(spans) = spans {
+                    spans(crate::shared::wall_ms());
+                }
+            })),
+        );
         self.arm(ctx);
         Ok(rx)
     }
@@ -496,6 +611,18 @@ impl Handler<Status> for CoreActor {
     }
 }
 
+/// What `/metrics` reads of the core (jobs by state come from the store).
+pub struct MetricsSnapshot;
+impl Message for MetricsSnapshot {
+    type Result = crate::metrics::Snapshot;
+}
+impl Handler<MetricsSnapshot> for CoreActor {
+    type Result = MessageResult<MetricsSnapshot>;
+    fn handle(&mut self, _: MetricsSnapshot, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.metrics_snapshot())
+    }
+}
+
 /// A connection's hold on an agent name, from its handshake until it is registered or gone.
 #[derive(Clone, Debug)]
 pub(crate) struct Claim {
@@ -574,7 +701,9 @@ impl Handler<AgentConnected> for CoreActor {
         self.claims.retain(|_, c| c.conn != m.conn);
         self.guard_run_reports(&mut m.hello.attempts, &m.facts);
         let mut out = Vec::new();
-        self.core.on_connect(self.clock.now(), m.conn, &m.name, m.hello, &m.facts.held, &mut out);
+        let (conn, held) = (m.conn, &m.facts.held);
+        let (name, hello) = (m.name, m.hello);
+        self.timed(|core, now| core.on_connect(now, conn, &name, hello, held, &mut out));
         self.perform(out, None);
         self.arm(ctx);
     }
@@ -587,11 +716,23 @@ impl Message for AgentMessage {
 impl Handler<AgentMessage> for CoreActor {
     type Result = ();
     fn handle(&mut self, AgentMessage(conn, mut msg, facts): AgentMessage, ctx: &mut Context<Self>) {
-        if let AgentMsg::AttemptFinished { attempt_id, outcome } = &mut msg {
-            self.guard_run_outcome(*attempt_id, outcome, &facts);
+        match &mut msg {
+            AgentMsg::AttemptFinished { attempt_id, outcome } => self.guard_run_outcome(*attempt_id, outcome, &facts),
+            AgentMsg::Progress { attempt_id, step, total } => {
+                let now = self.clock.now();
+                if let Some(t) = &mut self.tracer {
+                    t.progress(*attempt_id, *step, *total, now);
+                }
+            }
+            AgentMsg::Heartbeat(hb) => {
+                if let Some(name) = self.core.agent_of_conn(conn) {
+                    self.gpu_usage.insert(name.to_string(), hb.gpus.clone());
+                }
+            }
+            _ => {}
         }
         let mut out = Vec::new();
-        self.core.on_message(self.clock.now(), conn, msg, &facts.held, &mut out);
+        self.timed(|core, now| core.on_message(now, conn, msg, &facts.held, &mut out));
         self.perform(out, None);
         self.arm(ctx);
     }
@@ -606,7 +747,7 @@ impl Handler<AgentGone> for CoreActor {
     fn handle(&mut self, AgentGone(conn): AgentGone, ctx: &mut Context<Self>) {
         self.forget(conn);
         let mut out = Vec::new();
-        self.core.on_disconnect(self.clock.now(), conn, &mut out);
+        self.timed(|core, now| core.on_disconnect(now, conn, &mut out));
         self.perform(out, None);
         self.arm(ctx);
     }

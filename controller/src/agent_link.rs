@@ -248,7 +248,13 @@ async fn start_connection(
     });
     let (blob_tx, blob_rx) = mpsc::channel(crate::blobs::BLOB_INBOX_LEN);
     let (bulk_tx, bulk_rx) = mpsc::channel(crate::blobs::BULK_QUEUE_LEN);
-    actix::spawn(crate::blobs::serve(shared.blobs.clone(), blob_rx, bulk_tx, hello.node_id.clone()));
+    actix::spawn(crate::blobs::serve(
+        shared.blobs.clone(),
+        blob_rx,
+        bulk_tx,
+        hello.node_id.clone(),
+        shared.metrics.clone(),
+    ));
     let addr = AgentConnection::create(move |ctx| {
         ctx.add_stream(incoming);
         let me = ctx.address();

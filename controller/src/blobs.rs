@@ -45,20 +45,21 @@ pub async fn serve(
     mut inbox: mpsc::Receiver<AgentBlob>,
     bulk: mpsc::Sender<Vec<u8>>,
     agent: String,
+    metrics: Arc<crate::metrics::Metrics>,
 ) {
     let (reads, reads_rx) = mpsc::channel(READ_QUEUE_LEN);
     {
-        let (store, bulk, agent) = (store.clone(), bulk.clone(), agent.clone());
-        let spawned = std::thread::Builder::new()
-            .name("blob-reader".into())
-            .spawn(move || Reader { store, agent, files: HashMap::new(), buf: Vec::new() }.run(reads_rx, bulk));
+        let (store, bulk, agent, metrics) = (store.clone(), bulk.clone(), agent.clone(), metrics.clone());
+        let spawned = std::thread::Builder::new().name("blob-reader".into()).spawn(move || {
+            Reader { store, agent, files: HashMap::new(), buf: Vec::new(), metrics }.run(reads_rx, bulk)
+        });
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start a blob reader thread; dropping the agent's blob traffic");
             return;
         }
     }
     let (commits_tx, mut commits) = mpsc::unbounded_channel();
-    let mut conn = BlobConn { store, agent, intake: Intake::new(), commits: commits_tx };
+    let mut conn = BlobConn { store, agent, intake: Intake::new(), commits: commits_tx, metrics };
     loop {
         let reply = tokio::select! {
             blob = inbox.recv() => match blob {
@@ -90,6 +91,7 @@ struct BlobConn {
     intake: Intake,
     /// Where detached commits report.
     commits: mpsc::UnboundedSender<Commit>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A finished commit, for the blob task to answer.
@@ -106,6 +108,7 @@ struct Reader {
     files: HashMap<Sha256, File>,
     /// Chunks are read here, then checksummed and encoded into their frame.
     buf: Vec<u8>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Reader {
@@ -154,7 +157,10 @@ impl Reader {
             Ok(()) => {
                 let mut payload = Vec::new();
                 match encode_controller_chunk_into(sha256, offset, &buf, &mut payload) {
-                    Ok(()) => Some(payload),
+                    Ok(()) => {
+                        self.metrics.artifact("to_agents", buf.len() as u64);
+                        Some(payload)
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "cannot encode a blob frame");
                         None
@@ -269,6 +275,9 @@ impl BlobConn {
             .unwrap_or_else(|e| {
                 Err(CasError::Io { context: "blob writer failed for", path: "-".into(), source: e.into() })
             });
+        if written.is_ok() {
+            self.metrics.artifact("from_agents", len);
+        }
         match written {
             Ok(have_bytes) => match self.intake.on_appended(sha256, end, have_bytes) {
                 Appended::Reply(blob) => encoded(&blob),
@@ -317,7 +326,8 @@ mod tests {
         fn open(store: &Arc<Store>) -> Conn {
             let (inbox, inbox_rx) = mpsc::channel(BLOB_INBOX_LEN);
             let (bulk_tx, bulk) = mpsc::channel(BULK_QUEUE_LEN);
-            tokio::spawn(serve(store.clone(), inbox_rx, bulk_tx, "test".into()));
+            let metrics = Arc::new(crate::metrics::Metrics::new());
+            tokio::spawn(serve(store.clone(), inbox_rx, bulk_tx, "test".into(), metrics));
             Conn { inbox, bulk }
         }
 

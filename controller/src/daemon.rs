@@ -47,7 +47,12 @@ pub struct ControllerOptions {
     pub attempt_log_bytes_max: u64,
     /// How the controller reaches registered hosts itself (SSH); none: agents must dial in.
     pub dialer: Option<Arc<dyn crate::hosts::HostDialer>>,
+    /// Where each job's trace is exported (OTLP); none: traces are off.
+    pub trace: Option<cosmos_telemetry::TraceConfig>,
 }
+
+/// How long a stopping controller waits for the spans still queued to reach the collector.
+pub const TRACE_FLUSH_MS: u64 = 5_000;
 
 /// The controller could not start or stopped on an error.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +85,9 @@ pub enum DaemonError {
         /// The store's error.
         reason: String,
     },
+    /// The span exporter could not start.
+    #[error("traces: {0}")]
+    Traces(#[from] cosmos_telemetry::export::ExportError),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {}", bind_problem(cause, flag))]
     Bind {
@@ -207,6 +215,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     // SQLite gives its -wal and -shm files the database file's mode.
     create_private_file(&dir.store())?;
     let mut store = Store::open(&dir.store())?;
+    let store_id = store.instance_id()?;
     let snapshot = store.load()?;
     let reader = Store::open_reader(&dir.store())?;
     let clock = Clock::new();
@@ -217,12 +226,27 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
             .map_err(|e| DaemonError::DataDir { path: dir.blobs(), source: std::io::Error::other(e.to_string()) })?,
     );
 
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let exporter = match &opts.trace {
+        Some(config) => {
+            let e = Arc::new(cosmos_telemetry::Exporter::start(config, "cosmos-controller", metrics.spans.clone())?);
+            tracing::info!(
+                endpoint = e.endpoint(),
+                service = config.service_name,
+                "exporting each job's trace over OTLP/HTTP"
+            );
+            Some(e)
+        }
+        None => None,
+    };
+    let tracer = exporter.clone().map(|e| crate::trace::JobTracer::new(e, store_id, &core, clock.now()));
+
     let queue = Arc::new(CommitQueue::new(STORE_OPS_PENDING_MAX));
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
     let (failed_tx, failed_rx) = oneshot::channel();
-    let writer = spawn_writer(store, queue.clone(), durable_tx, failed_tx);
+    let writer = spawn_writer(store, queue.clone(), durable_tx, failed_tx, metrics.clone());
     let events = Arc::new(crate::events::EventLog::new(core.epoch().0));
-    let addr = CoreActor::new(core, clock, queue.clone(), events.clone()).start();
+    let addr = CoreActor::new(core, clock, queue.clone(), events.clone(), metrics.clone(), tracer).start();
     actix::spawn(forward_durable(durable_rx, addr.clone()));
 
     let shared = Arc::new(Shared {
@@ -236,6 +260,8 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         bodies: Arc::new(tokio::sync::Semaphore::new(http::BODY_KIB_IN_FLIGHT_MAX)),
         attempt_log_bytes_max: opts.attempt_log_bytes_max,
         store_failure: std::sync::OnceLock::new(),
+        metrics,
+        metrics_open: opts.api_listen.ip().is_loopback(),
     });
     actix::spawn(accept_agents(
         agent_listener,
@@ -282,6 +308,16 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     }
     queue.close();
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    if let Some(e) = exporter {
+        // Dropping the exporter would lose what is still queued.
+        let flushed = tokio::task::spawn_blocking(move || e.shutdown(Duration::from_millis(TRACE_FLUSH_MS))).await;
+        if !flushed.unwrap_or(false) {
+            tracing::warn!(
+                wait_ms = TRACE_FLUSH_MS,
+                "the last spans did not reach the collector in time; they are lost"
+            );
+        }
+    }
     match failure {
         Some(reason) => Err(DaemonError::StoreFailed { path: shared.dir.store(), reason }),
         None => {
@@ -296,13 +332,18 @@ fn spawn_writer(
     queue: Arc<CommitQueue<StoreOp>>,
     durable: mpsc::UnboundedSender<Ticket>,
     failed: oneshot::Sender<String>,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("store-writer".into())
         .spawn(move || {
             // Everything pending goes into one transaction: one fsync for many transitions.
             while let Some(batch) = queue.take_batch() {
-                match store.apply(&batch.items) {
+                let start = std::time::Instant::now();
+                let result = store.apply(&batch.items);
+                metrics.store_commit.observe(start.elapsed().as_secs_f64());
+                metrics.store_commit_ops.observe(batch.items.len() as f64);
+                match result {
                     Ok(()) => {
                         queue.mark_durable(batch.upto);
                         let _ = durable.send(batch.upto);

@@ -17,6 +17,8 @@
 //! - [`blobs`]: artifact traffic of one agent connection (inputs out, outputs in).
 //! - [`agent_link`]: the agents' port: handshakes and connection actors.
 //! - [`http`]: the HTTP API (jobs, Cosmos runs, blobs), its auth and its errors.
+//! - [`metrics`]: the Prometheus metrics `GET /metrics` serves.
+//! - [`trace`]: each job's trace, derived from what the core persists.
 //! - [`daemon`]: the wiring root; it imports everything and nothing imports it.
 
 pub mod actor;
@@ -30,6 +32,8 @@ pub mod gate;
 pub mod hosts;
 pub mod http;
 pub mod logs;
+pub mod metrics;
 pub mod records;
 pub mod shared;
 pub mod store;
+pub mod trace;

@@ -97,6 +97,10 @@ pub struct Shared {
     pub attempt_log_bytes_max: u64,
     /// Why the store can no longer be written, once it cannot: the API then answers 503 with it.
     pub store_failure: std::sync::OnceLock<String>,
+    /// What `/metrics` shows, and what the shells count into.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// `/metrics` needs no token: the API listens on loopback only.
+    pub metrics_open: bool,
 }
 
 /// A fresh id with `prefix` (`ps` or `rs`) from the OS's randomness.

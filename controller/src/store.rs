@@ -95,6 +95,8 @@ const APPEND_EVENT: &str =
     "INSERT INTO events (at_ms, job_id, attempt_id, agent, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
 const EPOCH_KEY: &str = "epoch";
+/// Key of the store's identity in `meta`.
+const INSTANCE_KEY: &str = "instance_id";
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +266,34 @@ impl Store {
         // A deferred foreign-key violation fails here; dropping `tx` then rolls the batch back.
         tx.commit()?;
         Ok(())
+    }
+
+    /// This store's identity: random, made at first use and kept (traces are named after it,
+    /// so two stores' job-1s never share a trace, and a restart continues its jobs' traces).
+    pub fn instance_id(&mut self) -> Result<String> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let found: Option<String> =
+            tx.query_row("SELECT value FROM meta WHERE key = ?1", [INSTANCE_KEY], |r| r.get(0)).optional()?;
+        let id = match found {
+            Some(id) => id,
+            None => {
+                let mut bytes = [0u8; 16];
+                if std::fs::File::open("/dev/urandom")
+                    .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+                    .is_err()
+                {
+                    // Only without /dev/urandom: the time and the pid still tell stores apart.
+                    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                    bytes[..8].copy_from_slice(&(t.as_nanos() as u64).to_le_bytes());
+                    bytes[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+                }
+                let id = hex::encode(bytes);
+                tx.execute("INSERT INTO meta (key, value) VALUES (?1, ?2)", params![INSTANCE_KEY, id])?;
+                id
+            }
+        };
+        tx.commit()?;
+        Ok(id)
     }
 
     /// Increments and persists the controller epoch, returning the new one (`Epoch(1)` on a new store).

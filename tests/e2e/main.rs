@@ -15,10 +15,13 @@ mod cosmos;
 mod failstop;
 mod gpu;
 mod install;
+mod metrics;
+mod observability;
 mod restart;
 mod security;
 mod ssh;
 mod telemetry;
+mod traces;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cosmos");
 
@@ -42,6 +45,8 @@ struct Cluster {
     extra: (Vec<String>, Vec<String>),
     /// Extra environment of the controller's process.
     controller_env: Vec<(String, String)>,
+    /// Extra environment of every agent's process.
+    agent_env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -68,6 +73,19 @@ impl Cluster {
         controller_env: Vec<(String, String)>,
         agent_args: impl FnOnce(&Path) -> Vec<String>,
     ) -> Cluster {
+        Cluster::start_env(dir, agents, lost_after_ms, controller_args, controller_env, Vec::new(), agent_args)
+    }
+
+    /// A cluster in `dir` whose controller and agents get extra environment variables.
+    fn start_env(
+        dir: tempfile::TempDir,
+        agents: usize,
+        lost_after_ms: u64,
+        controller_args: Vec<String>,
+        controller_env: Vec<(String, String)>,
+        agent_env: Vec<(String, String)>,
+        agent_args: impl FnOnce(&Path) -> Vec<String>,
+    ) -> Cluster {
         let extra = (controller_args, agent_args(dir.path()));
         let mut c = Cluster {
             dir,
@@ -78,6 +96,7 @@ impl Cluster {
             lost_after_ms,
             extra,
             controller_env,
+            agent_env,
         };
         c.start_controller("127.0.0.1:0", "127.0.0.1:0");
         for i in 0..agents {
@@ -143,6 +162,7 @@ impl Cluster {
                 .arg(self.dir.path().join(format!("agent-{i}")))
                 .args(["--simulated-gpus", "8x80GiB", "--name", &format!("agent-{i}")])
                 .args(&self.extra.1)
+                .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
                 .env("PATH", &path)
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)

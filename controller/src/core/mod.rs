@@ -505,6 +505,8 @@ pub struct Core {
     reservation: Option<(JobId, usize)>,
     /// Something changed that may let a queued job be placed.
     dirty: bool,
+    /// Scheduling passes run since the start, so a shell can time the inputs that ran one.
+    passes: u64,
     ops: Vec<StoreOp>,
     sends: Vec<Output>,
     /// Jobs per state, indexed by `JobState as usize`: `status` answers without walking a million jobs.
@@ -535,6 +537,7 @@ impl Core {
             free_index: BTreeSet::new(),
             reservation: None,
             dirty: true,
+            passes: 0,
             ops: Vec::new(),
             sends: Vec::new(),
             job_counts: [0; ALL_JOB_STATES.len()],
@@ -1038,6 +1041,7 @@ impl Core {
     fn finish(&mut self, now: Now, out: &mut Vec<Output>) {
         if self.dirty {
             self.dirty = false;
+            self.passes += 1;
             self.schedule(now);
         }
         if !self.ops.is_empty() {
@@ -1151,6 +1155,11 @@ impl Core {
     /// Every live attempt.
     pub fn live_attempts(&self) -> impl Iterator<Item = &AttemptRecord> {
         self.live.values()
+    }
+
+    /// Scheduling passes run since the core was rebuilt.
+    pub fn passes(&self) -> u64 {
+        self.passes
     }
 
     /// Jobs waiting for GPUs or a retry.

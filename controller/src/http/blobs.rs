@@ -81,7 +81,12 @@ struct PutQuery {
 }
 
 /// Feeds the request body to the disk writer; the error answer when the body broke off or is too large.
-async fn pump(body: &mut web::Payload, tx: tokio::sync::mpsc::Sender<web::Bytes>, limit: u64) -> Option<HttpResponse> {
+async fn pump(
+    body: &mut web::Payload,
+    tx: tokio::sync::mpsc::Sender<web::Bytes>,
+    limit: u64,
+    metrics: &crate::metrics::Metrics,
+) -> Option<HttpResponse> {
     let mut received = 0u64;
     loop {
         let idle = std::time::Duration::from_millis(crate::http::BODY_IDLE_TIMEOUT_MS);
@@ -100,6 +105,7 @@ async fn pump(body: &mut web::Payload, tx: tokio::sync::mpsc::Sender<web::Bytes>
         match chunk {
             Ok(bytes) => {
                 received += bytes.len() as u64;
+                metrics.artifact("uploaded", bytes.len() as u64);
                 if received > limit {
                     return Some(error(
                         StatusCode::PAYLOAD_TOO_LARGE,
@@ -158,7 +164,7 @@ async fn put_blob(
     let (offset, size) = match (q.offset, q.size) {
         (None, None) => {
             let writer = tokio::task::spawn_blocking(move || blobs.put_reader(reader, Some(&sha)));
-            let failure = pump(&mut body, tx.clone(), BLOB_BYTES_MAX).await;
+            let failure = pump(&mut body, tx.clone(), BLOB_BYTES_MAX, &state.shared.metrics).await;
             if failure.is_some() {
                 // A truncated body must not be stored: make the writer fail its digest check.
                 let _ = tx.send(web::Bytes::from_static(b"\0truncated")).await;
@@ -205,7 +211,7 @@ async fn put_blob(
         blobs.commit_partial(&sha, size)?;
         Ok(Some(size))
     });
-    let failure = pump(&mut body, tx, size - offset).await;
+    let failure = pump(&mut body, tx, size - offset, &state.shared.metrics).await;
     let stored = writer.await;
     match (stored, failure) {
         (Ok(Ok(Some(size_bytes))), _) => HttpResponse::Created().json(BlobView { sha256: sha, size_bytes }),
@@ -253,16 +259,18 @@ async fn get_blob(state: web::Data<State>, sha: web::Path<String>) -> HttpRespon
         Ok(m) => m.len(),
         Err(e) => return internal(e),
     };
-    let stream = futures::stream::unfold(file, |mut file| async move {
+    let metrics = state.shared.metrics.clone();
+    let stream = futures::stream::unfold((file, metrics), |(mut file, metrics)| async move {
         use tokio::io::AsyncReadExt;
         let mut buf = vec![0u8; DOWNLOAD_CHUNK_BYTES];
         match file.read(&mut buf).await {
             Ok(0) => None,
             Ok(n) => {
                 buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(web::Bytes::from(buf)), file))
+                metrics.artifact("downloaded", n as u64);
+                Some((Ok::<_, std::io::Error>(web::Bytes::from(buf)), (file, metrics)))
             }
-            Err(e) => Some((Err(e), file)),
+            Err(e) => Some((Err(e), (file, metrics))),
         }
     });
     HttpResponse::Ok().content_type("application/octet-stream").no_chunking(size).streaming(stream)

@@ -11,6 +11,7 @@
 //! - [`jobs`]: jobs, agents, status, logs.
 //! - [`cosmos`]: Cosmos prompts and runs (jobs with `cosmos.*` labels).
 //! - [`blobs`]: uploading and downloading videos and outputs by sha256.
+//! - [`metrics`]: `GET /metrics` for Prometheus (open on a loopback API; see there).
 //!
 //! This module holds what they share: the server, its auth middleware, the
 //! bounded body reader, and the error answers.
@@ -18,6 +19,7 @@
 pub mod blobs;
 pub mod cosmos;
 pub mod jobs;
+pub mod metrics;
 
 pub use jobs::{AgentInfo, AttemptView, GpuView, JobLine, JobView, RESERVED_LABEL_PREFIX, StatusBody, SubmitRequest};
 
@@ -170,6 +172,9 @@ fn authorize(req: &actix_web::dev::ServiceRequest, shared: &Shared) -> Result<()
             None,
             true,
         ));
+    }
+    if shared.metrics_open && req.path() == "/metrics" {
+        return Ok(());
     }
     let given =
         req.headers().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
@@ -404,6 +409,7 @@ pub fn server(
             .configure(jobs::routes)
             .configure(cosmos::routes)
             .configure(blobs::routes)
+            .configure(metrics::routes)
     })
     .workers(API_WORKERS)
     .max_connections(connections_max.div_ceil(API_WORKERS))

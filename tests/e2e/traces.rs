@@ -1,0 +1,429 @@
+//! Traces over OTLP/HTTP: the controller and an agent, real processes,
+//! export to a collector inside the test that decodes what it receives with
+//! the OpenTelemetry protocol's own generated types (opentelemetry-proto).
+
+use super::*;
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use prost::Message;
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+
+/// Bound on every wait of these tests.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// One span as the collector received it.
+#[derive(Clone, Debug)]
+struct Span {
+    trace: String,
+    id: String,
+    parent: String,
+    name: String,
+    service: String,
+    resource: BTreeMap<String, String>,
+    attrs: BTreeMap<String, String>,
+    events: Vec<(String, BTreeMap<String, String>)>,
+    /// OTLP status code: 0 unset, 1 ok, 2 error.
+    status: i32,
+    start_ns: u64,
+    end_ns: u64,
+}
+
+impl Span {
+    fn attr(&self, k: &str) -> &str {
+        self.attrs.get(k).map(String::as_str).unwrap_or("")
+    }
+}
+
+fn value(v: &Option<AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(any_value::Value::ArrayValue(a)) => {
+            a.values.iter().map(|v| value(&Some(v.clone()))).collect::<Vec<_>>().join(",")
+        }
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+fn attrs(kvs: &[KeyValue]) -> BTreeMap<String, String> {
+    kvs.iter().map(|kv| (kv.key.clone(), value(&kv.value))).collect()
+}
+
+/// An OTLP/HTTP receiver on a loopback port: answers every `POST /v1/traces`
+/// of protobuf with an empty `ExportTraceServiceResponse`, keeping the spans.
+struct Collector {
+    addr: SocketAddr,
+    spans: Arc<Mutex<Vec<Span>>>,
+    /// (path, content type) of every request.
+    requests: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl Collector {
+    fn start() -> Collector {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (s, r) = (spans.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let (s, r) = (s.clone(), r.clone());
+                std::thread::spawn(move || serve(stream, &s, &r));
+            }
+        });
+        Collector { addr, spans, requests }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        self.spans.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds of the spans received, and returns them.
+    fn wait(&self, what: &str, done: impl Fn(&[Span]) -> bool) -> Vec<Span> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let spans = self.spans();
+            if done(&spans) {
+                return spans;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; spans so far: {spans:#?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Serves one connection's requests (the exporter keeps its connection open between batches).
+fn serve(mut stream: TcpStream, spans: &Mutex<Vec<Span>>, requests: &Mutex<Vec<(String, String)>>) {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        let mut lines = head.lines();
+        let path = lines.next().unwrap_or("").split_whitespace().nth(1).unwrap_or("").to_string();
+        let mut len = 0;
+        let mut ctype = String::new();
+        for l in lines {
+            if let Some((k, v)) = l.split_once(':') {
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "content-length" => len = v.trim().parse().unwrap_or(0),
+                    "content-type" => ctype = v.trim().to_string(),
+                    _ => {}
+                }
+            }
+        }
+        while buf.len() < head_end + len {
+            let mut chunk = [0u8; 65536];
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body: Vec<u8> = buf.drain(..head_end + len).skip(head_end).collect();
+        requests.lock().unwrap().push((path, ctype));
+        let req = ExportTraceServiceRequest::decode(body.as_slice()).expect("the body is an ExportTraceServiceRequest");
+        let mut got = Vec::new();
+        for rs in &req.resource_spans {
+            let resource = rs.resource.as_ref().map(|r| attrs(&r.attributes)).unwrap_or_default();
+            let service = resource.get("service.name").cloned().unwrap_or_default();
+            for ss in &rs.scope_spans {
+                for sp in &ss.spans {
+                    got.push(Span {
+                        trace: hex::encode(&sp.trace_id),
+                        id: hex::encode(&sp.span_id),
+                        parent: hex::encode(&sp.parent_span_id),
+                        name: sp.name.clone(),
+                        service: service.clone(),
+                        resource: resource.clone(),
+                        attrs: attrs(&sp.attributes),
+                        events: sp.events.iter().map(|e| (e.name.clone(), attrs(&e.attributes))).collect(),
+                        status: sp.status.as_ref().map_or(0, |s| s.code),
+                        start_ns: sp.start_time_unix_nano,
+                        end_ns: sp.end_time_unix_nano,
+                    });
+                }
+            }
+        }
+        spans.lock().unwrap().extend(got);
+        let answer = ExportTraceServiceResponse::default().encode_to_vec();
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
+            answer.len()
+        );
+        if stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(&answer)).is_err() {
+            return;
+        }
+    }
+}
+
+/// The environment that points both daemons at `endpoint`, exporting every 50 ms.
+fn otel_env(endpoint: &str) -> Vec<(String, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT".into(), endpoint.into()),
+        ("OTEL_BSP_SCHEDULE_DELAY".into(), "50".into()),
+        ("OTEL_RESOURCE_ATTRIBUTES".into(), "deployment.environment=e2e".into()),
+    ]
+}
+
+fn traced_cluster(env: Vec<(String, String)>) -> Cluster {
+    Cluster::start_env(tempfile::tempdir().unwrap(), 1, 10_000, Vec::new(), env.clone(), env, |_| Vec::new())
+}
+
+fn submit_line(c: &Cluster, name: &str, line: Value) -> String {
+    let path = c.dir.path().join(format!("{name}.jsonl"));
+    std::fs::write(&path, format!("{line}\n")).unwrap();
+    let v = c.json(&["jobs", "submit", path.to_str().unwrap(), "--json"]);
+    v[0].as_str().unwrap_or_else(|| panic!("no id in {v}")).to_string()
+}
+
+fn wait_job(c: &Cluster, id: &str) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let j = c.json(&["jobs", "show", id, "--json"]);
+        if matches!(j["state"].as_str(), Some("succeeded" | "failed" | "cancelled")) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "{id} did not end: {j}; logs in {}", c.dir.path().display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The spans of the trace whose root is job `id`'s.
+fn trace_of<'a>(spans: &'a [Span], id: &str) -> Vec<&'a Span> {
+    let Some(root) = spans.iter().find(|s| s.name == "job" && s.attr("cosmos.job.id") == id) else {
+        return Vec::new();
+    };
+    spans.iter().filter(|s| s.trace == root.trace).collect()
+}
+
+fn one<'a>(spans: &[&'a Span], name: &str) -> &'a Span {
+    let found: Vec<&&Span> = spans.iter().filter(|s| s.name == name).collect();
+    assert_eq!(found.len(), 1, "one `{name}` span expected: {spans:#?}");
+    found[0]
+}
+
+#[test]
+fn one_jobs_spans_from_controller_and_agent_share_its_trace_with_the_right_parents() {
+    let collector = Collector::start();
+    let mut env = otel_env(&collector.endpoint());
+    env.push(("COSMOS_LOG_FORMAT".into(), "json".into()));
+    let c = traced_cluster(env);
+    let data = b"an input the agent stages".repeat(100);
+    let store = cosmos_cas::Store::open(c.data().join("blobs")).unwrap();
+    let (sha, size) = store.put_bytes(&data).unwrap();
+    let id = submit_line(
+        &c,
+        "traced",
+        serde_json::json!({
+            "name": "traced",
+            "command": ["sh", "-c", "for i in 1 2 3; do echo \"$i/3\"; sleep 0.1; done; cat inputs/x.bin > out.bin"],
+            "inputs": [{ "sha256": sha.to_string(), "size_bytes": size, "path": "inputs/x.bin" }],
+            "outputs": [{ "path": "out.bin", "required": true }],
+        }),
+    );
+    let j = wait_job(&c, &id);
+    assert_eq!(j["state"], "succeeded", "{j}");
+
+    let spans = collector.wait("the job's trace with the agent's spans", |s| {
+        let t = trace_of(s, &id);
+        ["submit", "queued", "attempt", "running", "stage inputs", "start", "deliver outputs"]
+            .iter()
+            .all(|n| t.iter().any(|sp| sp.name == *n))
+    });
+    let trace = trace_of(&spans, &id);
+    let root = one(&trace, "job");
+    assert_eq!(root.parent, "", "the job's span is the trace's root");
+    assert_eq!(root.service, "cosmos-controller");
+    assert_eq!(root.attr("cosmos.job.state"), "succeeded");
+    assert_eq!(root.status, 1, "a succeeded job's span is OK");
+    assert_eq!(root.resource.get("deployment.environment").map(String::as_str), Some("e2e"), "{root:?}");
+    for name in ["submit", "queued", "attempt"] {
+        let s = one(&trace, name);
+        assert_eq!(s.parent, root.id, "`{name}` is a child of the job's span");
+        assert_eq!(s.service, "cosmos-controller");
+    }
+    let submit = one(&trace, "submit");
+    assert_eq!(submit.attr("cosmos.batch.size"), "1");
+    let queued = one(&trace, "queued");
+    assert_eq!(queued.attr("cosmos.placement.host"), "agent-0");
+    assert!(queued.attr("cosmos.placement.gpus").starts_with("GPU-sim-agent-0-"), "{queued:?}");
+    let attempt = one(&trace, "attempt");
+    assert_eq!(attempt.attr("cosmos.attempt.state"), "succeeded");
+    assert_eq!(attempt.attr("cosmos.placement.host"), "agent-0");
+    assert!(root.start_ns <= attempt.start_ns && attempt.end_ns <= root.end_ns, "{root:?} {attempt:?}");
+
+    let running = one(&trace, "running");
+    assert_eq!(running.parent, attempt.id);
+    let progress: Vec<&str> =
+        running.events.iter().filter(|(n, _)| n == "progress").map(|(_, a)| a["step"].as_str()).collect();
+    assert!(progress.contains(&"3"), "progress reports are events of the running span: {running:?}");
+
+    for name in ["stage inputs", "start", "deliver outputs"] {
+        let s = one(&trace, name);
+        assert_eq!(s.parent, attempt.id, "the agent's `{name}` is a child of the controller's attempt span");
+        assert_eq!(s.service, "cosmos-agent", "{s:?}");
+        assert_eq!(s.resource.get("cosmos.agent.name").map(String::as_str), Some("agent-0"), "{s:?}");
+        assert!(s.resource.contains_key("host.name"), "{s:?}");
+    }
+    let stage = one(&trace, "stage inputs");
+    assert_eq!(stage.attr("cosmos.inputs.bytes"), size.to_string());
+    assert_eq!((stage.attr("cosmos.cache.hits"), stage.attr("cosmos.cache.misses")), ("0", "1"), "{stage:?}");
+    assert_eq!(one(&trace, "deliver outputs").attr("cosmos.outputs.bytes"), size.to_string());
+    assert_eq!(one(&trace, "start").attr("cosmos.runtime"), "process");
+
+    // The agent's log lines about the attempt's phases name its trace and parent span.
+    let log = std::fs::read_to_string(c.dir.path().join("agent-0.log")).unwrap();
+    let line: Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|l| l["message"] == "starting attempt")
+        .unwrap_or_else(|| panic!("no `starting attempt` line in the agent's log:\n{log}"));
+    assert_eq!(line["span"]["trace_id"], root.trace.as_str(), "{line}");
+    assert_eq!(line["span"]["span_id"], attempt.id.as_str(), "{line}");
+
+    let requests = collector.requests.lock().unwrap().clone();
+    assert!(
+        requests.iter().all(|(path, ctype)| path == "/v1/traces" && ctype == "application/x-protobuf"),
+        "{requests:?}"
+    );
+}
+
+#[test]
+fn a_retried_job_shows_both_attempts_and_the_reason_in_one_trace() {
+    let collector = Collector::start();
+    let c = traced_cluster(otel_env(&collector.endpoint()));
+    let marker = c.dir.path().join("second-time");
+    let script = format!(
+        "if [ -e {m} ]; then exit 0; fi; touch {m}; echo 'CUDA out of memory' >&2; exit 3",
+        m = marker.display()
+    );
+    let id = submit_line(
+        &c,
+        "flaky",
+        serde_json::json!({ "name": "flaky", "command": ["sh", "-c", script], "max_attempts": 3 }),
+    );
+    let j = wait_job(&c, &id);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let spans =
+        collector.wait("both attempts", |s| trace_of(s, &id).iter().filter(|s| s.name == "attempt").count() == 2);
+    let trace = trace_of(&spans, &id);
+    let mut attempts: Vec<&&Span> = trace.iter().filter(|s| s.name == "attempt").collect();
+    attempts.sort_by_key(|s| s.start_ns);
+    assert_eq!(attempts[0].attr("cosmos.attempt.state"), "failed");
+    assert_eq!(attempts[0].status, 2, "a failed attempt's span is an error");
+    assert_eq!(attempts[0].attr("cosmos.attempt.exit_code"), "3");
+    assert_eq!(attempts[1].attr("cosmos.attempt.state"), "succeeded");
+    assert_ne!(attempts[0].id, attempts[1].id);
+    let backoff = one(&trace, "retry backoff");
+    assert!(backoff.attr("cosmos.retry.reason").contains("CUDA out of memory"), "{backoff:?}");
+    // In order (the controller's clock, to the millisecond; its deadlines run on another clock).
+    let slack_ns = 50_000_000;
+    assert!(attempts[0].end_ns <= backoff.start_ns + slack_ns, "{attempts:?} {backoff:?}");
+    assert!(backoff.end_ns <= attempts[1].start_ns + slack_ns, "{attempts:?} {backoff:?}");
+    assert_eq!(trace.iter().filter(|s| s.name == "queued").count(), 2, "each attempt was placed: {trace:#?}");
+    assert_eq!(trace.iter().filter(|s| s.name == "start" && s.service == "cosmos-agent").count(), 2);
+}
+
+#[test]
+fn a_controller_restarted_mid_run_continues_the_jobs_trace() {
+    let collector = Collector::start();
+    let mut c = traced_cluster(otel_env(&collector.endpoint()));
+    let id = submit_line(
+        &c,
+        "long",
+        serde_json::json!({ "name": "long", "command": ["sh", "-c", "sleep 2"], "max_attempts": 1 }),
+    );
+    // The agent's `start` span and the first controller's `submit` are exported before it dies.
+    let before = collector.wait("the agent's start span", |s| {
+        s.iter().any(|s| s.name == "start") && s.iter().any(|s| s.name == "submit")
+    });
+    let start = before.iter().find(|s| s.name == "start").unwrap().clone();
+    Cluster::kill9(&mut c.controller);
+    let (api, agents) = (c.api.trim_start_matches("http://").to_string(), c.agent_addr.clone());
+    c.start_controller(&api, &agents);
+    let j = wait_job(&c, &id);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let spans = collector.wait("the job's root span", |s| !trace_of(s, &id).is_empty());
+    let trace = trace_of(&spans, &id);
+    let attempt = one(&trace, "attempt");
+    assert_eq!(start.trace, attempt.trace, "the restarted controller's spans are in the same trace");
+    assert_eq!(start.parent, attempt.id, "the agent's span, sent before the restart, has the attempt as parent");
+    let submit = before.iter().find(|s| s.name == "submit").unwrap();
+    assert_eq!(submit.trace, attempt.trace, "the first controller's submit is in the same trace");
+    let running = one(&trace, "running");
+    assert_eq!(running.attr("cosmos.controller.restarted"), "true", "{running:?}");
+}
+
+/// A listener that takes connections and never answers: a collector that hangs.
+fn black_hole() -> (TcpListener, String) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    (l, url)
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+#[test]
+fn a_collector_that_hangs_loses_spans_counted_and_jobs_run_on() {
+    let (_hole, url) = black_hole();
+    let mut env = otel_env(&url);
+    env.extend([
+        // Each export waits this long for an answer that never comes.
+        ("OTEL_EXPORTER_OTLP_TIMEOUT".to_string(), "120000".to_string()),
+        ("OTEL_BSP_MAX_QUEUE_SIZE".to_string(), "4".to_string()),
+        ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE".to_string(), "1".to_string()),
+    ]);
+    let c = traced_cluster(env);
+    let lines: String = (0..10)
+        .map(|i| serde_json::json!({ "name": format!("j{i}"), "command": ["true"] }).to_string() + "\n")
+        .collect();
+    let batch = c.dir.path().join("ten.jsonl");
+    std::fs::write(&batch, lines).unwrap();
+    let v = c.json(&["jobs", "submit", batch.to_str().unwrap(), "--json", "--wait"]);
+    assert!(v.as_array().unwrap().iter().all(|j| j["state"] == "succeeded"), "{v}");
+    let text = ureq::get(format!("{}/metrics", c.api)).call().unwrap().body_mut().read_to_string().unwrap();
+    // Every job ended while the exporter's first request still waited on the collector:
+    // scheduling never waited for export.
+    assert_eq!(metric(&text, "cosmos_spans_exported_total"), 0.0, "{text}");
+    assert!(metric(&text, "cosmos_spans_dropped_total{reason=\"queue_full\"}") > 0.0, "{text}");
+}
+
+#[test]
+fn grpc_export_is_refused_at_start_saying_it_is_not_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["controller", "--data-dir"])
+        .arg(dir.path().join("ctl"))
+        .args(["--api-listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("gRPC") && err.contains("not built") && err.contains("http/protobuf"), "{err}");
+}
