@@ -1,6 +1,7 @@
 //! `cosmos`: the one binary for the controller, the agents and the client CLI.
 
 mod client;
+mod config;
 mod cosmos;
 mod follow;
 mod install;
@@ -40,6 +41,10 @@ enum Command {
     Version,
     /// Run the controller daemon.
     Controller {
+        /// A TOML file of this command's flags (`data_dir = "/var/lib/cosmos"`: a flag's name with `_`
+        /// for `-`); flags and their COSMOS_* variables override it. `cosmos config check FILE` validates it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Holds the store, the tokens and the logs; a restart with the same directory resumes everything.
         #[arg(long)]
         data_dir: PathBuf,
@@ -76,6 +81,10 @@ enum Command {
         /// Install or uninstall an agent on a host over SSH instead of running one here.
         #[command(subcommand)]
         manage: Option<Box<AgentManage>>,
+        /// A TOML file of this command's flags (`work_dir = "/var/lib/cosmos-agent"`: a flag's name with `_`
+        /// for `-`); flags and their COSMOS_* variables override it. `cosmos config check FILE` validates it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// The controller's agent address, HOST:PORT: the agent dials it (loopback, trusted networks).
         #[arg(long, required_unless_present = "listen", conflicts_with = "listen")]
         controller: Option<String>,
@@ -125,6 +134,14 @@ enum Command {
         /// Serve this agent's own Prometheus metrics at `http://ADDR/metrics` (loopback only, e.g. 127.0.0.1:9102).
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<SocketAddr>,
+        /// How long a finished attempt's directory (`WORK_DIR/attempts/att-N`) is kept once the controller
+        /// has its outcome and outputs, in seconds (default a week).
+        #[arg(long, default_value_t = cosmos_agent::retention::ATTEMPT_RETAIN_S_DEFAULT)]
+        attempt_retain_s: u64,
+        /// Free space the work disk keeps, in GiB: below it delivered attempts' directories go early, oldest first
+        /// (never a running attempt's).
+        #[arg(long, default_value_t = cosmos_agent::retention::WORK_DISK_FREE_MIN_GIB_DEFAULT)]
+        work_disk_free_min_gib: u64,
     },
     /// Start a local controller and agents; with `-- COMMAND`, run that client command against them and exit.
     Up {
@@ -141,6 +158,9 @@ enum Command {
         #[arg(last = true)]
         client_command: Vec<String>,
     },
+    /// Check a daemon's config file without starting anything.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Submit, list, follow and cancel jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
@@ -308,6 +328,19 @@ impl CosmosArgs {
             run_env: self.run_env.into_iter().collect(),
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate FILE as `cosmos controller --config FILE` or `cosmos agent --config FILE` would read it:
+    /// every key, every value, and the daemon's own start-up checks (token files included); starts nothing.
+    Check {
+        /// The TOML file (`controller.toml`, `agent.toml`).
+        file: PathBuf,
+        /// Whose file it is, when its name does not say (`controller` or `agent`).
+        #[arg(long, value_parser = config::ROLES)]
+        role: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -587,7 +620,14 @@ fn main() -> std::process::ExitCode {
         let code = cosmos_agent::supervise::main(std::env::args_os().skip(2));
         return std::process::ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
-    let cli = Cli::parse();
+    let cli = match config::parse(std::env::args_os().collect()) {
+        Ok(cli) => cli,
+        Err(config::ConfigError::Clap(e)) => e.exit(),
+        Err(config::ConfigError::File(e)) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     init_tracing(cli.log_format);
     match run(cli) {
         Ok(true) => std::process::ExitCode::SUCCESS,
@@ -613,12 +653,19 @@ fn init_tracing(format: LogFormat) {
 
 /// Runs one command; `Ok(false)` means it ran but what it waited for did not all succeed.
 pub fn run(cli: Cli) -> anyhow::Result<bool> {
+    run_checked(cli, false)
+}
+
+/// Runs one command; with `check_only`, a daemon runs its start-up checks and
+/// returns before it opens, binds or starts anything (`cosmos config check`).
+pub fn run_checked(cli: Cli, check_only: bool) -> anyhow::Result<bool> {
     match cli.command {
         Command::Version => {
             println!("cosmos {} (protocol v{})", env!("CARGO_PKG_VERSION"), cosmos_proto::PROTOCOL_VERSION);
             Ok(true)
         }
         Command::Controller {
+            config: _,
             data_dir,
             api_listen,
             agent_listen,
@@ -655,6 +702,9 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             opts.cosmos
                 .validate()
                 .map_err(|e| anyhow::anyhow!("the Cosmos run settings (--cosmos-*, --run-*): {e}"))?;
+            if check_only {
+                return Ok(true);
+            }
             actix::System::new().block_on(cosmos_controller::daemon::run(opts, shutdown_signal()))?;
             Ok(true)
         }
@@ -664,6 +714,7 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
         },
         Command::Agent {
             manage: None,
+            config: _,
             controller,
             listen,
             listen_group,
@@ -680,6 +731,8 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
             docker_network,
             cache_max_gib,
             metrics_listen,
+            attempt_retain_s,
+            work_disk_free_min_gib,
         } => {
             // clap requires both unless a subcommand is given.
             let (Some(token_file), Some(work_dir)) = (token_file, work_dir) else {
@@ -702,10 +755,30 @@ pub fn run(cli: Cli) -> anyhow::Result<bool> {
                 (Some(addr), None) => cosmos_agent::daemon::ControllerLink::Dial(addr),
                 (None, None) => anyhow::bail!("give --controller HOST:PORT (dial it) or --listen ADDR (wait for it)"),
             };
+            if check_only {
+                up::check_agent(&token_file, &gpu_source)?;
+                return Ok(true);
+            }
+            let retention = cosmos_agent::retention::Policy {
+                retain_s: attempt_retain_s,
+                disk_free_min_bytes: work_disk_free_min_gib.saturating_mul(1 << 30),
+            };
             let telemetry = up::AgentTelemetry { trace: None, metrics_listen };
-            up::run_agent(link, token_file, work_dir, gpu_source, config, name, runtime, cache_max_gib, telemetry)?;
+            up::run_agent(
+                link,
+                token_file,
+                work_dir,
+                gpu_source,
+                config,
+                name,
+                runtime,
+                cache_max_gib,
+                telemetry,
+                retention,
+            )?;
             Ok(true)
         }
+        Command::Config(ConfigCommand::Check { file, role }) => config::check(&file, role.as_deref()),
         Command::Up { data_dir, agents, gpus, client_command } => up::up(data_dir, agents, &gpus, client_command),
         Command::Jobs(cmd) => match cmd {
             JobsCommand::Submit { file, wait, client } => jobs::submit(&client, &file, wait),

@@ -31,6 +31,28 @@ pub struct AgentTelemetry {
     pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
+/// What `cosmos config check` verifies of an agent beyond its flags: the
+/// token file (present, long enough, readable by its owner only) and the
+/// simulated GPUs' spelling. NVML is not loaded: that is the agent's start.
+pub fn check_agent(token_file: &Path, gpu_choice: &GpuChoice) -> anyhow::Result<()> {
+    read_token(token_file)?;
+    if let GpuChoice::Simulated(spec) = gpu_choice {
+        cosmos_agent::daemon::parse_simulated_gpus(spec)
+            .map_err(|e| anyhow::anyhow!("--simulated-gpus {spec}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Reads the agent token, refused if empty, short or readable by others: it lets anyone run jobs as this host.
+fn read_token(token_file: &Path) -> anyhow::Result<cosmos_proto::Token> {
+    cosmos_proto::Token::read_file(token_file).map_err(|e| match e {
+        cosmos_proto::TokenFileError::Io { .. } => {
+            anyhow::anyhow!("{e}; copy agent.token from the controller's data directory (mode 0600)")
+        }
+        e => e.into(),
+    })
+}
+
 /// Runs an agent until SIGTERM or Ctrl-C.
 #[allow(clippy::too_many_arguments)]
 pub fn run_agent(
@@ -43,14 +65,9 @@ pub fn run_agent(
     runtime: cosmos_agent::daemon::RuntimeKind,
     cache_max_gib: u64,
     telemetry: AgentTelemetry,
+    retention: cosmos_agent::retention::Policy,
 ) -> anyhow::Result<()> {
-    // Refused if empty, short or readable by others: the token lets anyone run jobs as this host.
-    let token = cosmos_proto::Token::read_file(&token_file).map_err(|e| match e {
-        cosmos_proto::TokenFileError::Io { .. } => {
-            anyhow::anyhow!("{e}; copy agent.token from the controller's data directory (mode 0600)")
-        }
-        e => e.into(),
-    })?;
+    let token = read_token(&token_file)?;
     let name = name.unwrap_or_else(hostname);
     let trace = match telemetry.trace {
         Some(t) => Some(t),
@@ -94,6 +111,7 @@ pub fn run_agent(
         nvml,
         trace,
         metrics_listen: telemetry.metrics_listen,
+        retention,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(cosmos_agent::daemon::run(opts, crate::shutdown_signal()))?;

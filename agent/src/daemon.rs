@@ -131,6 +131,8 @@ pub struct AgentOptions {
     pub trace: Option<cosmos_telemetry::TraceConfig>,
     /// Where the agent serves its own `/metrics` (loopback only); none: not served.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How long delivered attempts' directories are kept, and the work disk's floor.
+    pub retention: crate::retention::Policy,
 }
 
 /// How long a stopping agent waits for its last spans to reach the collector.
@@ -215,6 +217,11 @@ pub enum AgentError {
 /// Runs the agent until `shutdown` resolves (then returns `Ok`, leaving
 /// attempts running) or the controller refuses it for good.
 pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    // Polled once now, so a signal handler it installs is in place from the start.
+    let mut shutdown = Box::pin(shutdown);
+    if futures::FutureExt::now_or_never(&mut shutdown).is_some() {
+        return Ok(());
+    }
     if let ControllerLink::Dial(addr) = &opts.link {
         let valid_addr = addr
             .rsplit_once(':')
@@ -353,6 +360,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         metrics,
         tracer,
         delivering: std::collections::HashMap::new(),
+        sweeping: None,
     };
     shell.run(event_rx, blobs_done, monitor, listener, shutdown).await
 }
@@ -570,6 +578,8 @@ struct Shell {
     tracer: Option<crate::telemetry::AgentTracer>,
     /// Output bytes of each delivery in progress, counted once delivered.
     delivering: std::collections::HashMap<cosmos_proto::AttemptId, u64>,
+    /// The retention sweep in progress, if any.
+    sweeping: Option<JoinHandle<()>>,
 }
 
 impl Shell {
@@ -594,6 +604,19 @@ impl Shell {
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "the reaper cannot list this agent's containers"),
             }
+        }));
+    }
+
+    /// Removes delivered attempts' directories past retention (or early, on a
+    /// low disk), in the background; one sweep at a time.
+    fn sweep(&mut self) {
+        if self.sweeping.as_ref().is_some_and(|s| !s.is_finished()) {
+            return;
+        }
+        let live = self.core.live_attempts().map(|(id, _)| id).collect();
+        let (root, policy) = (self.attempts_root.clone(), self.opts.retention.clone());
+        self.sweeping = Some(tokio::task::spawn_blocking(move || {
+            crate::retention::sweep(&root, &live, &policy);
         }));
     }
 
@@ -634,6 +657,11 @@ impl Shell {
         let mut reap_timer = tokio::time::interval(Duration::from_millis(REAP_INTERVAL_MS));
         let mut ping_timer = tokio::time::interval(Duration::from_millis(PING_INTERVAL_MS));
         let (ping_tx, mut ping_rx) = mpsc::channel::<Result<(), String>>(1);
+        // Ticks in this very loop, so a wedged loop stops the pings and systemd restarts the agent.
+        let mut watchdog_timer = tokio::time::interval(crate::service::ping_interval());
+        let mut sweep_timer = tokio::time::interval(Duration::from_millis(crate::retention::SWEEP_INTERVAL_MS));
+        let mut last_status = None;
+        crate::service::ready(&self.service_status());
         loop {
             let mut out = Vec::new();
             let mut lost: Option<String> = None;
@@ -645,6 +673,8 @@ impl Shell {
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
+                // Second, so a busy loop (a job logging without pause) cannot starve the pings.
+                _ = watchdog_timer.tick() => crate::service::alive(&self.service_status(), &mut last_status),
                 () = async { tokio::time::sleep_until(wake.expect("guarded")).await }, if wake.is_some() => {
                     let now = self.now_ms();
                     self.core.tick(now, &mut out);
@@ -778,6 +808,7 @@ impl Shell {
                         None => return Err(AgentError::MonitorStopped("its thread ended".into())),
                     }
                 }
+                _ = sweep_timer.tick() => self.sweep(),
                 _ = reap_timer.tick(), if docker => self.reap(),
                 _ = ping_timer.tick(), if docker => {
                     if let AgentRuntime::Docker(rt) = &self.runtime {
@@ -821,6 +852,7 @@ impl Shell {
             }
         }
         tracing::info!("agent shutting down; running attempts keep running and are adopted at the next start");
+        crate::service::stopping();
         if let Some(task) = dialing {
             task.abort();
         }
@@ -875,6 +907,17 @@ impl Shell {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// What `systemctl status` shows of this agent.
+    fn service_status(&self) -> crate::service::Status {
+        crate::service::Status {
+            connected: self.core.is_connected(),
+            controller: self.opts.link.to_string(),
+            attempts: self.core.live_attempts().count(),
+            gpus: self.gpus.len(),
+            quarantined: self.core.faulty_gpus().count(),
         }
     }
 

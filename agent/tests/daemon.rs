@@ -39,6 +39,7 @@ fn options(addr: String, token: &str, work_dir: &Path) -> AgentOptions {
         nvml: Default::default(),
         trace: None,
         metrics_listen: None,
+        retention: Default::default(),
     }
 }
 

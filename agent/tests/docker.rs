@@ -460,6 +460,7 @@ mod daemon_on_docker {
             nvml: Default::default(),
             trace: None,
             metrics_listen: None,
+            retention: Default::default(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(daemon::run(opts, async move {

@@ -356,6 +356,28 @@ impl Handler<StoreFailed> for CoreActor {
     }
 }
 
+/// The controller stops: what is durable already is sent, every agent
+/// connection is closed and the actor stops deciding. Answers how many
+/// connections it closed.
+pub struct Stop;
+impl Message for Stop {
+    type Result = usize;
+}
+impl Handler<Stop> for CoreActor {
+    type Result = usize;
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) -> usize {
+        for action in self.gate.durable(self.queue.durable()) {
+            self.act(action);
+        }
+        let closed = self.conns.len();
+        // Dropping a connection's sender ends its writer, which sends what it holds and closes.
+        self.conns.clear();
+        self.peers.clear();
+        ctx.stop();
+        closed
+    }
+}
+
 pub(crate) struct Durable(pub(crate) Ticket);
 impl Message for Durable {
     type Result = ();

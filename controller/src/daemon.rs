@@ -23,6 +23,10 @@ pub const STORE_OPS_PENDING_MAX: usize = 1_000_000;
 /// Bound on stopping the HTTP API at shutdown: a worker stuck in a handler
 /// must not keep the process from exiting.
 pub const API_STOP_GRACE_MS: u64 = 5_000;
+/// Bound on the store writer's last transactions at shutdown.
+pub const STORE_FLUSH_GRACE_MS: u64 = 5_000;
+/// At shutdown, time the agents' links get to send what was queued for them before the process exits.
+pub const AGENT_CLOSE_GRACE_MS: u64 = 200;
 /// After a store failure, how long requests in flight get to receive their 503 before the process exits.
 pub const FAIL_STOP_GRACE_MS: u64 = 1_000;
 /// Default bound on each stored log stream of an attempt.
@@ -187,6 +191,12 @@ fn hex_string(bytes: &[u8]) -> String {
 
 /// Runs a controller until `shutdown` resolves. Must run inside an actix system.
 pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    // Polled once now, so a signal handler it installs is in place before
+    // anyone is told the controller started: a SIGTERM then stops it cleanly.
+    let mut shutdown = std::pin::pin!(shutdown);
+    if futures::FutureExt::now_or_never(&mut shutdown).is_some() {
+        return Ok(());
+    }
     raise_open_files_limit();
     let dir = DataDir { root: opts.data_dir.clone() };
     create_private_dir(&dir.root)?;
@@ -263,7 +273,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         metrics,
         metrics_open: opts.api_listen.ip().is_loopback(),
     });
-    actix::spawn(accept_agents(
+    let accepting = actix::spawn(accept_agents(
         agent_listener,
         addr.clone(),
         agent_token.clone(),
@@ -279,15 +289,21 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         shared.clone(),
     )?);
 
-    let (server, api_addr) = http::server(api_listener, addr.clone(), shared.clone(), hosts, events)
+    let (server, api_addr) = http::server(api_listener, addr.clone(), shared.clone(), hosts.clone(), events)
         .map_err(|cause| DaemonError::Bind { addr: opts.api_listen, flag: "--api-listen", cause })?;
     println!("cosmos controller: API on http://{api_addr}, agents on {agent_addr}");
     println!("  API token:   {}", shared.dir.api_token().display());
     println!("  agent token: {}", shared.dir.agent_token().display());
     let handle = server.handle();
     actix::spawn(server);
+    // Ready only now: the store is loaded and both ports are bound and served.
+    match addr.send(crate::actor::Status).await {
+        Ok(view) => crate::service::ready(&crate::service::status_line(&view)),
+        Err(_) => crate::service::ready("serving"),
+    }
+    actix::spawn(crate::service::keepalive(addr.clone()));
     let failure = tokio::select! {
-        () = shutdown => None,
+        () = &mut shutdown => None,
         Ok(reason) = failed_rx => Some(reason),
     };
     if let Some(reason) = &failure {
@@ -303,11 +319,29 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         );
         tokio::time::sleep(Duration::from_millis(FAIL_STOP_GRACE_MS)).await;
     }
+    if failure.is_none() {
+        tracing::info!(
+            "controller stopping: no new connections or work; requests in flight finish, then the store is flushed and the agents' links closed"
+        );
+        crate::service::stopping("stopping: finishing requests in flight, flushing the store");
+    }
+    // No new work: neither agents' connections nor hosts' links, nor API requests.
+    accepting.abort();
+    hosts.stop_all();
     if tokio::time::timeout(Duration::from_millis(API_STOP_GRACE_MS), handle.stop(true)).await.is_err() {
         tracing::warn!(grace_ms = API_STOP_GRACE_MS, "the HTTP API did not stop in time; stopping without it");
     }
+    // The core decides nothing more; what it already sent for persisting is
+    // released to the agents once durable, then their links are closed, so
+    // each agent sees the controller go at once and redials.
+    let closed: usize = addr.send(crate::actor::Stop).await.unwrap_or_default();
     queue.close();
-    let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+    let flushed = tokio::time::timeout(
+        Duration::from_millis(STORE_FLUSH_GRACE_MS),
+        tokio::task::spawn_blocking(move || writer.join()),
+    )
+    .await
+    .is_ok();
     if let Some(e) = exporter {
         // Dropping the exporter would lose what is still queued.
         let flushed = tokio::task::spawn_blocking(move || e.shutdown(Duration::from_millis(TRACE_FLUSH_MS))).await;
@@ -318,10 +352,16 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
             );
         }
     }
+    // The links' writers send what was queued for them, then close.
+    tokio::time::sleep(Duration::from_millis(AGENT_CLOSE_GRACE_MS)).await;
     match failure {
         Some(reason) => Err(DaemonError::StoreFailed { path: shared.dir.store(), reason }),
+        None if !flushed => Err(DaemonError::StoreFailed {
+            path: shared.dir.store(),
+            reason: format!("its writer did not finish within {STORE_FLUSH_GRACE_MS} ms of the stop"),
+        }),
         None => {
-            tracing::info!("controller stopped");
+            tracing::info!(agents_closed = closed, "controller stopped; the store is flushed");
             Ok(())
         }
     }

@@ -169,6 +169,11 @@ impl Hosts {
         Ok(hosts)
     }
 
+    /// Closes every host's link and stops redialing (the controller stops); the registry stays.
+    pub(crate) fn stop_all(&self) {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     fn validate(&self, entry: &HostEntry) -> Result<String, HostsError> {
         let ctx = self.ctx.as_ref().ok_or(HostsError::NoDialer)?;
         if entry.socket.is_some() && entry.port.is_some() {
@@ -192,7 +197,7 @@ impl Hosts {
         let task_name = name.clone();
         ctx.arbiter.clone().spawn(async move {
             tokio::select! {
-                _ = stopped => tracing::info!(host = task_name, "host removed; its link is closed"),
+                _ = stopped => tracing::info!(host = task_name, "its link is closed (the host was removed, or the controller stops)"),
                 () = keep_linked(task_name.clone(), task_entry, ctx, task_view) => {}
             }
         });

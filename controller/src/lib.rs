@@ -19,6 +19,7 @@
 //! - [`http`]: the HTTP API (jobs, Cosmos runs, blobs), its auth and its errors.
 //! - [`metrics`]: the Prometheus metrics `GET /metrics` serves.
 //! - [`trace`]: each job's trace, derived from what the core persists.
+//! - [`service`]: what systemd hears (`sd_notify`): ready, status, watchdog pings.
 //! - [`daemon`]: the wiring root; it imports everything and nothing imports it.
 
 pub mod actor;
@@ -34,6 +35,7 @@ pub mod http;
 pub mod logs;
 pub mod metrics;
 pub mod records;
+pub mod service;
 pub mod shared;
 pub mod store;
 pub mod trace;

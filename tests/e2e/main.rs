@@ -17,6 +17,7 @@ mod gpu;
 mod install;
 mod metrics;
 mod observability;
+mod ops;
 mod restart;
 mod security;
 mod ssh;

@@ -1,0 +1,93 @@
+//! What the service manager hears from the controller (systemd's `sd_notify`
+//! protocol): `READY=1` once the store is loaded and both listeners are bound,
+//! a `STATUS=` line an operator reads in `systemctl status`, `WATCHDOG=1` after
+//! every round trip through the core actor (the loop that would hang), and
+//! `STOPPING=1` when it stops. Without `NOTIFY_SOCKET` (not under systemd, or a
+//! unit that is not `Type=notify`) every call here does nothing.
+
+use crate::actor::{CoreActor, Status, StatusView};
+use actix::Addr;
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+/// How often the status line is refreshed when no watchdog asks for more.
+pub const STATUS_INTERVAL_MS: u64 = 5_000;
+/// Bound on one round trip through the core actor; past it no ping is sent.
+pub const CORE_ANSWER_TIMEOUT_MS: u64 = 5_000;
+
+/// Tells the service manager the controller serves, with its first status line.
+pub fn ready(status: &str) {
+    notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)]);
+}
+
+/// Tells the service manager the controller is stopping.
+pub fn stopping(status: &str) {
+    notify(&[sd_notify::NotifyState::Stopping, sd_notify::NotifyState::Status(status)]);
+}
+
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify the service manager (NOTIFY_SOCKET)");
+    }
+}
+
+/// The status line: what runs, what waits, who is connected, what is quarantined.
+pub fn status_line(view: &StatusView) -> String {
+    let running: BTreeSet<_> =
+        view.agents.iter().flat_map(|a| a.gpus.iter().filter_map(|(_, _, _, attempt)| *attempt)).collect();
+    let connected = view.agents.iter().filter(|a| a.connected).count();
+    let quarantined: usize = view.agents.iter().map(|a| a.gpu_quarantine.len()).sum();
+    format!(
+        "{} running, {} queued; {connected} of {} agents connected; {quarantined} GPUs quarantined",
+        plural(running.len(), "job"),
+        view.queue_depth,
+        view.agents.len(),
+    )
+}
+
+fn plural(n: usize, word: &str) -> String {
+    if n == 1 { format!("1 {word}") } else { format!("{n} {word}s") }
+}
+
+/// Interval between two pings: half the watchdog's timeout, so one late
+/// answer does not get the controller killed; the status interval otherwise.
+pub fn ping_interval() -> Duration {
+    match sd_notify::watchdog_enabled() {
+        Some(timeout) => (timeout / 2).max(Duration::from_millis(100)),
+        None => Duration::from_millis(STATUS_INTERVAL_MS),
+    }
+}
+
+/// Runs until the actor is gone: every interval, asks the core actor for its
+/// status and, when it answers in time, sends the status line and a watchdog
+/// ping. A core that stops answering stops the pings, and systemd restarts the
+/// controller once `WatchdogSec` passes.
+pub async fn keepalive(core: Addr<CoreActor>) {
+    let interval = ping_interval();
+    let watchdog = sd_notify::watchdog_enabled().is_some();
+    let mut last = String::new();
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(Duration::from_millis(CORE_ANSWER_TIMEOUT_MS), core.send(Status)).await {
+            Ok(Ok(view)) => {
+                let line = status_line(&view);
+                let mut states = Vec::new();
+                if watchdog {
+                    states.push(sd_notify::NotifyState::Watchdog);
+                }
+                if line != last {
+                    states.push(sd_notify::NotifyState::Status(&line));
+                }
+                if !states.is_empty() {
+                    notify(&states);
+                }
+                last = line;
+            }
+            Ok(Err(_)) => return,
+            Err(_) => tracing::error!(
+                timeout_ms = CORE_ANSWER_TIMEOUT_MS,
+                "the core did not answer a status request in time; no watchdog ping this round"
+            ),
+        }
+    }
+}

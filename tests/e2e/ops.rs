@@ -1,0 +1,374 @@
+//! Operating the daemons (issue 18): the systemd units as systemd reads them
+//! (`systemd-analyze verify`), the `sd_notify` protocol as systemd hears it
+//! (READY, STATUS, WATCHDOG, STOPPING on a datagram socket of the test's
+//! own), config files and `cosmos config check`, and a graceful stop.
+
+use super::*;
+use std::os::unix::net::UnixDatagram;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `systemd-analyze verify` on `unit` as systemd would load it, but with
+/// ExecStart's binary replaced by this build's (the unit names where an
+/// installation puts it; verify checks that the binary exists and runs).
+/// Every line it prints is a finding: systemd only warns about, say, a
+/// misspelt value. Man pages named in Documentation= are not looked up.
+fn verify_unit(unit: &Path) -> (bool, String) {
+    let analyze = which("systemd-analyze").unwrap_or_else(|| {
+        panic!(
+            "systemd-analyze is missing: install Debian's systemd package (apt-get install systemd); scripts/setup does"
+        )
+    });
+    let text = std::fs::read_to_string(unit).unwrap();
+    let binary = exec_start_binary(&text);
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join(unit.file_name().unwrap());
+    std::fs::write(&copy, text.replace(&format!("ExecStart={binary} "), &format!("ExecStart={BIN} "))).unwrap();
+    let out = Command::new(analyze).args(["verify", "--man=no"]).arg(&copy).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success() && text.trim().is_empty(), text)
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/sbin")])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+fn exec_start_binary(unit_text: &str) -> String {
+    let line = unit_text.lines().find(|l| l.starts_with("ExecStart=")).expect("the unit has an ExecStart");
+    line["ExecStart=".len()..].split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn every_unit_passes_systemd_analyze_verify() {
+    let mut units: Vec<PathBuf> = std::fs::read_dir(repo().join("deploy"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "service"))
+        .collect();
+    units.sort();
+    assert!(units.len() >= 2, "deploy/ has the controller's and the agent's units: {units:?}");
+    for unit in &units {
+        let text = std::fs::read_to_string(unit).unwrap();
+        let (ok, findings) = verify_unit(unit);
+        assert!(ok, "systemd-analyze verify {}:\n{findings}", unit.display());
+        for directive in
+            ["Type=notify", "NotifyAccess=main", "WatchdogSec=", "Restart=on-failure", "NoNewPrivileges=yes"]
+        {
+            assert!(text.lines().any(|l| l.starts_with(directive)), "{} lacks {directive}", unit.display());
+        }
+    }
+    // The agent's jobs and their supervisor outlive an agent restart; a private /tmp would not.
+    let agent = std::fs::read_to_string(repo().join("deploy/cosmos-agent.service")).unwrap();
+    assert!(agent.lines().any(|l| l == "KillMode=process"), "the agent unit keeps KillMode=process");
+    assert!(!agent.lines().any(|l| l.starts_with("PrivateTmp=yes")), "no PrivateTmp for the agent: jobs outlive it");
+}
+
+#[test]
+fn a_broken_unit_is_caught_by_the_check() {
+    // The check itself has teeth: a misspelt value is a finding even though systemd only warns.
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo().join("deploy/cosmos-agent.service")).unwrap();
+    let broken = dir.path().join("cosmos-agent.service");
+    std::fs::write(&broken, text.replace("KillMode=process", "KillMode=proces")).unwrap();
+    let (ok, findings) = verify_unit(&broken);
+    assert!(!ok && findings.contains("kill mode"), "a bad KillMode went unnoticed: {findings}");
+}
+
+/// What a service manager hears on its notify socket.
+struct NotifySocket {
+    sock: UnixDatagram,
+    path: PathBuf,
+    heard: Vec<String>,
+}
+
+impl NotifySocket {
+    fn bind(dir: &Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        NotifySocket { sock, path, heard: Vec::new() }
+    }
+
+    /// Reads datagrams until one has a line starting with `prefix` (and `also`); returns that line.
+    fn wait_for(&mut self, prefix: &str, also: &str, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut buf = vec![0u8; 4096];
+        loop {
+            if let Some(l) = self.heard.iter().find(|l| l.starts_with(prefix) && l.contains(also)) {
+                return l.clone();
+            }
+            assert!(Instant::now() < deadline, "never heard {what}; heard {:?}", self.heard);
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                self.heard.extend(String::from_utf8_lossy(&buf[..n]).lines().map(str::to_string));
+            }
+        }
+    }
+}
+
+fn sigterm(p: &Proc) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(p.0.id() as i32, libc::SIGTERM) };
+}
+
+fn wait_exit(p: &mut Proc, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = p.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{what} did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_controller_tells_systemd_it_is_ready_how_it_stands_and_that_it_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut notify = NotifySocket::bind(dir.path());
+    let data = dir.path().join("ctl");
+    let mut child = Command::new(BIN)
+        .args(["controller", "--data-dir"])
+        .arg(&data)
+        .args(["--api-listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
+        .env("NOTIFY_SOCKET", &notify.path)
+        // 400 ms: pings every 200 ms.
+        .env("WATCHDOG_USEC", "400000")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("ctl.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.find_map(|l| l.ok().filter(|l| l.contains("API on"))).unwrap();
+    std::thread::spawn(move || for _ in lines {});
+    let api = line.split("API on ").nth(1).unwrap().split(',').next().unwrap().to_string();
+    let mut ctl = Proc(child);
+    notify.wait_for("READY=1", "", "READY=1");
+    // Ready means serving: the API answers at once.
+    let out = Command::new(BIN)
+        .args(["status"])
+        .env("COSMOS_CONTROLLER", &api)
+        .env("COSMOS_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the API did not answer after READY=1: {}", String::from_utf8_lossy(&out.stderr));
+    let status = notify.wait_for("STATUS=", "agents connected", "a status line");
+    assert!(status.contains("0 jobs running, 0 queued; 0 of 0 agents connected; 0 GPUs quarantined"), "{status}");
+    // Pings keep coming while the core answers.
+    let pings_before = notify.heard.iter().filter(|l| *l == "WATCHDOG=1").count();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while notify.heard.iter().filter(|l| *l == "WATCHDOG=1").count() < pings_before + 3 {
+        assert!(Instant::now() < deadline, "watchdog pings stopped: {:?}", notify.heard);
+        let mut buf = [0u8; 4096];
+        if let Ok(n) = notify.sock.recv(&mut buf) {
+            notify.heard.extend(String::from_utf8_lossy(&buf[..n]).lines().map(str::to_string));
+        }
+    }
+    sigterm(&ctl);
+    notify.wait_for("STOPPING=1", "", "STOPPING=1");
+    let status = wait_exit(&mut ctl, "the controller");
+    assert!(status.success(), "the controller did not stop cleanly on SIGTERM: {status:?}");
+}
+
+#[test]
+fn the_agent_tells_systemd_whether_its_controller_is_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ctl, _api, agents) = spawn_controller(&[], &dir.path().join("ctl"), &dir.path().join("ctl.log"));
+    let mut notify = NotifySocket::bind(dir.path());
+    let mut agent = Proc(
+        Command::new(BIN)
+            .args(["agent", "--controller", &agents, "--token-file"])
+            .arg(dir.path().join("ctl/agent.token"))
+            .arg("--work-dir")
+            .arg(dir.path().join("agent"))
+            .args(["--simulated-gpus", "2x24GiB", "--name", "a1"])
+            .env("NOTIFY_SOCKET", &notify.path)
+            .env("WATCHDOG_USEC", "400000")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    notify.wait_for("READY=1", "", "READY=1");
+    let status = notify.wait_for("STATUS=", "connected to the controller", "a connected status line");
+    assert!(status.contains("0 attempts running; 0 of 2 GPUs quarantined"), "{status}");
+    notify.wait_for("WATCHDOG=1", "", "a watchdog ping");
+    drop(ctl);
+    notify.wait_for("STATUS=", "waiting for the controller", "a status line once the controller is gone");
+    sigterm(&agent);
+    notify.wait_for("STOPPING=1", "", "STOPPING=1");
+    let status = wait_exit(&mut agent, "the agent");
+    assert!(status.success(), "the agent did not stop cleanly on SIGTERM: {status:?}");
+}
+
+fn cosmos(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).env_remove("COSMOS_LOG_FORMAT").output().unwrap()
+}
+
+#[test]
+fn config_check_names_the_key_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("controller.toml");
+    std::fs::write(&file, "data_dir = \"/var/lib/cosmos\"\napi_listen = \"127.0.0.1:7700\"\nretry_budget = 3\n")
+        .unwrap();
+    let out = cosmos(&["config", "check", file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an unknown key passed the check");
+    assert!(err.contains(&format!("{}: unknown key `retry_budget`", file.display())), "{err}");
+    std::fs::write(&file, "data_dir = \"/var/lib/cosmos\"\nrun_max_attempts = \"many\"\n").unwrap();
+    let out = cosmos(&["config", "check", file.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("--run-max-attempts")
+            && err.contains("`run_max_attempts` comes from the config file"),
+        "{err}"
+    );
+    // The daemon's own start-up checks run too (here the Cosmos run settings).
+    std::fs::write(&file, "data_dir = \"/var/lib/cosmos\"\nrun_max_attempts = 0\n").unwrap();
+    let out = cosmos(&["config", "check", file.to_str().unwrap()]);
+    assert!(!out.status.success(), "run_max_attempts = 0 passed: {}", String::from_utf8_lossy(&out.stdout));
+    std::fs::write(&file, "data_dir = \"/var/lib/cosmos\"\nlost_after_ms = 20000\nrun_env = [\"A=1\"]\n").unwrap();
+    let out = cosmos(&["config", "check", file.to_str().unwrap()]);
+    assert!(out.status.success(), "a good file failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("a valid config file for cosmos controller"));
+
+    // The shipped files: the controller's passes; the agent's every key is
+    // right, and only its token file (not on this machine) is missing.
+    let out = cosmos(&["config", "check", repo().join("deploy/controller.toml").to_str().unwrap()]);
+    assert!(out.status.success(), "deploy/controller.toml: {}", String::from_utf8_lossy(&out.stderr));
+    if !Path::new("/etc/cosmos/agent.token").exists() {
+        let out = cosmos(&["config", "check", repo().join("deploy/agent.toml").to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("/etc/cosmos/agent.token"), "deploy/agent.toml: {err}");
+    }
+}
+
+#[test]
+fn an_agent_token_file_others_can_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("agent.token");
+    write_token(&token, &"t".repeat(64));
+    let file = dir.path().join("agent.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "controller = \"127.0.0.1:7701\"\ntoken_file = \"{}\"\nwork_dir = \"{}\"\nsimulated_gpus = \"2x24GiB\"\n",
+            token.display(),
+            dir.path().join("work").display()
+        ),
+    )
+    .unwrap();
+    let out = cosmos(&["config", "check", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!dir.path().join("work").exists(), "config check created the work directory");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for args in [vec!["config", "check", file.to_str().unwrap()], vec!["agent", "--config", file.to_str().unwrap()]] {
+        let out = cosmos(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "cosmos {args:?} took a token others can read");
+        assert!(err.contains(&token.display().to_string()) && err.contains("chmod 600"), "cosmos {args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_controller_runs_from_its_config_file_and_flags_and_variables_win() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ctl");
+    let file = dir.path().join("controller.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "data_dir = \"{}\"\napi_listen = \"127.0.0.1:0\"\nagent_listen = \"127.0.0.1:0\"\nlog_format = \"text\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    // COSMOS_LOG_FORMAT beats the file's log_format; the file's data_dir and listeners hold.
+    let mut child = Command::new(BIN)
+        .args(["controller", "--config"])
+        .arg(&file)
+        .env("COSMOS_LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines.find_map(|l| l.ok().filter(|l| l.contains("API on")));
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let first_log = stderr.next().and_then(|l| l.ok()).unwrap_or_default();
+    let ctl = Proc(child);
+    assert!(line.is_some(), "the controller did not start from its config file: {first_log}");
+    assert!(data.join("api.token").exists(), "the file's data_dir was not used");
+    assert!(first_log.starts_with('{'), "COSMOS_LOG_FORMAT=json did not override the file: {first_log}");
+    drop(ctl);
+    // A flag beats the file: another data directory.
+    let other = dir.path().join("other");
+    let out = Command::new(BIN).args(["config", "check"]).arg(&file).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (mut p, _, _) = spawn_controller_with_config(&file, &other, &dir.path().join("c2.log"));
+    assert!(other.join("api.token").exists(), "--data-dir did not override the file's data_dir");
+    sigterm(&p);
+    assert!(wait_exit(&mut p, "the controller").success());
+}
+
+fn spawn_controller_with_config(file: &Path, data: &Path, log: &Path) -> (Proc, String, String) {
+    let mut child = Command::new(BIN)
+        .args(["controller", "--config"])
+        .arg(file)
+        .arg("--data-dir")
+        .arg(data)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line =
+        lines.find_map(|l| l.ok().filter(|l| l.contains("API on"))).expect("the controller prints its addresses");
+    std::thread::spawn(move || for _ in lines {});
+    let rest = line.split("API on ").nth(1).unwrap();
+    let (api, agents) = rest.split_once(", agents on ").unwrap();
+    (Proc(child), api.to_string(), agents.to_string())
+}
+
+#[test]
+fn sigterm_stops_the_controller_cleanly_and_running_jobs_carry_on() {
+    let mut c = Cluster::start(2, 15_000);
+    let record = c.dir.path().join("record.txt");
+    let batch = write_batch(c.dir.path(), 6, &record, "graceful-stop");
+    let out = c.cli(&["jobs", "submit", batch.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.wait_until("a job running", Duration::from_secs(30), |s| s.iter().any(|s| s == "running"));
+    let mut ctl = c.controller.take().unwrap();
+    sigterm(&ctl);
+    let status = wait_exit(&mut ctl, "the controller");
+    assert!(status.success(), "the controller did not exit 0 on SIGTERM: {status:?}");
+    let log = std::fs::read_to_string(c.dir.path().join("ctl.log")).unwrap();
+    assert!(log.contains("controller stopped; the store is flushed"), "{log}");
+    // Its agents were told at once: their links closed rather than timing out.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let agent_log = std::fs::read_to_string(c.dir.path().join("agent-0.log")).unwrap_or_default();
+        if agent_log.contains("the controller closed the connection") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent-0 never saw its link close: {agent_log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The next controller on the same directory finishes every job, each once.
+    let (api, agents) = (c.api.trim_start_matches("http://").to_string(), c.agent_addr.clone());
+    c.start_controller(&api, &agents);
+    c.wait_until("every job succeeded", Duration::from_secs(120), |s| {
+        s.len() == 6 && s.iter().all(|s| s == "succeeded")
+    });
+    for (job, attempts) in runs(&record) {
+        assert_eq!(attempts.len(), 1, "{job} ran {} times", attempts.len());
+    }
+}
