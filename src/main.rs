@@ -6,6 +6,7 @@ mod cosmos;
 mod follow;
 mod install;
 mod jobs;
+mod prune;
 mod ssh;
 mod sweep;
 mod up;
@@ -60,6 +61,10 @@ enum Command {
         /// Bound on each stored log stream (stdout, stderr) of one attempt, in bytes; past it the log is cut, and the cut marked.
         #[arg(long, default_value_t = cosmos_controller::daemon::ATTEMPT_LOG_BYTES_MAX_DEFAULT)]
         attempt_log_bytes_max: u64,
+        /// Finished jobs are pruned with their logs this many days after they ended (fractions allowed; 0 keeps
+        /// them forever); blobs nothing references any more go with them.
+        #[arg(long, default_value_t = cosmos_controller::retention::RETAIN_DAYS_DEFAULT)]
+        retain_days: f64,
         /// Host keys of the hosts reached over SSH are checked against this file (default ~/.ssh/known_hosts).
         #[arg(long, value_name = "FILE")]
         known_hosts: Option<PathBuf>,
@@ -455,6 +460,15 @@ enum PromptsCommand {
 
 #[derive(Subcommand, Debug)]
 enum JobsCommand {
+    /// Remove finished jobs that ended before a time, with their attempts' logs, and the blobs nothing
+    /// references any more (the controller also does this by itself past --retain-days).
+    Prune {
+        /// `2026-01-31` (UTC), `2026-01-31T12:00:00Z`, a duration back from now (`30d`, `6h`) or ms since the epoch.
+        #[arg(long, value_name = "DATE")]
+        before: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Submit a JSONL batch, one job per line; one bad line rejects the batch.
     Submit {
         /// The batch file.
@@ -671,6 +685,7 @@ pub fn run_checked(cli: Cli, check_only: bool) -> anyhow::Result<bool> {
             agent_listen,
             lost_after_ms,
             attempt_log_bytes_max,
+            retain_days,
             known_hosts,
             ssh_config,
             ssh_keepalive_interval_ms,
@@ -697,7 +712,13 @@ pub fn run_checked(cli: Cli, check_only: bool) -> anyhow::Result<bool> {
                 attempt_log_bytes_max,
                 dialer: Some(std::sync::Arc::new(dialer)),
                 trace: trace_config("cosmos-controller", &[("host.name", up::hostname())])?,
+                retain_days,
             };
+            if !(retain_days >= 0.0 && retain_days.is_finite()) {
+                anyhow::bail!(
+                    "--retain-days {retain_days}: give a number of days, 0 or more (0 keeps finished jobs forever)"
+                );
+            }
             warn_if_exposed(api_listen, agent_listen);
             opts.cosmos
                 .validate()
@@ -781,6 +802,7 @@ pub fn run_checked(cli: Cli, check_only: bool) -> anyhow::Result<bool> {
         Command::Config(ConfigCommand::Check { file, role }) => config::check(&file, role.as_deref()),
         Command::Up { data_dir, agents, gpus, client_command } => up::up(data_dir, agents, &gpus, client_command),
         Command::Jobs(cmd) => match cmd {
+            JobsCommand::Prune { before, client } => prune::prune(&client, &before).map(|()| true),
             JobsCommand::Submit { file, wait, client } => jobs::submit(&client, &file, wait),
             JobsCommand::List { state, since, page, client } => {
                 jobs::list(&client, state.as_deref(), since.as_deref(), &page).map(|()| true)

@@ -356,6 +356,41 @@ impl Handler<StoreFailed> for CoreActor {
     }
 }
 
+/// Finished jobs that ended before a time (controller wall clock, ms) and that no unfinished job names.
+pub struct Prunable(pub u64);
+impl Message for Prunable {
+    type Result = Vec<JobId>;
+}
+impl Handler<Prunable> for CoreActor {
+    type Result = MessageResult<Prunable>;
+    fn handle(&mut self, Prunable(before_ms): Prunable, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.core.prunable(before_ms))
+    }
+}
+
+/// Remove those of `jobs` still prunable before `before_ms`; answers them once durable.
+pub struct Prune {
+    /// The candidates.
+    pub jobs: Vec<JobId>,
+    /// The cutoff they must have finished before.
+    pub before_ms: u64,
+}
+impl Message for Prune {
+    type Result = oneshot::Receiver<Vec<JobId>>;
+}
+impl Handler<Prune> for CoreActor {
+    type Result = MessageResult<Prune>;
+    fn handle(&mut self, Prune { jobs, before_ms }: Prune, ctx: &mut Context<Self>) -> Self::Result {
+        let mut out = Vec::new();
+        let pruned = self.core.prune(self.clock.now(), &jobs, before_ms, &mut out);
+        self.runs.retain(|_, j| !pruned.contains(j));
+        let (tx, rx) = oneshot::channel();
+        self.perform(out, Some(Box::new(move || drop(tx.send(pruned)))));
+        self.arm(ctx);
+        MessageResult(rx)
+    }
+}
+
 /// The controller stops: what is durable already is sent, every agent
 /// connection is closed and the actor stops deciding. Answers how many
 /// connections it closed.

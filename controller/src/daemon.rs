@@ -53,6 +53,8 @@ pub struct ControllerOptions {
     pub dialer: Option<Arc<dyn crate::hosts::HostDialer>>,
     /// Where each job's trace is exported (OTLP); none: traces are off.
     pub trace: Option<cosmos_telemetry::TraceConfig>,
+    /// Finished jobs older than this many days are pruned with their logs; 0 keeps them forever.
+    pub retain_days: f64,
 }
 
 /// How long a stopping controller waits for the spans still queued to reach the collector.
@@ -302,6 +304,10 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         Err(_) => crate::service::ready("serving"),
     }
     actix::spawn(crate::service::keepalive(addr.clone()));
+    if opts.retain_days > 0.0 {
+        let retain_ms = (opts.retain_days * 86_400_000.0) as u64;
+        actix::spawn(crate::retention::keep(addr.clone(), shared.clone(), retain_ms, opts.retain_days));
+    }
     let failure = tokio::select! {
         () = &mut shutdown => None,
         Ok(reason) = failed_rx => Some(reason),

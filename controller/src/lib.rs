@@ -19,6 +19,7 @@
 //! - [`http`]: the HTTP API (jobs, Cosmos runs, blobs), its auth and its errors.
 //! - [`metrics`]: the Prometheus metrics `GET /metrics` serves.
 //! - [`trace`]: each job's trace, derived from what the core persists.
+//! - [`retention`]: pruning finished jobs, their logs, and blobs nothing references.
 //! - [`service`]: what systemd hears (`sd_notify`): ready, status, watchdog pings.
 //! - [`daemon`]: the wiring root; it imports everything and nothing imports it.
 
@@ -35,6 +36,7 @@ pub mod http;
 pub mod logs;
 pub mod metrics;
 pub mod records;
+pub mod retention;
 pub mod service;
 pub mod shared;
 pub mod store;

@@ -265,6 +265,16 @@ pub enum StoreOp {
     PutPrompt(Box<crate::cosmos::Prompt>),
     /// Remove a Cosmos prompt (its runs keep their own copies of what they used).
     DeletePrompt(String),
+    /// Remove finished jobs with their attempts and events (retention), keeping
+    /// the highest ids given so far so that none is given again.
+    PruneJobs {
+        /// The jobs.
+        jobs: Vec<JobId>,
+        /// The highest job id given so far.
+        job_id_max: JobId,
+        /// The highest attempt id given so far.
+        attempt_id_max: AttemptId,
+    },
 }
 
 /// Everything the core needs to rebuild itself after a restart.
@@ -278,6 +288,8 @@ pub struct Snapshot {
     pub live_attempts: Vec<AttemptRecord>,
     /// Highest attempt id ever allocated, so ids are never reused.
     pub max_attempt_id: Option<AttemptId>,
+    /// Highest job id ever allocated, when jobs above those in `jobs` were pruned.
+    pub max_job_id: Option<JobId>,
     /// All agents ever seen.
     pub agents: Vec<AgentRecord>,
 }

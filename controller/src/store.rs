@@ -97,6 +97,10 @@ const APPEND_EVENT: &str =
 const EPOCH_KEY: &str = "epoch";
 /// Key of the store's identity in `meta`.
 const INSTANCE_KEY: &str = "instance_id";
+/// The highest job id given, once jobs were pruned (their rows no longer say it).
+const JOB_ID_MAX_KEY: &str = "job_id_max";
+/// The highest attempt id given, once attempts were pruned.
+const ATTEMPT_ID_MAX_KEY: &str = "attempt_id_max";
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +255,20 @@ impl Store {
                 StoreOp::DeletePrompt(id) => {
                     tx.execute("DELETE FROM prompts WHERE id = ?1", [id])?;
                 }
+                StoreOp::PruneJobs { jobs, job_id_max, attempt_id_max } => {
+                    for id in jobs {
+                        tx.prepare_cached("DELETE FROM events WHERE job_id = ?1")?.execute([id.0])?;
+                        tx.prepare_cached("DELETE FROM attempts WHERE job_id = ?1")?.execute([id.0])?;
+                        tx.prepare_cached("DELETE FROM jobs WHERE id = ?1")?.execute([id.0])?;
+                    }
+                    for (key, value) in [(JOB_ID_MAX_KEY, job_id_max.0), (ATTEMPT_ID_MAX_KEY, attempt_id_max.0)] {
+                        tx.prepare_cached(
+                            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                             ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+                        )?
+                        .execute(params![key, value])?;
+                    }
+                }
                 StoreOp::Event(ev) => {
                     tx.prepare_cached(APPEND_EVENT)?.execute(params![
                         ev.at_ms,
@@ -347,6 +365,11 @@ impl Store {
             attempts
         };
         let max_attempt_id: Option<u64> = tx.query_row("SELECT MAX(id) FROM attempts", [], |r| r.get(0))?;
+        let meta = |key: &str| -> Result<Option<u64>> {
+            Ok(tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+        };
+        let max_attempt_id = max_attempt_id.max(meta(ATTEMPT_ID_MAX_KEY)?);
+        let max_job_id = meta(JOB_ID_MAX_KEY)?.map(JobId);
         let agents = {
             let mut stmt = tx.prepare_cached("SELECT name, record FROM agents ORDER BY name")?;
             let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
@@ -357,7 +380,7 @@ impl Store {
             .collect::<Result<Vec<_>>>()?
         };
         tx.commit()?;
-        Ok(Snapshot { epoch, jobs, live_attempts, max_attempt_id: max_attempt_id.map(AttemptId), agents })
+        Ok(Snapshot { epoch, jobs, live_attempts, max_attempt_id: max_attempt_id.map(AttemptId), max_job_id, agents })
     }
 
     /// One job, if it exists.

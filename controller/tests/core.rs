@@ -362,6 +362,7 @@ impl Cluster {
         let mut jobs: BTreeMap<JobId, JobRecord> = BTreeMap::new();
         let mut attempts: BTreeMap<AttemptId, AttemptRecord> = BTreeMap::new();
         let mut agents: BTreeMap<String, AgentRecord> = BTreeMap::new();
+        let (mut max_job_id, mut max_attempt_id) = (None, None);
         for op in &self.persisted {
             match op {
                 StoreOp::PutJob(j) => {
@@ -373,12 +374,19 @@ impl Cluster {
                 StoreOp::PutAgent(a) => {
                     agents.insert(a.name.clone(), a.clone());
                 }
+                StoreOp::PruneJobs { jobs: pruned, job_id_max, attempt_id_max } => {
+                    jobs.retain(|id, _| !pruned.contains(id));
+                    attempts.retain(|_, a| !pruned.contains(&a.job_id));
+                    max_job_id = max_job_id.max(Some(*job_id_max));
+                    max_attempt_id = max_attempt_id.max(Some(*attempt_id_max));
+                }
                 StoreOp::Event(_) | StoreOp::PutPrompt(_) | StoreOp::DeletePrompt(_) => {}
             }
         }
         Snapshot {
             epoch,
-            max_attempt_id: attempts.keys().next_back().copied(),
+            max_attempt_id: attempts.keys().next_back().copied().max(max_attempt_id),
+            max_job_id,
             jobs: jobs.into_values().collect(),
             live_attempts: attempts.into_values().filter(|a| a.state.is_live()).collect(),
             agents: agents.into_values().collect(),
@@ -1854,4 +1862,47 @@ fn an_agent_whose_runtime_is_down_gets_no_work_until_it_recovers() {
     let (_, a) = one_assign(&c, &out);
     assert_eq!(a.job_id, waiting[0]);
     assert_eq!(c.core.agents()[0].unhealthy, None);
+}
+
+#[test]
+fn finished_jobs_are_pruned_unless_an_unfinished_job_names_them_and_their_ids_are_never_given_again() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 2, 80);
+    let (ids, out) = c.submit_ok(vec![spec("one"), spec("two")]);
+    let mut max_attempt = AttemptId(0);
+    for (_, a) in assigns(&c, &out) {
+        c.started("a", a.attempt_id);
+        c.finished("a", a.attempt_id, succeeded());
+        max_attempt = max_attempt.max(a.attempt_id);
+    }
+    // `then` waits for `two`, which has succeeded: it runs, and while it runs `two` must stay.
+    let opts = SubmitOptions { after: vec![vec![ids[1]]], ..Default::default() };
+    let ((then, _), out) = c.call(|core, now, out| core.submit_with(now, vec![spec("then")], opts, out).unwrap());
+    let (_, t) = one_assign(&c, &out);
+    let later = c.clock().wall_ms + 1;
+    assert_eq!(c.core.prunable(later), vec![ids[0]]);
+    // Nothing finished before a time already past.
+    assert!(c.core.prunable(0).is_empty());
+    let (pruned, out) = c.call(|core, now, out| core.prune(now, &[ids[0], ids[1], then[0]], later, out));
+    assert_eq!(pruned, vec![ids[0]]);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::Persist(ops) if ops.iter().any(|op| matches!(op, StoreOp::PruneJobs { .. }))))
+    );
+    assert!(c.core.job(ids[0]).is_none() && c.core.job(ids[1]).is_some());
+
+    c.started("a", t.attempt_id);
+    c.finished("a", t.attempt_id, succeeded());
+    let later = c.clock().wall_ms + 1;
+    let (pruned, _) = c.call(|core, now, out| core.prune(now, &[ids[1], then[0]], later, out));
+    assert_eq!(pruned, vec![ids[1], then[0]]);
+    assert_eq!(c.core.jobs().count(), 0);
+
+    // After a restart on what was persisted, ids go on from the highest ever given.
+    c.restart(quiet_config(), Epoch(2));
+    c.connect("a", 2, 80);
+    let (fresh, out) = c.submit_ok(vec![spec("fresh")]);
+    assert!(fresh[0] > then[0], "job id {} given again", fresh[0]);
+    let (_, a) = one_assign(&c, &out);
+    assert!(a.attempt_id > t.attempt_id.max(max_attempt), "attempt id {} given again", a.attempt_id);
 }

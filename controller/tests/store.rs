@@ -177,6 +177,7 @@ fn every_record_type_round_trips_exactly() {
             jobs,
             live_attempts: attempts[1..].to_vec(),
             max_attempt_id: Some(AttemptId(9)),
+            max_job_id: None,
             // By name, in byte order: `ä` sorts after every ASCII letter.
             agents: vec![agents[1].clone(), agents[0].clone()],
         }
@@ -372,4 +373,34 @@ fn the_api_reader_sees_the_writers_commits_and_cannot_write() {
     let err = reader.apply(&[StoreOp::PutJob(Box::new(queued_job(2)))]).unwrap_err();
     assert!(err.to_string().to_lowercase().contains("readonly"), "{err}");
     assert_eq!(writer.load().unwrap().jobs.len(), 1);
+}
+
+#[test]
+fn pruned_jobs_leave_with_their_attempts_and_events_and_their_ids_stay_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    store
+        .apply(&[
+            StoreOp::PutJob(Box::new(finished_job(1))),
+            StoreOp::PutJob(Box::new(finished_job(2))),
+            StoreOp::PutAttempt(failed_attempt(4, 1)),
+            StoreOp::PutAttempt(failed_attempt(5, 2)),
+            StoreOp::Event(event(Some(2), Some(5), "finished")),
+        ])
+        .unwrap();
+    store
+        .apply(&[StoreOp::PruneJobs { jobs: vec![JobId(2)], job_id_max: JobId(2), attempt_id_max: AttemptId(5) }])
+        .unwrap();
+    assert!(store.job(JobId(2)).unwrap().is_none());
+    assert!(store.attempts_of(JobId(2)).unwrap().is_empty());
+    assert!(store.events_of(JobId(2)).unwrap().is_empty());
+    assert_eq!(store.attempts_of(JobId(1)).unwrap().len(), 1);
+    // A later prune with lower ids does not lower what is kept.
+    store
+        .apply(&[StoreOp::PruneJobs { jobs: vec![JobId(1)], job_id_max: JobId(1), attempt_id_max: AttemptId(4) }])
+        .unwrap();
+    drop(store);
+    let snap = open(dir.path()).load().unwrap();
+    assert!(snap.jobs.is_empty());
+    assert_eq!((snap.max_job_id, snap.max_attempt_id), (Some(JobId(2)), Some(AttemptId(5))));
 }

@@ -372,3 +372,146 @@ fn sigterm_stops_the_controller_cleanly_and_running_jobs_carry_on() {
         assert_eq!(attempts.len(), 1, "{job} ran {} times", attempts.len());
     }
 }
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A batch file of quick jobs, one per command.
+fn jobs_file(dir: &Path, name: &str, commands: &[&str]) -> PathBuf {
+    let path = dir.join(name);
+    let lines: Vec<String> = commands
+        .iter()
+        .enumerate()
+        .map(|(i, cmd)| serde_json::json!({"name": format!("j{i}"), "command": ["sh", "-c", cmd]}).to_string())
+        .collect();
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path
+}
+
+fn blob_path(data: &Path, sha: &str) -> PathBuf {
+    data.join("blobs/sha256").join(&sha[..2]).join(sha)
+}
+
+/// Makes a file look `hours` old, as a blob uploaded that long ago is.
+fn age(path: &Path, hours: u32) {
+    let out = Command::new("touch").arg("-d").arg(format!("{hours} hours ago")).arg(path).output().unwrap();
+    assert!(out.status.success(), "touch -d: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn video(dir: &Path, tag: &str) -> (PathBuf, String) {
+    let d = dir.join(tag);
+    std::fs::create_dir_all(&d).unwrap();
+    let bytes = format!("color video of {tag}").repeat(100);
+    std::fs::write(d.join("color.mp4"), &bytes).unwrap();
+    (d, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes.as_bytes())))
+}
+
+#[test]
+fn jobs_prune_removes_finished_jobs_their_logs_and_blobs_nothing_references() {
+    let mut c = Cluster::start(1, 15_000);
+    let batch = jobs_file(c.dir.path(), "b.jsonl", &["echo one", "echo two"]);
+    assert!(c.cli(&["jobs", "submit", batch.to_str().unwrap(), "--wait"]).status.success());
+    let logs: Vec<PathBuf> = std::fs::read_dir(c.data().join("logs")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(logs.iter().any(|p| p.extension().is_some_and(|e| e == "stdout")), "no logs were written: {logs:?}");
+    // Two prompts' videos; the first prompt is deleted, so its video is referenced by nothing.
+    let (gone_dir, gone_sha) = video(c.dir.path(), "gone");
+    let (kept_dir, kept_sha) = video(c.dir.path(), "kept");
+    let gone = c.json(&["create", "prompt", "a gone street", gone_dir.to_str().unwrap(), "--json"]);
+    c.json(&["create", "prompt", "a kept street", kept_dir.to_str().unwrap(), "--json"]);
+    assert!(c.cli(&["prompts", "delete", gone["id"].as_str().unwrap()]).status.success());
+    // A blob younger than an hour is never collected (an upload whose prompt is on its way).
+    let cutoff = now_ms().to_string();
+    let first = c.json(&["jobs", "prune", "--before", &cutoff, "--json"]);
+    assert_eq!(first["jobs"].as_array().unwrap().len(), 2, "{first}");
+    assert_eq!(first["blobs"], 0, "a fresh blob was collected: {first}");
+    assert!(blob_path(&c.data(), &gone_sha).exists());
+    assert!(c.json(&["jobs", "list", "--json"]).as_array().unwrap().is_empty());
+    for log in &logs {
+        assert!(!log.exists(), "{} outlived its job", log.display());
+    }
+    let out = c.cli(&["jobs", "show", "job-1"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no job job-1"));
+    age(&blob_path(&c.data(), &gone_sha), 2);
+    age(&blob_path(&c.data(), &kept_sha), 2);
+    let second = c.json(&["jobs", "prune", "--before", &cutoff, "--json"]);
+    assert_eq!((second["jobs"].as_array().unwrap().len(), second["blobs"].as_u64()), (0, Some(1)), "{second}");
+    assert!(!blob_path(&c.data(), &gone_sha).exists(), "the unreferenced blob stayed");
+    assert!(blob_path(&c.data(), &kept_sha).exists(), "a prompt's video was collected");
+    let log = std::fs::read_to_string(c.dir.path().join("ctl.log")).unwrap();
+    assert!(log.contains("pruned a finished job") && log.contains("collected a blob"), "{log}");
+    // A time to come is refused; and pruned ids are never given again, across a restart too.
+    let out = c.cli(&["jobs", "prune", "--before", &(now_ms() + 3_600_000).to_string()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in the future"));
+    Cluster::kill9(&mut c.controller);
+    let (api, agents) = (c.api.trim_start_matches("http://").to_string(), c.agent_addr.clone());
+    c.start_controller(&api, &agents);
+    c.wait_agents(1);
+    let one = jobs_file(c.dir.path(), "c.jsonl", &["echo three"]);
+    let ids = c.json(&["jobs", "submit", one.to_str().unwrap(), "--json"]);
+    assert_eq!(ids, serde_json::json!(["job-3"]), "a pruned job id was given again");
+}
+
+#[test]
+fn a_controller_prunes_past_its_retention_by_itself() {
+    // 0.00002 days is 1.7 s: passes run every second.
+    let c = Cluster::start_with(1, 15_000, vec!["--retain-days".into(), "0.00002".into()], |_| Vec::new());
+    let batch = jobs_file(c.dir.path(), "b.jsonl", &["echo one"]);
+    assert!(c.cli(&["jobs", "submit", batch.to_str().unwrap(), "--wait"]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.json(&["jobs", "list", "--json"]).as_array().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "the finished job was never pruned");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = std::fs::read_to_string(c.dir.path().join("ctl.log")).unwrap();
+    assert!(log.contains("(--retain-days)"), "the removal does not say why: {log}");
+}
+
+fn attempt_dirs(work: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(work.join("attempts"))
+        .map(|r| r.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn an_agent_removes_delivered_attempts_after_their_retention() {
+    let c = Cluster::start_with(1, 15_000, Vec::new(), |_| vec!["--attempt-retain-s".into(), "0".into()]);
+    let batch = jobs_file(c.dir.path(), "b.jsonl", &["echo one > out.txt", "echo two"]);
+    assert!(c.cli(&["jobs", "submit", batch.to_str().unwrap(), "--wait"]).status.success());
+    let work = c.dir.path().join("agent-0");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !attempt_dirs(&work).is_empty() {
+        assert!(Instant::now() < deadline, "delivered attempts stayed: {:?}", attempt_dirs(&work));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = std::fs::read_to_string(c.dir.path().join("agent-0.log")).unwrap();
+    assert!(log.contains("removed a finished attempt's directory") && log.contains("--attempt-retain-s"), "{log}");
+    // The controller still has what they produced: logs stay there.
+    let out = c.cli(&["jobs", "logs", "job-2"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("two"), "the job's logs went with its directory");
+}
+
+#[test]
+fn a_low_work_disk_takes_delivered_attempts_early_but_never_a_running_one() {
+    // A floor no disk meets: the disk is always "low".
+    let c =
+        Cluster::start_with(1, 15_000, Vec::new(), |_| vec!["--work-disk-free-min-gib".into(), "1000000000".into()]);
+    let batch = jobs_file(c.dir.path(), "b.jsonl", &["sleep 30", "echo quick"]);
+    assert!(c.cli(&["jobs", "submit", batch.to_str().unwrap()]).status.success());
+    c.wait_until("the quick job done", Duration::from_secs(60), |s| s.iter().any(|s| s == "succeeded"));
+    let work = c.dir.path().join("agent-0");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while attempt_dirs(&work).len() != 1 {
+        assert!(Instant::now() < deadline, "the delivered attempt stayed: {:?}", attempt_dirs(&work));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let states = c.states();
+    assert!(states.iter().any(|s| s == "running"), "{states:?}");
+    let running = c.json(&["jobs", "show", "job-1", "--json"]);
+    assert_eq!(running["state"], "running", "job-1 is the sleeper: {running}");
+    assert_eq!(attempt_dirs(&work), ["att-1"], "the running attempt's directory went");
+    let log = std::fs::read_to_string(c.dir.path().join("agent-0.log")).unwrap();
+    assert!(log.contains("removed a finished attempt's directory early"), "{log}");
+}

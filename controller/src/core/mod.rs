@@ -28,6 +28,7 @@ mod attempts;
 mod invariants;
 mod liveness;
 mod placement;
+mod prune;
 mod reconcile;
 
 use crate::records::*;
@@ -522,7 +523,13 @@ impl Core {
         let mut core = Core {
             config,
             epoch: snapshot.epoch,
-            next_job_id: snapshot.jobs.iter().map(|j| j.id.0 + 1).max().unwrap_or(1),
+            next_job_id: snapshot
+                .jobs
+                .iter()
+                .map(|j| j.id.0 + 1)
+                .chain(snapshot.max_job_id.map(|j| j.0 + 1))
+                .max()
+                .unwrap_or(1),
             next_attempt_id: snapshot.max_attempt_id.map_or(1, |a| a.0 + 1),
             jobs: BTreeMap::new(),
             ready: ReadyQueue::default(),

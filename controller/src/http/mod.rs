@@ -10,6 +10,7 @@
 //!
 //! - [`jobs`]: jobs, agents, status, logs.
 //! - [`cosmos`]: Cosmos prompts and runs (jobs with `cosmos.*` labels).
+//! - [`prune`]: pruning finished jobs' history (retention).
 //! - [`blobs`]: uploading and downloading videos and outputs by sha256.
 //! - [`metrics`]: `GET /metrics` for Prometheus (open on a loopback API; see there).
 //!
@@ -20,6 +21,7 @@ pub mod blobs;
 pub mod cosmos;
 pub mod jobs;
 pub mod metrics;
+pub mod prune;
 
 pub use jobs::{AgentInfo, AttemptView, GpuView, JobLine, JobView, RESERVED_LABEL_PREFIX, StatusBody, SubmitRequest};
 
@@ -406,6 +408,7 @@ pub fn server(
                     }
                 }
             })
+            .configure(prune::routes)
             .configure(jobs::routes)
             .configure(cosmos::routes)
             .configure(blobs::routes)
