@@ -166,6 +166,19 @@ enum Command {
     /// Check a daemon's config file without starting anything.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print the shell completion script for bash, zsh or fish (the .deb installs all three), e.g.
+    /// `cosmos completions bash > ~/.local/share/bash-completion/completions/cosmos`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (cosmos.1, cosmos-controller.1, …) into DIR, from this CLI's definition.
+    #[command(hide = true)]
+    Man {
+        /// Where the pages go.
+        dir: PathBuf,
+    },
     /// Submit, list, follow and cancel jobs.
     #[command(subcommand)]
     Jobs(JobsCommand),
@@ -800,6 +813,18 @@ pub fn run_checked(cli: Cli, check_only: bool) -> anyhow::Result<bool> {
             Ok(true)
         }
         Command::Config(ConfigCommand::Check { file, role }) => config::check(&file, role.as_deref()),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "cosmos", &mut std::io::stdout());
+            Ok(true)
+        }
+        Command::Man { dir } => {
+            use clap::CommandFactory;
+            std::fs::create_dir_all(&dir)?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .map_err(|e| anyhow::anyhow!("cannot write the manual pages into {}: {e}", dir.display()))?;
+            Ok(true)
+        }
         Command::Up { data_dir, agents, gpus, client_command } => up::up(data_dir, agents, &gpus, client_command),
         Command::Jobs(cmd) => match cmd {
             JobsCommand::Prune { before, client } => prune::prune(&client, &before).map(|()| true),

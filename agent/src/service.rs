@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-/// How often the status line is refreshed when no watchdog asks for more.
-pub const STATUS_INTERVAL_MS: u64 = 5_000;
+/// How often the status line is refreshed (and the watchdog pinged, when it asks for no more often).
+pub const STATUS_INTERVAL_MS: u64 = 2_000;
 
 /// What the status line says.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,10 +71,12 @@ fn notify(states: &[sd_notify::NotifyState]) {
     }
 }
 
-/// Interval between two pings: half the watchdog's timeout, or the status interval.
+/// Interval between two pings (and status lines): the status interval, or half
+/// the watchdog's timeout when that is shorter, so one late answer does not get
+/// the daemon killed.
 pub fn ping_interval() -> Duration {
     match sd_notify::watchdog_enabled() {
-        Some(timeout) => (timeout / 2).max(Duration::from_millis(100)),
+        Some(timeout) => (timeout / 2).clamp(Duration::from_millis(100), Duration::from_millis(STATUS_INTERVAL_MS)),
         None => Duration::from_millis(STATUS_INTERVAL_MS),
     }
 }

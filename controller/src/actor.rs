@@ -650,6 +650,8 @@ pub struct StatusView {
     pub queue_depth: usize,
     /// Jobs in each state.
     pub jobs: Vec<(crate::records::JobState, usize)>,
+    /// Attempts assigned, running or stopping (one per running job).
+    pub live_attempts: usize,
     /// Agents.
     pub agents: Vec<AgentView>,
 }
@@ -663,6 +665,7 @@ impl Handler<Status> for CoreActor {
             epoch: self.core.epoch().0,
             queue_depth: self.core.queue_depth(),
             jobs: self.core.job_counts().collect(),
+            live_attempts: self.core.live_attempts().count(),
             agents: self.core.agents(),
         })
     }

@@ -7,11 +7,10 @@
 
 use crate::actor::{CoreActor, Status, StatusView};
 use actix::Addr;
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-/// How often the status line is refreshed when no watchdog asks for more.
-pub const STATUS_INTERVAL_MS: u64 = 5_000;
+/// How often the status line is refreshed (and the watchdog pinged, when it asks for no more often).
+pub const STATUS_INTERVAL_MS: u64 = 2_000;
 /// Bound on one round trip through the core actor; past it no ping is sent.
 pub const CORE_ANSWER_TIMEOUT_MS: u64 = 5_000;
 
@@ -33,13 +32,11 @@ fn notify(states: &[sd_notify::NotifyState]) {
 
 /// The status line: what runs, what waits, who is connected, what is quarantined.
 pub fn status_line(view: &StatusView) -> String {
-    let running: BTreeSet<_> =
-        view.agents.iter().flat_map(|a| a.gpus.iter().filter_map(|(_, _, _, attempt)| *attempt)).collect();
     let connected = view.agents.iter().filter(|a| a.connected).count();
     let quarantined: usize = view.agents.iter().map(|a| a.gpu_quarantine.len()).sum();
     format!(
         "{} running, {} queued; {connected} of {} agents connected; {quarantined} GPUs quarantined",
-        plural(running.len(), "job"),
+        plural(view.live_attempts, "job"),
         view.queue_depth,
         view.agents.len(),
     )
@@ -49,11 +46,12 @@ fn plural(n: usize, word: &str) -> String {
     if n == 1 { format!("1 {word}") } else { format!("{n} {word}s") }
 }
 
-/// Interval between two pings: half the watchdog's timeout, so one late
-/// answer does not get the controller killed; the status interval otherwise.
+/// Interval between two pings (and status lines): the status interval, or half
+/// the watchdog's timeout when that is shorter, so one late answer does not get
+/// the daemon killed.
 pub fn ping_interval() -> Duration {
     match sd_notify::watchdog_enabled() {
-        Some(timeout) => (timeout / 2).max(Duration::from_millis(100)),
+        Some(timeout) => (timeout / 2).clamp(Duration::from_millis(100), Duration::from_millis(STATUS_INTERVAL_MS)),
         None => Duration::from_millis(STATUS_INTERVAL_MS),
     }
 }

@@ -515,3 +515,105 @@ fn a_low_work_disk_takes_delivered_attempts_early_but_never_a_running_one() {
     let log = std::fs::read_to_string(c.dir.path().join("agent-0.log")).unwrap();
     assert!(log.contains("removed a finished attempt's directory early"), "{log}");
 }
+
+/// The newest .deb scripts/build-deb left in this build's target directory.
+fn built_deb() -> PathBuf {
+    let target = Path::new(BIN).parent().and_then(Path::parent).unwrap();
+    let dir = target.join("debian");
+    let mut debs: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|r| r.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "deb")).collect())
+        .unwrap_or_default();
+    debs.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    debs.pop()
+        .unwrap_or_else(|| panic!("no .deb in {}: run scripts/build-deb first (scripts/test does)", dir.display()))
+}
+
+/// A container of `cosmos-debian:dev`, removed when dropped.
+struct Container(String);
+
+impl Container {
+    fn exec(&self, script: &str) -> (bool, String) {
+        let out = Command::new("docker").args(["exec", &self.0, "sh", "-c", script]).output().unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("docker").args(["rm", "-f", &self.0]).output();
+    }
+}
+
+#[test]
+fn the_deb_installs_on_a_clean_debian_and_its_units_run_under_systemd() {
+    const IMAGE: &str = "cosmos-debian:dev";
+    let deb = built_deb();
+    let docker = Command::new("docker").args(["image", "inspect", IMAGE]).output();
+    assert!(
+        docker.is_ok_and(|o| o.status.success()),
+        "the image {IMAGE} is missing (or Docker is not running): run scripts/build-debian-image (scripts/setup does)"
+    );
+    let name = format!("cosmos-deb-{}", std::process::id());
+    let deb_dir = deb.parent().unwrap().display().to_string();
+    // systemd as PID 1 wants its own /run and the cgroup hierarchy.
+    let out = Command::new("docker")
+        .args(["run", "-d", "--name", &name, "--tmpfs", "/run", "--tmpfs", "/run/lock", "--tmpfs", "/tmp"])
+        .args(["-v", "/sys/fs/cgroup:/sys/fs/cgroup:ro", "-v", &format!("{deb_dir}:/deb:ro"), IMAGE])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "docker run: {}", String::from_utf8_lossy(&out.stderr));
+    let c = Container(name);
+    let deb_in = format!("/deb/{}", deb.file_name().unwrap().to_string_lossy());
+    assert!(c.exec("! command -v cosmos").0, "the image is not clean: it has cosmos already");
+
+    let (ok, text) = c.exec(&format!(
+        "set -e; dpkg -i {deb_in}; cosmos version; id -un cosmos; \
+         stat -c '%n %U:%G %a' /etc/cosmos /etc/cosmos/controller.toml /etc/cosmos/agent.toml /var/lib/cosmos-controller /var/lib/cosmos-agent; \
+         ls /usr/share/man/man1/cosmos.1.gz /usr/share/man/man1/cosmos-controller.1.gz /usr/share/man/man1/cosmos-agent.1.gz \
+            /usr/share/bash-completion/completions/cosmos /usr/share/zsh/vendor-completions/_cosmos /usr/share/fish/vendor_completions.d/cosmos.fish; \
+         systemd-analyze verify --man=no /lib/systemd/system/cosmos-controller.service /lib/systemd/system/cosmos-agent.service; \
+         echo verified; cosmos config check /etc/cosmos/controller.toml"
+    ));
+    assert!(ok, "installing the package failed:\n{text}");
+    assert!(text.contains(&format!("cosmos {}", env!("CARGO_PKG_VERSION"))), "{text}");
+    for line in [
+        "/etc/cosmos root:cosmos 750",
+        "/etc/cosmos/controller.toml root:cosmos 640",
+        "/etc/cosmos/agent.toml root:cosmos 640",
+        "/var/lib/cosmos-controller cosmos:cosmos 700",
+        "/var/lib/cosmos-agent cosmos:cosmos 750",
+    ] {
+        assert!(text.lines().any(|l| l == line), "expected `{line}`:\n{text}");
+    }
+    let verified = text.split("verified").next().unwrap();
+    assert!(!verified.contains("cosmos-controller.service:") && !verified.contains("cosmos-agent.service:"), "{text}");
+
+    // Under systemd: the controller as shipped; the agent dialing it, with simulated GPUs.
+    let (ok, text) = c.exec(
+        "set -e; systemctl start cosmos-controller; \
+         install -o cosmos -g cosmos -m 0600 /var/lib/cosmos-controller/agent.token /etc/cosmos/agent.token; \
+         printf 'controller = \"127.0.0.1:7701\"\\ntoken_file = \"/etc/cosmos/agent.token\"\\nwork_dir = \"/var/lib/cosmos-agent\"\\nsimulated_gpus = \"2x24GiB\"\\nname = \"h1\"\\n' > /etc/cosmos/agent.toml; \
+         systemctl start cosmos-agent; \
+         export COSMOS_CONTROLLER=http://127.0.0.1:7700 COSMOS_DATA_DIR=/var/lib/cosmos-controller; \
+         printf '{\"name\":\"s\",\"command\":[\"sh\",\"-c\",\"sleep 4; id -un\"]}\\n' > /tmp/b.jsonl; \
+         cosmos jobs submit /tmp/b.jsonl; \
+         for i in $(seq 100); do cosmos jobs list | grep -q running && break; sleep 0.1; done; \
+         systemctl restart cosmos-agent; cosmos jobs wait job-1; cosmos jobs show job-1; cosmos jobs logs job-1; \
+         for i in $(seq 100); do systemctl show -p StatusText cosmos-controller | grep -q '0 jobs running, 0 queued; 1 of 1 agents' && \
+            systemctl show -p StatusText cosmos-agent | grep -q '0 attempts running' && break; sleep 0.2; done; \
+         systemctl show -p ActiveState -p StatusText cosmos-controller cosmos-agent",
+    );
+    assert!(ok, "the units did not run the job:\n{text}");
+    assert!(text.contains("attempts 1"), "the job did not survive the agent's restart once: {text}");
+    assert!(text.lines().any(|l| l == "cosmos"), "the job did not run as the cosmos user: {text}");
+    assert!(text.contains("StatusText=0 jobs running, 0 queued; 1 of 1 agents connected"), "{text}");
+    assert!(text.contains("StatusText=connected to the controller 127.0.0.1:7701; 0 attempts running"), "{text}");
+    assert_eq!(text.matches("ActiveState=active").count(), 2, "{text}");
+    // SIGTERM through systemd: the controller stops cleanly.
+    let (ok, text) =
+        c.exec("systemctl stop cosmos-controller; systemctl show -p Result -p ExecMainStatus cosmos-controller");
+    assert!(ok && text.contains("Result=success") && text.contains("ExecMainStatus=0"), "{text}");
+}
