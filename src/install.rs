@@ -28,6 +28,11 @@ pub const BIN_PATH: &str = "/usr/local/bin/cosmos";
 pub const TOKEN_PATH: &str = "/etc/cosmos/agent.token";
 /// The agent's per-host settings: its further flags, read by the unit's `EnvironmentFile`.
 pub const CONFIG_PATH: &str = "/etc/cosmos/agent.env";
+/// The agent's config file, which the unit's `ExecStart` names (listen socket, token file, work directory).
+pub const AGENT_TOML_PATH: &str = "/etc/cosmos/agent.toml";
+/// The config file written where the host has none: the one in `deploy/`, byte for byte. An existing one is the
+/// operator's and is left alone; flags given to the installer go to [`CONFIG_PATH`], which overrides it.
+pub const AGENT_TOML_TEXT: &str = include_str!("../deploy/agent.toml");
 /// The systemd unit's name.
 pub const UNIT: &str = "cosmos-agent.service";
 /// Where the unit goes.
@@ -36,6 +41,8 @@ pub const UNIT_PATH: &str = "/etc/systemd/system/cosmos-agent.service";
 pub const UNIT_TEXT: &str = include_str!("../deploy/cosmos-agent.service");
 /// The group given the agent's socket; the SSH user (when not root) is made a member.
 pub const GROUP: &str = "cosmos";
+/// The system user the unit runs the agent as (`User=`), created with [`GROUP`] as its group, as the .deb does.
+pub const USER: &str = "cosmos";
 /// The agent's work directory (the unit's `StateDirectory`), removed by `uninstall --purge`.
 pub const WORK_DIR: &str = "/var/lib/cosmos-agent";
 /// Staging directory in the SSH user's home, for the uploads (mode 0700).
@@ -526,8 +533,9 @@ async fn install_async(args: InstallArgs, client_args: &ClientArgs) -> anyhow::R
         println!("{name}: binary: {BIN_PATH} is up to date (sha256 {}); not uploaded", short(&binary.sha256));
     }
 
-    let files: [(&str, &str, &str, Vec<u8>); 3] = [
+    let files: [(&str, &str, &str, Vec<u8>); 4] = [
         ("token", "agent.token", TOKEN_PATH, format!("{}\n", token.0).into_bytes()),
+        ("settings", "agent.toml", AGENT_TOML_PATH, AGENT_TOML_TEXT.as_bytes().to_vec()),
         ("config", "agent.env", CONFIG_PATH, config.into_bytes()),
         ("unit", "cosmos-agent.service", UNIT_PATH, UNIT_TEXT.as_bytes().to_vec()),
     ];
@@ -537,15 +545,28 @@ async fn install_async(args: InstallArgs, client_args: &ClientArgs) -> anyhow::R
     let _ = sftp.close().await;
     let mut script = format!(
         "set -e\nS={}\ntrap 'rm -rf \"$S\"' EXIT\n\
-         put() {{ if [ -f \"$3\" ] && [ \"$(sha256sum < \"$2\")\" = \"$(sha256sum < \"$3\")\" ]; then echo \"same=$1\"; \
-         else mkdir -p \"$(dirname \"$3\")\"; install -m \"$4\" -o root -g root \"$2\" \"$3.new\"; mv -f \"$3.new\" \"$3\"; echo \"changed=$1\"; fi; }}\n",
+         put() {{ if [ -f \"$3\" ] && [ \"$(sha256sum < \"$2\")\" = \"$(sha256sum < \"$3\")\" ] \
+             && [ \"$(stat -c %U:%G \"$3\")\" = \"$5\" ]; then echo \"same=$1\"; \
+         else install -m \"$4\" -o \"${{5%:*}}\" -g \"${{5#*:}}\" \"$2\" \"$3.new\"; mv -f \"$3.new\" \"$3\"; echo \"changed=$1\"; fi; }}\n",
         sh_quote(&staging)
     );
-    script.push_str(&format!("put token \"$S/agent.token\" {TOKEN_PATH} 0600\n"));
-    script.push_str(&format!("put config \"$S/agent.env\" {CONFIG_PATH} 0644\n"));
-    script.push_str(&format!("put unit \"$S/cosmos-agent.service\" {UNIT_PATH} 0644\n"));
+    // The user first: the token is given to it (the agent runs as it and refuses a token others can read).
     script.push_str(&format!(
-        "getent group {GROUP} >/dev/null || {{ groupadd --system {GROUP}; echo group=created; }}\n"
+        "getent group {GROUP} >/dev/null || {{ groupadd --system {GROUP}; echo group=created; }}\n\
+         getent passwd {USER} >/dev/null || {{ useradd --system --gid {GROUP} --home-dir {WORK_DIR} --no-create-home \
+             --shell /usr/sbin/nologin --comment 'Cosmos agent' {USER}; echo user=created; }}\n\
+         install -d -o root -g {GROUP} -m 0750 /etc/cosmos\n"
+    ));
+    script.push_str(&format!("put token \"$S/agent.token\" {TOKEN_PATH} 0600 {USER}:{GROUP}\n"));
+    script.push_str(&format!(
+        "if [ -e {AGENT_TOML_PATH} ]; then echo same=settings; else put settings \"$S/agent.toml\" {AGENT_TOML_PATH} 0640 root:{GROUP}; fi\n"
+    ));
+    script.push_str(&format!("put config \"$S/agent.env\" {CONFIG_PATH} 0644 root:root\n"));
+    script.push_str(&format!("put unit \"$S/cosmos-agent.service\" {UNIT_PATH} 0644 root:root\n"));
+    // Docker's socket is its group's: an agent running containers as the cosmos user needs it.
+    script.push_str(&format!(
+        "if grep -Eq -- '--runtime[= ]docker' {CONFIG_PATH} && getent group docker >/dev/null \
+             && ! id -nG {USER} | tr ' ' '\\n' | grep -qx docker; then usermod -aG docker {USER}; echo docker=added; fi\n"
     ));
     if !matches!(host.sudo, Sudo::Root) {
         let user = sh_quote(&facts.user);
@@ -567,6 +588,12 @@ async fn install_async(args: InstallArgs, client_args: &ClientArgs) -> anyhow::R
     }
     if out.lines().any(|l| l == "group=created") {
         println!("{name}: created the group {GROUP} (the agent's socket belongs to it)");
+    }
+    if out.lines().any(|l| l == "user=created") {
+        println!("{name}: created the system user {USER} (the agent runs as it)");
+    }
+    if out.lines().any(|l| l == "docker=added") {
+        println!("{name}: added {USER} to the group docker (the agent runs jobs as containers)");
     }
     if out.lines().any(|l| l == "member=added") {
         println!(
@@ -679,7 +706,7 @@ fn agent_config(flags: &[String]) -> anyhow::Result<String> {
     }
     let fixed = ["--listen", "--listen-group", "--token-file", "--work-dir", "--controller"];
     if let Some(f) = flags.iter().find(|f| fixed.iter().any(|x| f.as_str() == *x || f.starts_with(&format!("{x}=")))) {
-        bail!("the agent flag {f} is set by the installed unit ({UNIT}); leave it out");
+        bail!("the agent flag {f} is set by the installed {AGENT_TOML_PATH}; leave it out");
     }
     // The flags must be ones `cosmos agent` takes: checked here, not by an agent that fails on the host.
     let mut argv = vec!["cosmos", "agent", "--listen", "unix:/x", "--token-file", "/x", "--work-dir", "/x"];
@@ -841,6 +868,16 @@ pub fn uninstall(args: UninstallArgs, client_args: &ClientArgs) -> anyhow::Resul
             Err(e) => println!("{}: not unregistered: {e:#}", target.host),
         }
         let purge = if args.purge { format!("rm -rf {WORK_DIR}\necho purged\n") } else { String::new() };
+        // The config file goes when it is still the one install wrote (or with --purge); an edited one is the operator's.
+        let shipped = hex::encode(sha2::Sha256::digest(AGENT_TOML_TEXT.as_bytes()));
+        let settings = format!(
+            "if [ -f {AGENT_TOML_PATH} ]; then\n\
+               if [ -n \"{purge_flag}\" ] || [ \"$(sha256sum < {AGENT_TOML_PATH} | cut -d' ' -f1)\" = {shipped} ]; then\n\
+                 rm -f {AGENT_TOML_PATH}; echo removed={AGENT_TOML_PATH}\n\
+               else echo kept={AGENT_TOML_PATH}; fi\n\
+             fi\n",
+            purge_flag = if args.purge { "1" } else { "" },
+        );
         let script = format!(
             "if [ -f {UNIT_PATH} ]; then\n\
                systemctl disable --now --quiet {UNIT} 2>/dev/null || true\n\
@@ -848,6 +885,7 @@ pub fn uninstall(args: UninstallArgs, client_args: &ClientArgs) -> anyhow::Resul
                echo stopped\n\
              fi\n\
              for f in {UNIT_PATH} {BIN_PATH} {TOKEN_PATH} {CONFIG_PATH}; do [ -e \"$f\" ] && rm -f \"$f\" && echo \"removed=$f\"; done\n\
+             {settings}\
              rmdir /etc/cosmos 2>/dev/null || true\n\
              systemctl daemon-reload\n\
              systemctl reset-failed {UNIT} 2>/dev/null || true\n{purge}"
@@ -860,6 +898,9 @@ pub fn uninstall(args: UninstallArgs, client_args: &ClientArgs) -> anyhow::Resul
         }
         for path in out.lines().filter_map(|l| l.strip_prefix("removed=")) {
             println!("{}: removed {path}", host.name);
+        }
+        for path in out.lines().filter_map(|l| l.strip_prefix("kept=")) {
+            println!("{}: kept {path}: it was edited on the host; --purge removes it", host.name);
         }
         if out.lines().any(|l| l == "purged") {
             println!("{}: removed {WORK_DIR}", host.name);

@@ -1897,6 +1897,8 @@ fn finished_jobs_are_pruned_unless_an_unfinished_job_names_them_and_their_ids_ar
     let (pruned, _) = c.call(|core, now, out| core.prune(now, &[ids[1], then[0]], later, out));
     assert_eq!(pruned, vec![ids[1], then[0]]);
     assert_eq!(c.core.jobs().count(), 0);
+    // `status` answers from the per-state counts: pruned jobs leave them.
+    assert!(c.core.job_counts().all(|(_, n)| n == 0), "{:?}", c.core.job_counts().collect::<Vec<_>>());
 
     // After a restart on what was persisted, ids go on from the highest ever given.
     c.restart(quiet_config(), Epoch(2));

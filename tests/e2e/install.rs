@@ -222,9 +222,11 @@ fn install_twice_changes_nothing_the_second_time_and_uninstall_removes_it() {
         "binary: uploaded",
         "verified on the host",
         "token: wrote /etc/cosmos/agent.token",
+        "settings: wrote /etc/cosmos/agent.toml",
         "config: wrote /etc/cosmos/agent.env",
         "unit: wrote /etc/systemd/system/cosmos-agent.service",
         "created the group cosmos",
+        "created the system user cosmos (the agent runs as it)",
         "added ops to the group cosmos",
         "systemd: daemon-reload",
         "service: enabled",
@@ -237,10 +239,12 @@ fn install_twice_changes_nothing_the_second_time_and_uninstall_removes_it() {
     // The host holds what was sent: the same binary, a private token, the unit of deploy/.
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(std::fs::read(&musl).unwrap()));
     assert_eq!(host.sh("sha256sum < /usr/local/bin/cosmos | cut -d' ' -f1"), sha);
-    assert_eq!(host.sh("stat -c '%a %U' /etc/cosmos/agent.token"), "600 root");
-    let unit =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/cosmos-agent.service")).unwrap();
-    assert_eq!(host.sh("cat /etc/systemd/system/cosmos-agent.service"), unit.trim_end());
+    // The agent runs as cosmos (the unit's User=), which must own its token: it refuses one others can read.
+    assert_eq!(host.sh("stat -c '%a %U' /etc/cosmos/agent.token"), "600 cosmos");
+    assert_eq!(host.sh("stat -c %U /proc/$(systemctl show -p MainPID --value cosmos-agent)"), "cosmos");
+    let deploy = |f: &str| std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(f)).unwrap();
+    assert_eq!(host.sh("cat /etc/systemd/system/cosmos-agent.service"), deploy("cosmos-agent.service").trim_end());
+    assert_eq!(host.sh("cat /etc/cosmos/agent.toml"), deploy("agent.toml").trim_end());
     assert_eq!(host.sh("systemctl is-enabled cosmos-agent"), "enabled");
     assert_eq!(host.sh("ls -A /home/ops/.cosmos-install 2>/dev/null | wc -l"), "0", "the uploads are cleaned up");
     c.wait_agents(1);
@@ -263,6 +267,7 @@ fn install_twice_changes_nothing_the_second_time_and_uninstall_removes_it() {
         "binary: /usr/local/bin/cosmos is up to date",
         "not uploaded",
         "token: /etc/cosmos/agent.token unchanged",
+        "settings: /etc/cosmos/agent.toml unchanged",
         "config: /etc/cosmos/agent.env unchanged",
         "unit: /etc/systemd/system/cosmos-agent.service unchanged",
         "is running; not restarted (nothing changed)",
@@ -324,15 +329,18 @@ fn install_twice_changes_nothing_the_second_time_and_uninstall_removes_it() {
         manage(&c, &host, "install", "pw", &[&["--sudo-password-stdin"][..], &flags("4x80GiB")].concat(), wrong);
     assert!(!ok && err.contains("sudo refused the password given on stdin"), "{err}");
 
-    // Uninstall: unregistered, stopped, disabled, removed.
+    // Uninstall: unregistered, stopped, disabled, removed — but for a config file the operator edited.
+    host.sh("echo '# name = \"gpu-a\"' >> /etc/cosmos/agent.toml");
     let (ok, out, err) = manage(&c, &host, "uninstall", "ops", &[], "");
     assert!(ok, "{out}{err}");
     assert!(out.contains("unregistered from the controller") && out.contains("stopped and disabled"), "{out}");
+    assert!(out.contains("kept /etc/cosmos/agent.toml: it was edited on the host"), "{out}");
     assert!(hosts(&c).is_empty(), "{:?}", hosts(&c));
     assert_eq!(
-        host.sh("systemctl is-active cosmos-agent; for f in /usr/local/bin/cosmos /etc/cosmos /etc/systemd/system/cosmos-agent.service; do test -e $f && echo $f; done; true"),
+        host.sh("systemctl is-active cosmos-agent; for f in /usr/local/bin/cosmos /etc/cosmos/agent.token /etc/cosmos/agent.env /etc/systemd/system/cosmos-agent.service; do test -e $f && echo $f; done; true"),
         "inactive"
     );
+    assert_eq!(host.sh("ls /etc/cosmos"), "agent.toml");
     assert_eq!(host.sh("pgrep -c -x cosmos || true"), "0", "an agent process is left");
     let deadline = Instant::now() + Duration::from_secs(30);
     while c.json(&["agents", "list", "--json"])[0]["connected"] == true {

@@ -35,12 +35,16 @@ impl Core {
             return pruned;
         }
         for id in &pruned {
-            self.jobs.remove(id);
+            if let Some(job) = self.jobs.remove(id) {
+                // The per-state counts answer `status` without a walk; a pruned job leaves the one it was counted in.
+                self.job_counts[job.counted as usize] -= 1;
+            }
             self.dependents.remove(id);
         }
         // A key whose jobs are all gone answers nothing any more; a repeat of it is a new submission.
+        let gone: BTreeSet<JobId> = pruned.iter().copied().collect();
         self.submitted_keys.retain(|_, (_, jobs)| {
-            jobs.retain(|j| !pruned.contains(j));
+            jobs.retain(|j| !gone.contains(j));
             !jobs.is_empty()
         });
         self.ops.push(StoreOp::PruneJobs {
