@@ -309,6 +309,17 @@ pub enum SshError {
         /// The passphrase file.
         passphrase_file: PathBuf,
     },
+    /// The passphrase file may be read by its group or others: the passphrase is no longer a secret.
+    #[error(
+        "the passphrase file {} has mode {mode:04o}: others than its owner may read it; `chmod 600 {}` (and change the passphrase if others did read it)",
+        passphrase_file.display(), passphrase_file.display()
+    )]
+    PassphraseFileOpen {
+        /// The passphrase file.
+        passphrase_file: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A key file cannot be read or parsed.
     #[error("cannot use the key {}: {reason}", key.display())]
     BadKey {
@@ -784,8 +795,10 @@ fn load_key(
                 return russh::keys::load_secret_key(path, Some(typed))
                     .map_err(|_| SshError::WrongTypedPassphrase { key: path.to_path_buf() });
             };
-            let text = std::fs::read_to_string(pf)
-                .map_err(|e| bad(format!("cannot read its passphrase file {}: {e}", pf.display())))?;
+            let text = read_secret(pf).map_err(|e| match e {
+                SecretError::Io(e) => bad(format!("cannot read its passphrase file {}: {e}", pf.display())),
+                SecretError::Open(mode) => SshError::PassphraseFileOpen { passphrase_file: pf.to_path_buf(), mode },
+            })?;
             let passphrase = text.strip_suffix('\n').unwrap_or(&text);
             let passphrase = passphrase.strip_suffix('\r').unwrap_or(passphrase);
             russh::keys::load_secret_key(path, Some(passphrase))
@@ -793,6 +806,25 @@ fn load_key(
         }
         Err(e) => Err(bad(e.to_string())),
     }
+}
+
+enum SecretError {
+    Io(std::io::Error),
+    Open(u32),
+}
+
+/// A secret's file, refused when its group or others may read it (as OpenSSH refuses such a key).
+fn read_secret(path: &Path) -> Result<String, SecretError> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let mut file = std::fs::File::open(path).map_err(SecretError::Io)?;
+    let mode = file.metadata().map_err(SecretError::Io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(SecretError::Open(mode));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(SecretError::Io)?;
+    Ok(text)
 }
 
 #[cfg(test)]

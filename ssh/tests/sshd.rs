@@ -36,6 +36,15 @@ fn run(cmd: &mut Command) -> String {
 }
 
 /// `ssh-keygen -t TYPE -f PATH -N PASSPHRASE`.
+/// A file only its owner may read, as a passphrase file must be.
+fn secret_file(path: &Path, text: &str) -> PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    path.to_path_buf()
+}
+
 fn keygen(path: &Path, kind: &str, passphrase: &str) -> PathBuf {
     let mut cmd = Command::new(need("ssh-keygen"));
     cmd.args(["-q", "-t", kind, "-N", passphrase, "-C", kind, "-f"]).arg(path);
@@ -361,15 +370,22 @@ async fn an_encrypted_key_says_it_needs_its_passphrase_and_opens_with_it() {
         "{message}"
     );
 
-    let wrong = dir.path().join("wrong");
-    std::fs::write(&wrong, "open barley\n").unwrap();
+    // A passphrase file others may read is refused before it is used, saying how to fix it.
+    let open_file = dir.path().join("open");
+    std::fs::write(&open_file, "open sesame\n").unwrap();
+    std::fs::set_permissions(&open_file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    opts.passphrase_file = Some(open_file.clone());
+    let e = open(&sshd, &opts).await.err().expect("a passphrase file others may read");
+    assert!(matches!(e, SshError::PassphraseFileOpen { mode: 0o644, .. }), "{e}");
+    assert!(e.to_string().contains(&format!("chmod 600 {}", open_file.display())), "{e}");
+
+    let wrong = secret_file(&dir.path().join("wrong"), "open barley\n");
     opts.passphrase_file = Some(wrong.clone());
     let e = open(&sshd, &opts).await.err().expect("a wrong passphrase");
     assert!(matches!(e, SshError::WrongPassphrase { .. }), "{e}");
     assert!(e.to_string().contains(&wrong.display().to_string()), "{e}");
 
-    let right = dir.path().join("right");
-    std::fs::write(&right, "open sesame\n").unwrap();
+    let right = secret_file(&dir.path().join("right"), "open sesame\n");
     opts.passphrase_file = Some(right);
     open(&sshd, &opts).await.expect("the right passphrase opens the key");
 }
