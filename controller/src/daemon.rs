@@ -303,7 +303,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         Ok(view) => crate::service::ready(&crate::service::status_line(&view)),
         Err(_) => crate::service::ready("serving"),
     }
-    actix::spawn(crate::service::keepalive(addr.clone()));
+    actix::spawn(crate::service::keepalive(addr.clone(), queue.clone()));
     if opts.retain_days > 0.0 {
         let retain_ms = (opts.retain_days * 86_400_000.0) as u64;
         actix::spawn(crate::retention::keep(addr.clone(), shared.clone(), retain_ms, opts.retain_days));

@@ -6,13 +6,45 @@
 //! unit that is not `Type=notify`) every call here does nothing.
 
 use crate::actor::{CoreActor, Status, StatusView};
+use crate::records::StoreOp;
 use actix::Addr;
-use std::time::Duration;
+use cosmos_sync::{CommitQueue, Ticket};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Whether the store writer moves: the durable ticket, and since when it has not while work waited.
+#[derive(Debug)]
+pub struct WriterProgress {
+    durable: Ticket,
+    waiting_since: Option<Instant>,
+}
+
+impl WriterProgress {
+    /// Progress as of a durable ticket.
+    pub fn new(durable: Ticket) -> WriterProgress {
+        WriterProgress { durable, waiting_since: None }
+    }
+
+    /// How long work has waited with no commit, once past [`STORE_STALL_MS`]; `None` while the writer keeps up.
+    pub fn stalled_ms(&mut self, durable: Ticket, issued: Ticket, now: Instant) -> Option<u64> {
+        if durable != self.durable || issued <= durable {
+            self.durable = durable;
+            self.waiting_since = (issued > durable).then_some(now);
+            return None;
+        }
+        let since = *self.waiting_since.get_or_insert(now);
+        let ms = now.duration_since(since).as_millis() as u64;
+        (ms > STORE_STALL_MS).then_some(ms)
+    }
+}
 
 /// How often the status line is refreshed (and the watchdog pinged, when it asks for no more often).
 pub const STATUS_INTERVAL_MS: u64 = 2_000;
 /// Bound on one round trip through the core actor; past it no ping is sent.
 pub const CORE_ANSWER_TIMEOUT_MS: u64 = 5_000;
+/// How long the store writer may hold work without committing any before no ping is sent:
+/// a commit takes milliseconds, and a writer stuck in `fsync` or on a lock acknowledges nothing.
+pub const STORE_STALL_MS: u64 = 15_000;
 
 /// Tells the service manager the controller serves, with its first status line.
 pub fn ready(status: &str) {
@@ -60,12 +92,22 @@ pub fn ping_interval() -> Duration {
 /// status and, when it answers in time, sends the status line and a watchdog
 /// ping. A core that stops answering stops the pings, and systemd restarts the
 /// controller once `WatchdogSec` passes.
-pub async fn keepalive(core: Addr<CoreActor>) {
+pub async fn keepalive(core: Addr<CoreActor>, queue: Arc<CommitQueue<StoreOp>>) {
     let interval = ping_interval();
     let watchdog = sd_notify::watchdog_enabled().is_some();
     let mut last = String::new();
+    let mut writer = WriterProgress::new(queue.durable());
     loop {
         tokio::time::sleep(interval).await;
+        if let Some(stalled_ms) = writer.stalled_ms(queue.durable(), queue.issued(), Instant::now()) {
+            tracing::error!(
+                stalled_ms,
+                durable = queue.durable().0,
+                issued = queue.issued().0,
+                "the store writer has committed nothing for {stalled_ms} ms while work waits; no watchdog ping this round"
+            );
+            continue;
+        }
         match tokio::time::timeout(Duration::from_millis(CORE_ANSWER_TIMEOUT_MS), core.send(Status)).await {
             Ok(Ok(view)) => {
                 let line = status_line(&view);
@@ -87,5 +129,27 @@ pub async fn keepalive(core: Addr<CoreActor>) {
                 "the core did not answer a status request in time; no watchdog ping this round"
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_writer_that_commits_nothing_while_work_waits_counts_as_stalled_only_past_the_bound() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut w = WriterProgress::new(Ticket(0));
+        // Idle: nothing issued, never stalled however long.
+        assert_eq!(w.stalled_ms(Ticket(0), Ticket(0), at(60_000)), None);
+        // Work waits from 60 s; commits keep coming, so no stall.
+        assert_eq!(w.stalled_ms(Ticket(0), Ticket(3), at(60_000)), None);
+        assert_eq!(w.stalled_ms(Ticket(2), Ticket(5), at(70_000)), None);
+        // From 70 s on nothing commits while 5 waits: a stall once the bound passes.
+        assert_eq!(w.stalled_ms(Ticket(2), Ticket(5), at(70_000 + STORE_STALL_MS)), None);
+        assert_eq!(w.stalled_ms(Ticket(2), Ticket(6), at(71_000 + STORE_STALL_MS)), Some(STORE_STALL_MS + 1_000));
+        // A commit ends it.
+        assert_eq!(w.stalled_ms(Ticket(6), Ticket(6), at(72_000 + STORE_STALL_MS)), None);
     }
 }

@@ -218,6 +218,11 @@ impl<T> CommitQueue<T> {
         self.lock().durable
     }
 
+    /// The ticket of the newest push, without waiting: what the writer has yet to make durable when above [`durable`](Self::durable).
+    pub fn issued(&self) -> Ticket {
+        self.lock().issued
+    }
+
     /// Refuses further pushes; the writer still drains and marks what is pending.
     pub fn close(&self) {
         self.lock().closed = true;
