@@ -170,7 +170,9 @@ impl CoreActor {
                 crate::metrics::AgentGpus { name: a.name, health: a.health.as_str(), draining: a.draining, gpus }
             })
             .collect();
-        crate::metrics::Snapshot { jobs: Vec::new(), queue_depth: self.core.queue_depth() as u64, agents }
+        // The core's per-state counts, kept as jobs change state: no walk of the jobs, no query.
+        let jobs = self.core.job_counts().map(|(s, n)| (s, n as u64)).collect();
+        crate::metrics::Snapshot { jobs, queue_depth: self.core.queue_depth() as u64, agents }
     }
 
     fn summary(&self, id: JobId) -> Option<JobSummary> {

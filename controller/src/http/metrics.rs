@@ -15,20 +15,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 }
 
 async fn metrics(state: web::Data<State>) -> HttpResponse {
-    let Ok(mut snap) = state.core.send(MetricsSnapshot).await else {
+    let Ok(snap) = state.core.send(MetricsSnapshot).await else {
         return unavailable();
     };
-    let shared = state.shared.clone();
-    // Jobs by state from the store (an indexed count), not from a walk of every job in the core's thread.
-    let counted = web::block(move || {
-        let reader = shared.reader.lock().unwrap_or_else(|p| p.into_inner());
-        reader.count_jobs_by_state()
-    })
-    .await;
-    match counted {
-        Ok(Ok(jobs)) => snap.jobs = jobs,
-        Ok(Err(e)) => return super::internal(e),
-        Err(e) => return super::internal(e),
-    }
     HttpResponse::Ok().content_type(crate::metrics::CONTENT_TYPE).body(state.shared.metrics.render(&snap))
 }
