@@ -309,7 +309,12 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         Some(config) => {
             let e = cosmos_telemetry::Exporter::start(config, "cosmos-agent", metrics.spans.clone())
                 .map_err(AgentError::Traces)?;
-            tracing::info!(endpoint = e.endpoint(), service = config.service_name, "exporting spans over OTLP/HTTP");
+            tracing::info!(
+                endpoint = e.endpoint(),
+                protocol = config.protocol.name(),
+                service = config.service_name,
+                "exporting spans over OTLP"
+            );
             Some(crate::telemetry::AgentTracer::new(std::sync::Arc::new(e), runtime.as_dyn().name()))
         }
         None => None,
