@@ -169,16 +169,16 @@ impl AgentTracer {
     }
 
     /// A `tracing` span carrying the attempt's trace and parent span ids, so
-    /// the log lines of its phases name them (`span` in `--log-format json`);
-    /// a disabled span when it is not traced.
+    /// the log lines of its phases name them (`trace_id` and `span_id` in
+    /// `--log-format json`); a disabled span when it is not traced.
     pub fn log_span(&self, att: AttemptId) -> tracing::Span {
         match self.attempts.get(&att) {
-            Some(c) => {
-                let tp = c.parent.header();
-                let mut parts = tp.split('-').skip(1);
-                let (trace_id, span_id) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                tracing::info_span!("attempt", attempt = %att, trace_id, span_id)
-            }
+            Some(c) => tracing::info_span!(
+                "attempt",
+                attempt = %att,
+                trace_id = %c.parent.trace_id,
+                span_id = %c.parent.parent_id
+            ),
             None => tracing::Span::none(),
         }
     }

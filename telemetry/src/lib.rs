@@ -17,6 +17,7 @@ pub mod export;
 pub mod grpc;
 pub mod http_client;
 pub mod ids;
+pub mod logs;
 pub mod span;
 
 pub use config::{ConfigError, Protocol, TraceConfig};

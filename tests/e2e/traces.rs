@@ -402,15 +402,25 @@ fn one_jobs_trace_over(wire: Wire) {
     assert_eq!(one(&trace, "deliver outputs").attr("cosmos.outputs.bytes"), size.to_string());
     assert_eq!(one(&trace, "start").attr("cosmos.runtime"), "process");
 
-    // The agent's log lines about the attempt's phases name its trace and parent span.
-    let log = std::fs::read_to_string(c.dir.path().join("agent-0.log")).unwrap();
-    let line: Value = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|l| l["message"] == "starting attempt")
-        .unwrap_or_else(|| panic!("no `starting attempt` line in the agent's log:\n{log}"));
-    assert_eq!(line["span"]["trace_id"], root.trace.as_str(), "{line}");
-    assert_eq!(line["span"]["span_id"], attempt.id.as_str(), "{line}");
+    // Log lines inside a traced operation name its trace and span at the top level: the
+    // agent's about the attempt's phases (the controller's attempt span), the controller's
+    // about the job (its root span).
+    let line = |file: &str, message: &str| -> Value {
+        let log = std::fs::read_to_string(c.dir.path().join(file)).unwrap();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["message"] == message)
+            .unwrap_or_else(|| panic!("no `{message}` line in {file}:\n{log}"))
+    };
+    let started = line("agent-0.log", "starting attempt");
+    assert_eq!(started["trace_id"], root.trace.as_str(), "{started}");
+    assert_eq!(started["span_id"], attempt.id.as_str(), "{started}");
+    let ended = line("ctl.log", "job ended");
+    assert_eq!(ended["trace_id"], root.trace.as_str(), "{ended}");
+    assert_eq!(ended["span_id"], root.id.as_str(), "{ended}");
+    assert_eq!(ended["state"], "succeeded", "{ended}");
+    let outside = line("ctl.log", "controller starting");
+    assert!(outside.get("trace_id").is_none(), "a line outside any traced operation names none: {outside}");
 
     let requests = collector.requests.lock().unwrap().clone();
     let (path, ctype) = match wire {
