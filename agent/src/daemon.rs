@@ -305,7 +305,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         let idle: Vec<cosmos_proto::GpuUsage> = gpus.iter().map(cosmos_proto::GpuUsage::idle).collect();
         metrics.gpus(&gpus, &idle);
     }
-    let tracer = match &opts.trace {
+    let mut tracer = match &opts.trace {
         Some(config) => {
             let e = cosmos_telemetry::Exporter::start(config, "cosmos-agent", metrics.spans.clone())
                 .map_err(AgentError::Traces)?;
@@ -315,11 +315,18 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
                 service = config.service_name,
                 "exporting spans over OTLP"
             );
-            Some(crate::telemetry::AgentTracer::new(std::sync::Arc::new(e), runtime.as_dyn().name()))
+            Some(crate::telemetry::AgentTracer::new(
+                std::sync::Arc::new(e),
+                runtime.as_dyn().name(),
+                attempts_root.clone(),
+            ))
         }
         None => None,
     };
     let recovered = runtime.as_dyn().recover();
+    if let Some(t) = &mut tracer {
+        t.recovered(recovered.iter().map(|r| r.attempt_id));
+    }
     let adopted = recovered.iter().filter(|r| r.exited.is_none()).count();
     tracing::info!(
         agent = opts.name,

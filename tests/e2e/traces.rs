@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Bound on every wait of these tests.
 const WAIT: Duration = Duration::from_secs(60);
@@ -285,7 +286,11 @@ fn otel_env(endpoint: &str) -> Vec<(String, String)> {
 }
 
 fn traced_cluster(env: Vec<(String, String)>) -> Cluster {
-    Cluster::start_env(tempfile::tempdir().unwrap(), 1, 10_000, Vec::new(), env.clone(), env, |_| Vec::new())
+    traced_cluster_losing_agents_after(env, 10_000)
+}
+
+fn traced_cluster_losing_agents_after(env: Vec<(String, String)>, lost_after_ms: u64) -> Cluster {
+    Cluster::start_env(tempfile::tempdir().unwrap(), 1, lost_after_ms, Vec::new(), env.clone(), env, |_| Vec::new())
 }
 
 fn submit_line(c: &Cluster, name: &str, line: Value) -> String {
@@ -494,6 +499,45 @@ fn a_controller_restarted_mid_run_continues_the_jobs_trace() {
     assert_eq!(submit.trace, attempt.trace, "the first controller's submit is in the same trace");
     let running = one(&trace, "running");
     assert_eq!(running.attr("cosmos.controller.restarted"), "true", "{running:?}");
+}
+
+#[test]
+fn an_agent_restarted_mid_run_goes_on_with_the_attempts_spans_in_the_jobs_trace() {
+    let collector = Collector::start();
+    // Never lost while it is down: the attempt must be adopted, not run again.
+    let mut c = traced_cluster_losing_agents_after(otel_env(&collector.endpoint()), 300_000);
+    let id = submit_line(
+        &c,
+        "adopted",
+        serde_json::json!({
+            "name": "adopted",
+            "command": ["sh", "-c", "sleep 3; echo done > out.txt"],
+            "outputs": [{ "path": "out.txt", "required": true }],
+            "max_attempts": 1,
+        }),
+    );
+    // The first agent's `start` span is exported: the attempt runs under it.
+    let before = collector.wait("the first agent's start span", |s| s.iter().any(|s| s.name == "start"));
+    let start = before.iter().find(|s| s.name == "start").unwrap().clone();
+    Cluster::kill9(&mut c.agents[0]);
+    let restarted_ns = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+    c.agents[0] = Some(c.spawn_agent(0));
+    c.wait_agents(1);
+    let j = wait_job(&c, &id);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["attempts"], 1, "the attempt was adopted, not run again: {j}");
+    let spans = collector.wait("the restarted agent's delivery span and the job's root", |s| {
+        let t = trace_of(s, &id);
+        t.iter().any(|s| s.name == "deliver outputs") && t.iter().any(|s| s.name == "attempt")
+    });
+    let trace = trace_of(&spans, &id);
+    let attempt = one(&trace, "attempt");
+    let deliver = one(&trace, "deliver outputs");
+    assert_eq!(deliver.service, "cosmos-agent");
+    assert!(deliver.start_ns >= restarted_ns, "delivered by the restarted agent: {deliver:?}");
+    assert_eq!(deliver.trace, start.trace, "the restarted agent's span is in the job's trace");
+    assert_eq!(deliver.parent, attempt.id, "and a child of the same attempt span as the first agent's");
+    assert_eq!(start.parent, attempt.id);
 }
 
 /// A listener that takes connections and never answers: a collector that hangs.
