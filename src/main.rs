@@ -613,7 +613,11 @@ fn init_tracing(format: LogFormat) {
             use tracing_subscriber::util::SubscriberInitExt as _;
             // Flattened, so a shipper finds `message` and the event's fields at the top level;
             // `trace_id` and `span_id` there too inside a traced operation.
-            let format = tracing_subscriber::fmt::format().json().flatten_event(true).with_current_span(true).with_span_list(false);
+            let format = tracing_subscriber::fmt::format()
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false);
             let _ = builder
                 .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
                 .event_format(cosmos_telemetry::logs::WithTraceIds(format))

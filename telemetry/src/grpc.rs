@@ -216,7 +216,8 @@ impl HttpClient for GrpcClient {
     async fn send_bytes(&self, request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
         let (parts, message) = request.into_parts();
         let uri = parts.uri;
-        let authority = uri.authority().map(|a| a.as_str().to_string()).ok_or_else(|| GrpcError::Endpoint(uri.to_string()))?;
+        let authority =
+            uri.authority().map(|a| a.as_str().to_string()).ok_or_else(|| GrpcError::Endpoint(uri.to_string()))?;
         // As tonic: the endpoint's path, when it has one, prefixes the method's.
         let prefix = uri.path().trim_end_matches('/');
         let target: Uri = format!("http://{authority}{prefix}{EXPORT_PATH}").parse()?;

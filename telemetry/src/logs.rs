@@ -32,7 +32,8 @@ struct IdsVisitor {
 impl IdsVisitor {
     fn keep(&mut self, field: &Field, value: String) {
         // Only lowercase hex of the right length: the value goes into the line unescaped.
-        let hex = |n: usize| value.len() == n && value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let hex =
+            |n: usize| value.len() == n && value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         match field.name() {
             "trace_id" if hex(32) => self.trace_id = Some(value),
             "span_id" if hex(16) => self.span_id = Some(value),
@@ -80,9 +81,8 @@ where
     N: for<'a> FormatFields<'a> + 'static,
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
-        let ids = ctx
-            .event_scope()
-            .and_then(|mut scope| scope.find_map(|span| span.extensions().get::<TraceIds>().cloned()));
+        let ids =
+            ctx.event_scope().and_then(|mut scope| scope.find_map(|span| span.extensions().get::<TraceIds>().cloned()));
         let Some(ids) = ids else { return self.0.format_event(ctx, writer, event) };
         let mut line = String::new();
         self.0.format_event(ctx, Writer::new(&mut line), event)?;
