@@ -671,11 +671,28 @@ fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_env("COSMOS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
-        // Flattened, so a shipper finds `message` and the event's fields at the top level.
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
-    };
+    match format {
+        LogFormat::Text => {
+            let _ = builder.with_ansi(std::io::stderr().is_terminal()).try_init();
+        }
+        LogFormat::Json => {
+            use tracing_subscriber::layer::SubscriberExt as _;
+            use tracing_subscriber::util::SubscriberInitExt as _;
+            // Flattened, so a shipper finds `message` and the event's fields at the top level;
+            // `trace_id` and `span_id` there too inside a traced operation.
+            let format = tracing_subscriber::fmt::format()
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false);
+            let _ = builder
+                .fmt_fields(tracing_subscriber::fmt::format::JsonFields::new())
+                .event_format(cosmos_telemetry::logs::WithTraceIds(format))
+                .finish()
+                .with(cosmos_telemetry::logs::TraceIdsLayer)
+                .try_init();
+        }
+    }
 }
 
 /// Runs one command; `Ok(false)` means it ran but what it waited for did not all succeed.

@@ -312,16 +312,28 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         let idle: Vec<cosmos_proto::GpuUsage> = gpus.iter().map(cosmos_proto::GpuUsage::idle).collect();
         metrics.gpus(&gpus, &idle);
     }
-    let tracer = match &opts.trace {
+    let mut tracer = match &opts.trace {
         Some(config) => {
             let e = cosmos_telemetry::Exporter::start(config, "cosmos-agent", metrics.spans.clone())
                 .map_err(AgentError::Traces)?;
-            tracing::info!(endpoint = e.endpoint(), service = config.service_name, "exporting spans over OTLP/HTTP");
-            Some(crate::telemetry::AgentTracer::new(std::sync::Arc::new(e), runtime.as_dyn().name()))
+            tracing::info!(
+                endpoint = e.endpoint(),
+                protocol = config.protocol.name(),
+                service = config.service_name,
+                "exporting spans over OTLP"
+            );
+            Some(crate::telemetry::AgentTracer::new(
+                std::sync::Arc::new(e),
+                runtime.as_dyn().name(),
+                attempts_root.clone(),
+            ))
         }
         None => None,
     };
     let recovered = runtime.as_dyn().recover();
+    if let Some(t) = &mut tracer {
+        t.recovered(recovered.iter().map(|r| r.attempt_id));
+    }
     let adopted = recovered.iter().filter(|r| r.exited.is_none()).count();
     tracing::info!(
         agent = opts.name,

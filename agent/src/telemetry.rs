@@ -7,10 +7,10 @@
 //! with `host.name` and `cosmos.agent.name`): `stage inputs` (inputs, bytes,
 //! cache hits and misses), `start` (the runtime and its handle), `deliver
 //! outputs` (files, bytes) and `stop` (a cancel or timeout, to the exit).
-//! Each is built when its phase ends, with the times the shell saw. An agent
-//! restarted mid-attempt has lost the contexts of the attempts it adopts (they
-//! are in memory only): those attempts get no more agent spans, while the
-//! controller's spans of them stay whole.
+//! Each is built when its phase ends, with the times the shell saw. Each
+//! attempt's context is also kept in its directory ([`TRACEPARENT_FILE`]),
+//! so an agent restarted mid-attempt goes on with the spans of the attempts
+//! it adopts (their outputs' delivery, their stop) in the job's trace.
 
 use cosmos_proto::spec::{ArtifactRef, InputArtifact};
 use cosmos_proto::{Assign, AttemptId, GpuInfo, GpuUsage};
@@ -22,8 +22,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
+
+/// The file in an attempt's directory holding the `traceparent` its assign carried.
+pub const TRACEPARENT_FILE: &str = "traceparent";
 
 /// One attempt's trace context and the phases in progress.
 #[derive(Debug)]
@@ -39,13 +43,33 @@ struct Ctx {
 pub struct AgentTracer {
     exporter: Arc<Exporter>,
     runtime: &'static str,
+    /// The runtime's root: attempts' directories are under it (see [`crate::runtime::attempt_dir`]).
+    root: PathBuf,
     attempts: HashMap<AttemptId, Ctx>,
 }
 
+impl Ctx {
+    fn new(parent: Traceparent) -> Ctx {
+        Ctx { parent, staging: None, starting: None, delivering: None, stopping: None }
+    }
+}
+
 impl AgentTracer {
-    /// Spans to `exporter`, naming `runtime` on `start` spans.
-    pub fn new(exporter: Arc<Exporter>, runtime: &'static str) -> AgentTracer {
-        AgentTracer { exporter, runtime, attempts: HashMap::new() }
+    /// Spans to `exporter`, naming `runtime` on `start` spans; contexts kept under `root`.
+    pub fn new(exporter: Arc<Exporter>, runtime: &'static str, root: PathBuf) -> AgentTracer {
+        AgentTracer { exporter, runtime, root, attempts: HashMap::new() }
+    }
+
+    /// What a restarted agent found: picks up the contexts the attempts' directories kept.
+    pub fn recovered(&mut self, attempts: impl IntoIterator<Item = AttemptId>) {
+        for att in attempts {
+            let path = crate::runtime::attempt_dir(&self.root, att).join(TRACEPARENT_FILE);
+            // None for an attempt assigned while the controller did not trace.
+            let Some(parent) = std::fs::read_to_string(&path).ok().and_then(|t| Traceparent::parse(&t)) else {
+                continue;
+            };
+            self.attempts.entry(att).or_insert(Ctx::new(parent));
+        }
     }
 
     /// The exporter spans go to.
@@ -53,16 +77,22 @@ impl AgentTracer {
         &self.exporter
     }
 
-    /// An assign came: remember its context (none: the controller does not trace).
+    /// An assign came: remember its context (none: the controller does not trace), here and in
+    /// the attempt's directory for the next agent.
     pub fn assigned(&mut self, a: &Assign) {
-        if let Some(parent) = Traceparent::parse(&a.trace.traceparent) {
-            self.attempts.entry(a.attempt_id).or_insert(Ctx {
-                parent,
-                staging: None,
-                starting: None,
-                delivering: None,
-                stopping: None,
-            });
+        let Some(parent) = Traceparent::parse(&a.trace.traceparent) else { return };
+        if self.attempts.contains_key(&a.attempt_id) {
+            return;
+        }
+        self.attempts.insert(a.attempt_id, Ctx::new(parent));
+        let dir = crate::runtime::attempt_dir(&self.root, a.attempt_id);
+        let tmp = dir.join(format!("{TRACEPARENT_FILE}.tmp"));
+        // Renamed into place: a crash leaves no torn header (a torn one would only be ignored, but so would the trace).
+        let kept = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&tmp, parent.header()))
+            .and_then(|()| std::fs::rename(&tmp, dir.join(TRACEPARENT_FILE)));
+        if let Err(e) = kept {
+            tracing::warn!(attempt = %a.attempt_id, dir = %dir.display(), error = %e, "cannot keep the attempt's trace context; an agent restarted under it would stop tracing it");
         }
     }
 
@@ -169,16 +199,16 @@ impl AgentTracer {
     }
 
     /// A `tracing` span carrying the attempt's trace and parent span ids, so
-    /// the log lines of its phases name them (`span` in `--log-format json`);
-    /// a disabled span when it is not traced.
+    /// the log lines of its phases name them (`trace_id` and `span_id` in
+    /// `--log-format json`); a disabled span when it is not traced.
     pub fn log_span(&self, att: AttemptId) -> tracing::Span {
         match self.attempts.get(&att) {
-            Some(c) => {
-                let tp = c.parent.header();
-                let mut parts = tp.split('-').skip(1);
-                let (trace_id, span_id) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                tracing::info_span!("attempt", attempt = %att, trace_id, span_id)
-            }
+            Some(c) => tracing::info_span!(
+                "attempt",
+                attempt = %att,
+                trace_id = %c.parent.trace_id,
+                span_id = %c.parent.parent_id
+            ),
             None => tracing::Span::none(),
         }
     }

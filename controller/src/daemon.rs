@@ -244,8 +244,9 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
             let e = Arc::new(cosmos_telemetry::Exporter::start(config, "cosmos-controller", metrics.spans.clone())?);
             tracing::info!(
                 endpoint = e.endpoint(),
+                protocol = config.protocol.name(),
                 service = config.service_name,
-                "exporting each job's trace over OTLP/HTTP"
+                "exporting each job's trace over OTLP"
             );
             Some(e)
         }

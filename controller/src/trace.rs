@@ -11,6 +11,10 @@
 //! their end is known, with explicit times, so nothing is held open for the
 //! hours a run may take.
 //!
+//! The same ids go on the controller's log lines about a job (its end, and
+//! each attempt that did not succeed): `trace_id` and `span_id` in
+//! `--log-format json`.
+//!
 //! Every id is derived from the store's id and the job's or attempt's own
 //! (see `cosmos_telemetry::ids`): a restarted controller goes on with the
 //! same trace, and the `attempt` span can be named as the parent of the
@@ -263,6 +267,16 @@ impl JobTracer {
                     .attr("cosmos.job.state", rec.state.as_str()),
             );
         }
+        {
+            let _log = tracing::info_span!("job", job = %rec.id, trace_id = %trace, span_id = %root).entered();
+            tracing::info!(
+                name = rec.spec.name,
+                state = rec.state.as_str(),
+                attempts = rec.attempts_used,
+                error = rec.error.as_deref().map(first_line),
+                "job ended"
+            );
+        }
         let mut span = SpanBuilder::new("job", trace, root, None, at_ms(jt.since_ms), at_ms(end))
             .attr("cosmos.job.id", rec.id.to_string())
             .attr("cosmos.job.name", rec.spec.name.clone())
@@ -379,6 +393,18 @@ impl JobTracer {
             jt.last_reason = att.reason.clone();
         }
         let retries = self.jobs.get(&att.job_id).map_or(0, |j| j.retries);
+        if att.state != AttemptState::Succeeded {
+            let (trace, span) = (trace_id(&self.store_id, att.job_id), attempt_span_id(&self.store_id, att.id));
+            let _log = tracing::info_span!("attempt", job = %att.job_id, attempt = %att.id, trace_id = %trace, span_id = %span)
+                .entered();
+            tracing::warn!(
+                state = att.state.as_str(),
+                host = att.agent,
+                exit_code = att.exit_code,
+                reason = att.reason.as_deref().map(first_line),
+                "attempt did not succeed"
+            );
+        }
         let mut span = SpanBuilder::new(
             "attempt",
             trace_id(&self.store_id, att.job_id),

@@ -1,9 +1,10 @@
 //! Trace export settings from the standard OpenTelemetry variables.
 //!
 //! Honoured: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as given) or
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` (`/v1/traces` appended); either one turns
-//! export on. `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` (`http/protobuf`, the
-//! default; `grpc` and `http/json` are refused: not built),
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (`/v1/traces` appended over HTTP, used as
+//! given over gRPC); either one turns export on.
+//! `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` (`http/protobuf`, the default, or
+//! `grpc`; `http/json` is refused: not built),
 //! `OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT` (ms), `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`
 //! (read by the OTLP exporter itself), `OTEL_SERVICE_NAME`,
 //! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_MAX_QUEUE_SIZE`,
@@ -24,11 +25,33 @@ pub const SCHEDULE_DELAY_MS_DEFAULT: u64 = 5_000;
 /// Bound on one export request, retries included.
 pub const EXPORT_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 
+/// How spans travel to the collector.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP/HTTP with protobuf bodies (`http/protobuf`), to port 4318 by convention.
+    HttpProtobuf,
+    /// OTLP/gRPC (`grpc`), to port 4317 by convention.
+    Grpc,
+}
+
+impl Protocol {
+    /// The name the `OTEL_EXPORTER_OTLP_PROTOCOL` variable gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::HttpProtobuf => "http/protobuf",
+            Protocol::Grpc => "grpc",
+        }
+    }
+}
+
 /// Where and how spans are exported.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TraceConfig {
-    /// The full URL spans are posted to (`…/v1/traces`).
+    /// Over HTTP the full URL spans are posted to (`…/v1/traces`); over gRPC the collector's
+    /// `http://host:port` (a path, if any, prefixes the gRPC method's).
     pub endpoint: String,
+    /// HTTP or gRPC.
+    pub protocol: Protocol,
     /// `service.name` of the spans.
     pub service_name: String,
     /// Resource attributes (from `OTEL_RESOURCE_ATTRIBUTES`, then the daemon's own), `service.name` aside.
@@ -46,18 +69,11 @@ pub struct TraceConfig {
 /// A variable asks for something this build cannot do, or is malformed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    /// gRPC export is not built.
+    /// A protocol other than http/protobuf or grpc.
     #[error(
-        "{var}=grpc: OTLP over gRPC is not built into this release (it would bring in tonic and its HTTP/2 stack); \
-         export over HTTP instead: unset {var} or set it to http/protobuf, and point the endpoint at the collector's \
-         OTLP/HTTP port (4318 by default)"
+        "{var}={value}: only http/protobuf (the default) and grpc are built into this release; unset {var} or set it \
+         to one of them"
     )]
-    GrpcNotBuilt {
-        /// The variable that asked for it.
-        var: &'static str,
-    },
-    /// A protocol other than http/protobuf.
-    #[error("{var}={value}: only http/protobuf is built into this release; unset {var} or set it to http/protobuf")]
     Protocol {
         /// The variable.
         var: &'static str,
@@ -112,8 +128,22 @@ impl TraceConfig {
         {
             return Ok(None);
         }
+        // The signal's own variable wins over the general one.
+        let mut protocol = Protocol::HttpProtobuf;
+        if let Some((var, p)) = ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]
+            .into_iter()
+            .find_map(|var| get(var).map(|p| (var, p)))
+        {
+            protocol = match p.as_str() {
+                "http/protobuf" => Protocol::HttpProtobuf,
+                "grpc" => Protocol::Grpc,
+                _ => return Err(ConfigError::Protocol { var, value: p }),
+            };
+        }
         let (var, endpoint) = match (get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), get("OTEL_EXPORTER_OTLP_ENDPOINT")) {
             (Some(e), _) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", e),
+            // gRPC names the method itself; the general endpoint is the collector's address.
+            (None, Some(base)) if protocol == Protocol::Grpc => ("OTEL_EXPORTER_OTLP_ENDPOINT", base),
             (None, Some(base)) => ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("{}/v1/traces", base.trim_end_matches('/'))),
             (None, None) => return Ok(None),
         };
@@ -124,17 +154,6 @@ impl TraceConfig {
         let host = endpoint.strip_prefix("http://").map(|r| r.split(['/', '?']).next().unwrap_or(""));
         if host.is_none_or(|h| h.is_empty() || h.starts_with(':')) || endpoint.parse::<http::Uri>().is_err() {
             return Err(ConfigError::Endpoint { var, value: shown });
-        }
-        for var in ["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"] {
-            if let Some(p) = get(var) {
-                match p.as_str() {
-                    "http/protobuf" => {}
-                    "grpc" => return Err(ConfigError::GrpcNotBuilt { var }),
-                    _ => return Err(ConfigError::Protocol { var, value: p }),
-                }
-                // The signal's own variable wins over the general one.
-                break;
-            }
         }
         let number = |var: &'static str, default: u64| -> Result<u64, ConfigError> {
             match get(var) {
@@ -177,6 +196,7 @@ impl TraceConfig {
         let service_name = get("OTEL_SERVICE_NAME").or(service_name).unwrap_or_else(|| service_default.to_string());
         Ok(Some(TraceConfig {
             endpoint,
+            protocol,
             service_name,
             resource,
             timeout_ms,
@@ -192,7 +212,7 @@ impl TraceConfig {
     }
 }
 
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -250,21 +270,41 @@ mod tests {
     }
 
     #[test]
-    fn grpc_json_and_https_are_refused_saying_what_to_do() {
-        let grpc = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")]);
-        let msg = grpc.unwrap_err().to_string();
-        assert!(msg.contains("not built") && msg.contains("http/protobuf") && msg.contains("4318"), "{msg}");
+    fn grpc_is_chosen_by_either_protocol_variable_and_takes_the_endpoint_as_given() {
+        let c = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")])
+            .unwrap()
+            .unwrap();
+        assert_eq!((c.protocol, c.endpoint.as_str()), (Protocol::Grpc, "http://c:4317"), "no /v1/traces over gRPC");
+        let c = config(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.protocol, Protocol::HttpProtobuf, "the traces variable wins over the general one");
+        assert_eq!(c.endpoint, "http://c:4318/v1/traces");
+        let c = config(&[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "grpc"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!((c.protocol, c.endpoint.as_str()), (Protocol::Grpc, "http://t:4317"));
+        let c = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")]).unwrap().unwrap();
+        assert_eq!(c.protocol, Protocol::HttpProtobuf, "http/protobuf by default");
+    }
+
+    #[test]
+    fn json_https_and_bad_values_are_refused_saying_what_to_do() {
         let json = config(&[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
             ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
         ]);
-        assert!(matches!(json, Err(ConfigError::Protocol { var: "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", .. })));
-        let ok = config(&[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
-            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-        ]);
-        assert!(ok.unwrap().is_some(), "the traces variable wins over the general one");
+        let Err(e @ ConfigError::Protocol { var: "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", .. }) = json else {
+            panic!("{json:?}")
+        };
+        assert!(e.to_string().contains("http/protobuf") && e.to_string().contains("grpc"), "{e}");
         let https = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4318")]).unwrap_err().to_string();
         assert!(https.contains("no TLS"), "{https}");
         for bad in ["c:4318", "http://", "http://:4318"] {

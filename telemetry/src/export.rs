@@ -6,7 +6,8 @@
 //! bounded channel, one thread that sends batches when full or when the
 //! oldest span has waited the schedule delay) with its counts public.
 
-use crate::config::TraceConfig;
+use crate::config::{Protocol as Wire, TraceConfig};
+use crate::grpc::GrpcClient;
 use crate::http_client::UreqClient;
 use crate::span::SpanBuilder;
 use opentelemetry::{InstrumentationScope, KeyValue};
@@ -76,6 +77,9 @@ pub enum ExportError {
         /// Its words.
         reason: String,
     },
+    /// The gRPC client's runtime could not be made.
+    #[error("starting the OTLP/gRPC client: {0}")]
+    Grpc(std::io::Error),
     /// The thread could not be started.
     #[error("starting the span exporter thread: {0}")]
     Thread(std::io::Error),
@@ -97,7 +101,7 @@ impl std::fmt::Debug for Exporter {
 }
 
 impl Exporter {
-    /// Starts exporting to `config`'s endpoint over OTLP/HTTP protobuf, counting into `counters`.
+    /// Starts exporting to `config`'s endpoint over OTLP (HTTP protobuf or gRPC), counting into `counters`.
     pub fn start(
         config: &TraceConfig,
         scope_name: &'static str,
@@ -105,9 +109,13 @@ impl Exporter {
     ) -> Result<Exporter, ExportError> {
         let build_err =
             |e: &dyn std::fmt::Display| ExportError::Build { endpoint: config.endpoint.clone(), reason: e.to_string() };
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_http_client(UreqClient::new(config.timeout()))
+        let builder = opentelemetry_otlp::SpanExporter::builder().with_http();
+        // Both carry the same protobuf request; gRPC frames it and speaks HTTP/2 (see `grpc`).
+        let builder = match config.protocol {
+            Wire::HttpProtobuf => builder.with_http_client(UreqClient::new(config.timeout())),
+            Wire::Grpc => builder.with_http_client(GrpcClient::new(config.timeout()).map_err(ExportError::Grpc)?),
+        };
+        let mut exporter = builder
             .with_protocol(Protocol::HttpBinary)
             .with_endpoint(config.endpoint.clone())
             .with_timeout(config.timeout())

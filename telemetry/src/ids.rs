@@ -57,6 +57,20 @@ impl SpanId {
     }
 }
 
+impl std::fmt::Display for TraceId {
+    /// 32 lowercase hex digits, as in `traceparent` and OTLP/JSON.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex(&self.0))
+    }
+}
+
+impl std::fmt::Display for SpanId {
+    /// 16 lowercase hex digits.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex(&self.0))
+    }
+}
+
 fn digest(domain: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(domain);

@@ -9,16 +9,18 @@
 //! controller, ids derived from the store and the job ([`ids`]), and hands it
 //! to an [`Exporter`]: a bounded queue that never blocks its caller and
 //! counts what it drops, drained by a thread of its own that speaks
-//! OTLP/HTTP with a blocking client (no async runtime needed, so none of the
-//! daemons' runtimes can be the wrong one).
+//! OTLP/HTTP with a blocking client, or OTLP/gRPC over HTTP/2 on a runtime
+//! of its own (so none of the daemons' runtimes can be the wrong one).
 
 pub mod config;
 pub mod export;
+pub mod grpc;
 pub mod http_client;
 pub mod ids;
+pub mod logs;
 pub mod span;
 
-pub use config::{ConfigError, TraceConfig};
+pub use config::{ConfigError, Protocol, TraceConfig};
 pub use export::{Exporter, SpanCounters};
 pub use ids::{SpanId, TraceId, Traceparent};
 pub use span::SpanBuilder;

@@ -1,6 +1,8 @@
-//! Traces over OTLP/HTTP: the controller and an agent, real processes,
-//! export to a collector inside the test that decodes what it receives with
-//! the OpenTelemetry protocol's own generated types (opentelemetry-proto).
+//! Traces over OTLP (HTTP/protobuf and gRPC): the controller and an agent,
+//! real processes, export to a collector inside the test that decodes what it
+//! receives with the OpenTelemetry protocol's own generated types
+//! (opentelemetry-proto); its gRPC side is `h2`'s HTTP/2 server (the one tonic
+//! runs on) holding each call to the gRPC-over-HTTP/2 protocol.
 
 use super::*;
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
@@ -10,6 +12,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Bound on every wait of these tests.
 const WAIT: Duration = Duration::from_secs(60);
@@ -55,8 +58,16 @@ fn attrs(kvs: &[KeyValue]) -> BTreeMap<String, String> {
     kvs.iter().map(|kv| (kv.key.clone(), value(&kv.value))).collect()
 }
 
-/// An OTLP/HTTP receiver on a loopback port: answers every `POST /v1/traces`
-/// of protobuf with an empty `ExportTraceServiceResponse`, keeping the spans.
+/// Which OTLP transport a collector speaks.
+#[derive(Copy, Clone, Debug, PartialEq)]
+enum Wire {
+    Http,
+    Grpc,
+}
+
+/// An OTLP receiver on a loopback port: over HTTP answers every `POST
+/// /v1/traces` of protobuf with an empty `ExportTraceServiceResponse`; over
+/// gRPC every `TraceService/Export` call; either way keeping the spans.
 struct Collector {
     addr: SocketAddr,
     spans: Arc<Mutex<Vec<Span>>>,
@@ -66,18 +77,35 @@ struct Collector {
 
 impl Collector {
     fn start() -> Collector {
+        Collector::speaking(Wire::Http)
+    }
+
+    fn speaking(wire: Wire) -> Collector {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let spans = Arc::new(Mutex::new(Vec::new()));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let (s, r) = (spans.clone(), requests.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let (s, r) = (s.clone(), r.clone());
-                std::thread::spawn(move || serve(stream, &s, &r));
-            }
-        });
+        match wire {
+            Wire::Http => std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    let (s, r) = (s.clone(), r.clone());
+                    std::thread::spawn(move || serve(stream, &s, &r));
+                }
+            }),
+            Wire::Grpc => std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                rt.block_on(async move {
+                    listener.set_nonblocking(true).unwrap();
+                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else { continue };
+                        tokio::spawn(serve_grpc(stream, s.clone(), r.clone()));
+                    }
+                })
+            }),
+        };
         Collector { addr, spans, requests }
     }
 
@@ -140,7 +168,88 @@ fn serve(mut stream: TcpStream, spans: &Mutex<Vec<Span>>, requests: &Mutex<Vec<(
         }
         let body: Vec<u8> = buf.drain(..head_end + len).skip(head_end).collect();
         requests.lock().unwrap().push((path, ctype));
-        let req = ExportTraceServiceRequest::decode(body.as_slice()).expect("the body is an ExportTraceServiceRequest");
+        keep(&body, spans);
+        let answer = ExportTraceServiceResponse::default().encode_to_vec();
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
+            answer.len()
+        );
+        if stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(&answer)).is_err() {
+            return;
+        }
+    }
+}
+
+/// The one method of the OTLP trace service (`opentelemetry/proto/collector/trace/v1/trace_service.proto`).
+const GRPC_EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// Serves one HTTP/2 connection's gRPC calls, holding each to the
+/// gRPC-over-HTTP/2 protocol (`grpc/doc/PROTOCOL-HTTP2.md`): a POST with
+/// `content-type: application/grpc` and `te: trailers`, one length-prefixed
+/// uncompressed message; the answer one message, status in the trailers.
+async fn serve_grpc(
+    stream: tokio::net::TcpStream,
+    spans: Arc<Mutex<Vec<Span>>>,
+    requests: Arc<Mutex<Vec<(String, String)>>>,
+) {
+    let Ok(mut conn) = h2::server::handshake(stream).await else { return };
+    // Each call on a task of its own: the connection makes progress only while `accept` is polled.
+    while let Some(Ok((req, respond))) = conn.accept().await {
+        tokio::spawn(answer_grpc(req, respond, spans.clone(), requests.clone()));
+    }
+}
+
+async fn answer_grpc(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<bytes::Bytes>,
+    spans: Arc<Mutex<Vec<Span>>>,
+    requests: Arc<Mutex<Vec<(String, String)>>>,
+) {
+    {
+        let (head, mut body) = req.into_parts();
+        let header = |k: &str| head.headers.get(k).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let mut data = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let Ok(chunk) = chunk else { return };
+            let _ = body.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        // What breaks the protocol is recorded as the request's path, for the test to show.
+        let len = data.get(1..5).map_or(0, |l| u32::from_be_bytes([l[0], l[1], l[2], l[3]]) as usize);
+        let broken = [
+            (head.method != "POST", "not a POST"),
+            (head.version != http::Version::HTTP_2, "not HTTP/2"),
+            (header("te") != "trailers", "no `te: trailers`"),
+            (!header("user-agent").starts_with("OTel-OTLP-Exporter-Rust/"), "not the exporter's user-agent"),
+            (data.first() != Some(&0), "not one uncompressed length-prefixed message"),
+            (data.len() != 5 + len, "not exactly one message (a unary call)"),
+        ];
+        let path = match broken.iter().find(|(b, _)| *b) {
+            Some((_, what)) => format!("broken: {what}: {head:?}"),
+            None => head.uri.path().to_string(),
+        };
+        let ok = path.starts_with('/');
+        requests.lock().unwrap().push((path, header("content-type")));
+        if !ok {
+            return;
+        }
+        keep(&data[5..], &spans);
+        let answer = ExportTraceServiceResponse::default().encode_to_vec();
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(&(answer.len() as u32).to_be_bytes());
+        frame.extend_from_slice(&answer);
+        let response = http::Response::builder().header("content-type", "application/grpc").body(()).unwrap();
+        let Ok(mut send) = respond.send_response(response, false) else { return };
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let _ = send.send_data(frame.into(), false).and_then(|()| send.send_trailers(trailers));
+    }
+}
+
+/// Decodes one `ExportTraceServiceRequest` and keeps its spans.
+fn keep(body: &[u8], spans: &Mutex<Vec<Span>>) {
+    {
+        let req = ExportTraceServiceRequest::decode(body).expect("the body is an ExportTraceServiceRequest");
         let mut got = Vec::new();
         for rs in &req.resource_spans {
             let resource = rs.resource.as_ref().map(|r| attrs(&r.attributes)).unwrap_or_default();
@@ -164,14 +273,6 @@ fn serve(mut stream: TcpStream, spans: &Mutex<Vec<Span>>, requests: &Mutex<Vec<(
             }
         }
         spans.lock().unwrap().extend(got);
-        let answer = ExportTraceServiceResponse::default().encode_to_vec();
-        let head = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
-            answer.len()
-        );
-        if stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(&answer)).is_err() {
-            return;
-        }
     }
 }
 
@@ -185,7 +286,11 @@ fn otel_env(endpoint: &str) -> Vec<(String, String)> {
 }
 
 fn traced_cluster(env: Vec<(String, String)>) -> Cluster {
-    Cluster::start_env(tempfile::tempdir().unwrap(), 1, 10_000, Vec::new(), env.clone(), env, |_| Vec::new())
+    traced_cluster_losing_agents_after(env, 10_000)
+}
+
+fn traced_cluster_losing_agents_after(env: Vec<(String, String)>, lost_after_ms: u64) -> Cluster {
+    Cluster::start_env(tempfile::tempdir().unwrap(), 1, lost_after_ms, Vec::new(), env.clone(), env, |_| Vec::new())
 }
 
 fn submit_line(c: &Cluster, name: &str, line: Value) -> String {
@@ -223,9 +328,21 @@ fn one<'a>(spans: &[&'a Span], name: &str) -> &'a Span {
 
 #[test]
 fn one_jobs_spans_from_controller_and_agent_share_its_trace_with_the_right_parents() {
-    let collector = Collector::start();
+    one_jobs_trace_over(Wire::Http);
+}
+
+#[test]
+fn one_jobs_spans_from_controller_and_agent_share_its_trace_over_grpc() {
+    one_jobs_trace_over(Wire::Grpc);
+}
+
+fn one_jobs_trace_over(wire: Wire) {
+    let collector = Collector::speaking(wire);
     let mut env = otel_env(&collector.endpoint());
     env.push(("COSMOS_LOG_FORMAT".into(), "json".into()));
+    if wire == Wire::Grpc {
+        env.push(("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "grpc".into()));
+    }
     let c = traced_cluster(env);
     let data = b"an input the agent stages".repeat(100);
     let store = cosmos_cas::Store::open(c.data().join("blobs")).unwrap();
@@ -290,21 +407,32 @@ fn one_jobs_spans_from_controller_and_agent_share_its_trace_with_the_right_paren
     assert_eq!(one(&trace, "deliver outputs").attr("cosmos.outputs.bytes"), size.to_string());
     assert_eq!(one(&trace, "start").attr("cosmos.runtime"), "process");
 
-    // The agent's log lines about the attempt's phases name its trace and parent span.
-    let log = std::fs::read_to_string(c.dir.path().join("agent-0.log")).unwrap();
-    let line: Value = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|l| l["message"] == "starting attempt")
-        .unwrap_or_else(|| panic!("no `starting attempt` line in the agent's log:\n{log}"));
-    assert_eq!(line["span"]["trace_id"], root.trace.as_str(), "{line}");
-    assert_eq!(line["span"]["span_id"], attempt.id.as_str(), "{line}");
+    // Log lines inside a traced operation name its trace and span at the top level: the
+    // agent's about the attempt's phases (the controller's attempt span), the controller's
+    // about the job (its root span).
+    let line = |file: &str, message: &str| -> Value {
+        let log = std::fs::read_to_string(c.dir.path().join(file)).unwrap();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|l| l["message"] == message)
+            .unwrap_or_else(|| panic!("no `{message}` line in {file}:\n{log}"))
+    };
+    let started = line("agent-0.log", "starting attempt");
+    assert_eq!(started["trace_id"], root.trace.as_str(), "{started}");
+    assert_eq!(started["span_id"], attempt.id.as_str(), "{started}");
+    let ended = line("ctl.log", "job ended");
+    assert_eq!(ended["trace_id"], root.trace.as_str(), "{ended}");
+    assert_eq!(ended["span_id"], root.id.as_str(), "{ended}");
+    assert_eq!(ended["state"], "succeeded", "{ended}");
+    let outside = line("ctl.log", "controller starting");
+    assert!(outside.get("trace_id").is_none(), "a line outside any traced operation names none: {outside}");
 
     let requests = collector.requests.lock().unwrap().clone();
-    assert!(
-        requests.iter().all(|(path, ctype)| path == "/v1/traces" && ctype == "application/x-protobuf"),
-        "{requests:?}"
-    );
+    let (path, ctype) = match wire {
+        Wire::Http => ("/v1/traces", "application/x-protobuf"),
+        Wire::Grpc => (GRPC_EXPORT, "application/grpc"),
+    };
+    assert!(requests.iter().all(|(p, c)| p == path && c == ctype), "{requests:?}");
 }
 
 #[test]
@@ -373,6 +501,45 @@ fn a_controller_restarted_mid_run_continues_the_jobs_trace() {
     assert_eq!(running.attr("cosmos.controller.restarted"), "true", "{running:?}");
 }
 
+#[test]
+fn an_agent_restarted_mid_run_goes_on_with_the_attempts_spans_in_the_jobs_trace() {
+    let collector = Collector::start();
+    // Never lost while it is down: the attempt must be adopted, not run again.
+    let mut c = traced_cluster_losing_agents_after(otel_env(&collector.endpoint()), 300_000);
+    let id = submit_line(
+        &c,
+        "adopted",
+        serde_json::json!({
+            "name": "adopted",
+            "command": ["sh", "-c", "sleep 3; echo done > out.txt"],
+            "outputs": [{ "path": "out.txt", "required": true }],
+            "max_attempts": 1,
+        }),
+    );
+    // The first agent's `start` span is exported: the attempt runs under it.
+    let before = collector.wait("the first agent's start span", |s| s.iter().any(|s| s.name == "start"));
+    let start = before.iter().find(|s| s.name == "start").unwrap().clone();
+    Cluster::kill9(&mut c.agents[0]);
+    let restarted_ns = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
+    c.agents[0] = Some(c.spawn_agent(0));
+    c.wait_agents(1);
+    let j = wait_job(&c, &id);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["attempts"], 1, "the attempt was adopted, not run again: {j}");
+    let spans = collector.wait("the restarted agent's delivery span and the job's root", |s| {
+        let t = trace_of(s, &id);
+        t.iter().any(|s| s.name == "deliver outputs") && t.iter().any(|s| s.name == "attempt")
+    });
+    let trace = trace_of(&spans, &id);
+    let attempt = one(&trace, "attempt");
+    let deliver = one(&trace, "deliver outputs");
+    assert_eq!(deliver.service, "cosmos-agent");
+    assert!(deliver.start_ns >= restarted_ns, "delivered by the restarted agent: {deliver:?}");
+    assert_eq!(deliver.trace, start.trace, "the restarted agent's span is in the job's trace");
+    assert_eq!(deliver.parent, attempt.id, "and a child of the same attempt span as the first agent's");
+    assert_eq!(start.parent, attempt.id);
+}
+
 /// A listener that takes connections and never answers: a collector that hangs.
 fn black_hole() -> (TcpListener, String) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -410,20 +577,4 @@ fn a_collector_that_hangs_loses_spans_counted_and_jobs_run_on() {
     // scheduling never waited for export.
     assert_eq!(metric(&text, "cosmos_spans_exported_total"), 0.0, "{text}");
     assert!(metric(&text, "cosmos_spans_dropped_total{reason=\"queue_full\"}") > 0.0, "{text}");
-}
-
-#[test]
-fn grpc_export_is_refused_at_start_saying_it_is_not_built() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args(["controller", "--data-dir"])
-        .arg(dir.path().join("ctl"))
-        .args(["--api-listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(err.contains("gRPC") && err.contains("not built") && err.contains("http/protobuf"), "{err}");
 }
