@@ -505,8 +505,8 @@ async fn lead_or_wait(
         );
     };
     let take = async {
-        let (url, lease) = (pg.url.clone(), lease.clone());
-        let mut store = tokio::task::spawn_blocking(move || Store::open_postgres(&url, lease))
+        let (url, ours) = (pg.url.clone(), lease.clone());
+        let mut store = tokio::task::spawn_blocking(move || Store::open_postgres(&url, ours))
             .await
             .map_err(|e| StoreError::Url(format!("opening the store failed: {e}")))??;
         let mut said = None::<String>;

@@ -476,7 +476,7 @@ fn prompts_round_trip_and_delete(kind: Kind) {
         created_ms,
     };
     let (a, b) = (prompt("ps_b", 2), prompt("ps_a", 1));
-    store.apply(&[StoreOp::PutPrompt(a.clone()), StoreOp::PutPrompt(b.clone())]).unwrap();
+    store.apply(&[StoreOp::PutPrompt(Box::new(a.clone())), StoreOp::PutPrompt(Box::new(b.clone()))]).unwrap();
     assert_eq!(store.prompt("ps_b").unwrap(), Some(a.clone()));
     // Oldest first.
     assert_eq!(store.prompts().unwrap(), vec![b.clone(), a]);
