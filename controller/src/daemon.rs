@@ -107,7 +107,9 @@ pub enum DaemonError {
     #[error("the registered hosts: {0}")]
     Hosts(#[from] crate::hosts::HostsError),
     /// The store could not be written: the controller stopped rather than act on decisions it cannot keep.
-    #[error("the store {store} cannot be written ({reason}); the controller stopped so that nothing it answers is lost")]
+    #[error(
+        "the store {store} cannot be written ({reason}); the controller stopped so that nothing it answers is lost"
+    )]
     StoreFailed {
         /// The store's file or URL (without password).
         store: String,
@@ -657,8 +659,9 @@ fn spawn_renewer(
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(period) {
                 match store.renew() {
                     Ok(()) => renewed = std::time::Instant::now(),
-                    Err(e) if cosmos_proto::Classify::is_retryable(&e)
-                        && renewed.elapsed() < Duration::from_millis(lease_ms) =>
+                    Err(e)
+                        if cosmos_proto::Classify::is_retryable(&e)
+                            && renewed.elapsed() < Duration::from_millis(lease_ms) =>
                     {
                         tracing::warn!(error = %e, "could not renew the lease; retrying");
                     }

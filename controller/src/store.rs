@@ -164,7 +164,9 @@ pub enum StoreError {
     )]
     NotLeader(LeaseInfo),
     /// A PostgreSQL writer wrote before taking the lease; every write is fenced by it.
-    #[error("the store was written before this controller took the lease (begin_epoch); this is a bug, please report it")]
+    #[error(
+        "the store was written before this controller took the lease (begin_epoch); this is a bug, please report it"
+    )]
     NoLease,
     /// A write went to a read-only connection (the API's reader).
     #[error("this store connection is read-only (the API's reader); every write goes through the controller's writer")]

@@ -200,7 +200,9 @@ impl Env {
     /// Runs SQL behind the store's back (to damage it on purpose).
     fn sql(&self, sql: &str) {
         match self {
-            Env::Sqlite(dir) => rusqlite::Connection::open(dir.path().join("cosmos.db")).unwrap().execute_batch(sql).unwrap(),
+            Env::Sqlite(dir) => {
+                rusqlite::Connection::open(dir.path().join("cosmos.db")).unwrap().execute_batch(sql).unwrap()
+            }
             Env::Postgres(pg) => {
                 pg.psql(sql);
             }
@@ -471,7 +473,11 @@ fn prompts_round_trip_and_delete(kind: Kind) {
         name: format!("robot_arm_{id}"),
         text: "a robot arm picks up a red cube «rouge»".to_string(),
         negative_prompt: "blurry".to_string(),
-        videos: PromptVideos { color: BlobRef { sha256: Sha256([7; 32]), size_bytes: 1 << 20 }, depth: None, seg: None },
+        videos: PromptVideos {
+            color: BlobRef { sha256: Sha256([7; 32]), size_bytes: 1 << 20 },
+            depth: None,
+            seg: None,
+        },
         parent: None,
         created_ms,
     };
@@ -566,9 +572,8 @@ fn postgres_on_expiry_the_standby_takes_over_and_the_old_leader_is_fenced_out() 
     assert_eq!(snap.jobs, vec![queued_job(1)], "what A committed survives");
 
     // A wakes up: its next group commit is fenced out, whole, and says why.
-    let err = a
-        .apply(&[StoreOp::PutJob(Box::new(finished_job(1))), StoreOp::PutJob(Box::new(queued_job(2)))])
-        .unwrap_err();
+    let err =
+        a.apply(&[StoreOp::PutJob(Box::new(finished_job(1))), StoreOp::PutJob(Box::new(queued_job(2)))]).unwrap_err();
     match &err {
         StoreError::Deposed { holder, epoch, now } => {
             assert_eq!((holder.as_str(), *epoch), ("a", 1));

@@ -79,13 +79,15 @@ impl Postgres {
         let bin = bin_dir()?;
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
-        let dir = tempfile::Builder::new().prefix("cosmos-pg-").tempdir().map_err(|e| format!("temporary directory: {e}"))?;
+        let dir =
+            tempfile::Builder::new().prefix("cosmos-pg-").tempdir().map_err(|e| format!("temporary directory: {e}"))?;
         let run_as = if root {
             let (uid, gid) = user_ids("postgres").ok_or(
                 "running as root, and initdb refuses root, but there is no `postgres` user to run the server as \
                  (Debian's postgresql package creates it; apt-get install postgresql)",
             )?;
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", dir.path().display()))?;
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid))
+                .map_err(|e| format!("chown {}: {e}", dir.path().display()))?;
             Some("postgres".to_string())
         } else {
             None
@@ -93,25 +95,39 @@ impl Postgres {
         let mut pg = Postgres { dir, bin, port: 0, run_as, running: false };
         let data = pg.data_dir();
         // trust: the server listens on loopback only, for this test alone.
-        pg.run("initdb", &[
-            "-D".as_ref(),
-            data.as_os_str(),
-            "-U".as_ref(),
-            USER.as_ref(),
-            "-A".as_ref(),
-            "trust".as_ref(),
-            "-E".as_ref(),
-            "UTF8".as_ref(),
-            "--locale=C.UTF-8".as_ref(),
-            "--no-sync".as_ref(),
-        ])?;
+        pg.run(
+            "initdb",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-U".as_ref(),
+                USER.as_ref(),
+                "-A".as_ref(),
+                "trust".as_ref(),
+                "-E".as_ref(),
+                "UTF8".as_ref(),
+                "--locale=C.UTF-8".as_ref(),
+                "--no-sync".as_ref(),
+            ],
+        )?;
         let mut last = String::new();
         for _ in 0..START_TRIES_MAX {
             pg.port = free_port();
             match pg.start_server() {
                 Ok(()) => {
                     pg.running = true;
-                    pg.run("createdb", &["-h".as_ref(), "127.0.0.1".as_ref(), "-p".as_ref(), pg.port.to_string().as_ref(), "-U".as_ref(), USER.as_ref(), USER.as_ref()])?;
+                    pg.run(
+                        "createdb",
+                        &[
+                            "-h".as_ref(),
+                            "127.0.0.1".as_ref(),
+                            "-p".as_ref(),
+                            pg.port.to_string().as_ref(),
+                            "-U".as_ref(),
+                            USER.as_ref(),
+                            USER.as_ref(),
+                        ],
+                    )?;
                     return Ok(pg);
                 }
                 Err(e) => last = e,
@@ -125,18 +141,21 @@ impl Postgres {
         let log = self.dir.path().join("server.log");
         // No Unix socket: the tests and controllers reach it over TCP, as they would a remote server.
         let opts = format!("-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories=", self.port);
-        self.run("pg_ctl", &[
-            "-D".as_ref(),
-            data.as_os_str(),
-            "-l".as_ref(),
-            log.as_os_str(),
-            "-o".as_ref(),
-            opts.as_ref(),
-            "-w".as_ref(),
-            "-t".as_ref(),
-            START_WAIT_S.to_string().as_ref(),
-            "start".as_ref(),
-        ])
+        self.run(
+            "pg_ctl",
+            &[
+                "-D".as_ref(),
+                data.as_os_str(),
+                "-l".as_ref(),
+                log.as_os_str(),
+                "-o".as_ref(),
+                opts.as_ref(),
+                "-w".as_ref(),
+                "-t".as_ref(),
+                START_WAIT_S.to_string().as_ref(),
+                "start".as_ref(),
+            ],
+        )
         .map_err(|e| format!("{e}\nserver log:\n{}", std::fs::read_to_string(&log).unwrap_or_default()))
     }
 
@@ -157,8 +176,19 @@ impl Postgres {
 
     /// Creates another empty database and returns its URL, for tests sharing one server.
     pub fn create_database(&self, name: &str) -> String {
-        self.run("createdb", &["-h".as_ref(), "127.0.0.1".as_ref(), "-p".as_ref(), self.port.to_string().as_ref(), "-U".as_ref(), USER.as_ref(), name.as_ref()])
-            .unwrap_or_else(|e| panic!("createdb {name}: {e}"));
+        self.run(
+            "createdb",
+            &[
+                "-h".as_ref(),
+                "127.0.0.1".as_ref(),
+                "-p".as_ref(),
+                self.port.to_string().as_ref(),
+                "-U".as_ref(),
+                USER.as_ref(),
+                name.as_ref(),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("createdb {name}: {e}"));
         format!("postgres://{USER}@127.0.0.1:{}/{name}", self.port)
     }
 
@@ -181,7 +211,10 @@ impl Postgres {
     pub fn stop(&mut self) {
         if self.running {
             let data = self.data_dir();
-            let _ = self.run("pg_ctl", &["-D".as_ref(), data.as_os_str(), "-m".as_ref(), "immediate".as_ref(), "-w".as_ref(), "stop".as_ref()]);
+            let _ = self.run(
+                "pg_ctl",
+                &["-D".as_ref(), data.as_os_str(), "-m".as_ref(), "immediate".as_ref(), "-w".as_ref(), "stop".as_ref()],
+            );
             self.running = false;
         }
     }

@@ -6,7 +6,7 @@ use super::{BIN, Proc, runs, write_batch, write_token};
 use cosmos_pgtest::Postgres;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 /// A free loopback address for a controller to listen on (its standby must know it before it leads).
@@ -97,12 +97,6 @@ impl Pair {
             .unwrap()
     }
 
-    pub(crate) fn json(&self, args: &[&str]) -> Value {
-        let out = self.cli_at(&self.apis(), args);
-        assert!(out.status.success(), "cosmos {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
     /// Waits until controller `i` answers its API as the leader.
     pub(crate) fn wait_leads(&self, i: usize) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -111,7 +105,12 @@ impl Pair {
             if out.status.success() {
                 return serde_json::from_slice(&out.stdout).unwrap();
             }
-            assert!(Instant::now() < deadline, "{} never led; logs in {}", self.ctls[i].name, self.dir.path().display());
+            assert!(
+                Instant::now() < deadline,
+                "{} never led; logs in {}",
+                self.ctls[i].name,
+                self.dir.path().display()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -118,7 +118,8 @@ const MIGRATIONS: &[&str] = &[
     ",
 ];
 
-const PUT_JOB: &str = "INSERT INTO jobs (id, name, state, priority, submitted_ms, record) VALUES ($1, $2, $3, $4, $5, $6)
+const PUT_JOB: &str =
+    "INSERT INTO jobs (id, name, state, priority, submitted_ms, record) VALUES ($1, $2, $3, $4, $5, $6)
      ON CONFLICT (id) DO UPDATE SET name = excluded.name, state = excluded.state, priority = excluded.priority,
          submitted_ms = excluded.submitted_ms, record = excluded.record";
 const PUT_ATTEMPT: &str =
@@ -235,7 +236,8 @@ fn param<T: ToSql + Sync + Send + 'static>(v: T) -> Box<dyn ToSql + Sync + Send>
 }
 
 fn big(n: u64, what: impl FnOnce() -> String) -> Result<i64> {
-    i64::try_from(n).map_err(|_| StoreError::Encode { what: format!("{}: {n} does not fit PostgreSQL's BIGINT", what()) })
+    i64::try_from(n)
+        .map_err(|_| StoreError::Encode { what: format!("{}: {n} does not fit PostgreSQL's BIGINT", what()) })
 }
 
 fn unsigned(n: i64, what: impl FnOnce() -> String) -> Result<u64> {
@@ -245,9 +247,7 @@ fn unsigned(n: i64, what: impl FnOnce() -> String) -> Result<u64> {
 fn parse_config(url: &str) -> Result<Config> {
     let config: Config = url.parse().map_err(|e| StoreError::Url(format!("{}: {e}", redact(url))))?;
     let local = config.get_hosts().iter().all(|h| match h {
-        Host::Tcp(name) => {
-            name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-        }
+        Host::Tcp(name) => name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()),
         Host::Unix(_) => true,
     });
     if !local && config.get_ssl_mode() != SslMode::Disable {
@@ -395,41 +395,53 @@ impl PgStore {
         let mut rows: Vec<(&'static str, Vec<Box<dyn ToSql + Sync + Send>>)> = Vec::with_capacity(ops.len());
         for op in ops {
             rows.push(match op {
-                StoreOp::PutJob(job) => (PUT_JOB, vec![
-                    param(big(job.id.0, || format!("job {}", job.id))?),
-                    param(job.spec.name.clone()),
-                    param(job.state.as_str().to_string()),
-                    param(job.spec.priority),
-                    param(big(job.submitted_ms, || format!("job {} submitted_ms", job.id))?),
-                    param(encode(&**job, || format!("job {}", job.id))?),
-                ]),
-                StoreOp::PutAttempt(att) => (PUT_ATTEMPT, vec![
-                    param(big(att.id.0, || format!("attempt {}", att.id))?),
-                    param(big(att.job_id.0, || format!("attempt {} job", att.id))?),
-                    param(att.agent.clone()),
-                    param(att.state.as_str().to_string()),
-                    param(big(att.assigned_ms, || format!("attempt {} assigned_ms", att.id))?),
-                    param(encode(att, || format!("attempt {}", att.id))?),
-                ]),
-                StoreOp::PutAgent(agent) => (PUT_AGENT, vec![
-                    param(agent.name.clone()),
-                    param(encode(agent, || format!("agent `{}`", agent.name))?),
-                ]),
-                StoreOp::PutPrompt(p) => (PUT_PROMPT, vec![
-                    param(p.id.clone()),
-                    param(p.name.clone()),
-                    param(big(p.created_ms, || format!("prompt {}", p.id))?),
-                    param(encode(p, || format!("prompt {}", p.id))?),
-                ]),
+                StoreOp::PutJob(job) => (
+                    PUT_JOB,
+                    vec![
+                        param(big(job.id.0, || format!("job {}", job.id))?),
+                        param(job.spec.name.clone()),
+                        param(job.state.as_str().to_string()),
+                        param(job.spec.priority),
+                        param(big(job.submitted_ms, || format!("job {} submitted_ms", job.id))?),
+                        param(encode(&**job, || format!("job {}", job.id))?),
+                    ],
+                ),
+                StoreOp::PutAttempt(att) => (
+                    PUT_ATTEMPT,
+                    vec![
+                        param(big(att.id.0, || format!("attempt {}", att.id))?),
+                        param(big(att.job_id.0, || format!("attempt {} job", att.id))?),
+                        param(att.agent.clone()),
+                        param(att.state.as_str().to_string()),
+                        param(big(att.assigned_ms, || format!("attempt {} assigned_ms", att.id))?),
+                        param(encode(att, || format!("attempt {}", att.id))?),
+                    ],
+                ),
+                StoreOp::PutAgent(agent) => (
+                    PUT_AGENT,
+                    vec![param(agent.name.clone()), param(encode(agent, || format!("agent `{}`", agent.name))?)],
+                ),
+                StoreOp::PutPrompt(p) => (
+                    PUT_PROMPT,
+                    vec![
+                        param(p.id.clone()),
+                        param(p.name.clone()),
+                        param(big(p.created_ms, || format!("prompt {}", p.id))?),
+                        param(encode(p, || format!("prompt {}", p.id))?),
+                    ],
+                ),
                 StoreOp::DeletePrompt(id) => (DELETE_PROMPT, vec![param(id.clone())]),
-                StoreOp::Event(ev) => (APPEND_EVENT, vec![
-                    param(big(ev.at_ms, || "event at_ms".to_string())?),
-                    param(ev.job_id.map(|j| big(j.0, || format!("event of {j}"))).transpose()?),
-                    param(ev.attempt_id.map(|a| big(a.0, || format!("event of {a}"))).transpose()?),
-                    param(ev.agent.clone()),
-                    param(ev.kind.clone()),
-                    param(ev.detail.clone()),
-                ]),
+                StoreOp::Event(ev) => (
+                    APPEND_EVENT,
+                    vec![
+                        param(big(ev.at_ms, || "event at_ms".to_string())?),
+                        param(ev.job_id.map(|j| big(j.0, || format!("event of {j}"))).transpose()?),
+                        param(ev.attempt_id.map(|a| big(a.0, || format!("event of {a}"))).transpose()?),
+                        param(ev.agent.clone()),
+                        param(ev.kind.clone()),
+                        param(ev.detail.clone()),
+                    ],
+                ),
             });
         }
         let mut statements = Vec::with_capacity(rows.len());
@@ -510,10 +522,9 @@ impl PgStore {
         self.ensure_connected()?;
         let acquire = self.statement(ACQUIRE)?;
         let lease_ms = lease.lease_ms as i64;
-        let row = self.rt().block_on(self.client.borrow().query_opt(
-            &acquire,
-            &[&lease.holder, &lease.api, &lease.agents, &lease_ms],
-        ))?;
+        let row = self.rt().block_on(
+            self.client.borrow().query_opt(&acquire, &[&lease.holder, &lease.api, &lease.agents, &lease_ms]),
+        )?;
         match row {
             Some(row) => {
                 let epoch = Epoch(unsigned(row.get(0), || "cosmos_lease.epoch".to_string())?);
@@ -554,7 +565,12 @@ impl PgStore {
         let mut client = self.client.borrow_mut();
         self.rt().block_on(async {
             // One snapshot, so the pieces are from the same moment.
-            let tx = client.build_transaction().isolation_level(tokio_postgres::IsolationLevel::RepeatableRead).read_only(true).start().await?;
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await?;
             let (jobs, attempts, max, agents) = futures::future::try_join4(
                 tx.query("SELECT id, record FROM jobs ORDER BY id", &[]),
                 tx.query(
@@ -623,7 +639,10 @@ impl PgStore {
             .map(|r| {
                 Ok(EventRecord {
                     at_ms: unsigned(r.get(0), || "events.at_ms".to_string())?,
-                    job_id: r.get::<_, Option<i64>>(1).map(|j| unsigned(j, || "events.job_id".to_string()).map(JobId)).transpose()?,
+                    job_id: r
+                        .get::<_, Option<i64>>(1)
+                        .map(|j| unsigned(j, || "events.job_id".to_string()).map(JobId))
+                        .transpose()?,
                     attempt_id: r
                         .get::<_, Option<i64>>(2)
                         .map(|a| unsigned(a, || "events.attempt_id".to_string()).map(AttemptId))
