@@ -446,7 +446,7 @@ impl PgStore {
         }
         let mut statements = Vec::with_capacity(rows.len());
         for (sql, _) in &rows {
-            statements.push(self.statement(*sql)?);
+            statements.push(self.statement(sql)?);
         }
         let fence = self.statement(FENCE)?;
         let mut client = self.client.borrow_mut();
