@@ -10,6 +10,8 @@ use std::time::Duration;
 
 /// Largest API answer read (a listing of very many jobs).
 const RESPONSE_BYTES_MAX: u64 = 512 * 1024 * 1024;
+/// Bound on asking one of several controllers whether it leads.
+const LEADER_PROBE_S: u64 = 5;
 /// Tries of one blob upload, each resuming where the last broke off.
 const UPLOAD_TRIES: u32 = 10;
 /// Wait before asking again after an incomplete or concurrent upload.
@@ -35,7 +37,8 @@ const IDEMPOTENT_POSTS: &[&str] = &["/v1/jobs", "/v1/runs"];
 /// Where the controller is and how to authenticate.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ClientArgs {
-    /// Controller API URL, e.g. http://127.0.0.1:7700.
+    /// Controller API URL, e.g. http://127.0.0.1:7700; several, comma-separated, for a leader and its standbys
+    /// (the one leading is used).
     #[arg(long, env = "COSMOS_CONTROLLER", global = true)]
     pub controller: Option<String>,
     /// API token (else read from --data-dir).
@@ -50,6 +53,35 @@ pub struct ClientArgs {
     /// How long waiting and following commands keep retrying an unreachable controller, in seconds.
     #[arg(long, env = "COSMOS_RECONNECT_WAIT_S", global = true, default_value_t = RECONNECT_WAIT_S_DEFAULT)]
     pub reconnect_wait_s: u64,
+}
+
+/// Of several controllers (`--controller URL1,URL2`: a leader and its standbys
+/// on one PostgreSQL store), the one that leads: the first that answers, or the
+/// leader a standby names in its 503. None answering: the first, whose error then shows.
+fn find_leader(agent: &ureq::Agent, list: &str, token: &str) -> String {
+    let norm = |b: &str| {
+        let b = b.trim().trim_end_matches('/');
+        if b.contains("://") { b.to_string() } else { format!("http://{b}") }
+    };
+    let bases: Vec<String> = list.split(',').filter(|b| !b.trim().is_empty()).map(norm).collect();
+    for base in &bases {
+        let resp = agent
+            .get(format!("{base}/v1/status"))
+            .header("Authorization", format!("Bearer {token}"))
+            .config()
+            .timeout_global(Some(Duration::from_secs(LEADER_PROBE_S)))
+            .build()
+            .call();
+        let Ok(mut resp) = resp else { continue };
+        if resp.status().as_u16() != 503 {
+            return base.clone();
+        }
+        let body: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
+        if let Some(leader) = body.get("leader").and_then(|l| l.as_str()) {
+            return norm(leader);
+        }
+    }
+    bases.into_iter().next().unwrap_or_default()
 }
 
 /// A connected API client.
@@ -96,6 +128,7 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(CALL_TIMEOUT_S)))
             .build()
             .new_agent();
+        let base = if base.contains(',') { find_leader(&agent, &base, &token) } else { base };
         Ok(Client { base, token, agent, reconnect_wait_s: args.reconnect_wait_s })
     }
 

@@ -613,6 +613,12 @@ pub fn status(args: &ClientArgs) -> anyhow::Result<()> {
     let gpus: usize = s.agents.iter().map(|a| a.gpus.len()).sum();
     let busy: usize = s.agents.iter().flat_map(|a| &a.gpus).filter(|g| g.attempt.is_some()).count();
     println!("controller epoch {}  queue {}  GPUs busy {busy}/{gpus}", s.epoch, s.queue_depth);
+    if let Some(l) = &s.leader {
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let for_ = elapsed_text(Some(now_ms.saturating_sub(l.since_ms)));
+        println!("leader {} (API {}, agents {})  epoch {}  leading for {for_}", l.holder, l.api, l.agents, l.epoch.0);
+    }
     println!("jobs: {}", s.jobs.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "));
     print_agents(&s.agents);
     Ok(())

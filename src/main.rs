@@ -65,6 +65,23 @@ enum Command {
         /// them forever); blobs nothing references any more go with them.
         #[arg(long, default_value_t = cosmos_controller::retention::RETAIN_DAYS_DEFAULT)]
         retain_days: f64,
+        /// The store: a `postgres://USER@HOST/DB` URL, shared by a leader and its standbys (default: SQLite in
+        /// --data-dir). From the environment it stays out of `ps`, with any password in it.
+        #[arg(long, value_name = "URL", env = "COSMOS_STORE", hide_env_values = true)]
+        store: Option<String>,
+        /// PostgreSQL store: how long the leader's lease lasts after each renewal (every third of it); a standby
+        /// takes over this long after the leader stops.
+        #[arg(long, default_value_t = cosmos_controller::store::postgres::LEASE_MS_DEFAULT)]
+        lease_ms: u64,
+        /// PostgreSQL store: this controller's name in the lease row, unique among those sharing it (default: HOST:API_PORT).
+        #[arg(long)]
+        controller_id: Option<String>,
+        /// PostgreSQL store: the API URL standbys send clients to while this controller leads (default: http://API_LISTEN).
+        #[arg(long, value_name = "URL")]
+        advertise_api: Option<String>,
+        /// PostgreSQL store: the HOST:PORT standbys send agents to while this controller leads (default: --agent-listen).
+        #[arg(long, value_name = "HOST:PORT")]
+        advertise_agents: Option<String>,
         /// Host keys of the hosts reached over SSH are checked against this file (default ~/.ssh/known_hosts).
         #[arg(long, value_name = "FILE")]
         known_hosts: Option<PathBuf>,
@@ -721,7 +738,31 @@ pub fn run_checked(cli: Cli, check_only: bool) -> anyhow::Result<bool> {
             ssh_keepalive_interval_ms,
             ssh_keepalive_max,
             cosmos,
+            store,
+            lease_ms,
+            controller_id,
+            advertise_api,
+            advertise_agents,
         } => {
+            let postgres = match store.as_deref().map(cosmos_controller::store::StoreLocation::parse) {
+                None => None,
+                Some(cosmos_controller::store::StoreLocation::Postgres(url)) => {
+                    if lease_ms < 300 {
+                        anyhow::bail!("--lease-ms {lease_ms}: give at least 300 (it is renewed every third of it)");
+                    }
+                    Some(cosmos_controller::daemon::PostgresOptions {
+                        url,
+                        lease_ms,
+                        holder: controller_id,
+                        advertise_api,
+                        advertise_agents,
+                    })
+                }
+                Some(cosmos_controller::store::StoreLocation::Sqlite(path)) => anyhow::bail!(
+                    "--store {}: give a postgres:// URL; the SQLite store is always the data directory's (--data-dir)",
+                    path.display()
+                ),
+            };
             let known_hosts = known_hosts.or_else(cosmos_ssh::known_hosts::default_path).ok_or_else(|| {
                 anyhow::anyhow!("HOME is not set, so there is no ~/.ssh/known_hosts: give --known-hosts FILE")
             })?;
@@ -734,6 +775,7 @@ pub fn run_checked(cli: Cli, check_only: bool) -> anyhow::Result<bool> {
             let core = cosmos_controller::core::CoreConfig { lost_after_ms, ..Default::default() };
             let opts = cosmos_controller::daemon::ControllerOptions {
                 data_dir,
+                postgres,
                 api_listen,
                 agent_listen,
                 frame_bytes_max: cosmos_proto::frame::FRAME_BYTES_MAX_DEFAULT,

@@ -29,6 +29,8 @@ use tokio::time::Instant;
 
 /// Bound on a TCP connect; the handshake has its own.
 const CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// Pause before dialing the next of several controller addresses after one failed or refused (a standby).
+const DIAL_NEXT_ADDR_MS: u64 = 100;
 /// Messages waiting for the writer before runtime events are held back (log readers then wait).
 const OUTBOX_LEN: usize = 64;
 /// Messages handed to the writer task ahead of the socket.
@@ -80,7 +82,8 @@ impl AgentRuntime {
 /// How the agent and the controller find each other.
 #[derive(Clone, Debug)]
 pub enum ControllerLink {
-    /// The agent dials the controller's agent port, `host:port`.
+    /// The agent dials the controller's agent port, `host:port`; several, comma-separated, for a
+    /// leader and its standbys: it tries each in turn until one accepts (standbys refuse, naming the leader).
     Dial(String),
     /// The agent waits for the controller (which comes through SSH, or over a trusted network).
     Listen(ListenAddr),
@@ -650,8 +653,16 @@ impl Shell {
             incarnation: self.incarnation,
         };
         let mut dialing: Option<JoinHandle<Result<Connection<BoxStream>, DialError>>> = None;
+        let dial_addrs: Vec<String> = match &self.opts.link {
+            ControllerLink::Dial(addrs) => {
+                addrs.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_string).collect()
+            }
+            ControllerLink::Listen(_) => Vec::new(),
+        };
+        // Which address dials next: kept while it works, moved on when it fails or refuses.
+        let mut dial_next = 0usize;
         let dial_addr = match &self.opts.link {
-            ControllerLink::Dial(addr) => Some(addr.clone()),
+            ControllerLink::Dial(_) => dial_addrs.first().cloned(),
             ControllerLink::Listen(_) => None,
         };
         let link_name = self.opts.link.to_string();
@@ -714,7 +725,13 @@ impl Shell {
                         }
                         Err(e) => {
                             failures += 1;
-                            let delay = self.backoff.next_delay();
+                            dial_next += 1;
+                            // Through the list at once; the backoff only after every address failed.
+                            let delay = if dial_next % dial_addrs.len().max(1) == 0 {
+                                self.backoff.next_delay()
+                            } else {
+                                Duration::from_millis(DIAL_NEXT_ADDR_MS)
+                            };
                             let message = e.to_string();
                             if last_failure.as_deref() != Some(message.as_str()) {
                                 tracing::warn!(
@@ -732,7 +749,7 @@ impl Shell {
                     }
                 }
                 () = tokio::time::sleep_until(next_dial), if dial_addr.is_some() && dialing.is_none() && incoming.is_none() => {
-                    let addr = dial_addr.clone().expect("guarded");
+                    let addr = dial_addrs.get(dial_next % dial_addrs.len().max(1)).cloned().or_else(|| dial_addr.clone()).expect("guarded");
                     dialing = Some(tokio::spawn(dial(addr, hello.clone(), self.opts.frame_bytes_max)));
                 }
                 Some(acc) = accepted.recv(), if accept_task.is_some() => {
@@ -851,6 +868,10 @@ impl Shell {
                 incoming = None;
                 if let Some(link) = self.link.take() {
                     if dial_addr.is_some() {
+                        // The leader may be gone for good: a standby takes over at another address.
+                        if dial_addrs.len() > 1 {
+                            dial_next += 1;
+                        }
                         tracing::warn!(controller = link_name, %reason, "lost the controller; reconnecting");
                     } else {
                         tracing::warn!(controller = link_name, %reason, "lost the controller; waiting for it to connect again");

@@ -1,11 +1,13 @@
 //! Persisted state transitions per second on a file store (WAL, synchronous=FULL),
-//! with 1, 100 and 1000 transitions per transaction: what group commit buys.
+//! with 1, 100 and 1000 transitions per transaction: what group commit buys; then
+//! the same on PostgreSQL (a throwaway server on loopback, fsync and
+//! synchronous_commit on, the lease fence in every transaction), in the same run.
 //!
 //! A transition is what the core emits when an attempt changes state: the
 //! attempt, its job and an event. Run with `cargo bench -p cosmos-controller --bench store`.
 
 use cosmos_controller::records::{AttemptRecord, AttemptState, EventRecord, JobRecord, JobState, StoreOp};
-use cosmos_controller::store::Store;
+use cosmos_controller::store::{Lease, Store};
 use cosmos_proto::{AttemptId, Epoch, JobId, JobSpec};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -70,11 +72,20 @@ fn transition(i: u64) -> [StoreOp; 3] {
 
 fn transitions_per_transaction(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let mut store = Store::open(&dir.path().join("bench.db")).expect("open store");
+    let store = Store::open(&dir.path().join("bench.db")).expect("open store");
+    run(c, "store_file_wal_full", store);
+    let pg = cosmos_pgtest::Postgres::start();
+    let lease = Lease { holder: "bench".into(), api: "http://bench".into(), agents: "bench".into(), lease_ms: 600_000 };
+    let mut store = Store::open_postgres(&pg.url(), lease).expect("open store");
+    store.begin_epoch().expect("take the lease");
+    run(c, "store_postgres", store);
+}
+
+fn run(c: &mut Criterion, name: &str, mut store: Store) {
     let jobs: Vec<StoreOp> = (1..=JOBS).map(|id| StoreOp::PutJob(Box::new(job(id)))).collect();
     store.apply(&jobs).expect("seed jobs");
 
-    let mut group = c.benchmark_group("store_file_wal_full");
+    let mut group = c.benchmark_group(name);
     for per_tx in [1u64, 100, 1000] {
         let ops: Vec<StoreOp> = (0..per_tx).flat_map(transition).collect();
         group.throughput(Throughput::Elements(per_tx));

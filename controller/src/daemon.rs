@@ -8,7 +8,7 @@ use crate::core::{Core, CoreConfig};
 use crate::http;
 use crate::records::StoreOp;
 use crate::shared::{Clock, DataDir, Shared};
-use crate::store::Store;
+use crate::store::{Lease, LeaseInfo, Store, StoreError, StoreLocation};
 use actix::prelude::*;
 use cosmos_proto::handshake::Token;
 use cosmos_sync::{CommitQueue, Ticket};
@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 /// Store operations waiting for the writer before the core waits (backpressure).
 pub const STORE_OPS_PENDING_MAX: usize = 1_000_000;
@@ -32,11 +32,40 @@ pub const FAIL_STOP_GRACE_MS: u64 = 1_000;
 /// Default bound on each stored log stream of an attempt.
 pub const ATTEMPT_LOG_BYTES_MAX_DEFAULT: u64 = 64 << 20;
 
+/// After a retryable store error (a lost PostgreSQL connection, a restarting
+/// server), how long the writer keeps retrying a batch before the controller stops.
+pub const STORE_RETRY_MS_MAX: u64 = 30_000;
+/// Pause between two tries of a batch that failed retryably.
+pub const STORE_RETRY_PAUSE_MS: u64 = 250;
+/// Bound on standby connections (agents, API clients) being told who leads at once.
+pub const STANDBY_CONNECTIONS_MAX: usize = 64;
+/// Bound on the request head a standby reads before answering 503.
+const STANDBY_HEAD_BYTES_MAX: usize = 16 * 1024;
+/// Bound on a standby's wait for a request head.
+const STANDBY_HEAD_TIMEOUT_MS: u64 = 5_000;
+
+/// A store shared by several controllers on PostgreSQL: one leads, the others wait.
+#[derive(Clone, Debug)]
+pub struct PostgresOptions {
+    /// The `postgres://` URL.
+    pub url: String,
+    /// How long the lease lasts after each renewal; renewals come every third of it.
+    pub lease_ms: u64,
+    /// This controller's name in the lease row (default: host name and API port), unique among them.
+    pub holder: Option<String>,
+    /// The API URL standbys send clients to while this one leads (default: `http://` and the bound API address).
+    pub advertise_api: Option<String>,
+    /// The agent address standbys send agents to while this one leads (default: the bound agent address).
+    pub advertise_agents: Option<String>,
+}
+
 /// How to run a controller.
 #[derive(Clone, Debug)]
 pub struct ControllerOptions {
-    /// Holds the store, the tokens and the logs.
+    /// Holds the store (unless on PostgreSQL), the tokens and the logs.
     pub data_dir: PathBuf,
+    /// The store on PostgreSQL, with leader election; none: SQLite in the data directory.
+    pub postgres: Option<PostgresOptions>,
     /// Where the HTTP API listens.
     pub api_listen: SocketAddr,
     /// Where agents connect.
@@ -84,10 +113,12 @@ pub enum DaemonError {
     #[error("the registered hosts: {0}")]
     Hosts(#[from] crate::hosts::HostsError),
     /// The store could not be written: the controller stopped rather than act on decisions it cannot keep.
-    #[error("the store {path} cannot be written ({reason}); the controller stopped so that nothing it answers is lost")]
+    #[error(
+        "the store {store} cannot be written ({reason}); the controller stopped so that nothing it answers is lost"
+    )]
     StoreFailed {
-        /// The store's file.
-        path: PathBuf,
+        /// The store's file or URL (without password).
+        store: String,
         /// The store's error.
         reason: String,
     },
@@ -200,6 +231,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         return Ok(());
     }
     raise_open_files_limit();
+    let mut shutdown = std::pin::pin!(shutdown);
     let dir = DataDir { root: opts.data_dir.clone() };
     create_private_dir(&dir.root)?;
     // Held until the process ends: a second controller on this directory would fork its history.
@@ -224,12 +256,62 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     create_private_dir(&dir.logs())?;
     let api_token = ensure_token(&dir.api_token())?;
     let agent_token = ensure_token(&dir.agent_token())?;
-    // SQLite gives its -wal and -shm files the database file's mode.
-    create_private_file(&dir.store())?;
-    let mut store = Store::open(&dir.store())?;
-    let store_id = store.instance_id()?;
-    let snapshot = store.load()?;
-    let reader = Store::open_reader(&dir.store())?;
+    let api_addr = api_listener.local_addr().map_err(|cause| DaemonError::Bind {
+        addr: opts.api_listen,
+        flag: "--api-listen",
+        cause,
+    })?;
+    let location = match &opts.postgres {
+        None => StoreLocation::Sqlite(dir.store()),
+        Some(pg) => StoreLocation::Postgres(pg.url.clone()),
+    };
+    let (store, store_id, snapshot, reader, renewer) = match &opts.postgres {
+        None => {
+            // SQLite gives its -wal and -shm files the database file's mode.
+            create_private_file(&dir.store())?;
+            let mut store = Store::open(&dir.store())?;
+            let store_id = store.instance_id()?;
+            let snapshot = store.load()?;
+            let reader = Store::open_reader(&dir.store())?;
+            (store, store_id, snapshot, reader, None)
+        }
+        Some(pg) => {
+            let lease = Lease {
+                holder: pg.holder.clone().unwrap_or_else(|| format!("{}:{}", hostname(), api_addr.port())),
+                api: pg.advertise_api.clone().unwrap_or_else(|| format!("http://{api_addr}")),
+                agents: pg.advertise_agents.clone().unwrap_or_else(|| agent_addr.to_string()),
+                lease_ms: pg.lease_ms.max(1),
+            };
+            let waiting = lead_or_wait(
+                pg,
+                lease.clone(),
+                &api_listener,
+                opts.api_listen,
+                &agent_listener,
+                &agent_token,
+                opts.frame_bytes_max,
+            );
+            // A standby stops when told to, as a leader does.
+            let (store, store_id, snapshot) = tokio::select! {
+                led = waiting => led?,
+                () = &mut shutdown => {
+                    tracing::info!("standby stopped");
+                    return Ok(());
+                }
+            };
+            let (url, epoch) = (pg.url.clone(), snapshot.epoch);
+            let (reader, renewer) = tokio::task::spawn_blocking(move || {
+                let reader = Store::open_postgres_reader(&url)?;
+                // Its own connection, so a long group commit never delays a renewal.
+                let mut renewer = Store::open_postgres(&url, lease.clone())?;
+                renewer.hold_epoch(epoch);
+                Ok::<_, StoreError>((reader, renewer))
+            })
+            .await
+            .map_err(|e| StoreError::Url(format!("opening the store's connections failed: {e}")))??;
+            (store, store_id, snapshot, reader, Some((renewer, pg.lease_ms.max(3))))
+        }
+    };
     let clock = Clock::new();
     let core = Core::recover(opts.core.clone(), snapshot, clock.now());
     tracing::info!(epoch = core.epoch().0, data_dir = %dir.root.display(), "controller starting");
@@ -256,7 +338,10 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
 
     let queue = Arc::new(CommitQueue::new(STORE_OPS_PENDING_MAX));
     let (durable_tx, durable_rx) = mpsc::unbounded_channel();
-    let (failed_tx, failed_rx) = oneshot::channel();
+    let (failed_tx, mut failed_rx) = mpsc::unbounded_channel();
+    // Dropped at shutdown, which ends the renewer.
+    let (renewer_stop, renewer_stopped) = std::sync::mpsc::channel::<()>();
+    let renewer = renewer.map(|(store, lease_ms)| spawn_renewer(store, lease_ms, failed_tx.clone(), renewer_stopped));
     let writer = spawn_writer(store, queue.clone(), durable_tx, failed_tx, metrics.clone());
     let events = Arc::new(crate::events::EventLog::new(core.epoch().0));
     let addr = CoreActor::new(core, clock, queue.clone(), events.clone(), metrics.clone(), tracer).start();
@@ -311,7 +396,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     }
     let failure = tokio::select! {
         () = &mut shutdown => None,
-        Ok(reason) = failed_rx => Some(reason),
+        Some(reason) = failed_rx.recv() => Some(reason),
     };
     if let Some(reason) = &failure {
         // Fail-stop: every request from now on, and every one waiting on a
@@ -320,10 +405,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         // what was durable.
         let _ = shared.store_failure.set(reason.clone());
         addr.do_send(StoreFailed);
-        eprintln!(
-            "cosmos controller: the store {} cannot be written: {reason}; stopping",
-            shared.dir.store().display()
-        );
+        eprintln!("cosmos controller: the store {} cannot be written: {reason}; stopping", location.describe());
         tokio::time::sleep(Duration::from_millis(FAIL_STOP_GRACE_MS)).await;
     }
     if failure.is_none() {
@@ -343,9 +425,15 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     // each agent sees the controller go at once and redials.
     let closed: usize = addr.send(crate::actor::Stop).await.unwrap_or_default();
     queue.close();
+    drop(renewer_stop);
     let flushed = tokio::time::timeout(
         Duration::from_millis(STORE_FLUSH_GRACE_MS),
-        tokio::task::spawn_blocking(move || writer.join()),
+        tokio::task::spawn_blocking(move || {
+            let _ = writer.join();
+            if let Some(r) = renewer {
+                let _ = r.join();
+            }
+        }),
     )
     .await
     .is_ok();
@@ -362,9 +450,9 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
     // The links' writers send what was queued for them, then close.
     tokio::time::sleep(Duration::from_millis(AGENT_CLOSE_GRACE_MS)).await;
     match failure {
-        Some(reason) => Err(DaemonError::StoreFailed { path: shared.dir.store(), reason }),
+        Some(reason) => Err(DaemonError::StoreFailed { store: location.describe(), reason }),
         None if !flushed => Err(DaemonError::StoreFailed {
-            path: shared.dir.store(),
+            store: location.describe(),
             reason: format!("its writer did not finish within {STORE_FLUSH_GRACE_MS} ms of the stop"),
         }),
         None => {
@@ -378,7 +466,7 @@ fn spawn_writer(
     mut store: Store,
     queue: Arc<CommitQueue<StoreOp>>,
     durable: mpsc::UnboundedSender<Ticket>,
-    failed: oneshot::Sender<String>,
+    failed: mpsc::UnboundedSender<String>,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
@@ -387,7 +475,19 @@ fn spawn_writer(
             // Everything pending goes into one transaction: one fsync for many transitions.
             while let Some(batch) = queue.take_batch() {
                 let start = std::time::Instant::now();
-                let result = store.apply(&batch.items);
+                let mut result = store.apply(&batch.items);
+                // A lost PostgreSQL connection or a restarting server: the
+                // batch is tried again (the fence first, so a takeover in the
+                // meantime is seen); SQLite's errors stop the controller as before.
+                while let Err(e) = &result
+                    && matches!(e, StoreError::Postgres(_))
+                    && cosmos_proto::Classify::is_retryable(e)
+                    && start.elapsed() < Duration::from_millis(STORE_RETRY_MS_MAX)
+                {
+                    tracing::warn!(error = %e, "store write failed; retrying");
+                    std::thread::sleep(Duration::from_millis(STORE_RETRY_PAUSE_MS));
+                    result = store.apply(&batch.items);
+                }
                 metrics.store_commit.observe(start.elapsed().as_secs_f64());
                 metrics.store_commit_ops.observe(batch.items.len() as f64);
                 match result {
@@ -414,3 +514,217 @@ async fn forward_durable(mut rx: mpsc::UnboundedReceiver<Ticket>, addr: Addr<Cor
 }
 
 // ---- the core actor ----
+
+/// This host's name, for the default lease holder.
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer we own.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(name) if ok && !name.is_empty() => name.to_string(),
+        _ => "controller".to_string(),
+    }
+}
+
+/// Takes the lease, or waits as a standby until it can: every third of a
+/// lease it tries again, and meanwhile tells agents and API clients who leads.
+/// Returns the store holding the lease, its identity and what it loaded.
+async fn lead_or_wait(
+    pg: &PostgresOptions,
+    lease: Lease,
+    api: &std::net::TcpListener,
+    api_listen: SocketAddr,
+    agents: &tokio::net::TcpListener,
+    agent_token: &Token,
+    frame_bytes_max: u32,
+) -> Result<(Store, String, crate::records::Snapshot), DaemonError> {
+    let retry = Duration::from_millis((pg.lease_ms / 3).max(1));
+    let leader: Arc<std::sync::Mutex<Option<LeaseInfo>>> = Arc::new(std::sync::Mutex::new(None));
+    let api = api.try_clone().and_then(|l| {
+        l.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(l)
+    });
+    let api = api.map_err(|cause| DaemonError::Bind { addr: api_listen, flag: "--api-listen", cause })?;
+    let standby = async {
+        tokio::join!(
+            standby_api(&api, leader.clone()),
+            standby_agents(agents, leader.clone(), agent_token.clone(), frame_bytes_max)
+        );
+    };
+    let take = async {
+        let (url, ours) = (pg.url.clone(), lease.clone());
+        let mut store = tokio::task::spawn_blocking(move || Store::open_postgres(&url, ours))
+            .await
+            .map_err(|e| StoreError::Url(format!("opening the store failed: {e}")))??;
+        let mut said = None::<String>;
+        loop {
+            let (s, result) = tokio::task::spawn_blocking(move || {
+                let result = store.load().and_then(|snap| Ok((store.instance_id()?, snap)));
+                (store, result)
+            })
+            .await
+            .map_err(|e| StoreError::Url(format!("taking the lease failed: {e}")))?;
+            store = s;
+            match result {
+                Ok((id, snapshot)) => {
+                    tracing::info!(epoch = snapshot.epoch.0, holder = lease.holder, "took the lease: leading");
+                    return Ok::<_, DaemonError>((store, id, snapshot));
+                }
+                Err(StoreError::NotLeader(info)) => {
+                    let line = format!("{} at {}", info.holder, info.api);
+                    if said.as_deref() != Some(line.as_str()) {
+                        tracing::info!(
+                            leader = info.holder,
+                            api = info.api,
+                            epoch = info.epoch.0,
+                            retry_ms = retry.as_millis() as u64,
+                            "another controller leads; waiting as a standby"
+                        );
+                        said = Some(line);
+                    }
+                    *leader.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
+                }
+                Err(e) if cosmos_proto::Classify::is_retryable(&e) => {
+                    tracing::warn!(error = %e, retry_ms = retry.as_millis() as u64, "cannot reach the store; retrying");
+                }
+                Err(e) => return Err(e.into()),
+            }
+            tokio::time::sleep(retry).await;
+        }
+    };
+    tokio::select! {
+        taken = take => taken,
+        () = standby => unreachable!("the standby's listeners serve until the lease is taken"),
+    }
+}
+
+/// What a standby says: who leads, where.
+fn standby_message(leader: &std::sync::Mutex<Option<LeaseInfo>>) -> (String, Option<LeaseInfo>) {
+    match leader.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        Some(l) => (
+            format!(
+                "this controller is a standby, not the leader; the leader is {} (API {}, agents {}, epoch {})",
+                l.holder, l.api, l.agents, l.epoch.0
+            ),
+            Some(l),
+        ),
+        None => ("this controller is a standby and has not yet read who leads; retry shortly".to_string(), None),
+    }
+}
+
+/// Answers every API request 503 naming the leader (`leader` in the body, `X-Cosmos-Leader`), so clients follow it.
+async fn standby_api(listener: &tokio::net::TcpListener, leader: Arc<std::sync::Mutex<Option<LeaseInfo>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let permits = Arc::new(tokio::sync::Semaphore::new(STANDBY_CONNECTIONS_MAX));
+    loop {
+        let Ok((mut socket, _)) = listener.accept().await else { continue };
+        let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
+        let leader = leader.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            // Read the head (bounded), so the client is not reset mid-send.
+            let mut head = Vec::new();
+            let mut buf = [0u8; 2048];
+            let read = async {
+                while head.len() < STANDBY_HEAD_BYTES_MAX && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_millis(STANDBY_HEAD_TIMEOUT_MS), read).await;
+            let (message, info) = standby_message(&leader);
+            let api = info.as_ref().map(|l| l.api.clone());
+            let body = serde_json::json!({ "error": message, "retryable": true, "leader": api }).to_string();
+            let mut resp = format!(
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\nContent-Length: {}\r\n",
+                body.len()
+            );
+            if let Some(api) = &api {
+                resp.push_str(&format!("X-Cosmos-Leader: {api}\r\n"));
+            }
+            resp.push_str("\r\n");
+            resp.push_str(&body);
+            let _ = socket.write_all(resp.as_bytes()).await;
+            let _ = socket.shutdown().await;
+        });
+    }
+}
+
+/// Refuses every agent's handshake (once its token checks out), naming the leader's agent address.
+async fn standby_agents(
+    listener: &tokio::net::TcpListener,
+    leader: Arc<std::sync::Mutex<Option<LeaseInfo>>>,
+    token: Token,
+    frame_bytes_max: u32,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(STANDBY_CONNECTIONS_MAX));
+    loop {
+        let Ok((socket, _)) = listener.accept().await else { continue };
+        let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
+        let (leader, token) = (leader.clone(), token.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut conn = cosmos_proto::Connection::new(socket, frame_bytes_max);
+            let check = |_| async move {
+                let (message, info) = standby_message(&leader);
+                Err(cosmos_proto::Refusal::Other(match info {
+                    Some(l) => format!("{message}; try {}", l.agents),
+                    None => message,
+                }))
+            };
+            let _ = cosmos_proto::handshake::accept_checked(
+                &mut conn,
+                "controller-standby",
+                cosmos_proto::Role::Agent,
+                &token,
+                cosmos_proto::handshake::DEFAULT_HANDSHAKE_TIMEOUT_MS,
+                check,
+            )
+            .await;
+        });
+    }
+}
+
+/// Renews the lease every third of it on its own connection; stops the
+/// controller (through `failed`) once another controller took the lease, or
+/// when no renewal has succeeded for a whole lease (another may have taken it by now).
+fn spawn_renewer(
+    mut store: Store,
+    lease_ms: u64,
+    failed: mpsc::UnboundedSender<String>,
+    stop: std::sync::mpsc::Receiver<()>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("lease-renewer".into())
+        .spawn(move || {
+            let period = Duration::from_millis((lease_ms / 3).max(1));
+            let mut renewed = std::time::Instant::now();
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(period) {
+                match store.renew() {
+                    Ok(()) => renewed = std::time::Instant::now(),
+                    Err(e)
+                        if cosmos_proto::Classify::is_retryable(&e)
+                            && renewed.elapsed() < Duration::from_millis(lease_ms) =>
+                    {
+                        tracing::warn!(error = %e, "could not renew the lease; retrying");
+                    }
+                    Err(e) => {
+                        let reason = match e {
+                            StoreError::Deposed { .. } => e.to_string(),
+                            other => format!(
+                                "the lease could not be renewed for {} ms ({other}); another controller may lead now",
+                                renewed.elapsed().as_millis()
+                            ),
+                        };
+                        tracing::error!(%reason, "lost the lease; the controller stops");
+                        let _ = failed.send(reason);
+                        return;
+                    }
+                }
+            }
+        })
+        .expect("spawning a thread succeeds")
+}

@@ -1,4 +1,5 @@
-//! The durable store: the controller's records in SQLite.
+//! The durable store: the controller's records in SQLite (the default, embedded)
+//! or PostgreSQL ([`postgres`], for controllers that fail over between hosts).
 //!
 //! The JSON in each `record` column is the source of truth, so a record
 //! round-trips exactly whatever fields it grows; the other columns copy the
@@ -12,6 +13,9 @@ use cosmos_proto::{AttemptId, Epoch, JobId};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+pub mod postgres;
+pub use postgres::{Lease, LeaseInfo, PgStore};
 
 /// How long a statement waits for another connection's lock before failing with a retryable error.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -138,6 +142,42 @@ pub enum StoreError {
         /// Which record, and why.
         what: String,
     },
+    /// PostgreSQL refused or failed the operation, or the connection to it failed.
+    #[error(
+        "the controller's PostgreSQL database failed: {0}. A lost connection or a restarting server is \
+         retried; otherwise fix what PostgreSQL says (permissions, disk, the --store URL) and restart the controller"
+    )]
+    Postgres(#[from] tokio_postgres::Error),
+    /// Another controller took the lease: this one's epoch is over and it must not write again.
+    #[error(
+        "this controller ({holder}, epoch {epoch}) is no longer the leader: the lease row now names {now}. \
+         It stops so that only the leader writes; restarted, it waits as a standby"
+    )]
+    Deposed {
+        /// This controller's holder name.
+        holder: String,
+        /// The epoch it held.
+        epoch: u64,
+        /// Who holds the lease now, as the row says.
+        now: String,
+    },
+    /// Another controller holds the lease and it has not expired: this one is a standby.
+    #[error(
+        "another controller leads: {} (API {}, epoch {}), its lease runs {} ms more; this one waits as a standby",
+        .0.holder, .0.api, .0.epoch.0, .0.expires_in_ms
+    )]
+    NotLeader(LeaseInfo),
+    /// A PostgreSQL writer wrote before taking the lease; every write is fenced by it.
+    #[error(
+        "the store was written before this controller took the lease (begin_epoch); this is a bug, please report it"
+    )]
+    NoLease,
+    /// A write went to a read-only connection (the API's reader).
+    #[error("this store connection is read-only (the API's reader); every write goes through the controller's writer")]
+    ReadOnly,
+    /// The `--store` URL cannot be used.
+    #[error("the store URL is unusable: {0}")]
+    Url(String),
     /// The database was written by a newer controller with a schema this one does not know.
     #[error(
         "the controller's database has schema version {found}, but this controller knows only up to \
@@ -158,6 +198,10 @@ impl cosmos_proto::Classify for StoreError {
             StoreError::Sqlite(e) => {
                 matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
             }
+            StoreError::Postgres(e) => postgres::retryable(e),
+            // A standby retries until the lease is free.
+            StoreError::NotLeader(_) => true,
+            StoreError::Deposed { .. } | StoreError::NoLease | StoreError::ReadOnly | StoreError::Url(_) => false,
             StoreError::Corrupt { .. }
             | StoreError::NoWal { .. }
             | StoreError::Encode { .. }
@@ -170,13 +214,13 @@ impl cosmos_proto::Classify for StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The controller's durable state in one SQLite database; one writer, the controller.
-pub struct Store {
+pub struct SqliteStore {
     conn: Connection,
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if absent) and migrates the database file at `path`, durable across power loss.
-    pub fn open(path: &Path) -> Result<Store> {
+    pub fn open(path: &Path) -> Result<SqliteStore> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // WAL lets readers (an API, an operator's sqlite3) run beside the writer;
@@ -187,25 +231,25 @@ impl Store {
             return Err(StoreError::NoWal { path: path.to_path_buf(), mode });
         }
         conn.pragma_update(None, "synchronous", "FULL")?;
-        Store::init(conn)
+        SqliteStore::init(conn)
     }
 
     /// Opens a connection that can only read, for the API's queries: every
     /// write goes through the one writer, in the core's order, so a write
     /// attempted here fails instead of racing it. The writer must have opened
     /// (and migrated) the database first.
-    pub fn open_reader(path: &Path) -> Result<Store> {
+    pub fn open_reader(path: &Path) -> Result<SqliteStore> {
         let conn = Connection::open_with_flags(
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        Ok(Store { conn })
+        Ok(SqliteStore { conn })
     }
 
     /// Opens a fresh private in-memory database: no fsync, so the simulator can run thousands of seeds.
-    pub fn open_in_memory() -> Result<Store> {
-        Store::init(Connection::open_in_memory()?)
+    pub fn open_in_memory() -> Result<SqliteStore> {
+        SqliteStore::init(Connection::open_in_memory()?)
     }
 
     /// Sets how long a statement waits for another connection's lock before failing retryably.
@@ -213,11 +257,11 @@ impl Store {
         Ok(self.conn.busy_timeout(timeout)?)
     }
 
-    fn init(mut conn: Connection) -> Result<Store> {
+    fn init(mut conn: Connection) -> Result<SqliteStore> {
         // Off by default in SQLite, per connection: the attempts → jobs reference needs it.
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
-        Ok(Store { conn })
+        Ok(SqliteStore { conn })
     }
 
     /// Persists every op in one transaction: all of them or, on error, none.
@@ -441,7 +485,7 @@ impl Store {
 }
 
 /// Cosmos prompts, read by the API (written through [`Store::apply`]).
-impl Store {
+impl SqliteStore {
     /// One prompt.
     pub fn prompt(&self, id: &str) -> Result<Option<Prompt>> {
         let json: Option<String> =
@@ -498,6 +542,190 @@ fn encode<T: serde::Serialize>(record: &T, what: impl FnOnce() -> String) -> Res
 
 fn decode<T: serde::de::DeserializeOwned>(json: &str, what: impl FnOnce() -> String) -> Result<T> {
     serde_json::from_str(json).map_err(|e| StoreError::Corrupt { what: format!("{}: {e}", what()) })
+}
+
+/// The controller's store: one interface over either backend.
+///
+/// SQLite is embedded and the default; PostgreSQL lets two controllers share
+/// one store, the one holding the lease row ([`Lease`]) writing, the other waiting.
+pub enum Store {
+    /// A SQLite file (or an in-memory database).
+    Sqlite(SqliteStore),
+    /// A PostgreSQL database.
+    Postgres(Box<PgStore>),
+}
+
+/// Where a controller's store is: a SQLite file, or a PostgreSQL URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// The SQLite file (the default: `cosmos.db` in the data directory).
+    Sqlite(PathBuf),
+    /// A `postgres://` (or `postgresql://`) URL.
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// Reads `--store`: a `postgres://` URL, or a path to a SQLite file.
+    pub fn parse(value: &str) -> StoreLocation {
+        if value.starts_with("postgres://") || value.starts_with("postgresql://") {
+            StoreLocation::Postgres(value.to_string())
+        } else {
+            StoreLocation::Sqlite(PathBuf::from(value.strip_prefix("sqlite:").unwrap_or(value)))
+        }
+    }
+
+    /// How to name it in messages: the file, or the URL without its password.
+    pub fn describe(&self) -> String {
+        match self {
+            StoreLocation::Sqlite(path) => path.display().to_string(),
+            StoreLocation::Postgres(url) => postgres::redact(url),
+        }
+    }
+}
+
+impl Store {
+    /// Opens (creating if absent) and migrates the SQLite file at `path`, durable across power loss.
+    pub fn open(path: &Path) -> Result<Store> {
+        Ok(Store::Sqlite(SqliteStore::open(path)?))
+    }
+
+    /// Opens the SQLite file at `path` for reading only (see [`SqliteStore::open_reader`]).
+    pub fn open_reader(path: &Path) -> Result<Store> {
+        Ok(Store::Sqlite(SqliteStore::open_reader(path)?))
+    }
+
+    /// Opens a fresh private in-memory SQLite database: no fsync, so the simulator can run thousands of seeds.
+    pub fn open_in_memory() -> Result<Store> {
+        Ok(Store::Sqlite(SqliteStore::open_in_memory()?))
+    }
+
+    /// Connects to PostgreSQL at `url` and migrates it, as a writer that takes and holds `lease`.
+    pub fn open_postgres(url: &str, lease: Lease) -> Result<Store> {
+        Ok(Store::Postgres(Box::new(PgStore::open(url, Some(lease))?)))
+    }
+
+    /// Connects to PostgreSQL at `url` for reading only, for the API's queries and the lease's state.
+    pub fn open_postgres_reader(url: &str) -> Result<Store> {
+        Ok(Store::Postgres(Box::new(PgStore::open(url, None)?)))
+    }
+
+    /// Sets how long a statement waits for another connection's lock before failing retryably.
+    pub fn set_busy_timeout(&mut self, timeout: Duration) -> Result<()> {
+        match self {
+            Store::Sqlite(s) => s.set_busy_timeout(timeout),
+            Store::Postgres(s) => s.set_lock_timeout(timeout),
+        }
+    }
+
+    /// Persists every op in one transaction: all of them or, on error, none.
+    ///
+    /// On PostgreSQL the transaction first checks that this controller still
+    /// holds the lease at its epoch; if not, nothing is written and the error is [`StoreError::Deposed`].
+    pub fn apply(&mut self, ops: &[StoreOp]) -> Result<()> {
+        match self {
+            Store::Sqlite(s) => s.apply(ops),
+            Store::Postgres(s) => s.apply(ops),
+        }
+    }
+
+    /// This store's identity: random, made at first use and kept.
+    pub fn instance_id(&mut self) -> Result<String> {
+        match self {
+            Store::Sqlite(s) => s.instance_id(),
+            Store::Postgres(s) => s.instance_id(),
+        }
+    }
+
+    /// Increments and persists the controller epoch, returning the new one (`Epoch(1)` on a new store).
+    ///
+    /// On PostgreSQL this takes the lease (free, expired, or already this
+    /// holder's); while another controller holds it, the error is [`StoreError::NotLeader`].
+    pub fn begin_epoch(&mut self) -> Result<Epoch> {
+        match self {
+            Store::Sqlite(s) => s.begin_epoch(),
+            Store::Postgres(s) => s.begin_epoch(),
+        }
+    }
+
+    /// Starts a new epoch and reads everything the core rebuilds from (jobs and attempts by id, agents by name).
+    pub fn load(&mut self) -> Result<Snapshot> {
+        match self {
+            Store::Sqlite(s) => s.load(),
+            Store::Postgres(s) => s.load(),
+        }
+    }
+
+    /// One job, if it exists.
+    pub fn job(&self, id: JobId) -> Result<Option<JobRecord>> {
+        match self {
+            Store::Sqlite(s) => s.job(id),
+            Store::Postgres(s) => s.job(id),
+        }
+    }
+
+    /// Every attempt of a job, finished ones included, oldest first.
+    pub fn attempts_of(&self, job: JobId) -> Result<Vec<AttemptRecord>> {
+        match self {
+            Store::Sqlite(s) => s.attempts_of(job),
+            Store::Postgres(s) => s.attempts_of(job),
+        }
+    }
+
+    /// Every event about a job, in the order they were appended.
+    pub fn events_of(&self, job: JobId) -> Result<Vec<EventRecord>> {
+        match self {
+            Store::Sqlite(s) => s.events_of(job),
+            Store::Postgres(s) => s.events_of(job),
+        }
+    }
+
+    /// How many jobs are in each state: every state, in lifecycle order, zeros included.
+    pub fn count_jobs_by_state(&self) -> Result<Vec<(JobState, u64)>> {
+        match self {
+            Store::Sqlite(s) => s.count_jobs_by_state(),
+            Store::Postgres(s) => s.count_jobs_by_state(),
+        }
+    }
+
+    /// One prompt.
+    pub fn prompt(&self, id: &str) -> Result<Option<Prompt>> {
+        match self {
+            Store::Sqlite(s) => s.prompt(id),
+            Store::Postgres(s) => s.prompt(id),
+        }
+    }
+
+    /// Every prompt, oldest first.
+    pub fn prompts(&self) -> Result<Vec<Prompt>> {
+        match self {
+            Store::Sqlite(s) => s.prompts(),
+            Store::Postgres(s) => s.prompts(),
+        }
+    }
+
+    /// Who leads, at which epoch, since when: the lease row on PostgreSQL; none on SQLite (one controller, no lease).
+    pub fn lease(&self) -> Result<Option<LeaseInfo>> {
+        match self {
+            Store::Sqlite(_) => Ok(None),
+            Store::Postgres(s) => s.lease_info().map(Some),
+        }
+    }
+
+    /// Makes this connection write under `epoch`, which another connection of the same controller took
+    /// (the lease renewer's); no-op on SQLite.
+    pub fn hold_epoch(&mut self, epoch: Epoch) {
+        if let Store::Postgres(s) = self {
+            s.hold_epoch(epoch);
+        }
+    }
+
+    /// Extends this controller's lease; [`StoreError::Deposed`] once another controller took it. No-op on SQLite.
+    pub fn renew(&mut self) -> Result<()> {
+        match self {
+            Store::Sqlite(_) => Ok(()),
+            Store::Postgres(s) => s.renew(),
+        }
+    }
 }
 
 /// Keeps the SQL's list of live states in step with [`AttemptState::is_live`].

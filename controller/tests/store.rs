@@ -1,14 +1,16 @@
 //! The durable store, through its public API: exact round trips, epochs, durability across
-//! reopen, live-attempt filtering, batch atomicity and schema-version refusal.
+//! reopen, live-attempt filtering, batch atomicity and schema-version refusal — one contract,
+//! run against both backends (SQLite in a temporary file, PostgreSQL on a throwaway server,
+//! `cosmos-pgtest`), then what only PostgreSQL has: the lease, fencing, reconnecting.
 
 use cosmos_controller::records::{
     AgentRecord, AttemptRecord, AttemptState, EventRecord, Idempotency, JobRecord, JobState, Snapshot, StoreOp,
 };
-use cosmos_controller::store::{Store, StoreError};
+use cosmos_controller::store::{Lease, Store, StoreError};
+use cosmos_pgtest::Postgres;
 use cosmos_proto::Classify;
 use cosmos_proto::spec::{ArtifactRef, InputArtifact, Mount, OutputArtifact};
 use cosmos_proto::{AttemptId, Epoch, GpuInfo, JobId, JobSpec, Sha256};
-use std::path::Path;
 use std::time::Duration;
 
 fn spec(name: &str) -> JobSpec {
@@ -141,13 +143,105 @@ fn event(job: Option<u64>, attempt: Option<u64>, kind: &str) -> EventRecord {
     }
 }
 
-fn open(path: &Path) -> Store {
-    Store::open(&path.join("cosmos.db")).expect("open store")
+/// Which backend a contract test runs on.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Sqlite,
+    Postgres,
 }
 
-#[test]
-fn every_record_type_round_trips_exactly() {
-    let mut store = Store::open_in_memory().unwrap();
+/// One store's home: a SQLite file in a temporary directory, or a PostgreSQL server of its own.
+enum Env {
+    Sqlite(tempfile::TempDir),
+    Postgres(Postgres),
+}
+
+/// The lease a test writer holds: long enough never to run out during a test.
+fn lease(holder: &str) -> Lease {
+    Lease {
+        holder: holder.to_string(),
+        api: format!("http://{holder}:7700"),
+        agents: format!("{holder}:7701"),
+        lease_ms: 600_000,
+    }
+}
+
+impl Env {
+    fn new(kind: Kind) -> Env {
+        match kind {
+            Kind::Sqlite => Env::Sqlite(tempfile::tempdir().unwrap()),
+            Kind::Postgres => Env::Postgres(Postgres::start()),
+        }
+    }
+
+    /// Opens (creating and migrating) the store, as the controller's writer does at start.
+    fn open(&self) -> Store {
+        match self {
+            Env::Sqlite(dir) => Store::open(&dir.path().join("cosmos.db")).expect("open store"),
+            Env::Postgres(pg) => Store::open_postgres(&pg.url(), lease("test-controller")).expect("open store"),
+        }
+    }
+
+    /// Opens the store and begins an epoch, as a writer must before it writes.
+    fn writer(&self) -> Store {
+        let mut store = self.open();
+        store.begin_epoch().unwrap();
+        store
+    }
+
+    /// A read-only connection, as the API's.
+    fn reader(&self) -> Store {
+        match self {
+            Env::Sqlite(dir) => Store::open_reader(&dir.path().join("cosmos.db")).expect("open reader"),
+            Env::Postgres(pg) => Store::open_postgres_reader(&pg.url()).expect("open reader"),
+        }
+    }
+
+    /// Runs SQL behind the store's back (to damage it on purpose).
+    fn sql(&self, sql: &str) {
+        match self {
+            Env::Sqlite(dir) => {
+                rusqlite::Connection::open(dir.path().join("cosmos.db")).unwrap().execute_batch(sql).unwrap()
+            }
+            Env::Postgres(pg) => {
+                pg.psql(sql);
+            }
+        }
+    }
+}
+
+/// Each contract test, once per backend: `sqlite::NAME` and `postgres::NAME`.
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $name() { super::$name(super::Kind::Sqlite) } )*
+        }
+        mod postgres {
+            $( #[test] fn $name() { super::$name(super::Kind::Postgres) } )*
+        }
+    };
+}
+
+contract!(
+    every_record_type_round_trips_exactly,
+    puts_replace_the_previous_version,
+    epoch_increments_on_every_start_of_the_same_store,
+    a_reopened_store_keeps_every_applied_op,
+    load_returns_only_live_attempts_but_counts_every_id,
+    an_empty_store_loads_empty,
+    a_batch_with_a_failing_op_leaves_nothing_behind,
+    an_attempt_may_precede_its_job_within_one_batch,
+    a_database_from_a_newer_build_is_refused,
+    a_row_that_does_not_decode_is_reported_as_corrupt,
+    the_api_reader_sees_the_writers_commits_and_cannot_write,
+    prompts_round_trip_and_delete,
+    the_instance_id_is_made_once_and_kept,
+    pruned_jobs_leave_with_their_attempts_and_events_and_their_ids_stay_taken,
+);
+
+fn every_record_type_round_trips_exactly(kind: Kind) {
+    let env = Env::new(kind);
+    let mut store = env.writer();
     let jobs = vec![finished_job(1), queued_job(2)];
     let attempts = [failed_attempt(7, 1), attempt(8, 1, AttemptState::Running), attempt(9, 2, AttemptState::Assigned)];
     let agents = [agent("gpu-node-ä1", false), agent("gpu-node-b2", true)];
@@ -173,7 +267,7 @@ fn every_record_type_round_trips_exactly() {
     assert_eq!(
         snap,
         Snapshot {
-            epoch: Epoch(1),
+            epoch: Epoch(2),
             jobs,
             live_attempts: attempts[1..].to_vec(),
             max_attempt_id: Some(AttemptId(9)),
@@ -184,9 +278,9 @@ fn every_record_type_round_trips_exactly() {
     );
 }
 
-#[test]
-fn puts_replace_the_previous_version() {
-    let mut store = Store::open_in_memory().unwrap();
+fn puts_replace_the_previous_version(kind: Kind) {
+    let env = Env::new(kind);
+    let mut store = env.writer();
     store
         .apply(&[StoreOp::PutJob(Box::new(queued_job(1))), StoreOp::PutAttempt(attempt(1, 1, AttemptState::Assigned))])
         .unwrap();
@@ -199,25 +293,23 @@ fn puts_replace_the_previous_version() {
     assert_eq!(store.count_jobs_by_state().unwrap().iter().map(|(_, n)| n).sum::<u64>(), 1);
 }
 
-#[test]
-fn epoch_increments_on_every_start_of_the_same_file() {
-    let dir = tempfile::tempdir().unwrap();
-    assert_eq!(open(dir.path()).load().unwrap().epoch, Epoch(1));
-    assert_eq!(open(dir.path()).load().unwrap().epoch, Epoch(2));
-    let mut store = open(dir.path());
+fn epoch_increments_on_every_start_of_the_same_store(kind: Kind) {
+    let env = Env::new(kind);
+    assert_eq!(env.open().load().unwrap().epoch, Epoch(1));
+    assert_eq!(env.open().load().unwrap().epoch, Epoch(2));
+    let mut store = env.open();
     assert_eq!(store.begin_epoch().unwrap(), Epoch(3));
     assert_eq!(store.load().unwrap().epoch, Epoch(4));
     drop(store);
-    assert_eq!(open(dir.path()).begin_epoch().unwrap(), Epoch(5));
+    assert_eq!(env.open().begin_epoch().unwrap(), Epoch(5));
 }
 
-#[test]
-fn a_reopened_store_keeps_every_applied_op() {
-    let dir = tempfile::tempdir().unwrap();
+fn a_reopened_store_keeps_every_applied_op(kind: Kind) {
+    let env = Env::new(kind);
     let jobs: Vec<JobRecord> = (1..=20).map(|i| if i % 2 == 0 { finished_job(i) } else { queued_job(i) }).collect();
     let live = attempt(31, 3, AttemptState::Stopping);
     {
-        let mut store = open(dir.path());
+        let mut store = env.writer();
         // Many small batches, as the controller's writer would commit them.
         for job in &jobs {
             store
@@ -230,7 +322,7 @@ fn a_reopened_store_keeps_every_applied_op() {
         store.apply(&[StoreOp::PutAttempt(failed_attempt(30, 2)), StoreOp::PutAttempt(live.clone())]).unwrap();
         store.apply(&[StoreOp::PutAgent(agent("n1", true))]).unwrap();
     }
-    let mut store = open(dir.path());
+    let mut store = env.open();
     let snap = store.load().unwrap();
     assert_eq!(snap.jobs, jobs);
     assert_eq!(snap.live_attempts, vec![live]);
@@ -247,9 +339,9 @@ fn a_reopened_store_keeps_every_applied_op() {
     assert!(counts.contains(&(JobState::Running, 0)));
 }
 
-#[test]
-fn load_returns_only_live_attempts_but_counts_every_id() {
-    let mut store = Store::open_in_memory().unwrap();
+fn load_returns_only_live_attempts_but_counts_every_id(kind: Kind) {
+    let env = Env::new(kind);
+    let mut store = env.writer();
     let states = cosmos_controller::records::ALL_ATTEMPT_STATES;
     let mut ops = vec![StoreOp::PutJob(Box::new(queued_job(1)))];
     ops.extend(states.iter().enumerate().map(|(i, &s)| StoreOp::PutAttempt(attempt(i as u64 + 1, 1, s))));
@@ -264,17 +356,16 @@ fn load_returns_only_live_attempts_but_counts_every_id() {
     assert_eq!(store.attempts_of(JobId(1)).unwrap().len(), states.len() + 1);
 }
 
-#[test]
-fn an_empty_store_loads_empty() {
-    let mut store = Store::open_in_memory().unwrap();
+fn an_empty_store_loads_empty(kind: Kind) {
+    let env = Env::new(kind);
+    let mut store = env.open();
     assert_eq!(store.load().unwrap(), Snapshot { epoch: Epoch(1), ..Snapshot::default() });
     store.apply(&[]).unwrap();
 }
 
-#[test]
-fn a_batch_with_a_failing_op_leaves_nothing_behind() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = open(dir.path());
+fn a_batch_with_a_failing_op_leaves_nothing_behind(kind: Kind) {
+    let env = Env::new(kind);
+    let mut store = env.writer();
     store.apply(&[StoreOp::PutJob(Box::new(queued_job(1)))]).unwrap();
 
     // An attempt of a job that does not exist breaks the attempts → jobs reference at commit.
@@ -286,68 +377,133 @@ fn a_batch_with_a_failing_op_leaves_nothing_behind() {
         StoreOp::PutAttempt(attempt(5, 99, AttemptState::Running)),
     ];
     let err = store.apply(&orphan).unwrap_err();
-    assert!(matches!(err, StoreError::Sqlite(_)), "{err:?}");
-    assert!(!err.is_retryable());
+    assert!(matches!(err, StoreError::Sqlite(_) | StoreError::Postgres(_)), "{err:?}");
+    assert!(!err.is_retryable(), "{err:?}");
 
-    // An id SQLite cannot hold fails mid-batch, after earlier ops ran.
+    // An id the database cannot hold fails mid-batch, after earlier ops ran.
     let too_big = vec![StoreOp::PutJob(Box::new(queued_job(2))), StoreOp::PutJob(Box::new(queued_job(u64::MAX)))];
     assert!(store.apply(&too_big).is_err());
 
     // The same store object stays usable, and a reopen sees the same.
-    for store in [store, open(dir.path())] {
+    for store in [store, env.open()] {
         assert_eq!(store.job(JobId(1)).unwrap(), Some(queued_job(1)));
         assert_eq!(store.job(JobId(2)).unwrap(), None);
         assert_eq!(store.events_of(JobId(1)).unwrap(), Vec::new());
         assert_eq!(store.attempts_of(JobId(99)).unwrap(), Vec::new());
     }
-    let snap = open(dir.path()).load().unwrap();
+    let snap = env.open().load().unwrap();
     assert_eq!(snap.agents, Vec::new());
     assert_eq!(snap.max_attempt_id, None);
 }
 
-#[test]
-fn an_attempt_may_precede_its_job_within_one_batch() {
-    let mut store = Store::open_in_memory().unwrap();
+fn an_attempt_may_precede_its_job_within_one_batch(kind: Kind) {
+    let env = Env::new(kind);
+    let mut store = env.writer();
     store
         .apply(&[StoreOp::PutAttempt(attempt(1, 1, AttemptState::Assigned)), StoreOp::PutJob(Box::new(queued_job(1)))])
         .unwrap();
     assert_eq!(store.attempts_of(JobId(1)).unwrap().len(), 1);
 }
 
-#[test]
-fn a_database_from_a_newer_build_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("cosmos.db");
-    drop(Store::open(&path).unwrap());
-    {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        conn.pragma_update(None, "user_version", current + 1).unwrap();
+fn a_database_from_a_newer_build_is_refused(kind: Kind) {
+    let env = Env::new(kind);
+    drop(env.open());
+    match kind {
+        Kind::Sqlite => env.sql("PRAGMA user_version = 3"),
+        Kind::Postgres => env.sql("UPDATE cosmos_schema SET version = 3"),
     }
-    let err = Store::open(&path).err().expect("a newer schema must be refused");
-    match &err {
-        StoreError::SchemaTooNew { found, known } => assert_eq!(*found, *known + 1),
-        other => panic!("expected SchemaTooNew, got {other:?}"),
+    for err in [env.open_err(), env.reader_err()] {
+        match &err {
+            StoreError::SchemaTooNew { found, known } => assert_eq!((*found, *known), (3, 2)),
+            other => panic!("expected SchemaTooNew, got {other:?}"),
+        }
+        assert!(!err.is_retryable());
+        let message = err.to_string();
+        assert!(message.contains("schema version") && message.contains("at least as new"), "{message}");
     }
-    assert!(!err.is_retryable());
-    let message = err.to_string();
-    assert!(message.contains("schema version") && message.contains("at least as new"), "{message}");
 }
 
-#[test]
-fn a_row_that_does_not_decode_is_reported_as_corrupt() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("cosmos.db");
-    Store::open(&path).unwrap().apply(&[StoreOp::PutJob(Box::new(queued_job(4)))]).unwrap();
-    rusqlite::Connection::open(&path).unwrap().execute("UPDATE jobs SET record = '{\"id\": 4}'", []).unwrap();
-    let mut store = Store::open(&path).unwrap();
+impl Env {
+    fn open_err(&self) -> StoreError {
+        match self {
+            Env::Sqlite(dir) => Store::open(&dir.path().join("cosmos.db")).err(),
+            Env::Postgres(pg) => Store::open_postgres(&pg.url(), lease("test-controller")).err(),
+        }
+        .expect("the store must be refused")
+    }
+
+    fn reader_err(&self) -> StoreError {
+        match self {
+            // SQLite's reader does not migrate: the writer's check is the one that counts there.
+            Env::Sqlite(_) => self.open_err(),
+            Env::Postgres(pg) => Store::open_postgres_reader(&pg.url()).err().expect("the store must be refused"),
+        }
+    }
+}
+
+fn a_row_that_does_not_decode_is_reported_as_corrupt(kind: Kind) {
+    let env = Env::new(kind);
+    env.writer().apply(&[StoreOp::PutJob(Box::new(queued_job(4)))]).unwrap();
+    env.sql("UPDATE jobs SET record = '{\"id\": 4}'");
+    let mut store = env.open();
     let err = store.job(JobId(4)).unwrap_err();
     assert!(matches!(&err, StoreError::Corrupt { what } if what.contains("job-4")), "{err:?}");
     assert!(matches!(store.load(), Err(StoreError::Corrupt { .. })));
 }
 
+fn the_api_reader_sees_the_writers_commits_and_cannot_write(kind: Kind) {
+    let env = Env::new(kind);
+    let mut writer = env.writer();
+    let reader = env.reader();
+    writer.apply(&[StoreOp::PutJob(Box::new(queued_job(1)))]).unwrap();
+    assert_eq!(reader.job(JobId(1)).unwrap().map(|j| j.id), Some(JobId(1)));
+
+    // Every write goes through the one writer, in the core's order; the reader refuses.
+    let mut reader = reader;
+    let err = reader.apply(&[StoreOp::PutJob(Box::new(queued_job(2)))]).unwrap_err();
+    let message = err.to_string().to_lowercase();
+    assert!(message.contains("readonly") || message.contains("read-only"), "{err}");
+    assert_eq!(writer.load().unwrap().jobs.len(), 1);
+}
+
+fn prompts_round_trip_and_delete(kind: Kind) {
+    let env = Env::new(kind);
+    let mut store = env.writer();
+    use cosmos_controller::cosmos::{BlobRef, Prompt, PromptVideos};
+    let prompt = |id: &str, created_ms: u64| Prompt {
+        id: id.to_string(),
+        name: format!("robot_arm_{id}"),
+        text: "a robot arm picks up a red cube «rouge»".to_string(),
+        negative_prompt: "blurry".to_string(),
+        videos: PromptVideos {
+            color: BlobRef { sha256: Sha256([7; 32]), size_bytes: 1 << 20 },
+            depth: None,
+            seg: None,
+        },
+        parent: None,
+        created_ms,
+    };
+    let (a, b) = (prompt("ps_b", 2), prompt("ps_a", 1));
+    store.apply(&[StoreOp::PutPrompt(Box::new(a.clone())), StoreOp::PutPrompt(Box::new(b.clone()))]).unwrap();
+    assert_eq!(store.prompt("ps_b").unwrap(), Some(a.clone()));
+    // Oldest first.
+    assert_eq!(store.prompts().unwrap(), vec![b.clone(), a]);
+    store.apply(&[StoreOp::DeletePrompt("ps_b".to_string())]).unwrap();
+    assert_eq!(store.prompt("ps_b").unwrap(), None);
+    assert_eq!(env.reader().prompts().unwrap(), vec![b]);
+}
+
+fn the_instance_id_is_made_once_and_kept(kind: Kind) {
+    let env = Env::new(kind);
+    let id = env.open().instance_id().unwrap();
+    assert_eq!(id.len(), 32, "{id}");
+    assert_eq!(env.open().instance_id().unwrap(), id);
+}
+
+// ---- SQLite only ----
+
 #[test]
-fn a_locked_database_is_a_retryable_error() {
+fn sqlite_a_locked_database_is_a_retryable_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cosmos.db");
     let mut store = Store::open(&path).unwrap();
@@ -361,24 +517,125 @@ fn a_locked_database_is_a_retryable_error() {
 }
 
 #[test]
-fn the_api_reader_sees_the_writers_commits_and_cannot_write() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut writer = open(dir.path());
-    let reader = Store::open_reader(&dir.path().join("cosmos.db")).expect("a reader opens beside the writer");
-    writer.apply(&[StoreOp::PutJob(Box::new(queued_job(1)))]).unwrap();
-    assert_eq!(reader.job(JobId(1)).unwrap().map(|j| j.id), Some(JobId(1)));
+fn sqlite_in_memory_keeps_the_contract_within_one_process() {
+    let mut store = Store::open_in_memory().unwrap();
+    store.apply(&[StoreOp::PutJob(Box::new(queued_job(1)))]).unwrap();
+    assert_eq!(store.load().unwrap().jobs, vec![queued_job(1)]);
+    assert_eq!(store.lease().unwrap(), None, "SQLite has one controller and no lease");
+}
 
-    // Every write goes through the one writer, in the core's order; the reader refuses.
-    let mut reader = reader;
-    let err = reader.apply(&[StoreOp::PutJob(Box::new(queued_job(2)))]).unwrap_err();
-    assert!(err.to_string().to_lowercase().contains("readonly"), "{err}");
-    assert_eq!(writer.load().unwrap().jobs.len(), 1);
+// ---- PostgreSQL only: the lease, fencing, reconnecting ----
+
+fn short_lease(holder: &str, lease_ms: u64) -> Lease {
+    Lease { lease_ms, ..lease(holder) }
 }
 
 #[test]
-fn pruned_jobs_leave_with_their_attempts_and_events_and_their_ids_stay_taken() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = open(dir.path());
+fn postgres_a_second_controller_waits_while_the_lease_runs_and_names_the_leader() {
+    let pg = Postgres::start();
+    let mut a = Store::open_postgres(&pg.url(), lease("a")).unwrap();
+    assert_eq!(a.load().unwrap().epoch, Epoch(1));
+    let mut b = Store::open_postgres(&pg.url(), lease("b")).unwrap();
+    let err = b.load().unwrap_err();
+    match &err {
+        StoreError::NotLeader(info) => {
+            assert_eq!((info.holder.as_str(), info.api.as_str(), info.epoch), ("a", "http://a:7700", Epoch(1)));
+            assert!(info.expires_in_ms > 0, "{info:?}");
+        }
+        other => panic!("expected NotLeader, got {other:?}"),
+    }
+    assert!(err.is_retryable(), "a standby retries");
+    assert!(err.to_string().contains("http://a:7700"), "{err}");
+    // B never took the lease, so it cannot write either.
+    assert!(matches!(b.apply(&[StoreOp::PutJob(Box::new(queued_job(1)))]), Err(StoreError::NoLease)));
+    // The leader keeps writing and renewing.
+    a.apply(&[StoreOp::PutJob(Box::new(queued_job(1)))]).unwrap();
+    a.renew().unwrap();
+    let leader = Store::open_postgres_reader(&pg.url()).unwrap().lease().unwrap().expect("a lease row");
+    assert_eq!((leader.holder.as_str(), leader.epoch), ("a", Epoch(1)));
+}
+
+#[test]
+fn postgres_on_expiry_the_standby_takes_over_and_the_old_leader_is_fenced_out() {
+    let pg = Postgres::start();
+    // A lease that is over as soon as it is taken: A stands for a leader paused past it.
+    let mut a = Store::open_postgres(&pg.url(), short_lease("a", 1)).unwrap();
+    a.load().unwrap();
+    a.apply(&[StoreOp::PutJob(Box::new(queued_job(1)))]).unwrap();
+    let mut b = Store::open_postgres(&pg.url(), lease("b")).unwrap();
+    let snap = loop {
+        match b.load() {
+            Ok(snap) => break snap,
+            Err(StoreError::NotLeader(_)) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(snap.epoch, Epoch(2), "the takeover bumps the epoch agents fence on");
+    assert_eq!(snap.jobs, vec![queued_job(1)], "what A committed survives");
+
+    // A wakes up: its next group commit is fenced out, whole, and says why.
+    let err =
+        a.apply(&[StoreOp::PutJob(Box::new(finished_job(1))), StoreOp::PutJob(Box::new(queued_job(2)))]).unwrap_err();
+    match &err {
+        StoreError::Deposed { holder, epoch, now } => {
+            assert_eq!((holder.as_str(), *epoch), ("a", 1));
+            assert!(now.contains('b') && now.contains("epoch 2"), "{now}");
+        }
+        other => panic!("expected Deposed, got {other:?}"),
+    }
+    assert!(!err.is_retryable(), "a deposed leader stops");
+    assert!(matches!(a.renew(), Err(StoreError::Deposed { .. })));
+    assert_eq!(b.job(JobId(1)).unwrap(), Some(queued_job(1)));
+    assert_eq!(b.job(JobId(2)).unwrap(), None);
+    b.apply(&[StoreOp::PutJob(Box::new(queued_job(2)))]).unwrap();
+    // A restarted A waits: B's lease runs.
+    assert!(matches!(Store::open_postgres(&pg.url(), lease("a")).unwrap().load(), Err(StoreError::NotLeader(_))));
+}
+
+#[test]
+fn postgres_a_second_connection_of_the_leader_writes_under_its_epoch() {
+    let pg = Postgres::start();
+    let mut a = Store::open_postgres(&pg.url(), lease("a")).unwrap();
+    let epoch = a.load().unwrap().epoch;
+    let mut renewer = Store::open_postgres(&pg.url(), lease("a")).unwrap();
+    renewer.hold_epoch(epoch);
+    renewer.renew().unwrap();
+    a.apply(&[StoreOp::PutJob(Box::new(queued_job(1)))]).unwrap();
+    // Holding an epoch that is not the lease's is fenced.
+    renewer.hold_epoch(Epoch(epoch.0 + 7));
+    assert!(matches!(renewer.renew(), Err(StoreError::Deposed { .. })));
+}
+
+#[test]
+fn postgres_a_lost_connection_is_retryable_and_the_store_reconnects() {
+    let mut pg = Postgres::start();
+    let mut store = Store::open_postgres(&pg.url(), lease("a")).unwrap();
+    store.load().unwrap();
+    let reader = Store::open_postgres_reader(&pg.url()).unwrap();
+    store.apply(&[StoreOp::PutJob(Box::new(queued_job(1)))]).unwrap();
+    pg.stop();
+    let err = store.apply(&[StoreOp::PutJob(Box::new(queued_job(2)))]).unwrap_err();
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(reader.job(JobId(1)).unwrap_err().is_retryable());
+    pg.restart();
+    // Reconnected, still the leader (its lease outlived the restart): the batch goes in.
+    store.apply(&[StoreOp::PutJob(Box::new(queued_job(2)))]).unwrap();
+    assert_eq!(reader.job(JobId(2)).unwrap(), Some(queued_job(2)));
+}
+
+#[test]
+fn postgres_a_remote_server_without_tls_is_refused_unless_the_url_accepts_it() {
+    let err = Store::open_postgres("postgres://cosmos@192.0.2.7/cosmos", lease("a")).err().expect("refused");
+    let message = err.to_string();
+    assert!(matches!(err, StoreError::Url(_)) && message.contains("sslmode=disable"), "{message}");
+    // A password never appears in messages.
+    let err = Store::open_postgres("postgres://cosmos:hunter2@192.0.2.7/cosmos", lease("a")).err().expect("refused");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+}
+
+fn pruned_jobs_leave_with_their_attempts_and_events_and_their_ids_stay_taken(kind: Kind) {
+    let env = Env::new(kind);
+    let mut store = env.writer();
     store
         .apply(&[
             StoreOp::PutJob(Box::new(finished_job(1))),
@@ -400,7 +657,7 @@ fn pruned_jobs_leave_with_their_attempts_and_events_and_their_ids_stay_taken() {
         .apply(&[StoreOp::PruneJobs { jobs: vec![JobId(1)], job_id_max: JobId(1), attempt_id_max: AttemptId(4) }])
         .unwrap();
     drop(store);
-    let snap = open(dir.path()).load().unwrap();
+    let snap = env.open().load().unwrap();
     assert!(snap.jobs.is_empty());
     assert_eq!((snap.max_job_id, snap.max_attempt_id), (Some(JobId(2)), Some(AttemptId(5))));
 }

@@ -242,7 +242,8 @@ fn install_twice_changes_nothing_the_second_time_and_uninstall_removes_it() {
     // The agent runs as cosmos (the unit's User=), which must own its token: it refuses one others can read.
     assert_eq!(host.sh("stat -c '%a %U' /etc/cosmos/agent.token"), "600 cosmos");
     assert_eq!(host.sh("stat -c %U /proc/$(systemctl show -p MainPID --value cosmos-agent)"), "cosmos");
-    let deploy = |f: &str| std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(f)).unwrap();
+    let deploy =
+        |f: &str| std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(f)).unwrap();
     assert_eq!(host.sh("cat /etc/systemd/system/cosmos-agent.service"), deploy("cosmos-agent.service").trim_end());
     assert_eq!(host.sh("cat /etc/cosmos/agent.toml"), deploy("agent.toml").trim_end());
     assert_eq!(host.sh("systemctl is-enabled cosmos-agent"), "enabled");

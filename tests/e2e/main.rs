@@ -12,6 +12,7 @@ mod artifacts;
 mod cli;
 mod clock;
 mod cosmos;
+mod failover;
 mod failstop;
 mod gpu;
 mod install;

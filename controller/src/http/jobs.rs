@@ -240,6 +240,9 @@ pub struct StatusBody {
     pub jobs: BTreeMap<String, usize>,
     /// Agents.
     pub agents: Vec<AgentInfo>,
+    /// Who leads (the lease row), on a PostgreSQL store; absent on SQLite, whose one controller always leads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<crate::store::LeaseInfo>,
 }
 
 /// A batch submission as read: each line kept as its raw text until checked,
@@ -651,11 +654,18 @@ async fn status(state: web::Data<State>) -> HttpResponse {
     let Ok(s) = state.core.send(Status).await else { return unavailable() };
     let by_state: BTreeMap<String, usize> =
         s.jobs.iter().filter(|(_, n)| *n > 0).map(|(st, n)| (st.as_str().to_string(), *n)).collect();
+    let shared = state.shared.clone();
+    let leader = match web::block(move || shared.reader.lock().unwrap_or_else(|p| p.into_inner()).lease()).await {
+        Ok(Ok(leader)) => leader,
+        Ok(Err(e)) => return super::internal(e),
+        Err(e) => return super::internal(e),
+    };
     HttpResponse::Ok().json(StatusBody {
         epoch: s.epoch,
         queue_depth: s.queue_depth,
         jobs: by_state,
         agents: agent_infos(s.agents),
+        leader,
     })
 }
 
