@@ -939,7 +939,7 @@ mod tests {
         let e = agent_config(&["--no-such-flag".into()]).unwrap_err().to_string();
         assert!(e.contains("--no-such-flag"), "{e}");
         let e = agent_config(&["--listen".into(), "unix:/y".into()]).unwrap_err().to_string();
-        assert!(e.contains("set by the installed unit"), "{e}");
+        assert!(e.contains("set by the installed /etc/cosmos/agent.toml"), "{e}");
         let e = agent_config(&["--name".into(), "a b".into()]).unwrap_err().to_string();
         assert!(e.contains("no spaces"), "{e}");
     }
