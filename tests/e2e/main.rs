@@ -247,15 +247,20 @@ fn spawn_controller(wrapper: &[&str], data: &Path, log: &Path) -> (Proc, String,
         Some((p, rest)) => (*p, [rest, &[BIN]].concat()),
         None => (BIN, Vec::new()),
     };
-    let mut child = Command::new(program)
-        .args(first)
-        .args(["controller", "--data-dir"])
-        .arg(data)
-        .args(["--api-listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut cmd = Command::new(program);
+    cmd.args(first).args(["controller", "--data-dir"]).arg(data).args([
+        "--api-listen",
+        "127.0.0.1:0",
+        "--agent-listen",
+        "127.0.0.1:0",
+    ]);
+    start_controller(cmd, log)
+}
+
+/// Starts a `cosmos controller` command, its stderr in `log`, and reads the
+/// addresses it prints: the process, the API's URL and the agents' address.
+fn start_controller(mut cmd: Command, log: &Path) -> (Proc, String, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(std::fs::File::create(log).unwrap()).spawn().unwrap();
     let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
     let line =
         lines.find_map(|l| l.ok().filter(|l| l.contains("API on"))).expect("the controller prints its addresses");

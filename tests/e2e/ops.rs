@@ -320,22 +320,9 @@ fn a_controller_runs_from_its_config_file_and_flags_and_variables_win() {
 }
 
 fn spawn_controller_with_config(file: &Path, data: &Path, log: &Path) -> (Proc, String, String) {
-    let mut child = Command::new(BIN)
-        .args(["controller", "--config"])
-        .arg(file)
-        .arg("--data-dir")
-        .arg(data)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let line =
-        lines.find_map(|l| l.ok().filter(|l| l.contains("API on"))).expect("the controller prints its addresses");
-    std::thread::spawn(move || for _ in lines {});
-    let rest = line.split("API on ").nth(1).unwrap();
-    let (api, agents) = rest.split_once(", agents on ").unwrap();
-    (Proc(child), api.to_string(), agents.to_string())
+    let mut cmd = Command::new(BIN);
+    cmd.args(["controller", "--config"]).arg(file).arg("--data-dir").arg(data);
+    super::start_controller(cmd, log)
 }
 
 #[test]
