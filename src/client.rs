@@ -86,7 +86,10 @@ fn find_leader(agent: &ureq::Agent, list: &str, token: &str) -> String {
 
 /// A connected API client.
 pub struct Client {
-    base: String,
+    /// The controller in use: the leader, when several were given.
+    base: std::sync::RwLock<String>,
+    /// Every controller given (`URL1,URL2`), to find the leader again when the one in use goes away.
+    list: Option<String>,
     token: String,
     agent: ureq::Agent,
     reconnect_wait_s: u64,
@@ -128,19 +131,38 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(CALL_TIMEOUT_S)))
             .build()
             .new_agent();
-        let base = if base.contains(',') { find_leader(&agent, &base, &token) } else { base };
-        Ok(Client { base, token, agent, reconnect_wait_s: args.reconnect_wait_s })
+        let (base, list) =
+            if base.contains(',') { (find_leader(&agent, &base, &token), Some(base)) } else { (base, None) };
+        Ok(Client { base: std::sync::RwLock::new(base), list, token, agent, reconnect_wait_s: args.reconnect_wait_s })
+    }
+
+    /// The controller in use.
+    fn base(&self) -> String {
+        self.base.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        format!("{}{path}", self.base())
+    }
+
+    /// Of several controllers, asks again which leads (after the one in use
+    /// went away or answered as a standby) and uses it from now on. With one
+    /// controller it does nothing.
+    fn follow_leader(&self) {
+        let Some(list) = &self.list else { return };
+        let leader = find_leader(&self.agent, list, &self.token);
+        let mut base = self.base.write().unwrap_or_else(|p| p.into_inner());
+        if *base != leader {
+            eprintln!("following the leader to {leader}");
+            *base = leader;
+        }
     }
 
     fn check(
         &self,
         resp: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> anyhow::Result<ureq::http::Response<ureq::Body>> {
-        let mut resp = resp.map_err(|e| Unreachable { base: self.base.clone(), cause: e.to_string() })?;
+        let mut resp = resp.map_err(|e| Unreachable { base: self.base(), cause: e.to_string() })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -217,21 +239,37 @@ impl Client {
         }
         let key = idempotency_key()?;
         let mut wait_ms = SUBMIT_RETRY_MS;
-        for _ in 1..SUBMIT_TRIES {
+        let started = std::time::Instant::now();
+        let mut tries = 1;
+        loop {
+            // Of several controllers, one going away is a failover under way: the standby takes
+            // over within a lease, so the submission waits for it (up to --reconnect-wait-s).
+            let failing_over = self.list.is_some();
+            let spent = if failing_over {
+                started.elapsed() >= Duration::from_secs(self.reconnect_wait_s)
+            } else {
+                tries >= SUBMIT_TRIES
+            };
             match send(Some(&key)) {
                 Ok(r) if r.status().as_u16() != 503 => return self.json(Ok(r)),
                 // Nothing listens there: trying again only delays the error.
-                Err(e @ (ureq::Error::HostNotFound | ureq::Error::ConnectionFailed)) => return self.json(Err(e)),
-                Err(ureq::Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                Err(e @ (ureq::Error::HostNotFound | ureq::Error::ConnectionFailed)) if !failing_over || spent => {
+                    return self.json(Err(e));
+                }
+                Err(ureq::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused && (!failing_over || spent) =>
+                {
                     return self.json(Err(ureq::Error::Io(e)));
                 }
+                other if spent => return self.json(other),
                 Ok(_) | Err(_) => {
                     std::thread::sleep(Duration::from_millis(wait_ms));
-                    wait_ms *= 2;
+                    wait_ms = if failing_over { (wait_ms * 2).min(RECONNECT_BACKOFF_MS_MAX) } else { wait_ms * 2 };
+                    tries += 1;
+                    self.follow_leader();
                 }
             }
         }
-        self.json(send(Some(&key)))
     }
 
     fn json<T: DeserializeOwned>(
@@ -259,7 +297,7 @@ impl Client {
             .head(self.url(&format!("/v1/blobs/{sha256}")))
             .header("Authorization", format!("Bearer {}", self.token))
             .call()
-            .map_err(|e| anyhow!("cannot reach the controller at {}: {e}", self.base))?;
+            .map_err(|e| anyhow!("cannot reach the controller at {}: {e}", self.base()))?;
         let header = |name: &str| {
             resp.headers().get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
         };
@@ -424,19 +462,21 @@ impl Reconnect {
             bail!(
                 "the controller at {} stayed unreachable for {} s ({e:#}); what it runs is unaffected: \
                  run the command again once it is back, or wait longer with --reconnect-wait-s",
-                client.base,
+                client.base(),
                 client.reconnect_wait_s
             );
         }
         std::thread::sleep(Duration::from_millis(self.backoff_ms));
         self.backoff_ms = (self.backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
+        // Of several controllers, a standby may lead by now.
+        client.follow_leader();
         Ok(())
     }
 
     /// Records a successful call: the outage, if any, is over.
     pub fn reached(&mut self, client: &Client) {
         if self.since.take().is_some() {
-            eprintln!("controller at {} reachable again; carrying on", client.base);
+            eprintln!("controller at {} reachable again; carrying on", client.base());
         }
         self.backoff_ms = RECONNECT_BACKOFF_MS_MIN;
     }

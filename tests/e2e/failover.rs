@@ -1,6 +1,7 @@
 //! Two controllers on one PostgreSQL store (a throwaway server, `cosmos-pgtest`):
 //! the leader killed mid-batch and the standby taking over, and a leader
-//! paused past its lease that is fenced out when it wakes.
+//! paused past its lease that is fenced out when it wakes, and the server
+//! itself restarted mid-batch.
 
 use super::{BIN, Proc, runs, write_batch, write_token};
 use cosmos_pgtest::Postgres;
@@ -187,9 +188,25 @@ fn succeeded(s: &[String]) -> usize {
     s.iter().filter(|s| *s == "succeeded").count()
 }
 
+/// Submits `part` through the CLI, given every controller; the ids it acknowledged.
+fn submit_part(p: &Pair, part: &Path) -> Vec<String> {
+    let out = p.cli_at(&p.apis(), &["jobs", "submit", part.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "submitting {}: {}", part.display(), String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().expect("the ids submitted").iter().map(|id| id.as_str().unwrap().to_string()).collect()
+}
+
+/// Every job's id, as listed.
+fn listed_ids(p: &Pair) -> Vec<String> {
+    let out = p.cli_at(&p.apis(), &["jobs", "list", "--all", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect()
+}
+
 #[test]
 fn the_standby_takes_over_when_the_leader_is_killed_and_every_job_succeeds_exactly_once() {
-    let jobs = 300;
+    let (parts, per_part) = (5, 100);
     let mut p = Pair::new(&["a", "b"], 2_000);
     p.start(0);
     let first = p.wait_leads(0);
@@ -214,9 +231,14 @@ fn the_standby_takes_over_when_the_leader_is_killed_and_every_job_succeeds_exact
 
     let record = p.path().join("record.txt");
     let marker = format!("cosmos-failover-{}", std::process::id());
-    let batch = write_batch(p.path(), jobs, &record, &marker);
-    let out = p.cli_at(&p.apis(), &["jobs", "submit", batch.to_str().unwrap(), "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let batches: Vec<PathBuf> = (0..parts)
+        .map(|k| {
+            let dir = p.path().join(format!("part-{k}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            write_batch(&dir, per_part, &record, &marker)
+        })
+        .collect();
+    let mut acknowledged: Vec<String> = batches[..2].iter().flat_map(|b| submit_part(&p, b)).collect();
 
     p.wait_until("some jobs done", |s| succeeded(s) >= 60);
     let mut a = p.ctls[0].proc.take();
@@ -225,16 +247,28 @@ fn the_standby_takes_over_when_the_leader_is_killed_and_every_job_succeeds_exact
         unsafe { libc::kill(proc.0.id() as i32, libc::SIGKILL) };
         let _ = proc.0.wait();
     }
+    // Submitted while no one leads: the CLI follows the failover and each part is made once.
+    for b in &batches[2..] {
+        acknowledged.extend(submit_part(&p, b));
+    }
     let status = p.wait_leads(1);
     assert_eq!(status["leader"]["holder"], "b", "{status}");
     assert!(status["epoch"].as_u64().unwrap() > first["epoch"].as_u64().unwrap(), "{status}");
 
+    let jobs = parts * per_part;
     p.wait_until("every job final", |s| {
-        s.len() == jobs && s.iter().all(|s| s == "succeeded" || s == "failed" || s == "cancelled")
+        s.len() >= jobs && s.iter().all(|s| s == "succeeded" || s == "failed" || s == "cancelled")
     });
     let states = p.states();
+    assert_eq!(states.len(), jobs, "one job per line submitted, none twice");
     assert!(states.iter().all(|s| s == "succeeded"), "not all succeeded: {states:?}");
-    // Nothing acknowledged was lost, and no job ran to its end twice or overlapped itself.
+    // Nothing acknowledged was lost.
+    let listed: std::collections::BTreeSet<String> = listed_ids(&p).into_iter().collect();
+    assert_eq!(acknowledged.len(), jobs);
+    for id in &acknowledged {
+        assert!(listed.contains(id), "acknowledged job {id} is gone after the failover");
+    }
+    // No job ran to its end twice or overlapped itself.
     let runs = runs(&record);
     assert_eq!(runs.len(), jobs, "jobs that recorded a complete run");
     for (job, spans) in runs {
@@ -250,6 +284,14 @@ fn a_leader_paused_past_its_lease_is_fenced_out_and_exits_when_it_wakes() {
     p.start(1);
     p.spawn_agents(1);
     p.wait_agents(1);
+    // Paused mid-batch: jobs are running on the agent, more wait in the queue.
+    let jobs = 40;
+    let record = p.path().join("record.txt");
+    let marker = format!("cosmos-fenced-{}", std::process::id());
+    let batch = write_batch(p.path(), jobs, &record, &marker);
+    let out = p.cli_at(&p.apis(), &["jobs", "submit", batch.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    p.wait_until("some jobs done", |s| succeeded(s) >= 8);
 
     p.signal(0, libc::SIGSTOP);
     let status = p.wait_leads(1);
@@ -271,10 +313,67 @@ fn a_leader_paused_past_its_lease_is_fenced_out_and_exits_when_it_wakes() {
     let log = p.log(0);
     assert!(log.contains("no longer the leader") && log.contains("now names b"), "{log}");
 
-    // The new leader serves: the agent found it, and a job runs there.
+    // The new leader serves: the agent found it, and the batch ends there, each job run once. What
+    // the old leader decided while paused never reached the agent: its sends wait for their commit,
+    // which the fence refused (and the agent refuses the old epoch besides).
     p.wait_agents(1);
-    let job = p.path().join("one.jsonl");
-    std::fs::write(&job, "{\"name\": \"after\", \"command\": [\"true\"]}\n").unwrap();
-    let out = p.cli_at(&p.apis(), &["jobs", "submit", job.to_str().unwrap(), "--wait"]);
-    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    p.wait_until("every job final", |s| {
+        s.len() == jobs && s.iter().all(|s| s == "succeeded" || s == "failed" || s == "cancelled")
+    });
+    let states = p.states();
+    assert!(states.iter().all(|s| s == "succeeded"), "not all succeeded: {states:?}");
+    let runs = runs(&record);
+    assert_eq!(runs.len(), jobs, "jobs that recorded a complete run");
+    for (job, spans) in runs {
+        assert_eq!(spans.len(), 1, "{job} ran to its end {} times: {spans:?}", spans.len());
+    }
+}
+
+#[test]
+fn postgresql_restarted_mid_batch_loses_nothing_and_the_leader_carries_on() {
+    // A lease longer than the server's restart: the leader rides it out by reconnecting.
+    let mut p = Pair::new(&["a", "b"], 10_000);
+    p.start(0);
+    let first = p.wait_leads(0);
+    p.start(1);
+    p.spawn_agents(2);
+    p.wait_agents(2);
+    let record = p.path().join("record.txt");
+    let marker = format!("cosmos-pg-restart-{}", std::process::id());
+    let dirs: Vec<PathBuf> = (0..2).map(|k| p.path().join(format!("part-{k}"))).collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let mut acknowledged = submit_part(&p, &write_batch(&dirs[0], 100, &record, &marker));
+    p.wait_until("some jobs done", |s| succeeded(s) >= 20);
+
+    // Stopped as a crash would stop it, then started again on the same port and data.
+    p.pg.restart();
+    acknowledged.extend(submit_part(&p, &write_batch(&dirs[1], 50, &record, &marker)));
+
+    let jobs = 150;
+    p.wait_until("every job final", |s| {
+        s.len() >= jobs && s.iter().all(|s| s == "succeeded" || s == "failed" || s == "cancelled")
+    });
+    let states = p.states();
+    assert_eq!(states.len(), jobs, "one job per line submitted, none twice");
+    assert!(states.iter().all(|s| s == "succeeded"), "not all succeeded: {states:?}");
+    let listed: std::collections::BTreeSet<String> = listed_ids(&p).into_iter().collect();
+    for id in &acknowledged {
+        assert!(listed.contains(id), "acknowledged job {id} is gone after the restart");
+    }
+    for (job, spans) in runs(&record) {
+        assert_eq!(spans.len(), 1, "{job} ran to its end {} times: {spans:?}", spans.len());
+    }
+    // Both controllers reconnected: the same leader at the same epoch, the standby still standing by.
+    let status = p.wait_leads(0);
+    assert_eq!(
+        (&status["leader"]["holder"], &status["epoch"]),
+        (&first["leader"]["holder"], &first["epoch"]),
+        "{status}"
+    );
+    for i in 0..2 {
+        let exited = p.ctls[i].proc.as_mut().unwrap().0.try_wait().unwrap();
+        assert!(exited.is_none(), "controller {} exited: {}", p.ctls[i].name, p.log(i));
+    }
 }
