@@ -2,8 +2,8 @@
 //! makes a host an agent the controller reaches over SSH, in one idempotent
 //! command, through nothing but SSH (exec channels and SFTP).
 //!
-//! Install: preflight (architecture, systemd, root or `sudo`, free disk);
-//! the static binary uploaded with SFTP only when the installed one's sha256
+//! Install: preflight (architecture, C library, systemd, root or `sudo`, free disk);
+//! the binary uploaded with SFTP only when the installed one's sha256
 //! differs, verified on the host and moved into place with `mv -f` (SFTP's
 //! rename cannot replace a file on OpenSSH); the token, the config and the
 //! unit of `deploy/cosmos-agent.service` written only when they differ;
@@ -92,7 +92,7 @@ pub struct SshArgs {
 pub struct InstallArgs {
     #[command(flatten)]
     pub ssh: SshArgs,
-    /// The static (musl) cosmos binary to install (default: this one, if it is static).
+    /// The cosmos binary to install (default: this one): the glibc build, which the host's glibc must be new enough for.
     #[arg(long, value_name = "PATH")]
     pub binary: Option<PathBuf>,
     /// The controller's agent token (default: agent.token in --data-dir / COSMOS_DATA_DIR).
@@ -165,12 +165,55 @@ fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// The binary to install: static, its architecture, its bytes' sha256.
+/// The binary to install: its architecture, the glibc it needs, its bytes' sha256.
 struct Binary {
     path: PathBuf,
     arch: &'static str,
+    /// The newest `GLIBC_x.y` symbol version it links against; none for a static binary.
+    glibc_needed: Option<GlibcVersion>,
     sha256: String,
     size_bytes: u64,
+}
+
+/// A glibc version, `2.36` as `(2, 36)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct GlibcVersion(u32, u32);
+
+impl std::fmt::Display for GlibcVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.0, self.1)
+    }
+}
+
+impl GlibcVersion {
+    /// `2.36` (or `2.3.4`: the third part does not matter here).
+    fn parse(text: &str) -> Option<GlibcVersion> {
+        let mut parts = text.trim().split('.');
+        let major = parts.next()?.parse().ok()?;
+        let minor = parts.next()?.trim_end_matches(|c: char| !c.is_ascii_digit()).parse().ok()?;
+        Some(GlibcVersion(major, minor))
+    }
+
+    /// The newest `GLIBC_x.y` a dynamically linked binary asks for. The version
+    /// needs of its `.gnu.version_r` are names in its dynamic string table, so a
+    /// scan for them finds every one (other mentions of glibc versions are the same names).
+    fn needed_by(bytes: &[u8]) -> Option<GlibcVersion> {
+        const TAG: &[u8] = b"GLIBC_";
+        let mut newest = None;
+        let mut at = 0;
+        while let Some(i) = bytes[at..].windows(TAG.len()).position(|w| w == TAG) {
+            let start = at + i + TAG.len();
+            let end = bytes[start..]
+                .iter()
+                .position(|b| !(b.is_ascii_digit() || *b == b'.'))
+                .map_or(bytes.len(), |n| start + n);
+            if let Some(v) = std::str::from_utf8(&bytes[start..end]).ok().and_then(GlibcVersion::parse) {
+                newest = newest.max(Some(v));
+            }
+            at = end.max(start);
+        }
+        newest
+    }
 }
 
 /// Reads an ELF file's machine and whether it asks for a dynamic loader (`PT_INTERP`).
@@ -202,11 +245,11 @@ fn elf_facts(bytes: &[u8]) -> Result<(&'static str, bool), String> {
     Ok((arch, dynamic))
 }
 
-fn musl_hint(arch: &str) -> String {
+fn build_hint(arch: &str) -> String {
     format!(
-        "build the static one with `cargo build --release --target {arch}-unknown-linux-musl -p cosmos` \
-         (scripts/build-cosmos-image does, with CC_{arch}_unknown_linux_musl=musl-gcc) and pass \
-         --binary target/{arch}-unknown-linux-musl/release/cosmos"
+        "build cosmos for {arch} on a distribution no newer than the host's (its glibc sets the oldest \
+         the binary runs on: `cargo build --release -p cosmos` there, or in a container of that distribution) \
+         and pass --binary target/release/cosmos"
     )
 }
 
@@ -218,23 +261,29 @@ impl Binary {
         };
         let bytes = std::fs::read(&path).with_context(|| format!("reading the binary {}", path.display()))?;
         let (arch, dynamic) = elf_facts(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-        if dynamic {
-            let arch_here = std::env::consts::ARCH;
-            if ours {
+        let glibc_needed = if dynamic {
+            let needed = GlibcVersion::needed_by(&bytes);
+            if needed.is_none() {
                 bail!(
-                    "this cosmos ({}) is linked dynamically, and hosts get the static (musl) build: {}",
+                    "{} is linked dynamically but not against glibc (no GLIBC_ symbol versions): hosts get the glibc build: {}",
                     path.display(),
-                    musl_hint(arch_here)
+                    build_hint(arch)
                 );
             }
-            bail!(
-                "--binary {} is linked dynamically (it names a loader); hosts get the static (musl) build: {}",
-                path.display(),
-                musl_hint(arch)
+            needed
+        } else {
+            // A static (musl) program has no dlopen, so its agent could never load NVML.
+            eprintln!(
+                "warning: {} {} is linked statically: its agent cannot load the NVIDIA management library \
+                 (static programs cannot load shared libraries) and will only run with --simulated-gpus; \
+                 GPU hosts need the glibc build",
+                if ours { "this cosmos" } else { "--binary" },
+                path.display()
             );
-        }
+            None
+        };
         let sha256 = hex::encode(sha2::Sha256::digest(&bytes));
-        Ok(Binary { path, arch, sha256, size_bytes: bytes.len() as u64 })
+        Ok(Binary { path, arch, glibc_needed, sha256, size_bytes: bytes.len() as u64 })
     }
 }
 
@@ -250,6 +299,8 @@ struct Facts {
     sudo_n: Option<String>,
     /// `(what, MiB free)` for the binary's, the staging and the work directory's file systems.
     free_mib: Vec<(String, u64)>,
+    /// The host's glibc (`getconf GNU_LIBC_VERSION`); none where there is no glibc.
+    glibc: Option<GlibcVersion>,
     installed_sha256: Option<String>,
 }
 
@@ -258,6 +309,7 @@ echo "arch=$(uname -m)"
 echo "uid=$(id -u)"
 echo "user=$(id -un)"
 echo "init=$(cat /proc/1/comm 2>/dev/null)"
+echo "glibc=$(getconf GNU_LIBC_VERSION 2>/dev/null)"
 [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1 && echo "systemd=yes"
 command -v sudo >/dev/null 2>&1 && echo "sudo=yes"
 for d in /usr/local/bin "$HOME" /var/lib; do
@@ -284,6 +336,8 @@ fn parse_facts(out: &str) -> Facts {
             "sudo" => f.sudo_installed = true,
             "sudo_n" => f.sudo_n = Some(v.trim().into()),
             "installed" => f.installed_sha256 = Some(v.trim().into()),
+            // `glibc 2.36`
+            "glibc" => f.glibc = v.trim().strip_prefix("glibc ").and_then(GlibcVersion::parse),
             "free" => {
                 // `DIR FILESYSTEM 1024-BLOCKS USED AVAILABLE CAPACITY MOUNTED-ON`
                 let mut parts = v.split_whitespace();
@@ -462,8 +516,23 @@ async fn install_async(args: InstallArgs, client_args: &ClientArgs) -> anyhow::R
             facts.arch,
             binary.path.display(),
             binary.arch,
-            musl_hint(&facts.arch)
+            build_hint(&facts.arch)
         );
+    }
+    if let Some(needed) = binary.glibc_needed {
+        match facts.glibc {
+            None => bail!(
+                "{name} has no glibc (`getconf GNU_LIBC_VERSION` says nothing), and {} needs glibc {needed}: \
+                 install the agent on a glibc distribution",
+                binary.path.display()
+            ),
+            Some(have) if have < needed => bail!(
+                "{name} has glibc {have}, older than the {needed} that {} needs: {}",
+                binary.path.display(),
+                build_hint(&facts.arch)
+            ),
+            Some(_) => {}
+        }
     }
     let size_mib = binary.size_bytes.div_ceil(1024 * 1024);
     for (dir, free) in &facts.free_mib {
@@ -945,14 +1014,32 @@ mod tests {
     }
 
     #[test]
-    fn the_running_test_binary_is_dynamic_and_says_how_to_get_a_static_one() {
-        // Test binaries link glibc dynamically: the refusal names the musl build.
+    fn the_running_test_binary_links_glibc_and_names_the_newest_version_it_needs() {
+        // Test binaries link glibc dynamically, as the binary hosts get does.
         let me = std::env::current_exe().unwrap();
         let (arch, dynamic) = elf_facts(&std::fs::read(&me).unwrap()).unwrap();
         assert_eq!(arch, std::env::consts::ARCH);
         assert!(dynamic);
-        let e = Binary::choose(Some(&me)).err().unwrap().to_string();
-        assert!(e.contains("linked dynamically") && e.contains("unknown-linux-musl"), "{e}");
+        let chosen = Binary::choose(Some(&me)).unwrap();
+        let needed = chosen.glibc_needed.expect("a glibc binary names its glibc");
+        // Every glibc since 2.2.5 on x86_64 (2.17 on aarch64) carries a version this or newer.
+        assert!(needed >= GlibcVersion(2, 17), "{needed}");
+        // This machine runs it, so its own glibc is at least as new.
+        let here = std::process::Command::new("getconf").arg("GNU_LIBC_VERSION").output().unwrap();
+        let here = String::from_utf8_lossy(&here.stdout);
+        let here = GlibcVersion::parse(here.trim().strip_prefix("glibc ").unwrap()).unwrap();
+        assert!(here >= needed, "glibc {here} here, {needed} needed");
         assert!(elf_facts(b"#!/bin/sh\n").is_err());
+    }
+
+    #[test]
+    fn glibc_versions_are_read_and_ordered_as_numbers() {
+        let bytes = b"\0GLIBC_2.2.5\0GLIBC_2.34\0GLIBC_PRIVATE\0GLIBC_2.9\0GLIBC_\0libc.so.6\0GLIBC_2.17";
+        assert_eq!(GlibcVersion::needed_by(bytes), Some(GlibcVersion(2, 34)));
+        assert_eq!(GlibcVersion::needed_by(b"no versions here"), None);
+        assert!(GlibcVersion(2, 9) < GlibcVersion(2, 10));
+        let f = parse_facts("arch=x86_64\nglibc=glibc 2.36\n");
+        assert_eq!(f.glibc, Some(GlibcVersion(2, 36)));
+        assert_eq!(parse_facts("glibc=\n").glibc, None, "a musl host's getconf says nothing");
     }
 }

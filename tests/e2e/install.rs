@@ -4,10 +4,8 @@
 //! installer reaches it only through SSH; the test reads the host's state
 //! with `docker exec` (what an operator would see there).
 //!
-//! Installs the static (musl) build of this checkout
-//! (`target/x86_64-unknown-linux-musl/release/cosmos`, which
-//! scripts/build-cosmos-image builds); needs Docker, the image and that binary,
-//! and fails saying which is missing.
+//! Installs this checkout's build of `cosmos`; needs Docker and the image, and
+//! fails saying which is missing.
 
 use super::*;
 
@@ -24,27 +22,10 @@ fn docker_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// The static build of this checkout, next to the test's own binary's target directory.
-fn musl_binary() -> PathBuf {
-    let bin = Path::new(BIN);
-    let release = bin.parent().unwrap();
-    let target = release.parent().unwrap();
-    let musl = target.join("x86_64-unknown-linux-musl").join(release.file_name().unwrap()).join("cosmos");
-    assert!(
-        musl.exists(),
-        "{} is missing: the install tests upload the static build; run scripts/build-cosmos-image (it builds it)",
-        musl.display()
-    );
-    // A stale build of another protocol would fail later, less clearly.
-    let version =
-        |b: &Path| String::from_utf8_lossy(&Command::new(b).arg("version").output().unwrap().stdout).into_owned();
-    assert_eq!(
-        version(&musl),
-        version(bin),
-        "{} is another release than this checkout's: rerun scripts/build-cosmos-image",
-        musl.display()
-    );
-    musl
+/// The binary hosts get: this checkout's build (glibc, as the agent must be to load NVML;
+/// the host image is this machine's packages, so its glibc is as new as the build's).
+fn host_binary() -> PathBuf {
+    PathBuf::from(BIN)
 }
 
 /// A host in a container on a network of its own, removed with the test.
@@ -206,10 +187,10 @@ fn hosts(c: &Cluster) -> Vec<Value> {
 
 #[test]
 fn install_twice_changes_nothing_the_second_time_and_uninstall_removes_it() {
-    let musl = musl_binary();
+    let binary_path = host_binary();
     let host = TestHost::start("gpu-a", true);
     let c = controller_for_ssh();
-    let binary = ["--binary", musl.to_str().unwrap()];
+    let binary = ["--binary", binary_path.to_str().unwrap()];
     let flags = |gpus: &'static str| -> Vec<&str> {
         [&binary[..], &["--", "--simulated-gpus", gpus, "--name", "gpu-a"]].concat()
     };
@@ -237,7 +218,7 @@ fn install_twice_changes_nothing_the_second_time_and_uninstall_removes_it() {
         assert!(out.contains(says), "the first install should say `{says}`:\n{out}");
     }
     // The host holds what was sent: the same binary, a private token, the unit of deploy/.
-    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(std::fs::read(&musl).unwrap()));
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(std::fs::read(&binary_path).unwrap()));
     assert_eq!(host.sh("sha256sum < /usr/local/bin/cosmos | cut -d' ' -f1"), sha);
     // The agent runs as cosmos (the unit's User=), which must own its token: it refuses one others can read.
     assert_eq!(host.sh("stat -c '%a %U' /etc/cosmos/agent.token"), "600 cosmos");
@@ -352,10 +333,10 @@ fn install_twice_changes_nothing_the_second_time_and_uninstall_removes_it() {
 
 #[test]
 fn install_refuses_a_host_without_systemd_before_touching_it() {
-    let musl = musl_binary();
+    let binary_path = host_binary();
     let host = TestHost::start("no-systemd", false);
     let c = controller_for_ssh();
-    let (ok, out, err) = manage(&c, &host, "install", "root", &["--binary", musl.to_str().unwrap()], "");
+    let (ok, out, err) = manage(&c, &host, "install", "root", &["--binary", binary_path.to_str().unwrap()], "");
     assert!(!ok, "{out}{err}");
     assert!(
         err.contains(&format!("{} does not run systemd (PID 1 is `sleep`)", host.ip))
@@ -375,7 +356,7 @@ fn install_refuses_a_host_without_systemd_before_touching_it() {
         host.url("root"),
         host.key().display(),
         c.dir.path().join("known_hosts").display(),
-        musl.display()
+        binary_path.display()
     );
     // setsid: no controlling terminal, as under cron or CI.
     let out = Command::new("setsid")

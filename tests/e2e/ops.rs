@@ -557,7 +557,7 @@ fn the_deb_installs_on_a_clean_debian_and_its_units_run_under_systemd() {
     assert!(c.exec("! command -v cosmos").0, "the image is not clean: it has cosmos already");
 
     let (ok, text) = c.exec(&format!(
-        "set -e; dpkg -i {deb_in}; cosmos version; id -un cosmos; \
+        "set -e; echo \"depends: $(dpkg-deb -f {deb_in} Depends)\"; dpkg -i {deb_in}; cosmos version; id -un cosmos; \
          stat -c '%n %U:%G %a' /etc/cosmos /etc/cosmos/controller.toml /etc/cosmos/agent.toml /var/lib/cosmos-controller /var/lib/cosmos-agent; \
          ls /usr/share/man/man1/cosmos.1.gz /usr/share/man/man1/cosmos-controller.1.gz /usr/share/man/man1/cosmos-agent.1.gz \
             /usr/share/bash-completion/completions/cosmos /usr/share/zsh/vendor-completions/_cosmos /usr/share/fish/vendor_completions.d/cosmos.fish; \
@@ -566,6 +566,9 @@ fn the_deb_installs_on_a_clean_debian_and_its_units_run_under_systemd() {
     ));
     assert!(ok, "installing the package failed:\n{text}");
     assert!(text.contains(&format!("cosmos {}", env!("CARGO_PKG_VERSION"))), "{text}");
+    // The glibc build (its agent loads NVML), with the C library it needs as a dependency.
+    let depends = text.lines().find_map(|l| l.strip_prefix("depends: ")).unwrap_or_default();
+    assert!(depends.contains("libc6 (>=") && depends.contains("passwd"), "{text}");
     for line in [
         "/etc/cosmos root:cosmos 750",
         "/etc/cosmos/controller.toml root:cosmos 640",

@@ -5,14 +5,15 @@
 //! succeed exactly once, and no job container may be left on the engine.
 //!
 //! It runs twice: with agents that dial the controller over TCP, and with
-//! agents in containers that run sshd (`cosmos-host:dev`, its musl `cosmos`
-//! mounted in) and listen on a Unix socket, which the controller reaches
+//! agents in containers that run sshd (`cosmos-host:dev`, the `cosmos` under
+//! test mounted in) and listen on a Unix socket, which the controller reaches
 //! only through SSH (`cosmos agents add ssh://root@AGENT`).
 //!
-//! Needs Docker and the images `cosmos:dev`, `cosmos-testjob:dev` and
-//! `cosmos-host:dev` (`scripts/build-cosmos-image`, `scripts/build-images`,
-//! `scripts/build-host-image`; `scripts/setup` runs them). Missing any of them
-//! fails the test: it does not skip.
+//! Needs Docker and the images `cosmos-debian:dev`, `cosmos-testjob:dev` and
+//! `cosmos-host:dev` (`scripts/build-debian-image`, `scripts/build-images`,
+//! `scripts/build-host-image`; `scripts/setup` runs them). It builds
+//! `cosmos:dev` itself: `cosmos-debian:dev` with the binary under test in it.
+//! Missing any of them fails the test: it does not skip.
 
 use serde_json::Value;
 use std::process::{Command, Output};
@@ -106,7 +107,7 @@ impl Env {
                      exec /usr/local/bin/cosmos agent --listen unix:/run/cosmos/agent.sock {}",
                     flags.join(" ")
                 );
-                args.extend(["-v", &format!("{}:/usr/local/bin/cosmos:ro", musl_binary().display())].map(String::from));
+                args.extend(["-v", &format!("{BIN}:/usr/local/bin/cosmos:ro")].map(String::from));
                 args.extend(["cosmos-host:dev", "sh", "-c", &script].map(String::from));
             }
         }
@@ -115,14 +116,53 @@ impl Env {
     }
 }
 
-/// The static build of this checkout (scripts/build-cosmos-image builds it), for agents in `cosmos-host:dev`.
-fn musl_binary() -> std::path::PathBuf {
-    let bin = std::path::Path::new(BIN);
-    let release = bin.parent().unwrap();
-    let musl =
-        release.parent().unwrap().join("x86_64-unknown-linux-musl").join(release.file_name().unwrap()).join("cosmos");
-    assert!(musl.exists(), "{} is missing: run scripts/build-cosmos-image (it builds it)", musl.display());
-    musl
+/// Builds `cosmos:dev`, the image the controller and the TCP agents run: a
+/// clean Debian of this machine's packages (glibc, as the build links) with
+/// the binary under test as its entrypoint. Once per test process; skipped
+/// when the image already holds these bytes (its label is their sha256).
+fn cosmos_image() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let bytes = std::fs::read(BIN).unwrap();
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        let label = docker(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{ index .Config.Labels \"cosmos.binary.sha256\" }}",
+            "cosmos:dev",
+        ]);
+        if String::from_utf8_lossy(&label.stdout).trim() == sha {
+            return;
+        }
+        let old = docker(&["image", "inspect", "--format", "{{.Id}}", "cosmos:dev"]);
+        let ctx = tempfile::tempdir().unwrap();
+        std::fs::copy(BIN, ctx.path().join("cosmos")).unwrap();
+        std::fs::write(
+            ctx.path().join("Dockerfile"),
+            format!(
+                "FROM cosmos-debian:dev\nCOPY cosmos /usr/local/bin/cosmos\nLABEL cosmos.binary.sha256={sha}\n\
+                 ENTRYPOINT [\"/usr/local/bin/cosmos\"]\n"
+            ),
+        )
+        .unwrap();
+        let out = Command::new("docker")
+            .args(["build", "-q", "-t", "cosmos:dev"])
+            .arg(ctx.path())
+            .env("DOCKER_BUILDKIT", "0")
+            .output()
+            .expect("the docker CLI runs");
+        assert!(
+            out.status.success(),
+            "building cosmos:dev on cosmos-debian:dev (scripts/build-debian-image builds that): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The image it replaces would otherwise stay behind, untagged, at every rebuild.
+        let old = String::from_utf8_lossy(&old.stdout).trim().to_string();
+        if !old.is_empty() {
+            let _ = docker(&["image", "rm", &old]);
+        }
+    });
 }
 
 fn cli(api: &str, env: &Env, args: &[&str]) -> Output {
@@ -153,7 +193,7 @@ fn a_batch_on_a_docker_cluster_over_ssh_survives_a_killed_and_a_partitioned_agen
 }
 
 fn batch_survives_a_killed_and_a_partitioned_agent(link: Link) {
-    let mut images = vec!["cosmos:dev", "cosmos-testjob:dev"];
+    let mut images = vec!["cosmos-debian:dev", "cosmos-testjob:dev"];
     if link == Link::Ssh {
         images.push("cosmos-host:dev");
     }
@@ -161,9 +201,10 @@ fn batch_survives_a_killed_and_a_partitioned_agent(link: Link) {
         let out = docker(&["image", "inspect", image]);
         assert!(
             out.status.success(),
-            "image {image} is missing (or Docker is not running): run scripts/build-cosmos-image, scripts/build-images and scripts/build-host-image"
+            "image {image} is missing (or Docker is not running): run scripts/build-debian-image, scripts/build-images and scripts/build-host-image"
         );
     }
+    cosmos_image();
     let kind = if link == Link::Ssh { "ssh" } else { "tcp" };
     let env = Env { tag: format!("cosmos-mh-{kind}-{}", std::process::id()), dir: tempfile::tempdir().unwrap(), link };
     docker_ok(&["network", "create", &env.tag]);

@@ -112,6 +112,16 @@ pub enum GpuError {
         /// What went wrong.
         detail: String,
     },
+    /// This agent is a static build, which cannot load shared libraries at all.
+    #[error(
+        "cannot load the NVIDIA management library `{path}`: this cosmos is a static (musl) build, and static programs \
+         cannot load shared libraries; run the glibc build on GPU hosts (the .deb's, or `cargo build --release -p cosmos`), \
+         or --simulated-gpus COUNTxSIZE"
+    )]
+    StaticBuild {
+        /// What was to be loaded.
+        path: String,
+    },
     /// The library loaded but NVML would not start or answer.
     #[error(
         "NVML ({path}) failed: {detail}; check `nvidia-smi`, or run with --simulated-gpus COUNTxSIZE on a host without NVIDIA GPUs"

@@ -43,6 +43,11 @@ impl NvmlSource {
     /// Loads NVML from `lib_path` and discovers the GPUs `selection` offers.
     pub fn open(lib_path: &str, selection: &GpuSelection) -> Result<NvmlSource, GpuError> {
         let path = lib_path.to_string();
+        // A static musl program's dlopen always fails ("Dynamic loading not supported"), which would
+        // otherwise read as a missing driver.
+        if cfg!(all(target_env = "musl", target_feature = "crt-static")) {
+            return Err(GpuError::StaticBuild { path });
+        }
         let nvml = Nvml::builder().lib_path(OsStr::new(lib_path)).init().map_err(|e| match e {
             NvmlError::LibloadingError(e) => GpuError::Library { path: path.clone(), detail: e.to_string() },
             // nvml-wrapper tolerates missing symbols at load but needs nvmlInit_v2 to start.
