@@ -556,7 +556,13 @@ pub fn prompt_enhance(args: &ClientArgs, prompt_id: &str, overwrite: bool, yes: 
 }
 
 /// `cosmos runs list|search`.
-pub fn list_runs(args: &ClientArgs, prompt: Option<&str>, state: Option<&str>, words: &[String]) -> anyhow::Result<()> {
+pub fn list_runs(
+    args: &ClientArgs,
+    prompt: Option<&str>,
+    state: Option<&str>,
+    words: &[String],
+    page: &crate::jobs::PageArgs,
+) -> anyhow::Result<()> {
     let client = Client::new(args)?;
     let mut query = Vec::new();
     if let Some(p) = prompt {
@@ -568,14 +574,17 @@ pub fn list_runs(args: &ClientArgs, prompt: Option<&str>, state: Option<&str>, w
     if !words.is_empty() {
         query.push(format!("q={}", url_escape(&words.join(" "))));
     }
-    let path = if query.is_empty() { "/v1/runs".to_string() } else { format!("/v1/runs?{}", query.join("&")) };
-    let runs: Vec<RunView> = client.get(&path)?;
+    let (runs, next) = crate::jobs::read_pages::<RunView>(&client, "/v1/runs", query, page)?;
     if let (Some(p), true) = (prompt, runs.is_empty()) {
         // Runs of a deleted prompt are still listed; nothing listed for a prompt that never was is a typo.
         let _: Prompt = client.get(&format!("/v1/prompts/{}", url_escape(p)))?;
     }
+    let command = if words.is_empty() { "list" } else { "search" };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&runs)?);
+        if let Some(next) = &next {
+            eprintln!("more runs follow: cosmos runs {command} --after {next} (or --all)");
+        }
         return Ok(());
     }
     println!(
@@ -598,6 +607,9 @@ pub fn list_runs(args: &ClientArgs, prompt: Option<&str>, state: Option<&str>, w
             gpu_seconds_text(r.job.gpu_seconds),
             error_summary(r.error.as_deref())
         );
+    }
+    if let Some(next) = next {
+        eprintln!("more runs follow: cosmos runs {command} --after {next} (or --limit N, --all)");
     }
     Ok(())
 }

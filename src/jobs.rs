@@ -194,20 +194,47 @@ pub fn wait_for(
 /// Which page of a listing: `cosmos jobs list --limit N --after ID`, or `--all`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PageArgs {
-    /// At most this many jobs (default 1000; at most 10000 a page).
+    /// At most this many (default 1000; at most 10000 a page).
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Only jobs after this one (`job-N`): the next page, as the hint under a full page says.
+    /// Only those after this job (`job-N`): the next page, as the hint under a full page says.
     #[arg(long)]
     pub after: Option<String>,
-    /// Every job, page after page (a large history is a lot of output).
+    /// Every one, page after page (a large history is a lot of output).
     #[arg(long, conflicts_with = "limit")]
     pub all: bool,
 }
 
+/// Reads the listing at `path` (a `GET` taking `limit` and `after`, answering a
+/// JSON array and the next page's cursor in `Cosmos-Next-After`): one page, or
+/// with `--all` every page. Returns what was read and, when more follow, where.
+pub fn read_pages<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    path: &str,
+    mut query: Vec<String>,
+    page: &PageArgs,
+) -> anyhow::Result<(Vec<T>, Option<String>)> {
+    use cosmos_controller::http::jobs::{JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX, NEXT_AFTER_HEADER};
+    let limit = if page.all { JOBS_PAGE_MAX } else { page.limit.unwrap_or(JOBS_PAGE_DEFAULT) };
+    query.push(format!("limit={limit}"));
+    let mut after = page.after.clone();
+    let mut items = Vec::new();
+    loop {
+        let mut q = query.clone();
+        if let Some(a) = &after {
+            q.push(format!("after={a}"));
+        }
+        let (got, headers) = client.get_with::<Vec<T>>(&format!("{path}?{}", q.join("&")), &[NEXT_AFTER_HEADER])?;
+        items.extend(got);
+        match headers.into_iter().next().flatten() {
+            Some(next) if page.all => after = Some(next),
+            next => return Ok((items, next)),
+        }
+    }
+}
+
 /// `cosmos jobs list`.
 pub fn list(args: &ClientArgs, state: Option<&str>, since: Option<&str>, page: &PageArgs) -> anyhow::Result<()> {
-    use cosmos_controller::http::jobs::{JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX, NEXT_AFTER_HEADER};
     let client = Client::new(args)?;
     let mut query = Vec::new();
     if let Some(s) = state {
@@ -216,23 +243,7 @@ pub fn list(args: &ClientArgs, state: Option<&str>, since: Option<&str>, page: &
     if let Some(since) = since {
         query.push(format!("since_ms={}", since_ms(since)?));
     }
-    let limit = if page.all { JOBS_PAGE_MAX } else { page.limit.unwrap_or(JOBS_PAGE_DEFAULT) };
-    query.push(format!("limit={limit}"));
-    let mut after = page.after.clone();
-    let mut jobs: Vec<JobView> = Vec::new();
-    let next = loop {
-        let mut q = query.clone();
-        if let Some(a) = &after {
-            q.push(format!("after={a}"));
-        }
-        let (got, headers) =
-            client.get_with::<Vec<JobView>>(&format!("/v1/jobs?{}", q.join("&")), &[NEXT_AFTER_HEADER])?;
-        jobs.extend(got);
-        match headers.into_iter().next().flatten() {
-            Some(next) if page.all => after = Some(next),
-            next => break next,
-        }
-    };
+    let (jobs, next) = read_pages::<JobView>(&client, "/v1/jobs", query, page)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&jobs)?);
         if let Some(next) = &next {

@@ -408,6 +408,8 @@ enum RunsCommand {
         #[arg(long)]
         state: Option<String>,
         #[command(flatten)]
+        page: jobs::PageArgs,
+        #[command(flatten)]
         client: ClientArgs,
     },
     /// Show one run: parameters, state, outputs.
@@ -422,6 +424,8 @@ enum RunsCommand {
         /// Words to look for (case-insensitive).
         #[arg(required = true)]
         words: Vec<String>,
+        #[command(flatten)]
+        page: jobs::PageArgs,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -964,11 +968,13 @@ pub fn run_checked(cli: Cli, check_only: bool) -> anyhow::Result<bool> {
             cosmos::prompt_enhance(&client, &prompt_id, overwrite, yes)
         }
         Command::Runs(cmd) => match cmd {
-            RunsCommand::List { prompt, state, client } => {
-                cosmos::list_runs(&client, prompt.as_deref(), state.as_deref(), &[]).map(|()| true)
+            RunsCommand::List { prompt, state, page, client } => {
+                cosmos::list_runs(&client, prompt.as_deref(), state.as_deref(), &[], &page).map(|()| true)
             }
             RunsCommand::Show { id, client } => cosmos::show_run(&client, &id).map(|()| true),
-            RunsCommand::Search { words, client } => cosmos::list_runs(&client, None, None, &words).map(|()| true),
+            RunsCommand::Search { words, page, client } => {
+                cosmos::list_runs(&client, None, None, &words, &page).map(|()| true)
+            }
             RunsCommand::Cancel { id, client } => cosmos::cancel_run(&client, &id).map(|()| true),
             RunsCommand::Retry { id, client } => cosmos::retry_run(&client, &id).map(|()| true),
             RunsCommand::Logs { id, follow, tail_bytes, client } => {

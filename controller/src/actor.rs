@@ -641,6 +641,47 @@ impl Handler<FindRun> for CoreActor {
     }
 }
 
+/// The runs of one prompt, found through the run index: no other job is looked at.
+pub struct PromptRuns(pub String);
+impl Message for PromptRuns {
+    type Result = Vec<JobSummary>;
+}
+impl Handler<PromptRuns> for CoreActor {
+    type Result = MessageResult<PromptRuns>;
+    fn handle(&mut self, PromptRuns(prompt): PromptRuns, _: &mut Context<Self>) -> Self::Result {
+        let prompt_of = |id: JobId| {
+            self.core.job(id).and_then(|(rec, _, _)| rec.spec.labels.get(crate::cosmos::labels::PROMPT).cloned())
+        };
+        let mut ids: Vec<JobId> =
+            self.runs.values().copied().filter(|&id| prompt_of(id).as_deref() == Some(prompt.as_str())).collect();
+        ids.sort();
+        MessageResult(ids.into_iter().filter_map(|id| self.summary(id)).collect())
+    }
+}
+
+/// Every blob (input or output) a job holds, but the runs of one prompt:
+/// gathered inside the actor, so deleting a prompt's outputs copies no job out.
+pub struct BlobsInUse {
+    /// The prompt whose runs do not count.
+    pub except_prompt: String,
+}
+impl Message for BlobsInUse {
+    type Result = std::collections::BTreeSet<cosmos_proto::Sha256>;
+}
+impl Handler<BlobsInUse> for CoreActor {
+    type Result = MessageResult<BlobsInUse>;
+    fn handle(&mut self, BlobsInUse { except_prompt }: BlobsInUse, _: &mut Context<Self>) -> Self::Result {
+        let mut used = std::collections::BTreeSet::new();
+        for rec in self.core.jobs() {
+            if rec.spec.labels.get(crate::cosmos::labels::PROMPT) == Some(&except_prompt) {
+                continue;
+            }
+            used.extend(rec.outputs.iter().map(|o| o.sha256).chain(rec.spec.inputs.iter().map(|i| i.sha256)));
+        }
+        MessageResult(used)
+    }
+}
+
 /// Cluster status.
 pub struct Status;
 /// What [`Status`] answers.

@@ -853,3 +853,56 @@ fn a_listing_comes_in_pages_and_the_event_stream_resumes_from_its_cursor() {
         .unwrap();
     assert!(stale.contains("event: resync"), "{stale}");
 }
+
+#[test]
+fn runs_list_and_search_page_through_runs_only_and_say_where_the_next_page_starts() {
+    let c = Cluster::start(1, 30_000);
+    let (dock, beach) = (make_prompt(&c, "dock", &[]), make_prompt(&c, "beach", &[]));
+    let plain = c.dir.path().join("plain.jsonl");
+    std::fs::write(&plain, "{\"command\": [\"true\"]}\n{\"command\": [\"true\"]}\n").unwrap();
+    let batch = c.dir.path().join("runs.jsonl");
+    for (i, ps) in [&dock, &beach, &dock, &beach, &dock].into_iter().enumerate() {
+        // Plain jobs between the runs: a page of runs skips them.
+        assert!(c.cli(&["jobs", "submit", plain.to_str().unwrap()]).status.success());
+        std::fs::write(&batch, format!("{}\n", serde_json::json!({ "prompt_id": ps, "steps": i + 1 }))).unwrap();
+        let out = c.cli(&["batch", batch.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let ids =
+        |v: &Value| v.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let all = ids(&c.json(&["runs", "list", "--all", "--json"]));
+    assert_eq!(all.len(), 5, "{all:?}");
+
+    // Page by page, each full page says where the next one starts.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut args = vec!["runs", "list", "--limit", "2", "--json"];
+        if let Some(a) = &after {
+            args.extend(["--after", a.as_str()]);
+        }
+        let out = c.cli(&args);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let page = ids(&serde_json::from_slice(&out.stdout).unwrap());
+        assert!(page.len() <= 2, "{page:?}");
+        seen.extend(page);
+        let err = text(&out.stderr);
+        match err.split("--after ").nth(1).and_then(|t| t.split_whitespace().next()) {
+            Some(next) => {
+                assert!(next.starts_with("job-") && err.contains("cosmos runs list"), "{err}");
+                after = Some(next.to_string());
+            }
+            None => break,
+        }
+        assert!(seen.len() <= 5, "pages go on past the runs: {seen:?}");
+    }
+    assert_eq!(seen, all, "the pages, one after the other, are the whole listing");
+
+    let beach_runs = ids(&c.json(&["runs", "list", "--prompt", &beach, "--all", "--json"]));
+    assert_eq!(beach_runs, vec![all[1].clone(), all[3].clone()]);
+    let out = c.cli(&["runs", "search", "beach", "--limit", "1", "--json"]);
+    assert_eq!(ids(&serde_json::from_slice(&out.stdout).unwrap()), vec![all[1].clone()]);
+    assert!(text(&out.stderr).contains("more runs follow: cosmos runs search --after job-"), "{}", text(&out.stderr));
+    let (ok, _, err) = run_to_end(&c, &["runs", "list", "--limit", "0"]);
+    assert!(!ok && err.contains("`limit` must be 1 to 10000"), "{err}");
+}

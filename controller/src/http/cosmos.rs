@@ -5,9 +5,10 @@
 //! a batch of runs is one atomic job submission. Prompts live in the store's
 //! `prompts` table; videos and outputs in the blob store, by sha256.
 
+use super::jobs::{EVENTS_CURSOR_HEADER, JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX, NEXT_AFTER_HEADER};
 use super::jobs::{submit_specs, view};
 use super::{JsonBody, State, answer, bad, bad_line, command_result, error, internal, not_found, unavailable};
-use crate::actor::{Cancel, FindRun, JobSummary, ListJobs};
+use crate::actor::{BlobsInUse, Cancel, FindRun, JobSummary, ListJobs, PageJobs, PromptRuns};
 use crate::core::{Dep, InputFromDep};
 use crate::cosmos::{
     self, BlobRef, ENHANCE_RESULT, NewPrompt, OUTPUT_VIDEO, Prompt, RunKind, TransferParams, UPSCALE_INPUT,
@@ -212,8 +213,7 @@ async fn delete_prompt(state: web::Data<State>, id: web::Path<String>, q: web::Q
     };
     // Deleting outputs: no run may be created from a blob between the checks below and its removal.
     let _gc = if q.delete_outputs { Some(state.shared.blob_gc.write().await) } else { None };
-    let Ok(jobs) = state.core.send(ListJobs(None)).await else { return unavailable() };
-    let runs: Vec<&JobSummary> = jobs.iter().filter(|j| label(j, labels::PROMPT) == Some(&prompt.id)).collect();
+    let Ok(runs) = state.core.send(PromptRuns(prompt.id.clone())).await else { return unavailable() };
     let active: Vec<&str> = runs
         .iter()
         .filter(|j| !j.record.state.is_final())
@@ -241,16 +241,12 @@ async fn delete_prompt(state: web::Data<State>, id: web::Path<String>, q: web::Q
         // Content-addressed: keep a blob another prompt's run, or any other prompt's video, still uses.
         let mine: std::collections::BTreeSet<Sha256> =
             runs.iter().flat_map(|j| j.record.outputs.iter().map(|o| o.sha256)).collect();
-        let others: std::collections::BTreeSet<Sha256> = jobs
-            .iter()
-            .filter(|j| label(j, labels::PROMPT) != Some(&prompt.id))
-            .flat_map(|j| {
-                j.record.outputs.iter().map(|o| o.sha256).chain(j.record.spec.inputs.iter().map(|i| i.sha256))
-            })
-            .chain(
-                prompts.iter().filter(|p| p.id != prompt.id).flat_map(|p| p.videos.all().into_iter().map(|b| b.sha256)),
-            )
-            .collect();
+        let Ok(mut others) = state.core.send(BlobsInUse { except_prompt: prompt.id.clone() }).await else {
+            return unavailable();
+        };
+        others.extend(
+            prompts.iter().filter(|p| p.id != prompt.id).flat_map(|p| p.videos.all().into_iter().map(|b| b.sha256)),
+        );
         for sha in mine.difference(&others) {
             if std::fs::remove_file(state.shared.blobs.path(sha)).is_ok() {
                 removed_outputs += 1;
@@ -466,19 +462,16 @@ struct RunQuery {
     q: Option<String>,
     /// Only runs submitted at or after this time (ms since the Unix epoch).
     since_ms: Option<u64>,
+    /// Runs after this job (the previous page's `Cosmos-Next-After`).
+    after: Option<String>,
+    /// At most this many ([`JOBS_PAGE_DEFAULT`] when absent, at most [`JOBS_PAGE_MAX`]).
+    limit: Option<usize>,
 }
 
-async fn all_runs(state: &web::Data<State>) -> Result<(Vec<JobSummary>, Vec<Prompt>), HttpResponse> {
-    let prompts = with_store(state, |s| s.prompts()).await?;
-    let jobs = state.core.send(ListJobs(None)).await.map_err(|_| unavailable())?;
-    Ok((jobs.into_iter().filter(|j| label(j, labels::RUN).is_some()).collect(), prompts))
-}
-
+/// A page of runs, in job id order: only the jobs of the page are looked at,
+/// with the filters applied as the core scans (as `GET /v1/jobs` does), so a
+/// listing never copies every job out of the core.
 async fn list_runs(state: web::Data<State>, q: web::Query<RunQuery>) -> HttpResponse {
-    let (jobs, prompts) = match all_runs(&state).await {
-        Ok(x) => x,
-        Err(r) => return r,
-    };
     let wanted_state = match q.state.as_deref().map(|s| JobState::parse(s).ok_or(s)) {
         Some(Err(s)) => {
             return bad(format!(
@@ -488,25 +481,50 @@ async fn list_runs(state: web::Data<State>, q: web::Query<RunQuery>) -> HttpResp
         Some(Ok(st)) => Some(st),
         None => None,
     };
+    let after = match q.after.as_deref().map(|a| a.parse::<JobId>()).transpose() {
+        Ok(a) => a,
+        Err(e) => return bad(format!("`after`: {e}; give the job id of the previous page's {NEXT_AFTER_HEADER}")),
+    };
+    let limit = match q.limit {
+        Some(0) => return bad(format!("`limit` must be 1 to {JOBS_PAGE_MAX}")),
+        Some(n) if n > JOBS_PAGE_MAX => {
+            return bad(format!(
+                "`limit` {n} is over {JOBS_PAGE_MAX}; page with `after` (the `{NEXT_AFTER_HEADER}` header)"
+            ));
+        }
+        Some(n) => n,
+        None => JOBS_PAGE_DEFAULT,
+    };
+    let prompts = match with_store(&state, |s| s.prompts()).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
     let words: Vec<String> = q.q.as_deref().unwrap_or("").split_whitespace().map(|w| w.to_lowercase()).collect();
-    let views: Vec<RunView> = jobs
-        .iter()
-        .filter(|j| wanted_state.is_none_or(|s| j.record.state == s))
-        .filter(|j| q.since_ms.is_none_or(|t| j.record.submitted_ms >= t))
-        .filter(|j| q.prompt.as_ref().is_none_or(|p| label(j, labels::PROMPT) == Some(p)))
-        .filter_map(|j| run_view(j, &prompts))
-        .filter(|v| {
-            if words.is_empty() {
-                return true;
-            }
-            let text = prompts.iter().find(|p| p.id == v.prompt_id).map_or("", |p| p.text.as_str());
-            let hay =
-                format!("{} {} {} {} {}", v.id, v.kind, v.prompt_id, v.prompt_name.as_deref().unwrap_or(""), text)
-                    .to_lowercase();
-            words.iter().all(|w| hay.contains(w.as_str()))
-        })
-        .collect();
-    HttpResponse::Ok().json(views)
+    // What the words are matched against beyond the run's own labels: its prompt's name and text.
+    let prompt_text: std::collections::HashMap<String, String> =
+        prompts.iter().map(|p| (p.id.clone(), format!("{} {}", p.name, p.text).to_lowercase())).collect();
+    let (since_ms, prompt) = (q.since_ms, q.prompt.clone());
+    let filter = Box::new(move |r: &crate::records::JobRecord| {
+        let labels = &r.spec.labels;
+        let Some(run) = labels.get(labels::RUN) else { return false };
+        let prompt_id = labels.get(labels::PROMPT).map_or("", String::as_str);
+        wanted_state.is_none_or(|s| r.state == s)
+            && since_ms.is_none_or(|t| r.submitted_ms >= t)
+            && prompt.as_deref().is_none_or(|p| prompt_id == p)
+            && (words.is_empty() || {
+                let kind = labels.get(labels::KIND).map_or("", String::as_str);
+                let text = prompt_text.get(prompt_id).map_or("", String::as_str);
+                let hay = format!("{run} {kind} {prompt_id} {text}").to_lowercase();
+                words.iter().all(|w| hay.contains(w.as_str()))
+            })
+    });
+    let Ok(page) = state.core.send(PageJobs { after, limit, filter }).await else { return unavailable() };
+    let mut response = HttpResponse::Ok();
+    response.insert_header((EVENTS_CURSOR_HEADER, page.events.to_string()));
+    if let Some(next) = page.next_after {
+        response.insert_header((NEXT_AFTER_HEADER, next.to_string()));
+    }
+    response.json(page.jobs.iter().filter_map(|j| run_view(j, &prompts)).collect::<Vec<RunView>>())
 }
 
 async fn find_run(state: &web::Data<State>, id: &str) -> Result<(JobSummary, Vec<Prompt>), HttpResponse> {
