@@ -204,6 +204,27 @@ fn listed_ids(p: &Pair) -> Vec<String> {
     v.as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect()
 }
 
+/// Waits until `jobs` jobs are final, then checks the batch's outcome: exactly
+/// `jobs` jobs (none made twice), all succeeded, every `acknowledged` id listed,
+/// and each job ran to its end exactly once (its attempts record start and end).
+fn assert_every_job_succeeded_once(p: &Pair, record: &Path, jobs: usize, acknowledged: &[String]) {
+    p.wait_until("every job final", |s| {
+        s.len() >= jobs && s.iter().all(|s| s == "succeeded" || s == "failed" || s == "cancelled")
+    });
+    let states = p.states();
+    assert_eq!(states.len(), jobs, "one job per line submitted, none twice");
+    assert!(states.iter().all(|s| s == "succeeded"), "not all succeeded: {states:?}");
+    let listed: std::collections::BTreeSet<String> = listed_ids(p).into_iter().collect();
+    for id in acknowledged {
+        assert!(listed.contains(id), "acknowledged job {id} is gone");
+    }
+    let runs = runs(record);
+    assert_eq!(runs.len(), jobs, "jobs that recorded a complete run");
+    for (job, spans) in runs {
+        assert_eq!(spans.len(), 1, "{job} ran to its end {} times: {spans:?}", spans.len());
+    }
+}
+
 #[test]
 fn the_standby_takes_over_when_the_leader_is_killed_and_every_job_succeeds_exactly_once() {
     let (parts, per_part) = (5, 100);
@@ -256,24 +277,8 @@ fn the_standby_takes_over_when_the_leader_is_killed_and_every_job_succeeds_exact
     assert!(status["epoch"].as_u64().unwrap() > first["epoch"].as_u64().unwrap(), "{status}");
 
     let jobs = parts * per_part;
-    p.wait_until("every job final", |s| {
-        s.len() >= jobs && s.iter().all(|s| s == "succeeded" || s == "failed" || s == "cancelled")
-    });
-    let states = p.states();
-    assert_eq!(states.len(), jobs, "one job per line submitted, none twice");
-    assert!(states.iter().all(|s| s == "succeeded"), "not all succeeded: {states:?}");
-    // Nothing acknowledged was lost.
-    let listed: std::collections::BTreeSet<String> = listed_ids(&p).into_iter().collect();
     assert_eq!(acknowledged.len(), jobs);
-    for id in &acknowledged {
-        assert!(listed.contains(id), "acknowledged job {id} is gone after the failover");
-    }
-    // No job ran to its end twice or overlapped itself.
-    let runs = runs(&record);
-    assert_eq!(runs.len(), jobs, "jobs that recorded a complete run");
-    for (job, spans) in runs {
-        assert_eq!(spans.len(), 1, "{job} ran to its end {} times: {spans:?}", spans.len());
-    }
+    assert_every_job_succeeded_once(&p, &record, jobs, &acknowledged);
 }
 
 #[test]
@@ -317,16 +322,7 @@ fn a_leader_paused_past_its_lease_is_fenced_out_and_exits_when_it_wakes() {
     // the old leader decided while paused never reached the agent: its sends wait for their commit,
     // which the fence refused (and the agent refuses the old epoch besides).
     p.wait_agents(1);
-    p.wait_until("every job final", |s| {
-        s.len() == jobs && s.iter().all(|s| s == "succeeded" || s == "failed" || s == "cancelled")
-    });
-    let states = p.states();
-    assert!(states.iter().all(|s| s == "succeeded"), "not all succeeded: {states:?}");
-    let runs = runs(&record);
-    assert_eq!(runs.len(), jobs, "jobs that recorded a complete run");
-    for (job, spans) in runs {
-        assert_eq!(spans.len(), 1, "{job} ran to its end {} times: {spans:?}", spans.len());
-    }
+    assert_every_job_succeeded_once(&p, &record, jobs, &[]);
 }
 
 #[test]
@@ -351,20 +347,7 @@ fn postgresql_restarted_mid_batch_loses_nothing_and_the_leader_carries_on() {
     p.pg.restart();
     acknowledged.extend(submit_part(&p, &write_batch(&dirs[1], 50, &record, &marker)));
 
-    let jobs = 150;
-    p.wait_until("every job final", |s| {
-        s.len() >= jobs && s.iter().all(|s| s == "succeeded" || s == "failed" || s == "cancelled")
-    });
-    let states = p.states();
-    assert_eq!(states.len(), jobs, "one job per line submitted, none twice");
-    assert!(states.iter().all(|s| s == "succeeded"), "not all succeeded: {states:?}");
-    let listed: std::collections::BTreeSet<String> = listed_ids(&p).into_iter().collect();
-    for id in &acknowledged {
-        assert!(listed.contains(id), "acknowledged job {id} is gone after the restart");
-    }
-    for (job, spans) in runs(&record) {
-        assert_eq!(spans.len(), 1, "{job} ran to its end {} times: {spans:?}", spans.len());
-    }
+    assert_every_job_succeeded_once(&p, &record, 150, &acknowledged);
     // Both controllers reconnected: the same leader at the same epoch, the standby still standing by.
     let status = p.wait_leads(0);
     assert_eq!(

@@ -5,7 +5,7 @@
 //! a batch of runs is one atomic job submission. Prompts live in the store's
 //! `prompts` table; videos and outputs in the blob store, by sha256.
 
-use super::jobs::{EVENTS_CURSOR_HEADER, JOBS_PAGE_DEFAULT, JOBS_PAGE_MAX, NEXT_AFTER_HEADER};
+use super::jobs::{EVENTS_CURSOR_HEADER, NEXT_AFTER_HEADER};
 use super::jobs::{submit_specs, view};
 use super::{JsonBody, State, answer, bad, bad_line, command_result, error, internal, not_found, unavailable};
 use crate::actor::{BlobsInUse, Cancel, FindRun, JobSummary, ListJobs, PageJobs, PromptRuns};
@@ -464,7 +464,7 @@ struct RunQuery {
     since_ms: Option<u64>,
     /// Runs after this job (the previous page's `Cosmos-Next-After`).
     after: Option<String>,
-    /// At most this many ([`JOBS_PAGE_DEFAULT`] when absent, at most [`JOBS_PAGE_MAX`]).
+    /// At most this many (as `GET /v1/jobs` takes it).
     limit: Option<usize>,
 }
 
@@ -485,15 +485,9 @@ async fn list_runs(state: web::Data<State>, q: web::Query<RunQuery>) -> HttpResp
         Ok(a) => a,
         Err(e) => return bad(format!("`after`: {e}; give the job id of the previous page's {NEXT_AFTER_HEADER}")),
     };
-    let limit = match q.limit {
-        Some(0) => return bad(format!("`limit` must be 1 to {JOBS_PAGE_MAX}")),
-        Some(n) if n > JOBS_PAGE_MAX => {
-            return bad(format!(
-                "`limit` {n} is over {JOBS_PAGE_MAX}; page with `after` (the `{NEXT_AFTER_HEADER}` header)"
-            ));
-        }
-        Some(n) => n,
-        None => JOBS_PAGE_DEFAULT,
+    let limit = match super::jobs::page_limit(q.limit) {
+        Ok(n) => n,
+        Err(r) => return r,
     };
     let prompts = match with_store(&state, |s| s.prompts()).await {
         Ok(p) => p,

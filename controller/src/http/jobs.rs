@@ -418,15 +418,9 @@ async fn list_jobs(state: web::Data<State>, q: web::Query<ListQuery>) -> HttpRes
         Ok(l) => l,
         Err(r) => return r,
     };
-    let limit = match q.limit {
-        Some(0) => return bad(format!("`limit` must be 1 to {JOBS_PAGE_MAX}")),
-        Some(n) if n > JOBS_PAGE_MAX => {
-            return bad(format!(
-                "`limit` {n} is over {JOBS_PAGE_MAX}; page with `after` (the `{NEXT_AFTER_HEADER}` header)"
-            ));
-        }
-        Some(n) => n,
-        None => JOBS_PAGE_DEFAULT,
+    let limit = match page_limit(q.limit) {
+        Ok(n) => n,
+        Err(r) => return r,
     };
     let since_ms = q.since_ms;
     let filter = Box::new(move |r: &crate::records::JobRecord| {
@@ -505,6 +499,18 @@ struct EventsQuery {
 
 fn state_is_final(state: &str) -> bool {
     JobState::parse(state).is_some_and(|s| s.is_final())
+}
+
+/// A listing's page size: `limit` when given (1 to [`JOBS_PAGE_MAX`]), else [`JOBS_PAGE_DEFAULT`].
+pub(super) fn page_limit(limit: Option<usize>) -> Result<usize, HttpResponse> {
+    match limit {
+        Some(0) => Err(bad(format!("`limit` must be 1 to {JOBS_PAGE_MAX}"))),
+        Some(n) if n > JOBS_PAGE_MAX => Err(bad(format!(
+            "`limit` {n} is over {JOBS_PAGE_MAX}; page with `after` (the `{NEXT_AFTER_HEADER}` header)"
+        ))),
+        Some(n) => Ok(n),
+        None => Ok(JOBS_PAGE_DEFAULT),
+    }
 }
 
 fn parse_job(id: &str) -> Result<JobId, HttpResponse> {
