@@ -78,6 +78,45 @@ fn controller_clock_steps_lose_no_host_and_requeue_nothing() {
 }
 
 #[test]
+fn failover_loses_nothing_acknowledged_and_one_controller_commits_per_epoch() {
+    // Two controllers on one store with a lease: leaders killed, hosts down past the lease,
+    // leaders stopped past it (also mid-commit and between persisting and sending), on top of
+    // every other fault kind; the checks of the other scenarios hold, and the lease's own.
+    let scenario = Scenario::failover();
+    let reports = seeds::run_all(
+        "failover",
+        "failover_loses_nothing_acknowledged_and_one_controller_commits_per_epoch",
+        &scenario,
+        &seeds::from_env(100),
+    );
+    let mut faults = std::collections::BTreeSet::new();
+    let mut failover = std::collections::BTreeSet::new();
+    for r in &reports {
+        faults.extend(r.faults.keys().copied());
+        failover.extend(r.failover.keys().copied());
+        assert_eq!(r.final_states.values().sum::<usize>(), scenario.jobs);
+    }
+    if reports.len() >= 20 {
+        for kind in [
+            "leader pause",
+            "leader pause mid-commit",
+            "leader pause before sending",
+            "leader host down",
+            "standby crash",
+            "controller crash",
+            "commit in flight at exit",
+        ] {
+            assert!(faults.contains(kind), "no run injected `{kind}`: {faults:?}");
+        }
+        // The scenario must reach what it is about: standbys taking over, deposed leaders'
+        // writes fenced, renewals finding the lease gone, agents refused by standbys.
+        for what in ["takeover", "fenced write", "deposed at renewal", "dial refused by a standby"] {
+            assert!(failover.contains(what), "no run saw `{what}`: {failover:?}");
+        }
+    }
+}
+
+#[test]
 fn the_same_seed_replays_the_same_run() {
     let scenario = Scenario::ci();
     // Replays are checked on a few seeds (or the one asked for), not on every CI seed.
