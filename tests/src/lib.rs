@@ -25,10 +25,12 @@
 //! (the row still names this process at its epoch; it renews on the way), and
 //! a write that fails it rolls back and the process exits, to come back as a
 //! standby. Leaders renew and standbys retry every third of a lease; agents are
-//! given every address and dial them in turn, refused by standbys. A leader
-//! may be stopped (SIGSTOP) for up to three leases, also mid-commit or between
-//! persisting and sending: its timers, its store's answers and what reaches its
-//! sockets wait until it runs again. On top of the invariants above: at most
+//! given every address and dial them in turn, refused by standbys, and move on
+//! to the next when a link is lost. A leader may be stopped (SIGSTOP) for up to
+//! three leases, also mid-commit or between persisting and sending: its timers,
+//! its store's answers and what reaches its sockets wait until it runs again.
+//! Or it alone loses the store for a while, its calls refused (the writer
+//! retries, the renewer gives up after a lease) or hanging until it heals. On top of the invariants above: at most
 //! one process commits per epoch, and only the epoch the lease hands out now;
 //! a takeover loads every acknowledged job as last committed; an agent acts on
 //! no order older than an epoch it was already handed.
@@ -65,6 +67,8 @@ const CHUNK_WIRE_MS: u64 = 4;
 const DIAL_NEXT_ADDR_MS: u64 = 100;
 /// How long an agent waits for a controller's handshake before giving the address up.
 const HANDSHAKE_TIMEOUT_MS: u64 = cosmos_proto::handshake::DEFAULT_HANDSHAKE_TIMEOUT_MS;
+/// The store writer's pause before trying a batch again after a retryable error.
+const STORE_RETRY_PAUSE_MS: u64 = cosmos_controller::daemon::STORE_RETRY_PAUSE_MS;
 
 /// How a simulated job's container behaves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -184,6 +188,8 @@ enum Event {
     /// A leader paused between persisting and sending, woken, releases what waited on
     /// `ticket`: (controller, process, ticket).
     GateRelease(usize, u64, u64),
+    /// Controller `c` reaches the store again: (controller, process).
+    StoreHeal(usize, u64),
 }
 
 /// What the controller does once the persist it follows is durable.
@@ -339,6 +345,14 @@ struct ControllerNode {
     /// store's answers, messages in its sockets) waits here, in order, until it is continued.
     paused: bool,
     held: VecDeque<Event>,
+    /// Cut off from the store (PostgreSQL unreachable from this host alone): whether the
+    /// connections are black-holed (every call hangs until the cut heals) rather than
+    /// refused (calls fail at once, and are retried).
+    store_cut: Option<bool>,
+    /// What hangs on a black-holed store connection: the writer's commit and the renewal.
+    store_held: VecDeque<Event>,
+    /// When the renewer last renewed the lease, as its own clock says.
+    renewed_ms: u64,
     /// The sends and closes waiting for their persist, as the daemon's actor holds them.
     gate: Gate<u64, CtlAction>,
     /// Persists queued for the store writer, not yet durable, by ticket.
@@ -364,6 +378,9 @@ impl ControllerNode {
             epoch: 0,
             paused: false,
             held: VecDeque::new(),
+            store_cut: None,
+            store_held: VecDeque::new(),
+            renewed_ms: 0,
             gate: Gate::new(),
             store_queue: VecDeque::new(),
             store_ticket: 0,
@@ -765,6 +782,8 @@ impl Sim {
         node.process = self.processes;
         node.paused = false;
         node.held.clear();
+        node.store_cut = None;
+        node.store_held.clear();
         node.gate = Gate::new();
         node.store_queue.clear();
         self.try_lease(c);
@@ -805,6 +824,7 @@ impl Sim {
         let node = &mut self.controllers[c];
         node.epoch = epoch;
         node.mono_base_ms = mono_base_ms;
+        node.renewed_ms = self.now_ms;
         let now = self.controller_clock(c);
         let node = &mut self.controllers[c];
         node.core = Some(Core::recover(self.scenario.core_config(), snapshot, now));
@@ -904,6 +924,12 @@ impl Sim {
                 return;
             }
         }
+        if let Event::StoreDurable(c, ..) | Event::LeaseRenew(c, _) = event {
+            if self.controllers[c].store_cut == Some(true) {
+                self.controllers[c].store_held.push_back(event);
+                return;
+            }
+        }
         match event {
             Event::ControllerTick(c, process) => {
                 if self.controllers[c].process != process {
@@ -936,8 +962,17 @@ impl Sim {
                     return;
                 }
                 // The renewer's `FENCE`: it also says whether another controller took the lease.
-                if self.holds_lease(c) {
+                if node.store_cut.is_some() {
+                    // Refused: retried, until no renewal has succeeded for a whole lease.
+                    if self.now_ms - node.renewed_ms < self.scenario.lease_ms {
+                        self.at(self.lease_period_ms(), Event::LeaseRenew(c, process));
+                    } else {
+                        *self.failover.entry("stopped: no renewal for a lease").or_insert(0) += 1;
+                        self.stop_controller(c);
+                    }
+                } else if self.holds_lease(c) {
                     self.lease.expires_ms = self.now_ms + self.scenario.lease_ms;
+                    self.controllers[c].renewed_ms = self.now_ms;
                     self.at(self.lease_period_ms(), Event::LeaseRenew(c, process));
                 } else {
                     *self.failover.entry("deposed at renewal").or_insert(0) += 1;
@@ -960,6 +995,17 @@ impl Sim {
                     for e in held {
                         let delay = if matches!(e, Event::LeaseRenew(..)) { self.rng.random_range(0..50) } else { 0 };
                         self.at(delay, e);
+                    }
+                }
+            }
+            Event::StoreHeal(c, process) => {
+                let node = &mut self.controllers[c];
+                if node.process == process && node.store_cut.is_some() {
+                    node.store_cut = None;
+                    // Whatever hung on the connections gets its answer now, in order.
+                    let held: Vec<Event> = node.store_held.drain(..).collect();
+                    for e in held {
+                        self.at(0, e);
                     }
                 }
             }
@@ -1141,6 +1187,11 @@ impl Sim {
             // process runs again (or killed the session meanwhile, and the writer retries it).
             *self.faults.entry("leader pause mid-commit").or_insert(0) += 1;
             self.pause_controller(c, Some(Event::StoreDurable(c, process, ticket)));
+            return;
+        }
+        if self.controllers[c].store_cut.is_some() {
+            // Refused: the writer tries the batch again a little later (the fence first).
+            self.at(STORE_RETRY_PAUSE_MS, Event::StoreDurable(c, process, ticket));
             return;
         }
         while self.controllers[c].store_queue.front().is_some_and(|(t, _)| *t <= ticket) {
@@ -1345,7 +1396,12 @@ impl Sim {
     /// Controller `c`'s process ends: what was not durable is lost with it, and what waited on
     /// it is never sent; its host starts another one `down_ms` later.
     fn end_controller(&mut self, c: usize, down_ms: std::ops::Range<u64>) {
-        if self.failover_faults_on() && self.controllers[c].store_queue.front().is_some() && self.rng.random_bool(0.5) {
+        let cut = self.controllers[c].store_cut.is_some();
+        if self.failover_faults_on()
+            && !cut
+            && self.controllers[c].store_queue.front().is_some()
+            && self.rng.random_bool(0.5)
+        {
             // The group commit the writer had sent reached the server: durable, though no one hears so.
             *self.faults.entry("commit in flight at exit").or_insert(0) += 1;
             let (t, ops) = self.controllers[c].store_queue.pop_front().expect("looked at above");
@@ -1358,6 +1414,8 @@ impl Sim {
         node.up = false;
         node.paused = false;
         node.held.clear();
+        node.store_cut = None;
+        node.store_held.clear();
         node.store_queue.clear();
         node.gate = Gate::new();
         let conns: Vec<ConnId> = self.conns.iter().filter(|(_, k)| k.controller == c).map(|(&id, _)| id).collect();
@@ -1399,6 +1457,7 @@ impl Sim {
                     if let Some(conn) = self.agents[i].conn.take() {
                         self.break_conn_one_sided(conn);
                         self.agents[i].blobs.link_down();
+                        self.lost_link(i);
                     }
                     self.schedule_dial(i);
                 }
@@ -1744,6 +1803,14 @@ impl Sim {
             self.blob_stores[cas].partials.remove(&sha256);
         }
         Some(BlobDown::Control(conn.intake.on_committed(sha256, result)))
+    }
+
+    /// Agent `i` lost its link: given several addresses, it dials the next, as the leader may
+    /// be gone for good and a standby taking over at another.
+    fn lost_link(&mut self, i: usize) {
+        if self.several() {
+            self.agents[i].dial_next += 1;
+        }
     }
 
     fn schedule_dial(&mut self, i: usize) {
@@ -2150,6 +2217,7 @@ impl Sim {
                     if let Some(core) = self.agents[agent].core.as_mut() {
                         core.disconnected();
                         self.agents[agent].blobs.link_down();
+                        self.lost_link(agent);
                         self.schedule_dial(agent);
                     }
                 }
@@ -2204,7 +2272,7 @@ impl Sim {
             kinds.push("controller clock step");
         }
         if f.failover {
-            kinds.extend(["leader pause", "leader host down", "standby crash"]);
+            kinds.extend(["leader pause", "leader host down", "standby crash", "leader cut off from the store"]);
         }
         if kinds.is_empty() {
             return;
@@ -2277,6 +2345,19 @@ impl Sim {
                 if let Some(c) = self.leader() {
                     let lease_ms = self.scenario.lease_ms;
                     self.end_controller(c, lease_ms..3 * lease_ms);
+                }
+            }
+            "leader cut off from the store" => {
+                // PostgreSQL unreachable from the leader's host alone, for up to three leases:
+                // its agents' links and the standby's connection work on.
+                if let Some(c) = self.leader().filter(|&c| self.controllers[c].store_cut.is_none()) {
+                    let black_hole = self.rng.random_bool(0.5);
+                    let lease_ms = self.scenario.lease_ms;
+                    let lasts = self.rng.random_range(lease_ms / 3..lease_ms * 3);
+                    let node = &mut self.controllers[c];
+                    node.store_cut = Some(black_hole);
+                    let process = node.process;
+                    self.at(lasts, Event::StoreHeal(c, process));
                 }
             }
             "standby crash" => {

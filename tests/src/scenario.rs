@@ -24,8 +24,8 @@ pub struct Faults {
     /// The controller host's wall clock is stepped by minutes, forward and back.
     pub clock_steps: bool,
     /// With several controllers: the leader is paused (SIGSTOP) for up to three leases, also
-    /// mid-commit and between persisting and sending, or its host goes down for longer than a
-    /// lease; a standby crashes. Written off the real PostgreSQL lease and fence.
+    /// mid-commit and between persisting and sending; its host goes down for longer than a
+    /// lease; it alone is cut off from the store for a while; a standby crashes.
     pub failover: bool,
 }
 
@@ -131,7 +131,7 @@ impl Scenario {
     pub fn failover() -> Scenario {
         Scenario {
             agents: 4,
-            jobs: 80,
+            jobs: 60,
             controllers: 2,
             shared_blob_store: false,
             faults: Faults { failover: true, ..Faults::all() },
