@@ -1,5 +1,6 @@
-//! A deterministic simulator of a whole cluster: one controller, many agents,
-//! the network between them, containers and GPUs, all in one thread.
+//! A deterministic simulator of a whole cluster: one controller (or several
+//! over one store), many agents, the network between them, containers and
+//! GPUs, all in one thread.
 //!
 //! It drives the real controller and agent cores and the real SQLite store
 //! (in memory) with a seeded RNG and a virtual clock. Faults are modelled on
@@ -16,6 +17,23 @@
 //! byte may be accepted twice or past a hole, no blob may be committed unless
 //! its accepted bytes are exactly the blob's, and once faults stop every
 //! transfer of a reachable host finishes.
+//!
+//! With several controllers ([`Scenario::controllers`]) they share the store
+//! as on PostgreSQL: a lease row (epoch, holder, expiry on the store's clock)
+//! taken by `ACQUIRE` when free, expired or the taker's own, which bumps the
+//! epoch the core then runs at; every group commit first passes the `FENCE`
+//! (the row still names this process at its epoch; it renews on the way), and
+//! a write that fails it rolls back and the process exits, to come back as a
+//! standby. Leaders renew and standbys retry every third of a lease; agents are
+//! given every address and dial them in turn, refused by standbys, and move on
+//! to the next when a link is lost. A leader may be stopped (SIGSTOP) for up to
+//! three leases, also mid-commit or between persisting and sending: its timers,
+//! its store's answers and what reaches its sockets wait until it runs again.
+//! Or it alone loses the store for a while, its calls refused (the writer
+//! retries, the renewer gives up after a lease) or hanging until it heals. On top of the invariants above: at most
+//! one process commits per epoch, and only the epoch the lease hands out now;
+//! a takeover loads every acknowledged job as last committed; an agent acts on
+//! no order older than an epoch it was already handed.
 
 use cosmos_agent::blobs::machine::{Commit, Event as BlobEvent, Flow, Resolution, Transmit};
 use cosmos_agent::core::{
@@ -45,6 +63,12 @@ const MIB: u64 = 1 << 20;
 const INPUT_BLOBS: usize = 4;
 /// How long one blob chunk occupies a connection (about 250 MB/s).
 const CHUNK_WIRE_MS: u64 = 4;
+/// The agent's pause before dialing the next controller address after one refused or failed.
+const DIAL_NEXT_ADDR_MS: u64 = 100;
+/// How long an agent waits for a controller's handshake before giving the address up.
+const HANDSHAKE_TIMEOUT_MS: u64 = cosmos_proto::handshake::DEFAULT_HANDSHAKE_TIMEOUT_MS;
+/// The store writer's pause before trying a batch again after a retryable error.
+const STORE_RETRY_PAUSE_MS: u64 = cosmos_controller::daemon::STORE_RETRY_PAUSE_MS;
 
 /// How a simulated job's container behaves.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -124,6 +148,8 @@ pub struct Report {
     pub event_kinds: BTreeMap<String, u32>,
     /// Attempts the controller created, over every job.
     pub attempts: usize,
+    /// What the lease did, by kind: `takeover`, `fenced write`, `deposed at renewal`, `stale order refused`.
+    pub failover: BTreeMap<&'static str, u32>,
     /// The first violation, if any.
     pub violation: Option<Violation>,
 }
@@ -136,8 +162,10 @@ enum Dir {
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Event {
-    ControllerTick,
-    ControllerRestart,
+    /// Controller `c`'s core wakes up: (controller, process).
+    ControllerTick(usize, u64),
+    /// Controller `c`'s host starts a process again (systemd).
+    ControllerRestart(usize),
     AgentTick(usize),
     AgentDial(usize),
     AgentRestart(usize),
@@ -149,8 +177,19 @@ enum Event {
     LeakCleared(usize, String, u64),
     HealPartition(usize),
     Fault,
-    /// The store writer made a persist durable: (controller incarnation, ticket).
-    StoreDurable(u64, u64),
+    /// The store writer made a persist durable: (controller, process, ticket).
+    StoreDurable(usize, u64, u64),
+    /// The leader's renewer thread, every third of a lease: (controller, process).
+    LeaseRenew(usize, u64),
+    /// A standby's take loop, every third of a lease: (controller, process).
+    LeaseTry(usize, u64),
+    /// A paused (SIGSTOPped) process is continued: (controller, process).
+    ControllerWake(usize, u64),
+    /// A leader paused between persisting and sending, woken, releases what waited on
+    /// `ticket`: (controller, process, ticket).
+    GateRelease(usize, u64, u64),
+    /// Controller `c` reaches the store again: (controller, process).
+    StoreHeal(usize, u64),
 }
 
 /// What the controller does once the persist it follows is durable.
@@ -214,6 +253,8 @@ impl Channel {
 #[derive(Debug)]
 struct Conn {
     agent: usize,
+    /// Which controller process accepted it.
+    controller: usize,
     open: bool,
     /// The controller's core has been told about it (hello delivered).
     registered: bool,
@@ -264,13 +305,17 @@ struct AgentNode {
     incarnation: u64,
     conn: Option<ConnId>,
     dialing: bool,
+    /// Which of the controller addresses it dials next: kept while it works, moved on when refused.
+    dial_next: usize,
+    /// The highest controller epoch this agent process was handed (Welcome, Reconcile, Assign).
+    epoch_seen: u64,
     containers: BTreeMap<AttemptId, Container>,
     gpus: Vec<FakeGpu>,
     /// Traffic held in each direction while a partition lasts.
     cut_to_controller: bool,
     cut_to_agent: bool,
-    /// Attempts the controller gave up on (persisted lost) and when.
-    fenced: BTreeSet<AttemptId>,
+    /// Attempts the controller gave up on (persisted lost), with the epoch that did.
+    fenced: BTreeMap<AttemptId, u64>,
     /// Fenced attempts whose reconcile has reached this agent.
     reconciled_fenced: BTreeSet<AttemptId>,
     /// The agent process's blob machine; it dies with the process.
@@ -283,6 +328,81 @@ struct AgentNode {
     delivering: BTreeMap<AttemptId, Vec<ArtifactRef>>,
 }
 
+/// One controller host: the process on it, leading, standing by, paused or down, and its clocks.
+struct ControllerNode {
+    /// Its holder name in the lease row: the same across restarts, so a restarted leader
+    /// takes its own unexpired lease back at once, as `ACQUIRE` lets it.
+    name: String,
+    /// A process runs (leading or standing by); false between its exit and systemd's restart.
+    up: bool,
+    /// Which process it is, counted over all controllers: answers meant for a dead one are told apart.
+    process: u64,
+    /// The leader's core; none on a standby or a host that is down.
+    core: Option<Core>,
+    /// The epoch the lease handed this process when it took it.
+    epoch: u64,
+    /// Stopped (SIGSTOP): nothing of the process runs, and what reaches it (its timers, the
+    /// store's answers, messages in its sockets) waits here, in order, until it is continued.
+    paused: bool,
+    held: VecDeque<Event>,
+    /// Cut off from the store (PostgreSQL unreachable from this host alone): whether the
+    /// connections are black-holed (every call hangs until the cut heals) rather than
+    /// refused (calls fail at once, and are retried).
+    store_cut: Option<bool>,
+    /// What hangs on a black-holed store connection: the writer's commit and the renewal.
+    store_held: VecDeque<Event>,
+    /// When the renewer last renewed the lease, as its own clock says.
+    renewed_ms: u64,
+    /// The sends and closes waiting for their persist, as the daemon's actor holds them.
+    gate: Gate<u64, CtlAction>,
+    /// Persists queued for the store writer, not yet durable, by ticket.
+    store_queue: VecDeque<(u64, Vec<StoreOp>)>,
+    /// The last ticket handed out, and the last one durable.
+    store_ticket: u64,
+    store_durable: u64,
+    /// Where the process's monotonic clock starts: arbitrary, new each start.
+    mono_base_ms: u64,
+    /// How far the host's wall clock is from true time (stepped by faults).
+    wall_offset_ms: i64,
+    /// When the core last took in a message from each agent (true time).
+    last_heard_ms: HashMap<String, u64>,
+}
+
+impl ControllerNode {
+    fn new(name: String) -> ControllerNode {
+        ControllerNode {
+            name,
+            up: false,
+            process: 0,
+            core: None,
+            epoch: 0,
+            paused: false,
+            held: VecDeque::new(),
+            store_cut: None,
+            store_held: VecDeque::new(),
+            renewed_ms: 0,
+            gate: Gate::new(),
+            store_queue: VecDeque::new(),
+            store_ticket: 0,
+            store_durable: 0,
+            mono_base_ms: 0,
+            wall_offset_ms: 1_700_000_000_000,
+            last_heard_ms: HashMap::new(),
+        }
+    }
+}
+
+/// The lease row (`cosmos_lease`), on the store's clock, which is true time here.
+#[derive(Debug, Default)]
+struct LeaseRow {
+    /// The last epoch handed out (0: none yet).
+    epoch: u64,
+    /// The controller it names; none before the first take (`holder = ''`).
+    holder: Option<usize>,
+    /// When it runs out unless renewed.
+    expires_ms: u64,
+}
+
 /// One simulated cluster, run from one seed.
 pub struct Sim {
     scenario: Scenario,
@@ -290,8 +410,18 @@ pub struct Sim {
     now_ms: u64,
     seq: u64,
     queue: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    /// The one store every controller writes, and its lease row.
     store: Store,
-    controller: Option<Core>,
+    lease: LeaseRow,
+    controllers: Vec<ControllerNode>,
+    /// Processes started, over every controller.
+    processes: u64,
+    /// Each epoch that committed, with the controller and process that did.
+    epoch_committers: BTreeMap<u64, (usize, u64)>,
+    /// Each job's state as last durably committed: what a takeover must load.
+    durable_jobs: HashMap<JobId, JobState>,
+    /// What the lease did: takeovers, writes fenced, leaders deposed, stale orders agents refused.
+    failover: BTreeMap<&'static str, u32>,
     conns: BTreeMap<ConnId, Conn>,
     next_conn: ConnId,
     agents: Vec<AgentNode>,
@@ -315,29 +445,16 @@ pub struct Sim {
     delivered: HashMap<AttemptId, Vec<ArtifactRef>>,
     /// The workload's input blobs, with their sizes.
     input_blobs: Vec<(Sha256, u64)>,
-    /// Where the controller process's monotonic clock starts: arbitrary, new each start.
-    controller_mono_base_ms: u64,
-    /// How far the controller host's wall clock is from true time (stepped by faults).
-    controller_wall_offset_ms: i64,
     /// Stored event kinds, counted (`agent_lost`, `retrying`, …).
     event_kinds: BTreeMap<String, u32>,
     /// Attempts the controller created.
     attempt_ids: BTreeSet<AttemptId>,
-    /// The controller's blob store: it survives the controller process.
-    blob_store: SimCas,
-    /// When the controller's core last took in a message from each agent (true time).
-    last_heard_ms: HashMap<String, u64>,
-    /// The controller's sends and closes waiting for their persist, as the daemon's actor holds them.
-    gate: Gate<u64, CtlAction>,
-    /// Persists queued for the store writer, not yet durable, by ticket.
-    store_queue: VecDeque<(u64, Vec<StoreOp>)>,
-    /// The last ticket handed out, and the last one durable.
-    store_ticket: u64,
-    store_durable: u64,
-    /// The persist of the initial submission: a client would retry it, which this workload does not model.
-    submission_ticket: Option<u64>,
-    /// Counts controller processes, so a writer's answer to a dead one is told apart.
-    controller_incarnation: u64,
+    /// The controllers' blob stores (one if shared): they survive the controller processes.
+    blob_stores: Vec<SimCas>,
+    /// The persist of the initial submission, (process, ticket): a client would retry it, which this workload does not model.
+    submission_ticket: Option<(u64, u64)>,
+    /// Whether it is durable: before, no pause or exit may hold it back, as no store failure may.
+    submission_acked: bool,
 }
 
 impl Sim {
@@ -381,11 +498,13 @@ impl Sim {
                     incarnation: 0,
                     conn: None,
                     dialing: false,
+                    dial_next: 0,
+                    epoch_seen: 0,
                     containers: BTreeMap::new(),
                     gpus,
                     cut_to_controller: false,
                     cut_to_agent: false,
-                    fenced: BTreeSet::new(),
+                    fenced: BTreeMap::new(),
                     reconciled_fenced: BTreeSet::new(),
                     blobs: Flow::new(),
                     cache: SimCas::default(),
@@ -396,8 +515,14 @@ impl Sim {
             .collect();
         let input_blobs: Vec<(Sha256, u64)> =
             (0..INPUT_BLOBS).map(|n| (Sha256([n as u8 + 1; 32]), rng.random_range(MIB..48 * MIB))).collect();
-        let mut blob_store = SimCas::default();
-        blob_store.blobs.extend(input_blobs.iter().copied());
+        let controllers = scenario.controllers.max(1);
+        let blob_stores = (0..if scenario.shared_blob_store { 1 } else { controllers })
+            .map(|_| {
+                let mut cas = SimCas::default();
+                cas.blobs.extend(input_blobs.iter().copied());
+                cas
+            })
+            .collect();
         let store = Store::open_in_memory().expect("in-memory store opens");
         let mut sim = Sim {
             scenario,
@@ -406,7 +531,12 @@ impl Sim {
             seq: 0,
             queue: BinaryHeap::new(),
             store,
-            controller: None,
+            lease: LeaseRow::default(),
+            controllers: (0..controllers).map(|c| ControllerNode::new(format!("c{c}"))).collect(),
+            processes: 0,
+            epoch_committers: BTreeMap::new(),
+            durable_jobs: HashMap::new(),
+            failover: BTreeMap::new(),
             conns: BTreeMap::new(),
             next_conn: 1,
             agents,
@@ -425,20 +555,16 @@ impl Sim {
             trace_attempts: BTreeSet::new(),
             delivered: HashMap::new(),
             input_blobs,
-            controller_mono_base_ms: 0,
-            controller_wall_offset_ms: 1_700_000_000_000,
             event_kinds: BTreeMap::new(),
             attempt_ids: BTreeSet::new(),
-            blob_store,
-            last_heard_ms: HashMap::new(),
-            gate: Gate::new(),
-            store_queue: VecDeque::new(),
-            store_ticket: 0,
-            store_durable: 0,
+            blob_stores,
             submission_ticket: None,
-            controller_incarnation: 0,
+            submission_acked: false,
         };
-        sim.start_controller();
+        // The first takes the lease; the others find it held and stand by.
+        for c in 0..controllers {
+            sim.start_controller(c);
+        }
         for i in 0..sim.agents.len() {
             sim.start_agent(i);
         }
@@ -469,6 +595,7 @@ impl Sim {
                     (true, None) => all_final_at = Some(at),
                     (true, Some(t)) if at >= t + self.scenario.settle_ms => {
                         self.check_quiescent();
+                        self.check_store_kept_acknowledged();
                         break;
                     }
                     _ => {}
@@ -482,7 +609,7 @@ impl Sim {
                     .take(5)
                     .map(|id| {
                         let state =
-                            self.controller.as_ref().and_then(|c| c.job(*id)).map(|(j, _, _)| format!("{:?}", j.state));
+                            self.leader_core().and_then(|c| c.job(*id)).map(|(j, _, _)| format!("{:?}", j.state));
                         format!("{id} ({})", state.unwrap_or_else(|| "controller down".into()))
                     })
                     .collect();
@@ -509,6 +636,7 @@ impl Sim {
             transfers: self.transfers,
             event_kinds: self.event_kinds,
             attempts: self.attempt_ids.len(),
+            failover: self.failover,
             violation: self.violation,
         }
     }
@@ -533,6 +661,11 @@ impl Sim {
 
     fn faults_on(&self) -> bool {
         self.now_ms < self.scenario.fault_window_ms
+    }
+
+    /// Whether a pause or an exit may catch a commit now: not before the submission is durable.
+    fn failover_faults_on(&self) -> bool {
+        self.scenario.faults.failover && self.faults_on() && self.submission_acked
     }
 
     // ---- set-up ----
@@ -596,8 +729,9 @@ impl Sim {
             specs.push(spec);
         }
         let mut out = Vec::new();
-        let now = self.controller_clock();
-        let Some(core) = self.controller.as_mut() else { return };
+        // The first controller took the lease at the start: the client's submission reaches it.
+        let now = self.controller_clock(0);
+        let Some(core) = self.controllers[0].core.as_mut() else { return };
         let opts = SubmitOptions { inputs_from, ..Default::default() };
         match core.submit_with(now, specs, opts, &mut out).map(|(ids, _)| ids) {
             Ok(ids) => self.submitted = ids,
@@ -606,29 +740,108 @@ impl Sim {
         // The submission is acknowledged once durable: a store failure here would be a 503 the
         // client retries, which this workload does not model, so the first persist always lands.
         self.submission_pending = true;
-        self.controller_outputs(out);
+        self.controller_outputs(0, out);
         self.submission_pending = false;
     }
 
-    /// What the controller process reads on its two clocks now.
-    fn controller_clock(&self) -> Now {
-        Now {
-            mono_ms: self.controller_mono_base_ms + self.now_ms,
-            wall_ms: (self.now_ms as i64 + self.controller_wall_offset_ms) as u64,
+    /// What controller `c`'s process reads on its two clocks now.
+    fn controller_clock(&self, c: usize) -> Now {
+        let node = &self.controllers[c];
+        Now { mono_ms: node.mono_base_ms + self.now_ms, wall_ms: (self.now_ms as i64 + node.wall_offset_ms) as u64 }
+    }
+
+    /// Whether the controllers share a lease (on PostgreSQL); one alone never loses it.
+    fn several(&self) -> bool {
+        self.controllers.len() > 1
+    }
+
+    /// How often a leader renews and a standby retries: every third of a lease.
+    fn lease_period_ms(&self) -> u64 {
+        (self.scenario.lease_ms / 3).max(1)
+    }
+
+    /// The controller the lease names, if its process leads.
+    fn leader(&self) -> Option<usize> {
+        self.lease.holder.filter(|&c| self.controllers[c].core.is_some())
+    }
+
+    fn leader_core(&self) -> Option<&Core> {
+        self.leader().and_then(|c| self.controllers[c].core.as_ref())
+    }
+
+    /// The blob store controller `c` writes.
+    fn cas_of(&self, c: usize) -> usize {
+        if self.blob_stores.len() == 1 { 0 } else { c }
+    }
+
+    /// A controller process starts on host `c`: it tries the lease at once, as `lead_or_wait` does.
+    fn start_controller(&mut self, c: usize) {
+        self.processes += 1;
+        let node = &mut self.controllers[c];
+        node.up = true;
+        node.process = self.processes;
+        node.paused = false;
+        node.held.clear();
+        node.store_cut = None;
+        node.store_held.clear();
+        node.gate = Gate::new();
+        node.store_queue.clear();
+        self.try_lease(c);
+    }
+
+    /// `ACQUIRE`: takes the lease if it is free, expired, or this holder's own, bumping the
+    /// epoch; leads on it, or stands by and tries again a third of a lease later.
+    fn try_lease(&mut self, c: usize) {
+        let lease = &mut self.lease;
+        if lease.holder.is_none_or(|h| h == c) || lease.expires_ms < self.now_ms {
+            if lease.holder.is_some_and(|h| h != c) {
+                *self.failover.entry("takeover").or_insert(0) += 1;
+            }
+            lease.epoch += 1;
+            lease.holder = Some(c);
+            lease.expires_ms = self.now_ms + self.scenario.lease_ms;
+            let epoch = lease.epoch;
+            self.lead(c, epoch);
+        } else {
+            let process = self.controllers[c].process;
+            self.at(self.lease_period_ms(), Event::LeaseTry(c, process));
         }
     }
 
-    fn start_controller(&mut self) {
+    /// Controller `c` took the lease at `epoch`: it loads the state (the restart path) and serves.
+    fn lead(&mut self, c: usize, epoch: u64) {
         let snapshot = self.store.load().expect("store loads");
-        // A new process: its monotonic clock has nothing to do with the last one's.
-        self.controller_mono_base_ms = self.rng.random_range(0..1_000_000_000);
-        let now = self.controller_clock();
-        self.controller = Some(Core::recover(self.scenario.core_config(), snapshot, now));
-        // A new core has heard from no one yet; its grace period starts now.
-        for node in &self.agents {
-            self.last_heard_ms.insert(node.name.clone(), self.now_ms);
+        if snapshot.epoch.0 != epoch {
+            let what = format!(
+                "epochs: the lease handed {} epoch {epoch}, but the store loaded epoch {}",
+                self.controllers[c].name, snapshot.epoch.0
+            );
+            self.fail(what);
         }
-        self.at(TICK_MS, Event::ControllerTick);
+        self.check_takeover_loaded_acknowledged(c, &snapshot);
+        // A new process: its monotonic clock has nothing to do with the last one's.
+        let mono_base_ms = self.rng.random_range(0..1_000_000_000);
+        let node = &mut self.controllers[c];
+        node.epoch = epoch;
+        node.mono_base_ms = mono_base_ms;
+        node.renewed_ms = self.now_ms;
+        let now = self.controller_clock(c);
+        let node = &mut self.controllers[c];
+        node.core = Some(Core::recover(self.scenario.core_config(), snapshot, now));
+        // A new core has heard from no one yet; its grace period starts now.
+        for agent in &self.agents {
+            node.last_heard_ms.insert(agent.name.clone(), self.now_ms);
+        }
+        let process = node.process;
+        self.at(TICK_MS, Event::ControllerTick(c, process));
+        if self.several() {
+            self.at(self.lease_period_ms(), Event::LeaseRenew(c, process));
+        }
+    }
+
+    /// Whether the lease row still names controller `c` at its epoch: the fence.
+    fn holds_lease(&self, c: usize) -> bool {
+        self.lease.holder == Some(c) && self.lease.epoch == self.controllers[c].epoch
     }
 
     fn start_agent(&mut self, i: usize) {
@@ -636,6 +849,9 @@ impl Sim {
         let agent_now = self.agent_clock(i);
         let node = &mut self.agents[i];
         node.incarnation += 1;
+        // A new process starts at the first address, and has seen no epoch yet.
+        node.dial_next = 0;
+        node.epoch_seen = 0;
         // The old process's transfers died with it; what its writers put on disk stays.
         node.blobs = new_flow(&self.scenario);
         node.writers.clear();
@@ -686,11 +902,41 @@ impl Sim {
 
     // ---- the event loop ----
 
-    fn step(&mut self, event: Event) {
+    /// The controller process an event is for, if any: while it is paused, the event waits.
+    fn controller_of(&self, event: &Event) -> Option<usize> {
         match event {
-            Event::ControllerTick => {
-                let now = self.controller_clock();
-                if let Some(core) = self.controller.as_mut() {
+            Event::ControllerTick(c, _)
+            | Event::StoreDurable(c, _, _)
+            | Event::LeaseRenew(c, _)
+            | Event::LeaseTry(c, _)
+            | Event::GateRelease(c, _, _) => Some(*c),
+            Event::Deliver(conn, Dir::ToController, _) | Event::Notice(conn, Dir::ToController) => {
+                self.conns.get(conn).map(|k| k.controller)
+            }
+            _ => None,
+        }
+    }
+
+    fn step(&mut self, event: Event) {
+        if let Some(c) = self.controller_of(&event) {
+            if self.controllers[c].paused {
+                self.controllers[c].held.push_back(event);
+                return;
+            }
+        }
+        if let Event::StoreDurable(c, ..) | Event::LeaseRenew(c, _) = event {
+            if self.controllers[c].store_cut == Some(true) {
+                self.controllers[c].store_held.push_back(event);
+                return;
+            }
+        }
+        match event {
+            Event::ControllerTick(c, process) => {
+                if self.controllers[c].process != process {
+                    return;
+                }
+                let now = self.controller_clock(c);
+                if let Some(core) = self.controllers[c].core.as_mut() {
                     let mut out = Vec::new();
                     let due = core.next_deadline_ms();
                     core.tick(now, &mut out);
@@ -704,12 +950,74 @@ impl Sim {
                         );
                         self.fail(what);
                     }
-                    self.controller_outputs(out);
-                    self.at(TICK_MS, Event::ControllerTick);
+                    self.controller_outputs(c, out);
+                    self.at(TICK_MS, Event::ControllerTick(c, process));
                 }
             }
-            Event::ControllerRestart => self.start_controller(),
-            Event::StoreDurable(incarnation, ticket) => self.store_durable(incarnation, ticket),
+            Event::ControllerRestart(c) => self.start_controller(c),
+            Event::StoreDurable(c, process, ticket) => self.store_durable(c, process, ticket),
+            Event::LeaseRenew(c, process) => {
+                let node = &self.controllers[c];
+                if node.process != process || node.core.is_none() {
+                    return;
+                }
+                // The renewer's `FENCE`: it also says whether another controller took the lease.
+                if node.store_cut.is_some() {
+                    // Refused: retried, until no renewal has succeeded for a whole lease.
+                    if self.now_ms - node.renewed_ms < self.scenario.lease_ms {
+                        self.at(self.lease_period_ms(), Event::LeaseRenew(c, process));
+                    } else {
+                        *self.failover.entry("stopped: no renewal for a lease").or_insert(0) += 1;
+                        self.stop_controller(c);
+                    }
+                } else if self.holds_lease(c) {
+                    self.lease.expires_ms = self.now_ms + self.scenario.lease_ms;
+                    self.controllers[c].renewed_ms = self.now_ms;
+                    self.at(self.lease_period_ms(), Event::LeaseRenew(c, process));
+                } else {
+                    *self.failover.entry("deposed at renewal").or_insert(0) += 1;
+                    self.stop_controller(c);
+                }
+            }
+            Event::LeaseTry(c, process) => {
+                let node = &self.controllers[c];
+                if node.process == process && node.up && node.core.is_none() {
+                    self.try_lease(c);
+                }
+            }
+            Event::ControllerWake(c, process) => {
+                let node = &mut self.controllers[c];
+                if node.process == process && node.paused {
+                    node.paused = false;
+                    // What waited runs now, in the order it came; the renewer is a thread of its
+                    // own, which the scheduler may run a little after the writer and the actor.
+                    let held: Vec<Event> = node.held.drain(..).collect();
+                    for e in held {
+                        let delay = if matches!(e, Event::LeaseRenew(..)) { self.rng.random_range(0..50) } else { 0 };
+                        self.at(delay, e);
+                    }
+                }
+            }
+            Event::StoreHeal(c, process) => {
+                let node = &mut self.controllers[c];
+                if node.process == process && node.store_cut.is_some() {
+                    node.store_cut = None;
+                    // Whatever hung on the connections gets its answer now, in order.
+                    let held: Vec<Event> = node.store_held.drain(..).collect();
+                    for e in held {
+                        self.at(0, e);
+                    }
+                }
+            }
+            Event::GateRelease(c, process, ticket) => {
+                let node = &mut self.controllers[c];
+                if node.process != process || node.core.is_none() {
+                    return;
+                }
+                for action in node.gate.durable(ticket) {
+                    self.controller_act(c, action);
+                }
+            }
             Event::AgentTick(i) => {
                 if self.agents[i].core.is_none() {
                     return;
@@ -793,47 +1101,49 @@ impl Sim {
 
     // ---- controller side ----
 
-    /// Performs the core's outputs as the daemon's actor does: a persist goes
+    /// Performs controller `c`'s core outputs as the daemon's actor does: a persist goes
     /// to the (simulated) store writer and becomes durable a little later;
     /// sends and closes pass the same [`Gate`] the daemon uses.
-    fn controller_outputs(&mut self, out: Vec<CtlOut>) {
+    fn controller_outputs(&mut self, c: usize, out: Vec<CtlOut>) {
         for o in out {
             let action = match o {
                 CtlOut::Persist(ops) => {
                     // Checked when the core decides, not when the persist becomes durable:
                     // the agent may well speak in between.
-                    self.check_lost_decisions(&ops);
-                    self.store_ticket += 1;
-                    let ticket = self.store_ticket;
+                    self.check_lost_decisions(c, &ops);
+                    let node = &mut self.controllers[c];
+                    node.store_ticket += 1;
+                    let (ticket, process) = (node.store_ticket, node.process);
                     if self.submission_pending {
-                        self.submission_ticket = Some(ticket);
+                        self.submission_ticket = Some((process, ticket));
                     }
-                    self.store_queue.push_back((ticket, ops));
-                    self.gate.persisted(ticket);
+                    node.store_queue.push_back((ticket, ops));
+                    node.gate.persisted(ticket);
                     // The writer's fsync, group-committing what queued meanwhile.
                     let fsync_ms = self.rng.random_range(0..4);
-                    self.at(fsync_ms, Event::StoreDurable(self.controller_incarnation, ticket));
+                    self.at(fsync_ms, Event::StoreDurable(c, process, ticket));
                     continue;
                 }
                 CtlOut::Send { conn, msg } => CtlAction::Send(conn, msg),
                 CtlOut::Close { conn } => CtlAction::Close(conn),
             };
-            if let Some(action) = self.gate.admit(action, Some(self.store_durable)) {
-                self.controller_act(action);
+            let node = &mut self.controllers[c];
+            if let Some(action) = node.gate.admit(action, Some(node.store_durable)) {
+                self.controller_act(c, action);
             }
         }
     }
 
     /// Lost means silent for the whole grace period, in true time: a core that
     /// measured on a stepped wall clock would say so early.
-    fn check_lost_decisions(&mut self, ops: &[StoreOp]) {
+    fn check_lost_decisions(&mut self, c: usize, ops: &[StoreOp]) {
         for op in ops {
             let StoreOp::Event(e) = op else { continue };
             if e.kind != "agent_lost" {
                 continue;
             }
             let agent = e.agent.clone().unwrap_or_default();
-            let silent_ms = self.now_ms - self.last_heard_ms.get(&agent).copied().unwrap_or(0);
+            let silent_ms = self.now_ms - self.controllers[c].last_heard_ms.get(&agent).copied().unwrap_or(0);
             if silent_ms < self.scenario.core.lost_after_ms {
                 self.fail(format!(
                     "agent {agent} declared lost after {silent_ms} ms of silence, under lost_after_ms = {}",
@@ -843,47 +1153,131 @@ impl Sim {
         }
     }
 
-    fn controller_act(&mut self, action: CtlAction) {
+    fn controller_act(&mut self, c: usize, action: CtlAction) {
         match action {
-            CtlAction::Send(conn, msg) => self.send(conn, Payload::ToAgent(msg)),
+            CtlAction::Send(conn, msg) => {
+                // A link is its process's own: one the core names that another process accepted is a bug here.
+                debug_assert!(self.conns.get(&conn).is_none_or(|k| k.controller == c));
+                self.send(conn, Payload::ToAgent(msg))
+            }
             CtlAction::Close(conn) => self.break_conn(conn, 1.0),
         }
     }
 
+    /// Whether the store under test skips the fence in its group commits (the teeth test).
+    fn fence_skipped(&self) -> bool {
+        #[cfg(feature = "sabotage")]
+        if self.scenario.skip_fence {
+            return true;
+        }
+        false
+    }
+
     /// The store writer reports `ticket` durable: what queued up to it is
-    /// applied, then what waited on it is released, unless the write fails or
-    /// the process dies between the two.
-    fn store_durable(&mut self, incarnation: u64, ticket: u64) {
-        if incarnation != self.controller_incarnation || self.controller.is_none() {
+    /// applied, each transaction behind the lease's fence, then what waited on
+    /// it is released, unless the write fails, is fenced, or the process dies
+    /// or stops between the two.
+    fn store_durable(&mut self, c: usize, process: u64, ticket: u64) {
+        let node = &self.controllers[c];
+        if node.process != process || node.core.is_none() {
             return;
         }
-        while self.store_queue.front().is_some_and(|(t, _)| *t <= ticket) {
-            let (t, ops) = self.store_queue.pop_front().unwrap();
-            let exempt = self.submission_ticket == Some(t);
-            if !exempt && self.faults_on() && self.scenario.faults.store_failure && self.rng.random_bool(0.0005) {
-                // The transaction rolls back, and the daemon stops before acting on it.
-                *self.faults.entry("store write failure").or_insert(0) += 1;
-                self.crash_controller("a store write failed");
+        if self.failover_faults_on() && self.rng.random_bool(0.002) {
+            // Stopped with this group commit sent and unanswered: the server sees it when the
+            // process runs again (or killed the session meanwhile, and the writer retries it).
+            *self.faults.entry("leader pause mid-commit").or_insert(0) += 1;
+            self.pause_controller(c, Some(Event::StoreDurable(c, process, ticket)));
+            return;
+        }
+        if self.controllers[c].store_cut.is_some() {
+            // Refused: the writer tries the batch again a little later (the fence first).
+            self.at(STORE_RETRY_PAUSE_MS, Event::StoreDurable(c, process, ticket));
+            return;
+        }
+        while self.controllers[c].store_queue.front().is_some_and(|(t, _)| *t <= ticket) {
+            let (t, ops) = self.controllers[c].store_queue.pop_front().unwrap();
+            let exempt = self.submission_ticket == Some((process, t));
+            if !self.holds_lease(c) && !self.fence_skipped() {
+                // `FENCE` matched no row: the transaction rolls back (StoreError::Deposed), the
+                // daemon stops, and systemd starts it again as a standby.
+                *self.failover.entry("fenced write").or_insert(0) += 1;
+                self.stop_controller(c);
                 return;
             }
-            self.observe_persist(&ops);
-            self.store.apply(&ops).expect("store applies");
-            self.store_durable = t;
+            if !exempt && self.faults_on() && self.scenario.faults.store_failure && self.rng.random_bool(0.0005) {
+                // The transaction rolls back, and the daemon stops before acting on it; its
+                // writer sends nothing more.
+                *self.faults.entry("store write failure").or_insert(0) += 1;
+                self.controllers[c].store_queue.clear();
+                self.crash_controller(c, "a store write failed");
+                return;
+            }
+            self.commit(c, t, &ops);
         }
         if self.faults_on() && self.scenario.faults.controller_crash && self.rng.random_bool(0.0005) {
             // Between persisting a decision and sending it.
-            self.crash_controller("after persisting, before sending");
+            self.crash_controller(c, "after persisting, before sending");
             return;
         }
-        for action in self.gate.durable(ticket) {
-            self.controller_act(action);
+        if self.failover_faults_on() && self.rng.random_bool(0.001) {
+            // Stopped between persisting and sending: what waited goes out when it runs again,
+            // at its old epoch, whoever leads by then.
+            *self.faults.entry("leader pause before sending").or_insert(0) += 1;
+            self.pause_controller(c, Some(Event::GateRelease(c, process, ticket)));
+            return;
+        }
+        let node = &mut self.controllers[c];
+        for action in node.gate.durable(ticket) {
+            self.controller_act(c, action);
+        }
+    }
+
+    /// One group-commit transaction of controller `c` commits (its fence already passed, or was skipped).
+    fn commit(&mut self, c: usize, ticket: u64, ops: &[StoreOp]) {
+        let (epoch, process) = (self.controllers[c].epoch, self.controllers[c].process);
+        if self.holds_lease(c) {
+            // The fence renews on the way.
+            self.lease.expires_ms = self.now_ms + self.scenario.lease_ms;
+        }
+        // At most one controller commits per epoch, and only the epoch the lease hands out now:
+        // a deposed leader's write would land on state its successor has already moved on from.
+        let name = self.controllers[c].name.clone();
+        match self.epoch_committers.get(&epoch) {
+            Some(&(other, p)) if (other, p) != (c, process) => {
+                let what = format!(
+                    "epochs: two controller processes committed at epoch {epoch}: {} (process {p}) and {name} (process {process})",
+                    self.controllers[other].name
+                );
+                self.fail(what);
+            }
+            Some(_) => {}
+            None => drop(self.epoch_committers.insert(epoch, (c, process))),
+        }
+        if epoch != self.lease.epoch {
+            let holder = self.lease.holder.map_or("nobody".to_string(), |h| self.controllers[h].name.clone());
+            let what = format!(
+                "epochs: {name} committed at epoch {epoch} after epoch {} was taken (by {holder}): a deposed leader wrote",
+                self.lease.epoch
+            );
+            self.fail(what);
+        }
+        self.observe_persist(epoch, ops);
+        self.store.apply(ops).expect("store applies");
+        for op in ops {
+            if let StoreOp::PutJob(job) = op {
+                self.durable_jobs.insert(job.id, job.state);
+            }
+        }
+        self.controllers[c].store_durable = ticket;
+        if self.submission_ticket == Some((process, ticket)) {
+            self.submission_acked = true;
         }
     }
 
     /// `COSMOS_SIM_DUMP=1`: prints who holds which GPU, as the controller and the
     /// agents see it, when liveness fails (that is how a GPU stuck faulty shows).
     fn dump(&self) {
-        if let Some(c) = &self.controller {
+        if let Some(c) = self.leader_core() {
             for a in c.agents() {
                 eprintln!("controller: {} {:?} connected={} draining={}", a.name, a.health, a.connected, a.draining);
                 for (info, free, healthy, holder) in &a.gpus {
@@ -903,8 +1297,8 @@ impl Sim {
         }
     }
 
-    /// Watches what the controller persists for the properties users rely on.
-    fn observe_persist(&mut self, ops: &[StoreOp]) {
+    /// Watches what the controller persists, at `epoch`, for the properties users rely on.
+    fn observe_persist(&mut self, epoch: u64, ops: &[StoreOp]) {
         for op in ops {
             let about_job = if self.trace_job.is_none() {
                 None
@@ -959,7 +1353,7 @@ impl Sim {
                     }
                     if att.state == AttemptState::Lost {
                         if let Some(i) = self.agents.iter().position(|a| a.name == att.agent) {
-                            self.agents[i].fenced.insert(att.id);
+                            self.agents[i].fenced.entry(att.id).or_insert(epoch);
                         }
                     }
                 }
@@ -987,21 +1381,62 @@ impl Sim {
         }
     }
 
-    fn crash_controller(&mut self, when: &str) {
+    fn crash_controller(&mut self, c: usize, when: &str) {
         *self.faults.entry("controller crash").or_insert(0) += 1;
         let _ = when;
-        self.controller = None;
-        // What was not durable is lost with the process, and what waited on it is never sent.
-        self.controller_incarnation += 1;
-        self.store_queue.clear();
-        self.gate = Gate::new();
-        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
-        for c in conns {
-            // The process died: the kernel resets its sockets, and agents learn at once or late.
-            self.break_conn(c, 0.9);
+        self.end_controller(c, 100..5_000);
+    }
+
+    /// The process lost the lease (a fenced write, a renewal that found another holder): it
+    /// exits non-zero, and systemd starts it again, as a standby.
+    fn stop_controller(&mut self, c: usize) {
+        self.end_controller(c, 100..5_000);
+    }
+
+    /// Controller `c`'s process ends: what was not durable is lost with it, and what waited on
+    /// it is never sent; its host starts another one `down_ms` later.
+    fn end_controller(&mut self, c: usize, down_ms: std::ops::Range<u64>) {
+        let cut = self.controllers[c].store_cut.is_some();
+        if self.failover_faults_on()
+            && !cut
+            && self.controllers[c].store_queue.front().is_some()
+            && self.rng.random_bool(0.5)
+        {
+            // The group commit the writer had sent reached the server: durable, though no one hears so.
+            *self.faults.entry("commit in flight at exit").or_insert(0) += 1;
+            let (t, ops) = self.controllers[c].store_queue.pop_front().expect("looked at above");
+            if self.holds_lease(c) || self.fence_skipped() {
+                self.commit(c, t, &ops);
+            }
         }
-        let down = self.rng.random_range(100..5_000);
-        self.at(down, Event::ControllerRestart);
+        let node = &mut self.controllers[c];
+        node.core = None;
+        node.up = false;
+        node.paused = false;
+        node.held.clear();
+        node.store_cut = None;
+        node.store_held.clear();
+        node.store_queue.clear();
+        node.gate = Gate::new();
+        let conns: Vec<ConnId> = self.conns.iter().filter(|(_, k)| k.controller == c).map(|(&id, _)| id).collect();
+        for conn in conns {
+            // The process died: the kernel resets its sockets, and agents learn at once or late.
+            self.break_conn(conn, 0.9);
+        }
+        let down = self.rng.random_range(down_ms);
+        self.at(down, Event::ControllerRestart(c));
+    }
+
+    /// SIGSTOP: controller `c`'s process stops for a third of a lease up to three leases;
+    /// `waiting` is the first thing it does once continued. Its sockets stay open.
+    fn pause_controller(&mut self, c: usize, waiting: Option<Event>) {
+        let lease_ms = self.scenario.lease_ms;
+        let ms = self.rng.random_range(lease_ms / 3..lease_ms * 3);
+        let node = &mut self.controllers[c];
+        node.paused = true;
+        node.held.extend(waiting);
+        let process = node.process;
+        self.at(ms, Event::ControllerWake(c, process));
     }
 
     // ---- agent side ----
@@ -1022,6 +1457,7 @@ impl Sim {
                     if let Some(conn) = self.agents[i].conn.take() {
                         self.break_conn_one_sided(conn);
                         self.agents[i].blobs.link_down();
+                        self.lost_link(i);
                     }
                     self.schedule_dial(i);
                 }
@@ -1149,7 +1585,7 @@ impl Sim {
                     .iter()
                     .find(|b| b.0 == sha256)
                     .map(|b| b.1)
-                    .or_else(|| self.blob_store.blobs.get(&sha256).copied())
+                    .or_else(|| self.blob_stores.iter().find_map(|cas| cas.blobs.get(&sha256).copied()))
                     .unwrap_or(0);
                 let (len, good) = node.cache.partials.get(&sha256).copied().unwrap_or((0, true));
                 if len != size || !good {
@@ -1190,7 +1626,10 @@ impl Sim {
             }
             BlobEvent::Delivered { attempt_id } => {
                 let outputs = self.agents[i].delivering.remove(&attempt_id).unwrap_or_default();
-                if let Some(o) = outputs.iter().find(|o| self.blob_store.blobs.get(&o.sha256) != Some(&o.size_bytes)) {
+                // The controller that said so is the one at the other end of the link.
+                let cas = self.agents[i].conn.and_then(|k| self.conns.get(&k)).map_or(0, |k| self.cas_of(k.controller));
+                let store = &self.blob_stores[cas];
+                if let Some(o) = outputs.iter().find(|o| store.blobs.get(&o.sha256) != Some(&o.size_bytes)) {
                     let what = format!(
                         "outputs: {attempt_id} was told {} is delivered, but the controller does not hold it",
                         o.path
@@ -1260,16 +1699,18 @@ impl Sim {
 
     /// An agent's blob frame reaches the controller: its blob task answers from the fake store.
     fn controller_blob(&mut self, conn_id: ConnId, blob: BlobUp) {
-        if self.controller.is_none() {
+        let Some(c) = self.conns.get(&conn_id).map(|k| k.controller) else { return };
+        if self.controllers[c].core.is_none() {
             return;
         }
+        let cas = self.cas_of(c);
         let reply = match blob {
             BlobUp::Request { sha256, offset, len_bytes } => {
                 match cosmos_controller::blobs::machine::serve(
                     sha256,
                     offset,
                     len_bytes,
-                    self.blob_store.blobs.get(&sha256).copied(),
+                    self.blob_stores[cas].blobs.get(&sha256).copied(),
                 ) {
                     Serve::Reply(blob) => Some(BlobDown::Control(blob)),
                     Serve::Read { .. }
@@ -1286,17 +1727,17 @@ impl Sim {
                 }
             }
             BlobUp::Offer { sha256, size_bytes } => {
-                let stored = self.blob_store.blobs.get(&sha256).copied();
-                let partial = self.blob_store.partial_len(&sha256);
+                let stored = self.blob_stores[cas].blobs.get(&sha256).copied();
+                let partial = self.blob_stores[cas].partial_len(&sha256);
                 let Some(conn) = self.conns.get_mut(&conn_id) else { return };
                 match conn.intake.on_offer(sha256, size_bytes, stored, partial) {
                     OfferAction::Reply(blob) => Some(BlobDown::Control(blob)),
                     OfferAction::DiscardThenReply(blob) => {
-                        self.blob_store.partials.remove(&sha256);
+                        self.blob_stores[cas].partials.remove(&sha256);
                         Some(BlobDown::Control(blob))
                     }
                     OfferAction::StoreEmpty => {
-                        self.blob_store.blobs.insert(sha256, 0);
+                        self.blob_stores[cas].blobs.insert(sha256, 0);
                         Some(BlobDown::Control(conn.intake.on_committed(sha256, Ok(()))))
                     }
                     OfferAction::Commit => self.controller_commit(conn_id, sha256, size_bytes),
@@ -1309,7 +1750,7 @@ impl Sim {
                     ChunkAction::Reply(blob) => Some(BlobDown::Control(blob)),
                     ChunkAction::Ignore => None,
                     ChunkAction::Append => {
-                        let (len, good) = self.blob_store.partials.entry(sha256).or_insert((0, true));
+                        let (len, good) = self.blob_stores[cas].partials.entry(sha256).or_insert((0, true));
                         if offset != *len {
                             let what = format!(
                                 "blob bytes: the controller was told to append {sha256} bytes at {offset}, but its partial file holds {len} (accepted twice, or past a hole)"
@@ -1339,7 +1780,8 @@ impl Sim {
 
     /// Verifies and installs a complete upload in the controller's fake store.
     fn controller_commit(&mut self, conn_id: ConnId, sha256: Sha256, size_bytes: u64) -> Option<BlobDown> {
-        let (len, good) = self.blob_store.partials.get(&sha256).copied().unwrap_or((0, true));
+        let cas = self.cas_of(self.conns.get(&conn_id)?.controller);
+        let (len, good) = self.blob_stores[cas].partials.get(&sha256).copied().unwrap_or((0, true));
         if len != size_bytes || !good {
             let what = format!(
                 "blob digest: the controller committed upload {sha256} with bytes that are not the blob's ({len} of {size_bytes} bytes, in place: {good})"
@@ -1352,15 +1794,23 @@ impl Sim {
             *self.faults.entry("blob store full").or_insert(0) += 1;
             Err(("simulated: the controller's blob store is full".to_string(), cosmos_proto::Retry::Terminal))
         } else {
-            self.blob_store.partials.remove(&sha256);
-            self.blob_store.blobs.insert(sha256, size_bytes);
+            self.blob_stores[cas].partials.remove(&sha256);
+            self.blob_stores[cas].blobs.insert(sha256, size_bytes);
             Ok(())
         };
         let conn = self.conns.get_mut(&conn_id)?;
         if result.is_err() && conn.intake.commit_on_offer(&sha256) {
-            self.blob_store.partials.remove(&sha256);
+            self.blob_stores[cas].partials.remove(&sha256);
         }
         Some(BlobDown::Control(conn.intake.on_committed(sha256, result)))
+    }
+
+    /// Agent `i` lost its link: given several addresses, it dials the next, as the leader may
+    /// be gone for good and a standby taking over at another.
+    fn lost_link(&mut self, i: usize) {
+        if self.several() {
+            self.agents[i].dial_next += 1;
+        }
     }
 
     fn schedule_dial(&mut self, i: usize) {
@@ -1376,9 +1826,32 @@ impl Sim {
         if self.agents[i].core.is_none() || self.agents[i].conn.is_some() {
             return;
         }
-        let reachable = self.controller.is_some() && !self.agents[i].cut_to_controller && !self.agents[i].cut_to_agent;
-        if !reachable {
-            self.schedule_dial(i);
+        let n = self.controllers.len();
+        let c = self.agents[i].dial_next % n;
+        let cut = self.agents[i].cut_to_controller || self.agents[i].cut_to_agent;
+        let target = &self.controllers[c];
+        if cut || target.core.is_none() || target.paused {
+            // A stopped process's kernel still accepts the connection, but no handshake comes
+            // back; a standby refuses it (`not the leader; try …`) after a round trip; a host
+            // whose process is down resets it.
+            let wait_ms = if target.paused && !cut {
+                HANDSHAKE_TIMEOUT_MS
+            } else if n > 1 && target.up {
+                *self.failover.entry("dial refused by a standby").or_insert(0) += 1;
+                self.latency()
+            } else {
+                0
+            };
+            if n == 1 && wait_ms == 0 {
+                self.schedule_dial(i);
+                return;
+            }
+            // On to the next address at once; the backoff only after every address failed.
+            let node = &mut self.agents[i];
+            node.dial_next += 1;
+            node.dialing = true;
+            let delay = if node.dial_next % n != 0 { DIAL_NEXT_ADDR_MS } else { self.rng.random_range(100..2_000) };
+            self.at(wait_ms + delay, Event::AgentDial(i));
             return;
         }
         let id = self.next_conn;
@@ -1387,6 +1860,7 @@ impl Sim {
             id,
             Conn {
                 agent: i,
+                controller: c,
                 open: true,
                 registered: false,
                 to_controller: Channel::new(),
@@ -1610,23 +2084,26 @@ impl Sim {
         }
         match payload {
             Payload::ToController(msg) => {
-                let now = self.controller_clock();
-                let Some(core) = self.controller.as_mut() else { return };
+                let c = self.conns[&conn_id].controller;
+                let now = self.controller_clock(c);
+                let cas = &self.blob_stores[if self.blob_stores.len() == 1 { 0 } else { c }];
+                let node = &mut self.controllers[c];
+                let Some(core) = node.core.as_mut() else { return };
                 let mut out = Vec::new();
                 let name = self.agents[agent].name.clone();
                 if let AgentMsg::Hello(hello) = msg {
                     self.conns.get_mut(&conn_id).unwrap().registered = true;
-                    let held = held_of(&self.blob_store, HeldBlobs::wanted_in_hello(&hello));
-                    self.last_heard_ms.insert(name.clone(), self.now_ms);
+                    let held = held_of(cas, HeldBlobs::wanted_in_hello(&hello));
+                    node.last_heard_ms.insert(name.clone(), self.now_ms);
                     core.on_connect(now, conn_id, &name, hello, &held, &mut out);
                 } else if registered {
-                    let held = held_of(&self.blob_store, HeldBlobs::wanted(&msg));
+                    let held = held_of(cas, HeldBlobs::wanted(&msg));
                     if core.agent_of_conn(conn_id).is_some() {
-                        self.last_heard_ms.insert(name, self.now_ms);
+                        node.last_heard_ms.insert(name, self.now_ms);
                     }
                     core.on_message(now, conn_id, msg, &held, &mut out);
                 }
-                self.controller_outputs(out);
+                self.controller_outputs(c, out);
             }
             Payload::BlobToController(blob) => self.controller_blob(conn_id, blob),
             Payload::BlobToAgent(blob) => {
@@ -1639,14 +2116,50 @@ impl Sim {
                     return; // The agent abandoned this connection.
                 }
                 let reconcile = matches!(msg, ControllerMsg::Reconcile { .. });
+                let (epoch, assigned) = match &msg {
+                    ControllerMsg::Welcome { epoch, .. } | ControllerMsg::Reconcile { epoch, .. } => {
+                        (Some(epoch.0), None)
+                    }
+                    ControllerMsg::Assign(a) => (Some(a.epoch.0), Some(a.attempt_id)),
+                    _ => (None, None),
+                };
+                let seen = self.agents[agent].epoch_seen;
+                let stale = (reconcile || assigned.is_some()) && epoch.is_some_and(|e| e < seen);
                 let mut out = Vec::new();
                 let now = self.agent_clock(agent);
                 let Some(core) = self.agents[agent].core.as_mut() else { return };
                 core.on_message(now, msg, &mut out);
+                if stale {
+                    // An order from an older epoch than one this agent process was already handed
+                    // (a deposed leader's): agents fence on the epoch, so it must change nothing.
+                    let acted = out.iter().any(|o| match o {
+                        AgentOut::Start { attempt_id, .. } | AgentOut::Stage { attempt_id, .. } => {
+                            Some(*attempt_id) == assigned
+                        }
+                        AgentOut::Stop { .. } => reconcile,
+                        _ => false,
+                    });
+                    if acted {
+                        let what = format!(
+                            "agent fencing: {} acted on a {} from epoch {} after it was handed epoch {seen}",
+                            self.agents[agent].name,
+                            if reconcile { "reconcile" } else { "assign" },
+                            epoch.unwrap_or(0)
+                        );
+                        self.fail(what);
+                    }
+                    *self.failover.entry("stale order refused").or_insert(0) += 1;
+                } else if let Some(e) = epoch {
+                    self.agents[agent].epoch_seen = seen.max(e);
+                }
                 self.agent_outputs(agent, out);
-                if reconcile {
+                if reconcile && !stale {
+                    // What its sender knew: a reconcile of an older epoch, released late by a
+                    // leader that was stopped, knows nothing of what its successor gave up.
                     let node = &mut self.agents[agent];
-                    let fenced: Vec<AttemptId> = node.fenced.iter().copied().collect();
+                    let upto = epoch.unwrap_or(0);
+                    let fenced: Vec<AttemptId> =
+                        node.fenced.iter().filter(|&(_, &e)| e <= upto).map(|(&a, _)| a).collect();
                     node.reconciled_fenced.extend(fenced);
                 }
             }
@@ -1689,11 +2202,12 @@ impl Sim {
         match dir {
             Dir::ToController => {
                 if registered {
-                    let now = self.controller_clock();
-                    if let Some(core) = self.controller.as_mut() {
+                    let c = conn.controller;
+                    let now = self.controller_clock(c);
+                    if let Some(core) = self.controllers[c].core.as_mut() {
                         let mut out = Vec::new();
                         core.on_disconnect(now, conn_id, &mut out);
-                        self.controller_outputs(out);
+                        self.controller_outputs(c, out);
                     }
                 }
             }
@@ -1703,6 +2217,7 @@ impl Sim {
                     if let Some(core) = self.agents[agent].core.as_mut() {
                         core.disconnected();
                         self.agents[agent].blobs.link_down();
+                        self.lost_link(agent);
                         self.schedule_dial(agent);
                     }
                 }
@@ -1756,6 +2271,9 @@ impl Sim {
         if f.clock_steps {
             kinds.push("controller clock step");
         }
+        if f.failover {
+            kinds.extend(["leader pause", "leader host down", "standby crash", "leader cut off from the store"]);
+        }
         if kinds.is_empty() {
             return;
         }
@@ -1802,16 +2320,50 @@ impl Sim {
                 self.at(down, Event::AgentRestart(i));
             }
             "controller crash" => {
-                if self.controller.is_some() {
-                    self.crash_controller("at an arbitrary point");
+                // The leader, paused or not (kill -9 ends a stopped process too).
+                if let Some(c) = self.controllers.iter().position(|n| n.core.is_some()) {
+                    let c = self.leader().unwrap_or(c);
+                    self.crash_controller(c, "at an arbitrary point");
                 }
             }
             "controller clock step" => {
                 // NTP stepping a drifted clock, a VM resumed: minutes either way,
                 // which no deadline of the core may notice.
+                let c = if self.several() { self.rng.random_range(0..self.controllers.len()) } else { 0 };
                 let minutes = self.rng.random_range(1..=30i64);
                 let sign = if self.rng.random_bool(0.5) { 1 } else { -1 };
-                self.controller_wall_offset_ms += sign * minutes * 60_000;
+                self.controllers[c].wall_offset_ms += sign * minutes * 60_000;
+            }
+            "leader pause" => {
+                // SIGSTOP, a long GC pause, a frozen VM: some shorter than the lease, most longer.
+                if let Some(c) = self.leader().filter(|&c| !self.controllers[c].paused) {
+                    self.pause_controller(c, None);
+                }
+            }
+            "leader host down" => {
+                // Down for one to three leases: long enough that a standby takes over.
+                if let Some(c) = self.leader() {
+                    let lease_ms = self.scenario.lease_ms;
+                    self.end_controller(c, lease_ms..3 * lease_ms);
+                }
+            }
+            "leader cut off from the store" => {
+                // PostgreSQL unreachable from the leader's host alone, for up to three leases:
+                // its agents' links and the standby's connection work on.
+                if let Some(c) = self.leader().filter(|&c| self.controllers[c].store_cut.is_none()) {
+                    let black_hole = self.rng.random_bool(0.5);
+                    let lease_ms = self.scenario.lease_ms;
+                    let lasts = self.rng.random_range(lease_ms / 3..lease_ms * 3);
+                    let node = &mut self.controllers[c];
+                    node.store_cut = Some(black_hole);
+                    let process = node.process;
+                    self.at(lasts, Event::StoreHeal(c, process));
+                }
+            }
+            "standby crash" => {
+                if let Some(c) = self.controllers.iter().position(|n| n.up && n.core.is_none()) {
+                    self.crash_controller(c, "standing by");
+                }
             }
             "foreign VRAM" => {
                 let g = self.rng.random_range(0..self.agents[i].gpus.len());
@@ -1833,13 +2385,14 @@ impl Sim {
     // ---- checks ----
 
     fn check_invariants(&mut self) {
-        if let Some(core) = &self.controller {
+        for node in &self.controllers {
+            let Some(core) = &node.core else { continue };
             if let Err(e) = core.check_invariants() {
-                return self.fail(format!("controller core: {e}"));
+                return self.fail(format!("controller core ({}): {e}", node.name));
             }
             for id in &self.submitted {
                 if core.job(*id).is_none() {
-                    return self.fail(format!("job {id} was lost: the controller no longer knows it"));
+                    return self.fail(format!("job {id} was lost: controller {} no longer knows it", node.name));
                 }
             }
         }
@@ -1882,10 +2435,47 @@ impl Sim {
         }
     }
 
+    /// Nothing acknowledged is lost across a takeover: what controller `c` loads holds every
+    /// submitted job, each in the state last durably committed (no final job going back).
+    fn check_takeover_loaded_acknowledged(&mut self, c: usize, snapshot: &cosmos_controller::records::Snapshot) {
+        let loaded: HashMap<JobId, JobState> = snapshot.jobs.iter().map(|j| (j.id, j.state)).collect();
+        let name = &self.controllers[c].name;
+        let epoch = snapshot.epoch.0;
+        let what = if let Some(id) = self.submitted.iter().find(|id| !loaded.contains_key(id)) {
+            Some(format!(
+                "acknowledged: {name} took over at epoch {epoch} and loaded no job {id}, though its submission was acknowledged"
+            ))
+        } else {
+            self.durable_jobs.iter().find(|&(id, s)| loaded.get(id) != Some(s)).map(|(id, s)| {
+                format!(
+                    "acknowledged: job {id} was committed as {s:?}, but {name} took over at epoch {epoch} and loaded {:?}",
+                    loaded.get(id)
+                )
+            })
+        };
+        if let Some(what) = what {
+            self.fail(what);
+        }
+    }
+
+    /// At the end, the store still holds every submitted job, each as last committed.
+    fn check_store_kept_acknowledged(&mut self) {
+        for &id in &self.submitted {
+            let stored = self.store.job(id).expect("store reads").map(|j| j.state);
+            if stored.is_none() || stored != self.durable_jobs.get(&id).copied() {
+                let what = format!(
+                    "acknowledged: at the end the store holds job {id} as {stored:?}, but it was last committed as {:?}",
+                    self.durable_jobs.get(&id)
+                );
+                return self.fail(what);
+            }
+        }
+    }
+
     /// After every job ended and things settled: nothing left running, no transfer left unfinished,
     /// and each job that took another's output ran on it, or, if that one did not succeed, did not run.
     fn check_quiescent(&mut self) {
-        if let Some(core) = &self.controller {
+        if let Some(core) = self.leader_core() {
             for &(i, j) in &self.takes {
                 let (Some((rec, _, _)), Some((dep, _, _))) = (core.job(self.submitted[i]), core.job(self.submitted[j]))
                 else {

@@ -23,6 +23,10 @@ pub struct Faults {
     pub store_failure: bool,
     /// The controller host's wall clock is stepped by minutes, forward and back.
     pub clock_steps: bool,
+    /// With several controllers: the leader is paused (SIGSTOP) for up to three leases, also
+    /// mid-commit and between persisting and sending; its host goes down for longer than a
+    /// lease; it alone is cut off from the store for a while; a standby crashes.
+    pub failover: bool,
 }
 
 impl Faults {
@@ -37,6 +41,7 @@ impl Faults {
             transfers: true,
             store_failure: true,
             clock_steps: true,
+            failover: false,
         }
     }
 
@@ -50,6 +55,7 @@ impl Faults {
             || self.transfers
             || self.store_failure
             || self.clock_steps
+            || self.failover
     }
 }
 
@@ -74,12 +80,24 @@ pub struct Scenario {
     pub settle_ms: u64,
     /// The controller's tunables (shorter than production, to keep runs short).
     pub core: CoreConfig,
+    /// Controller processes over the one store, each on its own host; with more than one they
+    /// share a lease, as on PostgreSQL, and agents are given every address.
+    pub controllers: usize,
+    /// How long the lease lasts after each renewal (`--lease-ms`); leaders renew and standbys
+    /// retry every third of it.
+    pub lease_ms: u64,
+    /// Whether the controllers share one blob store (`blobs/` on shared storage); otherwise
+    /// each has its own, and outputs delivered to one are not on the other after a failover.
+    pub shared_blob_store: bool,
     /// A deliberately broken agent blob machine, for the teeth tests.
     #[cfg(feature = "sabotage")]
     pub blob_sabotage: cosmos_agent::blobs::machine::Sabotage,
     /// A deliberately broken agent core, for the teeth tests.
     #[cfg(feature = "sabotage")]
     pub agent_sabotage: cosmos_agent::core::Sabotage,
+    /// A store whose group commits skip the lease fence (the renewer still checks it), for the teeth tests.
+    #[cfg(feature = "sabotage")]
+    pub skip_fence: bool,
 }
 
 impl Scenario {
@@ -95,10 +113,29 @@ impl Scenario {
             liveness_bound_ms: 600_000,
             settle_ms: 60_000,
             core: CoreConfig { lost_after_ms: 10_000, ..CoreConfig::default() },
+            controllers: 1,
+            lease_ms: 3_000,
+            shared_blob_store: true,
             #[cfg(feature = "sabotage")]
             blob_sabotage: Default::default(),
             #[cfg(feature = "sabotage")]
             agent_sabotage: Default::default(),
+            #[cfg(feature = "sabotage")]
+            skip_fence: false,
+        }
+    }
+
+    /// Two controllers over one store with a lease, under every fault kind plus pauses past
+    /// the lease and failover at arbitrary points; each controller keeps its own blob store.
+    /// Smaller than [`Scenario::ci`], so that CI's 1,000 seeds of it stay near a minute.
+    pub fn failover() -> Scenario {
+        Scenario {
+            agents: 4,
+            jobs: 60,
+            controllers: 2,
+            shared_blob_store: false,
+            faults: Faults { failover: true, ..Faults::all() },
+            ..Scenario::ci()
         }
     }
 
