@@ -148,6 +148,17 @@ pub enum StoreError {
          retried; otherwise fix what PostgreSQL says (permissions, disk, the --store URL) and restart the controller"
     )]
     Postgres(#[from] tokio_postgres::Error),
+    /// PostgreSQL did not answer within the bound (a frozen server, or a link that drops packets).
+    #[error(
+        "the controller's PostgreSQL database did not answer {what} within {after_ms} ms; it is retried, \
+         and a leader that cannot renew its lease for a whole lease stops"
+    )]
+    Timeout {
+        /// What went unanswered.
+        what: &'static str,
+        /// How long it was given.
+        after_ms: u64,
+    },
     /// Another controller took the lease: this one's epoch is over and it must not write again.
     #[error(
         "this controller ({holder}, epoch {epoch}) is no longer the leader: the lease row now names {now}. \
@@ -200,7 +211,7 @@ impl cosmos_proto::Classify for StoreError {
             }
             StoreError::Postgres(e) => postgres::retryable(e),
             // A standby retries until the lease is free.
-            StoreError::NotLeader(_) => true,
+            StoreError::NotLeader(_) | StoreError::Timeout { .. } => true,
             StoreError::Deposed { .. } | StoreError::NoLease | StoreError::ReadOnly | StoreError::Url(_) => false,
             StoreError::Corrupt { .. }
             | StoreError::NoWal { .. }

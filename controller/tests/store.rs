@@ -661,3 +661,36 @@ fn pruned_jobs_leave_with_their_attempts_and_events_and_their_ids_stay_taken(kin
     assert!(snap.jobs.is_empty());
     assert_eq!((snap.max_job_id, snap.max_attempt_id), (Some(JobId(2)), Some(AttemptId(5))));
 }
+
+#[test]
+fn postgres_a_renewal_the_server_does_not_answer_is_bounded_and_retryable() {
+    let pg = Postgres::start();
+    let lease_ms = 3_000;
+    let mut a = Store::open_postgres(&pg.url(), short_lease("a", lease_ms)).unwrap();
+    let epoch = a.load().unwrap().epoch;
+    let mut renewer = Store::open_postgres(&pg.url(), short_lease("a", lease_ms)).unwrap();
+    renewer.hold_epoch(epoch);
+    renewer.renew().unwrap();
+    // The server processes that serve this controller stop answering (as a frozen server does);
+    // the kernel still acknowledges what is sent, so only a bound on the call can notice.
+    let backends: Vec<i32> = pg
+        .psql("SELECT pid FROM pg_stat_activity WHERE application_name = 'cosmos-controller'")
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    assert!(!backends.is_empty(), "the controller's connections are listed");
+    let signal = |sig| {
+        for &pid in &backends {
+            // SAFETY: kill(2) on the test server's own backends.
+            unsafe { libc::kill(pid, sig) };
+        }
+    };
+    signal(libc::SIGSTOP);
+    let err = renewer.renew().unwrap_err();
+    signal(libc::SIGCONT);
+    // A third of the lease: the renewer tries again within the lease, and stops the controller after it.
+    assert!(matches!(err, StoreError::Timeout { after_ms: 1_000, .. }), "{err:?}");
+    assert!(err.is_retryable(), "{err}");
+    // Answered again, the same connection renews.
+    renewer.renew().unwrap();
+}

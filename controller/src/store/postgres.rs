@@ -35,6 +35,10 @@ use tokio_postgres::{Client, Config, NoTls, Statement};
 pub const LEASE_MS_DEFAULT: u64 = 10_000;
 /// Bound on connecting to the server.
 pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// Bound on data a reader's connection leaves unacknowledged before it is closed (`TCP_USER_TIMEOUT`):
+/// a link that drops packets fails the call instead of hanging until the kernel gives up (minutes).
+/// A writer's bound is its lease.
+pub const READER_TCP_USER_TIMEOUT_MS: u64 = 30_000;
 /// Idle time after which TCP keepalives probe the server, so a vanished server is noticed.
 pub const KEEPALIVE_IDLE_MS: u64 = 10_000;
 /// Floor of the writer's `idle_in_transaction_session_timeout` (otherwise one lease).
@@ -274,8 +278,10 @@ impl PgStore {
     /// Connects and migrates; a writer when given its `lease`, else a reader.
     pub fn open(url: &str, lease: Option<Lease>) -> Result<PgStore> {
         let mut config = parse_config(url)?;
+        let tcp_user_timeout_ms = lease.as_ref().map_or(READER_TCP_USER_TIMEOUT_MS, |l| l.lease_ms.max(1_000));
         config
             .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
+            .tcp_user_timeout(Duration::from_millis(tcp_user_timeout_ms))
             .keepalives(true)
             .keepalives_idle(Duration::from_millis(KEEPALIVE_IDLE_MS))
             .application_name(if lease.is_some() { "cosmos-controller" } else { "cosmos-controller-reader" });
@@ -506,6 +512,9 @@ impl PgStore {
     }
 
     /// Extends this writer's lease; [`StoreError::Deposed`] once another controller took it.
+    /// Bounded by a third of the lease ([`StoreError::Timeout`], retryable): a server that
+    /// stopped answering (frozen, or behind a link that drops packets) must not hold the
+    /// renewer past the lease, or a deposed leader would go on serving its API.
     pub fn renew(&mut self) -> Result<()> {
         let (lease_ms, holder, epoch) = match &self.role {
             Role::Reader => return Err(StoreError::ReadOnly),
@@ -515,8 +524,18 @@ impl PgStore {
         self.ensure_connected()?;
         let fence = self.statement(FENCE)?;
         let epoch_i = big(epoch, || "the epoch".to_string())?;
-        let rows = self.rt().block_on(self.client.borrow().query(&fence, &[&epoch_i, &holder, &lease_ms]))?;
-        if rows.is_empty() { Err(self.deposed(epoch, holder)) } else { Ok(()) }
+        let bound_ms = (lease_ms as u64 / 3).max(1);
+        // The timer is made inside the runtime: it needs its clock.
+        let client = self.client.borrow();
+        let answer = self.rt().block_on(async {
+            tokio::time::timeout(Duration::from_millis(bound_ms), client.query(&fence, &[&epoch_i, &holder, &lease_ms]))
+                .await
+        });
+        drop(client);
+        let Ok(rows) = answer else {
+            return Err(StoreError::Timeout { what: "a lease renewal", after_ms: bound_ms });
+        };
+        if rows?.is_empty() { Err(self.deposed(epoch, holder)) } else { Ok(()) }
     }
 
     /// This store's identity: random, made at first use and kept.
