@@ -684,6 +684,9 @@ impl Shell {
         let mut watchdog_timer = tokio::time::interval(crate::service::ping_interval());
         let mut sweep_timer = tokio::time::interval(Duration::from_millis(crate::retention::SWEEP_INTERVAL_MS));
         let mut last_status = None;
+        // When the GPU monitor last delivered a sample, and how long it may go without one.
+        let mut last_sample = Instant::now();
+        let stall_ms = crate::gpu::monitor::stall_bound_ms(self.opts.nvml.sample_interval_ms);
         crate::service::ready(&self.service_status());
         loop {
             let mut out = Vec::new();
@@ -697,7 +700,16 @@ impl Shell {
                 biased;
                 () = &mut shutdown => break,
                 // Second, so a busy loop (a job logging without pause) cannot starve the pings.
-                _ = watchdog_timer.tick() => crate::service::alive(&self.service_status(), &mut last_status),
+                _ = watchdog_timer.tick() => {
+                    let silent_ms = last_sample.elapsed().as_millis() as u64;
+                    if monitor.is_some() && silent_ms > stall_ms {
+                        return Err(AgentError::MonitorStopped(format!(
+                            "no GPU sample for {silent_ms} ms (bound {stall_ms} ms): NVML calls are not returning, \
+                             as with a wedged driver; check `nvidia-smi` and the kernel log"
+                        )));
+                    }
+                    crate::service::alive(&self.service_status(), &mut last_status)
+                }
                 () = async { tokio::time::sleep_until(wake.expect("guarded")).await }, if wake.is_some() => {
                     let now = self.now_ms();
                     self.core.tick(now, &mut out);
@@ -813,6 +825,7 @@ impl Shell {
                     let now = self.now_ms();
                     match report {
                         Some(crate::gpu::monitor::Report::Samples(samples)) => {
+                            last_sample = Instant::now();
                             let owners = &self.owners;
                             let readings: Vec<_> = samples
                                 .iter()

@@ -19,7 +19,7 @@
 //! Scenario (every field optional unless said):
 //! ```json
 //! { "driver_version": "550.54.15", "nvml_version": "12.550.54.15",
-//!   "init_error": 9,
+//!   "init_error": 9, "hang_ms": 0,
 //!   "gpus": [ { "uuid": "GPU-…", "name": "…", "total_bytes": 85899345920,
 //!               "reserved_bytes": 0, "unlisted_bytes": 0, "mig": false,
 //!               "lost": false, "unsupported": ["utilization", "temperature", "power", "events", "mig"],
@@ -30,7 +30,9 @@
 //! `used` is the listed processes' bytes plus `unlisted_bytes` (memory held
 //! with no process listed); `free` is `total - reserved - used`, as NVML's v2
 //! memory info counts them. A process's `bytes: null` is NVML's
-//! `NVML_VALUE_NOT_AVAILABLE`.
+//! `NVML_VALUE_NOT_AVAILABLE`. `hang_ms` makes every call about a GPU block
+//! that long before it answers, as calls into a wedged driver do (a GPU fallen
+//! off the bus can hold `nvmlDeviceGet…` for minutes).
 #![allow(non_snake_case, clippy::missing_safety_doc)]
 
 use serde::Deserialize;
@@ -128,6 +130,8 @@ pub struct Scenario {
     pub nvml_version: Option<String>,
     /// `nvmlInit_v2` fails with this code.
     pub init_error: Option<u32>,
+    /// Every call about a GPU blocks this long first (a wedged driver).
+    pub hang_ms: u64,
     /// The GPUs, by index.
     pub gpus: Vec<Gpu>,
 }
@@ -207,7 +211,7 @@ struct State {
 static STATE: Mutex<State> = Mutex::new(State {
     initialized: 0,
     path: None,
-    scenario: Scenario { driver_version: None, nvml_version: None, init_error: None, gpus: Vec::new() },
+    scenario: Scenario { driver_version: None, nvml_version: None, init_error: None, hang_ms: 0, gpus: Vec::new() },
     file_key: None,
     last_check: None,
     calls: BTreeMap::new(),
@@ -272,6 +276,14 @@ fn index_of(device: *mut c_void) -> usize {
 /// Runs `f` on the device's GPU, answering `GPU_IS_LOST` for a lost one and
 /// `NOT_SUPPORTED` when `metric` is listed as unsupported.
 fn with_gpu(name: &'static str, device: *mut c_void, metric: Option<&str>, f: impl FnOnce(&Gpu) -> Ret) -> Ret {
+    // Blocks outside the lock, so the test that rewrites the scenario (and other calls) are not held by it.
+    let hang_ms = {
+        let mut state = lock();
+        if state.initialized == 0 || refresh(&mut state).is_err() { 0 } else { state.scenario.hang_ms }
+    };
+    if hang_ms > 0 {
+        std::thread::sleep(Duration::from_millis(hang_ms));
+    }
     with_state(name, |state| {
         let Some(gpu) = state.scenario.gpus.get(index_of(device)) else { return ERROR_INVALID_ARGUMENT };
         if gpu.lost {

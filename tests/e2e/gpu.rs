@@ -176,3 +176,54 @@ fn an_agent_on_nvml_avoids_foreign_use_and_quarantines_a_gpu_a_job_left_dirty_un
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     wait_for(&c, "GPU 0 to be released", |v| gpu(v, 0)["healthy"] == true);
 }
+
+#[test]
+fn an_agent_whose_nvml_calls_stop_returning_stops_saying_so() {
+    let c = Cluster::start(0, 10_000);
+    let scenario = c.dir.path().join("nvml.json");
+    write_scenario(&scenario, &[(vec![], 0)]);
+    let log_path = c.dir.path().join("gpu-agent.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut agent = Proc(
+        Command::new(BIN)
+            .args(["agent", "--controller", &c.agent_addr, "--token-file"])
+            .arg(c.data().join("agent.token"))
+            .arg("--work-dir")
+            .arg(c.dir.path().join("gpu-agent"))
+            .arg("--nvml-lib")
+            .arg(fake_nvml_lib())
+            .args(["--gpu-sample-interval-ms", "100", "--name", "gpu-host"])
+            .env("FAKE_NVML_SCENARIO", &scenario)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&c, "the agent to register", |v| {
+        v.as_array().unwrap().iter().any(|a| a["name"] == "gpu-host" && a["connected"] == true)
+    });
+
+    // The driver wedges: every call about a GPU blocks for ten minutes.
+    let text = std::fs::read_to_string(&scenario).unwrap();
+    let mut wedged: Value = serde_json::from_str(&text).unwrap();
+    wedged["hang_ms"] = json!(600_000);
+    let tmp = scenario.with_extension("tmp");
+    std::fs::write(&tmp, wedged.to_string()).unwrap();
+    std::fs::rename(&tmp, &scenario).unwrap();
+
+    // Its VRAM is no longer measured, so the agent stops (systemd restarts it) rather than go on blind.
+    let deadline = Instant::now() + Duration::from_secs(STEP_TIMEOUT_S);
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the agent kept running on a wedged NVML; log in {}", log_path.display());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text.contains("the GPU monitor stopped (no GPU sample for") && text.contains("NVML calls are not returning"),
+        "{text}"
+    );
+}

@@ -10,6 +10,17 @@ use tokio::sync::mpsc;
 
 /// Default time between two samples of every GPU.
 pub const DEFAULT_SAMPLE_INTERVAL_MS: u64 = 500;
+/// Least time without a GPU sample after which the agent stops: NVML calls that
+/// do not return (a wedged driver) leave VRAM unmeasured, so leaks and foreign
+/// use would go unseen while the agent still looked alive.
+pub const SAMPLE_STALL_MS_MIN: u64 = 5_000;
+/// Sample intervals without a sample after which the agent stops (at least [`SAMPLE_STALL_MS_MIN`]).
+pub const SAMPLE_STALL_INTERVALS: u64 = 20;
+
+/// How long the agent goes without a GPU sample before it stops, for a sampling interval.
+pub fn stall_bound_ms(sample_interval_ms: u64) -> u64 {
+    sample_interval_ms.saturating_mul(SAMPLE_STALL_INTERVALS).max(SAMPLE_STALL_MS_MIN)
+}
 /// Reports queued for the main loop before the monitor waits.
 const REPORT_QUEUE_LEN: usize = 16;
 /// How long the event thread waits at a time before it looks whether the agent still listens.
