@@ -246,6 +246,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     };
     let mut gpus = opts.gpus.clone();
     let mut monitor = None;
+    let mut sampler = None;
     if opts.gpus_simulated {
         qualify_simulated_uuids(&opts.name, &mut gpus);
     } else {
@@ -262,9 +263,10 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
             gpus = gpus.len(),
             "GPUs read through NVML"
         );
-        let rx = crate::gpu::monitor::spawn(Box::new(source), opts.nvml.sample_interval_ms)
+        let (rx, sampling) = crate::gpu::monitor::spawn(Box::new(source), opts.nvml.sample_interval_ms)
             .map_err(|e| AgentError::MonitorStopped(format!("cannot start its thread: {e}")))?;
         monitor = Some(rx);
+        sampler = Some(sampling);
     }
     let clock = std::time::Instant::now();
     let incarnation = incarnation();
@@ -377,7 +379,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
         delivering: std::collections::HashMap::new(),
         sweeping: None,
     };
-    shell.run(event_rx, blobs_done, monitor, listener, shutdown).await
+    shell.run(event_rx, blobs_done, monitor, sampler, listener, shutdown).await
 }
 
 /// Parses `--simulated-gpus COUNTxSIZE`, e.g. `8x80GiB` or `2x24GB`.
@@ -640,6 +642,7 @@ impl Shell {
         mut events: mpsc::Receiver<crate::core::RuntimeEvent>,
         mut blobs_done: mpsc::UnboundedReceiver<crate::blobs::Done>,
         mut monitor: Option<mpsc::Receiver<crate::gpu::monitor::Report>>,
+        sampler: Option<crate::gpu::monitor::Sampling>,
         listener: Option<crate::listen::Listener>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), AgentError> {
@@ -684,8 +687,7 @@ impl Shell {
         let mut watchdog_timer = tokio::time::interval(crate::service::ping_interval());
         let mut sweep_timer = tokio::time::interval(Duration::from_millis(crate::retention::SWEEP_INTERVAL_MS));
         let mut last_status = None;
-        // When the GPU monitor last delivered a sample, and how long it may go without one.
-        let mut last_sample = Instant::now();
+        // How long one GPU sample may take before the agent stops.
         let stall_ms = crate::gpu::monitor::stall_bound_ms(self.opts.nvml.sample_interval_ms);
         crate::service::ready(&self.service_status());
         loop {
@@ -701,10 +703,9 @@ impl Shell {
                 () = &mut shutdown => break,
                 // Second, so a busy loop (a job logging without pause) cannot starve the pings.
                 _ = watchdog_timer.tick() => {
-                    let silent_ms = last_sample.elapsed().as_millis() as u64;
-                    if monitor.is_some() && silent_ms > stall_ms {
+                    if let Some(taken_ms) = sampler.as_ref().and_then(|s| s.in_sample_ms()).filter(|&ms| ms > stall_ms) {
                         return Err(AgentError::MonitorStopped(format!(
-                            "no GPU sample for {silent_ms} ms (bound {stall_ms} ms): NVML calls are not returning, \
+                            "no GPU sample for {taken_ms} ms (bound {stall_ms} ms): NVML calls are not returning, \
                              as with a wedged driver; check `nvidia-smi` and the kernel log"
                         )));
                     }
@@ -825,7 +826,6 @@ impl Shell {
                     let now = self.now_ms();
                     match report {
                         Some(crate::gpu::monitor::Report::Samples(samples)) => {
-                            last_sample = Instant::now();
                             let owners = &self.owners;
                             let readings: Vec<_> = samples
                                 .iter()

@@ -10,16 +10,48 @@ use tokio::sync::mpsc;
 
 /// Default time between two samples of every GPU.
 pub const DEFAULT_SAMPLE_INTERVAL_MS: u64 = 500;
-/// Least time without a GPU sample after which the agent stops: NVML calls that
+/// Least time one sample's NVML calls may take before the agent stops: calls that
 /// do not return (a wedged driver) leave VRAM unmeasured, so leaks and foreign
 /// use would go unseen while the agent still looked alive.
 pub const SAMPLE_STALL_MS_MIN: u64 = 5_000;
-/// Sample intervals without a sample after which the agent stops (at least [`SAMPLE_STALL_MS_MIN`]).
+/// Sample intervals one sample may take before the agent stops (at least [`SAMPLE_STALL_MS_MIN`]).
 pub const SAMPLE_STALL_INTERVALS: u64 = 20;
 
-/// How long the agent goes without a GPU sample before it stops, for a sampling interval.
+/// How long one sample may take before the agent stops, for a sampling interval.
 pub fn stall_bound_ms(sample_interval_ms: u64) -> u64 {
     sample_interval_ms.saturating_mul(SAMPLE_STALL_INTERVALS).max(SAMPLE_STALL_MS_MIN)
+}
+
+/// Whether the sampling thread is inside a sample, and since when: only a call
+/// that does not return counts, not a main loop slow to take the reports.
+#[derive(Clone, Debug)]
+pub struct Sampling {
+    origin: Instant,
+    /// 0 between samples; else 1 + ms since `origin` when the current sample began.
+    in_sample_since: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Sampling {
+    fn new() -> Sampling {
+        Sampling { origin: Instant::now(), in_sample_since: Default::default() }
+    }
+
+    fn begin(&self) {
+        let at = self.origin.elapsed().as_millis() as u64 + 1;
+        self.in_sample_since.store(at, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn end(&self) {
+        self.in_sample_since.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long the sample under way has taken; none between samples.
+    pub fn in_sample_ms(&self) -> Option<u64> {
+        match self.in_sample_since.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            at => Some((self.origin.elapsed().as_millis() as u64 + 1).saturating_sub(at)),
+        }
+    }
 }
 /// Reports queued for the main loop before the monitor waits.
 const REPORT_QUEUE_LEN: usize = 16;
@@ -35,9 +67,15 @@ pub enum Report {
     Event(HealthEvent),
 }
 
-/// Starts sampling `source` every `sample_interval_ms`; the receiver closes if the monitor thread ends.
-pub fn spawn(mut source: Box<dyn GpuSource>, sample_interval_ms: u64) -> std::io::Result<mpsc::Receiver<Report>> {
+/// Starts sampling `source` every `sample_interval_ms`; the receiver closes if the monitor thread ends,
+/// and [`Sampling`] tells how long a sample under way has taken.
+pub fn spawn(
+    mut source: Box<dyn GpuSource>,
+    sample_interval_ms: u64,
+) -> std::io::Result<(mpsc::Receiver<Report>, Sampling)> {
     let (tx, rx) = mpsc::channel(REPORT_QUEUE_LEN);
+    let sampling = Sampling::new();
+    let in_sample = sampling.clone();
     if let Some(mut events) = source.events() {
         let tx = tx.clone();
         std::thread::Builder::new().name("gpu-events".into()).spawn(move || {
@@ -55,7 +93,9 @@ pub fn spawn(mut source: Box<dyn GpuSource>, sample_interval_ms: u64) -> std::io
         let mut told: BTreeSet<(String, Metric)> = BTreeSet::new();
         loop {
             let started = Instant::now();
+            in_sample.begin();
             let samples = source.sample();
+            in_sample.end();
             for u in source.unsupported() {
                 if told.insert(u.clone()) {
                     tracing::info!(gpu = u.0, metric = ?u.1, "GPU does not support this metric; not asked again");
@@ -67,5 +107,5 @@ pub fn spawn(mut source: Box<dyn GpuSource>, sample_interval_ms: u64) -> std::io
             std::thread::sleep(interval.saturating_sub(started.elapsed()));
         }
     })?;
-    Ok(rx)
+    Ok((rx, sampling))
 }
