@@ -66,13 +66,11 @@ fn wait_for(c: &Cluster, what: &str, mut done: impl FnMut(&Value) -> bool) -> Va
     }
 }
 
-#[test]
-fn an_agent_on_nvml_avoids_foreign_use_and_quarantines_a_gpu_a_job_left_dirty_until_it_is_clean() {
-    let c = Cluster::start(0, 10_000);
-    let scenario = c.dir.path().join("nvml.json");
-    write_scenario(&scenario, &[(vec![], 0), (vec![], 0)]);
+/// An agent named `gpu-host` on the fake NVML library reading `scenario`, sampling every
+/// 100 ms, joining `c`; its output goes to `gpu-agent.log` in the cluster's directory.
+fn spawn_nvml_agent(c: &Cluster, scenario: &Path, extra: &[&str]) -> Proc {
     let log = std::fs::File::create(c.dir.path().join("gpu-agent.log")).unwrap();
-    let _agent = Proc(
+    Proc(
         Command::new(BIN)
             .args(["agent", "--controller", &c.agent_addr, "--token-file"])
             .arg(c.data().join("agent.token"))
@@ -81,13 +79,22 @@ fn an_agent_on_nvml_avoids_foreign_use_and_quarantines_a_gpu_a_job_left_dirty_un
             .arg("--nvml-lib")
             .arg(fake_nvml_lib())
             .args(["--gpu-sample-interval-ms", "100", "--name", "gpu-host"])
-            .args(["--vram-release-bound-ms", &VRAM_RELEASE_BOUND_MS.to_string()])
-            .env("FAKE_NVML_SCENARIO", &scenario)
+            .args(extra)
+            .env("FAKE_NVML_SCENARIO", scenario)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap(),
-    );
+    )
+}
+
+#[test]
+fn an_agent_on_nvml_avoids_foreign_use_and_quarantines_a_gpu_a_job_left_dirty_until_it_is_clean() {
+    let c = Cluster::start(0, 10_000);
+    let scenario = c.dir.path().join("nvml.json");
+    write_scenario(&scenario, &[(vec![], 0), (vec![], 0)]);
+    let release_bound = VRAM_RELEASE_BOUND_MS.to_string();
+    let _agent = spawn_nvml_agent(&c, &scenario, &["--vram-release-bound-ms", &release_bound]);
 
     // 1. It registers the GPUs NVML lists, as real ones.
     let v = wait_for(&c, "the agent to register", |v| {
@@ -183,22 +190,7 @@ fn an_agent_whose_nvml_calls_stop_returning_stops_saying_so() {
     let scenario = c.dir.path().join("nvml.json");
     write_scenario(&scenario, &[(vec![], 0)]);
     let log_path = c.dir.path().join("gpu-agent.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut agent = Proc(
-        Command::new(BIN)
-            .args(["agent", "--controller", &c.agent_addr, "--token-file"])
-            .arg(c.data().join("agent.token"))
-            .arg("--work-dir")
-            .arg(c.dir.path().join("gpu-agent"))
-            .arg("--nvml-lib")
-            .arg(fake_nvml_lib())
-            .args(["--gpu-sample-interval-ms", "100", "--name", "gpu-host"])
-            .env("FAKE_NVML_SCENARIO", &scenario)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let mut agent = spawn_nvml_agent(&c, &scenario, &[]);
     wait_for(&c, "the agent to register", |v| {
         v.as_array().unwrap().iter().any(|a| a["name"] == "gpu-host" && a["connected"] == true)
     });
