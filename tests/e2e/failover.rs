@@ -116,6 +116,18 @@ impl Pair {
         }
     }
 
+    /// Controllers `a` and `b` with a lease of `lease_ms`, `a` leading, and `agents` agents
+    /// connected; `a`'s first status.
+    pub(crate) fn leading_with_agents(lease_ms: u64, agents: usize) -> (Pair, Value) {
+        let mut p = Pair::new(&["a", "b"], lease_ms);
+        p.start(0);
+        let first = p.wait_leads(0);
+        p.start(1);
+        p.spawn_agents(agents);
+        p.wait_agents(agents);
+        (p, first)
+    }
+
     pub(crate) fn spawn_agents(&mut self, n: usize) {
         let addrs = self.ctls.iter().map(|c| c.agents.clone()).collect::<Vec<_>>().join(",");
         for i in 0..n {
@@ -283,12 +295,7 @@ fn the_standby_takes_over_when_the_leader_is_killed_and_every_job_succeeds_exact
 
 #[test]
 fn a_leader_paused_past_its_lease_is_fenced_out_and_exits_when_it_wakes() {
-    let mut p = Pair::new(&["a", "b"], 1_500);
-    p.start(0);
-    let first = p.wait_leads(0);
-    p.start(1);
-    p.spawn_agents(1);
-    p.wait_agents(1);
+    let (mut p, first) = Pair::leading_with_agents(1_500, 1);
     // Paused mid-batch: jobs are running on the agent, more wait in the queue.
     let jobs = 40;
     let record = p.path().join("record.txt");
@@ -328,12 +335,7 @@ fn a_leader_paused_past_its_lease_is_fenced_out_and_exits_when_it_wakes() {
 #[test]
 fn postgresql_restarted_mid_batch_loses_nothing_and_the_leader_carries_on() {
     // A lease longer than the server's restart: the leader rides it out by reconnecting.
-    let mut p = Pair::new(&["a", "b"], 10_000);
-    p.start(0);
-    let first = p.wait_leads(0);
-    p.start(1);
-    p.spawn_agents(2);
-    p.wait_agents(2);
+    let (mut p, first) = Pair::leading_with_agents(10_000, 2);
     let record = p.path().join("record.txt");
     let marker = format!("cosmos-pg-restart-{}", std::process::id());
     let dirs: Vec<PathBuf> = (0..2).map(|k| p.path().join(format!("part-{k}"))).collect();
