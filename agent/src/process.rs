@@ -4,23 +4,31 @@
 //! Layout on disk, under the agent's work directory:
 //!
 //! ```text
-//! attempts/<attempt id>/attempt.json   what was started (written before `Started` is reported)
-//! attempts/<attempt id>/stdout.log     the child's standard output, as it wrote it
-//! attempts/<attempt id>/stderr.log     its standard error
-//! attempts/<attempt id>/exit.json      how it ended (written by its supervisor, see below)
-//! attempts/<attempt id>/acknowledged   the controller has recorded the outcome
+//! attempts/<attempt id>/attempt.jsonl  its record, one JSON line per event: what was started
+//!                                      (the agent, before `Started` is reported), how it ended
+//!                                      (its supervisor, see below), that the controller has
+//!                                      recorded the outcome (the agent)
+//! attempts/<attempt id>/stdout.log     the child's standard output, once it writes any
+//! attempts/<attempt id>/stderr.log     its standard error, likewise
 //! ```
 //!
-//! The child writes its output straight into the log files, not into pipes
-//! held by the agent: a pipe would break when the agent restarts, and the
-//! child's next write would kill it with `SIGPIPE`. The agent tails the files
-//! instead, so an attempt survives an agent restart, and the restarted agent
-//! finds it again from `attempt.json` (see [`ProcessRuntime::recover`]).
+//! A job that writes nothing costs its directory and its record: every file
+//! is an inode to allocate, which on ext4 grows slower with the inodes
+//! recently freed (see [`crate::supervise`]). Directories that agents before
+//! this layout left (`attempt.json`, `exit.json`, `acknowledged`, as the
+//! Docker runtime still writes) are recovered and retained as before.
+//!
+//! The child's output goes into pipes its supervisor holds, which relays it
+//! into the log files, not into pipes held by the agent: a pipe would break
+//! when the agent restarts, and the child's next write would kill it with
+//! `SIGPIPE`. The agent tails the files, so an attempt survives an agent
+//! restart, and the restarted agent finds it again from its record (see
+//! [`ProcessRuntime::recover`]).
 //!
 //! The agent does not start the job itself but asks its supervisor (`cosmos
 //! job-supervise --serve`, one per work directory, see [`crate::supervise`]),
 //! which starts the job as its child, leading the attempt's process group.
-//! The supervisor waits for the job and writes `exit.json`; so the job's
+//! The supervisor waits for the job and appends its end to the record; so the job's
 //! outcome is known even when it ended while no agent was running, or under an
 //! agent that adopted it after a restart. An attempt whose supervisor was
 //! killed has no record: its group is killed and it is reported lost.
@@ -30,7 +38,7 @@
 
 use crate::core::{ExitStatus, Recovered, RuntimeEvent};
 use crate::runtime::{EventSender, Runtime, StartRequest};
-use crate::supervise::{self, ExitRecord, Launcher, StartJob};
+use crate::supervise::{self, Entry, ExitRecord, Launcher, StartJob};
 use crate::supervisor_link::{Link, Supervisor};
 use cosmos_proto::spec::ArtifactRef;
 use cosmos_proto::{AttemptId, Epoch, JobId, LOG_CHUNK_BYTES_MAX, LogStream, Sha256};
@@ -43,11 +51,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
-/// The record of a started attempt, in its directory.
+/// An attempt's record, in its directory: its start, end and acknowledgement, one line each.
+pub const RECORD_LOG: &str = "attempt.jsonl";
+/// The record of a started attempt, in its directory (the Docker runtime's layout, and older agents').
 pub const RECORD_FILE: &str = "attempt.json";
-/// How an attempt ended, in its directory.
+/// How an attempt ended, in its directory (the same layout).
 pub const EXIT_FILE: &str = "exit.json";
-/// Marks an attempt whose outcome the controller has recorded.
+/// Marks an attempt whose outcome the controller has recorded (the same layout).
 pub const ACK_FILE: &str = "acknowledged";
 /// The child's standard output (a job may list it as an output: see [`cosmos_proto::spec::STDOUT_LOG`]).
 pub const STDOUT_FILE: &str = cosmos_proto::spec::STDOUT_LOG;
@@ -105,12 +115,56 @@ fn status_of(record: &ExitRecord) -> ExitStatus {
     ExitStatus { code: record.code, signal: record.signal, oom_killed: false }
 }
 
-/// Reads an attempt's `exit.json`; a torn or unreadable one counts as none (and is logged).
+/// Reads an attempt's record file; an unreadable one counts as none, and torn lines are skipped (both logged).
+fn read_log(dir: &Path) -> Option<supervise::RecordLog<AttemptRecord>> {
+    let path = dir.join(RECORD_LOG);
+    match supervise::read_log::<AttemptRecord>(&path) {
+        Ok(Some(log)) => {
+            if log.torn_lines > 0 {
+                tracing::warn!(path = %path.display(), lines = log.torn_lines, "skipping torn lines of an attempt record");
+            }
+            Some(log)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable attempt record");
+            None
+        }
+    }
+}
+
+/// How an attempt ended, from its record (or an older agent's `exit.json`);
+/// a torn or unreadable one counts as none (and is logged).
 fn read_exit(dir: &Path, attempt_id: AttemptId) -> Option<ExitRecord> {
+    if dir.join(RECORD_LOG).exists() {
+        return read_log(dir)?.exited;
+    }
     supervise::read_record(&dir.join(EXIT_FILE)).unwrap_or_else(|e| {
         tracing::warn!(attempt = %attempt_id, error = %e, "ignoring an unusable exit record");
         None
     })
+}
+
+/// Records how an attempt ended, in the layout its directory has.
+fn record_exit(dir: &Path, exit: &ExitRecord) -> io::Result<()> {
+    if dir.join(RECORD_LOG).exists() {
+        supervise::append_entry(&dir.join(RECORD_LOG), &Entry::<()>::Exited(exit.clone()))
+    } else {
+        write_json(&dir.join(EXIT_FILE), exit)
+    }
+}
+
+/// When the controller acknowledged the attempt whose directory this is
+/// (milliseconds since the Unix epoch), in either layout; `None` if it has not.
+pub fn acknowledged_unix_ms(dir: &Path) -> Option<u64> {
+    match supervise::read_log::<serde::de::IgnoredAny>(&dir.join(RECORD_LOG)) {
+        Ok(Some(log)) => log.acknowledged_unix_ms,
+        Ok(None) => {
+            let modified = std::fs::metadata(dir.join(ACK_FILE)).and_then(|m| m.modified()).ok()?;
+            Some(modified.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+        }
+        Err(_) => None,
+    }
 }
 
 /// An attempt this runtime is watching.
@@ -195,18 +249,32 @@ impl ProcessRuntime {
                 (format!("cannot create the attempt directory {}: {e}", d.display()), cosmos_proto::Retry::Retryable)
             })?;
         }
-        if dir.join(RECORD_FILE).exists() {
-            return Err((
+        let already = || {
+            (
                 format!("attempt {} was already started on this host (see {})", req.attempt_id, dir.display()),
                 cosmos_proto::Retry::Terminal,
-            ));
-        }
-        let log = |name: &str| {
-            std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).map_err(|e| {
-                (format!("cannot create {}: {e}", dir.join(name).display()), cosmos_proto::Retry::Retryable)
-            })
+            )
         };
-        let (stdout, stderr) = (log(STDOUT_FILE)?, log(STDERR_FILE)?);
+        if dir.join(RECORD_FILE).exists() {
+            return Err(already());
+        }
+        // Created first and exclusively: a second start of the same attempt finds it.
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(dir.join(RECORD_LOG)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(already()),
+            Err(e) => {
+                let reason = format!("cannot create {}: {e}", dir.join(RECORD_LOG).display());
+                return Err((reason, cosmos_proto::Retry::Retryable));
+            }
+        }
+        // The logs appear on the job's first output; one it delivers as an output must exist even if empty.
+        for name in [STDOUT_FILE, STDERR_FILE] {
+            if req.spec.outputs.iter().any(|o| o.path == name) {
+                std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).map_err(|e| {
+                    (format!("cannot create {}: {e}", dir.join(name).display()), cosmos_proto::Retry::Retryable)
+                })?;
+            }
+        }
 
         // Resolved here, on the PATH the job will see: given a bare name with a
         // PATH in the child's environment, std falls back from posix_spawn to
@@ -243,9 +311,8 @@ impl ProcessRuntime {
             cwd: req.work_dir.clone().into_os_string(),
             stdout: dir.join(STDOUT_FILE).into_os_string(),
             stderr: dir.join(STDERR_FILE).into_os_string(),
-            status_file: dir.join(EXIT_FILE).into_os_string(),
+            record_file: dir.join(RECORD_LOG).into_os_string(),
         };
-        drop((stdout, stderr));
         lock(&self.live).insert(req.attempt_id, Live::new(0));
         let starting = Starting {
             req: req.clone(),
@@ -260,16 +327,26 @@ impl ProcessRuntime {
     }
 
     fn recover_one(&mut self, dir: &Path, link: Option<&Arc<Link>>) -> Option<Recovered> {
-        let record_path = dir.join(RECORD_FILE);
-        let text = std::fs::read(&record_path).ok()?;
-        let record: AttemptRecord = match serde_json::from_slice(&text) {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(path = %record_path.display(), error = %e, "ignoring an unreadable attempt record");
+        let record = if dir.join(RECORD_LOG).exists() {
+            let log = read_log(dir)?;
+            if log.acknowledged_unix_ms.is_some() {
                 return None;
             }
+            // No start written: the agent stopped before it could report one, and the controller judges it.
+            log.started?
+        } else {
+            let record_path = dir.join(RECORD_FILE);
+            let text = std::fs::read(&record_path).ok()?;
+            match serde_json::from_slice::<AttemptRecord>(&text) {
+                Ok(r) if !dir.join(ACK_FILE).exists() => r,
+                Ok(_) => return None,
+                Err(e) => {
+                    tracing::warn!(path = %record_path.display(), error = %e, "ignoring an unreadable attempt record");
+                    return None;
+                }
+            }
         };
-        if dir.join(ACK_FILE).exists() || lock(&self.live).contains_key(&record.attempt_id) {
+        if lock(&self.live).contains_key(&record.attempt_id) {
             return None;
         }
         let recovered = |exited: Option<ExitStatus>, remaining_ms| Recovered {
@@ -285,7 +362,7 @@ impl ProcessRuntime {
             // job's outputs were never synced and may be torn. Run it again.
             tracing::warn!(attempt = %record.attempt_id, "an attempt of an earlier boot of this host; reporting it lost");
             let exit = ExitRecord::default();
-            if let Err(e) = write_json(&dir.join(EXIT_FILE), &exit) {
+            if let Err(e) = record_exit(dir, &exit) {
                 tracing::warn!(attempt = %record.attempt_id, error = %e, "cannot record the exit of an attempt");
             }
             return Some(recovered(Some(status_of(&exit)), None));
@@ -299,7 +376,7 @@ impl ProcessRuntime {
             // It ended unrecorded (its supervisor was killed, or the host rebooted): how is not known.
             tracing::warn!(attempt = %record.attempt_id, "an attempt ended with no exit record; reporting it lost");
             let exit = ExitRecord::default();
-            if let Err(e) = write_json(&dir.join(EXIT_FILE), &exit) {
+            if let Err(e) = record_exit(dir, &exit) {
                 tracing::warn!(attempt = %record.attempt_id, error = %e, "cannot record the exit of an attempt");
             }
             return Some(recovered(Some(status_of(&exit)), None));
@@ -327,7 +404,12 @@ impl ProcessRuntime {
     /// agent need not report it again. Its directory (logs, outputs) stays.
     pub fn acknowledge(&mut self, attempt_id: AttemptId) {
         let dir = self.attempt_dir(attempt_id);
-        if dir.join(RECORD_FILE).exists() {
+        if dir.join(RECORD_LOG).exists() {
+            let entry = Entry::<()>::Acknowledged { unix_ms: unix_ms() };
+            if let Err(e) = supervise::append_entry(&dir.join(RECORD_LOG), &entry) {
+                tracing::warn!(attempt = %attempt_id, error = %e, "cannot mark an attempt acknowledged");
+            }
+        } else if dir.join(RECORD_FILE).exists() {
             if let Err(e) = std::fs::write(dir.join(ACK_FILE), b"") {
                 tracing::warn!(attempt = %attempt_id, error = %e, "cannot mark an attempt acknowledged");
             }
@@ -456,10 +538,10 @@ impl Starting {
             boot_id: boot_id(),
             start_ticks,
         };
-        if let Err(e) = write_json(&self.dir.join(RECORD_FILE), &record) {
+        if let Err(e) = supervise::append_entry(&self.dir.join(RECORD_LOG), &Entry::Started(&record)) {
             // Untracked, it could not be found again after a restart: do not let it run.
             signal_group(pgid, libc::SIGKILL);
-            let reason = format!("cannot write {}: {e}", self.dir.join(RECORD_FILE).display());
+            let reason = format!("cannot write {}: {e}", self.dir.join(RECORD_LOG).display());
             return self.fail(reason, cosmos_proto::Retry::Retryable).await;
         }
         let stop = lock(&self.live).get_mut(&id).and_then(|l| {
@@ -527,7 +609,7 @@ impl Watch {
                         }
                         // A live one reaps the job before it writes the record.
                         let deadline = tokio::time::Instant::now() + Duration::from_millis(RECORD_WAIT_MS);
-                        while !gone && !self.dir.join(EXIT_FILE).exists() && tokio::time::Instant::now() < deadline {
+                        while !gone && read_exit(&self.dir, id).is_none() && tokio::time::Instant::now() < deadline {
                             gone = !process_alive(supervisor);
                             tokio::time::sleep(Duration::from_millis(LOG_POLL_MS)).await;
                         }
@@ -576,15 +658,18 @@ impl Watch {
                     ExitRecord::default()
                 };
                 // So that a restarted agent does not look for the attempt again.
-                if let Err(e) = write_json(&self.dir.join(EXIT_FILE), &exit) {
+                if let Err(e) = record_exit(&self.dir, &exit) {
                     tracing::warn!(attempt = %id, error = %e, "cannot record an attempt's exit");
                 }
                 status_of(&exit)
             }
         };
         let (work_dir, wanted) = (self.record.work_dir.clone(), self.record.outputs.clone());
-        let outputs =
-            tokio::task::spawn_blocking(move || collect_outputs(&work_dir, &wanted)).await.unwrap_or_default();
+        let outputs = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            tokio::task::spawn_blocking(move || collect_outputs(&work_dir, &wanted)).await.unwrap_or_default()
+        };
         let _ = self.events.send(RuntimeEvent::Exited { attempt_id: id, status, outputs }).await;
         lock(&self.live).remove(&id);
     }
@@ -600,11 +685,20 @@ async fn tail(
     last_progress: &Mutex<Option<(u32, u32)>>,
     mut done: watch::Receiver<bool>,
 ) {
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::warn!(attempt = %attempt_id, path = %path.display(), error = %e, "cannot read an attempt's log");
-            return;
+    // The supervisor creates the file on the job's first output, if it writes any.
+    let mut file = loop {
+        let finishing = *done.borrow_and_update();
+        match tokio::fs::File::open(&path).await {
+            Ok(f) => break f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && finishing => return,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(LOG_POLL_MS)) => {}
+                _ = done.changed() => {}
+            },
+            Err(e) => {
+                tracing::warn!(attempt = %attempt_id, path = %path.display(), error = %e, "cannot read an attempt's log");
+                return;
+            }
         }
     };
     let mut buf = vec![0u8; LOG_CHUNK_BYTES_MAX];
@@ -722,6 +816,9 @@ pub(crate) fn recovered_outputs(exited: Option<&ExitStatus>, work_dir: &Path, wa
 
 /// The expected outputs that exist as regular files inside `work_dir`, with digests.
 pub(crate) fn collect_outputs(work_dir: &Path, wanted: &[String]) -> Vec<ArtifactRef> {
+    if wanted.is_empty() {
+        return Vec::new(); // Most jobs: not even the work directory's real path is needed.
+    }
     let Ok(root) = work_dir.canonicalize() else { return Vec::new() };
     let mut found = Vec::new();
     for rel in wanted {

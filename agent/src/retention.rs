@@ -1,6 +1,7 @@
 //! Retention of finished attempts' directories (`WORK_DIR/attempts/att-N`):
 //! once the controller has acknowledged an attempt (its outcome and outputs are
-//! recorded there, see the `acknowledged` marker the runtimes write), its
+//! recorded there: the acknowledgement line of its `attempt.jsonl`, or the
+//! `acknowledged` marker of the Docker runtime and of older agents), its
 //! directory is kept for a retention period, then removed; earlier, oldest
 //! first, when the work disk's free space falls below its floor. A directory
 //! that is not acknowledged — a live attempt's, or one whose outputs have not
@@ -9,11 +10,11 @@
 //!
 //! [`choose`] decides (no I/O); [`sweep`] looks at the disk and removes.
 
-use crate::process::ACK_FILE;
+use crate::process::acknowledged_unix_ms;
 use cosmos_proto::AttemptId;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Default time a delivered attempt's directory is kept: a week.
 pub const ATTEMPT_RETAIN_S_DEFAULT: u64 = 7 * 24 * 3600;
@@ -123,7 +124,7 @@ pub struct Swept {
 pub fn sweep(attempts_root: &Path, live: &BTreeSet<AttemptId>, policy: &Policy) -> Swept {
     let dir = attempts_root.join("attempts");
     let Ok(entries) = std::fs::read_dir(&dir) else { return Swept::default() };
-    let now = SystemTime::now();
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let free = free_bytes(attempts_root);
     let low = free.is_some_and(|f| f < policy.disk_free_min_bytes);
     let mut candidates = Vec::new();
@@ -133,8 +134,8 @@ pub fn sweep(attempts_root: &Path, live: &BTreeSet<AttemptId>, policy: &Policy) 
         if live.contains(&attempt_id) {
             continue;
         }
-        let Ok(acked) = std::fs::metadata(path.join(ACK_FILE)).and_then(|m| m.modified()) else { continue };
-        let age_s = now.duration_since(acked).map_or(0, |d| d.as_secs());
+        let Some(acked_ms) = acknowledged_unix_ms(&path) else { continue };
+        let age_s = now_ms.saturating_sub(acked_ms) / 1000;
         // Sizes matter only to know when enough is freed; walking every tree each sweep would not.
         let bytes = if low || age_s >= policy.retain_s { tree_bytes(&path) } else { 0 };
         candidates.push(Candidate { attempt_id, dir: path, age_s, bytes });
@@ -228,12 +229,20 @@ mod tests {
     #[test]
     fn sweep_removes_only_acknowledged_attempts_not_live_ones() {
         let root = tempfile::tempdir().unwrap();
+        // Odd attempts in the record-file layout, even ones in the marker layout (Docker's, older agents').
         let mk = |id: u64, acked: bool| {
             let d = crate::runtime::attempt_dir(root.path(), AttemptId(id));
             std::fs::create_dir_all(d.join("outputs")).unwrap();
             std::fs::write(d.join("outputs/out.bin"), vec![0u8; 1000]).unwrap();
-            if acked {
-                std::fs::write(d.join(ACK_FILE), b"").unwrap();
+            let log = d.join(crate::process::RECORD_LOG);
+            if id % 2 == 1 {
+                std::fs::File::create(&log).unwrap();
+            }
+            if acked && id % 2 == 1 {
+                let entry = crate::supervise::Entry::<()>::Acknowledged { unix_ms: crate::runtime::unix_ms() };
+                crate::supervise::append_entry(&log, &entry).unwrap();
+            } else if acked {
+                std::fs::write(d.join(crate::process::ACK_FILE), b"").unwrap();
             }
             d
         };
@@ -247,6 +256,7 @@ mod tests {
         assert!(root.path().join("attempts/not-an-attempt").exists());
         // A disk "always low" takes every delivered attempt, still never a live one.
         mk(4, true);
+        mk(5, false);
         let policy = Policy { retain_s: u64::MAX, disk_free_min_bytes: u64::MAX };
         let swept = sweep(root.path(), &BTreeSet::from([AttemptId(3)]), &policy);
         assert_eq!(swept.removed, [AttemptId(4)]);

@@ -1,12 +1,13 @@
-//! The job supervisor of the process runtime, and the exit record it writes.
+//! The job supervisor of the process runtime, and the attempt record it appends to.
 //!
 //! The agent does not start jobs directly: one supervisor per agent work
 //! directory (`cosmos job-supervise --serve`, this module, run by the `cosmos`
 //! binary) starts each job as its own child, the leader of a new process
 //! group, when the agent asks over a Unix socket. The supervisor holds no GPU
-//! and none of the agent's descriptors; it waits for its jobs and writes how
-//! each ended (exit code or signal, peak memory, CPU time) into the attempt's
-//! `exit.json`, atomically, then tells the agent.
+//! and none of the agent's descriptors; it relays the job's output into its
+//! log files, waits for it, and appends how it ended (exit code or signal,
+//! peak memory, CPU time) to the attempt's record, `attempt.jsonl`, then tells
+//! the agent.
 //!
 //! Why a supervisor: a process is only its parent's to wait for. After an
 //! agent restart the job is no longer the agent's child and its exit status
@@ -15,6 +16,16 @@
 //! a job ended) reads the real outcome from the record. Why one for all jobs
 //! rather than one per job: a process started per job cost each job more CPU
 //! than the job `true` itself, and halved the agent's dispatch rate.
+//!
+//! Why one record file, appended to, and logs created on first output: every
+//! file an attempt creates is an inode the file system allocates, and on ext4
+//! that allocation grows slower with every inode recently freed (it skips
+//! them), so a host that runs and cleans up thousands of short jobs slowed
+//! down run after run with the six files and directories each attempt had.
+//! Now a job that writes nothing costs its directory and its record only. The
+//! job's output goes through pipes the supervisor holds (a pipe held by the
+//! agent would break at an agent restart; the supervisor outlives those), and
+//! the supervisor creates a log file when the first byte arrives.
 //!
 //! Lifetime: the agent starts the supervisor on a listening socket it bound
 //! itself (passed as standard input), at `WORK_DIR/`[`SOCKET_FILE`]. A
@@ -45,11 +56,10 @@ pub const SUBCOMMAND: &str = "job-supervise";
 /// The supervisor's socket in the agent's work directory. The protocol's
 /// version is in the name: an upgraded agent starts a supervisor of its own
 /// beside an older one, which finishes its jobs and exits.
-pub const SOCKET_FILE: &str = "supervisor-v1.sock";
-/// Version of the messages between agent and supervisor.
-pub const PROTOCOL_VERSION: u32 = 1;
-/// Where a supervisor leaves the temporary copy of a record before renaming it into place.
-pub const TMP_SUFFIX: &str = ".tmp";
+pub const SOCKET_FILE: &str = "supervisor-v2.sock";
+/// Version of the messages between agent and supervisor (2: output relayed
+/// through pipes, the end appended to `attempt.jsonl`; 1 wrote `exit.json`).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Exit code of the supervisor when its own command line is wrong (sysexits' `EX_USAGE`).
 pub const EXIT_USAGE: i32 = 64;
 /// How long a supervisor with no agent connected and no job running waits before it exits.
@@ -58,8 +68,11 @@ pub const IDLE_EXIT_MS: u64 = 5_000;
 pub const FRAME_BYTES_MAX: usize = 4 << 20;
 /// Most bytes the supervisor queues for an agent that does not read; past it, the connection is dropped.
 const OUTBOX_BYTES_MAX: usize = 16 << 20;
+/// Most bytes relayed from one job's pipe in one turn of the loop, so a chatty job cannot starve the others.
+const RELAY_BYTES_MAX: usize = 256 << 10;
 
-/// How a job ended, as its supervisor (or, without one, the agent) recorded it in `exit.json`.
+/// How a job ended, as its supervisor (or, without one, the agent) recorded it
+/// (an [`Entry::Exited`] line; agents before protocol 2: `exit.json`).
 ///
 /// Records written by older agents hold only `code` and `signal`; the rest default to unknown.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,7 +118,7 @@ pub enum ReadError {
     },
 }
 
-/// Reads an exit record: `Ok(None)` when there is none (yet).
+/// Reads an `exit.json` of an agent before protocol 2: `Ok(None)` when there is none (yet).
 pub fn read_record(path: &Path) -> Result<Option<ExitRecord>, ReadError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
@@ -115,24 +128,76 @@ pub fn read_record(path: &Path) -> Result<Option<ExitRecord>, ReadError> {
     serde_json::from_slice(&bytes).map(Some).map_err(|source| ReadError::Torn { path: path.to_path_buf(), source })
 }
 
-/// Writes an exit record so that a reader finds either no record or a
-/// complete one: to a temporary file, then renamed over the record.
+/// One line of an attempt's record file (`attempt.jsonl`). The agent appends
+/// `Started` and `Acknowledged`, the supervisor `Exited`; they may come in
+/// either order (a short job can end before the agent has written its start).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Entry<S> {
+    /// What was started (the runtime's own record of it).
+    Started(S),
+    /// How it ended.
+    Exited(ExitRecord),
+    /// The controller has durably recorded the outcome.
+    Acknowledged {
+        /// When the agent heard so, in milliseconds since the Unix epoch (host-local: retention's clock).
+        unix_ms: u64,
+    },
+}
+
+/// What an attempt's record file says, its lines folded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordLog<S> {
+    /// The start, if it was written.
+    pub started: Option<S>,
+    /// The first end written (a later one, from a confused writer, does not change the outcome).
+    pub exited: Option<ExitRecord>,
+    /// When the outcome was acknowledged.
+    pub acknowledged_unix_ms: Option<u64>,
+    /// Lines that did not parse (a write cut short by a crash); they are skipped.
+    pub torn_lines: usize,
+}
+
+/// Appends one line to a record file, which must exist.
 ///
-/// No fsync, as for the agent's own records: the record is for a restarted
-/// *agent process*, and the page cache outlives a process. After a host crash
-/// the job's outputs, which nobody synced either, may be torn, so a rebooted
+/// One `write` of a whole line on a file opened for appending: two writers
+/// (the agent and the supervisor) never interleave within a line. The line
+/// starts with a newline too, which ends a line a crash may have cut short,
+/// so that only the torn line is lost, not the next one with it.
+///
+/// No fsync, as for every record here: the record is for a restarted *agent
+/// process*, and the page cache outlives a process. After a host crash the
+/// job's outputs, which nobody synced either, may be torn, so a rebooted
 /// host's agent reports an attempt of an earlier boot lost whatever its record
 /// says (the process runtime checks the boot id). Two fsyncs per job held each
 /// job's GPUs for two journal commits on ext4.
-pub fn write_record(path: &Path, record: &ExitRecord) -> io::Result<()> {
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(TMP_SUFFIX);
-    let tmp = PathBuf::from(tmp_name);
-    let text = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-    file.write_all(&text)?;
-    drop(file);
-    std::fs::rename(&tmp, path)
+pub fn append_entry<S: Serialize>(path: &Path, entry: &Entry<S>) -> io::Result<()> {
+    let mut line = vec![b'\n'];
+    serde_json::to_writer(&mut line, entry).map_err(io::Error::other)?;
+    line.push(b'\n');
+    let mut file = std::fs::OpenOptions::new().append(true).open(path)?;
+    file.write_all(&line)
+}
+
+/// Reads a record file: `Ok(None)` when there is none.
+pub fn read_log<S: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Option<RecordLog<S>>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut log = RecordLog { started: None, exited: None, acknowledged_unix_ms: None, torn_lines: 0 };
+    for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        match serde_json::from_slice::<Entry<S>>(line) {
+            Ok(Entry::Started(s)) => log.started = log.started.or(Some(s)),
+            Ok(Entry::Exited(e)) => log.exited = log.exited.or(Some(e)),
+            Ok(Entry::Acknowledged { unix_ms }) => {
+                log.acknowledged_unix_ms = log.acknowledged_unix_ms.or(Some(unix_ms))
+            }
+            Err(_) => log.torn_lines += 1,
+        }
+    }
+    Ok(Some(log))
 }
 
 /// How the agent starts a supervisor: a program, and the arguments that come before the supervisor's own.
@@ -169,12 +234,12 @@ pub struct StartJob {
     pub env: Vec<(OsString, OsString)>,
     /// Its working directory.
     pub cwd: OsString,
-    /// Its standard output, a file the agent created (appended to).
+    /// Where its standard output goes: created (or appended to) when the job first writes to it.
     pub stdout: OsString,
-    /// Its standard error, likewise.
+    /// Where its standard error goes, likewise.
     pub stderr: OsString,
-    /// Where its exit record goes.
-    pub status_file: OsString,
+    /// Its record file (the agent created it), to which the supervisor appends its end.
+    pub record_file: OsString,
 }
 
 /// Agent to supervisor.
@@ -281,8 +346,91 @@ pub fn read_frame<T: serde::de::DeserializeOwned>(stream: &mut impl Read) -> Res
 /// A job the supervisor runs.
 struct Job {
     attempt_id: AttemptId,
-    status_file: PathBuf,
-    stderr: PathBuf,
+    record_file: PathBuf,
+    /// Its standard output and standard error.
+    relays: [Relay; 2],
+}
+
+/// One output stream of a job: the pipe the supervisor reads and the log file
+/// it appends to, created when the first byte arrives.
+struct Relay {
+    /// The read end; `None` once the job (and whatever shares its descriptors) closed it.
+    pipe: Option<std::fs::File>,
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    /// Set once a write to the log failed, so the failure is told once.
+    failed: bool,
+}
+
+impl Relay {
+    /// Moves what the pipe holds into the log file: at most [`RELAY_BYTES_MAX`]
+    /// unless `all` (the job has ended: everything it wrote must be in the file
+    /// before its end is recorded).
+    fn pump(&mut self, all: bool) {
+        let mut buf = [0u8; 64 << 10];
+        let mut moved = 0;
+        while all || moved < RELAY_BYTES_MAX {
+            let Some(pipe) = self.pipe.as_mut() else { return };
+            match pipe.read(&mut buf) {
+                Ok(0) => {
+                    self.pipe = None;
+                    return;
+                }
+                Ok(n) => {
+                    moved += n;
+                    self.write(&buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.pipe = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn write(&mut self, data: &[u8]) {
+        if self.file.is_none() && !self.failed {
+            match std::fs::OpenOptions::new().create(true).append(true).open(&self.path) {
+                Ok(f) => self.file = Some(f),
+                Err(e) => self.fail(&e),
+            }
+        }
+        if let Some(file) = self.file.as_mut() {
+            if let Err(e) = file.write_all(data) {
+                self.fail(&e);
+            }
+        }
+    }
+
+    /// Output that cannot be kept (a full disk) is dropped, never left in the
+    /// pipe: a job blocked on a full pipe would hang instead of failing.
+    fn fail(&mut self, e: &io::Error) {
+        if !self.failed {
+            eprintln!(
+                "cosmos {SUBCOMMAND}: cannot write the job log {}, dropping its output: {e}",
+                self.path.display()
+            );
+        }
+        self.failed = true;
+        self.file = None;
+    }
+}
+
+/// A pipe for a job's output: the supervisor's end (non-blocking) and the job's.
+fn output_pipe() -> io::Result<(std::fs::File, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 fills two descriptors on success; close-on-exec keeps them from other jobs.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors are new and owned here.
+    let (read, write) = unsafe { (std::fs::File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // The job's end blocks: a job writing faster than the supervisor relays waits, as on a file.
+    // SAFETY: fcntl on a descriptor owned here.
+    unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETFL, 0) };
+    Ok((read, write))
 }
 
 /// The connected agent.
@@ -402,13 +550,24 @@ impl Server {
                 libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
                 libc::pollfd { fd: self.sigchld.as_raw_fd(), events: libc::POLLIN, revents: 0 },
             ];
-            if let Some(conn) = &self.conn {
+            let conn_at = self.conn.as_ref().map(|conn| {
                 let mut events = libc::POLLIN;
                 if !conn.outbox.is_empty() {
                     events |= libc::POLLOUT;
                 }
                 fds.push(libc::pollfd { fd: conn.stream.as_raw_fd(), events, revents: 0 });
+                fds.len() - 1
+            });
+            let mut relays = Vec::new();
+            for (&pid, job) in &self.jobs {
+                for (stream, relay) in job.relays.iter().enumerate() {
+                    if let Some(pipe) = &relay.pipe {
+                        fds.push(libc::pollfd { fd: pipe.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+                        relays.push((pid, stream));
+                    }
+                }
             }
+            let relays_at = fds.len() - relays.len();
             // SAFETY: a valid array of pollfds, for its length.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
             if n < 0 {
@@ -419,6 +578,13 @@ impl Server {
                 eprintln!("cosmos {SUBCOMMAND}: poll failed: {e}");
                 return 1;
             }
+            for (i, &(pid, stream)) in relays.iter().enumerate() {
+                if fds[relays_at + i].revents != 0 {
+                    if let Some(job) = self.jobs.get_mut(&pid) {
+                        job.relays[stream].pump(false);
+                    }
+                }
+            }
             if fds[1].revents != 0 {
                 self.drain_sigchld();
                 self.reap();
@@ -426,7 +592,7 @@ impl Server {
             if fds[0].revents != 0 {
                 self.accept();
             }
-            if fds.len() > 2 && fds[2].revents != 0 {
+            if conn_at.is_some_and(|at| fds[at].revents != 0) {
                 self.serve_conn();
             }
             self.flush();
@@ -466,7 +632,12 @@ impl Server {
             if unsafe { libc::wait4(pid, &mut status, 0, &mut usage) } != pid {
                 continue;
             }
-            let Some(job) = self.jobs.remove(&pid) else { continue };
+            let Some(mut job) = self.jobs.remove(&pid) else { continue };
+            // Everything the job wrote goes into its logs before its end is recorded:
+            // an agent that sees the end reads whole logs.
+            for relay in &mut job.relays {
+                relay.pump(true);
+            }
             let ms = |t: libc::timeval| (t.tv_sec as u64) * 1000 + (t.tv_usec as u64) / 1000;
             let record = ExitRecord {
                 code: libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
@@ -477,14 +648,12 @@ impl Server {
                 sys_cpu_ms: Some(ms(usage.ru_stime)),
                 ended_unix_ms: Some(crate::runtime::unix_ms()),
             };
-            if let Err(e) = write_record(&job.status_file, &record) {
+            if let Err(e) = append_entry(&job.record_file, &Entry::<()>::Exited(record)) {
                 // No record: the agent reports the attempt lost, and the job's stderr says why.
                 let why =
-                    format!("cosmos {SUBCOMMAND}: cannot write the exit record {}: {e}\n", job.status_file.display());
+                    format!("cosmos {SUBCOMMAND}: cannot write the exit record {}: {e}\n", job.record_file.display());
                 eprint!("{why}");
-                if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&job.stderr) {
-                    let _ = f.write_all(why.as_bytes());
-                }
+                job.relays[1].write(why.as_bytes());
             }
             self.send(&FromSupervisor::Exited { attempt_id: job.attempt_id });
         }
@@ -549,11 +718,10 @@ impl Server {
     fn start(&mut self, job: StartJob) -> FromSupervisor {
         let attempt_id = job.attempt_id;
         let failed = |reason: String, retry| FromSupervisor::StartFailed { attempt_id, reason, retry };
-        let open = |path: &OsString| std::fs::OpenOptions::new().append(true).open(path);
-        let (stdout, stderr) = match (open(&job.stdout), open(&job.stderr)) {
+        let ((out_read, out_write), (err_read, err_write)) = match (output_pipe(), output_pipe()) {
             (Ok(o), Ok(e)) => (o, e),
             (Err(e), _) | (_, Err(e)) => {
-                return failed(format!("cannot open the job's log files: {e}"), Retry::Retryable);
+                return failed(format!("cannot make a pipe for the job's output: {e}"), Retry::Retryable);
             }
         };
         let mut cmd = std::process::Command::new(&job.program);
@@ -562,16 +730,21 @@ impl Server {
             .envs(job.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&job.cwd)
             .stdin(std::process::Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
+            .stdout(out_write)
+            .stderr(err_write)
             .process_group(0);
-        match cmd.spawn() {
+        let spawned = cmd.spawn();
+        // The job's ends of the pipes are the job's only: at its end (and its group's) the pipes close.
+        drop(cmd);
+        match spawned {
             Ok(child) => {
                 let pid = child.id() as libc::pid_t;
                 // Reaped by `reap`, not through `child`.
                 drop(child);
-                let status_file = PathBuf::from(&job.status_file);
-                self.jobs.insert(pid, Job { attempt_id, status_file, stderr: PathBuf::from(&job.stderr) });
+                let relay =
+                    |pipe, path: &OsString| Relay { pipe: Some(pipe), path: path.into(), file: None, failed: false };
+                let relays = [relay(out_read, &job.stdout), relay(err_read, &job.stderr)];
+                self.jobs.insert(pid, Job { attempt_id, record_file: PathBuf::from(&job.record_file), relays });
                 FromSupervisor::Started { attempt_id, pid: pid as u32, start_ticks: start_ticks(pid as u32) }
             }
             Err(e) => {
@@ -651,38 +824,54 @@ fn close_inherited_fds() {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_written_record_reads_back_whole_and_leaves_no_temporary_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("exit.json");
-        let record = ExitRecord {
-            code: Some(3),
+    fn ended(code: i32) -> ExitRecord {
+        ExitRecord {
+            code: Some(code),
             signal: None,
             max_rss_kib: Some(2048),
             user_cpu_ms: Some(12),
             sys_cpu_ms: Some(4),
             ended_unix_ms: Some(1_700_000_000_000),
-        };
-        write_record(&path, &record).unwrap();
-        assert_eq!(read_record(&path).unwrap(), Some(record.clone()));
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(names, ["exit.json"]);
-
-        let replaced = ExitRecord { code: None, signal: Some(libc::SIGTERM), ..record };
-        write_record(&path, &replaced).unwrap();
-        assert_eq!(read_record(&path).unwrap(), Some(replaced));
+        }
     }
 
     #[test]
-    fn a_write_that_fails_leaves_the_previous_record_intact() {
+    fn a_record_file_folds_its_lines_in_any_order_and_the_first_end_wins() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("exit.json");
-        let old = ExitRecord { code: Some(0), ..ExitRecord::default() };
-        write_record(&path, &old).unwrap();
-        // The temporary file cannot be created: the write fails before touching the record.
-        std::fs::create_dir(dir.path().join(format!("exit.json{TMP_SUFFIX}"))).unwrap();
-        assert!(write_record(&path, &ExitRecord { code: Some(9), ..ExitRecord::default() }).is_err());
-        assert_eq!(read_record(&path).unwrap(), Some(old));
+        let path = dir.path().join("attempt.jsonl");
+        assert_eq!(read_log::<String>(&path).unwrap(), None);
+        assert!(append_entry(&path, &Entry::<String>::Exited(ended(0))).is_err(), "appending needs the file");
+        std::fs::File::create(&path).unwrap();
+        // A short job's end can come before the agent wrote its start.
+        append_entry(&path, &Entry::<String>::Exited(ended(3))).unwrap();
+        append_entry(&path, &Entry::Started("the start".to_string())).unwrap();
+        append_entry(&path, &Entry::<String>::Exited(ended(9))).unwrap();
+        append_entry(&path, &Entry::<String>::Acknowledged { unix_ms: 42 }).unwrap();
+        let log = read_log::<String>(&path).unwrap().unwrap();
+        assert_eq!(
+            log,
+            RecordLog {
+                started: Some("the start".into()),
+                exited: Some(ended(3)),
+                acknowledged_unix_ms: Some(42),
+                torn_lines: 0
+            }
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["attempt.jsonl"], "appending makes no other file");
+    }
+
+    #[test]
+    fn a_line_cut_short_by_a_crash_is_skipped_and_takes_no_later_line_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("attempt.jsonl");
+        std::fs::File::create(&path).unwrap();
+        append_entry(&path, &Entry::Started(7u32)).unwrap();
+        // A writer killed mid-line leaves no newline at the end.
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"\n{\"exited\":{\"co").unwrap();
+        append_entry(&path, &Entry::<u32>::Exited(ended(0))).unwrap();
+        let log = read_log::<u32>(&path).unwrap().unwrap();
+        assert_eq!((log.started, log.exited, log.torn_lines), (Some(7), Some(ended(0)), 1));
     }
 
     #[test]
@@ -714,7 +903,7 @@ mod tests {
             cwd: "/w".into(),
             stdout: "/w/stdout.log".into(),
             stderr: "/w/stderr.log".into(),
-            status_file: "/w/exit.json".into(),
+            record_file: "/w/attempt.jsonl".into(),
         });
         let ToSupervisor::Start(first) = &start;
         let exited = ToSupervisor::Start(StartJob { attempt_id: AttemptId(8), ..first.clone() });

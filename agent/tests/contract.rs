@@ -155,8 +155,8 @@ impl Harness for Process {
 
 impl Process {
     fn pgid(&self, id: AttemptId) -> Option<i32> {
-        let text = std::fs::read(attempt_dir(self.dir.path(), id).join("attempt.json")).ok()?;
-        let record: serde_json::Value = serde_json::from_slice(&text).ok()?;
+        let path = attempt_dir(self.dir.path(), id).join(cosmos_agent::process::RECORD_LOG);
+        let record = cosmos_agent::supervise::read_log::<serde_json::Value>(&path).ok()??.started?;
         record["pgid"].as_i64().map(|p| p as i32)
     }
 }

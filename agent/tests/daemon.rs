@@ -206,7 +206,8 @@ async fn the_agent_runs_an_assigned_job_and_reports_it() {
             }
         }
     }
-    assert!(dir.path().join("attempts/att-1/acknowledged").exists());
+    let acked = cosmos_agent::process::acknowledged_unix_ms(&dir.path().join("attempts/att-1"));
+    assert!(acked.is_some(), "the acknowledgement is in the attempt's record");
 
     agent.shut_down().await.expect("a clean shutdown");
     // The agent closed the connection on its way out.

@@ -3,7 +3,7 @@
 use cosmos_agent::core::{ExitStatus, Recovered, RuntimeEvent};
 use cosmos_agent::process::{ProcessRuntime, group_exists};
 use cosmos_agent::runtime::{EVENT_QUEUE_LEN, Runtime, StartRequest};
-use cosmos_agent::supervise::Launcher;
+use cosmos_agent::supervise::{ExitRecord, Launcher, RecordLog};
 use cosmos_proto::spec::{ArtifactRef, OutputArtifact};
 use cosmos_proto::{AttemptId, Epoch, JobId, JobSpec, LogStream, Sha256};
 use sha2::Digest;
@@ -31,6 +31,12 @@ fn request(rt: &ProcessRuntime, id: u64, command: &[&str]) -> StartRequest {
         gpu_indices: vec![0],
         work_dir: rt.attempt_dir(attempt_id),
     }
+}
+
+/// The attempt's record file, folded (its start as plain JSON).
+fn record(rt: &ProcessRuntime, id: u64) -> Option<RecordLog<serde_json::Value>> {
+    let path = rt.attempt_dir(AttemptId(id)).join(cosmos_agent::process::RECORD_LOG);
+    cosmos_agent::supervise::read_log(&path).unwrap()
 }
 
 /// Waits until the attempt has printed `text` on stdout.
@@ -80,12 +86,11 @@ async fn exit_codes_are_reported_and_recorded() {
     assert!(ok.started.as_deref().is_some_and(|h| h.starts_with("pgid:")), "{ok:?}");
     assert_eq!(ok.status(), &ExitStatus { code: Some(0), signal: None, oom_killed: false });
     // Attempt 2's events may have been consumed above; its record on disk says how it ended.
-    let attempt2 = rt.attempt_dir(AttemptId(2));
-    eventually("attempt 2 exits", || attempt2.join("exit.json").exists()).await;
-    let exit: serde_json::Value = serde_json::from_slice(&std::fs::read(attempt2.join("exit.json")).unwrap()).unwrap();
-    assert_eq!(exit["code"], 3);
-    let record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(attempt2.join("attempt.json")).unwrap()).unwrap();
+    eventually("attempt 2 exits", || record(&rt, 2).is_some_and(|r| r.exited.is_some())).await;
+    let log = record(&rt, 2).unwrap();
+    assert_eq!(log.exited.unwrap().code, Some(3));
+    assert!(log.acknowledged_unix_ms.is_none());
+    let record = log.started.expect("the start is recorded");
     assert_eq!(record["attempt_id"], 2);
     assert_eq!(record["job_id"], 1002);
     assert_eq!(record["timeout_ms"], cosmos_proto::spec::DEFAULT_TIMEOUT_MS);
@@ -231,6 +236,80 @@ async fn outputs_are_reported_with_their_digests() {
 }
 
 #[tokio::test]
+async fn a_job_that_writes_nothing_leaves_only_its_record_and_one_that_delivers_its_log_gets_it_even_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut rt, mut rx) = runtime(dir.path());
+    rt.start(request(&rt, 1, &["true"]));
+    assert_eq!(run_to_end(&mut rx, AttemptId(1)).await.status().code, Some(0));
+    rt.acknowledge(AttemptId(1));
+    let root = dir.path().to_path_buf();
+    let names = |id: u64| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(root.join(format!("attempts/att-{id}")))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    };
+    // Each file is an inode for the file system to allocate: a quiet job makes one.
+    assert_eq!(names(1), ["attempt.jsonl"]);
+    let log = record(&rt, 1).unwrap();
+    assert!(log.started.is_some() && log.exited.is_some() && log.acknowledged_unix_ms.is_some(), "{log:?}");
+
+    let mut req = request(&rt, 2, &["true"]);
+    req.spec.outputs.push(OutputArtifact { path: "stdout.log".into(), required: true });
+    rt.start(req);
+    let seen = run_to_end(&mut rx, AttemptId(2)).await;
+    let empty =
+        ArtifactRef { path: "stdout.log".into(), sha256: Sha256(sha2::Sha256::digest(b"").into()), size_bytes: 0 };
+    assert_eq!(seen.exit.as_ref().unwrap().1, [empty], "an empty result is still a result");
+    assert_eq!(names(2), ["attempt.jsonl", "stdout.log"]);
+}
+
+#[tokio::test]
+async fn the_directories_an_older_agent_left_are_recovered_and_acknowledged_in_their_own_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    // What an agent before the record file left: `attempt.json`, `exit.json` (by its supervisor), `acknowledged`.
+    let legacy = |id: u64, exit: Option<&str>, acknowledged: bool| {
+        let attempt = dir.path().join(format!("attempts/att-{id}"));
+        std::fs::create_dir_all(&attempt).unwrap();
+        let record = serde_json::json!({
+            "attempt_id": id, "job_id": 1000 + id, "epoch": 1, "gpu_uuids": ["GPU-test-0"],
+            "pid": 999_999, "pgid": 999_999, "started_unix_ms": 1, "timeout_ms": 60_000,
+            "work_dir": attempt, "outputs": [], "boot_id": null, "start_ticks": null,
+        });
+        std::fs::write(attempt.join("attempt.json"), record.to_string()).unwrap();
+        if let Some(exit) = exit {
+            std::fs::write(attempt.join("exit.json"), exit).unwrap();
+        }
+        if acknowledged {
+            std::fs::write(attempt.join("acknowledged"), b"").unwrap();
+        }
+        attempt
+    };
+    let ended = legacy(1, Some("{\"code\": 5, \"signal\": null}"), false);
+    legacy(2, Some("{\"code\": 0, \"signal\": null}"), true);
+    let vanished = legacy(3, None, false);
+    let (mut rt, _rx) = runtime(dir.path());
+    let mut recovered = rt.recover();
+    recovered.sort_by_key(|r| r.attempt_id);
+    let outcomes: Vec<_> = recovered.iter().map(|r| (r.attempt_id, r.job_id, r.exited.clone())).collect();
+    let status = |code| Some(ExitStatus { code, signal: None, oom_killed: false });
+    assert_eq!(
+        outcomes,
+        [(AttemptId(1), JobId(1001), status(Some(5))), (AttemptId(3), JobId(1003), status(None))],
+        "the ended one with its code, the vanished one lost, the acknowledged one not again"
+    );
+    assert!(vanished.join("exit.json").exists(), "its loss is recorded in its own layout");
+    rt.acknowledge(AttemptId(1));
+    assert!(ended.join("acknowledged").exists());
+    assert!(!ended.join("attempt.jsonl").exists(), "an old directory is not converted");
+    let (mut again, _rx) = runtime(dir.path());
+    let left: Vec<AttemptId> = again.recover().iter().map(|r| r.attempt_id).collect();
+    assert_eq!(left, [AttemptId(3)]);
+}
+
+#[tokio::test]
 async fn a_missing_program_fails_to_start_for_good() {
     let dir = tempfile::tempdir().unwrap();
     let (mut rt, mut rx) = runtime(dir.path());
@@ -262,11 +341,8 @@ async fn a_restarted_runtime_adopts_running_attempts_and_reports_finished_ones()
     assert_eq!(running.status().code, Some(3));
     let mut seen_long = Seen::default();
     // Attempt 1's start may have been consumed above; its record holds the group.
-    let record_path = first.attempt_dir(AttemptId(1)).join("attempt.json");
-    eventually("attempt 1 is recorded", || record_path.exists()).await;
-    let record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(first.attempt_dir(AttemptId(1)).join("attempt.json")).unwrap()).unwrap();
-    let pgid = record["pgid"].as_i64().unwrap() as i32;
+    eventually("attempt 1 is recorded", || record(&first, 1).is_some_and(|r| r.started.is_some())).await;
+    let pgid = record(&first, 1).unwrap().started.unwrap()["pgid"].as_i64().unwrap() as i32;
     let _guard = KillOnDrop(pgid);
     drop(first); // The agent "restarts": the processes stay.
     drop(rx);
@@ -315,11 +391,15 @@ async fn an_attempt_of_an_earlier_boot_is_reported_lost_whatever_its_record_says
     drop(first);
     drop(rx);
     // The host "reboots": the records stay, written on a boot that is over.
-    let record_path = dir.path().join("attempts/att-1/attempt.json");
-    let mut record: serde_json::Value = serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
-    assert!(record["boot_id"].is_string(), "the record names its boot: {record}");
-    record["boot_id"] = "an-earlier-boot".into();
-    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
+    let record_path = dir.path().join("attempts/att-1/attempt.jsonl");
+    let text = std::fs::read_to_string(&record_path).unwrap();
+    let mut lines: Vec<serde_json::Value> =
+        text.lines().filter(|l| !l.is_empty()).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let start = lines.iter_mut().find_map(|l| l.get_mut("started")).expect("a start line");
+    assert!(start["boot_id"].is_string(), "the record names its boot: {start}");
+    start["boot_id"] = "an-earlier-boot".into();
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&record_path, text.join("\n")).unwrap();
 
     let (mut second, _rx) = runtime(dir.path());
     let recovered = second.recover();
@@ -348,9 +428,8 @@ async fn the_jobs_of_a_killed_supervisor_are_killed_and_reported_lost_and_the_ne
     watch_until(&mut rx, AttemptId(1), &mut seen, |s| s.exit.is_some()).await;
     assert_eq!(seen.status(), &ExitStatus { code: None, signal: None, oom_killed: false }, "no record: lost");
     eventually("the orphaned job is killed with its group", || !alive(job)).await;
-    let record: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(rt.attempt_dir(AttemptId(1)).join("exit.json")).unwrap()).unwrap();
-    assert_eq!(record, serde_json::json!({ "code": null, "signal": null }), "a restarted agent does not look again");
+    let exited = record(&rt, 1).unwrap().exited;
+    assert_eq!(exited, Some(ExitRecord::default()), "recorded lost: a restarted agent does not look again");
 
     // The next job starts a new supervisor.
     rt.start(request(&rt, 2, &["sh", "-c", "exit 4"]));

@@ -61,16 +61,21 @@ fn attempt_dir(c: &Cluster) -> PathBuf {
     wait_until(c, "the attempt to start", || {
         found = std::fs::read_dir(&attempts)
             .ok()
-            .and_then(|d| d.flatten().map(|e| e.path()).find(|p| p.join("attempt.json").exists()));
+            .and_then(|d| d.flatten().map(|e| e.path()).find(|p| started(p).is_some()));
         found.is_some()
     });
     found.unwrap()
 }
 
+/// The start the attempt's record holds, once written.
+fn started(dir: &std::path::Path) -> Option<Value> {
+    let path = dir.join(cosmos_agent::process::RECORD_LOG);
+    cosmos_agent::supervise::read_log::<Value>(&path).ok()??.started
+}
+
 /// The process group the attempt's record names.
 fn pgid(dir: &std::path::Path) -> i32 {
-    let record: Value = serde_json::from_slice(&std::fs::read(dir.join("attempt.json")).unwrap()).unwrap();
-    record["pgid"].as_i64().unwrap() as i32
+    started(dir).expect("a start record")["pgid"].as_i64().unwrap() as i32
 }
 
 /// Starts a job and returns once it has run for [`RUNNING_FOR`]: its id and attempt directory.
