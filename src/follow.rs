@@ -37,6 +37,9 @@ pub struct Follower<'a> {
     as_of: BTreeMap<u64, u64>,
     /// The last event applied or the listing's position: where a reconnect resumes.
     cursor: String,
+    /// Jobs whose view changed since the caller last took them: a wait does
+    /// work per change, not per job (a batch of thousands gets thousands of events).
+    changed: BTreeSet<u64>,
     items: Option<mpsc::Receiver<Item>>,
 }
 
@@ -63,6 +66,7 @@ impl<'a> Follower<'a> {
             views: BTreeMap::new(),
             as_of: BTreeMap::new(),
             cursor: String::new(),
+            changed: BTreeSet::new(),
             items: None,
         };
         f.list(reconnect)?;
@@ -78,6 +82,17 @@ impl<'a> Follower<'a> {
     /// The jobs, in the order asked for.
     pub fn views(&self) -> Vec<&JobView> {
         self.order.iter().filter_map(|n| self.views.get(n)).collect()
+    }
+
+    /// How many of the wanted jobs have a view.
+    pub fn known(&self) -> usize {
+        self.views.len()
+    }
+
+    /// The jobs whose view changed since the last call (all of them, the first time), in id order.
+    pub fn take_changed(&mut self) -> Vec<&JobView> {
+        let changed = std::mem::take(&mut self.changed);
+        changed.into_iter().filter_map(|n| self.views.get(&n)).collect()
     }
 
     /// Lists the wanted jobs' range of ids, page by page.
@@ -109,6 +124,7 @@ impl<'a> Follower<'a> {
                 let Some(n) = number(&view.id).filter(|n| self.wanted.contains(n)) else { continue };
                 self.as_of.insert(n, seq(&cursor));
                 self.views.insert(n, view);
+                self.changed.insert(n);
             }
             match headers[0].as_deref().and_then(number) {
                 Some(next) if next < last => after = next,
@@ -151,6 +167,7 @@ impl<'a> Follower<'a> {
                         // A view the listing already had, or newer than this event, stays.
                         if self.as_of.get(&n).is_none_or(|&listed| seq(&cursor) > listed) {
                             self.views.insert(n, *view);
+                            self.changed.insert(n);
                         }
                     }
                     self.cursor = cursor;

@@ -4,7 +4,7 @@ use crate::client::{ApiError, Client, ClientArgs, printable};
 use anyhow::{Context, bail};
 use cosmos_controller::http::{AgentInfo, JobLine, JobView, RESERVED_LABEL_PREFIX, StatusBody, SubmitRequest};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, IsTerminal};
 use std::path::Path;
 use std::time::Duration;
@@ -98,7 +98,9 @@ pub fn wait_for(
     } else {
         ProgressDrawTarget::hidden()
     });
-    let batch = multi.add(ProgressBar::new(ids.len() as u64));
+    // Counted per job: an id given twice is one job.
+    let unique = ids.iter().collect::<BTreeSet<_>>().len();
+    let batch = multi.add(ProgressBar::new(unique as u64));
     batch.set_style(
         ProgressStyle::with_template("{prefix:>15} [{bar:40}] {pos}/{len} done  {msg}").unwrap().progress_chars("=> "),
     );
@@ -106,16 +108,14 @@ pub fn wait_for(
     let job_style =
         ProgressStyle::with_template("{prefix:>15} [{bar:40}] {pos}/{len} {msg}").unwrap().progress_chars("=> ");
     let mut bars: BTreeMap<String, ProgressBar> = BTreeMap::new();
-    let mut last_state: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_state: HashMap<String, String> = HashMap::new();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     // A controller restart loses nothing: keep waiting through it, within the bound.
     let mut reconnect = client.reconnect();
     // One listing, then each change from the controller's event stream.
     let mut follower = crate::follow::Follower::start(client, ids, &mut reconnect)?;
     loop {
-        let mine: Vec<&JobView> = follower.views();
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        for j in &mine {
-            *counts.entry(j.state.as_str()).or_insert(0) += 1;
+        for j in follower.take_changed() {
             let final_ = matches!(j.state.as_str(), "succeeded" | "failed" | "cancelled");
             if last_state.get(&j.id) != Some(&j.state) {
                 if !interactive && !args.json {
@@ -123,7 +123,12 @@ pub fn wait_for(
                         j.error.as_deref().map(|e| format!(" ({})", error_summary(Some(e)))).unwrap_or_default();
                     println!("{} {} {}{extra}", shown(&j.id), printable(&j.name), j.state);
                 }
-                last_state.insert(j.id.clone(), j.state.clone());
+                if let Some(old) = last_state.insert(j.id.clone(), j.state.clone()) {
+                    if let Some(n) = counts.get_mut(&old) {
+                        *n -= 1;
+                    }
+                }
+                *counts.entry(j.state.clone()).or_insert(0) += 1;
             }
             if interactive {
                 match (bars.get(&j.id), final_, j.state.as_str()) {
@@ -149,12 +154,14 @@ pub fn wait_for(
                 }
             }
         }
+        counts.retain(|_, n| *n > 0);
         let done =
-            ["succeeded", "failed", "cancelled"].iter().map(|s| counts.get(s).copied().unwrap_or(0)).sum::<usize>();
+            ["succeeded", "failed", "cancelled"].iter().map(|s| counts.get(*s).copied().unwrap_or(0)).sum::<usize>();
         batch.set_position(done as u64);
         batch.set_message(counts.iter().map(|(s, n)| format!("{s} {n}")).collect::<Vec<_>>().join(", "));
-        if done == ids.len() && mine.len() == ids.len() {
+        if done == unique && follower.known() == unique {
             batch.finish();
+            let mine: Vec<&JobView> = follower.views();
             let failed: Vec<&&JobView> = mine.iter().filter(|j| j.state != "succeeded").collect();
             if !summary {
             } else if args.json {
