@@ -123,10 +123,8 @@ pub fn wait_for(
                         j.error.as_deref().map(|e| format!(" ({})", error_summary(Some(e)))).unwrap_or_default();
                     println!("{} {} {}{extra}", shown(&j.id), printable(&j.name), j.state);
                 }
-                if let Some(old) = last_state.insert(j.id.clone(), j.state.clone()) {
-                    if let Some(n) = counts.get_mut(&old) {
-                        *n -= 1;
-                    }
+                if let Some(n) = last_state.insert(j.id.clone(), j.state.clone()).and_then(|old| counts.get_mut(&old)) {
+                    *n -= 1;
                 }
                 *counts.entry(j.state.clone()).or_insert(0) += 1;
             }
