@@ -973,8 +973,12 @@ fn signal_group(pgid: i32, signal: i32) {
     }
 }
 
+/// The kernel's boot id, read once: it cannot change under a running process.
 fn boot_id() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string())
+    static BOOT_ID: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT_ID
+        .get_or_init(|| std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string()))
+        .clone()
 }
 
 /// Finds `program` the way `execvp` would: as given when it holds a `/`, else
