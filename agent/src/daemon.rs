@@ -14,6 +14,7 @@ use crate::docker::{DockerConfig, DockerRuntime};
 pub use crate::listen::{ListenAddr, ListenError};
 use crate::process::ProcessRuntime;
 use crate::runtime::{EVENT_QUEUE_LEN, Runtime, StartRequest};
+use crate::simulated::{SimulatedHost, SimulatedRuntime};
 use cosmos_proto::Classify;
 use cosmos_proto::handshake::{self, DEFAULT_HANDSHAKE_TIMEOUT_MS, HandshakeError, Hello, Refusal, Role, Token};
 use cosmos_proto::retry::Backoff;
@@ -62,12 +63,17 @@ pub enum RuntimeKind {
     /// configuration's `agent_name` and `gpus_simulated` from the
     /// [`AgentOptions`], and its `work_dir_root` too when that is empty.
     Docker(DockerConfig),
+    /// No process runs: jobs are `cosmos-testjob` command lines played by timers on this
+    /// host (see [`crate::simulated`]), for load tests of the controller with many agents
+    /// in one process. The agent's startup log says so.
+    Simulated(SimulatedHost),
 }
 
 /// The runtime the shell drives.
 enum AgentRuntime {
     Process(ProcessRuntime),
     Docker(DockerRuntime),
+    Simulated(SimulatedRuntime),
 }
 
 impl AgentRuntime {
@@ -75,6 +81,7 @@ impl AgentRuntime {
         match self {
             AgentRuntime::Process(r) => r,
             AgentRuntime::Docker(r) => r,
+            AgentRuntime::Simulated(r) => r,
         }
     }
 }
@@ -301,6 +308,14 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
             }
             (AgentRuntime::Docker(docker), root)
         }
+        RuntimeKind::Simulated(host) => {
+            tracing::warn!(
+                agent = opts.name,
+                "the runtime is SIMULATED: no process runs; jobs are cosmos-testjob command lines played by timers"
+            );
+            let runtime = SimulatedRuntime::new(host.clone(), work_dir.clone(), event_tx);
+            (AgentRuntime::Simulated(runtime), work_dir)
+        }
     };
     let cache_dir = attempts_root.join("cache");
     let cache = cosmos_cas::Store::open(&cache_dir)
@@ -343,6 +358,7 @@ pub async fn run(opts: AgentOptions, shutdown: impl Future<Output = ()>) -> Resu
     tracing::info!(
         agent = opts.name,
         controller = %opts.link,
+        runtime = runtime.as_dyn().name(),
         gpus = gpus.len(),
         adopted,
         ended_while_away = recovered.len() - adopted,

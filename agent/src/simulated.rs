@@ -83,6 +83,13 @@ pub struct SimulatedHost {
     state: Arc<Mutex<HostState>>,
 }
 
+impl std::fmt::Debug for SimulatedHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = lock(&self.state);
+        f.debug_struct("SimulatedHost").field("jobs", &state.jobs.len()).field("ended", &state.ended.len()).finish()
+    }
+}
+
 impl SimulatedHost {
     /// An empty host.
     pub fn new() -> SimulatedHost {

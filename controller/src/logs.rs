@@ -7,8 +7,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-/// Log files one connection keeps open; more are closed first (a connection with many attempts).
-const LOG_FILES_OPEN_MAX: usize = 256;
+/// Log files one batch of chunks keeps open at once; more are closed first. Files are
+/// closed after each batch: an attempt never says its log is complete, so files kept
+/// open between batches would pile up with finished attempts, and a thousand agents
+/// each holding hundreds exhausted the controller's open-files limit (then refused the API).
+const LOG_FILES_OPEN_MAX: usize = 16;
 /// Log chunks of one connection queued for its log writer; a full queue slows the agent's reads.
 pub(crate) const LOG_QUEUE_CHUNKS_MAX: usize = 64;
 /// Log chunks written in one go on the blocking pool.
@@ -16,29 +19,26 @@ const LOG_BATCH_CHUNKS_MAX: usize = 64;
 
 /// Writes one connection's log chunks, in batches on the blocking pool, until the connection ends.
 pub(crate) async fn write_logs(mut rx: mpsc::Receiver<cosmos_proto::LogChunk>, shared: Arc<Shared>) {
-    let mut files = LogFiles::default();
     let mut batch = Vec::with_capacity(LOG_BATCH_CHUNKS_MAX);
     while rx.recv_many(&mut batch, LOG_BATCH_CHUNKS_MAX).await > 0 {
         let chunks = std::mem::take(&mut batch);
         let shared = shared.clone();
         let written = tokio::task::spawn_blocking(move || {
+            // Open for this batch only (see LOG_FILES_OPEN_MAX): chunks of one attempt share an open.
+            let mut files = LogFiles::default();
             for chunk in &chunks {
                 files.append(&shared.dir, chunk, shared.attempt_log_bytes_max);
             }
-            files
         })
         .await;
-        match written {
-            Ok(f) => files = f,
-            Err(e) => {
-                tracing::error!(error = %e, "the attempt log writer failed; this connection's logs stop here");
-                return;
-            }
+        if let Err(e) = written {
+            tracing::error!(error = %e, "the attempt log writer failed; this connection's logs stop here");
+            return;
         }
     }
 }
 
-/// Open log files of one connection's attempts, appended at the chunk's offset
+/// Open log files of one batch's attempts, appended at the chunk's offset
 /// so a chunk resent after a reconnect is written once.
 #[derive(Default)]
 struct LogFiles {

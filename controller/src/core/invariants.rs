@@ -70,6 +70,14 @@ impl Core {
             if indexed != expected {
                 return Err(format!("agent {} indexed with free GPUs {indexed:?}, expected {expected:?}", agent.name));
             }
+            let armed: Vec<u64> = self.liveness.iter().filter(|&&(_, i)| i == idx).map(|&(at, _)| at).collect();
+            let deadline: Vec<u64> = self.liveness_deadline(idx).into_iter().collect();
+            if armed != deadline || agent.indexed_deadline != deadline.first().copied() {
+                return Err(format!(
+                    "agent {} indexed with liveness deadline {armed:?}, expected {deadline:?}",
+                    agent.name
+                ));
+            }
         }
         Ok(())
     }

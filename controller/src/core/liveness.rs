@@ -6,7 +6,11 @@ use super::*;
 impl Core {
     /// Time passed: liveness of hosts, retry backoffs, then scheduling.
     pub fn tick(&mut self, now: Now, out: &mut Vec<Output>) {
-        for idx in 0..self.agents.len() {
+        // Only the hosts whose deadline has come, in the order of a walk of all of them.
+        let now_ms = self.deadline_clock_ms(now);
+        let mut due: Vec<usize> = self.liveness.range(..=(now_ms, usize::MAX)).map(|&(_, idx)| idx).collect();
+        due.sort_unstable();
+        for idx in due {
             let silence = self.deadline_clock_ms(now).saturating_sub(self.agents[idx].last_heard_ms);
             match self.agents[idx].health {
                 Health::Lost => {}
@@ -14,6 +18,7 @@ impl Core {
                 Health::Up if silence >= self.config.suspect_after_ms => {
                     self.agents[idx].health = Health::Suspect;
                     self.reindex(idx);
+                    self.rearm(idx);
                     let name = self.agents[idx].name.clone();
                     self.event(
                         now,
@@ -47,19 +52,43 @@ impl Core {
             // Recovered and not yet scheduled: due at once.
             return Some(0);
         }
-        let liveness = self.agents.iter().filter_map(|a| match a.health {
+        let liveness = self.liveness.first().map(|&(at, _)| at);
+        let backoff = self.backoff.first().map(|&(at, _)| at);
+        liveness.into_iter().chain(backoff).min()
+    }
+
+    /// When a host next turns suspect or lost, on the deadline clock; `None` once lost.
+    pub(super) fn liveness_deadline(&self, idx: usize) -> Option<u64> {
+        let a = &self.agents[idx];
+        match a.health {
             Health::Lost => None,
             Health::Up => Some(a.last_heard_ms + self.config.suspect_after_ms.min(self.config.lost_after_ms)),
             Health::Suspect => Some(a.last_heard_ms + self.config.lost_after_ms),
-        });
-        let backoff = self.backoff.first().map(|&(at, _)| at);
-        liveness.chain(backoff).min()
+        }
+    }
+
+    /// Puts a host under its current deadline in the liveness index, or takes it
+    /// out once lost. Call after any change to its health or `last_heard_ms`.
+    pub(super) fn rearm(&mut self, idx: usize) {
+        let deadline = self.liveness_deadline(idx);
+        let agent = &mut self.agents[idx];
+        if agent.indexed_deadline == deadline {
+            return;
+        }
+        if let Some(at) = agent.indexed_deadline.take() {
+            self.liveness.remove(&(at, idx));
+        }
+        if let Some(at) = deadline {
+            agent.indexed_deadline = Some(at);
+            self.liveness.insert((at, idx));
+        }
     }
 
     pub(super) fn agent_lost(&mut self, now: Now, idx: usize, silence_ms: u64) {
         let name = self.agents[idx].name.clone();
         self.agents[idx].health = Health::Lost;
         self.reindex(idx);
+        self.rearm(idx);
         // Whatever it says from now on must come through a new connection and
         // its reconciliation, so the attempts given up here get fenced off.
         if let Some(conn) = self.agents[idx].conn.take() {
@@ -112,5 +141,6 @@ impl Core {
             self.reindex(idx);
             self.dirty = true;
         }
+        self.rearm(idx);
     }
 }

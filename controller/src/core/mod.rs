@@ -424,6 +424,8 @@ struct Agent {
     attempts: BTreeSet<AttemptId>,
     /// The free-GPU count under which it sits in the free index, if it does.
     indexed_free: Option<u32>,
+    /// The deadline under which it sits in the liveness index, if it does (it does unless lost).
+    indexed_deadline: Option<u64>,
     /// Why it says it cannot start work (its container runtime is down, say).
     unhealthy: Option<String>,
 }
@@ -502,6 +504,9 @@ pub struct Core {
     submitted_keys: HashMap<String, (String, Vec<JobId>)>,
     /// Schedulable agents by free GPU count, for best-fit placement.
     free_index: BTreeSet<(u32, usize)>,
+    /// Agents not lost, by when they next turn suspect or lost (on the deadline clock): the next
+    /// deadline and the hosts due are found without walking every host at every input.
+    liveness: BTreeSet<(u64, usize)>,
     /// The host held for a job that could not be placed, so small jobs cannot starve it.
     reservation: Option<(JobId, usize)>,
     /// Something changed that may let a queued job be placed.
@@ -542,6 +547,7 @@ impl Core {
             conn_agent: HashMap::new(),
             submitted_keys: HashMap::new(),
             free_index: BTreeSet::new(),
+            liveness: BTreeSet::new(),
             reservation: None,
             dirty: true,
             passes: 0,
@@ -558,6 +564,7 @@ impl Core {
             agent.gpus = rec.gpus.into_iter().map(new_gpu).collect();
             // Not connected yet: the grace period for reconnecting starts now.
             agent.health = Health::Suspect;
+            core.rearm(idx);
         }
         for rec in snapshot.jobs {
             let mut rec = rec;
@@ -1034,6 +1041,7 @@ impl Core {
             }
             let name = agent.name.clone();
             self.reindex(idx);
+            self.rearm(idx);
             self.event(now, None, None, Some(name.clone()), "agent_disconnected", format!("agent {name} disconnected"));
         }
         self.finish(now, out);
@@ -1075,9 +1083,11 @@ impl Core {
             fenced: BTreeMap::new(),
             attempts: BTreeSet::new(),
             indexed_free: None,
+            indexed_deadline: None,
             unhealthy: None,
         });
         self.agent_by_name.insert(name.to_string(), idx);
+        self.rearm(idx);
         idx
     }
 

@@ -42,6 +42,7 @@ impl Core {
             }
             agent.fenced.clear();
         }
+        self.rearm(idx);
         self.sends.push(Output::Send {
             conn,
             msg: ControllerMsg::Welcome { epoch: self.epoch, heartbeat_interval_ms: self.config.heartbeat_interval_ms },
