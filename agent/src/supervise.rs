@@ -70,6 +70,10 @@ pub const FRAME_BYTES_MAX: usize = 4 << 20;
 const OUTBOX_BYTES_MAX: usize = 16 << 20;
 /// Most bytes relayed from one job's pipe in one turn of the loop, so a chatty job cannot starve the others.
 const RELAY_BYTES_MAX: usize = 256 << 10;
+/// Most bytes taken from an ended job's pipe before its end is recorded: what the job
+/// wrote is at most a pipe's worth, and a process it moved out of its group that goes
+/// on writing must not hold the record back.
+const DRAIN_BYTES_MAX: usize = 16 << 20;
 
 /// How a job ended, as its supervisor (or, without one, the agent) recorded it
 /// (an [`Entry::Exited`] line; agents before protocol 2: `exit.json`).
@@ -363,13 +367,14 @@ struct Relay {
 }
 
 impl Relay {
-    /// Moves what the pipe holds into the log file: at most [`RELAY_BYTES_MAX`]
-    /// unless `all` (the job has ended: everything it wrote must be in the file
-    /// before its end is recorded).
-    fn pump(&mut self, all: bool) {
+    /// Moves what the pipe holds into the log file: at most [`RELAY_BYTES_MAX`],
+    /// or [`DRAIN_BYTES_MAX`] when `ended` (everything the job wrote must be in
+    /// the file before its end is recorded).
+    fn pump(&mut self, ended: bool) {
         let mut buf = [0u8; 64 << 10];
         let mut moved = 0;
-        while all || moved < RELAY_BYTES_MAX {
+        let limit = if ended { DRAIN_BYTES_MAX } else { RELAY_BYTES_MAX };
+        while moved < limit {
             let Some(pipe) = self.pipe.as_mut() else { return };
             match pipe.read(&mut buf) {
                 Ok(0) => {
