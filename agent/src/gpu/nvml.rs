@@ -22,6 +22,9 @@ use std::sync::mpsc;
 pub const DEFAULT_NVML_LIB: &str = "libnvidia-ml.so.1";
 /// How long the event thread waits in NVML before it looks whether it should stop.
 const EVENT_WAIT_MS: u32 = 200;
+/// How long asking for events waits for the event thread to have registered the GPUs:
+/// NVML delivers no event from before registration, so returning earlier could lose one.
+const EVENT_REGISTER_WAIT_MS: u64 = 5_000;
 
 /// One offered GPU: its NVML index and what it was found not to support.
 struct Offered {
@@ -208,6 +211,7 @@ impl GpuSource for NvmlSource {
             return None;
         }
         let (tx, rx) = mpsc::channel();
+        let (registered_tx, registered_rx) = mpsc::channel::<()>();
         let stop = Arc::new(AtomicBool::new(false));
         let (nvml, stop2) = (self.nvml.clone(), stop.clone());
         let thread = std::thread::Builder::new().name("nvml-events".into()).spawn(move || {
@@ -223,6 +227,7 @@ impl GpuSource for NvmlSource {
                     Err(e) => return tracing::warn!(index, error = %e, "cannot register for Xid/ECC events"),
                 };
             }
+            let _ = registered_tx.send(());
             while !stop2.load(Ordering::Relaxed) {
                 match set.wait(EVENT_WAIT_MS) {
                     Ok(data) => {
@@ -251,6 +256,15 @@ impl GpuSource for NvmlSource {
         if let Err(e) = thread {
             tracing::warn!(error = %e, "cannot start the NVML event thread");
             return None;
+        }
+        match registered_rx.recv_timeout(std::time::Duration::from_millis(EVENT_REGISTER_WAIT_MS)) {
+            Ok(()) => {}
+            // The thread said why and ended: no events.
+            Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            Err(mpsc::RecvTimeoutError::Timeout) => tracing::warn!(
+                wait_ms = EVENT_REGISTER_WAIT_MS,
+                "NVML is slow to register the GPUs for Xid/ECC events; events until it has are not seen"
+            ),
         }
         Some(Box::new(NvmlEvents { rx, stop }))
     }
