@@ -571,18 +571,16 @@ pub struct JobSummary {
     pub waiting: Option<String>,
 }
 
-/// List jobs (all, or one).
-pub struct ListJobs(pub Option<JobId>);
-impl Message for ListJobs {
-    type Result = Vec<JobSummary>;
+/// One job. There is no message for every job: with a million queued, a copy
+/// of them all would double the controller's memory (listings page, [`PageJobs`]).
+pub struct GetJob(pub JobId);
+impl Message for GetJob {
+    type Result = Option<JobSummary>;
 }
-impl Handler<ListJobs> for CoreActor {
-    type Result = MessageResult<ListJobs>;
-    fn handle(&mut self, ListJobs(one): ListJobs, _: &mut Context<Self>) -> Self::Result {
-        MessageResult(match one {
-            Some(id) => self.summary(id).into_iter().collect(),
-            None => self.core.jobs().filter_map(|r| self.summary(r.id)).collect(),
-        })
+impl Handler<GetJob> for CoreActor {
+    type Result = MessageResult<GetJob>;
+    fn handle(&mut self, GetJob(id): GetJob, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.summary(id))
     }
 }
 
@@ -660,10 +658,11 @@ impl Handler<PromptRuns> for CoreActor {
 }
 
 /// Every blob (input or output) a job holds, but the runs of one prompt:
-/// gathered inside the actor, so deleting a prompt's outputs copies no job out.
+/// gathered inside the actor, so deleting a prompt's outputs or collecting
+/// blobs copies no job out.
 pub struct BlobsInUse {
-    /// The prompt whose runs do not count.
-    pub except_prompt: String,
+    /// The prompt whose runs do not count, if any.
+    pub except_prompt: Option<String>,
 }
 impl Message for BlobsInUse {
     type Result = std::collections::BTreeSet<cosmos_proto::Sha256>;
@@ -673,7 +672,7 @@ impl Handler<BlobsInUse> for CoreActor {
     fn handle(&mut self, BlobsInUse { except_prompt }: BlobsInUse, _: &mut Context<Self>) -> Self::Result {
         let mut used = std::collections::BTreeSet::new();
         for rec in self.core.jobs() {
-            if rec.spec.labels.get(crate::cosmos::labels::PROMPT) == Some(&except_prompt) {
+            if except_prompt.is_some() && rec.spec.labels.get(crate::cosmos::labels::PROMPT) == except_prompt.as_ref() {
                 continue;
             }
             used.extend(rec.outputs.iter().map(|o| o.sha256).chain(rec.spec.inputs.iter().map(|i| i.sha256)));

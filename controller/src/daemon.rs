@@ -265,12 +265,15 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         None => StoreLocation::Sqlite(dir.store()),
         Some(pg) => StoreLocation::Postgres(pg.url.clone()),
     };
+    // When the load of the store began (on PostgreSQL, the wait for the lease is in it too).
+    let mut load_started = std::time::Instant::now();
     let (store, store_id, snapshot, reader, renewer) = match &opts.postgres {
         None => {
             // SQLite gives its -wal and -shm files the database file's mode.
             create_private_file(&dir.store())?;
             let mut store = Store::open(&dir.store())?;
             let store_id = store.instance_id()?;
+            load_started = std::time::Instant::now();
             let snapshot = store.load()?;
             let reader = Store::open_reader(&dir.store())?;
             (store, store_id, snapshot, reader, None)
@@ -312,9 +315,18 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
             (store, store_id, snapshot, reader, Some((renewer, pg.lease_ms.max(3))))
         }
     };
+    let (jobs, load_ms) = (snapshot.jobs.len(), load_started.elapsed().as_millis() as u64);
     let clock = Clock::new();
+    let recover_started = std::time::Instant::now();
     let core = Core::recover(opts.core.clone(), snapshot, clock.now());
-    tracing::info!(epoch = core.epoch().0, data_dir = %dir.root.display(), "controller starting");
+    tracing::info!(
+        epoch = core.epoch().0,
+        data_dir = %dir.root.display(),
+        jobs,
+        load_ms,
+        recover_ms = recover_started.elapsed().as_millis() as u64,
+        "controller starting"
+    );
     let blobs = Arc::new(
         cosmos_cas::Store::open(dir.blobs())
             .map_err(|e| DaemonError::DataDir { path: dir.blobs(), source: std::io::Error::other(e.to_string()) })?,

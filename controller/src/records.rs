@@ -282,8 +282,8 @@ pub enum StoreOp {
 pub struct Snapshot {
     /// The epoch of this start (already incremented and persisted).
     pub epoch: Epoch,
-    /// All jobs, by id.
-    pub jobs: Vec<JobRecord>,
+    /// All jobs, by id; boxed, so the core takes each as it is instead of copying a million records.
+    pub jobs: Vec<Box<JobRecord>>,
     /// All attempts that are still live (finished ones are history).
     pub live_attempts: Vec<AttemptRecord>,
     /// Highest attempt id ever allocated, so ids are never reused.

@@ -4,7 +4,7 @@
 //! and then blobs that no prompt, run or remaining job references are
 //! collected. Every removal is logged with what it was and why.
 
-use crate::actor::{CoreActor, ListJobs, Prunable, Prune};
+use crate::actor::{BlobsInUse, CoreActor, Prunable, Prune};
 use crate::shared::Shared;
 use actix::Addr;
 use cosmos_proto::{JobId, LogStream, Sha256};
@@ -97,13 +97,11 @@ pub async fn prune(core: &Addr<CoreActor>, shared: &Shared, before_ms: u64, why:
 /// Removes the blobs that no prompt's videos, no job's inputs and no job's
 /// outputs name, once they are older than [`BLOB_GC_AGE_MIN_MS`]. The caller holds `blob_gc` for writing.
 async fn collect_blobs(core: &Addr<CoreActor>, shared: &Shared) -> Result<(usize, u64), PruneError> {
-    let jobs = core.send(ListJobs(None)).await.map_err(|_| PruneError::Stopping)?;
+    // Gathered in the core: a copy of every job would double the controller's memory at a million.
+    let mut referenced: BTreeSet<Sha256> =
+        core.send(BlobsInUse { except_prompt: None }).await.map_err(|_| PruneError::Stopping)?;
     let prompts = shared.reader.lock().unwrap_or_else(|e| e.into_inner()).prompts()?;
-    let referenced: BTreeSet<Sha256> = jobs
-        .iter()
-        .flat_map(|j| j.record.outputs.iter().map(|o| o.sha256).chain(j.record.spec.inputs.iter().map(|i| i.sha256)))
-        .chain(prompts.iter().flat_map(|p| p.videos.all().into_iter().map(|b| b.sha256)))
-        .collect();
+    referenced.extend(prompts.iter().flat_map(|p| p.videos.all().into_iter().map(|b| b.sha256)));
     let root = shared.blobs.root().join("sha256");
     let now = SystemTime::now();
     let (mut count, mut bytes) = (0, 0);

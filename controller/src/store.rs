@@ -392,13 +392,19 @@ impl SqliteStore {
         // One read transaction, so the pieces are from the same moment.
         let tx = self.conn.transaction()?;
         let jobs = {
+            // Sized first: growing a vector of a million records by doubling copies it over and over.
+            let count: i64 = tx.query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))?;
+            let mut jobs = JobDecoder::new(usize::try_from(count).unwrap_or(0));
             let mut stmt = tx.prepare_cached("SELECT id, record FROM jobs ORDER BY id")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
-            rows.map(|row| {
-                let (id, json) = row?;
-                decode::<JobRecord>(&json, || format!("job {id}"))
-            })
-            .collect::<Result<Vec<_>>>()?
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                // Borrowed from SQLite's row buffer: copied once, into the decoders' chunk.
+                let json = row.get_ref(1)?.as_str().map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
+                })?;
+                jobs.push(row.get(0)?, json)?;
+            }
+            jobs.finish()?
         };
         let live_attempts = {
             let mut stmt = tx.prepare_cached(
@@ -553,6 +559,136 @@ fn encode<T: serde::Serialize>(record: &T, what: impl FnOnce() -> String) -> Res
 
 fn decode<T: serde::de::DeserializeOwned>(json: &str, what: impl FnOnce() -> String) -> Result<T> {
     serde_json::from_str(json).map_err(|e| StoreError::Corrupt { what: format!("{}: {e}", what()) })
+}
+
+/// Job records per chunk a decoding thread takes: enough that handing one over costs nothing next to decoding it.
+const DECODE_CHUNK_RECORDS: usize = 2_048;
+/// Most threads decoding job records at load.
+const DECODE_THREADS_MAX: usize = 8;
+/// Chunks read ahead of the decoders, so the text waiting to be decoded stays a few megabytes.
+const DECODE_CHUNKS_AHEAD_PER_THREAD: usize = 2;
+
+/// Records of one chunk: their text, one after another, and each one's id and span in it.
+struct DecodeChunk {
+    index: usize,
+    text: String,
+    spans: Vec<(i64, usize, usize)>,
+}
+
+/// What a decoding thread made of one chunk: its records in order, or what is wrong with one.
+type Decoded = (usize, std::result::Result<Vec<Box<JobRecord>>, String>);
+
+/// Decodes job records on every core, in the order they were pushed. Parsing a
+/// million JSON records is most of a restart's time (`scripts/bench-million`);
+/// a store of few jobs is decoded on the caller's thread.
+struct JobDecoder {
+    jobs: Vec<Box<JobRecord>>,
+    chunk: DecodeChunk,
+    /// Where full chunks go, while there are decoding threads.
+    work: Option<std::sync::mpsc::SyncSender<DecodeChunk>>,
+    done: std::sync::mpsc::Receiver<Decoded>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl JobDecoder {
+    /// A decoder for about `count` records.
+    fn new(count: usize) -> JobDecoder {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = if count >= 4 * DECODE_CHUNK_RECORDS { cores.min(DECODE_THREADS_MAX) } else { 0 };
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let mut decoder = JobDecoder {
+            jobs: Vec::with_capacity(count),
+            chunk: DecodeChunk { index: 0, text: String::new(), spans: Vec::new() },
+            work: None,
+            done,
+            threads: Vec::new(),
+        };
+        if threads > 1 {
+            let (work, work_rx) =
+                std::sync::mpsc::sync_channel::<DecodeChunk>(threads * DECODE_CHUNKS_AHEAD_PER_THREAD);
+            let work_rx = std::sync::Arc::new(std::sync::Mutex::new(work_rx));
+            for _ in 0..threads {
+                let (work_rx, done_tx) = (work_rx.clone(), done_tx.clone());
+                decoder.threads.push(std::thread::spawn(move || {
+                    loop {
+                        // The lock is held only to take a chunk, not while decoding it.
+                        let next = work_rx.lock().map(|rx| rx.recv());
+                        let Ok(Ok(chunk)) = next else { return };
+                        let index = chunk.index;
+                        if done_tx.send((index, decode_chunk(chunk))).is_err() {
+                            return;
+                        }
+                    }
+                }));
+            }
+            decoder.work = Some(work);
+        }
+        decoder
+    }
+
+    /// Adds the record of job `id`.
+    fn push(&mut self, id: i64, json: &str) -> Result<()> {
+        let Some(work) = &self.work else {
+            self.jobs.push(Box::new(decode(json, || job_name(id))?));
+            return Ok(());
+        };
+        let start = self.chunk.text.len();
+        self.chunk.text.push_str(json);
+        self.chunk.spans.push((id, start, self.chunk.text.len()));
+        if self.chunk.spans.len() == DECODE_CHUNK_RECORDS {
+            let next = DecodeChunk { index: self.chunk.index + 1, text: String::new(), spans: Vec::new() };
+            let full = std::mem::replace(&mut self.chunk, next);
+            if work.send(full).is_err() {
+                // Every decoding thread has stopped, which only a panic makes them do.
+                self.work = None;
+                self.join();
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the decoding threads; a panic in one goes on in the caller, as if it had decoded itself.
+    fn join(&mut self) {
+        for t in self.threads.drain(..) {
+            if let Err(panic) = t.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+
+    /// Every record pushed, in order, or the first one that does not decode.
+    fn finish(mut self) -> Result<Vec<Box<JobRecord>>> {
+        let Some(work) = self.work.take() else { return Ok(self.jobs) };
+        let chunks = self.chunk.index + 1;
+        let last = std::mem::replace(&mut self.chunk, DecodeChunk { index: 0, text: String::new(), spans: Vec::new() });
+        let _ = work.send(last);
+        drop(work);
+        let mut decoded: Vec<Decoded> = self.done.iter().take(chunks).collect();
+        self.join();
+        assert_eq!(decoded.len(), chunks, "decoding threads that did not panic decoded every chunk");
+        decoded.sort_unstable_by_key(|(index, _)| *index);
+        for (_, chunk) in decoded {
+            self.jobs.extend(chunk.map_err(|what| StoreError::Corrupt { what })?);
+        }
+        Ok(self.jobs)
+    }
+}
+
+/// How an error names the job of row `id`: as the API does (`job-7`).
+fn job_name(id: i64) -> String {
+    u64::try_from(id).map_or_else(|_| format!("job row {id}"), |id| JobId(id).to_string())
+}
+
+fn decode_chunk(chunk: DecodeChunk) -> std::result::Result<Vec<Box<JobRecord>>, String> {
+    chunk
+        .spans
+        .iter()
+        .map(|&(id, start, end)| {
+            serde_json::from_str::<JobRecord>(&chunk.text[start..end])
+                .map(Box::new)
+                .map_err(|e| format!("{}: {e}", job_name(id)))
+        })
+        .collect()
 }
 
 /// The controller's store: one interface over either backend.

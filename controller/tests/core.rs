@@ -387,7 +387,7 @@ impl Cluster {
             epoch,
             max_attempt_id: attempts.keys().next_back().copied().max(max_attempt_id),
             max_job_id,
-            jobs: jobs.into_values().collect(),
+            jobs: jobs.into_values().map(Box::new).collect(),
             live_attempts: attempts.into_values().filter(|a| a.state.is_live()).collect(),
             agents: agents.into_values().collect(),
         }

@@ -233,6 +233,7 @@ contract!(
     an_attempt_may_precede_its_job_within_one_batch,
     a_database_from_a_newer_build_is_refused,
     a_row_that_does_not_decode_is_reported_as_corrupt,
+    a_large_store_loads_every_job_in_order_and_names_the_one_that_does_not_decode,
     the_api_reader_sees_the_writers_commits_and_cannot_write,
     prompts_round_trip_and_delete,
     the_instance_id_is_made_once_and_kept,
@@ -268,7 +269,7 @@ fn every_record_type_round_trips_exactly(kind: Kind) {
         snap,
         Snapshot {
             epoch: Epoch(2),
-            jobs,
+            jobs: jobs.into_iter().map(Box::new).collect(),
             live_attempts: attempts[1..].to_vec(),
             max_attempt_id: Some(AttemptId(9)),
             max_job_id: None,
@@ -324,7 +325,7 @@ fn a_reopened_store_keeps_every_applied_op(kind: Kind) {
     }
     let mut store = env.open();
     let snap = store.load().unwrap();
-    assert_eq!(snap.jobs, jobs);
+    assert_eq!(snap.jobs, jobs.iter().cloned().map(Box::new).collect::<Vec<_>>());
     assert_eq!(snap.live_attempts, vec![live]);
     assert_eq!(snap.max_attempt_id, Some(AttemptId(31)));
     assert_eq!(snap.agents, vec![agent("n1", true)]);
@@ -451,6 +452,22 @@ fn a_row_that_does_not_decode_is_reported_as_corrupt(kind: Kind) {
     assert!(matches!(store.load(), Err(StoreError::Corrupt { .. })));
 }
 
+/// Large enough that the load decodes on several threads (a restart with a million jobs does).
+fn a_large_store_loads_every_job_in_order_and_names_the_one_that_does_not_decode(kind: Kind) {
+    let env = Env::new(kind);
+    let jobs: Vec<JobRecord> = (1..=20_000).map(|i| if i % 3 == 0 { finished_job(i) } else { queued_job(i) }).collect();
+    let ops: Vec<StoreOp> = jobs.iter().map(|j| StoreOp::PutJob(Box::new(j.clone()))).collect();
+    env.writer().apply(&ops).unwrap();
+    let loaded = env.open().load().unwrap().jobs;
+    assert_eq!(loaded.len(), jobs.len());
+    for (got, want) in loaded.iter().zip(&jobs) {
+        assert_eq!(**got, *want);
+    }
+    env.sql("UPDATE jobs SET record = '{\"id\": 12345}' WHERE id = 12345");
+    let err = env.open().load().unwrap_err();
+    assert!(matches!(&err, StoreError::Corrupt { what } if what.starts_with("job-12345: ")), "{err:?}");
+}
+
 fn the_api_reader_sees_the_writers_commits_and_cannot_write(kind: Kind) {
     let env = Env::new(kind);
     let mut writer = env.writer();
@@ -520,7 +537,7 @@ fn sqlite_a_locked_database_is_a_retryable_error() {
 fn sqlite_in_memory_keeps_the_contract_within_one_process() {
     let mut store = Store::open_in_memory().unwrap();
     store.apply(&[StoreOp::PutJob(Box::new(queued_job(1)))]).unwrap();
-    assert_eq!(store.load().unwrap().jobs, vec![queued_job(1)]);
+    assert_eq!(store.load().unwrap().jobs, vec![Box::new(queued_job(1))]);
     assert_eq!(store.lease().unwrap(), None, "SQLite has one controller and no lease");
 }
 
@@ -571,7 +588,7 @@ fn postgres_on_expiry_the_standby_takes_over_and_the_old_leader_is_fenced_out() 
         }
     };
     assert_eq!(snap.epoch, Epoch(2), "the takeover bumps the epoch agents fence on");
-    assert_eq!(snap.jobs, vec![queued_job(1)], "what A committed survives");
+    assert_eq!(snap.jobs, vec![Box::new(queued_job(1))], "what A committed survives");
 
     // A wakes up: its next group commit is fenced out, whole, and says why.
     let err =

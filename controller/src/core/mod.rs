@@ -451,7 +451,8 @@ impl Agent {
 
 #[derive(Clone, Debug)]
 struct Job {
-    rec: JobRecord,
+    /// Boxed: a map of a million jobs moves and half-fills small nodes, not 544-byte records.
+    rec: Box<JobRecord>,
     /// When a retry backoff ends, on the monotonic clock (`rec.not_before_ms` is its wall-clock twin).
     not_before_mono_ms: u64,
     live: Option<AttemptId>,
@@ -566,6 +567,7 @@ impl Core {
             agent.health = Health::Suspect;
             core.rearm(idx);
         }
+        let mut jobs = Vec::with_capacity(snapshot.jobs.len());
         for rec in snapshot.jobs {
             let mut rec = rec;
             if matches!(rec.state, JobState::Assigned | JobState::Running) {
@@ -585,8 +587,10 @@ impl Core {
                     core.submitted_keys.entry(k.key.clone()).or_insert_with(|| (k.request_sha256.clone(), Vec::new()));
                 entry.1.push(id);
             }
-            core.jobs.insert(id, job);
+            jobs.push((id, job));
         }
+        // Built from sorted records at once: full nodes, and no search per insert.
+        core.jobs = jobs.into_iter().collect();
         let waiting: Vec<JobId> = core.jobs.values().filter(|j| !j.rec.state.is_final()).map(|j| j.rec.id).collect();
         for id in waiting {
             core.enqueue_or_wait(now, id);
@@ -760,7 +764,8 @@ impl Core {
             self.ops.push(StoreOp::PutJob(Box::new(rec.clone())));
             self.job_counts[rec.state as usize] += 1;
             let counted = rec.state;
-            self.jobs.insert(id, Job { rec, not_before_mono_ms: 0, live: None, progress: None, counted });
+            self.jobs
+                .insert(id, Job { rec: Box::new(rec), not_before_mono_ms: 0, live: None, progress: None, counted });
             self.enqueue_or_wait(now, id);
             ids.push(id);
         }
@@ -1112,7 +1117,7 @@ impl Core {
             self.job_counts[job.rec.state as usize] += 1;
             job.counted = job.rec.state;
         }
-        self.ops.push(StoreOp::PutJob(Box::new(job.rec.clone())));
+        self.ops.push(StoreOp::PutJob(job.rec.clone()));
     }
 
     /// The jobs whose live attempt reported new progress since the last call
@@ -1130,7 +1135,7 @@ impl Core {
     pub fn jobs_after(&self, after: Option<JobId>) -> impl Iterator<Item = &JobRecord> {
         use std::ops::Bound;
         let from = after.map_or(Bound::Unbounded, Bound::Excluded);
-        self.jobs.range((from, Bound::Unbounded)).map(|(_, j)| &j.rec)
+        self.jobs.range((from, Bound::Unbounded)).map(|(_, j)| &*j.rec)
     }
 
     fn event(
@@ -1156,7 +1161,7 @@ impl Core {
 
     /// A job's record, progress (step, total) and live attempt.
     pub fn job(&self, id: JobId) -> Option<(&JobRecord, Option<(u32, u32)>, Option<&AttemptRecord>)> {
-        self.jobs.get(&id).map(|j| (&j.rec, j.progress, j.live.and_then(|a| self.live.get(&a))))
+        self.jobs.get(&id).map(|j| (&*j.rec, j.progress, j.live.and_then(|a| self.live.get(&a))))
     }
 
     /// A live attempt.
@@ -1166,7 +1171,7 @@ impl Core {
 
     /// Every job, in id order.
     pub fn jobs(&self) -> impl Iterator<Item = &JobRecord> {
-        self.jobs.values().map(|j| &j.rec)
+        self.jobs.values().map(|j| &*j.rec)
     }
 
     /// Every live attempt.

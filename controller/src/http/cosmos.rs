@@ -8,7 +8,7 @@
 use super::jobs::{EVENTS_CURSOR_HEADER, NEXT_AFTER_HEADER};
 use super::jobs::{submit_specs, view};
 use super::{JsonBody, State, answer, bad, bad_line, command_result, error, internal, not_found, unavailable};
-use crate::actor::{BlobsInUse, Cancel, FindRun, JobSummary, ListJobs, PageJobs, PromptRuns};
+use crate::actor::{BlobsInUse, Cancel, FindRun, GetJob, JobSummary, PageJobs, PromptRuns};
 use crate::core::{Dep, InputFromDep};
 use crate::cosmos::{
     self, BlobRef, ENHANCE_RESULT, NewPrompt, OUTPUT_VIDEO, Prompt, RunKind, TransferParams, UPSCALE_INPUT,
@@ -241,7 +241,7 @@ async fn delete_prompt(state: web::Data<State>, id: web::Path<String>, q: web::Q
         // Content-addressed: keep a blob another prompt's run, or any other prompt's video, still uses.
         let mine: std::collections::BTreeSet<Sha256> =
             runs.iter().flat_map(|j| j.record.outputs.iter().map(|o| o.sha256)).collect();
-        let Ok(mut others) = state.core.send(BlobsInUse { except_prompt: prompt.id.clone() }).await else {
+        let Ok(mut others) = state.core.send(BlobsInUse { except_prompt: Some(prompt.id.clone()) }).await else {
             return unavailable();
         };
         others.extend(
@@ -340,8 +340,8 @@ async fn created_before(state: &web::Data<State>, ids: &[JobId], new_prompt_line
     // Each line's transfer comes first, its upscale (if asked for) after it.
     let mut line = 0;
     for id in ids {
-        let Ok(found) = state.core.send(ListJobs(Some(*id))).await else { return unavailable() };
-        let Some(j) = found.first() else { return internal(format!("job {id} of an earlier submission is gone")) };
+        let Ok(found) = state.core.send(GetJob(*id)).await else { return unavailable() };
+        let Some(j) = found.as_ref() else { return internal(format!("job {id} of an earlier submission is gone")) };
         let prompt_id = label(j, labels::PROMPT).cloned().unwrap_or_default();
         if label(j, labels::KIND).map(String::as_str) == Some(RunKind::Transfer.as_str()) {
             if new_prompt_lines.get(line).copied().unwrap_or(false) {

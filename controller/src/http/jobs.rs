@@ -1,7 +1,7 @@
 //! Jobs, agents and cluster status: the scheduler's part of the HTTP API.
 
 use super::*;
-use crate::actor::{Cancel, JobSummary, ListJobs, PageJobs, Retry, SetDraining, Status, SubmitWith};
+use crate::actor::{Cancel, GetJob, JobSummary, PageJobs, Retry, SetDraining, Status, SubmitWith};
 use crate::core::SubmitError;
 use crate::logs::{LogCursor, LogStart, Unended, read_log};
 use crate::records::{Idempotency, JobState};
@@ -522,8 +522,8 @@ async fn show_job(state: web::Data<State>, id: web::Path<String>) -> HttpRespons
         Ok(id) => id,
         Err(r) => return r,
     };
-    let Ok(found) = state.core.send(ListJobs(Some(id))).await else { return unavailable() };
-    let Some(summary) = found.first() else {
+    let Ok(found) = state.core.send(GetJob(id)).await else { return unavailable() };
+    let Some(summary) = found.as_ref() else {
         return error(StatusCode::NOT_FOUND, format!("no job {id}; `cosmos jobs list` shows the ids"), None, false);
     };
     let mut v = view(summary);
@@ -727,8 +727,8 @@ async fn logs(state: web::Data<State>, id: web::Path<String>, q: web::Query<LogQ
         Ok(id) => id,
         Err(r) => return r,
     };
-    let Ok(found) = state.core.send(ListJobs(Some(id))).await else { return unavailable() };
-    if found.is_empty() {
+    let Ok(found) = state.core.send(GetJob(id)).await else { return unavailable() };
+    if found.is_none() {
         return error(StatusCode::NOT_FOUND, format!("no job {id}; `cosmos jobs list` shows the ids"), None, false);
     }
     let q = q.into_inner();
@@ -755,8 +755,8 @@ async fn logs(state: web::Data<State>, id: web::Path<String>, q: web::Query<LogQ
                 }
                 // Final before reading: whatever was written before the end is then read in this pass.
                 // A core that no longer answers is stopping: cut the stream without `end`, so the follower resumes.
-                let final_ = match core.send(ListJobs(Some(id))).await {
-                    Ok(j) => j.first().is_none_or(|j| j.record.state.is_final()),
+                let final_ = match core.send(GetJob(id)).await {
+                    Ok(j) => j.as_ref().is_none_or(|j| j.record.state.is_final()),
                     Err(_) => return None,
                 };
                 let shared2 = shared.clone();

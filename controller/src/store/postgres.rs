@@ -19,7 +19,7 @@
 //! so a host other than loopback or a socket is refused unless the URL says
 //! `sslmode=disable`, the operator's explicit acceptance of that.
 
-use super::{Result, StoreError, decode, encode};
+use super::{JobDecoder, Result, StoreError, decode, encode};
 use crate::cosmos::Prompt;
 use crate::records::{ALL_JOB_STATES, AgentRecord, AttemptRecord, EventRecord, JobRecord, JobState, Snapshot, StoreOp};
 use cosmos_proto::{AttemptId, Epoch, JobId};
@@ -623,10 +623,11 @@ impl PgStore {
             )
             .await?;
             tx.commit().await?;
-            let jobs = jobs
-                .iter()
-                .map(|r| decode::<JobRecord>(r.get(1), || format!("job {}", r.get::<_, i64>(0))))
-                .collect::<Result<Vec<_>>>()?;
+            let mut decoder = JobDecoder::new(jobs.len());
+            for r in &jobs {
+                decoder.push(r.get(0), r.get(1))?;
+            }
+            let jobs = decoder.finish()?;
             let live_attempts = attempts
                 .iter()
                 .map(|r| decode::<AttemptRecord>(r.get(1), || format!("attempt {}", r.get::<_, i64>(0))))
