@@ -576,11 +576,13 @@ struct DecodeChunk {
 }
 
 /// What a decoding thread made of one chunk: its records in order, or what is wrong with one.
+#[allow(clippy::vec_box, reason = "boxed records move into the core as they are (Snapshot::jobs)")]
 type Decoded = (usize, std::result::Result<Vec<Box<JobRecord>>, String>);
 
 /// Decodes job records on every core, in the order they were pushed. Parsing a
 /// million JSON records is most of a restart's time (`scripts/bench-million`);
 /// a store of few jobs is decoded on the caller's thread.
+#[allow(clippy::vec_box, reason = "boxed records move into the core as they are (Snapshot::jobs)")]
 struct JobDecoder {
     jobs: Vec<Box<JobRecord>>,
     chunk: DecodeChunk,
@@ -657,6 +659,7 @@ impl JobDecoder {
     }
 
     /// Every record pushed, in order, or the first one that does not decode.
+    #[allow(clippy::vec_box, reason = "boxed records move into the core as they are (Snapshot::jobs)")]
     fn finish(mut self) -> Result<Vec<Box<JobRecord>>> {
         let Some(work) = self.work.take() else { return Ok(self.jobs) };
         let chunks = self.chunk.index + 1;
@@ -679,6 +682,7 @@ fn job_name(id: i64) -> String {
     u64::try_from(id).map_or_else(|_| format!("job row {id}"), |id| JobId(id).to_string())
 }
 
+#[allow(clippy::vec_box, reason = "boxed records move into the core as they are (Snapshot::jobs)")]
 fn decode_chunk(chunk: DecodeChunk) -> std::result::Result<Vec<Box<JobRecord>>, String> {
     chunk
         .spans
