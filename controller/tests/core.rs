@@ -712,6 +712,11 @@ fn a_job_takes_an_input_from_the_output_of_the_job_it_waits_for() {
     let opts = SubmitOptions { inputs_from: vec![from(Dep::InBatch(1)), Vec::new()], ..Default::default() };
     let (r, _) = c.call(|core, now, out| core.submit_with(now, vec![spec("x"), spec("y")], opts, out));
     assert_eq!(r.unwrap_err(), SubmitError::BadBatchDependency { index: 0, dep: 1 });
+    // The place an input from a dependency goes is checked like any input's.
+    let outside = vec![InputFromDep { dep: Dep::InBatch(0), output: video.path.clone(), path: "../input.mp4".into() }];
+    let opts = SubmitOptions { inputs_from: vec![Vec::new(), outside], ..Default::default() };
+    let (r, _) = c.call(|core, now, out| core.submit_with(now, vec![spec("x"), spec("y")], opts, out));
+    assert!(matches!(r, Err(SubmitError::InvalidSpec { index: 1, .. })), "{r:?}");
 
     // Submitted on its own after a running job: one that succeeds without the output fails it, naming it.
     let (t2, out) = c.submit_ok(vec![once("transfer 2")]);
@@ -1061,6 +1066,11 @@ fn batch_size_and_queue_limits_refuse_the_whole_batch() {
     assert_eq!(c.core.jobs().count(), 2, "nothing of the refused batch was accepted");
     c.submit_ok(vec![spec("c")]);
     assert_eq!(c.core.queue_depth(), 3);
+    assert_eq!(
+        c.submit(vec![spec("x")]),
+        Err(SubmitError::QueueFull { queued: 3, max: 3 }),
+        "a full queue takes no more"
+    );
     // Placed jobs no longer count against the queue.
     c.connect("a", 2, 80);
     assert_eq!(c.core.queue_depth(), 1);
@@ -1089,6 +1099,7 @@ fn a_retryable_failure_waits_out_an_exponential_backoff() {
         let out = c.tick_at(failed_at + delay - 1);
         assert!(assigns(&c, &out).is_empty(), "attempt {} re-placed 1 ms early", n + 2);
         assert_eq!(c.state(ids[0]), JobState::Retrying);
+        assert_eq!(c.core.wait_reason(ids[0]).as_deref(), Some("waiting out its retry backoff"));
         let out = c.tick_at(failed_at + delay);
         let (_, next) = one_assign(&c, &out);
         assert_eq!(next.job_id, ids[0]);
@@ -1907,4 +1918,226 @@ fn finished_jobs_are_pruned_unless_an_unfinished_job_names_them_and_their_ids_ar
     assert!(fresh[0] > then[0], "job id {} given again", fresh[0]);
     let (_, a) = one_assign(&c, &out);
     assert!(a.attempt_id > t.attempt_id.max(max_attempt), "attempt id {} given again", a.attempt_id);
+}
+
+#[test]
+fn the_outputs_a_shell_looks_up_are_those_of_the_successes_reported() {
+    let video = ArtifactRef { path: "outputs/output.mp4".into(), sha256: Sha256([1; 32]), size_bytes: 42 };
+    let log = ArtifactRef { path: "outputs/log.txt".into(), sha256: Sha256([2; 32]), size_bytes: 7 };
+    let other = ArtifactRef { path: "outputs/other.mp4".into(), sha256: Sha256([3; 32]), size_bytes: 5 };
+    let success = |outputs: Vec<ArtifactRef>| AttemptOutcome::Succeeded { outputs };
+    let finished = |id: u64, outcome| AgentMsg::AttemptFinished { attempt_id: AttemptId(id), outcome };
+
+    let msg = finished(1, success(vec![video.clone(), log.clone()]));
+    assert_eq!(HeldBlobs::wanted(&msg), vec![&video, &log]);
+    assert!(HeldBlobs::wanted(&finished(2, failed(true))).is_empty(), "a failure made nothing to keep");
+
+    let report = |id: u64, phase| AttemptReport { attempt_id: AttemptId(id), phase, gpu_uuids: Vec::new() };
+    let hello = AgentHello {
+        gpus: Vec::new(),
+        gpus_simulated: true,
+        runtime: "simulated".into(),
+        attempts: vec![
+            report(1, AttemptPhase::Running { step: 1, total: 2 }),
+            report(2, AttemptPhase::Finished(success(vec![video.clone()]))),
+            report(3, AttemptPhase::Finished(failed(false))),
+            report(4, AttemptPhase::Finished(success(vec![log.clone(), other.clone()]))),
+        ],
+        incarnation: 1,
+    };
+    assert_eq!(HeldBlobs::wanted_in_hello(&hello), vec![&video, &log, &other]);
+
+    // Held means this digest at this size: a blob of the same digest cut short is not.
+    let mut held = HeldBlobs::none();
+    assert!(!held.holds(&video));
+    held.insert(video.sha256, video.size_bytes);
+    assert!(held.holds(&video));
+    assert!(!held.holds(&ArtifactRef { size_bytes: 41, ..video.clone() }));
+    assert!(!held.holds(&log));
+    assert_eq!(HeldBlobs::all([&video]), held);
+}
+
+#[test]
+fn the_views_show_counts_queue_attempts_agents_and_connections() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 2, 80);
+    let (ids, out) = c.submit_ok(vec![spec("j0"), spec("j1"), spec("j2")]);
+    let placed = assigns(&c, &out);
+    assert_eq!(placed.len(), 2, "two GPUs, two jobs placed");
+    let (_, first) = &placed[0];
+    c.started("a", first.attempt_id);
+
+    let counts: HashMap<JobState, usize> = c.core.job_counts().filter(|&(_, n)| n > 0).collect();
+    assert_eq!(counts, HashMap::from([(JobState::Running, 1), (JobState::Assigned, 1), (JobState::Queued, 1)]));
+    assert_eq!(c.core.queue_depth(), 1);
+
+    let att = c.core.attempt(first.attempt_id).expect("the running attempt is live");
+    assert_eq!((att.job_id, att.agent.as_str(), &att.gpu_uuids), (first.job_id, "a", &first.gpu_uuids));
+    let (rec, _, live) = c.core.job(first.job_id).expect("the job exists");
+    assert_eq!((rec.state, live.map(|a| a.id)), (JobState::Running, Some(first.attempt_id)));
+    let waiting = *ids.iter().find(|&&id| c.state(id) == JobState::Queued).expect("one job waits");
+    assert!(c.core.job(waiting).expect("the job exists").2.is_none(), "a queued job has no attempt");
+    assert!(c.core.job(JobId(999)).is_none() && c.core.attempt(AttemptId(999)).is_none());
+
+    let agents = c.core.agents();
+    assert_eq!(agents.len(), 1);
+    let a = &agents[0];
+    assert_eq!((a.name.as_str(), a.connected, a.draining, a.health), ("a", true, false, Health::Up));
+    let holders: BTreeSet<AttemptId> = a.gpus.iter().filter_map(|g| g.3).collect();
+    assert_eq!(holders, placed.iter().map(|(_, p)| p.attempt_id).collect());
+
+    let old = c.conn_of["a"];
+    assert_eq!(c.core.agent_of_conn(old), Some("a"));
+    c.reconnect("a", vec![running_report(first)]);
+    assert_eq!(c.core.agent_of_conn(c.conn_of["a"]), Some("a"));
+    assert_eq!(c.core.agent_of_conn(old), None, "a replaced connection speaks for no one");
+}
+
+#[test]
+fn an_operator_release_reaches_the_agent_only_for_a_gpu_it_has() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 2, 80);
+    let release = |c: &mut Cluster, agent: &str, uuid: &str| {
+        let (agent, uuid) = (agent.to_string(), uuid.to_string());
+        c.call(|core, now, out| core.release_gpu(now, &agent, &uuid, out))
+    };
+    let (r, out) = release(&mut c, "a", "GPU-a-9");
+    assert_eq!(r, Err(CommandError::UnknownGpu { agent: "a".into(), uuid: "GPU-a-9".into() }));
+    assert!(sends_to(&c, &out, "a").is_empty(), "nothing sent for a GPU the host does not have");
+    let (r, _) = release(&mut c, "nobody", "GPU-a-0");
+    assert_eq!(r, Err(CommandError::UnknownAgent("nobody".into())));
+
+    let (r, out) = release(&mut c, "a", &gpu_uuid("a", 1));
+    assert_eq!(r, Ok(()));
+    let sent = sends_to(&c, &out, "a");
+    assert!(
+        matches!(sent.as_slice(), [ControllerMsg::ReleaseGpu { gpu_uuid: released }] if *released == gpu_uuid("a", 1)),
+        "{sent:?}"
+    );
+    c.disconnect("a");
+    let (r, _) = release(&mut c, "a", &gpu_uuid("a", 1));
+    assert_eq!(r, Err(CommandError::NotConnected("a".into())));
+}
+
+#[test]
+fn a_heartbeat_that_frees_nothing_runs_no_scheduling_pass() {
+    // At a thousand agents a pass per heartbeat would be most of the controller's work.
+    let mut c = Cluster::quiet();
+    c.connect("a", 2, 80);
+    let (_, out) = c.submit_ok(vec![spec("runs")]);
+    let (_, a) = one_assign(&c, &out);
+    c.started("a", a.attempt_id);
+    let (_, out) = c.submit_ok(vec![JobSpec { min_free_vram_bytes: 60 * GIB, ..spec_gpus("big", 2) }]);
+    assert!(assigns(&c, &out).is_empty(), "one GPU is taken");
+
+    let passes = c.core.passes();
+    c.heartbeat("a", &[80, 80], vec![running_report(&a)]);
+    c.heartbeat("a", &[30, 50], vec![running_report(&a)]);
+    assert_eq!(c.core.passes(), passes, "unchanged or less free VRAM: nothing new can fit");
+
+    c.heartbeat("a", &[30, 70], vec![running_report(&a)]);
+    assert_eq!(c.core.passes(), passes + 1, "more free VRAM on a GPU: one pass");
+
+    // A GPU the agent reports unhealthy and then healthy again is new room too.
+    let report = |c: &mut Cluster, healthy: bool| {
+        let mut usage: Vec<GpuUsage> = c.hosts["a"]
+            .gpus
+            .iter()
+            .zip([30, 70])
+            .map(|(g, free_gib)| GpuUsage {
+                uuid: g.uuid.clone(),
+                used_vram_bytes: g.total_vram_bytes - free_gib * GIB,
+                free_vram_bytes: free_gib * GIB,
+                foreign_vram_bytes: 0,
+                utilization_pct: None,
+                temperature_c: None,
+                healthy: true,
+                quarantine: None,
+            })
+            .collect();
+        usage[1].healthy = healthy;
+        c.seq += 1;
+        let hb = Heartbeat { seq: c.seq, gpus: usage, attempts: vec![running_report(&a)], unhealthy: None };
+        c.send("a", AgentMsg::Heartbeat(hb));
+    };
+    report(&mut c, false);
+    assert_eq!(c.core.passes(), passes + 1, "a GPU going bad frees nothing");
+    report(&mut c, true);
+    assert_eq!(c.core.passes(), passes + 2, "a GPU healthy again: one pass");
+}
+
+#[test]
+fn an_attempt_a_heartbeat_shows_that_the_controller_does_not_know_is_stopped_and_keeps_its_gpu() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 1, 80);
+    let stray = AttemptReport {
+        attempt_id: AttemptId(77),
+        phase: AttemptPhase::Running { step: 1, total: 2 },
+        gpu_uuids: vec![gpu_uuid("a", 0)],
+    };
+    let out = c.heartbeat("a", &[80], vec![stray.clone()]);
+    let sent = sends_to(&c, &out, "a");
+    assert!(
+        sent.iter().any(|m| matches!(m, ControllerMsg::Cancel { attempt_id, .. } if *attempt_id == AttemptId(77))),
+        "the stray attempt is stopped: {sent:?}"
+    );
+    let (ids, out) = c.submit_ok(vec![spec("waits")]);
+    assert!(assigns(&c, &out).is_empty(), "its GPU is not given away while it runs");
+    let out = c.heartbeat("a", &[80], vec![stray]);
+    assert!(assigns(&c, &out).is_empty(), "still running: still held");
+    let out = c.heartbeat("a", &[80], Vec::new());
+    assert_eq!(one_assign(&c, &out).1.job_id, ids[0], "gone: the GPU is free again");
+
+    // The controller's own attempt in a heartbeat is not stopped.
+    let (_, a) = one_assign(&c, &out);
+    c.started("a", a.attempt_id);
+    let out = c.heartbeat("a", &[80], vec![running_report(&a)]);
+    assert!(
+        !sends_to(&c, &out, "a").iter().any(|m| matches!(m, ControllerMsg::Cancel { .. })),
+        "its own attempt keeps running"
+    );
+    assert_eq!(c.state(ids[0]), JobState::Running);
+}
+
+#[test]
+fn a_job_lost_more_often_than_allowed_fails_and_not_one_loss_sooner() {
+    let mut c = Cluster::new(CoreConfig { lost_attempts_max: 2, ..quiet_config() });
+    c.connect("a", 1, 80);
+    let (ids, out) = c.submit_ok(vec![JobSpec { max_attempts: 1, ..spec("unlucky") }]);
+    let (_, mut a) = one_assign(&c, &out);
+    for lost in 1..=2 {
+        let out = c.finished("a", a.attempt_id, AttemptOutcome::Rejected { reason: "runtime down".into() });
+        // Losses are not failures of the job: its one attempt is not used up.
+        a = one_assign(&c, &out).1;
+        assert_eq!(a.job_id, ids[0], "placed again after loss {lost}");
+        assert_eq!(c.record(ids[0]).attempts_lost, lost);
+    }
+    c.finished("a", a.attempt_id, AttemptOutcome::Rejected { reason: "runtime down".into() });
+    let rec = c.record(ids[0]);
+    assert_eq!(rec.state, JobState::Failed, "the third loss is one more than allowed");
+    let error = rec.error.unwrap();
+    assert!(error.contains("lost or refused 3 times") && error.contains("runtime down"), "{error}");
+}
+
+#[test]
+fn a_job_that_waited_for_another_waits_out_its_own_retry_backoff() {
+    let mut c = Cluster::new(CoreConfig { retry_backoff_base_ms: 1_000, ..quiet_config() });
+    c.connect("a", 1, 80);
+    let (first, out) = c.submit_ok(vec![spec("first")]);
+    let (_, a) = one_assign(&c, &out);
+    let opts = SubmitOptions { after: vec![vec![first[0]]], ..Default::default() };
+    let ((then, _), _) = c.call(|core, now, out| {
+        core.submit_with(now, vec![JobSpec { max_attempts: 2, ..spec("then") }], opts, out).unwrap()
+    });
+    let out = c.finished("a", a.attempt_id, succeeded());
+    let (_, t) = one_assign(&c, &out);
+    assert_eq!(t.job_id, then[0]);
+    let failed_at = c.now;
+    let out = c.finished("a", t.attempt_id, failed(true));
+    assert!(assigns(&c, &out).is_empty(), "re-placed before its backoff");
+    assert_eq!(c.state(then[0]), JobState::Retrying);
+    let out = c.tick_at(failed_at + 999);
+    assert!(assigns(&c, &out).is_empty(), "re-placed 1 ms early");
+    let out = c.tick_at(failed_at + 1_000);
+    assert_eq!(one_assign(&c, &out).1.job_id, then[0]);
 }
