@@ -314,19 +314,31 @@ impl Cluster {
 
     /// A heartbeat reporting each GPU's free VRAM (`free_gib[i]` for GPU i) and `attempts`.
     fn heartbeat(&mut self, name: &str, free_gib: &[u64], attempts: Vec<AttemptReport>) -> Vec<Output> {
+        self.heartbeat_health(name, free_gib, &[], attempts)
+    }
+
+    /// A heartbeat as [`Cluster::heartbeat`] with the GPUs of `unhealthy` (indexes) reported unhealthy.
+    fn heartbeat_health(
+        &mut self,
+        name: &str,
+        free_gib: &[u64],
+        unhealthy: &[usize],
+        attempts: Vec<AttemptReport>,
+    ) -> Vec<Output> {
         self.seq += 1;
         let gpus = self.hosts[name]
             .gpus
             .iter()
             .zip(free_gib)
-            .map(|(g, &free)| GpuUsage {
+            .enumerate()
+            .map(|(i, (g, &free))| GpuUsage {
                 uuid: g.uuid.clone(),
                 used_vram_bytes: g.total_vram_bytes - free * GIB,
                 free_vram_bytes: free * GIB,
                 foreign_vram_bytes: 0,
                 utilization_pct: None,
                 temperature_c: None,
-                healthy: true,
+                healthy: !unhealthy.contains(&i),
                 quarantine: None,
             })
             .collect();
@@ -2039,30 +2051,9 @@ fn a_heartbeat_that_frees_nothing_runs_no_scheduling_pass() {
     assert_eq!(c.core.passes(), passes + 1, "more free VRAM on a GPU: one pass");
 
     // A GPU the agent reports unhealthy and then healthy again is new room too.
-    let report = |c: &mut Cluster, healthy: bool| {
-        let mut usage: Vec<GpuUsage> = c.hosts["a"]
-            .gpus
-            .iter()
-            .zip([30, 70])
-            .map(|(g, free_gib)| GpuUsage {
-                uuid: g.uuid.clone(),
-                used_vram_bytes: g.total_vram_bytes - free_gib * GIB,
-                free_vram_bytes: free_gib * GIB,
-                foreign_vram_bytes: 0,
-                utilization_pct: None,
-                temperature_c: None,
-                healthy: true,
-                quarantine: None,
-            })
-            .collect();
-        usage[1].healthy = healthy;
-        c.seq += 1;
-        let hb = Heartbeat { seq: c.seq, gpus: usage, attempts: vec![running_report(&a)], unhealthy: None };
-        c.send("a", AgentMsg::Heartbeat(hb));
-    };
-    report(&mut c, false);
+    c.heartbeat_health("a", &[30, 70], &[1], vec![running_report(&a)]);
     assert_eq!(c.core.passes(), passes + 1, "a GPU going bad frees nothing");
-    report(&mut c, true);
+    c.heartbeat_health("a", &[30, 70], &[], vec![running_report(&a)]);
     assert_eq!(c.core.passes(), passes + 2, "a GPU healthy again: one pass");
 }
 
