@@ -2132,3 +2132,20 @@ fn a_job_that_waited_for_another_waits_out_its_own_retry_backoff() {
     let out = c.tick_at(failed_at + 1_000);
     assert_eq!(one_assign(&c, &out).1.job_id, then[0]);
 }
+
+#[test]
+fn jobs_waiting_for_a_dependency_or_a_backoff_count_against_the_queue_limit() {
+    let mut c = Cluster::new(CoreConfig { queued_jobs_max: 3, retry_backoff_base_ms: 60_000, ..quiet_config() });
+    c.connect("a", 1, 80);
+    let (flaky, out) = c.submit_ok(vec![JobSpec { max_attempts: 2, ..spec("flaky") }]);
+    let (_, a) = one_assign(&c, &out);
+    c.finished("a", a.attempt_id, failed(true));
+    assert_eq!(c.state(flaky[0]), JobState::Retrying, "in its backoff");
+    let (_, out) = c.submit_ok(vec![spec("busy")]);
+    one_assign(&c, &out);
+    let (ready, _) = c.submit_ok(vec![spec("ready")]);
+    let opts = SubmitOptions { after: vec![vec![ready[0]]], ..Default::default() };
+    c.call(|core, now, out| core.submit_with(now, vec![spec("blocked")], opts, out).unwrap());
+    assert_eq!(c.core.queue_depth(), 3, "one in its backoff, one ready, one waiting for it");
+    assert_eq!(c.submit(vec![spec("more")]), Err(SubmitError::QueueFull { queued: 3, max: 3 }));
+}
