@@ -1,13 +1,14 @@
 //! The durable store, through its public API: exact round trips, epochs, durability across
 //! reopen, live-attempt filtering, batch atomicity and schema-version refusal — one contract,
-//! run against both backends (SQLite in a temporary file, PostgreSQL on a throwaway server,
-//! `cosmos-pgtest`), then what only PostgreSQL has: the lease, fencing, reconnecting.
+//! run against both backends (SQLite in a temporary file, PostgreSQL in a database of its own
+//! on a throwaway server the tests share, `cosmos-pgtest`), then what only PostgreSQL has: the
+//! lease, fencing, reconnecting.
 
 use cosmos_controller::records::{
     AgentRecord, AttemptRecord, AttemptState, EventRecord, Idempotency, JobRecord, JobState, Snapshot, StoreOp,
 };
 use cosmos_controller::store::{Lease, Store, StoreError};
-use cosmos_pgtest::Postgres;
+use cosmos_pgtest::{Database, Postgres};
 use cosmos_proto::Classify;
 use cosmos_proto::spec::{ArtifactRef, InputArtifact, Mount, OutputArtifact};
 use cosmos_proto::{AttemptId, Epoch, GpuInfo, JobId, JobSpec, Sha256};
@@ -150,10 +151,10 @@ enum Kind {
     Postgres,
 }
 
-/// One store's home: a SQLite file in a temporary directory, or a PostgreSQL server of its own.
+/// One store's home: a SQLite file in a temporary directory, or a PostgreSQL database of its own.
 enum Env {
     Sqlite(tempfile::TempDir),
-    Postgres(Postgres),
+    Postgres(Database),
 }
 
 /// The lease a test writer holds: long enough never to run out during a test.
@@ -170,7 +171,7 @@ impl Env {
     fn new(kind: Kind) -> Env {
         match kind {
             Kind::Sqlite => Env::Sqlite(tempfile::tempdir().unwrap()),
-            Kind::Postgres => Env::Postgres(Postgres::start()),
+            Kind::Postgres => Env::Postgres(Database::create()),
         }
     }
 
@@ -549,7 +550,7 @@ fn short_lease(holder: &str, lease_ms: u64) -> Lease {
 
 #[test]
 fn postgres_a_second_controller_waits_while_the_lease_runs_and_names_the_leader() {
-    let pg = Postgres::start();
+    let pg = Database::create();
     let mut a = Store::open_postgres(&pg.url(), lease("a")).unwrap();
     assert_eq!(a.load().unwrap().epoch, Epoch(1));
     let mut b = Store::open_postgres(&pg.url(), lease("b")).unwrap();
@@ -574,7 +575,7 @@ fn postgres_a_second_controller_waits_while_the_lease_runs_and_names_the_leader(
 
 #[test]
 fn postgres_on_expiry_the_standby_takes_over_and_the_old_leader_is_fenced_out() {
-    let pg = Postgres::start();
+    let pg = Database::create();
     // A lease that is over as soon as it is taken: A stands for a leader paused past it.
     let mut a = Store::open_postgres(&pg.url(), short_lease("a", 1)).unwrap();
     a.load().unwrap();
@@ -611,7 +612,7 @@ fn postgres_on_expiry_the_standby_takes_over_and_the_old_leader_is_fenced_out() 
 
 #[test]
 fn postgres_a_second_connection_of_the_leader_writes_under_its_epoch() {
-    let pg = Postgres::start();
+    let pg = Database::create();
     let mut a = Store::open_postgres(&pg.url(), lease("a")).unwrap();
     let epoch = a.load().unwrap().epoch;
     let mut renewer = Store::open_postgres(&pg.url(), lease("a")).unwrap();
@@ -625,6 +626,7 @@ fn postgres_a_second_connection_of_the_leader_writes_under_its_epoch() {
 
 #[test]
 fn postgres_a_lost_connection_is_retryable_and_the_store_reconnects() {
+    // A server of its own: it stops and restarts it.
     let mut pg = Postgres::start();
     let mut store = Store::open_postgres(&pg.url(), lease("a")).unwrap();
     store.load().unwrap();
@@ -681,6 +683,7 @@ fn pruned_jobs_leave_with_their_attempts_and_events_and_their_ids_stay_taken(kin
 
 #[test]
 fn postgres_a_renewal_the_server_does_not_answer_is_bounded_and_retryable() {
+    // A server of its own: it stops every controller connection the server lists.
     let pg = Postgres::start();
     let lease_ms = 3_000;
     let mut a = Store::open_postgres(&pg.url(), short_lease("a", lease_ms)).unwrap();

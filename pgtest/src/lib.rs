@@ -3,6 +3,11 @@
 //! directory in a temporary directory, listening on a free loopback port only,
 //! stopped and removed when dropped.
 //!
+//! Starting a server is most of a short store test's time, so tests that need
+//! only a database of their own take a [`Database`] on a server the tests of
+//! one process share; a test that stops or restarts the server takes its own
+//! [`Postgres`].
+//!
 //! `initdb` refuses to run as root, so under root the server runs as the
 //! `postgres` user the Debian package creates. A missing PostgreSQL is a test
 //! failure that says how to install it, never a skip.
@@ -10,6 +15,8 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 /// The database role and database every server here is created with.
 pub const USER: &str = "cosmos";
@@ -194,9 +201,28 @@ impl Postgres {
 
     /// Runs SQL through `psql` on the `cosmos` database, failing on the first error; returns what it printed.
     pub fn psql(&self, sql: &str) -> String {
+        self.psql_in(USER, sql)
+    }
+
+    /// Runs SQL through `psql` on the named database, failing on the first error; returns what it printed.
+    pub fn psql_in(&self, database: &str, sql: &str) -> String {
         let path = self.bin.join("psql");
         let out = Command::new(&path)
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", USER, "-d", USER, "-p"])
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                USER,
+                "-d",
+                database,
+                "-p",
+            ])
             .arg(self.port.to_string())
             .arg("-c")
             .arg(sql)
@@ -255,6 +281,58 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// The server the tests of this process share while any of them holds a [`Database`] on it.
+/// A `Weak`, not a `static` server: statics are never dropped, and a server nobody
+/// stops would outlive the test process. The price is a fresh server when every
+/// holder has let go between two tests.
+static SHARED: Mutex<Weak<Postgres>> = Mutex::new(Weak::new());
+/// Numbers the databases made on shared servers, so that no two tests of a process share one.
+static DATABASES_MADE: AtomicU64 = AtomicU64::new(0);
+
+/// An empty database of its own, on the server this process's tests share; the
+/// server stops when the last `Database` on it is dropped.
+pub struct Database {
+    server: Arc<Postgres>,
+    name: String,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Database").field("name", &self.name).field("server", &self.server).finish()
+    }
+}
+
+impl Database {
+    /// Creates a fresh database, starting the shared server first if none runs, panicking with the fix when PostgreSQL is missing.
+    pub fn create() -> Database {
+        let server = {
+            // A test that panicked while holding the lock left nothing half-done: the Weak is either set or not.
+            let mut shared = SHARED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match shared.upgrade() {
+                Some(server) => server,
+                None => {
+                    let server = Arc::new(Postgres::start());
+                    *shared = Arc::downgrade(&server);
+                    server
+                }
+            }
+        };
+        let name = format!("test_{}", DATABASES_MADE.fetch_add(1, Ordering::Relaxed));
+        server.create_database(&name);
+        Database { server, name }
+    }
+
+    /// A connection URL for this database, as `cosmos controller --store` takes it.
+    pub fn url(&self) -> String {
+        format!("postgres://{USER}@127.0.0.1:{}/{}", self.server.port(), self.name)
+    }
+
+    /// Runs SQL through `psql` on this database, failing on the first error; returns what it printed.
+    pub fn psql(&self, sql: &str) -> String {
+        self.server.psql_in(&self.name, sql)
     }
 }
 
