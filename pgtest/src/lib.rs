@@ -297,6 +297,8 @@ static DATABASES_MADE: AtomicU64 = AtomicU64::new(0);
 pub struct Database {
     server: Arc<Postgres>,
     name: String,
+    /// As `Postgres::create_database` made it: one place builds the URL.
+    url: String,
 }
 
 impl std::fmt::Debug for Database {
@@ -321,13 +323,13 @@ impl Database {
             }
         };
         let name = format!("test_{}", DATABASES_MADE.fetch_add(1, Ordering::Relaxed));
-        server.create_database(&name);
-        Database { server, name }
+        let url = server.create_database(&name);
+        Database { server, name, url }
     }
 
     /// A connection URL for this database, as `cosmos controller --store` takes it.
     pub fn url(&self) -> String {
-        format!("postgres://{USER}@127.0.0.1:{}/{}", self.server.port(), self.name)
+        self.url.clone()
     }
 
     /// Runs SQL through `psql` on this database, failing on the first error; returns what it printed.
