@@ -1933,6 +1933,56 @@ fn finished_jobs_are_pruned_unless_an_unfinished_job_names_them_and_their_ids_ar
 }
 
 #[test]
+fn a_prune_of_nothing_prunable_stores_nothing_and_a_key_whose_jobs_are_pruned_submits_anew() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 2, 80);
+    let key = || Some(cosmos_controller::records::Idempotency { key: "k1".into(), request_sha256: "d1".into() });
+    let submit = |c: &mut Cluster| {
+        c.call(|core, now, out| {
+            core.submit_with(
+                now,
+                vec![spec("one"), spec("two")],
+                SubmitOptions { key: key(), ..Default::default() },
+                out,
+            )
+            .unwrap()
+        })
+    };
+    let ((ids, repeat), out) = submit(&mut c);
+    assert!(!repeat);
+    let running = assigns(&c, &out);
+    // Jobs still running are not prunable: naming them prunes nothing and stores nothing.
+    let later = c.clock().wall_ms + 1;
+    let (pruned, out) = c.call(|core, now, out| core.prune(now, &ids, later, out));
+    assert!(pruned.is_empty());
+    assert!(!out.iter().any(|o| matches!(o, Output::Persist(_))), "{out:?}");
+
+    let (_, first) = &running[0];
+    c.started("a", first.attempt_id);
+    c.finished("a", first.attempt_id, succeeded());
+    // One of the key's jobs pruned: the key still answers, with the job it gave that is left.
+    let later = c.clock().wall_ms + 1;
+    let (pruned, _) = c.call(|core, now, out| core.prune(now, &[first.job_id], later, out));
+    assert_eq!(pruned, vec![first.job_id]);
+    let ((same, repeat), _) = submit(&mut c);
+    assert!(repeat, "a key with a job left was taken for a new submission");
+    assert_eq!(same, vec![running[1].1.job_id]);
+
+    // All of its jobs pruned: the key names nothing, and the same request is a new submission.
+    let (_, second) = &running[1];
+    c.started("a", second.attempt_id);
+    c.finished("a", second.attempt_id, succeeded());
+    let later = c.clock().wall_ms + 1;
+    let (pruned, _) = c.call(|core, now, out| core.prune(now, &[second.job_id], later, out));
+    assert_eq!(pruned, vec![second.job_id]);
+    let ((fresh, repeat), out) = submit(&mut c);
+    assert!(!repeat, "a key whose jobs were all pruned answered with them");
+    assert_eq!(fresh.len(), 2);
+    assert!(fresh.iter().all(|id| !ids.contains(id)), "pruned ids {ids:?} given again: {fresh:?}");
+    assert_eq!(assigns(&c, &out).len(), 2);
+}
+
+#[test]
 fn the_outputs_a_shell_looks_up_are_those_of_the_successes_reported() {
     let video = ArtifactRef { path: "outputs/output.mp4".into(), sha256: Sha256([1; 32]), size_bytes: 42 };
     let log = ArtifactRef { path: "outputs/log.txt".into(), sha256: Sha256([2; 32]), size_bytes: 7 };

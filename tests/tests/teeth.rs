@@ -53,6 +53,44 @@ fn liveness_on_the_wall_clock_is_caught() {
     caught_within(Sabotage::WallClockDeadlines, &["declared lost after", "before next_deadline_ms did work"]);
 }
 
+// One sabotage per index or record the core keeps beside its jobs: each of these is caught by the
+// check of `check_invariants` written for it, so none of those checks can pass whatever the state.
+
+#[test]
+fn per_state_counts_that_miss_a_change_are_caught() {
+    caught_within(Sabotage::MiscountStates, &["jobs per state are"]);
+}
+
+#[test]
+fn a_change_of_state_left_unpersisted_is_caught() {
+    caught_within(Sabotage::UnpersistedCascade, &["was last persisted as"]);
+}
+
+#[test]
+fn a_job_left_waiting_on_a_failed_dependency_is_caught() {
+    caught_within(Sabotage::NoCascade, &["it can never start"]);
+}
+
+#[test]
+fn a_final_job_left_among_the_blocked_is_caught() {
+    caught_within(Sabotage::KeepBlockedWhenFinal, &["(final, live, queued)"]);
+}
+
+#[test]
+fn a_stale_placement_index_is_caught() {
+    caught_within(Sabotage::StaleFreeIndex, &["indexed with free GPUs"]);
+}
+
+#[test]
+fn stale_ready_queue_shape_counts_are_caught() {
+    caught_within(Sabotage::StaleShapeCounts, &["ready queue shape counts"]);
+}
+
+#[test]
+fn a_stale_liveness_index_is_caught() {
+    caught_within(Sabotage::StaleLivenessIndex, &["indexed with liveness deadline"]);
+}
+
 #[test]
 fn a_download_resumed_past_its_good_bytes_is_caught() {
     // The agent's blob machine, on a rewind (a stall, a corrupt chunk, a cut link), resumes one

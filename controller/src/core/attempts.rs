@@ -216,7 +216,13 @@ impl Core {
             job.rec.exit_code = exit_code.or(job.rec.exit_code);
             job.rec.error = error.clone();
             job.rec.finished_ms = Some(now.wall_ms);
-            self.blocked.remove(&id);
+            #[cfg(feature = "sabotage")]
+            let unblock = self.config.sabotage != Sabotage::KeepBlockedWhenFinal;
+            #[cfg(not(feature = "sabotage"))]
+            let unblock = true;
+            if unblock {
+                self.blocked.remove(&id);
+            }
             self.put_job(id);
             self.event(now, Some(id), None, None, state.as_str(), error.unwrap_or_default());
             for waiter in self.dependents.remove(&id).unwrap_or_default() {
@@ -228,6 +234,10 @@ impl Core {
                         self.enqueue_or_wait(now, waiter);
                     }
                 } else {
+                    #[cfg(feature = "sabotage")]
+                    if self.config.sabotage == Sabotage::NoCascade {
+                        continue;
+                    }
                     let why = format!("not run: {id}, which it waited for, {}", state.as_str());
                     work.push((waiter, JobState::Cancelled, None, Some(why)));
                 }

@@ -75,6 +75,10 @@ impl Core {
         if agent.indexed_deadline == deadline {
             return;
         }
+        #[cfg(feature = "sabotage")]
+        if self.config.sabotage == Sabotage::StaleLivenessIndex && agent.indexed_deadline.is_some() {
+            return;
+        }
         if let Some(at) = agent.indexed_deadline.take() {
             self.liveness.remove(&(at, idx));
         }

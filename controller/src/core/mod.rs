@@ -210,6 +210,20 @@ pub enum Sabotage {
     SucceedTwice,
     /// Liveness is measured on the wall clock, which clock steps move.
     WallClockDeadlines,
+    /// A change of state is persisted but left out of the per-state counts `status` reads.
+    MiscountStates,
+    /// A job cancelled because a job it waited for failed is not persisted.
+    UnpersistedCascade,
+    /// A job whose dependency failed keeps waiting for it instead of ending with it.
+    NoCascade,
+    /// A job that ends while it waits for others stays among the blocked.
+    KeepBlockedWhenFinal,
+    /// The placement index keeps the free-GPU count a host had when first indexed.
+    StaleFreeIndex,
+    /// Placement takes a job off the ready queue without its shape count.
+    StaleShapeCounts,
+    /// A host's liveness deadline is armed once and never moved.
+    StaleLivenessIndex,
 }
 
 /// A host as the scheduler sees it.
@@ -1100,6 +1114,10 @@ impl Core {
     /// or takes it out if it is not schedulable. Call after any change to it.
     fn reindex(&mut self, idx: usize) {
         let agent = &mut self.agents[idx];
+        #[cfg(feature = "sabotage")]
+        if self.config.sabotage == Sabotage::StaleFreeIndex && agent.indexed_free.is_some() {
+            return;
+        }
         if let Some(free) = agent.indexed_free.take() {
             self.free_index.remove(&(free, idx));
         }
@@ -1112,9 +1130,22 @@ impl Core {
 
     fn put_job(&mut self, id: JobId) {
         let job = self.jobs.get_mut(&id).expect("a job that is persisted exists");
+        #[cfg(feature = "sabotage")]
+        if self.config.sabotage == Sabotage::UnpersistedCascade
+            && job.rec.state == JobState::Cancelled
+            && job.rec.error.as_deref().is_some_and(|e| e.starts_with("not run:"))
+        {
+            return;
+        }
         if job.counted != job.rec.state {
-            self.job_counts[job.counted as usize] -= 1;
-            self.job_counts[job.rec.state as usize] += 1;
+            #[cfg(feature = "sabotage")]
+            let counts = self.config.sabotage != Sabotage::MiscountStates;
+            #[cfg(not(feature = "sabotage"))]
+            let counts = true;
+            if counts {
+                self.job_counts[job.counted as usize] -= 1;
+                self.job_counts[job.rec.state as usize] += 1;
+            }
             job.counted = job.rec.state;
         }
         self.ops.push(StoreOp::PutJob(job.rec.clone()));

@@ -44,6 +44,10 @@ impl Core {
             let exclude = self.reservation.filter(|_| !is_holder).map(|(_, host)| host);
             match self.find_host(shape.0, shape.1, exclude) {
                 Some((idx, gpus)) => {
+                    #[cfg(feature = "sabotage")]
+                    if self.config.sabotage == Sabotage::StaleShapeCounts {
+                        self.ready.order.remove(&key);
+                    }
                     self.ready.remove(&self.jobs[&job_id].rec.spec, job_id);
                     if is_holder {
                         self.reservation = None;
