@@ -16,7 +16,7 @@
 //! digest is known when the last byte lands), reading upload chunks, placing
 //! inputs into work directories, and keeping the cache under its bound.
 
-pub mod machine;
+pub use cosmos_agent_core::blobs::machine;
 
 use cosmos_cas::{CasError, Store};
 use cosmos_proto::Classify;

@@ -1,10 +1,10 @@
 //! The agent: runs attempts on a GPU host.
 
+pub use cosmos_agent_core::{core, exit};
+
 pub mod blobs;
-pub mod core;
 pub mod daemon;
 pub mod docker;
-pub mod exit;
 pub mod gpu;
 pub mod listen;
 pub mod process;

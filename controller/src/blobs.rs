@@ -13,7 +13,7 @@
 //! What to answer is [`machine`]'s to decide (a state machine with no I/O that
 //! the simulator drives too); this module does the file work around it.
 
-pub mod machine;
+pub use cosmos_controller_core::blobs::machine;
 
 /// The store blobs live in, for callers that fill the controller's store directly (tests, tools).
 pub use cosmos_cas::{CasError, Store};

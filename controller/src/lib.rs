@@ -23,10 +23,11 @@
 //! - [`service`]: what systemd hears (`sd_notify`): ready, status, watchdog pings.
 //! - [`daemon`]: the wiring root; it imports everything and nothing imports it.
 
+pub use cosmos_controller_core::{core, prompt, records};
+
 pub mod actor;
 pub mod agent_link;
 pub mod blobs;
-pub mod core;
 pub mod cosmos;
 pub mod daemon;
 pub mod events;
@@ -35,7 +36,6 @@ pub mod hosts;
 pub mod http;
 pub mod logs;
 pub mod metrics;
-pub mod records;
 pub mod retention;
 pub mod service;
 pub mod shared;

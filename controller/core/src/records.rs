@@ -262,7 +262,7 @@ pub enum StoreOp {
     Event(EventRecord),
     /// Insert or replace a Cosmos prompt; those a batch creates go in the same
     /// transaction as the batch's jobs, so both or neither are stored.
-    PutPrompt(Box<crate::cosmos::Prompt>),
+    PutPrompt(Box<crate::prompt::Prompt>),
     /// Remove a Cosmos prompt (its runs keep their own copies of what they used).
     DeletePrompt(String),
     /// Remove finished jobs with their attempts and events (retention), keeping

@@ -5,11 +5,13 @@
 //! core is consistent and that everything a user can see changed was persisted
 //! before anything was sent. Run with `cargo test -p cosmos-controller --test core`.
 
-use cosmos_controller::core::{
+use cosmos_controller_core::core::{
     CommandError, ConnId, Core, CoreConfig, Dep, Health, HeldBlobs, InputFromDep, Now, Output, SubmitError,
     SubmitOptions,
 };
-use cosmos_controller::records::{AgentRecord, AttemptRecord, AttemptState, JobRecord, JobState, Snapshot, StoreOp};
+use cosmos_controller_core::records::{
+    AgentRecord, AttemptRecord, AttemptState, JobRecord, JobState, Snapshot, StoreOp,
+};
 use cosmos_proto::Classify;
 use cosmos_proto::spec::ArtifactRef;
 use cosmos_proto::{
@@ -555,7 +557,7 @@ fn a_success_whose_outputs_are_not_in_the_blob_store_is_run_again() {
 fn records_submitted_with_a_batch_share_its_persist_and_a_repeat_stores_nothing() {
     let mut c = Cluster::quiet();
     c.connect("a", 1, 80);
-    let key = || Some(cosmos_controller::records::Idempotency { key: "k1".into(), request_sha256: "d1".into() });
+    let key = || Some(cosmos_controller_core::records::Idempotency { key: "k1".into(), request_sha256: "d1".into() });
     let extra = vec![StoreOp::DeletePrompt("ps_000000000001".into())];
     let ((ids, repeat), out) = c.call(|core, now, out| {
         core.submit_with(now, vec![spec("run")], SubmitOptions { key: key(), extra, ..Default::default() }, out)
@@ -578,7 +580,7 @@ fn records_submitted_with_a_batch_share_its_persist_and_a_repeat_stores_nothing(
     assert!(!out.iter().any(|o| matches!(o, Output::Persist(_))), "{out:?}");
 
     // The same key for another request is refused.
-    let other = Some(cosmos_controller::records::Idempotency { key: "k1".into(), request_sha256: "d2".into() });
+    let other = Some(cosmos_controller_core::records::Idempotency { key: "k1".into(), request_sha256: "d2".into() });
     let (r, _) = c.call(|core, now, out| {
         core.submit_with(now, vec![spec("run")], SubmitOptions { key: other, ..Default::default() }, out)
     });
@@ -1936,7 +1938,7 @@ fn finished_jobs_are_pruned_unless_an_unfinished_job_names_them_and_their_ids_ar
 fn a_prune_of_nothing_prunable_stores_nothing_and_a_key_whose_jobs_are_pruned_submits_anew() {
     let mut c = Cluster::quiet();
     c.connect("a", 2, 80);
-    let key = || Some(cosmos_controller::records::Idempotency { key: "k1".into(), request_sha256: "d1".into() });
+    let key = || Some(cosmos_controller_core::records::Idempotency { key: "k1".into(), request_sha256: "d1".into() });
     let submit = |c: &mut Cluster| {
         c.call(|core, now, out| {
             core.submit_with(

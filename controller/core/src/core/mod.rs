@@ -5,7 +5,7 @@
 //! (never compared with an agent's clock, nor used for a deadline), and
 //! appends [`Output`]s. Within one call the core emits a single
 //! [`Output::Persist`] first and every message after it, so a shell that makes
-//! the persist durable before sending anything (see `crate::gate`) upholds
+//! the persist durable before sending anything (see `cosmos_controller::gate`) upholds
 //! "what a user can observe is stored before it is acted on" without knowing why.
 //!
 //! The entry points, in the order a shell calls them:
