@@ -1300,12 +1300,24 @@ fn after_a_restart_attempts_are_reconciled_and_ids_never_reused() {
     }
     let max_before = c.attempt_ids.iter().max().copied().unwrap();
 
+    let holders = |c: &Cluster| -> BTreeMap<(String, String), Option<AttemptId>> {
+        c.core
+            .agents()
+            .iter()
+            .flat_map(|a| a.gpus.iter().map(move |(info, _, _, holder)| ((a.name.clone(), info.uuid.clone()), *holder)))
+            .collect()
+    };
+    let held_before = holders(&c);
+    assert!(held_before.values().any(Option::is_some));
+
     c.restart(quiet_config(), Epoch(2));
     assert_eq!(c.core.epoch(), Epoch(2));
     assert_eq!(c.state(done.1.job_id), JobState::Succeeded);
     for (_, a) in &running {
         assert_eq!(c.state(a.job_id), JobState::Running, "a running job stays running until its host says otherwise");
     }
+    // `cosmos agents` shows the GPUs held by the same attempts as before the restart.
+    assert_eq!(holders(&c), held_before);
     assert!(c.core.agents().iter().all(|a| a.health == Health::Suspect && !a.connected));
 
     // a comes back still running its attempts: it keeps them.
@@ -1982,6 +1994,97 @@ fn a_prune_of_nothing_prunable_stores_nothing_and_a_key_whose_jobs_are_pruned_su
     assert_eq!(fresh.len(), 2);
     assert!(fresh.iter().all(|id| !ids.contains(id)), "pruned ids {ids:?} given again: {fresh:?}");
     assert_eq!(assigns(&c, &out).len(), 2);
+}
+
+#[test]
+fn a_job_of_a_batch_names_an_earlier_one_by_its_place_and_may_not_name_itself() {
+    let mut c = Cluster::quiet();
+    let video = ArtifactRef { path: "outputs/output.mp4".into(), sha256: Sha256([7; 32]), size_bytes: 42 };
+    let from = |dep| vec![InputFromDep { dep, output: video.path.clone(), path: "inputs/input.mp4".into() }];
+    let opts = SubmitOptions { inputs_from: vec![Vec::new(), Vec::new(), from(Dep::InBatch(1))], ..Default::default() };
+    let ((ids, _), _) =
+        c.call(|core, now, out| core.submit_with(now, vec![spec("a"), spec("b"), spec("c")], opts, out).unwrap());
+    assert_eq!(c.record(ids[2]).after, vec![ids[1]]);
+    assert_eq!(c.record(ids[2]).inputs_from.iter().map(|i| i.job).collect::<Vec<_>>(), vec![ids[1]]);
+
+    let opts = SubmitOptions { inputs_from: vec![Vec::new(), from(Dep::InBatch(1))], ..Default::default() };
+    let (r, _) = c.call(|core, now, out| core.submit_with(now, vec![spec("x"), spec("y")], opts, out));
+    assert_eq!(r.unwrap_err(), SubmitError::BadBatchDependency { index: 1, dep: 1 });
+}
+
+#[test]
+fn a_retry_counts_every_waiting_job_against_the_queue_limit() {
+    let mut c = Cluster::new(CoreConfig { queued_jobs_max: 3, ..quiet_config() });
+    c.connect("a", 1, 80);
+    // One failed for good, to retry; one waiting out a retry backoff; one running, one
+    // waiting for it, one queued behind it: three jobs wait, each in another place.
+    let (gone, out) = c.submit_ok(vec![JobSpec { max_attempts: 1, ..spec("gone") }]);
+    let (_, a) = one_assign(&c, &out);
+    c.started("a", a.attempt_id);
+    c.finished("a", a.attempt_id, failed(true));
+    let (_, out) = c.submit_ok(vec![JobSpec { max_attempts: 2, ..spec("flaky") }]);
+    let (_, a) = one_assign(&c, &out);
+    c.started("a", a.attempt_id);
+    c.finished("a", a.attempt_id, failed(true));
+    let (long, out) = c.submit_ok(vec![spec("long")]);
+    one_assign(&c, &out);
+    let opts = SubmitOptions { after: vec![vec![long[0]]], ..Default::default() };
+    c.call(|core, now, out| core.submit_with(now, vec![spec("then")], opts, out).unwrap());
+    let (queued, _) = c.submit_ok(vec![spec("queued")]);
+    assert!(c.core.wait_reason(queued[0]).unwrap().starts_with("needs 1 free GPUs"));
+
+    let (r, _) = c.call(|core, now, out| core.retry(now, gone[0], out));
+    assert_eq!(r, Err(CommandError::QueueFull { queued: 3, max: 3 }));
+}
+
+#[test]
+fn a_queued_job_says_which_host_is_held_for_whom_what_vram_it_needs_and_when_no_agent_is_left() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 2, 80);
+    let (small, out) = c.submit_ok(vec![spec("small")]);
+    one_assign(&c, &out);
+    // The wide job cannot start while small runs; alone in the queue, it holds nothing.
+    let (wide, out) = c.submit_ok(vec![spec_gpus("wide", 2)]);
+    assert!(assigns(&c, &out).is_empty());
+    assert_eq!(
+        c.core.wait_reason(wide[0]).as_deref(),
+        Some("needs 2 free GPUs on one host; the largest such set is 1 on a")
+    );
+    // Another small job would take a's free GPU: a is held for the wide one instead.
+    let (other, out) = c.submit_ok(vec![spec("other")]);
+    assert!(assigns(&c, &out).is_empty(), "a job took the GPU held for the wide one");
+    assert_eq!(c.core.wait_reason(wide[0]).as_deref(), Some("holding a until 2 of its GPUs are free"));
+    assert_eq!(c.core.wait_reason(other[0]), Some(format!("a is held for job {}, which needs its GPUs", wide[0])));
+    // One that would not fit in the held host's free GPUs anyway waits for room, not for the hold.
+    let (pair, _) = c.submit_ok(vec![JobSpec { priority: -1, ..spec_gpus("pair", 2) }]);
+    assert_eq!(
+        c.core.wait_reason(pair[0]).as_deref(),
+        Some("needs 2 free GPUs on one host; the largest such set is 1 on a")
+    );
+    assert!(c.core.job(small[0]).is_some());
+
+    // A VRAM need is named in MiB per GPU: b's GPU has 80 GiB, of which others hold all but 10.
+    let mut c = Cluster::quiet();
+    c.connect("b", 1, 80);
+    c.heartbeat("b", &[10], Vec::new());
+    let (big, _) = c.submit_ok(vec![JobSpec { min_free_vram_bytes: 40 * GIB, ..spec("big") }]);
+    assert_eq!(
+        c.core.wait_reason(big[0]).as_deref(),
+        Some("needs 1 free GPUs with 40960 MiB free each on one host; the largest such set is 0 on b")
+    );
+    // Its only agent disconnected (suspect, not yet lost): no agent is connected.
+    c.disconnect("b");
+    assert_eq!(c.core.agents()[0].health, Health::Suspect);
+    assert_eq!(c.core.wait_reason(big[0]).as_deref(), Some("no agent is connected"));
+}
+
+#[test]
+fn agent_health_is_named_as_the_api_and_the_cli_show_it() {
+    assert_eq!(
+        [Health::Up, Health::Suspect, Health::Lost].map(Health::as_str),
+        ["up", "suspect", "lost"],
+        "these names are part of GET /v1/agents and `cosmos agents`"
+    );
 }
 
 #[test]
