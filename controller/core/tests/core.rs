@@ -1485,6 +1485,9 @@ fn a_lost_host_is_closed_its_attempts_requeued_and_fenced_when_it_returns() {
     assert!(assigns(&c, &out).is_empty(), "a's GPU was given away while the fenced attempt ran");
     let out = c.heartbeat("a", &[80], vec![running_report(&old)]);
     assert!(assigns(&c, &out).is_empty(), "still running there");
+    // The stop was sent once, on reconnecting; a heartbeat does not send it again (a repeat
+    // would restart the agent's grace before the kill, every second).
+    assert!(!sends_to(&c, &out, "a").iter().any(|m| matches!(m, ControllerMsg::Cancel { .. })), "{out:?}");
     // Once a heartbeat no longer lists it, the GPU is free again.
     let out = c.heartbeat("a", &[80], Vec::new());
     let (h, a) = one_assign(&c, &out);
@@ -2085,6 +2088,86 @@ fn agent_health_is_named_as_the_api_and_the_cli_show_it() {
         ["up", "suspect", "lost"],
         "these names are part of GET /v1/agents and `cosmos agents`"
     );
+}
+
+#[test]
+fn a_jobs_life_is_recorded_as_events_in_the_persists_that_make_it() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 1, 80);
+    let (ids, out) = c.submit_ok(vec![spec("one")]);
+    let (_, a) = one_assign(&c, &out);
+    c.started("a", a.attempt_id);
+    c.finished("a", a.attempt_id, succeeded());
+    c.disconnect("a");
+    let events: Vec<(&str, Option<JobId>, Option<AttemptId>, Option<&str>)> = c
+        .persisted
+        .iter()
+        .filter_map(|op| match op {
+            StoreOp::Event(e) => Some((e.kind.as_str(), e.job_id, e.attempt_id, e.agent.as_deref())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            ("agent_connected", None, None, Some("a")),
+            ("submitted", None, None, None),
+            ("assigned", Some(ids[0]), Some(a.attempt_id), Some("a")),
+            ("succeeded", Some(ids[0]), Some(a.attempt_id), Some("a")),
+            ("succeeded", Some(ids[0]), None, None),
+            ("agent_disconnected", None, None, Some("a")),
+        ]
+    );
+}
+
+#[test]
+fn progress_is_reported_once_per_change_and_read_from_the_job() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 1, 80);
+    let (ids, out) = c.submit_ok(vec![spec("one")]);
+    let (_, a) = one_assign(&c, &out);
+    c.started("a", a.attempt_id);
+    assert!(c.core.drain_progressed().is_empty());
+    let progress = |step| AgentMsg::Progress { attempt_id: a.attempt_id, step, total: 10 };
+    c.send("a", progress(3));
+    assert_eq!(c.core.job(ids[0]).unwrap().1, Some((3, 10)));
+    assert_eq!(c.core.drain_progressed(), vec![ids[0]]);
+    assert!(c.core.drain_progressed().is_empty(), "drained");
+    // The same step again is no news for waiting clients; the next one is.
+    c.send("a", progress(3));
+    assert!(c.core.drain_progressed().is_empty());
+    c.send("a", progress(4));
+    assert_eq!(c.core.drain_progressed(), vec![ids[0]]);
+    assert_eq!(c.core.job(ids[0]).unwrap().1, Some((4, 10)));
+}
+
+#[test]
+fn jobs_are_listed_in_pages_after_a_cursor() {
+    let mut c = Cluster::quiet();
+    let (ids, _) = c.submit_ok((0..5).map(|i| spec(&format!("j{i}"))).collect());
+    let page = |after| c.core.jobs_after(after).map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(page(None), ids);
+    assert_eq!(page(Some(ids[1])), ids[2..].to_vec());
+    assert!(page(Some(ids[4])).is_empty());
+}
+
+#[test]
+fn an_agents_connection_is_offered_only_while_it_is_heard_from() {
+    let mut c = Cluster::new(CoreConfig::default());
+    assert_eq!(c.core.live_conn_of("a"), None, "an unknown agent");
+    c.connect("a", 1, 80);
+    c.connect("b", 1, 80);
+    assert_eq!(c.core.live_conn_of("a"), Some(c.conn_of["a"]));
+    assert_eq!(c.core.live_conn_of("b"), Some(c.conn_of["b"]));
+    // a goes silent past suspect_after_ms: its connection may be a dead host's half-open one.
+    c.now = 5_000;
+    c.beat("b");
+    c.tick_at(5_000);
+    assert_eq!(c.core.agents().iter().find(|v| v.name == "a").unwrap().health, Health::Suspect);
+    assert_eq!(c.core.live_conn_of("a"), None);
+    assert_eq!(c.core.live_conn_of("b"), Some(c.conn_of["b"]));
+    c.disconnect("b");
+    assert_eq!(c.core.live_conn_of("b"), None);
 }
 
 #[test]
