@@ -130,3 +130,48 @@ fn a_full_table_forgets_the_upload_least_recently_sent_to_not_one_that_just_got_
         assert_eq!(intake.size_bytes(&sha(0)), Some(10), "the one that got a chunk stays");
     }
 }
+
+#[test]
+fn a_full_table_forgets_the_upload_least_recently_offered() {
+    // Repeated: HashMap order differs from one table to the next, and a tie would be broken by it.
+    for _ in 0..20 {
+        let mut intake = Intake::new();
+        let sha = |i: usize| {
+            let mut digest = [9u8; 32];
+            digest[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            Sha256(digest)
+        };
+        for i in 0..UPLOADS_MAX {
+            intake.on_offer(sha(i), 10, None, 0);
+        }
+        // The first one is offered again (the agent retried it): the second is now the stalest.
+        intake.on_offer(sha(0), 10, None, 0);
+        intake.on_offer(sha(UPLOADS_MAX), 10, None, 0);
+        assert_eq!(intake.size_bytes(&sha(1)), None, "the least recently offered went");
+        assert_eq!(intake.size_bytes(&sha(0)), Some(10), "the one offered again stays");
+        assert_eq!(intake.size_bytes(&sha(UPLOADS_MAX)), Some(10));
+    }
+}
+
+#[test]
+fn a_read_near_the_end_is_cut_to_the_bytes_left() {
+    assert_eq!(serve(SHA, 90, 64, Some(100)), Serve::Read { offset: 90, len_bytes: 10 });
+    assert_eq!(serve(SHA, 99, 64, Some(100)), Serve::Read { offset: 99, len_bytes: 1 });
+    assert_eq!(serve(SHA, 10, 64, Some(100)), Serve::Read { offset: 10, len_bytes: 64 });
+}
+
+#[test]
+fn only_a_commit_begun_at_an_offer_counts_as_one() {
+    let mut intake = Intake::new();
+    assert!(!intake.commit_on_offer(&SHA), "an unknown upload");
+    // Delivered chunk by chunk: its commit began at the last chunk, not at an offer.
+    intake.on_offer(SHA, 4, None, 0);
+    assert!(!intake.commit_on_offer(&SHA), "not committing yet");
+    intake.on_chunk(SHA, 0, 4, true);
+    assert_eq!(intake.on_appended(SHA, 4, 4), Appended::Commit);
+    assert!(!intake.commit_on_offer(&SHA), "committing, but from its chunks");
+    // Offered with every byte already in the partial file: the commit begins at the offer.
+    let other = Sha256([5; 32]);
+    assert_eq!(intake.on_offer(other, 4, None, 4), OfferAction::Commit);
+    assert!(intake.commit_on_offer(&other));
+}

@@ -2171,6 +2171,49 @@ fn an_agents_connection_is_offered_only_while_it_is_heard_from() {
 }
 
 #[test]
+fn a_retry_whose_backoff_is_over_waits_for_room_not_for_its_backoff() {
+    let mut c =
+        Cluster::new(CoreConfig { retry_backoff_base_ms: 1_000, retry_backoff_max_ms: 1_000, ..quiet_config() });
+    c.connect("a", 1, 80);
+    let (flaky, out) = c.submit_ok(vec![JobSpec { max_attempts: 2, ..spec("flaky") }]);
+    let (_, a) = one_assign(&c, &out);
+    c.started("a", a.attempt_id);
+    let failed_at = c.now;
+    c.finished("a", a.attempt_id, failed(true));
+    // While it waits out the backoff, another job takes the only GPU.
+    let (_, out) = c.submit_ok(vec![spec("other")]);
+    one_assign(&c, &out);
+    assert_eq!(c.core.wait_reason(flaky[0]).as_deref(), Some("waiting out its retry backoff"));
+    let out = c.tick_at(failed_at + 1_000);
+    assert!(assigns(&c, &out).is_empty());
+    assert_eq!(c.state(flaky[0]), JobState::Retrying);
+    assert_eq!(
+        c.core.wait_reason(flaky[0]).as_deref(),
+        Some("needs 1 free GPUs on one host; the largest such set is 0 on a")
+    );
+}
+
+#[test]
+fn a_job_that_needs_no_gpu_runs_while_every_gpu_is_busy() {
+    let mut c = Cluster::quiet();
+    c.connect("a", 1, 80);
+    c.connect("b", 1, 80);
+    let (_, out) = c.submit_ok(vec![spec("one"), spec("two")]);
+    assert_eq!(assigns(&c, &out).len(), 2);
+    // Every GPU is taken: a CPU-only job (a preprocessing step) still has hosts to run on.
+    let (cpu, out) = c.submit_ok(vec![spec_gpus("cpu", 0)]);
+    let (_, a) = one_assign(&c, &out);
+    assert_eq!(a.job_id, cpu[0]);
+    assert!(a.gpu_uuids.is_empty());
+    // Behind a GPU job that has to wait (and holds a host for itself), one still runs.
+    let (wide, _) = c.submit_ok(vec![spec("three")]);
+    let (cpu2, out) = c.submit_ok(vec![spec_gpus("cpu2", 0)]);
+    let (_, a) = one_assign(&c, &out);
+    assert_eq!(a.job_id, cpu2[0]);
+    assert!(c.core.wait_reason(wide[0]).is_some());
+}
+
+#[test]
 fn the_outputs_a_shell_looks_up_are_those_of_the_successes_reported() {
     let video = ArtifactRef { path: "outputs/output.mp4".into(), sha256: Sha256([1; 32]), size_bytes: 42 };
     let log = ArtifactRef { path: "outputs/log.txt".into(), sha256: Sha256([2; 32]), size_bytes: 7 };

@@ -31,7 +31,9 @@ impl Core {
         let mut cursor = self.ready.first();
         while let Some(key) = cursor {
             cursor = self.ready.after(key);
-            if self.free_index.last().is_none_or(|&(free, _)| free == 0) {
+            // With no GPU free anywhere only a job that needs none can start (shapes sort by GPU count).
+            let needs_none_queued = self.ready.shapes.keys().next().is_some_and(|&(gpus, _)| gpus == 0);
+            if self.free_index.last().is_none_or(|&(free, _)| free == 0) && !needs_none_queued {
                 break;
             }
             let job_id = key.1;
@@ -74,7 +76,7 @@ impl Core {
                         holder_tried = true;
                     }
                     // Nothing smaller exists; stop, unless the holder is still to come.
-                    if (shape.0 == 0 || shape == (1, 0)) && holder_tried {
+                    if (shape.0 == 0 || (shape == (1, 0) && !needs_none_queued)) && holder_tried {
                         break;
                     }
                 }
