@@ -2214,6 +2214,38 @@ fn a_job_that_needs_no_gpu_runs_while_every_gpu_is_busy() {
 }
 
 #[test]
+fn a_retried_job_whose_next_attempt_is_refused_is_placed_again_at_once() {
+    // Alone, and after a job it waited for (which takes the other way into the queue).
+    for with_dependency in [false, true] {
+        let mut c =
+            Cluster::new(CoreConfig { retry_backoff_base_ms: 1_000, retry_backoff_max_ms: 1_000, ..quiet_config() });
+        c.connect("a", 1, 80);
+        let mut opts = SubmitOptions::default();
+        if with_dependency {
+            let (before, out) = c.submit_ok(vec![spec("before")]);
+            let (_, b) = one_assign(&c, &out);
+            c.started("a", b.attempt_id);
+            c.finished("a", b.attempt_id, succeeded());
+            opts.after = vec![before];
+        }
+        let flaky = JobSpec { max_attempts: 3, ..spec("flaky") };
+        let ((ids, _), out) = c.call(|core, now, out| core.submit_with(now, vec![flaky], opts, out).unwrap());
+        let (_, first) = one_assign(&c, &out);
+        c.started("a", first.attempt_id);
+        let failed_at = c.now;
+        c.finished("a", first.attempt_id, failed(true));
+        let out = c.tick_at(failed_at + 1_000);
+        let (_, second) = one_assign(&c, &out);
+        // The host refuses the second attempt before starting it: that is no failure of the job,
+        // and its backoff is long over, so it is placed again in the same step.
+        let out = c.finished("a", second.attempt_id, AttemptOutcome::Rejected { reason: "image missing".into() });
+        let (_, third) = one_assign(&c, &out);
+        assert_eq!(third.job_id, ids[0], "with_dependency = {with_dependency}");
+        assert_eq!(c.record(ids[0]).attempts_lost, 1);
+    }
+}
+
+#[test]
 fn the_outputs_a_shell_looks_up_are_those_of_the_successes_reported() {
     let video = ArtifactRef { path: "outputs/output.mp4".into(), sha256: Sha256([1; 32]), size_bytes: 42 };
     let log = ArtifactRef { path: "outputs/log.txt".into(), sha256: Sha256([2; 32]), size_bytes: 7 };
