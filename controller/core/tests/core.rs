@@ -987,6 +987,35 @@ fn a_reserved_host_is_not_left_idle_when_a_higher_priority_job_arrives() {
     );
 }
 
+#[test]
+fn a_pass_skips_only_what_cannot_fit_and_never_the_holder_of_a_reservation() {
+    // a: 2 GPUs, b: 1 GPU, one job on each. Two 2-GPU jobs wait; a 1-GPU one behind them makes
+    // the first reserve a (the only host that can hold it).
+    let mut c = Cluster::quiet();
+    c.connect("a", 2, 80);
+    c.connect("b", 1, 80);
+    let (_, out) = c.submit_ok(vec![spec("on-a"), spec("on-b")]);
+    let placed = assigns(&c, &out);
+    let on = |host: &str| placed.iter().find(|(h, _)| h == host).map(|(_, a)| a.clone()).unwrap();
+    let (on_a, on_b) = (on("a"), on("b"));
+    let (wide, _) = c.submit_ok(vec![spec_gpus("wide", 2)]);
+    let (_wide2, _) = c.submit_ok(vec![spec_gpus("wide2", 2)]);
+    let (small, _) = c.submit_ok(vec![spec("small")]);
+    assert_eq!(c.core.wait_reason(wide[0]).as_deref(), Some("holding a until 2 of its GPUs are free"));
+    // b frees its GPU: the second wide job cannot fit there, but that says nothing of a smaller one.
+    let out = c.finished("b", on_b.attempt_id, succeeded());
+    let (h, s) = one_assign(&c, &out);
+    assert_eq!((h.as_str(), s.job_id), ("b", small[0]));
+    // An urgent 1-GPU job comes ahead of the holder and cannot run (b is full, a is held). When a
+    // frees up, the pass must still try the holder, though a smaller shape just failed before it.
+    let (urgent, out) = c.submit_ok(vec![JobSpec { priority: 10, ..spec("urgent") }]);
+    assert!(assigns(&c, &out).is_empty());
+    let out = c.finished("a", on_a.attempt_id, succeeded());
+    let (h, w) = one_assign(&c, &out);
+    assert_eq!((h.as_str(), w.job_id), ("a", wide[0]));
+    assert!(c.live(urgent[0]).is_none());
+}
+
 /// Regression (fixed in ba61353): a reservation was never moved off a
 /// host that stops being schedulable, so the wide job starves again.
 ///
