@@ -2275,6 +2275,35 @@ fn a_retried_job_whose_next_attempt_is_refused_is_placed_again_at_once() {
 }
 
 #[test]
+fn the_next_deadline_is_the_earliest_host_turning_suspect_or_lost_or_backoff_ending() {
+    let config = CoreConfig {
+        suspect_after_ms: 3_000,
+        lost_after_ms: 15_000,
+        retry_backoff_base_ms: 1_000,
+        retry_backoff_max_ms: 1_000,
+        ..CoreConfig::default()
+    };
+    let mut c = Cluster::new(config);
+    // Recovered and not yet scheduled: due at once; after a first input, nothing is pending.
+    assert_eq!(c.core.next_deadline_ms(), Some(0));
+    c.tick_at(0);
+    assert_eq!(c.core.next_deadline_ms(), None, "no host, no backoff: the shell may sleep until its next input");
+    c.now = 500;
+    c.connect("a", 1, 80);
+    assert_eq!(c.core.next_deadline_ms(), Some(3_500), "a turns suspect 3 s after it was last heard");
+    let (_, out) = c.submit_ok(vec![JobSpec { max_attempts: 2, ..spec("flaky") }]);
+    let (_, a) = one_assign(&c, &out);
+    c.now = 1_000;
+    c.beat("a");
+    c.started("a", a.attempt_id);
+    c.finished("a", a.attempt_id, failed(true));
+    assert_eq!(c.core.next_deadline_ms(), Some(2_000), "the retry's backoff ends first");
+    c.tick_at(2_000);
+    c.disconnect("a");
+    assert_eq!(c.core.next_deadline_ms(), Some(16_000), "suspect a is lost 15 s after it was last heard");
+}
+
+#[test]
 fn the_outputs_a_shell_looks_up_are_those_of_the_successes_reported() {
     let video = ArtifactRef { path: "outputs/output.mp4".into(), sha256: Sha256([1; 32]), size_bytes: 42 };
     let log = ArtifactRef { path: "outputs/log.txt".into(), sha256: Sha256([2; 32]), size_bytes: 7 };
