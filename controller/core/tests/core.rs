@@ -2304,6 +2304,36 @@ fn the_next_deadline_is_the_earliest_host_turning_suspect_or_lost_or_backoff_end
 }
 
 #[test]
+fn a_host_that_returns_is_told_apart_from_a_new_one_and_its_gpus_are_as_it_reports_them_now() {
+    let mut c = Cluster::new(CoreConfig::default());
+    c.connect("a", 1, 80);
+    c.connect("b", 1, 80);
+    // a goes silent until it is lost; b keeps talking.
+    for t in (1_000..=15_000).step_by(1_000) {
+        c.now = t;
+        c.beat("b");
+        c.tick_at(t);
+    }
+    assert_eq!(c.core.agents().iter().find(|v| v.name == "a").unwrap().health, Health::Lost);
+    // It comes back after its GPU was reconfigured (a smaller MIG slice under the same UUID).
+    c.disconnect("a");
+    c.connect("a", 1, 40);
+    let details: Vec<&str> = c
+        .persisted
+        .iter()
+        .filter_map(|op| match op {
+            StoreOp::Event(e) if e.kind == "agent_connected" && e.agent.as_deref() == Some("a") => {
+                Some(e.detail.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(details, ["agent a connected", "agent a returned"]);
+    let view = c.core.agents().into_iter().find(|v| v.name == "a").unwrap();
+    assert_eq!(view.gpus[0].0.total_vram_bytes, 40 * GIB, "the GPU as the agent reports it now");
+}
+
+#[test]
 fn the_outputs_a_shell_looks_up_are_those_of_the_successes_reported() {
     let video = ArtifactRef { path: "outputs/output.mp4".into(), sha256: Sha256([1; 32]), size_bytes: 42 };
     let log = ArtifactRef { path: "outputs/log.txt".into(), sha256: Sha256([2; 32]), size_bytes: 7 };
