@@ -451,8 +451,16 @@ fn a_retried_job_shows_both_attempts_and_the_reason_in_one_trace() {
     );
     let j = wait_job(&c, &id);
     assert_eq!(j["state"], "succeeded", "{j}");
-    let spans =
-        collector.wait("both attempts", |s| trace_of(s, &id).iter().filter(|s| s.name == "attempt").count() == 2);
+    // The agent exports its spans on its own schedule, so wait for its two `start` spans too.
+    let spans = collector.wait("both attempts, from controller and agent", |s| {
+        let trace = trace_of(s, &id);
+        let count =
+            |name: &str, service: &str| trace.iter().filter(|s| s.name == name && s.service.contains(service)).count();
+        count("attempt", "") == 2
+            && count("queued", "") == 2
+            && count("start", "cosmos-agent") == 2
+            && count("retry backoff", "") == 1
+    });
     let trace = trace_of(&spans, &id);
     let mut attempts: Vec<&&Span> = trace.iter().filter(|s| s.name == "attempt").collect();
     attempts.sort_by_key(|s| s.start_ns);
@@ -490,7 +498,10 @@ fn a_controller_restarted_mid_run_continues_the_jobs_trace() {
     c.start_controller(&api, &agents);
     let j = wait_job(&c, &id);
     assert_eq!(j["state"], "succeeded", "{j}");
-    let spans = collector.wait("the job's root span", |s| !trace_of(s, &id).is_empty());
+    let spans = collector.wait("the job's attempt and running spans", |s| {
+        let t = trace_of(s, &id);
+        t.iter().any(|s| s.name == "attempt") && t.iter().any(|s| s.name == "running")
+    });
     let trace = trace_of(&spans, &id);
     let attempt = one(&trace, "attempt");
     assert_eq!(start.trace, attempt.trace, "the restarted controller's spans are in the same trace");
