@@ -1035,10 +1035,16 @@ fn a_wide_job_is_not_starved_when_its_reserved_host_is_drained() {
         if h == "x" { on_x.push(a.attempt_id) } else { on_y.push(a.attempt_id) }
     }
     let (wide, _) = c.submit_ok(vec![spec_gpus("wide", 8)]);
-    // A GPU frees on x: the wide job reserves x.
+    // A small job behind it, so that a reservation is worth making; a GPU frees on x: the wide job reserves x.
+    let (behind, _) = c.submit_ok(vec![spec("behind")]);
     c.finished("x", on_x.remove(0), succeeded());
-    assert!(c.live(wide[0]).is_none());
+    assert_eq!(c.core.wait_reason(wide[0]).as_deref(), Some("holding x until 8 of its GPUs are free"));
+    assert_eq!(c.state(behind[0]), JobState::Queued, "the small job took the GPU freed on the reserved host");
+    // x could still hold the job once empty, but will never be given it: the reservation is
+    // dropped, to be taken on y as soon as a GPU frees there (a full host is not reserved).
     c.drain("x", true);
+    let reason = c.core.wait_reason(wide[0]);
+    assert_eq!(reason.as_deref(), Some("needs 8 free GPUs on one host; the largest such set is 0 on y"));
     for step in 0..40 {
         c.submit_ok(vec![spec(&format!("s{step}"))]);
         if on_y.is_empty() {
