@@ -92,6 +92,11 @@ fn a_stale_liveness_index_is_caught() {
 }
 
 #[test]
+fn a_liveness_deadline_left_out_of_the_index_is_caught() {
+    caught_within(Sabotage::UnindexedLivenessDeadline, &["indexed with liveness deadline"]);
+}
+
+#[test]
 fn a_download_resumed_past_its_good_bytes_is_caught() {
     // The agent's blob machine, on a rewind (a stall, a corrupt chunk, a cut link), resumes one
     // chunk past the bytes it has: the next chunk it accepts leaves a hole in the partial file.

@@ -1016,6 +1016,17 @@ fn a_pass_skips_only_what_cannot_fit_and_never_the_holder_of_a_reservation() {
     assert!(c.live(urgent[0]).is_none());
 }
 
+/// The consistency check holds the liveness index and each host's own record of its deadline
+/// to that deadline apart: the index wrong alone, the host's record right, is an inconsistency.
+#[cfg(feature = "sabotage")]
+#[test]
+#[should_panic(expected = "indexed with liveness deadline")]
+fn a_liveness_deadline_left_out_of_the_index_is_an_inconsistency_though_its_host_records_it() {
+    let sabotage = cosmos_controller_core::core::Sabotage::UnindexedLivenessDeadline;
+    let mut c = Cluster::new(CoreConfig { sabotage, ..quiet_config() });
+    c.connect("x", 1, 80);
+}
+
 /// Regression (fixed in ba61353): a reservation was never moved off a
 /// host that stops being schedulable, so the wide job starves again.
 ///

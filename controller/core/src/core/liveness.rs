@@ -84,6 +84,10 @@ impl Core {
         }
         if let Some(at) = deadline {
             agent.indexed_deadline = Some(at);
+            #[cfg(feature = "sabotage")]
+            if self.config.sabotage == Sabotage::UnindexedLivenessDeadline {
+                return;
+            }
             self.liveness.insert((at, idx));
         }
     }

@@ -224,6 +224,9 @@ pub enum Sabotage {
     StaleShapeCounts,
     /// A host's liveness deadline is armed once and never moved.
     StaleLivenessIndex,
+    /// A host records its liveness deadline, which never goes into the index: the
+    /// host is never found suspect or lost, and the two disagree from the first arming.
+    UnindexedLivenessDeadline,
 }
 
 /// A host as the scheduler sees it.
