@@ -828,7 +828,13 @@ impl Handler<AgentMessage> for CoreActor {
             }
             AgentMsg::Heartbeat(hb) => {
                 if let Some(name) = self.core.agent_of_conn(conn) {
-                    self.gpu_usage.insert(name.to_string(), hb.gpus.clone());
+                    // Every agent, every second: reuse the last reading's allocations.
+                    match self.gpu_usage.get_mut(name) {
+                        Some(usage) => usage.clone_from(&hb.gpus),
+                        None => {
+                            self.gpu_usage.insert(name.to_string(), hb.gpus.clone());
+                        }
+                    }
                 }
             }
             _ => {}
