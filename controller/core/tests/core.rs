@@ -1052,7 +1052,7 @@ fn a_wide_job_is_not_starved_when_its_reserved_host_is_drained() {
     assert_eq!(c.core.wait_reason(wide[0]).as_deref(), Some("holding x until 8 of its GPUs are free"));
     assert_eq!(c.state(behind[0]), JobState::Queued, "the small job took the GPU freed on the reserved host");
     // x could still hold the job once empty, but will never be given it: the reservation is
-    // dropped, to be taken on y as soon as a GPU frees there (a full host is not reserved).
+    // dropped, and taken on y by the first pass with a GPU to give (none runs while none is free).
     c.drain("x", true);
     let reason = c.core.wait_reason(wide[0]);
     assert_eq!(reason.as_deref(), Some("needs 8 free GPUs on one host; the largest such set is 0 on y"));
