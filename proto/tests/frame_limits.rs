@@ -121,3 +121,26 @@ async fn a_reader_reports_a_stream_cut_mid_frame_and_a_clean_close() {
     drop(client);
     assert_eq!(FrameReader::new(server, 1024).read_frame().await.unwrap(), None);
 }
+
+/// A frame header announcing `len_bytes`.
+fn header(len_bytes: u32) -> BytesMut {
+    BytesMut::from(&len_bytes.to_be_bytes()[..])
+}
+
+#[test]
+fn the_default_limit_is_4_mib_and_no_reader_takes_more_than_16_mib() {
+    let default = FrameDecoder::default();
+    assert!(matches!(default.decode(&mut header(4 << 20)), Ok(None)), "4 MiB: waits for the payload");
+    assert!(matches!(default.decode(&mut header((4 << 20) + 1)), Err(FrameError::Oversized { .. })));
+    let asked_for_more = FrameDecoder::new(u32::MAX);
+    assert!(matches!(asked_for_more.decode(&mut header(16 << 20)), Ok(None)));
+    assert!(matches!(asked_for_more.decode(&mut header((16 << 20) + 1)), Err(FrameError::Oversized { .. })));
+}
+
+#[test]
+fn an_oversized_frame_is_terminal_and_a_broken_stream_worth_a_reconnect() {
+    use cosmos_proto::{Classify, Retry};
+    assert_eq!(FrameError::Oversized { len_bytes: 5 << 20, frame_bytes_max: 4 << 20 }.retry(), Retry::Terminal);
+    assert_eq!(FrameError::Truncated { need_bytes: 8, have_bytes: 2 }.retry(), Retry::Retryable);
+    assert_eq!(FrameError::Io(std::io::Error::other("connection reset")).retry(), Retry::Retryable);
+}

@@ -52,6 +52,11 @@ fn trailing_bytes_are_refused() {
     let mut bytes = codec::encode(&ControllerMsg::Drain { draining: true }).unwrap();
     bytes.push(0);
     assert!(matches!(codec::decode::<ControllerMsg>(&bytes), Err(CodecError::TrailingBytes { extra: 1 })));
+    // The count is of the bytes past the message, however many.
+    let mut bytes =
+        codec::encode(&ControllerMsg::Cancel { attempt_id: cosmos_proto::AttemptId(7), grace_ms: 1_000 }).unwrap();
+    bytes.extend_from_slice(&[0; 3]);
+    assert!(matches!(codec::decode::<ControllerMsg>(&bytes), Err(CodecError::TrailingBytes { extra: 3 })));
 }
 
 #[test]

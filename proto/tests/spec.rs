@@ -176,3 +176,37 @@ fn characters_that_could_fake_output_or_cut_a_string_are_refused() {
     spec.gpus = 0;
     assert_eq!(spec.validate(), Ok(()));
 }
+
+/// The limits and defaults the README's job-line section publishes, by value: a job line
+/// valid under one version stays valid under the next.
+#[test]
+fn the_published_limits_and_defaults_hold() {
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+    let plain = JobSpec::command("j", ["true"]);
+    assert_eq!((plain.timeout_ms, plain.max_attempts, plain.gpus), (DAY_MS, 3, 1), "what a line that names none gets");
+    let with = |f: &dyn Fn(&mut JobSpec)| {
+        let mut s = JobSpec::command("j", ["true"]);
+        f(&mut s);
+        s.validate()
+    };
+    let value = |n: usize| move |s: &mut JobSpec| drop(s.env.insert("V".into(), "v".repeat(n)));
+    let argv = |n: usize| move |s: &mut JobSpec| s.command = vec!["c".repeat(n - 1), "x".into()];
+    let vars = |n: usize| move |s: &mut JobSpec| s.env = (0..n).map(|i| (format!("V{i}"), String::new())).collect();
+    let output =
+        |n: usize| move |s: &mut JobSpec| s.outputs = vec![OutputArtifact { path: path_of(n), required: true }];
+    let cases: [(&str, &dyn Fn(&mut JobSpec), &dyn Fn(&mut JobSpec)); 9] = [
+        ("timeout: a week", &|s| s.timeout_ms = 7 * DAY_MS, &|s| s.timeout_ms = 7 * DAY_MS + 1),
+        ("an env value: 64 KiB", &value(64 << 10), &value((64 << 10) + 1)),
+        ("argv: 256 KiB", &argv(256 << 10), &argv((256 << 10) + 1)),
+        ("argv: 4,096 words", &|s| s.command = vec!["a".into(); 4096], &|s| s.command = vec!["a".into(); 4097]),
+        ("gpus: 64", &|s| s.gpus = 64, &|s| s.gpus = 65),
+        ("attempts: 100", &|s| s.max_attempts = 100, &|s| s.max_attempts = 101),
+        ("a name: 256 bytes", &|s| s.name = "n".repeat(256), &|s| s.name = "n".repeat(257)),
+        ("env: 1,024 variables", &vars(1024), &vars(1025)),
+        ("a path: 1,024 bytes", &output(1024), &output(1025)),
+    ];
+    for (limit, at, past) in cases {
+        assert_eq!(with(at), Ok(()), "{limit}");
+        assert!(with(past).is_err(), "{limit}: one past it is refused");
+    }
+}

@@ -735,3 +735,167 @@ fn an_acknowledged_end_is_forgotten_and_a_reconcile_reaps() {
     core.on_message(2, ControllerMsg::Reconcile { epoch: Epoch(1), keep: Vec::new() }, &mut out);
     assert!(out.contains(&Output::Reap), "{out:?}");
 }
+
+/// The heartbeats a tick at each of `at_ms` sends, each after an ack that keeps the link alive.
+fn heartbeats(core: &mut AgentCore, at_ms: &[u64]) -> Vec<Heartbeat> {
+    let mut beats = Vec::new();
+    for &now_ms in at_ms {
+        let mut out = Vec::new();
+        core.on_message(now_ms, ControllerMsg::HeartbeatAck { seq: 0 }, &mut out);
+        core.tick(now_ms, &mut out);
+        beats.extend(out.into_iter().filter_map(|o| match o {
+            Output::Send(AgentMsg::Heartbeat(hb)) => Some(hb),
+            _ => None,
+        }));
+    }
+    beats
+}
+
+#[test]
+fn heartbeats_are_numbered_in_order_and_carry_the_runtimes_health() {
+    let mut core = core();
+    let every = core.config().heartbeat_interval_ms;
+    core.set_unhealthy(Some("the Docker daemon does not answer".into()));
+    let beats = heartbeats(&mut core, &[every, 2 * every]);
+    assert_eq!(beats.iter().map(|b| b.seq).collect::<Vec<_>>(), [1, 2]);
+    assert!(beats.iter().all(|b| b.unhealthy.as_deref() == Some("the Docker daemon does not answer")), "{beats:?}");
+    core.set_unhealthy(None);
+    let beats = heartbeats(&mut core, &[3 * every]);
+    assert_eq!((beats[0].seq, beats[0].unhealthy.clone()), (3, None));
+}
+
+#[test]
+fn the_link_is_down_once_acks_stop_and_up_again_on_reconnect() {
+    let mut core = core();
+    assert!(core.is_connected());
+    let mut out = Vec::new();
+    core.tick(core.config().ack_timeout_ms, &mut out);
+    assert!(out.contains(&Output::Reconnect), "{out:?}");
+    assert!(!core.is_connected());
+    core.connected(core.config().ack_timeout_ms + 1, &mut Vec::new());
+    assert!(core.is_connected());
+    core.disconnected();
+    assert!(!core.is_connected());
+}
+
+#[test]
+fn a_cancelled_attempt_is_stopping_until_it_exits() {
+    let mut core = core();
+    assign(&mut core, 0, spec(0));
+    core.on_runtime(1, RuntimeEvent::Started { attempt_id: ATT, handle: "h".into() }, &mut Vec::new());
+    assert!(!core.is_stopping(ATT));
+    core.on_message(2, ControllerMsg::Cancel { attempt_id: ATT, grace_ms: 1_000 }, &mut Vec::new());
+    assert!(core.is_stopping(ATT));
+    assert_eq!(phase(&core), Some(AttemptPhase::Stopping));
+    let status = ExitStatus { code: None, signal: Some(15), oom_killed: false };
+    core.on_runtime(3, RuntimeEvent::Exited { attempt_id: ATT, status, outputs: Vec::new() }, &mut Vec::new());
+    assert!(!core.is_stopping(ATT));
+}
+
+#[test]
+fn an_attempt_reports_its_progress_while_running_and_all_steps_done_while_uploading() {
+    let mut core = core();
+    assign(&mut core, 0, spec(0));
+    core.on_runtime(1, RuntimeEvent::Started { attempt_id: ATT, handle: "h".into() }, &mut Vec::new());
+    core.on_runtime(2, RuntimeEvent::Progress { attempt_id: ATT, step: 3, total: 10 }, &mut Vec::new());
+    assert_eq!(phase(&core), Some(AttemptPhase::Running { step: 3, total: 10 }));
+    clean_exit(&mut core, 100, vec![artifact()]);
+    assert_eq!(phase(&core), Some(AttemptPhase::Running { step: 10, total: 10 }), "its outputs are on their way");
+    // Docker's log reader runs apart from its exit watch: a progress line read after the exit
+    // does not move the finished run back.
+    core.on_runtime(101, RuntimeEvent::Progress { attempt_id: ATT, step: 5, total: 10 }, &mut Vec::new());
+    assert_eq!(phase(&core), Some(AttemptPhase::Running { step: 10, total: 10 }));
+}
+
+#[test]
+fn a_resent_order_for_a_finished_attempt_does_not_run_it_again() {
+    let mut core = core();
+    let mut s = spec(0);
+    s.outputs.clear();
+    assign(&mut core, 0, s.clone());
+    assert!(finished(&clean_exit(&mut core, 5, Vec::new())).is_some());
+    let again = assign(&mut core, 6, s);
+    assert!(!again.iter().any(|o| matches!(o, Output::Start { .. })), "{again:?}");
+}
+
+fn assign_at(core: &mut AgentCore, epoch: u64, attempt: u64, gpu: &str) -> Vec<Output> {
+    let mut s = spec(0);
+    s.outputs.clear();
+    let msg = ControllerMsg::Assign(Box::new(Assign {
+        epoch: Epoch(epoch),
+        attempt_id: AttemptId(attempt),
+        job_id: JobId(attempt),
+        spec: s,
+        gpu_uuids: vec![gpu.into()],
+        trace: TraceContext::default(),
+    }));
+    let mut out = Vec::new();
+    core.on_message(0, msg, &mut out);
+    out
+}
+
+#[test]
+fn orders_of_the_current_epoch_run_and_those_of_an_older_one_are_refused() {
+    let gpus = (0..3)
+        .map(|i| GpuInfo { index: i, uuid: format!("GPU-{i}"), name: "fake".into(), total_vram_bytes: 80 << 30 })
+        .collect();
+    let mut core = AgentCore::new(0, AgentConfig::default(), gpus, true, "sim", 1, Vec::new());
+    core.connected(0, &mut Vec::new());
+    assert!(matches!(assign_at(&mut core, 2, 1, "GPU-0").as_slice(), [Output::Start { .. }]));
+    assert_eq!(core.known_epoch(), Epoch(2));
+    assert!(matches!(assign_at(&mut core, 2, 2, "GPU-1").as_slice(), [Output::Start { .. }]), "the same epoch");
+    let out = assign_at(&mut core, 1, 3, "GPU-2");
+    let Some(AttemptOutcome::Rejected { reason }) = out.iter().find_map(|o| match o {
+        Output::Send(AgentMsg::AttemptFinished { outcome, .. }) => Some(outcome.clone()),
+        _ => None,
+    }) else {
+        panic!("an order of epoch 1 after epoch 2 is stale: {out:?}")
+    };
+    assert!(reason.contains("stale order from controller epoch 1, current is 2"), "{reason}");
+    assert_eq!(core.known_epoch(), Epoch(2));
+}
+
+#[test]
+fn a_quarantined_gpu_is_listed_and_a_small_leak_is_told_in_mib() {
+    let mut core = core();
+    core.on_gpu_readings(0, reading(0, Vec::new()), &mut Vec::new());
+    uploading(&mut core);
+    let bound = core.config().vram_release_bound_ms;
+    core.on_gpu_readings(100 + bound, reading(512 << 20, Vec::new()), &mut Vec::new());
+    assert_eq!(core.faulty_gpus().collect::<Vec<_>>(), [GPU]);
+    let q = heartbeat_gpu(&mut core, 100 + bound + 1_000).quarantine.expect("quarantined");
+    assert!(q.reason.starts_with("512 MiB held above its baseline"), "{}", q.reason);
+}
+
+#[test]
+fn sysexits_usage_codes_and_the_shells_cannot_execute_and_not_found_are_terminal() {
+    for code in [64, 70, 78, 126, 127] {
+        let mut c = core();
+        assign(&mut c, 0, spec(0));
+        let outcome = exit_with(&mut c, code, b"");
+        assert!(
+            matches!(outcome, Some(AttemptOutcome::Failed { retry: cosmos_proto::Retry::Terminal, .. })),
+            "exit {code}: {outcome:?}"
+        );
+    }
+    for code in [1, 63, 79, 125, 128] {
+        let mut c = core();
+        assign(&mut c, 0, spec(0));
+        let outcome = exit_with(&mut c, code, b"");
+        assert!(
+            matches!(outcome, Some(AttemptOutcome::Failed { retry: cosmos_proto::Retry::Retryable, .. })),
+            "exit {code}: {outcome:?}"
+        );
+    }
+}
+
+#[test]
+fn the_quote_holds_lines_up_to_its_byte_bound_exactly_and_cuts_at_a_character() {
+    // Lines that fill the bound to the byte are all quoted; one byte more leaves the oldest out.
+    let (a, b) = ("z".repeat(700), "z".repeat(QUOTED_BYTES_MAX - 1400));
+    assert_eq!(error_tail(&format!("{b}\n{a}\n{a}\n"), |_| false).len(), 3);
+    assert_eq!(error_tail(&format!("{b}z\n{a}\n{a}\n"), |_| false).len(), 2);
+    // A line cut inside a two-byte character ends before it.
+    let long = format!("{}é{}", "a".repeat(QUOTED_LINE_BYTES_MAX - 1), "b".repeat(10));
+    assert_eq!(cosmos_agent_core::exit::quoted(&long), "a".repeat(QUOTED_LINE_BYTES_MAX - 1));
+}
