@@ -210,3 +210,16 @@ fn the_published_limits_and_defaults_hold() {
         assert!(with(past).is_err(), "{limit}: one past it is refused");
     }
 }
+
+#[test]
+fn a_volume_name_may_hold_letters_digits_dashes_and_underscores_alone() {
+    let with_volume = |volume: &str| {
+        let mut s = JobSpec::command("j", ["true"]);
+        s.mounts = vec![Mount { volume: volume.into(), target: "/ckpt".into(), read_only: true }];
+        s.validate()
+    };
+    assert_eq!(with_volume("cosmos-ckpt_v2"), Ok(()));
+    for bad in ["", "ckpt/x", "ckpt.v2", "ckpt v2"] {
+        assert!(with_volume(bad).is_err(), "{bad:?}");
+    }
+}
