@@ -576,8 +576,10 @@ fn postgres_a_second_controller_waits_while_the_lease_runs_and_names_the_leader(
 #[test]
 fn postgres_on_expiry_the_standby_takes_over_and_the_old_leader_is_fenced_out() {
     let pg = Database::create();
-    // A lease that is over as soon as it is taken: A stands for a leader paused past it.
-    let mut a = Store::open_postgres(&pg.url(), short_lease("a", 1)).unwrap();
+    // A short lease: A stands for a leader paused past it while B waits it out. (Not 1 ms: a
+    // renewal is bounded by a third of the lease, and A's must get its answer, that it is
+    // deposed, from a server that may be busy; at 1 ms it timed out under load.)
+    let mut a = Store::open_postgres(&pg.url(), short_lease("a", 900)).unwrap();
     a.load().unwrap();
     a.apply(&[StoreOp::PutJob(Box::new(queued_job(1)))]).unwrap();
     let mut b = Store::open_postgres(&pg.url(), lease("b")).unwrap();
@@ -602,7 +604,8 @@ fn postgres_on_expiry_the_standby_takes_over_and_the_old_leader_is_fenced_out() 
         other => panic!("expected Deposed, got {other:?}"),
     }
     assert!(!err.is_retryable(), "a deposed leader stops");
-    assert!(matches!(a.renew(), Err(StoreError::Deposed { .. })));
+    let renewed = a.renew();
+    assert!(matches!(renewed, Err(StoreError::Deposed { .. })), "{renewed:?}");
     assert_eq!(b.job(JobId(1)).unwrap(), Some(queued_job(1)));
     assert_eq!(b.job(JobId(2)).unwrap(), None);
     b.apply(&[StoreOp::PutJob(Box::new(queued_job(2)))]).unwrap();
