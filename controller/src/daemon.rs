@@ -332,6 +332,17 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
             .map_err(|e| DaemonError::DataDir { path: dir.blobs(), source: std::io::Error::other(e.to_string()) })?,
     );
 
+    let logs_started = std::time::Instant::now();
+    let (logs, loaded) =
+        crate::logstore::LogStore::open(&dir.logs(), opts.attempt_log_bytes_max, crate::logstore::SEGMENT_BYTES_MAX)
+            .map_err(|source| DaemonError::DataDir { path: dir.logs(), source })?;
+    tracing::info!(
+        segments = loaded.segments,
+        logs = loaded.logs,
+        torn_records = loaded.torn_records,
+        load_ms = logs_started.elapsed().as_millis() as u64,
+        "attempt logs read"
+    );
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let exporter = match &opts.trace {
         Some(config) => {
@@ -368,7 +379,7 @@ pub async fn run(opts: ControllerOptions, shutdown: impl Future<Output = ()>) ->
         uploading: std::sync::Mutex::new(std::collections::BTreeSet::new()),
         blob_gc: tokio::sync::RwLock::new(()),
         bodies: Arc::new(tokio::sync::Semaphore::new(http::BODY_KIB_IN_FLIGHT_MAX)),
-        attempt_log_bytes_max: opts.attempt_log_bytes_max,
+        logs,
         store_failure: std::sync::OnceLock::new(),
         metrics,
         metrics_open: opts.api_listen.ip().is_loopback(),

@@ -35,6 +35,7 @@ pub mod gate;
 pub mod hosts;
 pub mod http;
 pub mod logs;
+pub mod logstore;
 pub mod metrics;
 pub mod retention;
 pub mod service;

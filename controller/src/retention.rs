@@ -7,7 +7,7 @@
 use crate::actor::{BlobsInUse, CoreActor, Prunable, Prune};
 use crate::shared::Shared;
 use actix::Addr;
-use cosmos_proto::{JobId, LogStream, Sha256};
+use cosmos_proto::{JobId, Sha256};
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
@@ -29,9 +29,9 @@ pub struct Pruned {
     pub jobs: Vec<JobId>,
     /// Their attempts.
     pub attempts: usize,
-    /// Log files removed.
+    /// Logs removed (an attempt's stdout or its stderr).
     pub log_files: usize,
-    /// Bytes those log files held.
+    /// Bytes those logs held.
     pub log_bytes: u64,
     /// Blobs collected.
     pub blobs: usize,
@@ -48,6 +48,9 @@ pub enum PruneError {
     /// The store could not be read.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The attempt logs could not be pruned.
+    #[error("the attempt logs: {0}")]
+    Logs(String),
 }
 
 /// Removes finished jobs that ended before `before_ms` (and that no
@@ -70,17 +73,8 @@ pub async fn prune(core: &Addr<CoreActor>, shared: &Shared, before_ms: u64, why:
         let rx = core.send(Prune { jobs: candidates, before_ms }).await.map_err(|_| PruneError::Stopping)?;
         let pruned: BTreeSet<JobId> = rx.await.map_err(|_| PruneError::Stopping)?.into_iter().collect();
         for (job, atts) in attempts.into_iter().filter(|(j, _)| pruned.contains(j)) {
-            let (mut files, mut bytes) = (0, 0);
-            for att in &atts {
-                for stream in [LogStream::Stdout, LogStream::Stderr] {
-                    let path = shared.dir.log_file(*att, stream);
-                    let size = std::fs::metadata(&path).map_or(0, |m| m.len());
-                    if std::fs::remove_file(&path).is_ok() {
-                        files += 1;
-                        bytes += size;
-                    }
-                }
-            }
+            let gone = shared.logs.forget(&atts).map_err(|e| PruneError::Logs(e.to_string()))?;
+            let (files, bytes) = (gone.logs, gone.bytes);
             tracing::info!(job = %job, attempts = atts.len(), log_files = files, log_bytes = bytes, reason = why, "pruned a finished job, its attempts and its logs");
             report.jobs.push(job);
             report.attempts += atts.len();

@@ -4,7 +4,6 @@
 use crate::core::Now;
 use crate::store::Store;
 use cosmos_proto::handshake::Token;
-use cosmos_proto::{AttemptId, LogStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -35,11 +34,6 @@ impl DataDir {
     /// The content-addressed store of input videos and run outputs.
     pub fn blobs(&self) -> PathBuf {
         self.root.join("blobs")
-    }
-    /// The log file of one attempt's stream.
-    pub fn log_file(&self, attempt: AttemptId, stream: LogStream) -> PathBuf {
-        let ext = if stream == LogStream::Stdout { "stdout" } else { "stderr" };
-        self.logs().join(format!("{attempt}.{ext}"))
     }
 }
 
@@ -93,8 +87,8 @@ pub struct Shared {
     pub blob_gc: tokio::sync::RwLock<()>,
     /// KiB of request bodies being read now, bounding their memory (see `http::BODY_KIB_IN_FLIGHT_MAX`).
     pub bodies: Arc<tokio::sync::Semaphore>,
-    /// Bound on each stored log stream of one attempt.
-    pub attempt_log_bytes_max: u64,
+    /// Attempt logs, in shared segments (bounded per stream by `--attempt-log-bytes-max`).
+    pub logs: crate::logstore::LogStore,
     /// Why the store can no longer be written, once it cannot: the API then answers 503 with it.
     pub store_failure: std::sync::OnceLock<String>,
     /// What `/metrics` shows, and what the shells count into.

@@ -287,7 +287,7 @@ pub enum AttemptOutcome {
 }
 
 /// Which output stream a log chunk comes from.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum LogStream {
     /// Standard output.
     Stdout,

@@ -766,7 +766,6 @@ async fn logs(state: web::Data<State>, id: web::Path<String>, q: web::Query<LogQ
                     let mut more = false;
                     for a in &attempts {
                         for stream in [LogStream::Stdout, LogStream::Stderr] {
-                            let path = shared2.dir.log_file(a.id, stream);
                             let key = (a.id, stream == LogStream::Stdout);
                             let pos = cur.offsets.entry(key).or_insert(None);
                             let before = *pos;
@@ -776,7 +775,7 @@ async fn logs(state: web::Data<State>, id: web::Path<String>, q: web::Query<LogQ
                                 (false, false) => Unended::Partial,
                                 (false, true) => Unended::Hold,
                             };
-                            more |= read_log(&path, pos, &mut held, start, unended, &mut out);
+                            more |= read_log(&shared2.logs, (a.id, stream), pos, &mut held, start, unended, &mut out);
                             match held {
                                 Some(h) => cur.held.insert(key, h),
                                 None => cur.held.remove(&key),
