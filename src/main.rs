@@ -11,6 +11,33 @@ mod ssh;
 mod sweep;
 mod up;
 
+/// glibc's allocator was a fifth of the controller's CPU at a thousand agents
+/// (`malloc_consolidate`, `unlink_chunk`): the actors allocate and free small
+/// messages across threads, which mimalloc's per-thread free lists serve.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `mi_option_arena_eager_commit` and `mi_option_purge_delay` in mimalloc v3's `mimalloc.h`.
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Commits arena memory as it is used and gives freed pages back at once: with mimalloc's
+/// defaults on Linux (eager commit, purge after 1 s) an idle controller with a thousand
+/// agents held 250 MiB resident, and 760 MiB after 100,000 jobs; with these, 90 and 300.
+/// Set from the executable's constructors, before the first allocation reserves an arena
+/// (set in `main` it was too late: 240 MiB idle).
+extern "C" fn tune_allocator() {
+    // SAFETY: sets plain option values; mimalloc allows it at any time.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+    }
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
+
 use clap::{Parser, Subcommand};
 use client::ClientArgs;
 use std::net::SocketAddr;

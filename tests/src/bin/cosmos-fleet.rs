@@ -9,6 +9,24 @@
 //! Usage: `cosmos-fleet --controller HOST:PORT --token-file PATH --work-dir DIR
 //! --agents N [--gpus 8x80GiB] [--name-prefix fleet]`. Runs until SIGINT or SIGTERM.
 
+/// The allocator the `cosmos` binary runs its agents with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// As the `cosmos` binary tunes it (see its `tune_allocator`): mimalloc v3's
+/// `mi_option_arena_eager_commit` (4) and `mi_option_purge_delay` (15) at 0.
+extern "C" fn tune_allocator() {
+    // SAFETY: sets plain option values.
+    unsafe {
+        libmimalloc_sys::mi_option_set(4, 0);
+        libmimalloc_sys::mi_option_set(15, 0);
+    }
+}
+
+#[used]
+#[unsafe(link_section = ".init_array")]
+static TUNE_ALLOCATOR: extern "C" fn() = tune_allocator;
+
 use cosmos_agent::daemon::{self, AgentOptions, ControllerLink, RuntimeKind};
 use cosmos_agent::simulated::SimulatedHost;
 use std::path::PathBuf;
