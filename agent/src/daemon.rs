@@ -41,7 +41,7 @@ const READER_QUEUE_LEN: usize = 64;
 /// Encoded blob frames handed to the writer task; it sends them only when no message waits.
 const BULK_QUEUE_LEN: usize = 4;
 /// Messages the writer sends in a row while a blob frame waits, before it sends that one:
-/// a job that logs without pause must not starve blob traffic.
+/// a job that logs without pause must not starve blob traffic. Also the most it puts in one write.
 const CONTROL_BURST_MAX: u32 = 8;
 /// How long shutdown waits for queued messages to reach the socket.
 const CLOSE_TIMEOUT_MS: u64 = 2_000;
@@ -521,8 +521,18 @@ impl Link {
                         biased;
                         msg = out_rx.recv() => match msg {
                             Some(msg) => {
+                                // What else is ready goes in the same write (a start and a finish, log chunks).
+                                let mut queued = writer.queue(&msg);
                                 burst += 1;
-                                writer.send(&msg).await.map_err(|e| e.to_string())
+                                while queued.is_ok() && burst < CONTROL_BURST_MAX {
+                                    let Ok(more) = out_rx.try_recv() else { break };
+                                    queued = writer.queue(&more);
+                                    burst += 1;
+                                }
+                                match queued {
+                                    Ok(()) => writer.flush_queued().await.map_err(|e| e.to_string()),
+                                    Err(e) => Err(e.to_string()),
+                                }
                             }
                             None => break,
                         },

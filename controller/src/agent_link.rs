@@ -280,6 +280,7 @@ async fn recv_frame(
 
 /// Control messages [`write_frames`] sends in a row while a blob frame waits,
 /// before it sends that one: a flood of messages must not starve transfers.
+/// Also the most it puts in one write.
 const CONTROL_BURST_MAX: u32 = 8;
 
 /// Writes what the core sends until it drops the channel (superseded, lost or
@@ -306,8 +307,15 @@ async fn write_frames<W: tokio::io::AsyncWrite + Unpin>(
             biased;
             msg = rx.recv() => match msg {
                 Some(msg) => {
+                    // What else is ready goes in the same write (a pass's assignments, acks).
+                    writer.queue(&msg).map_err(|e| e.to_string())?;
                     burst += 1;
-                    writer.send(&msg).await.map_err(|e| e.to_string())?
+                    while burst < CONTROL_BURST_MAX {
+                        let Ok(more) = rx.try_recv() else { break };
+                        writer.queue(&more).map_err(|e| e.to_string())?;
+                        burst += 1;
+                    }
+                    writer.flush_queued().await.map_err(|e| e.to_string())?
                 }
                 None => break,
             },

@@ -123,17 +123,23 @@ pub struct FrameWriter<W> {
     inner: W,
     buf: BytesMut,
     scratch: Vec<u8>,
+    /// Frames [`FrameWriter::queue`] encoded and [`FrameWriter::flush_queued`] has not written yet.
+    queued: BytesMut,
     frame_bytes_max: u32,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// A writer that refuses to send frames over `frame_bytes_max`.
     pub fn new(inner: W, frame_bytes_max: u32) -> FrameWriter<W> {
-        FrameWriter { inner, buf: BytesMut::new(), scratch: Vec::new(), frame_bytes_max }
+        FrameWriter { inner, buf: BytesMut::new(), scratch: Vec::new(), queued: BytesMut::new(), frame_bytes_max }
     }
 
-    /// Writes one frame and flushes it.
+    /// Writes one frame and flushes it (after any frames queued before it).
     pub async fn write_frame(&mut self, payload: &[u8]) -> Result<(), FrameError> {
+        if !self.queued.is_empty() {
+            encode_frame(payload, self.frame_bytes_max, &mut self.queued)?;
+            return self.flush_queued().await;
+        }
         self.buf.clear();
         encode_frame(payload, self.frame_bytes_max, &mut self.buf)?;
         self.inner.write_all(&self.buf).await?;
@@ -151,6 +157,38 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         };
         self.scratch = scratch;
         result
+    }
+
+    /// Encodes one message as a frame behind those already queued and writes nothing:
+    /// [`FrameWriter::flush_queued`] sends them all in one write. A writer with a burst of
+    /// messages queued saves a system call per message (on loopback, also the peer's
+    /// receive path, which the sender's call runs). A message that does not encode, or
+    /// whose frame is over the bound, is refused and queues nothing.
+    pub fn queue<M: Serialize>(&mut self, msg: &M) -> Result<(), SendError> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let result = match codec::encode_into(msg, &mut scratch) {
+            Ok(()) => encode_frame(&scratch, self.frame_bytes_max, &mut self.queued).map_err(SendError::from),
+            Err(e) => Err(e.into()),
+        };
+        self.scratch = scratch;
+        result
+    }
+
+    /// Bytes [`FrameWriter::queue`] holds that are not written yet.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.len()
+    }
+
+    /// Writes the queued frames, in order, and flushes.
+    pub async fn flush_queued(&mut self) -> Result<(), FrameError> {
+        if self.queued.is_empty() {
+            return Ok(());
+        }
+        self.inner.write_all(&self.queued).await?;
+        self.queued.clear();
+        self.inner.flush().await?;
+        Ok(())
     }
 
     /// Shuts the write side down, telling the peer no more frames will come.

@@ -142,6 +142,37 @@ pub async fn a_dropped_peer_ends_reads(controller: BoxStream, agent: BoxStream) 
     assert!(matches!(read, Ok(None) | Err(_)), "{read:?}");
 }
 
+/// Messages queued in a burst go in one flush, in order, with a frame written behind them;
+/// one over the bound is refused without disturbing the queue; nothing goes before the flush.
+pub async fn queued_frames_go_in_one_flush_in_order(controller: BoxStream, agent: BoxStream) {
+    let (c, a) = controller_dials(controller, agent, TOKEN).await;
+    let (mut c, mut a) = (c.unwrap(), a.unwrap());
+    let msgs: Vec<ControllerMsg> = (1..=3).map(|seq| ControllerMsg::HeartbeatAck { seq }).collect();
+    for m in &msgs {
+        c.writer.queue(m).unwrap();
+    }
+    let queued = c.writer.queued_bytes();
+    assert!(queued > 0);
+    let huge = ControllerMsg::Cancel { attempt_id: cosmos_proto::AttemptId(u64::MAX), grace_ms: u64::MAX };
+    let mut small = cosmos_proto::FrameWriter::new(tokio::io::sink(), 4);
+    assert!(small.queue(&huge).is_err(), "a frame over the bound is refused");
+    assert_eq!(small.queued_bytes(), 0, "and queues nothing");
+    // Nothing is on the wire yet.
+    let early = tokio::time::timeout(Duration::from_millis(100), a.reader.read_frame()).await;
+    assert!(early.is_err(), "a queued frame went before the flush: {early:?}");
+    // A frame written while others are queued goes behind them.
+    c.writer.write_frame(b"after the burst").await.unwrap();
+    assert_eq!(c.writer.queued_bytes(), 0, "the write took the queue with it");
+    for m in &msgs {
+        assert_eq!(a.reader.recv::<ControllerMsg>().await.unwrap().as_ref(), Some(m));
+    }
+    assert_eq!(&a.reader.read_frame().await.unwrap().unwrap()[..], b"after the burst");
+    c.writer.queue(&msgs[0]).unwrap();
+    c.writer.flush_queued().await.unwrap();
+    c.writer.flush_queued().await.unwrap();
+    assert_eq!(a.reader.recv::<ControllerMsg>().await.unwrap(), Some(msgs[0].clone()), "once, for two flushes");
+}
+
 /// Runs every case, each on a fresh pair from `pair`.
 pub async fn run_all<F, Fut>(mut pair: F)
 where
@@ -159,4 +190,5 @@ where
     case!(full_frames_both_ways);
     case!(a_shutdown_is_a_clean_close);
     case!(a_dropped_peer_ends_reads);
+    case!(queued_frames_go_in_one_flush_in_order);
 }
