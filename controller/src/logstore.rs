@@ -306,7 +306,8 @@ impl LogStore {
                 Some(e) => {
                     let to = e.len().min(from.saturating_add(max));
                     let first = e.pieces.partition_point(|p| p.end() <= from);
-                    let wanted: Vec<Piece> = e.pieces[first..].iter().take_while(|p| p.log_offset < to).copied().collect();
+                    let wanted: Vec<Piece> =
+                        e.pieces[first..].iter().take_while(|p| p.log_offset < to).copied().collect();
                     (wanted, to)
                 }
             }
@@ -324,7 +325,9 @@ impl LogStore {
             }
             let file = match files.entry(p.segment) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => v.insert(File::open(segment_path(&self.dir, p.segment, "log"))?),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(File::open(segment_path(&self.dir, p.segment, "log"))?)
+                }
             };
             let dst = &mut out[(start - from) as usize..(end - from) as usize];
             file.read_exact_at(dst, p.seg_offset + (start - p.log_offset))?;
@@ -401,8 +404,9 @@ impl Inner {
     /// Starts the next segment; the one before it is never appended to again.
     fn open_segment(&mut self, dir: &Path) -> std::io::Result<()> {
         let number = self.next_segment;
-        let open =
-            |ext| std::fs::OpenOptions::new().create_new(true).append(true).mode(0o600).open(segment_path(dir, number, ext));
+        let open = |ext| {
+            std::fs::OpenOptions::new().create_new(true).append(true).mode(0o600).open(segment_path(dir, number, ext))
+        };
         self.active = Some(Active { number, data: open("log")?, index: open("idx")?, data_bytes: 0 });
         self.segments.insert(number);
         self.next_segment += 1;

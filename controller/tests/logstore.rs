@@ -4,7 +4,7 @@
 //! tail is dropped; logs of the one-file-per-stream layout still read.
 
 use cosmos_controller::logs::log_cut_marker;
-use cosmos_controller::logstore::{LogStore, Loaded};
+use cosmos_controller::logstore::{Loaded, LogStore};
 use cosmos_proto::{AttemptId, LogChunk, LogStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -75,7 +75,9 @@ fn a_resent_chunk_is_stored_once_and_an_overlap_adds_only_its_new_bytes() {
     let (store, _) = LogStore::open(dir.path(), BIG, 1 << 20).unwrap();
     store.append(&[chunk(1, LogStream::Stdout, 0, b"hello "), chunk(1, LogStream::Stdout, 6, b"world\n")]).unwrap();
     // After a reconnect the agent resends from an earlier offset, the same bytes and then more.
-    store.append(&[chunk(1, LogStream::Stdout, 6, b"world\n"), chunk(1, LogStream::Stdout, 0, b"hello world\nagain\n")]).unwrap();
+    store
+        .append(&[chunk(1, LogStream::Stdout, 6, b"world\n"), chunk(1, LogStream::Stdout, 0, b"hello world\nagain\n")])
+        .unwrap();
     assert_eq!(all(&store, 1, LogStream::Stdout), b"hello world\nagain\n");
     drop(store);
     let (store, _) = LogStore::open(dir.path(), BIG, 1 << 20).unwrap();
@@ -178,7 +180,9 @@ fn a_segment_with_tombstones_stays_while_the_pieces_they_cancel_are_on_disk() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = LogStore::open(dir.path(), BIG, 64).unwrap();
     // Segment 1: attempts 1 and 2. Segment 2: attempt 3, then attempt 1's tombstone.
-    store.append(&[chunk(1, LogStream::Stdout, 0, &[b'a'; 100]), chunk(2, LogStream::Stdout, 0, b"long-lived\n")]).unwrap();
+    store
+        .append(&[chunk(1, LogStream::Stdout, 0, &[b'a'; 100]), chunk(2, LogStream::Stdout, 0, b"long-lived\n")])
+        .unwrap();
     store.append(&[chunk(3, LogStream::Stdout, 0, &[b'c'; 100])]).unwrap();
     store.forget(&[AttemptId(1)]).unwrap();
     // Segment 3: attempt 4, then attempt 3's tombstone. Segment 2 holds no log now, but its

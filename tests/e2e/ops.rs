@@ -413,7 +413,11 @@ fn jobs_prune_removes_finished_jobs_their_logs_and_blobs_nothing_references() {
     assert_eq!(first["blobs"], 0, "a fresh blob was collected: {first}");
     assert!(blob_path(&c.data(), &gone_sha).exists());
     assert!(c.json(&["jobs", "list", "--json"]).as_array().unwrap().is_empty());
-    assert_eq!((first["log_files"].as_u64(), first["log_bytes"].as_u64()), (Some(2), Some(8)), "each job's stdout went: {first}");
+    assert_eq!(
+        (first["log_files"].as_u64(), first["log_bytes"].as_u64()),
+        (Some(2), Some(8)),
+        "each job's stdout went: {first}"
+    );
     let out = c.cli(&["jobs", "show", "job-1"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no job job-1"));
     age(&blob_path(&c.data(), &gone_sha), 2);

@@ -447,8 +447,14 @@ fn the_data_directory_and_its_files_are_private() {
     wait_final(&c, &id);
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&c.data()), 0o700, "data directory");
-    for f in ["store.sqlite", "store.sqlite-wal", "api.token", "agent.token", "logs/seg-00000001.log", "logs/seg-00000001.idx"]
-    {
+    for f in [
+        "store.sqlite",
+        "store.sqlite-wal",
+        "api.token",
+        "agent.token",
+        "logs/seg-00000001.log",
+        "logs/seg-00000001.idx",
+    ] {
         let p = c.data().join(f);
         assert_eq!(mode(&p) & 0o077, 0, "{f} is readable by others: {:o}", mode(&p));
     }
