@@ -283,7 +283,8 @@ pub fn up(data_dir: Option<PathBuf>, agents: usize, gpus: &str, client_command: 
         .map_err(|e| anyhow::anyhow!("the command after `--` is not a cosmos client command:\n{e}"))?;
     let ok = crate::run(cli);
     eprintln!(
-        "the local cluster stops now; its data stays in {}: job logs in controller/logs/att-N.{{stdout,stderr}}, each attempt's files in local-N/attempts/att-N/",
+        "the local cluster stops now; its data stays in {}: job logs in controller/logs/ (read one job's with `cosmos up --data-dir {} -- jobs logs JOB`), each attempt's files in local-N/attempts/att-N/",
+        dir.display(),
         dir.display()
     );
     if temporary {
