@@ -236,8 +236,8 @@ impl LogStore {
         if needs_new {
             inner.open_segment(&self.dir)?;
         }
-        let Inner { entries, live_pieces, active, .. } = &mut *inner;
-        let active = active.as_mut().expect("opened above");
+        let Inner { entries, live_pieces, active: slot, .. } = &mut *inner;
+        let active = slot.as_mut().expect("opened above");
         let (mut data, mut index) = (Vec::new(), Vec::new());
         let mut pieces: Vec<(Key, Piece)> = Vec::new();
         let marker = crate::logs::log_cut_marker(self.log_bytes_max);
@@ -276,8 +276,12 @@ impl LogStore {
             return Ok(());
         }
         // Data before its index: an index record never names bytes not yet written.
-        active.data.write_all(&data)?;
-        active.index.write_all(&index)?;
+        let written = active.data.write_all(&data).and_then(|()| active.index.write_all(&index));
+        if let Err(e) = written {
+            // Where the segment's data or index now ends is unknown: the next append starts another.
+            *slot = None;
+            return Err(e);
+        }
         active.data_bytes += data.len() as u64;
         for (key, piece) in pieces {
             insert(entries, live_pieces, key, piece);
@@ -366,7 +370,11 @@ impl LogStore {
             inner.open_segment(&self.dir)?;
         }
         let active = inner.active.as_mut().expect("opened above");
-        active.index.write_all(&tombstones)?;
+        if let Err(e) = active.index.write_all(&tombstones) {
+            // A record cut short would shift every later one: the next write starts another segment.
+            inner.active = None;
+            return Err(e);
+        }
         let active = active.number;
         for r in tombstones.chunks_exact(RECORD_BYTES) {
             let (key, ..) = decode_record(r).expect("encoded above");
