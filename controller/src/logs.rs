@@ -31,13 +31,6 @@ pub(crate) async fn write_logs(mut rx: mpsc::Receiver<cosmos_proto::LogChunk>, s
     }
 }
 
-/// What is written at the cut of a log that reached its bound.
-pub fn log_cut_marker(bytes_max: u64) -> String {
-    format!(
-        "\n[cosmos: this log was cut at {bytes_max} bytes; the rest was dropped (controller --attempt-log-bytes-max)]\n"
-    )
-}
-
 /// Bytes of one log file read at a time: a reader's memory, whatever the log's size.
 const LOG_READ_CHUNK_BYTES: u64 = 256 * 1024;
 

@@ -33,6 +33,13 @@ const TOMBSTONE_LEN: u32 = u32::MAX;
 /// Largest piece one record describes; a longer chunk (never sent: chunks are far smaller) is split.
 const PIECE_BYTES_MAX: u64 = (u32::MAX - 1) as u64;
 
+/// What is written at the cut of a log that reached its bound.
+pub fn log_cut_marker(bytes_max: u64) -> String {
+    format!(
+        "\n[cosmos: this log was cut at {bytes_max} bytes; the rest was dropped (controller --attempt-log-bytes-max)]\n"
+    )
+}
+
 /// A log: an attempt's stdout or stderr.
 type Key = (AttemptId, LogStream);
 
@@ -240,7 +247,7 @@ impl LogStore {
         let active = slot.as_mut().expect("opened above");
         let (mut data, mut index) = (Vec::new(), Vec::new());
         let mut pieces: Vec<(Key, Piece)> = Vec::new();
-        let marker = crate::logs::log_cut_marker(self.log_bytes_max);
+        let marker = log_cut_marker(self.log_bytes_max);
         for chunk in order {
             let key = (chunk.attempt_id, chunk.stream);
             // What this batch already added to the log counts as held.

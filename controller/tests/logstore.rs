@@ -3,7 +3,7 @@
 //! kept and marked; pruned logs stay gone and free their segments; a torn
 //! tail is dropped; logs of the one-file-per-stream layout still read.
 
-use cosmos_controller::logs::log_cut_marker;
+use cosmos_controller::logstore::log_cut_marker;
 use cosmos_controller::logstore::{Loaded, LogStore};
 use cosmos_proto::{AttemptId, LogChunk, LogStream};
 use std::os::unix::fs::PermissionsExt;

@@ -337,7 +337,7 @@ fn attempt_logs_are_capped_and_read_by_tail() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let id = serde_json::from_slice::<Value>(&out.stdout).unwrap()[0].as_str().unwrap().to_string();
     assert_eq!(wait_final(&c, &id)["state"], "succeeded");
-    let marker = cosmos_controller::logs::log_cut_marker(100_000);
+    let marker = cosmos_controller::logstore::log_cut_marker(100_000);
     let all = c.cli(&["jobs", "logs", &id]);
     let text = String::from_utf8_lossy(&all.stdout);
     assert!(text.starts_with("line 0 of a chatty job"), "{}", &text[..80]);
