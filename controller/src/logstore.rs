@@ -350,23 +350,24 @@ impl LogStore {
     /// index, then segments nothing references any more are deleted, with files of the old layout.
     pub fn forget(&self, attempts: &[AttemptId]) -> std::io::Result<Forgotten> {
         let mut gone = Forgotten::default();
+        let keys: Vec<Key> = attempts.iter().flat_map(|&a| [(a, LogStream::Stdout), (a, LogStream::Stderr)]).collect();
+        // Files of the old layout first, without the lock: a large prune's file calls never hold up appends.
+        for &key in &keys {
+            let legacy = legacy_path(&self.dir, key);
+            if let Ok(m) = std::fs::metadata(&legacy) {
+                if std::fs::remove_file(&legacy).is_ok() {
+                    gone.logs += 1;
+                    gone.bytes += m.len();
+                }
+            }
+        }
         let mut tombstones = Vec::new();
         let mut inner = self.lock();
-        for &attempt in attempts {
-            for stream in [LogStream::Stdout, LogStream::Stderr] {
-                let key = (attempt, stream);
-                let legacy = legacy_path(&self.dir, key);
-                if let Ok(m) = std::fs::metadata(&legacy) {
-                    if std::fs::remove_file(&legacy).is_ok() {
-                        gone.logs += 1;
-                        gone.bytes += m.len();
-                    }
-                }
-                if let Some(e) = inner.entries.get(&key) {
-                    gone.logs += 1;
-                    gone.bytes += e.pieces.iter().map(|p| u64::from(p.len)).sum::<u64>();
-                    encode_record(&mut tombstones, key, 0, 0, TOMBSTONE_LEN);
-                }
+        for key in keys {
+            if let Some(e) = inner.entries.get(&key) {
+                gone.logs += 1;
+                gone.bytes += e.pieces.iter().map(|p| u64::from(p.len)).sum::<u64>();
+                encode_record(&mut tombstones, key, 0, 0, TOMBSTONE_LEN);
             }
         }
         if tombstones.is_empty() {
